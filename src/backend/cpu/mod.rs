@@ -1,0 +1,1 @@
+//! CPU backend kernels (being written).

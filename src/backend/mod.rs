@@ -1,0 +1,3 @@
+//! Compute backends. `cpu` is the reference backend.
+
+pub mod cpu;
