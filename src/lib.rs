@@ -2,4 +2,11 @@
 //! offloading. The library holds everything; `main.rs` is only the CLI entry.
 
 pub mod backend;
+pub mod cli;
+pub mod config;
 pub mod dtype;
+pub mod engine;
+pub mod error;
+pub mod model;
+
+pub use error::{Error, Result};

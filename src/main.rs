@@ -1,1 +1,58 @@
-fn main() {}
+//! The `sirius-offload` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sirius_offload::cli::{self, RunArgs};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "sirius-offload",
+    version,
+    about = "Serve big Llama-family models on one GPU or CPU: contextual sparsity, Sirius correction, offloading",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand, the options of `run`.
+    #[command(flatten)]
+    run: Option<RunArgs>,
+    /// More logging (-v info, -vv debug); SIRIUS_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streamed to stdout.
+    Run(RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("SIRIUS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
+        (Some(Command::Run(args)), _) | (None, Some(args)) => cli::run::run(args).map_err(Into::into),
+        (None, None) => {
+            eprintln!("error: give --model and --prompt, or a subcommand (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,3 +1,67 @@
-//! Compute backends. `cpu` is the reference backend.
+//! Compute backends.
+//!
+//! The [`Backend`] trait is the small set of inference ops the one Llama forward pass
+//! (`model::llama`) is written against. The CPU backend is the reference; the CUDA backend
+//! (feature `cuda`) must match it op by op. Buffers are opaque to the model: a backend keeps
+//! them wherever its compute happens (host memory, device memory).
 
 pub mod cpu;
+mod cpu_backend;
+mod naive_kernels;
+pub mod rope;
+
+pub use cpu_backend::{CpuBackend, CpuMatrix};
+pub use rope::RopeTable;
+
+use crate::error::Result;
+use crate::model::weights::TensorRef;
+
+/// Shape of one attention call: heads, kv heads (GQA) and head width.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The ops of a Llama forward pass. Activation buffers hold `n_tokens` rows of f32 laid out
+/// row-major; a buffer may be larger than what one call uses (scratch is sized for the longest
+/// batch), so every op takes the number of rows it works on.
+pub trait Backend {
+    /// An f32 buffer: activations, KV cache, norm weights, biases.
+    type Buf;
+    /// A weight matrix `[rows, cols]` kept in its stored dtype.
+    type Matrix;
+
+    /// Short description for logs and stats, e.g. "cpu (avx512, 2 threads)".
+    fn describe(&self) -> String;
+    /// A zeroed buffer of `len` floats.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// Makes a 2-D checkpoint tensor usable as a matrix.
+    fn matrix(&self, tensor: &TensorRef) -> Result<Self::Matrix>;
+    /// Copies a (small) tensor, any dtype, into an f32 buffer.
+    fn vector(&self, tensor: &TensorRef) -> Result<Self::Buf>;
+
+    /// out[t] = table[tokens[t]] (as f32).
+    fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
+    /// out[t] = rmsnorm(x[t]) * weight for the first `n_tokens` rows.
+    fn rmsnorm(&self, x: &Self::Buf, weight: &Self::Buf, eps: f32, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    /// out[t] = w · x[t] for the first `n_tokens` rows.
+    fn matmul(&self, w: &Self::Matrix, x: &Self::Buf, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    /// x[t] += bias for the first `n_tokens` rows.
+    fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n_tokens: usize) -> Result<()>;
+    /// Rotates each head of rows 0..n_tokens, row t sitting at position start_pos + t.
+    fn rope(&self, x: &mut Self::Buf, num_heads: usize, start_pos: usize, n_tokens: usize, table: &RopeTable) -> Result<()>;
+    /// Copies `n_rows` rows of `row_len` floats from src (starting at row src_row) to dst (at dst_row).
+    fn copy_rows(&self, src: &Self::Buf, src_row: usize, dst: &mut Self::Buf, dst_row: usize, n_rows: usize, row_len: usize) -> Result<()>;
+    /// Causal attention of rows 0..n_tokens of q (positions start_pos..) over cache rows
+    /// 0..start_pos+n_tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: AttentionShape, start_pos: usize, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    /// gate[i] = silu(gate[i]) * up[i] for i < len.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    /// x[i] += y[i] for i < len.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+    /// Reads `out.len()` floats starting at `offset` back to the host.
+    fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
+}

@@ -1,0 +1,205 @@
+//! The CPU implementation of [`Backend`]: f32 activations in `Vec<f32>`, weights left in the
+//! memory-mapped checkpoint in their stored dtype, SIMD kernels from `backend::cpu`.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use super::naive_kernels::{self as kernels, ThreadPool};
+use super::{AttentionShape, Backend, RopeTable};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::weights::TensorRef;
+
+/// Where a matrix's bytes are: in the checkpoint mapping, or owned (built at load time, such as
+/// a gathered or converted copy).
+#[derive(Clone)]
+enum MatrixBytes {
+    Mapped(Arc<Mmap>, Range<usize>),
+    Owned(Arc<Vec<u8>>),
+}
+
+/// A `[rows, cols]` weight matrix in its stored dtype.
+#[derive(Clone)]
+pub struct CpuMatrix {
+    bytes: MatrixBytes,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuMatrix {
+    /// A matrix over owned bytes (row-major, `dtype` elements).
+    pub fn from_owned(bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<CpuMatrix> {
+        if bytes.len() != rows * cols * dtype.size() {
+            return Err(Error::InvalidArgument(format!(
+                "matrix of {rows}x{cols} {dtype} needs {} bytes, got {}",
+                rows * cols * dtype.size(),
+                bytes.len()
+            )));
+        }
+        Ok(CpuMatrix { bytes: MatrixBytes::Owned(Arc::new(bytes)), dtype, rows, cols })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            MatrixBytes::Mapped(map, range) => &map[range.clone()],
+            MatrixBytes::Owned(v) => v,
+        }
+    }
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+}
+
+impl CpuBackend {
+    /// A backend with `threads` compute threads (0 = one per available core).
+    pub fn new(threads: usize) -> CpuBackend {
+        let n = if threads == 0 {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        } else {
+            threads
+        };
+        CpuBackend { pool: ThreadPool::new(n) }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Matrix = CpuMatrix;
+
+    fn describe(&self) -> String {
+        format!("cpu ({}, {} threads)", kernels::isa_name(), self.pool.n_threads())
+    }
+
+    fn alloc(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; len])
+    }
+
+    fn matrix(&self, t: &TensorRef) -> Result<CpuMatrix> {
+        let (rows, cols) = match t.shape.as_slice() {
+            [r, c] => (*r, *c),
+            other => {
+                return Err(Error::ShapeMismatch {
+                    path: t.path.clone(),
+                    name: t.name.clone(),
+                    actual: other.to_vec(),
+                    expected: vec![0, 0],
+                })
+            }
+        };
+        let (map, range) = t.mapping();
+        Ok(CpuMatrix { bytes: MatrixBytes::Mapped(map, range), dtype: t.dtype, rows, cols })
+    }
+
+    fn vector(&self, t: &TensorRef) -> Result<Vec<f32>> {
+        Ok(kernels::to_f32_vec(t.bytes(), t.dtype))
+    }
+
+    fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let cols = table.cols;
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= table.rows {
+                return Err(Error::TokenOutOfRange { id, vocab: table.rows });
+            }
+            kernels::row_to_f32(table.bytes(), table.dtype, cols, id as usize, &mut out[t * cols..(t + 1) * cols]);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(&self, x: &Vec<f32>, weight: &Vec<f32>, eps: f32, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+        let n = n_tokens * weight.len();
+        kernels::rmsnorm(&x[..n], weight, eps, &mut out[..n]);
+        Ok(())
+    }
+
+    fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+        kernels::matmul(
+            &self.pool,
+            w.bytes(),
+            w.dtype,
+            w.rows,
+            w.cols,
+            &x[..n_tokens * w.cols],
+            n_tokens,
+            &mut out[..n_tokens * w.rows],
+        );
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, n_tokens: usize) -> Result<()> {
+        for row in x.chunks_exact_mut(bias.len()).take(n_tokens) {
+            kernels::add_inplace(row, bias);
+        }
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, num_heads: usize, start_pos: usize, n_tokens: usize, table: &RopeTable) -> Result<()> {
+        let width = num_heads * table.head_dim;
+        let mut cos_sin = vec![0.0f32; table.head_dim];
+        for (t, row) in x.chunks_exact_mut(width).take(n_tokens).enumerate() {
+            table.rotate_row(row, num_heads, start_pos + t, &mut cos_sin);
+        }
+        Ok(())
+    }
+
+    fn copy_rows(&self, src: &Vec<f32>, src_row: usize, dst: &mut Vec<f32>, dst_row: usize, n_rows: usize, row_len: usize) -> Result<()> {
+        let s = src_row * row_len;
+        let d = dst_row * row_len;
+        let n = n_rows * row_len;
+        if s + n > src.len() || d + n > dst.len() {
+            return Err(Error::InvalidArgument(format!(
+                "copy of {n_rows} rows of {row_len} out of bounds (src {} floats from row {src_row}, dst {} floats from row {dst_row})",
+                src.len(),
+                dst.len()
+            )));
+        }
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+        Ok(())
+    }
+
+    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, shape: AttentionShape, start_pos: usize, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+        let width = shape.num_heads * shape.head_dim;
+        kernels::attention(
+            &self.pool,
+            &q[..n_tokens * width],
+            k_cache,
+            v_cache,
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.head_dim,
+            start_pos,
+            n_tokens,
+            &mut out[..n_tokens * width],
+        );
+        Ok(())
+    }
+
+    fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
+        kernels::silu_mul(&mut gate[..len], &up[..len]);
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) -> Result<()> {
+        kernels::add_inplace(&mut x[..len], &y[..len]);
+        Ok(())
+    }
+
+    fn read(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
+        let src = buf.get(offset..offset + out.len()).ok_or_else(|| {
+            Error::InvalidArgument(format!("read of {} floats at {offset} past a buffer of {}", out.len(), buf.len()))
+        })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! Configuration: the model's own config.json, and named presets from configs/models.
+
+pub mod model_config;
+pub mod generation;
+pub mod preset;
+
+pub use model_config::{Architecture, ModelConfig, RopeScaling};
+pub use preset::{resolve_model_dir, sirius_home, Preset};

@@ -1,0 +1,316 @@
+//! Parses and validates a Hugging Face `config.json` for the Llama family.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// How RoPE frequencies are rescaled for long context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1/3.2 "llama3" scaling: low frequencies divided by `factor`, high ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// Positions divided by `factor` (all frequencies scaled alike).
+    Linear { factor: f32 },
+}
+
+/// The validated shape and numerics of a model.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// `eos_token_id` is an integer in some configs and a list in others.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<u32> {
+        match self {
+            OneOrMany::One(id) => vec![id],
+            OneOrMany::Many(ids) => ids,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<serde_json::Value>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+impl ModelConfig {
+    /// Reads `config.json` from a file.
+    pub fn from_file(path: &Path) -> Result<ModelConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Parses config.json text; `path` is only used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let arch_name = raw
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .or_else(|| raw.model_type.clone())
+            .ok_or_else(|| Error::config(path, "neither `architectures` nor `model_type` is set"))?;
+        let architecture = match arch_name.as_str() {
+            "LlamaForCausalLM" | "llama" => Architecture::Llama,
+            "MistralForCausalLM" | "mistral" => Architecture::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
+            _ => {
+                return Err(Error::UnsupportedArchitecture {
+                    path: path.to_path_buf(),
+                    arch: arch_name,
+                })
+            }
+        };
+        let need = |v: Option<usize>, key: &str| -> Result<usize> {
+            match v {
+                Some(0) => Err(Error::config(path, format!("`{key}` must be positive, got 0"))),
+                Some(v) => Ok(v),
+                None => Err(Error::config(path, format!("missing required key `{key}`"))),
+            }
+        };
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = need(raw.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads")?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!("num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => need(Some(d), "head_dim")?,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(Error::config(
+                    path,
+                    format!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"),
+                ))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::config(path, format!("head_dim must be even for RoPE, got {head_dim}")));
+        }
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" && act != "swish" {
+                return Err(Error::config(path, format!("hidden_act {act:?} is not supported (only silu)")));
+            }
+        }
+        let rope_scaling = match &raw.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(parse_rope_scaling(v, path)?),
+        };
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
+            return Err(Error::config(path, format!("rms_norm_eps must be positive, got {rms_norm_eps}")));
+        }
+        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
+        if !(rope_theta > 0.0 && rope_theta.is_finite()) {
+            return Err(Error::config(path, format!("rope_theta must be positive, got {rope_theta}")));
+        }
+        Ok(ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096).max(1),
+            rms_norm_eps: rms_norm_eps as f32,
+            rope_theta: rope_theta as f32,
+            rope_scaling,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
+            bos_token_id: raw.bos_token_id.and_then(|b| b.into_vec().first().copied()),
+            eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
+        })
+    }
+
+    /// Width of the query projection output (num_heads * head_dim).
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Width of each of the key and value projection outputs.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Parameter count of the whole model (embedding and head included, the head once if tied).
+    pub fn parameter_count(&self) -> usize {
+        let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h;
+        let bias = if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        let per_layer = attn + bias + 3 * h * f + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + head + h + self.num_layers * per_layer
+    }
+}
+
+fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(|k| k.as_str())
+        .unwrap_or("");
+    let num = |key: &str| -> Result<f64> {
+        v.get(key)
+            .and_then(|x| x.as_f64())
+            .ok_or_else(|| Error::config(path, format!("rope_scaling of type {kind:?} needs a numeric `{key}`")))
+    };
+    match kind {
+        "llama3" => {
+            let scaling = RopeScaling::Llama3 {
+                factor: num("factor")? as f32,
+                low_freq_factor: num("low_freq_factor")? as f32,
+                high_freq_factor: num("high_freq_factor")? as f32,
+                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
+            };
+            if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } = scaling {
+                if factor <= 0.0 || high_freq_factor <= low_freq_factor {
+                    return Err(Error::config(
+                        path,
+                        "rope_scaling llama3 needs factor > 0 and high_freq_factor > low_freq_factor",
+                    ));
+                }
+            }
+            Ok(scaling)
+        }
+        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? as f32 }),
+        "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
+        other => Err(Error::config(
+            path,
+            format!("rope_scaling type {other:?} is not supported (supported: llama3, linear)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(text, Path::new("config.json"))
+    }
+
+    const LLAMA: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+        "intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"vocab_size":128,"eos_token_id":[2,3]}"#;
+
+    #[test]
+    fn parses_llama_with_defaults() {
+        let c = parse(LLAMA).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.eos_token_ids, vec![2, 3]);
+        assert_eq!(c.rope_theta, 10_000.0);
+        assert!(!c.qkv_bias);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("GPT2LMHeadModel") && msg.contains("LlamaForCausalLM"), "{msg}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64}"#).unwrap_err();
+        assert!(err.to_string().contains("num_attention_heads"), "{err}");
+    }
+
+    #[test]
+    fn bad_gqa_ratio_is_rejected() {
+        let text = LLAMA.replace("\"num_key_value_heads\":2", "\"num_key_value_heads\":3");
+        assert!(parse(&text).unwrap_err().to_string().contains("multiple"));
+    }
+
+    #[test]
+    fn llama3_rope_scaling_parses() {
+        let text = LLAMA.replace(
+            "\"vocab_size\":128",
+            "\"vocab_size\":128,\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0,\
+             \"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}",
+        );
+        let c = parse(&text).unwrap();
+        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    }
+
+    #[test]
+    fn bad_json_is_an_error() {
+        assert!(matches!(parse("{not json"), Err(Error::Json { .. })));
+    }
+
+    #[test]
+    fn smollm2_parameter_count_matches_hand_count() {
+        // SmolLM2-135M: hidden 576, 30 layers, 9 heads / 3 kv heads of 64, FFN 1536, vocab 49152, tied.
+        let c = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,
+            "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+            "num_key_value_heads":3,"vocab_size":49152,"tie_word_embeddings":true}"#)
+        .unwrap();
+        // per layer: q 576*576 + k,v 2*576*192 + o 576*576 + ffn 3*576*1536 + 2 norms of 576
+        let per_layer = 576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576;
+        assert_eq!(c.parameter_count(), 49152 * 576 + 576 + 30 * per_layer);
+        assert_eq!(c.parameter_count(), 134_515_008);
+    }
+}

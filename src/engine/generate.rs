@@ -1,0 +1,138 @@
+//! The generation loop for one request: chunked prefill, then one token at a time with the KV
+//! cache, streaming text and stopping on EOS ids, stop strings or the token budget.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::engine::stop::StopMatcher;
+use crate::error::{Error, Result};
+use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, TextStream, Tokenizer};
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_token_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+    /// Context length cap (the KV cache never grows past it).
+    pub context: usize,
+    /// Prompt tokens per prefill forward (bounds scratch memory).
+    pub prefill_chunk: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub generated_token_ids: Vec<u32>,
+    pub stop_reason: StopReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Tokens fed through single-token forwards per second of those forwards.
+    pub decode_tokens_per_s: f64,
+}
+
+/// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete.
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerationOutput> {
+    if prompt_ids.is_empty() {
+        return Err(Error::InvalidArgument("the prompt is empty after tokenization".into()));
+    }
+    let context = opts.context.min(model.config.max_position_embeddings);
+    if prompt_ids.len() >= context {
+        return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), context });
+    }
+    let capacity = context.min(prompt_ids.len() + opts.max_tokens.max(1));
+    let mut cache = model.new_cache(capacity)?;
+    let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len());
+    let mut scratch = Scratch::new(model, chunk)?;
+    let mut sampler = Sampler::new(opts.sampling)?;
+
+    // Prefill: every chunk but the last needs no logits.
+    let t0 = Instant::now();
+    let mut logits = Vec::new();
+    let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
+    for (i, piece) in chunks.iter().enumerate() {
+        let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
+        logits = model.forward(piece, &mut cache, &mut scratch, want)?;
+    }
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+
+    let mut stream = TextStream::new(tokenizer);
+    let mut stops = StopMatcher::new(opts.stop_strings.clone());
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let mut decode_seconds = 0.0;
+    let mut decode_steps = 0usize;
+    let mut emit = |piece: &str, text: &mut String| {
+        if !piece.is_empty() {
+            on_text(piece);
+            text.push_str(piece);
+        }
+    };
+    let stop_reason = loop {
+        if ids.len() >= opts.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        let next = sampler.sample(&logits);
+        if opts.stop_token_ids.contains(&next) {
+            break StopReason::Eos;
+        }
+        ids.push(next);
+        if let Some(piece) = stream.push(next)? {
+            let check = stops.feed(&piece);
+            emit(&check.emit, &mut text);
+            if check.stopped {
+                break StopReason::StopString;
+            }
+        }
+        if ids.len() >= opts.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.len() >= cache.capacity() {
+            break StopReason::ContextFull;
+        }
+        let t = Instant::now();
+        logits = model.forward(&[next], &mut cache, &mut scratch, Logits::Last)?;
+        decode_seconds += t.elapsed().as_secs_f64();
+        decode_steps += 1;
+    };
+    if stop_reason != StopReason::StopString {
+        if let Some(rest) = stream.finish()? {
+            let check = stops.feed(&rest);
+            emit(&check.emit, &mut text);
+        }
+        let rest = stops.flush();
+        emit(&rest, &mut text);
+    }
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    Ok(GenerationOutput {
+        text,
+        prompt_tokens: prompt_ids.len(),
+        generated_tokens: ids.len(),
+        generated_token_ids: ids,
+        stop_reason,
+        prefill_seconds,
+        decode_seconds,
+        prefill_tokens_per_s: rate(prompt_ids.len(), prefill_seconds),
+        decode_tokens_per_s: rate(decode_steps, decode_seconds),
+    })
+}

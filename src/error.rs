@@ -1,0 +1,101 @@
+//! The library's error type. Every message names the file, tensor or option at fault and, where
+//! there is one, what to do about it.
+
+use std::path::PathBuf;
+
+use crate::dtype::DType;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A config file parsed but says something we cannot use (missing key, bad value).
+    #[error("{path}: {msg}")]
+    Config { path: PathBuf, msg: String },
+
+    #[error(
+        "{path}: unsupported architecture {arch:?}; supported: LlamaForCausalLM, \
+         MistralForCausalLM, Qwen2ForCausalLM"
+    )]
+    UnsupportedArchitecture { path: PathBuf, arch: String },
+
+    #[error("model {name:?} not found: {hint}")]
+    ModelNotFound { name: String, hint: String },
+
+    #[error("{path}: not a valid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+
+    #[error("tensor `{name}` is missing (looked in {searched})")]
+    MissingTensor { name: String, searched: String },
+
+    #[error("{path}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    ShapeMismatch {
+        path: PathBuf,
+        name: String,
+        actual: Vec<usize>,
+        expected: Vec<usize>,
+    },
+
+    #[error("{path}: tensor `{name}` has dtype {dtype}, supported: F32, F16, BF16")]
+    UnsupportedDType {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+
+    #[error("{path}: tensor `{name}` is {actual}, but the model's other weights are {expected}")]
+    MixedDType {
+        path: PathBuf,
+        name: String,
+        actual: DType,
+        expected: DType,
+    },
+
+    #[error("tokenizer {path}: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+
+    #[error(
+        "the prompt has {prompt_tokens} tokens but the context holds {context} \
+         (model max_position_embeddings or --ctx-size): shorten the prompt or raise --ctx-size"
+    )]
+    PromptTooLong { prompt_tokens: usize, context: usize },
+
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { id: u32, vocab: usize },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
+        Error::Config {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+}

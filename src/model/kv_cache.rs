@@ -1,0 +1,53 @@
+//! The key/value cache: one K and one V buffer per layer, `capacity` rows of kv_dim floats.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+
+pub struct KvCache<B: Backend> {
+    pub(crate) keys: Vec<B::Buf>,
+    pub(crate) values: Vec<B::Buf>,
+    len: usize,
+    capacity: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(backend: &B, num_layers: usize, kv_dim: usize, capacity: usize) -> Result<Self> {
+        let mut keys = Vec::with_capacity(num_layers);
+        let mut values = Vec::with_capacity(num_layers);
+        for _ in 0..num_layers {
+            keys.push(backend.alloc(capacity * kv_dim)?);
+            values.push(backend.alloc(capacity * kv_dim)?);
+        }
+        Ok(KvCache { keys, values, len: 0, capacity })
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forgets every position from `len` on (rollback); the rows are overwritten later.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Checks that `n` more positions fit.
+    pub(crate) fn check_room(&self, n: usize) -> Result<()> {
+        if self.len + n > self.capacity {
+            return Err(Error::PromptTooLong { prompt_tokens: self.len + n, context: self.capacity });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+}

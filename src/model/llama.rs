@@ -1,0 +1,240 @@
+//! THE Llama forward pass (Llama 2/3/3.1, Mistral, Qwen2), written once against [`Backend`].
+//! Sparsity and offloading plug into it (FFN selection, weight residency); they never copy it.
+
+use std::path::Path;
+
+use crate::backend::{AttentionShape, Backend, RopeTable};
+use crate::config::ModelConfig;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::kv_cache::KvCache;
+use crate::model::weights::WeightStore;
+
+/// Weights of one decoder layer. Shapes are `[rows, cols]` = `[out, in]`; h = hidden,
+/// q = heads*head_dim, kv = kv_heads*head_dim, f = intermediate.
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: B::Buf, // [h]
+    pub wq: B::Matrix,     // [q, h]
+    pub wk: B::Matrix,     // [kv, h]
+    pub wv: B::Matrix,     // [kv, h]
+    pub wo: B::Matrix,     // [h, q]
+    pub q_bias: Option<B::Buf>, // [q]   (Qwen2)
+    pub k_bias: Option<B::Buf>, // [kv]
+    pub v_bias: Option<B::Buf>, // [kv]
+    pub ffn_norm: B::Buf,  // [h]
+    pub w_gate: B::Matrix, // [f, h]
+    pub w_up: B::Matrix,   // [f, h]
+    pub w_down: B::Matrix, // [h, f]
+}
+
+pub struct Llama<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    /// Stored dtype of the matrices.
+    pub dtype: DType,
+    embed: B::Matrix, // [vocab, h]
+    layers: Vec<LayerWeights<B>>,
+    final_norm: B::Buf, // [h]
+    /// `None` when the head is tied to the embedding.
+    lm_head: Option<B::Matrix>, // [vocab, h]
+    rope: RopeTable,
+    /// Keeps the mapped checkpoint alive and answers size questions.
+    store: WeightStore,
+}
+
+/// Which rows of the batch need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (verification windows, perplexity, golden tests).
+    All,
+    /// None (prompt chunks before the last).
+    None,
+}
+
+/// Activation buffers for batches of up to `max_tokens` tokens, reused across calls.
+pub struct Scratch<B: Backend> {
+    max_tokens: usize,
+    x: B::Buf,      // [n, h] residual stream
+    xn: B::Buf,     // [n, h] normed
+    q: B::Buf,      // [n, q]
+    k: B::Buf,      // [n, kv]
+    v: B::Buf,      // [n, kv]
+    attn: B::Buf,   // [n, q]
+    proj: B::Buf,   // [n, h] output of wo / w_down
+    gate: B::Buf,   // [n, f]
+    up: B::Buf,     // [n, f]
+    picked: B::Buf, // [n, h] rows selected for the head
+    logits: B::Buf, // [n, vocab]
+}
+
+impl<B: Backend> Scratch<B> {
+    pub fn new(model: &Llama<B>, max_tokens: usize) -> Result<Self> {
+        let c = &model.config;
+        let b = &model.backend;
+        let n = max_tokens.max(1);
+        Ok(Scratch {
+            max_tokens: n,
+            x: b.alloc(n * c.hidden_size)?,
+            xn: b.alloc(n * c.hidden_size)?,
+            q: b.alloc(n * c.q_dim())?,
+            k: b.alloc(n * c.kv_dim())?,
+            v: b.alloc(n * c.kv_dim())?,
+            attn: b.alloc(n * c.q_dim())?,
+            proj: b.alloc(n * c.hidden_size)?,
+            gate: b.alloc(n * c.intermediate_size)?,
+            up: b.alloc(n * c.intermediate_size)?,
+            picked: b.alloc(n * c.hidden_size)?,
+            logits: b.alloc(n * c.vocab_size)?,
+        })
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads config.json and the safetensors weights of an HF-layout directory.
+    pub fn load(dir: &Path, backend: B) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = WeightStore::open_dir(dir)?;
+        Self::from_store(config, store, backend)
+    }
+
+    pub fn from_store(config: ModelConfig, store: WeightStore, backend: B) -> Result<Self> {
+        let c = &config;
+        let (h, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let embed_t = store.get("model.embed_tokens.weight", &[v, h])?;
+        let dtype = embed_t.dtype;
+        // All matrices must share one dtype: the kernels and byte accounting assume it.
+        let matrix = |name: &str, shape: [usize; 2]| -> Result<B::Matrix> {
+            let t = store.get(name, &shape)?;
+            if t.dtype != dtype {
+                return Err(Error::MixedDType { path: t.path.clone(), name: name.into(), actual: t.dtype, expected: dtype });
+            }
+            backend.matrix(&t)
+        };
+        let vector = |name: &str, len: usize| -> Result<B::Buf> { backend.vector(&store.get(name, &[len])?) };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let p = format!("model.layers.{i}");
+            let bias = |which: &str, len: usize| -> Result<Option<B::Buf>> {
+                if c.qkv_bias {
+                    vector(&format!("{p}.self_attn.{which}_proj.bias"), len).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: vector(&format!("{p}.input_layernorm.weight"), h)?,
+                wq: matrix(&format!("{p}.self_attn.q_proj.weight"), [qd, h])?,
+                wk: matrix(&format!("{p}.self_attn.k_proj.weight"), [kvd, h])?,
+                wv: matrix(&format!("{p}.self_attn.v_proj.weight"), [kvd, h])?,
+                wo: matrix(&format!("{p}.self_attn.o_proj.weight"), [h, qd])?,
+                q_bias: bias("q", qd)?,
+                k_bias: bias("k", kvd)?,
+                v_bias: bias("v", kvd)?,
+                ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                w_gate: matrix(&format!("{p}.mlp.gate_proj.weight"), [f, h])?,
+                w_up: matrix(&format!("{p}.mlp.up_proj.weight"), [f, h])?,
+                w_down: matrix(&format!("{p}.mlp.down_proj.weight"), [h, f])?,
+            });
+        }
+        // Some checkpoints store lm_head even when tied; the config decides.
+        let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight", [v, h])?) };
+        let final_norm = vector("model.norm.weight", h)?;
+        let embed = backend.matrix(&embed_t)?;
+        let rope = RopeTable::new(c);
+        Ok(Llama { config, backend, dtype, embed, layers, final_norm, lm_head, rope, store })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        KvCache::new(&self.backend, self.config.num_layers, self.config.kv_dim(), capacity)
+    }
+
+    /// Bytes of all weights in the checkpoint.
+    pub fn weight_bytes(&self) -> usize {
+        self.store.total_bytes()
+    }
+
+    /// Runs `tokens` (at most `scratch.max_tokens()`) at positions cache.len().., appends their
+    /// K/V to the cache and returns the requested logits, row-major `[rows, vocab]`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, scratch: &mut Scratch<B>, want: Logits) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if n > scratch.max_tokens {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {n} tokens exceeds the scratch size {}",
+                scratch.max_tokens
+            )));
+        }
+        cache.check_room(n)?;
+        let b = &self.backend;
+        let c = &self.config;
+        let s = scratch;
+        let start = cache.len();
+        b.embed(&self.embed, tokens, &mut s.x)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.attention_block(li, layer, cache, s, start, n)?;
+            self.ffn_block(layer, s, n)?;
+        }
+        cache.advance(n);
+        let (first_row, rows) = match want {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => (n - 1, 1),
+            Logits::All => (0, n),
+        };
+        b.copy_rows(&s.x, first_row, &mut s.picked, 0, rows, c.hidden_size)?;
+        b.rmsnorm(&s.picked, &self.final_norm, c.rms_norm_eps, rows, &mut s.xn)?;
+        b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &s.xn, rows, &mut s.logits)?;
+        let mut out = vec![0.0f32; rows * c.vocab_size];
+        b.read(&s.logits, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// x += Wo · attention(rope(Wq·norm(x)), cache ∪ rope(Wk·norm(x)), cache ∪ Wv·norm(x))
+    fn attention_block(&self, li: usize, w: &LayerWeights<B>, cache: &mut KvCache<B>, s: &mut Scratch<B>, start: usize, n: usize) -> Result<()> {
+        let b = &self.backend;
+        let c = &self.config;
+        b.rmsnorm(&s.x, &w.attn_norm, c.rms_norm_eps, n, &mut s.xn)?;
+        b.matmul(&w.wq, &s.xn, n, &mut s.q)?;
+        b.matmul(&w.wk, &s.xn, n, &mut s.k)?;
+        b.matmul(&w.wv, &s.xn, n, &mut s.v)?;
+        if let (Some(qb), Some(kb), Some(vb)) = (&w.q_bias, &w.k_bias, &w.v_bias) {
+            b.add_bias(&mut s.q, qb, n)?;
+            b.add_bias(&mut s.k, kb, n)?;
+            b.add_bias(&mut s.v, vb, n)?;
+        }
+        b.rope(&mut s.q, c.num_heads, start, n, &self.rope)?;
+        b.rope(&mut s.k, c.num_kv_heads, start, n, &self.rope)?;
+        b.copy_rows(&s.k, 0, &mut cache.keys[li], start, n, c.kv_dim())?;
+        b.copy_rows(&s.v, 0, &mut cache.values[li], start, n, c.kv_dim())?;
+        let shape = AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        b.attention(&s.q, &cache.keys[li], &cache.values[li], shape, start, n, &mut s.attn)?;
+        b.matmul(&w.wo, &s.attn, n, &mut s.proj)?;
+        b.add(&mut s.x, &s.proj, n * c.hidden_size)
+    }
+
+    /// x += W_down · (silu(W_gate·norm(x)) ⊙ W_up·norm(x))
+    fn ffn_block(&self, w: &LayerWeights<B>, s: &mut Scratch<B>, n: usize) -> Result<()> {
+        let b = &self.backend;
+        let c = &self.config;
+        b.rmsnorm(&s.x, &w.ffn_norm, c.rms_norm_eps, n, &mut s.xn)?;
+        b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
+        b.matmul(&w.w_up, &s.xn, n, &mut s.up)?;
+        b.silu_mul(&mut s.gate, &s.up, n * c.intermediate_size)?;
+        b.matmul(&w.w_down, &s.gate, n, &mut s.proj)?;
+        b.add(&mut s.x, &s.proj, n * c.hidden_size)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn backend_description(&self) -> String {
+        self.backend.describe()
+    }
+}

@@ -1,0 +1,89 @@
+//! Tokenizer (HF tokenizer.json through the `tokenizers` crate) and streaming detokenization.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        if !path.is_file() {
+            return Err(Error::Tokenizer { path: path.to_path_buf(), msg: "file not found".into() });
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })?;
+        Ok(Tokenizer { inner, path: path.to_path_buf() })
+    }
+
+    /// Encodes raw text. Special tokens written in the text (`<|im_start|>`) are recognised;
+    /// `add_special` applies the tokenizer's post-processor (e.g. a BOS token), which chat
+    /// prompts must not get twice since the template already writes it.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| self.err(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer { path: self.path.clone(), msg: e.to_string() }
+    }
+}
+
+/// Turns a stream of token ids into text deltas that are always whole UTF-8 characters, even
+/// when a character is split over several byte-level BPE tokens.
+///
+/// It decodes a short window of recent tokens twice (without and with the new ones) and emits
+/// the difference, so decoders that treat the first token specially (leading spaces) stay
+/// consistent, and it holds text back while it ends in an incomplete character.
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        TextStream { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+
+    /// Adds a token; returns the newly completed text, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
+            if let Some(delta) = after.get(before.len()..) {
+                let delta = delta.to_string();
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.ids.len();
+                return Ok(Some(delta));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Text held back at the end of the stream (an incomplete character decodes as U+FFFD).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(after.get(before.len()..).filter(|d| !d.is_empty()).map(str::to_string))
+    }
+}

@@ -1,0 +1,204 @@
+//! Memory-mapped safetensors checkpoints, single-file or sharded.
+//!
+//! Nothing is copied to the heap: each shard is mapped once and tensors are byte ranges of the
+//! mapping. The kernels read the checkpoint's dtype directly.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, SafeTensorError, SafeTensors};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Where one tensor's bytes live.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    shard: usize,
+    /// Byte range inside the shard's mapping (header already skipped).
+    start: usize,
+    end: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+}
+
+/// A borrowed view of one tensor.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+    pub path: PathBuf,
+}
+
+impl TensorRef {
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The shared mapping and byte range, for backends that keep the weight in place.
+    pub fn mapping(&self) -> (Arc<Mmap>, std::ops::Range<usize>) {
+        (Arc::clone(&self.map), self.start..self.end)
+    }
+}
+
+/// All tensors of a checkpoint directory.
+pub struct WeightStore {
+    shards: Vec<(PathBuf, Arc<Mmap>)>,
+    tensors: HashMap<String, TensorEntry>,
+}
+
+impl WeightStore {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<WeightStore> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_files_from_index(&index)?
+        } else {
+            return Err(Error::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors and no model.safetensors.index.json in the model directory",
+                ),
+            ));
+        };
+        Self::open_files(&files)
+    }
+
+    pub fn open_files(files: &[PathBuf]) -> Result<WeightStore> {
+        let mut store = WeightStore { shards: Vec::new(), tensors: HashMap::new() };
+        for path in files {
+            store.add_shard(path)?;
+        }
+        Ok(store)
+    }
+
+    fn add_shard(&mut self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the mapping is read-only; like every mmap-based loader we rely on the
+        // checkpoint not being truncated by another process while it is mapped.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            msg: describe_safetensors_error(&e, map.len()),
+        })?;
+        let data_start = 8 + header_len;
+        let shard = self.shards.len();
+        for (name, info) in metadata.tensors() {
+            let dtype = match info.dtype {
+                StDtype::F32 => DType::F32,
+                StDtype::F16 => DType::F16,
+                StDtype::BF16 => DType::BF16,
+                other => {
+                    return Err(Error::UnsupportedDType {
+                        path: path.to_path_buf(),
+                        name,
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let (s, e) = info.data_offsets;
+            self.tensors.insert(
+                name,
+                TensorEntry { shard, start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone() },
+            );
+        }
+        self.shards.push((path.to_path_buf(), Arc::new(map)));
+        Ok(())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Fetches a tensor and checks its shape.
+    pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<TensorRef> {
+        let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            searched: self.describe_files(),
+        })?;
+        let (path, map) = &self.shards[entry.shard];
+        if entry.shape != expected_shape {
+            return Err(Error::ShapeMismatch {
+                path: path.clone(),
+                name: name.to_string(),
+                actual: entry.shape.clone(),
+                expected: expected_shape.to_vec(),
+            });
+        }
+        Ok(TensorRef {
+            name: name.to_string(),
+            dtype: entry.dtype,
+            shape: entry.shape.clone(),
+            map: Arc::clone(map),
+            start: entry.start,
+            end: entry.end,
+            path: path.clone(),
+        })
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|t| t.end - t.start).sum()
+    }
+
+    fn describe_files(&self) -> String {
+        let names: Vec<String> = self.shards.iter().map(|(p, _)| p.display().to_string()).collect();
+        names.join(", ")
+    }
+}
+
+fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::config(index, "missing object `weight_map`"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::config(index, format!("weight_map entry for `{tensor}` is not a file name")))?;
+        let path = dir.join(file);
+        if !files.contains(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::config(index, "weight_map is empty"));
+    }
+    Ok(files)
+}
+
+fn describe_safetensors_error(e: &SafeTensorError, file_len: usize) -> String {
+    match e {
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the header's tensor offsets do not match the file size ({file_len} bytes): \
+             the file is truncated or corrupt; download or convert it again"
+        ),
+        SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => format!(
+            "the file ({file_len} bytes) is too short to hold its header: truncated or not a safetensors file"
+        ),
+        SafeTensorError::InvalidHeaderDeserialization | SafeTensorError::InvalidHeader => {
+            "the JSON header is unreadable".to_string()
+        }
+        other => format!("{other:?}"),
+    }
+}
