@@ -72,6 +72,15 @@ struct RunStats<'a> {
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+    });
+    // Option errors first: they should not wait for a model load.
+    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed };
+    sampling.validate()?;
+    if args.ctx_size == Some(0) {
+        return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
+    }
     let dir = resolve_model_dir(&args.model)?;
     let backend = CpuBackend::new(args.threads);
     let threads = backend.threads();
@@ -105,20 +114,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     } else {
         tokenizer.encode(&args.prompt, true)?
     };
-    let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
-    });
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
-        sampling: SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed },
+        sampling,
         stop_token_ids: stop_token_ids(&dir, &model.config.eos_token_ids)?,
         stop_strings: args.stop.clone(),
         context: args.ctx_size.unwrap_or(model.config.max_position_embeddings),
         prefill_chunk: 256,
     };
-    if opts.context == 0 {
-        return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
-    }
     let mut stdout = std::io::stdout().lock();
     let output = generate(&model, &tokenizer, &prompt_ids, &opts, &mut |piece| {
         // A closed pipe (e.g. `| head`) must not abort generation with a panic.

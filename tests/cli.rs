@@ -1,0 +1,141 @@
+//! The `sirius-offload` binary on tiny random models: the CLI contract, stats JSON and clear,
+//! panic-free errors with a non-zero exit.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{write_model, TinySpec};
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
+    cmd.env_remove("SIRIUS_LOG");
+    cmd
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("the binary starts")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
+}
+
+fn tiny(tmp: &Path) -> String {
+    write_model(&tmp.join("tiny"), &TinySpec::default(), 7).display().to_string()
+}
+
+#[test]
+fn run_writes_stats_json_with_the_contract_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let stats = tmp.path().join("stats.json");
+    let o = run(&[
+        "run", "--model", &model, "--prompt", "w3 w4 w5", "--max-tokens", "6", "--temperature", "0",
+        "--threads", "2", "--stats-json", stats.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(json["prompt_tokens"], 3);
+    let ids = json["generated_token_ids"].as_array().unwrap();
+    assert_eq!(json["generated_tokens"].as_u64().unwrap() as usize, ids.len());
+    assert!(!ids.is_empty() && ids.len() <= 6);
+    assert!(json["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(json["decode_tokens_per_s"].as_f64().is_some());
+    assert_eq!(json["threads"], 2);
+}
+
+#[test]
+fn no_subcommand_behaves_like_run_and_greedy_is_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let args = ["--model", model.as_str(), "--prompt", "w7 w8", "--max-tokens", "8", "--temperature", "0", "-q"];
+    let a = run(&args);
+    let mut with_run = vec!["run"];
+    with_run.extend_from_slice(&args);
+    let b = run(&with_run);
+    assert!(a.status.success() && b.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn same_seed_gives_same_sampled_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let args = |seed: &'static str| {
+        run(&["run", "--model", &model, "--prompt", "w9", "--max-tokens", "12", "--temperature", "1.5", "--seed", seed, "-q"])
+    };
+    let (a, b) = (args("11"), args("11"));
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn chat_uses_the_model_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let stats = tmp.path().join("s.json");
+    let o = run(&["run", "--model", &model, "--prompt", "w10 w11", "--chat", "--max-tokens", "2", "--temperature", "0",
+        "--stats-json", stats.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    // Template: "w3 {content} w4 w5" = 5 tokens.
+    assert_eq!(json["prompt_tokens"], 5);
+}
+
+#[test]
+fn prompt_longer_than_context_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let long: Vec<String> = (0..70).map(|i| format!("w{}", 3 + i % 50)).collect();
+    let o = run(&["run", "--model", &model, "--prompt", &long.join(" ")]);
+    assert_clean_failure(&o, "70 tokens");
+    let o = run(&["run", "--model", &model, "--prompt", "w3 w4 w5", "--ctx-size", "3"]);
+    assert_clean_failure(&o, "--ctx-size");
+}
+
+#[test]
+fn unknown_model_lists_presets() {
+    let o = run(&["run", "--model", "/no/such/dir", "--prompt", "hi"]);
+    assert_clean_failure(&o, "smollm2-135m");
+}
+
+#[test]
+fn bad_sampling_options_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--top-p", "0"]), "--top-p");
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--temperature=-1"]), "--temperature");
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    std::fs::remove_file(Path::new(&model).join("tokenizer.json")).unwrap();
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3"]), "tokenizer.json");
+}
+
+#[test]
+fn corrupt_weights_fail_without_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    std::fs::write(Path::new(&model).join("model.safetensors"), b"garbage").unwrap();
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3"]), "model.safetensors");
+}
+
+#[test]
+fn chat_without_template_is_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    std::fs::write(Path::new(&model).join("tokenizer_config.json"), "{}").unwrap();
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--chat"]), "without --chat");
+}

@@ -1,0 +1,114 @@
+//! The forward pass against itself (batched vs incremental vs chunked) and against the golden
+//! logits of the independent numpy reference (tools/reference) on tiny random models.
+
+mod common;
+
+use common::{fixtures_dir, write_model, TinySpec};
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::model::{Llama, Logits, Scratch};
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn all_logits_batched(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(tokens.len()).unwrap();
+    let mut scratch = Scratch::new(model, tokens.len()).unwrap();
+    model.forward(tokens, &mut cache, &mut scratch, Logits::All).unwrap()
+}
+
+fn all_logits_one_by_one(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
+    let mut cache = model.new_cache(tokens.len()).unwrap();
+    let mut scratch = Scratch::new(model, 1).unwrap();
+    tokens.iter().flat_map(|&t| model.forward(&[t], &mut cache, &mut scratch, Logits::Last).unwrap()).collect()
+}
+
+#[test]
+fn incremental_decode_matches_batched_forward() {
+    for (threads, spec) in [
+        (1, TinySpec::default()),
+        (2, TinySpec { tied: false, dtype: "F32", kv_heads: 4, ..TinySpec::default() }),
+        (3, TinySpec { arch: "Qwen2ForCausalLM", qkv_bias: true, dtype: "F16", ..TinySpec::default() }),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = write_model(tmp.path(), &spec, 5);
+        let model = Llama::load(&dir, CpuBackend::new(threads)).unwrap();
+        let tokens: Vec<u32> = (0..13).map(|i| (i * 7 + 3) % 64).collect();
+        let a = all_logits_batched(&model, &tokens);
+        let b = all_logits_one_by_one(&model, &tokens);
+        let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        assert!(scale > 0.1, "logits should not be degenerate");
+        let d = max_abs_diff(&a, &b);
+        assert!(d <= 1e-4 * scale.max(1.0), "{}: batched vs incremental differ by {d}", spec.arch);
+    }
+}
+
+#[test]
+fn chunked_prefill_matches_and_truncate_rewinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_model(tmp.path(), &TinySpec::default(), 9);
+    let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
+    let tokens: Vec<u32> = (0..10).map(|i| (i * 5 + 1) % 64).collect();
+    let full = all_logits_batched(&model, &tokens);
+    let vocab = model.config.vocab_size;
+    let mut cache = model.new_cache(16).unwrap();
+    let mut scratch = Scratch::new(&model, 4).unwrap();
+    model.forward(&tokens[..4], &mut cache, &mut scratch, Logits::None).unwrap();
+    model.forward(&tokens[4..8], &mut cache, &mut scratch, Logits::None).unwrap();
+    // Write two wrong tokens, then roll them back: the cache must be as if they never were.
+    model.forward(&[0, 0], &mut cache, &mut scratch, Logits::None).unwrap();
+    cache.truncate(8);
+    let last = model.forward(&tokens[8..], &mut cache, &mut scratch, Logits::All).unwrap();
+    let d = max_abs_diff(&last, &full[8 * vocab..]);
+    assert!(d < 1e-4, "chunked+rollback vs batched differ by {d}");
+}
+
+#[test]
+fn context_overflow_is_an_error_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = write_model(tmp.path(), &TinySpec::default(), 9);
+    let model = Llama::load(&dir, CpuBackend::new(1)).unwrap();
+    let mut cache = model.new_cache(4).unwrap();
+    let mut scratch = Scratch::new(&model, 8).unwrap();
+    let err = model.forward(&[1, 2, 3, 4, 5], &mut cache, &mut scratch, Logits::Last).unwrap_err();
+    assert!(err.to_string().contains("context"), "{err}");
+    let err = model.forward(&[1, 999], &mut cache, &mut scratch, Logits::Last).unwrap_err();
+    assert!(err.to_string().contains("999"), "{err}");
+}
+
+/// Golden logits from tools/reference/llama_ref.py (float64 numpy) for each tiny model in
+/// tests/fixtures/tiny. Regenerate with `python3 tools/reference/make_fixtures.py`.
+#[test]
+fn tiny_models_match_the_numpy_reference() {
+    let root = fixtures_dir().join("tiny");
+    let mut dirs: Vec<_> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("fixtures missing at {}: {e}", root.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("logits.json").is_file())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 4, "expected at least 4 tiny fixtures in {}", root.display());
+    for dir in dirs {
+        let fixture: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
+        let tokens: Vec<u32> =
+            fixture["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let expected: Vec<f32> = fixture["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect::<Vec<_>>())
+            .collect();
+        for threads in [1, 2] {
+            let model = Llama::load(&dir, CpuBackend::new(threads)).unwrap();
+            let got = all_logits_batched(&model, &tokens);
+            let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
+            let d = max_abs_diff(&got, &expected);
+            assert!(d <= 2e-4 * scale, "{}: max |diff| {d} (logit scale {scale})", dir.display());
+            let inc = all_logits_one_by_one(&model, &tokens);
+            let d = max_abs_diff(&inc, &expected);
+            assert!(d <= 2e-4 * scale, "{} incremental: max |diff| {d}", dir.display());
+        }
+    }
+}
