@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sirius_offload::cli::{self, RunArgs};
+use sirius_offload::cli::{self, BenchArgs, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streamed to stdout.
     Run(RunArgs),
+    /// Measure prefill and decode tokens/s (llama-bench style: pp and tg tests, medians).
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
 
     let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
         (Some(Command::Run(args)), _) | (None, Some(args)) => cli::run::run(args).map_err(Into::into),
+        (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
         (None, None) => {
             eprintln!("error: give --model and --prompt, or a subcommand (see --help)");
             return ExitCode::from(2);

@@ -1,0 +1,135 @@
+//! `sirius-offload bench`: llama-bench-style throughput of prefill (pp) and decode (tg), so the
+//! two can be compared in one run. pp: a batch of N prompt tokens from an empty cache; tg: N
+//! single-token forwards starting from an empty cache. Token ids are fixed pseudo-random ids
+//! (speed does not depend on them).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::backend::CpuBackend;
+use crate::config::resolve_model_dir;
+use crate::error::{Error, Result};
+use crate::model::{Llama, Logits, Scratch};
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Model directory or preset name.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Compute threads (0 = one per core).
+    #[arg(long, short = 't', default_value_t = 0)]
+    pub threads: usize,
+    /// Prompt tokens of the prefill test (0 = skip).
+    #[arg(long, short = 'p', default_value_t = 128)]
+    pub prompt: usize,
+    /// Tokens of the decode test (0 = skip).
+    #[arg(long, short = 'n', default_value_t = 64)]
+    pub gen: usize,
+    /// Repetitions of each test; the median is reported.
+    #[arg(long, short = 'r', default_value_t = 5)]
+    pub reps: usize,
+    /// Also write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub test: String,
+    pub tokens: usize,
+    pub reps: usize,
+    pub median_tokens_per_s: f64,
+    pub min_tokens_per_s: f64,
+    pub max_tokens_per_s: f64,
+    pub samples_tokens_per_s: Vec<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct BenchReport {
+    model: String,
+    backend: String,
+    dtype: String,
+    weight_bytes: usize,
+    results: Vec<BenchResult>,
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    if args.reps == 0 {
+        return Err(Error::InvalidArgument("--reps must be at least 1".into()));
+    }
+    let dir = resolve_model_dir(&args.model)?;
+    let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
+    let vocab = model.config.vocab_size as u32;
+    let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect() };
+    let mut results = Vec::new();
+    if args.prompt > 0 {
+        let tokens = ids(args.prompt);
+        let mut scratch = Scratch::new(&model, args.prompt)?;
+        let mut samples = Vec::new();
+        for rep in 0..=args.reps {
+            let mut cache = model.new_cache(args.prompt)?;
+            let t = Instant::now();
+            model.forward(&tokens, &mut cache, &mut scratch, Logits::Last)?;
+            // Rep 0 warms caches and page-ins; it is not counted.
+            if rep > 0 {
+                samples.push(args.prompt as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        results.push(summarise(format!("pp{}", args.prompt), args.prompt, samples));
+    }
+    if args.gen > 0 {
+        let tokens = ids(args.gen);
+        let mut scratch = Scratch::new(&model, 1)?;
+        let mut samples = Vec::new();
+        for rep in 0..=args.reps {
+            let mut cache = model.new_cache(args.gen)?;
+            let t = Instant::now();
+            for &tok in &tokens {
+                model.forward(&[tok], &mut cache, &mut scratch, Logits::Last)?;
+            }
+            if rep > 0 {
+                samples.push(args.gen as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        results.push(summarise(format!("tg{}", args.gen), args.gen, samples));
+    }
+    let report = BenchReport {
+        model: dir.display().to_string(),
+        backend: model.backend_description(),
+        dtype: model.dtype.to_string(),
+        weight_bytes: model.weight_bytes(),
+        results,
+    };
+    println!("| model | backend | dtype | test | t/s (median) | min | max |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &report.results {
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+            args.model, report.backend, report.dtype, r.test, r.median_tokens_per_s, r.min_tokens_per_s, r.max_tokens_per_s
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+fn summarise(test: String, tokens: usize, mut samples: Vec<f64>) -> BenchResult {
+    let unsorted = samples.clone();
+    samples.sort_by(f64::total_cmp);
+    let n = samples.len();
+    let median = if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2.0 };
+    BenchResult {
+        test,
+        tokens,
+        reps: n,
+        median_tokens_per_s: median,
+        min_tokens_per_s: samples[0],
+        max_tokens_per_s: samples[n - 1],
+        samples_tokens_per_s: unsorted,
+    }
+}
