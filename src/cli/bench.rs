@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
-use crate::config::resolve_model_dir;
+use crate::cli::fetch::model_dir_or_fetch;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
 
@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Model directory or preset name.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// Don't fetch a preset's weights automatically when they are missing.
+    #[arg(long)]
+    pub no_fetch: bool,
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
@@ -60,7 +63,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.reps == 0 {
         return Err(Error::InvalidArgument("--reps must be at least 1".into()));
     }
-    let dir = resolve_model_dir(&args.model)?;
+    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
     let vocab = model.config.vocab_size as u32;
     let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect() };

@@ -1,6 +1,7 @@
 //! Command-line subcommands, one file each. `main.rs` parses and dispatches.
 
 pub mod bench;
+pub mod fetch;
 pub mod run;
 
 pub use bench::BenchArgs;

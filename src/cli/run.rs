@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::backend::CpuBackend;
 use crate::config::generation::stop_token_ids;
-use crate::config::resolve_model_dir;
+use crate::cli::fetch::model_dir_or_fetch;
 use crate::engine::{generate, GenerateOptions, GenerationOutput};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -19,6 +19,9 @@ pub struct RunArgs {
     /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
     #[arg(long, short = 'm')]
     pub model: String,
+    /// Don't fetch a preset's weights automatically when they are missing.
+    #[arg(long)]
+    pub no_fetch: bool,
     /// Prompt text, taken raw: special tokens written in it (<|im_start|>) are recognised.
     #[arg(long, short = 'p')]
     pub prompt: String,
@@ -81,7 +84,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.ctx_size == Some(0) {
         return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
     }
-    let dir = resolve_model_dir(&args.model)?;
+    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let backend = CpuBackend::new(args.threads);
     let threads = backend.threads();
     tracing::info!(dir = %dir.display(), "loading model");
@@ -129,6 +132,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let _ = stdout.flush();
     })?;
     let _ = writeln!(stdout);
+    let _ = stdout.flush();
     if !args.quiet {
         eprintln!(
             "[{}] prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s | stop: {:?}",
