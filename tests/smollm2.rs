@@ -12,6 +12,7 @@ use common::fixtures_dir;
 use sirius_offload::backend::CpuBackend;
 use sirius_offload::config::resolve_model_dir;
 use sirius_offload::engine::{generate, GenerateOptions};
+use sirius_offload::model::chat::{ChatMessage, ChatTemplate};
 use sirius_offload::model::{Llama, SamplingParams, TextStream, Tokenizer};
 
 fn model_dir() -> Option<PathBuf> {
@@ -73,10 +74,27 @@ fn greedy_tokens_equal_the_reference() {
             case[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
         };
         let prompt_ids = ids("prompt_ids");
+        if case["kind"] == "chat" {
+            // Our minijinja rendering of the model's template equals the reference's Jinja2 one.
+            let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).unwrap().unwrap();
+            let messages: Vec<ChatMessage> = case["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+                .collect();
+            assert_eq!(template.render(&messages).unwrap(), text);
+        }
         assert_eq!(tok.encode(text, false).unwrap(), prompt_ids, "tokenization of {text:?}");
-        let expected = ids("greedy_ids");
+        let mut expected = ids("greedy_ids");
+        // The reference keeps the EOS it stopped at; the runtime stops before emitting it.
+        let stopped_at_eos = case["stopped_at_eos"].as_bool().unwrap_or(false);
+        if stopped_at_eos {
+            let eos_id = expected.pop().expect("an EOS id");
+            assert!(eos.contains(&eos_id), "fixture EOS {eos_id} is not among the model's stop ids {eos:?}");
+        }
         let opts = GenerateOptions {
-            max_tokens: expected.len(),
+            max_tokens: expected.len() + usize::from(stopped_at_eos),
             sampling: SamplingParams::greedy(),
             stop_token_ids: eos.clone(),
             stop_strings: vec![],
@@ -85,5 +103,11 @@ fn greedy_tokens_equal_the_reference() {
         };
         let out = generate(&model, &tok, &prompt_ids, &opts, &mut |_| {}).unwrap();
         assert_eq!(out.generated_token_ids, expected, "greedy tokens for {text:?}: got {:?}", out.text);
+        if stopped_at_eos {
+            assert_eq!(out.stop_reason, sirius_offload::engine::StopReason::Eos);
+        }
+        if case["kind"] == "chat" {
+            assert!(out.text.contains("Paris"), "the France question should be answered with Paris: {:?}", out.text);
+        }
     }
 }
