@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
+use crate::engine::generate::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
 
@@ -68,6 +69,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let vocab = model.config.vocab_size as u32;
     let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect() };
     let mut results = Vec::new();
+    let tests = usize::from(args.prompt > 0) + usize::from(args.gen > 0);
+    let bar = progress_bar((tests * (args.reps + 1)) as u64, "bench");
     if args.prompt > 0 {
         let tokens = ids(args.prompt);
         let mut scratch = Scratch::new(&model, args.prompt)?;
@@ -76,6 +79,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let mut cache = model.new_cache(args.prompt)?;
             let t = Instant::now();
             model.forward(&tokens, &mut cache, &mut scratch, Logits::Last)?;
+            bar.inc(1);
             // Rep 0 warms caches and page-ins; it is not counted.
             if rep > 0 {
                 samples.push(args.prompt as f64 / t.elapsed().as_secs_f64());
@@ -93,12 +97,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             for &tok in &tokens {
                 model.forward(&[tok], &mut cache, &mut scratch, Logits::Last)?;
             }
+            bar.inc(1);
             if rep > 0 {
                 samples.push(args.gen as f64 / t.elapsed().as_secs_f64());
             }
         }
         results.push(summarise(format!("tg{}", args.gen), args.gen, samples));
     }
+    bar.finish_and_clear();
     let report = BenchReport {
         model: dir.display().to_string(),
         backend: model.backend_description(),

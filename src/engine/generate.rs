@@ -70,9 +70,18 @@ pub fn generate<B: Backend>(
     let t0 = Instant::now();
     let mut logits = Vec::new();
     let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
+    // Long prompts take a while on a CPU: show progress (indicatif hides it when stderr is not
+    // a terminal).
+    let bar = (chunks.len() > 1).then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
     for (i, piece) in chunks.iter().enumerate() {
         let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
         logits = model.forward(piece, &mut cache, &mut scratch, want)?;
+        if let Some(bar) = &bar {
+            bar.inc(piece.len() as u64);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
@@ -135,4 +144,14 @@ pub fn generate<B: Backend>(
         prefill_tokens_per_s: rate(prompt_ids.len(), prefill_seconds),
         decode_tokens_per_s: rate(decode_steps, decode_seconds),
     })
+}
+
+/// A progress bar on stderr in the project's style.
+pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
 }

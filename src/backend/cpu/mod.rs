@@ -1,1 +1,157 @@
-//! CPU backend kernels (being written).
+//! CPU backend: SIMD kernels (runtime-selected ISA tier) and the thread pool they run on.
+//!
+//! Weights arrive as raw little-endian bytes of their checkpoint dtype (straight from the
+//! memory-mapped safetensors file, any alignment) and are converted on the fly inside the
+//! kernels; activations are f32. Every kernel exists in three tiers (see [`Isa`]): AVX-512,
+//! AVX2+FMA+F16C and portable scalar, picked once per process by feature detection and
+//! lowered with `SIRIUS_CPU_ISA=scalar|avx2|avx512`. The `*_with_isa` variants run a given
+//! tier (tests, benchmarks) and panic if the machine cannot run it.
+
+mod attention;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod isa;
+mod kernels;
+mod matmul;
+mod ops;
+mod pool;
+mod scalar;
+mod util;
+
+pub use isa::{isa, isa_name, Isa, ISA_ENV};
+pub use pool::ThreadPool;
+
+use crate::dtype::DType;
+use kernels::Kernels;
+
+/// `y[t*rows + r] = sum_c w[r, c] * x[t*cols + c]` for `t in 0..n_tokens`.
+///
+/// `w` is a row-major `[rows, cols]` matrix (HF `[out_features, in_features]`) as raw bytes of
+/// `dtype`. `n_tokens == 1` streams the weights once (decode); `n_tokens > 1` converts blocks
+/// of weight rows to f32 once and reuses them across tokens (prefill).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    matmul::matmul_with(Kernels::selected(), pool, w, dtype, rows, cols, x, n_tokens, y);
+}
+
+/// [`matmul`] on a given ISA tier. Panics if this machine cannot run `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with_isa(
+    isa: Isa,
+    pool: &ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    matmul::matmul_with(Kernels::new(isa), pool, w, dtype, rows, cols, x, n_tokens, y);
+}
+
+/// Converts row `row` of a `[rows, cols]` matrix to f32 into `out[..cols]` (embedding lookup).
+pub fn row_to_f32(w: &[u8], dtype: DType, cols: usize, row: usize, out: &mut [f32]) {
+    matmul::row_to_f32_with(Kernels::selected(), w, dtype, cols, row, out);
+}
+
+/// Converts a whole tensor to f32 (norm weights and biases at load time).
+pub fn to_f32_vec(w: &[u8], dtype: DType) -> Vec<f32> {
+    matmul::to_f32_vec_with(Kernels::selected(), w, dtype)
+}
+
+/// `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight` for each row of `weight.len()`.
+pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    ops::rmsnorm(x, weight, eps, out);
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    ops::silu_mul_with(Kernels::selected(), gate, up);
+}
+
+/// `x[i] += y[i]`.
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    ops::add_inplace(x, y);
+}
+
+/// Numerically stable softmax in place (all `-inf` gives the uniform distribution).
+pub fn softmax_inplace(x: &mut [f32]) {
+    ops::softmax_with(Kernels::selected(), x);
+}
+
+/// Causal attention for `n_tokens` new queries at positions `start_pos..start_pos + n_tokens`
+/// over a per-layer KV cache that already holds positions `0..start_pos + n_tokens`.
+///
+/// `q`, `out`: `[n_tokens, n_heads * head_dim]`; `k_cache`, `v_cache`:
+/// `[capacity, n_kv_heads * head_dim]` (row = position). Query head `h` uses kv head
+/// `h / (n_heads / n_kv_heads)`; scale `1/sqrt(head_dim)`; query `t` sees positions
+/// `0..=start_pos + t`. Parallel over (token, head).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    pool: &ThreadPool,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    attention::attention_with(
+        Kernels::selected(),
+        pool,
+        q,
+        k_cache,
+        v_cache,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        start_pos,
+        n_tokens,
+        out,
+    );
+}
+
+/// [`attention`] on a given ISA tier. Panics if this machine cannot run `isa`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with_isa(
+    isa: Isa,
+    pool: &ThreadPool,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    start_pos: usize,
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    attention::attention_with(
+        Kernels::new(isa),
+        pool,
+        q,
+        k_cache,
+        v_cache,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        start_pos,
+        n_tokens,
+        out,
+    );
+}

@@ -1,0 +1,306 @@
+//! Weight x activation products: the decode matvec (n_tokens == 1, memory bound) and the
+//! prefill matmul (n_tokens > 1, compute bound), plus dtype conversion helpers.
+
+use std::cell::RefCell;
+
+use super::kernels::Kernels;
+use super::pool::ThreadPool;
+use super::util::{with_scratch, SharedMut};
+use crate::dtype::DType;
+
+/// Decode tasks per thread: a few, so a thread that got delayed (OS noise, a cold cache) does
+/// not hold up the others, yet few enough that per-task costs stay invisible.
+const DECODE_TASKS_PER_THREAD: usize = 4;
+/// Below this many weight bytes per task a matvec is split no further: waking a thread costs
+/// more than streaming this from L2.
+const DECODE_MIN_TASK_BYTES: usize = 32 << 10;
+
+/// Prefill: weight rows converted to f32 together (one task's row block) ...
+const GEMM_ROWS: usize = 16;
+/// ... against this many tokens (one task's token block); the conversion is amortized over them.
+const GEMM_TOKENS: usize = 64;
+/// Columns per pass, so a row block's f32 copy (16 x 2048 x 4 B = 128 KiB) stays in L2 for
+/// very wide matrices.
+const GEMM_K: usize = 2048;
+
+thread_local! {
+    /// The calling thread's prepared activation vector (decode).
+    static X_PREP: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's f32 copy of a weight row block (prefill).
+    static W_BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// See [`super::matmul`]. `k` selects the ISA tier.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_with(
+    k: Kernels,
+    pool: &ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    assert_eq!(w.len(), rows * cols * dtype.size(), "matmul: weight bytes != rows * cols * {}", dtype.size());
+    assert_eq!(x.len(), n_tokens * cols, "matmul: x.len() != n_tokens * cols");
+    assert_eq!(y.len(), n_tokens * rows, "matmul: y.len() != n_tokens * rows");
+    if rows == 0 || n_tokens == 0 {
+        return;
+    }
+    if cols == 0 {
+        y.fill(0.0);
+        return;
+    }
+    if n_tokens == 1 {
+        matvec(k, pool, w, dtype, rows, cols, x, y);
+    } else {
+        gemm(k, pool, w, dtype, rows, cols, x, n_tokens, y);
+    }
+}
+
+/// Rows split into contiguous chunks (multiples of 4, the kernels' row group), handed out
+/// dynamically; each task streams its chunk once.
+#[allow(clippy::too_many_arguments)]
+fn matvec(k: Kernels, pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    let row_bytes = cols * dtype.size();
+    let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
+    // One thread: one task, so each of the kernel's 4 row streams is as long as possible.
+    let per_thread = if pool.n_threads() == 1 { 1 } else { DECODE_TASKS_PER_THREAD };
+    let want = (pool.n_threads() * per_thread).min(by_size).max(1);
+    let chunk = rows.div_ceil(want).next_multiple_of(4).min(rows);
+    let n_tasks = rows.div_ceil(chunk);
+    with_scratch_vec(&X_PREP, |buf| {
+        let xs: &[f32] = if k.prep_x(dtype, x, buf) { buf } else { x };
+        if n_tasks == 1 {
+            k.matvec(w, dtype, cols, cols, xs, y);
+            return;
+        }
+        let ys = SharedMut::new(y);
+        pool.run(n_tasks, &|t| {
+            let r0 = t * chunk;
+            let nr = chunk.min(rows - r0);
+            // SAFETY: task t alone owns rows r0..r0 + nr.
+            let yt = unsafe { ys.slice(r0, nr) };
+            k.matvec(&w[r0 * row_bytes..(r0 + nr) * row_bytes], dtype, cols, cols, xs, yt);
+        });
+    });
+}
+
+/// Runs `f` with this thread's reusable `Vec` behind `key` (a fresh one if re-entered).
+fn with_scratch_vec<R>(key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>, f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    let mut f = Some(f);
+    let out = key.with(|cell| cell.try_borrow_mut().ok().map(|mut v| (f.take().expect("once"))(&mut v)));
+    out.unwrap_or_else(|| (f.take().expect("once"))(&mut Vec::new()))
+}
+
+/// Tasks are (row block, token block) pairs. Each converts its weight rows to f32 once into a
+/// per-thread scratch and reuses them for every token of its block in register tiles.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    k: Kernels,
+    pool: &ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) {
+    let esz = dtype.size();
+    let n_rb = rows.div_ceil(GEMM_ROWS);
+    let n_tb = n_tokens.div_ceil(GEMM_TOKENS);
+    let lda = cols.min(GEMM_K).next_multiple_of(Kernels::GEMM_PAD);
+    let ys = SharedMut::new(y);
+    pool.run(n_rb * n_tb, &|task| {
+        let (rb, tb) = (task % n_rb, task / n_rb);
+        let r0 = rb * GEMM_ROWS;
+        let nr = GEMM_ROWS.min(rows - r0);
+        let t0 = tb * GEMM_TOKENS;
+        let nt = GEMM_TOKENS.min(n_tokens - t0);
+        with_scratch(&W_BLOCK, GEMM_ROWS * lda, |a| {
+            for k0 in (0..cols).step_by(GEMM_K) {
+                let kc = GEMM_K.min(cols - k0);
+                for i in 0..nr {
+                    let src = ((r0 + i) * cols + k0) * esz;
+                    let row = &mut a[i * lda..(i + 1) * lda];
+                    k.convert(&w[src..src + kc * esz], dtype, &mut row[..kc]);
+                    row[kc..].fill(0.0);
+                }
+                // Output (t, r) lives at y[(t0 + t) * rows + r0 + r]; the pointer is checked
+                // against the slice's end here, the kernel stays within nt x nr of it.
+                assert!((t0 + nt - 1) * rows + r0 + nr <= ys.len());
+                let yp = ys.ptr_at(t0 * rows + r0);
+                // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
+                unsafe { k.gemm_block(a, lda, nr, &x[t0 * cols + k0..], cols, kc, nt, yp, rows, k0 > 0) };
+            }
+        });
+    });
+}
+
+/// Converts row `row` of a `[rows, cols]` matrix of `dtype` to f32 into `out[..cols]`.
+pub(super) fn row_to_f32_with(k: Kernels, w: &[u8], dtype: DType, cols: usize, row: usize, out: &mut [f32]) {
+    let esz = dtype.size();
+    let start = row * cols * esz;
+    assert!(start + cols * esz <= w.len(), "row_to_f32: row {row} out of bounds");
+    assert!(out.len() >= cols, "row_to_f32: out shorter than cols");
+    k.convert(&w[start..start + cols * esz], dtype, &mut out[..cols]);
+}
+
+/// Converts a whole tensor to f32.
+pub(super) fn to_f32_vec_with(k: Kernels, w: &[u8], dtype: DType) -> Vec<f32> {
+    assert!(w.len().is_multiple_of(dtype.size()), "to_f32_vec: byte length not a multiple of the element size");
+    let mut out = vec![0.0; w.len() / dtype.size()];
+    k.convert(w, dtype, &mut out);
+    out
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::util::TestRng;
+
+    /// Stores `vals` as `dtype` bytes behind `offset` junk bytes (to test unaligned input);
+    /// returns the buffer and the values as the kernels will read them back.
+    pub(crate) fn encode(vals: &[f32], dtype: DType, offset: usize) -> (Vec<u8>, Vec<f32>) {
+        let mut bytes = vec![0xAB; offset];
+        let mut exact = Vec::with_capacity(vals.len());
+        for &v in vals {
+            match dtype {
+                DType::F32 => {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                    exact.push(v);
+                }
+                DType::F16 => {
+                    let h = half::f16::from_f32(v);
+                    bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                    exact.push(h.to_f32());
+                }
+                DType::BF16 => {
+                    let h = half::bf16::from_f32(v);
+                    bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                    exact.push(h.to_f32());
+                }
+            }
+        }
+        (bytes, exact)
+    }
+
+    const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    /// Checks `y` against an f64 reference with an error bound scaled by sum |w| |x|, which is
+    /// what f32 accumulation errors are proportional to.
+    fn check(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize, y: &[f32], what: &str) {
+        for t in 0..n {
+            for r in 0..rows {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for c in 0..cols {
+                    let p = w[r * cols + c] as f64 * x[t * cols + c] as f64;
+                    exact += p;
+                    mag += p.abs();
+                }
+                let got = y[t * rows + r] as f64;
+                let tol = 1e-6 * (cols as f64).sqrt().max(4.0) * mag + 1e-30;
+                assert!((got - exact).abs() <= tol, "{what}: t={t} r={r}: got {got}, want {exact} (tol {tol})");
+            }
+        }
+    }
+
+    fn run_case(rng: &mut TestRng, isa: Isa, pool: &ThreadPool, dtype: DType, rows: usize, cols: usize, n: usize) {
+        let k = Kernels::new(isa);
+        let vals = rng.vec(rows * cols);
+        let x = rng.vec(n * cols);
+        for offset in [0, 1] {
+            let (bytes, exact) = encode(&vals, dtype, offset);
+            let mut y = vec![f32::NAN; n * rows];
+            matmul_with(k, pool, &bytes[offset..], dtype, rows, cols, &x, n, &mut y);
+            let what = format!("{isa:?} {dtype} {rows}x{cols} n={n} off={offset} threads={}", pool.n_threads());
+            check(&exact, &x, rows, cols, n, &y, &what);
+        }
+    }
+
+    #[test]
+    fn matmul_matches_reference_all_tiers() {
+        let mut rng = TestRng::new(7);
+        let shapes = [(1, 1), (1, 17), (3, 5), (7, 33), (4, 64), (5, 31), (13, 100), (513, 67), (64, 576), (33, 2100)];
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for isa in Isa::available() {
+                for dtype in DTYPES {
+                    for &(rows, cols) in &shapes {
+                        for n in [1, 2, 5] {
+                            run_case(&mut rng, isa, &pool, dtype, rows, cols, n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_random_shapes() {
+        let mut rng = TestRng::new(11);
+        let pool = ThreadPool::new(2);
+        for _ in 0..60 {
+            let rows = 1 + rng.below(200);
+            let cols = 1 + rng.below(300);
+            let n = 1 + rng.below(70);
+            let isas = Isa::available();
+            let isa = isas[rng.below(isas.len())];
+            let dtype = DTYPES[rng.below(3)];
+            run_case(&mut rng, isa, &pool, dtype, rows, cols, n);
+        }
+    }
+
+    #[test]
+    fn large_matvec_splits_across_tasks() {
+        let mut rng = TestRng::new(3);
+        let pool = ThreadPool::new(3);
+        for isa in Isa::available() {
+            run_case(&mut rng, isa, &pool, DType::BF16, 1500, 577, 1);
+            run_case(&mut rng, isa, &pool, DType::F16, 130, 4099, 3);
+        }
+    }
+
+    #[test]
+    fn conversions_match_half() {
+        let mut rng = TestRng::new(5);
+        for isa in Isa::available() {
+            let k = Kernels::new(isa);
+            for dtype in DTYPES {
+                for n in [0, 1, 7, 8, 15, 16, 17, 33, 100] {
+                    let vals: Vec<f32> = rng.vec(n).iter().map(|v| v * 1000.0).collect();
+                    let (bytes, exact) = encode(&vals, dtype, 1);
+                    assert_eq!(to_f32_vec_with(k, &bytes[1..], dtype), exact, "{isa:?} {dtype} n={n}");
+                    if n > 0 {
+                        let cols = n.div_ceil(3);
+                        let rows = n / cols;
+                        for row in 0..rows {
+                            let mut out = vec![0.0; cols];
+                            row_to_f32_with(k, &bytes[1..], dtype, cols, row, &mut out);
+                            assert_eq!(out, exact[row * cols..(row + 1) * cols]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn special_values_survive_conversion() {
+        let vals = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-40, 65504.0, -2.5];
+        for isa in Isa::available() {
+            let k = Kernels::new(isa);
+            for dtype in DTYPES {
+                let (bytes, exact) = encode(&vals, dtype, 0);
+                let got = to_f32_vec_with(k, &bytes, dtype);
+                for (g, e) in got.iter().zip(&exact) {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{isa:?} {dtype}");
+                }
+            }
+        }
+    }
+}

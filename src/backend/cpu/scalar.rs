@@ -1,0 +1,160 @@
+//! Portable tier: the fallback on machines without AVX2 and the reference the SIMD tiers are
+//! tested against. Written so LLVM can still vectorize it with the baseline ISA (independent
+//! partial sums, no loop-carried float dependency on a single accumulator).
+
+use crate::dtype::DType;
+
+/// Partial sums per dot product; 8 lanes let SSE2 keep two vectors of work in flight.
+const LANES: usize = 8;
+
+#[inline]
+fn bf16_to_f32(lo: u8, hi: u8) -> f32 {
+    f32::from_bits((u16::from_le_bytes([lo, hi]) as u32) << 16)
+}
+
+#[inline]
+fn f16_to_f32(lo: u8, hi: u8) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
+}
+
+/// Element `i` of a little-endian byte buffer of `dtype`.
+#[inline]
+pub(super) fn load(src: &[u8], dtype: DType, i: usize) -> f32 {
+    match dtype {
+        DType::F32 => f32::from_le_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]),
+        DType::F16 => f16_to_f32(src[2 * i], src[2 * i + 1]),
+        DType::BF16 => bf16_to_f32(src[2 * i], src[2 * i + 1]),
+    }
+}
+
+/// `out[i] = src[i]` converted to f32; `src.len() == out.len() * dtype.size()`.
+pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
+    debug_assert_eq!(src.len(), out.len() * dtype.size());
+    match dtype {
+        DType::F32 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        DType::F16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16_to_f32(b[0], b[1]);
+            }
+        }
+        DType::BF16 => {
+            for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16_to_f32(b[0], b[1]);
+            }
+        }
+    }
+}
+
+/// Dot product of one stored row (`x.len()` elements) with `x`.
+fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
+    let size = dtype.size();
+    let mut acc = [0f32; LANES];
+    let full = x.len() / LANES * LANES;
+    for (c, xs) in x[..full].chunks_exact(LANES).enumerate() {
+        let base = c * LANES;
+        for l in 0..LANES {
+            acc[l] += load(row, dtype, base + l) * xs[l];
+        }
+    }
+    let mut tail = 0f32;
+    for (c, &xv) in x.iter().enumerate().skip(full) {
+        tail += load(row, dtype, c) * xv;
+    }
+    debug_assert!(row.len() >= x.len() * size);
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `y[r] = dot(row r, x)`, row `r` starting `r * stride` elements into `w`, `x.len()` columns.
+pub(super) fn matvec(w: &[u8], dtype: DType, stride: usize, x: &[f32], y: &mut [f32]) {
+    let size = dtype.size();
+    let cols = x.len();
+    for (r, out) in y.iter_mut().enumerate() {
+        let start = r * stride * size;
+        *out = dot_row(&w[start..start + cols * size], dtype, x);
+    }
+}
+
+/// f32 dot product.
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0f32; LANES];
+    let full = n / LANES * LANES;
+    for (ac, bc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ac[l] * bc[l];
+        }
+    }
+    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(p, q)| p * q).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Prefill tile: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
+/// `a` rows are `lda` apart, `x` rows `ldx` apart, both `k` long.
+///
+/// # Safety
+/// `y` must be valid for writes at every `t * ldy + r` above, and no other thread may access
+/// those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_block(
+    a: &[f32],
+    lda: usize,
+    n_rows: usize,
+    x: &[f32],
+    ldx: usize,
+    k: usize,
+    n_tok: usize,
+    y: *mut f32,
+    ldy: usize,
+    accumulate: bool,
+) {
+    for t in 0..n_tok {
+        let xr = &x[t * ldx..t * ldx + k];
+        for r in 0..n_rows {
+            let v = dot(&a[r * lda..r * lda + k], xr);
+            // SAFETY: in bounds and exclusively ours per the contract above.
+            let o = unsafe { &mut *y.add(t * ldy + r) };
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
+/// `out[c] = sum_p weights[p] * v[p * stride + c]` for `c < out.len()` (attention's P·V).
+pub(super) fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
+    out.fill(0.0);
+    let cols = out.len();
+    for (p, &wt) in weights.iter().enumerate() {
+        let row = &v[p * stride..p * stride + cols];
+        for (o, &vv) in out.iter_mut().zip(row) {
+            *o += wt * vv;
+        }
+    }
+}
+
+/// Numerically stable softmax in place.
+pub(super) fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        // All masked: define the result as uniform rather than NaN.
+        let u = 1.0 / x.len() as f32;
+        x.fill(u);
+        return;
+    }
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]`.
+pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
