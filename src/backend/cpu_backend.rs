@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use super::naive_kernels::{self as kernels, ThreadPool};
+use super::cpu::{self as kernels, ThreadPool};
 use super::{AttentionShape, Backend, RopeTable};
 use crate::dtype::DType;
 use crate::error::{Error, Result};

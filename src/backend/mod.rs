@@ -7,7 +7,6 @@
 
 pub mod cpu;
 mod cpu_backend;
-mod naive_kernels;
 pub mod rope;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
