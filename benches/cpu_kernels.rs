@@ -1,1 +1,206 @@
-fn main() {}
+//! CPU kernel micro-benchmarks: `cargo bench --bench cpu_kernels [-- FILTER]`.
+//!
+//! Matvec cases come in two flavours: `hot` reuses one matrix (it sits in L2/L3, measuring
+//! compute efficiency) and `cold` rotates through copies totalling well over the L3 size,
+//! which is what decoding a real model looks like (every weight comes from DRAM once per
+//! token). `decode_token_smollm2` runs all matvecs of one SmolLM2-135M token (30 layers +
+//! tied LM head, 269 MB of bf16) and is the number to compare against llama.cpp.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use divan::counter::{BytesCount, ItemsCount};
+use divan::Bencher;
+use sirius_offload::backend::cpu::{self, Isa, ThreadPool};
+use sirius_offload::dtype::DType;
+
+fn main() {
+    eprintln!("selected ISA tier: {}", cpu::isa_name());
+    divan::main();
+}
+
+/// Bytes of weights a `cold` case cycles through (4x the 32 MiB L3 of the dev machine).
+const COLD_BYTES: usize = 128 << 20;
+
+fn pool(n_threads: usize) -> &'static ThreadPool {
+    static POOLS: OnceLock<[ThreadPool; 2]> = OnceLock::new();
+    &POOLS.get_or_init(|| [ThreadPool::new(1), ThreadPool::new(2)])[n_threads - 1]
+}
+
+/// Deterministic pseudo-random bf16 bytes (values in about [-1, 1], no NaN/inf).
+fn random_bf16(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(2 * n);
+    for _ in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let v = (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        out.extend_from_slice(&half::bf16::from_f32(v).to_bits().to_le_bytes());
+    }
+    out
+}
+
+/// (bytes per copy, copies) -> weight buffer.
+type WeightCache = Mutex<HashMap<(usize, usize), Arc<Vec<u8>>>>;
+
+/// Shared copies of weight sets, built once per process.
+fn weights(bytes: usize, copies: usize) -> Arc<Vec<u8>> {
+    static CACHE: OnceLock<WeightCache> = OnceLock::new();
+    let mut map = CACHE.get_or_init(Default::default).lock().unwrap();
+    map.entry((bytes, copies)).or_insert_with(|| Arc::new(random_bf16(bytes * copies / 2, bytes as u64))).clone()
+}
+
+#[derive(Clone, Copy)]
+struct MatvecCase {
+    isa: Isa,
+    threads: usize,
+    rows: usize,
+    cols: usize,
+    cold: bool,
+}
+
+impl fmt::Display for MatvecCase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let isa = match self.isa {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        };
+        let heat = if self.cold { "cold" } else { "hot" };
+        write!(f, "{}x{} {heat} {isa} t{}", self.rows, self.cols, self.threads)
+    }
+}
+
+fn matvec_cases() -> Vec<MatvecCase> {
+    let shapes = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)];
+    let mut out = Vec::new();
+    for (rows, cols) in shapes {
+        for cold in [false, true] {
+            if !cold && rows * cols * 2 > 32 << 20 {
+                continue; // bigger than L3: never hot
+            }
+            for isa in Isa::available() {
+                for threads in [1, 2] {
+                    out.push(MatvecCase { isa, threads, rows, cols, cold });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Decode matvec (n_tokens = 1) on bf16 weights; throughput is weight bytes streamed.
+#[divan::bench(args = matvec_cases(), max_time = 1)]
+fn matvec_bf16(bencher: Bencher, case: MatvecCase) {
+    let MatvecCase { isa, threads, rows, cols, cold } = case;
+    let bytes = rows * cols * 2;
+    let copies = if cold { COLD_BYTES.div_ceil(bytes).max(2) } else { 1 };
+    let w = weights(bytes, copies);
+    let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).sin()).collect();
+    let mut y = vec![0f32; rows];
+    let pool = pool(threads);
+    let mut i = 0;
+    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
+        i = (i + 1) % copies;
+        let wi = &w[i * bytes..(i + 1) * bytes];
+        cpu::matmul_with_isa(isa, pool, wi, DType::BF16, rows, cols, &x, 1, &mut y);
+        divan::black_box(&y);
+    });
+}
+
+/// One SmolLM2-135M decode token's matvecs: 30 x (q, k, v, o, gate, up, down) + LM head.
+#[divan::bench(args = [1, 2], max_time = 3)]
+fn decode_token_smollm2(bencher: Bencher, threads: usize) {
+    let (d, kv, ff, vocab) = (576, 192, 1536, 49152);
+    let layer: [(usize, usize); 7] = [(d, d), (kv, d), (kv, d), (d, d), (ff, d), (ff, d), (d, ff)];
+    let mut mats: Vec<(usize, usize, Vec<u8>)> = Vec::new();
+    for l in 0..30 {
+        for (j, &(r, c)) in layer.iter().enumerate() {
+            mats.push((r, c, random_bf16(r * c, (l * 7 + j) as u64 + 1)));
+        }
+    }
+    mats.push((vocab, d, random_bf16(vocab * d, 999)));
+    let total: usize = mats.iter().map(|m| m.2.len()).sum();
+    let x: Vec<f32> = (0..ff).map(|i| (i as f32 * 0.01).sin()).collect();
+    let mut y = vec![0f32; vocab];
+    let pool = pool(threads);
+    bencher.counter(BytesCount::new(total)).bench_local(|| {
+        for (r, c, w) in &mats {
+            cpu::matmul(pool, w, DType::BF16, *r, *c, &x[..*c], 1, &mut y[..*r]);
+        }
+        divan::black_box(&y);
+    });
+}
+
+#[derive(Clone, Copy)]
+struct IsaThreads(Isa, usize);
+
+impl fmt::Display for IsaThreads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} t{}", self.0.name(), self.1)
+    }
+}
+
+fn isa_threads() -> Vec<IsaThreads> {
+    Isa::available().into_iter().flat_map(|i| [IsaThreads(i, 1), IsaThreads(i, 2)]).collect()
+}
+
+/// Prefill: 128 tokens through a [1536, 576] bf16 matrix; throughput in FLOPs (items).
+#[divan::bench(args = isa_threads(), max_time = 2)]
+fn prefill_bf16_1536x576_n128(bencher: Bencher, case: IsaThreads) {
+    let (rows, cols, n) = (1536, 576, 128);
+    let w = random_bf16(rows * cols, 42);
+    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.001).sin()).collect();
+    let mut y = vec![0f32; n * rows];
+    let pool = pool(case.1);
+    bencher.counter(ItemsCount::new(2 * rows * cols * n)).bench_local(|| {
+        cpu::matmul_with_isa(case.0, pool, &w, DType::BF16, rows, cols, &x, n, &mut y);
+        divan::black_box(&y);
+    });
+}
+
+/// `ThreadPool::run` with empty tasks: the fixed cost every parallel kernel pays.
+#[divan::bench(args = [1, 2], max_time = 1)]
+fn pool_run_overhead(bencher: Bencher, threads: usize) {
+    let pool = pool(threads);
+    let f = |i: usize| {
+        divan::black_box(i);
+    };
+    bencher.bench_local(|| pool.run(8, &f));
+}
+
+/// Decode attention for SmolLM2 shapes (9 heads, 3 kv heads, head_dim 64) at 512 positions.
+#[divan::bench(args = isa_threads(), max_time = 1)]
+fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
+    let (nh, nkv, hd, seq) = (9, 3, 64, 512);
+    let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let kc: Vec<f32> = (0..seq * nkv * hd).map(|i| (i as f32 * 0.11).cos()).collect();
+    let vc: Vec<f32> = (0..seq * nkv * hd).map(|i| (i as f32 * 0.07).sin()).collect();
+    let mut out = vec![0f32; nh * hd];
+    let pool = pool(case.1);
+    bencher.bench_local(|| {
+        cpu::attention_with_isa(case.0, pool, &q, &kc, &vc, nh, nkv, hd, seq - 1, 1, &mut out);
+        divan::black_box(&out);
+    });
+}
+
+/// Short multi-token batches (Sirius verification windows) through cold [1536, 576] bf16
+/// weights; throughput is weight bytes, to compare with the n = 1 decode matvec.
+#[divan::bench(args = [1, 2, 4, 8, 16, 32, 64], max_time = 1)]
+fn matmul_bf16_1536x576_cold_tokens(bencher: Bencher, n: usize) {
+    let (rows, cols) = (1536, 576);
+    let bytes = rows * cols * 2;
+    let copies = COLD_BYTES.div_ceil(bytes);
+    let w = weights(bytes, copies);
+    let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.01).sin()).collect();
+    let mut y = vec![0f32; n * rows];
+    let pool = pool(2);
+    let mut i = 0;
+    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
+        i = (i + 1) % copies;
+        cpu::matmul(pool, &w[i * bytes..(i + 1) * bytes], DType::BF16, rows, cols, &x, n, &mut y);
+        divan::black_box(&y);
+    });
+}

@@ -1,20 +1,40 @@
 //! Causal multi-head attention over a KV cache (decode and multi-token prefill/verify).
+//!
+//! Attention is bound by reading the cache (from L2/L3, or DRAM once the weights have streamed
+//! through), not by FMAs. So one task handles all query heads of a KV head together (GQA: the
+//! cache rows are read once per group, not once per head), and a long history is split into
+//! position chunks whose partial softmax results are merged afterwards (flash-decoding), so
+//! that decoding one token still has enough tasks to keep every thread busy.
 
 use std::cell::RefCell;
 
-use super::isa::Isa;
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
-use crate::dtype::DType;
+
+/// Target number of tasks per thread when splitting positions into chunks.
+const TASKS_PER_THREAD: usize = 4;
+/// Positions per chunk at least: below this the merge and per-task costs dominate.
+const MIN_CHUNK: usize = 128;
 
 thread_local! {
-    /// Each thread's attention scores for the (token, head) it is working on.
+    /// Each thread's attention scores for the task it is working on.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The caller's per-chunk partial results (outputs, maxima, sums) before merging.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// See [`super::attention`]. One task per (token, head): scores = K·q (the f32 matvec kernel
-/// with the cache's row stride), softmax, then out = Pᵀ·V with the output in registers.
+/// Shapes shared by every task of one call.
+#[derive(Clone, Copy)]
+struct Dims {
+    n_heads: usize,
+    group: usize,
+    head_dim: usize,
+    kv_dim: usize,
+    scale: f32,
+}
+
+/// See [`super::attention()`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_with(
     k: Kernels,
@@ -29,7 +49,10 @@ pub(super) fn attention_with(
     n_tokens: usize,
     out: &mut [f32],
 ) {
-    assert!(n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads), "attention: n_heads must be a multiple of n_kv_heads");
+    assert!(
+        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+        "attention: n_heads must be a multiple of n_kv_heads"
+    );
     let q_dim = n_heads * head_dim;
     let kv_dim = n_kv_heads * head_dim;
     let seen = start_pos + n_tokens;
@@ -40,44 +63,145 @@ pub(super) fn attention_with(
     if n_tokens == 0 || head_dim == 0 {
         return;
     }
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let d = Dims {
+        n_heads,
+        group: n_heads / n_kv_heads,
+        head_dim,
+        kv_dim,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+    };
+    let (k_cache, v_cache) = (&k_cache[..seen * kv_dim], &v_cache[..seen * kv_dim]);
+    let units = n_tokens * n_kv_heads;
+    let want = TASKS_PER_THREAD * pool.n_threads();
+    let n_chunks = if pool.n_threads() == 1 || units >= want {
+        1
+    } else {
+        want.div_ceil(units).min(seen / MIN_CHUNK).max(1)
+    };
+    let chunk = seen.div_ceil(n_chunks).next_multiple_of(16);
+    let n_chunks = seen.div_ceil(chunk);
+
     let outs = SharedMut::new(out);
-    pool.run(n_tokens * n_heads, &|task| {
-        let (t, h) = (task / n_heads, task % n_heads);
-        let kvh = h / group;
-        let len = start_pos + t + 1;
-        let qv = &q[t * q_dim + h * head_dim..][..head_dim];
-        with_scratch(&SCORES, len, |s| {
-            scores(k, &k_cache[kvh * head_dim..seen * kv_dim], kv_dim, head_dim, qv, s);
-            s.iter_mut().for_each(|v| *v *= scale);
-            k.softmax(s);
-            // SAFETY: task (t, h) alone owns this head's slot of token t.
-            let o = unsafe { outs.slice(t * q_dim + h * head_dim, head_dim) };
-            k.weighted_sum(&v_cache[kvh * head_dim..seen * kv_dim], kv_dim, s, o);
+    if n_chunks == 1 {
+        pool.run(units, &|task| {
+            let (t, g) = (task / n_kv_heads, task % n_kv_heads);
+            let len = start_pos + t + 1;
+            let base = t * q_dim + g * d.group * head_dim;
+            // SAFETY: task (t, g) alone owns the outputs of its heads of token t.
+            let o = unsafe { outs.slice(base, d.group * head_dim) };
+            let mut sums = [0f32; 1];
+            group_chunk(k, &d, q, k_cache, v_cache, t, g, 0..len, o, &mut [], &mut sums, true);
+        });
+        return;
+    }
+
+    // Partials, per (token, chunk): outputs [n_heads * head_dim], then maxima and sums [n_heads] each.
+    let per = q_dim + 2 * n_heads;
+    with_partials(n_tokens * n_chunks * per, |parts| {
+        let ps = SharedMut::new(parts);
+        pool.run(units * n_chunks, &|task| {
+            let (u, c) = (task / n_chunks, task % n_chunks);
+            let (t, g) = (u / n_kv_heads, u % n_kv_heads);
+            let len = start_pos + t + 1;
+            let block = (t * n_chunks + c) * per;
+            // SAFETY: task (t, g, c) alone owns its heads' slots of block (t, c).
+            let o = unsafe { ps.slice(block + g * d.group * head_dim, d.group * head_dim) };
+            let m = unsafe { ps.slice(block + q_dim + g * d.group, d.group) };
+            let l = unsafe { ps.slice(block + q_dim + n_heads + g * d.group, d.group) };
+            let p0 = (c * chunk).min(len);
+            let p1 = ((c + 1) * chunk).min(len);
+            group_chunk(k, &d, q, k_cache, v_cache, t, g, p0..p1, o, m, l, false);
+        });
+        pool.run(n_tokens, &|t| {
+            // SAFETY: task t alone owns token t's outputs; partials are only read now.
+            let o = unsafe { outs.slice(t * q_dim, q_dim) };
+            let blocks = unsafe { ps.slice(t * n_chunks * per, n_chunks * per) };
+            merge(o, blocks, n_heads, head_dim, per);
         });
     });
 }
 
-/// `s[p] = dot(keys[p * stride..][..cols], q)` for `p < s.len()`.
-fn scores(k: Kernels, keys: &[f32], stride: usize, cols: usize, q: &[f32], s: &mut [f32]) {
-    if k.isa() == Isa::Scalar {
-        // Native f32s, so this stays right on big-endian targets too (the byte kernels read
-        // little-endian, which is what checkpoints store).
-        for (p, out) in s.iter_mut().enumerate() {
-            *out = super::scalar::dot(&keys[p * stride..p * stride + cols], q);
-        }
+/// One task: query heads `g * group..` of token `t` over positions `range`.
+///
+/// With `normalize`, `o` receives the finished softmax-weighted values. Otherwise `o` gets the
+/// values weighted by `e^(score - m)` unnormalized, with the chunk's max `m` and sum of weights
+/// `l` per head (m = -inf, l = 0 for an empty range), for [`merge`].
+#[allow(clippy::too_many_arguments)]
+fn group_chunk(
+    k: Kernels,
+    d: &Dims,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    t: usize,
+    g: usize,
+    range: std::ops::Range<usize>,
+    o: &mut [f32],
+    m: &mut [f32],
+    l: &mut [f32],
+    normalize: bool,
+) {
+    let np = range.len();
+    if np == 0 {
+        o.fill(0.0);
+        m.fill(f32::NEG_INFINITY);
+        l.fill(0.0);
         return;
     }
-    // SAFETY: any initialized memory may be viewed as bytes; SIMD tiers exist only on x86_64,
-    // which is little-endian, so the bytes are the f32 encoding the kernel expects.
-    let bytes = unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const u8, std::mem::size_of_val(keys)) };
-    k.matvec(bytes, DType::F32, stride, cols, q, s);
+    let hd = d.head_dim;
+    let qg = &q[(t * d.n_heads + g * d.group) * hd..][..d.group * hd];
+    let rows = range.start * d.kv_dim + g * hd..;
+    with_scratch(&SCORES, d.group * np, |s| {
+        k.scores(&k_cache[rows.clone()], d.kv_dim, hd, qg, np, s);
+        for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+            k.scale(sh, d.scale);
+            let max = k.max(sh);
+            let sum = k.exp_sum(sh, max);
+            if normalize {
+                k.scale(sh, 1.0 / sum);
+            } else {
+                m[h] = max;
+                l[h] = sum;
+            }
+        }
+        k.weighted_sum(&v_cache[rows], d.kv_dim, hd, s, np, o);
+    });
+}
+
+/// Combines the chunks' partial results of one token into `out` (all heads).
+fn merge(out: &mut [f32], blocks: &[f32], n_heads: usize, head_dim: usize, per: usize) {
+    let q_dim = n_heads * head_dim;
+    for h in 0..n_heads {
+        let maxes = blocks.chunks_exact(per).map(|b| b[q_dim + h]);
+        let m = maxes.fold(f32::NEG_INFINITY, f32::max);
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        oh.fill(0.0);
+        let mut total = 0f32;
+        for b in blocks.chunks_exact(per) {
+            let (mc, lc) = (b[q_dim + h], b[q_dim + n_heads + h]);
+            if lc == 0.0 {
+                continue;
+            }
+            let w = (mc - m).exp();
+            total += w * lc;
+            for (o, &v) in oh.iter_mut().zip(&b[h * head_dim..(h + 1) * head_dim]) {
+                *o += w * v;
+            }
+        }
+        let inv = 1.0 / total;
+        oh.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+/// Runs `f` with the calling thread's partials buffer (a fresh one if re-entered).
+fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_scratch(&PARTIALS, len, f)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::isa::Isa;
     use crate::backend::cpu::util::TestRng;
 
     #[allow(clippy::too_many_arguments)]
@@ -131,6 +255,10 @@ mod tests {
             (8, 2, 80, 100, 2),
             (6, 2, 128, 0, 7),
             (4, 4, 70, 513, 1),
+            (9, 3, 64, 700, 2),
+            (8, 2, 128, 300, 1),
+            (2, 1, 16, 250, 6),
+            (32, 8, 64, 1000, 1),
         ];
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);

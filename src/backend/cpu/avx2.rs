@@ -12,16 +12,16 @@ use std::arch::x86_64::*;
 
 use crate::dtype::DType;
 
-/// bf16 matvec wants x de-interleaved per block of this many columns (see `prep_x_bf16`).
+/// bf16 matvec wants x de-interleaved per block of this many columns (see `Kernels::prep_x`).
 pub(super) const BF16_BLOCK: usize = 16;
-/// Prefill micro-tile: weight rows x tokens. 12 accumulators + 3 token vectors + 1 weight
+/// Tiled (`gemm`) micro-tile: weight rows x tokens. 12 accumulators + 3 token vectors + 1 weight
 /// vector fill the 16 ymm registers.
 const RT: usize = 4;
 const TT: usize = 3;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -75,7 +75,8 @@ unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f
     let nb = cols / BF16_BLOCK;
     let step = |ae: &mut [__m256; R], ao: &mut [__m256; R], b: usize, rows: [__m256i; R]| {
         // SAFETY: xp is padded to whole blocks (caller contract).
-        let (xe, xo) = unsafe { (_mm256_loadu_ps(xp.add(BF16_BLOCK * b)), _mm256_loadu_ps(xp.add(BF16_BLOCK * b + 8))) };
+        let (xe, xo) =
+            unsafe { (_mm256_loadu_ps(xp.add(BF16_BLOCK * b)), _mm256_loadu_ps(xp.add(BF16_BLOCK * b + 8))) };
         for i in 0..R {
             let v = rows[i];
             ae[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)), xe, ae[i]);
@@ -155,7 +156,7 @@ unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: u
 }
 
 /// `y[r] = dot(row r, x)`; row `r` starts `r * stride` elements into `w` and has `cols`
-/// elements. For bf16, `x` must come from `prep_x_bf16`; otherwise it is plain (len >= cols).
+/// elements. For bf16, `x` must come from `Kernels::prep_x`; otherwise it is plain (len >= cols).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let rows = y.len();
@@ -228,7 +229,7 @@ unsafe fn tile(a: [*const f32; RT], b: [*const f32; TT], k: usize) -> [[f32; RT]
     std::array::from_fn(|t| std::array::from_fn(|r| hsum(acc[t][r])))
 }
 
-/// Prefill block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
+/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
 /// `a` rows are `lda` apart (`lda` >= `k` rounded up to 8, zero padded), `x` rows `ldx`.
 ///
 /// # Safety
@@ -278,8 +279,8 @@ pub(super) unsafe fn gemm_block(
     }
 }
 
-/// `out[c] = sum_p weights[p] * v[p * stride + c]`: attention's P·V with up to 64 output
-/// columns held in registers over all positions.
+/// `out[c] = sum_p weights[p] * v[p * stride + c]`: attention's P·V for one head, with up to
+/// 64 output columns held in registers over all positions.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
     let cols = out.len();
@@ -380,23 +381,33 @@ fn store_part(s: &mut [f32], i: usize, v: __m256) {
     }
 }
 
-/// Numerically stable softmax in place.
+/// Largest element (-inf for an empty slice).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn softmax(x: &mut [f32]) {
-    let n = x.len();
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        x.fill(1.0 / n as f32);
-        return;
+pub(super) unsafe fn max(x: &[f32]) -> f32 {
+    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        // SAFETY: 8 elements.
+        vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(c.as_ptr()) });
     }
-    let vm = _mm256_set1_ps(max);
+    let mut lanes = [0f32; 8];
+    // SAFETY: local 8-float buffer.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+    lanes.iter().chain(chunks.remainder()).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
+    let n = x.len();
+    let vs = _mm256_set1_ps(shift);
     let mut vsum = _mm256_setzero_ps();
     let mut i = 0;
     while i < n {
-        let e = exp8(_mm256_sub_ps(load_part(x, i), vm));
+        let e = exp8(_mm256_sub_ps(load_part(x, i), vs));
         store_part(x, i, e);
         if n - i < 8 {
-            // Padding lanes hold e^(0 - max); only the stored ones count.
+            // Padding lanes hold e^(0 - shift); only the stored ones count.
             let mut b = [0f32; 8];
             // SAFETY: local 8-float buffer.
             unsafe { _mm256_storeu_ps(b.as_mut_ptr(), e) };
@@ -407,8 +418,7 @@ pub(super) unsafe fn softmax(x: &mut [f32]) {
         }
         i += 8;
     }
-    let inv = 1.0 / hsum(vsum);
-    x.iter_mut().for_each(|v| *v *= inv);
+    hsum(vsum)
 }
 
 /// `gate[i] = gate[i] / (1 + e^-gate[i]) * up[i]`.

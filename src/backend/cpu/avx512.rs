@@ -12,14 +12,11 @@ use std::arch::x86_64::*;
 
 use crate::dtype::DType;
 
-/// bf16 matvec wants x de-interleaved per block of this many columns (see `prep_x_bf16`).
+/// bf16 matvec wants x de-interleaved per block of this many columns (see `Kernels::prep_x`).
 pub(super) const BF16_BLOCK: usize = 32;
-/// Prefill micro-tile: weight rows x tokens.
-const RT: usize = 4;
-const TT: usize = 4;
 
 #[inline]
-fn mask16(n: usize) -> __mmask16 {
+pub(super) fn mask16(n: usize) -> __mmask16 {
     if n >= 16 {
         0xFFFF
     } else {
@@ -160,7 +157,7 @@ unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: u
 }
 
 /// `y[r] = dot(row r, x)`; row `r` starts `r * stride` elements into `w` and has `cols`
-/// elements. For bf16, `x` must come from `prep_x_bf16`; otherwise it is plain (len >= cols).
+/// elements. For bf16, `x` must come from `Kernels::prep_x`; otherwise it is plain (len >= cols).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
     let rows = y.len();
@@ -200,7 +197,7 @@ pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, 
 /// `v[4 * j + L]`. A shuffle tree costs ~45 ops instead of ~130 for 16 separate reductions.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn reduce16(v: [__m512; 16]) -> __m512 {
+pub(super) fn reduce16(v: [__m512; 16]) -> __m512 {
     // Level 1: pair (2i, 2i+1) -> 128-bit lanes [a.l0+a.l2, a.l1+a.l3, b.l0+b.l2, b.l1+b.l3].
     let s: [__m512; 8] = std::array::from_fn(|i| {
         let (a, b) = (v[2 * i], v[2 * i + 1]);
@@ -217,126 +214,161 @@ fn reduce16(v: [__m512; 16]) -> __m512 {
     _mm512_add_ps(_mm512_shuffle_ps::<0x44>(p, q), _mm512_shuffle_ps::<0xEE>(p, q))
 }
 
-/// 4 rows of `a` x 4 rows of `b` dot products over `k`; lane `4 * r + t` = dot(a[r], b[t]).
-/// `a` rows must be readable to `k` rounded up to 16 (zero padded); `b` rows only to `k`.
+/// Attention scores of `g = s.len() / np` query heads sharing one KV head:
+/// `s[h * np + p] = dot(keys[p * stride..][..cols], q[h * cols..][..cols])` for `p < np`.
+///
+/// Rows are short (a head is 64-128 floats), so per-row horizontal sums would dominate; 16 rows
+/// are reduced together with `reduce16`. All heads of the group go over one 16-row block
+/// before the next, so the block's keys come from L2 once and from L1 for the other heads
+/// (attention is L2/L3-bandwidth bound, not FMA bound).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn scores(keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
+    if np == 0 {
+        return;
+    }
+    let g = s.len() / np;
+    assert!(keys.len() >= (np - 1) * stride + cols && q.len() >= g * cols);
+    let kp = keys.as_ptr();
+    for p0 in (0..np).step_by(16) {
+        // A partial block recomputes its last row in the unused slots: a constant trip count
+        // keeps `acc` in registers.
+        let rows: [*const f32; 16] = std::array::from_fn(|i| kp.wrapping_add((p0 + i).min(np - 1) * stride));
+        for h in 0..g {
+            // SAFETY: head h's query is inside `q` (asserted).
+            let qh = unsafe { q.as_ptr().add(h * cols) };
+            // SAFETY: rows < np are inside `keys`, q_h inside `q` (asserted).
+            let acc = unsafe {
+                match cols {
+                    64 => block_dots_fixed::<4>(&rows, qh),
+                    128 => block_dots_fixed::<8>(&rows, qh),
+                    _ => block_dots(&rows, qh, cols),
+                }
+            };
+            // reduce16 puts the sum of acc[4j + L] in lane 4L + j; undo that permutation.
+            let mut lanes = [0f32; 16];
+            // SAFETY: local 16-float buffer.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), reduce16(acc)) };
+            let n = 16.min(np - p0);
+            for (i, out) in s[h * np + p0..h * np + p0 + n].iter_mut().enumerate() {
+                *out = lanes[4 * (i % 4) + i / 4];
+            }
+        }
+    }
+}
+
+/// Per-row partial dot products of 16 rows with `q` over `cols` (lanes still to be summed).
+/// Column steps outside, the 16 rows inside: a constant inner trip count is what keeps the
+/// accumulators in registers.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn tile(a: [*const f32; RT], b: [*const f32; TT], k: usize) -> __m512 {
-    let mut acc = [_mm512_setzero_ps(); RT * TT];
+unsafe fn block_dots(rows: &[*const f32; 16], q: *const f32, cols: usize) -> [__m512; 16] {
+    let mut acc = [_mm512_setzero_ps(); 16];
     let mut c = 0;
-    // SAFETY: c + 16 <= k for full steps; the tail step masks b and a is padded.
+    // SAFETY: caller guarantees `cols` readable floats at every row and at q; tail masked.
     unsafe {
-        while c + 16 <= k {
-            let av: [__m512; RT] = std::array::from_fn(|r| _mm512_loadu_ps(a[r].add(c)));
-            for t in 0..TT {
-                let bv = _mm512_loadu_ps(b[t].add(c));
-                for r in 0..RT {
-                    acc[t * RT + r] = _mm512_fmadd_ps(av[r], bv, acc[t * RT + r]);
-                }
+        while c + 16 <= cols {
+            let qv = _mm512_loadu_ps(q.add(c));
+            for (a, &row) in acc.iter_mut().zip(rows) {
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(row.add(c)), qv, *a);
             }
             c += 16;
         }
-        if c < k {
-            let m = mask16(k - c);
-            let av: [__m512; RT] = std::array::from_fn(|r| _mm512_loadu_ps(a[r].add(c)));
-            for t in 0..TT {
-                let bv = _mm512_maskz_loadu_ps(m, b[t].add(c));
-                for r in 0..RT {
-                    acc[t * RT + r] = _mm512_fmadd_ps(av[r], bv, acc[t * RT + r]);
-                }
+        if c < cols {
+            let m = mask16(cols - c);
+            let qv = _mm512_maskz_loadu_ps(m, q.add(c));
+            for (a, &row) in acc.iter_mut().zip(rows) {
+                *a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, row.add(c)), qv, *a);
             }
         }
     }
-    reduce16(acc)
+    acc
 }
 
-/// Prefill block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
-/// `a` rows are `lda` apart (`lda` >= `k` rounded up to 16, zero padded), `x` rows `ldx`.
-///
-/// # Safety
-/// AVX-512 tier supported; `y` valid for writes at every `t * ldy + r` above and not accessed
-/// by anyone else during the call.
-#[allow(clippy::too_many_arguments)]
+/// [`block_dots`] for `cols == 16 * NC` (the usual head sizes): q stays in registers and each
+/// row is read front to back, so only one row pointer is live at a time instead of 16
+/// (which spilled and measured ~2x slower).
+#[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn gemm_block(
-    a: &[f32],
-    lda: usize,
-    n_rows: usize,
-    x: &[f32],
-    ldx: usize,
-    k: usize,
-    n_tok: usize,
-    y: *mut f32,
-    ldy: usize,
-    accumulate: bool,
-) {
-    if n_rows == 0 || n_tok == 0 {
-        return;
-    }
-    assert!(lda >= k.div_ceil(16) * 16 && a.len() >= n_rows * lda);
-    assert!(x.len() >= (n_tok - 1) * ldx + k);
-    for t0 in (0..n_tok).step_by(TT) {
-        // Missing tokens/rows of a partial tile repeat the last valid one; their results are
-        // dropped. Cheaper than a zoo of smaller tiles and never reads out of bounds.
-        let mut bp = [x.as_ptr(); TT];
-        for (j, p) in bp.iter_mut().enumerate() {
-            *p = x[(t0 + j).min(n_tok - 1) * ldx..].as_ptr();
-        }
-        let nt = TT.min(n_tok - t0);
-        for r0 in (0..n_rows).step_by(RT) {
-            let mut ap = [a.as_ptr(); RT];
-            for (i, p) in ap.iter_mut().enumerate() {
-                *p = a[(r0 + i).min(n_rows - 1) * lda..].as_ptr();
-            }
-            let mut res = [0f32; RT * TT];
-            // SAFETY: pointers derived from in-bounds rows per the asserts above.
-            unsafe { _mm512_storeu_ps(res.as_mut_ptr(), tile(ap, bp, k)) };
-            for j in 0..nt {
-                for i in 0..RT.min(n_rows - r0) {
-                    // SAFETY: exclusive, in-bounds element per the contract.
-                    let o = unsafe { &mut *y.add((t0 + j) * ldy + r0 + i) };
-                    let v = res[i * TT + j];
-                    *o = if accumulate { *o + v } else { v };
-                }
-            }
+unsafe fn block_dots_fixed<const NC: usize>(rows: &[*const f32; 16], q: *const f32) -> [__m512; 16] {
+    // SAFETY: caller guarantees 16 * NC readable floats at every row and at q.
+    let qv: [__m512; NC] = std::array::from_fn(|j| unsafe { _mm512_loadu_ps(q.add(16 * j)) });
+    let mut acc = [_mm512_setzero_ps(); 16];
+    for (a, &row) in acc.iter_mut().zip(rows) {
+        for (j, &qj) in qv.iter().enumerate() {
+            *a = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(row.add(16 * j)) }, qj, *a);
         }
     }
+    acc
 }
 
-/// `out[c] = sum_p weights[p] * v[p * stride + c]`: attention's P·V with up to 64 output
-/// columns held in registers over all positions.
+/// Attention's P·V for `g = w.len() / np` query heads sharing one KV head:
+/// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
+/// Each value row is loaded once for up to 4 heads; 64 output columns per head stay in
+/// registers over all positions.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
-    let cols = out.len();
-    let n = weights.len();
-    if n == 0 {
+pub(super) unsafe fn weighted_sum(v: &[f32], stride: usize, cols: usize, w: &[f32], np: usize, out: &mut [f32]) {
+    if np == 0 {
         out.fill(0.0);
         return;
     }
-    assert!(v.len() >= (n - 1) * stride + cols);
-    let mut c = 0;
-    while c < cols {
-        let rem = cols - c;
+    let g = w.len() / np;
+    assert!(v.len() >= (np - 1) * stride + cols && out.len() >= g * cols);
+    for h0 in (0..g).step_by(4) {
+        let wp = w[h0 * np..].as_ptr();
+        let op = out[h0 * cols..].as_mut_ptr();
+        // SAFETY: heads h0..h0 + hb have their weights and outputs inside `w` / `out`.
+        unsafe {
+            match g - h0 {
+                1 => weighted_sum_heads::<1>(v, stride, cols, wp, np, op),
+                2 => weighted_sum_heads::<2>(v, stride, cols, wp, np, op),
+                3 => weighted_sum_heads::<3>(v, stride, cols, wp, np, op),
+                _ => weighted_sum_heads::<4>(v, stride, cols, wp, np, op),
+            }
+        }
+    }
+}
+
+/// `H` heads of [`weighted_sum`]; weights at `w + h * np`, outputs at `out + h * cols`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn weighted_sum_heads<const H: usize>(
+    v: &[f32],
+    stride: usize,
+    cols: usize,
+    w: *const f32,
+    np: usize,
+    out: *mut f32,
+) {
+    for c0 in (0..cols).step_by(64) {
+        let rem = cols - c0;
         let m: [__mmask16; 4] = std::array::from_fn(|j| mask16(rem.saturating_sub(16 * j)));
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (p, &wt) in weights.iter().enumerate() {
-            let s = _mm512_set1_ps(wt);
-            // SAFETY: row p, columns c.. masked to cols, inside `v` per the assert.
-            let base = unsafe { v.as_ptr().add(p * stride + c) };
-            for j in 0..4 {
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for p in 0..np {
+            // SAFETY: row p, columns c0.. masked to cols, inside `v` (caller asserted).
+            let base = unsafe { v.as_ptr().add(p * stride + c0) };
+            let vv: [__m512; 4] = std::array::from_fn(|j| {
                 if m[j] != 0 {
-                    let vv = unsafe { _mm512_maskz_loadu_ps(m[j], base.add(16 * j)) };
-                    acc[j] = _mm512_fmadd_ps(s, vv, acc[j]);
+                    unsafe { _mm512_maskz_loadu_ps(m[j], base.add(16 * j)) }
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            for (h, a) in acc.iter_mut().enumerate() {
+                // SAFETY: weight (h, p) is inside `w` (caller contract).
+                let s = _mm512_set1_ps(unsafe { *w.add(h * np + p) });
+                for j in 0..4 {
+                    a[j] = _mm512_fmadd_ps(s, vv[j], a[j]);
                 }
             }
         }
-        for j in 0..4 {
-            if m[j] != 0 {
-                // SAFETY: masked to the columns of `out`.
-                unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(c + 16 * j), m[j], acc[j]) };
+        for (h, a) in acc.iter().enumerate() {
+            for j in 0..4 {
+                if m[j] != 0 {
+                    // SAFETY: masked to this head's `cols` outputs.
+                    unsafe { _mm512_mask_storeu_ps(out.add(h * cols + c0 + 16 * j), m[j], a[j]) };
+                }
             }
         }
-        c += 64;
     }
 }
 
@@ -364,45 +396,48 @@ fn exp16(x: __m512) -> __m512 {
     _mm512_scalef_ps(e, n)
 }
 
-/// Numerically stable softmax in place.
+/// Largest element (-inf for an empty slice).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn softmax(x: &mut [f32]) {
+pub(super) unsafe fn max(x: &[f32]) -> f32 {
+    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
+    for i in (0..x.len()).step_by(16) {
+        let m = mask16(x.len() - i);
+        // SAFETY: masked to the slice.
+        let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, x.as_ptr().add(i)) };
+        vmax = _mm512_max_ps(vmax, v);
+    }
+    _mm512_reduce_max_ps(vmax)
+}
+
+/// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
     let n = x.len();
     let p = x.as_mut_ptr();
-    let mut vmax = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    // SAFETY (all loads/stores): masked to n.
-    while i < n {
-        let m = mask16(n - i);
-        let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, p.add(i)) };
-        vmax = _mm512_max_ps(vmax, v);
-        i += 16;
-    }
-    let max = _mm512_reduce_max_ps(vmax);
-    if max == f32::NEG_INFINITY {
-        x.fill(1.0 / n as f32);
-        return;
-    }
-    let vm = _mm512_set1_ps(max);
+    let vs = _mm512_set1_ps(shift);
     let mut vsum = _mm512_setzero_ps();
-    i = 0;
-    while i < n {
+    for i in (0..n).step_by(16) {
         let m = mask16(n - i);
-        let e = exp16(_mm512_sub_ps(unsafe { _mm512_maskz_loadu_ps(m, p.add(i)) }, vm));
-        let e = _mm512_maskz_mov_ps(m, e);
-        vsum = _mm512_add_ps(vsum, e);
-        unsafe { _mm512_mask_storeu_ps(p.add(i), m, e) };
-        i += 16;
-    }
-    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(vsum));
-    i = 0;
-    while i < n {
-        let m = mask16(n - i);
+        // SAFETY: masked to n.
         unsafe {
-            let v = _mm512_maskz_loadu_ps(m, p.add(i));
-            _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(v, inv));
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), vs));
+            let e = _mm512_maskz_mov_ps(m, e);
+            vsum = _mm512_add_ps(vsum, e);
+            _mm512_mask_storeu_ps(p.add(i), m, e);
         }
-        i += 16;
+    }
+    _mm512_reduce_add_ps(vsum)
+}
+
+/// `x[i] *= s`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn scale(x: &mut [f32], s: f32) {
+    let vs = _mm512_set1_ps(s);
+    let p = x.as_mut_ptr();
+    for i in (0..x.len()).step_by(16) {
+        let m = mask16(x.len() - i);
+        // SAFETY: masked to the slice.
+        unsafe { _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), vs)) };
     }
 }
 

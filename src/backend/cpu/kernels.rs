@@ -7,7 +7,7 @@
 use super::isa::{isa, Isa};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, avx512};
+use super::{avx2, avx2_batch, avx512, avx512_batch};
 use crate::dtype::DType;
 
 /// A supported tier (invariant checked at construction).
@@ -24,10 +24,6 @@ impl Kernels {
     /// Kernels of the process-wide selected tier.
     pub(super) fn selected() -> Kernels {
         Kernels(isa())
-    }
-
-    pub(super) fn isa(self) -> Isa {
-        self.0
     }
 
     /// Columns per de-interleave block of the bf16 matvec, or None if x is used as is.
@@ -59,6 +55,71 @@ impl Kernels {
             }
         }
         true
+    }
+
+    /// Up to how many tokens [`Kernels::matmul_tokens`] (weights streamed, converted in
+    /// registers) is the faster multi-token path; beyond it `gemm_block` tiling wins. Measured
+    /// on Zen4 ([1536, 576] bf16): AVX-512 streamed wins up to 512 tokens and more, AVX2
+    /// streamed up to 64 (at 128 the tiled AVX2 kernel is ~10% faster). Scalar has no
+    /// streamed kernel.
+    pub(super) fn streamed_max_tokens(self) -> usize {
+        match self.0 {
+            Isa::Scalar => 0,
+            Isa::Avx2 => 64,
+            Isa::Avx512 => usize::MAX,
+        }
+    }
+
+    /// Lays out `n` tokens of `x` (`cols` each) as [`Kernels::matmul_tokens`] expects, in
+    /// `buf`; returns the stride between tokens. Each token is zero padded to whole blocks of
+    /// the tier's bf16 block size, and bf16 wants each block's even columns, then its odd ones
+    /// (see `prep_x`).
+    pub(super) fn prep_x_tokens(self, dtype: DType, x: &[f32], n: usize, cols: usize, buf: &mut Vec<f32>) -> usize {
+        let block = self.bf16_block().unwrap_or(1);
+        let stride = cols.div_ceil(block) * block;
+        buf.clear();
+        buf.resize(n * stride, 0.0);
+        for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
+            if dtype == DType::BF16 {
+                for (db, sb) in dst.chunks_exact_mut(block).zip(src.chunks(block)) {
+                    for (j, &v) in sb.iter().enumerate() {
+                        db[(j % 2) * (block / 2) + j / 2] = v;
+                    }
+                }
+            } else {
+                dst[..cols].copy_from_slice(src);
+            }
+        }
+        stride
+    }
+
+    /// `y[t * ldy + r] = dot(row r, x_t)` for the `rows` rows of `w` and `n` tokens prepared by
+    /// [`Kernels::prep_x_tokens`] (`xstride` apart). Not on the scalar tier.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes at every `t * ldy + r` (`t < n`, `r < rows`) and those
+    /// elements must not be accessed by anyone else during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn matmul_tokens(
+        self,
+        w: &[u8],
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        xs: &[f32],
+        xstride: usize,
+        n: usize,
+        y: *mut f32,
+        ldy: usize,
+    ) {
+        match self.0 {
+            // SAFETY: forwarded contract; Kernels holds only supported tiers.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy) },
+            _ => unreachable!("matmul_tokens on a tier without it"),
+        }
     }
 
     /// `out[i] = src[i]` as f32.
@@ -120,42 +181,123 @@ impl Kernels {
                 Isa::Scalar => scalar::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
+                // AVX-512 uses `matmul_tokens` instead; its machines run the AVX2 kernel fine.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => avx512::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
+                Isa::Avx512 => avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("no SIMD tier off x86_64"),
             }
         }
     }
 
-    /// `out[c] = sum_p weights[p] * v[p * stride + c]`.
-    pub(super) fn weighted_sum(self, v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
+    /// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that
+    /// share one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`.
+    pub(super) fn scores(self, keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
+        if np == 0 {
+            return;
+        }
         match self.0 {
-            Isa::Scalar => scalar::weighted_sum(v, stride, weights, out),
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
+            // Native f32s, so this stays right on big-endian targets too.
+            Isa::Scalar => {
+                for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+                    let qh = &q[h * cols..(h + 1) * cols];
+                    for (p, out) in sh.iter_mut().enumerate() {
+                        *out = scalar::dot(&keys[p * stride..p * stride + cols], qh);
+                    }
+                }
+            }
+            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside. Viewing
+            // f32s as bytes is always valid, and x86_64 is little-endian as the byte kernel expects.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::weighted_sum(v, stride, weights, out) },
+            Isa::Avx2 => unsafe {
+                let bytes = std::slice::from_raw_parts(keys.as_ptr() as *const u8, std::mem::size_of_val(keys));
+                for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+                    avx2::matvec(bytes, DType::F32, stride, cols, &q[h * cols..(h + 1) * cols], sh);
+                }
+            },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::weighted_sum(v, stride, weights, out) },
+            Isa::Avx512 => unsafe { avx512::scores(keys, stride, cols, q, np, s) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no SIMD tier off x86_64"),
         }
     }
 
+    /// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
+    /// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
+    pub(super) fn weighted_sum(self, v: &[f32], stride: usize, cols: usize, w: &[f32], np: usize, out: &mut [f32]) {
+        if np == 0 {
+            out.fill(0.0);
+            return;
+        }
+        match self.0 {
+            Isa::Scalar => {
+                for (wh, oh) in w.chunks_exact(np).zip(out.chunks_exact_mut(cols)) {
+                    scalar::weighted_sum(v, stride, wh, oh);
+                }
+            }
+            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe {
+                for (wh, oh) in w.chunks_exact(np).zip(out.chunks_exact_mut(cols)) {
+                    avx2::weighted_sum(v, stride, wh, oh);
+                }
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::weighted_sum(v, stride, cols, w, np, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+
+    /// Largest element (-inf for an empty slice).
+    pub(super) fn max(self, x: &[f32]) -> f32 {
+        match self.0 {
+            // SAFETY: Kernels holds only supported tiers.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::max(x) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::max(x) },
+            _ => x.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        }
+    }
+
+    /// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
+    pub(super) fn exp_sum(self, x: &mut [f32], shift: f32) -> f32 {
+        match self.0 {
+            Isa::Scalar => scalar::exp_sum(x, shift),
+            // SAFETY: Kernels holds only supported tiers.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::exp_sum(x, shift) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::exp_sum(x, shift) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+
+    /// `x[i] *= s`.
+    pub(super) fn scale(self, x: &mut [f32], s: f32) {
+        match self.0 {
+            // SAFETY: Kernels holds only supported tiers.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::scale(x, s) },
+            // A plain loop autovectorizes well enough on the other tiers.
+            _ => x.iter_mut().for_each(|v| *v *= s),
+        }
+    }
+
+    /// Numerically stable softmax in place; all `-inf` gives the uniform distribution.
     pub(super) fn softmax(self, x: &mut [f32]) {
         if x.is_empty() {
             return;
         }
-        match self.0 {
-            Isa::Scalar => scalar::softmax(x),
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::softmax(x) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::softmax(x) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
+        let max = self.max(x);
+        if max == f32::NEG_INFINITY {
+            x.fill(1.0 / x.len() as f32);
+            return;
         }
+        let sum = self.exp_sum(x, max);
+        self.scale(x, 1.0 / sum);
     }
 
     pub(super) fn silu_mul(self, gate: &mut [f32], up: &[f32]) {

@@ -11,7 +11,11 @@ mod attention;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_batch;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_batch;
 mod isa;
 mod kernels;
 mod matmul;
@@ -29,8 +33,9 @@ use kernels::Kernels;
 /// `y[t*rows + r] = sum_c w[r, c] * x[t*cols + c]` for `t in 0..n_tokens`.
 ///
 /// `w` is a row-major `[rows, cols]` matrix (HF `[out_features, in_features]`) as raw bytes of
-/// `dtype`. `n_tokens == 1` streams the weights once (decode); `n_tokens > 1` converts blocks
-/// of weight rows to f32 once and reuses them across tokens (prefill).
+/// `dtype`, any alignment. The weights are read from memory once per call (per block of
+/// tokens for long prompts): `n_tokens == 1` (decode) and small batches run at memory
+/// bandwidth, long prompts near FMA peak.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     pool: &ThreadPool,
@@ -45,7 +50,7 @@ pub fn matmul(
     matmul::matmul_with(Kernels::selected(), pool, w, dtype, rows, cols, x, n_tokens, y);
 }
 
-/// [`matmul`] on a given ISA tier. Panics if this machine cannot run `isa`.
+/// [`matmul()`] on a given ISA tier. Panics if this machine cannot run `isa`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with_isa(
     isa: Isa,
@@ -126,7 +131,7 @@ pub fn attention(
     );
 }
 
-/// [`attention`] on a given ISA tier. Panics if this machine cannot run `isa`.
+/// [`attention()`] on a given ISA tier. Panics if this machine cannot run `isa`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with_isa(
     isa: Isa,

@@ -143,9 +143,8 @@ mod tests {
         }
     }
 
-    /// The SIMD exp approximations against libm, across the whole f32 exp range, via softmax
-    /// of a two-element vector [x, 0] -> e^x / (1 + e^x) is too indirect; check silu instead
-    /// at points where it isolates exp: silu(g) * 1 with g negative gives g * e^g / (1 + e^g).
+    /// The tiers' exp approximations over the whole normal f32 range, seen through silu
+    /// (`g / (1 + e^-g)` with up = 1), which uses e^-g for g from -87 to +87.
     #[test]
     fn exp_is_accurate_over_its_range() {
         for isa in Isa::available() {

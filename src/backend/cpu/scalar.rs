@@ -17,16 +17,6 @@ fn f16_to_f32(lo: u8, hi: u8) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
 }
 
-/// Element `i` of a little-endian byte buffer of `dtype`.
-#[inline]
-pub(super) fn load(src: &[u8], dtype: DType, i: usize) -> f32 {
-    match dtype {
-        DType::F32 => f32::from_le_bytes([src[4 * i], src[4 * i + 1], src[4 * i + 2], src[4 * i + 3]]),
-        DType::F16 => f16_to_f32(src[2 * i], src[2 * i + 1]),
-        DType::BF16 => bf16_to_f32(src[2 * i], src[2 * i + 1]),
-    }
-}
-
 /// `out[i] = src[i]` converted to f32; `src.len() == out.len() * dtype.size()`.
 pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
     debug_assert_eq!(src.len(), out.len() * dtype.size());
@@ -49,22 +39,28 @@ pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
     }
 }
 
-/// Dot product of one stored row (`x.len()` elements) with `x`.
+/// Dot product of one stored row (`x.len()` elements) with `x`. The row is converted in
+/// short chunks into a stack buffer first: separate, branch-free conversion and dot loops
+/// autovectorize, a per-element `load` in the dot loop does not (measured ~5x slower).
 fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
+    const CHUNK: usize = 64;
     let size = dtype.size();
+    let mut buf = [0f32; CHUNK];
     let mut acc = [0f32; LANES];
-    let full = x.len() / LANES * LANES;
-    for (c, xs) in x[..full].chunks_exact(LANES).enumerate() {
-        let base = c * LANES;
-        for l in 0..LANES {
-            acc[l] += load(row, dtype, base + l) * xs[l];
-        }
-    }
     let mut tail = 0f32;
-    for (c, &xv) in x.iter().enumerate().skip(full) {
-        tail += load(row, dtype, c) * xv;
+    for (i, xs) in x.chunks(CHUNK).enumerate() {
+        let n = xs.len();
+        let start = i * CHUNK * size;
+        convert(&row[start..start + n * size], dtype, &mut buf[..n]);
+        let mut wc = buf[..n].chunks_exact(LANES);
+        let mut xc = xs.chunks_exact(LANES);
+        for (wl, xl) in (&mut wc).zip(&mut xc) {
+            for l in 0..LANES {
+                acc[l] += wl[l] * xl[l];
+            }
+        }
+        tail += wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum::<f32>();
     }
-    debug_assert!(row.len() >= x.len() * size);
     acc.iter().sum::<f32>() + tail
 }
 
@@ -92,7 +88,7 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Prefill tile: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
+/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
 /// `a` rows are `lda` apart, `x` rows `ldx` apart, both `k` long.
 ///
 /// # Safety
@@ -134,22 +130,14 @@ pub(super) fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut 
     }
 }
 
-/// Numerically stable softmax in place.
-pub(super) fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        // All masked: define the result as uniform rather than NaN.
-        let u = 1.0 / x.len() as f32;
-        x.fill(u);
-        return;
-    }
+/// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
+pub(super) fn exp_sum(x: &mut [f32], shift: f32) -> f32 {
     let mut sum = 0f32;
     for v in x.iter_mut() {
-        *v = (*v - max).exp();
+        *v = (*v - shift).exp();
         sum += *v;
     }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    sum
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`.

@@ -1,0 +1,187 @@
+//! AVX2 counterpart of `avx512_batch`: n_tokens > 1 with the weights streamed like the decode
+//! matvec (4 long row streams, converted in registers) and each group of 4 rows applied to
+//! every token, 2 tokens per pass, while it sits in L1.
+//!
+//! Same safety contract as `avx2`: callable only when the AVX2 tier is supported.
+
+use std::arch::x86_64::*;
+
+use super::avx2::{hsum, BF16_BLOCK};
+use crate::dtype::DType;
+
+/// Tokens per pass over a row group: 4 rows x 2 tokens accumulators + 2 x 2 token vectors +
+/// 2 weight vectors use 14 of the 16 ymm registers.
+const TOKENS: usize = 2;
+
+const BF16: u8 = 0;
+const F16: u8 = 1;
+const F32: u8 = 2;
+
+/// 16 consecutive weights of a row as two f32 vectors in the order of the prepared x: bf16
+/// even then odd columns (see `avx2::bf16_rows`), f16 and f32 first then second half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load16<const DT: u8>(p: *const u8) -> (__m256, __m256) {
+    // SAFETY: the caller guarantees 16 readable elements at p.
+    unsafe {
+        match DT {
+            BF16 => {
+                let v = _mm256_loadu_si256(p as *const __m256i);
+                let top = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+                (
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)),
+                    _mm256_castsi256_ps(_mm256_and_si256(v, top)),
+                )
+            }
+            F16 => (
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            ),
+            _ => (_mm256_loadu_ps(p as *const f32), _mm256_loadu_ps(p.add(32) as *const f32)),
+        }
+    }
+}
+
+/// Unreduced partial sums `acc[t][r]` of rows `w[r]` (`cols` long) with prepared tokens `x[t]`
+/// (padded to whole 16-column blocks).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_tokens<const DT: u8, const R: usize, const NT: usize>(
+    w: [*const u8; R],
+    cols: usize,
+    x: [*const f32; NT],
+) -> [[__m256; R]; NT] {
+    let esz = if DT == F32 { 4 } else { 2 };
+    let mut acc = [[_mm256_setzero_ps(); R]; NT];
+    // A macro rather than a closure taking the row loader: each row's two weight vectors are
+    // loaded right before use (all 4 rows at once would not fit the 16 registers).
+    macro_rules! step {
+        ($c:expr, |$r:ident| $load:expr) => {{
+            let c = $c;
+            // SAFETY: x is padded to whole blocks (caller contract).
+            let xv: [(__m256, __m256); NT] =
+                std::array::from_fn(|t| unsafe { (_mm256_loadu_ps(x[t].add(c)), _mm256_loadu_ps(x[t].add(c + 8))) });
+            for $r in 0..R {
+                let (wl, wh) = $load;
+                for t in 0..NT {
+                    acc[t][$r] = _mm256_fmadd_ps(wh, xv[t].1, _mm256_fmadd_ps(wl, xv[t].0, acc[t][$r]));
+                }
+            }
+        }};
+    }
+    let full = cols / BF16_BLOCK * BF16_BLOCK;
+    for c in (0..full).step_by(BF16_BLOCK) {
+        // SAFETY: c + 16 <= cols inside every row (caller contract).
+        step!(c, |r| unsafe { load16::<DT>(w[r].add(c * esz)) });
+    }
+    if full < cols {
+        // No 16-bit masked loads in AVX2: copy each row's tail into a zeroed block.
+        let n = (cols - full) * esz;
+        let mut bufs = [[0u8; 4 * BF16_BLOCK]; R];
+        for (r, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: the row's last cols - full elements.
+            b[..n].copy_from_slice(unsafe { std::slice::from_raw_parts(w[r].add(full * esz), n) });
+        }
+        // SAFETY: local buffers of a whole block.
+        step!(full, |r| unsafe { load16::<DT>(bufs[r].as_ptr()) });
+    }
+    acc
+}
+
+/// `y[t * ldy + r] = dot(row r, x_t)` for `r < rows`, `t < n`: rows of `cols` elements
+/// (`cols * size` bytes apart) in `w`; token t's prepared x at `xs[t * xstride..]`.
+///
+/// # Safety
+/// AVX2 tier supported; `y` valid for writes at every `t * ldy + r` above and not accessed by
+/// anyone else during the call.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matmul_tokens(
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    xs: &[f32],
+    xstride: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    if rows == 0 || n == 0 {
+        return;
+    }
+    assert!(w.len() >= rows * cols * dtype.size());
+    assert!(xstride >= cols.div_ceil(BF16_BLOCK) * BF16_BLOCK && xs.len() >= (n - 1) * xstride + xstride);
+    // SAFETY: forwarded contract; bounds asserted above.
+    unsafe {
+        match dtype {
+            DType::BF16 => by_dtype::<BF16>(w, 2, rows, cols, xs, xstride, n, y, ldy),
+            DType::F16 => by_dtype::<F16>(w, 2, rows, cols, xs, xstride, n, y, ldy),
+            DType::F32 => by_dtype::<F32>(w, 4, rows, cols, xs, xstride, n, y, ldy),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn by_dtype<const DT: u8>(
+    w: &[u8],
+    esz: usize,
+    rows: usize,
+    cols: usize,
+    xs: &[f32],
+    xstride: usize,
+    n: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    let row_bytes = cols * esz;
+    let xp = |t: usize| xs[t * xstride..].as_ptr();
+    // Rows j, q + j, 2q + j, 3q + j together: 4 long sequential streams (see for_row_groups).
+    let q = rows / 4;
+    for rs in (0..q).map(|j| [j, q + j, 2 * q + j, 3 * q + j]) {
+        let wp = rs.map(|r| w[r * row_bytes..].as_ptr());
+        for t0 in (0..n).step_by(TOKENS) {
+            // SAFETY: rows and tokens in bounds (asserted by the caller); outputs per contract.
+            unsafe {
+                if n - t0 == 1 {
+                    store(rows_tokens::<DT, 4, 1>(wp, cols, [xp(t0)]), rs, t0, y, ldy);
+                } else {
+                    store(rows_tokens::<DT, 4, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), rs, t0, y, ldy);
+                }
+            }
+        }
+    }
+    for r in 4 * q..rows {
+        let wp = [w[r * row_bytes..].as_ptr()];
+        for t0 in (0..n).step_by(TOKENS) {
+            // SAFETY: as above.
+            unsafe {
+                if n - t0 == 1 {
+                    store(rows_tokens::<DT, 1, 1>(wp, cols, [xp(t0)]), [r], t0, y, ldy);
+                } else {
+                    store(rows_tokens::<DT, 1, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), [r], t0, y, ldy);
+                }
+            }
+        }
+    }
+}
+
+/// Reduces and writes `acc[t][i]` to `y[(t0 + t) * ldy + rs[i]]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn store<const R: usize, const NT: usize>(
+    acc: [[__m256; R]; NT],
+    rs: [usize; R],
+    t0: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
+    for (t, at) in acc.iter().enumerate() {
+        for (a, &r) in at.iter().zip(&rs) {
+            // SAFETY: caller contract.
+            unsafe { *y.add((t0 + t) * ldy + r) = hsum(*a) };
+        }
+    }
+}
