@@ -19,16 +19,6 @@ impl DType {
             DType::F16 | DType::BF16 => 2,
         }
     }
-
-    /// Parses the names used by `--dtype`, config.json's `torch_dtype` and safetensors.
-    pub fn parse(name: &str) -> Option<DType> {
-        match name.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "float" => Some(DType::F32),
-            "f16" | "float16" | "half" => Some(DType::F16),
-            "bf16" | "bfloat16" => Some(DType::BF16),
-            _ => None,
-        }
-    }
 }
 
 impl fmt::Display for DType {

@@ -77,6 +77,9 @@ pub enum Error {
     )]
     PromptTooLong { prompt_tokens: usize, context: usize },
 
+    #[error("the KV cache is full: {needed} positions needed, {capacity} available")]
+    ContextFull { needed: usize, capacity: usize },
+
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { id: u32, vocab: usize },
 

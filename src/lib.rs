@@ -8,5 +8,6 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod progress;
 
 pub use error::{Error, Result};

@@ -98,8 +98,29 @@ fn prompt_longer_than_context_is_a_clear_error() {
     let long: Vec<String> = (0..70).map(|i| format!("w{}", 3 + i % 50)).collect();
     let o = run(&["run", "--model", &model, "--prompt", &long.join(" ")]);
     assert_clean_failure(&o, "70 tokens");
-    let o = run(&["run", "--model", &model, "--prompt", "w3 w4 w5", "--ctx-size", "3"]);
+    let o = run(&["run", "--model", &model, "--prompt", "w3 w4 w5 w6", "--ctx-size", "3"]);
     assert_clean_failure(&o, "--ctx-size");
+}
+
+#[test]
+fn context_limit_counts_prompt_and_generated_tokens_alike() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let stats = tmp.path().join("s.json");
+    let generated = |ctx: &str| -> (u64, String) {
+        let o = run(&["run", "--model", &model, "--prompt", "w3 w4 w5", "--ctx-size", ctx, "--max-tokens", "50",
+            "--temperature", "0", "--stats-json", stats.to_str().unwrap(), "-q"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        (json["generated_tokens"].as_u64().unwrap(), json["stop_reason"].as_str().unwrap().to_string())
+    };
+    // A prompt that fills the context still yields the one token its logits predict; each
+    // extra position of context yields one more. (The tiny model may also stop on EOS.)
+    for (ctx, most) in [("3", 1), ("4", 2), ("6", 4)] {
+        let (n, reason) = generated(ctx);
+        assert!(n <= most, "ctx {ctx}: {n} tokens");
+        assert!(n == most || reason == "eos", "ctx {ctx}: {n} tokens, stop {reason}");
+    }
 }
 
 #[test]

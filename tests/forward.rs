@@ -72,7 +72,7 @@ fn context_overflow_is_an_error_not_a_panic() {
     let mut cache = model.new_cache(4).unwrap();
     let mut scratch = Scratch::new(&model, 8).unwrap();
     let err = model.forward(&[1, 2, 3, 4, 5], &mut cache, &mut scratch, Logits::Last).unwrap_err();
-    assert!(err.to_string().contains("context"), "{err}");
+    assert!(err.to_string().contains("KV cache is full"), "{err}");
     let err = model.forward(&[1, 999], &mut cache, &mut scratch, Logits::Last).unwrap_err();
     assert!(err.to_string().contains("999"), "{err}");
 }
@@ -110,5 +110,47 @@ fn tiny_models_match_the_numpy_reference() {
             let d = max_abs_diff(&inc, &expected);
             assert!(d <= 2e-4 * scale, "{} incremental: max |diff| {d}", dir.display());
         }
+    }
+}
+
+/// `attention_bias` (q/k/v/o biases) and `mlp_bias` (gate/up/down biases) are loaded and
+/// applied: zero biases change nothing, a non-zero one changes the logits.
+#[test]
+fn llama_attention_and_mlp_biases_are_applied() {
+    use common::{encode, random_tensors, write_model_with, RawTensor};
+    let spec = TinySpec::default();
+    let tokens: Vec<u32> = (0..6).map(|i| (i * 11 + 4) % 64).collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = write_model(&tmp.path().join("plain"), &spec, 21);
+    let base = all_logits_batched(&Llama::load(&plain, CpuBackend::new(1)).unwrap(), &tokens);
+
+    let with_biases = |value: f32, name: &str| {
+        let mut tensors = random_tensors(&spec, 21);
+        let hd = spec.hidden / spec.heads;
+        for layer in 0..spec.layers {
+            for (proj, len) in [
+                ("self_attn.q_proj", spec.heads * hd),
+                ("self_attn.k_proj", spec.kv_heads * hd),
+                ("self_attn.v_proj", spec.kv_heads * hd),
+                ("self_attn.o_proj", spec.hidden),
+                ("mlp.gate_proj", spec.ffn),
+                ("mlp.up_proj", spec.ffn),
+                ("mlp.down_proj", spec.hidden),
+            ] {
+                let bias_name = format!("model.layers.{layer}.{proj}.bias");
+                let v = if bias_name.contains(name) { value } else { 0.0 };
+                tensors.insert(bias_name, RawTensor { dtype: spec.dtype, shape: vec![len], data: encode(&vec![v; len], spec.dtype) });
+            }
+        }
+        let dir = write_model_with(&tmp.path().join(format!("b{value}{name}")), &spec, tensors);
+        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        cfg["attention_bias"] = true.into();
+        cfg["mlp_bias"] = true.into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        all_logits_batched(&Llama::load(&dir, CpuBackend::new(1)).unwrap(), &tokens)
+    };
+    assert!(max_abs_diff(&with_biases(0.0, "none"), &base) < 1e-5);
+    for proj in ["o_proj", "down_proj", "up_proj"] {
+        assert!(max_abs_diff(&with_biases(0.5, proj), &base) > 1e-2, "{proj} bias had no effect");
     }
 }

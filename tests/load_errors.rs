@@ -154,4 +154,18 @@ fn sharded_checkpoints_load_and_missing_shard_is_named() {
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let msg = message(load(&dir));
     assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+    // An index may not point outside the model directory.
+    let index = serde_json::json!({"weight_map": {"model.norm.weight": "../outside.safetensors"}});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let msg = message(load(&dir));
+    assert!(msg.contains("../outside.safetensors") && msg.contains("not a file name"), "{msg}");
+}
+
+#[test]
+fn unused_tensors_of_other_dtypes_are_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = TinySpec::default();
+    let mut tensors = random_tensors(&spec, 1);
+    tensors.insert("model.rotary_emb.step".into(), RawTensor { dtype: "I64", shape: vec![1], data: vec![0u8; 8] });
+    load(&write_model_with(tmp.path(), &spec, tensors)).unwrap();
 }

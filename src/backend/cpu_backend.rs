@@ -12,41 +12,19 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::weights::TensorRef;
 
-/// Where a matrix's bytes are: in the checkpoint mapping, or owned (built at load time, such as
-/// a gathered or converted copy).
-#[derive(Clone)]
-enum MatrixBytes {
-    Mapped(Arc<Mmap>, Range<usize>),
-    Owned(Arc<Vec<u8>>),
-}
-
-/// A `[rows, cols]` weight matrix in its stored dtype.
+/// A `[rows, cols]` weight matrix in its stored dtype, left in the checkpoint mapping.
 #[derive(Clone)]
 pub struct CpuMatrix {
-    bytes: MatrixBytes,
+    map: Arc<Mmap>,
+    range: Range<usize>,
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl CpuMatrix {
-    /// A matrix over owned bytes (row-major, `dtype` elements).
-    pub fn from_owned(bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<CpuMatrix> {
-        if bytes.len() != rows * cols * dtype.size() {
-            return Err(Error::InvalidArgument(format!(
-                "matrix of {rows}x{cols} {dtype} needs {} bytes, got {}",
-                rows * cols * dtype.size(),
-                bytes.len()
-            )));
-        }
-        Ok(CpuMatrix { bytes: MatrixBytes::Owned(Arc::new(bytes)), dtype, rows, cols })
-    }
-
     pub fn bytes(&self) -> &[u8] {
-        match &self.bytes {
-            MatrixBytes::Mapped(map, range) => &map[range.clone()],
-            MatrixBytes::Owned(v) => v,
-        }
+        &self.map[self.range.clone()]
     }
 }
 
@@ -69,9 +47,6 @@ impl CpuBackend {
         self.pool.n_threads()
     }
 
-    pub fn pool(&self) -> &ThreadPool {
-        &self.pool
-    }
 }
 
 impl Backend for CpuBackend {
@@ -90,16 +65,14 @@ impl Backend for CpuBackend {
         let (rows, cols) = match t.shape.as_slice() {
             [r, c] => (*r, *c),
             other => {
-                return Err(Error::ShapeMismatch {
+                return Err(Error::Safetensors {
                     path: t.path.clone(),
-                    name: t.name.clone(),
-                    actual: other.to_vec(),
-                    expected: vec![0, 0],
+                    msg: format!("tensor `{}` has shape {other:?}, expected a 2-D matrix", t.name),
                 })
             }
         };
         let (map, range) = t.mapping();
-        Ok(CpuMatrix { bytes: MatrixBytes::Mapped(map, range), dtype: t.dtype, rows, cols })
+        Ok(CpuMatrix { map, range, dtype: t.dtype, rows, cols })
     }
 
     fn vector(&self, t: &TensorRef) -> Result<Vec<f32>> {

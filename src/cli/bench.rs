@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
-use crate::engine::generate::progress_bar;
+use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
 
@@ -66,6 +66,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
+    let max_pos = model.config.max_position_embeddings;
+    if args.prompt > max_pos || args.gen > max_pos {
+        return Err(Error::InvalidArgument(format!(
+            "--prompt {} / --gen {}: each must fit the model's context of {max_pos} tokens",
+            args.prompt, args.gen
+        )));
+    }
     let vocab = model.config.vocab_size as u32;
     let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect() };
     let mut results = Vec::new();
@@ -73,7 +80,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let bar = progress_bar((tests * (args.reps + 1)) as u64, "bench");
     if args.prompt > 0 {
         let tokens = ids(args.prompt);
-        let mut scratch = Scratch::new(&model, args.prompt)?;
+        let mut scratch = Scratch::with_logit_rows(&model, args.prompt, 1)?;
         let mut samples = Vec::new();
         for rep in 0..=args.reps {
             let mut cache = model.new_cache(args.prompt)?;

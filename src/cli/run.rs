@@ -84,6 +84,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.ctx_size == Some(0) {
         return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
     }
+    if let Some(parent) = args.stats_json.as_deref().and_then(|p| p.parent()).filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::InvalidArgument(format!(
+                "--stats-json: directory {} does not exist",
+                parent.display()
+            )));
+        }
+    }
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let backend = CpuBackend::new(args.threads);
     let threads = backend.threads();

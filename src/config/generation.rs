@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use crate::config::model_config::OneOrMany;
 use crate::error::{Error, Result};
 
 /// Every EOS id from config.json and generation_config.json (absent file = none extra).
@@ -12,10 +13,10 @@ pub fn stop_token_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
-        match json.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
-            Some(serde_json::Value::Array(list)) => ids.extend(list.iter().filter_map(|v| v.as_u64()).map(|v| v as u32)),
-            _ => {}
+        if let Some(value) = json.get("eos_token_id").filter(|v| !v.is_null()) {
+            let eos: OneOrMany = serde_json::from_value(value.clone())
+                .map_err(|e| Error::config(&path, format!("eos_token_id must be a token id or a list of them: {e}")))?;
+            ids.extend(eos.into_vec());
         }
     }
     ids.sort_unstable();

@@ -46,20 +46,34 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2; Llama with `attention_bias`).
     pub qkv_bias: bool,
-    pub bos_token_id: Option<u32>,
+    /// The output projection carries a bias (Llama with `attention_bias`; not Qwen2).
+    pub o_bias: bool,
+    /// gate/up/down carry biases (`mlp_bias`).
+    pub mlp_bias: bool,
+    /// Attention looks back at most this many positions (Mistral `sliding_window`, Qwen2 with
+    /// `use_sliding_window`). The runtime caps the context at it, which keeps results exact.
+    pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
 }
+
+/// Upper bounds on config values: far above any real model, low enough that sizes computed
+/// from them cannot overflow or ask for absurd allocations before the tensors are checked.
+const MAX_WIDTH: usize = 1 << 17;
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_DIM: usize = 1024;
+const MAX_VOCAB: usize = 1 << 23;
 
 /// `eos_token_id` is an integer in some configs and a list in others.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum OneOrMany {
+pub(crate) enum OneOrMany {
     One(u32),
     Many(Vec<u32>),
 }
 
 impl OneOrMany {
-    fn into_vec(self) -> Vec<u32> {
+    pub(crate) fn into_vec(self) -> Vec<u32> {
         match self {
             OneOrMany::One(id) => vec![id],
             OneOrMany::Many(ids) => ids,
@@ -84,8 +98,10 @@ struct RawConfig {
     rope_scaling: Option<serde_json::Value>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
-    bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
 }
 
@@ -119,16 +135,18 @@ impl ModelConfig {
                 })
             }
         };
-        let need = |v: Option<usize>, key: &str| -> Result<usize> {
+        let bounded = |v: Option<usize>, key: &str, max: usize| -> Result<usize> {
             match v {
                 Some(0) => Err(Error::config(path, format!("`{key}` must be positive, got 0"))),
+                Some(v) if v > max => Err(Error::config(path, format!("`{key}` = {v} is beyond the supported maximum {max}"))),
                 Some(v) => Ok(v),
                 None => Err(Error::config(path, format!("missing required key `{key}`"))),
             }
         };
+        let need = |v: Option<usize>, key: &str| bounded(v, key, MAX_WIDTH);
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_heads = need(raw.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = need(raw.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads")?;
+        let num_heads = bounded(raw.num_attention_heads, "num_attention_heads", MAX_HEADS)?;
+        let num_kv_heads = bounded(raw.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads", MAX_HEADS)?;
         if num_heads % num_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -136,7 +154,7 @@ impl ModelConfig {
             ));
         }
         let head_dim = match raw.head_dim {
-            Some(d) => need(Some(d), "head_dim")?,
+            Some(d) => bounded(Some(d), "head_dim", MAX_HEAD_DIM)?,
             None if hidden_size % num_heads == 0 => hidden_size / num_heads,
             None => {
                 return Err(Error::config(
@@ -145,6 +163,9 @@ impl ModelConfig {
                 ))
             }
         };
+        if head_dim > MAX_HEAD_DIM {
+            return Err(Error::config(path, format!("head_dim {head_dim} is beyond the supported maximum {MAX_HEAD_DIM}")));
+        }
         if head_dim % 2 != 0 {
             return Err(Error::config(path, format!("head_dim must be even for RoPE, got {head_dim}")));
         }
@@ -165,22 +186,31 @@ impl ModelConfig {
         if !(rope_theta > 0.0 && rope_theta.is_finite()) {
             return Err(Error::config(path, format!("rope_theta must be positive, got {rope_theta}")));
         }
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        }
+        .filter(|&w| w > 0);
         Ok(ModelConfig {
             architecture,
             hidden_size,
             intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            num_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_layers: bounded(raw.num_hidden_layers, "num_hidden_layers", MAX_LAYERS)?,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            vocab_size: bounded(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096).max(1),
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta as f32,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
-            bos_token_id: raw.bos_token_id.and_then(|b| b.into_vec().first().copied()),
+            qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
+            o_bias: architecture != Architecture::Qwen2 && attention_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            sliding_window,
             eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
         })
     }
@@ -199,7 +229,9 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h;
-        let bias = if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        let mut bias = if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        bias += if self.o_bias { h } else { 0 };
+        bias += if self.mlp_bias { 2 * f + h } else { 0 };
         let per_layer = attn + bias + 3 * h * f + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + head + h + self.num_layers * per_layer
@@ -235,7 +267,13 @@ fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling>
             }
             Ok(scaling)
         }
-        "linear" => Ok(RopeScaling::Linear { factor: num("factor")? as f32 }),
+        "linear" => {
+            let factor = num("factor")?;
+            if !(factor > 0.0 && factor.is_finite()) {
+                return Err(Error::config(path, format!("rope_scaling linear needs factor > 0, got {factor}")));
+            }
+            Ok(RopeScaling::Linear { factor: factor as f32 })
+        }
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
         other => Err(Error::config(
             path,
@@ -294,6 +332,28 @@ mod tests {
         );
         let c = parse(&text).unwrap();
         assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+    }
+
+    #[test]
+    fn absurd_sizes_are_rejected_before_allocation() {
+        for (key, value) in [("num_hidden_layers", "100000000000000000"), ("vocab_size", "1000000000000"), ("hidden_size", "9999999999")] {
+            let text = LLAMA.replacen(&format!("\"{key}\":"), &format!("\"{key}\":{value},\"x_{key}\":"), 1);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("maximum"), "{err}");
+        }
+        let text = LLAMA.replace("\"vocab_size\":128", "\"vocab_size\":128,\"head_dim\":9223372036854775808");
+        assert!(parse(&text).is_err());
+    }
+
+    #[test]
+    fn biases_and_sliding_window_are_read() {
+        let c = parse(&LLAMA.replace("\"vocab_size\":128", "\"vocab_size\":128,\"attention_bias\":true,\"mlp_bias\":true")).unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias && c.sliding_window.is_none());
+        let mistral = LLAMA.replace("LlamaForCausalLM", "MistralForCausalLM").replace("\"vocab_size\":128", "\"vocab_size\":128,\"sliding_window\":4096");
+        assert_eq!(parse(&mistral).unwrap().sliding_window, Some(4096));
+        let qwen = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM").replace("\"vocab_size\":128", "\"vocab_size\":128,\"sliding_window\":4096,\"use_sliding_window\":false");
+        let q = parse(&qwen).unwrap();
+        assert!(q.sliding_window.is_none() && q.qkv_bias && !q.o_bias);
     }
 
     #[test]

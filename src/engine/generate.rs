@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::engine::stop::StopMatcher;
+use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, TextStream, Tokenizer};
 
@@ -56,14 +57,16 @@ pub fn generate<B: Backend>(
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument("the prompt is empty after tokenization".into()));
     }
-    let context = opts.context.min(model.config.max_position_embeddings);
-    if prompt_ids.len() >= context {
+    let context = effective_context(model, opts.context);
+    // The prompt may fill the context: its last logits still give one token.
+    if prompt_ids.len() > context {
         return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), context });
     }
-    let capacity = context.min(prompt_ids.len() + opts.max_tokens.max(1));
+    // The last generated token is never fed back, so the cache needs max_tokens - 1 more rows.
+    let capacity = context.min(prompt_ids.len().saturating_add(opts.max_tokens.saturating_sub(1)));
     let mut cache = model.new_cache(capacity)?;
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len());
-    let mut scratch = Scratch::new(model, chunk)?;
+    let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
     let mut sampler = Sampler::new(opts.sampling)?;
 
     // Prefill: every chunk but the last needs no logits.
@@ -85,7 +88,9 @@ pub fn generate<B: Backend>(
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
-    let mut stream = TextStream::new(tokenizer);
+    // A few prompt tokens give the detokenizer the context it needs for the first word's
+    // leading space (SentencePiece-style decoders drop it at the start of a sequence).
+    let mut stream = TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
     let mut stops = StopMatcher::new(opts.stop_strings.clone());
     let mut text = String::new();
     let mut ids = Vec::new();
@@ -146,12 +151,17 @@ pub fn generate<B: Backend>(
     })
 }
 
-/// A progress bar on stderr in the project's style.
-pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>8} [{bar:30}] {pos}/{len} ({per_sec}, eta {eta})") {
-        bar.set_style(style.progress_chars("=> "));
+/// The context a request can use: the caller's cap, the model's position limit and its
+/// sliding window (within the window, windowed attention equals full attention).
+pub fn effective_context<B: Backend>(model: &Llama<B>, requested: usize) -> usize {
+    let c = &model.config;
+    let mut context = requested.min(c.max_position_embeddings);
+    if context < requested {
+        tracing::warn!("context capped at the model's max_position_embeddings, {context}");
     }
-    bar.set_message(what.to_string());
-    bar
+    if let Some(window) = c.sliding_window.filter(|&w| w < context) {
+        tracing::warn!("context capped at the model's sliding window, {window} tokens");
+        context = window;
+    }
+    context
 }

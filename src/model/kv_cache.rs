@@ -42,7 +42,7 @@ impl<B: Backend> KvCache<B> {
     /// Checks that `n` more positions fit.
     pub(crate) fn check_room(&self, n: usize) -> Result<()> {
         if self.len + n > self.capacity {
-            return Err(Error::PromptTooLong { prompt_tokens: self.len + n, context: self.capacity });
+            return Err(Error::ContextFull { needed: self.len + n, capacity: self.capacity });
         }
         Ok(())
     }

@@ -18,13 +18,17 @@ pub struct LayerWeights<B: Backend> {
     pub wk: B::Matrix,     // [kv, h]
     pub wv: B::Matrix,     // [kv, h]
     pub wo: B::Matrix,     // [h, q]
-    pub q_bias: Option<B::Buf>, // [q]   (Qwen2)
+    pub q_bias: Option<B::Buf>, // [q]   (Qwen2, attention_bias)
     pub k_bias: Option<B::Buf>, // [kv]
     pub v_bias: Option<B::Buf>, // [kv]
+    pub o_bias: Option<B::Buf>, // [h]   (attention_bias)
     pub ffn_norm: B::Buf,  // [h]
     pub w_gate: B::Matrix, // [f, h]
     pub w_up: B::Matrix,   // [f, h]
     pub w_down: B::Matrix, // [h, f]
+    pub gate_bias: Option<B::Buf>, // [f] (mlp_bias)
+    pub up_bias: Option<B::Buf>,   // [f]
+    pub down_bias: Option<B::Buf>, // [h]
 }
 
 pub struct Llama<B: Backend> {
@@ -53,9 +57,11 @@ pub enum Logits {
     None,
 }
 
-/// Activation buffers for batches of up to `max_tokens` tokens, reused across calls.
+/// Activation buffers for batches of up to `max_tokens` tokens (of which at most
+/// `max_logit_rows` want logits), reused across calls.
 pub struct Scratch<B: Backend> {
     max_tokens: usize,
+    max_logit_rows: usize,
     x: B::Buf,      // [n, h] residual stream
     xn: B::Buf,     // [n, h] normed
     q: B::Buf,      // [n, q]
@@ -65,17 +71,26 @@ pub struct Scratch<B: Backend> {
     proj: B::Buf,   // [n, h] output of wo / w_down
     gate: B::Buf,   // [n, f]
     up: B::Buf,     // [n, f]
-    picked: B::Buf, // [n, h] rows selected for the head
-    logits: B::Buf, // [n, vocab]
+    picked: B::Buf, // [r, h] rows selected for the head
+    logits: B::Buf, // [r, vocab]
 }
 
 impl<B: Backend> Scratch<B> {
+    /// Scratch for batches of `max_tokens` that may all want logits.
     pub fn new(model: &Llama<B>, max_tokens: usize) -> Result<Self> {
+        Self::with_logit_rows(model, max_tokens, max_tokens)
+    }
+
+    /// Scratch whose batches want logits for at most `max_logit_rows` rows (1 for plain
+    /// generation): the logits buffer is rows x vocab, the largest one here.
+    pub fn with_logit_rows(model: &Llama<B>, max_tokens: usize, max_logit_rows: usize) -> Result<Self> {
         let c = &model.config;
         let b = &model.backend;
         let n = max_tokens.max(1);
+        let r = max_logit_rows.clamp(1, n);
         Ok(Scratch {
             max_tokens: n,
+            max_logit_rows: r,
             x: b.alloc(n * c.hidden_size)?,
             xn: b.alloc(n * c.hidden_size)?,
             q: b.alloc(n * c.q_dim())?,
@@ -85,8 +100,8 @@ impl<B: Backend> Scratch<B> {
             proj: b.alloc(n * c.hidden_size)?,
             gate: b.alloc(n * c.intermediate_size)?,
             up: b.alloc(n * c.intermediate_size)?,
-            picked: b.alloc(n * c.hidden_size)?,
-            logits: b.alloc(n * c.vocab_size)?,
+            picked: b.alloc(r * c.hidden_size)?,
+            logits: b.alloc(r * c.vocab_size)?,
         })
     }
 
@@ -121,9 +136,9 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
-            let bias = |which: &str, len: usize| -> Result<Option<B::Buf>> {
-                if c.qkv_bias {
-                    vector(&format!("{p}.self_attn.{which}_proj.bias"), len).map(Some)
+            let bias = |present: bool, name: &str, len: usize| -> Result<Option<B::Buf>> {
+                if present {
+                    vector(&format!("{p}.{name}.bias"), len).map(Some)
                 } else {
                     Ok(None)
                 }
@@ -134,13 +149,17 @@ impl<B: Backend> Llama<B> {
                 wk: matrix(&format!("{p}.self_attn.k_proj.weight"), [kvd, h])?,
                 wv: matrix(&format!("{p}.self_attn.v_proj.weight"), [kvd, h])?,
                 wo: matrix(&format!("{p}.self_attn.o_proj.weight"), [h, qd])?,
-                q_bias: bias("q", qd)?,
-                k_bias: bias("k", kvd)?,
-                v_bias: bias("v", kvd)?,
+                q_bias: bias(c.qkv_bias, "self_attn.q_proj", qd)?,
+                k_bias: bias(c.qkv_bias, "self_attn.k_proj", kvd)?,
+                v_bias: bias(c.qkv_bias, "self_attn.v_proj", kvd)?,
+                o_bias: bias(c.o_bias, "self_attn.o_proj", h)?,
                 ffn_norm: vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 w_gate: matrix(&format!("{p}.mlp.gate_proj.weight"), [f, h])?,
                 w_up: matrix(&format!("{p}.mlp.up_proj.weight"), [f, h])?,
                 w_down: matrix(&format!("{p}.mlp.down_proj.weight"), [h, f])?,
+                gate_bias: bias(c.mlp_bias, "mlp.gate_proj", f)?,
+                up_bias: bias(c.mlp_bias, "mlp.up_proj", f)?,
+                down_bias: bias(c.mlp_bias, "mlp.down_proj", h)?,
             });
         }
         // Some checkpoints store lm_head even when tied; the config decides.
@@ -189,6 +208,12 @@ impl<B: Backend> Llama<B> {
             Logits::Last => (n - 1, 1),
             Logits::All => (0, n),
         };
+        if rows > s.max_logit_rows {
+            return Err(Error::InvalidArgument(format!(
+                "logits for {rows} rows requested, the scratch holds {}",
+                s.max_logit_rows
+            )));
+        }
         b.copy_rows(&s.x, first_row, &mut s.picked, 0, rows, c.hidden_size)?;
         b.rmsnorm(&s.picked, &self.final_norm, c.rms_norm_eps, rows, &mut s.xn)?;
         b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &s.xn, rows, &mut s.logits)?;
@@ -205,11 +230,9 @@ impl<B: Backend> Llama<B> {
         b.matmul(&w.wq, &s.xn, n, &mut s.q)?;
         b.matmul(&w.wk, &s.xn, n, &mut s.k)?;
         b.matmul(&w.wv, &s.xn, n, &mut s.v)?;
-        if let (Some(qb), Some(kb), Some(vb)) = (&w.q_bias, &w.k_bias, &w.v_bias) {
-            b.add_bias(&mut s.q, qb, n)?;
-            b.add_bias(&mut s.k, kb, n)?;
-            b.add_bias(&mut s.v, vb, n)?;
-        }
+        self.add_bias(&mut s.q, &w.q_bias, n)?;
+        self.add_bias(&mut s.k, &w.k_bias, n)?;
+        self.add_bias(&mut s.v, &w.v_bias, n)?;
         b.rope(&mut s.q, c.num_heads, start, n, &self.rope)?;
         b.rope(&mut s.k, c.num_kv_heads, start, n, &self.rope)?;
         b.copy_rows(&s.k, 0, &mut cache.keys[li], start, n, c.kv_dim())?;
@@ -217,6 +240,7 @@ impl<B: Backend> Llama<B> {
         let shape = AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
         b.attention(&s.q, &cache.keys[li], &cache.values[li], shape, start, n, &mut s.attn)?;
         b.matmul(&w.wo, &s.attn, n, &mut s.proj)?;
+        self.add_bias(&mut s.proj, &w.o_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
     }
 
@@ -227,9 +251,19 @@ impl<B: Backend> Llama<B> {
         b.rmsnorm(&s.x, &w.ffn_norm, c.rms_norm_eps, n, &mut s.xn)?;
         b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
         b.matmul(&w.w_up, &s.xn, n, &mut s.up)?;
+        self.add_bias(&mut s.gate, &w.gate_bias, n)?;
+        self.add_bias(&mut s.up, &w.up_bias, n)?;
         b.silu_mul(&mut s.gate, &s.up, n * c.intermediate_size)?;
         b.matmul(&w.w_down, &s.gate, n, &mut s.proj)?;
+        self.add_bias(&mut s.proj, &w.down_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
+    }
+
+    fn add_bias(&self, x: &mut B::Buf, bias: &Option<B::Buf>, n: usize) -> Result<()> {
+        match bias {
+            Some(bias) => self.backend.add_bias(x, bias, n),
+            None => Ok(()),
+        }
     }
 }
 

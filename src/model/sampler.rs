@@ -47,23 +47,30 @@ impl Sampler {
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        // Below ~1e-6 dividing by T overflows to inf; such a temperature means greedy anyway.
+        if p.temperature < 1e-6 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
             return argmax(logits);
         }
         let c = &mut self.candidates;
         c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (l / p.temperature, i as u32)));
-        // NaN logits sort last and never win.
+        // Shift by the max before scaling so nothing overflows; NaN counts as impossible.
+        c.extend(logits.iter().enumerate().map(|(i, &l)| {
+            let scaled = if l.is_nan() { f32::NEG_INFINITY } else { (l - max) / p.temperature };
+            (scaled, i as u32)
+        }));
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
         if p.top_k > 0 && p.top_k < c.len() {
             c.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
             c.truncate(p.top_k);
         }
         c.sort_unstable_by(by_logit_desc);
-        let max = c[0].0;
         let mut total = 0.0f32;
         for cand in c.iter_mut() {
-            cand.0 = (cand.0 - max).exp();
+            cand.0 = cand.0.exp();
             total += cand.0;
         }
         if p.top_p < 1.0 {
@@ -79,6 +86,9 @@ impl Sampler {
             c.truncate(keep);
             total = c.iter().map(|x| x.0).sum();
         }
+        if !(total.is_finite() && total > 0.0) {
+            return argmax(logits);
+        }
         let mut r = self.rng.gen::<f32>() * total;
         for cand in c.iter() {
             r -= cand.0;
@@ -86,16 +96,19 @@ impl Sampler {
                 return cand.1;
             }
         }
-        c.last().map(|x| x.1).unwrap_or(0)
+        // Rounding left a sliver of r: the most likely candidate is the safe answer.
+        c[0].1
     }
 }
 
-/// Index of the largest logit (first one on ties).
+/// Index of the largest logit (first one on ties); NaN never wins.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
+    let mut best_value = f32::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
+        if l > best_value {
             best = i;
+            best_value = l;
         }
     }
     best as u32
@@ -142,6 +155,21 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(s.sample(&logits), 0);
         }
+    }
+
+    #[test]
+    fn nan_logits_and_tiny_temperatures_pick_the_likely_token() {
+        let mut logits = vec![0.0f32; 64];
+        logits[5] = 20.0;
+        logits[9] = f32::NAN;
+        logits[11] = -f32::NAN;
+        for (temperature, top_k) in [(1.0, 0), (1.0, 40), (1e-39, 0), (1e-7, 0)] {
+            let mut s = Sampler::new(SamplingParams { temperature, top_k, top_p: 1.0, seed: 2 }).unwrap();
+            for _ in 0..20 {
+                assert_eq!(s.sample(&logits), 5, "T={temperature} top_k={top_k}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, 1.0, 2.0]), 2);
     }
 
     #[test]

@@ -59,7 +59,13 @@ pub struct TextStream<'a> {
 
 impl<'a> TextStream<'a> {
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        TextStream { tokenizer, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        Self::with_context(tokenizer, &[])
+    }
+
+    /// A stream whose text starts after `context` (e.g. the prompt's last few tokens), which
+    /// is decoded for spacing but never emitted.
+    pub fn with_context(tokenizer: &'a Tokenizer, context: &[u32]) -> Self {
+        TextStream { tokenizer, ids: context.to_vec(), prefix_offset: 0, read_offset: context.len() }
     }
 
     /// Adds a token; returns the newly completed text, if any.
@@ -74,6 +80,11 @@ impl<'a> TextStream<'a> {
                 self.read_offset = self.ids.len();
                 return Ok(Some(delta));
             }
+        }
+        if after == before {
+            // The token decodes to nothing (e.g. a special token): move past it so the
+            // decoded window does not grow without bound.
+            self.read_offset = self.ids.len();
         }
         Ok(None)
     }

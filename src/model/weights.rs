@@ -20,7 +20,9 @@ struct TensorEntry {
     /// Byte range inside the shard's mapping (header already skipped).
     start: usize,
     end: usize,
-    dtype: DType,
+    /// The stored dtype, or its name when we cannot compute with it (an error only if the
+    /// model asks for that tensor: checkpoints may carry extra tensors we never read).
+    dtype: Result<DType, String>,
     shape: Vec<usize>,
 }
 
@@ -39,10 +41,6 @@ pub struct TensorRef {
 impl TensorRef {
     pub fn bytes(&self) -> &[u8] {
         &self.map[self.start..self.end]
-    }
-
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
     }
 
     /// The shared mapping and byte range, for backends that keep the weight in place.
@@ -99,29 +97,25 @@ impl WeightStore {
         let shard = self.shards.len();
         for (name, info) in metadata.tensors() {
             let dtype = match info.dtype {
-                StDtype::F32 => DType::F32,
-                StDtype::F16 => DType::F16,
-                StDtype::BF16 => DType::BF16,
-                other => {
-                    return Err(Error::UnsupportedDType {
-                        path: path.to_path_buf(),
-                        name,
-                        dtype: format!("{other:?}"),
-                    })
-                }
+                StDtype::F32 => Ok(DType::F32),
+                StDtype::F16 => Ok(DType::F16),
+                StDtype::BF16 => Ok(DType::BF16),
+                other => Err(format!("{other:?}")),
             };
             let (s, e) = info.data_offsets;
-            self.tensors.insert(
-                name,
-                TensorEntry { shard, start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone() },
-            );
+            let entry = TensorEntry { shard, start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone() };
+            if let Some(previous) = self.tensors.insert(name.clone(), entry) {
+                return Err(Error::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "tensor `{name}` is also in {}: a checkpoint must hold each tensor once",
+                        self.shards[previous.shard].0.display()
+                    ),
+                });
+            }
         }
         self.shards.push((path.to_path_buf(), Arc::new(map)));
         Ok(())
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
     }
 
     /// Fetches a tensor and checks its shape.
@@ -131,6 +125,11 @@ impl WeightStore {
             searched: self.describe_files(),
         })?;
         let (path, map) = &self.shards[entry.shard];
+        let dtype = entry.dtype.clone().map_err(|dtype| Error::UnsupportedDType {
+            path: path.clone(),
+            name: name.to_string(),
+            dtype,
+        })?;
         if entry.shape != expected_shape {
             return Err(Error::ShapeMismatch {
                 path: path.clone(),
@@ -141,7 +140,7 @@ impl WeightStore {
         }
         Ok(TensorRef {
             name: name.to_string(),
-            dtype: entry.dtype,
+            dtype,
             shape: entry.shape.clone(),
             map: Arc::clone(map),
             start: entry.start,
@@ -175,6 +174,14 @@ fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
         let file = file
             .as_str()
             .ok_or_else(|| Error::config(index, format!("weight_map entry for `{tensor}` is not a file name")))?;
+        // Shards live beside the index: no directories, no `..`, no absolute paths.
+        let mut parts = Path::new(file).components();
+        if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+            return Err(Error::config(
+                index,
+                format!("weight_map entry for `{tensor}` is {file:?}, not a file name in the model directory"),
+            ));
+        }
         let path = dir.join(file);
         if !files.contains(&path) {
             files.push(path);
@@ -198,6 +205,9 @@ fn describe_safetensors_error(e: &SafeTensorError, file_len: usize) -> String {
         ),
         SafeTensorError::InvalidHeaderDeserialization | SafeTensorError::InvalidHeader => {
             "the JSON header is unreadable".to_string()
+        }
+        SafeTensorError::HeaderTooLarge => {
+            "the header claims to be larger than safetensors allows (100 MB): corrupt or not a safetensors file".to_string()
         }
         other => format!("{other:?}"),
     }

@@ -104,15 +104,22 @@ impl ThreadPool {
             panic: Mutex::new(None),
             panicked: AtomicBool::new(false),
         });
-        let workers = (1..n_threads)
-            .map(|i| {
-                let shared = Arc::clone(&shared);
-                std::thread::Builder::new()
-                    .name(format!("sirius-cpu-{i}"))
-                    .spawn(move || worker_loop(&shared))
-                    .expect("failed to spawn a CPU worker thread")
-            })
-            .collect();
+        // A failed spawn (thread or memory limits) leaves a smaller pool rather than a panic:
+        // n_threads() reports what we got.
+        let mut workers = Vec::with_capacity(n_threads - 1);
+        for i in 1..n_threads {
+            let worker_shared = Arc::clone(&shared);
+            match std::thread::Builder::new()
+                .name(format!("sirius-cpu-{i}"))
+                .spawn(move || worker_loop(&worker_shared))
+            {
+                Ok(handle) => workers.push(handle),
+                Err(e) => {
+                    tracing::warn!("could only start {i} of {n_threads} CPU threads: {e}");
+                    break;
+                }
+            }
+        }
         ThreadPool { shared, workers, busy: AtomicBool::new(false) }
     }
 
