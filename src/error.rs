@@ -16,6 +16,20 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot run {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{path}: invalid JSON: {source}")]
     Json {
         path: PathBuf,
@@ -72,8 +86,8 @@ pub enum Error {
     ChatTemplate(String),
 
     #[error(
-        "the prompt has {prompt_tokens} tokens but the context holds {context} \
-         (model max_position_embeddings or --ctx-size): shorten the prompt or raise --ctx-size"
+        "the prompt has {prompt_tokens} tokens but the context holds {context} (the smallest of \
+         --ctx-size, the model's max_position_embeddings and its sliding window): shorten the prompt"
     )]
     PromptTooLong { prompt_tokens: usize, context: usize },
 

@@ -1,5 +1,6 @@
 //! The `sirius-offload` command line.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -12,7 +13,8 @@ use tracing_subscriber::EnvFilter;
     version,
     about = "Serve big Llama-family models on one GPU or CPU: contextual sparsity, Sirius correction, offloading",
     args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
+    subcommand_negates_reqs = true,
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,20 +43,22 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("SIRIUS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 
     let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
         (Some(Command::Run(args)), _) | (None, Some(args)) => cli::run::run(args).map_err(Into::into),
         (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
         (None, None) => {
-            eprintln!("error: give --model and --prompt, or a subcommand (see --help)");
+            let _ = writeln!(std::io::stderr(), "error: give --model and --prompt, or a subcommand (see --help)");
             return ExitCode::from(2);
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Library errors already name their cause; `{e}` prints it once.
+            let _ = writeln!(std::io::stderr(), "error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -160,3 +160,59 @@ fn chat_without_template_is_explained() {
     std::fs::write(Path::new(&model).join("tokenizer_config.json"), "{}").unwrap();
     assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--chat"]), "without --chat");
 }
+
+#[test]
+fn error_causes_are_printed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    std::fs::remove_file(Path::new(&model).join("tokenizer_config.json")).unwrap();
+    let o = run(&["run", "--model", &model, "--prompt", "w3", "--chat"]);
+    assert_clean_failure(&o, "tokenizer_config.json");
+    let err = stderr(&o);
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn prompts_may_start_with_a_dash_or_come_from_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let stats = tmp.path().join("s.json");
+    let o = run(&["run", "--model", &model, "-p", "- w3 w4", "--max-tokens", "1", "-q", "--stats-json", stats.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let prompt = tmp.path().join("prompt.txt");
+    std::fs::write(&prompt, "w3 w4 w5 w6").unwrap();
+    let o = run(&["run", "--model", &model, "--prompt-file", prompt.to_str().unwrap(), "--max-tokens", "1", "-q",
+        "--stats-json", stats.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(json["prompt_tokens"], 4);
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt-file", "/no/such/prompt"]), "/no/such/prompt");
+}
+
+#[test]
+fn model_path_mistakes_are_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let config = format!("{model}/config.json");
+    assert_clean_failure(&run(&["run", "--model", &config, "--prompt", "w3"]), "it is a file");
+    assert_clean_failure(&run(&["run", "--model", tmp.path().to_str().unwrap(), "--prompt", "w3"]), "no config.json");
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--ctx-size", "100000"]), "max_position_embeddings");
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--stop", ""]), "--stop");
+    let missing_dir = tmp.path().join("nope").join("s.json");
+    assert_clean_failure(&run(&["run", "--model", &model, "--prompt", "w3", "--stats-json", missing_dir.to_str().unwrap()]), "does not exist");
+}
+
+#[test]
+fn bench_reports_and_rejects_nothing_to_measure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let json = tmp.path().join("b.json");
+    let o = run(&["bench", "--model", &model, "-p", "8", "-n", "4", "-r", "2", "--json", json.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let tests: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["test"].as_str().unwrap()).collect();
+    assert_eq!(tests, ["pp8", "tg4"]);
+    assert_clean_failure(&run(&["bench", "--model", &model, "-p", "0", "-n", "0"]), "nothing to measure");
+    assert_clean_failure(&run(&["bench", "--model", &model, "-p", "1000"]), "context");
+}

@@ -35,11 +35,11 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend with `threads` compute threads (0 = one per available core).
     pub fn new(threads: usize) -> CpuBackend {
-        let n = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        } else {
-            threads
-        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = if threads == 0 { cores } else { threads };
+        if n > cores {
+            tracing::warn!("{n} threads on {cores} cores: the spinning workers will contend; expect a slowdown");
+        }
         CpuBackend { pool: ThreadPool::new(n) }
     }
 

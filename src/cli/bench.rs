@@ -64,6 +64,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.reps == 0 {
         return Err(Error::InvalidArgument("--reps must be at least 1".into()));
     }
+    if args.prompt == 0 && args.gen == 0 {
+        return Err(Error::InvalidArgument("nothing to measure: --prompt and --gen are both 0".into()));
+    }
+    if let Some(parent) = args.json.as_deref().and_then(|p| p.parent()).filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::InvalidArgument(format!("--json: directory {} does not exist", parent.display())));
+        }
+    }
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
     let max_pos = model.config.max_position_embeddings;
@@ -119,17 +127,22 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         weight_bytes: model.weight_bytes(),
         results,
     };
-    println!("| model | backend | dtype | test | t/s (median) | min | max |");
-    println!("|---|---|---|---|---|---|---|");
+    let mut table = String::from("| model | backend | dtype | test | t/s (median) | min | max |\n|---|---|---|---|---|---|---|\n");
     for r in &report.results {
-        println!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |",
+        table += &format!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
             args.model, report.backend, report.dtype, r.test, r.median_tokens_per_s, r.min_tokens_per_s, r.max_tokens_per_s
         );
     }
+    match std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            return Err(Error::Write { path: "standard output".into(), source: e })
+        }
+        _ => {}
+    }
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))?;
+        std::fs::write(path, json + "\n").map_err(|source| Error::Write { path: path.clone(), source })?;
     }
     Ok(())
 }

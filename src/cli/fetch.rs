@@ -31,7 +31,7 @@ pub fn model_dir_or_fetch(model: &str, allow_fetch: bool) -> Result<PathBuf> {
         && Preset::find(model)?.is_some_and(|p| p.source.is_some());
     let Some(tool) = fetchable.then(fetch_tool).flatten() else { return Err(err) };
     eprintln!("model {model:?} is not fetched yet: running {} {model}", tool.display());
-    let status = Command::new(&tool).arg(model).status().map_err(|e| Error::io(&tool, e))?;
+    let status = Command::new(&tool).arg(model).status().map_err(|source| Error::Spawn { path: tool.clone(), source })?;
     if !status.success() {
         return Err(Error::ModelNotFound {
             name: model.to_string(),

@@ -23,8 +23,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_fetch: bool,
     /// Prompt text, taken raw: special tokens written in it (<|im_start|>) are recognised.
-    #[arg(long, short = 'p')]
-    pub prompt: String,
+    #[arg(long, short = 'p', allow_hyphen_values = true, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file ("-" = standard input), for prompts too long for a command line.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -32,22 +35,22 @@ pub struct RunArgs {
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
     /// Maximum number of tokens to generate.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub max_tokens: usize,
     /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches P (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pub top_p: f32,
     /// Random seed; the same seed, prompt and options give the same text.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Stop when this text is generated (repeatable).
-    #[arg(long = "stop")]
+    /// Stop when this text is generated (repeatable; taken literally: in bash, $'\n' is a newline).
+    #[arg(long = "stop", allow_hyphen_values = true)]
     pub stop: Vec<String>,
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
@@ -92,11 +95,23 @@ pub fn run(args: &RunArgs) -> Result<()> {
             )));
         }
     }
+    if args.stop.iter().any(String::is_empty) {
+        return Err(Error::InvalidArgument("--stop needs a non-empty text".into()));
+    }
+    let prompt = read_prompt(args)?;
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let backend = CpuBackend::new(args.threads);
     let threads = backend.threads();
-    tracing::info!(dir = %dir.display(), "loading model");
+    let loaded = std::time::Instant::now();
     let model = Llama::load(&dir, backend)?;
+    tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
+        weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
+    if let Some(ctx) = args.ctx_size.filter(|&c| c > model.config.max_position_embeddings) {
+        return Err(Error::InvalidArgument(format!(
+            "--ctx-size {ctx} is larger than the model's max_position_embeddings ({})",
+            model.config.max_position_embeddings
+        )));
+    }
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         return Err(Error::Tokenizer {
@@ -117,13 +132,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if let Some(system) = &args.system {
             messages.push(ChatMessage { role: "system".into(), content: system.clone() });
         }
-        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        messages.push(ChatMessage { role: "user".into(), content: prompt });
         let text = template.render(&messages)?;
         tracing::debug!(%text, "rendered chat prompt");
         // The template writes any BOS itself.
         tokenizer.encode(&text, false)?
     } else {
-        tokenizer.encode(&args.prompt, true)?
+        tokenizer.encode(&prompt, true)?
     };
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
@@ -132,23 +147,43 @@ pub fn run(args: &RunArgs) -> Result<()> {
         stop_strings: args.stop.clone(),
         context: args.ctx_size.unwrap_or(model.config.max_position_embeddings),
         prefill_chunk: 256,
+        show_progress: !args.quiet,
     };
+    tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?opts.stop_token_ids, context = opts.context, seed, "generating");
     let mut stdout = std::io::stdout().lock();
+    let mut write_error: Option<std::io::Error> = None;
     let output = generate(&model, &tokenizer, &prompt_ids, &opts, &mut |piece| {
-        // A closed pipe (e.g. `| head`) must not abort generation with a panic.
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
+        // A reader that went away (`| head`) or a full disk stops generation: no point
+        // computing text nobody receives.
+        match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
+            }
+        }
     })?;
-    let _ = writeln!(stdout);
-    let _ = stdout.flush();
+    if let Some(e) = write_error {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            return Ok(());
+        }
+        return Err(Error::Write { path: "standard output".into(), source: e });
+    }
+    if !output.text.is_empty() {
+        let _ = writeln!(stdout);
+        let _ = stdout.flush();
+    }
     if !args.quiet {
-        eprintln!(
-            "[{}] prompt {} tok, {:.1} tok/s | generated {} tok, {:.1} tok/s | stop: {:?}",
+        let rate = |r: f64, n: usize| if n > 0 && r > 0.0 { format!("{r:.1} tok/s") } else { "n/a".to_string() };
+        // A closed stderr must not turn into a panic either.
+        let _ = writeln!(
+            std::io::stderr(),
+            "[{}] prompt {} tok, {} | generated {} tok, {} | stop: {}",
             model.backend_description(),
             output.prompt_tokens,
-            output.prefill_tokens_per_s,
+            rate(output.prefill_tokens_per_s, output.prompt_tokens),
             output.generated_tokens,
-            output.decode_tokens_per_s,
+            rate(output.decode_tokens_per_s, output.generated_tokens.saturating_sub(1)),
             output.stop_reason
         );
     }
@@ -161,7 +196,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
             output: &output,
         };
         let json = serde_json::to_string_pretty(&stats).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        std::fs::write(path, json + "\n").map_err(|e| Error::io(path, e))?;
+        std::fs::write(path, json + "\n").map_err(|source| Error::Write { path: path.clone(), source })?;
     }
     Ok(())
+}
+
+/// The prompt from --prompt or --prompt-file ("-" = standard input).
+fn read_prompt(args: &RunArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| Error::io("standard input", e))?;
+            Ok(text)
+        }
+        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e)),
+        (None, None) => Err(Error::InvalidArgument("give --prompt or --prompt-file".into())),
+    }
 }

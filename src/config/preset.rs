@@ -91,7 +91,19 @@ fn expand_home(p: &Path) -> PathBuf {
 pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     let as_path = Path::new(model);
     if as_path.is_dir() {
+        if !as_path.join("config.json").is_file() {
+            return Err(Error::ModelNotFound {
+                name: model.to_string(),
+                hint: "the directory has no config.json: --model takes a Hugging Face model directory".into(),
+            });
+        }
         return Ok(as_path.to_path_buf());
+    }
+    if as_path.is_file() {
+        return Err(Error::ModelNotFound {
+            name: model.to_string(),
+            hint: "it is a file: --model takes the directory that holds config.json and the weights".into(),
+        });
     }
     match Preset::find(model)? {
         Some(preset) => {

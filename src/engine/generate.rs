@@ -21,6 +21,8 @@ pub struct GenerateOptions {
     pub context: usize,
     /// Prompt tokens per prefill forward (bounds scratch memory).
     pub prefill_chunk: usize,
+    /// Show a progress bar for long prefills (on a terminal).
+    pub show_progress: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -30,6 +32,20 @@ pub enum StopReason {
     StopString,
     MaxTokens,
     ContextFull,
+    /// The consumer of the text stopped listening (e.g. a closed pipe).
+    Cancelled,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stop_string",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,13 +62,14 @@ pub struct GenerationOutput {
     pub decode_tokens_per_s: f64,
 }
 
-/// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete.
+/// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete;
+/// `on_text` returns false to stop generation (StopReason::Cancelled).
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument("the prompt is empty after tokenization".into()));
@@ -75,7 +92,7 @@ pub fn generate<B: Backend>(
     let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
     // Long prompts take a while on a CPU: show progress (indicatif hides it when stderr is not
     // a terminal).
-    let bar = (chunks.len() > 1).then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
+    let bar = (opts.show_progress && chunks.len() > 1).then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
     for (i, piece) in chunks.iter().enumerate() {
         let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
         logits = model.forward(piece, &mut cache, &mut scratch, want)?;
@@ -96,11 +113,13 @@ pub fn generate<B: Backend>(
     let mut ids = Vec::new();
     let mut decode_seconds = 0.0;
     let mut decode_steps = 0usize;
-    let mut emit = |piece: &str, text: &mut String| {
-        if !piece.is_empty() {
-            on_text(piece);
-            text.push_str(piece);
+    // Returns false when the consumer wants no more text.
+    let mut emit = |piece: &str, text: &mut String| -> bool {
+        if piece.is_empty() {
+            return true;
         }
+        text.push_str(piece);
+        on_text(piece)
     };
     let stop_reason = loop {
         if ids.len() >= opts.max_tokens {
@@ -113,9 +132,12 @@ pub fn generate<B: Backend>(
         ids.push(next);
         if let Some(piece) = stream.push(next)? {
             let check = stops.feed(&piece);
-            emit(&check.emit, &mut text);
+            let listening = emit(&check.emit, &mut text);
             if check.stopped {
                 break StopReason::StopString;
+            }
+            if !listening {
+                break StopReason::Cancelled;
             }
         }
         if ids.len() >= opts.max_tokens {
@@ -129,7 +151,7 @@ pub fn generate<B: Backend>(
         decode_seconds += t.elapsed().as_secs_f64();
         decode_steps += 1;
     };
-    if stop_reason != StopReason::StopString {
+    if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
         if let Some(rest) = stream.finish()? {
             let check = stops.feed(&rest);
             emit(&check.emit, &mut text);
