@@ -118,11 +118,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut Vec<f32>, num_heads: usize, start_pos: usize, n_tokens: usize, table: &RopeTable) -> Result<()> {
-        let width = num_heads * table.head_dim;
-        let mut cos_sin = vec![0.0f32; table.head_dim];
-        for (t, row) in x.chunks_exact_mut(width).take(n_tokens).enumerate() {
-            table.rotate_row(row, num_heads, start_pos + t, &mut cos_sin);
-        }
+        table.rotate_rows(x, num_heads, start_pos, n_tokens);
         Ok(())
     }
 
