@@ -97,7 +97,7 @@ pub(super) fn attention_with(
 
     // Partials, per (token, chunk): outputs [n_heads * head_dim], then maxima and sums [n_heads] each.
     let per = q_dim + 2 * n_heads;
-    with_partials(n_tokens * n_chunks * per, |parts| {
+    with_scratch(&PARTIALS, n_tokens * n_chunks * per, |parts| {
         let ps = SharedMut::new(parts);
         pool.run(units * n_chunks, &|task| {
             let (u, c) = (task / n_chunks, task % n_chunks);
@@ -191,11 +191,6 @@ fn merge(out: &mut [f32], blocks: &[f32], n_heads: usize, head_dim: usize, per: 
         let inv = 1.0 / total;
         oh.iter_mut().for_each(|v| *v *= inv);
     }
-}
-
-/// Runs `f` with the calling thread's partials buffer (a fresh one if re-entered).
-fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    with_scratch(&PARTIALS, len, f)
 }
 
 #[cfg(test)]

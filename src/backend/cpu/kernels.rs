@@ -46,14 +46,9 @@ impl Kernels {
     /// columns, zero padded to whole blocks (see `bf16_rows` in the tiers).
     pub(super) fn prep_x(self, dtype: DType, x: &[f32], buf: &mut Vec<f32>) -> bool {
         let (DType::BF16, Some(block)) = (dtype, self.bf16_block()) else { return false };
-        let half = block / 2;
         buf.clear();
         buf.resize(x.len().div_ceil(block) * block, 0.0);
-        for (dst, src) in buf.chunks_exact_mut(block).zip(x.chunks(block)) {
-            for (j, &v) in src.iter().enumerate() {
-                dst[(j % 2) * half + j / 2] = v;
-            }
-        }
+        split_even_odd(buf, x, block);
         true
     }
 
@@ -81,11 +76,7 @@ impl Kernels {
         buf.resize(n * stride, 0.0);
         for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
             if dtype == DType::BF16 {
-                for (db, sb) in dst.chunks_exact_mut(block).zip(src.chunks(block)) {
-                    for (j, &v) in sb.iter().enumerate() {
-                        db[(j % 2) * (block / 2) + j / 2] = v;
-                    }
-                }
+                split_even_odd(dst, src, block);
             } else {
                 dst[..cols].copy_from_slice(src);
             }
@@ -311,6 +302,18 @@ impl Kernels {
             Isa::Avx512 => unsafe { avx512::silu_mul(gate, up) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+}
+
+/// Copies `src` into `dst` block by block (`block` columns each, `dst` holding whole blocks),
+/// each block's even columns first, then its odd ones: the bf16 layout of the SIMD tiers.
+#[inline]
+fn split_even_odd(dst: &mut [f32], src: &[f32], block: usize) {
+    let half = block / 2;
+    for (db, sb) in dst.chunks_exact_mut(block).zip(src.chunks(block)) {
+        for (j, &v) in sb.iter().enumerate() {
+            db[(j % 2) * half + j / 2] = v;
         }
     }
 }

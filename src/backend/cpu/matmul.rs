@@ -10,7 +10,7 @@ use std::cell::RefCell;
 
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
-use super::util::{with_scratch, SharedMut};
+use super::util::{with_scratch, with_scratch_vec, SharedMut};
 use crate::dtype::DType;
 
 /// Decode tasks per thread: a few, so a thread that got delayed (OS noise, a cold cache) does
@@ -62,19 +62,33 @@ pub(super) fn matmul_with(
         y.fill(0.0);
         return;
     }
+    let m = Operands { k, pool, w, dtype, rows, cols, x, n_tokens };
     if n_tokens == 1 {
-        matvec(k, pool, w, dtype, rows, cols, x, y);
+        matvec(m, y);
     } else if n_tokens <= k.streamed_max_tokens() {
-        streamed(k, pool, w, dtype, rows, cols, x, n_tokens, y);
+        streamed(m, y);
     } else {
-        gemm(k, pool, w, dtype, rows, cols, x, n_tokens, y);
+        gemm(m, y);
     }
+}
+
+/// The inputs of one [`matmul_with`] call, as its three paths take them.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    k: Kernels,
+    pool: &'a ThreadPool,
+    w: &'a [u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &'a [f32],
+    n_tokens: usize,
 }
 
 /// Rows split into contiguous chunks (multiples of 4, the kernels' row group), handed out
 /// dynamically; each task streams its chunk once.
-#[allow(clippy::too_many_arguments)]
-fn matvec(k: Kernels, pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+fn matvec(m: Operands, y: &mut [f32]) {
+    let Operands { k, pool, w, dtype, rows, cols, x, .. } = m;
     let row_bytes = cols * dtype.size();
     let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
     // One thread: one task, so each of the kernel's 4 row streams is as long as possible.
@@ -104,18 +118,8 @@ fn matvec(k: Kernels, pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, co
 /// faster than converting and tiling (`gemm`) on AVX-512 from 2 tokens (memory bound, same
 /// time as 1 token up to 4) to 512 (~88% of FMA peak). Tasks are (row chunk, token block)
 /// pairs; token blocks keep the activations each row group re-reads in L2.
-#[allow(clippy::too_many_arguments)]
-fn streamed(
-    k: Kernels,
-    pool: &ThreadPool,
-    w: &[u8],
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-) {
+fn streamed(m: Operands, y: &mut [f32]) {
+    let Operands { k, pool, w, dtype, rows, cols, x, n_tokens } = m;
     let row_bytes = cols * dtype.size();
     with_scratch_vec(&X_PREP, |buf| {
         let xstride = k.prep_x_tokens(dtype, x, n_tokens, cols, buf);
@@ -141,30 +145,10 @@ fn streamed(
     });
 }
 
-/// Runs `f` with this thread's reusable `Vec` behind `key` (a fresh one if re-entered).
-fn with_scratch_vec<R>(
-    key: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
-    f: impl FnOnce(&mut Vec<f32>) -> R,
-) -> R {
-    let mut f = Some(f);
-    let out = key.with(|cell| cell.try_borrow_mut().ok().map(|mut v| (f.take().expect("once"))(&mut v)));
-    out.unwrap_or_else(|| (f.take().expect("once"))(&mut Vec::new()))
-}
-
 /// Tasks are (row block, token block) pairs. Each converts its weight rows to f32 once into a
 /// per-thread scratch and reuses them for every token of its block in register tiles.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    k: Kernels,
-    pool: &ThreadPool,
-    w: &[u8],
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-) {
+fn gemm(m: Operands, y: &mut [f32]) {
+    let Operands { k, pool, w, dtype, rows, cols, x, n_tokens } = m;
     let esz = dtype.size();
     let n_rb = rows.div_ceil(GEMM_ROWS);
     let n_tb = n_tokens.div_ceil(GEMM_TOKENS);

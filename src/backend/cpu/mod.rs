@@ -30,30 +30,33 @@ pub use pool::ThreadPool;
 use crate::dtype::DType;
 use kernels::Kernels;
 
-/// `y[t*rows + r] = sum_c w[r, c] * x[t*cols + c]` for `t in 0..n_tokens`.
-///
-/// `w` is a row-major `[rows, cols]` matrix (HF `[out_features, in_features]`) as raw bytes of
-/// `dtype`, any alignment. The weights are read from memory once per call (per block of
-/// tokens for long prompts): `n_tokens == 1` (decode) and small batches run at memory
-/// bandwidth, long prompts near FMA peak.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    pool: &ThreadPool,
-    w: &[u8],
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
-) {
-    matmul::matmul_with(Kernels::selected(), pool, w, dtype, rows, cols, x, n_tokens, y);
+/// Defines a public kernel `$name` on the process-wide selected ISA tier and its
+/// `$name_isa(isa, ...)` twin on a given tier (panics if this machine cannot run it), both
+/// forwarding to `$inner(kernels, ...)`.
+macro_rules! tiered {
+    ($(#[$doc:meta])* $name:ident, $name_isa:ident => $inner:path; $($arg:ident: $ty:ty),* $(,)?) => {
+        $(#[$doc])*
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name($($arg: $ty),*) {
+            $inner(Kernels::selected(), $($arg),*);
+        }
+
+        #[doc = concat!("[`", stringify!($name), "()`] on a given ISA tier. Panics if this machine cannot run `isa`.")]
+        #[allow(clippy::too_many_arguments)]
+        pub fn $name_isa(isa: Isa, $($arg: $ty),*) {
+            $inner(Kernels::new(isa), $($arg),*);
+        }
+    };
 }
 
-/// [`matmul()`] on a given ISA tier. Panics if this machine cannot run `isa`.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_with_isa(
-    isa: Isa,
+tiered! {
+    /// `y[t*rows + r] = sum_c w[r, c] * x[t*cols + c]` for `t in 0..n_tokens`.
+    ///
+    /// `w` is a row-major `[rows, cols]` matrix (HF `[out_features, in_features]`) as raw bytes of
+    /// `dtype`, any alignment. The weights are read from memory once per call (per block of
+    /// tokens for long prompts): `n_tokens == 1` (decode) and small batches run at memory
+    /// bandwidth, long prompts near FMA peak.
+    matmul, matmul_with_isa => matmul::matmul_with;
     pool: &ThreadPool,
     w: &[u8],
     dtype: DType,
@@ -62,8 +65,6 @@ pub fn matmul_with_isa(
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
-) {
-    matmul::matmul_with(Kernels::new(isa), pool, w, dtype, rows, cols, x, n_tokens, y);
 }
 
 /// Converts row `row` of a `[rows, cols]` matrix to f32 into `out[..cols]` (embedding lookup).
@@ -96,15 +97,15 @@ pub fn softmax_inplace(x: &mut [f32]) {
     ops::softmax_with(Kernels::selected(), x);
 }
 
-/// Causal attention for `n_tokens` new queries at positions `start_pos..start_pos + n_tokens`
-/// over a per-layer KV cache that already holds positions `0..start_pos + n_tokens`.
-///
-/// `q`, `out`: `[n_tokens, n_heads * head_dim]`; `k_cache`, `v_cache`:
-/// `[capacity, n_kv_heads * head_dim]` (row = position). Query head `h` uses kv head
-/// `h / (n_heads / n_kv_heads)`; scale `1/sqrt(head_dim)`; query `t` sees positions
-/// `0..=start_pos + t`. Parallel over (token, head).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
+tiered! {
+    /// Causal attention for `n_tokens` new queries at positions `start_pos..start_pos + n_tokens`
+    /// over a per-layer KV cache that already holds positions `0..start_pos + n_tokens`.
+    ///
+    /// `q`, `out`: `[n_tokens, n_heads * head_dim]`; `k_cache`, `v_cache`:
+    /// `[capacity, n_kv_heads * head_dim]` (row = position). Query head `h` uses kv head
+    /// `h / (n_heads / n_kv_heads)`; scale `1/sqrt(head_dim)`; query `t` sees positions
+    /// `0..=start_pos + t`. Parallel over (token, head).
+    attention, attention_with_isa => attention::attention_with;
     pool: &ThreadPool,
     q: &[f32],
     k_cache: &[f32],
@@ -115,48 +116,4 @@ pub fn attention(
     start_pos: usize,
     n_tokens: usize,
     out: &mut [f32],
-) {
-    attention::attention_with(
-        Kernels::selected(),
-        pool,
-        q,
-        k_cache,
-        v_cache,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        start_pos,
-        n_tokens,
-        out,
-    );
-}
-
-/// [`attention()`] on a given ISA tier. Panics if this machine cannot run `isa`.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_with_isa(
-    isa: Isa,
-    pool: &ThreadPool,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    start_pos: usize,
-    n_tokens: usize,
-    out: &mut [f32],
-) {
-    attention::attention_with(
-        Kernels::new(isa),
-        pool,
-        q,
-        k_cache,
-        v_cache,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        start_pos,
-        n_tokens,
-        out,
-    );
 }

@@ -48,28 +48,33 @@ impl<'a, T> SharedMut<'a, T> {
     }
 }
 
-/// Runs `f` with a thread-local f32 buffer of at least `len` elements (contents unspecified).
+/// Runs `f` with this thread's reusable `Vec` behind `key` (a fresh, empty one if re-entered).
 /// The pool's threads live as long as the pool, so buffers are allocated once per thread and
-/// reused by every later call; a re-entrant use on the same thread gets a fresh allocation.
+/// reused by every later call.
+#[inline]
+pub(super) fn with_scratch_vec<R>(
+    key: &'static LocalKey<RefCell<Vec<f32>>>,
+    f: impl FnOnce(&mut Vec<f32>) -> R,
+) -> R {
+    let mut f = Some(f);
+    let out = key.with(|cell| cell.try_borrow_mut().ok().map(|mut v| (f.take().expect("called once"))(&mut v)));
+    out.unwrap_or_else(|| (f.take().expect("called once"))(&mut Vec::new()))
+}
+
+/// Runs `f` with a thread-local f32 buffer of at least `len` elements (contents unspecified);
+/// see [`with_scratch_vec`].
+#[inline]
 pub(super) fn with_scratch<R>(
     key: &'static LocalKey<RefCell<Vec<f32>>>,
     len: usize,
     f: impl FnOnce(&mut [f32]) -> R,
 ) -> R {
-    let mut f = Some(f);
-    let out = key.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut buf) => {
-            if buf.len() < len {
-                buf.resize(len, 0.0);
-            }
-            Some((f.take().expect("called once"))(&mut buf[..len]))
+    with_scratch_vec(key, |buf| {
+        if buf.len() < len {
+            buf.resize(len, 0.0);
         }
-        Err(_) => None,
-    });
-    match out {
-        Some(r) => r,
-        None => (f.take().expect("called once"))(&mut vec![0.0; len]),
-    }
+        f(&mut buf[..len])
+    })
 }
 
 /// Tiny deterministic generator for tests and benches (xorshift64*).
