@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
+use crate::cli::output::{check_output_dir, write_json};
 use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
@@ -67,11 +68,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if args.prompt == 0 && args.gen == 0 {
         return Err(Error::InvalidArgument("nothing to measure: --prompt and --gen are both 0".into()));
     }
-    if let Some(parent) = args.json.as_deref().and_then(|p| p.parent()).filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(Error::InvalidArgument(format!("--json: directory {} does not exist", parent.display())));
-        }
-    }
+    check_output_dir("--json", args.json.as_deref())?;
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
     let max_pos = model.config.max_position_embeddings;
@@ -141,8 +138,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         _ => {}
     }
     if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        std::fs::write(path, json + "\n").map_err(|source| Error::Write { path: path.clone(), source })?;
+        write_json(path, &report)?;
     }
     Ok(())
 }

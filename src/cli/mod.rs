@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod fetch;
+pub mod output;
 pub mod run;
 
 pub use bench::BenchArgs;

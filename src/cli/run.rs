@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::backend::CpuBackend;
 use crate::config::generation::stop_token_ids;
 use crate::cli::fetch::model_dir_or_fetch;
+use crate::cli::output::{check_output_dir, write_json};
 use crate::engine::{generate, GenerateOptions, GenerationOutput};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -87,14 +88,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     if args.ctx_size == Some(0) {
         return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
     }
-    if let Some(parent) = args.stats_json.as_deref().and_then(|p| p.parent()).filter(|p| !p.as_os_str().is_empty()) {
-        if !parent.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "--stats-json: directory {} does not exist",
-                parent.display()
-            )));
-        }
-    }
+    check_output_dir("--stats-json", args.stats_json.as_deref())?;
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument("--stop needs a non-empty text".into()));
     }
@@ -195,8 +189,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             threads,
             output: &output,
         };
-        let json = serde_json::to_string_pretty(&stats).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        std::fs::write(path, json + "\n").map_err(|source| Error::Write { path: path.clone(), source })?;
+        write_json(path, &stats)?;
     }
     Ok(())
 }
