@@ -13,6 +13,8 @@ API:
     cache = m.new_cache(); m.step(ids, cache) -> logits for `ids`, appended after the cache
     m.greedy(prompt_ids, n_new, eos_ids=()) -> generated ids (KV-cached, argmax, lowest id on tie)
     m.greedy_with_margins(...)     -> (ids, top1 - top2 logit margin per step)
+    m.ffn_hook = fn                -> optional; fn(li, silu(gate), up) replaces silu(gate) * up
+                                      before down_proj (contextual sparsity, sparsity_ref.py)
 
 CLI:
     llama_ref.py MODEL_DIR --text "some prompt" [--n 24]      greedy continuation
@@ -126,6 +128,10 @@ class LlamaRef:
             raise ValueError("Qwen2 use_sliding_window=true is not supported by the reference")
         self.inv_freq = rope_inv_freq(self.head_dim, float(cfg.get("rope_theta", 10000.0)),
                                       cfg.get("rope_scaling"))
+        # Optional FFN hook, None by default (plain dense FFN). When set, every layer's FFN calls
+        # ffn_hook(layer_index, silu(gate) [n, d_ff], up [n, d_ff]) and feeds what it returns
+        # ([n, d_ff]) to down_proj instead of silu(gate) * up. Used by sparsity_ref.py.
+        self.ffn_hook = None
 
         raw = read_safetensors(model_dir / "model.safetensors")
         w = {k: np.asarray(v, dtype=self.dt) for k, v in raw.items()}
@@ -201,10 +207,13 @@ class LlamaRef:
         out = (probs @ values).transpose(1, 0, 2).reshape(n, self.n_heads * hd)
         return self._linear(out, layer, "self_attn.o_proj")
 
-    def _mlp(self, x: np.ndarray, layer: dict) -> np.ndarray:
+    def _mlp(self, x: np.ndarray, layer: dict, li: int | None = None) -> np.ndarray:
         gate = self._linear(x, layer, "mlp.gate_proj")
         up = self._linear(x, layer, "mlp.up_proj")
         act = gate / (1.0 + np.exp(-gate))                      # silu
+        if self.ffn_hook is not None:
+            # Contextual-sparsity experiments (sparsity_ref.py) observe or mask the FFN here.
+            return self._linear(self.ffn_hook(li, act, up), layer, "mlp.down_proj")
         return self._linear(act * up, layer, "mlp.down_proj")
 
     # -- public API -----------------------------------------------------------------------------
@@ -224,7 +233,8 @@ class LlamaRef:
         for li, layer in enumerate(self.layers):
             h = h + self._attention(self._rmsnorm(h, layer["input_layernorm.weight"]),
                                     layer, positions, cache, li)
-            h = h + self._mlp(self._rmsnorm(h, layer["post_attention_layernorm.weight"]), layer)
+            h = h + self._mlp(self._rmsnorm(h, layer["post_attention_layernorm.weight"]), layer,
+                              li)
         return self._rmsnorm(h, self.final_norm) @ self.lm_head.T   # [n, vocab]
 
     def forward(self, token_ids) -> np.ndarray:

@@ -10,6 +10,9 @@
    (converted by tools/fetch-model) for a few prompts, with the top-1/top-2 logit margin of each
    step. Written only when the converted model dir exists (default
    $SIRIUS_HOME/models/smollm2-135m); otherwise the existing file is left alone.
+3. tests/fixtures/tiny/<name>/sparsity.json: Griffin scores/selection/logits and CATS top-k
+   logits (sparsity_ref.py) for keep 0.5, 0.25 and 1.0, on 8 prompt + 4 continuation ids chosen
+   so every top-k cut is at least MIN_SPARSITY_GAP (relative) away from a tie.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ REPO = HERE.parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 sys.path.insert(0, str(HERE))
 from llama_ref import LlamaRef, cached_vs_full  # noqa: E402
+import sparsity_ref as sp  # noqa: E402
 from safetensors_np import write_safetensors  # noqa: E402
 
 REFERENCE = "tools/reference/llama_ref.py float64"
@@ -165,6 +169,88 @@ def make_tiny(s: dict, root: Path) -> None:
         plain = LlamaRef(out, config_override={"rope_scaling": None})
         delta = np.abs(plain.forward(tokens) - logits).max()
         print(f"  {'':22s} ignoring rope_scaling would move logits by up to {delta:.3f}")
+    make_sparsity(s, model, out / "sparsity.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Contextual-sparsity fixtures (Griffin, CATS top-k) on the tiny models
+# ---------------------------------------------------------------------------------------------
+
+SPARSITY_REFERENCE = "tools/reference/sparsity_ref.py float64"
+SPARSITY_KEEPS = [0.5, 0.25]          # keep * d_ff is an integer for every tiny model
+N_PROMPT, N_CONT = 8, 4
+MIN_SPARSITY_GAP = 1e-3               # relative; f32 rounding is ~1e-6, so f32 selects the same
+MAX_PROMPT_TRIES = 200
+
+
+def sig9(x: float) -> float:
+    """Round to 9 significant digits (keeps the JSON small; float64 -> ~1e-9 relative)."""
+    return float(f"{x:.9g}")
+
+
+def make_sparsity(s: dict, model: LlamaRef, path: Path) -> None:
+    """sparsity.json: the first prompt seed (1000 * model seed + try) whose Griffin and CATS
+    top-k cuts are all at least MIN_SPARSITY_GAP from a tie, with reference numbers for it."""
+    d_ff = sp.d_ff_of(model)
+    for k in SPARSITY_KEEPS:
+        if (k * d_ff) % 1 == 0.5:
+            raise SystemExit(f"keep {k} * d_ff {d_ff} lands on .5 (rounding differs in Rust)")
+    for attempt in range(MAX_PROMPT_TRIES):
+        seed = 1000 * s["seed"] + attempt
+        ids = [int(t) for t in np.random.default_rng(seed).integers(0, s["vocab"],
+                                                                     N_PROMPT + N_CONT)]
+        prompt, cont = ids[:N_PROMPT], ids[N_PROMPT:]
+        runs = [(keep, sp.griffin_run(model, prompt, keep, cont),
+                 sp.cats_topk_run(model, ids, keep)) for keep in SPARSITY_KEEPS]
+        if all(g["min_gap"] > MIN_SPARSITY_GAP and c["min_gap"] > MIN_SPARSITY_GAP
+               for _, g, c in runs):
+            break
+    else:
+        raise SystemExit(f"{s['name']}: no prompt with all sparsity gaps > {MIN_SPARSITY_GAP}")
+
+    sp.self_check(model, prompt, cont, SPARSITY_KEEPS)
+    dense = model.forward(ids)
+    runs.append((1.0, sp.griffin_run(model, prompt, 1.0, cont), sp.cats_topk_run(model, ids, 1.0)))
+    # keep=1.0 is the dense model (also asserted inside self_check against llama_ref).
+    assert np.abs(runs[-1][1]["logits"] - dense[N_PROMPT:]).max() < 1e-10
+    assert np.abs(runs[-1][2]["logits"] - dense).max() < 1e-10
+
+    def gap(x: float):
+        return None if np.isinf(x) else float(f"{x:.6g}")
+
+    cases = []
+    for keep, g, c in runs:
+        assert all(sel.size == g["k"] for sel in g["selection"])
+        cases.append({
+            "keep": keep,
+            "k": g["k"],
+            "griffin_scores": [[sig9(x) for x in sc] for sc in g["scores"]],
+            "griffin_selection": [[int(i) for i in sel] for sel in g["selection"]],
+            "griffin_boundary_gap": gap(g["min_gap"]),
+            "griffin_logits": [[sig9(x) for x in row] for row in g["logits"]],
+            "cats_logits": [[sig9(x) for x in row] for row in c["logits"]],
+            "cats_min_boundary_gap": gap(c["min_gap"]),
+        })
+    fixture = {
+        "model": s["name"],
+        "reference": SPARSITY_REFERENCE,
+        "d_ff": d_ff,
+        "num_layers": model.n_layers,
+        "prompt_seed": seed,
+        "prompt_choice": (f"numpy default_rng(prompt_seed).integers(0, vocab, {N_PROMPT + N_CONT})"
+                          f": {N_PROMPT} prompt ids then {N_CONT} continuation ids; first seed "
+                          f"from 1000 * model seed whose Griffin and CATS boundary gaps all "
+                          f"exceed min_gap for keep {SPARSITY_KEEPS}"),
+        "min_gap": MIN_SPARSITY_GAP,
+        "prompt_ids": prompt,
+        "continuation_ids": cont,
+        "cases": cases,
+    }
+    text = dumps_readable(fixture) + "\n"
+    path.write_text(text)
+    gaps = ", ".join(f"keep {keep}: griffin {g['min_gap']:.2e} cats {c['min_gap']:.2e}"
+                     for keep, g, c in runs[:-1])
+    print(f"  {'':22s} sparsity.json {len(text) / 1024:5.1f} KB  seed {seed}  {gaps}")
 
 
 # ---------------------------------------------------------------------------------------------
