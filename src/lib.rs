@@ -9,5 +9,6 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod progress;
+pub mod sparsity;
 
 pub use error::{Error, Result};

@@ -14,6 +14,7 @@ use sirius_offload::config::resolve_model_dir;
 use sirius_offload::engine::{generate, GenerateOptions};
 use sirius_offload::model::chat::{ChatMessage, ChatTemplate};
 use sirius_offload::model::{Llama, SamplingParams, TextStream, Tokenizer};
+use sirius_offload::sparsity::Sparsity;
 
 fn model_dir() -> Option<PathBuf> {
     match resolve_model_dir("smollm2-135m") {
@@ -106,7 +107,7 @@ fn greedy_tokens_equal_the_reference() {
             prefill_chunk: 256,
             show_progress: false,
         };
-        let out = generate(&model, &tok, &prompt_ids, &opts, &mut |_| true).unwrap();
+        let out = generate(&model, &Sparsity::None, &tok, &prompt_ids, &opts, &mut |_| true).unwrap();
         assert_eq!(out.generated_token_ids, expected, "greedy tokens for {text:?}: got {:?}", out.text);
         if stopped_at_eos {
             assert_eq!(out.stop_reason, sirius_offload::engine::StopReason::Eos);

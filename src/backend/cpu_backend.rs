@@ -7,16 +7,25 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::cpu::{self as kernels, ThreadPool};
-use super::{AttentionShape, Backend, RopeTable};
+use super::{AttentionShape, Backend, BundleSelection, NeuronLists, NeuronRule, RopeTable};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::weights::TensorRef;
 
-/// A `[rows, cols]` weight matrix in its stored dtype, left in the checkpoint mapping.
+/// Where a matrix's bytes live.
+#[derive(Clone)]
+enum Storage {
+    /// A range of the memory-mapped checkpoint (never copied).
+    Mapped(Arc<Mmap>, Range<usize>),
+    /// Bytes built at run time: neuron bundles, a gathered Griffin FFN.
+    Owned(Arc<[u8]>),
+}
+
+/// A `[rows, cols]` weight matrix in its stored dtype, left in the checkpoint mapping or
+/// owned (built at run time).
 #[derive(Clone)]
 pub struct CpuMatrix {
-    map: Arc<Mmap>,
-    range: Range<usize>,
+    storage: Storage,
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
@@ -24,7 +33,15 @@ pub struct CpuMatrix {
 
 impl CpuMatrix {
     pub fn bytes(&self) -> &[u8] {
-        &self.map[self.range.clone()]
+        match &self.storage {
+            Storage::Mapped(map, range) => &map[range.clone()],
+            Storage::Owned(bytes) => bytes,
+        }
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols * self.dtype.size()
     }
 }
 
@@ -72,7 +89,11 @@ impl Backend for CpuBackend {
             }
         };
         let (map, range) = t.mapping();
-        Ok(CpuMatrix { map, range, dtype: t.dtype, rows, cols })
+        Ok(CpuMatrix { storage: Storage::Mapped(map, range), dtype: t.dtype, rows, cols })
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
+        Ok(data.to_vec())
     }
 
     fn vector(&self, t: &TensorRef) -> Result<Vec<f32>> {
@@ -169,6 +190,67 @@ impl Backend for CpuBackend {
             Error::InvalidArgument(format!("read of {} floats at {offset} past a buffer of {}", out.len(), buf.len()))
         })?;
         out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn upload_matrix(&self, bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<CpuMatrix> {
+        if bytes.len() != rows * cols * dtype.size() {
+            return Err(Error::InvalidArgument(format!(
+                "matrix of {rows} x {cols} {dtype:?} needs {} bytes, got {}",
+                rows * cols * dtype.size(),
+                bytes.len()
+            )));
+        }
+        Ok(CpuMatrix { storage: Storage::Owned(bytes.into()), dtype, rows, cols })
+    }
+
+    fn gather_rows(&self, m: &CpuMatrix, rows: &[u32]) -> Result<CpuMatrix> {
+        let rb = m.row_bytes();
+        let src = m.bytes();
+        let mut out = Vec::with_capacity(rows.len() * rb);
+        for &r in rows {
+            let r = r as usize;
+            if r >= m.rows {
+                return Err(Error::InvalidArgument(format!("row {r} gathered from a matrix of {} rows", m.rows)));
+            }
+            out.extend_from_slice(&src[r * rb..(r + 1) * rb]);
+        }
+        self.upload_matrix(out, m.dtype, rows.len(), m.cols)
+    }
+
+    fn bundle_ffn(&self, bundles: &CpuMatrix, x: &Vec<f32>, n_tokens: usize, sel: BundleSelection<'_, Vec<f32>>, out: &mut Vec<f32>) -> Result<()> {
+        if bundles.cols % 3 != 0 {
+            return Err(Error::InvalidArgument(format!("bundle matrix has {} columns, not 3 x hidden", bundles.cols)));
+        }
+        let hidden = bundles.cols / 3;
+        let b = kernels::Bundles { bytes: bundles.bytes(), dtype: bundles.dtype, neurons: bundles.rows, hidden };
+        let act = match sel {
+            BundleSelection::All { gate_bias, up_bias } => {
+                kernels::Activation::All { gate_bias: gate_bias.map(|v| v.as_slice()), up_bias: up_bias.map(|v| v.as_slice()) }
+            }
+            BundleSelection::PerToken { coeff, kept, up_bias } => {
+                if kept.n_tokens() < n_tokens || kept.ids.iter().any(|&i| i as usize >= bundles.rows) {
+                    return Err(Error::InvalidArgument("neuron lists do not match the tokens or the bundles".into()));
+                }
+                kernels::Activation::PerToken { coeff, kept, up_bias: up_bias.map(|v| v.as_slice()) }
+            }
+        };
+        kernels::bundle_ffn(&self.pool, b, x, n_tokens, act, out);
+        Ok(())
+    }
+
+    fn accumulate_neuron_scores(&self, z: &Vec<f32>, n_tokens: usize, width: usize, acc: &mut Vec<f32>) -> Result<()> {
+        kernels::accumulate_neuron_scores(&z[..n_tokens * width], width, &mut acc[..width]);
+        Ok(())
+    }
+
+    fn select_neurons(&self, act: &mut Vec<f32>, n_tokens: usize, width: usize, rule: NeuronRule, kept: &mut NeuronLists) -> Result<()> {
+        kernels::select_neurons(&mut act[..n_tokens * width], width, rule, kept);
+        Ok(())
+    }
+
+    fn silu(&self, x: &mut Vec<f32>, len: usize) -> Result<()> {
+        kernels::silu(&mut x[..len]);
         Ok(())
     }
 }

@@ -7,11 +7,14 @@
 
 pub mod cpu;
 mod cpu_backend;
+pub mod neurons;
 pub mod rope;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
+pub use neurons::{BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;
 
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::model::weights::TensorRef;
 
@@ -38,6 +41,8 @@ pub trait Backend {
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Makes a 2-D checkpoint tensor usable as a matrix.
     fn matrix(&self, tensor: &TensorRef) -> Result<Self::Matrix>;
+    /// A buffer holding `data` (small host-built vectors: gathered biases).
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Copies a (small) tensor, any dtype, into an f32 buffer.
     fn vector(&self, tensor: &TensorRef) -> Result<Self::Buf>;
 
@@ -63,4 +68,27 @@ pub trait Backend {
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
     /// Reads `out.len()` floats starting at `offset` back to the host.
     fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
+
+    // ---- Contextual sparsity (see `crate::sparsity`) ----
+
+    /// Makes a matrix of `rows x cols` elements of `dtype` from bytes built on the host
+    /// (the neuron-bundle layout).
+    fn upload_matrix(&self, bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    /// A new matrix holding rows `rows` of `m`, in that order (a Griffin selection gathered
+    /// into a compact FFN).
+    fn gather_rows(&self, m: &Self::Matrix, rows: &[u32]) -> Result<Self::Matrix>;
+    /// The FFN over neuron bundles (`bundles`: `[neurons, 3h]`, row i = gate row i, up row i,
+    /// down column i): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where
+    /// `act` is computed from `x[t]` as [`BundleSelection`] says. Overwrites rows
+    /// 0..n_tokens of `out` (`[n, h]`).
+    fn bundle_ffn(&self, bundles: &Self::Matrix, x: &Self::Buf, n_tokens: usize, sel: BundleSelection<'_, Self::Buf>, out: &mut Self::Buf) -> Result<()>;
+    /// Griffin statistics: `acc[j] += sum_t (z[t, j] / |z[t]|)^2` over rows 0..n_tokens of
+    /// `z` (`[n, width]`); all-zero rows add nothing.
+    fn accumulate_neuron_scores(&self, z: &Self::Buf, n_tokens: usize, width: usize, acc: &mut Self::Buf) -> Result<()>;
+    /// CATS: for each row t < n_tokens of `act` (`[n, width]`, SiLU(gate)), keeps the neurons
+    /// `rule` selects by |act|, zeroes the others in place and lists the kept ones, ascending,
+    /// in `kept` (which it overwrites).
+    fn select_neurons(&self, act: &mut Self::Buf, n_tokens: usize, width: usize, rule: NeuronRule, kept: &mut NeuronLists) -> Result<()>;
+    /// `x[i] = silu(x[i])` for i < len.
+    fn silu(&self, x: &mut Self::Buf, len: usize) -> Result<()>;
 }

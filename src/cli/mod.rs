@@ -4,6 +4,7 @@ pub mod bench;
 pub mod fetch;
 pub mod output;
 pub mod run;
+pub mod sparsity_args;
 
 pub use bench::BenchArgs;
 pub use run::RunArgs;

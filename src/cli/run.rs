@@ -10,6 +10,8 @@ use crate::backend::CpuBackend;
 use crate::config::generation::stop_token_ids;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
+use crate::cli::sparsity_args::SparsityArgs;
+use crate::sparsity::SparsityMode;
 use crate::engine::{generate, GenerateOptions, GenerationOutput};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
@@ -59,6 +61,18 @@ pub struct RunArgs {
     /// Context length cap in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub ctx_size: Option<usize>,
+    /// FFN sparsity of the decode steps: none, griffin (neurons chosen once from the prompt)
+    /// or cats (chosen per token from |SiLU(gate)|). The prompt always runs dense.
+    // The three sparsity options are spelled out (not a flattened SparsityArgs) because clap
+    // never fills the optional top-level `RunArgs` when it contains a nested flatten.
+    #[arg(long, default_value = "none")]
+    pub sparsity: SparsityMode,
+    /// Fraction of FFN neurons kept, in (0, 1].
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub keep: f32,
+    /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
+    #[arg(long)]
+    pub cats_thresholds: Option<PathBuf>,
     /// Write run statistics as one JSON object to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -89,6 +103,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
     }
     check_output_dir("--stats-json", args.stats_json.as_deref())?;
+    let sparsity_args = SparsityArgs { sparsity: args.sparsity, keep: args.keep, cats_thresholds: args.cats_thresholds.clone() };
+    sparsity_args.validate()?;
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument("--stop needs a non-empty text".into()));
     }
@@ -106,6 +122,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             model.config.max_position_embeddings
         )));
     }
+    let sparsity = sparsity_args.build(&model)?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         return Err(Error::Tokenizer {
@@ -146,7 +163,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?opts.stop_token_ids, context = opts.context, seed, "generating");
     let mut stdout = std::io::stdout().lock();
     let mut write_error: Option<std::io::Error> = None;
-    let output = generate(&model, &tokenizer, &prompt_ids, &opts, &mut |piece| {
+    let output = generate(&model, &sparsity, &tokenizer, &prompt_ids, &opts, &mut |piece| {
         // A reader that went away (`| head`) or a full disk stops generation: no point
         // computing text nobody receives.
         match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
@@ -169,10 +186,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
     }
     if !args.quiet {
         let rate = |r: f64, n: usize| if n > 0 && r > 0.0 { format!("{r:.1} tok/s") } else { "n/a".to_string() };
+        let sparse = match output.sparsity.sparsity {
+            crate::sparsity::SparsityMode::None => String::new(),
+            mode => format!(" | {mode} keep {} density {:.3}", output.sparsity.keep, output.sparsity.density),
+        };
         // A closed stderr must not turn into a panic either.
         let _ = writeln!(
             std::io::stderr(),
-            "[{}] prompt {} tok, {} | generated {} tok, {} | stop: {}",
+            "[{}] prompt {} tok, {} | generated {} tok, {}{sparse} | stop: {}",
             model.backend_description(),
             output.prompt_tokens,
             rate(output.prefill_tokens_per_s, output.prompt_tokens),

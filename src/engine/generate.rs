@@ -10,6 +10,7 @@ use crate::engine::stop::StopMatcher;
 use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, TextStream, Tokenizer};
+use crate::sparsity::{Sparsity, SparsityReport};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -60,12 +61,18 @@ pub struct GenerationOutput {
     pub prefill_tokens_per_s: f64,
     /// Tokens fed through single-token forwards per second of those forwards.
     pub decode_tokens_per_s: f64,
+    /// Seconds spent picking and gathering Griffin's neurons after the prompt (0 otherwise).
+    pub sparse_setup_seconds: f64,
+    #[serde(flatten)]
+    pub sparsity: SparsityReport,
 }
 
 /// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete;
-/// `on_text` returns false to stop generation (StopReason::Cancelled).
+/// `on_text` returns false to stop generation (StopReason::Cancelled). The prompt runs the
+/// dense model; decode steps use `sparsity`'s FFN.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
+    sparsity: &Sparsity<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
@@ -85,6 +92,7 @@ pub fn generate<B: Backend>(
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len());
     let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
     let mut sampler = Sampler::new(opts.sampling)?;
+    let mut sparse = sparsity.request(model)?;
 
     // Prefill: every chunk but the last needs no logits.
     let t0 = Instant::now();
@@ -95,7 +103,7 @@ pub fn generate<B: Backend>(
     let bar = (opts.show_progress && chunks.len() > 1).then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
     for (i, piece) in chunks.iter().enumerate() {
         let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
-        logits = model.forward(piece, &mut cache, &mut scratch, want)?;
+        logits = model.forward_with(piece, &mut cache, &mut scratch, want, &mut sparse.prefill_ffn())?;
         if let Some(bar) = &bar {
             bar.inc(piece.len() as u64);
         }
@@ -104,6 +112,9 @@ pub fn generate<B: Backend>(
         bar.finish_and_clear();
     }
     let prefill_seconds = t0.elapsed().as_secs_f64();
+    let t_sparse = Instant::now();
+    sparse.finish_prefill(model)?;
+    let sparse_setup_seconds = t_sparse.elapsed().as_secs_f64();
 
     // A few prompt tokens give the detokenizer the context it needs for the first word's
     // leading space (SentencePiece-style decoders drop it at the start of a sequence).
@@ -147,7 +158,8 @@ pub fn generate<B: Backend>(
             break StopReason::ContextFull;
         }
         let t = Instant::now();
-        logits = model.forward(&[next], &mut cache, &mut scratch, Logits::Last)?;
+        logits = model.forward_with(&[next], &mut cache, &mut scratch, Logits::Last, &mut sparse.decode_ffn())?;
+        sparse.count_decode(1);
         decode_seconds += t.elapsed().as_secs_f64();
         decode_steps += 1;
     };
@@ -170,6 +182,8 @@ pub fn generate<B: Backend>(
         decode_seconds,
         prefill_tokens_per_s: rate(prompt_ids.len(), prefill_seconds),
         decode_tokens_per_s: rate(decode_steps, decode_seconds),
+        sparse_setup_seconds,
+        sparsity: sparse.report(&model.config),
     })
 }
 

@@ -3,12 +3,14 @@
 
 use std::path::Path;
 
-use crate::backend::{AttentionShape, Backend, RopeTable};
+use crate::backend::{AttentionShape, Backend, BundleSelection, NeuronLists, RopeTable};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
 use crate::model::weights::WeightStore;
+use crate::sparsity::calibrate::GateRecorder;
+use crate::sparsity::{CatsRule, GriffinFfn, GriffinScores, NeuronBundles, NeuronCounter};
 
 /// Weights of one decoder layer. Shapes are `[rows, cols]` = `[out, in]`; h = hidden,
 /// q = heads*head_dim, kv = kv_heads*head_dim, f = intermediate.
@@ -57,6 +59,20 @@ pub enum Logits {
     None,
 }
 
+/// The FFN a forward pass runs: dense, or one of the sparse forms (see `crate::sparsity`).
+/// Attention is always dense.
+pub enum Ffn<'a, B: Backend> {
+    Dense,
+    /// Dense, accumulating Griffin's neuron scores (the prefill of a Griffin request).
+    DenseScoring(&'a mut GriffinScores<B>),
+    /// Dense, handing every layer's SiLU(gate) to a recorder (CATS calibration).
+    DenseRecording(&'a mut dyn GateRecorder),
+    /// Griffin: the request's compact FFN of gathered bundles.
+    Griffin(&'a GriffinFfn<B>),
+    /// CATS: dense gate, then up/down over the bundles of the neurons `rule` keeps per token.
+    Cats { bundles: &'a NeuronBundles<B>, rule: &'a CatsRule, counter: &'a mut NeuronCounter },
+}
+
 /// Activation buffers for batches of up to `max_tokens` tokens (of which at most
 /// `max_logit_rows` want logits), reused across calls.
 pub struct Scratch<B: Backend> {
@@ -73,6 +89,7 @@ pub struct Scratch<B: Backend> {
     up: B::Buf,     // [n, f]
     picked: B::Buf, // [r, h] rows selected for the head
     logits: B::Buf, // [r, vocab]
+    kept: NeuronLists, // CATS: kept neurons per token (host)
 }
 
 impl<B: Backend> Scratch<B> {
@@ -102,6 +119,7 @@ impl<B: Backend> Scratch<B> {
             up: b.alloc(n * c.intermediate_size)?,
             picked: b.alloc(r * c.hidden_size)?,
             logits: b.alloc(r * c.vocab_size)?,
+            kept: NeuronLists::default(),
         })
     }
 
@@ -174,6 +192,11 @@ impl<B: Backend> Llama<B> {
         KvCache::new(&self.backend, self.config.num_layers, self.config.kv_dim(), capacity)
     }
 
+    /// The checkpoint (for layouts built from it, such as neuron bundles).
+    pub fn weights(&self) -> &WeightStore {
+        &self.store
+    }
+
     /// Bytes of all weights in the checkpoint.
     pub fn weight_bytes(&self) -> usize {
         self.store.total_bytes()
@@ -182,6 +205,11 @@ impl<B: Backend> Llama<B> {
     /// Runs `tokens` (at most `scratch.max_tokens()`) at positions cache.len().., appends their
     /// K/V to the cache and returns the requested logits, row-major `[rows, vocab]`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, scratch: &mut Scratch<B>, want: Logits) -> Result<Vec<f32>> {
+        self.forward_with(tokens, cache, scratch, want, &mut Ffn::Dense)
+    }
+
+    /// [`Llama::forward`] with the FFN `ffn` (dense, or sparse).
+    pub fn forward_with(&self, tokens: &[u32], cache: &mut KvCache<B>, scratch: &mut Scratch<B>, want: Logits, ffn: &mut Ffn<B>) -> Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -200,7 +228,7 @@ impl<B: Backend> Llama<B> {
         b.embed(&self.embed, tokens, &mut s.x)?;
         for (li, layer) in self.layers.iter().enumerate() {
             self.attention_block(li, layer, cache, s, start, n)?;
-            self.ffn_block(layer, s, n)?;
+            self.ffn_block(li, layer, s, n, ffn)?;
         }
         cache.advance(n);
         let (first_row, rows) = match want {
@@ -244,17 +272,50 @@ impl<B: Backend> Llama<B> {
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
     }
 
-    /// x += W_down · (silu(W_gate·norm(x)) ⊙ W_up·norm(x))
-    fn ffn_block(&self, w: &LayerWeights<B>, s: &mut Scratch<B>, n: usize) -> Result<()> {
+    /// x += W_down · (silu(W_gate·norm(x)) ⊙ W_up·norm(x)), over the neurons `ffn` keeps.
+    fn ffn_block(&self, li: usize, w: &LayerWeights<B>, s: &mut Scratch<B>, n: usize, ffn: &mut Ffn<B>) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
+        let f = c.intermediate_size;
         b.rmsnorm(&s.x, &w.ffn_norm, c.rms_norm_eps, n, &mut s.xn)?;
-        b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
-        b.matmul(&w.w_up, &s.xn, n, &mut s.up)?;
-        self.add_bias(&mut s.gate, &w.gate_bias, n)?;
-        self.add_bias(&mut s.up, &w.up_bias, n)?;
-        b.silu_mul(&mut s.gate, &s.up, n * c.intermediate_size)?;
-        b.matmul(&w.w_down, &s.gate, n, &mut s.proj)?;
+        match ffn {
+            Ffn::Griffin(g) => {
+                let l = g.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
+                let sel = BundleSelection::All { gate_bias: l.gate_bias.as_ref(), up_bias: l.up_bias.as_ref() };
+                b.bundle_ffn(&l.bundles, &s.xn, n, sel, &mut s.proj)?;
+            }
+            Ffn::Cats { bundles, rule, counter } => {
+                let l = bundles.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no bundles for layer {li}")))?;
+                b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
+                self.add_bias(&mut s.gate, &w.gate_bias, n)?;
+                b.silu(&mut s.gate, n * f)?;
+                b.select_neurons(&mut s.gate, n, f, rule.for_layer(li), &mut s.kept)?;
+                counter.add(li, s.kept.total(), n);
+                let sel = BundleSelection::PerToken { coeff: &s.gate, kept: &s.kept, up_bias: w.up_bias.as_ref() };
+                b.bundle_ffn(&l.matrix, &s.xn, n, sel, &mut s.proj)?;
+            }
+            Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) => {
+                b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
+                b.matmul(&w.w_up, &s.xn, n, &mut s.up)?;
+                self.add_bias(&mut s.gate, &w.gate_bias, n)?;
+                self.add_bias(&mut s.up, &w.up_bias, n)?;
+                if let Ffn::DenseRecording(recorder) = ffn {
+                    let mut act = vec![0f32; n * f];
+                    b.read(&s.gate, 0, &mut act)?;
+                    act.iter_mut().for_each(|v| *v = *v / (1.0 + (-*v).exp()));
+                    recorder.record(li, &act);
+                }
+                b.silu_mul(&mut s.gate, &s.up, n * f)?;
+                if let Ffn::DenseScoring(scores) = ffn {
+                    let acc = scores.layers.get_mut(li).ok_or_else(|| Error::InvalidArgument(format!("no Griffin scores for layer {li}")))?;
+                    b.accumulate_neuron_scores(&s.gate, n, f, acc)?;
+                    if li + 1 == c.num_layers {
+                        scores.tokens += n;
+                    }
+                }
+                b.matmul(&w.w_down, &s.gate, n, &mut s.proj)?;
+            }
+        }
         self.add_bias(&mut s.proj, &w.down_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
     }

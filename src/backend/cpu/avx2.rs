@@ -167,11 +167,34 @@ pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, 
     assert!(w.len() >= ((rows - 1) * stride + cols) * esz);
     let row_bytes = stride * esz;
     let wp = w.as_ptr();
+    // SAFETY: every row r < rows lies inside `w` (asserted above).
+    unsafe { rows_dot(|r| wp.add(r * row_bytes), dtype, cols, x, y) }
+}
+
+/// [`matvec`] over rows that start at the byte offsets `offsets[r]` of `w` (neuron bundles).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
+    let row_len = cols * dtype.size();
+    assert!(offsets.len() >= rows && offsets[..rows].iter().all(|&o| o + row_len <= w.len()));
+    let wp = w.as_ptr();
+    // SAFETY: every listed row lies inside `w` (asserted above).
+    unsafe { rows_dot(|r| wp.add(offsets[r]), dtype, cols, x, y) }
+}
+
+/// `y[r] = dot(row(r), x)` for `r < y.len()`, 4 rows at a time.
+///
+/// # Safety
+/// `row(r)` must point at `cols` readable elements of `dtype` for every `r < y.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_dot(row: impl Fn(usize) -> *const u8, dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
     let xp = x.as_ptr();
     macro_rules! rows_with {
         ($kernel:ident $(, $extra:tt)?) => {
-            // SAFETY: every row pointer is a row < rows, inside `w` (asserted above).
-            super::util::for_row_groups(rows, |r| unsafe { wp.add(r * row_bytes) }, y, |p| unsafe {
+            // SAFETY: the caller's contract covers every row pointer.
+            super::util::for_row_groups(rows, &row, y, |p| unsafe {
                 $kernel::<4 $(, $extra)?>(p, cols, xp)
             }, |p| unsafe { $kernel::<1 $(, $extra)?>(p, cols, xp) })
         };
@@ -434,5 +457,67 @@ pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
         let den = _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g)));
         store_part(gate, i, _mm256_mul_ps(_mm256_div_ps(g, den), u));
         i += 8;
+    }
+}
+
+/// `out[c] += sum_r coeffs[r] * row_r[c]` for `c < out.len()`, row r starting at the byte
+/// offset `offsets[r]` of `w` (natural column order, any dtype): the down projection of
+/// neuron bundles. 32 output columns stay in registers while all rows stream past them; the
+/// last `cols % 8` columns go through the scalar tier.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+    let cols = out.len();
+    let esz = dtype.size();
+    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * esz <= w.len()));
+    let vec_cols = cols / 8 * 8;
+    // SAFETY: rows are inside `w` (asserted) and only the first `vec_cols` columns are loaded.
+    unsafe {
+        match dtype {
+            DType::BF16 => accumulate_rows_as::<2, true>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
+            DType::F16 => accumulate_rows_as::<2, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
+            DType::F32 => accumulate_rows_as::<4, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
+        }
+    }
+    if vec_cols < cols {
+        let shifted: Vec<usize> = offsets[..coeffs.len()].iter().map(|o| o + vec_cols * esz).collect();
+        super::scalar::accumulate_rows(w, &shifted, dtype, coeffs, &mut out[vec_cols..]);
+    }
+}
+
+/// [`accumulate_rows`] for one dtype over a multiple of 8 columns: `ESZ` bytes per element,
+/// `BF16` picks bf16 over f16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, offsets: &[usize], coeffs: &[f32], out: &mut [f32]) {
+    // SAFETY: the caller guarantees 8 readable elements at every `p` passed.
+    let load = |p: *const u8| unsafe {
+        if ESZ == 4 {
+            _mm256_loadu_ps(p as *const f32)
+        } else if BF16 {
+            bf16x8(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    };
+    let cols = out.len();
+    let op = out.as_mut_ptr();
+    let mut c = 0;
+    while c < cols {
+        let nv = ((cols - c) / 8).min(4);
+        // SAFETY: nv * 8 columns from c are inside `out`.
+        let mut acc: [__m256; 4] = std::array::from_fn(|v| if v < nv { unsafe { _mm256_loadu_ps(op.add(c + 8 * v)) } } else { _mm256_setzero_ps() });
+        for (r, &coef) in coeffs.iter().enumerate() {
+            let a = _mm256_set1_ps(coef);
+            // SAFETY: row r holds the columns below `cols` from its offset (caller).
+            let p = unsafe { w.add(offsets[r] + c * ESZ) };
+            for v in 0..nv {
+                acc[v] = _mm256_fmadd_ps(load(unsafe { p.add(8 * v * ESZ) }), a, acc[v]);
+            }
+        }
+        for v in 0..nv {
+            // SAFETY: as for the loads above.
+            unsafe { _mm256_storeu_ps(op.add(c + 8 * v), acc[v]) };
+        }
+        c += 8 * nv;
     }
 }

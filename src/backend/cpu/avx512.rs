@@ -168,11 +168,34 @@ pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, 
     assert!(w.len() >= ((rows - 1) * stride + cols) * esz);
     let row_bytes = stride * esz;
     let wp = w.as_ptr();
+    // SAFETY: every row r < rows lies inside `w` (asserted above).
+    unsafe { rows_dot(|r| wp.add(r * row_bytes), dtype, cols, x, y) }
+}
+
+/// [`matvec`] over rows that start at the byte offsets `offsets[r]` of `w` (neuron bundles).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
+    let row_len = cols * dtype.size();
+    assert!(offsets.len() >= rows && offsets[..rows].iter().all(|&o| o + row_len <= w.len()));
+    let wp = w.as_ptr();
+    // SAFETY: every listed row lies inside `w` (asserted above).
+    unsafe { rows_dot(|r| wp.add(offsets[r]), dtype, cols, x, y) }
+}
+
+/// `y[r] = dot(row(r), x)` for `r < y.len()`, 4 rows at a time.
+///
+/// # Safety
+/// `row(r)` must point at `cols` readable elements of `dtype` for every `r < y.len()`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn rows_dot(row: impl Fn(usize) -> *const u8, dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+    let rows = y.len();
     let xp = x.as_ptr();
     macro_rules! rows_with {
         ($kernel:ident $(, $extra:tt)?) => {
-            // SAFETY: every row pointer is a row < rows, inside `w` (asserted above).
-            super::util::for_row_groups(rows, |r| unsafe { wp.add(r * row_bytes) }, y, |p| unsafe {
+            // SAFETY: the caller's contract covers every row pointer.
+            super::util::for_row_groups(rows, &row, y, |p| unsafe {
                 $kernel::<4 $(, $extra)?>(p, cols, xp)
             }, |p| unsafe { $kernel::<1 $(, $extra)?>(p, cols, xp) })
         };
@@ -460,5 +483,64 @@ pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
             _mm512_mask_storeu_ps(g.add(i), m, _mm512_mul_ps(_mm512_div_ps(gv, den), uv));
         }
         i += 16;
+    }
+}
+
+/// `out[c] += sum_r coeffs[r] * row_r[c]` for `c < out.len()`, row r starting at the byte
+/// offset `offsets[r]` of `w` (natural column order, any dtype): the down projection of
+/// neuron bundles, whose down columns are stored as rows. 64 output columns stay in
+/// registers while all rows stream past them.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+    let cols = out.len();
+    let esz = dtype.size();
+    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * esz <= w.len()));
+    // SAFETY: rows are inside `w` (asserted); loads are masked to `cols`.
+    unsafe {
+        match dtype {
+            DType::BF16 => accumulate_rows_as::<2, true>(w.as_ptr(), offsets, coeffs, out),
+            DType::F16 => accumulate_rows_as::<2, false>(w.as_ptr(), offsets, coeffs, out),
+            DType::F32 => accumulate_rows_as::<4, false>(w.as_ptr(), offsets, coeffs, out),
+        }
+    }
+}
+
+/// [`accumulate_rows`] for one dtype: `ESZ` bytes per element, `BF16` picks bf16 over f16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, offsets: &[usize], coeffs: &[f32], out: &mut [f32]) {
+    // SAFETY: the caller guarantees `cols` elements at every row start; lanes past `m` are masked.
+    let load = |p: *const u8, m: __mmask16| unsafe {
+        if ESZ == 4 {
+            _mm512_maskz_loadu_ps(m, p as *const f32)
+        } else if BF16 {
+            bf16x16(_mm256_maskz_loadu_epi16(m, p as *const i16))
+        } else {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16))
+        }
+    };
+    let cols = out.len();
+    let op = out.as_mut_ptr();
+    let mut c = 0;
+    while c < cols {
+        let left = cols - c;
+        let masks: [__mmask16; 4] = std::array::from_fn(|v| mask16(left.saturating_sub(16 * v)));
+        // SAFETY: masked to the columns left in `out`.
+        let mut acc: [__m512; 4] = std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], op.add(c + 16 * v)) });
+        for (r, &coef) in coeffs.iter().enumerate() {
+            let a = _mm512_set1_ps(coef);
+            // SAFETY: row r holds `cols` elements from its offset (caller).
+            let p = unsafe { w.add(offsets[r] + c * ESZ) };
+            for v in 0..4 {
+                if masks[v] != 0 {
+                    acc[v] = _mm512_fmadd_ps(load(unsafe { p.add(16 * v * ESZ) }, masks[v]), a, acc[v]);
+                }
+            }
+        }
+        for v in 0..4 {
+            // SAFETY: masked to the columns left in `out`.
+            unsafe { _mm512_mask_storeu_ps(op.add(c + 16 * v), masks[v], acc[v]) };
+        }
+        c += 64;
     }
 }

@@ -142,6 +142,35 @@ impl Kernels {
         }
     }
 
+    /// [`Kernels::matvec`] over rows starting at the byte offsets `offsets[r]` of `w`.
+    pub(super) fn matvec_gather(self, w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+        match self.0 {
+            Isa::Scalar => scalar::matvec_gather(w, offsets, dtype, &x[..cols], y),
+            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::matvec_gather(w, offsets, dtype, cols, x, y) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::matvec_gather(w, offsets, dtype, cols, x, y) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+
+    /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r at the byte offset `offsets[r]` of `w`
+    /// (natural column order; no `prep_x` layout involved).
+    pub(super) fn accumulate_rows(self, w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+        match self.0 {
+            Isa::Scalar => scalar::accumulate_rows(w, offsets, dtype, coeffs, out),
+            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { avx2::accumulate_rows(w, offsets, dtype, coeffs, out) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { avx512::accumulate_rows(w, offsets, dtype, coeffs, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+
     /// Vector width the `a` rows of [`Kernels::gemm_block`] must be zero padded to (max of
     /// all tiers, so callers need not care).
     pub(super) const GEMM_PAD: usize = 16;

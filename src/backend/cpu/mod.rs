@@ -19,6 +19,7 @@ mod avx512_batch;
 mod isa;
 mod kernels;
 mod matmul;
+mod neurons;
 mod ops;
 mod pool;
 mod scalar;
@@ -65,6 +66,23 @@ tiered! {
     x: &[f32],
     n_tokens: usize,
     y: &mut [f32],
+}
+
+/// The FFN over neuron bundles; see [`neurons::bundle_ffn`].
+pub fn bundle_ffn(pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+    neurons::bundle_ffn(Kernels::selected(), pool, b, x, n_tokens, act, out);
+}
+
+/// [`bundle_ffn()`] on a given ISA tier. Panics if this machine cannot run `isa`.
+pub fn bundle_ffn_with_isa(isa: Isa, pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+    neurons::bundle_ffn(Kernels::new(isa), pool, b, x, n_tokens, act, out);
+}
+
+pub use neurons::{accumulate_neuron_scores, select_neurons, Activation, Bundles};
+
+/// `x[i] = silu(x[i])`.
+pub fn silu(x: &mut [f32]) {
+    ops::silu_with(Kernels::selected(), x);
 }
 
 /// Converts row `row` of a `[rows, cols]` matrix to f32 into `out[..cols]` (embedding lookup).

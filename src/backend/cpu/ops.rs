@@ -42,6 +42,15 @@ pub(super) fn silu_mul_with(k: Kernels, gate: &mut [f32], up: &[f32]) {
     k.silu_mul(gate, up);
 }
 
+/// `x[i] = silu(x[i])`: the SIMD silu_mul against ones (its exp is the cost), in chunks.
+pub(super) fn silu_with(k: Kernels, x: &mut [f32]) {
+    const ONES: [f32; 256] = [1.0; 256];
+    for c in x.chunks_mut(ONES.len()) {
+        let n = c.len();
+        k.silu_mul(c, &ONES[..n]);
+    }
+}
+
 pub(super) fn softmax_with(k: Kernels, x: &mut [f32]) {
     k.softmax(x);
 }

@@ -146,3 +146,28 @@ pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
+
+/// `y[r] = dot(row r, x)` for rows starting at the byte offsets `offsets[r]` of `w`, `x.len()` columns.
+pub(super) fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, x: &[f32], y: &mut [f32]) {
+    let len = x.len() * dtype.size();
+    for (out, &o) in y.iter_mut().zip(offsets) {
+        *out = dot_row(&w[o..o + len], dtype, x);
+    }
+}
+
+/// `out[c] += sum_r coeffs[r] * row_r[c]`, row r starting at the byte offset `offsets[r]` of `w`.
+pub(super) fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 64;
+    let size = dtype.size();
+    let mut buf = [0f32; CHUNK];
+    for (r, &coef) in coeffs.iter().enumerate() {
+        for (i, oc) in out.chunks_mut(CHUNK).enumerate() {
+            let start = offsets[r] + i * CHUNK * size;
+            let n = oc.len();
+            convert(&w[start..start + n * size], dtype, &mut buf[..n]);
+            for (o, &v) in oc.iter_mut().zip(&buf[..n]) {
+                *o += coef * v;
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Neuron-level kernels of contextual sparsity: the FFN over neuron bundles (dense over a
+//! compact Griffin selection, or per token over CATS survivors), Griffin's neuron scores and
+//! CATS's per-token selection.
+//!
+//! A bundle is one row of a `[neurons, 3h]` matrix: gate row, up row, down column. Reading a
+//! neuron is reading 3h contiguous elements, so a selection costs exactly its bytes. The FFN
+//! works in blocks of [`BLOCK`] neurons: gate and up dot products for the block (4 interleaved
+//! row streams, as the dense matvec), then the block's down columns accumulated into the
+//! output while they are still in L1/L2. Each task owns a slice of the neurons and a private
+//! partial output; the partials are summed at the end.
+
+use super::kernels::Kernels;
+use super::pool::ThreadPool;
+use super::util::{with_scratch_vec, SharedMut};
+use crate::backend::neurons::{NeuronLists, NeuronRule};
+use crate::dtype::DType;
+
+/// Neurons per block: their 3h-element bundles (110 KiB for h = 576 in bf16) stay in L2
+/// between the dot products and the down accumulation.
+const BLOCK: usize = 32;
+/// Tasks per thread (see `matmul::DECODE_TASKS_PER_THREAD`).
+const TASKS_PER_THREAD: usize = 4;
+/// Below this many bundle bytes a task is not split further.
+const MIN_TASK_BYTES: usize = 64 << 10;
+
+/// Bundle matrix as the kernels read it.
+#[derive(Clone, Copy)]
+pub struct Bundles<'a> {
+    /// `[neurons, 3 * hidden]` elements of `dtype`, any alignment.
+    pub bytes: &'a [u8],
+    pub dtype: DType,
+    pub neurons: usize,
+    pub hidden: usize,
+}
+
+impl Bundles<'_> {
+    fn bundle_bytes(&self) -> usize {
+        3 * self.hidden * self.dtype.size()
+    }
+    /// Byte offset of part `part` (0 gate, 1 up, 2 down) of neuron `i`.
+    fn offset(&self, i: usize, part: usize) -> usize {
+        i * self.bundle_bytes() + part * self.hidden * self.dtype.size()
+    }
+}
+
+/// How activations are formed (see `crate::backend::BundleSelection`), on host slices.
+pub enum Activation<'a> {
+    All { gate_bias: Option<&'a [f32]>, up_bias: Option<&'a [f32]> },
+    PerToken { coeff: &'a [f32], kept: &'a NeuronLists, up_bias: Option<&'a [f32]> },
+}
+
+/// `out[t] = sum_i act(t, i) * down_i` over rows t < n_tokens of `x` (`[n, hidden]`).
+#[allow(clippy::too_many_arguments)]
+pub fn bundle_ffn(k: Kernels, pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+    let h = b.hidden;
+    assert_eq!(b.bytes.len(), b.neurons * b.bundle_bytes(), "bundle_ffn: bytes != neurons * 3h");
+    assert!(x.len() >= n_tokens * h && out.len() >= n_tokens * h, "bundle_ffn: x or out too short");
+    let out = &mut out[..n_tokens * h];
+    out.fill(0.0);
+    if n_tokens == 0 || b.neurons == 0 || h == 0 {
+        return;
+    }
+    with_scratch_vec(&X_PREP, |buf| {
+        let xstride = k.prep_x_tokens(b.dtype, &x[..n_tokens * h], n_tokens, h, buf);
+        let xs: &[f32] = buf;
+        match act {
+            Activation::All { gate_bias, up_bias } => {
+                let ids: Vec<u32> = Vec::new();
+                let all = NeuronSet { ids: &ids, count: b.neurons };
+                run_tasks(pool, b, all, n_tokens, out, &|task_ids, t, partial| {
+                    let xt = &xs[t * xstride..];
+                    block_all(k, b, task_ids, xt, gate_bias, up_bias, partial)
+                });
+            }
+            Activation::PerToken { coeff, kept, up_bias } => {
+                assert!(kept.n_tokens() >= n_tokens && coeff.len() >= n_tokens * b.neurons);
+                for t in 0..n_tokens {
+                    let set = NeuronSet { ids: kept.token(t), count: kept.token(t).len() };
+                    let ct = &coeff[t * b.neurons..(t + 1) * b.neurons];
+                    let xt = &xs[t * xstride..];
+                    run_tasks(pool, b, set, 1, &mut out[t * h..(t + 1) * h], &|task_ids, _, partial| {
+                        block_kept(k, b, task_ids, xt, ct, up_bias, partial)
+                    });
+                }
+            }
+        }
+    });
+}
+
+thread_local! {
+    static X_PREP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Neurons a call covers: `ids` if non-empty, else `0..count`.
+#[derive(Clone, Copy)]
+struct NeuronSet<'a> {
+    ids: &'a [u32],
+    count: usize,
+}
+
+/// A task's neurons: ids `ids[range]`, or the plain range when the set is `0..count`.
+#[derive(Clone, Copy)]
+pub struct TaskNeurons<'a> {
+    ids: Option<&'a [u32]>,
+    start: usize,
+    len: usize,
+}
+
+impl TaskNeurons<'_> {
+    fn get(&self, j: usize) -> usize {
+        match self.ids {
+            Some(ids) => ids[self.start + j] as usize,
+            None => self.start + j,
+        }
+    }
+}
+
+/// Splits `set` into tasks, gives each a zeroed partial output of `n_tokens` rows and calls
+/// `f(neurons, token, partial_row)` per token, then sums the partials into `out`.
+fn run_tasks(
+    pool: &ThreadPool,
+    b: Bundles,
+    set: NeuronSet,
+    n_tokens: usize,
+    out: &mut [f32],
+    f: &(dyn Fn(TaskNeurons, usize, &mut [f32]) + Sync),
+) {
+    let h = b.hidden;
+    let count = set.count;
+    if count == 0 {
+        return;
+    }
+    let by_size = (count * b.bundle_bytes() * n_tokens).div_ceil(MIN_TASK_BYTES);
+    let per_thread = if pool.n_threads() == 1 { 1 } else { TASKS_PER_THREAD };
+    let n_tasks = (pool.n_threads() * per_thread).min(by_size).max(1);
+    let chunk = count.div_ceil(n_tasks);
+    let n_tasks = count.div_ceil(chunk);
+    let ids = if set.ids.is_empty() { None } else { Some(set.ids) };
+    let neurons_of = |task: usize| {
+        let start = task * chunk;
+        TaskNeurons { ids, start, len: chunk.min(count - start) }
+    };
+    if n_tasks == 1 {
+        for t in 0..n_tokens {
+            f(neurons_of(0), t, &mut out[t * h..(t + 1) * h]);
+        }
+        return;
+    }
+    let mut partials = vec![0f32; n_tasks * n_tokens * h];
+    let shared = SharedMut::new(&mut partials);
+    pool.run(n_tasks, &|task| {
+        // SAFETY: task `task` alone owns its n_tokens * h partial rows.
+        let mine = unsafe { shared.slice(task * n_tokens * h, n_tokens * h) };
+        for t in 0..n_tokens {
+            f(neurons_of(task), t, &mut mine[t * h..(t + 1) * h]);
+        }
+    });
+    for part in partials.chunks_exact(n_tokens * h) {
+        super::ops::add_inplace(out, part);
+    }
+}
+
+/// Every neuron of `neurons`: act = silu(gate . x + gb) * (up . x + ub).
+fn block_all(k: Kernels, b: Bundles, neurons: TaskNeurons, xt: &[f32], gate_bias: Option<&[f32]>, up_bias: Option<&[f32]>, out: &mut [f32]) {
+    let mut offs = [[0usize; BLOCK]; 3];
+    let mut g = [0f32; BLOCK];
+    let mut u = [0f32; BLOCK];
+    for j0 in (0..neurons.len).step_by(BLOCK) {
+        let nb = BLOCK.min(neurons.len - j0);
+        for j in 0..nb {
+            let i = neurons.get(j0 + j);
+            for (part, o) in offs.iter_mut().enumerate() {
+                o[j] = b.offset(i, part);
+            }
+        }
+        k.matvec_gather(b.bytes, &offs[0][..nb], b.dtype, b.hidden, xt, &mut g[..nb]);
+        k.matvec_gather(b.bytes, &offs[1][..nb], b.dtype, b.hidden, xt, &mut u[..nb]);
+        for j in 0..nb {
+            let i = neurons.get(j0 + j);
+            let gv = g[j] + gate_bias.map_or(0.0, |v| v[i]);
+            let uv = u[j] + up_bias.map_or(0.0, |v| v[i]);
+            g[j] = silu(gv) * uv;
+        }
+        k.accumulate_rows(b.bytes, &offs[2][..nb], b.dtype, &g[..nb], out);
+    }
+}
+
+/// The kept neurons `neurons` of one token: act = coeff[i] * (up . x + ub).
+fn block_kept(k: Kernels, b: Bundles, neurons: TaskNeurons, xt: &[f32], coeff: &[f32], up_bias: Option<&[f32]>, out: &mut [f32]) {
+    let mut offs = [[0usize; BLOCK]; 2];
+    let mut u = [0f32; BLOCK];
+    for j0 in (0..neurons.len).step_by(BLOCK) {
+        let nb = BLOCK.min(neurons.len - j0);
+        for j in 0..nb {
+            let i = neurons.get(j0 + j);
+            offs[0][j] = b.offset(i, 1);
+            offs[1][j] = b.offset(i, 2);
+        }
+        k.matvec_gather(b.bytes, &offs[0][..nb], b.dtype, b.hidden, xt, &mut u[..nb]);
+        for j in 0..nb {
+            let i = neurons.get(j0 + j);
+            u[j] = coeff[i] * (u[j] + up_bias.map_or(0.0, |v| v[i]));
+        }
+        k.accumulate_rows(b.bytes, &offs[1][..nb], b.dtype, &u[..nb], out);
+    }
+}
+
+#[inline]
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// Griffin: `acc[j] += sum_t (z[t, j] / |z[t]|)^2` over the `width`-long rows of `z`.
+pub fn accumulate_neuron_scores(z: &[f32], width: usize, acc: &mut [f32]) {
+    for row in z.chunks_exact(width) {
+        let norm2: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        if norm2 == 0.0 || !norm2.is_finite() {
+            continue;
+        }
+        let inv = (1.0 / norm2) as f32;
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v * v * inv;
+        }
+    }
+}
+
+/// CATS: per `width`-long row of `act`, keeps the neurons `rule` picks by |act| (top-k ties:
+/// lower index first), zeroes the rest and appends the kept ids (ascending) to `kept`.
+pub fn select_neurons(act: &mut [f32], width: usize, rule: NeuronRule, kept: &mut NeuronLists) {
+    kept.clear();
+    let mut mags: Vec<f32> = Vec::new();
+    for row in act.chunks_exact_mut(width) {
+        // Neurons strictly above `cut` are kept, plus `ties` of those equal to it, lowest first.
+        let (cut, mut ties) = match rule {
+            NeuronRule::Threshold(thr) => (thr, usize::MAX),
+            NeuronRule::TopK(k) if k >= width => (f32::NEG_INFINITY, 0),
+            NeuronRule::TopK(0) => (f32::INFINITY, 0),
+            NeuronRule::TopK(k) => {
+                mags.clear();
+                mags.extend(row.iter().map(|v| nan_to_zero(v.abs())));
+                let (_, kth, _) = mags.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+                let kth = *kth;
+                let above = mags.iter().filter(|&&m| m > kth).count();
+                (kth, k - above)
+            }
+        };
+        for (i, v) in row.iter_mut().enumerate() {
+            let m = nan_to_zero(v.abs());
+            let keep = if m > cut {
+                true
+            } else if m == cut && ties > 0 {
+                ties -= 1;
+                true
+            } else {
+                false
+            };
+            if keep {
+                kept.ids.push(i as u32);
+            } else {
+                *v = 0.0;
+            }
+        }
+        kept.offsets.push(kept.ids.len());
+    }
+}
+
+/// NaN magnitudes rank as 0 so a NaN activation is never preferred (and never panics a sort).
+#[inline]
+fn nan_to_zero(m: f32) -> f32 {
+    if m.is_nan() {
+        0.0
+    } else {
+        m
+    }
+}

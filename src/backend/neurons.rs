@@ -1,0 +1,61 @@
+//! Argument types of the neuron-level (contextual sparsity) backend ops.
+
+/// Which FFN neurons a CATS step keeps, by |SiLU(gate)|.
+#[derive(Debug, Clone, Copy)]
+pub enum NeuronRule {
+    /// The `k` largest per token (ties: lower index first).
+    TopK(usize),
+    /// Those at or above the threshold (the caller passes its layer's).
+    Threshold(f32),
+}
+
+/// Kept neurons per token: token t's ascending neuron ids are
+/// `ids[offsets[t]..offsets[t + 1]]`. Host memory, reused across calls.
+#[derive(Debug, Clone, Default)]
+pub struct NeuronLists {
+    pub ids: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl NeuronLists {
+    /// Empties the lists (keeping their memory) for `n_tokens` new ones.
+    pub fn clear(&mut self) {
+        self.ids.clear();
+        self.offsets.clear();
+        self.offsets.push(0);
+    }
+
+    /// Appends one token's list.
+    pub fn push_token(&mut self, ids: impl IntoIterator<Item = u32>) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        self.ids.extend(ids);
+        self.offsets.push(self.ids.len());
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// Token t's kept neurons.
+    pub fn token(&self, t: usize) -> &[u32] {
+        &self.ids[self.offsets[t]..self.offsets[t + 1]]
+    }
+
+    /// Kept neurons over all tokens (for density statistics).
+    pub fn total(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// How [`super::Backend::bundle_ffn`] computes each neuron's activation.
+pub enum BundleSelection<'a, Buf> {
+    /// Every bundle of the matrix (a Griffin compact FFN, or the dense FFN in bundle form):
+    /// `act = silu(gate_i . x + gate_bias_i) * (up_i . x + up_bias_i)`. Bias vectors are
+    /// indexed like the bundle rows.
+    All { gate_bias: Option<&'a Buf>, up_bias: Option<&'a Buf> },
+    /// CATS: token t uses only `kept.token(t)`, with `act = coeff[t, i] * (up_i . x + up_bias_i)`,
+    /// `coeff` being SiLU(gate) from a dense gate pass (`[n, neurons]`).
+    PerToken { coeff: &'a Buf, kept: &'a NeuronLists, up_bias: Option<&'a Buf> },
+}

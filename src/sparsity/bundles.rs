@@ -1,0 +1,158 @@
+//! The neuron-bundle layout of the FFN weights.
+//!
+//! Checkpoints store the FFN as three matrices: gate `[f, h]`, up `[f, h]`, down `[h, f]`.
+//! Neuron i is gate row i, up row i and down *column* i, so a neuron subset touches three
+//! separate places, one of them strided. A bundle stores those `3h` weights contiguously
+//! (row i of a `[f, 3h]` matrix: gate row, up row, down column, in the checkpoint dtype):
+//! any neuron subset is then a list of contiguous runs, cheap to gather for Griffin, cheap to
+//! read for CATS, and exactly what the offloading runtime copies over PCIe.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::Llama;
+use crate::progress::progress_bar;
+
+/// One layer's FFN in bundle form.
+pub struct LayerBundles<B: Backend> {
+    /// `[f, 3h]`: row i = gate row i | up row i | down column i.
+    pub matrix: B::Matrix,
+    /// Per-neuron biases (`mlp_bias` models), host copies for gathering.
+    pub gate_bias: Option<Vec<f32>>,
+    pub up_bias: Option<Vec<f32>>,
+}
+
+/// Every layer's FFN as neuron bundles, built once at load.
+pub struct NeuronBundles<B: Backend> {
+    pub layers: Vec<LayerBundles<B>>,
+    pub hidden: usize,
+    pub neurons: usize,
+    pub dtype: DType,
+    /// Seconds the build took (reported at load).
+    pub build_seconds: f64,
+}
+
+impl<B: Backend> NeuronBundles<B> {
+    /// Rearranges the checkpoint's FFN matrices of every layer into bundles.
+    pub fn build(model: &Llama<B>) -> Result<Self> {
+        let t0 = Instant::now();
+        let c = &model.config;
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        let store = model.weights();
+        let bar = progress_bar(c.num_layers as u64, "bundling FFN");
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for li in 0..c.num_layers {
+            let p = format!("model.layers.{li}.mlp");
+            let gate = store.get(&format!("{p}.gate_proj.weight"), &[f, h])?;
+            let up = store.get(&format!("{p}.up_proj.weight"), &[f, h])?;
+            let down = store.get(&format!("{p}.down_proj.weight"), &[h, f])?;
+            let bytes = bundle_bytes(gate.bytes(), up.bytes(), down.bytes(), h, f, model.dtype.size());
+            let matrix = model.backend.upload_matrix(bytes, model.dtype, f, 3 * h)?;
+            let bias = |name: &str| -> Result<Option<Vec<f32>>> {
+                if !c.mlp_bias {
+                    return Ok(None);
+                }
+                let t = store.get(&format!("{p}.{name}.bias"), &[f])?;
+                let buf = model.backend.vector(&t)?;
+                let mut host = vec![0f32; f];
+                model.backend.read(&buf, 0, &mut host)?;
+                Ok(Some(host))
+            };
+            layers.push(LayerBundles { matrix, gate_bias: bias("gate_proj")?, up_bias: bias("up_proj")? });
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let build_seconds = t0.elapsed().as_secs_f64();
+        let bundles = NeuronBundles { layers, hidden: h, neurons: f, dtype: model.dtype, build_seconds };
+        tracing::info!(
+            "FFN neuron bundles: {} layers x {f} neurons, {:.1} MB, built in {:.0} ms",
+            c.num_layers,
+            bundles.total_bytes() as f64 / 1e6,
+            build_seconds * 1e3
+        );
+        Ok(bundles)
+    }
+
+    /// Bytes of one neuron's bundle.
+    pub fn bundle_bytes(&self) -> usize {
+        3 * self.hidden * self.dtype.size()
+    }
+
+    /// Bytes of all bundles (the extra memory the layout costs next to the mapped checkpoint).
+    pub fn total_bytes(&self) -> usize {
+        self.layers.len() * self.neurons * self.bundle_bytes()
+    }
+
+    /// Byte ranges, within one layer's bundle matrix, of the neurons in `ids` (ascending),
+    /// adjacent neurons merged into one run: what a copy of that subset has to move.
+    pub fn byte_runs(&self, ids: &[u32]) -> Result<Vec<Range<usize>>> {
+        let bb = self.bundle_bytes();
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut prev: Option<u32> = None;
+        for &i in ids {
+            if i as usize >= self.neurons || prev.is_some_and(|p| p >= i) {
+                return Err(Error::InvalidArgument(format!(
+                    "neuron ids must be ascending and below {}, got {i} after {prev:?}",
+                    self.neurons
+                )));
+            }
+            let start = i as usize * bb;
+            match runs.last_mut() {
+                Some(last) if last.end == start => last.end += bb,
+                _ => runs.push(start..start + bb),
+            }
+            prev = Some(i);
+        }
+        Ok(runs)
+    }
+}
+
+/// Interleaves one layer's gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes, `esz`
+/// bytes per element) into `[f, 3h]` bundles.
+pub fn bundle_bytes(gate: &[u8], up: &[u8], down: &[u8], h: usize, f: usize, esz: usize) -> Vec<u8> {
+    let row = h * esz;
+    let bundle = 3 * row;
+    let mut out = vec![0u8; f * bundle];
+    for (i, b) in out.chunks_exact_mut(bundle).enumerate() {
+        b[..row].copy_from_slice(&gate[i * row..(i + 1) * row]);
+        b[row..2 * row].copy_from_slice(&up[i * row..(i + 1) * row]);
+    }
+    // down[r, i] goes to bundle i, element h + h + r: read down row by row (sequential), write
+    // one element into each bundle.
+    for (r, down_row) in down.chunks_exact(f * esz).enumerate() {
+        for (i, e) in down_row.chunks_exact(esz).enumerate() {
+            let at = i * bundle + 2 * row + r * esz;
+            out[at..at + esz].copy_from_slice(e);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundles_hold_gate_up_rows_and_down_columns() {
+        let (h, f, esz) = (3, 4, 2);
+        // Element values encode (matrix, row, col) so misplacement shows.
+        let enc = |m: u16, r: usize, c: usize| (m * 100 + r as u16 * 10 + c as u16).to_le_bytes();
+        let mat = |m: u16, rows: usize, cols: usize| -> Vec<u8> {
+            (0..rows).flat_map(|r| (0..cols).flat_map(move |c| enc(m, r, c))).collect()
+        };
+        let out = bundle_bytes(&mat(1, f, h), &mat(2, f, h), &mat(3, h, f), h, f, esz);
+        assert_eq!(out.len(), f * 3 * h * esz);
+        for i in 0..f {
+            let b = &out[i * 3 * h * esz..(i + 1) * 3 * h * esz];
+            let el = |j: usize| u16::from_le_bytes([b[2 * j], b[2 * j + 1]]);
+            for c in 0..h {
+                assert_eq!(el(c), u16::from_le_bytes(enc(1, i, c)));
+                assert_eq!(el(h + c), u16::from_le_bytes(enc(2, i, c)));
+                assert_eq!(el(2 * h + c), u16::from_le_bytes(enc(3, c, i)));
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Contextual sparsity of the FFN (see ../shared/SIRIUS.md, "Contextual sparsity"):
+//! Griffin (one neuron set per request, from the prompt) and CATS (per token, from
+//! |SiLU(gate)|), both reading real neuron subsets through the bundle layout rather than
+//! masking a dense computation.
+//!
+//! The forward pass stays the one in `model::llama`; this module supplies what its FFN step
+//! reads ([`crate::model::llama::Ffn`]): bundles built at load, per-request Griffin state,
+//! CATS rules and the density bookkeeping.
+
+pub mod bundles;
+pub mod calibrate;
+pub mod cats;
+pub mod griffin;
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::model::llama::Ffn;
+use crate::model::Llama;
+
+pub use bundles::NeuronBundles;
+pub use cats::{CatsRule, CatsThresholds};
+pub use griffin::{GriffinFfn, GriffinScores, GriffinSelection};
+
+/// Which sparse FFN the decode steps use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SparsityMode {
+    None,
+    Griffin,
+    Cats,
+}
+
+impl fmt::Display for SparsityMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SparsityMode::None => "none",
+            SparsityMode::Griffin => "griffin",
+            SparsityMode::Cats => "cats",
+        })
+    }
+}
+
+impl FromStr for SparsityMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" | "dense" => Ok(SparsityMode::None),
+            "griffin" => Ok(SparsityMode::Griffin),
+            "cats" => Ok(SparsityMode::Cats),
+            _ => Err(Error::InvalidArgument(format!("unknown sparsity `{s}`: expected none, griffin or cats"))),
+        }
+    }
+}
+
+/// Checks a keep fraction: finite, in (0, 1].
+pub fn validate_keep(keep: f32) -> Result<f32> {
+    if keep.is_finite() && keep > 0.0 && keep <= 1.0 {
+        Ok(keep)
+    } else {
+        Err(Error::InvalidArgument(format!("--keep must be a fraction in (0, 1], got {keep}")))
+    }
+}
+
+/// Neurons kept out of `d_ff` at fraction `keep`: `round(keep * d_ff)` (half away from zero),
+/// at least 1 and at most `d_ff`.
+pub fn kept_neurons(keep: f32, d_ff: usize) -> usize {
+    ((keep as f64 * d_ff as f64).round() as usize).clamp(1.min(d_ff), d_ff)
+}
+
+/// The sparse FFN a loaded model decodes with (built once, shared by requests).
+pub enum Sparsity<B: Backend> {
+    None,
+    Griffin { keep: f32, bundles: NeuronBundles<B> },
+    Cats { keep: f32, bundles: NeuronBundles<B>, rule: CatsRule },
+}
+
+impl<B: Backend> Sparsity<B> {
+    /// Sets up `mode` for `model`: validates `keep` and builds the bundles. `thresholds`
+    /// (CATS only) replaces per-token top-k with calibrated per-layer thresholds.
+    pub fn new(model: &Llama<B>, mode: SparsityMode, keep: f32, thresholds: Option<CatsThresholds>) -> Result<Self> {
+        let keep = validate_keep(keep)?;
+        if thresholds.is_some() && mode != SparsityMode::Cats {
+            return Err(Error::InvalidArgument("CATS thresholds need --sparsity cats".into()));
+        }
+        Ok(match mode {
+            SparsityMode::None => Sparsity::None,
+            SparsityMode::Griffin => Sparsity::Griffin { keep, bundles: NeuronBundles::build(model)? },
+            SparsityMode::Cats => {
+                let rule = match thresholds {
+                    Some(t) => CatsRule::Thresholds(t),
+                    None => CatsRule::TopK(kept_neurons(keep, model.config.intermediate_size)),
+                };
+                Sparsity::Cats { keep, bundles: NeuronBundles::build(model)?, rule }
+            }
+        })
+    }
+
+    pub fn mode(&self) -> SparsityMode {
+        match self {
+            Sparsity::None => SparsityMode::None,
+            Sparsity::Griffin { .. } => SparsityMode::Griffin,
+            Sparsity::Cats { .. } => SparsityMode::Cats,
+        }
+    }
+
+    /// The keep fraction (1 for dense; the calibration target for thresholds).
+    pub fn keep(&self) -> f32 {
+        match self {
+            Sparsity::None => 1.0,
+            Sparsity::Griffin { keep, .. } => *keep,
+            Sparsity::Cats { rule: CatsRule::Thresholds(t), .. } => t.keep,
+            Sparsity::Cats { keep, .. } => *keep,
+        }
+    }
+
+    pub fn bundles(&self) -> Option<&NeuronBundles<B>> {
+        match self {
+            Sparsity::None => None,
+            Sparsity::Griffin { bundles, .. } | Sparsity::Cats { bundles, .. } => Some(bundles),
+        }
+    }
+
+    /// Starts one request.
+    pub fn request(&self, model: &Llama<B>) -> Result<SparseRequest<'_, B>> {
+        let scores = match self {
+            Sparsity::Griffin { .. } => Some(GriffinScores::new(model)?),
+            _ => None,
+        };
+        Ok(SparseRequest { sparsity: self, scores, griffin: None, counter: NeuronCounter::new(model.config.num_layers) })
+    }
+}
+
+/// Neurons a sparse FFN kept, summed over the tokens it ran.
+#[derive(Debug, Clone, Default)]
+pub struct NeuronCounter {
+    /// Per layer: kept neurons summed over tokens.
+    pub kept: Vec<u64>,
+    /// Token-layers counted per layer (tokens).
+    pub tokens: u64,
+}
+
+impl NeuronCounter {
+    pub fn new(layers: usize) -> Self {
+        NeuronCounter { kept: vec![0; layers], tokens: 0 }
+    }
+
+    /// Records layer `li` keeping `kept` neurons over `n_tokens` tokens. Call with the last
+    /// layer to finish a pass (tokens are counted there).
+    pub fn add(&mut self, li: usize, kept: usize, n_tokens: usize) {
+        if let Some(k) = self.kept.get_mut(li) {
+            *k += kept as u64;
+        }
+        if li + 1 == self.kept.len() {
+            self.tokens += n_tokens as u64;
+        }
+    }
+
+    /// Mean fraction of the `d_ff` neurons kept per layer.
+    pub fn kept_fraction(&self, d_ff: usize) -> Vec<f64> {
+        self.kept.iter().map(|&k| if self.tokens == 0 { 0.0 } else { k as f64 / (self.tokens as f64 * d_ff as f64) }).collect()
+    }
+}
+
+/// Per-request sparse state: Griffin scores, then the gathered FFN; CATS counts.
+pub struct SparseRequest<'s, B: Backend> {
+    sparsity: &'s Sparsity<B>,
+    scores: Option<GriffinScores<B>>,
+    griffin: Option<GriffinFfn<B>>,
+    counter: NeuronCounter,
+}
+
+impl<'s, B: Backend> SparseRequest<'s, B> {
+    /// The FFN of the (dense) prefill: Griffin scores the prompt's neurons there.
+    pub fn prefill_ffn(&mut self) -> Ffn<'_, B> {
+        match &mut self.scores {
+            Some(scores) => Ffn::DenseScoring(scores),
+            None => Ffn::Dense,
+        }
+    }
+
+    /// After the prompt: Griffin picks and gathers its neurons.
+    pub fn finish_prefill(&mut self, model: &Llama<B>) -> Result<()> {
+        if let (Sparsity::Griffin { keep, bundles }, Some(scores)) = (self.sparsity, &self.scores) {
+            let selection = scores.select(&model.backend, *keep)?;
+            self.griffin = Some(GriffinFfn::gather(&model.backend, bundles, selection)?);
+        }
+        Ok(())
+    }
+
+    /// The FFN of decode steps.
+    pub fn decode_ffn(&mut self) -> Ffn<'_, B> {
+        match (self.sparsity, &self.griffin) {
+            (Sparsity::Griffin { .. }, Some(g)) => Ffn::Griffin(g),
+            (Sparsity::Cats { bundles, rule, .. }, _) => Ffn::Cats { bundles, rule, counter: &mut self.counter },
+            _ => Ffn::Dense,
+        }
+    }
+
+    /// Counts decode tokens that ran a Griffin FFN (CATS counts itself in the forward).
+    pub fn count_decode(&mut self, n_tokens: usize) {
+        if let Some(g) = &self.griffin {
+            let last = g.layers.len().saturating_sub(1);
+            for (li, k) in g.kept().into_iter().enumerate() {
+                self.counter.kept[li] += (k * n_tokens) as u64;
+                if li == last {
+                    self.counter.tokens += n_tokens as u64;
+                }
+            }
+        }
+    }
+
+    pub fn griffin(&self) -> Option<&GriffinFfn<B>> {
+        self.griffin.as_ref()
+    }
+
+    /// What the request's sparse steps read.
+    pub fn report(&self, config: &ModelConfig) -> SparsityReport {
+        SparsityReport::new(self.sparsity.mode(), self.sparsity.keep(), &self.counter, config)
+    }
+}
+
+/// Sparsity statistics of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct SparsityReport {
+    pub sparsity: SparsityMode,
+    pub keep: f32,
+    /// Parameters read per sparse token / all parameters (SIRIUS.md: embedding and head
+    /// included, the embedding counted whole as the paper does). 1.0 for dense.
+    pub density: f64,
+    /// Mean fraction of FFN neurons kept per layer over the sparse tokens (empty for dense).
+    pub kept_per_layer: Vec<f64>,
+    /// Tokens that ran the sparse FFN.
+    pub sparse_tokens: u64,
+}
+
+impl SparsityReport {
+    pub fn new(mode: SparsityMode, keep: f32, counter: &NeuronCounter, c: &ModelConfig) -> Self {
+        let kept = if mode == SparsityMode::None { Vec::new() } else { counter.kept_fraction(c.intermediate_size) };
+        let density = density(mode, &kept, c);
+        SparsityReport { sparsity: mode, keep, density, kept_per_layer: kept, sparse_tokens: counter.tokens }
+    }
+}
+
+/// Density of a sparse FFN keeping fraction `kept[l]` of layer l's neurons, from the
+/// parameter count: a skipped Griffin neuron saves its gate row, up row and down column
+/// (plus gate/up biases); a skipped CATS neuron saves only up and down (the gate is dense).
+pub fn density(mode: SparsityMode, kept: &[f64], c: &ModelConfig) -> f64 {
+    let h = c.hidden_size as f64;
+    let f = c.intermediate_size as f64;
+    let bias = if c.mlp_bias { 1.0 } else { 0.0 };
+    let per_neuron = match mode {
+        SparsityMode::None => return 1.0,
+        SparsityMode::Griffin => 3.0 * h + 2.0 * bias,
+        SparsityMode::Cats => 2.0 * h + bias,
+    };
+    let skipped: f64 = kept.iter().map(|k| (1.0 - k) * f * per_neuron).sum();
+    let total = c.parameter_count() as f64;
+    (total - skipped) / total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keep_must_be_a_fraction() {
+        for bad in [0.0, -0.5, 1.01, f32::NAN, f32::INFINITY] {
+            assert!(validate_keep(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(validate_keep(1.0).unwrap(), 1.0);
+        assert_eq!(kept_neurons(0.5, 1536), 768);
+        assert_eq!(kept_neurons(1e-6, 10), 1);
+        assert_eq!(kept_neurons(1.0, 10), 10);
+    }
+}
