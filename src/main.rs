@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sirius_offload::cli::{self, BenchArgs, RunArgs};
+use sirius_offload::cli::{self, BenchArgs, CalibrateArgs, EvalArgs, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -33,6 +33,11 @@ enum Command {
     Run(RunArgs),
     /// Measure prefill and decode tokens/s (llama-bench style: pp and tg tests, medians).
     Bench(BenchArgs),
+    /// Calibrate per-layer CATS thresholds on sample text (for `run --cats-thresholds`).
+    Calibrate(CalibrateArgs),
+    /// Measure what FFN sparsity costs in quality (perplexity of a text), one mode or several.
+    #[command(after_long_help = cli::eval::EVAL_HELP)]
+    Eval(EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +54,8 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
         (Some(Command::Run(args)), _) | (None, Some(args)) => cli::run::run(args).map_err(Into::into),
         (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
+        (Some(Command::Calibrate(args)), _) => cli::calibrate::calibrate(args).map_err(Into::into),
+        (Some(Command::Eval(args)), _) => cli::eval::eval(args).map_err(Into::into),
         (None, None) => {
             let _ = writeln!(std::io::stderr(), "error: give --model and --prompt, or a subcommand (see --help)");
             return ExitCode::from(2);

@@ -1,10 +1,15 @@
-//! Command-line subcommands, one file each. `main.rs` parses and dispatches.
+//! Command-line subcommands, one file each, plus the shared option and output helpers.
+//! `main.rs` parses and dispatches.
 
 pub mod bench;
+pub mod calibrate;
+pub mod eval;
 pub mod fetch;
 pub mod output;
 pub mod run;
 pub mod sparsity_args;
 
 pub use bench::BenchArgs;
+pub use calibrate::CalibrateArgs;
+pub use eval::EvalArgs;
 pub use run::RunArgs;

@@ -1,4 +1,5 @@
-//! Report files written by subcommands (`--stats-json`, `bench --json`).
+//! Report files written by subcommands (`--stats-json`, `bench --json`, `eval --json`) and
+//! reports printed to standard output.
 
 use std::path::Path;
 
@@ -20,4 +21,13 @@ pub fn check_output_dir(flag: &str, path: Option<&Path>) -> Result<()> {
 pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let json = serde_json::to_string_pretty(value).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     std::fs::write(path, json + "\n").map_err(|source| Error::Write { path: path.to_path_buf(), source })
+}
+
+/// Writes a report to standard output; a reader that went away (`| head`) is not an error.
+pub fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut out, text.as_bytes()).and_then(|()| std::io::Write::flush(&mut out)) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::Write { path: "standard output".into(), source: e }),
+        _ => Ok(()),
+    }
 }

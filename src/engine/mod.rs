@@ -1,6 +1,8 @@
-//! Driving the model: the generation loop (and, later, the request queue and step loop).
+//! Driving the model: the generation loop, perplexity evaluation (and, later, the request
+//! queue and step loop).
 
 pub mod generate;
+pub mod perplexity;
 pub mod stop;
 
 pub use generate::{generate, GenerateOptions, GenerationOutput, StopReason};

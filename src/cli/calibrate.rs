@@ -1,0 +1,108 @@
+//! `sirius-offload calibrate`: per-layer CATS thresholds from sample text, so that
+//! `run --sparsity cats --cats-thresholds FILE` skips neurons by a fixed |SiLU(gate)| cut
+//! instead of a per-token top-k (the CATS paper's rule; see ../shared/SIRIUS.md).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use crate::backend::CpuBackend;
+use crate::cli::fetch::model_dir_or_fetch;
+use crate::cli::output::check_output_dir;
+use crate::error::{Error, Result};
+use crate::model::{Llama, Tokenizer};
+use crate::sparsity::calibrate::calibrate as calibrate_thresholds;
+use crate::sparsity::validate_keep;
+
+#[derive(Debug, Clone, Args)]
+pub struct CalibrateArgs {
+    /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Don't fetch a preset's weights automatically when they are missing.
+    #[arg(long)]
+    pub no_fetch: bool,
+    /// Calibration text (UTF-8), taken raw like a `run` prompt (BOS added as for a prompt).
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Target fraction of FFN neurons kept per layer, in (0, 1].
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub keep: f32,
+    /// Where to write the thresholds (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The text runs as independent sequences of this many tokens (capped at the model's
+    /// max_position_embeddings).
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Use only the first N tokens of the text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Compute threads (0 = one per core).
+    #[arg(long, short = 't', default_value_t = 0)]
+    pub threads: usize,
+    /// Don't print the table; errors only.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
+    // Option and input errors first: they should not wait for a model load.
+    let keep = validate_keep(args.keep)?;
+    if args.seq_len == 0 {
+        return Err(Error::InvalidArgument("--seq-len must be at least 1".into()));
+    }
+    if args.max_tokens == Some(0) {
+        return Err(Error::InvalidArgument("--max-tokens must be at least 1".into()));
+    }
+    check_output_dir("--out", Some(&args.out))?;
+    let text = read_text("--text", &args.text)?;
+
+    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
+    let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
+    let tokenizer = load_tokenizer(&dir, model.config.vocab_size)?;
+    let mut tokens = tokenizer.encode(&text, true)?;
+    if let Some(max) = args.max_tokens {
+        tokens.truncate(max);
+    }
+    tracing::info!(tokens = tokens.len(), seq_len = args.seq_len, keep, "calibrating");
+    let t0 = std::time::Instant::now();
+    let thresholds = calibrate_thresholds(&model, &tokens, keep, args.seq_len, &args.text)?;
+    let seconds = t0.elapsed().as_secs_f64();
+    thresholds.save(&args.out)?;
+    if !args.quiet {
+        let mut table = String::from("| layer | threshold | kept on the text |\n|---|---|---|\n");
+        for (li, (t, k)) in thresholds.thresholds.iter().zip(&thresholds.calibration_kept).enumerate() {
+            let _ = writeln!(table, "| {li} | {t:.6} | {k:.4} |");
+        }
+        let n = thresholds.calibration_kept.len().max(1) as f64;
+        let mean = thresholds.calibration_kept.iter().sum::<f64>() / n;
+        let _ = writeln!(table, "\nmean kept {mean:.4} (target {keep}) over {} tokens in {seconds:.1} s", tokens.len());
+        let _ = writeln!(table, "wrote {}", args.out.display());
+        super::output::print_stdout(&table)?;
+    }
+    Ok(())
+}
+
+/// Reads a UTF-8 text file that must hold more than white space.
+pub(crate) fn read_text(flag: &str, path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidArgument(format!("{flag} {}: {e}", path.display())))?;
+    if text.trim().is_empty() {
+        return Err(Error::InvalidArgument(format!("{flag} {}: the file is empty", path.display())));
+    }
+    Ok(text)
+}
+
+/// The model's tokenizer, refused when it has ids the model cannot embed.
+pub(crate) fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&path)?;
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(Error::Tokenizer {
+            path,
+            msg: format!("{} tokens, more than the model's vocab_size {vocab_size}", tokenizer.vocab_size()),
+        });
+    }
+    Ok(tokenizer)
+}
