@@ -74,9 +74,10 @@ pub trait Backend {
     /// Makes a matrix of `rows x cols` elements of `dtype` from bytes built on the host
     /// (the neuron-bundle layout).
     fn upload_matrix(&self, bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<Self::Matrix>;
-    /// A new matrix holding rows `rows` of `m`, in that order (a Griffin selection gathered
-    /// into a compact FFN).
-    fn gather_rows(&self, m: &Self::Matrix, rows: &[u32]) -> Result<Self::Matrix>;
+    /// Gathers the neurons `rows` (ascending) of a bundle matrix (`[f, 3h]`) into a compact
+    /// dense FFN in checkpoint layout: gate `[k, h]`, up `[k, h]`, down `[h, k]`. Griffin
+    /// decodes with it through the ordinary (fastest) matmul.
+    fn gather_ffn(&self, bundles: &Self::Matrix, rows: &[u32]) -> Result<[Self::Matrix; 3]>;
     /// The FFN over neuron bundles (`bundles`: `[neurons, 3h]`, row i = gate row i, up row i,
     /// down column i): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where
     /// `act` is computed from `x[t]` as [`BundleSelection`] says. Overwrites rows

@@ -12,9 +12,11 @@ use serde::Serialize;
 use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
+use crate::cli::sparsity_args::SparsityArgs;
 use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
+use crate::sparsity::{SparsityMode, SparsityReport};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -39,6 +41,10 @@ pub struct BenchArgs {
     /// Also write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Sparsity of the decode (tg) test. Griffin picks its neurons from a prefill of the pp
+    /// test's tokens (128 if --prompt is 0); pp always runs dense.
+    #[command(flatten)]
+    pub sparsity: SparsityArgs,
 }
 
 #[derive(Debug, Serialize)]
@@ -58,6 +64,11 @@ struct BenchReport {
     backend: String,
     dtype: String,
     weight_bytes: usize,
+    /// Weight bytes a decode step reads: the dense figure minus the FFN bytes sparsity skips
+    /// (an untied embedding table is not counted: a step reads one row of it).
+    decode_weight_bytes_per_token: f64,
+    #[serde(flatten)]
+    sparsity: SparsityReport,
     results: Vec<BenchResult>,
 }
 
@@ -69,8 +80,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return Err(Error::InvalidArgument("nothing to measure: --prompt and --gen are both 0".into()));
     }
     check_output_dir("--json", args.json.as_deref())?;
+    args.sparsity.validate()?;
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
     let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
+    let sparsity = args.sparsity.build(&model)?;
     let max_pos = model.config.max_position_embeddings;
     if args.prompt > max_pos || args.gen > max_pos {
         return Err(Error::InvalidArgument(format!(
@@ -99,6 +112,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         }
         results.push(summarise(format!("pp{}", args.prompt), args.prompt, samples));
     }
+    // Griffin needs a prompt to choose its neurons; the same request state serves every rep.
+    let mut request = sparsity.request(&model)?;
+    if args.gen > 0 && sparsity.mode() == SparsityMode::Griffin {
+        let prompt = ids(if args.prompt > 0 { args.prompt } else { 128 }.min(max_pos));
+        let mut scratch = Scratch::with_logit_rows(&model, prompt.len(), 1)?;
+        let mut cache = model.new_cache(prompt.len())?;
+        model.forward_with(&prompt, &mut cache, &mut scratch, Logits::Last, &mut request.prefill_ffn())?;
+        request.finish_prefill(&model)?;
+    }
     if args.gen > 0 {
         let tokens = ids(args.gen);
         let mut scratch = Scratch::new(&model, 1)?;
@@ -107,7 +129,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let mut cache = model.new_cache(args.gen)?;
             let t = Instant::now();
             for &tok in &tokens {
-                model.forward(&[tok], &mut cache, &mut scratch, Logits::Last)?;
+                model.forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut request.decode_ffn())?;
+                request.count_decode(1);
             }
             bar.inc(1);
             if rep > 0 {
@@ -117,17 +140,24 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         results.push(summarise(format!("tg{}", args.gen), args.gen, samples));
     }
     bar.finish_and_clear();
+    let sparsity_report = request.report(&model.config);
     let report = BenchReport {
+        decode_weight_bytes_per_token: decode_bytes_per_token(&model, &sparsity_report),
+        sparsity: sparsity_report,
         model: dir.display().to_string(),
         backend: model.backend_description(),
         dtype: model.dtype.to_string(),
         weight_bytes: model.weight_bytes(),
         results,
     };
-    let mut table = String::from("| model | backend | dtype | test | t/s (median) | min | max |\n|---|---|---|---|---|---|---|\n");
+    let mut table = String::from("| model | backend | dtype | sparsity | test | t/s (median) | min | max |\n|---|---|---|---|---|---|---|---|\n");
     for r in &report.results {
+        let sparse = match (&report.sparsity.sparsity, r.test.starts_with("tg")) {
+            (SparsityMode::None, _) | (_, false) => "none".to_string(),
+            (mode, true) => format!("{mode} {} (density {:.3})", report.sparsity.keep, report.sparsity.density),
+        };
         table += &format!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} |\n",
+            "| {} | {} | {} | {sparse} | {} | {:.2} | {:.2} | {:.2} |\n",
             args.model, report.backend, report.dtype, r.test, r.median_tokens_per_s, r.min_tokens_per_s, r.max_tokens_per_s
         );
     }
@@ -141,6 +171,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         write_json(path, &report)?;
     }
     Ok(())
+}
+
+/// Weight bytes one decode step reads: everything but an untied embedding table (one row of
+/// it is read), minus the FFN bytes the sparse steps skipped on average.
+fn decode_bytes_per_token(model: &Llama<CpuBackend>, report: &SparsityReport) -> f64 {
+    let c = &model.config;
+    let esz = model.dtype.size() as f64;
+    let embed = if c.tie_word_embeddings { 0.0 } else { (c.vocab_size * c.hidden_size) as f64 * esz };
+    let skipped_params = (1.0 - report.density) * c.parameter_count() as f64;
+    model.weight_bytes() as f64 - embed - skipped_params * esz
 }
 
 fn summarise(test: String, tokens: usize, mut samples: Vec<f64>) -> BenchResult {

@@ -280,9 +280,16 @@ impl<B: Backend> Llama<B> {
         b.rmsnorm(&s.x, &w.ffn_norm, c.rms_norm_eps, n, &mut s.xn)?;
         match ffn {
             Ffn::Griffin(g) => {
+                // The same dense FFN over the request's k gathered neurons: s.gate and s.up
+                // hold [n, k] here.
                 let l = g.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
-                let sel = BundleSelection::All { gate_bias: l.gate_bias.as_ref(), up_bias: l.up_bias.as_ref() };
-                b.bundle_ffn(&l.bundles, &s.xn, n, sel, &mut s.proj)?;
+                let k = g.selection.layers[li].len();
+                b.matmul(&l.gate, &s.xn, n, &mut s.gate)?;
+                b.matmul(&l.up, &s.xn, n, &mut s.up)?;
+                self.add_bias(&mut s.gate, &l.gate_bias, n)?;
+                self.add_bias(&mut s.up, &l.up_bias, n)?;
+                b.silu_mul(&mut s.gate, &s.up, n * k)?;
+                b.matmul(&l.down, &s.gate, n, &mut s.proj)?;
             }
             Ffn::Cats { bundles, rule, counter } => {
                 let l = bundles.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no bundles for layer {li}")))?;

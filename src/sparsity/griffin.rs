@@ -72,12 +72,14 @@ pub fn top_k_ascending(scores: &[f32], k: usize) -> Vec<u32> {
     ids
 }
 
-/// The compact FFN of one layer: the selected bundles, gathered.
+/// The compact FFN of one layer: the selected neurons gathered from their bundles into the
+/// checkpoint layout, so decode runs the ordinary dense matmuls over k instead of f neurons.
 pub struct GriffinLayer<B: Backend> {
-    /// `[k, 3h]`.
-    pub bundles: B::Matrix,
-    pub gate_bias: Option<B::Buf>,
-    pub up_bias: Option<B::Buf>,
+    pub gate: B::Matrix, // [k, h]
+    pub up: B::Matrix,   // [k, h]
+    pub down: B::Matrix, // [h, k]
+    pub gate_bias: Option<B::Buf>, // [k]
+    pub up_bias: Option<B::Buf>,   // [k]
 }
 
 /// A request's Griffin FFN: every layer's selected neurons as a compact bundle matrix.
@@ -104,8 +106,11 @@ impl<B: Backend> GriffinFfn<B> {
             .iter()
             .zip(&selection.layers)
             .map(|(l, ids)| {
+                let [gate, up, down] = backend.gather_ffn(&l.matrix, ids)?;
                 Ok(GriffinLayer {
-                    bundles: backend.gather_rows(&l.matrix, ids)?,
+                    gate,
+                    up,
+                    down,
                     gate_bias: gather_bias(&l.gate_bias, ids)?,
                     up_bias: gather_bias(&l.up_bias, ids)?,
                 })

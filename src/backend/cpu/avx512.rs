@@ -544,3 +544,55 @@ unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, o
         c += 64;
     }
 }
+
+/// [`accumulate_rows`] for bf16 with `out` in the de-interleaved layout of `Kernels::prep_x`
+/// (per block of 32 columns: the 16 even ones, then the 16 odd ones; `out` holds whole
+/// blocks). The layout lets one 512-bit load feed two FMAs through the shift/mask trick of
+/// `bf16_rows`, instead of a widening shuffle per 16 weights: the down projection of
+/// scattered CATS neurons measured compute bound with the shuffle.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn accumulate_rows_bf16_split(w: &[u8], offsets: &[usize], cols: usize, coeffs: &[f32], out: &mut [f32]) {
+    let nb = cols.div_ceil(BF16_BLOCK);
+    assert!(out.len() >= nb * BF16_BLOCK);
+    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * 2 <= w.len()));
+    let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+    let op = out.as_mut_ptr();
+    let wp = w.as_ptr();
+    let mut b0 = 0;
+    while b0 < nb {
+        let nblk = (nb - b0).min(4);
+        let masks: [__mmask32; 4] = std::array::from_fn(|v| {
+            let c0 = (b0 + v) * BF16_BLOCK;
+            match cols.saturating_sub(c0) {
+                n if n >= 32 => !0,
+                n => (1u32 << n) - 1,
+            }
+        });
+        let mut ae = [_mm512_setzero_ps(); 4];
+        let mut ao = [_mm512_setzero_ps(); 4];
+        for v in 0..nblk {
+            // SAFETY: out holds whole blocks up to nb (asserted).
+            unsafe {
+                ae[v] = _mm512_loadu_ps(op.add((b0 + v) * BF16_BLOCK));
+                ao[v] = _mm512_loadu_ps(op.add((b0 + v) * BF16_BLOCK + 16));
+            }
+        }
+        for (r, &coef) in coeffs.iter().enumerate() {
+            let a = _mm512_set1_ps(coef);
+            for v in 0..nblk {
+                // SAFETY: masked to the row's `cols` elements (asserted inside `w`).
+                let x = unsafe { _mm512_maskz_loadu_epi16(masks[v], wp.add(offsets[r] + (b0 + v) * 2 * BF16_BLOCK) as *const i16) };
+                ae[v] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)), a, ae[v]);
+                ao[v] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), a, ao[v]);
+            }
+        }
+        for v in 0..nblk {
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm512_storeu_ps(op.add((b0 + v) * BF16_BLOCK), ae[v]);
+                _mm512_storeu_ps(op.add((b0 + v) * BF16_BLOCK + 16), ao[v]);
+            }
+        }
+        b0 += 4;
+    }
+}

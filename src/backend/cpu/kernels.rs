@@ -171,6 +171,28 @@ impl Kernels {
         }
     }
 
+    /// Block size of the de-interleaved output layout [`Kernels::accumulate_rows_in`] uses
+    /// for `dtype`, or None if it accumulates in natural column order.
+    pub(super) fn acc_split_block(self, dtype: DType) -> Option<usize> {
+        match (self.0, dtype) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, DType::BF16) => Some(avx512::BF16_BLOCK),
+            _ => None,
+        }
+    }
+
+    /// [`Kernels::accumulate_rows`] of `cols`-wide rows into `out` laid out as
+    /// [`Kernels::acc_split_block`] says (split blocks, or natural order in `out[..cols]`).
+    pub(super) fn accumulate_rows_in(self, w: &[u8], offsets: &[usize], dtype: DType, cols: usize, coeffs: &[f32], out: &mut [f32]) {
+        match self.acc_split_block(dtype) {
+            // SAFETY: the split layout exists only on the AVX-512 tier, which Kernels holds
+            // only when supported; bounds are asserted inside.
+            #[cfg(target_arch = "x86_64")]
+            Some(_) => unsafe { avx512::accumulate_rows_bf16_split(w, offsets, cols, coeffs, out) },
+            _ => self.accumulate_rows(w, offsets, dtype, coeffs, &mut out[..cols]),
+        }
+    }
+
     /// Vector width the `a` rows of [`Kernels::gemm_block`] must be zero padded to (max of
     /// all tiers, so callers need not care).
     pub(super) const GEMM_PAD: usize = 16;
@@ -331,6 +353,16 @@ impl Kernels {
             Isa::Avx512 => unsafe { avx512::silu_mul(gate, up) },
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("no SIMD tier off x86_64"),
+        }
+    }
+}
+
+/// Inverse of [`split_even_odd`]: `dst[j]` from the block layout of `src`.
+pub(super) fn merge_even_odd(dst: &mut [f32], src: &[f32], block: usize) {
+    let half = block / 2;
+    for (db, sb) in dst.chunks_mut(block).zip(src.chunks_exact(block)) {
+        for (j, v) in db.iter_mut().enumerate() {
+            *v = sb[(j % 2) * half + j / 2];
         }
     }
 }

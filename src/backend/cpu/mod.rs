@@ -78,7 +78,7 @@ pub fn bundle_ffn_with_isa(isa: Isa, pool: &ThreadPool, b: Bundles, x: &[f32], n
     neurons::bundle_ffn(Kernels::new(isa), pool, b, x, n_tokens, act, out);
 }
 
-pub use neurons::{accumulate_neuron_scores, select_neurons, Activation, Bundles};
+pub use neurons::{accumulate_neuron_scores, gather_ffn, select_neurons, Activation, Bundles};
 
 /// `x[i] = silu(x[i])`.
 pub fn silu(x: &mut [f32]) {
