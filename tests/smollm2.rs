@@ -17,20 +17,7 @@ use sirius_offload::model::{Llama, SamplingParams, TextStream, Tokenizer};
 use sirius_offload::sparsity::Sparsity;
 
 fn model_dir() -> Option<PathBuf> {
-    match resolve_model_dir("smollm2-135m") {
-        Ok(dir) => Some(dir),
-        Err(e) => {
-            if std::env::var("SIRIUS_REQUIRE_MODELS").as_deref() == Ok("1") {
-                panic!("SIRIUS_REQUIRE_MODELS=1 but SmolLM2 is not available: {e}");
-            }
-            // Straight to stderr, not eprintln!: the test harness would swallow that.
-            let _ = std::io::Write::write_all(
-                &mut std::io::stderr(),
-                format!("SKIPPED (SmolLM2 tests): {e}\n").as_bytes(),
-            );
-            None
-        }
-    }
+    common::smollm2_dir("SmolLM2 tests")
 }
 
 #[test]

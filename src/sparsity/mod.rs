@@ -268,6 +268,32 @@ pub fn density(mode: SparsityMode, kept: &[f64], c: &ModelConfig) -> f64 {
 mod tests {
     use super::*;
 
+    /// SmolLM2-135M's shapes, and its density counted by hand:
+    /// embedding 49152 x 576 = 28,311,552 (tied: the head reads the same matrix);
+    /// per layer attention 576*576*2 + 192*576*2 = 884,736, FFN 3 * 576 * 1536 = 2,654,208,
+    /// norms 1,152, so 30 layers = 106,202,880; final norm 576; total 134,515,008.
+    /// Griffin keep 0.5 keeps 768 of 1536 neurons: skips 30 * 768 * 3 * 576 = 39,813,120.
+    /// CATS keep 0.5 keeps the gate: skips 30 * 768 * 2 * 576 = 26,542,080.
+    #[test]
+    fn smollm2_density_matches_the_hand_count() {
+        let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "vocab_size": 49152,
+            "tie_word_embeddings": true}"#;
+        let c = ModelConfig::from_json(json, std::path::Path::new("smollm2/config.json")).unwrap();
+        assert_eq!(c.parameter_count(), 134_515_008);
+        let total = 134_515_008f64;
+        let half = vec![0.5; 30];
+        assert_eq!(kept_neurons(0.5, 1536), 768);
+        let griffin = density(SparsityMode::Griffin, &half, &c);
+        assert!((griffin - (total - 39_813_120.0) / total).abs() < 1e-12, "griffin {griffin}");
+        let cats = density(SparsityMode::Cats, &half, &c);
+        assert!((cats - (total - 26_542_080.0) / total).abs() < 1e-12, "cats {cats}");
+        assert_eq!(density(SparsityMode::None, &[], &c), 1.0);
+        // keep 1.0 reads everything.
+        assert!((density(SparsityMode::Griffin, &[1.0; 30], &c) - 1.0).abs() < 1e-15);
+    }
+
     #[test]
     fn keep_must_be_a_fraction() {
         for bad in [0.0, -0.5, 1.01, f32::NAN, f32::INFINITY] {

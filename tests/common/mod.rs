@@ -193,3 +193,19 @@ pub fn write_model_with(root: &Path, spec: &TinySpec, tensors: BTreeMap<String, 
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
 }
+
+/// The fetched SmolLM2-135M directory, or None after printing why its tests are skipped
+/// (straight to stderr: the harness swallows eprintln!). With SIRIUS_REQUIRE_MODELS=1 a
+/// missing model fails the test instead.
+pub fn smollm2_dir(what: &str) -> Option<PathBuf> {
+    match sirius_offload::config::resolve_model_dir("smollm2-135m") {
+        Ok(dir) => Some(dir),
+        Err(e) => {
+            if std::env::var("SIRIUS_REQUIRE_MODELS").as_deref() == Ok("1") {
+                panic!("SIRIUS_REQUIRE_MODELS=1 but SmolLM2 is not available: {e}");
+            }
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED ({what}): {e}\n").as_bytes());
+            None
+        }
+    }
+}
