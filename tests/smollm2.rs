@@ -10,7 +10,6 @@ use std::path::PathBuf;
 
 use common::fixtures_dir;
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::config::resolve_model_dir;
 use sirius_offload::engine::{generate, GenerateOptions};
 use sirius_offload::model::chat::{ChatMessage, ChatTemplate};
 use sirius_offload::model::{Llama, SamplingParams, TextStream, Tokenizer};
