@@ -5,6 +5,9 @@
 //! which is what decoding a real model looks like (every weight comes from DRAM once per
 //! token). `decode_token_smollm2` runs all matvecs of one SmolLM2-135M token (30 layers +
 //! tied LM head, 269 MB of bf16) and is the number to compare against llama.cpp.
+//! `ffn_smollm2_*` compare one decode token's FFN, dense against the contextual-sparsity
+//! paths (Griffin's kept neurons, CATS's per-token kept bundles), each cycling through at
+//! least 30 layers of distinct weights and at least `COLD_BYTES` of reads, as decode does.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,7 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
-use sirius_offload::backend::cpu::{self, Isa, ThreadPool};
+use sirius_offload::backend::cpu::{self, Activation, Bundles, Isa, ThreadPool};
+use sirius_offload::backend::{NeuronLists, NeuronRule};
 use sirius_offload::dtype::DType;
 
 fn main() {
@@ -202,5 +206,137 @@ fn matmul_bf16_1536x576_cold_tokens(bencher: Bencher, n: usize) {
         i = (i + 1) % copies;
         cpu::matmul(pool, &w[i * bytes..(i + 1) * bytes], DType::BF16, rows, cols, &x, n, &mut y);
         divan::black_box(&y);
+    });
+}
+
+/// SmolLM2-135M's FFN (hidden 576, d_ff 1536, bf16) and its layer count: every `ffn_smollm2_*`
+/// iteration runs the next layer's distinct weights, as decode does. They run at least 1 s
+/// (`min_time`): divan's default 100 one-call samples of ~200 us end after 20 ms, a pass or
+/// two over the layers, too few to average out a shared machine's noise.
+const FFN_H: usize = 576;
+const FFN_F: usize = 1536;
+const FFN_LAYERS: usize = 30;
+/// Neurons a sparse FFN keeps: Griffin keep = 0.5, CATS at 50% density.
+const FFN_KEPT: usize = FFN_F / 2;
+/// Bytes of one neuron bundle (gate row, up row, down column).
+const FFN_BUNDLE: usize = 3 * FFN_H * 2;
+
+/// Distinct layers a case cycles through: 30, or more until the bytes it reads per cycle reach
+/// `COLD_BYTES`. With only 30 layers the half-size Griffin weights (80 MB) partly stay in the
+/// L3 and beat the DRAM bandwidth, which would flatter the sparse paths against dense (159 MB).
+fn ffn_layers(bytes_read_per_layer: usize) -> usize {
+    FFN_LAYERS.max(COLD_BYTES.div_ceil(bytes_read_per_layer))
+}
+
+/// Three decode matmuls (gate, up, down) and silu_mul, as the model's dense FFN runs them,
+/// over `f` neurons in checkpoint layout; `w` holds `layers` x (gate | up | down).
+fn bench_ffn_matmuls(bencher: Bencher, threads: usize, f: usize) {
+    let h = FFN_H;
+    let mat = f * h * 2;
+    let layers = ffn_layers(3 * mat);
+    let w = weights(3 * mat, layers);
+    let x: Vec<f32> = (0..h).map(|i| (i as f32 * 0.01).sin()).collect();
+    let (mut g, mut u, mut y) = (vec![0f32; f], vec![0f32; f], vec![0f32; h]);
+    let pool = pool(threads);
+    let mut l = 0;
+    bencher.counter(BytesCount::new(3 * mat)).bench_local(|| {
+        l = (l + 1) % layers;
+        let lw = &w[l * 3 * mat..(l + 1) * 3 * mat];
+        cpu::matmul(pool, &lw[..mat], DType::BF16, f, h, &x, 1, &mut g);
+        cpu::matmul(pool, &lw[mat..2 * mat], DType::BF16, f, h, &x, 1, &mut u);
+        cpu::silu_mul(&mut g, &u);
+        cpu::matmul(pool, &lw[2 * mat..], DType::BF16, h, f, &g, 1, &mut y);
+        divan::black_box(&y);
+    });
+}
+
+/// Dense FFN of one decode token: 3 x 576 x 1536 bf16 = 5.3 MB per layer.
+#[divan::bench(args = [1, 2], min_time = 1, max_time = 2)]
+fn ffn_smollm2_dense(bencher: Bencher, threads: usize) {
+    bench_ffn_matmuls(bencher, threads, FFN_F);
+}
+
+/// Griffin keep 0.5 in bundle form: `bundle_ffn` All over a compact 768-bundle matrix (half
+/// the dense bytes). Kept next to [`ffn_smollm2_griffin_matmuls`] because `All` is also the
+/// bundle kernel's dense mode.
+#[divan::bench(args = [1, 2], min_time = 1, max_time = 2)]
+fn ffn_smollm2_griffin(bencher: Bencher, threads: usize) {
+    let bytes = FFN_KEPT * FFN_BUNDLE;
+    let layers = ffn_layers(bytes);
+    let w = weights(bytes, layers);
+    let x: Vec<f32> = (0..FFN_H).map(|i| (i as f32 * 0.01).sin()).collect();
+    let mut y = vec![0f32; FFN_H];
+    let pool = pool(threads);
+    let mut l = 0;
+    bencher.counter(BytesCount::new(bytes)).bench_local(|| {
+        l = (l + 1) % layers;
+        let b = Bundles { bytes: &w[l * bytes..(l + 1) * bytes], dtype: DType::BF16, neurons: FFN_KEPT, hidden: FFN_H };
+        cpu::bundle_ffn(pool, b, &x, 1, Activation::All { gate_bias: None, up_bias: None }, &mut y);
+        divan::black_box(&y);
+    });
+}
+
+/// Griffin keep 0.5 as the model decodes it (selection gathered by `gather_ffn` into
+/// checkpoint-layout gate/up/down): the dense matmuls over 768 neurons, same bytes as
+/// [`ffn_smollm2_griffin`].
+#[divan::bench(args = [1, 2], min_time = 1, max_time = 2)]
+fn ffn_smollm2_griffin_matmuls(bencher: Bencher, threads: usize) {
+    bench_ffn_matmuls(bencher, threads, FFN_KEPT);
+}
+
+/// CATS at 50%: the dense gate matvec and SiLU (CATS needs every neuron's gate), then
+/// `bundle_ffn` PerToken reading up + down of 768 random kept neurons of the full 1536-bundle
+/// matrix. Bytes read: gate (1.8 MB) + half the up/down (1.8 MB) = 2/3 of dense.
+#[divan::bench(args = [1, 2], min_time = 1, max_time = 2)]
+fn ffn_smollm2_cats(bencher: Bencher, threads: usize) {
+    let (h, f) = (FFN_H, FFN_F);
+    let gate_bytes = f * h * 2;
+    let bundle_bytes = f * FFN_BUNDLE;
+    let layers = ffn_layers(2 * gate_bytes);
+    let gates = weights(gate_bytes, layers);
+    let bundles = weights(bundle_bytes, layers);
+    // A fixed random half of the neurons per layer (decode sees a new set every layer).
+    let kept: Vec<NeuronLists> = (0..layers)
+        .map(|l| {
+            let mut s = (l as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut ids: Vec<u32> = (0..f as u32).collect();
+            for i in (1..f).rev() {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ids.swap(i, (s % (i as u64 + 1)) as usize);
+            }
+            ids.truncate(FFN_KEPT);
+            ids.sort_unstable();
+            let mut lists = NeuronLists::default();
+            lists.push_token(ids);
+            lists
+        })
+        .collect();
+    let x: Vec<f32> = (0..h).map(|i| (i as f32 * 0.01).sin()).collect();
+    let (mut g, mut y) = (vec![0f32; f], vec![0f32; h]);
+    let pool = pool(threads);
+    let mut l = 0;
+    bencher.counter(BytesCount::new(2 * gate_bytes)).bench_local(|| {
+        l = (l + 1) % layers;
+        cpu::matmul(pool, &gates[l * gate_bytes..(l + 1) * gate_bytes], DType::BF16, f, h, &x, 1, &mut g);
+        cpu::silu(&mut g);
+        let b = Bundles { bytes: &bundles[l * bundle_bytes..(l + 1) * bundle_bytes], dtype: DType::BF16, neurons: f, hidden: h };
+        cpu::bundle_ffn(pool, b, &x, 1, Activation::PerToken { coeff: &g, kept: &kept[l], up_bias: None }, &mut y);
+        divan::black_box(&y);
+    });
+}
+
+/// CATS's per-token selection (top 768 of 1536 by |act|), which the model runs between the
+/// gate matvec and `bundle_ffn` and [`ffn_smollm2_cats`] leaves out.
+#[divan::bench(max_time = 1)]
+fn select_neurons_top768_of_1536(bencher: Bencher) {
+    let act: Vec<f32> = (0..FFN_F).map(|i| (i as f32 * 0.37).sin() * (i as f32 * 0.011).cos()).collect();
+    let mut work = act.clone();
+    let mut kept = NeuronLists::default();
+    bencher.bench_local(|| {
+        work.copy_from_slice(&act);
+        cpu::select_neurons(&mut work, FFN_F, NeuronRule::TopK(FFN_KEPT), &mut kept);
+        divan::black_box(&kept);
     });
 }
