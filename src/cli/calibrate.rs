@@ -3,15 +3,16 @@
 //! instead of a per-token top-k (the CATS paper's rule; see ../shared/SIRIUS.md).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
 
 use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
-use crate::cli::output::check_output_dir;
+use crate::cli::input::{load_tokenizer, read_text};
+use crate::cli::output::{check_output_dir, print_stdout};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Tokenizer};
+use crate::model::Llama;
 use crate::sparsity::calibrate::calibrate as calibrate_thresholds;
 use crate::sparsity::validate_keep;
 
@@ -80,29 +81,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
         let mean = thresholds.calibration_kept.iter().sum::<f64>() / n;
         let _ = writeln!(table, "\nmean kept {mean:.4} (target {keep}) over {} tokens in {seconds:.1} s", tokens.len());
         let _ = writeln!(table, "wrote {}", args.out.display());
-        super::output::print_stdout(&table)?;
+        print_stdout(&table)?;
     }
     Ok(())
-}
-
-/// Reads a UTF-8 text file that must hold more than white space.
-pub(crate) fn read_text(flag: &str, path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidArgument(format!("{flag} {}: {e}", path.display())))?;
-    if text.trim().is_empty() {
-        return Err(Error::InvalidArgument(format!("{flag} {}: the file is empty", path.display())));
-    }
-    Ok(text)
-}
-
-/// The model's tokenizer, refused when it has ids the model cannot embed.
-pub(crate) fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&path)?;
-    if tokenizer.vocab_size() > vocab_size {
-        return Err(Error::Tokenizer {
-            path,
-            msg: format!("{} tokens, more than the model's vocab_size {vocab_size}", tokenizer.vocab_size()),
-        });
-    }
-    Ok(tokenizer)
 }

@@ -11,7 +11,7 @@ use clap::{ArgGroup, Args, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
-use crate::cli::calibrate::{load_tokenizer, read_text};
+use crate::cli::input::{load_tokenizer, read_text};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
 use crate::cli::sparsity_args::SparsityArgs;

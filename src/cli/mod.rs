@@ -5,6 +5,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod eval;
 pub mod fetch;
+pub mod input;
 pub mod output;
 pub mod run;
 pub mod sparsity_args;
