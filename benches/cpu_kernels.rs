@@ -53,7 +53,9 @@ type WeightCache = Mutex<HashMap<(usize, usize), Arc<Vec<u8>>>>;
 fn weights(bytes: usize, copies: usize) -> Arc<Vec<u8>> {
     static CACHE: OnceLock<WeightCache> = OnceLock::new();
     let mut map = CACHE.get_or_init(Default::default).lock().unwrap();
-    map.entry((bytes, copies)).or_insert_with(|| Arc::new(random_bf16(bytes * copies / 2, bytes as u64))).clone()
+    map.entry((bytes, copies))
+        .or_insert_with(|| Arc::new(random_bf16(bytes * copies / 2, bytes as u64)))
+        .clone()
 }
 
 #[derive(Clone, Copy)]
@@ -73,12 +75,22 @@ impl fmt::Display for MatvecCase {
             Isa::Avx512 => "avx512",
         };
         let heat = if self.cold { "cold" } else { "hot" };
-        write!(f, "{}x{} {heat} {isa} t{}", self.rows, self.cols, self.threads)
+        write!(
+            f,
+            "{}x{} {heat} {isa} t{}",
+            self.rows, self.cols, self.threads
+        )
     }
 }
 
 fn matvec_cases() -> Vec<MatvecCase> {
-    let shapes = [(1536, 576), (576, 1536), (576, 576), (192, 576), (49152, 576)];
+    let shapes = [
+        (1536, 576),
+        (576, 1536),
+        (576, 576),
+        (192, 576),
+        (49152, 576),
+    ];
     let mut out = Vec::new();
     for (rows, cols) in shapes {
         for cold in [false, true] {
@@ -87,7 +99,13 @@ fn matvec_cases() -> Vec<MatvecCase> {
             }
             for isa in Isa::available() {
                 for threads in [1, 2] {
-                    out.push(MatvecCase { isa, threads, rows, cols, cold });
+                    out.push(MatvecCase {
+                        isa,
+                        threads,
+                        rows,
+                        cols,
+                        cold,
+                    });
                 }
             }
         }
@@ -98,9 +116,19 @@ fn matvec_cases() -> Vec<MatvecCase> {
 /// Decode matvec (n_tokens = 1) on bf16 weights; throughput is weight bytes streamed.
 #[divan::bench(args = matvec_cases(), max_time = 1)]
 fn matvec_bf16(bencher: Bencher, case: MatvecCase) {
-    let MatvecCase { isa, threads, rows, cols, cold } = case;
+    let MatvecCase {
+        isa,
+        threads,
+        rows,
+        cols,
+        cold,
+    } = case;
     let bytes = rows * cols * 2;
-    let copies = if cold { COLD_BYTES.div_ceil(bytes).max(2) } else { 1 };
+    let copies = if cold {
+        COLD_BYTES.div_ceil(bytes).max(2)
+    } else {
+        1
+    };
     let w = weights(bytes, copies);
     let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.01).sin()).collect();
     let mut y = vec![0f32; rows];
@@ -148,7 +176,10 @@ impl fmt::Display for IsaThreads {
 }
 
 fn isa_threads() -> Vec<IsaThreads> {
-    Isa::available().into_iter().flat_map(|i| [IsaThreads(i, 1), IsaThreads(i, 2)]).collect()
+    Isa::available()
+        .into_iter()
+        .flat_map(|i| [IsaThreads(i, 1), IsaThreads(i, 2)])
+        .collect()
 }
 
 /// Prefill: 128 tokens through a [1536, 576] bf16 matrix; throughput in FLOPs (items).
@@ -159,10 +190,12 @@ fn prefill_bf16_1536x576_n128(bencher: Bencher, case: IsaThreads) {
     let x: Vec<f32> = (0..n * cols).map(|i| (i as f32 * 0.001).sin()).collect();
     let mut y = vec![0f32; n * rows];
     let pool = pool(case.1);
-    bencher.counter(ItemsCount::new(2 * rows * cols * n)).bench_local(|| {
-        cpu::matmul_with_isa(case.0, pool, &w, DType::BF16, rows, cols, &x, n, &mut y);
-        divan::black_box(&y);
-    });
+    bencher
+        .counter(ItemsCount::new(2 * rows * cols * n))
+        .bench_local(|| {
+            cpu::matmul_with_isa(case.0, pool, &w, DType::BF16, rows, cols, &x, n, &mut y);
+            divan::black_box(&y);
+        });
 }
 
 /// `ThreadPool::run` with empty tasks: the fixed cost every parallel kernel pays.
@@ -180,12 +213,28 @@ fn pool_run_overhead(bencher: Bencher, threads: usize) {
 fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
     let (nh, nkv, hd, seq) = (9, 3, 64, 512);
     let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
-    let kc: Vec<f32> = (0..seq * nkv * hd).map(|i| (i as f32 * 0.11).cos()).collect();
-    let vc: Vec<f32> = (0..seq * nkv * hd).map(|i| (i as f32 * 0.07).sin()).collect();
+    let kc: Vec<f32> = (0..seq * nkv * hd)
+        .map(|i| (i as f32 * 0.11).cos())
+        .collect();
+    let vc: Vec<f32> = (0..seq * nkv * hd)
+        .map(|i| (i as f32 * 0.07).sin())
+        .collect();
     let mut out = vec![0f32; nh * hd];
     let pool = pool(case.1);
     bencher.bench_local(|| {
-        cpu::attention_with_isa(case.0, pool, &q, &kc, &vc, nh, nkv, hd, seq - 1, 1, &mut out);
+        cpu::attention_with_isa(
+            case.0,
+            pool,
+            &q,
+            &kc,
+            &vc,
+            nh,
+            nkv,
+            hd,
+            seq - 1,
+            1,
+            &mut out,
+        );
         divan::black_box(&out);
     });
 }
@@ -204,7 +253,16 @@ fn matmul_bf16_1536x576_cold_tokens(bencher: Bencher, n: usize) {
     let mut i = 0;
     bencher.counter(BytesCount::new(bytes)).bench_local(|| {
         i = (i + 1) % copies;
-        cpu::matmul(pool, &w[i * bytes..(i + 1) * bytes], DType::BF16, rows, cols, &x, n, &mut y);
+        cpu::matmul(
+            pool,
+            &w[i * bytes..(i + 1) * bytes],
+            DType::BF16,
+            rows,
+            cols,
+            &x,
+            n,
+            &mut y,
+        );
         divan::black_box(&y);
     });
 }
@@ -270,8 +328,23 @@ fn ffn_smollm2_griffin(bencher: Bencher, threads: usize) {
     let mut l = 0;
     bencher.counter(BytesCount::new(bytes)).bench_local(|| {
         l = (l + 1) % layers;
-        let b = Bundles { bytes: &w[l * bytes..(l + 1) * bytes], dtype: DType::BF16, neurons: FFN_KEPT, hidden: FFN_H };
-        cpu::bundle_ffn(pool, b, &x, 1, Activation::All { gate_bias: None, up_bias: None }, &mut y);
+        let b = Bundles {
+            bytes: &w[l * bytes..(l + 1) * bytes],
+            dtype: DType::BF16,
+            neurons: FFN_KEPT,
+            hidden: FFN_H,
+        };
+        cpu::bundle_ffn(
+            pool,
+            b,
+            &x,
+            1,
+            Activation::All {
+                gate_bias: None,
+                up_bias: None,
+            },
+            &mut y,
+        );
         divan::black_box(&y);
     });
 }
@@ -317,21 +390,50 @@ fn ffn_smollm2_cats(bencher: Bencher, threads: usize) {
     let (mut g, mut y) = (vec![0f32; f], vec![0f32; h]);
     let pool = pool(threads);
     let mut l = 0;
-    bencher.counter(BytesCount::new(2 * gate_bytes)).bench_local(|| {
-        l = (l + 1) % layers;
-        cpu::matmul(pool, &gates[l * gate_bytes..(l + 1) * gate_bytes], DType::BF16, f, h, &x, 1, &mut g);
-        cpu::silu(&mut g);
-        let b = Bundles { bytes: &bundles[l * bundle_bytes..(l + 1) * bundle_bytes], dtype: DType::BF16, neurons: f, hidden: h };
-        cpu::bundle_ffn(pool, b, &x, 1, Activation::PerToken { coeff: &g, kept: &kept[l], up_bias: None }, &mut y);
-        divan::black_box(&y);
-    });
+    bencher
+        .counter(BytesCount::new(2 * gate_bytes))
+        .bench_local(|| {
+            l = (l + 1) % layers;
+            cpu::matmul(
+                pool,
+                &gates[l * gate_bytes..(l + 1) * gate_bytes],
+                DType::BF16,
+                f,
+                h,
+                &x,
+                1,
+                &mut g,
+            );
+            cpu::silu(&mut g);
+            let b = Bundles {
+                bytes: &bundles[l * bundle_bytes..(l + 1) * bundle_bytes],
+                dtype: DType::BF16,
+                neurons: f,
+                hidden: h,
+            };
+            cpu::bundle_ffn(
+                pool,
+                b,
+                &x,
+                1,
+                Activation::PerToken {
+                    coeff: &g,
+                    kept: &kept[l],
+                    up_bias: None,
+                },
+                &mut y,
+            );
+            divan::black_box(&y);
+        });
 }
 
 /// CATS's per-token selection (top 768 of 1536 by |act|), which the model runs between the
 /// gate matvec and `bundle_ffn` and [`ffn_smollm2_cats`] leaves out.
 #[divan::bench(max_time = 1)]
 fn select_neurons_top768_of_1536(bencher: Bencher) {
-    let act: Vec<f32> = (0..FFN_F).map(|i| (i as f32 * 0.37).sin() * (i as f32 * 0.011).cos()).collect();
+    let act: Vec<f32> = (0..FFN_F)
+        .map(|i| (i as f32 * 0.37).sin() * (i as f32 * 0.011).cos())
+        .collect();
     let mut work = act.clone();
     let mut kept = NeuronLists::default();
     bencher.bench_local(|| {

@@ -89,7 +89,10 @@ pub enum Error {
         "the prompt has {prompt_tokens} tokens but the context holds {context} (the smallest of \
          --ctx-size, the model's max_position_embeddings and its sliding window): shorten the prompt"
     )]
-    PromptTooLong { prompt_tokens: usize, context: usize },
+    PromptTooLong {
+        prompt_tokens: usize,
+        context: usize,
+    },
 
     #[error("the KV cache is full: {needed} positions needed, {capacity} available")]
     ContextFull { needed: usize, capacity: usize },

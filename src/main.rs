@@ -47,17 +47,27 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_env("SIRIUS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_env("SIRIUS_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
 
     let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
-        (Some(Command::Run(args)), _) | (None, Some(args)) => cli::run::run(args).map_err(Into::into),
+        (Some(Command::Run(args)), _) | (None, Some(args)) => {
+            cli::run::run(args).map_err(Into::into)
+        }
         (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
         (Some(Command::Calibrate(args)), _) => cli::calibrate::calibrate(args).map_err(Into::into),
         (Some(Command::Eval(args)), _) => cli::eval::eval(args).map_err(Into::into),
         (None, None) => {
-            let _ = writeln!(std::io::stderr(), "error: give --model and --prompt, or a subcommand (see --help)");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: give --model and --prompt, or a subcommand (see --help)"
+            );
             return ExitCode::from(2);
         }
     };

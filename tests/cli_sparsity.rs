@@ -21,8 +21,14 @@ fn stderr(o: &Output) -> String {
 fn assert_clean_failure(o: &Output, needle: &str) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
-    assert!(err.contains(needle), "stderr should mention {needle:?}: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "stderr should mention {needle:?}: {err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
 
@@ -32,7 +38,10 @@ fn tiny(root: &Path, spec: &TinySpec) -> String {
 
 /// `n` words of the tiny tokenizer's vocabulary (w3..w63), in a fixed pseudo-random order.
 fn words(n: usize, seed: usize) -> String {
-    (0..n).map(|i| format!("w{}", 3 + (i * 7 + seed + i * i * 3) % 61)).collect::<Vec<_>>().join(" ")
+    (0..n)
+        .map(|i| format!("w{}", 3 + (i * 7 + seed + i * i * 3) % 61))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn write_text(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -51,11 +60,27 @@ fn calibrated_thresholds_reach_the_target_and_drive_run() {
     let model = tiny(&tmp.path().join("m"), &TinySpec::default());
     let text = write_text(tmp.path(), "calib.txt", &words(200, 1));
     let out = tmp.path().join("thr.json");
-    let o = run(&["calibrate", "--model", &model, "--text", text.to_str().unwrap(), "--keep", "0.5",
-        "--out", out.to_str().unwrap(), "--seq-len", "32", "--threads", "2"]);
+    let o = run(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--text",
+        text.to_str().unwrap(),
+        "--keep",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+        "--seq-len",
+        "32",
+        "--threads",
+        "2",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("| 1 |") && table.contains("mean kept"), "{table}");
+    assert!(
+        table.contains("| 1 |") && table.contains("mean kept"),
+        "{table}"
+    );
     let t = json(&out);
     let kept = t["calibration_kept"].as_array().unwrap();
     assert_eq!(kept.len(), 2);
@@ -67,8 +92,24 @@ fn calibrated_thresholds_reach_the_target_and_drive_run() {
     assert_eq!(t["calibration_tokens"], 200);
 
     let stats = tmp.path().join("stats.json");
-    let o = run(&["run", "--model", &model, "--prompt", &words(6, 2), "--max-tokens", "8", "--temperature", "0",
-        "--sparsity", "cats", "--cats-thresholds", out.to_str().unwrap(), "--stats-json", stats.to_str().unwrap(), "-q"]);
+    let o = run(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        &words(6, 2),
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--sparsity",
+        "cats",
+        "--cats-thresholds",
+        out.to_str().unwrap(),
+        "--stats-json",
+        stats.to_str().unwrap(),
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = json(&stats);
     assert_eq!(s["sparsity"], "cats");
@@ -89,17 +130,59 @@ fn calibrated_thresholds_reach_the_target_and_drive_run() {
 fn thresholds_of_another_model_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny(&tmp.path().join("a"), &TinySpec::default());
-    let other = tiny(&tmp.path().join("b"), &TinySpec { ffn: 64, ..TinySpec::default() });
+    let other = tiny(
+        &tmp.path().join("b"),
+        &TinySpec {
+            ffn: 64,
+            ..TinySpec::default()
+        },
+    );
     let text = write_text(tmp.path(), "calib.txt", &words(64, 3));
     let out = tmp.path().join("thr.json");
-    let o = run(&["calibrate", "--model", &other, "--text", text.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"]);
+    let o = run(&[
+        "calibrate",
+        "--model",
+        &other,
+        "--text",
+        text.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-q",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = run(&["run", "--model", &model, "--prompt", "w3 w4", "--sparsity", "cats", "--cats-thresholds", out.to_str().unwrap()]);
+    let o = run(&[
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "w3 w4",
+        "--sparsity",
+        "cats",
+        "--cats-thresholds",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "calibrated for another model");
-    assert!(stderr(&o).contains("intermediate_size: 64"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("intermediate_size: 64"),
+        "{}",
+        stderr(&o)
+    );
     let text = write_text(tmp.path(), "ppl.txt", &words(100, 4));
-    let o = run(&["eval", "--model", &model, "--perplexity", text.to_str().unwrap(), "--window", "16", "--prefix", "8",
-        "--sparsity", "cats", "--cats-thresholds", out.to_str().unwrap()]);
+    let o = run(&[
+        "eval",
+        "--model",
+        &model,
+        "--perplexity",
+        text.to_str().unwrap(),
+        "--window",
+        "16",
+        "--prefix",
+        "8",
+        "--sparsity",
+        "cats",
+        "--cats-thresholds",
+        out.to_str().unwrap(),
+    ]);
     assert_clean_failure(&o, "calibrated for another model");
 }
 
@@ -111,14 +194,60 @@ fn bad_keep_values_are_one_line_errors() {
     let t = text.to_str().unwrap();
     let out = tmp.path().join("thr.json");
     for keep in ["0", "-0.5", "1.5", "NaN"] {
-        let o = run(&["run", "--model", &model, "--prompt", "w3", "--sparsity", "griffin", "--keep", keep]);
+        let o = run(&[
+            "run",
+            "--model",
+            &model,
+            "--prompt",
+            "w3",
+            "--sparsity",
+            "griffin",
+            "--keep",
+            keep,
+        ]);
         assert_clean_failure(&o, "--keep");
-        let o = run(&["eval", "--model", &model, "--perplexity", t, "--window", "16", "--prefix", "8", "--sparsity", "cats", "--keep", keep]);
+        let o = run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            t,
+            "--window",
+            "16",
+            "--prefix",
+            "8",
+            "--sparsity",
+            "cats",
+            "--keep",
+            keep,
+        ]);
         assert_clean_failure(&o, "--keep");
-        let o = run(&["calibrate", "--model", &model, "--text", t, "--keep", keep, "--out", out.to_str().unwrap()]);
+        let o = run(&[
+            "calibrate",
+            "--model",
+            &model,
+            "--text",
+            t,
+            "--keep",
+            keep,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert_clean_failure(&o, "--keep");
         let compare = format!("none,griffin:{keep}");
-        let o = run(&["eval", "--model", &model, "--perplexity", t, "--window", "16", "--prefix", "8", "--compare", &compare]);
+        let o = run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            t,
+            "--window",
+            "16",
+            "--prefix",
+            "8",
+            "--compare",
+            &compare,
+        ]);
         assert_clean_failure(&o, "--keep");
     }
     assert!(!out.exists());
@@ -128,8 +257,22 @@ fn bad_keep_values_are_one_line_errors() {
 fn eval(model: &str, text: &Path, extra: &[&str]) -> serde_json::Value {
     let dir = text.parent().unwrap();
     let report = dir.join("report.json");
-    let mut args = vec!["eval", "--model", model, "--perplexity", text.to_str().unwrap(), "--window", "24", "--prefix", "12",
-        "--threads", "2", "-q", "--json", report.to_str().unwrap()];
+    let mut args = vec![
+        "eval",
+        "--model",
+        model,
+        "--perplexity",
+        text.to_str().unwrap(),
+        "--window",
+        "24",
+        "--prefix",
+        "12",
+        "--threads",
+        "2",
+        "-q",
+        "--json",
+        report.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -155,13 +298,34 @@ fn perplexity_is_finite_and_griffin_at_keep_one_is_dense() {
 
     let griffin = eval(&model, &text, &["--sparsity", "griffin", "--keep", "1.0"]);
     let g = griffin["results"][0]["perplexity"].as_f64().unwrap();
-    assert!(((g - ppl) / ppl).abs() < 1e-4, "griffin keep 1.0: {g}, dense {ppl}");
-    assert_eq!(griffin["results"][0]["kept_per_layer"].as_array().unwrap().len(), 2);
+    assert!(
+        ((g - ppl) / ppl).abs() < 1e-4,
+        "griffin keep 1.0: {g}, dense {ppl}"
+    );
+    assert_eq!(
+        griffin["results"][0]["kept_per_layer"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 
     // --compare runs every mode over the same windows: its dense row is the dense run.
-    let all = eval(&model, &text, &["--compare", "none,griffin:0.5,cats:0.25", "--max-windows", "3"]);
+    let all = eval(
+        &model,
+        &text,
+        &[
+            "--compare",
+            "none,griffin:0.5,cats:0.25",
+            "--max-windows",
+            "3",
+        ],
+    );
     let rows = all["results"].as_array().unwrap();
-    let modes: Vec<&str> = rows.iter().map(|r| r["sparsity"].as_str().unwrap()).collect();
+    let modes: Vec<&str> = rows
+        .iter()
+        .map(|r| r["sparsity"].as_str().unwrap())
+        .collect();
     assert_eq!(modes, ["none", "griffin", "cats"]);
     assert_eq!(rows[2]["keep"].as_f64().unwrap(), 0.25);
     for r in rows {
@@ -170,7 +334,12 @@ fn perplexity_is_finite_and_griffin_at_keep_one_is_dense() {
     }
     let cats_kept = rows[2]["kept_per_layer"].as_array().unwrap();
     // 0.25 of 48 neurons = 12 per token, exactly.
-    assert!(cats_kept.iter().all(|k| (k.as_f64().unwrap() - 0.25).abs() < 1e-9), "{cats_kept:?}");
+    assert!(
+        cats_kept
+            .iter()
+            .all(|k| (k.as_f64().unwrap() - 0.25).abs() < 1e-9),
+        "{cats_kept:?}"
+    );
     assert!(rows[1]["density"].as_f64().unwrap() < rows[2]["density"].as_f64().unwrap() + 0.5);
 }
 
@@ -180,24 +349,112 @@ fn eval_rejects_short_texts_and_bad_windows() {
     let model = tiny(&tmp.path().join("m"), &TinySpec::default());
     let short = write_text(tmp.path(), "short.txt", &words(20, 7));
     let s = short.to_str().unwrap();
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", s, "--window", "24", "--prefix", "12"]), "fewer than one window");
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", s, "--window", "8", "--prefix", "0"]), "--prefix");
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", s, "--window", "8", "--prefix", "8"]), "--prefix");
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", s, "--window", "100", "--prefix", "8"]), "context");
-    let empty = write_text(tmp.path(), "empty.txt", " \n");
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", empty.to_str().unwrap()]), "empty");
-    assert_clean_failure(&run(&["eval", "--model", &model, "--perplexity", "/no/such/text"]), "/no/such/text");
     assert_clean_failure(
-        &run(&["calibrate", "--model", &model, "--text", "/no/such/text", "--out", tmp.path().join("t.json").to_str().unwrap()]),
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            s,
+            "--window",
+            "24",
+            "--prefix",
+            "12",
+        ]),
+        "fewer than one window",
+    );
+    assert_clean_failure(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            s,
+            "--window",
+            "8",
+            "--prefix",
+            "0",
+        ]),
+        "--prefix",
+    );
+    assert_clean_failure(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            s,
+            "--window",
+            "8",
+            "--prefix",
+            "8",
+        ]),
+        "--prefix",
+    );
+    assert_clean_failure(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            s,
+            "--window",
+            "100",
+            "--prefix",
+            "8",
+        ]),
+        "context",
+    );
+    let empty = write_text(tmp.path(), "empty.txt", " \n");
+    assert_clean_failure(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            empty.to_str().unwrap(),
+        ]),
+        "empty",
+    );
+    assert_clean_failure(
+        &run(&["eval", "--model", &model, "--perplexity", "/no/such/text"]),
+        "/no/such/text",
+    );
+    assert_clean_failure(
+        &run(&[
+            "calibrate",
+            "--model",
+            &model,
+            "--text",
+            "/no/such/text",
+            "--out",
+            tmp.path().join("t.json").to_str().unwrap(),
+        ]),
         "/no/such/text",
     );
     let missing_dir = tmp.path().join("nope").join("t.json");
     assert_clean_failure(
-        &run(&["calibrate", "--model", &model, "--text", s, "--out", missing_dir.to_str().unwrap()]),
+        &run(&[
+            "calibrate",
+            "--model",
+            &model,
+            "--text",
+            s,
+            "--out",
+            missing_dir.to_str().unwrap(),
+        ]),
         "does not exist",
     );
     assert_clean_failure(
-        &run(&["eval", "--model", &model, "--perplexity", s, "--compare", "none,dense:0.5"]),
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--perplexity",
+            s,
+            "--compare",
+            "none,dense:0.5",
+        ]),
         ":KEEP",
     );
 }

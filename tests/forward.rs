@@ -9,27 +9,55 @@ use sirius_offload::model::{Llama, Logits, Scratch};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn all_logits_batched(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(tokens.len()).unwrap();
     let mut scratch = Scratch::new(model, tokens.len()).unwrap();
-    model.forward(tokens, &mut cache, &mut scratch, Logits::All).unwrap()
+    model
+        .forward(tokens, &mut cache, &mut scratch, Logits::All)
+        .unwrap()
 }
 
 fn all_logits_one_by_one(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(tokens.len()).unwrap();
     let mut scratch = Scratch::new(model, 1).unwrap();
-    tokens.iter().flat_map(|&t| model.forward(&[t], &mut cache, &mut scratch, Logits::Last).unwrap()).collect()
+    tokens
+        .iter()
+        .flat_map(|&t| {
+            model
+                .forward(&[t], &mut cache, &mut scratch, Logits::Last)
+                .unwrap()
+        })
+        .collect()
 }
 
 #[test]
 fn incremental_decode_matches_batched_forward() {
     for (threads, spec) in [
         (1, TinySpec::default()),
-        (2, TinySpec { tied: false, dtype: "F32", kv_heads: 4, ..TinySpec::default() }),
-        (3, TinySpec { arch: "Qwen2ForCausalLM", qkv_bias: true, dtype: "F16", ..TinySpec::default() }),
+        (
+            2,
+            TinySpec {
+                tied: false,
+                dtype: "F32",
+                kv_heads: 4,
+                ..TinySpec::default()
+            },
+        ),
+        (
+            3,
+            TinySpec {
+                arch: "Qwen2ForCausalLM",
+                qkv_bias: true,
+                dtype: "F16",
+                ..TinySpec::default()
+            },
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = write_model(tmp.path(), &spec, 5);
@@ -40,7 +68,11 @@ fn incremental_decode_matches_batched_forward() {
         let scale = a.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         assert!(scale > 0.1, "logits should not be degenerate");
         let d = max_abs_diff(&a, &b);
-        assert!(d <= 1e-4 * scale.max(1.0), "{}: batched vs incremental differ by {d}", spec.arch);
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{}: batched vs incremental differ by {d}",
+            spec.arch
+        );
     }
 }
 
@@ -54,12 +86,20 @@ fn chunked_prefill_matches_and_truncate_rewinds() {
     let vocab = model.config.vocab_size;
     let mut cache = model.new_cache(16).unwrap();
     let mut scratch = Scratch::new(&model, 4).unwrap();
-    model.forward(&tokens[..4], &mut cache, &mut scratch, Logits::None).unwrap();
-    model.forward(&tokens[4..8], &mut cache, &mut scratch, Logits::None).unwrap();
+    model
+        .forward(&tokens[..4], &mut cache, &mut scratch, Logits::None)
+        .unwrap();
+    model
+        .forward(&tokens[4..8], &mut cache, &mut scratch, Logits::None)
+        .unwrap();
     // Write two wrong tokens, then roll them back: the cache must be as if they never were.
-    model.forward(&[0, 0], &mut cache, &mut scratch, Logits::None).unwrap();
+    model
+        .forward(&[0, 0], &mut cache, &mut scratch, Logits::None)
+        .unwrap();
     cache.truncate(8);
-    let last = model.forward(&tokens[8..], &mut cache, &mut scratch, Logits::All).unwrap();
+    let last = model
+        .forward(&tokens[8..], &mut cache, &mut scratch, Logits::All)
+        .unwrap();
     let d = max_abs_diff(&last, &full[8 * vocab..]);
     assert!(d < 1e-4, "chunked+rollback vs batched differ by {d}");
 }
@@ -71,9 +111,13 @@ fn context_overflow_is_an_error_not_a_panic() {
     let model = Llama::load(&dir, CpuBackend::new(1)).unwrap();
     let mut cache = model.new_cache(4).unwrap();
     let mut scratch = Scratch::new(&model, 8).unwrap();
-    let err = model.forward(&[1, 2, 3, 4, 5], &mut cache, &mut scratch, Logits::Last).unwrap_err();
+    let err = model
+        .forward(&[1, 2, 3, 4, 5], &mut cache, &mut scratch, Logits::Last)
+        .unwrap_err();
     assert!(err.to_string().contains("KV cache is full"), "{err}");
-    let err = model.forward(&[1, 999], &mut cache, &mut scratch, Logits::Last).unwrap_err();
+    let err = model
+        .forward(&[1, 999], &mut cache, &mut scratch, Logits::Last)
+        .unwrap_err();
     assert!(err.to_string().contains("999"), "{err}");
 }
 
@@ -88,27 +132,49 @@ fn tiny_models_match_the_numpy_reference() {
         .filter(|p| p.join("logits.json").is_file())
         .collect();
     dirs.sort();
-    assert!(dirs.len() >= 4, "expected at least 4 tiny fixtures in {}", root.display());
+    assert!(
+        dirs.len() >= 4,
+        "expected at least 4 tiny fixtures in {}",
+        root.display()
+    );
     for dir in dirs {
         let fixture: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("logits.json")).unwrap()).unwrap();
-        let tokens: Vec<u32> =
-            fixture["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        let tokens: Vec<u32> = fixture["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_u64().unwrap() as u32)
+            .collect();
         let expected: Vec<f32> = fixture["logits"]
             .as_array()
             .unwrap()
             .iter()
-            .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect::<Vec<_>>())
+            .flat_map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         for threads in [1, 2] {
             let model = Llama::load(&dir, CpuBackend::new(threads)).unwrap();
             let got = all_logits_batched(&model, &tokens);
             let scale = expected.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1.0);
             let d = max_abs_diff(&got, &expected);
-            assert!(d <= 2e-4 * scale, "{}: max |diff| {d} (logit scale {scale})", dir.display());
+            assert!(
+                d <= 2e-4 * scale,
+                "{}: max |diff| {d} (logit scale {scale})",
+                dir.display()
+            );
             let inc = all_logits_one_by_one(&model, &tokens);
             let d = max_abs_diff(&inc, &expected);
-            assert!(d <= 2e-4 * scale, "{} incremental: max |diff| {d}", dir.display());
+            assert!(
+                d <= 2e-4 * scale,
+                "{} incremental: max |diff| {d}",
+                dir.display()
+            );
         }
     }
 }
@@ -139,11 +205,19 @@ fn llama_attention_and_mlp_biases_are_applied() {
             ] {
                 let bias_name = format!("model.layers.{layer}.{proj}.bias");
                 let v = if bias_name.contains(name) { value } else { 0.0 };
-                tensors.insert(bias_name, RawTensor { dtype: spec.dtype, shape: vec![len], data: encode(&vec![v; len], spec.dtype) });
+                tensors.insert(
+                    bias_name,
+                    RawTensor {
+                        dtype: spec.dtype,
+                        shape: vec![len],
+                        data: encode(&vec![v; len], spec.dtype),
+                    },
+                );
             }
         }
         let dir = write_model_with(&tmp.path().join(format!("b{value}{name}")), &spec, tensors);
-        let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
         cfg["attention_bias"] = true.into();
         cfg["mlp_bias"] = true.into();
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
@@ -151,6 +225,9 @@ fn llama_attention_and_mlp_biases_are_applied() {
     };
     assert!(max_abs_diff(&with_biases(0.0, "none"), &base) < 1e-5);
     for proj in ["o_proj", "down_proj", "up_proj"] {
-        assert!(max_abs_diff(&with_biases(0.5, proj), &base) > 1e-2, "{proj} bias had no effect");
+        assert!(
+            max_abs_diff(&with_biases(0.5, proj), &base) > 1e-2,
+            "{proj} bias had no effect"
+        );
     }
 }

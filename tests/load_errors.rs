@@ -42,7 +42,10 @@ fn missing_weights_file_is_named() {
     let dir = write_model(tmp.path(), &TinySpec::default(), 1);
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let msg = message(load(&dir));
-    assert!(msg.contains("model.safetensors") && msg.contains("index.json"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("index.json"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -58,10 +61,16 @@ fn bad_json_is_named() {
 #[test]
 fn unknown_architecture_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = TinySpec { arch: "FalconForCausalLM", ..TinySpec::default() };
+    let spec = TinySpec {
+        arch: "FalconForCausalLM",
+        ..TinySpec::default()
+    };
     let dir = write_model(tmp.path(), &spec, 1);
     let msg = message(load(&dir));
-    assert!(msg.contains("FalconForCausalLM") && msg.contains("supported"), "{msg}");
+    assert!(
+        msg.contains("FalconForCausalLM") && msg.contains("supported"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -72,7 +81,10 @@ fn missing_tensor_is_named() {
     tensors.remove("model.layers.1.mlp.up_proj.weight");
     let dir = write_model_with(tmp.path(), &spec, tensors);
     let msg = message(load(&dir));
-    assert!(msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("missing"), "{msg}");
+    assert!(
+        msg.contains("model.layers.1.mlp.up_proj.weight") && msg.contains("missing"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -80,11 +92,16 @@ fn wrong_shape_is_named_with_both_shapes() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = TinySpec::default();
     let mut tensors = random_tensors(&spec, 1);
-    let bad = tensors.get_mut("model.layers.0.self_attn.k_proj.weight").unwrap();
+    let bad = tensors
+        .get_mut("model.layers.0.self_attn.k_proj.weight")
+        .unwrap();
     bad.shape = vec![bad.shape[1], bad.shape[0]];
     let dir = write_model_with(tmp.path(), &spec, tensors);
     let msg = message(load(&dir));
-    assert!(msg.contains("k_proj") && msg.contains("[32, 16]") && msg.contains("expected [16, 32]"), "{msg}");
+    assert!(
+        msg.contains("k_proj") && msg.contains("[32, 16]") && msg.contains("expected [16, 32]"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -95,11 +112,18 @@ fn unsupported_dtype_is_named() {
     let n = 32 * 48;
     tensors.insert(
         "model.layers.0.mlp.gate_proj.weight".into(),
-        RawTensor { dtype: "I8", shape: vec![48, 32], data: vec![0u8; n] },
+        RawTensor {
+            dtype: "I8",
+            shape: vec![48, 32],
+            data: vec![0u8; n],
+        },
     );
     let dir = write_model_with(tmp.path(), &spec, tensors);
     let msg = message(load(&dir));
-    assert!(msg.contains("gate_proj") && msg.contains("I8") && msg.contains("BF16"), "{msg}");
+    assert!(
+        msg.contains("gate_proj") && msg.contains("I8") && msg.contains("BF16"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -107,10 +131,15 @@ fn mixed_matrix_dtypes_are_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = TinySpec::default();
     let mut tensors = random_tensors(&spec, 1);
-    let t = tensors.get_mut("model.layers.0.self_attn.o_proj.weight").unwrap();
+    let t = tensors
+        .get_mut("model.layers.0.self_attn.o_proj.weight")
+        .unwrap();
     t.dtype = "F16";
     let msg = message(load(&write_model_with(tmp.path(), &spec, tensors)));
-    assert!(msg.contains("o_proj") && msg.contains("f16") && msg.contains("bf16"), "{msg}");
+    assert!(
+        msg.contains("o_proj") && msg.contains("f16") && msg.contains("bf16"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -121,7 +150,10 @@ fn truncated_safetensors_is_named() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let msg = message(load(&dir));
-    assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
     // Cut inside the header too.
     std::fs::write(&path, &bytes[..20]).unwrap();
     let msg = message(load(&dir));
@@ -136,7 +168,10 @@ fn sharded_checkpoints_load_and_missing_shard_is_named() {
     let dir = write_model_with(tmp.path(), &spec, random_tensors(&spec, 3));
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     // Split the tensors over two shards with an index.
-    let mut shards = [std::collections::BTreeMap::new(), std::collections::BTreeMap::new()];
+    let mut shards = [
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    ];
     let mut weight_map = serde_json::Map::new();
     for (i, (name, t)) in tensors.into_iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
@@ -158,7 +193,10 @@ fn sharded_checkpoints_load_and_missing_shard_is_named() {
     let index = serde_json::json!({"weight_map": {"model.norm.weight": "../outside.safetensors"}});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     let msg = message(load(&dir));
-    assert!(msg.contains("../outside.safetensors") && msg.contains("not a file name"), "{msg}");
+    assert!(
+        msg.contains("../outside.safetensors") && msg.contains("not a file name"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -166,6 +204,13 @@ fn unused_tensors_of_other_dtypes_are_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = TinySpec::default();
     let mut tensors = random_tensors(&spec, 1);
-    tensors.insert("model.rotary_emb.step".into(), RawTensor { dtype: "I64", shape: vec![1], data: vec![0u8; 8] });
+    tensors.insert(
+        "model.rotary_emb.step".into(),
+        RawTensor {
+            dtype: "I64",
+            shape: vec![1],
+            data: vec![0u8; 8],
+        },
+    );
     load(&write_model_with(tmp.path(), &spec, tensors)).unwrap();
 }

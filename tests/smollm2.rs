@@ -23,7 +23,13 @@ fn model_dir() -> Option<PathBuf> {
 fn tokenizer_round_trips_and_knows_special_tokens() {
     let Some(dir) = model_dir() else { return };
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    for text in ["Hello, world!", "  two  spaces", "1234567 digits", "naïve café — 東京 🚀", "line\nbreak\ttab"] {
+    for text in [
+        "Hello, world!",
+        "  two  spaces",
+        "1234567 digits",
+        "naïve café — 東京 🚀",
+        "line\nbreak\ttab",
+    ] {
         let ids = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(&ids, false).unwrap(), text);
         // Streaming yields the same text, in whole characters.
@@ -41,7 +47,9 @@ fn tokenizer_round_trips_and_knows_special_tokens() {
     }
     // SmolLM2 splits digits one by one.
     assert_eq!(tok.encode("2024", false).unwrap().len(), 4);
-    let im_start = tok.token_to_id("<|im_start|>").expect("<|im_start|> in vocab");
+    let im_start = tok
+        .token_to_id("<|im_start|>")
+        .expect("<|im_start|> in vocab");
     let ids = tok.encode("<|im_start|>user", false).unwrap();
     assert_eq!(ids[0], im_start, "special token in raw text must be one id");
 }
@@ -56,33 +64,51 @@ fn greedy_tokens_equal_the_reference() {
     .unwrap();
     let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let eos = sirius_offload::config::generation::stop_token_ids(&dir, &model.config.eos_token_ids).unwrap();
+    let eos = sirius_offload::config::generation::stop_token_ids(&dir, &model.config.eos_token_ids)
+        .unwrap();
     let cases = fixture["cases"].as_array().expect("cases");
     assert!(!cases.is_empty());
     for case in cases {
         let text = case["prompt_text"].as_str().unwrap();
         let ids = |key: &str| -> Vec<u32> {
-            case[key].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+            case[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
         };
         let prompt_ids = ids("prompt_ids");
         if case["kind"] == "chat" {
             // Our minijinja rendering of the model's template equals the reference's Jinja2 one.
-            let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json")).unwrap().unwrap();
+            let template = ChatTemplate::from_tokenizer_config(&dir.join("tokenizer_config.json"))
+                .unwrap()
+                .unwrap();
             let messages: Vec<ChatMessage> = case["messages"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| ChatMessage { role: m["role"].as_str().unwrap().into(), content: m["content"].as_str().unwrap().into() })
+                .map(|m| ChatMessage {
+                    role: m["role"].as_str().unwrap().into(),
+                    content: m["content"].as_str().unwrap().into(),
+                })
                 .collect();
             assert_eq!(template.render(&messages).unwrap(), text);
         }
-        assert_eq!(tok.encode(text, false).unwrap(), prompt_ids, "tokenization of {text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            prompt_ids,
+            "tokenization of {text:?}"
+        );
         let mut expected = ids("greedy_ids");
         // The reference keeps the EOS it stopped at; the runtime stops before emitting it.
         let stopped_at_eos = case["stopped_at_eos"].as_bool().unwrap_or(false);
         if stopped_at_eos {
             let eos_id = expected.pop().expect("an EOS id");
-            assert!(eos.contains(&eos_id), "fixture EOS {eos_id} is not among the model's stop ids {eos:?}");
+            assert!(
+                eos.contains(&eos_id),
+                "fixture EOS {eos_id} is not among the model's stop ids {eos:?}"
+            );
         }
         let opts = GenerateOptions {
             max_tokens: expected.len() + usize::from(stopped_at_eos),
@@ -93,13 +119,29 @@ fn greedy_tokens_equal_the_reference() {
             prefill_chunk: 256,
             show_progress: false,
         };
-        let out = generate(&model, &Sparsity::None, &tok, &prompt_ids, &opts, &mut |_| true).unwrap();
-        assert_eq!(out.generated_token_ids, expected, "greedy tokens for {text:?}: got {:?}", out.text);
+        let out = generate(
+            &model,
+            &Sparsity::None,
+            &tok,
+            &prompt_ids,
+            &opts,
+            &mut |_| true,
+        )
+        .unwrap();
+        assert_eq!(
+            out.generated_token_ids, expected,
+            "greedy tokens for {text:?}: got {:?}",
+            out.text
+        );
         if stopped_at_eos {
             assert_eq!(out.stop_reason, sirius_offload::engine::StopReason::Eos);
         }
         if case["kind"] == "chat" {
-            assert!(out.text.contains("Paris"), "the France question should be answered with Paris: {:?}", out.text);
+            assert!(
+                out.text.contains("Paris"),
+                "the France question should be answered with Paris: {:?}",
+                out.text
+            );
         }
     }
 }

@@ -11,7 +11,12 @@ use sirius_offload::sparsity::{Sparsity, SparsityMode};
 
 const PROMPT: &str = "The history of the printing press begins";
 
-fn run(model: &Llama<CpuBackend>, sparsity: &Sparsity<CpuBackend>, tok: &Tokenizer, n: usize) -> GenerationOutput {
+fn run(
+    model: &Llama<CpuBackend>,
+    sparsity: &Sparsity<CpuBackend>,
+    tok: &Tokenizer,
+    n: usize,
+) -> GenerationOutput {
     let dir = common::smollm2_dir("SmolLM2 sparsity").expect("checked by the caller");
     let opts = GenerateOptions {
         max_tokens: n,
@@ -28,16 +33,26 @@ fn run(model: &Llama<CpuBackend>, sparsity: &Sparsity<CpuBackend>, tok: &Tokeniz
 
 #[test]
 fn keep_one_decodes_like_dense_and_density_matches_hand_count() {
-    let Some(dir) = common::smollm2_dir("SmolLM2 sparsity") else { return };
+    let Some(dir) = common::smollm2_dir("SmolLM2 sparsity") else {
+        return;
+    };
     let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let dense = run(&model, &Sparsity::None, &tok, 16);
-    assert_eq!(dense.generated_tokens, 16, "the prompt should not hit EOS this early: {:?}", dense.text);
+    assert_eq!(
+        dense.generated_tokens, 16,
+        "the prompt should not hit EOS this early: {:?}",
+        dense.text
+    );
     assert_eq!(dense.sparsity.density, 1.0);
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         let full = Sparsity::new(&model, mode, 1.0, None).unwrap();
         let out = run(&model, &full, &tok, 16);
-        assert_eq!(out.generated_token_ids, dense.generated_token_ids, "{mode} keep 1.0: {:?} vs {:?}", out.text, dense.text);
+        assert_eq!(
+            out.generated_token_ids, dense.generated_token_ids,
+            "{mode} keep 1.0: {:?} vs {:?}",
+            out.text, dense.text
+        );
         assert!((out.sparsity.density - 1.0).abs() < 1e-12);
 
         let half = Sparsity::new(&model, mode, 0.5, None).unwrap();
@@ -48,9 +63,17 @@ fn keep_one_decodes_like_dense_and_density_matches_hand_count() {
             _ => 26_542_080.0,
         };
         let want = (134_515_008.0 - skipped) / 134_515_008.0;
-        assert!((out.sparsity.density - want).abs() < 1e-12, "{mode}: density {} vs hand count {want}", out.sparsity.density);
+        assert!(
+            (out.sparsity.density - want).abs() < 1e-12,
+            "{mode}: density {} vs hand count {want}",
+            out.sparsity.density
+        );
         assert_eq!(out.sparsity.kept_per_layer, vec![0.5; 30], "{mode}");
         // Every decode step after the first (dense) token ran sparse.
-        assert_eq!(out.sparsity.sparse_tokens as usize, out.generated_tokens - 1, "{mode}");
+        assert_eq!(
+            out.sparsity.sparse_tokens as usize,
+            out.generated_tokens - 1,
+            "{mode}"
+        );
     }
 }

@@ -10,7 +10,10 @@
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sirius_offload::backend::cpu::{self, accumulate_neuron_scores, bundle_ffn_with_isa, select_neurons, Activation, Bundles, Isa, ThreadPool};
+use sirius_offload::backend::cpu::{
+    self, accumulate_neuron_scores, bundle_ffn_with_isa, select_neurons, Activation, Bundles, Isa,
+    ThreadPool,
+};
 use sirius_offload::backend::{NeuronLists, NeuronRule};
 use sirius_offload::dtype::DType;
 use sirius_offload::sparsity::bundles::bundle_bytes;
@@ -31,7 +34,10 @@ const SENTINEL: f32 = -12345.5;
 fn tiers() -> Vec<Isa> {
     for isa in Isa::ALL {
         if !isa.is_supported() {
-            eprintln!("skipping ISA tier {}: this machine cannot run it", isa.name());
+            eprintln!(
+                "skipping ISA tier {}: this machine cannot run it",
+                isa.name()
+            );
         }
     }
     Isa::ALL.into_iter().filter(|i| i.is_supported()).collect()
@@ -67,7 +73,9 @@ fn encode(vals: &[f32], dtype: DType) -> (Vec<u8>, Vec<f64>) {
 }
 
 fn uniform(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * scale).collect()
+    (0..n)
+        .map(|_| rng.gen_range(-1.0f32..1.0) * scale)
+        .collect()
 }
 
 fn silu(v: f64) -> f64 {
@@ -98,17 +106,34 @@ impl Ffn {
         let (db, down) = encode(&uniform(rng, h * f, 1.0 / (f as f32).sqrt()), dtype);
         let mut store = vec![0xA5u8; shift];
         store.extend(bundle_bytes(&gb, &ub, &db, h, f, dtype.size()));
-        Ffn { h, f, dtype, gate, up, down, store, shift, raw: [gb, ub, db] }
+        Ffn {
+            h,
+            f,
+            dtype,
+            gate,
+            up,
+            down,
+            store,
+            shift,
+            raw: [gb, ub, db],
+        }
     }
 
     fn bundles(&self) -> Bundles<'_> {
-        Bundles { bytes: &self.store[self.shift..], dtype: self.dtype, neurons: self.f, hidden: self.h }
+        Bundles {
+            bytes: &self.store[self.shift..],
+            dtype: self.dtype,
+            neurons: self.f,
+            hidden: self.h,
+        }
     }
 
     /// `(gate . x_t, up . x_t)` for every token and neuron, `[n, f]` each.
     fn dots(&self, x: &[f32], n: usize) -> (Vec<f64>, Vec<f64>) {
         let (h, f) = (self.h, self.f);
-        let dot = |w: &[f64], t: usize, i: usize| -> f64 { (0..h).map(|c| w[i * h + c] * x[t * h + c] as f64).sum() };
+        let dot = |w: &[f64], t: usize, i: usize| -> f64 {
+            (0..h).map(|c| w[i * h + c] * x[t * h + c] as f64).sum()
+        };
         let all = |w: &[f64]| (0..n * f).map(|ti| dot(w, ti / f, ti % f)).collect();
         (all(&self.gate), all(&self.up))
     }
@@ -116,13 +141,26 @@ impl Ffn {
     /// `out[t, r] = sum_i act[t, i] * down[r, i]`.
     fn down_times(&self, act: &[f64], n: usize) -> Vec<f64> {
         let (h, f) = (self.h, self.f);
-        (0..n * h).map(|tr| (0..f).map(|i| act[tr / h * f + i] * self.down[tr % h * f + i]).sum()).collect()
+        (0..n * h)
+            .map(|tr| {
+                (0..f)
+                    .map(|i| act[tr / h * f + i] * self.down[tr % h * f + i])
+                    .sum()
+            })
+            .collect()
     }
 }
 
 /// Runs `call` on every tier and pool into an output poisoned with NaN (plus one sentinel row
 /// past the `n` rows it may write) and compares with `want` to 1e-4 of its largest magnitude.
-fn check_all(tiers: &[Isa], pools: &[ThreadPool], want: &[f64], h: usize, ctx: &str, call: impl Fn(Isa, &ThreadPool, &mut [f32])) {
+fn check_all(
+    tiers: &[Isa],
+    pools: &[ThreadPool],
+    want: &[f64],
+    h: usize,
+    ctx: &str,
+    call: impl Fn(Isa, &ThreadPool, &mut [f32]),
+) {
     let rows = want.len();
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     let tol = 1e-4 * scale;
@@ -134,9 +172,17 @@ fn check_all(tiers: &[Isa], pools: &[ThreadPool], want: &[f64], h: usize, ctx: &
             let where_ = || format!("{ctx} isa={} threads={}", isa.name(), pool.n_threads());
             for (j, (&g, &w)) in out.iter().zip(want).enumerate() {
                 let err = (g as f64 - w).abs();
-                assert!(err <= tol, "{}: out[{j}] = {g}, want {w} (err {err:e}, tol {tol:e})", where_());
+                assert!(
+                    err <= tol,
+                    "{}: out[{j}] = {g}, want {w} (err {err:e}, tol {tol:e})",
+                    where_()
+                );
             }
-            assert!(out[rows..].iter().all(|&v| v == SENTINEL), "{}: wrote past n_tokens rows", where_());
+            assert!(
+                out[rows..].iter().all(|&v| v == SENTINEL),
+                "{}: wrote past n_tokens rows",
+                where_()
+            );
         }
     }
 }
@@ -149,7 +195,9 @@ fn kept_list(rng: &mut StdRng, kind: usize, f: usize) -> Vec<u32> {
         1 => (0..f as u32).collect(),
         2 => vec![f as u32 - 1],
         3 => (0..f as u32).filter(|_| rng.gen_bool(0.5)).collect(),
-        _ => (0..f as u32).filter(|i| (i / 3) % 4 == 0 && rng.gen_bool(0.8)).collect(),
+        _ => (0..f as u32)
+            .filter(|i| (i / 3) % 4 == 0 && rng.gen_bool(0.8))
+            .collect(),
     }
 }
 
@@ -173,13 +221,27 @@ fn bundle_ffn_matches_naive_reference() {
                     for biased in [false, true] {
                         let gb = biased.then(|| uniform(&mut rng, f, 1.0));
                         let ub = biased.then(|| uniform(&mut rng, f, 1.0));
-                        let bias = |b: &Option<Vec<f32>>, i: usize| b.as_ref().map_or(0.0, |v| v[i] as f64);
-                        let act: Vec<f64> = (0..n * f).map(|ti| silu(g[ti] + bias(&gb, ti % f)) * (u[ti] + bias(&ub, ti % f))).collect();
+                        let bias = |b: &Option<Vec<f32>>, i: usize| {
+                            b.as_ref().map_or(0.0, |v| v[i] as f64)
+                        };
+                        let act: Vec<f64> = (0..n * f)
+                            .map(|ti| silu(g[ti] + bias(&gb, ti % f)) * (u[ti] + bias(&ub, ti % f)))
+                            .collect();
                         let want = w.down_times(&act, n);
-                        check_all(&tiers, &pools, &want, h, &format!("All {shape} biased={biased}"), |isa, pool, out| {
-                            let a = Activation::All { gate_bias: gb.as_deref(), up_bias: ub.as_deref() };
-                            bundle_ffn_with_isa(isa, pool, w.bundles(), &x, n, a, out);
-                        });
+                        check_all(
+                            &tiers,
+                            &pools,
+                            &want,
+                            h,
+                            &format!("All {shape} biased={biased}"),
+                            |isa, pool, out| {
+                                let a = Activation::All {
+                                    gate_bias: gb.as_deref(),
+                                    up_bias: ub.as_deref(),
+                                };
+                                bundle_ffn_with_isa(isa, pool, w.bundles(), &x, n, a, out);
+                            },
+                        );
                     }
 
                     for pattern in 0..5 {
@@ -194,13 +256,21 @@ fn bundle_ffn_matches_naive_reference() {
                         for t in 0..n {
                             for &i in kept.token(t) {
                                 let i = i as usize;
-                                act[t * f + i] = coeff[t * f + i] as f64 * (u[t * f + i] + ub.as_ref().map_or(0.0, |v| v[i] as f64));
+                                act[t * f + i] = coeff[t * f + i] as f64
+                                    * (u[t * f + i] + ub.as_ref().map_or(0.0, |v| v[i] as f64));
                             }
                         }
                         let want = w.down_times(&act, n);
-                        let ctx = format!("PerToken {shape} pattern={pattern} up_bias={}", ub.is_some());
+                        let ctx = format!(
+                            "PerToken {shape} pattern={pattern} up_bias={}",
+                            ub.is_some()
+                        );
                         check_all(&tiers, &pools, &want, h, &ctx, |isa, pool, out| {
-                            let a = Activation::PerToken { coeff: &coeff, kept: &kept, up_bias: ub.as_deref() };
+                            let a = Activation::PerToken {
+                                coeff: &coeff,
+                                kept: &kept,
+                                up_bias: ub.as_deref(),
+                            };
                             bundle_ffn_with_isa(isa, pool, w.bundles(), &x, n, a, out);
                         });
                     }
@@ -224,7 +294,9 @@ fn bundle_ffn_all_is_the_dense_ffn() {
                 let mut want = vec![0f64; n * h];
                 for t in 0..n {
                     for i in 0..f {
-                        let dot = |m: &[f64]| -> f64 { (0..h).map(|c| m[i * h + c] * x[t * h + c] as f64).sum() };
+                        let dot = |m: &[f64]| -> f64 {
+                            (0..h).map(|c| m[i * h + c] * x[t * h + c] as f64).sum()
+                        };
                         let a = silu(dot(&w.gate)) * dot(&w.up);
                         for r in 0..h {
                             want[t * h + r] += w.down[r * f + i] * a;
@@ -233,16 +305,44 @@ fn bundle_ffn_all_is_the_dense_ffn() {
                 }
                 let ctx = format!("dense h={h} f={f} n={n} {dtype}");
                 check_all(&tiers, &pools, &want, h, &ctx, |isa, pool, out| {
-                    bundle_ffn_with_isa(isa, pool, w.bundles(), &x, n, Activation::All { gate_bias: None, up_bias: None }, out);
+                    bundle_ffn_with_isa(
+                        isa,
+                        pool,
+                        w.bundles(),
+                        &x,
+                        n,
+                        Activation::All {
+                            gate_bias: None,
+                            up_bias: None,
+                        },
+                        out,
+                    );
                 });
                 // And the library's own dense path (gate and up matmuls, silu_mul, down matmul).
-                check_all(&tiers, &pools, &want, h, &format!("{ctx} via matmul"), |isa, pool, out| {
-                    let (mut gv, mut uv) = (vec![0f32; n * f], vec![0f32; n * f]);
-                    cpu::matmul_with_isa(isa, pool, &w.raw[0], dtype, f, h, &x, n, &mut gv);
-                    cpu::matmul_with_isa(isa, pool, &w.raw[1], dtype, f, h, &x, n, &mut uv);
-                    cpu::silu_mul(&mut gv, &uv);
-                    cpu::matmul_with_isa(isa, pool, &w.raw[2], dtype, h, f, &gv, n, &mut out[..n * h]);
-                });
+                check_all(
+                    &tiers,
+                    &pools,
+                    &want,
+                    h,
+                    &format!("{ctx} via matmul"),
+                    |isa, pool, out| {
+                        let (mut gv, mut uv) = (vec![0f32; n * f], vec![0f32; n * f]);
+                        cpu::matmul_with_isa(isa, pool, &w.raw[0], dtype, f, h, &x, n, &mut gv);
+                        cpu::matmul_with_isa(isa, pool, &w.raw[1], dtype, f, h, &x, n, &mut uv);
+                        cpu::silu_mul(&mut gv, &uv);
+                        cpu::matmul_with_isa(
+                            isa,
+                            pool,
+                            &w.raw[2],
+                            dtype,
+                            h,
+                            f,
+                            &gv,
+                            n,
+                            &mut out[..n * h],
+                        );
+                    },
+                );
             }
         }
     }
@@ -261,8 +361,17 @@ fn griffin_compact_matrix_equals_per_token_over_the_same_neurons() {
         let ids: Vec<u32> = (0..f as u32).filter(|_| rng.gen_bool(0.4)).collect();
         let bb = 3 * h * dtype.size();
         let full = w.bundles();
-        let compact: Vec<u8> = ids.iter().flat_map(|&i| &full.bytes[i as usize * bb..(i as usize + 1) * bb]).copied().collect();
-        let cb = Bundles { bytes: &compact, dtype, neurons: ids.len(), hidden: h };
+        let compact: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| &full.bytes[i as usize * bb..(i as usize + 1) * bb])
+            .copied()
+            .collect();
+        let cb = Bundles {
+            bytes: &compact,
+            dtype,
+            neurons: ids.len(),
+            hidden: h,
+        };
         let (g, u) = w.dots(&x, n);
         let mut act = vec![0f64; n * f];
         for t in 0..n {
@@ -272,42 +381,95 @@ fn griffin_compact_matrix_equals_per_token_over_the_same_neurons() {
         }
         let want = w.down_times(&act, n);
         let ctx = format!("griffin-vs-cats {dtype} kept={}", ids.len());
-        check_all(&tiers, &pools, &want, h, &format!("{ctx} compact All"), |isa, pool, out| {
-            bundle_ffn_with_isa(isa, pool, cb, &x, n, Activation::All { gate_bias: None, up_bias: None }, out);
-        });
+        check_all(
+            &tiers,
+            &pools,
+            &want,
+            h,
+            &format!("{ctx} compact All"),
+            |isa, pool, out| {
+                bundle_ffn_with_isa(
+                    isa,
+                    pool,
+                    cb,
+                    &x,
+                    n,
+                    Activation::All {
+                        gate_bias: None,
+                        up_bias: None,
+                    },
+                    out,
+                );
+            },
+        );
         let coeff: Vec<f32> = g.iter().map(|&v| silu(v) as f32).collect();
         let mut kept = NeuronLists::default();
         (0..n).for_each(|_| kept.push_token(ids.iter().copied()));
-        check_all(&tiers, &pools, &want, h, &format!("{ctx} PerToken"), |isa, pool, out| {
-            let a = Activation::PerToken { coeff: &coeff, kept: &kept, up_bias: None };
-            bundle_ffn_with_isa(isa, pool, full, &x, n, a, out);
-        });
+        check_all(
+            &tiers,
+            &pools,
+            &want,
+            h,
+            &format!("{ctx} PerToken"),
+            |isa, pool, out| {
+                let a = Activation::PerToken {
+                    coeff: &coeff,
+                    kept: &kept,
+                    up_bias: None,
+                };
+                bundle_ffn_with_isa(isa, pool, full, &x, n, a, out);
+            },
+        );
     }
 }
 
 /// `select_neurons` on a copy of `act`; `kept` starts with stale content that must go.
 fn select(act: &[f32], width: usize, rule: NeuronRule) -> (Vec<f32>, NeuronLists) {
     let mut act = act.to_vec();
-    let mut kept = NeuronLists { ids: vec![7, 7, 7], offsets: vec![0, 3] };
+    let mut kept = NeuronLists {
+        ids: vec![7, 7, 7],
+        offsets: vec![0, 3],
+    };
     select_neurons(&mut act, width, rule, &mut kept);
     (act, kept)
 }
 
 fn lists(kept: &NeuronLists) -> Vec<Vec<u32>> {
-    (0..kept.n_tokens()).map(|t| kept.token(t).to_vec()).collect()
+    (0..kept.n_tokens())
+        .map(|t| kept.token(t).to_vec())
+        .collect()
 }
 
 /// Kept elements unchanged (bitwise), the rest +0.0, lists ascending.
-fn assert_selected(orig: &[f32], after: &[f32], width: usize, kept: &NeuronLists, want: &[Vec<u32>], ctx: &str) {
+fn assert_selected(
+    orig: &[f32],
+    after: &[f32],
+    width: usize,
+    kept: &NeuronLists,
+    want: &[Vec<u32>],
+    ctx: &str,
+) {
     assert_eq!(lists(kept), want, "{ctx}: kept lists");
     for (t, (o, a)) in orig.chunks(width).zip(after.chunks(width)).enumerate() {
         let ids = kept.token(t);
-        assert!(ids.windows(2).all(|p| p[0] < p[1]), "{ctx}: token {t} list not ascending: {ids:?}");
+        assert!(
+            ids.windows(2).all(|p| p[0] < p[1]),
+            "{ctx}: token {t} list not ascending: {ids:?}"
+        );
         for j in 0..width {
             if ids.contains(&(j as u32)) {
-                assert_eq!(a[j].to_bits(), o[j].to_bits(), "{ctx}: kept act[{t}, {j}] changed");
+                assert_eq!(
+                    a[j].to_bits(),
+                    o[j].to_bits(),
+                    "{ctx}: kept act[{t}, {j}] changed"
+                );
             } else {
-                assert_eq!(a[j].to_bits(), 0f32.to_bits(), "{ctx}: unkept act[{t}, {j}] = {} not zeroed", a[j]);
+                assert_eq!(
+                    a[j].to_bits(),
+                    0f32.to_bits(),
+                    "{ctx}: unkept act[{t}, {j}] = {} not zeroed",
+                    a[j]
+                );
             }
         }
     }
@@ -342,7 +504,14 @@ fn select_neurons_handpicked_cases() {
         (NeuronRule::Threshold(0.15), vec![3]),
     ] {
         let (after, kept) = select(&nan_row, 6, rule);
-        assert_selected(&nan_row, &after, 6, &kept, &[want], &format!("NaN row {rule:?}"));
+        assert_selected(
+            &nan_row,
+            &after,
+            6,
+            &kept,
+            &[want],
+            &format!("NaN row {rule:?}"),
+        );
     }
 
     // Infinities are the largest magnitudes.
@@ -351,14 +520,37 @@ fn select_neurons_handpicked_cases() {
     assert_selected(&inf_row, &after, 4, &kept, &[vec![1, 3]], "inf row");
 
     // Several tokens: one list each, each token ranked on its own.
-    let rows = [3.0, 1.0, 2.0, 0.0, /**/ 0.0, 0.0, 0.0, 0.0, /**/ -1.0, 4.0, 4.0, -9.0];
+    let rows = [
+        3.0, 1.0, 2.0, 0.0, /**/ 0.0, 0.0, 0.0, 0.0, /**/ -1.0, 4.0, 4.0, -9.0,
+    ];
     let (after, kept) = select(&rows, 4, NeuronRule::TopK(2));
     assert_eq!(kept.offsets, vec![0, 2, 4, 6]);
-    assert_selected(&rows, &after, 4, &kept, &[vec![0, 2], vec![0, 1], vec![1, 3]], "3 tokens TopK(2)");
+    assert_selected(
+        &rows,
+        &after,
+        4,
+        &kept,
+        &[vec![0, 2], vec![0, 1], vec![1, 3]],
+        "3 tokens TopK(2)",
+    );
     let (after, kept) = select(&rows, 4, NeuronRule::TopK(0));
-    assert_selected(&rows, &after, 4, &kept, &[vec![], vec![], vec![]], "3 tokens TopK(0)");
+    assert_selected(
+        &rows,
+        &after,
+        4,
+        &kept,
+        &[vec![], vec![], vec![]],
+        "3 tokens TopK(0)",
+    );
     let (after, kept) = select(&rows, 4, NeuronRule::Threshold(2.0));
-    assert_selected(&rows, &after, 4, &kept, &[vec![0, 2], vec![], vec![1, 2, 3]], "3 tokens threshold");
+    assert_selected(
+        &rows,
+        &after,
+        4,
+        &kept,
+        &[vec![0, 2], vec![], vec![1, 2, 3]],
+        "3 tokens threshold",
+    );
 }
 
 #[test]
@@ -378,7 +570,15 @@ fn select_neurons_matches_sort_oracle() {
                     _ => rng.gen_range(-4..=4) as f32 * 0.5,
                 })
                 .collect();
-            let ks = [0, 1, 2, width / 2, width.saturating_sub(1), width, width + 3];
+            let ks = [
+                0,
+                1,
+                2,
+                width / 2,
+                width.saturating_sub(1),
+                width,
+                width + 3,
+            ];
             for k in ks {
                 let want: Vec<Vec<u32>> = act
                     .chunks(width)
@@ -386,19 +586,40 @@ fn select_neurons_matches_sort_oracle() {
                         let mut order: Vec<usize> = (0..width).collect();
                         // Stable sort: equal magnitudes stay in id order, so lower ids win.
                         order.sort_by(|&a, &b| mag(row[b]).total_cmp(&mag(row[a])));
-                        let mut top: Vec<u32> = order[..k.min(width)].iter().map(|&i| i as u32).collect();
+                        let mut top: Vec<u32> =
+                            order[..k.min(width)].iter().map(|&i| i as u32).collect();
                         top.sort_unstable();
                         top
                     })
                     .collect();
                 let (after, kept) = select(&act, width, NeuronRule::TopK(k));
-                assert_selected(&act, &after, width, &kept, &want, &format!("width={width} n={n} TopK({k})"));
+                assert_selected(
+                    &act,
+                    &after,
+                    width,
+                    &kept,
+                    &want,
+                    &format!("width={width} n={n} TopK({k})"),
+                );
             }
             for thr in [0.25, 0.5, 1.0, 1.75, 2.0, f32::INFINITY] {
-                let want: Vec<Vec<u32>> =
-                    act.chunks(width).map(|row| (0..width as u32).filter(|&i| mag(row[i as usize]) >= thr).collect()).collect();
+                let want: Vec<Vec<u32>> = act
+                    .chunks(width)
+                    .map(|row| {
+                        (0..width as u32)
+                            .filter(|&i| mag(row[i as usize]) >= thr)
+                            .collect()
+                    })
+                    .collect();
                 let (after, kept) = select(&act, width, NeuronRule::Threshold(thr));
-                assert_selected(&act, &after, width, &kept, &want, &format!("width={width} n={n} Threshold({thr})"));
+                assert_selected(
+                    &act,
+                    &after,
+                    width,
+                    &kept,
+                    &want,
+                    &format!("width={width} n={n} Threshold({thr})"),
+                );
             }
         }
     }
@@ -421,7 +642,10 @@ fn naive_scores(z: &[f32], width: usize, acc: &[f32]) -> Vec<f64> {
 fn assert_scores(got: &[f32], want: &[f64], ctx: &str) {
     for (j, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
-        assert!(err <= 1e-5 * (1.0 + w.abs()), "{ctx}: acc[{j}] = {g}, want {w}");
+        assert!(
+            err <= 1e-5 * (1.0 + w.abs()),
+            "{ctx}: acc[{j}] = {g}, want {w}"
+        );
     }
 }
 
@@ -432,14 +656,20 @@ fn accumulate_neuron_scores_matches_naive() {
         let n = 4;
         let mut z = uniform(&mut rng, n * width, 3.0);
         z[width..2 * width].fill(0.0); // token 1: all-zero activations
-        let mut acc: Vec<f32> = uniform(&mut rng, width, 1.0).iter().map(|v| v.abs()).collect();
+        let mut acc: Vec<f32> = uniform(&mut rng, width, 1.0)
+            .iter()
+            .map(|v| v.abs())
+            .collect();
         let before: f64 = acc.iter().map(|&v| v as f64).sum();
         let want = naive_scores(&z, width, &acc);
         accumulate_neuron_scores(&z, width, &mut acc);
         assert_scores(&acc, &want, &format!("width={width}"));
         // Each non-zero row's normalised squares sum to 1: the total grows by n - 1 rows.
         let grew = acc.iter().map(|&v| v as f64).sum::<f64>() - before;
-        assert!((grew - (n - 1) as f64).abs() < 1e-4 * width as f64, "width={width}: total grew by {grew}");
+        assert!(
+            (grew - (n - 1) as f64).abs() < 1e-4 * width as f64,
+            "width={width}: total grew by {grew}"
+        );
     }
 
     // An all-zero row adds nothing at all (no 0/0 NaN).
@@ -459,6 +689,10 @@ fn accumulate_neuron_scores_at_extreme_magnitudes() {
     for row in [[1e-20f32, 2e-20], [3e19, 4e19]] {
         let mut acc = vec![0f32; 2];
         accumulate_neuron_scores(&row, 2, &mut acc);
-        assert_scores(&acc, &naive_scores(&row, 2, &[0.0, 0.0]), &format!("row {row:?}"));
+        assert_scores(
+            &acc,
+            &naive_scores(&row, 2, &[0.0, 0.0]),
+            &format!("row {row:?}"),
+        );
     }
 }

@@ -28,19 +28,31 @@ struct Case {
     cats_logits: Vec<Vec<f64>>,
 }
 
-const MODELS: [&str; 4] = ["llama-tied-gqa-bf16", "llama-untied-f32", "qwen2-bias-f16", "mistral-headdim-bf16"];
+const MODELS: [&str; 4] = [
+    "llama-tied-gqa-bf16",
+    "llama-untied-f32",
+    "qwen2-bias-f16",
+    "mistral-headdim-bf16",
+];
 
 fn load(name: &str, threads: usize) -> (Llama<CpuBackend>, Fixture) {
     let dir = fixtures_dir().join("tiny").join(name);
     let text = std::fs::read_to_string(dir.join("sparsity.json")).unwrap();
-    (Llama::load(&dir, CpuBackend::new(threads)).unwrap(), serde_json::from_str(&text).unwrap())
+    (
+        Llama::load(&dir, CpuBackend::new(threads)).unwrap(),
+        serde_json::from_str(&text).unwrap(),
+    )
 }
 
 /// Max |a - b| relative to the largest |b| (at least 1).
 fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max) / scale
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - y).abs())
+        .fold(0.0, f64::max)
+        / scale
 }
 
 #[test]
@@ -49,23 +61,58 @@ fn griffin_scores_selection_and_logits_match_reference() {
         let (model, fx) = load(name, 1 + i % 3);
         let bundles = NeuronBundles::build(&model).unwrap();
         for case in &fx.cases {
-            let mut cache = model.new_cache(fx.prompt_ids.len() + fx.continuation_ids.len()).unwrap();
+            let mut cache = model
+                .new_cache(fx.prompt_ids.len() + fx.continuation_ids.len())
+                .unwrap();
             let mut scratch = Scratch::new(&model, fx.prompt_ids.len()).unwrap();
             let mut scores = GriffinScores::new(&model).unwrap();
-            model.forward_with(&fx.prompt_ids, &mut cache, &mut scratch, Logits::None, &mut Ffn::DenseScoring(&mut scores)).unwrap();
+            model
+                .forward_with(
+                    &fx.prompt_ids,
+                    &mut cache,
+                    &mut scratch,
+                    Logits::None,
+                    &mut Ffn::DenseScoring(&mut scores),
+                )
+                .unwrap();
             let got = scores.scores(&model.backend).unwrap();
             for (l, (g, want)) in got.iter().zip(&case.griffin_scores).enumerate() {
                 let e = rel_err(g, want);
-                assert!(e < 1e-4, "{name} keep {}: layer {l} scores differ by {e}", case.keep);
+                assert!(
+                    e < 1e-4,
+                    "{name} keep {}: layer {l} scores differ by {e}",
+                    case.keep
+                );
             }
             let selection = scores.select(&model.backend, case.keep).unwrap();
-            assert_eq!(selection.layers, case.griffin_selection, "{name} keep {}: selection", case.keep);
+            assert_eq!(
+                selection.layers, case.griffin_selection,
+                "{name} keep {}: selection",
+                case.keep
+            );
             assert!(selection.layers.iter().all(|l| l.len() == case.k));
             let griffin = GriffinFfn::gather(&model.backend, &bundles, selection).unwrap();
-            for (t, (&tok, want)) in fx.continuation_ids.iter().zip(&case.griffin_logits).enumerate() {
-                let got = model.forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut Ffn::Griffin(&griffin)).unwrap();
+            for (t, (&tok, want)) in fx
+                .continuation_ids
+                .iter()
+                .zip(&case.griffin_logits)
+                .enumerate()
+            {
+                let got = model
+                    .forward_with(
+                        &[tok],
+                        &mut cache,
+                        &mut scratch,
+                        Logits::Last,
+                        &mut Ffn::Griffin(&griffin),
+                    )
+                    .unwrap();
                 let e = rel_err(&got, want);
-                assert!(e < 1e-4, "{name} keep {}: Griffin logits of continuation token {t} differ by {e}", case.keep);
+                assert!(
+                    e < 1e-4,
+                    "{name} keep {}: Griffin logits of continuation token {t} differ by {e}",
+                    case.keep
+                );
             }
         }
     }
@@ -75,22 +122,59 @@ fn griffin_scores_selection_and_logits_match_reference() {
 fn griffin_keep_one_gives_dense_logits() {
     let (model, fx) = load("llama-tied-gqa-bf16", 2);
     let bundles = NeuronBundles::build(&model).unwrap();
-    let all: Vec<u32> = fx.prompt_ids.iter().chain(&fx.continuation_ids).copied().collect();
+    let all: Vec<u32> = fx
+        .prompt_ids
+        .iter()
+        .chain(&fx.continuation_ids)
+        .copied()
+        .collect();
     let mut cache = model.new_cache(all.len()).unwrap();
     let mut scratch = Scratch::new(&model, all.len()).unwrap();
-    let dense = model.forward(&all, &mut cache, &mut scratch, Logits::All).unwrap();
+    let dense = model
+        .forward(&all, &mut cache, &mut scratch, Logits::All)
+        .unwrap();
     let vocab = model.config.vocab_size;
     let n_prompt = fx.prompt_ids.len();
     cache.truncate(0);
     let mut scores = GriffinScores::new(&model).unwrap();
-    model.forward_with(&fx.prompt_ids, &mut cache, &mut scratch, Logits::None, &mut Ffn::DenseScoring(&mut scores)).unwrap();
-    let griffin = GriffinFfn::gather(&model.backend, &bundles, scores.select(&model.backend, 1.0).unwrap()).unwrap();
-    assert!(griffin.kept().iter().all(|&k| k == model.config.intermediate_size));
+    model
+        .forward_with(
+            &fx.prompt_ids,
+            &mut cache,
+            &mut scratch,
+            Logits::None,
+            &mut Ffn::DenseScoring(&mut scores),
+        )
+        .unwrap();
+    let griffin = GriffinFfn::gather(
+        &model.backend,
+        &bundles,
+        scores.select(&model.backend, 1.0).unwrap(),
+    )
+    .unwrap();
+    assert!(griffin
+        .kept()
+        .iter()
+        .all(|&k| k == model.config.intermediate_size));
     for (t, &tok) in fx.continuation_ids.iter().enumerate() {
-        let got = model.forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut Ffn::Griffin(&griffin)).unwrap();
-        let want: Vec<f64> = dense[(n_prompt + t) * vocab..(n_prompt + t + 1) * vocab].iter().map(|&v| v as f64).collect();
+        let got = model
+            .forward_with(
+                &[tok],
+                &mut cache,
+                &mut scratch,
+                Logits::Last,
+                &mut Ffn::Griffin(&griffin),
+            )
+            .unwrap();
+        let want: Vec<f64> = dense[(n_prompt + t) * vocab..(n_prompt + t + 1) * vocab]
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
         let e = rel_err(&got, &want);
-        assert!(e < 1e-5, "token {t}: Griffin keep 1.0 differs from dense by {e}");
+        assert!(
+            e < 1e-5,
+            "token {t}: Griffin keep 1.0 differs from dense by {e}"
+        );
     }
 }
 
@@ -99,7 +183,12 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
     for (i, name) in MODELS.iter().enumerate() {
         let (model, fx) = load(name, 1 + (i + 1) % 3);
         let bundles = NeuronBundles::build(&model).unwrap();
-        let ids: Vec<u32> = fx.prompt_ids.iter().chain(&fx.continuation_ids).copied().collect();
+        let ids: Vec<u32> = fx
+            .prompt_ids
+            .iter()
+            .chain(&fx.continuation_ids)
+            .copied()
+            .collect();
         let vocab = model.config.vocab_size;
         for case in &fx.cases {
             let rule = CatsRule::TopK(case.k);
@@ -107,24 +196,47 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
             // Batched: every token at once.
             let mut cache = model.new_cache(ids.len()).unwrap();
             let mut scratch = Scratch::new(&model, ids.len()).unwrap();
-            let mut ffn = Ffn::Cats { bundles: &bundles, rule: &rule, counter: &mut counter };
-            let batched = model.forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn).unwrap();
+            let mut ffn = Ffn::Cats {
+                bundles: &bundles,
+                rule: &rule,
+                counter: &mut counter,
+            };
+            let batched = model
+                .forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn)
+                .unwrap();
             for (t, want) in case.cats_logits.iter().enumerate() {
                 let e = rel_err(&batched[t * vocab..(t + 1) * vocab], want);
-                assert!(e < 1e-4, "{name} keep {}: batched CATS logits of token {t} differ by {e}", case.keep);
+                assert!(
+                    e < 1e-4,
+                    "{name} keep {}: batched CATS logits of token {t} differ by {e}",
+                    case.keep
+                );
             }
             // One by one, as decoding runs it.
             cache.truncate(0);
             for (t, (&tok, want)) in ids.iter().zip(&case.cats_logits).enumerate() {
-                let mut ffn = Ffn::Cats { bundles: &bundles, rule: &rule, counter: &mut counter };
-                let got = model.forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn).unwrap();
+                let mut ffn = Ffn::Cats {
+                    bundles: &bundles,
+                    rule: &rule,
+                    counter: &mut counter,
+                };
+                let got = model
+                    .forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn)
+                    .unwrap();
                 let e = rel_err(&got, want);
-                assert!(e < 1e-4, "{name} keep {}: CATS logits of token {t} differ by {e}", case.keep);
+                assert!(
+                    e < 1e-4,
+                    "{name} keep {}: CATS logits of token {t} differ by {e}",
+                    case.keep
+                );
             }
             // Top-k keeps exactly k per token and layer.
             let fractions = counter.kept_fraction(model.config.intermediate_size);
             let want = case.k as f64 / model.config.intermediate_size as f64;
-            assert!(fractions.iter().all(|f| (f - want).abs() < 1e-12), "{name}: kept fractions {fractions:?}, want {want}");
+            assert!(
+                fractions.iter().all(|f| (f - want).abs() < 1e-12),
+                "{name}: kept fractions {fractions:?}, want {want}"
+            );
         }
     }
 }

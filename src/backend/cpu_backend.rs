@@ -51,7 +51,10 @@ impl CpuMatrix {
 /// is a TLB miss, with 2 MiB pages almost none is.
 fn huge_page_copy(bytes: &[u8]) -> Result<Mmap> {
     let io = |e: std::io::Error| Error::io("anonymous memory for a weight matrix", e);
-    let mut map = memmap2::MmapOptions::new().len(bytes.len().max(1)).map_anon().map_err(io)?;
+    let mut map = memmap2::MmapOptions::new()
+        .len(bytes.len().max(1))
+        .map_anon()
+        .map_err(io)?;
     #[cfg(target_os = "linux")]
     if let Err(e) = map.advise(memmap2::Advice::HugePage) {
         tracing::debug!("madvise(MADV_HUGEPAGE) refused: {e}");
@@ -67,18 +70,21 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A backend with `threads` compute threads (0 = one per available core).
     pub fn new(threads: usize) -> CpuBackend {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let n = if threads == 0 { cores } else { threads };
         if n > cores {
             tracing::warn!("{n} threads on {cores} cores: the spinning workers will contend; expect a slowdown");
         }
-        CpuBackend { pool: ThreadPool::new(n) }
+        CpuBackend {
+            pool: ThreadPool::new(n),
+        }
     }
 
     pub fn threads(&self) -> usize {
         self.pool.n_threads()
     }
-
 }
 
 impl Backend for CpuBackend {
@@ -86,7 +92,11 @@ impl Backend for CpuBackend {
     type Matrix = CpuMatrix;
 
     fn describe(&self) -> String {
-        format!("cpu ({}, {} threads)", kernels::isa_name(), self.pool.n_threads())
+        format!(
+            "cpu ({}, {} threads)",
+            kernels::isa_name(),
+            self.pool.n_threads()
+        )
     }
 
     fn alloc(&self, len: usize) -> Result<Vec<f32>> {
@@ -99,12 +109,20 @@ impl Backend for CpuBackend {
             other => {
                 return Err(Error::Safetensors {
                     path: t.path.clone(),
-                    msg: format!("tensor `{}` has shape {other:?}, expected a 2-D matrix", t.name),
+                    msg: format!(
+                        "tensor `{}` has shape {other:?}, expected a 2-D matrix",
+                        t.name
+                    ),
                 })
             }
         };
         let (map, range) = t.mapping();
-        Ok(CpuMatrix { storage: Storage::Mapped(map, range), dtype: t.dtype, rows, cols })
+        Ok(CpuMatrix {
+            storage: Storage::Mapped(map, range),
+            dtype: t.dtype,
+            rows,
+            cols,
+        })
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
@@ -119,20 +137,42 @@ impl Backend for CpuBackend {
         let cols = table.cols;
         for (t, &id) in tokens.iter().enumerate() {
             if id as usize >= table.rows {
-                return Err(Error::TokenOutOfRange { id, vocab: table.rows });
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab: table.rows,
+                });
             }
-            kernels::row_to_f32(table.bytes(), table.dtype, cols, id as usize, &mut out[t * cols..(t + 1) * cols]);
+            kernels::row_to_f32(
+                table.bytes(),
+                table.dtype,
+                cols,
+                id as usize,
+                &mut out[t * cols..(t + 1) * cols],
+            );
         }
         Ok(())
     }
 
-    fn rmsnorm(&self, x: &Vec<f32>, weight: &Vec<f32>, eps: f32, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        weight: &Vec<f32>,
+        eps: f32,
+        n_tokens: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let n = n_tokens * weight.len();
         kernels::rmsnorm(&x[..n], weight, eps, &mut out[..n]);
         Ok(())
     }
 
-    fn matmul(&self, w: &CpuMatrix, x: &Vec<f32>, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn matmul(
+        &self,
+        w: &CpuMatrix,
+        x: &Vec<f32>,
+        n_tokens: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         kernels::matmul(
             &self.pool,
             w.bytes(),
@@ -153,12 +193,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, x: &mut Vec<f32>, num_heads: usize, start_pos: usize, n_tokens: usize, table: &RopeTable) -> Result<()> {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        num_heads: usize,
+        start_pos: usize,
+        n_tokens: usize,
+        table: &RopeTable,
+    ) -> Result<()> {
         table.rotate_rows(x, num_heads, start_pos, n_tokens);
         Ok(())
     }
 
-    fn copy_rows(&self, src: &Vec<f32>, src_row: usize, dst: &mut Vec<f32>, dst_row: usize, n_rows: usize, row_len: usize) -> Result<()> {
+    fn copy_rows(
+        &self,
+        src: &Vec<f32>,
+        src_row: usize,
+        dst: &mut Vec<f32>,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
         let s = src_row * row_len;
         let d = dst_row * row_len;
         let n = n_rows * row_len;
@@ -173,7 +228,16 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(&self, q: &Vec<f32>, k_cache: &Vec<f32>, v_cache: &Vec<f32>, shape: AttentionShape, start_pos: usize, n_tokens: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        shape: AttentionShape,
+        start_pos: usize,
+        n_tokens: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let width = shape.num_heads * shape.head_dim;
         kernels::attention(
             &self.pool,
@@ -202,13 +266,23 @@ impl Backend for CpuBackend {
 
     fn read(&self, buf: &Vec<f32>, offset: usize, out: &mut [f32]) -> Result<()> {
         let src = buf.get(offset..offset + out.len()).ok_or_else(|| {
-            Error::InvalidArgument(format!("read of {} floats at {offset} past a buffer of {}", out.len(), buf.len()))
+            Error::InvalidArgument(format!(
+                "read of {} floats at {offset} past a buffer of {}",
+                out.len(),
+                buf.len()
+            ))
         })?;
         out.copy_from_slice(src);
         Ok(())
     }
 
-    fn upload_matrix(&self, bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<CpuMatrix> {
+    fn upload_matrix(
+        &self,
+        bytes: Vec<u8>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CpuMatrix> {
         if bytes.len() != rows * cols * dtype.size() {
             return Err(Error::InvalidArgument(format!(
                 "matrix of {rows} x {cols} {dtype:?} needs {} bytes, got {}",
@@ -216,15 +290,26 @@ impl Backend for CpuBackend {
                 bytes.len()
             )));
         }
-        Ok(CpuMatrix { storage: Storage::Owned(Arc::new(huge_page_copy(&bytes)?)), dtype, rows, cols })
+        Ok(CpuMatrix {
+            storage: Storage::Owned(Arc::new(huge_page_copy(&bytes)?)),
+            dtype,
+            rows,
+            cols,
+        })
     }
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {
         if bundles.cols % 3 != 0 {
-            return Err(Error::InvalidArgument(format!("bundle matrix has {} columns, not 3 x hidden", bundles.cols)));
+            return Err(Error::InvalidArgument(format!(
+                "bundle matrix has {} columns, not 3 x hidden",
+                bundles.cols
+            )));
         }
         if let Some(&bad) = rows.iter().find(|&&r| r as usize >= bundles.rows) {
-            return Err(Error::InvalidArgument(format!("neuron {bad} gathered from {} bundles", bundles.rows)));
+            return Err(Error::InvalidArgument(format!(
+                "neuron {bad} gathered from {} bundles",
+                bundles.rows
+            )));
         }
         let h = bundles.cols / 3;
         let (gate, up, down) = kernels::gather_ffn(bundles.bytes(), bundles.dtype, h, rows);
@@ -236,33 +321,74 @@ impl Backend for CpuBackend {
         ])
     }
 
-    fn bundle_ffn(&self, bundles: &CpuMatrix, x: &Vec<f32>, n_tokens: usize, sel: BundleSelection<'_, Vec<f32>>, out: &mut Vec<f32>) -> Result<()> {
+    fn bundle_ffn(
+        &self,
+        bundles: &CpuMatrix,
+        x: &Vec<f32>,
+        n_tokens: usize,
+        sel: BundleSelection<'_, Vec<f32>>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         if bundles.cols % 3 != 0 {
-            return Err(Error::InvalidArgument(format!("bundle matrix has {} columns, not 3 x hidden", bundles.cols)));
+            return Err(Error::InvalidArgument(format!(
+                "bundle matrix has {} columns, not 3 x hidden",
+                bundles.cols
+            )));
         }
         let hidden = bundles.cols / 3;
-        let b = kernels::Bundles { bytes: bundles.bytes(), dtype: bundles.dtype, neurons: bundles.rows, hidden };
+        let b = kernels::Bundles {
+            bytes: bundles.bytes(),
+            dtype: bundles.dtype,
+            neurons: bundles.rows,
+            hidden,
+        };
         let act = match sel {
-            BundleSelection::All { gate_bias, up_bias } => {
-                kernels::Activation::All { gate_bias: gate_bias.map(|v| v.as_slice()), up_bias: up_bias.map(|v| v.as_slice()) }
-            }
-            BundleSelection::PerToken { coeff, kept, up_bias } => {
-                if kept.n_tokens() < n_tokens || kept.ids.iter().any(|&i| i as usize >= bundles.rows) {
-                    return Err(Error::InvalidArgument("neuron lists do not match the tokens or the bundles".into()));
+            BundleSelection::All { gate_bias, up_bias } => kernels::Activation::All {
+                gate_bias: gate_bias.map(|v| v.as_slice()),
+                up_bias: up_bias.map(|v| v.as_slice()),
+            },
+            BundleSelection::PerToken {
+                coeff,
+                kept,
+                up_bias,
+            } => {
+                if kept.n_tokens() < n_tokens
+                    || kept.ids.iter().any(|&i| i as usize >= bundles.rows)
+                {
+                    return Err(Error::InvalidArgument(
+                        "neuron lists do not match the tokens or the bundles".into(),
+                    ));
                 }
-                kernels::Activation::PerToken { coeff, kept, up_bias: up_bias.map(|v| v.as_slice()) }
+                kernels::Activation::PerToken {
+                    coeff,
+                    kept,
+                    up_bias: up_bias.map(|v| v.as_slice()),
+                }
             }
         };
         kernels::bundle_ffn(&self.pool, b, x, n_tokens, act, out);
         Ok(())
     }
 
-    fn accumulate_neuron_scores(&self, z: &Vec<f32>, n_tokens: usize, width: usize, acc: &mut Vec<f32>) -> Result<()> {
+    fn accumulate_neuron_scores(
+        &self,
+        z: &Vec<f32>,
+        n_tokens: usize,
+        width: usize,
+        acc: &mut Vec<f32>,
+    ) -> Result<()> {
         kernels::accumulate_neuron_scores(&z[..n_tokens * width], width, &mut acc[..width]);
         Ok(())
     }
 
-    fn select_neurons(&self, act: &mut Vec<f32>, n_tokens: usize, width: usize, rule: NeuronRule, kept: &mut NeuronLists) -> Result<()> {
+    fn select_neurons(
+        &self,
+        act: &mut Vec<f32>,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()> {
         kernels::select_neurons(&mut act[..n_tokens * width], width, rule, kept);
         Ok(())
     }

@@ -49,19 +49,56 @@ pub trait Backend {
     /// out[t] = table[tokens[t]] (as f32).
     fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
     /// out[t] = rmsnorm(x[t]) * weight for the first `n_tokens` rows.
-    fn rmsnorm(&self, x: &Self::Buf, weight: &Self::Buf, eps: f32, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        eps: f32,
+        n_tokens: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// out[t] = w · x[t] for the first `n_tokens` rows.
-    fn matmul(&self, w: &Self::Matrix, x: &Self::Buf, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    fn matmul(
+        &self,
+        w: &Self::Matrix,
+        x: &Self::Buf,
+        n_tokens: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// x[t] += bias for the first `n_tokens` rows.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n_tokens: usize) -> Result<()>;
     /// Rotates each head of rows 0..n_tokens, row t sitting at position start_pos + t.
-    fn rope(&self, x: &mut Self::Buf, num_heads: usize, start_pos: usize, n_tokens: usize, table: &RopeTable) -> Result<()>;
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        num_heads: usize,
+        start_pos: usize,
+        n_tokens: usize,
+        table: &RopeTable,
+    ) -> Result<()>;
     /// Copies `n_rows` rows of `row_len` floats from src (starting at row src_row) to dst (at dst_row).
-    fn copy_rows(&self, src: &Self::Buf, src_row: usize, dst: &mut Self::Buf, dst_row: usize, n_rows: usize, row_len: usize) -> Result<()>;
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_row: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()>;
     /// Causal attention of rows 0..n_tokens of q (positions start_pos..) over cache rows
     /// 0..start_pos+n_tokens.
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, q: &Self::Buf, k_cache: &Self::Buf, v_cache: &Self::Buf, shape: AttentionShape, start_pos: usize, n_tokens: usize, out: &mut Self::Buf) -> Result<()>;
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        shape: AttentionShape,
+        start_pos: usize,
+        n_tokens: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// gate[i] = silu(gate[i]) * up[i] for i < len.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
     /// x[i] += y[i] for i < len.
@@ -73,7 +110,13 @@ pub trait Backend {
 
     /// Makes a matrix of `rows x cols` elements of `dtype` from bytes built on the host
     /// (the neuron-bundle layout).
-    fn upload_matrix(&self, bytes: Vec<u8>, dtype: DType, rows: usize, cols: usize) -> Result<Self::Matrix>;
+    fn upload_matrix(
+        &self,
+        bytes: Vec<u8>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Matrix>;
     /// Gathers the neurons `rows` (ascending) of a bundle matrix (`[f, 3h]`) into a compact
     /// dense FFN in checkpoint layout: gate `[k, h]`, up `[k, h]`, down `[h, k]`. Griffin
     /// decodes with it through the ordinary (fastest) matmul.
@@ -82,14 +125,34 @@ pub trait Backend {
     /// down column i): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where
     /// `act` is computed from `x[t]` as [`BundleSelection`] says. Overwrites rows
     /// 0..n_tokens of `out` (`[n, h]`).
-    fn bundle_ffn(&self, bundles: &Self::Matrix, x: &Self::Buf, n_tokens: usize, sel: BundleSelection<'_, Self::Buf>, out: &mut Self::Buf) -> Result<()>;
+    fn bundle_ffn(
+        &self,
+        bundles: &Self::Matrix,
+        x: &Self::Buf,
+        n_tokens: usize,
+        sel: BundleSelection<'_, Self::Buf>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// Griffin statistics: `acc[j] += sum_t (z[t, j] / |z[t]|)^2` over rows 0..n_tokens of
     /// `z` (`[n, width]`); all-zero rows add nothing.
-    fn accumulate_neuron_scores(&self, z: &Self::Buf, n_tokens: usize, width: usize, acc: &mut Self::Buf) -> Result<()>;
+    fn accumulate_neuron_scores(
+        &self,
+        z: &Self::Buf,
+        n_tokens: usize,
+        width: usize,
+        acc: &mut Self::Buf,
+    ) -> Result<()>;
     /// CATS: for each row t < n_tokens of `act` (`[n, width]`, SiLU(gate)), keeps the neurons
     /// `rule` selects by |act|, zeroes the others in place and lists the kept ones, ascending,
     /// in `kept` (which it overwrites).
-    fn select_neurons(&self, act: &mut Self::Buf, n_tokens: usize, width: usize, rule: NeuronRule, kept: &mut NeuronLists) -> Result<()>;
+    fn select_neurons(
+        &self,
+        act: &mut Self::Buf,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()>;
     /// `x[i] = silu(x[i])` for i < len.
     fn silu(&self, x: &mut Self::Buf, len: usize) -> Result<()>;
 }

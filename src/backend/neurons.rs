@@ -54,8 +54,15 @@ pub enum BundleSelection<'a, Buf> {
     /// Every bundle of the matrix (a Griffin compact FFN, or the dense FFN in bundle form):
     /// `act = silu(gate_i . x + gate_bias_i) * (up_i . x + up_bias_i)`. Bias vectors are
     /// indexed like the bundle rows.
-    All { gate_bias: Option<&'a Buf>, up_bias: Option<&'a Buf> },
+    All {
+        gate_bias: Option<&'a Buf>,
+        up_bias: Option<&'a Buf>,
+    },
     /// CATS: token t uses only `kept.token(t)`, with `act = coeff[t, i] * (up_i . x + up_bias_i)`,
     /// `coeff` being SiLU(gate) from a dense gate pass (`[n, neurons]`).
-    PerToken { coeff: &'a Buf, kept: &'a NeuronLists, up_bias: Option<&'a Buf> },
+    PerToken {
+        coeff: &'a Buf,
+        kept: &'a NeuronLists,
+        up_bias: Option<&'a Buf>,
+    },
 }

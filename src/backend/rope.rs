@@ -21,7 +21,9 @@ impl RopeTable {
     pub fn new(config: &ModelConfig) -> RopeTable {
         let hd = config.head_dim;
         let base = config.rope_theta as f64;
-        let mut inv_freq: Vec<f64> = (0..hd / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / hd as f64)).collect();
+        let mut inv_freq: Vec<f64> = (0..hd / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / hd as f64))
+            .collect();
         match &config.rope_scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => {
@@ -29,10 +31,19 @@ impl RopeTable {
                     *f /= *factor as f64;
                 }
             }
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 // Wavelengths longer than original_ctx / low_freq_factor are slowed by `factor`;
                 // shorter than original_ctx / high_freq_factor are kept; in between, blended.
-                let (factor, low, high) = (*factor as f64, *low_freq_factor as f64, *high_freq_factor as f64);
+                let (factor, low, high) = (
+                    *factor as f64,
+                    *low_freq_factor as f64,
+                    *high_freq_factor as f64,
+                );
                 let old_ctx = *original_max_position_embeddings as f64;
                 let low_wavelen = old_ctx / low;
                 let high_wavelen = old_ctx / high;
@@ -64,7 +75,11 @@ impl RopeTable {
         let width = n_heads * self.head_dim;
         for (t, row) in x.chunks_exact_mut(width).take(n_rows).enumerate() {
             let pos = start_pos + t;
-            self.rotate_row(row, n_heads, &table[pos * self.head_dim..(pos + 1) * self.head_dim]);
+            self.rotate_row(
+                row,
+                n_heads,
+                &table[pos * self.head_dim..(pos + 1) * self.head_dim],
+            );
         }
     }
 

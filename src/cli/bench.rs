@@ -13,9 +13,9 @@ use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
-use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Scratch};
+use crate::progress::progress_bar;
 use crate::sparsity::{SparsityMode, SparsityReport};
 
 #[derive(Debug, Clone, Args)]
@@ -77,7 +77,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return Err(Error::InvalidArgument("--reps must be at least 1".into()));
     }
     if args.prompt == 0 && args.gen == 0 {
-        return Err(Error::InvalidArgument("nothing to measure: --prompt and --gen are both 0".into()));
+        return Err(Error::InvalidArgument(
+            "nothing to measure: --prompt and --gen are both 0".into(),
+        ));
     }
     check_output_dir("--json", args.json.as_deref())?;
     args.sparsity.validate()?;
@@ -92,7 +94,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         )));
     }
     let vocab = model.config.vocab_size as u32;
-    let ids = |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab).collect() };
+    let ids = |n: usize| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % vocab)
+            .collect()
+    };
     let mut results = Vec::new();
     let tests = usize::from(args.prompt > 0) + usize::from(args.gen > 0);
     let bar = progress_bar((tests * (args.reps + 1)) as u64, "bench");
@@ -110,7 +116,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 samples.push(args.prompt as f64 / t.elapsed().as_secs_f64());
             }
         }
-        results.push(summarise(format!("pp{}", args.prompt), args.prompt, samples));
+        results.push(summarise(
+            format!("pp{}", args.prompt),
+            args.prompt,
+            samples,
+        ));
     }
     // Griffin needs a prompt to choose its neurons; the same request state serves every rep.
     let mut request = sparsity.request(&model)?;
@@ -118,7 +128,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let prompt = ids(if args.prompt > 0 { args.prompt } else { 128 }.min(max_pos));
         let mut scratch = Scratch::with_logit_rows(&model, prompt.len(), 1)?;
         let mut cache = model.new_cache(prompt.len())?;
-        model.forward_with(&prompt, &mut cache, &mut scratch, Logits::Last, &mut request.prefill_ffn())?;
+        model.forward_with(
+            &prompt,
+            &mut cache,
+            &mut scratch,
+            Logits::Last,
+            &mut request.prefill_ffn(),
+        )?;
         request.finish_prefill(&model)?;
     }
     if args.gen > 0 {
@@ -129,7 +145,13 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let mut cache = model.new_cache(args.gen)?;
             let t = Instant::now();
             for &tok in &tokens {
-                model.forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut request.decode_ffn())?;
+                model.forward_with(
+                    &[tok],
+                    &mut cache,
+                    &mut scratch,
+                    Logits::Last,
+                    &mut request.decode_ffn(),
+                )?;
                 request.count_decode(1);
             }
             bar.inc(1);
@@ -154,16 +176,28 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     for r in &report.results {
         let sparse = match (&report.sparsity.sparsity, r.test.starts_with("tg")) {
             (SparsityMode::None, _) | (_, false) => "none".to_string(),
-            (mode, true) => format!("{mode} {} (density {:.3})", report.sparsity.keep, report.sparsity.density),
+            (mode, true) => format!(
+                "{mode} {} (density {:.3})",
+                report.sparsity.keep, report.sparsity.density
+            ),
         };
         table += &format!(
             "| {} | {} | {} | {sparse} | {} | {:.2} | {:.2} | {:.2} |\n",
-            args.model, report.backend, report.dtype, r.test, r.median_tokens_per_s, r.min_tokens_per_s, r.max_tokens_per_s
+            args.model,
+            report.backend,
+            report.dtype,
+            r.test,
+            r.median_tokens_per_s,
+            r.min_tokens_per_s,
+            r.max_tokens_per_s
         );
     }
     match std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            return Err(Error::Write { path: "standard output".into(), source: e })
+            return Err(Error::Write {
+                path: "standard output".into(),
+                source: e,
+            })
         }
         _ => {}
     }
@@ -178,7 +212,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 fn decode_bytes_per_token(model: &Llama<CpuBackend>, report: &SparsityReport) -> f64 {
     let c = &model.config;
     let esz = model.dtype.size() as f64;
-    let embed = if c.tie_word_embeddings { 0.0 } else { (c.vocab_size * c.hidden_size) as f64 * esz };
+    let embed = if c.tie_word_embeddings {
+        0.0
+    } else {
+        (c.vocab_size * c.hidden_size) as f64 * esz
+    };
     let skipped_params = (1.0 - report.density) * c.parameter_count() as f64;
     model.weight_bytes() as f64 - embed - skipped_params * esz
 }
@@ -187,7 +225,11 @@ fn summarise(test: String, tokens: usize, mut samples: Vec<f64>) -> BenchResult 
     let unsorted = samples.clone();
     samples.sort_by(f64::total_cmp);
     let n = samples.len();
-    let median = if n % 2 == 1 { samples[n / 2] } else { (samples[n / 2 - 1] + samples[n / 2]) / 2.0 };
+    let median = if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    };
     BenchResult {
         test,
         tokens,

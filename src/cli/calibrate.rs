@@ -52,10 +52,14 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     // Option and input errors first: they should not wait for a model load.
     let keep = validate_keep(args.keep)?;
     if args.seq_len == 0 {
-        return Err(Error::InvalidArgument("--seq-len must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "--seq-len must be at least 1".into(),
+        ));
     }
     if args.max_tokens == Some(0) {
-        return Err(Error::InvalidArgument("--max-tokens must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "--max-tokens must be at least 1".into(),
+        ));
     }
     check_output_dir("--out", Some(&args.out))?;
     let text = read_text("--text", &args.text)?;
@@ -67,19 +71,33 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
     }
-    tracing::info!(tokens = tokens.len(), seq_len = args.seq_len, keep, "calibrating");
+    tracing::info!(
+        tokens = tokens.len(),
+        seq_len = args.seq_len,
+        keep,
+        "calibrating"
+    );
     let t0 = std::time::Instant::now();
     let thresholds = calibrate_thresholds(&model, &tokens, keep, args.seq_len, &args.text)?;
     let seconds = t0.elapsed().as_secs_f64();
     thresholds.save(&args.out)?;
     if !args.quiet {
         let mut table = String::from("| layer | threshold | kept on the text |\n|---|---|---|\n");
-        for (li, (t, k)) in thresholds.thresholds.iter().zip(&thresholds.calibration_kept).enumerate() {
+        for (li, (t, k)) in thresholds
+            .thresholds
+            .iter()
+            .zip(&thresholds.calibration_kept)
+            .enumerate()
+        {
             let _ = writeln!(table, "| {li} | {t:.6} | {k:.4} |");
         }
         let n = thresholds.calibration_kept.len().max(1) as f64;
         let mean = thresholds.calibration_kept.iter().sum::<f64>() / n;
-        let _ = writeln!(table, "\nmean kept {mean:.4} (target {keep}) over {} tokens in {seconds:.1} s", tokens.len());
+        let _ = writeln!(
+            table,
+            "\nmean kept {mean:.4} (target {keep}) over {} tokens in {seconds:.1} s",
+            tokens.len()
+        );
         let _ = writeln!(table, "wrote {}", args.out.display());
         print_stdout(&table)?;
     }

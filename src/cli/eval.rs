@@ -11,8 +11,8 @@ use clap::{ArgGroup, Args, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
-use crate::cli::input::{load_tokenizer, read_text};
 use crate::cli::fetch::model_dir_or_fetch;
+use crate::cli::input::{load_tokenizer, read_text};
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
 use crate::engine::perplexity::{perplexity, PerplexityResult, Windows};
@@ -62,7 +62,12 @@ pub struct EvalArgs {
     pub sparsity: SparsityArgs,
     /// Run several modes over the same windows, e.g. none,griffin,cats or griffin:0.3,cats:0.3
     /// (MODE:KEEP overrides --keep for that entry; with --cats-thresholds, cats uses them).
-    #[arg(long, value_delimiter = ',', conflicts_with = "sparsity", value_name = "MODE[:KEEP],...")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "sparsity",
+        value_name = "MODE[:KEEP],..."
+    )]
     pub compare: Vec<ModeSpec>,
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
@@ -96,12 +101,17 @@ impl FromStr for ModeSpec {
     fn from_str(s: &str) -> Result<Self> {
         let (mode, keep) = match s.split_once(':') {
             Some((mode, keep)) => {
-                let k: f32 = keep.trim().parse().map_err(|_| Error::InvalidArgument(format!("--compare {s}: `{keep}` is not a number")))?;
+                let k: f32 = keep.trim().parse().map_err(|_| {
+                    Error::InvalidArgument(format!("--compare {s}: `{keep}` is not a number"))
+                })?;
                 (mode, Some(k))
             }
             None => (s, None),
         };
-        Ok(ModeSpec { mode: mode.trim().parse()?, keep })
+        Ok(ModeSpec {
+            mode: mode.trim().parse()?,
+            keep,
+        })
     }
 }
 
@@ -126,13 +136,21 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     let specs = sparsity_specs(args)?;
     check_output_dir("--json", args.json.as_deref())?;
     if args.max_windows == Some(0) {
-        return Err(Error::InvalidArgument("--max-windows must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "--max-windows must be at least 1".into(),
+        ));
     }
     let Some(text_path) = &args.perplexity else {
-        return Err(Error::InvalidArgument("give a task: --perplexity FILE".into()));
+        return Err(Error::InvalidArgument(
+            "give a task: --perplexity FILE".into(),
+        ));
     };
     // The geometry checks that need no model come before the load.
-    Windows { window: args.window, prefix: args.prefix }.validate(0, usize::MAX)?;
+    Windows {
+        window: args.window,
+        prefix: args.prefix,
+    }
+    .validate(0, usize::MAX)?;
     let text = read_text("--perplexity", text_path)?;
 
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
@@ -148,7 +166,10 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         Some(lead) => lead.to_vec(),
         None => Vec::new(),
     };
-    let geometry = Windows { window: args.window, prefix: args.prefix };
+    let geometry = Windows {
+        window: args.window,
+        prefix: args.prefix,
+    };
     geometry.validate(lead.len(), context(&model))?;
     let body = geometry.body(lead.len());
     let available = tokens.len() / body;
@@ -161,15 +182,32 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
         )));
     }
     let n_windows = args.max_windows.map_or(available, |m| m.min(available));
-    tracing::info!(text_tokens = tokens.len(), lead = lead.len(), windows = n_windows, "perplexity");
+    tracing::info!(
+        text_tokens = tokens.len(),
+        lead = lead.len(),
+        windows = n_windows,
+        "perplexity"
+    );
 
-    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { progress_bar((n_windows * specs.len()) as u64, "eval") };
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        progress_bar((n_windows * specs.len()) as u64, "eval")
+    };
     let mut results = Vec::with_capacity(specs.len());
     for spec in &specs {
         bar.set_message(spec.sparsity.to_string());
         // One mode at a time: its bundles are built once and dropped before the next mode's.
         let sparsity = spec.build(&model)?;
-        let result = perplexity(&model, &sparsity, &lead, &tokens, geometry, n_windows, &mut || bar.inc(1))?;
+        let result = perplexity(
+            &model,
+            &sparsity,
+            &lead,
+            &tokens,
+            geometry,
+            n_windows,
+            &mut || bar.inc(1),
+        )?;
         tracing::info!(mode = %result.sparsity, keep = result.keep, perplexity = result.perplexity, seconds = result.seconds, "done");
         results.push(result);
     }
@@ -195,7 +233,8 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     match args.format {
         ReportFormat::Md => print_stdout(&markdown(&report)),
         ReportFormat::Json => {
-            let json = serde_json::to_string_pretty(&report).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            let json = serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
             print_stdout(&(json + "\n"))
         }
     }
@@ -211,7 +250,9 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityArgs>> {
     validate_keep(base.keep)?;
     let thresholds = base.cats_thresholds.as_ref();
     if thresholds.is_some() && !args.compare.iter().any(|s| s.mode == SparsityMode::Cats) {
-        return Err(Error::InvalidArgument("--cats-thresholds needs cats in --compare".into()));
+        return Err(Error::InvalidArgument(
+            "--cats-thresholds needs cats in --compare".into(),
+        ));
     }
     args.compare
         .iter()
@@ -219,11 +260,14 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityArgs>> {
             let cats = spec.mode == SparsityMode::Cats;
             if cats && thresholds.is_some() && spec.keep.is_some() {
                 return Err(Error::InvalidArgument(
-                    "--compare cats:KEEP and --cats-thresholds both set the CATS neurons: give one".into(),
+                    "--compare cats:KEEP and --cats-thresholds both set the CATS neurons: give one"
+                        .into(),
                 ));
             }
             if spec.mode == SparsityMode::None && spec.keep.is_some() {
-                return Err(Error::InvalidArgument("--compare none:KEEP: dense keeps every neuron, drop the :KEEP".into()));
+                return Err(Error::InvalidArgument(
+                    "--compare none:KEEP: dense keeps every neuron, drop the :KEEP".into(),
+                ));
             }
             let s = SparsityArgs {
                 sparsity: spec.mode,
@@ -239,7 +283,9 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityArgs>> {
 /// The context a window may fill: the position limit and any sliding window.
 fn context(model: &Llama<CpuBackend>) -> usize {
     let c = &model.config;
-    c.sliding_window.map_or(c.max_position_embeddings, |w| w.min(c.max_position_embeddings))
+    c.sliding_window.map_or(c.max_position_embeddings, |w| {
+        w.min(c.max_position_embeddings)
+    })
 }
 
 fn markdown(r: &PerplexityReport) -> String {
@@ -260,7 +306,15 @@ fn markdown(r: &PerplexityReport) -> String {
         let _ = writeln!(
             s,
             "| {} | {} | {:.3} | {:.4} | {:.5} | {} | {} | {:.1} | {:.0} |",
-            x.sparsity, x.keep, x.density, x.perplexity, x.mean_nll, x.tokens_scored, x.windows, x.seconds, x.tokens_per_s
+            x.sparsity,
+            x.keep,
+            x.density,
+            x.perplexity,
+            x.mean_nll,
+            x.tokens_scored,
+            x.windows,
+            x.seconds,
+            x.tokens_per_s
         );
     }
     s
@@ -272,8 +326,20 @@ mod tests {
 
     #[test]
     fn compare_entries_parse() {
-        assert_eq!("griffin".parse::<ModeSpec>().unwrap(), ModeSpec { mode: SparsityMode::Griffin, keep: None });
-        assert_eq!("cats:0.3".parse::<ModeSpec>().unwrap(), ModeSpec { mode: SparsityMode::Cats, keep: Some(0.3) });
+        assert_eq!(
+            "griffin".parse::<ModeSpec>().unwrap(),
+            ModeSpec {
+                mode: SparsityMode::Griffin,
+                keep: None
+            }
+        );
+        assert_eq!(
+            "cats:0.3".parse::<ModeSpec>().unwrap(),
+            ModeSpec {
+                mode: SparsityMode::Cats,
+                keep: Some(0.3)
+            }
+        );
         assert!("cats:x".parse::<ModeSpec>().is_err());
         assert!("sparse".parse::<ModeSpec>().is_err());
     }

@@ -16,7 +16,9 @@ fn fetch_tool() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SIRIUS_FETCH_TOOL") {
         return Some(PathBuf::from(p));
     }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools").join("fetch-model");
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tools")
+        .join("fetch-model");
     p.is_file().then_some(p)
 }
 
@@ -29,13 +31,27 @@ pub fn model_dir_or_fetch(model: &str, allow_fetch: bool) -> Result<PathBuf> {
         && std::env::var("SIRIUS_NO_FETCH").as_deref() != Ok("1")
         && !Path::new(model).exists()
         && Preset::find(model)?.is_some_and(|p| p.source.is_some());
-    let Some(tool) = fetchable.then(fetch_tool).flatten() else { return Err(err) };
-    eprintln!("model {model:?} is not fetched yet: running {} {model}", tool.display());
-    let status = Command::new(&tool).arg(model).status().map_err(|source| Error::Spawn { path: tool.clone(), source })?;
+    let Some(tool) = fetchable.then(fetch_tool).flatten() else {
+        return Err(err);
+    };
+    eprintln!(
+        "model {model:?} is not fetched yet: running {} {model}",
+        tool.display()
+    );
+    let status = Command::new(&tool)
+        .arg(model)
+        .status()
+        .map_err(|source| Error::Spawn {
+            path: tool.clone(),
+            source,
+        })?;
     if !status.success() {
         return Err(Error::ModelNotFound {
             name: model.to_string(),
-            hint: format!("{} {model} failed ({status}); see its output above", tool.display()),
+            hint: format!(
+                "{} {model} failed ({status}); see its output above",
+                tool.display()
+            ),
         });
     }
     resolve_model_dir(model)

@@ -7,9 +7,13 @@ use crate::model::Tokenizer;
 
 /// Reads a UTF-8 text file that must hold more than white space.
 pub fn read_text(flag: &str, path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::InvalidArgument(format!("{flag} {}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::InvalidArgument(format!("{flag} {}: {e}", path.display())))?;
     if text.trim().is_empty() {
-        return Err(Error::InvalidArgument(format!("{flag} {}: the file is empty", path.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{flag} {}: the file is empty",
+            path.display()
+        )));
     }
     Ok(text)
 }
@@ -21,7 +25,10 @@ pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
     if tokenizer.vocab_size() > vocab_size {
         return Err(Error::Tokenizer {
             path,
-            msg: format!("{} tokens, more than the model's vocab_size {vocab_size}", tokenizer.vocab_size()),
+            msg: format!(
+                "{} tokens, more than the model's vocab_size {vocab_size}",
+                tokenizer.vocab_size()
+            ),
         });
     }
     Ok(tokenizer)

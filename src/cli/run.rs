@@ -7,15 +7,15 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
-use crate::config::generation::stop_token_ids;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
-use crate::sparsity::SparsityMode;
+use crate::config::generation::stop_token_ids;
 use crate::engine::{generate, GenerateOptions, GenerationOutput};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{Llama, SamplingParams, Tokenizer};
+use crate::sparsity::SparsityMode;
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -26,7 +26,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_fetch: bool,
     /// Prompt text, taken raw: special tokens written in it (<|im_start|>) are recognised.
-    #[arg(long, short = 'p', allow_hyphen_values = true, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    #[arg(
+        long,
+        short = 'p',
+        allow_hyphen_values = true,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
     pub prompt: Option<String>,
     /// Read the prompt from a file ("-" = standard input), for prompts too long for a command line.
     #[arg(long)]
@@ -94,19 +100,33 @@ struct RunStats<'a> {
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
     });
     // Option errors first: they should not wait for a model load.
-    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed,
+    };
     sampling.validate()?;
     if args.ctx_size == Some(0) {
         return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
     }
     check_output_dir("--stats-json", args.stats_json.as_deref())?;
-    let sparsity_args = SparsityArgs { sparsity: args.sparsity, keep: args.keep, cats_thresholds: args.cats_thresholds.clone() };
+    let sparsity_args = SparsityArgs {
+        sparsity: args.sparsity,
+        keep: args.keep,
+        cats_thresholds: args.cats_thresholds.clone(),
+    };
     sparsity_args.validate()?;
     if args.stop.iter().any(String::is_empty) {
-        return Err(Error::InvalidArgument("--stop needs a non-empty text".into()));
+        return Err(Error::InvalidArgument(
+            "--stop needs a non-empty text".into(),
+        ));
     }
     let prompt = read_prompt(args)?;
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
@@ -116,7 +136,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let model = Llama::load(&dir, backend)?;
     tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
         weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
-    if let Some(ctx) = args.ctx_size.filter(|&c| c > model.config.max_position_embeddings) {
+    if let Some(ctx) = args
+        .ctx_size
+        .filter(|&c| c > model.config.max_position_embeddings)
+    {
         return Err(Error::InvalidArgument(format!(
             "--ctx-size {ctx} is larger than the model's max_position_embeddings ({})",
             model.config.max_position_embeddings
@@ -137,13 +160,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let prompt_ids = if args.chat {
         let cfg_path = dir.join("tokenizer_config.json");
         let template = ChatTemplate::from_tokenizer_config(&cfg_path)?.ok_or_else(|| {
-            Error::config(&cfg_path, "the model has no chat_template: run without --chat")
+            Error::config(
+                &cfg_path,
+                "the model has no chat_template: run without --chat",
+            )
         })?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: prompt });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        });
         let text = template.render(&messages)?;
         tracing::debug!(%text, "rendered chat prompt");
         // The template writes any BOS itself.
@@ -156,39 +188,63 @@ pub fn run(args: &RunArgs) -> Result<()> {
         sampling,
         stop_token_ids: stop_token_ids(&dir, &model.config.eos_token_ids)?,
         stop_strings: args.stop.clone(),
-        context: args.ctx_size.unwrap_or(model.config.max_position_embeddings),
+        context: args
+            .ctx_size
+            .unwrap_or(model.config.max_position_embeddings),
         prefill_chunk: 256,
         show_progress: !args.quiet,
     };
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?opts.stop_token_ids, context = opts.context, seed, "generating");
     let mut stdout = std::io::stdout().lock();
     let mut write_error: Option<std::io::Error> = None;
-    let output = generate(&model, &sparsity, &tokenizer, &prompt_ids, &opts, &mut |piece| {
-        // A reader that went away (`| head`) or a full disk stops generation: no point
-        // computing text nobody receives.
-        match stdout.write_all(piece.as_bytes()).and_then(|()| stdout.flush()) {
-            Ok(()) => true,
-            Err(e) => {
-                write_error = Some(e);
-                false
+    let output = generate(
+        &model,
+        &sparsity,
+        &tokenizer,
+        &prompt_ids,
+        &opts,
+        &mut |piece| {
+            // A reader that went away (`| head`) or a full disk stops generation: no point
+            // computing text nobody receives.
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    write_error = Some(e);
+                    false
+                }
             }
-        }
-    })?;
+        },
+    )?;
     if let Some(e) = write_error {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(());
         }
-        return Err(Error::Write { path: "standard output".into(), source: e });
+        return Err(Error::Write {
+            path: "standard output".into(),
+            source: e,
+        });
     }
     if !output.text.is_empty() {
         let _ = writeln!(stdout);
         let _ = stdout.flush();
     }
     if !args.quiet {
-        let rate = |r: f64, n: usize| if n > 0 && r > 0.0 { format!("{r:.1} tok/s") } else { "n/a".to_string() };
+        let rate = |r: f64, n: usize| {
+            if n > 0 && r > 0.0 {
+                format!("{r:.1} tok/s")
+            } else {
+                "n/a".to_string()
+            }
+        };
         let sparse = match output.sparsity.sparsity {
             crate::sparsity::SparsityMode::None => String::new(),
-            mode => format!(" | {mode} keep {} density {:.3}", output.sparsity.keep, output.sparsity.density),
+            mode => format!(
+                " | {mode} keep {} density {:.3}",
+                output.sparsity.keep, output.sparsity.density
+            ),
         };
         // A closed stderr must not turn into a panic either.
         let _ = writeln!(
@@ -198,7 +254,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
             output.prompt_tokens,
             rate(output.prefill_tokens_per_s, output.prompt_tokens),
             output.generated_tokens,
-            rate(output.decode_tokens_per_s, output.generated_tokens.saturating_sub(1)),
+            rate(
+                output.decode_tokens_per_s,
+                output.generated_tokens.saturating_sub(1)
+            ),
             output.stop_reason
         );
     }
@@ -226,6 +285,8 @@ fn read_prompt(args: &RunArgs) -> Result<String> {
             Ok(text)
         }
         (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e)),
-        (None, None) => Err(Error::InvalidArgument("give --prompt or --prompt-file".into())),
+        (None, None) => Err(Error::InvalidArgument(
+            "give --prompt or --prompt-file".into(),
+        )),
     }
 }

@@ -29,10 +29,15 @@ impl SparsityArgs {
         validate_keep(self.keep)?;
         if let Some(path) = &self.cats_thresholds {
             if self.sparsity != SparsityMode::Cats {
-                return Err(Error::InvalidArgument("--cats-thresholds needs --sparsity cats".into()));
+                return Err(Error::InvalidArgument(
+                    "--cats-thresholds needs --sparsity cats".into(),
+                ));
             }
             if !path.is_file() {
-                return Err(Error::InvalidArgument(format!("--cats-thresholds {}: no such file", path.display())));
+                return Err(Error::InvalidArgument(format!(
+                    "--cats-thresholds {}: no such file",
+                    path.display()
+                )));
             }
         }
         Ok(())
@@ -41,7 +46,11 @@ impl SparsityArgs {
     /// Builds the sparse FFN for `model` (bundles; thresholds checked against the model).
     pub fn build<B: Backend>(&self, model: &Llama<B>) -> Result<Sparsity<B>> {
         self.validate()?;
-        let thresholds = self.cats_thresholds.as_deref().map(|p| CatsThresholds::load(p, &model.config)).transpose()?;
+        let thresholds = self
+            .cats_thresholds
+            .as_deref()
+            .map(|p| CatsThresholds::load(p, &model.config))
+            .transpose()?;
         Sparsity::new(model, self.sparsity, self.keep, thresholds)
     }
 }

@@ -12,10 +12,17 @@ pub fn stop_token_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
     if path.is_file() {
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.clone(), source })?;
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: path.clone(),
+                source,
+            })?;
         if let Some(value) = json.get("eos_token_id").filter(|v| !v.is_null()) {
-            let eos: OneOrMany = serde_json::from_value(value.clone())
-                .map_err(|e| Error::config(&path, format!("eos_token_id must be a token id or a list of them: {e}")))?;
+            let eos: OneOrMany = serde_json::from_value(value.clone()).map_err(|e| {
+                Error::config(
+                    &path,
+                    format!("eos_token_id must be a token id or a list of them: {e}"),
+                )
+            })?;
             ids.extend(eos.into_vec());
         }
     }

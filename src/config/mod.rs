@@ -1,7 +1,7 @@
 //! Configuration: the model's own config.json, and named presets from configs/models.
 
-pub mod model_config;
 pub mod generation;
+pub mod model_config;
 pub mod preset;
 
 pub use model_config::{Architecture, ModelConfig, RopeScaling};

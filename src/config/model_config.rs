@@ -123,7 +123,9 @@ impl ModelConfig {
             .as_ref()
             .and_then(|a| a.first().cloned())
             .or_else(|| raw.model_type.clone())
-            .ok_or_else(|| Error::config(path, "neither `architectures` nor `model_type` is set"))?;
+            .ok_or_else(|| {
+                Error::config(path, "neither `architectures` nor `model_type` is set")
+            })?;
         let architecture = match arch_name.as_str() {
             "LlamaForCausalLM" | "llama" => Architecture::Llama,
             "MistralForCausalLM" | "mistral" => Architecture::Mistral,
@@ -137,8 +139,14 @@ impl ModelConfig {
         };
         let bounded = |v: Option<usize>, key: &str, max: usize| -> Result<usize> {
             match v {
-                Some(0) => Err(Error::config(path, format!("`{key}` must be positive, got 0"))),
-                Some(v) if v > max => Err(Error::config(path, format!("`{key}` = {v} is beyond the supported maximum {max}"))),
+                Some(0) => Err(Error::config(
+                    path,
+                    format!("`{key}` must be positive, got 0"),
+                )),
+                Some(v) if v > max => Err(Error::config(
+                    path,
+                    format!("`{key}` = {v} is beyond the supported maximum {max}"),
+                )),
                 Some(v) => Ok(v),
                 None => Err(Error::config(path, format!("missing required key `{key}`"))),
             }
@@ -146,7 +154,11 @@ impl ModelConfig {
         let need = |v: Option<usize>, key: &str| bounded(v, key, MAX_WIDTH);
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_heads = bounded(raw.num_attention_heads, "num_attention_heads", MAX_HEADS)?;
-        let num_kv_heads = bounded(raw.num_key_value_heads.or(Some(num_heads)), "num_key_value_heads", MAX_HEADS)?;
+        let num_kv_heads = bounded(
+            raw.num_key_value_heads.or(Some(num_heads)),
+            "num_key_value_heads",
+            MAX_HEADS,
+        )?;
         if num_heads % num_kv_heads != 0 {
             return Err(Error::config(
                 path,
@@ -164,14 +176,23 @@ impl ModelConfig {
             }
         };
         if head_dim > MAX_HEAD_DIM {
-            return Err(Error::config(path, format!("head_dim {head_dim} is beyond the supported maximum {MAX_HEAD_DIM}")));
+            return Err(Error::config(
+                path,
+                format!("head_dim {head_dim} is beyond the supported maximum {MAX_HEAD_DIM}"),
+            ));
         }
         if head_dim % 2 != 0 {
-            return Err(Error::config(path, format!("head_dim must be even for RoPE, got {head_dim}")));
+            return Err(Error::config(
+                path,
+                format!("head_dim must be even for RoPE, got {head_dim}"),
+            ));
         }
         if let Some(act) = &raw.hidden_act {
             if act != "silu" && act != "swish" {
-                return Err(Error::config(path, format!("hidden_act {act:?} is not supported (only silu)")));
+                return Err(Error::config(
+                    path,
+                    format!("hidden_act {act:?} is not supported (only silu)"),
+                ));
             }
         }
         let rope_scaling = match &raw.rope_scaling {
@@ -180,11 +201,17 @@ impl ModelConfig {
         };
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
-            return Err(Error::config(path, format!("rms_norm_eps must be positive, got {rms_norm_eps}")));
+            return Err(Error::config(
+                path,
+                format!("rms_norm_eps must be positive, got {rms_norm_eps}"),
+            ));
         }
         let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
         if !(rope_theta > 0.0 && rope_theta.is_finite()) {
-            return Err(Error::config(path, format!("rope_theta must be positive, got {rope_theta}")));
+            return Err(Error::config(
+                path,
+                format!("rope_theta must be positive, got {rope_theta}"),
+            ));
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
@@ -211,7 +238,10 @@ impl ModelConfig {
             o_bias: architecture != Architecture::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
-            eos_token_ids: raw.eos_token_id.map(OneOrMany::into_vec).unwrap_or_default(),
+            eos_token_ids: raw
+                .eos_token_id
+                .map(OneOrMany::into_vec)
+                .unwrap_or_default(),
         })
     }
 
@@ -229,7 +259,11 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h;
-        let mut bias = if self.qkv_bias { self.q_dim() + 2 * self.kv_dim() } else { 0 };
+        let mut bias = if self.qkv_bias {
+            self.q_dim() + 2 * self.kv_dim()
+        } else {
+            0
+        };
         bias += if self.o_bias { h } else { 0 };
         bias += if self.mlp_bias { 2 * f + h } else { 0 };
         let per_layer = attn + bias + 3 * h * f + 2 * h;
@@ -245,9 +279,12 @@ fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling>
         .and_then(|k| k.as_str())
         .unwrap_or("");
     let num = |key: &str| -> Result<f64> {
-        v.get(key)
-            .and_then(|x| x.as_f64())
-            .ok_or_else(|| Error::config(path, format!("rope_scaling of type {kind:?} needs a numeric `{key}`")))
+        v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
+            Error::config(
+                path,
+                format!("rope_scaling of type {kind:?} needs a numeric `{key}`"),
+            )
+        })
     };
     match kind {
         "llama3" => {
@@ -257,7 +294,13 @@ fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling>
                 high_freq_factor: num("high_freq_factor")? as f32,
                 original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             };
-            if let RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, .. } = scaling {
+            if let RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                ..
+            } = scaling
+            {
                 if factor <= 0.0 || high_freq_factor <= low_freq_factor {
                     return Err(Error::config(
                         path,
@@ -270,9 +313,14 @@ fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling>
         "linear" => {
             let factor = num("factor")?;
             if !(factor > 0.0 && factor.is_finite()) {
-                return Err(Error::config(path, format!("rope_scaling linear needs factor > 0, got {factor}")));
+                return Err(Error::config(
+                    path,
+                    format!("rope_scaling linear needs factor > 0, got {factor}"),
+                ));
             }
-            Ok(RopeScaling::Linear { factor: factor as f32 })
+            Ok(RopeScaling::Linear {
+                factor: factor as f32,
+            })
         }
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
         other => Err(Error::config(
@@ -308,7 +356,10 @@ mod tests {
     fn unknown_architecture_is_named() {
         let err = parse(r#"{"architectures":["GPT2LMHeadModel"]}"#).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("GPT2LMHeadModel") && msg.contains("LlamaForCausalLM"), "{msg}");
+        assert!(
+            msg.contains("GPT2LMHeadModel") && msg.contains("LlamaForCausalLM"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -331,27 +382,54 @@ mod tests {
              \"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}",
         );
         let c = parse(&text).unwrap();
-        assert!(matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0));
+        assert!(
+            matches!(c.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 8.0)
+        );
     }
 
     #[test]
     fn absurd_sizes_are_rejected_before_allocation() {
-        for (key, value) in [("num_hidden_layers", "100000000000000000"), ("vocab_size", "1000000000000"), ("hidden_size", "9999999999")] {
-            let text = LLAMA.replacen(&format!("\"{key}\":"), &format!("\"{key}\":{value},\"x_{key}\":"), 1);
+        for (key, value) in [
+            ("num_hidden_layers", "100000000000000000"),
+            ("vocab_size", "1000000000000"),
+            ("hidden_size", "9999999999"),
+        ] {
+            let text = LLAMA.replacen(
+                &format!("\"{key}\":"),
+                &format!("\"{key}\":{value},\"x_{key}\":"),
+                1,
+            );
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(key) && err.contains("maximum"), "{err}");
         }
-        let text = LLAMA.replace("\"vocab_size\":128", "\"vocab_size\":128,\"head_dim\":9223372036854775808");
+        let text = LLAMA.replace(
+            "\"vocab_size\":128",
+            "\"vocab_size\":128,\"head_dim\":9223372036854775808",
+        );
         assert!(parse(&text).is_err());
     }
 
     #[test]
     fn biases_and_sliding_window_are_read() {
-        let c = parse(&LLAMA.replace("\"vocab_size\":128", "\"vocab_size\":128,\"attention_bias\":true,\"mlp_bias\":true")).unwrap();
+        let c = parse(&LLAMA.replace(
+            "\"vocab_size\":128",
+            "\"vocab_size\":128,\"attention_bias\":true,\"mlp_bias\":true",
+        ))
+        .unwrap();
         assert!(c.qkv_bias && c.o_bias && c.mlp_bias && c.sliding_window.is_none());
-        let mistral = LLAMA.replace("LlamaForCausalLM", "MistralForCausalLM").replace("\"vocab_size\":128", "\"vocab_size\":128,\"sliding_window\":4096");
+        let mistral = LLAMA
+            .replace("LlamaForCausalLM", "MistralForCausalLM")
+            .replace(
+                "\"vocab_size\":128",
+                "\"vocab_size\":128,\"sliding_window\":4096",
+            );
         assert_eq!(parse(&mistral).unwrap().sliding_window, Some(4096));
-        let qwen = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM").replace("\"vocab_size\":128", "\"vocab_size\":128,\"sliding_window\":4096,\"use_sliding_window\":false");
+        let qwen = LLAMA
+            .replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+            .replace(
+                "\"vocab_size\":128",
+                "\"vocab_size\":128,\"sliding_window\":4096,\"use_sliding_window\":false",
+            );
         let q = parse(&qwen).unwrap();
         assert!(q.sliding_window.is_none() && q.qkv_bias && !q.o_bias);
     }
@@ -364,9 +442,11 @@ mod tests {
     #[test]
     fn smollm2_parameter_count_matches_hand_count() {
         // SmolLM2-135M: hidden 576, 30 layers, 9 heads / 3 kv heads of 64, FFN 1536, vocab 49152, tied.
-        let c = parse(r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,
+        let c = parse(
+            r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,
             "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
-            "num_key_value_heads":3,"vocab_size":49152,"tie_word_embeddings":true}"#)
+            "num_key_value_heads":3,"vocab_size":49152,"tie_word_embeddings":true}"#,
+        )
         .unwrap();
         // per layer: q 576*576 + k,v 2*576*192 + o 576*576 + ffn 3*576*1536 + 2 norms of 576
         let per_layer = 576 * 576 * 2 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576;

@@ -46,7 +46,10 @@ impl Preset {
 
     /// Looks a preset up by name: user presets first, then the built-in ones.
     pub fn find(name: &str) -> Result<Option<Preset>> {
-        let user = sirius_home().join("configs").join("models").join(format!("{name}.toml"));
+        let user = sirius_home()
+            .join("configs")
+            .join("models")
+            .join(format!("{name}.toml"));
         if user.is_file() {
             let text = std::fs::read_to_string(&user).map_err(|e| Error::io(&user, e))?;
             return Self::parse(&text, &user).map(Some);
@@ -75,13 +78,18 @@ pub fn sirius_home() -> PathBuf {
     if let Some(home) = std::env::var_os("SIRIUS_HOME").filter(|h| !h.is_empty()) {
         return PathBuf::from(home);
     }
-    let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let user_home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     user_home.join(".cache").join("sirius-offload")
 }
 
 fn expand_home(p: &Path) -> PathBuf {
     match p.strip_prefix("~") {
-        Ok(rest) => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default().join(rest),
+        Ok(rest) => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(rest),
         Err(_) => p.to_path_buf(),
     }
 }
@@ -94,7 +102,9 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
         if !as_path.join("config.json").is_file() {
             return Err(Error::ModelNotFound {
                 name: model.to_string(),
-                hint: "the directory has no config.json: --model takes a Hugging Face model directory".into(),
+                hint:
+                    "the directory has no config.json: --model takes a Hugging Face model directory"
+                        .into(),
             });
         }
         return Ok(as_path.to_path_buf());
@@ -102,7 +112,9 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     if as_path.is_file() {
         return Err(Error::ModelNotFound {
             name: model.to_string(),
-            hint: "it is a file: --model takes the directory that holds config.json and the weights".into(),
+            hint:
+                "it is a file: --model takes the directory that holds config.json and the weights"
+                    .into(),
         });
     }
     match Preset::find(model)? {
@@ -144,7 +156,12 @@ mod tests {
 
     #[test]
     fn unknown_model_lists_presets() {
-        let err = resolve_model_dir("no-such-model-xyz").unwrap_err().to_string();
-        assert!(err.contains("no-such-model-xyz") && err.contains("smollm2-135m"), "{err}");
+        let err = resolve_model_dir("no-such-model-xyz")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no-such-model-xyz") && err.contains("smollm2-135m"),
+            "{err}"
+        );
     }
 }

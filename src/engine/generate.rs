@@ -7,9 +7,9 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::engine::stop::StopMatcher;
-use crate::progress::progress_bar;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, TextStream, Tokenizer};
+use crate::progress::progress_bar;
 use crate::sparsity::{Sparsity, SparsityReport};
 
 #[derive(Debug, Clone)]
@@ -79,15 +79,24 @@ pub fn generate<B: Backend>(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
     if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument("the prompt is empty after tokenization".into()));
+        return Err(Error::InvalidArgument(
+            "the prompt is empty after tokenization".into(),
+        ));
     }
     let context = effective_context(model, opts.context);
     // The prompt may fill the context: its last logits still give one token.
     if prompt_ids.len() > context {
-        return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), context });
+        return Err(Error::PromptTooLong {
+            prompt_tokens: prompt_ids.len(),
+            context,
+        });
     }
     // The last generated token is never fed back, so the cache needs max_tokens - 1 more rows.
-    let capacity = context.min(prompt_ids.len().saturating_add(opts.max_tokens.saturating_sub(1)));
+    let capacity = context.min(
+        prompt_ids
+            .len()
+            .saturating_add(opts.max_tokens.saturating_sub(1)),
+    );
     let mut cache = model.new_cache(capacity)?;
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len());
     let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
@@ -100,10 +109,21 @@ pub fn generate<B: Backend>(
     let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
     // Long prompts take a while on a CPU: show progress (indicatif hides it when stderr is not
     // a terminal).
-    let bar = (opts.show_progress && chunks.len() > 1).then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
+    let bar = (opts.show_progress && chunks.len() > 1)
+        .then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
     for (i, piece) in chunks.iter().enumerate() {
-        let want = if i + 1 == chunks.len() { Logits::Last } else { Logits::None };
-        logits = model.forward_with(piece, &mut cache, &mut scratch, want, &mut sparse.prefill_ffn())?;
+        let want = if i + 1 == chunks.len() {
+            Logits::Last
+        } else {
+            Logits::None
+        };
+        logits = model.forward_with(
+            piece,
+            &mut cache,
+            &mut scratch,
+            want,
+            &mut sparse.prefill_ffn(),
+        )?;
         if let Some(bar) = &bar {
             bar.inc(piece.len() as u64);
         }
@@ -118,7 +138,8 @@ pub fn generate<B: Backend>(
 
     // A few prompt tokens give the detokenizer the context it needs for the first word's
     // leading space (SentencePiece-style decoders drop it at the start of a sequence).
-    let mut stream = TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
+    let mut stream =
+        TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
     let mut stops = StopMatcher::new(opts.stop_strings.clone());
     let mut text = String::new();
     let mut ids = Vec::new();
@@ -158,7 +179,13 @@ pub fn generate<B: Backend>(
             break StopReason::ContextFull;
         }
         let t = Instant::now();
-        logits = model.forward_with(&[next], &mut cache, &mut scratch, Logits::Last, &mut sparse.decode_ffn())?;
+        logits = model.forward_with(
+            &[next],
+            &mut cache,
+            &mut scratch,
+            Logits::Last,
+            &mut sparse.decode_ffn(),
+        )?;
         sparse.count_decode(1);
         decode_seconds += t.elapsed().as_secs_f64();
         decode_steps += 1;

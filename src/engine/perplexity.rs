@@ -31,7 +31,9 @@ impl Windows {
     pub fn validate(&self, lead: usize, context: usize) -> Result<()> {
         let Windows { window, prefix } = *self;
         if prefix == 0 {
-            return Err(Error::InvalidArgument("--prefix must be at least 1 (the dense prompt of each window)".into()));
+            return Err(Error::InvalidArgument(
+                "--prefix must be at least 1 (the dense prompt of each window)".into(),
+            ));
         }
         if prefix + 2 > window {
             return Err(Error::InvalidArgument(format!(
@@ -44,7 +46,9 @@ impl Windows {
             )));
         }
         if window > context {
-            return Err(Error::InvalidArgument(format!("--window {window} is larger than the model's context of {context} tokens")));
+            return Err(Error::InvalidArgument(format!(
+                "--window {window} is larger than the model's context of {context} tokens"
+            )));
         }
         Ok(())
     }
@@ -114,12 +118,27 @@ pub fn perplexity<B: Backend>(
         ids.extend_from_slice(&tokens[w * body..(w + 1) * body]);
         cache.truncate(0);
         let mut req = sparsity.request(model)?;
-        let last = model.forward_with(&ids[..prefix], &mut cache, &mut scratch, Logits::Last, &mut req.prefill_ffn())?;
+        let last = model.forward_with(
+            &ids[..prefix],
+            &mut cache,
+            &mut scratch,
+            Logits::Last,
+            &mut req.prefill_ffn(),
+        )?;
         req.finish_prefill(model)?;
         nll += token_nll(&last, ids[prefix], c.vocab_size)?;
-        let logits = model.forward_with(&ids[prefix..window - 1], &mut cache, &mut scratch, Logits::All, &mut req.decode_ffn())?;
+        let logits = model.forward_with(
+            &ids[prefix..window - 1],
+            &mut cache,
+            &mut scratch,
+            Logits::All,
+            &mut req.decode_ffn(),
+        )?;
         req.count_decode(sparse_len);
-        for (row, &target) in logits.chunks_exact(c.vocab_size).zip(&ids[prefix + 1..window]) {
+        for (row, &target) in logits
+            .chunks_exact(c.vocab_size)
+            .zip(&ids[prefix + 1..window])
+        {
             nll += token_nll(row, target, c.vocab_size)?;
         }
         scored += window - prefix;
@@ -148,17 +167,30 @@ pub fn perplexity<B: Backend>(
         tokens_scored: scored,
         windows: n_windows,
         seconds,
-        tokens_per_s: if seconds > 0.0 { (n_windows * (window - 1)) as f64 / seconds } else { 0.0 },
+        tokens_per_s: if seconds > 0.0 {
+            (n_windows * (window - 1)) as f64 / seconds
+        } else {
+            0.0
+        },
     })
 }
 
 /// -log softmax(logits)[target], in f64 so long vocabularies sum without loss.
 pub fn token_nll(logits: &[f32], target: u32, vocab: usize) -> Result<f64> {
-    let row = logits.get(..vocab).ok_or_else(|| Error::InvalidArgument(format!("a logits row of {} values, expected {vocab}", logits.len())))?;
-    let x = *row.get(target as usize).ok_or(Error::TokenOutOfRange { id: target, vocab })? as f64;
+    let row = logits.get(..vocab).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a logits row of {} values, expected {vocab}",
+            logits.len()
+        ))
+    })?;
+    let x = *row
+        .get(target as usize)
+        .ok_or(Error::TokenOutOfRange { id: target, vocab })? as f64;
     // A NaN would otherwise turn into a NaN perplexity with no hint of where it came from.
     if row.iter().any(|v| !v.is_finite()) {
-        return Err(Error::InvalidArgument("the model produced non-finite logits".into()));
+        return Err(Error::InvalidArgument(
+            "the model produced non-finite logits".into(),
+        ));
     }
     let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
     let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
@@ -183,12 +215,40 @@ mod tests {
 
     #[test]
     fn window_geometry_errors() {
-        let ok = Windows { window: 16, prefix: 8 };
+        let ok = Windows {
+            window: 16,
+            prefix: 8,
+        };
         assert!(ok.validate(1, 64).is_ok());
-        assert!(Windows { window: 16, prefix: 0 }.validate(0, 64).is_err());
-        assert!(Windows { window: 16, prefix: 15 }.validate(0, 64).is_err());
-        assert!(Windows { window: 16, prefix: 16 }.validate(0, 64).is_err());
-        assert!(Windows { window: 16, prefix: 1 }.validate(1, 64).is_err());
-        assert!(Windows { window: 128, prefix: 8 }.validate(0, 64).is_err());
+        assert!(Windows {
+            window: 16,
+            prefix: 0
+        }
+        .validate(0, 64)
+        .is_err());
+        assert!(Windows {
+            window: 16,
+            prefix: 15
+        }
+        .validate(0, 64)
+        .is_err());
+        assert!(Windows {
+            window: 16,
+            prefix: 16
+        }
+        .validate(0, 64)
+        .is_err());
+        assert!(Windows {
+            window: 16,
+            prefix: 1
+        }
+        .validate(1, 64)
+        .is_err());
+        assert!(Windows {
+            window: 128,
+            prefix: 8
+        }
+        .validate(0, 64)
+        .is_err());
     }
 }

@@ -16,15 +16,26 @@ pub struct StopCheck {
 
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
-        StopMatcher { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), pending: String::new() }
+        StopMatcher {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            pending: String::new(),
+        }
     }
 
     pub fn feed(&mut self, text: &str) -> StopCheck {
         self.pending.push_str(text);
-        if let Some(cut) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(cut) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let emit = self.pending[..cut].to_string();
             self.pending.clear();
-            return StopCheck { emit, stopped: true };
+            return StopCheck {
+                emit,
+                stopped: true,
+            };
         }
         // Hold back the longest suffix that is a prefix of some stop string.
         let mut hold = 0;
@@ -40,7 +51,10 @@ impl StopMatcher {
         let split = self.pending.len() - hold;
         let emit = self.pending[..split].to_string();
         self.pending.drain(..split);
-        StopCheck { emit, stopped: false }
+        StopCheck {
+            emit,
+            stopped: false,
+        }
     }
 
     /// Whatever is held back when generation ends for another reason.

@@ -26,7 +26,10 @@ impl ChatTemplate {
     pub fn from_tokenizer_config(path: &Path) -> Result<Option<ChatTemplate>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+            serde_json::from_str(&text).map_err(|source| Error::Json {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let template = match json.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             // A list of named templates: take the default one.
@@ -36,7 +39,9 @@ impl ChatTemplate {
                 .and_then(|t| t.get("template"))
                 .and_then(|t| t.as_str())
                 .map(str::to_string)
-                .ok_or_else(|| Error::config(path, "chat_template list has no \"default\" entry"))?,
+                .ok_or_else(|| {
+                    Error::config(path, "chat_template list has no \"default\" entry")
+                })?,
             _ => return Ok(None),
         };
         Ok(Some(ChatTemplate {
@@ -51,12 +56,18 @@ impl ChatTemplate {
         let mut env = Environment::new();
         // Templates are written for Python's Jinja: string methods such as .strip() must work.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, JinjaError> {
-            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, JinjaError> {
+                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |_fmt: String| today_for_templates());
-        env.add_template("chat", &self.template).map_err(|e| Error::ChatTemplate(e.to_string()))?;
-        let tmpl = env.get_template("chat").map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        env.add_template("chat", &self.template)
+            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
+        let tmpl = env
+            .get_template("chat")
+            .map_err(|e| Error::ChatTemplate(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -71,7 +82,11 @@ impl ChatTemplate {
 fn special_token_string(json: &serde_json::Value, key: &str) -> String {
     match json.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(obj) => obj.get("content").and_then(|c| c.as_str()).unwrap_or_default().to_string(),
+        Some(obj) => obj
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default()
+            .to_string(),
         None => String::new(),
     }
 }
@@ -93,7 +108,9 @@ fn today_for_templates() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     format!("{day:02} {} {year}", MONTHS[(month - 1) as usize])
 }
 
@@ -110,19 +127,42 @@ mod tests {
             bos_token: String::new(),
             eos_token: "<|im_end|>".into(),
         };
-        let out = t.render(&[ChatMessage { role: "user".into(), content: " Hi ".into() }]).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let out = t
+            .render(&[ChatMessage {
+                role: "user".into(),
+                content: " Hi ".into(),
+            }])
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
     fn python_string_methods_work() {
-        let t = ChatTemplate { template: "{{ messages[0].content.strip() }}".into(), bos_token: String::new(), eos_token: String::new() };
-        assert_eq!(t.render(&[ChatMessage { role: "user".into(), content: "  x ".into() }]).unwrap(), "x");
+        let t = ChatTemplate {
+            template: "{{ messages[0].content.strip() }}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        assert_eq!(
+            t.render(&[ChatMessage {
+                role: "user".into(),
+                content: "  x ".into()
+            }])
+            .unwrap(),
+            "x"
+        );
     }
 
     #[test]
     fn raise_exception_is_an_error_not_a_panic() {
-        let t = ChatTemplate { template: "{{ raise_exception('no system role') }}".into(), bos_token: String::new(), eos_token: String::new() };
+        let t = ChatTemplate {
+            template: "{{ raise_exception('no system role') }}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
         let err = t.render(&[]).unwrap_err().to_string();
         assert!(err.contains("no system role"), "{err}");
     }

@@ -18,7 +18,12 @@ impl<B: Backend> KvCache<B> {
             keys.push(backend.alloc(capacity * kv_dim)?);
             values.push(backend.alloc(capacity * kv_dim)?);
         }
-        Ok(KvCache { keys, values, len: 0, capacity })
+        Ok(KvCache {
+            keys,
+            values,
+            len: 0,
+            capacity,
+        })
     }
 
     /// Positions filled so far.
@@ -42,7 +47,10 @@ impl<B: Backend> KvCache<B> {
     /// Checks that `n` more positions fit.
     pub(crate) fn check_room(&self, n: usize) -> Result<()> {
         if self.len + n > self.capacity {
-            return Err(Error::ContextFull { needed: self.len + n, capacity: self.capacity });
+            return Err(Error::ContextFull {
+                needed: self.len + n,
+                capacity: self.capacity,
+            });
         }
         Ok(())
     }

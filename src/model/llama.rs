@@ -15,19 +15,19 @@ use crate::sparsity::{CatsRule, GriffinFfn, GriffinScores, NeuronBundles, Neuron
 /// Weights of one decoder layer. Shapes are `[rows, cols]` = `[out, in]`; h = hidden,
 /// q = heads*head_dim, kv = kv_heads*head_dim, f = intermediate.
 pub struct LayerWeights<B: Backend> {
-    pub attn_norm: B::Buf, // [h]
-    pub wq: B::Matrix,     // [q, h]
-    pub wk: B::Matrix,     // [kv, h]
-    pub wv: B::Matrix,     // [kv, h]
-    pub wo: B::Matrix,     // [h, q]
-    pub q_bias: Option<B::Buf>, // [q]   (Qwen2, attention_bias)
-    pub k_bias: Option<B::Buf>, // [kv]
-    pub v_bias: Option<B::Buf>, // [kv]
-    pub o_bias: Option<B::Buf>, // [h]   (attention_bias)
-    pub ffn_norm: B::Buf,  // [h]
-    pub w_gate: B::Matrix, // [f, h]
-    pub w_up: B::Matrix,   // [f, h]
-    pub w_down: B::Matrix, // [h, f]
+    pub attn_norm: B::Buf,         // [h]
+    pub wq: B::Matrix,             // [q, h]
+    pub wk: B::Matrix,             // [kv, h]
+    pub wv: B::Matrix,             // [kv, h]
+    pub wo: B::Matrix,             // [h, q]
+    pub q_bias: Option<B::Buf>,    // [q]   (Qwen2, attention_bias)
+    pub k_bias: Option<B::Buf>,    // [kv]
+    pub v_bias: Option<B::Buf>,    // [kv]
+    pub o_bias: Option<B::Buf>,    // [h]   (attention_bias)
+    pub ffn_norm: B::Buf,          // [h]
+    pub w_gate: B::Matrix,         // [f, h]
+    pub w_up: B::Matrix,           // [f, h]
+    pub w_down: B::Matrix,         // [h, f]
     pub gate_bias: Option<B::Buf>, // [f] (mlp_bias)
     pub up_bias: Option<B::Buf>,   // [f]
     pub down_bias: Option<B::Buf>, // [h]
@@ -70,7 +70,11 @@ pub enum Ffn<'a, B: Backend> {
     /// Griffin: the request's compact FFN of gathered bundles.
     Griffin(&'a GriffinFfn<B>),
     /// CATS: dense gate, then up/down over the bundles of the neurons `rule` keeps per token.
-    Cats { bundles: &'a NeuronBundles<B>, rule: &'a CatsRule, counter: &'a mut NeuronCounter },
+    Cats {
+        bundles: &'a NeuronBundles<B>,
+        rule: &'a CatsRule,
+        counter: &'a mut NeuronCounter,
+    },
 }
 
 /// Activation buffers for batches of up to `max_tokens` tokens (of which at most
@@ -78,17 +82,17 @@ pub enum Ffn<'a, B: Backend> {
 pub struct Scratch<B: Backend> {
     max_tokens: usize,
     max_logit_rows: usize,
-    x: B::Buf,      // [n, h] residual stream
-    xn: B::Buf,     // [n, h] normed
-    q: B::Buf,      // [n, q]
-    k: B::Buf,      // [n, kv]
-    v: B::Buf,      // [n, kv]
-    attn: B::Buf,   // [n, q]
-    proj: B::Buf,   // [n, h] output of wo / w_down
-    gate: B::Buf,   // [n, f]
-    up: B::Buf,     // [n, f]
-    picked: B::Buf, // [r, h] rows selected for the head
-    logits: B::Buf, // [r, vocab]
+    x: B::Buf,         // [n, h] residual stream
+    xn: B::Buf,        // [n, h] normed
+    q: B::Buf,         // [n, q]
+    k: B::Buf,         // [n, kv]
+    v: B::Buf,         // [n, kv]
+    attn: B::Buf,      // [n, q]
+    proj: B::Buf,      // [n, h] output of wo / w_down
+    gate: B::Buf,      // [n, f]
+    up: B::Buf,        // [n, f]
+    picked: B::Buf,    // [r, h] rows selected for the head
+    logits: B::Buf,    // [r, vocab]
     kept: NeuronLists, // CATS: kept neurons per token (host)
 }
 
@@ -100,7 +104,11 @@ impl<B: Backend> Scratch<B> {
 
     /// Scratch whose batches want logits for at most `max_logit_rows` rows (1 for plain
     /// generation): the logits buffer is rows x vocab, the largest one here.
-    pub fn with_logit_rows(model: &Llama<B>, max_tokens: usize, max_logit_rows: usize) -> Result<Self> {
+    pub fn with_logit_rows(
+        model: &Llama<B>,
+        max_tokens: usize,
+        max_logit_rows: usize,
+    ) -> Result<Self> {
         let c = &model.config;
         let b = &model.backend;
         let n = max_tokens.max(1);
@@ -146,11 +154,18 @@ impl<B: Backend> Llama<B> {
         let matrix = |name: &str, shape: [usize; 2]| -> Result<B::Matrix> {
             let t = store.get(name, &shape)?;
             if t.dtype != dtype {
-                return Err(Error::MixedDType { path: t.path.clone(), name: name.into(), actual: t.dtype, expected: dtype });
+                return Err(Error::MixedDType {
+                    path: t.path.clone(),
+                    name: name.into(),
+                    actual: t.dtype,
+                    expected: dtype,
+                });
             }
             backend.matrix(&t)
         };
-        let vector = |name: &str, len: usize| -> Result<B::Buf> { backend.vector(&store.get(name, &[len])?) };
+        let vector = |name: &str, len: usize| -> Result<B::Buf> {
+            backend.vector(&store.get(name, &[len])?)
+        };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let p = format!("model.layers.{i}");
@@ -181,15 +196,34 @@ impl<B: Backend> Llama<B> {
             });
         }
         // Some checkpoints store lm_head even when tied; the config decides.
-        let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight", [v, h])?) };
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(matrix("lm_head.weight", [v, h])?)
+        };
         let final_norm = vector("model.norm.weight", h)?;
         let embed = backend.matrix(&embed_t)?;
         let rope = RopeTable::new(c);
-        Ok(Llama { config, backend, dtype, embed, layers, final_norm, lm_head, rope, store })
+        Ok(Llama {
+            config,
+            backend,
+            dtype,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            rope,
+            store,
+        })
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
-        KvCache::new(&self.backend, self.config.num_layers, self.config.kv_dim(), capacity)
+        KvCache::new(
+            &self.backend,
+            self.config.num_layers,
+            self.config.kv_dim(),
+            capacity,
+        )
     }
 
     /// The checkpoint (for layouts built from it, such as neuron bundles).
@@ -204,12 +238,25 @@ impl<B: Backend> Llama<B> {
 
     /// Runs `tokens` (at most `scratch.max_tokens()`) at positions cache.len().., appends their
     /// K/V to the cache and returns the requested logits, row-major `[rows, vocab]`.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, scratch: &mut Scratch<B>, want: Logits) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        scratch: &mut Scratch<B>,
+        want: Logits,
+    ) -> Result<Vec<f32>> {
         self.forward_with(tokens, cache, scratch, want, &mut Ffn::Dense)
     }
 
     /// [`Llama::forward`] with the FFN `ffn` (dense, or sparse).
-    pub fn forward_with(&self, tokens: &[u32], cache: &mut KvCache<B>, scratch: &mut Scratch<B>, want: Logits, ffn: &mut Ffn<B>) -> Result<Vec<f32>> {
+    pub fn forward_with(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache<B>,
+        scratch: &mut Scratch<B>,
+        want: Logits,
+        ffn: &mut Ffn<B>,
+    ) -> Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -244,14 +291,27 @@ impl<B: Backend> Llama<B> {
         }
         b.copy_rows(&s.x, first_row, &mut s.picked, 0, rows, c.hidden_size)?;
         b.rmsnorm(&s.picked, &self.final_norm, c.rms_norm_eps, rows, &mut s.xn)?;
-        b.matmul(self.lm_head.as_ref().unwrap_or(&self.embed), &s.xn, rows, &mut s.logits)?;
+        b.matmul(
+            self.lm_head.as_ref().unwrap_or(&self.embed),
+            &s.xn,
+            rows,
+            &mut s.logits,
+        )?;
         let mut out = vec![0.0f32; rows * c.vocab_size];
         b.read(&s.logits, 0, &mut out)?;
         Ok(out)
     }
 
     /// x += Wo · attention(rope(Wq·norm(x)), cache ∪ rope(Wk·norm(x)), cache ∪ Wv·norm(x))
-    fn attention_block(&self, li: usize, w: &LayerWeights<B>, cache: &mut KvCache<B>, s: &mut Scratch<B>, start: usize, n: usize) -> Result<()> {
+    fn attention_block(
+        &self,
+        li: usize,
+        w: &LayerWeights<B>,
+        cache: &mut KvCache<B>,
+        s: &mut Scratch<B>,
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
         b.rmsnorm(&s.x, &w.attn_norm, c.rms_norm_eps, n, &mut s.xn)?;
@@ -265,15 +325,34 @@ impl<B: Backend> Llama<B> {
         b.rope(&mut s.k, c.num_kv_heads, start, n, &self.rope)?;
         b.copy_rows(&s.k, 0, &mut cache.keys[li], start, n, c.kv_dim())?;
         b.copy_rows(&s.v, 0, &mut cache.values[li], start, n, c.kv_dim())?;
-        let shape = AttentionShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
-        b.attention(&s.q, &cache.keys[li], &cache.values[li], shape, start, n, &mut s.attn)?;
+        let shape = AttentionShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        b.attention(
+            &s.q,
+            &cache.keys[li],
+            &cache.values[li],
+            shape,
+            start,
+            n,
+            &mut s.attn,
+        )?;
         b.matmul(&w.wo, &s.attn, n, &mut s.proj)?;
         self.add_bias(&mut s.proj, &w.o_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
     }
 
     /// x += W_down · (silu(W_gate·norm(x)) ⊙ W_up·norm(x)), over the neurons `ffn` keeps.
-    fn ffn_block(&self, li: usize, w: &LayerWeights<B>, s: &mut Scratch<B>, n: usize, ffn: &mut Ffn<B>) -> Result<()> {
+    fn ffn_block(
+        &self,
+        li: usize,
+        w: &LayerWeights<B>,
+        s: &mut Scratch<B>,
+        n: usize,
+        ffn: &mut Ffn<B>,
+    ) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
         let f = c.intermediate_size;
@@ -282,7 +361,9 @@ impl<B: Backend> Llama<B> {
             Ffn::Griffin(g) => {
                 // The same dense FFN over the request's k gathered neurons: s.gate and s.up
                 // hold [n, k] here.
-                let l = g.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
+                let l = g.layers.get(li).ok_or_else(|| {
+                    Error::InvalidArgument(format!("no Griffin FFN for layer {li}"))
+                })?;
                 let k = g.selection.layers[li].len();
                 b.matmul(&l.gate, &s.xn, n, &mut s.gate)?;
                 b.matmul(&l.up, &s.xn, n, &mut s.up)?;
@@ -291,14 +372,25 @@ impl<B: Backend> Llama<B> {
                 b.silu_mul(&mut s.gate, &s.up, n * k)?;
                 b.matmul(&l.down, &s.gate, n, &mut s.proj)?;
             }
-            Ffn::Cats { bundles, rule, counter } => {
-                let l = bundles.layers.get(li).ok_or_else(|| Error::InvalidArgument(format!("no bundles for layer {li}")))?;
+            Ffn::Cats {
+                bundles,
+                rule,
+                counter,
+            } => {
+                let l = bundles
+                    .layers
+                    .get(li)
+                    .ok_or_else(|| Error::InvalidArgument(format!("no bundles for layer {li}")))?;
                 b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
                 self.add_bias(&mut s.gate, &w.gate_bias, n)?;
                 b.silu(&mut s.gate, n * f)?;
                 b.select_neurons(&mut s.gate, n, f, rule.for_layer(li), &mut s.kept)?;
                 counter.add(li, s.kept.total(), n);
-                let sel = BundleSelection::PerToken { coeff: &s.gate, kept: &s.kept, up_bias: w.up_bias.as_ref() };
+                let sel = BundleSelection::PerToken {
+                    coeff: &s.gate,
+                    kept: &s.kept,
+                    up_bias: w.up_bias.as_ref(),
+                };
                 b.bundle_ffn(&l.matrix, &s.xn, n, sel, &mut s.proj)?;
             }
             Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) => {
@@ -314,7 +406,9 @@ impl<B: Backend> Llama<B> {
                 }
                 b.silu_mul(&mut s.gate, &s.up, n * f)?;
                 if let Ffn::DenseScoring(scores) = ffn {
-                    let acc = scores.layers.get_mut(li).ok_or_else(|| Error::InvalidArgument(format!("no Griffin scores for layer {li}")))?;
+                    let acc = scores.layers.get_mut(li).ok_or_else(|| {
+                        Error::InvalidArgument(format!("no Griffin scores for layer {li}"))
+                    })?;
                     b.accumulate_neuron_scores(&s.gate, n, f, acc)?;
                     if li + 1 == c.num_layers {
                         scores.tokens += n;

@@ -18,15 +18,26 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::InvalidArgument(format!("--temperature must be >= 0, got {}", self.temperature)));
+            return Err(Error::InvalidArgument(format!(
+                "--temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidArgument(format!("--top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::InvalidArgument(format!(
+                "--top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -42,7 +53,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Sampler> {
         params.validate()?;
-        Ok(Sampler { params, rng: StdRng::seed_from_u64(params.seed), candidates: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng: StdRng::seed_from_u64(params.seed),
+            candidates: Vec::new(),
+        })
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
@@ -51,7 +66,11 @@ impl Sampler {
         if p.temperature < 1e-6 || p.top_k == 1 {
             return argmax(logits);
         }
-        let max = logits.iter().copied().filter(|l| !l.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
             return argmax(logits);
         }
@@ -59,7 +78,11 @@ impl Sampler {
         c.clear();
         // Shift by the max before scaling so nothing overflows; NaN counts as impossible.
         c.extend(logits.iter().enumerate().map(|(i, &l)| {
-            let scaled = if l.is_nan() { f32::NEG_INFINITY } else { (l - max) / p.temperature };
+            let scaled = if l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                (l - max) / p.temperature
+            };
             (scaled, i as u32)
         }));
         let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0);
@@ -126,19 +149,32 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 7,
+        };
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = || {
             let mut s = Sampler::new(params).unwrap();
             (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
-        assert!(run().iter().any(|&t| t != run()[0]), "sampling at T=1 should vary");
+        assert!(
+            run().iter().any(|&t| t != run()[0]),
+            "sampling at T=1 should vary"
+        );
     }
 
     #[test]
     fn top_k_limits_choices() {
-        let params = SamplingParams { temperature: 5.0, top_k: 2, top_p: 1.0, seed: 1 };
+        let params = SamplingParams {
+            temperature: 5.0,
+            top_k: 2,
+            top_p: 1.0,
+            seed: 1,
+        };
         let mut s = Sampler::new(params).unwrap();
         let logits = [0.0, 5.0, 4.9, 0.1, 0.2];
         for _ in 0..200 {
@@ -149,7 +185,12 @@ mod tests {
 
     #[test]
     fn top_p_keeps_nucleus() {
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.5, seed: 3 };
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            seed: 3,
+        };
         let mut s = Sampler::new(params).unwrap();
         let logits = [10.0, 0.0, 0.0, 0.0];
         for _ in 0..100 {
@@ -164,7 +205,13 @@ mod tests {
         logits[9] = f32::NAN;
         logits[11] = -f32::NAN;
         for (temperature, top_k) in [(1.0, 0), (1.0, 40), (1e-39, 0), (1e-7, 0)] {
-            let mut s = Sampler::new(SamplingParams { temperature, top_k, top_p: 1.0, seed: 2 }).unwrap();
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                top_k,
+                top_p: 1.0,
+                seed: 2,
+            })
+            .unwrap();
             for _ in 0..20 {
                 assert_eq!(s.sample(&logits), 5, "T={temperature} top_k={top_k}");
             }
@@ -174,8 +221,20 @@ mod tests {
 
     #[test]
     fn bad_params_are_errors() {
-        assert!(Sampler::new(SamplingParams { temperature: -1.0, ..SamplingParams::greedy() }).is_err());
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..SamplingParams::greedy() }).is_err());
-        assert!(Sampler::new(SamplingParams { temperature: f32::NAN, ..SamplingParams::greedy() }).is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::greedy()
+        })
+        .is_err());
+        assert!(Sampler::new(SamplingParams {
+            temperature: f32::NAN,
+            ..SamplingParams::greedy()
+        })
+        .is_err());
     }
 }

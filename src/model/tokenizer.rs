@@ -12,23 +12,36 @@ pub struct Tokenizer {
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         if !path.is_file() {
-            return Err(Error::Tokenizer { path: path.to_path_buf(), msg: "file not found".into() });
+            return Err(Error::Tokenizer {
+                path: path.to_path_buf(),
+                msg: "file not found".into(),
+            });
         }
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_path_buf(), msg: e.to_string() })?;
-        Ok(Tokenizer { inner, path: path.to_path_buf() })
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Encodes raw text. Special tokens written in the text (`<|im_start|>`) are recognised;
     /// `add_special` applies the tokenizer's post-processor (e.g. a BOS token), which chat
     /// prompts must not get twice since the template already writes it.
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special).map_err(|e| self.err(e))?;
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| self.err(e))?;
         Ok(enc.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| self.err(e))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| self.err(e))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -40,7 +53,10 @@ impl Tokenizer {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Tokenizer { path: self.path.clone(), msg: e.to_string() }
+        Error::Tokenizer {
+            path: self.path.clone(),
+            msg: e.to_string(),
+        }
     }
 }
 
@@ -65,14 +81,23 @@ impl<'a> TextStream<'a> {
     /// A stream whose text starts after `context` (e.g. the prompt's last few tokens), which
     /// is decoded for spacing but never emitted.
     pub fn with_context(tokenizer: &'a Tokenizer, context: &[u32]) -> Self {
-        TextStream { tokenizer, ids: context.to_vec(), prefix_offset: 0, read_offset: context.len() }
+        TextStream {
+            tokenizer,
+            ids: context.to_vec(),
+            prefix_offset: 0,
+            read_offset: context.len(),
+        }
     }
 
     /// Adds a token; returns the newly completed text, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let after = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
             if let Some(delta) = after.get(before.len()..) {
                 let delta = delta.to_string();
@@ -91,10 +116,17 @@ impl<'a> TextStream<'a> {
 
     /// Text held back at the end of the stream (an incomplete character decodes as U+FFFD).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let before = self.tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let after = self.tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        let before = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let after = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], true)?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(after.get(before.len()..).filter(|d| !d.is_empty()).map(str::to_string))
+        Ok(after
+            .get(before.len()..)
+            .filter(|d| !d.is_empty())
+            .map(str::to_string))
     }
 }

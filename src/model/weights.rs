@@ -77,7 +77,10 @@ impl WeightStore {
     }
 
     pub fn open_files(files: &[PathBuf]) -> Result<WeightStore> {
-        let mut store = WeightStore { shards: Vec::new(), tensors: HashMap::new() };
+        let mut store = WeightStore {
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+        };
         for path in files {
             store.add_shard(path)?;
         }
@@ -89,10 +92,11 @@ impl WeightStore {
         // SAFETY: the mapping is read-only; like every mmap-based loader we rely on the
         // checkpoint not being truncated by another process while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
-            path: path.to_path_buf(),
-            msg: describe_safetensors_error(&e, map.len()),
-        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: describe_safetensors_error(&e, map.len()),
+            })?;
         let data_start = 8 + header_len;
         let shard = self.shards.len();
         for (name, info) in metadata.tensors() {
@@ -103,7 +107,13 @@ impl WeightStore {
                 other => Err(format!("{other:?}")),
             };
             let (s, e) = info.data_offsets;
-            let entry = TensorEntry { shard, start: data_start + s, end: data_start + e, dtype, shape: info.shape.clone() };
+            let entry = TensorEntry {
+                shard,
+                start: data_start + s,
+                end: data_start + e,
+                dtype,
+                shape: info.shape.clone(),
+            };
             if let Some(previous) = self.tensors.insert(name.clone(), entry) {
                 return Err(Error::Safetensors {
                     path: path.to_path_buf(),
@@ -125,11 +135,14 @@ impl WeightStore {
             searched: self.describe_files(),
         })?;
         let (path, map) = &self.shards[entry.shard];
-        let dtype = entry.dtype.clone().map_err(|dtype| Error::UnsupportedDType {
-            path: path.clone(),
-            name: name.to_string(),
-            dtype,
-        })?;
+        let dtype = entry
+            .dtype
+            .clone()
+            .map_err(|dtype| Error::UnsupportedDType {
+                path: path.clone(),
+                name: name.to_string(),
+                dtype,
+            })?;
         if entry.shape != expected_shape {
             return Err(Error::ShapeMismatch {
                 path: path.clone(),
@@ -155,15 +168,21 @@ impl WeightStore {
     }
 
     fn describe_files(&self) -> String {
-        let names: Vec<String> = self.shards.iter().map(|(p, _)| p.display().to_string()).collect();
+        let names: Vec<String> = self
+            .shards
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
         names.join(", ")
     }
 }
 
 fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| Error::Json { path: index.to_path_buf(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -171,12 +190,18 @@ fn shard_files_from_index(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::config(index, format!("weight_map entry for `{tensor}` is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::config(
+                index,
+                format!("weight_map entry for `{tensor}` is not a file name"),
+            )
+        })?;
         // Shards live beside the index: no directories, no `..`, no absolute paths.
         let mut parts = Path::new(file).components();
-        if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+        if !matches!(
+            (parts.next(), parts.next()),
+            (Some(std::path::Component::Normal(_)), None)
+        ) {
             return Err(Error::config(
                 index,
                 format!("weight_map entry for `{tensor}` is {file:?}, not a file name in the model directory"),

@@ -49,7 +49,14 @@ impl<B: Backend> NeuronBundles<B> {
             let gate = store.get(&format!("{p}.gate_proj.weight"), &[f, h])?;
             let up = store.get(&format!("{p}.up_proj.weight"), &[f, h])?;
             let down = store.get(&format!("{p}.down_proj.weight"), &[h, f])?;
-            let bytes = bundle_bytes(gate.bytes(), up.bytes(), down.bytes(), h, f, model.dtype.size());
+            let bytes = bundle_bytes(
+                gate.bytes(),
+                up.bytes(),
+                down.bytes(),
+                h,
+                f,
+                model.dtype.size(),
+            );
             let matrix = model.backend.upload_matrix(bytes, model.dtype, f, 3 * h)?;
             let bias = |name: &str| -> Result<Option<Vec<f32>>> {
                 if !c.mlp_bias {
@@ -61,12 +68,22 @@ impl<B: Backend> NeuronBundles<B> {
                 model.backend.read(&buf, 0, &mut host)?;
                 Ok(Some(host))
             };
-            layers.push(LayerBundles { matrix, gate_bias: bias("gate_proj")?, up_bias: bias("up_proj")? });
+            layers.push(LayerBundles {
+                matrix,
+                gate_bias: bias("gate_proj")?,
+                up_bias: bias("up_proj")?,
+            });
             bar.inc(1);
         }
         bar.finish_and_clear();
         let build_seconds = t0.elapsed().as_secs_f64();
-        let bundles = NeuronBundles { layers, hidden: h, neurons: f, dtype: model.dtype, build_seconds };
+        let bundles = NeuronBundles {
+            layers,
+            hidden: h,
+            neurons: f,
+            dtype: model.dtype,
+            build_seconds,
+        };
         tracing::info!(
             "FFN neuron bundles: {} layers x {f} neurons, {:.1} MB, built in {:.0} ms",
             c.num_layers,
@@ -112,7 +129,14 @@ impl<B: Backend> NeuronBundles<B> {
 
 /// Interleaves one layer's gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes, `esz`
 /// bytes per element) into `[f, 3h]` bundles.
-pub fn bundle_bytes(gate: &[u8], up: &[u8], down: &[u8], h: usize, f: usize, esz: usize) -> Vec<u8> {
+pub fn bundle_bytes(
+    gate: &[u8],
+    up: &[u8],
+    down: &[u8],
+    h: usize,
+    f: usize,
+    esz: usize,
+) -> Vec<u8> {
     let row = h * esz;
     let bundle = 3 * row;
     let mut out = vec![0u8; f * bundle];
@@ -141,7 +165,9 @@ mod tests {
         // Element values encode (matrix, row, col) so misplacement shows.
         let enc = |m: u16, r: usize, c: usize| (m * 100 + r as u16 * 10 + c as u16).to_le_bytes();
         let mat = |m: u16, rows: usize, cols: usize| -> Vec<u8> {
-            (0..rows).flat_map(|r| (0..cols).flat_map(move |c| enc(m, r, c))).collect()
+            (0..rows)
+                .flat_map(|r| (0..cols).flat_map(move |c| enc(m, r, c)))
+                .collect()
         };
         let out = bundle_bytes(&mat(1, f, h), &mat(2, f, h), &mat(3, h, f), h, f, esz);
         assert_eq!(out.len(), f * 3 * h * esz);

@@ -36,7 +36,10 @@ struct Histogram {
 
 impl Histogram {
     fn new() -> Self {
-        Histogram { counts: vec![0; N_BINS], total: 0 }
+        Histogram {
+            counts: vec![0; N_BINS],
+            total: 0,
+        }
     }
 
     fn bin(m: f32) -> usize {
@@ -86,7 +89,9 @@ pub struct GateHistograms {
 
 impl GateHistograms {
     pub fn new(layers: usize) -> Self {
-        GateHistograms { layers: vec![Histogram::new(); layers] }
+        GateHistograms {
+            layers: vec![Histogram::new(); layers],
+        }
     }
 }
 
@@ -100,10 +105,19 @@ impl GateRecorder for GateHistograms {
 
 /// Runs the dense model over `tokens` in independent sequences of `seq_len` tokens and
 /// returns per-layer thresholds keeping `keep` of the neurons.
-pub fn calibrate<B: Backend>(model: &Llama<B>, tokens: &[u32], keep: f32, seq_len: usize, text_name: &Path) -> Result<CatsThresholds> {
+pub fn calibrate<B: Backend>(
+    model: &Llama<B>,
+    tokens: &[u32],
+    keep: f32,
+    seq_len: usize,
+    text_name: &Path,
+) -> Result<CatsThresholds> {
     let keep = validate_keep(keep)?;
     if tokens.is_empty() {
-        return Err(Error::InvalidArgument(format!("{}: the calibration text has no tokens", text_name.display())));
+        return Err(Error::InvalidArgument(format!(
+            "{}: the calibration text has no tokens",
+            text_name.display()
+        )));
     }
     let seq_len = seq_len.clamp(1, model.config.max_position_embeddings.max(1));
     let mut hist = GateHistograms::new(model.config.num_layers);
@@ -113,12 +127,19 @@ pub fn calibrate<B: Backend>(model: &Llama<B>, tokens: &[u32], keep: f32, seq_le
     for seq in tokens.chunks(seq_len) {
         let mut cache = model.new_cache(seq.len())?;
         for piece in seq.chunks(chunk) {
-            model.forward_with(piece, &mut cache, &mut scratch, Logits::None, &mut Ffn::DenseRecording(&mut hist))?;
+            model.forward_with(
+                piece,
+                &mut cache,
+                &mut scratch,
+                Logits::None,
+                &mut Ffn::DenseRecording(&mut hist),
+            )?;
             bar.inc(piece.len() as u64);
         }
     }
     bar.finish_and_clear();
-    let (thresholds, kept): (Vec<f32>, Vec<f64>) = hist.layers.iter().map(|h| h.threshold(keep as f64)).unzip();
+    let (thresholds, kept): (Vec<f32>, Vec<f64>) =
+        hist.layers.iter().map(|h| h.threshold(keep as f64)).unzip();
     Ok(CatsThresholds {
         model: ModelShape::of(&model.config),
         keep,
@@ -142,7 +163,10 @@ mod tests {
         h.add(0.0);
         let (t, kept) = h.threshold(0.3);
         let exact = (1..=1000).filter(|&i| i as f32 * 0.01 >= t).count() as f64 / 1001.0;
-        assert!((kept - exact).abs() < 1e-12, "reported {kept}, exact {exact}");
+        assert!(
+            (kept - exact).abs() < 1e-12,
+            "reported {kept}, exact {exact}"
+        );
         assert!(kept >= 0.3 && kept < 0.32, "kept {kept}");
         // The edge is within one bin (1.1%) of the exact 70% quantile (7.0).
         assert!(t <= 7.01 && t > 6.9, "threshold {t}");

@@ -24,7 +24,9 @@ impl CatsRule {
     pub fn for_layer(&self, li: usize) -> NeuronRule {
         match self {
             CatsRule::TopK(k) => NeuronRule::TopK(*k),
-            CatsRule::Thresholds(t) => NeuronRule::Threshold(t.thresholds.get(li).copied().unwrap_or(0.0)),
+            CatsRule::Thresholds(t) => {
+                NeuronRule::Threshold(t.thresholds.get(li).copied().unwrap_or(0.0))
+            }
         }
     }
 }
@@ -69,8 +71,14 @@ pub struct CatsThresholds {
 impl CatsThresholds {
     /// Reads a thresholds file and checks that it was made for a model of `config`'s shape.
     pub fn load(path: &Path, config: &ModelConfig) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
-        let t: CatsThresholds = serde_json::from_str(&text).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let t: CatsThresholds = serde_json::from_str(&text).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         let expected = ModelShape::of(config);
         if t.model != expected {
             return Err(Error::config(
@@ -81,17 +89,29 @@ impl CatsThresholds {
                 ),
             ));
         }
-        if t.thresholds.len() != config.num_layers || t.thresholds.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        if t.thresholds.len() != config.num_layers
+            || t.thresholds.iter().any(|v| !v.is_finite() || *v < 0.0)
+        {
             return Err(Error::config(
                 path,
-                format!("needs {} finite, non-negative thresholds (one per layer), found {:?}", config.num_layers, t.thresholds.len()),
+                format!(
+                    "needs {} finite, non-negative thresholds (one per layer), found {:?}",
+                    config.num_layers,
+                    t.thresholds.len()
+                ),
             ));
         }
         Ok(t)
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json { path: path.to_path_buf(), source: e })?;
-        std::fs::write(path, text + "\n").map_err(|e| Error::Write { path: path.to_path_buf(), source: e })
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        std::fs::write(path, text + "\n").map_err(|e| Error::Write {
+            path: path.to_path_buf(),
+            source: e,
+        })
     }
 }

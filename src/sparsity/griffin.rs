@@ -23,8 +23,14 @@ pub struct GriffinScores<B: Backend> {
 impl<B: Backend> GriffinScores<B> {
     pub fn new(model: &Llama<B>) -> Result<Self> {
         let f = model.config.intermediate_size;
-        let layers = (0..model.config.num_layers).map(|_| model.backend.alloc(f)).collect::<Result<_>>()?;
-        Ok(GriffinScores { layers, neurons: f, tokens: 0 })
+        let layers = (0..model.config.num_layers)
+            .map(|_| model.backend.alloc(f))
+            .collect::<Result<_>>()?;
+        Ok(GriffinScores {
+            layers,
+            neurons: f,
+            tokens: 0,
+        })
     }
 
     /// The scores `s_j` per layer, on the host.
@@ -43,10 +49,16 @@ impl<B: Backend> GriffinScores<B> {
     /// The top `kept_neurons(keep, f)` neurons of every layer.
     pub fn select(&self, backend: &B, keep: f32) -> Result<GriffinSelection> {
         if self.tokens == 0 {
-            return Err(Error::InvalidArgument("Griffin needs at least one prompt token to select neurons".into()));
+            return Err(Error::InvalidArgument(
+                "Griffin needs at least one prompt token to select neurons".into(),
+            ));
         }
         let k = kept_neurons(keep, self.neurons);
-        let layers = self.scores(backend)?.iter().map(|s| top_k_ascending(s, k)).collect();
+        let layers = self
+            .scores(backend)?
+            .iter()
+            .map(|s| top_k_ascending(s, k))
+            .collect();
         Ok(GriffinSelection { layers })
     }
 }
@@ -64,7 +76,9 @@ pub fn top_k_ascending(scores: &[f32], k: usize) -> Vec<u32> {
     let k = k.min(ids.len());
     if k < ids.len() && k > 0 {
         ids.select_nth_unstable_by(k - 1, |&a, &b| {
-            key(scores[b as usize]).total_cmp(&key(scores[a as usize])).then(a.cmp(&b))
+            key(scores[b as usize])
+                .total_cmp(&key(scores[a as usize]))
+                .then(a.cmp(&b))
         });
     }
     ids.truncate(k);
@@ -75,9 +89,9 @@ pub fn top_k_ascending(scores: &[f32], k: usize) -> Vec<u32> {
 /// The compact FFN of one layer: the selected neurons gathered from their bundles into the
 /// checkpoint layout, so decode runs the ordinary dense matmuls over k instead of f neurons.
 pub struct GriffinLayer<B: Backend> {
-    pub gate: B::Matrix, // [k, h]
-    pub up: B::Matrix,   // [k, h]
-    pub down: B::Matrix, // [h, k]
+    pub gate: B::Matrix,           // [k, h]
+    pub up: B::Matrix,             // [k, h]
+    pub down: B::Matrix,           // [h, k]
     pub gate_bias: Option<B::Buf>, // [k]
     pub up_bias: Option<B::Buf>,   // [k]
 }
@@ -90,7 +104,11 @@ pub struct GriffinFfn<B: Backend> {
 
 impl<B: Backend> GriffinFfn<B> {
     /// Gathers `selection` out of `bundles`.
-    pub fn gather(backend: &B, bundles: &NeuronBundles<B>, selection: GriffinSelection) -> Result<Self> {
+    pub fn gather(
+        backend: &B,
+        bundles: &NeuronBundles<B>,
+        selection: GriffinSelection,
+    ) -> Result<Self> {
         if selection.layers.len() != bundles.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "selection for {} layers, model has {}",
@@ -99,7 +117,9 @@ impl<B: Backend> GriffinFfn<B> {
             )));
         }
         let gather_bias = |bias: &Option<Vec<f32>>, ids: &[u32]| -> Result<Option<B::Buf>> {
-            bias.as_ref().map(|b| backend.upload(&ids.iter().map(|&i| b[i as usize]).collect::<Vec<_>>())).transpose()
+            bias.as_ref()
+                .map(|b| backend.upload(&ids.iter().map(|&i| b[i as usize]).collect::<Vec<_>>()))
+                .transpose()
         };
         let layers = bundles
             .layers

@@ -53,7 +53,9 @@ impl FromStr for SparsityMode {
             "none" | "dense" => Ok(SparsityMode::None),
             "griffin" => Ok(SparsityMode::Griffin),
             "cats" => Ok(SparsityMode::Cats),
-            _ => Err(Error::InvalidArgument(format!("unknown sparsity `{s}`: expected none, griffin or cats"))),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown sparsity `{s}`: expected none, griffin or cats"
+            ))),
         }
     }
 }
@@ -63,7 +65,9 @@ pub fn validate_keep(keep: f32) -> Result<f32> {
     if keep.is_finite() && keep > 0.0 && keep <= 1.0 {
         Ok(keep)
     } else {
-        Err(Error::InvalidArgument(format!("--keep must be a fraction in (0, 1], got {keep}")))
+        Err(Error::InvalidArgument(format!(
+            "--keep must be a fraction in (0, 1], got {keep}"
+        )))
     }
 }
 
@@ -76,27 +80,48 @@ pub fn kept_neurons(keep: f32, d_ff: usize) -> usize {
 /// The sparse FFN a loaded model decodes with (built once, shared by requests).
 pub enum Sparsity<B: Backend> {
     None,
-    Griffin { keep: f32, bundles: NeuronBundles<B> },
-    Cats { keep: f32, bundles: NeuronBundles<B>, rule: CatsRule },
+    Griffin {
+        keep: f32,
+        bundles: NeuronBundles<B>,
+    },
+    Cats {
+        keep: f32,
+        bundles: NeuronBundles<B>,
+        rule: CatsRule,
+    },
 }
 
 impl<B: Backend> Sparsity<B> {
     /// Sets up `mode` for `model`: validates `keep` and builds the bundles. `thresholds`
     /// (CATS only) replaces per-token top-k with calibrated per-layer thresholds.
-    pub fn new(model: &Llama<B>, mode: SparsityMode, keep: f32, thresholds: Option<CatsThresholds>) -> Result<Self> {
+    pub fn new(
+        model: &Llama<B>,
+        mode: SparsityMode,
+        keep: f32,
+        thresholds: Option<CatsThresholds>,
+    ) -> Result<Self> {
         let keep = validate_keep(keep)?;
         if thresholds.is_some() && mode != SparsityMode::Cats {
-            return Err(Error::InvalidArgument("CATS thresholds need --sparsity cats".into()));
+            return Err(Error::InvalidArgument(
+                "CATS thresholds need --sparsity cats".into(),
+            ));
         }
         Ok(match mode {
             SparsityMode::None => Sparsity::None,
-            SparsityMode::Griffin => Sparsity::Griffin { keep, bundles: NeuronBundles::build(model)? },
+            SparsityMode::Griffin => Sparsity::Griffin {
+                keep,
+                bundles: NeuronBundles::build(model)?,
+            },
             SparsityMode::Cats => {
                 let rule = match thresholds {
                     Some(t) => CatsRule::Thresholds(t),
                     None => CatsRule::TopK(kept_neurons(keep, model.config.intermediate_size)),
                 };
-                Sparsity::Cats { keep, bundles: NeuronBundles::build(model)?, rule }
+                Sparsity::Cats {
+                    keep,
+                    bundles: NeuronBundles::build(model)?,
+                    rule,
+                }
             }
         })
     }
@@ -114,7 +139,10 @@ impl<B: Backend> Sparsity<B> {
         match self {
             Sparsity::None => 1.0,
             Sparsity::Griffin { keep, .. } => *keep,
-            Sparsity::Cats { rule: CatsRule::Thresholds(t), .. } => t.keep,
+            Sparsity::Cats {
+                rule: CatsRule::Thresholds(t),
+                ..
+            } => t.keep,
             Sparsity::Cats { keep, .. } => *keep,
         }
     }
@@ -132,7 +160,12 @@ impl<B: Backend> Sparsity<B> {
             Sparsity::Griffin { .. } => Some(GriffinScores::new(model)?),
             _ => None,
         };
-        Ok(SparseRequest { sparsity: self, scores, griffin: None, counter: NeuronCounter::new(model.config.num_layers) })
+        Ok(SparseRequest {
+            sparsity: self,
+            scores,
+            griffin: None,
+            counter: NeuronCounter::new(model.config.num_layers),
+        })
     }
 }
 
@@ -147,7 +180,10 @@ pub struct NeuronCounter {
 
 impl NeuronCounter {
     pub fn new(layers: usize) -> Self {
-        NeuronCounter { kept: vec![0; layers], tokens: 0 }
+        NeuronCounter {
+            kept: vec![0; layers],
+            tokens: 0,
+        }
     }
 
     /// Records layer `li` keeping `kept` neurons over `n_tokens` tokens. Call with the last
@@ -163,7 +199,16 @@ impl NeuronCounter {
 
     /// Mean fraction of the `d_ff` neurons kept per layer.
     pub fn kept_fraction(&self, d_ff: usize) -> Vec<f64> {
-        self.kept.iter().map(|&k| if self.tokens == 0 { 0.0 } else { k as f64 / (self.tokens as f64 * d_ff as f64) }).collect()
+        self.kept
+            .iter()
+            .map(|&k| {
+                if self.tokens == 0 {
+                    0.0
+                } else {
+                    k as f64 / (self.tokens as f64 * d_ff as f64)
+                }
+            })
+            .collect()
     }
 }
 
@@ -197,7 +242,11 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
     pub fn decode_ffn(&mut self) -> Ffn<'_, B> {
         match (self.sparsity, &self.griffin) {
             (Sparsity::Griffin { .. }, Some(g)) => Ffn::Griffin(g),
-            (Sparsity::Cats { bundles, rule, .. }, _) => Ffn::Cats { bundles, rule, counter: &mut self.counter },
+            (Sparsity::Cats { bundles, rule, .. }, _) => Ffn::Cats {
+                bundles,
+                rule,
+                counter: &mut self.counter,
+            },
             _ => Ffn::Dense,
         }
     }
@@ -221,7 +270,12 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
 
     /// What the request's sparse steps read.
     pub fn report(&self, config: &ModelConfig) -> SparsityReport {
-        SparsityReport::new(self.sparsity.mode(), self.sparsity.keep(), &self.counter, config)
+        SparsityReport::new(
+            self.sparsity.mode(),
+            self.sparsity.keep(),
+            &self.counter,
+            config,
+        )
     }
 }
 
@@ -241,9 +295,19 @@ pub struct SparsityReport {
 
 impl SparsityReport {
     pub fn new(mode: SparsityMode, keep: f32, counter: &NeuronCounter, c: &ModelConfig) -> Self {
-        let kept = if mode == SparsityMode::None { Vec::new() } else { counter.kept_fraction(c.intermediate_size) };
+        let kept = if mode == SparsityMode::None {
+            Vec::new()
+        } else {
+            counter.kept_fraction(c.intermediate_size)
+        };
         let density = density(mode, &kept, c);
-        SparsityReport { sparsity: mode, keep, density, kept_per_layer: kept, sparse_tokens: counter.tokens }
+        SparsityReport {
+            sparsity: mode,
+            keep,
+            density,
+            kept_per_layer: kept,
+            sparse_tokens: counter.tokens,
+        }
     }
 }
 
@@ -286,9 +350,15 @@ mod tests {
         let half = vec![0.5; 30];
         assert_eq!(kept_neurons(0.5, 1536), 768);
         let griffin = density(SparsityMode::Griffin, &half, &c);
-        assert!((griffin - (total - 39_813_120.0) / total).abs() < 1e-12, "griffin {griffin}");
+        assert!(
+            (griffin - (total - 39_813_120.0) / total).abs() < 1e-12,
+            "griffin {griffin}"
+        );
         let cats = density(SparsityMode::Cats, &half, &c);
-        assert!((cats - (total - 26_542_080.0) / total).abs() < 1e-12, "cats {cats}");
+        assert!(
+            (cats - (total - 26_542_080.0) / total).abs() < 1e-12,
+            "cats {cats}"
+        );
         assert_eq!(density(SparsityMode::None, &[], &c), 1.0);
         // keep 1.0 reads everything.
         assert!((density(SparsityMode::Griffin, &[1.0; 30], &c) - 1.0).abs() < 1e-15);

@@ -64,8 +64,14 @@ impl Rng {
 pub fn encode(values: &[f32], dtype: &str) -> Vec<u8> {
     match dtype {
         "F32" => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        "F16" => values.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
-        "BF16" => values.iter().flat_map(|v| bf16::from_f32(*v).to_le_bytes()).collect(),
+        "F16" => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        "BF16" => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
         other => panic!("test helper: unknown dtype {other}"),
     }
 }
@@ -74,30 +80,121 @@ pub fn encode(values: &[f32], dtype: &str) -> Vec<u8> {
 pub fn random_tensors(spec: &TinySpec, seed: u64) -> BTreeMap<String, RawTensor> {
     let mut rng = Rng::new(seed);
     let hd = spec.hidden / spec.heads;
-    let (h, q, kv, f, v) = (spec.hidden, spec.heads * hd, spec.kv_heads * hd, spec.ffn, spec.vocab);
+    let (h, q, kv, f, v) = (
+        spec.hidden,
+        spec.heads * hd,
+        spec.kv_heads * hd,
+        spec.ffn,
+        spec.vocab,
+    );
     let mut out = BTreeMap::new();
     let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32, rng: &mut Rng| {
         let n: usize = shape.iter().product();
         let values: Vec<f32> = (0..n).map(|_| offset + scale * rng.next_f32()).collect();
-        out.insert(name, RawTensor { dtype: spec.dtype, shape, data: encode(&values, spec.dtype) });
+        out.insert(
+            name,
+            RawTensor {
+                dtype: spec.dtype,
+                shape,
+                data: encode(&values, spec.dtype),
+            },
+        );
     };
-    add("model.embed_tokens.weight".into(), vec![v, h], 0.5, 0.0, &mut rng);
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        0.5,
+        0.0,
+        &mut rng,
+    );
     for i in 0..spec.layers {
         let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], 0.1, 1.0, &mut rng);
-        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], 0.3, 0.0, &mut rng);
-        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], 0.3, 0.0, &mut rng);
-        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], 0.3, 0.0, &mut rng);
-        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], 0.3, 0.0, &mut rng);
+        add(
+            format!("{p}.input_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            0.1,
+            1.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![q, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![h, q],
+            0.3,
+            0.0,
+            &mut rng,
+        );
         if spec.qkv_bias {
-            add(format!("{p}.self_attn.q_proj.bias"), vec![q], 0.1, 0.0, &mut rng);
-            add(format!("{p}.self_attn.k_proj.bias"), vec![kv], 0.1, 0.0, &mut rng);
-            add(format!("{p}.self_attn.v_proj.bias"), vec![kv], 0.1, 0.0, &mut rng);
+            add(
+                format!("{p}.self_attn.q_proj.bias"),
+                vec![q],
+                0.1,
+                0.0,
+                &mut rng,
+            );
+            add(
+                format!("{p}.self_attn.k_proj.bias"),
+                vec![kv],
+                0.1,
+                0.0,
+                &mut rng,
+            );
+            add(
+                format!("{p}.self_attn.v_proj.bias"),
+                vec![kv],
+                0.1,
+                0.0,
+                &mut rng,
+            );
         }
-        add(format!("{p}.mlp.gate_proj.weight"), vec![f, h], 0.3, 0.0, &mut rng);
-        add(format!("{p}.mlp.up_proj.weight"), vec![f, h], 0.3, 0.0, &mut rng);
-        add(format!("{p}.mlp.down_proj.weight"), vec![h, f], 0.3, 0.0, &mut rng);
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![f, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            vec![f, h],
+            0.3,
+            0.0,
+            &mut rng,
+        );
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            vec![h, f],
+            0.3,
+            0.0,
+            &mut rng,
+        );
     }
     add("model.norm.weight".into(), vec![h], 0.1, 1.0, &mut rng);
     if !spec.tied {
@@ -175,23 +272,41 @@ pub fn write_model(root: &Path, spec: &TinySpec, seed: u64) -> PathBuf {
     write_model_with(root, spec, random_tensors(spec, seed))
 }
 
-pub fn write_model_with(root: &Path, spec: &TinySpec, tensors: BTreeMap<String, RawTensor>) -> PathBuf {
+pub fn write_model_with(
+    root: &Path,
+    spec: &TinySpec,
+    tensors: BTreeMap<String, RawTensor>,
+) -> PathBuf {
     let dir = root.to_path_buf();
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config_json(spec)).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config_json(spec)).unwrap(),
+    )
+    .unwrap();
     std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&tensors)).unwrap();
-    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&tokenizer_json(spec.vocab)).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tokenizer_json(spec.vocab)).unwrap(),
+    )
+    .unwrap();
     let tok_cfg = serde_json::json!({
         "chat_template": "{% for m in messages %}w3 {{ m.content }} w4 {% endfor %}{% if add_generation_prompt %}w5{% endif %}",
         "bos_token": "<s>", "eos_token": "</s>"
     });
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_vec(&tok_cfg).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::to_vec(&tok_cfg).unwrap(),
+    )
+    .unwrap();
     dir
 }
 
 /// Directory of the checked-in fixtures.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
 }
 
 /// The fetched SmolLM2-135M directory, or None after printing why its tests are skipped
@@ -204,7 +319,10 @@ pub fn smollm2_dir(what: &str) -> Option<PathBuf> {
             if std::env::var("SIRIUS_REQUIRE_MODELS").as_deref() == Ok("1") {
                 panic!("SIRIUS_REQUIRE_MODELS=1 but SmolLM2 is not available: {e}");
             }
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("SKIPPED ({what}): {e}\n").as_bytes());
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!("SKIPPED ({what}): {e}\n").as_bytes(),
+            );
             None
         }
     }

@@ -56,10 +56,24 @@ pub(super) fn attention_with(
     let q_dim = n_heads * head_dim;
     let kv_dim = n_kv_heads * head_dim;
     let seen = start_pos + n_tokens;
-    assert_eq!(q.len(), n_tokens * q_dim, "attention: q.len() != n_tokens * n_heads * head_dim");
-    assert_eq!(out.len(), n_tokens * q_dim, "attention: out.len() != n_tokens * n_heads * head_dim");
-    assert!(k_cache.len() >= seen * kv_dim, "attention: k_cache holds fewer than start_pos + n_tokens rows");
-    assert!(v_cache.len() >= seen * kv_dim, "attention: v_cache holds fewer than start_pos + n_tokens rows");
+    assert_eq!(
+        q.len(),
+        n_tokens * q_dim,
+        "attention: q.len() != n_tokens * n_heads * head_dim"
+    );
+    assert_eq!(
+        out.len(),
+        n_tokens * q_dim,
+        "attention: out.len() != n_tokens * n_heads * head_dim"
+    );
+    assert!(
+        k_cache.len() >= seen * kv_dim,
+        "attention: k_cache holds fewer than start_pos + n_tokens rows"
+    );
+    assert!(
+        v_cache.len() >= seen * kv_dim,
+        "attention: v_cache holds fewer than start_pos + n_tokens rows"
+    );
     if n_tokens == 0 || head_dim == 0 {
         return;
     }
@@ -90,7 +104,20 @@ pub(super) fn attention_with(
             // SAFETY: task (t, g) alone owns the outputs of its heads of token t.
             let o = unsafe { outs.slice(base, d.group * head_dim) };
             let mut sums = [0f32; 1];
-            group_chunk(k, &d, q, k_cache, v_cache, t, g, 0..len, o, &mut [], &mut sums, true);
+            group_chunk(
+                k,
+                &d,
+                q,
+                k_cache,
+                v_cache,
+                t,
+                g,
+                0..len,
+                o,
+                &mut [],
+                &mut sums,
+                true,
+            );
         });
         return;
     }
@@ -220,7 +247,11 @@ mod tests {
                 let s: Vec<f64> = (0..len)
                     .map(|p| {
                         let kr = &kc[p * kv_dim + kvh * hd..][..hd];
-                        qv.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() / (hd as f64).sqrt()
+                        qv.iter()
+                            .zip(kr)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
                     })
                     .collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -262,7 +293,11 @@ mod tests {
                 for &(nh, nkv, hd, start, n) in &cases {
                     let capacity = start + n + 3;
                     let q: Vec<f32> = rng.vec(n * nh * hd).iter().map(|v| v * 3.0).collect();
-                    let kc: Vec<f32> = rng.vec(capacity * nkv * hd).iter().map(|v| v * 3.0).collect();
+                    let kc: Vec<f32> = rng
+                        .vec(capacity * nkv * hd)
+                        .iter()
+                        .map(|v| v * 3.0)
+                        .collect();
                     let vc = rng.vec(capacity * nkv * hd);
                     let mut out = vec![f32::NAN; n * nh * hd];
                     attention_with(k, &pool, &q, &kc, &vc, nh, nkv, hd, start, n, &mut out);

@@ -48,19 +48,29 @@ pub(super) unsafe fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
         DType::F32 => unsafe { std::ptr::copy_nonoverlapping(s, o as *mut u8, n * 4) },
         DType::BF16 => unsafe {
             while i + 8 <= n {
-                _mm256_storeu_ps(o.add(i), bf16x8(_mm_loadu_si128(s.add(2 * i) as *const __m128i)));
+                _mm256_storeu_ps(
+                    o.add(i),
+                    bf16x8(_mm_loadu_si128(s.add(2 * i) as *const __m128i)),
+                );
                 i += 8;
             }
         },
         DType::F16 => unsafe {
             while i + 8 <= n {
-                _mm256_storeu_ps(o.add(i), _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * i) as *const __m128i)));
+                _mm256_storeu_ps(
+                    o.add(i),
+                    _mm256_cvtph_ps(_mm_loadu_si128(s.add(2 * i) as *const __m128i)),
+                );
                 i += 8;
             }
         },
     }
     if i < n {
-        super::scalar::convert(&src[i * dtype.size()..n * dtype.size()], dtype, &mut out[i..]);
+        super::scalar::convert(
+            &src[i * dtype.size()..n * dtype.size()],
+            dtype,
+            &mut out[i..],
+        );
     }
 }
 
@@ -75,8 +85,12 @@ unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f
     let nb = cols / BF16_BLOCK;
     let step = |ae: &mut [__m256; R], ao: &mut [__m256; R], b: usize, rows: [__m256i; R]| {
         // SAFETY: xp is padded to whole blocks (caller contract).
-        let (xe, xo) =
-            unsafe { (_mm256_loadu_ps(xp.add(BF16_BLOCK * b)), _mm256_loadu_ps(xp.add(BF16_BLOCK * b + 8))) };
+        let (xe, xo) = unsafe {
+            (
+                _mm256_loadu_ps(xp.add(BF16_BLOCK * b)),
+                _mm256_loadu_ps(xp.add(BF16_BLOCK * b + 8)),
+            )
+        };
         for i in 0..R {
             let v = rows[i];
             ae[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32::<16>(v)), xe, ae[i]);
@@ -95,11 +109,13 @@ unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f
         let mut buf = [[0u8; 2 * BF16_BLOCK]; R];
         for (i, row) in buf.iter_mut().enumerate() {
             // SAFETY: the last `tail` elements of row i.
-            let src = unsafe { std::slice::from_raw_parts(w[i].add(2 * BF16_BLOCK * nb), 2 * tail) };
+            let src =
+                unsafe { std::slice::from_raw_parts(w[i].add(2 * BF16_BLOCK * nb), 2 * tail) };
             row[..2 * tail].copy_from_slice(src);
         }
-        let rows: [__m256i; R] =
-            std::array::from_fn(|i| unsafe { _mm256_loadu_si256(buf[i].as_ptr() as *const __m256i) });
+        let rows: [__m256i; R] = std::array::from_fn(|i| unsafe {
+            _mm256_loadu_si256(buf[i].as_ptr() as *const __m256i)
+        });
         step(&mut ae, &mut ao, nb, rows);
     }
     std::array::from_fn(|i| hsum(_mm256_add_ps(ae[i], ao[i])))
@@ -108,7 +124,11 @@ unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f
 /// `R` f16 or f32 rows (at `w[i]`; `HALF` selects f16) dotted with `x` (natural order).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: usize, x: *const f32) -> [f32; R] {
+unsafe fn wide_rows<const R: usize, const HALF: bool>(
+    w: [*const u8; R],
+    cols: usize,
+    x: *const f32,
+) -> [f32; R] {
     let esz = if HALF { 2 } else { 4 };
     // SAFETY: callers pass pointers to 8 readable elements.
     let load = |p: *const u8| unsafe {
@@ -147,7 +167,8 @@ unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: u
             let x0 = _mm256_loadu_ps(xb.as_ptr());
             for i in 0..R {
                 let mut wb = [0u8; 32];
-                wb[..t * esz].copy_from_slice(std::slice::from_raw_parts(w[i].add(esz * c), t * esz));
+                wb[..t * esz]
+                    .copy_from_slice(std::slice::from_raw_parts(w[i].add(esz * c), t * esz));
                 a0[i] = _mm256_fmadd_ps(load(wb.as_ptr()), x0, a0[i]);
             }
         }
@@ -158,7 +179,14 @@ unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: u
 /// `y[r] = dot(row r, x)`; row `r` starts `r * stride` elements into `w` and has `cols`
 /// elements. For bf16, `x` must come from `Kernels::prep_x`; otherwise it is plain (len >= cols).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+pub(super) unsafe fn matvec(
+    w: &[u8],
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     if rows == 0 {
         return;
@@ -173,7 +201,14 @@ pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, 
 
 /// [`matvec`] over rows that start at the byte offsets `offsets[r]` of `w` (neuron bundles).
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+pub(super) unsafe fn matvec_gather(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     let row_len = cols * dtype.size();
     assert!(offsets.len() >= rows && offsets[..rows].iter().all(|&o| o + row_len <= w.len()));
@@ -188,7 +223,13 @@ pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, co
 /// `row(r)` must point at `cols` readable elements of `dtype` for every `r < y.len()`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_dot(row: impl Fn(usize) -> *const u8, dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+unsafe fn rows_dot(
+    row: impl Fn(usize) -> *const u8,
+    dtype: DType,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     let xp = x.as_ptr();
     macro_rules! rows_with {
@@ -349,7 +390,10 @@ pub(super) unsafe fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out
 #[target_feature(enable = "avx2,fma,f16c")]
 fn exp8(x: __m256) -> __m256 {
     // Operand order keeps NaN inputs NaN (min/max return the second operand on NaN).
-    let x = _mm256_max_ps(_mm256_set1_ps(-104.0), _mm256_min_ps(_mm256_set1_ps(89.0), x));
+    let x = _mm256_max_ps(
+        _mm256_set1_ps(-104.0),
+        _mm256_min_ps(_mm256_set1_ps(89.0), x),
+    );
     let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
         x,
         _mm256_set1_ps(std::f32::consts::LOG2_E),
@@ -362,7 +406,11 @@ fn exp8(x: __m256) -> __m256 {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166_666_65));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-    let e = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+    let e = _mm256_fmadd_ps(
+        p,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
     let ni = _mm256_cvtps_epi32(n);
     let n1 = _mm256_srai_epi32::<1>(ni);
     let n2 = _mm256_sub_epi32(ni, n1);
@@ -416,7 +464,11 @@ pub(super) unsafe fn max(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     // SAFETY: local 8-float buffer.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
-    lanes.iter().chain(chunks.remainder()).copied().fold(f32::NEG_INFINITY, f32::max)
+    lanes
+        .iter()
+        .chain(chunks.remainder())
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
 }
 
 /// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
@@ -465,21 +517,41 @@ pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// neuron bundles. 32 output columns stay in registers while all rows stream past them; the
 /// last `cols % 8` columns go through the scalar tier.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+pub(super) unsafe fn accumulate_rows(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     let cols = out.len();
     let esz = dtype.size();
-    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * esz <= w.len()));
+    assert!(
+        offsets.len() >= coeffs.len()
+            && offsets[..coeffs.len()]
+                .iter()
+                .all(|&o| o + cols * esz <= w.len())
+    );
     let vec_cols = cols / 8 * 8;
     // SAFETY: rows are inside `w` (asserted) and only the first `vec_cols` columns are loaded.
     unsafe {
         match dtype {
-            DType::BF16 => accumulate_rows_as::<2, true>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
-            DType::F16 => accumulate_rows_as::<2, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
-            DType::F32 => accumulate_rows_as::<4, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols]),
+            DType::BF16 => {
+                accumulate_rows_as::<2, true>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols])
+            }
+            DType::F16 => {
+                accumulate_rows_as::<2, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols])
+            }
+            DType::F32 => {
+                accumulate_rows_as::<4, false>(w.as_ptr(), offsets, coeffs, &mut out[..vec_cols])
+            }
         }
     }
     if vec_cols < cols {
-        let shifted: Vec<usize> = offsets[..coeffs.len()].iter().map(|o| o + vec_cols * esz).collect();
+        let shifted: Vec<usize> = offsets[..coeffs.len()]
+            .iter()
+            .map(|o| o + vec_cols * esz)
+            .collect();
         super::scalar::accumulate_rows(w, &shifted, dtype, coeffs, &mut out[vec_cols..]);
     }
 }
@@ -488,7 +560,12 @@ pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, 
 /// `BF16` picks bf16 over f16.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, offsets: &[usize], coeffs: &[f32], out: &mut [f32]) {
+unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(
+    w: *const u8,
+    offsets: &[usize],
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     // SAFETY: the caller guarantees 8 readable elements at every `p` passed.
     let load = |p: *const u8| unsafe {
         if ESZ == 4 {
@@ -505,7 +582,13 @@ unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, o
     while c < cols {
         let nv = ((cols - c) / 8).min(4);
         // SAFETY: nv * 8 columns from c are inside `out`.
-        let mut acc: [__m256; 4] = std::array::from_fn(|v| if v < nv { unsafe { _mm256_loadu_ps(op.add(c + 8 * v)) } } else { _mm256_setzero_ps() });
+        let mut acc: [__m256; 4] = std::array::from_fn(|v| {
+            if v < nv {
+                unsafe { _mm256_loadu_ps(op.add(c + 8 * v)) }
+            } else {
+                _mm256_setzero_ps()
+            }
+        });
         for (r, &coef) in coeffs.iter().enumerate() {
             let a = _mm256_set1_ps(coef);
             // SAFETY: row r holds the columns below `cols` from its offset (caller).

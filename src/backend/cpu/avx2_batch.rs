@@ -37,7 +37,10 @@ unsafe fn load16<const DT: u8>(p: *const u8) -> (__m256, __m256) {
                 _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
                 _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
             ),
-            _ => (_mm256_loadu_ps(p as *const f32), _mm256_loadu_ps(p.add(32) as *const f32)),
+            _ => (
+                _mm256_loadu_ps(p as *const f32),
+                _mm256_loadu_ps(p.add(32) as *const f32),
+            ),
         }
     }
 }
@@ -59,12 +62,17 @@ unsafe fn rows_tokens<const DT: u8, const R: usize, const NT: usize>(
         ($c:expr, |$r:ident| $load:expr) => {{
             let c = $c;
             // SAFETY: x is padded to whole blocks (caller contract).
-            let xv: [(__m256, __m256); NT] =
-                std::array::from_fn(|t| unsafe { (_mm256_loadu_ps(x[t].add(c)), _mm256_loadu_ps(x[t].add(c + 8))) });
+            let xv: [(__m256, __m256); NT] = std::array::from_fn(|t| unsafe {
+                (
+                    _mm256_loadu_ps(x[t].add(c)),
+                    _mm256_loadu_ps(x[t].add(c + 8)),
+                )
+            });
             for $r in 0..R {
                 let (wl, wh) = $load;
                 for t in 0..NT {
-                    acc[t][$r] = _mm256_fmadd_ps(wh, xv[t].1, _mm256_fmadd_ps(wl, xv[t].0, acc[t][$r]));
+                    acc[t][$r] =
+                        _mm256_fmadd_ps(wh, xv[t].1, _mm256_fmadd_ps(wl, xv[t].0, acc[t][$r]));
                 }
             }
         }};
@@ -111,7 +119,10 @@ pub(super) unsafe fn matmul_tokens(
         return;
     }
     assert!(w.len() >= rows * cols * dtype.size());
-    assert!(xstride >= cols.div_ceil(BF16_BLOCK) * BF16_BLOCK && xs.len() >= (n - 1) * xstride + xstride);
+    assert!(
+        xstride >= cols.div_ceil(BF16_BLOCK) * BF16_BLOCK
+            && xs.len() >= (n - 1) * xstride + xstride
+    );
     // SAFETY: forwarded contract; bounds asserted above.
     unsafe {
         match dtype {
@@ -148,7 +159,13 @@ unsafe fn by_dtype<const DT: u8>(
                 if n - t0 == 1 {
                     store(rows_tokens::<DT, 4, 1>(wp, cols, [xp(t0)]), rs, t0, y, ldy);
                 } else {
-                    store(rows_tokens::<DT, 4, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), rs, t0, y, ldy);
+                    store(
+                        rows_tokens::<DT, 4, 2>(wp, cols, [xp(t0), xp(t0 + 1)]),
+                        rs,
+                        t0,
+                        y,
+                        ldy,
+                    );
                 }
             }
         }
@@ -161,7 +178,13 @@ unsafe fn by_dtype<const DT: u8>(
                 if n - t0 == 1 {
                     store(rows_tokens::<DT, 1, 1>(wp, cols, [xp(t0)]), [r], t0, y, ldy);
                 } else {
-                    store(rows_tokens::<DT, 1, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), [r], t0, y, ldy);
+                    store(
+                        rows_tokens::<DT, 1, 2>(wp, cols, [xp(t0), xp(t0 + 1)]),
+                        [r],
+                        t0,
+                        y,
+                        ldy,
+                    );
                 }
             }
         }

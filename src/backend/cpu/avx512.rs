@@ -115,7 +115,11 @@ unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f
 /// `R` f16 or f32 rows (at `w[i]`; `HALF` selects f16) dotted with `x` (natural order).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: usize, x: *const f32) -> [f32; R] {
+unsafe fn wide_rows<const R: usize, const HALF: bool>(
+    w: [*const u8; R],
+    cols: usize,
+    x: *const f32,
+) -> [f32; R] {
     let esz = if HALF { 2 } else { 4 };
     // SAFETY: the caller guarantees R rows of `cols` elements; tails are masked.
     let load = |p: *const u8, m: __mmask16| unsafe {
@@ -159,7 +163,14 @@ unsafe fn wide_rows<const R: usize, const HALF: bool>(w: [*const u8; R], cols: u
 /// `y[r] = dot(row r, x)`; row `r` starts `r * stride` elements into `w` and has `cols`
 /// elements. For bf16, `x` must come from `Kernels::prep_x`; otherwise it is plain (len >= cols).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+pub(super) unsafe fn matvec(
+    w: &[u8],
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     if rows == 0 {
         return;
@@ -174,7 +185,14 @@ pub(super) unsafe fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, 
 
 /// [`matvec`] over rows that start at the byte offsets `offsets[r]` of `w` (neuron bundles).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+pub(super) unsafe fn matvec_gather(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     let row_len = cols * dtype.size();
     assert!(offsets.len() >= rows && offsets[..rows].iter().all(|&o| o + row_len <= w.len()));
@@ -189,7 +207,13 @@ pub(super) unsafe fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, co
 /// `row(r)` must point at `cols` readable elements of `dtype` for every `r < y.len()`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn rows_dot(row: impl Fn(usize) -> *const u8, dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+unsafe fn rows_dot(
+    row: impl Fn(usize) -> *const u8,
+    dtype: DType,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let rows = y.len();
     let xp = x.as_ptr();
     macro_rules! rows_with {
@@ -224,17 +248,32 @@ pub(super) fn reduce16(v: [__m512; 16]) -> __m512 {
     // Level 1: pair (2i, 2i+1) -> 128-bit lanes [a.l0+a.l2, a.l1+a.l3, b.l0+b.l2, b.l1+b.l3].
     let s: [__m512; 8] = std::array::from_fn(|i| {
         let (a, b) = (v[2 * i], v[2 * i + 1]);
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b))
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
     });
     // Level 2: pair -> 128-bit lane L holds a 4-float partial of input 4m + L.
     let u: [__m512; 4] = std::array::from_fn(|m| {
         let (a, b) = (s[2 * m], s[2 * m + 1]);
-        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b))
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
     });
     // Level 3: transpose-add inside each 128-bit lane.
-    let p = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[1]), _mm512_unpackhi_ps(u[0], u[1]));
-    let q = _mm512_add_ps(_mm512_unpacklo_ps(u[2], u[3]), _mm512_unpackhi_ps(u[2], u[3]));
-    _mm512_add_ps(_mm512_shuffle_ps::<0x44>(p, q), _mm512_shuffle_ps::<0xEE>(p, q))
+    let p = _mm512_add_ps(
+        _mm512_unpacklo_ps(u[0], u[1]),
+        _mm512_unpackhi_ps(u[0], u[1]),
+    );
+    let q = _mm512_add_ps(
+        _mm512_unpacklo_ps(u[2], u[3]),
+        _mm512_unpackhi_ps(u[2], u[3]),
+    );
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(p, q),
+        _mm512_shuffle_ps::<0xEE>(p, q),
+    )
 }
 
 /// Attention scores of `g = s.len() / np` query heads sharing one KV head:
@@ -245,7 +284,14 @@ pub(super) fn reduce16(v: [__m512; 16]) -> __m512 {
 /// before the next, so the block's keys come from L2 once and from L1 for the other heads
 /// (attention is L2/L3-bandwidth bound, not FMA bound).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn scores(keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
+pub(super) unsafe fn scores(
+    keys: &[f32],
+    stride: usize,
+    cols: usize,
+    q: &[f32],
+    np: usize,
+    s: &mut [f32],
+) {
     if np == 0 {
         return;
     }
@@ -255,7 +301,8 @@ pub(super) unsafe fn scores(keys: &[f32], stride: usize, cols: usize, q: &[f32],
     for p0 in (0..np).step_by(16) {
         // A partial block recomputes its last row in the unused slots: a constant trip count
         // keeps `acc` in registers.
-        let rows: [*const f32; 16] = std::array::from_fn(|i| kp.wrapping_add((p0 + i).min(np - 1) * stride));
+        let rows: [*const f32; 16] =
+            std::array::from_fn(|i| kp.wrapping_add((p0 + i).min(np - 1) * stride));
         for h in 0..g {
             // SAFETY: head h's query is inside `q` (asserted).
             let qh = unsafe { q.as_ptr().add(h * cols) };
@@ -312,7 +359,10 @@ unsafe fn block_dots(rows: &[*const f32; 16], q: *const f32, cols: usize) -> [__
 /// (which spilled and measured ~2x slower).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn block_dots_fixed<const NC: usize>(rows: &[*const f32; 16], q: *const f32) -> [__m512; 16] {
+unsafe fn block_dots_fixed<const NC: usize>(
+    rows: &[*const f32; 16],
+    q: *const f32,
+) -> [__m512; 16] {
     // SAFETY: caller guarantees 16 * NC readable floats at every row and at q.
     let qv: [__m512; NC] = std::array::from_fn(|j| unsafe { _mm512_loadu_ps(q.add(16 * j)) });
     let mut acc = [_mm512_setzero_ps(); 16];
@@ -329,7 +379,14 @@ unsafe fn block_dots_fixed<const NC: usize>(rows: &[*const f32; 16], q: *const f
 /// Each value row is loaded once for up to 4 heads; 64 output columns per head stay in
 /// registers over all positions.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn weighted_sum(v: &[f32], stride: usize, cols: usize, w: &[f32], np: usize, out: &mut [f32]) {
+pub(super) unsafe fn weighted_sum(
+    v: &[f32],
+    stride: usize,
+    cols: usize,
+    w: &[f32],
+    np: usize,
+    out: &mut [f32],
+) {
     if np == 0 {
         out.fill(0.0);
         return;
@@ -402,11 +459,13 @@ unsafe fn weighted_sum_heads<const H: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 fn exp16(x: __m512) -> __m512 {
     // Operand order keeps NaN inputs NaN (min/max return the second operand on NaN).
-    let x = _mm512_max_ps(_mm512_set1_ps(-104.0), _mm512_min_ps(_mm512_set1_ps(89.0), x));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-        x,
-        _mm512_set1_ps(std::f32::consts::LOG2_E),
-    ));
+    let x = _mm512_max_ps(
+        _mm512_set1_ps(-104.0),
+        _mm512_min_ps(_mm512_set1_ps(89.0), x),
+    );
+    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+    );
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
     let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
     let mut p = _mm512_set1_ps(1.987_569_1e-4);
@@ -415,7 +474,11 @@ fn exp16(x: __m512) -> __m512 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.166_666_65));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-    let e = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0)));
+    let e = _mm512_fmadd_ps(
+        p,
+        _mm512_mul_ps(r, r),
+        _mm512_add_ps(r, _mm512_set1_ps(1.0)),
+    );
     _mm512_scalef_ps(e, n)
 }
 
@@ -426,7 +489,9 @@ pub(super) unsafe fn max(x: &[f32]) -> f32 {
     for i in (0..x.len()).step_by(16) {
         let m = mask16(x.len() - i);
         // SAFETY: masked to the slice.
-        let v = unsafe { _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, x.as_ptr().add(i)) };
+        let v = unsafe {
+            _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, x.as_ptr().add(i))
+        };
         vmax = _mm512_max_ps(vmax, v);
     }
     _mm512_reduce_max_ps(vmax)
@@ -460,7 +525,13 @@ pub(super) unsafe fn scale(x: &mut [f32], s: f32) {
     for i in (0..x.len()).step_by(16) {
         let m = mask16(x.len() - i);
         // SAFETY: masked to the slice.
-        unsafe { _mm512_mask_storeu_ps(p.add(i), m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), vs)) };
+        unsafe {
+            _mm512_mask_storeu_ps(
+                p.add(i),
+                m,
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), vs),
+            )
+        };
     }
 }
 
@@ -491,10 +562,21 @@ pub(super) unsafe fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// neuron bundles, whose down columns are stored as rows. 64 output columns stay in
 /// registers while all rows stream past them.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+pub(super) unsafe fn accumulate_rows(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     let cols = out.len();
     let esz = dtype.size();
-    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * esz <= w.len()));
+    assert!(
+        offsets.len() >= coeffs.len()
+            && offsets[..coeffs.len()]
+                .iter()
+                .all(|&o| o + cols * esz <= w.len())
+    );
     // SAFETY: rows are inside `w` (asserted); loads are masked to `cols`.
     unsafe {
         match dtype {
@@ -508,7 +590,12 @@ pub(super) unsafe fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, 
 /// [`accumulate_rows`] for one dtype: `ESZ` bytes per element, `BF16` picks bf16 over f16.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, offsets: &[usize], coeffs: &[f32], out: &mut [f32]) {
+unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(
+    w: *const u8,
+    offsets: &[usize],
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     // SAFETY: the caller guarantees `cols` elements at every row start; lanes past `m` are masked.
     let load = |p: *const u8, m: __mmask16| unsafe {
         if ESZ == 4 {
@@ -526,14 +613,16 @@ unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, o
         let left = cols - c;
         let masks: [__mmask16; 4] = std::array::from_fn(|v| mask16(left.saturating_sub(16 * v)));
         // SAFETY: masked to the columns left in `out`.
-        let mut acc: [__m512; 4] = std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], op.add(c + 16 * v)) });
+        let mut acc: [__m512; 4] =
+            std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], op.add(c + 16 * v)) });
         for (r, &coef) in coeffs.iter().enumerate() {
             let a = _mm512_set1_ps(coef);
             // SAFETY: row r holds `cols` elements from its offset (caller).
             let p = unsafe { w.add(offsets[r] + c * ESZ) };
             for v in 0..4 {
                 if masks[v] != 0 {
-                    acc[v] = _mm512_fmadd_ps(load(unsafe { p.add(16 * v * ESZ) }, masks[v]), a, acc[v]);
+                    acc[v] =
+                        _mm512_fmadd_ps(load(unsafe { p.add(16 * v * ESZ) }, masks[v]), a, acc[v]);
                 }
             }
         }
@@ -551,10 +640,21 @@ unsafe fn accumulate_rows_as<const ESZ: usize, const BF16: bool>(w: *const u8, o
 /// `bf16_rows`, instead of a widening shuffle per 16 weights: the down projection of
 /// scattered CATS neurons measured compute bound with the shuffle.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(super) unsafe fn accumulate_rows_bf16_split(w: &[u8], offsets: &[usize], cols: usize, coeffs: &[f32], out: &mut [f32]) {
+pub(super) unsafe fn accumulate_rows_bf16_split(
+    w: &[u8],
+    offsets: &[usize],
+    cols: usize,
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     let nb = cols.div_ceil(BF16_BLOCK);
     assert!(out.len() >= nb * BF16_BLOCK);
-    assert!(offsets.len() >= coeffs.len() && offsets[..coeffs.len()].iter().all(|&o| o + cols * 2 <= w.len()));
+    assert!(
+        offsets.len() >= coeffs.len()
+            && offsets[..coeffs.len()]
+                .iter()
+                .all(|&o| o + cols * 2 <= w.len())
+    );
     let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let op = out.as_mut_ptr();
     let wp = w.as_ptr();
@@ -581,7 +681,12 @@ pub(super) unsafe fn accumulate_rows_bf16_split(w: &[u8], offsets: &[usize], col
             let a = _mm512_set1_ps(coef);
             for v in 0..nblk {
                 // SAFETY: masked to the row's `cols` elements (asserted inside `w`).
-                let x = unsafe { _mm512_maskz_loadu_epi16(masks[v], wp.add(offsets[r] + (b0 + v) * 2 * BF16_BLOCK) as *const i16) };
+                let x = unsafe {
+                    _mm512_maskz_loadu_epi16(
+                        masks[v],
+                        wp.add(offsets[r] + (b0 + v) * 2 * BF16_BLOCK) as *const i16,
+                    )
+                };
                 ae[v] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(x)), a, ae[v]);
                 ao[v] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(x, hi)), a, ao[v]);
             }

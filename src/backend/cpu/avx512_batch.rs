@@ -41,7 +41,10 @@ unsafe fn load32<const DT: u8>(p: *const u8, m: __mmask32) -> (__m512, __m512) {
             }
             F16 => (
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lo, p as *const i16)),
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(hi, p.wrapping_add(32) as *const i16)),
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                    hi,
+                    p.wrapping_add(32) as *const i16,
+                )),
             ),
             _ => (
                 _mm512_maskz_loadu_ps(lo, p as *const f32),
@@ -67,9 +70,15 @@ unsafe fn rows_tokens<const DT: u8, const R: usize, const NT: usize>(
     let mut acc = [[_mm512_setzero_ps(); R]; NT];
     let mut step = |c: usize, m: __mmask32| {
         // SAFETY: caller contract (rows of `cols` elements, x padded to whole blocks).
-        let wv: [(__m512, __m512); R] = std::array::from_fn(|r| unsafe { load32::<DT>(w[r].add(c * esz), m) });
+        let wv: [(__m512, __m512); R] =
+            std::array::from_fn(|r| unsafe { load32::<DT>(w[r].add(c * esz), m) });
         for (t, at) in acc.iter_mut().enumerate() {
-            let (xl, xh) = unsafe { (_mm512_loadu_ps(x[t].add(c)), _mm512_loadu_ps(x[t].add(c + 16))) };
+            let (xl, xh) = unsafe {
+                (
+                    _mm512_loadu_ps(x[t].add(c)),
+                    _mm512_loadu_ps(x[t].add(c + 16)),
+                )
+            };
             for (a, &(wl, wh)) in at.iter_mut().zip(&wv) {
                 *a = _mm512_fmadd_ps(wh, xh, _mm512_fmadd_ps(wl, xl, *a));
             }
@@ -108,7 +117,10 @@ pub(super) unsafe fn matmul_tokens(
         return;
     }
     assert!(w.len() >= rows * cols * dtype.size());
-    assert!(xstride >= cols.div_ceil(BF16_BLOCK) * BF16_BLOCK && xs.len() >= (n - 1) * xstride + xstride);
+    assert!(
+        xstride >= cols.div_ceil(BF16_BLOCK) * BF16_BLOCK
+            && xs.len() >= (n - 1) * xstride + xstride
+    );
     // SAFETY: forwarded contract; bounds asserted above.
     unsafe {
         match dtype {
@@ -145,9 +157,27 @@ unsafe fn by_dtype<const DT: u8>(
             unsafe {
                 match n - t0 {
                     1 => store(rows_tokens::<DT, 4, 1>(wp, cols, [xp(t0)]), rs, t0, y, ldy),
-                    2 => store(rows_tokens::<DT, 4, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), rs, t0, y, ldy),
-                    3 => store(rows_tokens::<DT, 4, 3>(wp, cols, [0, 1, 2].map(|i| xp(t0 + i))), rs, t0, y, ldy),
-                    _ => store4x4(rows_tokens::<DT, 4, 4>(wp, cols, [0, 1, 2, 3].map(|i| xp(t0 + i))), rs, t0, y, ldy),
+                    2 => store(
+                        rows_tokens::<DT, 4, 2>(wp, cols, [xp(t0), xp(t0 + 1)]),
+                        rs,
+                        t0,
+                        y,
+                        ldy,
+                    ),
+                    3 => store(
+                        rows_tokens::<DT, 4, 3>(wp, cols, [0, 1, 2].map(|i| xp(t0 + i))),
+                        rs,
+                        t0,
+                        y,
+                        ldy,
+                    ),
+                    _ => store4x4(
+                        rows_tokens::<DT, 4, 4>(wp, cols, [0, 1, 2, 3].map(|i| xp(t0 + i))),
+                        rs,
+                        t0,
+                        y,
+                        ldy,
+                    ),
                 }
             }
         }
@@ -159,9 +189,27 @@ unsafe fn by_dtype<const DT: u8>(
             unsafe {
                 match n - t0 {
                     1 => store(rows_tokens::<DT, 1, 1>(wp, cols, [xp(t0)]), [r], t0, y, ldy),
-                    2 => store(rows_tokens::<DT, 1, 2>(wp, cols, [xp(t0), xp(t0 + 1)]), [r], t0, y, ldy),
-                    3 => store(rows_tokens::<DT, 1, 3>(wp, cols, [0, 1, 2].map(|i| xp(t0 + i))), [r], t0, y, ldy),
-                    _ => store(rows_tokens::<DT, 1, 4>(wp, cols, [0, 1, 2, 3].map(|i| xp(t0 + i))), [r], t0, y, ldy),
+                    2 => store(
+                        rows_tokens::<DT, 1, 2>(wp, cols, [xp(t0), xp(t0 + 1)]),
+                        [r],
+                        t0,
+                        y,
+                        ldy,
+                    ),
+                    3 => store(
+                        rows_tokens::<DT, 1, 3>(wp, cols, [0, 1, 2].map(|i| xp(t0 + i))),
+                        [r],
+                        t0,
+                        y,
+                        ldy,
+                    ),
+                    _ => store(
+                        rows_tokens::<DT, 1, 4>(wp, cols, [0, 1, 2, 3].map(|i| xp(t0 + i))),
+                        [r],
+                        t0,
+                        y,
+                        ldy,
+                    ),
                 }
             }
         }

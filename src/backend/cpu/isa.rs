@@ -39,7 +39,11 @@ impl Isa {
 
     /// Best tier of this machine.
     pub fn best() -> Isa {
-        Isa::ALL.into_iter().rev().find(|i| i.is_supported()).unwrap_or(Isa::Scalar)
+        Isa::ALL
+            .into_iter()
+            .rev()
+            .find(|i| i.is_supported())
+            .unwrap_or(Isa::Scalar)
     }
 
     pub fn name(self) -> &'static str {
@@ -62,7 +66,9 @@ impl Isa {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -96,11 +102,18 @@ fn select(best: Isa, request: Option<&str>) -> Isa {
     match Isa::parse(req) {
         Some(want) if want <= best => want,
         Some(want) => {
-            tracing::warn!("{ISA_ENV}={req}: {} is not supported here, using {}", want.name(), best.name());
+            tracing::warn!(
+                "{ISA_ENV}={req}: {} is not supported here, using {}",
+                want.name(),
+                best.name()
+            );
             best
         }
         None => {
-            tracing::warn!("{ISA_ENV}={req}: expected scalar|avx2|avx512, using {}", best.name());
+            tracing::warn!(
+                "{ISA_ENV}={req}: expected scalar|avx2|avx512, using {}",
+                best.name()
+            );
             best
         }
     }

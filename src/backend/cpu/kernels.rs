@@ -17,7 +17,11 @@ pub(super) struct Kernels(Isa);
 impl Kernels {
     /// Kernels of `isa`. Panics if this machine cannot run it.
     pub(super) fn new(isa: Isa) -> Kernels {
-        assert!(isa.is_supported(), "CPU ISA tier {} is not supported on this machine", isa.name());
+        assert!(
+            isa.is_supported(),
+            "CPU ISA tier {} is not supported on this machine",
+            isa.name()
+        );
         Kernels(isa)
     }
 
@@ -45,7 +49,9 @@ impl Kernels {
     /// For bf16 the SIMD tiers want each block of columns split into its even then its odd
     /// columns, zero padded to whole blocks (see `bf16_rows` in the tiers).
     pub(super) fn prep_x(self, dtype: DType, x: &[f32], buf: &mut Vec<f32>) -> bool {
-        let (DType::BF16, Some(block)) = (dtype, self.bf16_block()) else { return false };
+        let (DType::BF16, Some(block)) = (dtype, self.bf16_block()) else {
+            return false;
+        };
         buf.clear();
         buf.resize(x.len().div_ceil(block) * block, 0.0);
         split_even_odd(buf, x, block);
@@ -69,7 +75,14 @@ impl Kernels {
     /// `buf`; returns the stride between tokens. Each token is zero padded to whole blocks of
     /// the tier's bf16 block size, and bf16 wants each block's even columns, then its odd ones
     /// (see `prep_x`).
-    pub(super) fn prep_x_tokens(self, dtype: DType, x: &[f32], n: usize, cols: usize, buf: &mut Vec<f32>) -> usize {
+    pub(super) fn prep_x_tokens(
+        self,
+        dtype: DType,
+        x: &[f32],
+        n: usize,
+        cols: usize,
+        buf: &mut Vec<f32>,
+    ) -> usize {
         let block = self.bf16_block().unwrap_or(1);
         let stride = cols.div_ceil(block) * block;
         buf.clear();
@@ -106,9 +119,13 @@ impl Kernels {
         match self.0 {
             // SAFETY: forwarded contract; Kernels holds only supported tiers.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy) },
+            Isa::Avx2 => unsafe {
+                avx2_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy)
+            },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy) },
+            Isa::Avx512 => unsafe {
+                avx512_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy)
+            },
             _ => unreachable!("matmul_tokens on a tier without it"),
         }
     }
@@ -129,7 +146,15 @@ impl Kernels {
 
     /// `y[r] = dot(row r, x)`, rows `stride` elements apart, `cols` long; `x` prepared by
     /// [`Kernels::prep_x`] for this tier and dtype.
-    pub(super) fn matvec(self, w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+    pub(super) fn matvec(
+        self,
+        w: &[u8],
+        dtype: DType,
+        stride: usize,
+        cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
         match self.0 {
             Isa::Scalar => scalar::matvec(w, dtype, stride, &x[..cols], y),
             // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
@@ -143,7 +168,15 @@ impl Kernels {
     }
 
     /// [`Kernels::matvec`] over rows starting at the byte offsets `offsets[r]` of `w`.
-    pub(super) fn matvec_gather(self, w: &[u8], offsets: &[usize], dtype: DType, cols: usize, x: &[f32], y: &mut [f32]) {
+    pub(super) fn matvec_gather(
+        self,
+        w: &[u8],
+        offsets: &[usize],
+        dtype: DType,
+        cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
         match self.0 {
             Isa::Scalar => scalar::matvec_gather(w, offsets, dtype, &x[..cols], y),
             // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
@@ -158,7 +191,14 @@ impl Kernels {
 
     /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r at the byte offset `offsets[r]` of `w`
     /// (natural column order; no `prep_x` layout involved).
-    pub(super) fn accumulate_rows(self, w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+    pub(super) fn accumulate_rows(
+        self,
+        w: &[u8],
+        offsets: &[usize],
+        dtype: DType,
+        coeffs: &[f32],
+        out: &mut [f32],
+    ) {
         match self.0 {
             Isa::Scalar => scalar::accumulate_rows(w, offsets, dtype, coeffs, out),
             // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
@@ -183,7 +223,15 @@ impl Kernels {
 
     /// [`Kernels::accumulate_rows`] of `cols`-wide rows into `out` laid out as
     /// [`Kernels::acc_split_block`] says (split blocks, or natural order in `out[..cols]`).
-    pub(super) fn accumulate_rows_in(self, w: &[u8], offsets: &[usize], dtype: DType, cols: usize, coeffs: &[f32], out: &mut [f32]) {
+    pub(super) fn accumulate_rows_in(
+        self,
+        w: &[u8],
+        offsets: &[usize],
+        dtype: DType,
+        cols: usize,
+        coeffs: &[f32],
+        out: &mut [f32],
+    ) {
         match self.acc_split_block(dtype) {
             // SAFETY: the split layout exists only on the AVX-512 tier, which Kernels holds
             // only when supported; bounds are asserted inside.
@@ -220,12 +268,16 @@ impl Kernels {
         // SAFETY: forwarded contract; Kernels holds only supported tiers.
         unsafe {
             match self.0 {
-                Isa::Scalar => scalar::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
+                Isa::Scalar => {
+                    scalar::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate)
+                }
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
                 // AVX-512 uses `matmul_tokens` instead; its machines run the AVX2 kernel fine.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
+                Isa::Avx512 => {
+                    avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate)
+                }
                 #[cfg(not(target_arch = "x86_64"))]
                 _ => unreachable!("no SIMD tier off x86_64"),
             }
@@ -234,7 +286,15 @@ impl Kernels {
 
     /// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that
     /// share one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`.
-    pub(super) fn scores(self, keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
+    pub(super) fn scores(
+        self,
+        keys: &[f32],
+        stride: usize,
+        cols: usize,
+        q: &[f32],
+        np: usize,
+        s: &mut [f32],
+    ) {
         if np == 0 {
             return;
         }
@@ -252,9 +312,19 @@ impl Kernels {
             // f32s as bytes is always valid, and x86_64 is little-endian as the byte kernel expects.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => unsafe {
-                let bytes = std::slice::from_raw_parts(keys.as_ptr() as *const u8, std::mem::size_of_val(keys));
+                let bytes = std::slice::from_raw_parts(
+                    keys.as_ptr() as *const u8,
+                    std::mem::size_of_val(keys),
+                );
                 for (h, sh) in s.chunks_exact_mut(np).enumerate() {
-                    avx2::matvec(bytes, DType::F32, stride, cols, &q[h * cols..(h + 1) * cols], sh);
+                    avx2::matvec(
+                        bytes,
+                        DType::F32,
+                        stride,
+                        cols,
+                        &q[h * cols..(h + 1) * cols],
+                        sh,
+                    );
                 }
             },
             #[cfg(target_arch = "x86_64")]
@@ -266,7 +336,15 @@ impl Kernels {
 
     /// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
     /// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
-    pub(super) fn weighted_sum(self, v: &[f32], stride: usize, cols: usize, w: &[f32], np: usize, out: &mut [f32]) {
+    pub(super) fn weighted_sum(
+        self,
+        v: &[f32],
+        stride: usize,
+        cols: usize,
+        w: &[f32],
+        np: usize,
+        out: &mut [f32],
+    ) {
         if np == 0 {
             out.fill(0.0);
             return;

@@ -52,9 +52,22 @@ pub(super) fn matmul_with(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    assert_eq!(w.len(), rows * cols * dtype.size(), "matmul: weight bytes != rows * cols * {}", dtype.size());
-    assert_eq!(x.len(), n_tokens * cols, "matmul: x.len() != n_tokens * cols");
-    assert_eq!(y.len(), n_tokens * rows, "matmul: y.len() != n_tokens * rows");
+    assert_eq!(
+        w.len(),
+        rows * cols * dtype.size(),
+        "matmul: weight bytes != rows * cols * {}",
+        dtype.size()
+    );
+    assert_eq!(
+        x.len(),
+        n_tokens * cols,
+        "matmul: x.len() != n_tokens * cols"
+    );
+    assert_eq!(
+        y.len(),
+        n_tokens * rows,
+        "matmul: y.len() != n_tokens * rows"
+    );
     if rows == 0 || n_tokens == 0 {
         return;
     }
@@ -62,7 +75,16 @@ pub(super) fn matmul_with(
         y.fill(0.0);
         return;
     }
-    let m = Operands { k, pool, w, dtype, rows, cols, x, n_tokens };
+    let m = Operands {
+        k,
+        pool,
+        w,
+        dtype,
+        rows,
+        cols,
+        x,
+        n_tokens,
+    };
     if n_tokens == 1 {
         matvec(m, y);
     } else if n_tokens <= k.streamed_max_tokens() {
@@ -88,11 +110,24 @@ struct Operands<'a> {
 /// Rows split into contiguous chunks (multiples of 4, the kernels' row group), handed out
 /// dynamically; each task streams its chunk once.
 fn matvec(m: Operands, y: &mut [f32]) {
-    let Operands { k, pool, w, dtype, rows, cols, x, .. } = m;
+    let Operands {
+        k,
+        pool,
+        w,
+        dtype,
+        rows,
+        cols,
+        x,
+        ..
+    } = m;
     let row_bytes = cols * dtype.size();
     let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
     // One thread: one task, so each of the kernel's 4 row streams is as long as possible.
-    let per_thread = if pool.n_threads() == 1 { 1 } else { DECODE_TASKS_PER_THREAD };
+    let per_thread = if pool.n_threads() == 1 {
+        1
+    } else {
+        DECODE_TASKS_PER_THREAD
+    };
     let want = (pool.n_threads() * per_thread).min(by_size).max(1);
     let chunk = rows.div_ceil(want).next_multiple_of(4).min(rows);
     let n_tasks = rows.div_ceil(chunk);
@@ -108,7 +143,14 @@ fn matvec(m: Operands, y: &mut [f32]) {
             let nr = chunk.min(rows - r0);
             // SAFETY: task t alone owns rows r0..r0 + nr.
             let yt = unsafe { ys.slice(r0, nr) };
-            k.matvec(&w[r0 * row_bytes..(r0 + nr) * row_bytes], dtype, cols, cols, xs, yt);
+            k.matvec(
+                &w[r0 * row_bytes..(r0 + nr) * row_bytes],
+                dtype,
+                cols,
+                cols,
+                xs,
+                yt,
+            );
         });
     });
 }
@@ -119,16 +161,34 @@ fn matvec(m: Operands, y: &mut [f32]) {
 /// time as 1 token up to 4) to 512 (~88% of FMA peak). Tasks are (row chunk, token block)
 /// pairs; token blocks keep the activations each row group re-reads in L2.
 fn streamed(m: Operands, y: &mut [f32]) {
-    let Operands { k, pool, w, dtype, rows, cols, x, n_tokens } = m;
+    let Operands {
+        k,
+        pool,
+        w,
+        dtype,
+        rows,
+        cols,
+        x,
+        n_tokens,
+    } = m;
     let row_bytes = cols * dtype.size();
     with_scratch_vec(&X_PREP, |buf| {
         let xstride = k.prep_x_tokens(dtype, x, n_tokens, cols, buf);
         let xs: &[f32] = buf;
-        let tb = (STREAMED_X_BYTES / (4 * xstride) / 4 * 4).max(4).min(n_tokens);
+        let tb = (STREAMED_X_BYTES / (4 * xstride) / 4 * 4)
+            .max(4)
+            .min(n_tokens);
         let n_tb = n_tokens.div_ceil(tb);
         let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
-        let per_thread = if pool.n_threads() == 1 { 1 } else { DECODE_TASKS_PER_THREAD };
-        let want = (pool.n_threads() * per_thread).div_ceil(n_tb).min(by_size).max(1);
+        let per_thread = if pool.n_threads() == 1 {
+            1
+        } else {
+            DECODE_TASKS_PER_THREAD
+        };
+        let want = (pool.n_threads() * per_thread)
+            .div_ceil(n_tb)
+            .min(by_size)
+            .max(1);
         let chunk = rows.div_ceil(want).next_multiple_of(4).min(rows);
         let n_rc = rows.div_ceil(chunk);
         let ys = SharedMut::new(y);
@@ -140,7 +200,19 @@ fn streamed(m: Operands, y: &mut [f32]) {
             let yp = ys.ptr_at(t0 * rows + r0);
             let wt = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
             // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
-            unsafe { k.matmul_tokens(wt, dtype, nr, cols, &xs[t0 * xstride..], xstride, nt, yp, rows) };
+            unsafe {
+                k.matmul_tokens(
+                    wt,
+                    dtype,
+                    nr,
+                    cols,
+                    &xs[t0 * xstride..],
+                    xstride,
+                    nt,
+                    yp,
+                    rows,
+                )
+            };
         });
     });
 }
@@ -148,7 +220,16 @@ fn streamed(m: Operands, y: &mut [f32]) {
 /// Tasks are (row block, token block) pairs. Each converts its weight rows to f32 once into a
 /// per-thread scratch and reuses them for every token of its block in register tiles.
 fn gemm(m: Operands, y: &mut [f32]) {
-    let Operands { k, pool, w, dtype, rows, cols, x, n_tokens } = m;
+    let Operands {
+        k,
+        pool,
+        w,
+        dtype,
+        rows,
+        cols,
+        x,
+        n_tokens,
+    } = m;
     let esz = dtype.size();
     let n_rb = rows.div_ceil(GEMM_ROWS);
     let n_tb = n_tokens.div_ceil(GEMM_TOKENS);
@@ -174,24 +255,50 @@ fn gemm(m: Operands, y: &mut [f32]) {
                 assert!((t0 + nt - 1) * rows + r0 + nr <= ys.len());
                 let yp = ys.ptr_at(t0 * rows + r0);
                 // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
-                unsafe { k.gemm_block(a, lda, nr, &x[t0 * cols + k0..], cols, kc, nt, yp, rows, k0 > 0) };
+                unsafe {
+                    k.gemm_block(
+                        a,
+                        lda,
+                        nr,
+                        &x[t0 * cols + k0..],
+                        cols,
+                        kc,
+                        nt,
+                        yp,
+                        rows,
+                        k0 > 0,
+                    )
+                };
             }
         });
     });
 }
 
 /// Converts row `row` of a `[rows, cols]` matrix of `dtype` to f32 into `out[..cols]`.
-pub(super) fn row_to_f32_with(k: Kernels, w: &[u8], dtype: DType, cols: usize, row: usize, out: &mut [f32]) {
+pub(super) fn row_to_f32_with(
+    k: Kernels,
+    w: &[u8],
+    dtype: DType,
+    cols: usize,
+    row: usize,
+    out: &mut [f32],
+) {
     let esz = dtype.size();
     let start = row * cols * esz;
-    assert!(start + cols * esz <= w.len(), "row_to_f32: row {row} out of bounds");
+    assert!(
+        start + cols * esz <= w.len(),
+        "row_to_f32: row {row} out of bounds"
+    );
     assert!(out.len() >= cols, "row_to_f32: out shorter than cols");
     k.convert(&w[start..start + cols * esz], dtype, &mut out[..cols]);
 }
 
 /// Converts a whole tensor to f32.
 pub(super) fn to_f32_vec_with(k: Kernels, w: &[u8], dtype: DType) -> Vec<f32> {
-    assert!(w.len().is_multiple_of(dtype.size()), "to_f32_vec: byte length not a multiple of the element size");
+    assert!(
+        w.len().is_multiple_of(dtype.size()),
+        "to_f32_vec: byte length not a multiple of the element size"
+    );
     let mut out = vec![0.0; w.len() / dtype.size()];
     k.convert(w, dtype, &mut out);
     out
@@ -244,12 +351,23 @@ pub(super) mod tests {
                 }
                 let got = y[t * rows + r] as f64;
                 let tol = 1e-6 * (cols as f64).sqrt().max(4.0) * mag + 1e-30;
-                assert!((got - exact).abs() <= tol, "{what}: t={t} r={r}: got {got}, want {exact} (tol {tol})");
+                assert!(
+                    (got - exact).abs() <= tol,
+                    "{what}: t={t} r={r}: got {got}, want {exact} (tol {tol})"
+                );
             }
         }
     }
 
-    fn run_case(rng: &mut TestRng, isa: Isa, pool: &ThreadPool, dtype: DType, rows: usize, cols: usize, n: usize) {
+    fn run_case(
+        rng: &mut TestRng,
+        isa: Isa,
+        pool: &ThreadPool,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        n: usize,
+    ) {
         let k = Kernels::new(isa);
         let vals = rng.vec(rows * cols);
         let x = rng.vec(n * cols);
@@ -257,7 +375,10 @@ pub(super) mod tests {
             let (bytes, exact) = encode(&vals, dtype, offset);
             let mut y = vec![f32::NAN; n * rows];
             matmul_with(k, pool, &bytes[offset..], dtype, rows, cols, &x, n, &mut y);
-            let what = format!("{isa:?} {dtype} {rows}x{cols} n={n} off={offset} threads={}", pool.n_threads());
+            let what = format!(
+                "{isa:?} {dtype} {rows}x{cols} n={n} off={offset} threads={}",
+                pool.n_threads()
+            );
             check(&exact, &x, rows, cols, n, &y, &what);
         }
     }
@@ -265,7 +386,18 @@ pub(super) mod tests {
     #[test]
     fn matmul_matches_reference_all_tiers() {
         let mut rng = TestRng::new(7);
-        let shapes = [(1, 1), (1, 17), (3, 5), (7, 33), (4, 64), (5, 31), (13, 100), (513, 67), (64, 576), (33, 2100)];
+        let shapes = [
+            (1, 1),
+            (1, 17),
+            (3, 5),
+            (7, 33),
+            (4, 64),
+            (5, 31),
+            (13, 100),
+            (513, 67),
+            (64, 576),
+            (33, 2100),
+        ];
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             for isa in Isa::available() {
@@ -328,7 +460,11 @@ pub(super) mod tests {
                 for n in [0, 1, 7, 8, 15, 16, 17, 33, 100] {
                     let vals: Vec<f32> = rng.vec(n).iter().map(|v| v * 1000.0).collect();
                     let (bytes, exact) = encode(&vals, dtype, 1);
-                    assert_eq!(to_f32_vec_with(k, &bytes[1..], dtype), exact, "{isa:?} {dtype} n={n}");
+                    assert_eq!(
+                        to_f32_vec_with(k, &bytes[1..], dtype),
+                        exact,
+                        "{isa:?} {dtype} n={n}"
+                    );
                     if n > 0 {
                         let cols = n.div_ceil(3);
                         let rows = n / cols;
@@ -345,7 +481,15 @@ pub(super) mod tests {
 
     #[test]
     fn special_values_survive_conversion() {
-        let vals = [0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 1e-40, 65504.0, -2.5];
+        let vals = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            65504.0,
+            -2.5,
+        ];
         for isa in Isa::available() {
             let k = Kernels::new(isa);
             for dtype in DTYPES {

@@ -69,12 +69,27 @@ tiered! {
 }
 
 /// The FFN over neuron bundles; see [`neurons::bundle_ffn`].
-pub fn bundle_ffn(pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+pub fn bundle_ffn(
+    pool: &ThreadPool,
+    b: Bundles,
+    x: &[f32],
+    n_tokens: usize,
+    act: Activation,
+    out: &mut [f32],
+) {
     neurons::bundle_ffn(Kernels::selected(), pool, b, x, n_tokens, act, out);
 }
 
 /// [`bundle_ffn()`] on a given ISA tier. Panics if this machine cannot run `isa`.
-pub fn bundle_ffn_with_isa(isa: Isa, pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+pub fn bundle_ffn_with_isa(
+    isa: Isa,
+    pool: &ThreadPool,
+    b: Bundles,
+    x: &[f32],
+    n_tokens: usize,
+    act: Activation,
+    out: &mut [f32],
+) {
     neurons::bundle_ffn(Kernels::new(isa), pool, b, x, n_tokens, act, out);
 }
 

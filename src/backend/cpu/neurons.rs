@@ -45,16 +45,38 @@ impl Bundles<'_> {
 
 /// How activations are formed (see `crate::backend::BundleSelection`), on host slices.
 pub enum Activation<'a> {
-    All { gate_bias: Option<&'a [f32]>, up_bias: Option<&'a [f32]> },
-    PerToken { coeff: &'a [f32], kept: &'a NeuronLists, up_bias: Option<&'a [f32]> },
+    All {
+        gate_bias: Option<&'a [f32]>,
+        up_bias: Option<&'a [f32]>,
+    },
+    PerToken {
+        coeff: &'a [f32],
+        kept: &'a NeuronLists,
+        up_bias: Option<&'a [f32]>,
+    },
 }
 
 /// `out[t] = sum_i act(t, i) * down_i` over rows t < n_tokens of `x` (`[n, hidden]`).
 #[allow(clippy::too_many_arguments)]
-pub fn bundle_ffn(k: Kernels, pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32]) {
+pub fn bundle_ffn(
+    k: Kernels,
+    pool: &ThreadPool,
+    b: Bundles,
+    x: &[f32],
+    n_tokens: usize,
+    act: Activation,
+    out: &mut [f32],
+) {
     let h = b.hidden;
-    assert_eq!(b.bytes.len(), b.neurons * b.bundle_bytes(), "bundle_ffn: bytes != neurons * 3h");
-    assert!(x.len() >= n_tokens * h && out.len() >= n_tokens * h, "bundle_ffn: x or out too short");
+    assert_eq!(
+        b.bytes.len(),
+        b.neurons * b.bundle_bytes(),
+        "bundle_ffn: bytes != neurons * 3h"
+    );
+    assert!(
+        x.len() >= n_tokens * h && out.len() >= n_tokens * h,
+        "bundle_ffn: x or out too short"
+    );
     let out = &mut out[..n_tokens * h];
     out.fill(0.0);
     if n_tokens == 0 || b.neurons == 0 || h == 0 {
@@ -66,21 +88,39 @@ pub fn bundle_ffn(k: Kernels, pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens
         match act {
             Activation::All { gate_bias, up_bias } => {
                 let ids: Vec<u32> = Vec::new();
-                let all = NeuronSet { ids: &ids, count: b.neurons };
+                let all = NeuronSet {
+                    ids: &ids,
+                    count: b.neurons,
+                };
                 run_tasks(k, pool, b, all, n_tokens, out, &|task_ids, t, partial| {
                     let xt = &xs[t * xstride..];
                     block_all(k, b, task_ids, xt, gate_bias, up_bias, partial)
                 });
             }
-            Activation::PerToken { coeff, kept, up_bias } => {
+            Activation::PerToken {
+                coeff,
+                kept,
+                up_bias,
+            } => {
                 assert!(kept.n_tokens() >= n_tokens && coeff.len() >= n_tokens * b.neurons);
                 for t in 0..n_tokens {
-                    let set = NeuronSet { ids: kept.token(t), count: kept.token(t).len() };
+                    let set = NeuronSet {
+                        ids: kept.token(t),
+                        count: kept.token(t).len(),
+                    };
                     let ct = &coeff[t * b.neurons..(t + 1) * b.neurons];
                     let xt = &xs[t * xstride..];
-                    run_tasks(k, pool, b, set, 1, &mut out[t * h..(t + 1) * h], &|task_ids, _, partial| {
-                        block_kept(k, b, task_ids, xt, ct, up_bias, partial)
-                    });
+                    run_tasks(
+                        k,
+                        pool,
+                        b,
+                        set,
+                        1,
+                        &mut out[t * h..(t + 1) * h],
+                        &|task_ids, _, partial| {
+                            block_kept(k, b, task_ids, xt, ct, up_bias, partial)
+                        },
+                    );
                 }
             }
         }
@@ -135,14 +175,26 @@ fn run_tasks(
     let split = k.acc_split_block(b.dtype);
     let width = split.map_or(h, |blk| h.div_ceil(blk) * blk);
     let by_size = (count * b.bundle_bytes() * n_tokens).div_ceil(MIN_TASK_BYTES);
-    let per_thread = if pool.n_threads() == 1 { 1 } else { TASKS_PER_THREAD };
+    let per_thread = if pool.n_threads() == 1 {
+        1
+    } else {
+        TASKS_PER_THREAD
+    };
     let n_tasks = (pool.n_threads() * per_thread).min(by_size).max(1);
     let chunk = count.div_ceil(n_tasks);
     let n_tasks = count.div_ceil(chunk);
-    let ids = if set.ids.is_empty() { None } else { Some(set.ids) };
+    let ids = if set.ids.is_empty() {
+        None
+    } else {
+        Some(set.ids)
+    };
     let neurons_of = |task: usize| {
         let start = task * chunk;
-        TaskNeurons { ids, start, len: chunk.min(count - start) }
+        TaskNeurons {
+            ids,
+            start,
+            len: chunk.min(count - start),
+        }
     };
     let rows = n_tokens * width;
     let mut partials = vec![0f32; n_tasks * rows];
@@ -172,7 +224,15 @@ fn run_tasks(
 }
 
 /// Every neuron of `neurons`: act = silu(gate . x + gb) * (up . x + ub).
-fn block_all(k: Kernels, b: Bundles, neurons: TaskNeurons, xt: &[f32], gate_bias: Option<&[f32]>, up_bias: Option<&[f32]>, out: &mut [f32]) {
+fn block_all(
+    k: Kernels,
+    b: Bundles,
+    neurons: TaskNeurons,
+    xt: &[f32],
+    gate_bias: Option<&[f32]>,
+    up_bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let mut offs = [[0usize; BLOCK]; 3];
     let mut g = [0f32; BLOCK];
     let mut u = [0f32; BLOCK];
@@ -208,7 +268,15 @@ const PREFETCH_GROUPS: usize = 4;
 /// up row and down column are adjacent in its bundle, so each neuron is one contiguous
 /// 2h-element read; four neurons a quarter of the list apart go together, which makes four
 /// ascending streams through memory (as in the dense matvec).
-fn block_kept(k: Kernels, b: Bundles, neurons: TaskNeurons, xt: &[f32], coeff: &[f32], up_bias: Option<&[f32]>, out: &mut [f32]) {
+fn block_kept(
+    k: Kernels,
+    b: Bundles,
+    neurons: TaskNeurons,
+    xt: &[f32],
+    coeff: &[f32],
+    up_bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     let q = neurons.len / 4;
     let span = 2 * b.hidden * b.dtype.size();
     // The list positions of group g (g < q: four streams; then the leftovers one by one).
@@ -260,7 +328,11 @@ fn prefetch_range(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
         // SAFETY: prefetch is a hint on an address inside `bytes`; it never faults.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr() as *const i8) };
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                line.as_ptr() as *const i8
+            )
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
@@ -275,7 +347,12 @@ fn silu(v: f32) -> f32 {
 /// layout: gate `[k, h]`, up `[k, h]` (row copies) and down `[h, k]` (each bundle's down
 /// column scattered into column j; done in blocks of 64 neurons so every write of a down row
 /// is a contiguous run). Ids must be in range (checked by the caller).
-pub fn gather_ffn(bundles: &[u8], dtype: DType, h: usize, ids: &[u32]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+pub fn gather_ffn(
+    bundles: &[u8],
+    dtype: DType,
+    h: usize,
+    ids: &[u32],
+) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     const COLS: usize = 64;
     let esz = dtype.size();
     let row = h * esz;

@@ -10,7 +10,11 @@ const LANES: usize = 16;
 pub(super) fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let d = weight.len();
     assert!(d > 0, "rmsnorm: empty weight");
-    assert_eq!(x.len() % d, 0, "rmsnorm: x.len() not a multiple of weight.len()");
+    assert_eq!(
+        x.len() % d,
+        0,
+        "rmsnorm: x.len() not a multiple of weight.len()"
+    );
     assert_eq!(out.len(), x.len(), "rmsnorm: out.len() != x.len()");
     for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
         let mut acc = [0f32; LANES];
@@ -64,7 +68,9 @@ mod tests {
     fn close(got: f32, want: f64, rel: f64, what: &str) {
         let tol = rel * want.abs() + 1e-37;
         assert!(
-            (got as f64 - want).abs() <= tol || (got.is_nan() && want.is_nan()) || got as f64 == want,
+            (got as f64 - want).abs() <= tol
+                || (got.is_nan() && want.is_nan())
+                || got as f64 == want,
             "{what}: got {got}, want {want}"
         );
     }
@@ -83,7 +89,12 @@ mod tests {
                     let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
                     let inv = 1.0 / (ms + 1e-5).sqrt();
                     for i in 0..d {
-                        close(out[t * d + i], row[i] as f64 * inv * w[i] as f64, 1e-5, "rmsnorm");
+                        close(
+                            out[t * d + i],
+                            row[i] as f64 * inv * w[i] as f64,
+                            1e-5,
+                            "rmsnorm",
+                        );
                     }
                 }
             }
@@ -111,8 +122,11 @@ mod tests {
                     g[3] = 0.0;
                 }
                 let u = rng.vec(n);
-                let want: Vec<f64> =
-                    g.iter().zip(&u).map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64).collect();
+                let want: Vec<f64> = g
+                    .iter()
+                    .zip(&u)
+                    .map(|(&g, &u)| g as f64 / (1.0 + (-g as f64).exp()) * u as f64)
+                    .collect();
                 silu_mul_with(k, &mut g, &u);
                 for i in 0..n {
                     close(g[i], want[i], 1e-6, &format!("{isa:?} silu n={n} i={i}"));

@@ -96,7 +96,10 @@ impl ThreadPool {
             region: Padded(AtomicU64::new(CLOSED)),
             next_task: Padded(AtomicUsize::new(0)),
             done: Padded(AtomicUsize::new(0)),
-            job: UnsafeCell::new(Job { f: erase(noop), n_tasks: 0 }),
+            job: UnsafeCell::new(Job {
+                f: erase(noop),
+                n_tasks: 0,
+            }),
             sleepers: AtomicUsize::new(0),
             sleep_lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -120,7 +123,11 @@ impl ThreadPool {
                 }
             }
         }
-        ThreadPool { shared, workers, busy: AtomicBool::new(false) }
+        ThreadPool {
+            shared,
+            workers,
+            busy: AtomicBool::new(false),
+        }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -146,7 +153,12 @@ impl ThreadPool {
         let sh = &*self.shared;
         // SAFETY: the previous region is closed and all its joined workers are done, and no
         // worker reads `job` before joining the region published below.
-        unsafe { *sh.job.get() = Job { f: erase(f), n_tasks } };
+        unsafe {
+            *sh.job.get() = Job {
+                f: erase(f),
+                n_tasks,
+            }
+        };
         sh.next_task.0.store(0, Ordering::Relaxed);
         sh.done.0.store(0, Ordering::Relaxed);
         let gen = generation(sh.region.0.load(Ordering::Relaxed)) + 1;
@@ -169,11 +181,18 @@ impl ThreadPool {
         }
         if let Err(payload) = own {
             sh.panicked.store(false, Ordering::Relaxed);
-            sh.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
+            sh.panic
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
             resume_unwind(payload);
         }
         if sh.panicked.swap(false, Ordering::Relaxed) {
-            let payload = sh.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
+            let payload = sh
+                .panic
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
             resume_unwind(payload.unwrap_or_else(|| Box::new("a CPU worker task panicked")));
         }
     }
@@ -184,7 +203,9 @@ impl Drop for ThreadPool {
         let sh = &*self.shared;
         sh.shutdown.store(true, Ordering::SeqCst);
         let gen = generation(sh.region.0.load(Ordering::Relaxed)) + 1;
-        sh.region.0.store(gen << GEN_SHIFT | CLOSED, Ordering::SeqCst);
+        sh.region
+            .0
+            .store(gen << GEN_SHIFT | CLOSED, Ordering::SeqCst);
         {
             let _g = sh.sleep_lock.lock().unwrap_or_else(PoisonError::into_inner);
             sh.wake.notify_all();
@@ -198,7 +219,9 @@ impl Drop for ThreadPool {
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ThreadPool").field("n_threads", &self.n_threads()).finish()
+        f.debug_struct("ThreadPool")
+            .field("n_threads", &self.n_threads())
+            .finish()
     }
 }
 
@@ -215,7 +238,9 @@ fn erase<'a>(f: &'a (dyn Fn(usize) + Sync + 'a)) -> *const (dyn Fn(usize) + Sync
     let p: *const (dyn Fn(usize) + Sync + 'a) = f;
     // SAFETY: only the lifetime bound of the trait object changes (same layout); `run` keeps
     // the pointee alive until no thread can dereference the pointer any more.
-    unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const (dyn Fn(usize) + Sync)>(p) }
+    unsafe {
+        std::mem::transmute::<*const (dyn Fn(usize) + Sync + 'a), *const (dyn Fn(usize) + Sync)>(p)
+    }
 }
 
 fn run_tasks(sh: &Shared, f: &(dyn Fn(usize) + Sync), n_tasks: usize) {
@@ -241,7 +266,12 @@ fn worker_loop(sh: &Shared) {
             if word & CLOSED != 0 || generation(word) != seen {
                 break false;
             }
-            match sh.region.0.compare_exchange_weak(word, word + 1, Ordering::Acquire, Ordering::Relaxed) {
+            match sh.region.0.compare_exchange_weak(
+                word,
+                word + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break true,
                 Err(now) => word = now,
             }
@@ -362,7 +392,10 @@ mod tests {
                 })
             }));
             let payload = r.expect_err("panic must propagate");
-            let msg = payload.downcast_ref::<String>().map(String::as_str).unwrap_or("");
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or("");
             assert_eq!(msg, "boom 5");
         }
         let count = AtomicUsize::new(0);

@@ -59,7 +59,12 @@ fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
                 acc[l] += wl[l] * xl[l];
             }
         }
-        tail += wc.remainder().iter().zip(xc.remainder()).map(|(a, b)| a * b).sum::<f32>();
+        tail += wc
+            .remainder()
+            .iter()
+            .zip(xc.remainder())
+            .map(|(a, b)| a * b)
+            .sum::<f32>();
     }
     acc.iter().sum::<f32>() + tail
 }
@@ -79,7 +84,10 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
-    for (ac, bc) in a[..full].chunks_exact(LANES).zip(b[..full].chunks_exact(LANES)) {
+    for (ac, bc) in a[..full]
+        .chunks_exact(LANES)
+        .zip(b[..full].chunks_exact(LANES))
+    {
         for l in 0..LANES {
             acc[l] += ac[l] * bc[l];
         }
@@ -156,7 +164,13 @@ pub(super) fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, x: &[f32]
 }
 
 /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r starting at the byte offset `offsets[r]` of `w`.
-pub(super) fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
+pub(super) fn accumulate_rows(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
     const CHUNK: usize = 64;
     let size = dtype.size();
     let mut buf = [0f32; CHUNK];

@@ -21,7 +21,11 @@ unsafe impl<T: Send> Sync for SharedMut<'_, T> {}
 
 impl<'a, T> SharedMut<'a, T> {
     pub(super) fn new(s: &'a mut [T]) -> Self {
-        SharedMut { ptr: s.as_mut_ptr(), len: s.len(), _borrow: PhantomData }
+        SharedMut {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _borrow: PhantomData,
+        }
     }
 
     /// `&mut s[start..start + len]`.
@@ -30,7 +34,10 @@ impl<'a, T> SharedMut<'a, T> {
     /// No other live reference (from any thread) may overlap the returned range.
     #[allow(clippy::mut_from_ref)]
     pub(super) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
-        assert!(start <= self.len && len <= self.len - start, "SharedMut::slice out of bounds");
+        assert!(
+            start <= self.len && len <= self.len - start,
+            "SharedMut::slice out of bounds"
+        );
         // SAFETY: in bounds (asserted); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
@@ -57,7 +64,11 @@ pub(super) fn with_scratch_vec<R>(
     f: impl FnOnce(&mut Vec<f32>) -> R,
 ) -> R {
     let mut f = Some(f);
-    let out = key.with(|cell| cell.try_borrow_mut().ok().map(|mut v| (f.take().expect("called once"))(&mut v)));
+    let out = key.with(|cell| {
+        cell.try_borrow_mut()
+            .ok()
+            .map(|mut v| (f.take().expect("called once"))(&mut v))
+    });
     out.unwrap_or_else(|| (f.take().expect("called once"))(&mut Vec::new()))
 }
 
