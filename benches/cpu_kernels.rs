@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
 use sirius_offload::backend::cpu::{self, Activation, Bundles, Isa, ThreadPool};
-use sirius_offload::backend::{NeuronLists, NeuronRule};
+use sirius_offload::backend::{BundleLayout, NeuronLists, NeuronRule};
 use sirius_offload::dtype::DType;
 
 fn main() {
@@ -333,6 +333,7 @@ fn ffn_smollm2_griffin(bencher: Bencher, threads: usize) {
             dtype: DType::BF16,
             neurons: FFN_KEPT,
             hidden: FFN_H,
+            layout: BundleLayout::GateUpDown,
         };
         cpu::bundle_ffn(
             pool,
@@ -410,6 +411,7 @@ fn ffn_smollm2_cats(bencher: Bencher, threads: usize) {
                 dtype: DType::BF16,
                 neurons: f,
                 hidden: h,
+                layout: BundleLayout::GateUpDown,
             };
             cpu::bundle_ffn(
                 pool,

@@ -14,9 +14,9 @@ use sirius_offload::backend::cpu::{
     self, accumulate_neuron_scores, bundle_ffn_with_isa, select_neurons, Activation, Bundles, Isa,
     ThreadPool,
 };
-use sirius_offload::backend::{NeuronLists, NeuronRule};
+use sirius_offload::backend::{BundleLayout, NeuronLists, NeuronRule};
 use sirius_offload::dtype::DType;
-use sirius_offload::sparsity::bundles::bundle_bytes;
+use sirius_offload::sparsity::bundles::{bundle_bytes, interleave};
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 /// Hidden sizes around the SIMD widths (8, 16, 32 lanes, bf16 de-interleave blocks) and SmolLM2's.
@@ -96,6 +96,8 @@ struct Ffn {
     shift: usize,
     /// The separate matrices' bytes, for the library's dense path.
     raw: [Vec<u8>; 3],
+    /// The same FFN as up|down bundles (CATS), also starting at `shift`.
+    store_up_down: Vec<u8>,
 }
 
 impl Ffn {
@@ -106,6 +108,8 @@ impl Ffn {
         let (db, down) = encode(&uniform(rng, h * f, 1.0 / (f as f32).sqrt()), dtype);
         let mut store = vec![0xA5u8; shift];
         store.extend(bundle_bytes(&gb, &ub, &db, h, f, dtype.size()));
+        let mut store_up_down = vec![0xA5u8; shift];
+        store_up_down.extend(interleave(None, &ub, &db, h, f, dtype.size()));
         Ffn {
             h,
             f,
@@ -116,15 +120,26 @@ impl Ffn {
             store,
             shift,
             raw: [gb, ub, db],
+            store_up_down,
         }
     }
 
     fn bundles(&self) -> Bundles<'_> {
+        self.bundles_as(BundleLayout::GateUpDown)
+    }
+
+    fn bundles_as(&self, layout: BundleLayout) -> Bundles<'_> {
+        let store = if layout == BundleLayout::UpDown {
+            &self.store_up_down
+        } else {
+            &self.store
+        };
         Bundles {
-            bytes: &self.store[self.shift..],
+            bytes: &store[self.shift..],
             dtype: self.dtype,
             neurons: self.f,
             hidden: self.h,
+            layout,
         }
     }
 
@@ -261,18 +276,20 @@ fn bundle_ffn_matches_naive_reference() {
                             }
                         }
                         let want = w.down_times(&act, n);
-                        let ctx = format!(
-                            "PerToken {shape} pattern={pattern} up_bias={}",
-                            ub.is_some()
-                        );
-                        check_all(&tiers, &pools, &want, h, &ctx, |isa, pool, out| {
-                            let a = Activation::PerToken {
-                                coeff: &coeff,
-                                kept: &kept,
-                                up_bias: ub.as_deref(),
-                            };
-                            bundle_ffn_with_isa(isa, pool, w.bundles(), &x, n, a, out);
-                        });
+                        for layout in [BundleLayout::GateUpDown, BundleLayout::UpDown] {
+                            let ctx = format!(
+                                "PerToken {layout:?} {shape} pattern={pattern} up_bias={}",
+                                ub.is_some()
+                            );
+                            check_all(&tiers, &pools, &want, h, &ctx, |isa, pool, out| {
+                                let a = Activation::PerToken {
+                                    coeff: &coeff,
+                                    kept: &kept,
+                                    up_bias: ub.as_deref(),
+                                };
+                                bundle_ffn_with_isa(isa, pool, w.bundles_as(layout), &x, n, a, out);
+                            });
+                        }
                     }
                 }
             }
@@ -371,6 +388,7 @@ fn griffin_compact_matrix_equals_per_token_over_the_same_neurons() {
             dtype,
             neurons: ids.len(),
             hidden: h,
+            layout: BundleLayout::GateUpDown,
         };
         let (g, u) = w.dots(&x, n);
         let mut act = vec![0f64; n * f];
@@ -678,11 +696,9 @@ fn accumulate_neuron_scores_matches_naive() {
     assert_eq!(acc, vec![0.25, 0.5, 1.0]);
 }
 
-/// Known bug, kept as its reproduction: the kernel forms `v * v * (1 / norm2)` in f32, where
-/// `v * v` or `1 / norm2` overflows for rows below ~1e-19 or above ~1.8e19 (norm2 itself is
-/// f64), giving inf. Run with `--ignored`; drop the `ignore` once the kernel scales in f64.
+/// Regression: the kernel once formed `v * v * (1 / norm2)` in f32, where `v * v` or
+/// `1 / norm2` overflowed for rows below ~1e-19 or above ~1.8e19, giving inf.
 #[test]
-#[ignore = "known bug: accumulate_neuron_scores overflows f32 for |z| < ~1e-19 or > ~1.8e19"]
 fn accumulate_neuron_scores_at_extreme_magnitudes() {
     // (z / |z|)^2 lies in [0, 1] whatever the scale of z. Tiny and huge rows are far outside
     // what an FFN produces, but the score must not turn into inf or NaN.

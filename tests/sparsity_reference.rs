@@ -6,7 +6,7 @@ mod common;
 
 use common::fixtures_dir;
 use serde::Deserialize;
-use sirius_offload::backend::CpuBackend;
+use sirius_offload::backend::{BundleLayout, CpuBackend};
 use sirius_offload::model::llama::Ffn;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sparsity::{CatsRule, GriffinFfn, GriffinScores, NeuronBundles, NeuronCounter};
@@ -59,7 +59,7 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 fn griffin_scores_selection_and_logits_match_reference() {
     for (i, name) in MODELS.iter().enumerate() {
         let (model, fx) = load(name, 1 + i % 3);
-        let bundles = NeuronBundles::build(&model).unwrap();
+        let bundles = NeuronBundles::build(&model, BundleLayout::GateUpDown).unwrap();
         for case in &fx.cases {
             let mut cache = model
                 .new_cache(fx.prompt_ids.len() + fx.continuation_ids.len())
@@ -121,7 +121,7 @@ fn griffin_scores_selection_and_logits_match_reference() {
 #[test]
 fn griffin_keep_one_gives_dense_logits() {
     let (model, fx) = load("llama-tied-gqa-bf16", 2);
-    let bundles = NeuronBundles::build(&model).unwrap();
+    let bundles = NeuronBundles::build(&model, BundleLayout::GateUpDown).unwrap();
     let all: Vec<u32> = fx
         .prompt_ids
         .iter()
@@ -182,61 +182,64 @@ fn griffin_keep_one_gives_dense_logits() {
 fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
     for (i, name) in MODELS.iter().enumerate() {
         let (model, fx) = load(name, 1 + (i + 1) % 3);
-        let bundles = NeuronBundles::build(&model).unwrap();
-        let ids: Vec<u32> = fx
-            .prompt_ids
-            .iter()
-            .chain(&fx.continuation_ids)
-            .copied()
-            .collect();
-        let vocab = model.config.vocab_size;
-        for case in &fx.cases {
-            let rule = CatsRule::TopK(case.k);
-            let mut counter = NeuronCounter::new(model.config.num_layers);
-            // Batched: every token at once.
-            let mut cache = model.new_cache(ids.len()).unwrap();
-            let mut scratch = Scratch::new(&model, ids.len()).unwrap();
-            let mut ffn = Ffn::Cats {
-                bundles: &bundles,
-                rule: &rule,
-                counter: &mut counter,
-            };
-            let batched = model
-                .forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn)
-                .unwrap();
-            for (t, want) in case.cats_logits.iter().enumerate() {
-                let e = rel_err(&batched[t * vocab..(t + 1) * vocab], want);
-                assert!(
-                    e < 1e-4,
-                    "{name} keep {}: batched CATS logits of token {t} differ by {e}",
-                    case.keep
-                );
-            }
-            // One by one, as decoding runs it.
-            cache.truncate(0);
-            for (t, (&tok, want)) in ids.iter().zip(&case.cats_logits).enumerate() {
+        // CATS runs on up|down bundles; the gate|up|down ones must give the same.
+        for layout in [BundleLayout::UpDown, BundleLayout::GateUpDown] {
+            let bundles = NeuronBundles::build(&model, layout).unwrap();
+            let ids: Vec<u32> = fx
+                .prompt_ids
+                .iter()
+                .chain(&fx.continuation_ids)
+                .copied()
+                .collect();
+            let vocab = model.config.vocab_size;
+            for case in &fx.cases {
+                let rule = CatsRule::TopK(case.k);
+                let mut counter = NeuronCounter::new(model.config.num_layers);
+                // Batched: every token at once.
+                let mut cache = model.new_cache(ids.len()).unwrap();
+                let mut scratch = Scratch::new(&model, ids.len()).unwrap();
                 let mut ffn = Ffn::Cats {
                     bundles: &bundles,
                     rule: &rule,
                     counter: &mut counter,
                 };
-                let got = model
-                    .forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn)
+                let batched = model
+                    .forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn)
                     .unwrap();
-                let e = rel_err(&got, want);
+                for (t, want) in case.cats_logits.iter().enumerate() {
+                    let e = rel_err(&batched[t * vocab..(t + 1) * vocab], want);
+                    assert!(
+                        e < 1e-4,
+                        "{name} keep {}: batched CATS logits of token {t} differ by {e}",
+                        case.keep
+                    );
+                }
+                // One by one, as decoding runs it.
+                cache.truncate(0);
+                for (t, (&tok, want)) in ids.iter().zip(&case.cats_logits).enumerate() {
+                    let mut ffn = Ffn::Cats {
+                        bundles: &bundles,
+                        rule: &rule,
+                        counter: &mut counter,
+                    };
+                    let got = model
+                        .forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn)
+                        .unwrap();
+                    let e = rel_err(&got, want);
+                    assert!(
+                        e < 1e-4,
+                        "{name} keep {}: CATS logits of token {t} differ by {e}",
+                        case.keep
+                    );
+                }
+                // Top-k keeps exactly k per token and layer.
+                let fractions = counter.kept_fraction(model.config.intermediate_size);
+                let want = case.k as f64 / model.config.intermediate_size as f64;
                 assert!(
-                    e < 1e-4,
-                    "{name} keep {}: CATS logits of token {t} differ by {e}",
-                    case.keep
+                    fractions.iter().all(|f| (f - want).abs() < 1e-12),
+                    "{name}: kept fractions {fractions:?}, want {want}"
                 );
             }
-            // Top-k keeps exactly k per token and layer.
-            let fractions = counter.kept_fraction(model.config.intermediate_size);
-            let want = case.k as f64 / model.config.intermediate_size as f64;
-            assert!(
-                fractions.iter().all(|f| (f - want).abs() < 1e-12),
-                "{name}: kept fractions {fractions:?}, want {want}"
-            );
         }
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::cpu::{self as kernels, ThreadPool};
-use super::{AttentionShape, Backend, BundleSelection, NeuronLists, NeuronRule, RopeTable};
+use super::{
+    AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
+};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::weights::TensorRef;
@@ -299,7 +301,8 @@ impl Backend for CpuBackend {
     }
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {
-        if bundles.cols % 3 != 0 {
+        // Bundles of the gate|up|down layout (`NeuronBundles` of Griffin).
+        if !bundles.cols.is_multiple_of(3) {
             return Err(Error::InvalidArgument(format!(
                 "bundle matrix has {} columns, not 3 x hidden",
                 bundles.cols
@@ -324,25 +327,33 @@ impl Backend for CpuBackend {
     fn bundle_ffn(
         &self,
         bundles: &CpuMatrix,
+        layout: BundleLayout,
         x: &Vec<f32>,
         n_tokens: usize,
         sel: BundleSelection<'_, Vec<f32>>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        if bundles.cols % 3 != 0 {
+        let parts = layout.parts();
+        if !bundles.cols.is_multiple_of(parts) {
             return Err(Error::InvalidArgument(format!(
-                "bundle matrix has {} columns, not 3 x hidden",
+                "bundle matrix has {} columns, not {parts} x hidden",
                 bundles.cols
             )));
         }
-        let hidden = bundles.cols / 3;
+        let hidden = bundles.cols / parts;
         let b = kernels::Bundles {
             bytes: bundles.bytes(),
             dtype: bundles.dtype,
             neurons: bundles.rows,
             hidden,
+            layout,
         };
         let act = match sel {
+            BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => {
+                return Err(Error::InvalidArgument(
+                    "a dense pass over bundles needs their gate rows".into(),
+                ));
+            }
             BundleSelection::All { gate_bias, up_bias } => kernels::Activation::All {
                 gate_bias: gate_bias.map(|v| v.as_slice()),
                 up_bias: up_bias.map(|v| v.as_slice()),

@@ -11,7 +11,7 @@ pub mod neurons;
 pub mod rope;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
-pub use neurons::{BundleSelection, NeuronLists, NeuronRule};
+pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;
 
 use crate::dtype::DType;
@@ -117,17 +117,18 @@ pub trait Backend {
         rows: usize,
         cols: usize,
     ) -> Result<Self::Matrix>;
-    /// Gathers the neurons `rows` (ascending) of a bundle matrix (`[f, 3h]`) into a compact
+    /// Gathers the neurons `rows` (ascending) of a gate|up|down bundle matrix (`[f, 3h]`) into a compact
     /// dense FFN in checkpoint layout: gate `[k, h]`, up `[k, h]`, down `[h, k]`. Griffin
     /// decodes with it through the ordinary (fastest) matmul.
     fn gather_ffn(&self, bundles: &Self::Matrix, rows: &[u32]) -> Result<[Self::Matrix; 3]>;
-    /// The FFN over neuron bundles (`bundles`: `[neurons, 3h]`, row i = gate row i, up row i,
-    /// down column i): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where
-    /// `act` is computed from `x[t]` as [`BundleSelection`] says. Overwrites rows
-    /// 0..n_tokens of `out` (`[n, h]`).
+    /// The FFN over neuron bundles (`bundles`: `[neurons, parts * h]` laid out as `layout`
+    /// says): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where `act` is
+    /// computed from `x[t]` as [`BundleSelection`] says (`All` needs the gate rows).
+    /// Overwrites rows 0..n_tokens of `out` (`[n, h]`).
     fn bundle_ffn(
         &self,
         bundles: &Self::Matrix,
+        layout: BundleLayout,
         x: &Self::Buf,
         n_tokens: usize,
         sel: BundleSelection<'_, Self::Buf>,

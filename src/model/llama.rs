@@ -391,7 +391,7 @@ impl<B: Backend> Llama<B> {
                     kept: &s.kept,
                     up_bias: w.up_bias.as_ref(),
                 };
-                b.bundle_ffn(&l.matrix, &s.xn, n, sel, &mut s.proj)?;
+                b.bundle_ffn(&l.matrix, bundles.layout, &s.xn, n, sel, &mut s.proj)?;
             }
             Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) => {
                 b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
@@ -401,7 +401,9 @@ impl<B: Backend> Llama<B> {
                 if let Ffn::DenseRecording(recorder) = ffn {
                     let mut act = vec![0f32; n * f];
                     b.read(&s.gate, 0, &mut act)?;
-                    act.iter_mut().for_each(|v| *v = *v / (1.0 + (-*v).exp()));
+                    // Host memory: the CPU kernels' SIMD silu (a scalar exp per value made
+                    // calibration twice as slow as the forward pass).
+                    crate::backend::cpu::silu(&mut act);
                     recorder.record(li, &act);
                 }
                 b.silu_mul(&mut s.gate, &s.up, n * f)?;

@@ -10,7 +10,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BundleLayout};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Llama;
@@ -18,7 +18,7 @@ use crate::progress::progress_bar;
 
 /// One layer's FFN in bundle form.
 pub struct LayerBundles<B: Backend> {
-    /// `[f, 3h]`: row i = gate row i | up row i | down column i.
+    /// `[f, parts * h]`: row i = (gate row i |) up row i | down column i.
     pub matrix: B::Matrix,
     /// Per-neuron biases (`mlp_bias` models), host copies for gathering.
     pub gate_bias: Option<Vec<f32>>,
@@ -28,6 +28,8 @@ pub struct LayerBundles<B: Backend> {
 /// Every layer's FFN as neuron bundles, built once at load.
 pub struct NeuronBundles<B: Backend> {
     pub layers: Vec<LayerBundles<B>>,
+    /// Gate|up|down (Griffin, offloading) or up|down (CATS, whose gate stays dense).
+    pub layout: BundleLayout,
     pub hidden: usize,
     pub neurons: usize,
     pub dtype: DType,
@@ -36,8 +38,8 @@ pub struct NeuronBundles<B: Backend> {
 }
 
 impl<B: Backend> NeuronBundles<B> {
-    /// Rearranges the checkpoint's FFN matrices of every layer into bundles.
-    pub fn build(model: &Llama<B>) -> Result<Self> {
+    /// Rearranges the checkpoint's FFN matrices of every layer into bundles of `layout`.
+    pub fn build(model: &Llama<B>, layout: BundleLayout) -> Result<Self> {
         let t0 = Instant::now();
         let c = &model.config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
@@ -49,15 +51,18 @@ impl<B: Backend> NeuronBundles<B> {
             let gate = store.get(&format!("{p}.gate_proj.weight"), &[f, h])?;
             let up = store.get(&format!("{p}.up_proj.weight"), &[f, h])?;
             let down = store.get(&format!("{p}.down_proj.weight"), &[h, f])?;
-            let bytes = bundle_bytes(
-                gate.bytes(),
+            let gate_bytes = (layout == BundleLayout::GateUpDown).then(|| gate.bytes());
+            let bytes = interleave(
+                gate_bytes,
                 up.bytes(),
                 down.bytes(),
                 h,
                 f,
                 model.dtype.size(),
             );
-            let matrix = model.backend.upload_matrix(bytes, model.dtype, f, 3 * h)?;
+            let matrix = model
+                .backend
+                .upload_matrix(bytes, model.dtype, f, layout.parts() * h)?;
             let bias = |name: &str| -> Result<Option<Vec<f32>>> {
                 if !c.mlp_bias {
                     return Ok(None);
@@ -79,13 +84,14 @@ impl<B: Backend> NeuronBundles<B> {
         let build_seconds = t0.elapsed().as_secs_f64();
         let bundles = NeuronBundles {
             layers,
+            layout,
             hidden: h,
             neurons: f,
             dtype: model.dtype,
             build_seconds,
         };
         tracing::info!(
-            "FFN neuron bundles: {} layers x {f} neurons, {:.1} MB, built in {:.0} ms",
+            "FFN neuron bundles ({layout:?}): {} layers x {f} neurons, {:.1} MB, built in {:.0} ms",
             c.num_layers,
             bundles.total_bytes() as f64 / 1e6,
             build_seconds * 1e3
@@ -95,7 +101,7 @@ impl<B: Backend> NeuronBundles<B> {
 
     /// Bytes of one neuron's bundle.
     pub fn bundle_bytes(&self) -> usize {
-        3 * self.hidden * self.dtype.size()
+        self.layout.parts() * self.hidden * self.dtype.size()
     }
 
     /// Bytes of all bundles (the extra memory the layout costs next to the mapped checkpoint).
@@ -128,7 +134,7 @@ impl<B: Backend> NeuronBundles<B> {
 }
 
 /// Interleaves one layer's gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes, `esz`
-/// bytes per element) into `[f, 3h]` bundles.
+/// bytes per element) into `[f, 3h]` gate|up|down bundles.
 pub fn bundle_bytes(
     gate: &[u8],
     up: &[u8],
@@ -137,18 +143,33 @@ pub fn bundle_bytes(
     f: usize,
     esz: usize,
 ) -> Vec<u8> {
+    interleave(Some(gate), up, down, h, f, esz)
+}
+
+/// Bundles of one layer: `[f, 3h]` gate|up|down with a gate, `[f, 2h]` up|down without.
+pub fn interleave(
+    gate: Option<&[u8]>,
+    up: &[u8],
+    down: &[u8],
+    h: usize,
+    f: usize,
+    esz: usize,
+) -> Vec<u8> {
     let row = h * esz;
-    let bundle = 3 * row;
+    let lead = if gate.is_some() { row } else { 0 };
+    let bundle = lead + 2 * row;
     let mut out = vec![0u8; f * bundle];
     for (i, b) in out.chunks_exact_mut(bundle).enumerate() {
-        b[..row].copy_from_slice(&gate[i * row..(i + 1) * row]);
-        b[row..2 * row].copy_from_slice(&up[i * row..(i + 1) * row]);
+        if let Some(gate) = gate {
+            b[..row].copy_from_slice(&gate[i * row..(i + 1) * row]);
+        }
+        b[lead..lead + row].copy_from_slice(&up[i * row..(i + 1) * row]);
     }
-    // down[r, i] goes to bundle i, element h + h + r: read down row by row (sequential), write
-    // one element into each bundle.
+    // down[r, i] goes to bundle i, element r of its last part: read down row by row
+    // (sequential), write one element into each bundle.
     for (r, down_row) in down.chunks_exact(f * esz).enumerate() {
         for (i, e) in down_row.chunks_exact(esz).enumerate() {
-            let at = i * bundle + 2 * row + r * esz;
+            let at = i * bundle + lead + row + r * esz;
             out[at..at + esz].copy_from_slice(e);
         }
     }
@@ -178,6 +199,17 @@ mod tests {
                 assert_eq!(el(c), u16::from_le_bytes(enc(1, i, c)));
                 assert_eq!(el(h + c), u16::from_le_bytes(enc(2, i, c)));
                 assert_eq!(el(2 * h + c), u16::from_le_bytes(enc(3, c, i)));
+            }
+        }
+        // Without the gate: up row then down column.
+        let out = interleave(None, &mat(2, f, h), &mat(3, h, f), h, f, esz);
+        assert_eq!(out.len(), f * 2 * h * esz);
+        for i in 0..f {
+            let b = &out[i * 2 * h * esz..(i + 1) * 2 * h * esz];
+            let el = |j: usize| u16::from_le_bytes([b[2 * j], b[2 * j + 1]]);
+            for c in 0..h {
+                assert_eq!(el(c), u16::from_le_bytes(enc(2, i, c)));
+                assert_eq!(el(h + c), u16::from_le_bytes(enc(3, c, i)));
             }
         }
     }

@@ -109,6 +109,11 @@ impl<B: Backend> GriffinFfn<B> {
         bundles: &NeuronBundles<B>,
         selection: GriffinSelection,
     ) -> Result<Self> {
+        if bundles.layout != crate::backend::BundleLayout::GateUpDown {
+            return Err(Error::InvalidArgument(
+                "Griffin gathers whole neurons: it needs gate|up|down bundles".into(),
+            ));
+        }
         if selection.layers.len() != bundles.layers.len() {
             return Err(Error::InvalidArgument(format!(
                 "selection for {} layers, model has {}",

@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BundleLayout};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::llama::Ffn;
@@ -110,7 +110,7 @@ impl<B: Backend> Sparsity<B> {
             SparsityMode::None => Sparsity::None,
             SparsityMode::Griffin => Sparsity::Griffin {
                 keep,
-                bundles: NeuronBundles::build(model)?,
+                bundles: NeuronBundles::build(model, BundleLayout::GateUpDown)?,
             },
             SparsityMode::Cats => {
                 let rule = match thresholds {
@@ -119,7 +119,7 @@ impl<B: Backend> Sparsity<B> {
                 };
                 Sparsity::Cats {
                     keep,
-                    bundles: NeuronBundles::build(model)?,
+                    bundles: NeuronBundles::build(model, BundleLayout::UpDown)?,
                     rule,
                 }
             }

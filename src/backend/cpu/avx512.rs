@@ -77,7 +77,11 @@ pub(super) unsafe fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
 /// permuted once per call to match (even columns of the block, then odd ones).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-unsafe fn bf16_rows<const R: usize>(w: [*const u8; R], cols: usize, xp: *const f32) -> [f32; R] {
+pub(super) unsafe fn bf16_rows<const R: usize>(
+    w: [*const u8; R],
+    cols: usize,
+    xp: *const f32,
+) -> [f32; R] {
     let hi = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
     let mut ae = [_mm512_setzero_ps(); R];
     let mut ao = [_mm512_setzero_ps(); R];

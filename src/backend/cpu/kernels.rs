@@ -7,7 +7,7 @@
 use super::isa::{isa, Isa};
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, avx2_batch, avx512, avx512_batch};
+use super::{avx2, avx2_batch, avx512, avx512_batch, avx512_neurons};
 use crate::dtype::DType;
 
 /// A supported tier (invariant checked at construction).
@@ -238,6 +238,38 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Some(_) => unsafe { avx512::accumulate_rows_bf16_split(w, offsets, cols, coeffs, out) },
             _ => self.accumulate_rows(w, offsets, dtype, coeffs, &mut out[..cols]),
+        }
+    }
+
+    /// One token's CATS up/down over the kept neurons `ids` of a bundle matrix in a single
+    /// fused pass, if this tier has one for `dtype` (AVX-512 bf16); false if the caller must
+    /// use the generic path. `xp`, `out` as for [`Kernels::accumulate_rows_in`] with x prepared.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn kept_up_down(
+        self,
+        w: &[u8],
+        dtype: DType,
+        hidden: usize,
+        layout: crate::backend::BundleLayout,
+        ids: &[u32],
+        coeff: &[f32],
+        up_bias: Option<&[f32]>,
+        xp: &[f32],
+        out: &mut [f32],
+    ) -> bool {
+        match (self.0, dtype) {
+            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, DType::BF16) => {
+                let (parts, up_at) = (layout.parts(), layout.up_offset(hidden));
+                unsafe {
+                    avx512_neurons::kept_up_down_bf16(
+                        w, hidden, parts, up_at, ids, coeff, up_bias, xp, out,
+                    )
+                };
+                true
+            }
+            _ => false,
         }
     }
 

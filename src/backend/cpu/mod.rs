@@ -16,6 +16,8 @@ mod avx2_batch;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod avx512_batch;
+#[cfg(target_arch = "x86_64")]
+mod avx512_neurons;
 mod isa;
 mod kernels;
 mod matmul;
