@@ -163,7 +163,7 @@ fn thresholds_of_another_model_are_refused() {
     ]);
     assert_clean_failure(&o, "calibrated for another model");
     assert!(
-        stderr(&o).contains("intermediate_size: 64"),
+        stderr(&o).contains("intermediate_size 64 in the file vs 48 in the model"),
         "{}",
         stderr(&o)
     );

@@ -32,7 +32,9 @@ pub struct BenchArgs {
     /// Prompt tokens of the prefill test (0 = skip).
     #[arg(long, short = 'p', default_value_t = 128)]
     pub prompt: usize,
-    /// Tokens of the decode test (0 = skip).
+    /// Tokens of the decode test (0 = skip). With --sparsity griffin the neurons are chosen
+    /// from a dense prefill of the pp test's tokens (128 if --prompt is 0); the reported
+    /// kept fractions cover every rep, warm-up included.
     #[arg(long, short = 'n', default_value_t = 64)]
     pub gen: usize,
     /// Repetitions of each test; the median is reported.

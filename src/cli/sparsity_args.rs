@@ -16,12 +16,15 @@ pub struct SparsityArgs {
     #[arg(long, default_value = "none")]
     pub sparsity: SparsityMode,
     /// Fraction of FFN neurons kept, in (0, 1].
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = DEFAULT_KEEP, allow_negative_numbers = true)]
     pub keep: f32,
     /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
     #[arg(long)]
     pub cats_thresholds: Option<PathBuf>,
 }
+
+/// `--keep`'s default (a warning only fires when the user chose another value).
+const DEFAULT_KEEP: f32 = 0.5;
 
 impl SparsityArgs {
     /// Checks the options that need no model.
@@ -33,12 +36,21 @@ impl SparsityArgs {
                     "--cats-thresholds needs --sparsity cats".into(),
                 ));
             }
-            if !path.is_file() {
+            if !path.exists() {
                 return Err(Error::InvalidArgument(format!(
                     "--cats-thresholds {}: no such file",
                     path.display()
                 )));
             }
+            if !path.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "--cats-thresholds {}: not a file",
+                    path.display()
+                )));
+            }
+        }
+        if self.sparsity == SparsityMode::None && self.keep != DEFAULT_KEEP {
+            tracing::warn!("--keep {} has no effect without --sparsity griffin|cats", self.keep);
         }
         Ok(())
     }
@@ -51,6 +63,13 @@ impl SparsityArgs {
             .as_deref()
             .map(|p| CatsThresholds::load(p, &model.config))
             .transpose()?;
+        if let Some(t) = thresholds.as_ref().filter(|t| t.keep != self.keep && self.keep != DEFAULT_KEEP) {
+            tracing::warn!(
+                "--keep {} ignored: the thresholds were calibrated for keep {}; what they keep is reported per layer",
+                self.keep,
+                t.keep
+            );
+        }
         Sparsity::new(model, self.sparsity, self.keep, thresholds)
     }
 }

@@ -30,6 +30,11 @@ impl Windows {
     /// before a prompt (`lead`, e.g. BOS).
     pub fn validate(&self, lead: usize, context: usize) -> Result<()> {
         let Windows { window, prefix } = *self;
+        if window < 3 {
+            return Err(Error::InvalidArgument(format!(
+                "--window {window} is too short: a window needs a prompt token, a scored token and its target"
+            )));
+        }
         if prefix == 0 {
             return Err(Error::InvalidArgument(
                 "--prefix must be at least 1 (the dense prompt of each window)".into(),

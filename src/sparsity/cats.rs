@@ -42,6 +42,25 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
+    /// "field: file value vs model value" for every field that differs.
+    pub fn differences(&self, model: &ModelShape) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.architecture != model.architecture {
+            out.push(format!("architecture {} vs {}", self.architecture, model.architecture));
+        }
+        for (name, a, b) in [
+            ("hidden_size", self.hidden_size, model.hidden_size),
+            ("intermediate_size", self.intermediate_size, model.intermediate_size),
+            ("num_layers", self.num_layers, model.num_layers),
+            ("vocab_size", self.vocab_size, model.vocab_size),
+        ] {
+            if a != b {
+                out.push(format!("{name} {a} in the file vs {b} in the model"));
+            }
+        }
+        out
+    }
+
     pub fn of(c: &ModelConfig) -> Self {
         ModelShape {
             architecture: format!("{:?}", c.architecture),
@@ -80,26 +99,25 @@ impl CatsThresholds {
             source: e,
         })?;
         let expected = ModelShape::of(config);
-        if t.model != expected {
+        let differences = t.model.differences(&expected);
+        if !differences.is_empty() {
             return Err(Error::config(
                 path,
                 format!(
-                    "thresholds were calibrated for another model ({:?}), this one is {:?}; run `sirius-offload calibrate` for it",
-                    t.model, expected
+                    "thresholds were calibrated for another model ({}); run `sirius-offload calibrate` for this one",
+                    differences.join(", ")
                 ),
             ));
         }
-        if t.thresholds.len() != config.num_layers
-            || t.thresholds.iter().any(|v| !v.is_finite() || *v < 0.0)
-        {
+        crate::sparsity::validate_keep(t.keep).map_err(|_| Error::config(path, format!("`keep` must be in (0, 1], found {}", t.keep)))?;
+        if t.thresholds.len() != config.num_layers {
             return Err(Error::config(
                 path,
-                format!(
-                    "needs {} finite, non-negative thresholds (one per layer), found {:?}",
-                    config.num_layers,
-                    t.thresholds.len()
-                ),
+                format!("needs one threshold per layer ({}), found {}", config.num_layers, t.thresholds.len()),
             ));
+        }
+        if let Some((layer, v)) = t.thresholds.iter().enumerate().find(|(_, v)| !v.is_finite() || **v < 0.0) {
+            return Err(Error::config(path, format!("threshold of layer {layer} is {v}: thresholds must be finite and non-negative")));
         }
         Ok(t)
     }

@@ -28,9 +28,10 @@ pub use cats::{CatsRule, CatsThresholds};
 pub use griffin::{GriffinFfn, GriffinScores, GriffinSelection};
 
 /// Which sparse FFN the decode steps use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SparsityMode {
+    #[value(alias = "dense")]
     None,
     Griffin,
     Cats,
