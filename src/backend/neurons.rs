@@ -80,7 +80,9 @@ impl NeuronLists {
 
 /// How [`super::Backend::bundle_ffn`] computes each neuron's activation.
 pub enum BundleSelection<'a, Buf> {
-    /// Every bundle of the matrix (a Griffin compact FFN, or the dense FFN in bundle form):
+    /// Every bundle of a gate|up|down matrix (the dense FFN in bundle form; Griffin now
+    /// gathers its neurons into checkpoint-layout matrices instead, this stays for running a
+    /// resident bundle subset directly, as offloading will):
     /// `act = silu(gate_i . x + gate_bias_i) * (up_i . x + up_bias_i)`. Bias vectors are
     /// indexed like the bundle rows.
     All {

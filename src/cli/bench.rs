@@ -152,7 +152,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                     &mut cache,
                     &mut scratch,
                     Logits::Last,
-                    &mut request.decode_ffn(),
+                    &mut request.decode_ffn()?,
                 )?;
                 request.count_decode(1);
             }

@@ -50,7 +50,10 @@ impl SparsityArgs {
             }
         }
         if self.sparsity == SparsityMode::None && self.keep != DEFAULT_KEEP {
-            tracing::warn!("--keep {} has no effect without --sparsity griffin|cats", self.keep);
+            tracing::warn!(
+                "--keep {} has no effect without --sparsity griffin|cats",
+                self.keep
+            );
         }
         Ok(())
     }
@@ -63,7 +66,10 @@ impl SparsityArgs {
             .as_deref()
             .map(|p| CatsThresholds::load(p, &model.config))
             .transpose()?;
-        if let Some(t) = thresholds.as_ref().filter(|t| t.keep != self.keep && self.keep != DEFAULT_KEEP) {
+        if let Some(t) = thresholds
+            .as_ref()
+            .filter(|t| t.keep != self.keep && self.keep != DEFAULT_KEEP)
+        {
             tracing::warn!(
                 "--keep {} ignored: the thresholds were calibrated for keep {}; what they keep is reported per layer",
                 self.keep,

@@ -184,7 +184,7 @@ pub fn generate<B: Backend>(
             &mut cache,
             &mut scratch,
             Logits::Last,
-            &mut sparse.decode_ffn(),
+            &mut sparse.decode_ffn()?,
         )?;
         sparse.count_decode(1);
         decode_seconds += t.elapsed().as_secs_f64();

@@ -40,7 +40,7 @@ impl Windows {
                 "--prefix must be at least 1 (the dense prompt of each window)".into(),
             ));
         }
-        if prefix + 2 > window {
+        if prefix > window - 2 {
             return Err(Error::InvalidArgument(format!(
                 "--prefix {prefix} must be at most --window {window} minus 2, so that the sparse model scores tokens"
             )));
@@ -137,7 +137,7 @@ pub fn perplexity<B: Backend>(
             &mut cache,
             &mut scratch,
             Logits::All,
-            &mut req.decode_ffn(),
+            &mut req.decode_ffn()?,
         )?;
         req.count_decode(sparse_len);
         for (row, &target) in logits

@@ -46,11 +46,18 @@ impl ModelShape {
     pub fn differences(&self, model: &ModelShape) -> Vec<String> {
         let mut out = Vec::new();
         if self.architecture != model.architecture {
-            out.push(format!("architecture {} vs {}", self.architecture, model.architecture));
+            out.push(format!(
+                "architecture {} vs {}",
+                self.architecture, model.architecture
+            ));
         }
         for (name, a, b) in [
             ("hidden_size", self.hidden_size, model.hidden_size),
-            ("intermediate_size", self.intermediate_size, model.intermediate_size),
+            (
+                "intermediate_size",
+                self.intermediate_size,
+                model.intermediate_size,
+            ),
             ("num_layers", self.num_layers, model.num_layers),
             ("vocab_size", self.vocab_size, model.vocab_size),
         ] {
@@ -109,15 +116,31 @@ impl CatsThresholds {
                 ),
             ));
         }
-        crate::sparsity::validate_keep(t.keep).map_err(|_| Error::config(path, format!("`keep` must be in (0, 1], found {}", t.keep)))?;
+        crate::sparsity::validate_keep(t.keep).map_err(|_| {
+            Error::config(path, format!("`keep` must be in (0, 1], found {}", t.keep))
+        })?;
         if t.thresholds.len() != config.num_layers {
             return Err(Error::config(
                 path,
-                format!("needs one threshold per layer ({}), found {}", config.num_layers, t.thresholds.len()),
+                format!(
+                    "needs one threshold per layer ({}), found {}",
+                    config.num_layers,
+                    t.thresholds.len()
+                ),
             ));
         }
-        if let Some((layer, v)) = t.thresholds.iter().enumerate().find(|(_, v)| !v.is_finite() || **v < 0.0) {
-            return Err(Error::config(path, format!("threshold of layer {layer} is {v}: thresholds must be finite and non-negative")));
+        if let Some((layer, v)) = t
+            .thresholds
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite() || **v < 0.0)
+        {
+            return Err(Error::config(
+                path,
+                format!(
+                    "threshold of layer {layer} is {v}: thresholds must be finite and non-negative"
+                ),
+            ));
         }
         Ok(t)
     }

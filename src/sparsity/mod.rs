@@ -239,16 +239,20 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
         Ok(())
     }
 
-    /// The FFN of decode steps.
-    pub fn decode_ffn(&mut self) -> Ffn<'_, B> {
+    /// The FFN of decode steps. Griffin needs `finish_prefill` first (running dense
+    /// instead would silently report a sparse run).
+    pub fn decode_ffn(&mut self) -> Result<Ffn<'_, B>> {
         match (self.sparsity, &self.griffin) {
-            (Sparsity::Griffin { .. }, Some(g)) => Ffn::Griffin(g),
-            (Sparsity::Cats { bundles, rule, .. }, _) => Ffn::Cats {
+            (Sparsity::Griffin { .. }, Some(g)) => Ok(Ffn::Griffin(g)),
+            (Sparsity::Griffin { .. }, None) => Err(Error::InvalidArgument(
+                "Griffin decodes only after the prompt chose its neurons (finish_prefill)".into(),
+            )),
+            (Sparsity::Cats { bundles, rule, .. }, _) => Ok(Ffn::Cats {
                 bundles,
                 rule,
                 counter: &mut self.counter,
-            },
-            _ => Ffn::Dense,
+            }),
+            (Sparsity::None, _) => Ok(Ffn::Dense),
         }
     }
 
@@ -263,10 +267,6 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
                 }
             }
         }
-    }
-
-    pub fn griffin(&self) -> Option<&GriffinFfn<B>> {
-        self.griffin.as_ref()
     }
 
     /// What the request's sparse steps read.
@@ -288,7 +288,8 @@ pub struct SparsityReport {
     /// Parameters read per sparse token / all parameters (SIRIUS.md: embedding and head
     /// included, the embedding counted whole as the paper does). 1.0 for dense.
     pub density: f64,
-    /// Mean fraction of FFN neurons kept per layer over the sparse tokens (empty for dense).
+    /// Mean fraction of FFN neurons kept per layer over the sparse tokens (empty for dense;
+    /// the nominal `kept_neurons(keep, d_ff) / d_ff` when no token ran sparse yet).
     pub kept_per_layer: Vec<f64>,
     /// Tokens that ran the sparse FFN.
     pub sparse_tokens: u64,
@@ -296,10 +297,13 @@ pub struct SparsityReport {
 
 impl SparsityReport {
     pub fn new(mode: SparsityMode, keep: f32, counter: &NeuronCounter, c: &ModelConfig) -> Self {
+        let f = c.intermediate_size;
         let kept = if mode == SparsityMode::None {
             Vec::new()
+        } else if counter.tokens == 0 {
+            vec![kept_neurons(keep, f) as f64 / f.max(1) as f64; c.num_layers]
         } else {
-            counter.kept_fraction(c.intermediate_size)
+            counter.kept_fraction(f)
         };
         let density = density(mode, &kept, c);
         SparsityReport {
@@ -363,6 +367,29 @@ mod tests {
         assert_eq!(density(SparsityMode::None, &[], &c), 1.0);
         // keep 1.0 reads everything.
         assert!((density(SparsityMode::Griffin, &[1.0; 30], &c) - 1.0).abs() < 1e-15);
+    }
+
+    /// SIRIUS.md's figures: Llama-3-8B at 50% FFN sparsity, Griffin 0.649, CATS 0.766.
+    #[test]
+    fn llama3_8b_density_matches_the_paper() {
+        let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "vocab_size": 128256,
+            "tie_word_embeddings": false}"#;
+        let c =
+            ModelConfig::from_json(json, std::path::Path::new("llama3-8b/config.json")).unwrap();
+        let half = vec![0.5; 32];
+        let griffin = density(SparsityMode::Griffin, &half, &c);
+        let cats = density(SparsityMode::Cats, &half, &c);
+        assert!((griffin - 0.649).abs() < 5e-4, "griffin {griffin}");
+        assert!((cats - 0.766).abs() < 5e-4, "cats {cats}");
+        // Nothing ran sparse yet: the nominal density, not "every neuron skipped".
+        let report = SparsityReport::new(SparsityMode::Griffin, 0.5, &NeuronCounter::new(32), &c);
+        assert!(
+            (report.density - griffin).abs() < 1e-12,
+            "{}",
+            report.density
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! AVX-512 CATS kernel for bf16 bundles: the up dot products and down accumulation of one
 //! token's kept neurons in one pass, with no per-neuron calls or checks.
 //!
-//! Four neurons a quarter of the list apart are computed together (four ascending streams
-//! through memory); the up row and down column of a neuron are adjacent in its bundle, so
+//! Eight neurons an eighth of the list apart are computed together, in two groups of four
+//! (eight ascending streams through memory); the up row and down column of a neuron are adjacent in its bundle, so
 //! each neuron is one contiguous 2h-element read, prefetched into L2 a few neurons ahead
 //! (kept neurons are scattered, and the hardware prefetchers stop at each jump).
 

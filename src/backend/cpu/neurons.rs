@@ -1,12 +1,13 @@
-//! Neuron-level kernels of contextual sparsity: the FFN over neuron bundles (dense over a
-//! compact Griffin selection, or per token over CATS survivors), Griffin's neuron scores and
-//! CATS's per-token selection.
+//! Neuron-level kernels of contextual sparsity: the FFN over neuron bundles (per token over
+//! CATS survivors, or over every bundle of a resident subset), Griffin's neuron scores and
+//! gather into a compact FFN, and CATS's per-token selection.
 //!
-//! A bundle is one row of a `[neurons, 3h]` matrix: gate row, up row, down column. Reading a
-//! neuron is reading 3h contiguous elements, so a selection costs exactly its bytes. The FFN
-//! works in blocks of [`BLOCK`] neurons: gate and up dot products for the block (4 interleaved
-//! row streams, as the dense matvec), then the block's down columns accumulated into the
-//! output while they are still in L1/L2. Each task owns a slice of the neurons and a private
+//! A bundle is one row of a `[neurons, parts * h]` matrix: (gate row,) up row, down column.
+//! Reading a neuron is reading its bundle's contiguous elements, so a selection costs exactly
+//! its bytes. Over every bundle (`Activation::All`) the FFN works in blocks of [`BLOCK`]
+//! neurons: gate and up dot products for the block, then the block's down columns accumulated
+//! into the output while they are still in L1/L2. CATS runs the fused AVX-512 kernel
+//! (`avx512_neurons`) where it exists. Each task owns a slice of the neurons and a private
 //! partial output; the partials are summed at the end.
 
 use super::kernels::Kernels;
