@@ -179,6 +179,28 @@ pub fn interleave(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::CpuBackend;
+
+    #[test]
+    fn byte_runs_merge_adjacent_neurons_and_refuse_bad_ids() {
+        let b: NeuronBundles<CpuBackend> = NeuronBundles {
+            layers: Vec::new(),
+            layout: BundleLayout::GateUpDown,
+            hidden: 4,
+            neurons: 10,
+            dtype: DType::BF16,
+            build_seconds: 0.0,
+        };
+        let bb = 3 * 4 * 2;
+        assert_eq!(
+            b.byte_runs(&[1, 2, 3, 7, 9]).unwrap(),
+            vec![bb..4 * bb, 7 * bb..8 * bb, 9 * bb..10 * bb]
+        );
+        assert!(b.byte_runs(&[]).unwrap().is_empty());
+        assert!(b.byte_runs(&[3, 2]).is_err(), "descending ids");
+        assert!(b.byte_runs(&[2, 2]).is_err(), "repeated id");
+        assert!(b.byte_runs(&[10]).is_err(), "id past the last neuron");
+    }
 
     #[test]
     fn bundles_hold_gate_up_rows_and_down_columns() {
