@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod progress;
+pub mod sirius;
 pub mod sparsity;
 
 pub use error::{Error, Result};

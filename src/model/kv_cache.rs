@@ -39,6 +39,11 @@ impl<B: Backend> KvCache<B> {
         self.capacity
     }
 
+    /// Layer `li`'s key and value buffers (`[capacity, kv_dim]`; rows past `len()` are stale).
+    pub fn layer(&self, li: usize) -> Option<(&B::Buf, &B::Buf)> {
+        Some((self.keys.get(li)?, self.values.get(li)?))
+    }
+
     /// Forgets every position from `len` on (rollback); the rows are overwritten later.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);

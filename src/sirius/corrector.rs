@@ -1,0 +1,178 @@
+//! The chain corrector, written against a narrow model interface ([`SiriusModel`]) so it can
+//! be tested with a scripted fake and reused by every backend.
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::model::sampler::argmax;
+
+/// What the corrector needs from a model: one KV cache shared by a sparse (draft) and a full
+/// (verify) forward, and rollback.
+pub trait SiriusModel {
+    /// Tokens in the cache.
+    fn cache_len(&self) -> usize;
+    /// Room left in the cache.
+    fn cache_room(&self) -> usize;
+    /// Drops cache entries past `len`.
+    fn truncate(&mut self, len: usize) -> Result<()>;
+    /// Sparse model: appends `token` to the cache, returns the next-token logits.
+    fn draft(&mut self, token: u32) -> Result<Vec<f32>>;
+    /// Full model: appends `tokens` to the cache in one pass (writing its own K/V), returns
+    /// the logits after each of them.
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct CorrectorOptions {
+    /// Window (kernel) size K: K - 1 drafted tokens per verification.
+    pub period: usize,
+    /// Acceptance threshold on the full model's probability of a drafted token.
+    pub threshold: f32,
+    /// Temperature of that probability (T = 0.6 in the paper).
+    pub accept_temperature: f32,
+    pub max_tokens: usize,
+}
+
+impl CorrectorOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.period < 1 {
+            return Err(Error::InvalidArgument("--period must be at least 1".into()));
+        }
+        if !self.threshold.is_finite() || self.threshold < 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "--threshold must be finite and >= 0, got {}",
+                self.threshold
+            )));
+        }
+        if !(self.accept_temperature.is_finite() && self.accept_temperature > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--accept-temperature must be positive, got {}",
+                self.accept_temperature
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// AAL and friends (SIRIUS.md, "Metrics").
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CorrectionStats {
+    pub verifications: usize,
+    /// Sum over verifications of the accepted drafts plus the full model's token (n + 1).
+    pub advanced: usize,
+    /// Drafted tokens thrown away by rollbacks.
+    pub rollback_tokens: usize,
+    pub drafted: usize,
+}
+
+impl CorrectionStats {
+    /// Average advance length per verification.
+    pub fn aal(&self) -> f64 {
+        if self.verifications == 0 {
+            0.0
+        } else {
+            self.advanced as f64 / self.verifications as f64
+        }
+    }
+
+    /// ((K - 1) * D_sparse + 1) / AAL.
+    pub fn effective_density(&self, period: usize, sparse_density: f64) -> f64 {
+        let aal = self.aal();
+        if aal == 0.0 {
+            return 1.0;
+        }
+        ((period as f64 - 1.0) * sparse_density + 1.0) / aal
+    }
+}
+
+/// `softmax(z / t)[token]`, computed stably in f64.
+pub fn token_probability(z: &[f32], t: f32, token: u32) -> f64 {
+    let max = z
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let t = t as f64;
+    let sum: f64 = z
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| ((v as f64 - max) / t).exp())
+        .sum();
+    match z.get(token as usize) {
+        Some(&v) if !v.is_nan() => ((v as f64 - max) / t).exp() / sum,
+        _ => 0.0,
+    }
+}
+
+/// Greedy Sirius generation after a prompt already in the model's cache. `first` is the
+/// full model's token after the prompt (x0 of the first window, not yet in the cache).
+/// Returns the produced tokens (`first` included), stopping after `max_tokens`, at the
+/// first stop id (not included) found at a verification boundary, or when the cache is full.
+pub fn correct(
+    model: &mut dyn SiriusModel,
+    first: u32,
+    stop_ids: &[u32],
+    opts: &CorrectorOptions,
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    opts.validate()?;
+    let mut out = Vec::new();
+    let mut stats = CorrectionStats::default();
+    let mut x0 = first;
+    loop {
+        if stop_ids.contains(&x0) || out.len() >= opts.max_tokens {
+            break;
+        }
+        out.push(x0);
+        if out.len() >= opts.max_tokens || model.cache_room() == 0 {
+            break;
+        }
+        // Draft K - 1 tokens after x0 (fewer near the cache end or the token budget).
+        let start = model.cache_len();
+        let budget = opts.max_tokens - out.len();
+        let k = opts.period.min(model.cache_room()).min(budget + 1).max(1);
+        let mut window = vec![x0];
+        for _ in 1..k {
+            let logits = model.draft(*window.last().unwrap_or(&x0))?;
+            window.push(argmax(&logits));
+        }
+        stats.drafted += k - 1;
+        // Verify: the full model rewrites the window's K/V entries.
+        model.truncate(start)?;
+        let z = model.verify(&window)?;
+        if z.len() != window.len() {
+            return Err(Error::InvalidArgument(format!(
+                "verify returned {} rows for {} tokens",
+                z.len(),
+                window.len()
+            )));
+        }
+        stats.verifications += 1;
+        let mut n = 0;
+        while n + 1 < k
+            && token_probability(&z[n], opts.accept_temperature, window[n + 1])
+                >= opts.threshold as f64
+        {
+            n += 1;
+        }
+        // Keep x0, d1..dn; the full model's token after them starts the next window.
+        model.truncate(start + n + 1)?;
+        stats.rollback_tokens += k - 1 - n;
+        stats.advanced += n + 1;
+        let mut stopped = false;
+        for &d in &window[1..=n] {
+            if stop_ids.contains(&d) || out.len() >= opts.max_tokens {
+                stopped = true;
+                break;
+            }
+            out.push(d);
+        }
+        if stopped {
+            break;
+        }
+        x0 = argmax(&z[n]);
+    }
+    Ok((out, stats))
+}

@@ -1,0 +1,104 @@
+//! [`SiriusModel`] over the one `Llama` forward: drafting runs the request's sparse FFN,
+//! verification the dense one, both on the same KV cache.
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::model::llama::Ffn;
+use crate::model::sampler::argmax;
+use crate::model::{KvCache, Llama, Logits, Scratch};
+use crate::sirius::corrector::SiriusModel;
+use crate::sparsity::{SparseRequest, Sparsity};
+
+pub struct LlamaSirius<'m, B: Backend> {
+    model: &'m Llama<B>,
+    request: SparseRequest<'m, B>,
+    pub cache: KvCache<B>,
+    draft_scratch: Scratch<B>,
+    verify_scratch: Scratch<B>,
+}
+
+impl<'m, B: Backend> LlamaSirius<'m, B> {
+    /// A request with room for `capacity` cache entries and verification windows of `period`.
+    pub fn new(
+        model: &'m Llama<B>,
+        sparsity: &'m Sparsity<B>,
+        capacity: usize,
+        period: usize,
+    ) -> Result<Self> {
+        Ok(LlamaSirius {
+            model,
+            request: sparsity.request(model)?,
+            cache: model.new_cache(capacity)?,
+            draft_scratch: Scratch::with_logit_rows(model, 1, 1)?,
+            verify_scratch: Scratch::new(model, period.max(1))?,
+        })
+    }
+
+    /// Runs the prompt through the full model (Griffin picks its neurons here) and returns
+    /// the full model's first token.
+    pub fn prefill(&mut self, prompt: &[u32], chunk: usize) -> Result<u32> {
+        let chunk = chunk.max(1);
+        let mut scratch = Scratch::with_logit_rows(self.model, chunk.min(prompt.len().max(1)), 1)?;
+        let mut logits = Vec::new();
+        let pieces: Vec<&[u32]> = prompt.chunks(chunk).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let want = if i + 1 == pieces.len() {
+                Logits::Last
+            } else {
+                Logits::None
+            };
+            logits = self.model.forward_with(
+                piece,
+                &mut self.cache,
+                &mut scratch,
+                want,
+                &mut self.request.prefill_ffn(),
+            )?;
+        }
+        self.request.finish_prefill(self.model)?;
+        Ok(argmax(&logits))
+    }
+
+    pub fn request(&self) -> &SparseRequest<'m, B> {
+        &self.request
+    }
+}
+
+impl<B: Backend> SiriusModel for LlamaSirius<'_, B> {
+    fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn cache_room(&self) -> usize {
+        self.cache.capacity() - self.cache.len()
+    }
+
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len);
+        Ok(())
+    }
+
+    fn draft(&mut self, token: u32) -> Result<Vec<f32>> {
+        let logits = self.model.forward_with(
+            &[token],
+            &mut self.cache,
+            &mut self.draft_scratch,
+            Logits::Last,
+            &mut self.request.decode_ffn()?,
+        )?;
+        self.request.count_decode(1);
+        Ok(logits)
+    }
+
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.model.config.vocab_size;
+        let all = self.model.forward_with(
+            tokens,
+            &mut self.cache,
+            &mut self.verify_scratch,
+            Logits::All,
+            &mut Ffn::Dense,
+        )?;
+        Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
