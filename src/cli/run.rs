@@ -11,7 +11,7 @@ use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
 use crate::config::generation::stop_token_ids;
-use crate::engine::{generate, GenerateOptions, GenerationOutput};
+use crate::engine::{generate, generate_sirius, GenerateOptions, GenerationOutput, SiriusOptions};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{Llama, SamplingParams, Tokenizer};
@@ -79,6 +79,32 @@ pub struct RunArgs {
     /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
     #[arg(long)]
     pub cats_thresholds: Option<PathBuf>,
+    /// Sirius correction: the sparse model drafts, the full model verifies every --period
+    /// tokens in one pass and corrects the first unlikely token (greedy: needs --temperature 0).
+    #[arg(long)]
+    pub sirius: bool,
+    /// Sirius window K: K - 1 drafted tokens per verification.
+    #[arg(long, default_value_t = 16, requires = "sirius")]
+    pub period: usize,
+    /// Sirius acceptance threshold on the full model's probability of a drafted token.
+    #[arg(
+        long,
+        default_value_t = 0.1,
+        requires = "sirius",
+        allow_negative_numbers = true
+    )]
+    pub threshold: f32,
+    /// Temperature of that probability.
+    #[arg(
+        long,
+        default_value_t = 0.6,
+        requires = "sirius",
+        allow_negative_numbers = true
+    )]
+    pub accept_temperature: f32,
+    /// Sirius tree width (only 1, the chain, so far).
+    #[arg(long, default_value_t = 1, requires = "sirius")]
+    pub width: usize,
     /// Write run statistics as one JSON object to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -123,6 +149,31 @@ pub fn run(args: &RunArgs) -> Result<()> {
         cats_thresholds: args.cats_thresholds.clone(),
     };
     sparsity_args.validate()?;
+    let sirius = SiriusOptions {
+        period: args.period,
+        threshold: args.threshold,
+        accept_temperature: args.accept_temperature,
+    };
+    if args.sirius {
+        if args.width != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "--width {}: only the chain (--width 1) is implemented so far",
+                args.width
+            )));
+        }
+        crate::sirius::CorrectorOptions {
+            period: args.period,
+            threshold: args.threshold,
+            accept_temperature: args.accept_temperature,
+            max_tokens: args.max_tokens,
+        }
+        .validate()?;
+        if args.temperature != 0.0 {
+            return Err(Error::InvalidArgument(
+                "--sirius decodes greedily (as the paper does): add --temperature 0".into(),
+            ));
+        }
+    }
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument(
             "--stop needs a non-empty text".into(),
@@ -197,27 +248,40 @@ pub fn run(args: &RunArgs) -> Result<()> {
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?opts.stop_token_ids, context = opts.context, seed, "generating");
     let mut stdout = std::io::stdout().lock();
     let mut write_error: Option<std::io::Error> = None;
-    let output = generate(
-        &model,
-        &sparsity,
-        &tokenizer,
-        &prompt_ids,
-        &opts,
-        &mut |piece| {
-            // A reader that went away (`| head`) or a full disk stops generation: no point
-            // computing text nobody receives.
-            match stdout
-                .write_all(piece.as_bytes())
-                .and_then(|()| stdout.flush())
-            {
-                Ok(()) => true,
-                Err(e) => {
-                    write_error = Some(e);
-                    false
-                }
+    let mut write_piece = |piece: &str| {
+        // A reader that went away (`| head`) or a full disk stops generation: no point
+        // computing text nobody receives.
+        match stdout
+            .write_all(piece.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            Ok(()) => true,
+            Err(e) => {
+                write_error = Some(e);
+                false
             }
-        },
-    )?;
+        }
+    };
+    let output = if args.sirius {
+        generate_sirius(
+            &model,
+            &sparsity,
+            &tokenizer,
+            &prompt_ids,
+            &opts,
+            sirius,
+            &mut write_piece,
+        )?
+    } else {
+        generate(
+            &model,
+            &sparsity,
+            &tokenizer,
+            &prompt_ids,
+            &opts,
+            &mut write_piece,
+        )?
+    };
     if let Some(e) = write_error {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(());

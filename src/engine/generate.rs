@@ -65,6 +65,9 @@ pub struct GenerationOutput {
     pub sparse_setup_seconds: f64,
     #[serde(flatten)]
     pub sparsity: SparsityReport,
+    /// Correction statistics of a `--sirius` run.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub sirius: Option<crate::engine::SiriusReport>,
 }
 
 /// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete;
@@ -211,6 +214,7 @@ pub fn generate<B: Backend>(
         decode_tokens_per_s: rate(decode_steps, decode_seconds),
         sparse_setup_seconds,
         sparsity: sparse.report(&model.config),
+        sirius: None,
     })
 }
 

@@ -3,6 +3,8 @@
 
 pub mod generate;
 pub mod perplexity;
+pub mod sirius_generate;
 pub mod stop;
 
 pub use generate::{generate, GenerateOptions, GenerationOutput, StopReason};
+pub use sirius_generate::{generate_sirius, SiriusOptions, SiriusReport};

@@ -1,6 +1,8 @@
 //! The chain corrector, written against a narrow model interface ([`SiriusModel`]) so it can
 //! be tested with a scripted fake and reused by every backend.
 
+use std::time::Instant;
+
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -63,6 +65,9 @@ pub struct CorrectionStats {
     /// Drafted tokens thrown away by rollbacks.
     pub rollback_tokens: usize,
     pub drafted: usize,
+    /// Seconds in sparse draft steps and in full verification passes.
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
 }
 
 impl CorrectionStats {
@@ -117,6 +122,18 @@ pub fn correct(
     stop_ids: &[u32],
     opts: &CorrectorOptions,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
+    correct_streaming(model, first, stop_ids, opts, &mut |_| true)
+}
+
+/// [`correct`] that hands each verification boundary's new tokens to `on_tokens` (which
+/// returns false to stop there: a stop string, a consumer gone away).
+pub fn correct_streaming(
+    model: &mut dyn SiriusModel,
+    first: u32,
+    stop_ids: &[u32],
+    opts: &CorrectorOptions,
+    on_tokens: &mut dyn FnMut(&[u32]) -> bool,
+) -> Result<(Vec<u32>, CorrectionStats)> {
     opts.validate()?;
     let mut out = Vec::new();
     let mut stats = CorrectionStats::default();
@@ -126,7 +143,7 @@ pub fn correct(
             break;
         }
         out.push(x0);
-        if out.len() >= opts.max_tokens || model.cache_room() == 0 {
+        if !on_tokens(&[x0]) || out.len() >= opts.max_tokens || model.cache_room() == 0 {
             break;
         }
         // Draft K - 1 tokens after x0 (fewer near the cache end or the token budget).
@@ -134,14 +151,18 @@ pub fn correct(
         let budget = opts.max_tokens - out.len();
         let k = opts.period.min(model.cache_room()).min(budget + 1).max(1);
         let mut window = vec![x0];
+        let t = Instant::now();
         for _ in 1..k {
             let logits = model.draft(*window.last().unwrap_or(&x0))?;
             window.push(argmax(&logits));
         }
+        stats.draft_seconds += t.elapsed().as_secs_f64();
         stats.drafted += k - 1;
         // Verify: the full model rewrites the window's K/V entries.
         model.truncate(start)?;
+        let t = Instant::now();
         let z = model.verify(&window)?;
+        stats.verify_seconds += t.elapsed().as_secs_f64();
         if z.len() != window.len() {
             return Err(Error::InvalidArgument(format!(
                 "verify returned {} rows for {} tokens",
@@ -162,6 +183,7 @@ pub fn correct(
         stats.rollback_tokens += k - 1 - n;
         stats.advanced += n + 1;
         let mut stopped = false;
+        let before = out.len();
         for &d in &window[1..=n] {
             if stop_ids.contains(&d) || out.len() >= opts.max_tokens {
                 stopped = true;
@@ -169,7 +191,7 @@ pub fn correct(
             }
             out.push(d);
         }
-        if stopped {
+        if !on_tokens(&out[before..]) || stopped {
             break;
         }
         x0 = argmax(&z[n]);

@@ -1,0 +1,172 @@
+//! Generation with Sirius correction (`run --sirius`): dense prefill, then windows of sparse
+//! drafts verified by the full model (`sirius::correct_streaming`), text streamed at each
+//! verification boundary, where EOS and stop strings take effect.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::Backend;
+use crate::engine::generate::{effective_context, GenerateOptions, GenerationOutput, StopReason};
+use crate::engine::stop::StopMatcher;
+use crate::error::{Error, Result};
+use crate::model::{Llama, TextStream, Tokenizer};
+use crate::sirius::{correct_streaming, CorrectorOptions, LlamaSirius, SiriusModel};
+use crate::sparsity::Sparsity;
+
+/// The corrector's settings (`run --period --threshold --accept-temperature`).
+#[derive(Debug, Clone, Copy)]
+pub struct SiriusOptions {
+    pub period: usize,
+    pub threshold: f32,
+    pub accept_temperature: f32,
+}
+
+/// Correction statistics of a request (SIRIUS.md, "Metrics").
+#[derive(Debug, Clone, Serialize)]
+pub struct SiriusReport {
+    pub period: usize,
+    pub verifications: usize,
+    /// Average advance length per verification (at most `period`).
+    pub aal: f64,
+    /// ((K - 1) * density + 1) / AAL.
+    pub effective_density: f64,
+    pub rollback_tokens: usize,
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+    pub other_seconds: f64,
+}
+
+/// Greedy generation with Sirius correction; the output has `sirius` statistics.
+pub fn generate_sirius<B: Backend>(
+    model: &Llama<B>,
+    sparsity: &Sparsity<B>,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    sirius: SiriusOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerationOutput> {
+    if opts.sampling.temperature != 0.0 {
+        return Err(Error::InvalidArgument(
+            "--sirius decodes greedily (as the paper does): add --temperature 0".into(),
+        ));
+    }
+    let corrector = CorrectorOptions {
+        period: sirius.period,
+        threshold: sirius.threshold,
+        accept_temperature: sirius.accept_temperature,
+        max_tokens: opts.max_tokens,
+    };
+    corrector.validate()?;
+    if prompt_ids.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prompt is empty after tokenization".into(),
+        ));
+    }
+    let context = effective_context(model, opts.context);
+    if prompt_ids.len() > context {
+        return Err(Error::PromptTooLong {
+            prompt_tokens: prompt_ids.len(),
+            context,
+        });
+    }
+    let capacity = context.min(
+        prompt_ids
+            .len()
+            .saturating_add(opts.max_tokens.saturating_sub(1)),
+    );
+    let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period)?;
+    let t0 = Instant::now();
+    let first = m.prefill(prompt_ids, opts.prefill_chunk)?;
+    let prefill_seconds = t0.elapsed().as_secs_f64();
+
+    let mut stream =
+        TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
+    let mut stops = StopMatcher::new(opts.stop_strings.clone());
+    let mut text = String::new();
+    let mut reason: Option<StopReason> = None;
+    let mut failure: Option<Error> = None;
+    let t_decode = Instant::now();
+    let (ids, stats) = correct_streaming(
+        &mut m,
+        first,
+        &opts.stop_token_ids,
+        &corrector,
+        &mut |tokens| {
+            for &t in tokens {
+                match stream.push(t) {
+                    Ok(Some(piece)) => {
+                        let check = stops.feed(&piece);
+                        if !check.emit.is_empty() {
+                            text.push_str(&check.emit);
+                            if !on_text(&check.emit) {
+                                reason = Some(StopReason::Cancelled);
+                                return false;
+                            }
+                        }
+                        if check.stopped {
+                            reason = Some(StopReason::StopString);
+                            return false;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+            }
+            true
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let decode_wall = t_decode.elapsed().as_secs_f64();
+    let stop_reason = reason.unwrap_or(if ids.len() >= opts.max_tokens {
+        StopReason::MaxTokens
+    } else if m.cache_room() == 0 {
+        StopReason::ContextFull
+    } else {
+        StopReason::Eos
+    });
+    if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
+        let mut tail = String::new();
+        if let Some(rest) = stream.finish()? {
+            tail.push_str(&stops.feed(&rest).emit);
+        }
+        tail.push_str(&stops.flush());
+        if !tail.is_empty() {
+            text.push_str(&tail);
+            on_text(&tail);
+        }
+    }
+    let sparse_report = m.request().report(&model.config);
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let report = SiriusReport {
+        period: sirius.period,
+        verifications: stats.verifications,
+        aal: stats.aal(),
+        effective_density: stats.effective_density(sirius.period, sparse_report.density),
+        rollback_tokens: stats.rollback_tokens,
+        draft_seconds: stats.draft_seconds,
+        verify_seconds: stats.verify_seconds,
+        other_seconds: (decode_wall - stats.draft_seconds - stats.verify_seconds).max(0.0),
+    };
+    Ok(GenerationOutput {
+        text,
+        prompt_tokens: prompt_ids.len(),
+        generated_tokens: ids.len(),
+        stop_reason,
+        prefill_seconds,
+        decode_seconds: decode_wall,
+        prefill_tokens_per_s: rate(prompt_ids.len(), prefill_seconds),
+        // The first token came from the prefill, as in plain generation.
+        decode_tokens_per_s: rate(ids.len().saturating_sub(1), decode_wall),
+        generated_token_ids: ids,
+        sparse_setup_seconds: 0.0,
+        sparsity: sparse_report,
+        sirius: Some(report),
+    })
+}

@@ -1,0 +1,129 @@
+//! `run --sirius` on a tiny random model: with keep 1.0 it prints exactly what plain greedy
+//! decoding prints, its stats carry the correction metrics, and bad options are clear errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{write_model, TinySpec};
+
+fn run(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
+    cmd.env_remove("SIRIUS_LOG")
+        .args(args)
+        .output()
+        .expect("the binary starts")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn sirius_with_keep_one_prints_plain_greedy_text_and_reports_aal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 7)
+        .display()
+        .to_string();
+    let base = [
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "w3 w4 w5",
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "-q",
+    ];
+    let plain = run(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let stats = tmp.path().join("s.json");
+    let mut args = base.to_vec();
+    args.extend([
+        "--sirius",
+        "--period",
+        "5",
+        "--sparsity",
+        "griffin",
+        "--keep",
+        "1",
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
+    let sirius = run(&args);
+    assert!(sirius.status.success(), "{}", stderr(&sirius));
+    assert_eq!(
+        sirius.stdout, plain.stdout,
+        "keep 1.0 Sirius must equal full greedy"
+    );
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    for key in [
+        "aal",
+        "period",
+        "verifications",
+        "effective_density",
+        "rollback_tokens",
+        "draft_seconds",
+        "verify_seconds",
+        "other_seconds",
+    ] {
+        assert!(s.get(key).is_some(), "stats lack {key}: {s}");
+    }
+    assert_eq!(s["period"], 5);
+    assert!(s["verifications"].as_u64().unwrap() >= 1);
+    // keep 1.0: every draft is accepted, so each full window advances by K.
+    assert_eq!(s["rollback_tokens"], 0, "{s}");
+}
+
+#[test]
+fn bad_sirius_options_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 7)
+        .display()
+        .to_string();
+    for (extra, needle) in [
+        (
+            vec!["--sirius", "--period", "0", "--temperature", "0"],
+            "--period",
+        ),
+        (
+            vec!["--sirius", "--width", "4", "--temperature", "0"],
+            "--width",
+        ),
+        (
+            vec!["--sirius", "--threshold", "nan", "--temperature", "0"],
+            "--threshold",
+        ),
+        (
+            vec![
+                "--sirius",
+                "--accept-temperature",
+                "0",
+                "--temperature",
+                "0",
+            ],
+            "--accept-temperature",
+        ),
+        (vec!["--sirius", "--temperature", "0.7"], "--temperature 0"),
+    ] {
+        let mut args = vec![
+            "run",
+            "--model",
+            &model,
+            "--prompt",
+            "w3",
+            "--max-tokens",
+            "4",
+        ];
+        args.extend(extra.iter());
+        let o = run(&args);
+        let err = stderr(&o);
+        assert!(
+            !o.status.success() && !err.contains("panicked") && err.contains(needle),
+            "{extra:?}: {err}"
+        );
+    }
+}
