@@ -3,21 +3,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-use common::{write_model, TinySpec};
-
-fn run(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
-    cmd.env_remove("SIRIUS_LOG")
-        .args(args)
-        .output()
-        .expect("the binary starts")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{run_bin as run, stderr_of as stderr, write_model, TinySpec};
 
 #[test]
 fn sirius_with_keep_one_prints_plain_greedy_text_and_reports_aal() {

@@ -4,33 +4,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-use common::{write_model, TinySpec};
-
-fn run(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
-    cmd.env_remove("SIRIUS_LOG");
-    cmd.args(args).output().expect("the binary starts")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needle: &str) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, stderr: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    assert!(
-        err.contains(needle),
-        "stderr should mention {needle:?}: {err}"
-    );
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-}
+use common::{
+    assert_one_line_failure as assert_clean_failure, run_bin as run, stderr_of as stderr,
+    write_model, TinySpec,
+};
 
 fn tiny(root: &Path, spec: &TinySpec) -> String {
     write_model(root, spec, 7).display().to_string()

@@ -327,3 +327,35 @@ pub fn smollm2_dir(what: &str) -> Option<PathBuf> {
         }
     }
 }
+
+/// Runs the `sirius-offload` binary of this build with `args` (SIRIUS_LOG cleared).
+pub fn run_bin(args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
+    cmd.env_remove("SIRIUS_LOG");
+    cmd.args(args).output().expect("the binary starts")
+}
+
+pub fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A non-zero exit whose stderr mentions `needle` and no panic.
+pub fn assert_clean_failure(o: &std::process::Output, needle: &str) {
+    let err = stderr_of(o);
+    assert!(!o.status.success(), "expected failure, stderr: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
+    assert!(
+        err.contains(needle),
+        "stderr should mention {needle:?}: {err}"
+    );
+}
+
+/// [`assert_clean_failure`], and the message is one line.
+pub fn assert_one_line_failure(o: &std::process::Output, needle: &str) {
+    assert_clean_failure(o, needle);
+    let err = stderr_of(o);
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
