@@ -6,10 +6,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::engine::stop::StopMatcher;
-use crate::error::{Error, Result};
-use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, TextStream, Tokenizer};
-use crate::progress::progress_bar;
+use crate::engine::request::{cache_capacity, prefill, TextOutput};
+use crate::error::Result;
+use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, Tokenizer};
 use crate::sparsity::{Sparsity, SparsityReport};
 
 #[derive(Debug, Clone)]
@@ -81,81 +80,30 @@ pub fn generate<B: Backend>(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
-    if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the prompt is empty after tokenization".into(),
-        ));
-    }
-    let context = effective_context(model, opts.context);
-    // The prompt may fill the context: its last logits still give one token.
-    if prompt_ids.len() > context {
-        return Err(Error::PromptTooLong {
-            prompt_tokens: prompt_ids.len(),
-            context,
-        });
-    }
-    // The last generated token is never fed back, so the cache needs max_tokens - 1 more rows.
-    let capacity = context.min(
-        prompt_ids
-            .len()
-            .saturating_add(opts.max_tokens.saturating_sub(1)),
-    );
+    let capacity = cache_capacity(model, prompt_ids, opts)?;
     let mut cache = model.new_cache(capacity)?;
-    let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len());
-    let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
+    let mut scratch = Scratch::with_logit_rows(model, 1, 1)?;
     let mut sampler = Sampler::new(opts.sampling)?;
     let mut sparse = sparsity.request(model)?;
 
-    // Prefill: every chunk but the last needs no logits.
     let t0 = Instant::now();
-    let mut logits = Vec::new();
-    let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
-    // Long prompts take a while on a CPU: show progress (indicatif hides it when stderr is not
-    // a terminal).
-    let bar = (opts.show_progress && chunks.len() > 1)
-        .then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
-    for (i, piece) in chunks.iter().enumerate() {
-        let want = if i + 1 == chunks.len() {
-            Logits::Last
-        } else {
-            Logits::None
-        };
-        logits = model.forward_with(
-            piece,
-            &mut cache,
-            &mut scratch,
-            want,
-            &mut sparse.prefill_ffn(),
-        )?;
-        if let Some(bar) = &bar {
-            bar.inc(piece.len() as u64);
-        }
-    }
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let mut logits = prefill(
+        model,
+        &mut sparse,
+        &mut cache,
+        prompt_ids,
+        opts.prefill_chunk,
+        opts.show_progress,
+    )?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
     let t_sparse = Instant::now();
     sparse.finish_prefill(model)?;
     let sparse_setup_seconds = t_sparse.elapsed().as_secs_f64();
 
-    // A few prompt tokens give the detokenizer the context it needs for the first word's
-    // leading space (SentencePiece-style decoders drop it at the start of a sequence).
-    let mut stream =
-        TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
-    let mut stops = StopMatcher::new(opts.stop_strings.clone());
-    let mut text = String::new();
+    let mut out = TextOutput::new(tokenizer, prompt_ids, &opts.stop_strings, on_text);
     let mut ids = Vec::new();
     let mut decode_seconds = 0.0;
     let mut decode_steps = 0usize;
-    // Returns false when the consumer wants no more text.
-    let mut emit = |piece: &str, text: &mut String| -> bool {
-        if piece.is_empty() {
-            return true;
-        }
-        text.push_str(piece);
-        on_text(piece)
-    };
     let stop_reason = loop {
         if ids.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
@@ -165,15 +113,8 @@ pub fn generate<B: Backend>(
             break StopReason::Eos;
         }
         ids.push(next);
-        if let Some(piece) = stream.push(next)? {
-            let check = stops.feed(&piece);
-            let listening = emit(&check.emit, &mut text);
-            if check.stopped {
-                break StopReason::StopString;
-            }
-            if !listening {
-                break StopReason::Cancelled;
-            }
+        if let Some(reason) = out.push(next)? {
+            break reason;
         }
         if ids.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
@@ -193,14 +134,8 @@ pub fn generate<B: Backend>(
         decode_seconds += t.elapsed().as_secs_f64();
         decode_steps += 1;
     };
-    if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
-        if let Some(rest) = stream.finish()? {
-            let check = stops.feed(&rest);
-            emit(&check.emit, &mut text);
-        }
-        let rest = stops.flush();
-        emit(&rest, &mut text);
-    }
+    out.finish(stop_reason)?;
+    let text = out.text;
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     Ok(GenerationOutput {
         text,

@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod perplexity;
+pub(crate) mod request;
 pub mod sirius_generate;
 pub mod stop;
 

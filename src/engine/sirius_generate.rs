@@ -7,10 +7,10 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::engine::generate::{effective_context, GenerateOptions, GenerationOutput, StopReason};
-use crate::engine::stop::StopMatcher;
+use crate::engine::generate::{GenerateOptions, GenerationOutput, StopReason};
+use crate::engine::request::{cache_capacity, TextOutput};
 use crate::error::{Error, Result};
-use crate::model::{Llama, TextStream, Tokenizer};
+use crate::model::{Llama, Tokenizer};
 use crate::sirius::{correct_streaming, CorrectorOptions, LlamaSirius, SiriusModel};
 use crate::sparsity::Sparsity;
 
@@ -59,32 +59,13 @@ pub fn generate_sirius<B: Backend>(
         max_tokens: opts.max_tokens,
     };
     corrector.validate()?;
-    if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the prompt is empty after tokenization".into(),
-        ));
-    }
-    let context = effective_context(model, opts.context);
-    if prompt_ids.len() > context {
-        return Err(Error::PromptTooLong {
-            prompt_tokens: prompt_ids.len(),
-            context,
-        });
-    }
-    let capacity = context.min(
-        prompt_ids
-            .len()
-            .saturating_add(opts.max_tokens.saturating_sub(1)),
-    );
+    let capacity = cache_capacity(model, prompt_ids, opts)?;
     let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period)?;
     let t0 = Instant::now();
-    let first = m.prefill(prompt_ids, opts.prefill_chunk)?;
+    let first = m.prefill(prompt_ids, opts.prefill_chunk, opts.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
 
-    let mut stream =
-        TextStream::with_context(tokenizer, &prompt_ids[prompt_ids.len().saturating_sub(4)..]);
-    let mut stops = StopMatcher::new(opts.stop_strings.clone());
-    let mut text = String::new();
+    let mut out = TextOutput::new(tokenizer, prompt_ids, &opts.stop_strings, on_text);
     let mut reason: Option<StopReason> = None;
     let mut failure: Option<Error> = None;
     let t_decode = Instant::now();
@@ -95,22 +76,12 @@ pub fn generate_sirius<B: Backend>(
         &corrector,
         &mut |tokens| {
             for &t in tokens {
-                match stream.push(t) {
-                    Ok(Some(piece)) => {
-                        let check = stops.feed(&piece);
-                        if !check.emit.is_empty() {
-                            text.push_str(&check.emit);
-                            if !on_text(&check.emit) {
-                                reason = Some(StopReason::Cancelled);
-                                return false;
-                            }
-                        }
-                        if check.stopped {
-                            reason = Some(StopReason::StopString);
-                            return false;
-                        }
-                    }
+                match out.push(t) {
                     Ok(None) => {}
+                    Ok(Some(r)) => {
+                        reason = Some(r);
+                        return false;
+                    }
                     Err(e) => {
                         failure = Some(e);
                         return false;
@@ -131,17 +102,8 @@ pub fn generate_sirius<B: Backend>(
     } else {
         StopReason::Eos
     });
-    if !matches!(stop_reason, StopReason::StopString | StopReason::Cancelled) {
-        let mut tail = String::new();
-        if let Some(rest) = stream.finish()? {
-            tail.push_str(&stops.feed(&rest).emit);
-        }
-        tail.push_str(&stops.flush());
-        if !tail.is_empty() {
-            text.push_str(&tail);
-            on_text(&tail);
-        }
-    }
+    out.finish(stop_reason)?;
+    let text = out.text;
     let sparse_report = m.request().report(&model.config);
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let report = SiriusReport {

@@ -2,6 +2,7 @@
 //! verification the dense one, both on the same KV cache.
 
 use crate::backend::Backend;
+use crate::engine::request::prefill;
 use crate::error::Result;
 use crate::model::llama::Ffn;
 use crate::model::sampler::argmax;
@@ -36,25 +37,15 @@ impl<'m, B: Backend> LlamaSirius<'m, B> {
 
     /// Runs the prompt through the full model (Griffin picks its neurons here) and returns
     /// the full model's first token.
-    pub fn prefill(&mut self, prompt: &[u32], chunk: usize) -> Result<u32> {
-        let chunk = chunk.max(1);
-        let mut scratch = Scratch::with_logit_rows(self.model, chunk.min(prompt.len().max(1)), 1)?;
-        let mut logits = Vec::new();
-        let pieces: Vec<&[u32]> = prompt.chunks(chunk).collect();
-        for (i, piece) in pieces.iter().enumerate() {
-            let want = if i + 1 == pieces.len() {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            logits = self.model.forward_with(
-                piece,
-                &mut self.cache,
-                &mut scratch,
-                want,
-                &mut self.request.prefill_ffn(),
-            )?;
-        }
+    pub fn prefill(&mut self, prompt: &[u32], chunk: usize, show_progress: bool) -> Result<u32> {
+        let logits = prefill(
+            self.model,
+            &mut self.request,
+            &mut self.cache,
+            prompt,
+            chunk,
+            show_progress,
+        )?;
         self.request.finish_prefill(self.model)?;
         Ok(argmax(&logits))
     }

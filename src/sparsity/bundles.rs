@@ -20,7 +20,7 @@ use crate::progress::progress_bar;
 pub struct LayerBundles<B: Backend> {
     /// `[f, parts * h]`: row i = (gate row i |) up row i | down column i.
     pub matrix: B::Matrix,
-    /// Per-neuron biases (`mlp_bias` models), host copies for gathering.
+    /// Per-neuron biases (`mlp_bias` models, gate|up|down layout), host copies for gathering.
     pub gate_bias: Option<Vec<f32>>,
     pub up_bias: Option<Vec<f32>>,
 }
@@ -63,8 +63,9 @@ impl<B: Backend> NeuronBundles<B> {
             let matrix = model
                 .backend
                 .upload_matrix(bytes, model.dtype, f, layout.parts() * h)?;
+            // Host copies for Griffin's gather; CATS reads the layer's own bias buffers.
             let bias = |name: &str| -> Result<Option<Vec<f32>>> {
-                if !c.mlp_bias {
+                if !c.mlp_bias || layout != BundleLayout::GateUpDown {
                     return Ok(None);
                 }
                 let t = store.get(&format!("{p}.{name}.bias"), &[f])?;

@@ -12,7 +12,7 @@
 
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
-use super::util::{with_scratch_vec, SharedMut};
+use super::util::{with_scratch, with_scratch_vec, SharedMut};
 use crate::backend::neurons::{BundleLayout, NeuronLists, NeuronRule};
 use crate::dtype::DType;
 
@@ -139,6 +139,8 @@ pub fn bundle_ffn(
 
 thread_local! {
     static X_PREP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-task partial outputs of `run_tasks`.
+    static PARTIALS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Neurons a call covers: `ids` if non-empty, else `0..count`.
@@ -207,30 +209,33 @@ fn run_tasks(
         }
     };
     let rows = n_tokens * width;
-    let mut partials = vec![0f32; n_tasks * rows];
-    let shared = SharedMut::new(&mut partials);
-    let work = |task: usize| {
-        // SAFETY: task `task` alone owns its n_tokens partial rows.
-        let mine = unsafe { shared.slice(task * rows, rows) };
-        for t in 0..n_tokens {
-            f(neurons_of(task), t, &mut mine[t * width..(t + 1) * width]);
+    // The calling thread's reusable buffer: this runs for every layer of every decoded token.
+    with_scratch(&PARTIALS, n_tasks * rows, |partials| {
+        partials.fill(0.0);
+        let shared = SharedMut::new(partials);
+        let work = |task: usize| {
+            // SAFETY: task `task` alone owns its n_tokens partial rows.
+            let mine = unsafe { shared.slice(task * rows, rows) };
+            for t in 0..n_tokens {
+                f(neurons_of(task), t, &mut mine[t * width..(t + 1) * width]);
+            }
+        };
+        if n_tasks == 1 {
+            work(0);
+        } else {
+            pool.run(n_tasks, &work);
         }
-    };
-    if n_tasks == 1 {
-        work(0);
-    } else {
-        pool.run(n_tasks, &work);
-    }
-    let (sum, rest) = partials.split_at_mut(rows);
-    for part in rest.chunks_exact(rows) {
-        super::ops::add_inplace(sum, part);
-    }
-    for (o, s) in out.chunks_exact_mut(h).zip(sum.chunks_exact(width)) {
-        match split {
-            Some(blk) => super::kernels::merge_even_odd(o, s, blk),
-            None => o.copy_from_slice(&s[..h]),
+        let (sum, rest) = partials.split_at_mut(rows);
+        for part in rest.chunks_exact(rows) {
+            super::ops::add_inplace(sum, part);
         }
-    }
+        for (o, s) in out.chunks_exact_mut(h).zip(sum.chunks_exact(width)) {
+            match split {
+                Some(blk) => super::kernels::merge_even_odd(o, s, blk),
+                None => o.copy_from_slice(&s[..h]),
+            }
+        }
+    });
 }
 
 /// Every neuron of `neurons`: act = silu(gate . x + gb) * (up . x + ub).
