@@ -86,6 +86,7 @@ fn opts(period: usize, max_tokens: usize) -> CorrectorOptions {
         period,
         threshold: 0.1,
         accept_temperature: 0.6,
+        width: 1,
         max_tokens,
     }
 }
@@ -203,6 +204,7 @@ fn on_a_real_model_sirius_invariants_hold() {
             period: 6,
             threshold,
             accept_temperature: 0.6,
+            width: 1,
             max_tokens: n,
         };
         let (out, stats) = correct(&mut m, first, &[], &o).unwrap();

@@ -102,7 +102,8 @@ pub struct RunArgs {
         allow_negative_numbers = true
     )]
     pub accept_temperature: f32,
-    /// Sirius tree width (only 1, the chain, so far).
+    /// Sirius tree width W: 1 is the chain; W > 1 drafts W beams and verifies them as one
+    /// tree of (K - 1) * W + 1 tokens.
     #[arg(long, default_value_t = 1, requires = "sirius")]
     pub width: usize,
     /// Write run statistics as one JSON object to this file.
@@ -153,18 +154,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         period: args.period,
         threshold: args.threshold,
         accept_temperature: args.accept_temperature,
+        width: args.width,
     };
     if args.sirius {
-        if args.width != 1 {
-            return Err(Error::InvalidArgument(format!(
-                "--width {}: only the chain (--width 1) is implemented so far",
-                args.width
-            )));
-        }
         crate::sirius::CorrectorOptions {
             period: args.period,
             threshold: args.threshold,
             accept_temperature: args.accept_temperature,
+            width: args.width,
             max_tokens: args.max_tokens,
         }
         .validate()?;

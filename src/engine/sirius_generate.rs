@@ -20,6 +20,8 @@ pub struct SiriusOptions {
     pub period: usize,
     pub threshold: f32,
     pub accept_temperature: f32,
+    /// Tree width W: 1 is the chain; W > 1 drafts W beams verified as one tree.
+    pub width: usize,
 }
 
 /// Correction statistics of a request (SIRIUS.md, "Metrics").
@@ -56,9 +58,16 @@ pub fn generate_sirius<B: Backend>(
         period: sirius.period,
         threshold: sirius.threshold,
         accept_temperature: sirius.accept_temperature,
+        width: sirius.width,
         max_tokens: opts.max_tokens,
     };
     corrector.validate()?;
+    if corrector.width > 1 {
+        return Err(Error::InvalidArgument(format!(
+            "--width {}: only the chain (--width 1) is implemented so far",
+            corrector.width
+        )));
+    }
     let capacity = cache_capacity(model, prompt_ids, opts)?;
     let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period)?;
     let t0 = Instant::now();

@@ -24,6 +24,10 @@ pub trait SiriusModel {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
 }
 
+/// Widest tree accepted: the paper tunes W in {1, 2, 4, 6, 8}; wider trees make the
+/// verification pass ((K - 1) * W + 1 tokens) cost more than they gain.
+pub const MAX_WIDTH: usize = 16;
+
 #[derive(Debug, Clone, Copy)]
 pub struct CorrectorOptions {
     /// Window (kernel) size K: K - 1 drafted tokens per verification.
@@ -32,6 +36,8 @@ pub struct CorrectorOptions {
     pub threshold: f32,
     /// Temperature of that probability (T = 0.6 in the paper).
     pub accept_temperature: f32,
+    /// Tree width W (1 = the chain).
+    pub width: usize,
     pub max_tokens: usize,
 }
 
@@ -44,6 +50,12 @@ impl CorrectorOptions {
             return Err(Error::InvalidArgument(format!(
                 "--threshold must be finite and >= 0, got {}",
                 self.threshold
+            )));
+        }
+        if !(1..=MAX_WIDTH).contains(&self.width) {
+            return Err(Error::InvalidArgument(format!(
+                "--width must be between 1 and {MAX_WIDTH}, got {}",
+                self.width
             )));
         }
         if !(self.accept_temperature.is_finite() && self.accept_temperature > 0.0) {
