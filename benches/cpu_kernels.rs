@@ -233,6 +233,7 @@ fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
             hd,
             seq - 1,
             1,
+            None,
             &mut out,
         );
         divan::black_box(&out);

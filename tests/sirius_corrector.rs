@@ -198,7 +198,7 @@ fn on_a_real_model_sirius_invariants_hold() {
     ];
     for (mode, keep, threshold) in cases {
         let sparsity = Sparsity::new(&model, mode, keep, None).unwrap();
-        let mut m = LlamaSirius::new(&model, &sparsity, prompt.len() + n, 6).unwrap();
+        let mut m = LlamaSirius::new(&model, &sparsity, prompt.len() + n, 6, 1).unwrap();
         let first = m.prefill(&prompt, 4, false).unwrap();
         let o = CorrectorOptions {
             period: 6,

@@ -202,6 +202,7 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
                     bundles: &bundles,
                     rule: &rule,
                     counter: &mut counter,
+                    shared: false,
                 };
                 let batched = model
                     .forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn)
@@ -221,6 +222,7 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
                         bundles: &bundles,
                         rule: &rule,
                         counter: &mut counter,
+                        shared: false,
                     };
                     let got = model
                         .forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn)

@@ -9,6 +9,7 @@ use memmap2::Mmap;
 use super::cpu::{self as kernels, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
+    TreeMask,
 };
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -207,6 +208,36 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn rope_at(
+        &self,
+        x: &mut Vec<f32>,
+        num_heads: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()> {
+        table.rotate_at(x, num_heads, positions.iter().copied());
+        Ok(())
+    }
+
+    fn move_rows(
+        &self,
+        buf: &mut Vec<f32>,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        let (s, n) = (src_row * row_len, n_rows * row_len);
+        if dst_row > src_row || s + n > buf.len() {
+            return Err(Error::InvalidArgument(format!(
+                "move of {n_rows} rows of {row_len} from row {src_row} to row {dst_row} in a buffer of {} floats",
+                buf.len()
+            )));
+        }
+        buf.copy_within(s..s + n, dst_row * row_len);
+        Ok(())
+    }
+
     fn copy_rows(
         &self,
         src: &Vec<f32>,
@@ -251,7 +282,46 @@ impl Backend for CpuBackend {
             shape.head_dim,
             start_pos,
             n_tokens,
+            None,
             &mut out[..n_tokens * width],
+        );
+        Ok(())
+    }
+
+    fn tree_attention(
+        &self,
+        q: &Vec<f32>,
+        k_cache: &Vec<f32>,
+        v_cache: &Vec<f32>,
+        shape: AttentionShape,
+        mask: &TreeMask,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let width = shape.num_heads * shape.head_dim;
+        let n = mask.n_tokens();
+        let rows = (mask.prefix() + mask.span()) * shape.num_kv_heads * shape.head_dim;
+        if q.len() < n * width
+            || out.len() < n * width
+            || k_cache.len() < rows
+            || v_cache.len() < rows
+        {
+            return Err(Error::InvalidArgument(format!(
+                "tree attention over {} cache rows for {n} tokens does not fit its buffers",
+                mask.prefix() + mask.span()
+            )));
+        }
+        kernels::attention(
+            &self.pool,
+            &q[..n * width],
+            k_cache,
+            v_cache,
+            shape.num_heads,
+            shape.num_kv_heads,
+            shape.head_dim,
+            mask.first_row(),
+            n,
+            Some(mask),
+            &mut out[..n * width],
         );
         Ok(())
     }
@@ -401,6 +471,18 @@ impl Backend for CpuBackend {
         kept: &mut NeuronLists,
     ) -> Result<()> {
         kernels::select_neurons(&mut act[..n_tokens * width], width, rule, kept);
+        Ok(())
+    }
+
+    fn select_neurons_shared(
+        &self,
+        act: &mut Vec<f32>,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()> {
+        kernels::select_neurons_shared(&mut act[..n_tokens * width], width, rule, kept);
         Ok(())
     }
 

@@ -9,10 +9,12 @@ pub mod cpu;
 mod cpu_backend;
 pub mod neurons;
 pub mod rope;
+mod tree_mask;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;
+pub use tree_mask::TreeMask;
 
 use crate::dtype::DType;
 use crate::error::Result;
@@ -76,6 +78,25 @@ pub trait Backend {
         n_tokens: usize,
         table: &RopeTable,
     ) -> Result<()>;
+    /// Rotates each head of rows 0..positions.len(), row t sitting at `positions[t]` (tree
+    /// nodes: the position is the depth, not the row).
+    fn rope_at(
+        &self,
+        x: &mut Self::Buf,
+        num_heads: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()>;
+    /// Moves `n_rows` rows of `row_len` floats within `buf` from row `src_row` to `dst_row`
+    /// (`dst_row <= src_row`; the ranges may overlap): compacts an accepted tree path.
+    fn move_rows(
+        &self,
+        buf: &mut Self::Buf,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()>;
     /// Copies `n_rows` rows of `row_len` floats from src (starting at row src_row) to dst (at dst_row).
     fn copy_rows(
         &self,
@@ -97,6 +118,17 @@ pub trait Backend {
         shape: AttentionShape,
         start_pos: usize,
         n_tokens: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Attention of the `mask.n_tokens()` rows of q, the last nodes of a token tree (cache
+    /// rows `mask.first_row()..`), each over the cache rows `mask` lets it see.
+    fn tree_attention(
+        &self,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        shape: AttentionShape,
+        mask: &TreeMask,
         out: &mut Self::Buf,
     ) -> Result<()>;
     /// gate[i] = silu(gate[i]) * up[i] for i < len.
@@ -147,6 +179,17 @@ pub trait Backend {
     /// `rule` selects by |act|, zeroes the others in place and lists the kept ones, ascending,
     /// in `kept` (which it overwrites).
     fn select_neurons(
+        &self,
+        act: &mut Self::Buf,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()>;
+    /// CATS over the beams of a tree: one neuron set for all rows t < n_tokens of `act`,
+    /// chosen by `rule` from `sum_t |act[t, j]|` (a threshold applies to the mean over rows);
+    /// zeroes the others in every row and lists the set once per row in `kept`.
+    fn select_neurons_shared(
         &self,
         act: &mut Self::Buf,
         n_tokens: usize,

@@ -68,13 +68,25 @@ impl RopeTable {
     /// Rotates `n_heads` heads of each of `n_rows` rows of `x` in place, row t at position
     /// `start_pos + t`.
     pub fn rotate_rows(&self, x: &mut [f32], n_heads: usize, start_pos: usize, n_rows: usize) {
-        self.ensure_positions(start_pos + n_rows);
+        self.rotate_at(x, n_heads, start_pos..start_pos + n_rows);
+    }
+
+    /// Rotates row `t` of `x` (`n_heads` heads each) to position `positions[t]`.
+    pub fn rotate_at(
+        &self,
+        x: &mut [f32],
+        n_heads: usize,
+        positions: impl Iterator<Item = usize> + Clone,
+    ) {
+        let Some(last) = positions.clone().max() else {
+            return;
+        };
+        self.ensure_positions(last + 1);
         // A poisoned lock only means another thread panicked mid-growth; the data written
         // before is still valid, so keep going with it.
         let table = self.cos_sin.read().unwrap_or_else(|e| e.into_inner());
         let width = n_heads * self.head_dim;
-        for (t, row) in x.chunks_exact_mut(width).take(n_rows).enumerate() {
-            let pos = start_pos + t;
+        for (row, pos) in x.chunks_exact_mut(width).zip(positions) {
             self.rotate_row(
                 row,
                 n_heads,

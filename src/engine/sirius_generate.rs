@@ -28,6 +28,8 @@ pub struct SiriusOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct SiriusReport {
     pub period: usize,
+    /// Tree width W (1 = the chain).
+    pub width: usize,
     pub verifications: usize,
     /// Average advance length per verification (at most `period`).
     pub aal: f64,
@@ -62,14 +64,8 @@ pub fn generate_sirius<B: Backend>(
         max_tokens: opts.max_tokens,
     };
     corrector.validate()?;
-    if corrector.width > 1 {
-        return Err(Error::InvalidArgument(format!(
-            "--width {}: only the chain (--width 1) is implemented so far",
-            corrector.width
-        )));
-    }
     let capacity = cache_capacity(model, prompt_ids, opts)?;
-    let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period)?;
+    let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period, sirius.width)?;
     let t0 = Instant::now();
     let first = m.prefill(prompt_ids, opts.prefill_chunk, opts.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
@@ -117,6 +113,7 @@ pub fn generate_sirius<B: Backend>(
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let report = SiriusReport {
         period: sirius.period,
+        width: sirius.width,
         verifications: stats.verifications,
         aal: stats.aal(),
         effective_density: stats.effective_density(sirius.period, sparse_report.density),

@@ -8,6 +8,8 @@ pub struct KvCache<B: Backend> {
     pub(crate) values: Vec<B::Buf>,
     len: usize,
     capacity: usize,
+    /// Floats per row (kv heads * head dim).
+    row_len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -23,6 +25,7 @@ impl<B: Backend> KvCache<B> {
             values,
             len: 0,
             capacity,
+            row_len: kv_dim,
         })
     }
 
@@ -47,6 +50,31 @@ impl<B: Backend> KvCache<B> {
     /// Forgets every position from `len` on (rollback); the rows are overwritten later.
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
+    }
+
+    /// Keeps, of the rows from `start` on, only `rows` (ascending), moved down to
+    /// `start..start + rows.len()` in that order: the accepted path of a token tree becomes
+    /// plain sequence rows again.
+    pub fn keep_rows(&mut self, backend: &B, start: usize, rows: &[usize]) -> Result<()> {
+        let ordered = rows.windows(2).all(|w| w[0] < w[1]);
+        if !ordered
+            || rows.first().is_some_and(|&r| r < start)
+            || rows.last().is_some_and(|&r| r >= self.len)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "cache rows {rows:?} to keep from row {start} must ascend within {start}..{}",
+                self.len
+            )));
+        }
+        for (i, &row) in rows.iter().enumerate() {
+            if row != start + i {
+                for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                    backend.move_rows(buf, row, start + i, 1, self.row_len)?;
+                }
+            }
+        }
+        self.len = start + rows.len();
+        Ok(())
     }
 
     /// Checks that `n` more positions fit.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::backend::{AttentionShape, Backend, BundleSelection, NeuronLists, RopeTable};
+use crate::backend::{AttentionShape, Backend, BundleSelection, NeuronLists, RopeTable, TreeMask};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -69,12 +69,22 @@ pub enum Ffn<'a, B: Backend> {
     DenseRecording(&'a mut dyn GateRecorder),
     /// Griffin: the request's compact FFN of gathered bundles.
     Griffin(&'a GriffinFfn<B>),
-    /// CATS: dense gate, then up/down over the bundles of the neurons `rule` keeps per token.
+    /// CATS: dense gate, then up/down over the bundles of the neurons `rule` keeps per token
+    /// (with `shared`, one set for the whole batch: the beams of a Sirius tree).
     Cats {
         bundles: &'a NeuronBundles<B>,
         rule: &'a CatsRule,
         counter: &'a mut NeuronCounter,
+        shared: bool,
     },
+}
+
+/// Where the tokens of a batch sit: after the cache, one after another (prompt, decode,
+/// chain windows), or as nodes of a token tree (Sirius with width > 1).
+#[derive(Clone, Copy)]
+enum Layout<'a> {
+    Causal,
+    Tree(&'a TreeMask),
 }
 
 /// Activation buffers for batches of up to `max_tokens` tokens (of which at most
@@ -257,6 +267,42 @@ impl<B: Backend> Llama<B> {
         want: Logits,
         ffn: &mut Ffn<B>,
     ) -> Result<Vec<f32>> {
+        self.forward_layout(tokens, Layout::Causal, cache, scratch, want, ffn)
+    }
+
+    /// Runs the last `mask.n_tokens()` nodes of a token tree (`tokens`, one per node) at cache
+    /// rows `cache.len()..`: each node attends to the prefix and its own ancestors and sits at
+    /// the rotary position of its depth (see [`TreeMask`]).
+    pub fn forward_tree(
+        &self,
+        tokens: &[u32],
+        mask: &TreeMask,
+        cache: &mut KvCache<B>,
+        scratch: &mut Scratch<B>,
+        want: Logits,
+        ffn: &mut Ffn<B>,
+    ) -> Result<Vec<f32>> {
+        if mask.n_tokens() != tokens.len() || mask.first_row() != cache.len() {
+            return Err(Error::InvalidArgument(format!(
+                "tree batch of {} tokens at cache row {} does not match its mask ({} nodes from row {})",
+                tokens.len(),
+                cache.len(),
+                mask.n_tokens(),
+                mask.first_row()
+            )));
+        }
+        self.forward_layout(tokens, Layout::Tree(mask), cache, scratch, want, ffn)
+    }
+
+    fn forward_layout(
+        &self,
+        tokens: &[u32],
+        layout: Layout<'_>,
+        cache: &mut KvCache<B>,
+        scratch: &mut Scratch<B>,
+        want: Logits,
+        ffn: &mut Ffn<B>,
+    ) -> Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 {
             return Ok(Vec::new());
@@ -274,7 +320,7 @@ impl<B: Backend> Llama<B> {
         let start = cache.len();
         b.embed(&self.embed, tokens, &mut s.x)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            self.attention_block(li, layer, cache, s, start, n)?;
+            self.attention_block(li, layer, cache, s, start, n, layout)?;
             self.ffn_block(li, layer, s, n, ffn)?;
         }
         cache.advance(n);
@@ -303,6 +349,7 @@ impl<B: Backend> Llama<B> {
     }
 
     /// x += Wo · attention(rope(Wq·norm(x)), cache ∪ rope(Wk·norm(x)), cache ∪ Wv·norm(x))
+    #[allow(clippy::too_many_arguments)]
     fn attention_block(
         &self,
         li: usize,
@@ -311,6 +358,7 @@ impl<B: Backend> Llama<B> {
         s: &mut Scratch<B>,
         start: usize,
         n: usize,
+        layout: Layout<'_>,
     ) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
@@ -321,8 +369,16 @@ impl<B: Backend> Llama<B> {
         self.add_bias(&mut s.q, &w.q_bias, n)?;
         self.add_bias(&mut s.k, &w.k_bias, n)?;
         self.add_bias(&mut s.v, &w.v_bias, n)?;
-        b.rope(&mut s.q, c.num_heads, start, n, &self.rope)?;
-        b.rope(&mut s.k, c.num_kv_heads, start, n, &self.rope)?;
+        match layout {
+            Layout::Causal => {
+                b.rope(&mut s.q, c.num_heads, start, n, &self.rope)?;
+                b.rope(&mut s.k, c.num_kv_heads, start, n, &self.rope)?;
+            }
+            Layout::Tree(mask) => {
+                b.rope_at(&mut s.q, c.num_heads, mask.positions(), &self.rope)?;
+                b.rope_at(&mut s.k, c.num_kv_heads, mask.positions(), &self.rope)?;
+            }
+        }
         b.copy_rows(&s.k, 0, &mut cache.keys[li], start, n, c.kv_dim())?;
         b.copy_rows(&s.v, 0, &mut cache.values[li], start, n, c.kv_dim())?;
         let shape = AttentionShape {
@@ -330,15 +386,11 @@ impl<B: Backend> Llama<B> {
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        b.attention(
-            &s.q,
-            &cache.keys[li],
-            &cache.values[li],
-            shape,
-            start,
-            n,
-            &mut s.attn,
-        )?;
+        let (keys, values) = (&cache.keys[li], &cache.values[li]);
+        match layout {
+            Layout::Causal => b.attention(&s.q, keys, values, shape, start, n, &mut s.attn)?,
+            Layout::Tree(mask) => b.tree_attention(&s.q, keys, values, shape, mask, &mut s.attn)?,
+        }
         b.matmul(&w.wo, &s.attn, n, &mut s.proj)?;
         self.add_bias(&mut s.proj, &w.o_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
@@ -376,6 +428,7 @@ impl<B: Backend> Llama<B> {
                 bundles,
                 rule,
                 counter,
+                shared,
             } => {
                 let l = bundles
                     .layers
@@ -384,7 +437,11 @@ impl<B: Backend> Llama<B> {
                 b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
                 self.add_bias(&mut s.gate, &w.gate_bias, n)?;
                 b.silu(&mut s.gate, n * f)?;
-                b.select_neurons(&mut s.gate, n, f, rule.for_layer(li), &mut s.kept)?;
+                if *shared {
+                    b.select_neurons_shared(&mut s.gate, n, f, rule.for_layer(li), &mut s.kept)?;
+                } else {
+                    b.select_neurons(&mut s.gate, n, f, rule.for_layer(li), &mut s.kept)?;
+                }
                 counter.add(li, s.kept.total(), n);
                 let sel = BundleSelection::PerToken {
                     coeff: &s.gate,

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::TreeMask;
 use crate::error::{Error, Result};
 use crate::model::sampler::argmax;
 
@@ -22,6 +23,30 @@ pub trait SiriusModel {
     /// Full model: appends `tokens` to the cache in one pass (writing its own K/V), returns
     /// the logits after each of them.
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+
+    // ---- Trees (width > 1); a model without them refuses --width > 1. ----
+
+    /// Sparse model over the last nodes of a token tree (`mask` says where they hang):
+    /// appends them to the cache, returns each one's next-token logits.
+    fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let _ = (tokens, mask);
+        Err(no_trees())
+    }
+    /// Full model over a whole tree in one pass (writing its own K/V).
+    fn verify_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let _ = (tokens, mask);
+        Err(no_trees())
+    }
+    /// Keeps, of the cache rows from `start` on, only `rows` (ascending), compacted to
+    /// `start..`: the accepted path.
+    fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        let _ = (start, rows);
+        Err(no_trees())
+    }
+}
+
+fn no_trees() -> Error {
+    Error::InvalidArgument("this model has no tree drafting: use --width 1".into())
 }
 
 /// Widest tree accepted: the paper tunes W in {1, 2, 4, 6, 8}; wider trees make the
@@ -138,13 +163,45 @@ pub fn correct(
 }
 
 /// [`correct`] that hands each verification boundary's new tokens to `on_tokens` (which
-/// returns false to stop there: a stop string, a consumer gone away).
+/// returns false to stop there: a stop string, a consumer gone away). Width 1 runs the chain,
+/// wider the tree ([`crate::sirius::tree`]).
 pub fn correct_streaming(
     model: &mut dyn SiriusModel,
     first: u32,
     stop_ids: &[u32],
     opts: &CorrectorOptions,
     on_tokens: &mut dyn FnMut(&[u32]) -> bool,
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    let kind = if opts.width == 1 {
+        WindowKind::Chain
+    } else {
+        WindowKind::Tree
+    };
+    run_windows(model, first, stop_ids, opts, on_tokens, kind)
+}
+
+/// How a window is drafted and verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WindowKind {
+    Chain,
+    Tree,
+}
+
+/// What one verification decided: the accepted drafts and the full model's next token.
+pub(crate) struct Verdict {
+    pub accepted: Vec<u32>,
+    pub next: u32,
+}
+
+/// The corrector loop, shared by the chain and the tree: window after window until the
+/// budget, a stop id at a verification boundary, a full cache or `on_tokens` says stop.
+pub(crate) fn run_windows(
+    model: &mut dyn SiriusModel,
+    first: u32,
+    stop_ids: &[u32],
+    opts: &CorrectorOptions,
+    on_tokens: &mut dyn FnMut(&[u32]) -> bool,
+    kind: WindowKind,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
     opts.validate()?;
     let mut out = Vec::new();
@@ -158,45 +215,24 @@ pub fn correct_streaming(
         if !on_tokens(&[x0]) || out.len() >= opts.max_tokens || model.cache_room() == 0 {
             break;
         }
-        // Draft K - 1 tokens after x0 (fewer near the cache end or the token budget).
-        let start = model.cache_len();
+        // K - 1 drafts after x0, fewer near the cache end or the token budget.
         let budget = opts.max_tokens - out.len();
-        let k = opts.period.min(model.cache_room()).min(budget + 1).max(1);
-        let mut window = vec![x0];
-        let t = Instant::now();
-        for _ in 1..k {
-            let logits = model.draft(*window.last().unwrap_or(&x0))?;
-            window.push(argmax(&logits));
-        }
-        stats.draft_seconds += t.elapsed().as_secs_f64();
-        stats.drafted += k - 1;
-        // Verify: the full model rewrites the window's K/V entries.
-        model.truncate(start)?;
-        let t = Instant::now();
-        let z = model.verify(&window)?;
-        stats.verify_seconds += t.elapsed().as_secs_f64();
-        if z.len() != window.len() {
-            return Err(Error::InvalidArgument(format!(
-                "verify returned {} rows for {} tokens",
-                z.len(),
-                window.len()
-            )));
-        }
-        stats.verifications += 1;
-        let mut n = 0;
-        while n + 1 < k
-            && token_probability(&z[n], opts.accept_temperature, window[n + 1])
-                >= opts.threshold as f64
-        {
-            n += 1;
-        }
-        // Keep x0, d1..dn; the full model's token after them starts the next window.
-        model.truncate(start + n + 1)?;
-        stats.rollback_tokens += k - 1 - n;
-        stats.advanced += n + 1;
+        let room = model.cache_room();
+        let fits = match kind {
+            WindowKind::Chain => room,
+            // A tree of K - 1 levels of W nodes under x0.
+            WindowKind::Tree => (room - 1) / opts.width + 1,
+        };
+        let k = opts.period.min(fits).min(budget + 1).max(1);
+        let verdict = match kind {
+            WindowKind::Chain => chain_window(model, x0, k, opts, &mut stats)?,
+            WindowKind::Tree => {
+                crate::sirius::tree::tree_window(model, x0, k, opts, stop_ids, &mut stats)?
+            }
+        };
         let mut stopped = false;
         let before = out.len();
-        for &d in &window[1..=n] {
+        for &d in &verdict.accepted {
             if stop_ids.contains(&d) || out.len() >= opts.max_tokens {
                 stopped = true;
                 break;
@@ -206,7 +242,70 @@ pub fn correct_streaming(
         if !on_tokens(&out[before..]) || stopped {
             break;
         }
-        x0 = argmax(&z[n]);
+        x0 = verdict.next;
     }
     Ok((out, stats))
+}
+
+/// One chain window: K - 1 greedy drafts after x0 (already produced, not yet in the cache),
+/// one full pass over the K tokens that rewrites their K/V, acceptance, rollback.
+fn chain_window(
+    model: &mut dyn SiriusModel,
+    x0: u32,
+    k: usize,
+    opts: &CorrectorOptions,
+    stats: &mut CorrectionStats,
+) -> Result<Verdict> {
+    let start = model.cache_len();
+    let mut window = vec![x0];
+    let t = Instant::now();
+    for _ in 1..k {
+        let logits = model.draft(*window.last().unwrap_or(&x0))?;
+        window.push(argmax(&logits));
+    }
+    stats.draft_seconds += t.elapsed().as_secs_f64();
+    stats.drafted += k - 1;
+    // Verify: the full model rewrites the window's K/V entries.
+    model.truncate(start)?;
+    let t = Instant::now();
+    let z = model.verify(&window)?;
+    stats.verify_seconds += t.elapsed().as_secs_f64();
+    check_rows(&z, window.len())?;
+    stats.verifications += 1;
+    let n = accepted_prefix(&window, |i| &z[i], opts);
+    // Keep x0, d1..dn; the full model's token after them starts the next window.
+    model.truncate(start + n + 1)?;
+    stats.rollback_tokens += k - 1 - n;
+    stats.advanced += n + 1;
+    Ok(Verdict {
+        accepted: window[1..=n].to_vec(),
+        next: argmax(&z[n]),
+    })
+}
+
+/// n: how many drafts of `path` (`path[0]` is x0) the full model accepts in a row, where
+/// `logits(i)` is its prediction after `path[i]`.
+pub(crate) fn accepted_prefix<'z>(
+    path: &[u32],
+    logits: impl Fn(usize) -> &'z [f32],
+    opts: &CorrectorOptions,
+) -> usize {
+    let mut n = 0;
+    while n + 1 < path.len()
+        && token_probability(logits(n), opts.accept_temperature, path[n + 1])
+            >= opts.threshold as f64
+    {
+        n += 1;
+    }
+    n
+}
+
+pub(crate) fn check_rows(z: &[Vec<f32>], tokens: usize) -> Result<()> {
+    if z.len() != tokens {
+        return Err(Error::InvalidArgument(format!(
+            "verify returned {} rows for {tokens} tokens",
+            z.len()
+        )));
+    }
+    Ok(())
 }

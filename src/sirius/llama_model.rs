@@ -1,7 +1,7 @@
 //! [`SiriusModel`] over the one `Llama` forward: drafting runs the request's sparse FFN,
 //! verification the dense one, both on the same KV cache.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, TreeMask};
 use crate::engine::request::prefill;
 use crate::error::Result;
 use crate::model::llama::Ffn;
@@ -19,19 +19,23 @@ pub struct LlamaSirius<'m, B: Backend> {
 }
 
 impl<'m, B: Backend> LlamaSirius<'m, B> {
-    /// A request with room for `capacity` cache entries and verification windows of `period`.
+    /// A request with room for `capacity` cache entries and verification windows of `period`
+    /// tokens per path, `width` paths (a tree of (period - 1) * width + 1 tokens).
     pub fn new(
         model: &'m Llama<B>,
         sparsity: &'m Sparsity<B>,
         capacity: usize,
         period: usize,
+        width: usize,
     ) -> Result<Self> {
+        let width = width.max(1);
+        let window = (period.max(1) - 1) * width + 1;
         Ok(LlamaSirius {
             model,
             request: sparsity.request(model)?,
             cache: model.new_cache(capacity)?,
-            draft_scratch: Scratch::with_logit_rows(model, 1, 1)?,
-            verify_scratch: Scratch::new(model, period.max(1))?,
+            draft_scratch: Scratch::new(model, width)?,
+            verify_scratch: Scratch::new(model, window)?,
         })
     }
 
@@ -91,5 +95,36 @@ impl<B: Backend> SiriusModel for LlamaSirius<'_, B> {
             &mut Ffn::Dense,
         )?;
         Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.model.config.vocab_size;
+        let all = self.model.forward_tree(
+            tokens,
+            mask,
+            &mut self.cache,
+            &mut self.draft_scratch,
+            Logits::All,
+            &mut self.request.batch_ffn(true)?,
+        )?;
+        self.request.count_decode(tokens.len());
+        Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    fn verify_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.model.config.vocab_size;
+        let all = self.model.forward_tree(
+            tokens,
+            mask,
+            &mut self.cache,
+            &mut self.verify_scratch,
+            Logits::All,
+            &mut Ffn::Dense,
+        )?;
+        Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        self.cache.keep_rows(&self.model.backend, start, rows)
     }
 }

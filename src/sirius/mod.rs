@@ -2,12 +2,14 @@
 //! full model verifies each window in one pass, keeps the likely prefix, corrects the first
 //! bad token and rewrites the KV cache.
 //!
-//! Status: the chain corrector (width 1), the model adapter over `Llama` and `run --sirius`
-//! (`engine::sirius_generate`); the tree (width > 1) and the evaluation are later steps of the
-//! corrector issue.
+//! The corrector (`corrector`: the chain, width 1; `tree`: W beams verified as one tree) is
+//! written against the narrow [`SiriusModel`] interface; `llama_model` implements it over the
+//! one `Llama` forward and `engine::sirius_generate` drives it for `run --sirius`.
 
 pub mod corrector;
 pub mod llama_model;
+pub mod tree;
 
 pub use corrector::{correct, correct_streaming, CorrectionStats, CorrectorOptions, SiriusModel};
 pub use llama_model::LlamaSirius;
+pub use tree::correct_tree;

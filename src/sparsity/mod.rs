@@ -242,6 +242,12 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
     /// The FFN of decode steps. Griffin needs `finish_prefill` first (running dense
     /// instead would silently report a sparse run).
     pub fn decode_ffn(&mut self) -> Result<Ffn<'_, B>> {
+        self.batch_ffn(false)
+    }
+
+    /// [`Self::decode_ffn`] for a batch of tree beams: with `shared_cats`, CATS picks one
+    /// neuron set for the whole batch (SIRIUS.md, "Tree").
+    pub fn batch_ffn(&mut self, shared_cats: bool) -> Result<Ffn<'_, B>> {
         match (self.sparsity, &self.griffin) {
             (Sparsity::Griffin { .. }, Some(g)) => Ok(Ffn::Griffin(g)),
             (Sparsity::Griffin { .. }, None) => Err(Error::InvalidArgument(
@@ -251,6 +257,7 @@ impl<'s, B: Backend> SparseRequest<'s, B> {
                 bundles,
                 rule,
                 counter: &mut self.counter,
+                shared: shared_cats,
             }),
             (Sparsity::None, _) => Ok(Ffn::Dense),
         }

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
+use crate::backend::TreeMask;
 
 /// Target number of tasks per thread when splitting positions into chunks.
 const TASKS_PER_THREAD: usize = 4;
@@ -47,8 +48,15 @@ pub(super) fn attention_with(
     head_dim: usize,
     start_pos: usize,
     n_tokens: usize,
+    mask: Option<&TreeMask>,
     out: &mut [f32],
 ) {
+    if let Some(m) = mask {
+        assert!(
+            m.n_tokens() == n_tokens && m.first_row() == start_pos,
+            "attention: the tree mask is for another batch"
+        );
+    }
     assert!(
         n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
         "attention: n_heads must be a multiple of n_kv_heads"
@@ -87,7 +95,8 @@ pub(super) fn attention_with(
     let (k_cache, v_cache) = (&k_cache[..seen * kv_dim], &v_cache[..seen * kv_dim]);
     let units = n_tokens * n_kv_heads;
     let want = TASKS_PER_THREAD * pool.n_threads();
-    let n_chunks = if pool.n_threads() == 1 || units >= want {
+    // Tree batches are verification windows with a task per (token, kv head) already.
+    let n_chunks = if pool.n_threads() == 1 || units >= want || mask.is_some() {
         1
     } else {
         want.div_ceil(units).min(seen / MIN_CHUNK).max(1)
@@ -104,6 +113,10 @@ pub(super) fn attention_with(
             // SAFETY: task (t, g) alone owns the outputs of its heads of token t.
             let o = unsafe { outs.slice(base, d.group * head_dim) };
             let mut sums = [0f32; 1];
+            let rows = Rows {
+                range: 0..len,
+                mask: mask.map(|m| (m, t)),
+            };
             group_chunk(
                 k,
                 &d,
@@ -112,7 +125,7 @@ pub(super) fn attention_with(
                 v_cache,
                 t,
                 g,
-                0..len,
+                rows,
                 o,
                 &mut [],
                 &mut sums,
@@ -137,7 +150,11 @@ pub(super) fn attention_with(
             let l = unsafe { ps.slice(block + q_dim + n_heads + g * d.group, d.group) };
             let p0 = (c * chunk).min(len);
             let p1 = ((c + 1) * chunk).min(len);
-            group_chunk(k, &d, q, k_cache, v_cache, t, g, p0..p1, o, m, l, false);
+            let rows = Rows {
+                range: p0..p1,
+                mask: None,
+            };
+            group_chunk(k, &d, q, k_cache, v_cache, t, g, rows, o, m, l, false);
         });
         pool.run(n_tokens, &|t| {
             // SAFETY: task t alone owns token t's outputs; partials are only read now.
@@ -148,7 +165,13 @@ pub(super) fn attention_with(
     });
 }
 
-/// One task: query heads `g * group..` of token `t` over positions `range`.
+/// The cache rows one task reads, and which of them its token may see (tree batches).
+struct Rows<'a> {
+    range: std::ops::Range<usize>,
+    mask: Option<(&'a TreeMask, usize)>,
+}
+
+/// One task: query heads `g * group..` of token `t` over the cache rows `rows`.
 ///
 /// With `normalize`, `o` receives the finished softmax-weighted values. Otherwise `o` gets the
 /// values weighted by `e^(score - m)` unnormalized, with the chunk's max `m` and sum of weights
@@ -162,12 +185,13 @@ fn group_chunk(
     v_cache: &[f32],
     t: usize,
     g: usize,
-    range: std::ops::Range<usize>,
+    rows: Rows<'_>,
     o: &mut [f32],
     m: &mut [f32],
     l: &mut [f32],
     normalize: bool,
 ) {
+    let range = rows.range;
     let np = range.len();
     if np == 0 {
         o.fill(0.0);
@@ -177,13 +201,31 @@ fn group_chunk(
     }
     let hd = d.head_dim;
     let qg = &q[(t * d.n_heads + g * d.group) * hd..][..d.group * hd];
-    let rows = range.start * d.kv_dim + g * hd..;
+    let cache_rows = range.start * d.kv_dim + g * hd..;
     with_scratch(&SCORES, d.group * np, |s| {
-        k.scores(&k_cache[rows.clone()], d.kv_dim, hd, qg, np, s);
+        k.scores(&k_cache[cache_rows.clone()], d.kv_dim, hd, qg, np, s);
         for (h, sh) in s.chunks_exact_mut(np).enumerate() {
             k.scale(sh, d.scale);
+            let hidden = |i: usize| {
+                rows.mask
+                    .is_some_and(|(m, t)| !m.visible(t, range.start + i))
+            };
+            for (i, v) in sh.iter_mut().enumerate() {
+                if hidden(i) {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
             let max = k.max(sh);
-            let sum = k.exp_sum(sh, max);
+            let mut sum = k.exp_sum(sh, max);
+            if rows.mask.is_some() {
+                // exp() clamps its input, so a hidden row would keep a weight of ~1e-45.
+                for (i, v) in sh.iter_mut().enumerate() {
+                    if hidden(i) {
+                        sum -= *v;
+                        *v = 0.0;
+                    }
+                }
+            }
             if normalize {
                 k.scale(sh, 1.0 / sum);
             } else {
@@ -191,7 +233,7 @@ fn group_chunk(
                 l[h] = sum;
             }
         }
-        k.weighted_sum(&v_cache[rows], d.kv_dim, hd, s, np, o);
+        k.weighted_sum(&v_cache[cache_rows], d.kv_dim, hd, s, np, o);
     });
 }
 
@@ -236,6 +278,7 @@ mod tests {
         hd: usize,
         start: usize,
         n: usize,
+        mask: Option<&TreeMask>,
     ) -> Vec<f64> {
         let mut out = vec![0f64; n * nh * hd];
         let kv_dim = nkv * hd;
@@ -245,6 +288,7 @@ mod tests {
                 let qv = &q[(t * nh + h) * hd..][..hd];
                 let len = start + t + 1;
                 let s: Vec<f64> = (0..len)
+                    .filter(|&p| mask.is_none_or(|m| m.visible(t, p)))
                     .map(|p| {
                         let kr = &kc[p * kv_dim + kvh * hd..][..hd];
                         qv.iter()
@@ -257,7 +301,8 @@ mod tests {
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
                 let z: f64 = e.iter().sum();
-                for (p, ep) in e.iter().enumerate() {
+                let rows = (0..len).filter(|&p| mask.is_none_or(|m| m.visible(t, p)));
+                for (p, ep) in rows.zip(&e) {
                     for d in 0..hd {
                         out[(t * nh + h) * hd + d] += ep / z * vc[p * kv_dim + kvh * hd + d] as f64;
                     }
@@ -300,13 +345,69 @@ mod tests {
                         .collect();
                     let vc = rng.vec(capacity * nkv * hd);
                     let mut out = vec![f32::NAN; n * nh * hd];
-                    attention_with(k, &pool, &q, &kc, &vc, nh, nkv, hd, start, n, &mut out);
-                    let want = reference(&q, &kc, &vc, nh, nkv, hd, start, n);
+                    attention_with(
+                        k, &pool, &q, &kc, &vc, nh, nkv, hd, start, n, None, &mut out,
+                    );
+                    let want = reference(&q, &kc, &vc, nh, nkv, hd, start, n, None);
                     for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
                             "{isa:?} threads={threads} case {:?} i={i}: got {g}, want {w}",
                             (nh, nkv, hd, start, n)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tree_masked_attention_matches_reference() {
+        let mut rng = TestRng::new(21);
+        // Trees after a prefix: a root with 3 beams of depth 3, and a deep narrow one.
+        let beams: Vec<Option<usize>> = std::iter::once(None)
+            .chain((0..9).map(|i| Some(if i < 3 { 0 } else { i - 2 })))
+            .collect();
+        let chainy: Vec<Option<usize>> = std::iter::once(None)
+            .chain((1..70).map(|i| Some(if i % 5 == 0 { i / 2 } else { i - 1 })))
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for isa in Isa::available() {
+                let k = Kernels::new(isa);
+                for (parents, prefix, batch_start, (nh, nkv, hd)) in [
+                    (&beams, 7, 0, (9, 3, 64)),
+                    (&beams, 300, 4, (4, 1, 17)),
+                    (&chainy, 0, 0, (2, 2, 8)),
+                    (&chainy, 40, 60, (8, 2, 80)),
+                ] {
+                    let mask = TreeMask::from_parents(prefix, parents, batch_start).unwrap();
+                    let n = mask.n_tokens();
+                    let rows = prefix + parents.len();
+                    let q: Vec<f32> = rng.vec(n * nh * hd).iter().map(|v| v * 3.0).collect();
+                    let kc: Vec<f32> = rng.vec(rows * nkv * hd).iter().map(|v| v * 3.0).collect();
+                    let vc = rng.vec(rows * nkv * hd);
+                    let mut out = vec![f32::NAN; n * nh * hd];
+                    let start = mask.first_row();
+                    attention_with(
+                        k,
+                        &pool,
+                        &q,
+                        &kc,
+                        &vc,
+                        nh,
+                        nkv,
+                        hd,
+                        start,
+                        n,
+                        Some(&mask),
+                        &mut out,
+                    );
+                    let want = reference(&q, &kc, &vc, nh, nkv, hd, start, n, Some(&mask));
+                    for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                            "{isa:?} threads={threads} prefix {prefix} i={i}: got {g}, want {w}"
                         );
                     }
                 }

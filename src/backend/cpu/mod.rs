@@ -30,6 +30,7 @@ mod util;
 pub use isa::{isa, isa_name, Isa, ISA_ENV};
 pub use pool::ThreadPool;
 
+use crate::backend::TreeMask;
 use crate::dtype::DType;
 use kernels::Kernels;
 
@@ -95,7 +96,10 @@ pub fn bundle_ffn_with_isa(
     neurons::bundle_ffn(Kernels::new(isa), pool, b, x, n_tokens, act, out);
 }
 
-pub use neurons::{accumulate_neuron_scores, gather_ffn, select_neurons, Activation, Bundles};
+pub use neurons::{
+    accumulate_neuron_scores, gather_ffn, select_neurons, select_neurons_shared, Activation,
+    Bundles,
+};
 
 /// `x[i] = silu(x[i])`.
 pub fn silu(x: &mut [f32]) {
@@ -139,7 +143,8 @@ tiered! {
     /// `q`, `out`: `[n_tokens, n_heads * head_dim]`; `k_cache`, `v_cache`:
     /// `[capacity, n_kv_heads * head_dim]` (row = position). Query head `h` uses kv head
     /// `h / (n_heads / n_kv_heads)`; scale `1/sqrt(head_dim)`; query `t` sees positions
-    /// `0..=start_pos + t`. Parallel over (token, head).
+    /// `0..=start_pos + t`, of which a tree `mask` (for this batch) hides the rows of other
+    /// branches. Parallel over (token, head).
     attention, attention_with_isa => attention::attention_with;
     pool: &ThreadPool,
     q: &[f32],
@@ -150,5 +155,6 @@ tiered! {
     head_dim: usize,
     start_pos: usize,
     n_tokens: usize,
+    mask: Option<&TreeMask>,
     out: &mut [f32],
 }

@@ -455,6 +455,51 @@ pub fn select_neurons(act: &mut [f32], width: usize, rule: NeuronRule, kept: &mu
     }
 }
 
+/// CATS over the beams of a tree: one set for every row of `act`, picked by `rule` from the
+/// column sums of |act| (a threshold is compared with the column mean), so the beams of one
+/// draft step read the same up/down bundles.
+pub fn select_neurons_shared(
+    act: &mut [f32],
+    width: usize,
+    rule: NeuronRule,
+    kept: &mut NeuronLists,
+) {
+    kept.clear();
+    if width == 0 {
+        return;
+    }
+    let n = act.len() / width;
+    let mut sums = vec![0f32; width];
+    for row in act.chunks_exact(width) {
+        for (s, v) in sums.iter_mut().zip(row) {
+            *s += nan_to_zero(v.abs());
+        }
+    }
+    let rule = match rule {
+        NeuronRule::Threshold(t) => NeuronRule::Threshold(t * n as f32),
+        top_k => top_k,
+    };
+    let mut chosen = NeuronLists::default();
+    select_neurons(&mut sums, width, rule, &mut chosen);
+    let ids = if chosen.n_tokens() == 1 {
+        chosen.token(0)
+    } else {
+        &[]
+    };
+    let mut keep = vec![false; width];
+    for &i in ids {
+        keep[i as usize] = true;
+    }
+    for row in act.chunks_exact_mut(width) {
+        for (v, &k) in row.iter_mut().zip(&keep) {
+            if !k {
+                *v = 0.0;
+            }
+        }
+        kept.push_token(ids.iter().copied());
+    }
+}
+
 /// NaN magnitudes rank as 0 so a NaN activation is never preferred (and never panics a sort).
 #[inline]
 fn nan_to_zero(m: f32) -> f32 {
