@@ -65,6 +65,55 @@ fn sirius_with_keep_one_prints_plain_greedy_text_and_reports_aal() {
 }
 
 #[test]
+fn a_tree_that_accepts_nothing_prints_plain_greedy_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 7)
+        .display()
+        .to_string();
+    let base = [
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "w3 w4 w5",
+        "--max-tokens",
+        "20",
+        "--temperature",
+        "0",
+        "-q",
+    ];
+    let plain = run(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let stats = tmp.path().join("s.json");
+    let mut args = base.to_vec();
+    args.extend([
+        "--sirius",
+        "--width",
+        "3",
+        "--period",
+        "4",
+        "--threshold",
+        "1.5",
+        "--sparsity",
+        "cats",
+        "--keep",
+        "0.5",
+        "--stats-json",
+        stats.to_str().unwrap(),
+    ]);
+    let tree = run(&args);
+    assert!(tree.status.success(), "{}", stderr(&tree));
+    assert_eq!(tree.stdout, plain.stdout, "nothing accepted: full greedy");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(s["width"], 3, "{s}");
+    assert_eq!(s["aal"], 1.0, "{s}");
+    // Every verification drafted (K - 1) * W nodes and kept none.
+    let v = s["verifications"].as_u64().unwrap();
+    assert!(v >= 5, "{s}");
+}
+
+#[test]
 fn bad_sirius_options_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 7)
@@ -76,7 +125,11 @@ fn bad_sirius_options_are_clear_errors() {
             "--period",
         ),
         (
-            vec!["--sirius", "--width", "4", "--temperature", "0"],
+            vec!["--sirius", "--width", "0", "--temperature", "0"],
+            "--width",
+        ),
+        (
+            vec!["--sirius", "--width", "17", "--temperature", "0"],
             "--width",
         ),
         (

@@ -712,3 +712,47 @@ fn accumulate_neuron_scores_at_extreme_magnitudes() {
         );
     }
 }
+
+/// CATS over tree beams: one set for every row, the top-k of the column sums of |act| (ties:
+/// lower id), or the columns whose mean |act| reaches the threshold.
+#[test]
+fn shared_selection_picks_one_set_from_column_sums() {
+    use sirius_offload::backend::cpu::select_neurons_shared;
+    let mut rng = StdRng::seed_from_u64(77);
+    for (n, width) in [(1, 7), (3, 33), (4, 200), (2, 1)] {
+        let act = uniform(&mut rng, n * width, 2.0);
+        let sums: Vec<f64> = (0..width)
+            .map(|j| (0..n).map(|t| act[t * width + j].abs() as f64).sum())
+            .collect();
+        for rule in [
+            NeuronRule::TopK(width / 2),
+            NeuronRule::TopK(width),
+            NeuronRule::TopK(0),
+            NeuronRule::Threshold(0.5),
+        ] {
+            let mut order: Vec<usize> = (0..width).collect();
+            order.sort_by(|&a, &b| sums[b].total_cmp(&sums[a]).then(a.cmp(&b)));
+            let mut want: Vec<u32> = match rule {
+                NeuronRule::TopK(k) => order[..k.min(width)].iter().map(|&j| j as u32).collect(),
+                NeuronRule::Threshold(t) => (0..width)
+                    .filter(|&j| sums[j] / n as f64 > t as f64 + 1e-6)
+                    .map(|j| j as u32)
+                    .collect(),
+            };
+            want.sort_unstable();
+            let mut got_act = act.clone();
+            let mut kept = NeuronLists::default();
+            kept.push_token([9, 9, 9]); // stale content must go
+            select_neurons_shared(&mut got_act, width, rule, &mut kept);
+            assert_eq!(kept.n_tokens(), n, "{rule:?}");
+            for t in 0..n {
+                assert_eq!(kept.token(t), &want[..], "{rule:?} n {n} width {width} row {t}");
+                for j in 0..width {
+                    let v = got_act[t * width + j];
+                    let expect = if want.contains(&(j as u32)) { act[t * width + j] } else { 0.0 };
+                    assert_eq!(v, expect, "{rule:?} row {t} col {j}");
+                }
+            }
+        }
+    }
+}
