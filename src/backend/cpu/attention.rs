@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 
+use super::attention_window::window_attention;
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
@@ -27,12 +28,12 @@ thread_local! {
 
 /// Shapes shared by every task of one call.
 #[derive(Clone, Copy)]
-struct Dims {
-    n_heads: usize,
-    group: usize,
-    head_dim: usize,
-    kv_dim: usize,
-    scale: f32,
+pub(super) struct Dims {
+    pub n_heads: usize,
+    pub group: usize,
+    pub head_dim: usize,
+    pub kv_dim: usize,
+    pub scale: f32,
 }
 
 /// See [`super::attention()`].
@@ -93,6 +94,13 @@ pub(super) fn attention_with(
         scale: 1.0 / (head_dim as f32).sqrt(),
     };
     let (k_cache, v_cache) = (&k_cache[..seen * kv_dim], &v_cache[..seen * kv_dim]);
+    // Windows read the history once per block of tokens instead of once per token.
+    if n_tokens > 1 {
+        window_attention(
+            k, pool, &d, q, k_cache, v_cache, start_pos, n_tokens, mask, out,
+        );
+        return;
+    }
     let units = n_tokens * n_kv_heads;
     let want = TASKS_PER_THREAD * pool.n_threads();
     // Tree batches are verification windows with a task per (token, kv head) already.
@@ -238,7 +246,7 @@ fn group_chunk(
 }
 
 /// Combines the chunks' partial results of one token into `out` (all heads).
-fn merge(out: &mut [f32], blocks: &[f32], n_heads: usize, head_dim: usize, per: usize) {
+pub(super) fn merge(out: &mut [f32], blocks: &[f32], n_heads: usize, head_dim: usize, per: usize) {
     let q_dim = n_heads * head_dim;
     for h in 0..n_heads {
         let maxes = blocks.chunks_exact(per).map(|b| b[q_dim + h]);
@@ -330,6 +338,11 @@ mod tests {
             (8, 2, 128, 300, 1),
             (2, 1, 16, 250, 6),
             (32, 8, 64, 1000, 1),
+            // Windows over several row chunks and token blocks.
+            (9, 3, 64, 300, 40),
+            (4, 2, 32, 0, 70),
+            (8, 2, 128, 1000, 17),
+            (3, 3, 8, 255, 2),
         ];
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);

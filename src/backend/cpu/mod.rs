@@ -8,6 +8,7 @@
 //! tier (tests, benchmarks) and panic if the machine cannot run it.
 
 mod attention;
+mod attention_window;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
