@@ -746,10 +746,18 @@ fn shared_selection_picks_one_set_from_column_sums() {
             select_neurons_shared(&mut got_act, width, rule, &mut kept);
             assert_eq!(kept.n_tokens(), n, "{rule:?}");
             for t in 0..n {
-                assert_eq!(kept.token(t), &want[..], "{rule:?} n {n} width {width} row {t}");
+                assert_eq!(
+                    kept.token(t),
+                    &want[..],
+                    "{rule:?} n {n} width {width} row {t}"
+                );
                 for j in 0..width {
                     let v = got_act[t * width + j];
-                    let expect = if want.contains(&(j as u32)) { act[t * width + j] } else { 0.0 };
+                    let expect = if want.contains(&(j as u32)) {
+                        act[t * width + j]
+                    } else {
+                        0.0
+                    };
                     assert_eq!(v, expect, "{rule:?} row {t} col {j}");
                 }
             }
