@@ -19,6 +19,11 @@ const DECODE_TASKS_PER_THREAD: usize = 4;
 /// Below this many weight bytes per task a matvec is split no further: waking a thread costs
 /// more than streaming this from L2.
 const DECODE_MIN_TASK_BYTES: usize = 32 << 10;
+/// Row chunks per thread of the streamed multi-token path: fewer than decode's, because each
+/// chunk start costs a ramp-up of its 4 row streams (prefetchers, `PREFETCH_BYTES` in the
+/// tiers) that a 2-16 token pass, busier computing, hides less well. Measured on SmolLM2
+/// shapes, 2 threads, 2-8 tokens: 2 per thread ~5-10% faster than 4, 1 no better than 2.
+const STREAMED_TASKS_PER_THREAD: usize = 2;
 
 /// Tokens per pass of the streamed multi-token path are limited so that their activations
 /// (re-read for every group of 4 weight rows) stay within this many bytes, i.e. in L2.
@@ -183,7 +188,7 @@ fn streamed(m: Operands, y: &mut [f32]) {
         let per_thread = if pool.n_threads() == 1 {
             1
         } else {
-            DECODE_TASKS_PER_THREAD
+            STREAMED_TASKS_PER_THREAD
         };
         let want = (pool.n_threads() * per_thread)
             .div_ceil(n_tb)
