@@ -1,7 +1,8 @@
 //! `sirius-offload eval`: what FFN sparsity costs in quality. One task per invocation, chosen
-//! by its option; today `--perplexity FILE` (see `engine::perplexity` for the definition).
-//! Every task runs one sparsity mode (`--sparsity`) or several over the same data
-//! (`--compare`), so the rows of one table come from one run.
+//! by its option: `--perplexity FILE` (here; see `engine::perplexity` for the definition),
+//! `--data FILE.jsonl` (GSM accuracy, `cli::eval_gsm`) or `--faithfulness FILE`
+//! (`cli::eval_faithfulness`). Every task runs its modes over the same data in one process,
+//! so the rows of one table come from one run.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -11,6 +12,8 @@ use clap::{ArgGroup, Args, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
+use crate::cli::eval_faithfulness::eval_faithfulness;
+use crate::cli::eval_gsm::{eval_data, GenTaskArgs, GEN_ONLY, PPL_ONLY};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::{load_tokenizer, read_text};
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
@@ -21,7 +24,7 @@ use crate::model::Llama;
 use crate::progress::progress_bar;
 use crate::sparsity::{validate_keep, SparsityMode};
 
-/// The long help of `eval`: what the perplexity is, exactly.
+/// The long help of `eval`: what each task measures, exactly.
 pub const EVAL_HELP: &str = "\
 Perplexity (--perplexity FILE): the text is tokenized once (with the BOS a prompt gets, if the
 tokenizer adds one, put at the start of every window) and cut into non-overlapping windows of
@@ -33,12 +36,37 @@ every later token by the sparse pass, so every mode scores exactly the same toke
 perplexity = exp(mean negative log-likelihood over all scored tokens). density = parameters
 read per sparse token / all parameters.
 
+GSM accuracy (--data FILE.jsonl): one {\"question\": ..., \"answer\": ...} object per line, the
+answer a GSM8K solution ending in \"#### N\" (or just the number); tools/gsm-data writes such a
+file. The first --shots items (default 8) are few-shot examples and are not scored; at most
+--max-problems of the rest are. Prompt: each example as \"Question: Q\\nAnswer: A\\n\\n\", then
+\"Question: Q\\nAnswer:\". Each --mode (full, sparse, sirius; comma-separated, default all three
+with --sparsity griffin|cats) answers every problem greedily, at most --max-tokens tokens,
+stopping at EOS, at \"\\nQuestion:\" or once a \"#### N\" line is complete (Sirius: at the
+verification boundary after it). The predicted number is the first one after \"####\", else the
+last number of the text; numbers compare after dropping \"$\" and thousands commas and trailing
+fraction zeros (12.0 = 12). Per mode: accuracy, mean generated tokens, AAL (Sirius), effective
+density (full 1, sparse its density, Sirius ((K-1)*density+1)/AAL) and decode tokens/s
+(tokens after each answer's first / decode seconds).
+
+Faithfulness (--faithfulness FILE): JSONL (when the first non-blank line starts with \"{\") with a
+\"question\" per line (wrapped in the few-shot prompt above, the first --shots items, which need
+an \"answer\", being the examples: a --data file works as is) or a \"prompt\" per line (used as
+is), or else plain text with one prompt per line (used as is; no shots). For each
+prompt the full model, the sparse model and Sirius generate exactly --max-tokens tokens
+greedily, EOS and stop strings ignored; the report gives the common token prefix of sparse vs
+full and of Sirius vs full per prompt, their means, the ratio of the means and Sirius's AAL.
+
 Examples:
   sirius-offload eval -m smollm2-135m --perplexity text.txt --sparsity griffin --keep 0.5
-  sirius-offload eval -m smollm2-135m --perplexity text.txt --compare none,griffin,cats:0.3";
+  sirius-offload eval -m smollm2-135m --perplexity text.txt --compare none,griffin,cats:0.3
+  sirius-offload eval -m smollm2-135m --data \"$(tools/gsm-data)\" --mode full,sparse,sirius \\
+      --sparsity griffin --keep 0.5 --max-problems 20
+  sirius-offload eval -m smollm2-135m --faithfulness \"$(tools/gsm-data)\" --max-problems 20 \\
+      --max-tokens 128 --sparsity griffin --keep 0.5 --period 16 --threshold 0.1";
 
 #[derive(Debug, Clone, Args)]
-#[command(group(ArgGroup::new("task").required(true).args(["perplexity"])))]
+#[command(group(ArgGroup::new("task").required(true).args(["perplexity", "data", "faithfulness"])))]
 pub struct EvalArgs {
     /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
     #[arg(long, short = 'm')]
@@ -47,8 +75,15 @@ pub struct EvalArgs {
     #[arg(long)]
     pub no_fetch: bool,
     /// Perplexity of this UTF-8 text file (see below).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = GEN_ONLY)]
     pub perplexity: Option<PathBuf>,
+    /// GSM accuracy over the problems of this JSONL file (see below; tools/gsm-data).
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = PPL_ONLY)]
+    pub data: Option<PathBuf>,
+    /// Common prefix of sparse and Sirius greedy outputs with the full model's, per prompt of
+    /// this file (see below).
+    #[arg(long, value_name = "FILE", conflicts_with_all = PPL_ONLY, conflicts_with = "mode")]
+    pub faithfulness: Option<PathBuf>,
     /// Tokens per window (prompt and scored tokens together).
     #[arg(long, default_value_t = 256)]
     pub window: usize,
@@ -69,6 +104,8 @@ pub struct EvalArgs {
         value_name = "MODE[:KEEP],..."
     )]
     pub compare: Vec<ModeSpec>,
+    #[command(flatten)]
+    pub gen: GenTaskArgs,
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
@@ -133,6 +170,12 @@ struct PerplexityReport<'a> {
 }
 
 pub fn eval(args: &EvalArgs) -> Result<()> {
+    if let Some(path) = &args.data {
+        return eval_data(args, path);
+    }
+    if let Some(path) = &args.faithfulness {
+        return eval_faithfulness(args, path);
+    }
     let specs = sparsity_specs(args)?;
     check_output_dir("--json", args.json.as_deref())?;
     if args.max_windows == Some(0) {
@@ -142,7 +185,7 @@ pub fn eval(args: &EvalArgs) -> Result<()> {
     }
     let Some(text_path) = &args.perplexity else {
         return Err(Error::InvalidArgument(
-            "give a task: --perplexity FILE".into(),
+            "give a task: --perplexity FILE, --data FILE.jsonl or --faithfulness FILE".into(),
         ));
     };
     // The geometry checks that need no model come before the load.

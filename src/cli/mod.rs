@@ -4,6 +4,8 @@
 pub mod bench;
 pub mod calibrate;
 pub mod eval;
+pub mod eval_faithfulness;
+pub mod eval_gsm;
 pub mod fetch;
 pub mod input;
 pub mod output;

@@ -1,0 +1,159 @@
+//! `eval --faithfulness FILE`: how many tokens the sparse model and Sirius share with the
+//! full model's greedy output, prompt by prompt (`engine::faithfulness`).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::cli::eval::EvalArgs;
+use crate::cli::eval_gsm::{bar, emit, load, sirius_options, Header, DEFAULT_SHOTS};
+use crate::cli::input::read_text;
+use crate::cli::output::check_output_dir;
+use crate::engine::faithfulness::{
+    faithfulness, parse_prompts, FaithfulnessOptions, FaithfulnessReport, PromptKind,
+};
+use crate::engine::gsm::{few_shot_prompt, final_answer, Problem};
+use crate::error::{Error, Result};
+use crate::sparsity::SparsityMode;
+
+#[derive(Serialize)]
+struct FaithOut<'a> {
+    task: &'static str,
+    #[serde(flatten)]
+    header: Header,
+    #[serde(flatten)]
+    report: &'a FaithfulnessReport,
+}
+
+/// `eval --faithfulness FILE`.
+pub fn eval_faithfulness(args: &EvalArgs, path: &Path) -> Result<()> {
+    let g = &args.gen;
+    let sirius = sirius_options(g)?;
+    check_output_dir("--json", args.json.as_deref())?;
+    if args.sparsity.sparsity == SparsityMode::None {
+        return Err(Error::InvalidArgument(
+            "--faithfulness compares the sparse model and Sirius with the full model: add --sparsity griffin|cats (and --keep F)".into(),
+        ));
+    }
+    args.sparsity.validate()?;
+    let source = format!("--faithfulness {}", path.display());
+    let items = parse_prompts(&source, &read_text("--faithfulness", path)?)?;
+    let questions = items[0].kind == PromptKind::Question;
+    let shots = match g.shots {
+        Some(n) if n > 0 && !questions => {
+            return Err(Error::InvalidArgument(format!(
+                "--shots {n}: the prompts of {} are used as they are (\"prompt\" lines or plain text); few-shot examples need \"question\" and \"answer\" lines",
+                path.display()
+            )))
+        }
+        Some(n) => n,
+        None if questions => DEFAULT_SHOTS,
+        None => 0,
+    };
+    if items.len() <= shots {
+        return Err(Error::InvalidArgument(format!(
+            "{source}: {} prompts, none left after --shots {shots}",
+            items.len()
+        )));
+    }
+    let mut examples = Vec::with_capacity(shots);
+    for item in &items[..shots] {
+        let Some(answer) = &item.answer else {
+            return Err(Error::InvalidArgument(format!(
+                "{source}: line {}: a few-shot example needs an \"answer\" (or give --shots 0)",
+                item.line
+            )));
+        };
+        examples.push(Problem {
+            line: item.line,
+            question: item.text.clone(),
+            answer: answer.clone(),
+            target: final_answer(answer).unwrap_or_default(),
+        });
+    }
+    let rest = &items[shots..];
+    let rest = &rest[..g.max_problems.map_or(rest.len(), |m| m.min(rest.len()))];
+
+    let l = load(args, true)?;
+    let mut prompts = Vec::with_capacity(rest.len());
+    for item in rest {
+        let text = match item.kind {
+            PromptKind::Question => few_shot_prompt(&examples, &item.text),
+            PromptKind::Raw => item.text.clone(),
+        };
+        let ids = l.tokenizer.encode(&text, true)?;
+        if ids.is_empty() || ids.len() + g.max_tokens > l.context {
+            return Err(Error::InvalidArgument(format!(
+                "{source}: line {}: the prompt ({} tokens) and --max-tokens {} do not fit the context of {} tokens",
+                item.line,
+                ids.len(),
+                g.max_tokens,
+                l.context
+            )));
+        }
+        prompts.push((item.line, ids));
+    }
+    let bar = bar(args.quiet, prompts.len() * 3);
+    let opts = FaithfulnessOptions {
+        max_tokens: g.max_tokens,
+        context: l.context,
+        sirius,
+    };
+    let report = faithfulness(
+        &l.model,
+        &l.sparse,
+        &l.tokenizer,
+        &prompts,
+        &opts,
+        &mut |_| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let out = FaithOut {
+        task: "faithfulness",
+        header: Header::new(args, &l, path, shots),
+        report: &report,
+    };
+    emit(args, &out, || markdown(&out))
+}
+
+fn markdown(o: &FaithOut) -> String {
+    let (h, r) = (&o.header, o.report);
+    let mut s = format!(
+        "Faithfulness to the full model's greedy output: {} on {}: {} prompts ({}-shot), {} new tokens each (EOS and stop strings ignored); {}; {} threads\n\n",
+        h.model,
+        h.file,
+        r.prompts,
+        h.shots,
+        h.max_tokens,
+        h.settings(),
+        h.threads
+    );
+    s += "| line | prompt tokens | tokens | sparse = full prefix | Sirius = full prefix | Sirius AAL |\n";
+    s += "|---|---|---|---|---|---|\n";
+    for x in &r.results {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.2} |",
+            x.line, x.prompt_tokens, x.tokens, x.sparse_prefix, x.sirius_prefix, x.sirius_aal
+        );
+    }
+    let ratio = r
+        .prefix_ratio
+        .map_or("-".to_string(), |x| format!("{x:.2}"));
+    let _ = writeln!(
+        s,
+        "| mean | | | {:.2} | {:.2} | {:.2}/{} |",
+        r.mean_sparse_prefix, r.mean_sirius_prefix, r.sirius_aal, h.period
+    );
+    let _ = writeln!(
+        s,
+        "\nmean common prefix, Sirius / sparse: {ratio}; sparse density {:.3}, Sirius effective density {:.3}; decode tok/s full {:.1}, sparse {:.1}, Sirius {:.1}",
+        r.sparse_density,
+        r.sirius_effective_density,
+        r.full_decode_tokens_per_s,
+        r.sparse_decode_tokens_per_s,
+        r.sirius_decode_tokens_per_s
+    );
+    s
+}
