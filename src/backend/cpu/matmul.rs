@@ -139,9 +139,11 @@ fn matvec(m: Operands, y: &mut [f32]) {
     let n_tasks = rows.div_ceil(chunk);
     with_scratch_vec(&X_PREP, |buf| {
         // bf16 on a SIMD tier wants x de-interleaved (`Kernels::prep_x`); `prep_tokens` lays
-        // one token out the same way, faster. Other dtypes read x as it is.
+        // one token out the same way, faster. Other dtypes read x as it is (prep_x says so).
         let xs: &[f32] = if dtype == DType::BF16 && x_block(k).is_some() {
             prep_tokens(k, dtype, x, 1, cols, buf);
+            buf
+        } else if k.prep_x(dtype, x, buf) {
             buf
         } else {
             x
