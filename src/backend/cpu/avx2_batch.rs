@@ -245,3 +245,45 @@ unsafe fn store<const R: usize, const NT: usize>(
         }
     }
 }
+
+/// One token's x in the layout of the bf16 kernels: `dst[b * 16..][..16]` holds block b's
+/// even columns, then its odd ones (`src` zero padded to whole blocks); see
+/// `avx512_batch::split_even_odd`.
+///
+/// # Safety
+/// AVX2 tier supported.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn split_even_odd(src: &[f32], dst: &mut [f32]) {
+    let nb = src.len().div_ceil(BF16_BLOCK);
+    assert!(dst.len() >= nb * BF16_BLOCK);
+    let full = src.len() / BF16_BLOCK;
+    // [a0 a2 b0 b2 | a4 a6 b4 b6] -> [a0 a2 a4 a6 | b0 b2 b4 b6] (64-bit lanes 0, 2, 1, 3).
+    let split = |p: *const f32, d: *mut f32| {
+        // SAFETY: callers pass 16 readable values at p and 16 writable ones at d.
+        unsafe {
+            let (a, b) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            let fix = |v: __m256| {
+                _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)))
+            };
+            _mm256_storeu_ps(d, fix(e));
+            _mm256_storeu_ps(d.add(8), fix(o));
+        }
+    };
+    for b in 0..full {
+        // SAFETY: whole blocks inside src and dst.
+        unsafe {
+            split(
+                src.as_ptr().add(b * BF16_BLOCK),
+                dst.as_mut_ptr().add(b * BF16_BLOCK),
+            )
+        };
+    }
+    if full < nb {
+        let mut padded = [0f32; BF16_BLOCK];
+        padded[..src.len() - full * BF16_BLOCK].copy_from_slice(&src[full * BF16_BLOCK..]);
+        // SAFETY: a local block; the last block of dst (asserted).
+        unsafe { split(padded.as_ptr(), dst.as_mut_ptr().add(full * BF16_BLOCK)) };
+    }
+}

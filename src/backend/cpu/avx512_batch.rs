@@ -280,3 +280,34 @@ unsafe fn store<const R: usize, const NT: usize>(
         }
     }
 }
+
+/// One token's x in the layout of the bf16 kernels: `dst[b * 32..][..32]` holds block b's
+/// even columns, then its odd ones (`src` zero padded to whole blocks). Two permutes per
+/// block; the element-by-element split measured ~0.6 ns per value, 1-5% of a forward.
+///
+/// # Safety
+/// AVX-512 tier supported.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(super) unsafe fn split_even_odd(src: &[f32], dst: &mut [f32]) {
+    let nb = src.len().div_ceil(BF16_BLOCK);
+    assert!(dst.len() >= nb * BF16_BLOCK);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for b in 0..nb {
+        let c = b * BF16_BLOCK;
+        let rest = src.len() - c;
+        let (ml, mh) = (
+            super::avx512::mask16(rest),
+            super::avx512::mask16(rest.saturating_sub(16)),
+        );
+        // SAFETY: masked loads stay within src (masked-off lanes are not read, and their
+        // addresses are formed with wrapping arithmetic); stores within dst (asserted).
+        unsafe {
+            let lo = _mm512_maskz_loadu_ps(ml, s.wrapping_add(c));
+            let hi = _mm512_maskz_loadu_ps(mh, s.wrapping_add(c + 16));
+            _mm512_storeu_ps(d.add(c), _mm512_permutex2var_ps(lo, even, hi));
+            _mm512_storeu_ps(d.add(c + 16), _mm512_permutex2var_ps(lo, odd, hi));
+        }
+    }
+}

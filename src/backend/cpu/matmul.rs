@@ -140,7 +140,7 @@ fn matvec(m: Operands, y: &mut [f32]) {
     with_scratch_vec(&X_PREP, |buf| {
         // bf16 on a SIMD tier wants x de-interleaved (`Kernels::prep_x`); `prep_tokens` lays
         // one token out the same way, faster. Other dtypes read x as it is (prep_x says so).
-        let xs: &[f32] = if dtype == DType::BF16 && x_block(k).is_some() {
+        let xs: &[f32] = if dtype == DType::BF16 && x_split(k).is_some() {
             prep_tokens(k, dtype, x, 1, cols, buf);
             buf
         } else if k.prep_x(dtype, x, buf) {
@@ -232,16 +232,22 @@ fn streamed(m: Operands, y: &mut [f32]) {
     });
 }
 
-/// Columns per bf16 de-interleave block of tier `k`'s streamed kernels, the block
-/// `Kernels::prep_x_tokens` lays tokens out in; None on the scalar tier (no streamed kernel).
-fn x_block(k: Kernels) -> Option<usize> {
+/// A tier's bf16 x layout function (`split_even_odd` of its batch module).
+type SplitFn = unsafe fn(&[f32], &mut [f32]);
+
+/// Tier `k`'s block size and layout function for bf16 x (`Kernels::prep_x_tokens` lays
+/// tokens out the same way); None on the scalar tier (no streamed kernel, no split layout).
+fn x_split(k: Kernels) -> Option<(usize, SplitFn)> {
     #[cfg(target_arch = "x86_64")]
     {
         if Isa::Avx512.is_supported() && k == Kernels::new(Isa::Avx512) {
-            return Some(super::avx512::BF16_BLOCK);
+            return Some((
+                super::avx512::BF16_BLOCK,
+                super::avx512_batch::split_even_odd,
+            ));
         }
         if Isa::Avx2.is_supported() && k == Kernels::new(Isa::Avx2) {
-            return Some(super::avx2::BF16_BLOCK);
+            return Some((super::avx2::BF16_BLOCK, super::avx2_batch::split_even_odd));
         }
     }
     let _ = k;
@@ -249,10 +255,9 @@ fn x_block(k: Kernels) -> Option<usize> {
 }
 
 /// `Kernels::prep_x_tokens` (same layout, checked by a test; for one bf16 token also that of
-/// `Kernels::prep_x`), but fast: that one splits
-/// element by element after zero-filling the whole buffer, which measured ~0.6 ns per value:
-/// 2-5% of a 4-16 token forward, serial while the other threads wait. This writes every
-/// element once, whole blocks with fixed-size loops LLVM turns into shuffles.
+/// `Kernels::prep_x`), but fast: that one zero-fills the whole buffer, then splits element
+/// by element, which measured ~0.6 ns per value: 2-5% of a 4-16 token forward, serial while
+/// the other threads wait. This writes every element once, bf16 blocks with SIMD permutes.
 fn prep_tokens(
     k: Kernels,
     dtype: DType,
@@ -261,7 +266,7 @@ fn prep_tokens(
     cols: usize,
     buf: &mut Vec<f32>,
 ) -> usize {
-    let Some(block) = x_block(k) else {
+    let Some((block, split)) = x_split(k) else {
         return k.prep_x_tokens(dtype, x, n, cols, buf);
     };
     let stride = cols.div_ceil(block) * block;
@@ -271,40 +276,16 @@ fn prep_tokens(
     }
     buf.truncate(n * stride);
     for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
-        match (dtype, block) {
-            (DType::BF16, 32) => split_blocks::<32>(dst, src),
-            (DType::BF16, 16) => split_blocks::<16>(dst, src),
-            (DType::BF16, _) => unreachable!("no tier has a bf16 block of {block}"),
-            _ => {
-                dst[..cols].copy_from_slice(src);
-                dst[cols..].fill(0.0);
-            }
+        if dtype == DType::BF16 {
+            // SAFETY: x_split returns only the functions of the tier `k` holds, which
+            // Kernels guarantees this machine supports.
+            unsafe { split(src, dst) };
+        } else {
+            dst[..cols].copy_from_slice(src);
+            dst[cols..].fill(0.0);
         }
     }
     stride
-}
-
-/// `dst` (whole blocks of `B`) from `src`: each block's even columns, then its odd ones, the
-/// last partial block zero padded (the layout of the tiers' bf16 kernels).
-#[inline]
-fn split_blocks<const B: usize>(dst: &mut [f32], src: &[f32]) {
-    fn split<const B: usize>(d: &mut [f32], s: &[f32; B]) {
-        let (even, odd) = d.split_at_mut(B / 2);
-        for i in 0..B / 2 {
-            even[i] = s[2 * i];
-            odd[i] = s[2 * i + 1];
-        }
-    }
-    let full = src.len() / B;
-    for (d, s) in dst.chunks_exact_mut(B).zip(src.chunks_exact(B)) {
-        split::<B>(d, s.try_into().expect("chunks_exact gives B values"));
-    }
-    let rest = &src[full * B..];
-    if !rest.is_empty() {
-        let mut padded = [0f32; B];
-        padded[..rest.len()].copy_from_slice(rest);
-        split::<B>(&mut dst[full * B..(full + 1) * B], &padded);
-    }
 }
 
 /// Tasks are (row block, token block) pairs. Each converts its weight rows to f32 once into a
