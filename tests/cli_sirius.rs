@@ -108,9 +108,83 @@ fn a_tree_that_accepts_nothing_prints_plain_greedy_text() {
         serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
     assert_eq!(s["width"], 3, "{s}");
     assert_eq!(s["aal"], 1.0, "{s}");
-    // Every verification drafted (K - 1) * W nodes and kept none.
+    // One token per verification; each drafted (K - 1) * W = 9 nodes and kept none, except
+    // the last two, whose token budget needs fewer levels.
     let v = s["verifications"].as_u64().unwrap();
-    assert!(v >= 5, "{s}");
+    assert_eq!(v, 19, "{s}");
+    let drafted: u64 = (1..=v).map(|i| (20 - i).min(3) * 3).sum();
+    assert_eq!(s["rollback_tokens"].as_u64().unwrap(), drafted, "{s}");
+}
+
+/// A stop string completed mid-window ends the output there, and the tokens Sirius had
+/// accepted after it are not counted (keep 1.0: same text and count as plain decoding).
+#[test]
+fn a_stop_string_mid_window_counts_like_plain_decoding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 7)
+        .display()
+        .to_string();
+    let plain_stats = tmp.path().join("p.json");
+    let base = [
+        "run",
+        "--model",
+        &model,
+        "--prompt",
+        "w3 w4 w5",
+        "--max-tokens",
+        "40",
+        "--temperature",
+        "0",
+        "-q",
+    ];
+    // The stop string: a piece of the plain output's middle.
+    let mut args = base.to_vec();
+    args.extend(["--stats-json", plain_stats.to_str().unwrap()]);
+    let plain = run(&args);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let text = String::from_utf8(plain.stdout.clone()).unwrap();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    assert!(words.len() >= 8, "tiny model output too short: {text:?}");
+    let stop = format!("{} {}", words[5], words[6]);
+    let count = |path: &std::path::Path| -> (u64, String) {
+        let s: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        (
+            s["generated_tokens"].as_u64().unwrap(),
+            s["stop_reason"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let mut args = base.to_vec();
+    args.extend([
+        "--stop",
+        &stop,
+        "--stats-json",
+        plain_stats.to_str().unwrap(),
+    ]);
+    let plain = run(&args);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let sirius_stats = tmp.path().join("s.json");
+    let mut args = base.to_vec();
+    args.extend([
+        "--stop",
+        &stop,
+        "--sirius",
+        "--period",
+        "16",
+        "--sparsity",
+        "griffin",
+        "--keep",
+        "1",
+        "--stats-json",
+        sirius_stats.to_str().unwrap(),
+    ]);
+    let sirius = run(&args);
+    assert!(sirius.status.success(), "{}", stderr(&sirius));
+    assert_eq!(sirius.stdout, plain.stdout);
+    let (p, reason) = count(&plain_stats);
+    assert_eq!(reason, "stop_string", "{stop:?}");
+    assert!(p < 40);
+    assert_eq!(count(&sirius_stats), (p, reason));
 }
 
 #[test]
@@ -131,6 +205,18 @@ fn bad_sirius_options_are_clear_errors() {
         (
             vec!["--sirius", "--width", "17", "--temperature", "0"],
             "--width",
+        ),
+        (
+            vec![
+                "--sirius",
+                "--period",
+                "100000000",
+                "--width",
+                "16",
+                "--temperature",
+                "0",
+            ],
+            "--period",
         ),
         (
             vec!["--sirius", "--threshold", "nan", "--temperature", "0"],

@@ -2,6 +2,7 @@
 //! drafts verified by the full model (`sirius::correct_streaming`), text streamed at each
 //! verification boundary, where EOS and stop strings take effect.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -65,7 +66,17 @@ pub fn generate_sirius<B: Backend>(
     };
     corrector.validate()?;
     let capacity = cache_capacity(model, prompt_ids, opts)?;
-    let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period, sirius.width)?;
+    let mut m = LlamaSirius::new(
+        model,
+        sparsity,
+        // The last window's full-model token needs a row too (the cache for plain decoding
+        // never holds the final token), and a tree's pruned branches need rows until the
+        // verification compacts them away (its positions are depths, so they never pass the
+        // context): without these rows the last windows of every request would shrink.
+        capacity + 1 + (sirius.period - 1) * (sirius.width - 1),
+        sirius.period,
+        sirius.width,
+    )?;
     let t0 = Instant::now();
     let first = m.prefill(prompt_ids, opts.prefill_chunk, opts.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
@@ -80,20 +91,21 @@ pub fn generate_sirius<B: Backend>(
         &opts.stop_token_ids,
         &corrector,
         &mut |tokens| {
-            for &t in tokens {
+            // Like plain generation, the token that completes a stop string is counted.
+            for (i, &t) in tokens.iter().enumerate() {
                 match out.push(t) {
                     Ok(None) => {}
                     Ok(Some(r)) => {
                         reason = Some(r);
-                        return false;
+                        return ControlFlow::Break(i + 1);
                     }
                     Err(e) => {
                         failure = Some(e);
-                        return false;
+                        return ControlFlow::Break(i);
                     }
                 }
             }
-            true
+            ControlFlow::Continue(())
         },
     )?;
     if let Some(e) = failure {

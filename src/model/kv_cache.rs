@@ -58,6 +58,7 @@ impl<B: Backend> KvCache<B> {
     pub fn keep_rows(&mut self, backend: &B, start: usize, rows: &[usize]) -> Result<()> {
         let ordered = rows.windows(2).all(|w| w[0] < w[1]);
         if !ordered
+            || start > self.len
             || rows.first().is_some_and(|&r| r < start)
             || rows.last().is_some_and(|&r| r >= self.len)
         {

@@ -1,6 +1,7 @@
 //! The chain corrector, written against a narrow model interface ([`SiriusModel`]) so it can
 //! be tested with a scripted fake and reused by every backend.
 
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -52,6 +53,9 @@ fn no_trees() -> Error {
 /// Widest tree accepted: the paper tunes W in {1, 2, 4, 6, 8}; wider trees make the
 /// verification pass ((K - 1) * W + 1 tokens) cost more than they gain.
 pub const MAX_WIDTH: usize = 16;
+/// Longest window accepted (the paper uses K = 16): the verification pass holds logits for
+/// every window token, so an absurd K would only ask for absurd memory.
+pub const MAX_PERIOD: usize = 256;
 
 #[derive(Debug, Clone, Copy)]
 pub struct CorrectorOptions {
@@ -68,8 +72,11 @@ pub struct CorrectorOptions {
 
 impl CorrectorOptions {
     pub fn validate(&self) -> Result<()> {
-        if self.period < 1 {
-            return Err(Error::InvalidArgument("--period must be at least 1".into()));
+        if !(1..=MAX_PERIOD).contains(&self.period) {
+            return Err(Error::InvalidArgument(format!(
+                "--period must be between 1 and {MAX_PERIOD}, got {}",
+                self.period
+            )));
         }
         if !self.threshold.is_finite() || self.threshold < 0.0 {
             return Err(Error::InvalidArgument(format!(
@@ -159,18 +166,21 @@ pub fn correct(
     stop_ids: &[u32],
     opts: &CorrectorOptions,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
-    correct_streaming(model, first, stop_ids, opts, &mut |_| true)
+    correct_streaming(model, first, stop_ids, opts, &mut |_| {
+        ControlFlow::Continue(())
+    })
 }
 
-/// [`correct`] that hands each verification boundary's new tokens to `on_tokens` (which
-/// returns false to stop there: a stop string, a consumer gone away). Width 1 runs the chain,
-/// wider the tree ([`crate::sirius::tree`]).
+/// [`correct`] that hands each verification boundary's new tokens to `on_tokens`, which
+/// returns `Break(n)` to stop after the first `n` of them (a stop string, a consumer gone
+/// away): the output then ends there. Width 1 runs the chain, wider the tree
+/// ([`crate::sirius::tree`]).
 pub fn correct_streaming(
     model: &mut dyn SiriusModel,
     first: u32,
     stop_ids: &[u32],
     opts: &CorrectorOptions,
-    on_tokens: &mut dyn FnMut(&[u32]) -> bool,
+    on_tokens: &mut dyn FnMut(&[u32]) -> ControlFlow<usize>,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
     let kind = if opts.width == 1 {
         WindowKind::Chain
@@ -200,7 +210,7 @@ pub(crate) fn run_windows(
     first: u32,
     stop_ids: &[u32],
     opts: &CorrectorOptions,
-    on_tokens: &mut dyn FnMut(&[u32]) -> bool,
+    on_tokens: &mut dyn FnMut(&[u32]) -> ControlFlow<usize>,
     kind: WindowKind,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
     opts.validate()?;
@@ -212,7 +222,11 @@ pub(crate) fn run_windows(
             break;
         }
         out.push(x0);
-        if !on_tokens(&[x0]) || out.len() >= opts.max_tokens || model.cache_room() == 0 {
+        if let ControlFlow::Break(n) = on_tokens(&[x0]) {
+            out.truncate(out.len() - 1 + n.min(1));
+            break;
+        }
+        if out.len() >= opts.max_tokens || model.cache_room() == 0 {
             break;
         }
         // K - 1 drafts after x0, fewer near the cache end or the token budget.
@@ -239,7 +253,11 @@ pub(crate) fn run_windows(
             }
             out.push(d);
         }
-        if !on_tokens(&out[before..]) || stopped {
+        if let ControlFlow::Break(n) = on_tokens(&out[before..]) {
+            out.truncate(before + n.min(out.len() - before));
+            break;
+        }
+        if stopped {
             break;
         }
         x0 = verdict.next;

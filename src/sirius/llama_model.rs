@@ -28,8 +28,9 @@ impl<'m, B: Backend> LlamaSirius<'m, B> {
         period: usize,
         width: usize,
     ) -> Result<Self> {
-        let width = width.max(1);
-        let window = (period.max(1) - 1) * width + 1;
+        // A window never holds more tokens than the cache has rows.
+        let width = width.clamp(1, capacity.max(1));
+        let window = ((period.max(1) - 1) * width + 1).min(capacity.max(1));
         Ok(LlamaSirius {
             model,
             request: sparsity.request(model)?,

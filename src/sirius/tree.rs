@@ -3,7 +3,6 @@
 //! mask, and the longest accepted path in the tree wins; its K/V rows are compacted into
 //! place so the cache holds plain sequence rows again.
 
-use std::cmp::Ordering;
 use std::time::Instant;
 
 use crate::backend::TreeMask;
@@ -27,7 +26,7 @@ pub fn correct_tree(
         first,
         stop_ids,
         opts,
-        &mut |_| true,
+        &mut |_| std::ops::ControlFlow::Continue(()),
         WindowKind::Tree,
     )
 }
@@ -100,9 +99,11 @@ pub(crate) fn tree_window(
             }
         }
         // Best cumulative log-probability first; ties keep the earlier beam and rank.
+        // (A NaN score, from infinite logits, ranks last: total_cmp keeps the order total.)
+        let key = |v: f64| if v.is_nan() { f64::NEG_INFINITY } else { v };
         candidates.sort_by(|x, y| {
-            y.0.partial_cmp(&x.0)
-                .unwrap_or(Ordering::Equal)
+            key(y.0)
+                .total_cmp(&key(x.0))
                 .then((x.1, x.2).cmp(&(y.1, y.2)))
         });
         candidates.truncate(width);

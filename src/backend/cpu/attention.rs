@@ -103,7 +103,8 @@ pub(super) fn attention_with(
     }
     let units = n_tokens * n_kv_heads;
     let want = TASKS_PER_THREAD * pool.n_threads();
-    // Tree batches are verification windows with a task per (token, kv head) already.
+    // A one-token tree batch (a draft tree's root) stays in one chunk: the chunked path
+    // below has no mask, and a chunk of only hidden rows would have no softmax.
     let n_chunks = if pool.n_threads() == 1 || units >= want || mask.is_some() {
         1
     } else {
@@ -218,9 +219,11 @@ fn group_chunk(
                 rows.mask
                     .is_some_and(|(m, t)| !m.visible(t, range.start + i))
             };
-            for (i, v) in sh.iter_mut().enumerate() {
-                if hidden(i) {
-                    *v = f32::NEG_INFINITY;
+            if rows.mask.is_some() {
+                for (i, v) in sh.iter_mut().enumerate() {
+                    if hidden(i) {
+                        *v = f32::NEG_INFINITY;
+                    }
                 }
             }
             let max = k.max(sh);

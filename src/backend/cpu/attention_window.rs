@@ -16,11 +16,13 @@ use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
 use crate::backend::TreeMask;
 
-/// Cache rows per task: a kv head's slice of 256 rows (64 KiB at head_dim 64) stays in L2
-/// while all the block's queries use it.
+/// Cache rows scored at a time: a kv head's slice of 256 rows (64 KiB at head_dim 64) stays
+/// in L2 while all the block's queries use it.
 const ROWS_PER_TASK: usize = 256;
 /// Query tokens per task: bounds the per-task score buffer (tokens * group * rows).
 const TOKENS_PER_TASK: usize = 32;
+/// Tasks per thread wanted when splitting the history for parallelism.
+const TASKS_PER_THREAD: usize = 4;
 
 thread_local! {
     /// Gathered queries, scores and outputs of the task a thread is working on.
@@ -49,8 +51,17 @@ pub(super) fn window_attention(
     let seen = start_pos + n_tokens;
     let n_kv_heads = d.n_heads / d.group;
     let q_dim = d.n_heads * d.head_dim;
-    let n_chunks = seen.div_ceil(ROWS_PER_TASK);
     let n_blocks = n_tokens.div_ceil(TOKENS_PER_TASK);
+    // Split the history into chunks only as far as the threads need tasks: each task walks
+    // its chunk ROWS_PER_TASK rows at a time and merges as it goes, so the partials buffer
+    // stays small however long the context.
+    let want = TASKS_PER_THREAD * pool.n_threads();
+    let n_chunks = seen
+        .div_ceil(ROWS_PER_TASK)
+        .min(want.div_ceil(n_kv_heads * n_blocks))
+        .max(1);
+    let chunk = seen.div_ceil(n_chunks).next_multiple_of(16);
+    let n_chunks = seen.div_ceil(chunk);
     // Partials, per (token, chunk): outputs [q_dim], then maxima and sums [n_heads] each.
     let per = q_dim + 2 * d.n_heads;
     with_scratch(&PARTIALS, n_tokens * n_chunks * per, |parts| {
@@ -59,7 +70,7 @@ pub(super) fn window_attention(
             let g = task % n_kv_heads;
             let c = task / n_kv_heads % n_chunks;
             let b = task / (n_kv_heads * n_chunks);
-            let rows = c * ROWS_PER_TASK..((c + 1) * ROWS_PER_TASK).min(seen);
+            let rows = c * chunk..((c + 1) * chunk).min(seen);
             let tokens = b * TOKENS_PER_TASK..((b + 1) * TOKENS_PER_TASK).min(n_tokens);
             // SAFETY: task (g, c, b) alone owns the slots of kv head g's query heads in the
             // (t, c) blocks of its tokens.
@@ -125,56 +136,103 @@ fn block_attention<'s>(
     slot: &dyn Fn(usize) -> (&'s mut [f32], &'s mut [f32], &'s mut [f32]),
 ) {
     let hd = d.head_dim;
-    let np = b.rows.len();
     let nq = b.tokens.len() * d.group;
-    let cache = b.rows.start * d.kv_dim + b.g * hd..;
+    // Running results over the sub-chunks seen so far (flash-attention style).
+    let mut maxima = vec![f32::NEG_INFINITY; nq];
+    let mut sums = vec![0f32; nq];
+    let mut values = vec![0f32; nq * hd];
     with_scratch(&QUERIES, nq * hd, |qs| {
         for (i, t) in b.tokens.clone().enumerate() {
             let src = &q[(t * d.n_heads + b.g * d.group) * hd..][..d.group * hd];
             qs[i * d.group * hd..][..d.group * hd].copy_from_slice(src);
         }
-        with_scratch(&SCORES, nq * np, |s| {
-            k.scores(&k_cache[cache.clone()], d.kv_dim, hd, qs, np, s);
-            with_scratch(&VALUES, nq * hd, |vs| {
-                let mut maxima = vec![0f32; nq];
-                let mut sums = vec![0f32; nq];
-                for (r, sh) in s.chunks_exact_mut(np).enumerate() {
-                    let t = b.tokens.start + r / d.group;
-                    let (m, l) = softmax_partial(k, d.scale, sh, b, t);
-                    maxima[r] = m;
-                    sums[r] = l;
-                }
-                k.weighted_sum(&v_cache[cache], d.kv_dim, hd, s, np, vs);
-                for (i, t) in b.tokens.clone().enumerate() {
-                    let (o, m, l) = slot(t);
-                    let rows = i * d.group..(i + 1) * d.group;
-                    o.copy_from_slice(&vs[rows.start * hd..rows.end * hd]);
-                    m.copy_from_slice(&maxima[rows.clone()]);
-                    l.copy_from_slice(&sums[rows]);
-                }
+        for sub in b.rows.clone().step_by(ROWS_PER_TASK) {
+            let rows = sub..(sub + ROWS_PER_TASK).min(b.rows.end);
+            let np = rows.len();
+            let cache = rows.start * d.kv_dim + b.g * hd..;
+            with_scratch(&SCORES, nq * np, |s| {
+                k.scores(&k_cache[cache.clone()], d.kv_dim, hd, qs, np, s);
+                let parts: Vec<(f32, f32)> = s
+                    .chunks_exact_mut(np)
+                    .enumerate()
+                    .map(|(r, sh)| {
+                        let t = b.tokens.start + r / d.group;
+                        softmax_partial(k, d.scale, sh, rows.start, b, t)
+                    })
+                    .collect();
+                with_scratch(&VALUES, nq * hd, |vs| {
+                    k.weighted_sum(&v_cache[cache], d.kv_dim, hd, s, np, vs);
+                    for (r, &(m, l)) in parts.iter().enumerate() {
+                        let o = &mut values[r * hd..(r + 1) * hd];
+                        let part = &vs[r * hd..(r + 1) * hd];
+                        combine(&mut maxima[r], &mut sums[r], o, m, l, part);
+                    }
+                });
             });
-        });
+        }
     });
+    for (i, t) in b.tokens.clone().enumerate() {
+        let (o, m, l) = slot(t);
+        let rows = i * d.group..(i + 1) * d.group;
+        o.copy_from_slice(&values[rows.start * hd..rows.end * hd]);
+        m.copy_from_slice(&maxima[rows.clone()]);
+        l.copy_from_slice(&sums[rows]);
+    }
 }
 
-/// Turns one query head's scores over the block's rows into unnormalised weights
+/// Folds one sub-chunk's partial result (max `m`, sum `l`, values `part`) into the running
+/// one (`max`, `sum`, `o`), both unnormalised.
+fn combine(max: &mut f32, sum: &mut f32, o: &mut [f32], m: f32, l: f32, part: &[f32]) {
+    if l == 0.0 {
+        return;
+    }
+    if *sum == 0.0 {
+        *max = m;
+        *sum = l;
+        o.copy_from_slice(part);
+        return;
+    }
+    let top = max.max(m);
+    let (a, c) = ((*max - top).exp(), (m - top).exp());
+    for (x, &p) in o.iter_mut().zip(part) {
+        *x = *x * a + p * c;
+    }
+    *sum = *sum * a + l * c;
+    *max = top;
+}
+
+/// Turns one query head's scores over cache rows `rows_start..` into unnormalised weights
 /// `e^(score - max)` (0 where token `t` may not look), returning (max, sum of weights);
 /// (-inf, 0) with all-zero weights when it sees none of the rows.
-fn softmax_partial(k: Kernels, scale: f32, sh: &mut [f32], b: &Block<'_>, t: usize) -> (f32, f32) {
+fn softmax_partial(
+    k: Kernels,
+    scale: f32,
+    sh: &mut [f32],
+    rows_start: usize,
+    b: &Block<'_>,
+    t: usize,
+) -> (f32, f32) {
     let visible_end = (b.start_pos + t + 1)
-        .saturating_sub(b.rows.start)
+        .saturating_sub(rows_start)
         .min(sh.len());
     let hidden =
-        |i: usize| i >= visible_end || b.mask.is_some_and(|m| !m.visible(t, b.rows.start + i));
+        |i: usize| i >= visible_end || b.mask.is_some_and(|m| !m.visible(t, rows_start + i));
     k.scale(sh, scale);
-    let mut any = false;
-    for (i, v) in sh.iter_mut().enumerate() {
-        if hidden(i) {
-            *v = f32::NEG_INFINITY;
-        } else {
-            any = true;
+    // Without a tree mask only a causal tail is hidden.
+    let any = if b.mask.is_some() {
+        let mut any = false;
+        for (i, v) in sh.iter_mut().enumerate() {
+            if hidden(i) {
+                *v = f32::NEG_INFINITY;
+            } else {
+                any = true;
+            }
         }
-    }
+        any
+    } else {
+        sh[visible_end..].fill(f32::NEG_INFINITY);
+        visible_end > 0
+    };
     if !any {
         sh.fill(0.0);
         return (f32::NEG_INFINITY, 0.0);
@@ -182,8 +240,15 @@ fn softmax_partial(k: Kernels, scale: f32, sh: &mut [f32], b: &Block<'_>, t: usi
     let max = k.max(sh);
     let mut sum = k.exp_sum(sh, max);
     // exp() clamps its input, so a hidden row would keep a weight of ~1e-45.
-    for (i, v) in sh.iter_mut().enumerate() {
-        if hidden(i) {
+    if b.mask.is_some() {
+        for (i, v) in sh.iter_mut().enumerate() {
+            if hidden(i) {
+                sum -= *v;
+                *v = 0.0;
+            }
+        }
+    } else {
+        for v in &mut sh[visible_end..] {
             sum -= *v;
             *v = 0.0;
         }
