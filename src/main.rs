@@ -35,7 +35,8 @@ enum Command {
     Bench(BenchArgs),
     /// Calibrate per-layer CATS thresholds on sample text (for `run --cats-thresholds`).
     Calibrate(CalibrateArgs),
-    /// Measure what FFN sparsity costs in quality (perplexity of a text), one mode or several.
+    /// Measure quality: perplexity of a text, GSM accuracy of full / sparse / Sirius, or how
+    /// faithfully sparse and Sirius outputs follow the full model.
     #[command(after_long_help = cli::eval::EVAL_HELP)]
     Eval(EvalArgs),
 }
