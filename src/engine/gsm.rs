@@ -503,14 +503,7 @@ pub fn pooled_aal(advanced: f64, verifications: usize) -> f64 {
     }
 }
 
-/// ((K - 1) * density + 1) / AAL (SIRIUS.md, "Metrics"); 1 without verifications.
-pub fn effective_density(period: usize, density: f64, aal: f64) -> f64 {
-    if aal > 0.0 {
-        ((period as f64 - 1.0) * density + 1.0) / aal
-    } else {
-        1.0
-    }
-}
+pub use crate::sirius::corrector::effective_density;
 
 pub(crate) fn rate(n: usize, seconds: f64) -> f64 {
     if seconds > 0.0 {

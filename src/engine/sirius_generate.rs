@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::engine::generate::{GenerateOptions, GenerationOutput, StopReason};
+use crate::engine::gsm::rate;
 use crate::engine::request::{cache_capacity, TextOutput};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
@@ -122,7 +123,6 @@ pub fn generate_sirius<B: Backend>(
     out.finish(stop_reason)?;
     let text = out.text;
     let sparse_report = m.request().report(&model.config);
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let report = SiriusReport {
         period: sirius.period,
         width: sirius.width,

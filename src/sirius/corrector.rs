@@ -126,11 +126,17 @@ impl CorrectionStats {
 
     /// ((K - 1) * D_sparse + 1) / AAL.
     pub fn effective_density(&self, period: usize, sparse_density: f64) -> f64 {
-        let aal = self.aal();
-        if aal == 0.0 {
-            return 1.0;
-        }
-        ((period as f64 - 1.0) * sparse_density + 1.0) / aal
+        effective_density(period, sparse_density, self.aal())
+    }
+}
+
+/// ((K - 1) * density + 1) / AAL (SIRIUS.md, "Metrics"): the fraction of the parameters read
+/// per produced token; 1 without verifications.
+pub fn effective_density(period: usize, density: f64, aal: f64) -> f64 {
+    if aal > 0.0 {
+        ((period as f64 - 1.0) * density + 1.0) / aal
+    } else {
+        1.0
     }
 }
 
