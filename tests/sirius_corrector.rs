@@ -6,7 +6,6 @@
 mod common;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::model::sampler::argmax;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sirius::{correct, CorrectorOptions, LlamaSirius, SiriusModel};
 use sirius_offload::sparsity::{Sparsity, SparsityMode};
@@ -163,23 +162,6 @@ fn bad_options_are_errors() {
     }
 }
 
-fn full_greedy(model: &Llama<CpuBackend>, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_cache(prompt.len() + n).unwrap();
-    let mut scratch = Scratch::new(model, prompt.len()).unwrap();
-    let mut logits = model
-        .forward(prompt, &mut cache, &mut scratch, Logits::Last)
-        .unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let t = argmax(&logits);
-        out.push(t);
-        logits = model
-            .forward(&[t], &mut cache, &mut scratch, Logits::Last)
-            .unwrap();
-    }
-    out
-}
-
 #[test]
 fn on_a_real_model_sirius_invariants_hold() {
     let dir = common::fixtures_dir()
@@ -188,7 +170,7 @@ fn on_a_real_model_sirius_invariants_hold() {
     let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
     let prompt: Vec<u32> = vec![5, 17, 42, 99, 3, 64, 7, 120];
     let n = 24;
-    let want = full_greedy(&model, &prompt, n);
+    let want = common::full_greedy(&model, &prompt, n);
     let cases = [
         (SparsityMode::Griffin, 1.0, 0.1), // keep 1.0: the sparse model is the full one
         (SparsityMode::Cats, 1.0, 0.1),

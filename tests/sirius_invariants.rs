@@ -13,7 +13,6 @@ mod common;
 
 use sirius_offload::backend::{CpuBackend, TreeMask};
 use sirius_offload::model::llama::Ffn;
-use sirius_offload::model::sampler::argmax;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sirius::{
     correct, correct_tree, CorrectionStats, CorrectorOptions, LlamaSirius, SiriusModel,
@@ -29,23 +28,6 @@ fn tiny() -> Llama<CpuBackend> {
 }
 
 const PROMPT: [u32; 8] = [5, 17, 42, 99, 3, 64, 7, 120];
-
-fn full_greedy(model: &Llama<CpuBackend>, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = model.new_cache(prompt.len() + n).unwrap();
-    let mut scratch = Scratch::new(model, prompt.len()).unwrap();
-    let mut logits = model
-        .forward(prompt, &mut cache, &mut scratch, Logits::Last)
-        .unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let t = argmax(&logits);
-        out.push(t);
-        logits = model
-            .forward(&[t], &mut cache, &mut scratch, Logits::Last)
-            .unwrap();
-    }
-    out
-}
 
 /// Wraps the real adapter, mirrors which token each cache row holds, and after every
 /// verification (at the truncate or compaction that follows it) compares the whole cache
@@ -219,7 +201,7 @@ fn the_cache_equals_a_full_run_after_every_verification() {
 fn keep_one_or_an_unreachable_threshold_gives_full_greedy() {
     let model = tiny();
     let n = 24;
-    let want = full_greedy(&model, &PROMPT, n);
+    let want = common::full_greedy(&model, &PROMPT, n);
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         // Keep 1.0: the drafts are the full model's greedy tokens. (A tree's other beams
         // may hold likely-enough non-greedy tokens, so this holds for the chain only.)
@@ -383,7 +365,7 @@ fn on_smollm2_the_invariants_hold_through_real_corrections() {
         )
         .unwrap();
     let n = 24;
-    let want = full_greedy(&model, &prompt, n);
+    let want = common::full_greedy(&model, &prompt, n);
     let mut corrected = 0;
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         let sparsity = Sparsity::new(&model, mode, 0.5, None).unwrap();

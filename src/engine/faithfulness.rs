@@ -13,7 +13,8 @@
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::engine::gsm::{effective_density, generate_in_mode, pooled_aal, rate, GsmMode};
+use crate::engine::gsm::{effective_density, generate_in_mode, pooled_aal, GsmMode};
+use crate::engine::request::rate;
 use crate::engine::{GenerateOptions, GenerationOutput, SiriusOptions};
 use crate::error::{Error, Result};
 use crate::model::{Llama, SamplingParams, Tokenizer};

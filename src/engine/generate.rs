@@ -6,7 +6,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::engine::request::{cache_capacity, prefill, TextOutput};
+use crate::engine::request::{cache_capacity, prefill, rate, TextOutput};
 use crate::error::Result;
 use crate::model::{Llama, Logits, Sampler, SamplingParams, Scratch, Tokenizer};
 use crate::sparsity::{Sparsity, SparsityReport};
@@ -136,7 +136,6 @@ pub fn generate<B: Backend>(
     };
     out.finish(stop_reason)?;
     let text = out.text;
-    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     Ok(GenerationOutput {
         text,
         prompt_tokens: prompt_ids.len(),

@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::engine::request::rate;
 use crate::engine::{generate, generate_sirius, GenerateOptions, GenerationOutput, SiriusOptions};
 use crate::error::{Error, Result};
 use crate::model::{Llama, SamplingParams, Tokenizer};
@@ -504,14 +505,6 @@ pub fn pooled_aal(advanced: f64, verifications: usize) -> f64 {
 }
 
 pub use crate::sirius::corrector::effective_density;
-
-pub(crate) fn rate(n: usize, seconds: f64) -> f64 {
-    if seconds > 0.0 {
-        n as f64 / seconds
-    } else {
-        0.0
-    }
-}
 
 #[cfg(test)]
 mod tests {

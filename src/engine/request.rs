@@ -142,3 +142,12 @@ impl<'a> TextOutput<'a> {
         (self.on_text)(piece)
     }
 }
+
+/// Tokens per second (0 for no time).
+pub(crate) fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}

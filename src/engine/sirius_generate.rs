@@ -9,8 +9,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::engine::generate::{GenerateOptions, GenerationOutput, StopReason};
-use crate::engine::gsm::rate;
-use crate::engine::request::{cache_capacity, TextOutput};
+use crate::engine::request::{cache_capacity, rate, TextOutput};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::sirius::{correct_streaming, CorrectorOptions, LlamaSirius, SiriusModel};

@@ -359,3 +359,27 @@ pub fn assert_one_line_failure(o: &std::process::Output, needle: &str) {
     let err = stderr_of(o);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 }
+
+/// The full model's greedy continuation of `prompt` (`n` tokens), one token per forward: the
+/// reference the Sirius invariants compare with.
+pub fn full_greedy(
+    model: &sirius_offload::model::Llama<sirius_offload::backend::CpuBackend>,
+    prompt: &[u32],
+    n: usize,
+) -> Vec<u32> {
+    use sirius_offload::model::{sampler::argmax, Logits, Scratch};
+    let mut cache = model.new_cache(prompt.len() + n).unwrap();
+    let mut scratch = Scratch::new(model, prompt.len()).unwrap();
+    let mut logits = model
+        .forward(prompt, &mut cache, &mut scratch, Logits::Last)
+        .unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let t = argmax(&logits);
+        out.push(t);
+        logits = model
+            .forward(&[t], &mut cache, &mut scratch, Logits::Last)
+            .unwrap();
+    }
+    out
+}
