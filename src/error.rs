@@ -102,6 +102,39 @@ pub enum Error {
 
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+
+    /// A memory budget (`--gpu-mem`, `--resident-mem`) below what any plan needs.
+    #[error(
+        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {}",
+        crate::offload::format_bytes(*budget),
+        crate::offload::format_bytes(*minimum),
+        crate::offload::format_bytes(*minimum)
+    )]
+    BudgetBelowMinimum {
+        option: String,
+        budget: u64,
+        minimum: u64,
+        /// What the minimum is made of, e.g. "KV cache 94 MiB, head 54 MiB, ...".
+        needs: String,
+    },
+
+    /// The resident arena refused an allocation: the plan and the execution disagree.
+    #[error(
+        "resident memory budget exceeded: {label} needs {}, {} of {} already in use",
+        crate::offload::format_bytes(*requested),
+        crate::offload::format_bytes(*used),
+        crate::offload::format_bytes(*budget)
+    )]
+    ArenaFull {
+        label: String,
+        requested: u64,
+        used: u64,
+        budget: u64,
+    },
+
+    /// The copy engine failed (its thread stopped, or a buffer was used out of order).
+    #[error("copy engine: {0}")]
+    CopyEngine(String),
 }
 
 impl Error {

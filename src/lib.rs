@@ -8,6 +8,7 @@ pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod offload;
 pub mod progress;
 pub mod sirius;
 pub mod sparsity;
