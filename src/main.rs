@@ -4,7 +4,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sirius_offload::cli::{self, BenchArgs, CalibrateArgs, EvalArgs, RunArgs};
+use sirius_offload::cli::{self, BenchArgs, CalibrateArgs, EvalArgs, PlanArgs, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -39,6 +39,9 @@ enum Command {
     /// faithfully sparse and Sirius outputs follow the full model.
     #[command(after_long_help = cli::eval::EVAL_HELP)]
     Eval(EvalArgs),
+    /// Plan offloading for a memory budget (no weights needed): what stays resident, what is
+    /// streamed, and predicted ms/token of full decoding, the paper's offloading and ours.
+    Plan(PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
         (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
         (Some(Command::Calibrate(args)), _) => cli::calibrate::calibrate(args).map_err(Into::into),
         (Some(Command::Eval(args)), _) => cli::eval::eval(args).map_err(Into::into),
+        (Some(Command::Plan(args)), _) => cli::plan::plan(args).map_err(Into::into),
         (None, None) => {
             let _ = writeln!(
                 std::io::stderr(),

@@ -9,10 +9,12 @@ pub mod eval_gsm;
 pub mod fetch;
 pub mod input;
 pub mod output;
+pub mod plan;
 pub mod run;
 pub mod sparsity_args;
 
 pub use bench::BenchArgs;
 pub use calibrate::CalibrateArgs;
 pub use eval::EvalArgs;
+pub use plan::PlanArgs;
 pub use run::RunArgs;

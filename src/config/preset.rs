@@ -8,13 +8,48 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
 /// Presets compiled into the binary: (name, TOML text).
-const BUILTIN_PRESETS: &[(&str, &str)] = &[(
-    "smollm2-135m",
-    include_str!("../../configs/models/smollm2-135m.toml"),
-)];
+const BUILTIN_PRESETS: &[(&str, &str)] = &[
+    (
+        "smollm2-135m",
+        include_str!("../../configs/models/smollm2-135m.toml"),
+    ),
+    (
+        "llama-3-70b",
+        include_str!("../../configs/models/llama-3-70b.toml"),
+    ),
+    (
+        "llama-3-8b",
+        include_str!("../../configs/models/llama-3-8b.toml"),
+    ),
+    (
+        "llama-3.1-8b",
+        include_str!("../../configs/models/llama-3.1-8b.toml"),
+    ),
+    (
+        "llama-2-7b",
+        include_str!("../../configs/models/llama-2-7b.toml"),
+    ),
+    (
+        "llama-2-13b",
+        include_str!("../../configs/models/llama-2-13b.toml"),
+    ),
+    (
+        "llama-2-70b",
+        include_str!("../../configs/models/llama-2-70b.toml"),
+    ),
+    (
+        "qwen2.5-7b",
+        include_str!("../../configs/models/qwen2.5-7b.toml"),
+    ),
+    (
+        "qwen2.5-72b",
+        include_str!("../../configs/models/qwen2.5-72b.toml"),
+    ),
+];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct PresetSource {
@@ -32,7 +67,13 @@ pub struct Preset {
     /// Overrides the default `$SIRIUS_HOME/models/<name>` location of the weights.
     pub path: Option<PathBuf>,
     pub dtype: Option<String>,
+    /// Where to download the weights; presets without one carry shapes only (for `plan`).
     pub source: Option<PresetSource>,
+    /// The model's config.json keys, so planning works with no weights present.
+    pub config: Option<toml::Value>,
+    /// The file this preset came from, for error messages.
+    #[serde(skip)]
+    pub origin: PathBuf,
 }
 
 impl Preset {
@@ -42,6 +83,18 @@ impl Preset {
             Some(p) => expand_home(p),
             None => sirius_home().join("models").join(&self.name),
         }
+    }
+
+    /// The `[config]` table as a validated [`ModelConfig`] (the same checks as a config.json),
+    /// or None when the preset has none.
+    pub fn model_config(&self) -> Result<Option<ModelConfig>> {
+        let Some(table) = &self.config else {
+            return Ok(None);
+        };
+        let origin = self.origin.join("[config]");
+        let json = serde_json::to_string(table)
+            .map_err(|e| Error::config(&origin, format!("cannot convert to JSON: {e}")))?;
+        ModelConfig::from_json(&json, &origin).map(Some)
     }
 
     /// Looks a preset up by name: user presets first, then the built-in ones.
@@ -69,7 +122,10 @@ impl Preset {
     }
 
     fn parse(text: &str, origin: &Path) -> Result<Preset> {
-        toml::from_str(text).map_err(|e| Error::config(origin, format!("invalid preset: {e}")))
+        let mut preset: Preset = toml::from_str(text)
+            .map_err(|e| Error::config(origin, format!("invalid preset: {e}")))?;
+        preset.origin = origin.to_path_buf();
+        Ok(preset)
     }
 }
 
@@ -122,6 +178,15 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
             let dir = preset.model_dir();
             if dir.join("config.json").is_file() {
                 Ok(dir)
+            } else if preset.source.is_none() {
+                Err(Error::ModelNotFound {
+                    name: model.to_string(),
+                    hint: format!(
+                        "preset {model:?} carries shapes only (for `plan`) and no download \
+                         source: put an HF-layout checkpoint in {} or pass --model DIR",
+                        dir.display()
+                    ),
+                })
             } else {
                 Err(Error::ModelNotFound {
                     name: model.to_string(),
@@ -151,6 +216,11 @@ mod tests {
         for name in Preset::builtin_names() {
             let p = Preset::find(name).unwrap().unwrap();
             assert_eq!(p.name, name);
+            let c = p
+                .model_config()
+                .unwrap()
+                .expect("every built-in preset has [config]");
+            assert!(c.num_layers > 0 && c.hidden_size > 0, "{name}");
         }
     }
 

@@ -1,1 +1,283 @@
-//! (being written)
+//! Latency model: predicted milliseconds per produced token for three ways of running the same
+//! model in the same budget, and the time to first token.
+//!
+//! - `full`: dense decoding, one token per pass; the dense FFN layers fill what the budget has
+//!   left after attention, the rest is streamed every token.
+//! - `reference`: the Sirius paper's offloading code: only embedding, head, norms and KV cache
+//!   resident; each draft streams attention + sparse FFN of every layer, each verification
+//!   attention + whole FFN.
+//! - `sirius_offload`: the plan: drafts stream only the overflow, verification the FFN
+//!   complement plus the overflow.
+//!
+//! A pass is simulated as the runtime executes it ([`pipeline_seconds`]): one copy engine
+//! feeding double buffers, compute bound by memory bandwidth (every weight the layer uses is
+//! read once per pass, plus its KV rows). Arithmetic limits are ignored, which flatters long
+//! prefills on the GPU but not the copy-bound passes that dominate offloading.
+
+use serde::Serialize;
+
+use crate::offload::format::{WeightFormat, VECTOR_BYTES};
+use crate::offload::format_bytes;
+use crate::offload::placement::{
+    layer_range, LayerPlacement, Plan, PlanInput, Sizes, STREAM_BUFFERS,
+};
+
+/// Predicted cost of one way of decoding.
+#[derive(Debug, Clone, Serialize)]
+pub struct WayCost {
+    pub ms_per_token: f64,
+    pub tokens_per_s: f64,
+    /// One draft pass of the sparse model (none for `full`, which does not draft).
+    pub draft_ms: Option<f64>,
+    /// One full-model pass: the verification of a K-token window (for `full`, one token).
+    pub verify_ms: f64,
+    pub streamed_bytes_per_token: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Costs {
+    pub full: WayCost,
+    pub reference: WayCost,
+    pub sirius_offload: WayCost,
+    /// One prefill pass over `prompt_tokens` with the plan's residency; the neuron set is not
+    /// chosen yet, so every layer's whole FFN (plus any overflow) is streamed.
+    pub ttft_ms: f64,
+}
+
+/// Wall time of one pass through the layers, given each layer's copy and compute seconds.
+///
+/// Layers with `copy[l] > 0` are streamed and take the buffers in turn (the i-th streamed layer
+/// uses buffer `i % buffers`). One copy engine works in layer order: a layer's copy starts when
+/// the previous copy has finished and its buffer has been released by the compute of the layer
+/// that used it before (with 2 buffers and contiguous streamed layers, layer l - 2). Compute of
+/// layer l starts when compute of l - 1 has finished and, if streamed, its copy has landed.
+/// Layers with nothing to copy do not wait for the link. Missing entries count as 0; `buffers`
+/// below 1 counts as 1.
+pub fn pipeline_seconds(copy: &[f64], compute: &[f64], buffers: usize) -> f64 {
+    let buffers = buffers.max(1);
+    let mut released = vec![0.0f64; buffers];
+    let mut copy_free = 0.0f64;
+    let mut compute_end = 0.0f64;
+    let mut streamed = 0usize;
+    for l in 0..copy.len().max(compute.len()) {
+        let c = copy.get(l).copied().unwrap_or(0.0).max(0.0);
+        let work = compute.get(l).copied().unwrap_or(0.0).max(0.0);
+        if c > 0.0 {
+            let slot = streamed % buffers;
+            streamed += 1;
+            let landed = copy_free.max(released[slot]) + c;
+            copy_free = landed;
+            compute_end = compute_end.max(landed) + work;
+            released[slot] = compute_end;
+        } else {
+            compute_end += work;
+        }
+    }
+    compute_end
+}
+
+/// Per layer: (bytes copied, bytes read by compute). Plus the head read after the last layer.
+struct Pass {
+    layers: Vec<(u64, u64)>,
+    tail_read: u64,
+}
+
+impl Pass {
+    fn seconds(&self, input: &PlanInput) -> f64 {
+        let link = input.link_gbps * 1e9;
+        let mem = input.mem_gbps * 1e9;
+        let copy: Vec<f64> = self.layers.iter().map(|l| l.0 as f64 / link).collect();
+        let compute: Vec<f64> = self.layers.iter().map(|l| l.1 as f64 / mem).collect();
+        pipeline_seconds(&copy, &compute, STREAM_BUFFERS) + self.tail_read as f64 / mem
+    }
+
+    fn streamed(&self) -> u64 {
+        self.layers.iter().map(|l| l.0).sum()
+    }
+}
+
+fn way(ms_per_token: f64, draft_ms: Option<f64>, verify_ms: f64, bytes: f64) -> WayCost {
+    WayCost {
+        ms_per_token,
+        tokens_per_s: if ms_per_token > 0.0 {
+            1e3 / ms_per_token
+        } else {
+            f64::INFINITY
+        },
+        draft_ms,
+        verify_ms,
+        streamed_bytes_per_token: bytes.round() as u64,
+    }
+}
+
+/// A Sirius-style way: K - 1 drafts and one verification every AAL produced tokens.
+fn windowed(input: &PlanInput, draft: &Pass, verify: &Pass) -> WayCost {
+    let drafts = (input.period - 1) as f64;
+    let (d, v) = (draft.seconds(input), verify.seconds(input));
+    let ms = (drafts * d + v) / input.aal * 1e3;
+    let bytes = (drafts * draft.streamed() as f64 + verify.streamed() as f64) / input.aal;
+    way(ms, Some(d * 1e3), v * 1e3, bytes)
+}
+
+/// The three ways and the time to first token for the plan's `layers`.
+pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs {
+    let kv = s.kv_layer_bytes;
+    // The head and the final norm run after the last layer.
+    let tail = s.head_bytes + s.hidden as u64 * VECTOR_BYTES;
+    let sparse_read = s.attention_bytes + s.sparse_ffn_bytes + kv;
+    let dense_read = s.attention_bytes + s.ffn_bytes + kv;
+    let pass = |f: &dyn Fn(&LayerPlacement) -> (u64, u64)| Pass {
+        layers: layers.iter().map(f).collect(),
+        tail_read: tail,
+    };
+    let draft = pass(&|p| (s.draft_stream_bytes(p), sparse_read));
+    let verify = pass(&|p| (s.verify_stream_bytes(p), dense_read));
+    let sirius_offload = windowed(input, &draft, &verify);
+
+    let uniform = |copy: u64, read: u64| Pass {
+        layers: vec![(copy, read); s.layers],
+        tail_read: tail,
+    };
+    let reference = windowed(
+        input,
+        &uniform(s.attention_bytes + s.sparse_ffn_bytes, sparse_read),
+        &uniform(s.attention_bytes + s.ffn_bytes, dense_read),
+    );
+
+    let dense = Pass {
+        layers: full_placement(input, s)
+            .iter()
+            .map(|&(att, ffn)| {
+                let copy =
+                    if att { 0 } else { s.attention_bytes } + if ffn { 0 } else { s.ffn_bytes };
+                (copy, dense_read)
+            })
+            .collect(),
+        tail_read: tail,
+    };
+    let dense_s = dense.seconds(input);
+    let full = way(dense_s * 1e3, None, dense_s * 1e3, dense.streamed() as f64);
+
+    let prompt_kv = kv / input.context as u64 * input.prompt_tokens as u64;
+    let prefill = pass(&|p| {
+        let read = s.attention_bytes + s.ffn_bytes + prompt_kv;
+        (s.prefill_stream_bytes(p), read)
+    });
+    Costs {
+        full,
+        reference,
+        sirius_offload,
+        ttft_ms: prefill.seconds(input) * 1e3,
+    }
+}
+
+/// Dense decoding's placement: (attention resident, whole FFN resident) per layer. Attention of
+/// layers 0.. first, then whole FFN layers 0.., while fixed bytes + placed + 2 buffers (sized
+/// for the largest per-layer transfer left) fit; the smallest placement when nothing does.
+fn full_placement(input: &PlanInput, s: &Sizes) -> Vec<(bool, bool)> {
+    let l = s.layers;
+    let layout = |m: usize| -> Vec<(bool, bool)> { (0..l).map(|i| (i < m, l + i < m)).collect() };
+    let resident = |m: usize| -> u64 {
+        let placed = m.min(l) as u64 * s.attention_bytes + m.saturating_sub(l) as u64 * s.ffn_bytes;
+        let buffer = layout(m)
+            .iter()
+            .map(|&(a, f)| if a { 0 } else { s.attention_bytes } + if f { 0 } else { s.ffn_bytes })
+            .max()
+            .unwrap_or(0);
+        s.fixed_bytes() + placed + STREAM_BUFFERS as u64 * buffer
+    };
+    let m = (0..=2 * l)
+        .rev()
+        .find(|&m| resident(m) <= input.budget)
+        .unwrap_or(0);
+    layout(m)
+}
+
+/// Fills `plan.advice` (and the advised keep and format) when the sparse set does not fit:
+/// the largest keep that fits in this format, the largest format that holds this keep, and
+/// what streaming the overflow costs per token.
+pub fn advise(input: &PlanInput, plan: &mut Plan) {
+    let s = &plan.sizes;
+    let budget = format_bytes(input.budget);
+    if plan.fits {
+        plan.advice.push(format!(
+            "the sparse set fits: {} of {budget} ({}) resident, {} spare; drafting streams nothing",
+            format_bytes(plan.resident_bytes),
+            input.budget_option,
+            format_bytes(input.budget - plan.resident_bytes)
+        ));
+        return;
+    }
+    let l = s.layers as u64;
+    let need = s.resident_with(2 * s.layers);
+    plan.advice.push(format!(
+        "{} cannot hold the sparse set in {budget} ({}): attention {} + sparse FFN (keep {}) {} \
+         + head, norms, KV cache and activations {} + stream buffers {} = {}",
+        input.format,
+        input.budget_option,
+        format_bytes(l * s.attention_bytes),
+        input.keep,
+        format_bytes(l * s.sparse_ffn_bytes),
+        format_bytes(s.fixed_bytes()),
+        format_bytes(STREAM_BUFFERS as u64 * s.buffer_bytes(&s.layers_with(2 * s.layers))),
+        format_bytes(need),
+    ));
+    // Hundredths from the requested keep down; fit is not monotone in keep for 1-2 layer
+    // models (the complement buffers grow as keep falls), so every step is checked.
+    let start = (input.keep * 100.0).floor() as u32;
+    plan.advised_keep = (1..=start)
+        .rev()
+        .map(|k| k as f64 / 100.0)
+        .find(|&k| Sizes::with(input, input.format, k).fits(input.budget));
+    match plan.advised_keep {
+        Some(k) => plan.advice.push(format!(
+            "keep {k:.2} fits in {}: run with --keep {k:.2}",
+            input.format
+        )),
+        None => plan
+            .advice
+            .push(format!("no keep of 0.01 or more fits in {}", input.format)),
+    }
+    let bits = input.format.bits_per_weight();
+    plan.advised_format = WeightFormat::ALL
+        .into_iter()
+        .filter(|w| w.bits_per_weight() < bits)
+        .find(|&w| Sizes::with(input, w, input.keep).fits(input.budget));
+    match plan.advised_format {
+        Some(w) => plan.advice.push(format!(
+            "{w} ({} bits per weight) holds keep {}: {} resident",
+            w.bits_per_weight(),
+            input.keep,
+            format_bytes(Sizes::with(input, w, input.keep).resident_with(2 * s.layers)),
+        )),
+        None if bits > WeightFormat::Q4.bits_per_weight() => plan.advice.push(format!(
+            "no smaller weight format holds keep {}",
+            input.keep
+        )),
+        None => {}
+    }
+    // What the overflow costs: this plan against the same sizes with everything resident.
+    let all = s.layers_with(2 * s.layers);
+    let ideal = predict(input, s, &all).sirius_offload.ms_per_token;
+    let ours = &plan.costs.sirius_offload;
+    let overflow = plan
+        .layers
+        .iter()
+        .position(|p| !p.sparse_ffn_resident)
+        .unwrap_or(s.layers);
+    plan.advice.push(format!(
+        "as planned, the overflow ({} every pass: sparse FFN of {}{}) costs {:.1} ms per token: \
+         {:.1} ms/token ({:.2} tokens/s) instead of {:.1} if it were resident",
+        format_bytes(plan.streamed_bytes_per_draft),
+        layer_range(overflow, s.layers),
+        if plan.layers.iter().all(|p| p.attention_resident) {
+            ""
+        } else {
+            " and some attention"
+        },
+        ours.ms_per_token - ideal,
+        ours.ms_per_token,
+        ours.tokens_per_s,
+        ideal,
+    ));
+}

@@ -1,1 +1,491 @@
-//! (being written)
+//! What stays resident in fast memory and what is streamed: a pure function of shapes, weight
+//! format, Griffin keep fraction, budget and context ([`plan`]).
+//!
+//! Always resident: norms (f32), the LM head, the KV cache, activations of one verification
+//! window and two streaming buffers (double buffering). The embedding table stays on the host
+//! (its rows are looked up there). The rest of the budget takes, in this order, the attention
+//! of layers 0.., then the sparse FFN subset (Griffin's kept neurons) of layers 0..; what does
+//! not fit is the *overflow*, streamed on every pass. Verification (and prefill) additionally
+//! streams each layer's FFN complement, or its whole FFN where the sparse subset overflowed.
+//!
+//! Byte counts are exact for bf16/f16 (matrices `rows * cols * 2`, vectors `4 * len`, KV cache
+//! `2 * layers * kv_dim * context * kv_bytes`): the runtime allocates exactly these sizes in an
+//! arena checked against the same budget.
+
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::offload::cost::{self, Costs};
+use crate::offload::format::{WeightFormat, VECTOR_BYTES};
+use crate::offload::format_bytes;
+use crate::sparsity::kept_neurons;
+
+/// Longest context and window the planner accepts: far above any use, low enough that no byte
+/// count can overflow.
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_PERIOD: usize = 256;
+
+/// Number of streaming buffers: layer l+1 is copied while layer l computes.
+pub const STREAM_BUFFERS: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub config: ModelConfig,
+    pub format: WeightFormat,
+    /// Griffin FFN keep fraction in (0, 1]; 1 = dense.
+    pub keep: f64,
+    /// Bytes of fast memory (GPU memory, or `--resident-mem` on CPU).
+    pub budget: u64,
+    /// The option that set `budget` ("--gpu-mem", "--resident-mem"), for error messages.
+    pub budget_option: String,
+    /// KV cache rows to hold.
+    pub context: usize,
+    /// Bytes per KV element: 2 (f16, GPU) or 4 (f32, the CPU backend).
+    pub kv_bytes: usize,
+    /// Host -> device link, GB/s (10^9 bytes).
+    pub link_gbps: f64,
+    /// Device memory bandwidth, GB/s.
+    pub mem_gbps: f64,
+    /// Sirius period K.
+    pub period: usize,
+    /// Assumed average advance length per verification (1 <= AAL <= K).
+    pub aal: f64,
+    /// Prompt length for the time to first token.
+    pub prompt_tokens: usize,
+}
+
+impl PlanInput {
+    /// Checks every number before any arithmetic depends on it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        if !(self.keep.is_finite() && self.keep > 0.0 && self.keep <= 1.0) {
+            return bad(format!(
+                "--keep must be a fraction in (0, 1], got {}",
+                self.keep
+            ));
+        }
+        if self.budget == 0 {
+            return bad(format!("{} must be positive", self.budget_option));
+        }
+        if self.context == 0 || self.context > MAX_CONTEXT {
+            return bad(format!(
+                "--context must be in 1..={MAX_CONTEXT} tokens, got {}",
+                self.context
+            ));
+        }
+        if !(1..=8).contains(&self.kv_bytes) {
+            return bad(format!(
+                "KV element size must be 1..=8 bytes, got {}",
+                self.kv_bytes
+            ));
+        }
+        for (name, v) in [
+            ("--link-gbps", self.link_gbps),
+            ("--mem-gbps", self.mem_gbps),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(format!("{name} must be a positive number, got {v}"));
+            }
+        }
+        if self.period == 0 || self.period > MAX_PERIOD {
+            return bad(format!(
+                "--period must be in 1..={MAX_PERIOD}, got {}",
+                self.period
+            ));
+        }
+        if !(self.aal.is_finite() && self.aal >= 1.0 && self.aal <= self.period as f64) {
+            return bad(format!(
+                "--aal must be between 1 and --period ({}), got {}",
+                self.period, self.aal
+            ));
+        }
+        if self.prompt_tokens == 0 || self.prompt_tokens > MAX_CONTEXT {
+            return bad(format!(
+                "--prompt-tokens must be in 1..={MAX_CONTEXT}, got {}",
+                self.prompt_tokens
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Byte sizes of every unit the planner moves, in the chosen format.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sizes {
+    pub layers: usize,
+    pub hidden: usize,
+    /// One layer's attention: wq, wk, wv, wo and their biases (f32).
+    pub attention_bytes: u64,
+    /// One neuron bundle: gate row + up row + down column (3 * hidden weights), plus its
+    /// gate/up biases (f32) on `mlp_bias` models.
+    pub neuron_bytes: u64,
+    pub neurons: usize,
+    pub kept_neurons: usize,
+    /// One layer's sparse FFN subset: kept_neurons bundles.
+    pub sparse_ffn_bytes: u64,
+    /// One layer's whole FFN: all bundles.
+    pub ffn_bytes: u64,
+    /// One layer's FFN complement: the bundles the sparse subset leaves out.
+    pub complement_bytes: u64,
+    /// vocab x hidden: the LM head (the embedding matrix itself on tied models).
+    pub head_bytes: u64,
+    /// vocab x hidden, on the host.
+    pub embedding_bytes: u64,
+    /// Every norm weight (2 per layer + final), plus FFN down biases on `mlp_bias` models; f32.
+    pub norm_bytes: u64,
+    /// 2 (K and V) * layers * kv_dim * context * kv_bytes.
+    pub kv_cache_bytes: u64,
+    /// One layer's KV rows at full context: what attention reads per pass.
+    pub kv_layer_bytes: u64,
+    /// 4 * period * (5h + 2q + 2kv + 2f + vocab): f32 activations of one verification window.
+    pub activation_bytes: u64,
+}
+
+impl Sizes {
+    pub fn new(input: &PlanInput) -> Sizes {
+        Self::with(input, input.format, input.keep)
+    }
+
+    /// Sizes of the same model and context in another format or at another keep.
+    pub fn with(input: &PlanInput, format: WeightFormat, keep: f64) -> Sizes {
+        let c = &input.config;
+        let (h, f, v, l) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+            c.num_layers,
+        );
+        let (q, kv) = (c.q_dim(), c.kv_dim());
+        let vec = |len: usize| len as u64 * VECTOR_BYTES;
+        let mut attention_bytes =
+            format.matrix_bytes(q, h) + 2 * format.matrix_bytes(kv, h) + format.matrix_bytes(h, q);
+        if c.qkv_bias {
+            attention_bytes += vec(q + 2 * kv);
+        }
+        if c.o_bias {
+            attention_bytes += vec(h);
+        }
+        let neuron_bytes = 3 * format.row_bytes(h) + if c.mlp_bias { vec(2) } else { 0 };
+        let kept = kept_neurons(keep as f32, f);
+        let norm_count = (2 * l + 1) * h + if c.mlp_bias { l * h } else { 0 };
+        let kv_layer_bytes = 2 * (kv as u64) * input.context as u64 * input.kv_bytes as u64;
+        let window = (5 * h + 2 * q + 2 * kv + 2 * f + v) as u64;
+        Sizes {
+            layers: l,
+            hidden: h,
+            attention_bytes,
+            neuron_bytes,
+            neurons: f,
+            kept_neurons: kept,
+            sparse_ffn_bytes: kept as u64 * neuron_bytes,
+            ffn_bytes: f as u64 * neuron_bytes,
+            complement_bytes: (f - kept) as u64 * neuron_bytes,
+            head_bytes: format.matrix_bytes(v, h),
+            embedding_bytes: format.matrix_bytes(v, h),
+            norm_bytes: vec(norm_count),
+            kv_cache_bytes: kv_layer_bytes * l as u64,
+            kv_layer_bytes,
+            activation_bytes: VECTOR_BYTES * input.period as u64 * window,
+        }
+    }
+
+    /// Resident whatever the placement: norms, head, KV cache, activations.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.norm_bytes + self.head_bytes + self.kv_cache_bytes + self.activation_bytes
+    }
+
+    /// Every weight once (a tied embedding counted once, as the head).
+    pub fn total_weight_bytes(&self, tied: bool) -> u64 {
+        let layers = self.layers as u64 * (self.attention_bytes + self.ffn_bytes);
+        let embedding = if tied { 0 } else { self.embedding_bytes };
+        layers + self.head_bytes + embedding + self.norm_bytes
+    }
+
+    /// Bytes a draft pass copies into layer `p`'s buffer: whatever of the sparse model overflowed.
+    pub fn draft_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p)
+            + if p.sparse_ffn_resident {
+                0
+            } else {
+                self.sparse_ffn_bytes
+            }
+    }
+
+    /// Bytes a verification pass copies for layer `p`: the complement of a resident sparse
+    /// subset (or the whole FFN), plus attention if it overflowed.
+    pub fn verify_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p)
+            + if p.sparse_ffn_resident {
+                self.complement_bytes
+            } else {
+                self.ffn_bytes
+            }
+    }
+
+    /// Bytes the first prefill copies for layer `p`: no neuron set is chosen yet, so the
+    /// whole FFN, plus attention if it overflowed.
+    pub fn prefill_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p) + self.ffn_bytes
+    }
+
+    fn streamed_attention(&self, p: &LayerPlacement) -> u64 {
+        if p.attention_resident {
+            0
+        } else {
+            self.attention_bytes
+        }
+    }
+
+    /// One streaming buffer: the largest per-layer transfer of any pass.
+    pub fn buffer_bytes(&self, layers: &[LayerPlacement]) -> u64 {
+        layers
+            .iter()
+            .map(|p| self.verify_stream_bytes(p).max(self.draft_stream_bytes(p)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Layers placed when the first `units` of (attention 0..L, sparse FFN 0..L) are resident.
+    pub fn layers_with(&self, units: usize) -> Vec<LayerPlacement> {
+        (0..self.layers)
+            .map(|l| LayerPlacement {
+                attention_resident: l < units,
+                sparse_ffn_resident: self.layers + l < units,
+            })
+            .collect()
+    }
+
+    /// Resident bytes with the first `units` placed, buffers included.
+    pub fn resident_with(&self, units: usize) -> u64 {
+        let att = units.min(self.layers) as u64 * self.attention_bytes;
+        let ffn = units.saturating_sub(self.layers) as u64 * self.sparse_ffn_bytes;
+        let buffers = STREAM_BUFFERS as u64 * self.buffer_bytes(&self.layers_with(units));
+        self.fixed_bytes() + att + ffn + buffers
+    }
+
+    /// Whether all attention and the whole sparse set fit in `budget`.
+    pub fn fits(&self, budget: u64) -> bool {
+        self.resident_with(2 * self.layers) <= budget
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerPlacement {
+    pub attention_resident: bool,
+    pub sparse_ffn_resident: bool,
+}
+
+/// How often a streamed item crosses the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Every {
+    /// Every pass: each drafted token and each verification.
+    Pass,
+    /// Only when the full model runs (verification, prefill).
+    Verification,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Residence {
+    Resident,
+    Streamed {
+        every: Every,
+    },
+    /// Stays in host memory and is used there (embedding rows).
+    Host,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanItem {
+    pub name: String,
+    pub bytes: u64,
+    pub residence: Residence,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub format: WeightFormat,
+    pub keep: f64,
+    pub budget: u64,
+    pub budget_option: String,
+    pub context: usize,
+    pub period: usize,
+    pub aal: f64,
+    pub sizes: Sizes,
+    pub items: Vec<PlanItem>,
+    pub layers: Vec<LayerPlacement>,
+    pub total_weight_bytes: u64,
+    /// Sum of the resident items, buffers included; never above `budget`.
+    pub resident_bytes: u64,
+    /// All attention and the whole sparse set are resident: drafting streams nothing.
+    pub fits: bool,
+    /// Bytes of one streaming buffer (0 when nothing is ever streamed).
+    pub stream_buffer_bytes: u64,
+    pub stream_buffers: usize,
+    pub streamed_bytes_per_verification: u64,
+    pub streamed_bytes_per_draft: u64,
+    pub streamed_bytes_per_prefill: u64,
+    /// The smallest budget any placement needs.
+    pub minimum_bytes: u64,
+    pub costs: Costs,
+    pub advice: Vec<String>,
+    /// Largest keep (hundredths) whose sparse set fits in this format, when this one does not.
+    pub advised_keep: Option<f64>,
+    /// Largest format holding the requested keep's sparse set, when this one does not.
+    pub advised_format: Option<WeightFormat>,
+}
+
+/// Plans placement, predicts costs and, when the sparse set does not fit, says what would.
+pub fn plan(input: &PlanInput) -> Result<Plan> {
+    input.validate()?;
+    let sizes = Sizes::new(input);
+    let units = 2 * sizes.layers;
+    // Resident bytes are not monotone in the units placed (buffers shrink once all attention,
+    // then all of the sparse set, is resident), so every count is tried; the largest that fits
+    // wins. At most 2 * 1024 + 1 counts.
+    let minimum = (0..=units)
+        .map(|m| sizes.resident_with(m))
+        .min()
+        .unwrap_or(0);
+    if input.budget < minimum {
+        return Err(budget_error(input, &sizes, minimum));
+    }
+    let placed = (0..=units)
+        .rev()
+        .find(|&m| sizes.resident_with(m) <= input.budget)
+        .unwrap_or(0);
+    let layers = sizes.layers_with(placed);
+    let buffer = sizes.buffer_bytes(&layers);
+    let items = items(input, &sizes, &layers, buffer);
+    let resident_bytes = items
+        .iter()
+        .filter(|i| i.residence == Residence::Resident)
+        .map(|i| i.bytes)
+        .sum();
+    let costs = cost::predict(input, &sizes, &layers);
+    let mut plan = Plan {
+        format: input.format,
+        keep: input.keep,
+        budget: input.budget,
+        budget_option: input.budget_option.clone(),
+        context: input.context,
+        period: input.period,
+        aal: input.aal,
+        total_weight_bytes: sizes.total_weight_bytes(input.config.tie_word_embeddings),
+        resident_bytes,
+        fits: placed == units,
+        stream_buffer_bytes: buffer,
+        stream_buffers: STREAM_BUFFERS,
+        streamed_bytes_per_verification: layers.iter().map(|p| sizes.verify_stream_bytes(p)).sum(),
+        streamed_bytes_per_draft: layers.iter().map(|p| sizes.draft_stream_bytes(p)).sum(),
+        streamed_bytes_per_prefill: layers.iter().map(|p| sizes.prefill_stream_bytes(p)).sum(),
+        minimum_bytes: minimum,
+        costs,
+        advice: Vec::new(),
+        advised_keep: None,
+        advised_format: None,
+        sizes,
+        items,
+        layers,
+    };
+    cost::advise(input, &mut plan);
+    Ok(plan)
+}
+
+fn budget_error(input: &PlanInput, s: &Sizes, minimum: u64) -> Error {
+    let worst = s.attention_bytes + s.ffn_bytes;
+    let needs = format!(
+        "KV cache {} ({} tokens), head {}, norms {}, activations {}, {} stream buffers of {} \
+         (one layer's attention + whole FFN)",
+        format_bytes(s.kv_cache_bytes),
+        input.context,
+        format_bytes(s.head_bytes),
+        format_bytes(s.norm_bytes),
+        format_bytes(s.activation_bytes),
+        STREAM_BUFFERS,
+        format_bytes(worst),
+    );
+    Error::BudgetBelowMinimum {
+        option: input.budget_option.clone(),
+        budget: input.budget,
+        minimum,
+        needs,
+    }
+}
+
+/// "layers 3-9", "layer 3".
+pub fn layer_range(first: usize, end: usize) -> String {
+    if end == first + 1 {
+        format!("layer {first}")
+    } else {
+        format!("layers {first}-{}", end - 1)
+    }
+}
+
+/// The aggregated, readable list: every weight once (a tied embedding appears as the resident
+/// head and as the host table it is looked up in), then KV cache, activations, buffers.
+fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -> Vec<PlanItem> {
+    let l = s.layers;
+    let att_res = layers.iter().filter(|p| p.attention_resident).count();
+    let ffn_res = layers.iter().filter(|p| p.sparse_ffn_resident).count();
+    let resident = Residence::Resident;
+    let every_pass = Residence::Streamed { every: Every::Pass };
+    let mut out = Vec::new();
+    let mut push = |name: String, bytes: u64, residence| {
+        out.push(PlanItem {
+            name,
+            bytes,
+            residence,
+        })
+    };
+    let embedding = if input.config.tie_word_embeddings {
+        "embedding table (tied to the head; rows looked up on the host)"
+    } else {
+        "embedding table (rows looked up on the host)"
+    };
+    push(embedding.into(), s.embedding_bytes, Residence::Host);
+    push("LM head".into(), s.head_bytes, resident);
+    push("norms (f32)".into(), s.norm_bytes, resident);
+    if att_res > 0 {
+        let name = format!("attention, {}", layer_range(0, att_res));
+        push(name, att_res as u64 * s.attention_bytes, resident);
+    }
+    if att_res < l {
+        let name = format!("attention overflow, {}", layer_range(att_res, l));
+        push(name, (l - att_res) as u64 * s.attention_bytes, every_pass);
+    }
+    let keep = format!("{}", input.keep);
+    if ffn_res > 0 {
+        let name = format!("sparse FFN (keep {keep}), {}", layer_range(0, ffn_res));
+        push(name, ffn_res as u64 * s.sparse_ffn_bytes, resident);
+    }
+    if ffn_res < l {
+        let name = format!(
+            "sparse FFN overflow (keep {keep}), {}",
+            layer_range(ffn_res, l)
+        );
+        push(name, (l - ffn_res) as u64 * s.sparse_ffn_bytes, every_pass);
+    }
+    if s.complement_bytes > 0 {
+        let name = format!("FFN complement, {}", layer_range(0, l));
+        let residence = Residence::Streamed {
+            every: Every::Verification,
+        };
+        push(name, l as u64 * s.complement_bytes, residence);
+    }
+    let kv_name = format!(
+        "KV cache ({} tokens, {}-byte elements)",
+        input.context, input.kv_bytes
+    );
+    push(kv_name, s.kv_cache_bytes, resident);
+    let act = format!("activations ({}-token window, f32)", input.period);
+    push(act, s.activation_bytes, resident);
+    let bufs = format!(
+        "stream buffers ({STREAM_BUFFERS} x {})",
+        format_bytes(buffer)
+    );
+    push(bufs, STREAM_BUFFERS as u64 * buffer, resident);
+    out
+}

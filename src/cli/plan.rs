@@ -1,0 +1,314 @@
+//! `sirius-offload plan`: what stays resident within a memory budget, what is streamed, and the
+//! predicted speed of full decoding, the Sirius paper's offloading and ours, side by side.
+//! Needs only the model's shapes (a preset or a config.json), no weights.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use clap::Args;
+use serde::Serialize;
+
+use crate::cli::eval::ReportFormat;
+use crate::cli::output::print_stdout;
+use crate::config::{resolve_model_dir, ModelConfig, Preset};
+use crate::error::{Error, Result};
+use crate::offload::cost::WayCost;
+use crate::offload::format::WeightFormat;
+use crate::offload::placement::{self, Every, Plan, PlanInput, Residence};
+use crate::offload::{format_bytes, parse_size};
+
+/// The paper's AAL on GSM8K with K = 16 (Llama-3-8B-Instruct, Griffin), as a fraction of K.
+const PAPER_AAL_FRACTION: f64 = 15.22 / 16.0;
+
+#[derive(Debug, Clone, Args)]
+pub struct PlanArgs {
+    /// Preset name (e.g. llama-3-70b; weights not needed) or a model directory with config.json.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// GPU memory budget, e.g. 24G (= 24 GiB), 24GB (= 24e9 bytes), 512M. KV cache in f16.
+    #[arg(
+        long,
+        required_unless_present = "resident_mem",
+        conflicts_with = "resident_mem"
+    )]
+    pub gpu_mem: Option<String>,
+    /// Plan for the CPU runtime instead: resident memory budget (KV cache in f32).
+    #[arg(long)]
+    pub resident_mem: Option<String>,
+    /// Weight format: bf16, f16, q8 (8.5 bits per weight) or q4 (4.5 bits per weight).
+    #[arg(long, default_value = "bf16")]
+    pub weights: WeightFormat,
+    /// Griffin FFN keep fraction in (0, 1].
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub keep: f64,
+    /// Sirius period K: K - 1 drafted tokens per verification.
+    #[arg(long, default_value_t = 16)]
+    pub period: usize,
+    /// Assumed average advance length per verification (default: the paper's GSM8K
+    /// 15.22/16, scaled to K).
+    #[arg(long, allow_negative_numbers = true)]
+    pub aal: Option<f64>,
+    /// Host -> device link in GB/s (PCIe 4.0 x16 moves about 25).
+    #[arg(long, default_value_t = 25.0, allow_negative_numbers = true)]
+    pub link_gbps: f64,
+    /// Device memory bandwidth in GB/s (RTX 4090: 1008).
+    #[arg(long, default_value_t = 1008.0, allow_negative_numbers = true)]
+    pub mem_gbps: f64,
+    /// KV cache rows to hold.
+    #[arg(long, default_value_t = 4096)]
+    pub context: usize,
+    /// Prompt length for the time to first token.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Output: a markdown report or one JSON object.
+    #[arg(long, default_value = "md")]
+    pub format: ReportFormat,
+}
+
+#[derive(Serialize)]
+struct Predicted<T> {
+    full: T,
+    reference: T,
+    sirius_offload: T,
+}
+
+/// The JSON report: the contract's summary fields, then the whole plan.
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    format: WeightFormat,
+    keep: f64,
+    total_weight_bytes: u64,
+    resident_bytes: u64,
+    fits: bool,
+    streamed_bytes_per_verification: u64,
+    predicted_ms_per_token: Predicted<f64>,
+    predicted_tokens_per_s: Predicted<f64>,
+    ttft_ms: f64,
+    plan: Plan,
+    /// When the requested plan does not fit: the largest format that holds the sparse set,
+    /// or else the largest keep that fits in the requested format.
+    alternative: Option<Box<Report>>,
+}
+
+impl Report {
+    fn new(model: &str, plan: Plan) -> Report {
+        let c = &plan.costs;
+        Report {
+            model: model.to_string(),
+            format: plan.format,
+            keep: plan.keep,
+            total_weight_bytes: plan.total_weight_bytes,
+            resident_bytes: plan.resident_bytes,
+            fits: plan.fits,
+            streamed_bytes_per_verification: plan.streamed_bytes_per_verification,
+            predicted_ms_per_token: Predicted {
+                full: c.full.ms_per_token,
+                reference: c.reference.ms_per_token,
+                sirius_offload: c.sirius_offload.ms_per_token,
+            },
+            predicted_tokens_per_s: Predicted {
+                full: c.full.tokens_per_s,
+                reference: c.reference.tokens_per_s,
+                sirius_offload: c.sirius_offload.tokens_per_s,
+            },
+            ttft_ms: c.ttft_ms,
+            plan,
+            alternative: None,
+        }
+    }
+}
+
+pub fn plan(args: &PlanArgs) -> Result<()> {
+    let (option, size, kv_bytes) = match (&args.gpu_mem, &args.resident_mem) {
+        (Some(s), _) => ("--gpu-mem", s, 2),
+        (None, Some(s)) => ("--resident-mem", s, 4),
+        (None, None) => {
+            return Err(Error::InvalidArgument(
+                "give a budget: --gpu-mem SIZE or --resident-mem SIZE".into(),
+            ))
+        }
+    };
+    let budget = parse_size(size).map_err(|e| match e {
+        Error::InvalidArgument(msg) => Error::InvalidArgument(format!("{option}: {msg}")),
+        other => other,
+    })?;
+    let config = model_config(&args.model)?;
+    let input = PlanInput {
+        config,
+        format: args.weights,
+        keep: args.keep,
+        budget,
+        budget_option: option.to_string(),
+        context: args.context,
+        kv_bytes,
+        link_gbps: args.link_gbps,
+        mem_gbps: args.mem_gbps,
+        period: args.period,
+        // A window always advances at least one token, hence the floor of 1 for tiny K.
+        aal: args
+            .aal
+            .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
+        prompt_tokens: args.prompt_tokens,
+    };
+    let first = placement::plan(&input)?;
+    let alternative = match (first.fits, first.advised_format, first.advised_keep) {
+        (true, _, _) => None,
+        (false, Some(format), _) => Some(PlanInput {
+            format,
+            ..input.clone()
+        }),
+        (false, None, Some(keep)) => Some(PlanInput {
+            keep,
+            ..input.clone()
+        }),
+        (false, None, None) => None,
+    };
+    let mut report = Report::new(&args.model, first);
+    if let Some(alt) = alternative {
+        report.alternative = Some(Box::new(Report::new(&args.model, placement::plan(&alt)?)));
+    }
+    match args.format {
+        ReportFormat::Json => {
+            let json = serde_json::to_string_pretty(&report)
+                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            print_stdout(&(json + "\n"))
+        }
+        ReportFormat::Md => print_stdout(&markdown(args, &input, &report)),
+    }
+}
+
+/// `--model` as shapes: a directory's config.json, else a preset's `[config]`, else the
+/// config.json of a preset's fetched weights.
+fn model_config(model: &str) -> Result<ModelConfig> {
+    if !Path::new(model).exists() {
+        if let Some(config) = Preset::find(model)?
+            .map(|p| p.model_config())
+            .transpose()?
+            .flatten()
+        {
+            return Ok(config);
+        }
+    }
+    let dir = resolve_model_dir(model)?;
+    ModelConfig::from_file(&dir.join("config.json"))
+}
+
+fn markdown(args: &PlanArgs, input: &PlanInput, report: &Report) -> String {
+    let p = &report.plan;
+    let mut out = format!(
+        "# Offload plan: {} in {} ({})\n\nK = {}, AAL = {:.2}, link {} GB/s, memory {} GB/s, \
+         context {} tokens, prompt {} tokens. Whole model: {} GB ({}) in {}.\n\n",
+        args.model,
+        format_bytes(input.budget),
+        input.budget_option,
+        input.period,
+        input.aal,
+        input.link_gbps,
+        input.mem_gbps,
+        input.context,
+        input.prompt_tokens,
+        gigabytes(p.total_weight_bytes),
+        format_bytes(p.total_weight_bytes),
+        p.format,
+    );
+    if !p.fits {
+        if let Some(first) = p.advice.first() {
+            let _ = writeln!(out, "**{first}**\n");
+        }
+    }
+    plan_section(&mut out, p);
+    if let Some(alt) = &report.alternative {
+        let why = if alt.plan.format != p.format {
+            format!("the largest format that holds keep {}", p.keep)
+        } else {
+            format!("the largest keep that fits in {}", p.format)
+        };
+        let _ = writeln!(
+            out,
+            "\n# Alternative: {} at keep {} ({why})\n",
+            alt.plan.format, alt.plan.keep
+        );
+        plan_section(&mut out, &alt.plan);
+    }
+    out
+}
+
+/// Decimal gigabytes, as model sizes are usually quoted: `141.1`, `0.269`.
+fn gigabytes(bytes: u64) -> String {
+    let gb = bytes as f64 / 1e9;
+    if gb >= 10.0 {
+        format!("{gb:.1}")
+    } else {
+        format!("{gb:.3}")
+    }
+}
+
+fn plan_section(out: &mut String, p: &Plan) {
+    let verdict = if p.fits {
+        "the sparse set fits: drafting streams nothing"
+    } else {
+        "the sparse set does not fit: the overflow is streamed on every pass"
+    };
+    let _ = writeln!(out, "## {} at keep {}: {verdict}\n", p.format, p.keep);
+    out.push_str("| what | size | where |\n|---|---:|---|\n");
+    for item in &p.items {
+        let place = match item.residence {
+            Residence::Resident => "resident",
+            Residence::Host => "host",
+            Residence::Streamed { every: Every::Pass } => "streamed every pass",
+            Residence::Streamed {
+                every: Every::Verification,
+            } => "streamed at verification",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {place} |",
+            item.name,
+            format_bytes(item.bytes)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "| **resident total** | {} of {} | |\n\nStreamed: {} per draft pass, {} per \
+         verification, {} at the first prefill.\n",
+        format_bytes(p.resident_bytes),
+        format_bytes(p.budget),
+        format_bytes(p.streamed_bytes_per_draft),
+        format_bytes(p.streamed_bytes_per_verification),
+        format_bytes(p.streamed_bytes_per_prefill),
+    );
+    out.push_str(
+        "| way | ms/token | tokens/s | streamed/token | draft pass ms | full pass ms |\n\
+         |---|---:|---:|---:|---:|---:|\n",
+    );
+    let c = &p.costs;
+    for (name, way) in [
+        ("full (dense, rest streamed every token)", &c.full),
+        (
+            "reference (paper: all layers streamed every token)",
+            &c.reference,
+        ),
+        ("sirius-offload (this plan)", &c.sirius_offload),
+    ] {
+        way_row(out, name, way);
+    }
+    let _ = writeln!(out, "\nTime to first token: {:.0} ms.\n", c.ttft_ms);
+    for line in &p.advice {
+        let _ = writeln!(out, "- {line}");
+    }
+}
+
+fn way_row(out: &mut String, name: &str, w: &WayCost) {
+    let draft = w
+        .draft_ms
+        .map_or_else(|| "-".to_string(), |d| format!("{d:.1}"));
+    let _ = writeln!(
+        out,
+        "| {name} | {:.1} | {:.2} | {} | {draft} | {:.1} |",
+        w.ms_per_token,
+        w.tokens_per_s,
+        format_bytes(w.streamed_bytes_per_token),
+        w.verify_ms,
+    );
+}

@@ -1,0 +1,116 @@
+//! `sirius-offload plan` on the command line: the issue's Done-when (Llama-3-70B in 24G),
+//! the JSON contract and clean one-line errors.
+
+mod common;
+
+use common::{assert_one_line_failure, run_bin as run, stderr_of as stderr};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn llama_3_70b_in_24g_explains_bf16_and_shows_a_q4_plan() {
+    let o = run(&["plan", "--model", "llama-3-70b", "--gpu-mem", "24G"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let md = stdout(&o);
+    assert!(md.contains("bf16 cannot hold the sparse set"), "{md}");
+    assert!(md.contains("# Alternative: q4 at keep 0.5"), "{md}");
+    assert!(
+        md.contains("## q4 at keep 0.5: the sparse set fits"),
+        "{md}"
+    );
+    for way in ["full (", "reference (", "sirius-offload ("] {
+        assert_eq!(md.matches(way).count(), 2, "{way} once per plan: {md}");
+    }
+    assert!(
+        md.contains("tokens/s") && md.contains("Time to first token"),
+        "{md}"
+    );
+    assert!(md.contains("141.1 GB"), "{md}");
+}
+
+#[test]
+fn json_has_the_contract_keys() {
+    let o = run(&[
+        "plan",
+        "--model",
+        "llama-3-70b",
+        "--gpu-mem",
+        "24GiB",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["fits"], false);
+    assert_eq!(json["total_weight_bytes"], 141_110_050_816u64);
+    for key in ["resident_bytes", "streamed_bytes_per_verification"] {
+        assert!(json[key].as_u64().is_some(), "{key}");
+    }
+    for way in ["full", "reference", "sirius_offload"] {
+        assert!(json["predicted_ms_per_token"][way].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(json["plan"]["layers"].as_array().unwrap().len(), 80);
+    let alt = &json["alternative"];
+    assert_eq!(
+        (alt["fits"].as_bool(), alt["format"].as_str()),
+        (Some(true), Some("q4"))
+    );
+    assert!(alt["resident_bytes"].as_u64().unwrap() <= 24 << 30);
+    let ours = alt["predicted_ms_per_token"]["sirius_offload"]
+        .as_f64()
+        .unwrap();
+    let reference = alt["predicted_ms_per_token"]["reference"].as_f64().unwrap();
+    assert!(ours < reference, "{ours} vs {reference}");
+}
+
+#[test]
+fn a_model_directory_with_only_config_json_plans() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+        "intermediate_size":96,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"vocab_size":128}"#;
+    std::fs::write(tmp.path().join("config.json"), config).unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let o = run(&[
+        "plan",
+        "-m",
+        dir,
+        "--resident-mem",
+        "8M",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["fits"], true);
+    assert!(json["alternative"].is_null());
+}
+
+#[test]
+fn bad_inputs_are_one_line_errors() {
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--model", "llama-3-70b"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_one_line_failure(&plan(&["--gpu-mem", "24X"]), "24X");
+    assert_one_line_failure(&plan(&["--gpu-mem", "2G"]), "minimum");
+    assert_one_line_failure(&plan(&["--gpu-mem", "24G", "--keep", "0"]), "--keep");
+    assert_one_line_failure(&plan(&["--gpu-mem", "24G", "--aal", "40"]), "--aal");
+    let o = run(&["plan", "--model", "no-such-model", "--gpu-mem", "24G"]);
+    assert_one_line_failure(&o, "no-such-model");
+}
+
+#[test]
+fn a_shapes_only_preset_cannot_run_and_says_why() {
+    let home = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sirius-offload"))
+        .env("SIRIUS_HOME", home.path())
+        .env_remove("SIRIUS_LOG")
+        .args(["run", "--model", "llama-3-70b", "--prompt", "hi"])
+        .output()
+        .unwrap();
+    assert_one_line_failure(&o, "shapes only");
+}

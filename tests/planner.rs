@@ -1,0 +1,370 @@
+//! The offload planner against hand computation: presets' shapes, byte counts per format,
+//! placement within the budget, the minimum-budget error and the pipeline model.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use sirius_offload::config::{ModelConfig, Preset};
+use sirius_offload::offload::cost::pipeline_seconds;
+use sirius_offload::offload::format::WeightFormat;
+use sirius_offload::offload::placement::{plan, PlanInput, Residence, Sizes};
+use sirius_offload::offload::{format_bytes, parse_size};
+use sirius_offload::Error;
+
+fn preset(name: &str) -> ModelConfig {
+    Preset::find(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no preset {name}"))
+        .model_config()
+        .unwrap()
+        .unwrap_or_else(|| panic!("preset {name} has no [config]"))
+}
+
+fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput {
+    PlanInput {
+        config: preset(model),
+        format,
+        keep,
+        budget,
+        budget_option: "--gpu-mem".into(),
+        context: 4096,
+        kv_bytes: 2,
+        link_gbps: 25.0,
+        mem_gbps: 1008.0,
+        period: 16,
+        aal: 15.22,
+        prompt_tokens: 512,
+    }
+}
+
+fn gib(n: u64) -> u64 {
+    n << 30
+}
+
+#[test]
+fn every_preset_parses_with_its_published_shapes() {
+    // name, hidden, ffn, layers, heads, kv heads, vocab, tied, qkv bias
+    let table = [
+        ("llama-3-70b", 8192, 28672, 80, 64, 8, 128256, false, false),
+        ("llama-3-8b", 4096, 14336, 32, 32, 8, 128256, false, false),
+        ("llama-3.1-8b", 4096, 14336, 32, 32, 8, 128256, false, false),
+        ("llama-2-7b", 4096, 11008, 32, 32, 32, 32000, false, false),
+        ("llama-2-13b", 5120, 13824, 40, 40, 40, 32000, false, false),
+        ("llama-2-70b", 8192, 28672, 80, 64, 8, 32000, false, false),
+        ("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, false, true),
+        ("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, false, true),
+        ("smollm2-135m", 576, 1536, 30, 9, 3, 49152, true, false),
+    ];
+    for name in Preset::builtin_names() {
+        assert!(table.iter().any(|t| t.0 == name), "{name} not in the table");
+    }
+    for (name, h, f, l, heads, kv, vocab, tied, bias) in table {
+        let c = preset(name);
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_layers),
+            (h, f, l),
+            "{name}"
+        );
+        assert_eq!(
+            (c.num_heads, c.num_kv_heads, c.vocab_size),
+            (heads, kv, vocab)
+        );
+        assert_eq!((c.tie_word_embeddings, c.qkv_bias), (tied, bias), "{name}");
+    }
+    let l31 = preset("llama-3.1-8b");
+    assert!(l31.rope_scaling.is_some() && l31.max_position_embeddings == 131072);
+    assert_eq!(preset("llama-3-70b").rope_theta, 500000.0);
+    assert_eq!(preset("qwen2.5-7b").rms_norm_eps, 1e-6);
+}
+
+#[test]
+fn smollm2_preset_matches_the_fetched_config() {
+    let home = sirius_offload::config::sirius_home();
+    let path = home.join("models/smollm2-135m/config.json");
+    if !path.is_file() {
+        eprintln!(
+            "SKIPPED (smollm2 preset vs fetched config.json): {} does not exist; run \
+             tools/fetch-model smollm2-135m",
+            path.display()
+        );
+        return;
+    }
+    let real = ModelConfig::from_file(&path).unwrap();
+    let ours = preset("smollm2-135m");
+    let shape = |c: &ModelConfig| {
+        (
+            c.architecture,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_layers,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.vocab_size,
+            c.tie_word_embeddings,
+            c.max_position_embeddings,
+        )
+    };
+    assert_eq!(shape(&ours), shape(&real));
+    assert_eq!(
+        (ours.rope_theta, ours.rms_norm_eps, &ours.eos_token_ids),
+        (real.rope_theta, real.rms_norm_eps, &real.eos_token_ids)
+    );
+    assert_eq!(ours.parameter_count(), real.parameter_count());
+}
+
+#[test]
+fn llama_3_70b_matches_hand_computation() {
+    let c = preset("llama-3-70b");
+    // embedding + head: 2 * 128256 * 8192; attention: 80 * (2 * 8192^2 + 2 * 8192 * 1024);
+    // FFN: 80 * 3 * 8192 * 28672; norms: (2 * 80 + 1) * 8192.
+    let embed_head = 2 * 128256 * 8192u64;
+    let attention = 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024u64);
+    let ffn = 80 * 3 * 8192 * 28672u64;
+    let norms = 161 * 8192u64;
+    assert_eq!(embed_head, 2_101_346_304); // 2.10e9
+    assert_eq!(attention, 12_079_595_520); // 12.08e9
+    assert_eq!(ffn, 56_371_445_760); // 56.37e9
+    let params = embed_head + attention + ffn + norms;
+    assert_eq!(c.parameter_count() as u64, params);
+    assert_eq!((params as f64 / 1e7).round() / 100.0, 70.55);
+
+    let bf16 = Sizes::new(&input("llama-3-70b", WeightFormat::Bf16, 0.5, gib(24)));
+    assert_eq!(bf16.attention_bytes * 80, 2 * attention);
+    assert_eq!(bf16.ffn_bytes * 80, 2 * ffn);
+    assert_eq!(bf16.head_bytes + bf16.embedding_bytes, 2 * embed_head);
+    assert_eq!(bf16.norm_bytes, 4 * norms);
+    let total = bf16.total_weight_bytes(false);
+    assert_eq!(total, 2 * (params - norms) + 4 * norms);
+    assert_eq!((total as f64 / 1e8).round() / 10.0, 141.1);
+
+    // q4: 18 bytes per 32 weights (every dimension is a multiple of 32).
+    let q4 = Sizes::new(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(24)));
+    assert_eq!(
+        q4.total_weight_bytes(false),
+        (params - norms) * 18 / 32 + 4 * norms
+    );
+    assert_eq!(q4.attention_bytes * 80, attention * 9 / 16); // 6.79e9
+    assert_eq!(q4.kept_neurons, 14336);
+    assert_eq!(q4.sparse_ffn_bytes * 80, ffn / 2 * 9 / 16); // 15.85e9
+    assert_eq!(q4.kv_cache_bytes, 2 * 80 * 1024 * 4096 * 2); // 1.34e9
+    let q8 = Sizes::new(&input("llama-3-70b", WeightFormat::Q8, 0.5, gib(24)));
+    assert_eq!(
+        q8.total_weight_bytes(false),
+        (params - norms) * 34 / 32 + 4 * norms
+    );
+}
+
+#[test]
+fn llama_3_70b_in_24g_needs_q4() {
+    let budget = parse_size("24G").unwrap();
+    let p = plan(&input("llama-3-70b", WeightFormat::Bf16, 0.5, budget)).unwrap();
+    assert!(!p.fits);
+    assert!(p.resident_bytes <= budget);
+    assert_eq!(p.advised_format, Some(WeightFormat::Q4));
+    assert_eq!(
+        p.advised_keep, None,
+        "attention alone overfills 24G in bf16"
+    );
+    let advice = p.advice.join("\n");
+    assert!(
+        advice.contains("bf16 cannot hold the sparse set"),
+        "{advice}"
+    );
+    assert!(advice.contains("q4"), "{advice}");
+    assert!(p.streamed_bytes_per_draft > 0);
+
+    let q4 = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, budget)).unwrap();
+    assert!(q4.fits && q4.resident_bytes <= budget);
+    assert!(q4
+        .layers
+        .iter()
+        .all(|l| l.attention_resident && l.sparse_ffn_resident));
+    assert_eq!(q4.streamed_bytes_per_draft, 0);
+    // ~25.0e9 bytes: attention 6.8 + head 0.59 + sparse FFN 15.85 + KV 1.34 + buffers 0.4 (GB).
+    assert!(
+        (q4.resident_bytes as f64 / 1e9 - 25.0).abs() < 0.1,
+        "{}",
+        q4.resident_bytes
+    );
+    assert_eq!(q4.stream_buffers, 2);
+    assert_eq!(q4.stream_buffer_bytes, q4.sizes.complement_bytes);
+    assert_eq!(
+        q4.streamed_bytes_per_verification,
+        80 * q4.sizes.complement_bytes
+    );
+    let c = &q4.costs;
+    assert!(c.sirius_offload.ms_per_token < c.full.ms_per_token / 5.0);
+    assert!(c.sirius_offload.ms_per_token < c.reference.ms_per_token / 5.0);
+    // Per token = ((K - 1) * draft + verify) / AAL, for both windowed ways.
+    for w in [&c.sirius_offload, &c.reference] {
+        let expect = (15.0 * w.draft_ms.unwrap() + w.verify_ms) / 15.22;
+        assert!((w.ms_per_token - expect).abs() < 1e-9);
+        assert!((w.tokens_per_s * w.ms_per_token - 1e3).abs() < 1e-6);
+    }
+    // In q4 at keep 0.5 a 20G card has an overflow, and a smaller keep fits.
+    let tight = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(20))).unwrap();
+    let keep = tight.advised_keep.unwrap();
+    assert!(keep < 0.5 && keep > 0.2, "{keep}");
+    assert!(
+        plan(&input("llama-3-70b", WeightFormat::Q4, keep, gib(20)))
+            .unwrap()
+            .fits
+    );
+    let over = plan(&input(
+        "llama-3-70b",
+        WeightFormat::Q4,
+        keep + 0.01,
+        gib(20),
+    ))
+    .unwrap();
+    assert!(!over.fits);
+}
+
+#[test]
+fn resident_bytes_never_exceed_the_budget() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let models = ["llama-3-70b", "llama-2-7b", "qwen2.5-7b", "smollm2-135m"];
+    let mut planned = 0;
+    for _ in 0..300 {
+        let model = models[rng.gen_range(0..models.len())];
+        let format = WeightFormat::ALL[rng.gen_range(0..4)];
+        let keep = rng.gen_range(1..=100) as f64 / 100.0;
+        let probe = input(model, format, keep, u64::MAX / 4);
+        let total = Sizes::new(&probe).total_weight_bytes(false);
+        let budget = (total as f64 * rng.gen_range(0.01..1.3)) as u64 + 1;
+        let mut inp = PlanInput { budget, ..probe };
+        inp.context = rng.gen_range(1..9000);
+        inp.kv_bytes = if rng.gen_bool(0.5) { 2 } else { 4 };
+        match plan(&inp) {
+            Ok(p) => {
+                planned += 1;
+                assert!(
+                    p.resident_bytes <= budget,
+                    "{model} {format} {keep} {budget}"
+                );
+                assert!(p.minimum_bytes <= budget);
+                let s = &p.sizes;
+                let att = p.layers.iter().filter(|l| l.attention_resident).count() as u64;
+                let ffn = p.layers.iter().filter(|l| l.sparse_ffn_resident).count() as u64;
+                let expect = s.fixed_bytes()
+                    + att * s.attention_bytes
+                    + ffn * s.sparse_ffn_bytes
+                    + 2 * p.stream_buffer_bytes;
+                assert_eq!(p.resident_bytes, expect);
+                let resident: u64 = p
+                    .items
+                    .iter()
+                    .filter(|i| i.residence == Residence::Resident)
+                    .map(|i| i.bytes)
+                    .sum();
+                assert_eq!(resident, p.resident_bytes);
+                assert_eq!(p.fits, p.streamed_bytes_per_draft == 0);
+                // The buffer holds the largest single-layer transfer of any pass.
+                let largest = p.layers.iter().map(|l| s.verify_stream_bytes(l)).max();
+                assert_eq!(Some(p.stream_buffer_bytes), largest);
+                if !p.fits {
+                    assert!(p.advice.len() >= 2);
+                }
+            }
+            Err(Error::BudgetBelowMinimum {
+                budget: b, minimum, ..
+            }) => assert!(b == budget && minimum > budget),
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(planned > 50, "only {planned} plans");
+}
+
+#[test]
+fn a_budget_below_the_minimum_names_it() {
+    let p = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(1000))).unwrap();
+    let minimum = p.minimum_bytes;
+    assert!(plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum)).is_ok());
+    let err = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum - 1)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::BudgetBelowMinimum { .. }), "{msg}");
+    assert!(
+        msg.contains("--gpu-mem")
+            && msg.contains(&format_bytes(minimum))
+            && msg.contains("KV cache"),
+        "{msg}"
+    );
+    for bad in [0.0, -0.5, 1.5, f64::NAN] {
+        let err = plan(&input("llama-3-70b", WeightFormat::Q4, bad, gib(24))).unwrap_err();
+        assert!(err.to_string().contains("--keep"), "{err}");
+    }
+    let mut inp = input("smollm2-135m", WeightFormat::Bf16, 0.5, gib(1));
+    inp.aal = 17.0;
+    assert!(plan(&inp).unwrap_err().to_string().contains("--aal"));
+}
+
+#[test]
+fn pipeline_matches_hand_worked_cases() {
+    let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-12, "{a} != {b}");
+    // Nothing streamed: compute back to back.
+    close(pipeline_seconds(&[0.0; 3], &[1.0, 2.0, 3.0], 2), 6.0);
+    // Copy-bound: copies end at 1, 2, 3; each compute (0.1) follows its copy.
+    close(pipeline_seconds(&[1.0; 3], &[0.1; 3], 2), 3.1);
+    // Compute-bound: copy 0 ends at 0.1, computes follow one another; copy 2 waits for
+    // compute 0 (1.1) to free its buffer but still lands before compute 1 ends.
+    close(pipeline_seconds(&[0.1; 3], &[1.0; 3], 2), 3.1);
+    // Two buffers force a wait: copy 2 cannot start before compute 0 releases buffer 0 at
+    // 4, so it lands at 5; with three buffers it lands at 3 and the pass ends with compute 0.
+    close(pipeline_seconds(&[1.0; 3], &[3.0, 0.0, 0.0], 2), 5.0);
+    close(pipeline_seconds(&[1.0; 3], &[3.0, 0.0, 0.0], 3), 4.0);
+    // Resident layers in front compute while the streamed tail is copied in.
+    close(pipeline_seconds(&[0.0, 0.0, 1.0], &[1.0, 1.0, 1.0], 2), 3.0);
+    close(pipeline_seconds(&[0.0, 0.0, 3.0], &[1.0, 1.0, 1.0], 2), 4.0);
+    // One buffer: no overlap between a copy and the compute of the layer before.
+    close(pipeline_seconds(&[1.0; 2], &[1.0; 2], 1), 4.0);
+    close(pipeline_seconds(&[1.0; 2], &[1.0; 2], 2), 3.0);
+}
+
+#[test]
+fn smollm2_bf16_bytes_are_exact() {
+    let inp = input("smollm2-135m", WeightFormat::Bf16, 0.5, gib(1));
+    let s = Sizes::new(&inp);
+    assert_eq!(s.attention_bytes, (576 * 576 * 2 + 576 * 192 * 2) * 2);
+    assert_eq!(s.neuron_bytes, 3 * 576 * 2);
+    assert_eq!(s.kept_neurons, 768);
+    assert_eq!(s.sparse_ffn_bytes, 768 * 3 * 576 * 2);
+    assert_eq!(s.complement_bytes, 768 * 3 * 576 * 2);
+    assert_eq!(s.ffn_bytes, 1536 * 3 * 576 * 2);
+    assert_eq!(s.head_bytes, 49152 * 576 * 2);
+    assert_eq!(s.norm_bytes, (2 * 30 + 1) * 576 * 4);
+    assert_eq!(s.kv_cache_bytes, 2 * 30 * 192 * 4096 * 2);
+    let window = 5 * 576 + 2 * 576 + 2 * 192 + 2 * 1536 + 49152;
+    assert_eq!(s.activation_bytes, 4 * 16 * window);
+    // Tied: the embedding is the head, counted once.
+    let norms = 61 * 576;
+    assert_eq!(
+        s.total_weight_bytes(true),
+        2 * (134_515_008 - norms) + 4 * norms
+    );
+    let p = plan(&inp).unwrap();
+    assert!(p.fits);
+    assert_eq!(p.stream_buffer_bytes, s.complement_bytes);
+    let host = p
+        .items
+        .iter()
+        .find(|i| i.residence == Residence::Host)
+        .unwrap();
+    assert_eq!(host.bytes, s.head_bytes);
+}
+
+#[test]
+fn qwen_biases_are_counted_and_dense_keep_streams_nothing() {
+    let s = Sizes::new(&input("qwen2.5-7b", WeightFormat::Bf16, 0.5, gib(24)));
+    let (h, q, kv) = (3584u64, 3584u64, 512u64);
+    assert_eq!(
+        s.attention_bytes,
+        (2 * h * q + 2 * h * kv) * 2 + (q + 2 * kv) * 4
+    );
+    // keep 1 = dense: no complement, so a fitting plan streams nothing at all.
+    let p = plan(&input("smollm2-135m", WeightFormat::Bf16, 1.0, gib(1))).unwrap();
+    assert!(p.fits);
+    assert_eq!(
+        (p.stream_buffer_bytes, p.streamed_bytes_per_verification),
+        (0, 0)
+    );
+    assert!(p.costs.sirius_offload.streamed_bytes_per_token == 0);
+}
