@@ -1,0 +1,139 @@
+//! The copy engine's public data: what a job reads, what compute gets back, options and stats.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use memmap2::Mmap;
+use serde::Serialize;
+
+use crate::offload::trace::Trace;
+
+/// Bytes in host memory a copy reads: the memory-mapped checkpoint or host-built neuron bundles.
+#[derive(Debug, Clone)]
+pub struct HostSlice {
+    /// The mapping the bytes live in (shared, read-only).
+    pub map: Arc<Mmap>,
+    /// The bytes' offsets within `map`.
+    pub range: Range<usize>,
+}
+
+impl HostSlice {
+    /// The whole mapping.
+    pub fn whole(map: Arc<Mmap>) -> Self {
+        let range = 0..map.len();
+        HostSlice { map, range }
+    }
+
+    /// Bytes in the slice.
+    pub fn len(&self) -> usize {
+        self.range.end.saturating_sub(self.range.start)
+    }
+
+    /// Whether the slice is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One layer's transfer for one pass: its pieces land back to back in one staging buffer.
+#[derive(Debug, Clone)]
+pub struct CopyJob {
+    /// The layer the bytes are for; `wait` checks it.
+    pub layer: usize,
+    /// Names the job in traces and errors (e.g. "layer 3 ffn complement").
+    pub label: String,
+    /// What to copy, in order.
+    pub pieces: Vec<HostSlice>,
+}
+
+impl CopyJob {
+    /// Bytes the job copies.
+    pub fn bytes(&self) -> usize {
+        self.pieces.iter().map(HostSlice::len).sum()
+    }
+}
+
+/// A staging buffer filled with one job's pieces; read-only while compute holds it.
+#[derive(Debug)]
+pub struct Filled {
+    /// The job's layer.
+    pub layer: usize,
+    /// The whole staging buffer (its capacity is `buffer_bytes`; the job's bytes are at the
+    /// start). Clones made from it must be dropped before `release`.
+    pub buffer: Arc<Mmap>,
+    /// Where each of the job's pieces landed in `buffer`, in the job's order.
+    pub pieces: Vec<Range<usize>>,
+    pub(super) engine: u64,
+    pub(super) index: usize,
+    pub(super) seq: u64,
+    pub(super) generation: u64,
+}
+
+impl Filled {
+    /// The bytes of piece `i`, if there is one.
+    pub fn piece(&self, i: usize) -> Option<&[u8]> {
+        self.pieces.get(i).and_then(|r| self.buffer.get(r.clone()))
+    }
+
+    /// Bytes of the job (all pieces).
+    pub fn bytes(&self) -> usize {
+        self.pieces.last().map_or(0, |r| r.end)
+    }
+
+    /// The job's sequence number (what `CopyEngineOptions::delay` was given).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+/// Extra delay per job, given the job's sequence number (tests use it to shake timing).
+pub type DelayFn = Arc<dyn Fn(u64) -> Duration + Send + Sync>;
+
+/// How to build a [`super::CpuCopyEngine`].
+#[derive(Clone)]
+pub struct CopyEngineOptions {
+    /// Staging buffers, at least 2 (double buffering): how many jobs may be filled ahead.
+    pub buffers: usize,
+    /// Capacity of each staging buffer; no job may be larger.
+    pub buffer_bytes: usize,
+    /// Emulate a link of this many GB/s (10^9 bytes): a job of b bytes takes at least
+    /// b / (link * 1e9) seconds, paced in ~1 MiB chunks so the rate is smooth.
+    pub link_gbps: Option<f64>,
+    /// Extra delay per job before it copies (counted as busy time).
+    pub delay: Option<DelayFn>,
+    /// Record each job as a `Track::Copy` span named by its label, args {layer, bytes}, and
+    /// each blocking `wait` as a `Track::Compute` "stall" span.
+    pub trace: Option<Trace>,
+}
+
+impl CopyEngineOptions {
+    /// `buffers` buffers of `buffer_bytes` each, no link cap, no delay, no trace.
+    pub fn new(buffers: usize, buffer_bytes: usize) -> Self {
+        CopyEngineOptions {
+            buffers,
+            buffer_bytes,
+            link_gbps: None,
+            delay: None,
+            trace: None,
+        }
+    }
+}
+
+/// What the copy engine did since it was made or its stats were reset.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CopyStats {
+    /// Bytes copied (cancelled jobs included, as far as they got).
+    pub bytes: u64,
+    /// Jobs filled.
+    pub jobs: u64,
+    /// Seconds the copy thread spent on jobs, pacing and delays included.
+    pub busy_s: f64,
+    /// Seconds compute was blocked in `wait`.
+    pub wait_s: f64,
+    /// Fraction of copy time hidden behind compute: 1 - wait_s / busy_s in [0, 1]; 1 when
+    /// nothing was copied.
+    pub overlap: f64,
+    /// bytes / busy_s / 1e9 (0 when nothing was copied).
+    pub achieved_gbps: f64,
+}
