@@ -47,6 +47,46 @@ impl CpuMatrix {
     pub fn row_bytes(&self) -> usize {
         self.cols * self.dtype.size()
     }
+
+    /// A matrix over `range` of a shared read-only mapping, without copying: the offloading
+    /// runtime's view of a filled staging buffer, or of host memory.
+    pub fn view(
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CpuMatrix> {
+        if range.end > map.len() || range.len() != rows * cols * dtype.size() {
+            return Err(Error::InvalidArgument(format!(
+                "a {rows} x {cols} {dtype} matrix needs {} bytes; got bytes {range:?} of a {}-byte buffer",
+                rows * cols * dtype.size(),
+                map.len()
+            )));
+        }
+        Ok(CpuMatrix {
+            storage: Storage::Mapped(map, range),
+            dtype,
+            rows,
+            cols,
+        })
+    }
+
+    /// A private copy of the matrix in fresh (huge-page) memory: offloading's resident copy
+    /// of a weight that otherwise stays in the checkpoint mapping.
+    pub fn resident_copy(&self) -> Result<CpuMatrix> {
+        Ok(CpuMatrix {
+            storage: Storage::Owned(Arc::new(huge_page_copy(self.bytes())?)),
+            dtype: self.dtype,
+            rows: self.rows,
+            cols: self.cols,
+        })
+    }
+
+    /// Bytes the matrix holds.
+    pub fn byte_len(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
 }
 
 /// `bytes` copied into a fresh read-only anonymous mapping advised to use transparent huge

@@ -150,6 +150,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             .aal
             .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
         prompt_tokens: args.prompt_tokens,
+        activation_bytes: None,
     };
     let first = placement::plan(&input)?;
     let alternative = match (first.fits, first.advised_format, first.advised_keep) {

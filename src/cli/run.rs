@@ -15,6 +15,9 @@ use crate::engine::{generate, generate_sirius, GenerateOptions, GenerationOutput
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{Llama, SamplingParams, Tokenizer};
+use crate::offload::parse_size;
+use crate::offload::runtime::OffloadOptions;
+use crate::offload::sirius_model::generate_sirius_offloaded;
 use crate::sparsity::SparsityMode;
 
 #[derive(Debug, Clone, Args)]
@@ -106,6 +109,23 @@ pub struct RunArgs {
     /// tree of (K - 1) * W + 1 tokens.
     #[arg(long, default_value_t = 1, requires = "sirius")]
     pub width: usize,
+    /// Offloading on CPU: keep only this much memory resident (e.g. 160M, 1.5G) for weights,
+    /// KV cache and buffers, placed as `sirius-offload plan` decides; the rest stays in host
+    /// memory and is streamed, only when the full model verifies (needs --sirius --sparsity
+    /// griffin). Emulates a GPU budget to test the schedule; output tokens do not change.
+    #[arg(long, value_name = "SIZE")]
+    pub resident_mem: Option<String>,
+    /// Cap the copy engine at this many GB/s, emulating a PCIe link (with --resident-mem).
+    #[arg(long, requires = "resident_mem")]
+    pub link_gbps: Option<f64>,
+    /// Memory bandwidth (GB/s) the planner assumes for compute when it predicts ms/token for
+    /// this run (with --resident-mem; measure yours with `cargo bench --bench membw`).
+    #[arg(long, default_value_t = 20.0, requires = "resident_mem")]
+    pub mem_gbps: f64,
+    /// Write a Chrome trace (open in Perfetto) of copy and compute spans per layer
+    /// (with --resident-mem).
+    #[arg(long, value_name = "PATH", requires = "resident_mem")]
+    pub trace: Option<PathBuf>,
     /// Write run statistics as one JSON object to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -171,6 +191,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             ));
         }
     }
+    let resident_mem = match &args.resident_mem {
+        Some(size) => Some(check_offload_args(args, parse_size(size)?)?),
+        None => None,
+    };
+    check_output_dir("--trace", args.trace.as_deref())?;
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument(
             "--stop needs a non-empty text".into(),
@@ -181,7 +206,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let backend = CpuBackend::new(args.threads);
     let threads = backend.threads();
     let loaded = std::time::Instant::now();
-    let model = Llama::load(&dir, backend)?;
+    let mut model = Llama::load(&dir, backend)?;
     tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
         weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
     if let Some(ctx) = args
@@ -193,7 +218,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
             model.config.max_position_embeddings
         )));
     }
-    let sparsity = sparsity_args.build(&model)?;
+    // Offloading keeps its own host copy of the FFN (bundles) and builds the sparse set itself.
+    let sparsity = match resident_mem {
+        Some(_) => crate::sparsity::Sparsity::None,
+        None => sparsity_args.build(&model)?,
+    };
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         return Err(Error::Tokenizer {
@@ -259,7 +288,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
             }
         }
     };
-    let output = if args.sirius {
+    let output = if let Some(budget) = resident_mem {
+        let offload = OffloadOptions {
+            budget,
+            link_gbps: args.link_gbps,
+            mem_gbps: args.mem_gbps,
+            keep: args.keep,
+            period: args.period,
+            context: 0,
+            prompt_tokens: 0,
+            trace: args.trace.is_some(),
+            delay: None,
+        };
+        generate_sirius_offloaded(
+            &mut model,
+            &tokenizer,
+            &prompt_ids,
+            &opts,
+            sirius,
+            offload,
+            args.trace.as_deref(),
+            &mut write_piece,
+        )?
+    } else if args.sirius {
         generate_sirius(
             &model,
             &sparsity,
@@ -333,6 +384,29 @@ pub fn run(args: &RunArgs) -> Result<()> {
         write_json(path, &stats)?;
     }
     Ok(())
+}
+
+/// `--resident-mem` runs the offloading runtime, which executes Griffin + Sirius plans.
+fn check_offload_args(args: &RunArgs, budget: u64) -> Result<u64> {
+    if !args.sirius || args.sparsity != SparsityMode::Griffin || args.cats_thresholds.is_some() {
+        return Err(Error::InvalidArgument(
+            "--resident-mem offloads a Sirius run with Griffin sparsity: add --sirius --sparsity griffin --temperature 0".into(),
+        ));
+    }
+    if let Some(link) = args.link_gbps {
+        if !(link.is_finite() && link > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "--link-gbps must be a positive number of GB/s, got {link}"
+            )));
+        }
+    }
+    if !(args.mem_gbps.is_finite() && args.mem_gbps > 0.0) {
+        return Err(Error::InvalidArgument(format!(
+            "--mem-gbps must be a positive number of GB/s, got {}",
+            args.mem_gbps
+        )));
+    }
+    Ok(budget)
 }
 
 /// The prompt from --prompt or --prompt-file ("-" = standard input).

@@ -67,6 +67,9 @@ pub struct GenerationOutput {
     /// Correction statistics of a `--sirius` run.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub sirius: Option<crate::engine::SiriusReport>,
+    /// Streaming statistics of an offloaded run (`run --resident-mem`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<crate::offload::runtime::OffloadReport>,
 }
 
 /// Generates from `prompt_ids`, calling `on_text` with each piece of text as it is complete;
@@ -149,6 +152,7 @@ pub fn generate<B: Backend>(
         sparse_setup_seconds,
         sparsity: sparse.report(&model.config),
         sirius: None,
+        offload: None,
     })
 }
 

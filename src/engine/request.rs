@@ -49,7 +49,23 @@ pub(crate) fn prefill<B: Backend>(
 ) -> Result<Vec<f32>> {
     let chunk = chunk.max(1).min(prompt_ids.len().max(1));
     let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
-    let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk).collect();
+    prefill_chunks(prompt_ids, chunk, show_progress, &mut |piece, want| {
+        model.forward_with(piece, cache, &mut scratch, want, &mut request.prefill_ffn())
+    })
+}
+
+/// One prefill chunk: tokens and which logits to return.
+pub(crate) type PrefillStep<'a> = dyn FnMut(&[u32], Logits) -> Result<Vec<f32>> + 'a;
+
+/// Feeds the prompt to `step` in chunks of `chunk` tokens, asking logits of the last one
+/// only, with a progress bar for long prompts; returns the last chunk's logits.
+pub(crate) fn prefill_chunks(
+    prompt_ids: &[u32],
+    chunk: usize,
+    show_progress: bool,
+    step: &mut PrefillStep<'_>,
+) -> Result<Vec<f32>> {
+    let chunks: Vec<&[u32]> = prompt_ids.chunks(chunk.max(1)).collect();
     // indicatif hides the bar when stderr is not a terminal.
     let bar = (show_progress && chunks.len() > 1)
         .then(|| progress_bar(prompt_ids.len() as u64, "prefill"));
@@ -61,8 +77,7 @@ pub(crate) fn prefill<B: Backend>(
         } else {
             Logits::None
         };
-        logits =
-            model.forward_with(piece, cache, &mut scratch, want, &mut request.prefill_ffn())?;
+        logits = step(piece, want)?;
         if let Some(bar) = &bar {
             bar.inc(piece.len() as u64);
         }

@@ -13,7 +13,7 @@ use crate::engine::request::{cache_capacity, rate, TextOutput};
 use crate::error::{Error, Result};
 use crate::model::{Llama, Tokenizer};
 use crate::sirius::{correct_streaming, CorrectorOptions, LlamaSirius, SiriusModel};
-use crate::sparsity::Sparsity;
+use crate::sparsity::{Sparsity, SparsityReport};
 
 /// The corrector's settings (`run --period --threshold --accept-temperature`).
 #[derive(Debug, Clone, Copy)]
@@ -52,31 +52,71 @@ pub fn generate_sirius<B: Backend>(
     sirius: SiriusOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
+    let capacity = sirius_cache_rows(model, prompt_ids, opts, &sirius)?;
+    let mut m = LlamaSirius::new(model, sparsity, capacity, sirius.period, sirius.width)?;
+    drive_sirius(&mut m, tokenizer, prompt_ids, opts, sirius, on_text)
+}
+
+/// A Sirius request the generation loop drives: the plain one ([`LlamaSirius`]) and the
+/// offloaded one (`crate::offload::OffloadedSirius`).
+pub trait SiriusRequest: SiriusModel {
+    /// Runs the prompt through the full model and returns its first token.
+    fn prefill(&mut self, prompt: &[u32], chunk: usize, show_progress: bool) -> Result<u32>;
+    /// What the request's sparse steps read.
+    fn sparsity_report(&self) -> SparsityReport;
+}
+
+impl<B: Backend> SiriusRequest for LlamaSirius<'_, B> {
+    fn prefill(&mut self, prompt: &[u32], chunk: usize, show_progress: bool) -> Result<u32> {
+        LlamaSirius::prefill(self, prompt, chunk, show_progress)
+    }
+
+    fn sparsity_report(&self) -> SparsityReport {
+        LlamaSirius::sparsity_report(self)
+    }
+}
+
+/// Cache rows of a Sirius request: the plain request's, plus a row for the last window's
+/// full-model token (the cache for plain decoding never holds the final token), plus rows
+/// for a tree's pruned branches until the verification compacts them away (their positions
+/// are depths, so they never pass the context). Without these the last windows would shrink.
+/// Validates the corrector options first.
+pub fn sirius_cache_rows<B: Backend>(
+    model: &Llama<B>,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    sirius: &SiriusOptions,
+) -> Result<usize> {
     if opts.sampling.temperature != 0.0 {
         return Err(Error::InvalidArgument(
             "--sirius decodes greedily (as the paper does): add --temperature 0".into(),
         ));
     }
-    let corrector = CorrectorOptions {
+    corrector_options(sirius, opts).validate()?;
+    let capacity = cache_capacity(model, prompt_ids, opts)?;
+    Ok(capacity + 1 + (sirius.period - 1) * (sirius.width - 1))
+}
+
+fn corrector_options(sirius: &SiriusOptions, opts: &GenerateOptions) -> CorrectorOptions {
+    CorrectorOptions {
         period: sirius.period,
         threshold: sirius.threshold,
         accept_temperature: sirius.accept_temperature,
         width: sirius.width,
         max_tokens: opts.max_tokens,
-    };
-    corrector.validate()?;
-    let capacity = cache_capacity(model, prompt_ids, opts)?;
-    let mut m = LlamaSirius::new(
-        model,
-        sparsity,
-        // The last window's full-model token needs a row too (the cache for plain decoding
-        // never holds the final token), and a tree's pruned branches need rows until the
-        // verification compacts them away (its positions are depths, so they never pass the
-        // context): without these rows the last windows of every request would shrink.
-        capacity + 1 + (sirius.period - 1) * (sirius.width - 1),
-        sirius.period,
-        sirius.width,
-    )?;
+    }
+}
+
+/// Prefill, then correction windows with text streamed at each verification boundary.
+pub fn drive_sirius(
+    m: &mut dyn SiriusRequest,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    sirius: SiriusOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<GenerationOutput> {
+    let corrector = corrector_options(&sirius, opts);
     let t0 = Instant::now();
     let first = m.prefill(prompt_ids, opts.prefill_chunk, opts.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64();
@@ -85,12 +125,8 @@ pub fn generate_sirius<B: Backend>(
     let mut reason: Option<StopReason> = None;
     let mut failure: Option<Error> = None;
     let t_decode = Instant::now();
-    let (ids, stats) = correct_streaming(
-        &mut m,
-        first,
-        &opts.stop_token_ids,
-        &corrector,
-        &mut |tokens| {
+    let (ids, stats) =
+        correct_streaming(m, first, &opts.stop_token_ids, &corrector, &mut |tokens| {
             // Like plain generation, the token that completes a stop string is counted.
             for (i, &t) in tokens.iter().enumerate() {
                 match out.push(t) {
@@ -106,8 +142,7 @@ pub fn generate_sirius<B: Backend>(
                 }
             }
             ControlFlow::Continue(())
-        },
-    )?;
+        })?;
     if let Some(e) = failure {
         return Err(e);
     }
@@ -121,7 +156,7 @@ pub fn generate_sirius<B: Backend>(
     });
     out.finish(stop_reason)?;
     let text = out.text;
-    let sparse_report = m.request().report(&model.config);
+    let sparse_report = m.sparsity_report();
     let report = SiriusReport {
         period: sirius.period,
         width: sirius.width,
@@ -147,5 +182,6 @@ pub fn generate_sirius<B: Backend>(
         sparse_setup_seconds: 0.0,
         sparsity: sparse_report,
         sirius: Some(report),
+        offload: None,
     })
 }

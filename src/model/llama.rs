@@ -3,11 +3,14 @@
 
 use std::path::Path;
 
-use crate::backend::{AttentionShape, Backend, BundleSelection, NeuronLists, RopeTable, TreeMask};
+use crate::backend::{
+    AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, RopeTable, TreeMask,
+};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::kv_cache::KvCache;
+use crate::model::streamed::{LayerStream, StreamedAttention, StreamedLayer};
 use crate::model::weights::WeightStore;
 use crate::sparsity::calibrate::GateRecorder;
 use crate::sparsity::{CatsRule, GriffinFfn, GriffinScores, NeuronBundles, NeuronCounter};
@@ -48,6 +51,10 @@ pub struct Llama<B: Backend> {
     store: WeightStore,
 }
 
+/// Makes a resident copy of a weight (offloading): its label and the matrix to copy.
+pub type ResidentCopy<'a, B> =
+    dyn FnMut(&str, &<B as Backend>::Matrix) -> Result<<B as Backend>::Matrix> + 'a;
+
 /// Which rows of the batch need logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Logits {
@@ -77,6 +84,10 @@ pub enum Ffn<'a, B: Backend> {
         counter: &'a mut NeuronCounter,
         shared: bool,
     },
+    /// The dense FFN of an offloaded full pass: the request's resident Griffin neurons plus
+    /// the streamed bundles of the rest (`StreamedLayer::complement`); layers whose sparse
+    /// set is not resident get their whole FFN streamed (`StreamedLayer::dense_ffn`).
+    SplitDense(&'a GriffinFfn<B>),
 }
 
 /// Where the tokens of a batch sit: after the cache, one after another (prompt, decode,
@@ -99,6 +110,7 @@ pub struct Scratch<B: Backend> {
     v: B::Buf,         // [n, kv]
     attn: B::Buf,      // [n, q]
     proj: B::Buf,      // [n, h] output of wo / w_down
+    part: B::Buf,      // [n, h] second FFN part (offloading: the streamed complement)
     gate: B::Buf,      // [n, f]
     up: B::Buf,        // [n, f]
     picked: B::Buf,    // [r, h] rows selected for the head
@@ -133,6 +145,7 @@ impl<B: Backend> Scratch<B> {
             v: b.alloc(n * c.kv_dim())?,
             attn: b.alloc(n * c.q_dim())?,
             proj: b.alloc(n * c.hidden_size)?,
+            part: b.alloc(n * c.hidden_size)?,
             gate: b.alloc(n * c.intermediate_size)?,
             up: b.alloc(n * c.intermediate_size)?,
             picked: b.alloc(r * c.hidden_size)?,
@@ -143,6 +156,16 @@ impl<B: Backend> Scratch<B> {
 
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// Bytes of the f32 buffers [`Scratch::with_logit_rows`] allocates (an offloading
+    /// runtime reserves them in its budget before allocating).
+    pub fn byte_size(c: &ModelConfig, max_tokens: usize, max_logit_rows: usize) -> u64 {
+        let n = max_tokens.max(1);
+        let r = max_logit_rows.clamp(1, n);
+        let per_token =
+            5 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size;
+        (4 * (n * per_token + r * (c.hidden_size + c.vocab_size))) as u64
     }
 }
 
@@ -241,6 +264,28 @@ impl<B: Backend> Llama<B> {
         &self.store
     }
 
+    /// Offloading: replaces the attention projections of the layers where `attention[li]` is
+    /// set, and the LM head (a separate copy of the embedding when tied: lookups stay on the
+    /// host), by copies `copy` makes in the runtime's resident memory. Returns the bytes
+    /// copied. The other weights stay where they are and are only read through streaming.
+    pub fn make_resident(
+        &mut self,
+        attention: &[bool],
+        copy: &mut ResidentCopy<'_, B>,
+    ) -> Result<()> {
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            if attention.get(li).copied().unwrap_or(false) {
+                layer.wq = copy(&format!("layer {li} wq"), &layer.wq)?;
+                layer.wk = copy(&format!("layer {li} wk"), &layer.wk)?;
+                layer.wv = copy(&format!("layer {li} wv"), &layer.wv)?;
+                layer.wo = copy(&format!("layer {li} wo"), &layer.wo)?;
+            }
+        }
+        let head = copy("LM head", self.lm_head.as_ref().unwrap_or(&self.embed))?;
+        self.lm_head = Some(head);
+        Ok(())
+    }
+
     /// Bytes of all weights in the checkpoint.
     pub fn weight_bytes(&self) -> usize {
         self.store.total_bytes()
@@ -267,7 +312,31 @@ impl<B: Backend> Llama<B> {
         want: Logits,
         ffn: &mut Ffn<B>,
     ) -> Result<Vec<f32>> {
-        self.forward_layout(tokens, Layout::Causal, cache, scratch, want, ffn)
+        self.forward_layout(tokens, Layout::Causal, cache, scratch, want, ffn, None)
+    }
+
+    /// [`Llama::forward_with`] (or [`Llama::forward_tree`] with a `mask`) where the layers
+    /// read the weights `stream` puts in place instead of resident ones they lack
+    /// (offloading, see `crate::offload`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_streamed(
+        &self,
+        tokens: &[u32],
+        mask: Option<&TreeMask>,
+        cache: &mut KvCache<B>,
+        scratch: &mut Scratch<B>,
+        want: Logits,
+        ffn: &mut Ffn<B>,
+        stream: &mut dyn LayerStream<B>,
+    ) -> Result<Vec<f32>> {
+        let layout = match mask {
+            Some(mask) => {
+                check_tree_batch(tokens, mask, cache)?;
+                Layout::Tree(mask)
+            }
+            None => Layout::Causal,
+        };
+        self.forward_layout(tokens, layout, cache, scratch, want, ffn, Some(stream))
     }
 
     /// Runs the last `mask.n_tokens()` nodes of a token tree (`tokens`, one per node) at cache
@@ -282,18 +351,11 @@ impl<B: Backend> Llama<B> {
         want: Logits,
         ffn: &mut Ffn<B>,
     ) -> Result<Vec<f32>> {
-        if mask.n_tokens() != tokens.len() || mask.first_row() != cache.len() {
-            return Err(Error::InvalidArgument(format!(
-                "tree batch of {} tokens at cache row {} does not match its mask ({} nodes from row {})",
-                tokens.len(),
-                cache.len(),
-                mask.n_tokens(),
-                mask.first_row()
-            )));
-        }
-        self.forward_layout(tokens, Layout::Tree(mask), cache, scratch, want, ffn)
+        check_tree_batch(tokens, mask, cache)?;
+        self.forward_layout(tokens, Layout::Tree(mask), cache, scratch, want, ffn, None)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_layout(
         &self,
         tokens: &[u32],
@@ -302,6 +364,7 @@ impl<B: Backend> Llama<B> {
         scratch: &mut Scratch<B>,
         want: Logits,
         ffn: &mut Ffn<B>,
+        mut stream: Option<&mut dyn LayerStream<B>>,
     ) -> Result<Vec<f32>> {
         let n = tokens.len();
         if n == 0 {
@@ -320,8 +383,16 @@ impl<B: Backend> Llama<B> {
         let start = cache.len();
         b.embed(&self.embed, tokens, &mut s.x)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            self.attention_block(li, layer, cache, s, start, n, layout)?;
-            self.ffn_block(li, layer, s, n, ffn)?;
+            let streamed = match stream.as_deref_mut() {
+                Some(st) => Some(st.acquire(li)?),
+                None => None,
+            };
+            let attention = streamed.as_ref().and_then(|l| l.attention.as_ref());
+            self.attention_block(li, layer, attention, cache, s, start, n, layout)?;
+            self.ffn_block(li, layer, streamed.as_ref(), s, n, ffn)?;
+            if let (Some(st), Some(l)) = (stream.as_deref_mut(), streamed) {
+                st.release(l)?;
+            }
         }
         cache.advance(n);
         let (first_row, rows) = match want {
@@ -354,6 +425,7 @@ impl<B: Backend> Llama<B> {
         &self,
         li: usize,
         w: &LayerWeights<B>,
+        streamed: Option<&StreamedAttention<B>>,
         cache: &mut KvCache<B>,
         s: &mut Scratch<B>,
         start: usize,
@@ -362,10 +434,14 @@ impl<B: Backend> Llama<B> {
     ) -> Result<()> {
         let b = &self.backend;
         let c = &self.config;
+        let (wq, wk, wv, wo) = match streamed {
+            Some(a) => (&a.wq, &a.wk, &a.wv, &a.wo),
+            None => (&w.wq, &w.wk, &w.wv, &w.wo),
+        };
         b.rmsnorm(&s.x, &w.attn_norm, c.rms_norm_eps, n, &mut s.xn)?;
-        b.matmul(&w.wq, &s.xn, n, &mut s.q)?;
-        b.matmul(&w.wk, &s.xn, n, &mut s.k)?;
-        b.matmul(&w.wv, &s.xn, n, &mut s.v)?;
+        b.matmul(wq, &s.xn, n, &mut s.q)?;
+        b.matmul(wk, &s.xn, n, &mut s.k)?;
+        b.matmul(wv, &s.xn, n, &mut s.v)?;
         self.add_bias(&mut s.q, &w.q_bias, n)?;
         self.add_bias(&mut s.k, &w.k_bias, n)?;
         self.add_bias(&mut s.v, &w.v_bias, n)?;
@@ -391,7 +467,7 @@ impl<B: Backend> Llama<B> {
             Layout::Causal => b.attention(&s.q, keys, values, shape, start, n, &mut s.attn)?,
             Layout::Tree(mask) => b.tree_attention(&s.q, keys, values, shape, mask, &mut s.attn)?,
         }
-        b.matmul(&w.wo, &s.attn, n, &mut s.proj)?;
+        b.matmul(wo, &s.attn, n, &mut s.proj)?;
         self.add_bias(&mut s.proj, &w.o_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
     }
@@ -401,6 +477,7 @@ impl<B: Backend> Llama<B> {
         &self,
         li: usize,
         w: &LayerWeights<B>,
+        streamed: Option<&StreamedLayer<B>>,
         s: &mut Scratch<B>,
         n: usize,
         ffn: &mut Ffn<B>,
@@ -409,20 +486,34 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let f = c.intermediate_size;
         b.rmsnorm(&s.x, &w.ffn_norm, c.rms_norm_eps, n, &mut s.xn)?;
+        // A full pass over a layer whose sparse set is not resident streams its whole FFN.
+        let streamed_dense = streamed.and_then(|l| l.dense_ffn.as_ref());
         match ffn {
-            Ffn::Griffin(g) => {
-                // The same dense FFN over the request's k gathered neurons: s.gate and s.up
-                // hold [n, k] here.
-                let l = g.layers.get(li).ok_or_else(|| {
-                    Error::InvalidArgument(format!("no Griffin FFN for layer {li}"))
-                })?;
-                let k = g.selection.layers[li].len();
-                b.matmul(&l.gate, &s.xn, n, &mut s.gate)?;
-                b.matmul(&l.up, &s.xn, n, &mut s.up)?;
-                self.add_bias(&mut s.gate, &l.gate_bias, n)?;
-                self.add_bias(&mut s.up, &l.up_bias, n)?;
-                b.silu_mul(&mut s.gate, &s.up, n * k)?;
-                b.matmul(&l.down, &s.gate, n, &mut s.proj)?;
+            Ffn::Griffin(g) => self.griffin_part(g, li, streamed, s, n)?,
+            Ffn::SplitDense(g) if streamed_dense.is_none() => {
+                // Dense = resident neurons + the rest, streamed as bundles. The sum runs in
+                // another order than one dense matmul, so results agree to rounding.
+                self.griffin_part(g, li, streamed, s, n)?;
+                let complement = streamed
+                    .and_then(|l| l.complement.as_ref())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "layer {li}: an offloaded full pass needs the streamed FFN complement"
+                        ))
+                    })?;
+                let all = BundleSelection::All {
+                    gate_bias: None,
+                    up_bias: None,
+                };
+                b.bundle_ffn(
+                    complement,
+                    BundleLayout::GateUpDown,
+                    &s.xn,
+                    n,
+                    all,
+                    &mut s.part,
+                )?;
+                b.add(&mut s.proj, &s.part, n * c.hidden_size)?;
             }
             Ffn::Cats {
                 bundles,
@@ -450,9 +541,13 @@ impl<B: Backend> Llama<B> {
                 };
                 b.bundle_ffn(&l.matrix, bundles.layout, &s.xn, n, sel, &mut s.proj)?;
             }
-            Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) => {
-                b.matmul(&w.w_gate, &s.xn, n, &mut s.gate)?;
-                b.matmul(&w.w_up, &s.xn, n, &mut s.up)?;
+            Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) | Ffn::SplitDense(_) => {
+                let (w_gate, w_up, w_down) = match streamed_dense {
+                    Some(d) => (&d.gate, &d.up, &d.down),
+                    None => (&w.w_gate, &w.w_up, &w.w_down),
+                };
+                b.matmul(w_gate, &s.xn, n, &mut s.gate)?;
+                b.matmul(w_up, &s.xn, n, &mut s.up)?;
                 self.add_bias(&mut s.gate, &w.gate_bias, n)?;
                 self.add_bias(&mut s.up, &w.up_bias, n)?;
                 if let Ffn::DenseRecording(recorder) = ffn {
@@ -473,11 +568,46 @@ impl<B: Backend> Llama<B> {
                         scores.tokens += n;
                     }
                 }
-                b.matmul(&w.w_down, &s.gate, n, &mut s.proj)?;
+                b.matmul(w_down, &s.gate, n, &mut s.proj)?;
             }
         }
         self.add_bias(&mut s.proj, &w.down_bias, n)?;
         b.add(&mut s.x, &s.proj, n * c.hidden_size)
+    }
+
+    /// proj = the request's Griffin FFN of layer `li` (resident, or streamed for this pass when
+    /// it did not fit): the dense FFN over k gathered neurons, s.gate and s.up holding [n, k].
+    fn griffin_part(
+        &self,
+        g: &GriffinFfn<B>,
+        li: usize,
+        streamed: Option<&StreamedLayer<B>>,
+        s: &mut Scratch<B>,
+        n: usize,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let resident = g
+            .layers
+            .get(li)
+            .ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
+        let (gate, up, down) = match (resident, streamed.and_then(|l| l.sparse_ffn.as_ref())) {
+            (Some(l), _) => (&l.gate, &l.up, &l.down),
+            (None, Some(st)) => (&st.gate, &st.up, &st.down),
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {li}'s Griffin FFN is neither resident nor streamed"
+                )))
+            }
+        };
+        let k = g.selection.layers[li].len();
+        b.matmul(gate, &s.xn, n, &mut s.gate)?;
+        b.matmul(up, &s.xn, n, &mut s.up)?;
+        if let Some(l) = resident {
+            self.add_bias(&mut s.gate, &l.gate_bias, n)?;
+            self.add_bias(&mut s.up, &l.up_bias, n)?;
+        }
+        b.silu_mul(&mut s.gate, &s.up, n * k)?;
+        b.matmul(down, &s.gate, n, &mut s.proj)
     }
 
     fn add_bias(&self, x: &mut B::Buf, bias: &Option<B::Buf>, n: usize) -> Result<()> {
@@ -486,6 +616,20 @@ impl<B: Backend> Llama<B> {
             None => Ok(()),
         }
     }
+}
+
+/// A tree batch must match its mask: one token per node, starting at the cache's end.
+fn check_tree_batch<B: Backend>(tokens: &[u32], mask: &TreeMask, cache: &KvCache<B>) -> Result<()> {
+    if mask.n_tokens() != tokens.len() || mask.first_row() != cache.len() {
+        return Err(Error::InvalidArgument(format!(
+            "tree batch of {} tokens at cache row {} does not match its mask ({} nodes from row {})",
+            tokens.len(),
+            cache.len(),
+            mask.n_tokens(),
+            mask.first_row()
+        )));
+    }
+    Ok(())
 }
 
 impl<B: Backend> Llama<B> {

@@ -7,7 +7,10 @@
 pub mod arena;
 pub mod cost;
 pub mod format;
+pub mod host_store;
 pub mod placement;
+pub mod runtime;
+pub mod sirius_model;
 pub mod size;
 pub mod stream;
 pub mod trace;

@@ -53,6 +53,9 @@ pub struct PlanInput {
     pub aal: f64,
     /// Prompt length for the time to first token.
     pub prompt_tokens: usize,
+    /// Bytes of the activation buffers a runtime really allocates (prefill chunk, draft and
+    /// verification scratch); `None` estimates one verification window.
+    pub activation_bytes: Option<u64>,
 }
 
 impl PlanInput {
@@ -186,7 +189,9 @@ impl Sizes {
             norm_bytes: vec(norm_count),
             kv_cache_bytes: kv_layer_bytes * l as u64,
             kv_layer_bytes,
-            activation_bytes: VECTOR_BYTES * input.period as u64 * window,
+            activation_bytes: input
+                .activation_bytes
+                .unwrap_or(VECTOR_BYTES * input.period as u64 * window),
         }
     }
 
@@ -237,11 +242,16 @@ impl Sizes {
         }
     }
 
-    /// One streaming buffer: the largest per-layer transfer of any pass.
+    /// One streaming buffer: the largest per-layer transfer of any pass, the prefill's
+    /// included (a request's first pass streams whole FFN layers: no neurons are chosen yet).
     pub fn buffer_bytes(&self, layers: &[LayerPlacement]) -> u64 {
         layers
             .iter()
-            .map(|p| self.verify_stream_bytes(p).max(self.draft_stream_bytes(p)))
+            .map(|p| {
+                self.verify_stream_bytes(p)
+                    .max(self.draft_stream_bytes(p))
+                    .max(self.prefill_stream_bytes(p))
+            })
             .max()
             .unwrap_or(0)
     }

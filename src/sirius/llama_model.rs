@@ -58,6 +58,11 @@ impl<'m, B: Backend> LlamaSirius<'m, B> {
     pub fn request(&self) -> &SparseRequest<'m, B> {
         &self.request
     }
+
+    /// What the request's sparse steps read.
+    pub fn sparsity_report(&self) -> crate::sparsity::SparsityReport {
+        self.request.report(&self.model.config)
+    }
 }
 
 impl<B: Backend> SiriusModel for LlamaSirius<'_, B> {

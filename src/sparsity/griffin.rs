@@ -98,7 +98,9 @@ pub struct GriffinLayer<B: Backend> {
 
 /// A request's Griffin FFN: every layer's selected neurons as a compact bundle matrix.
 pub struct GriffinFfn<B: Backend> {
-    pub layers: Vec<GriffinLayer<B>>,
+    /// Per layer; `None` where offloading could not keep the layer's subset resident (it is
+    /// streamed in every pass instead, see `crate::offload`).
+    pub layers: Vec<Option<GriffinLayer<B>>>,
     pub selection: GriffinSelection,
 }
 
@@ -132,13 +134,13 @@ impl<B: Backend> GriffinFfn<B> {
             .zip(&selection.layers)
             .map(|(l, ids)| {
                 let [gate, up, down] = backend.gather_ffn(&l.matrix, ids)?;
-                Ok(GriffinLayer {
+                Ok(Some(GriffinLayer {
                     gate,
                     up,
                     down,
                     gate_bias: gather_bias(&l.gate_bias, ids)?,
                     up_bias: gather_bias(&l.up_bias, ids)?,
-                })
+                }))
             })
             .collect::<Result<_>>()?;
         Ok(GriffinFfn { layers, selection })

@@ -1,0 +1,520 @@
+//! Executes an offloading plan with the CPU backend (`run --resident-mem`).
+//!
+//! The plan (`placement`) says which layers keep their attention and their sparse FFN subset
+//! resident. This runtime makes those copies inside a budgeted [`ResidentArena`], keeps
+//! everything else in the [`HostStore`], and for every pass queues one copy job per layer that
+//! needs something the resident set lacks:
+//! - draft passes (the sparse model): the overflow only (attention or sparse FFN of layers that
+//!   did not fit), usually nothing at all;
+//! - full passes (verification, prefill): the FFN complement of each layer's resident neurons
+//!   (or the whole FFN where none are resident yet), plus the overflow.
+//!
+//! The forward pass pulls each layer's buffer through [`LayerStream`]: `acquire` waits on the
+//! copy of exactly that layer, `release` returns the buffer so the copy of layer l+2 can
+//! start while layer l+1 computes.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, CpuBackend, CpuMatrix};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::{LayerStream, Llama, StreamedAttention, StreamedFfn, StreamedLayer};
+use crate::offload::arena::ResidentArena;
+use crate::offload::format::WeightFormat;
+use crate::offload::host_store::HostStore;
+use crate::offload::placement::{plan, Plan, PlanInput};
+use crate::offload::stream::{CopyEngineOptions, CopyJob, CpuCopyEngine, Filled, HostSlice};
+use crate::offload::trace::{Trace, Track};
+use crate::sparsity::griffin::GriffinLayer;
+use crate::sparsity::{GriffinFfn, GriffinSelection};
+
+pub use crate::offload::stream::CopyStats;
+
+/// What `run --resident-mem` asks of the runtime.
+#[derive(Clone)]
+pub struct OffloadOptions {
+    /// The resident budget (bytes).
+    pub budget: u64,
+    /// Emulated host-to-device link (GB/s); `None` copies at memory speed.
+    pub link_gbps: Option<f64>,
+    /// Memory bandwidth the planner assumes for compute (GB/s), for the predicted ms/token.
+    pub mem_gbps: f64,
+    pub keep: f32,
+    pub period: usize,
+    /// KV cache rows the request needs.
+    pub context: usize,
+    pub prompt_tokens: usize,
+    /// Record a Chrome trace of copy and compute spans.
+    pub trace: bool,
+    /// Extra delay per copy job (tests: random delays must never change the output).
+    pub delay: Option<crate::offload::stream::DelayFn>,
+}
+
+/// A pass either drafts with the sparse model or runs the full one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PassKind {
+    Draft,
+    Full,
+}
+
+/// How one layer's staging buffer is laid out in the current pass.
+#[derive(Debug, Clone, Copy)]
+struct LayerJob {
+    attention: bool,
+    ffn: FfnPiece,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FfnPiece {
+    None,
+    /// Whole FFN, checkpoint layout.
+    Dense,
+    /// The request's compact Griffin FFN of `k` neurons.
+    Sparse {
+        k: usize,
+    },
+    /// Bundles of the `c` non-resident neurons.
+    Complement {
+        c: usize,
+    },
+}
+
+/// Streaming statistics of a request (stats JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct OffloadReport {
+    pub resident_budget_bytes: u64,
+    /// Peak bytes the resident arena handed out.
+    pub resident_bytes: u64,
+    pub streamed_bytes: u64,
+    /// Seconds the copy engine spent on jobs (pacing included).
+    pub link_busy_s: f64,
+    pub achieved_link_gbps: f64,
+    /// Fraction of copy time hidden behind compute.
+    pub overlap: f64,
+    /// Seconds compute waited for copies.
+    pub copy_wait_s: f64,
+    pub link_gbps_cap: Option<f64>,
+    /// Neurons copied in when the request chose its sparse set.
+    pub moved_neurons: u64,
+    pub draft_passes: u64,
+    pub full_passes: u64,
+    /// Layers whose attention / sparse FFN did not fit and stream every pass.
+    pub overflow_attention_layers: usize,
+    pub overflow_ffn_layers: usize,
+    /// The planner's ms per produced token for this run (its period, measured AAL, link).
+    pub predicted_ms_per_token: f64,
+    /// Measured decode ms per produced token (the first token, from the prefill, excluded).
+    pub measured_ms_per_token: f64,
+    /// The planner's predicted time to first token.
+    pub predicted_ttft_ms: f64,
+}
+
+pub struct OffloadRuntime {
+    pub plan: Plan,
+    input: PlanInput,
+    arena: ResidentArena,
+    host: HostStore,
+    engine: CpuCopyEngine,
+    trace: Option<Trace>,
+    dims: Dims,
+    pass: Vec<Option<LayerJob>>,
+    in_flight: Vec<Option<Filled>>,
+    layer_start: Option<Instant>,
+    kind: PassKind,
+    /// The request's neurons per layer, once chosen.
+    kept: Option<Vec<Vec<u32>>>,
+    /// Host copies of the compact FFN of layers whose sparse set is not resident.
+    overflow: Vec<Option<HostSlice>>,
+    /// Neurons resident per layer (kept across requests: only new ones are copied in).
+    resident_ids: Vec<Vec<u32>>,
+    moved_neurons: u64,
+    draft_passes: u64,
+    full_passes: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    h: usize,
+    q: usize,
+    kv: usize,
+    f: usize,
+    dtype: DType,
+}
+
+impl OffloadRuntime {
+    /// The planner's input for a run of `model` under `opts` whose scratch buffers take
+    /// `activation_bytes` (the caller allocates them; they count against the budget).
+    pub fn plan_input(
+        model: &Llama<CpuBackend>,
+        opts: &OffloadOptions,
+        activation_bytes: u64,
+    ) -> Result<PlanInput> {
+        let c = &model.config;
+        if c.mlp_bias {
+            return Err(Error::InvalidArgument(
+                "offloading does not handle FFN biases (mlp_bias) yet".into(),
+            ));
+        }
+        let format = match model.dtype {
+            DType::BF16 => WeightFormat::Bf16,
+            DType::F16 => WeightFormat::F16,
+            DType::F32 => {
+                return Err(Error::InvalidArgument(
+                    "offloading streams bf16 or f16 weights; this checkpoint is f32".into(),
+                ))
+            }
+        };
+        Ok(PlanInput {
+            config: c.clone(),
+            format,
+            keep: opts.keep as f64,
+            budget: opts.budget,
+            budget_option: "--resident-mem".into(),
+            context: opts.context,
+            kv_bytes: 4,
+            link_gbps: opts.link_gbps.unwrap_or(UNCAPPED_LINK_GBPS),
+            mem_gbps: opts.mem_gbps,
+            period: opts.period,
+            aal: opts.period as f64,
+            prompt_tokens: opts.prompt_tokens.max(1),
+            activation_bytes: Some(activation_bytes),
+        })
+    }
+
+    /// Plans `model` as `input` says (see [`OffloadRuntime::plan_input`]), moves the resident
+    /// attention and head into the arena, builds the host store and starts the copy engine.
+    pub fn new(
+        model: &mut Llama<CpuBackend>,
+        input: PlanInput,
+        opts: &OffloadOptions,
+    ) -> Result<Self> {
+        let c = model.config.clone();
+        let activation_bytes = input.activation_bytes.unwrap_or(0);
+        let plan = plan(&input)?;
+        let mut arena = ResidentArena::new(opts.budget);
+        let (h, l) = (c.hidden_size, c.num_layers);
+        arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
+        arena.reserve("KV cache", (2 * l * c.kv_dim() * opts.context * 4) as u64)?;
+        arena.reserve("activations", activation_bytes)?;
+        arena.reserve(
+            "stream buffers",
+            plan.stream_buffer_bytes * plan.stream_buffers as u64,
+        )?;
+        let attention: Vec<bool> = plan.layers.iter().map(|l| l.attention_resident).collect();
+        model.make_resident(&attention, &mut |label, m: &CpuMatrix| {
+            arena.reserve(label, m.byte_len() as u64)?;
+            m.resident_copy()
+        })?;
+        let host = HostStore::build(model)?;
+        let trace = opts.trace.then(Trace::new);
+        let engine = CpuCopyEngine::new(CopyEngineOptions {
+            buffers: plan.stream_buffers,
+            buffer_bytes: plan.stream_buffer_bytes as usize,
+            link_gbps: opts.link_gbps,
+            delay: opts.delay.clone(),
+            trace: trace.clone(),
+        })?;
+        tracing::info!(
+            "offloading: {} of {} resident, stream buffers 2 x {}",
+            crate::offload::format_bytes(arena.used()),
+            crate::offload::format_bytes(opts.budget),
+            crate::offload::format_bytes(plan.stream_buffer_bytes)
+        );
+        Ok(OffloadRuntime {
+            input,
+            arena,
+            host,
+            engine,
+            trace,
+            dims: Dims {
+                h,
+                q: c.q_dim(),
+                kv: c.kv_dim(),
+                f: c.intermediate_size,
+                dtype: model.dtype,
+            },
+            pass: vec![None; l],
+            in_flight: (0..l).map(|_| None).collect(),
+            layer_start: None,
+            kind: PassKind::Full,
+            kept: None,
+            overflow: vec![None; l],
+            resident_ids: vec![Vec::new(); l],
+            moved_neurons: 0,
+            draft_passes: 0,
+            full_passes: 0,
+            plan,
+        })
+    }
+
+    /// Makes `selection` the request's sparse set: resident layers get their compact FFN in
+    /// the arena (only neurons not resident before count as moved), the others a host copy
+    /// streamed at every draft.
+    pub fn choose_neurons(
+        &mut self,
+        backend: &CpuBackend,
+        selection: GriffinSelection,
+    ) -> Result<GriffinFfn<CpuBackend>> {
+        let d = self.dims;
+        let mut layers = Vec::with_capacity(selection.layers.len());
+        for (li, ids) in selection.layers.iter().enumerate() {
+            let resident = self
+                .plan
+                .layers
+                .get(li)
+                .is_some_and(|l| l.sparse_ffn_resident);
+            if !resident {
+                self.overflow[li] = Some(self.host.gather_sparse(li, ids)?);
+                layers.push(None);
+                continue;
+            }
+            let before = &self.resident_ids[li];
+            let moved = ids
+                .iter()
+                .filter(|i| before.binary_search(i).is_err())
+                .count();
+            self.moved_neurons += moved as u64;
+            let label = format!("sparse FFN layer {li}");
+            let bytes = (ids.len() * self.host.bundle_bytes()) as u64;
+            if self.arena.items().iter().any(|(l, _)| *l == label) {
+                self.arena.resize(&label, bytes)?;
+            } else {
+                self.arena.reserve(label, bytes)?;
+            }
+            let (gate, up, down) = self.host.gather_parts(li, ids)?;
+            let k = ids.len();
+            layers.push(Some(GriffinLayer {
+                gate: backend.upload_matrix(gate, d.dtype, k, d.h)?,
+                up: backend.upload_matrix(up, d.dtype, k, d.h)?,
+                down: backend.upload_matrix(down, d.dtype, d.h, k)?,
+                gate_bias: None,
+                up_bias: None,
+            }));
+            self.resident_ids[li] = ids.clone();
+        }
+        self.kept = Some(selection.layers.clone());
+        Ok(GriffinFfn { layers, selection })
+    }
+
+    /// Queues the copies of one pass; the forward then pulls them layer by layer.
+    pub fn begin_pass(&mut self, kind: PassKind) -> Result<()> {
+        self.kind = kind;
+        let mut jobs = Vec::new();
+        for li in 0..self.pass.len() {
+            let job = self.layer_job(li, kind);
+            self.pass[li] = None;
+            let Some(job) = job else { continue };
+            let mut pieces = Vec::new();
+            if job.attention {
+                pieces.extend(self.host.layers[li].attention.iter().cloned());
+            }
+            match job.ffn {
+                FfnPiece::None => {}
+                FfnPiece::Dense => pieces.extend(self.host.layers[li].dense_ffn.iter().cloned()),
+                FfnPiece::Sparse { .. } => pieces.extend(self.overflow[li].clone()),
+                FfnPiece::Complement { .. } => {
+                    let kept = self.kept.as_ref().map(|k| &k[li]);
+                    pieces.extend(self.host.complement(li, kept.map_or(&[][..], |k| k))?);
+                }
+            }
+            self.pass[li] = Some(job);
+            jobs.push(CopyJob {
+                layer: li,
+                label: format!("L{li} {}", job.describe()),
+                pieces,
+            });
+        }
+        match kind {
+            PassKind::Draft => self.draft_passes += 1,
+            PassKind::Full => self.full_passes += 1,
+        }
+        self.engine.submit(jobs)
+    }
+
+    /// Drops what a failed pass left queued or in flight.
+    pub fn cancel(&mut self) -> Result<()> {
+        self.in_flight.iter_mut().for_each(|f| *f = None);
+        self.pass.iter_mut().for_each(|p| *p = None);
+        self.engine.cancel()
+    }
+
+    fn layer_job(&self, li: usize, kind: PassKind) -> Option<LayerJob> {
+        let place = self.plan.layers.get(li)?;
+        let ffn = match (kind, place.sparse_ffn_resident, &self.kept) {
+            (PassKind::Draft, true, _) => FfnPiece::None,
+            (PassKind::Draft, false, Some(kept)) => FfnPiece::Sparse { k: kept[li].len() },
+            // Drafting before the request chose neurons is a caller bug; forward reports it.
+            (PassKind::Draft, false, None) => FfnPiece::None,
+            (PassKind::Full, true, Some(kept)) => FfnPiece::Complement {
+                c: self.dims.f - kept[li].len(),
+            },
+            (PassKind::Full, _, _) => FfnPiece::Dense,
+        };
+        let attention = !place.attention_resident;
+        (attention || !matches!(ffn, FfnPiece::None)).then_some(LayerJob { attention, ffn })
+    }
+
+    /// Statistics so far, with the planner's prediction for `aal` (measured).
+    pub fn report(&self, aal: f64) -> Result<OffloadReport> {
+        let stats = self.engine.stats();
+        let predicted = plan(&PlanInput {
+            aal: aal.clamp(1.0, self.input.period as f64),
+            ..self.input.clone()
+        })?;
+        Ok(OffloadReport {
+            resident_budget_bytes: self.arena.budget(),
+            resident_bytes: self.arena.peak(),
+            streamed_bytes: stats.bytes,
+            link_busy_s: stats.busy_s,
+            achieved_link_gbps: stats.achieved_gbps,
+            overlap: stats.overlap,
+            copy_wait_s: stats.wait_s,
+            link_gbps_cap: self.input_link(),
+            moved_neurons: self.moved_neurons,
+            draft_passes: self.draft_passes,
+            full_passes: self.full_passes,
+            overflow_attention_layers: self
+                .plan
+                .layers
+                .iter()
+                .filter(|l| !l.attention_resident)
+                .count(),
+            overflow_ffn_layers: self
+                .plan
+                .layers
+                .iter()
+                .filter(|l| !l.sparse_ffn_resident)
+                .count(),
+            predicted_ms_per_token: predicted.costs.sirius_offload.ms_per_token,
+            measured_ms_per_token: 0.0,
+            predicted_ttft_ms: predicted.costs.ttft_ms,
+        })
+    }
+
+    fn input_link(&self) -> Option<f64> {
+        (self.input.link_gbps != UNCAPPED_LINK_GBPS).then_some(self.input.link_gbps)
+    }
+
+    pub fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
+    }
+
+    pub fn arena(&self) -> &ResidentArena {
+        &self.arena
+    }
+
+    /// Matrices over the filled buffer of layer `li`, as its job laid them out.
+    fn views(&self, job: LayerJob, filled: &Filled) -> Result<StreamedLayer<CpuBackend>> {
+        let d = self.dims;
+        let esz = d.dtype.size();
+        let buf = &filled.buffer;
+        let view = |range: std::ops::Range<usize>, rows, cols| {
+            CpuMatrix::view(buf.clone(), range, d.dtype, rows, cols)
+        };
+        let mut pieces = filled.pieces.iter().cloned();
+        let mut next = || {
+            pieces.next().ok_or_else(|| {
+                Error::CopyEngine(format!(
+                    "layer {}: staging buffer has fewer pieces than its job",
+                    filled.layer
+                ))
+            })
+        };
+        let mut layer = StreamedLayer::empty(filled.layer);
+        if job.attention {
+            layer.attention = Some(StreamedAttention {
+                wq: view(next()?, d.q, d.h)?,
+                wk: view(next()?, d.kv, d.h)?,
+                wv: view(next()?, d.kv, d.h)?,
+                wo: view(next()?, d.h, d.q)?,
+            });
+        }
+        match job.ffn {
+            FfnPiece::None => {}
+            FfnPiece::Dense => {
+                layer.dense_ffn = Some(StreamedFfn {
+                    gate: view(next()?, d.f, d.h)?,
+                    up: view(next()?, d.f, d.h)?,
+                    down: view(next()?, d.h, d.f)?,
+                });
+            }
+            FfnPiece::Sparse { k } => {
+                let all = next()?;
+                let part = k * d.h * esz;
+                let s = all.start;
+                layer.sparse_ffn = Some(StreamedFfn {
+                    gate: view(s..s + part, k, d.h)?,
+                    up: view(s + part..s + 2 * part, k, d.h)?,
+                    down: view(s + 2 * part..s + 3 * part, d.h, k)?,
+                });
+            }
+            FfnPiece::Complement { c } => {
+                // The runs landed back to back: one [c, 3h] bundle matrix.
+                let start = filled
+                    .pieces
+                    .get(usize::from(job.attention) * 4)
+                    .map_or(0, |r| r.start);
+                let end = filled.pieces.last().map_or(start, |r| r.end);
+                layer.complement = Some(view(start..end, c, 3 * d.h)?);
+            }
+        }
+        Ok(layer)
+    }
+}
+
+/// The planner needs a link speed; uncapped CPU copies run at memory speed, far above any
+/// PCIe link, so this stands for "not the bottleneck".
+const UNCAPPED_LINK_GBPS: f64 = 1000.0;
+
+impl LayerJob {
+    fn describe(&self) -> &'static str {
+        match (self.attention, self.ffn) {
+            (true, FfnPiece::None) => "attention",
+            (false, FfnPiece::Dense) => "FFN",
+            (true, FfnPiece::Dense) => "attention + FFN",
+            (false, FfnPiece::Sparse { .. }) => "sparse FFN",
+            (true, FfnPiece::Sparse { .. }) => "attention + sparse FFN",
+            (false, FfnPiece::Complement { .. }) => "FFN complement",
+            (true, FfnPiece::Complement { .. }) => "attention + FFN complement",
+            (false, FfnPiece::None) => "nothing",
+        }
+    }
+}
+
+impl LayerStream<CpuBackend> for OffloadRuntime {
+    fn acquire(&mut self, layer: usize) -> Result<StreamedLayer<CpuBackend>> {
+        let Some(job) = self.pass.get(layer).copied().flatten() else {
+            self.layer_start = Some(Instant::now());
+            return Ok(StreamedLayer::empty(layer));
+        };
+        let filled = self.engine.wait(layer)?;
+        let streamed = self.views(job, &filled)?;
+        self.in_flight[layer] = Some(filled);
+        self.layer_start = Some(Instant::now());
+        Ok(streamed)
+    }
+
+    fn release(&mut self, layer: StreamedLayer<CpuBackend>) -> Result<()> {
+        let li = layer.layer;
+        drop(layer);
+        if let (Some(trace), Some(start)) = (&self.trace, self.layer_start.take()) {
+            let kind = match self.kind {
+                PassKind::Draft => "draft",
+                PassKind::Full => "full",
+            };
+            trace.span(
+                Track::Compute,
+                format!("L{li} {kind}"),
+                start,
+                Instant::now(),
+                serde_json::json!({ "layer": li }),
+            );
+        }
+        match self.in_flight.get_mut(li).and_then(Option::take) {
+            Some(filled) => self.engine.release(filled),
+            None => Ok(()),
+        }
+    }
+}

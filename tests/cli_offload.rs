@@ -1,0 +1,139 @@
+//! `run --resident-mem` through the CLI: on SmolLM2 at 60% of the model's size the tokens equal
+//! an unconstrained run's, with streaming statistics and a Chrome trace; bad budgets and
+//! option combinations are one-line errors.
+
+mod common;
+
+use common::{assert_one_line_failure, run_bin, stderr_of};
+
+/// 60% of SmolLM2-135M's 269 MB of bf16 weights.
+const SIXTY_PERCENT: &str = "161MB";
+
+const PROMPTS: [&str; 2] = [
+    "Question: Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?\nAnswer:",
+    "The three primary colors are",
+];
+
+fn run_json(
+    model: &str,
+    prompt: &str,
+    extra: &[&str],
+    dir: &std::path::Path,
+    name: &str,
+) -> serde_json::Value {
+    let stats = dir.join(name);
+    let stats_arg = stats.to_str().unwrap();
+    let mut args = vec![
+        "run",
+        "-m",
+        model,
+        "-p",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+        "--sirius",
+        "--sparsity",
+        "griffin",
+        "--keep",
+        "0.5",
+        "-q",
+        "--stats-json",
+        stats_arg,
+    ];
+    args.extend_from_slice(extra);
+    let out = run_bin(&args);
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        extra,
+        stderr_of(&out)
+    );
+    serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap()
+}
+
+#[test]
+fn smollm2_offloaded_at_sixty_percent_gives_the_unconstrained_tokens() {
+    let Some(dir) = common::smollm2_dir("offloaded SmolLM2 run") else {
+        return;
+    };
+    let model = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace.json");
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let plain = run_json(model, prompt, &[], tmp.path(), "plain.json");
+        let mut extra = vec!["--resident-mem", SIXTY_PERCENT];
+        if i == 0 {
+            extra.extend_from_slice(&["--trace", trace.to_str().unwrap()]);
+        }
+        let off = run_json(model, prompt, &extra, tmp.path(), "offloaded.json");
+        assert_eq!(
+            off["generated_token_ids"], plain["generated_token_ids"],
+            "prompt {i}: offloaded tokens differ"
+        );
+        assert!(off["resident_bytes"].as_u64().unwrap() <= 161_000_000);
+        assert!(off["streamed_bytes"].as_u64().unwrap() > 0);
+        assert!(
+            off["overflow_ffn_layers"].as_u64().unwrap() > 0,
+            "60% cannot hold every sparse layer"
+        );
+        let overlap = off["overlap"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&overlap), "overlap {overlap}");
+        for key in [
+            "link_busy_s",
+            "achieved_link_gbps",
+            "predicted_ms_per_token",
+            "moved_neurons",
+        ] {
+            assert!(off[key].as_f64().is_some(), "stats JSON lacks {key}");
+        }
+    }
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let spans = |cat: &str| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["cat"] == cat)
+            .count()
+    };
+    assert!(
+        spans("copy engine") > 30,
+        "copy spans: {}",
+        spans("copy engine")
+    );
+    assert!(spans("compute") > 30, "compute spans: {}", spans("compute"));
+}
+
+#[test]
+fn offloading_option_errors_are_one_line() {
+    let Some(dir) = common::smollm2_dir("offloading option errors") else {
+        return;
+    };
+    let model = dir.to_str().unwrap();
+    let base = [
+        "run",
+        "-m",
+        model,
+        "-p",
+        "Hi",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        run_bin(&a)
+    };
+    let sirius = ["--sirius", "--sparsity", "griffin"];
+    let out = with(&[&sirius[..], &["--resident-mem", "50M"]].concat());
+    assert_one_line_failure(&out, "minimum");
+    let out = with(&["--resident-mem", "200M"]);
+    assert_one_line_failure(&out, "--sirius --sparsity griffin");
+    let out = with(&[&sirius[..], &["--resident-mem", "lots"]].concat());
+    assert_one_line_failure(&out, "size");
+    let out = with(&[&sirius[..], &["--resident-mem", "200M", "--link-gbps", "0"]].concat());
+    assert_one_line_failure(&out, "--link-gbps");
+}

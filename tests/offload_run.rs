@@ -1,0 +1,215 @@
+//! Offloaded Sirius runs (`run --resident-mem`) produce the tokens of unconstrained runs,
+//! whatever the budget makes overflow and however the copy engine is delayed; budgets below
+//! the minimum are clear errors. SmolLM2 (when fetched) checks the same through the CLI.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::{generate_sirius, GenerateOptions, GenerationOutput, SiriusOptions};
+use sirius_offload::model::{Llama, SamplingParams, Tokenizer};
+use sirius_offload::offload::placement::plan;
+use sirius_offload::offload::runtime::OffloadOptions;
+use sirius_offload::offload::sirius_model::{generate_sirius_offloaded, offload_plan_input};
+use sirius_offload::sparsity::{Sparsity, SparsityMode};
+
+const KEEP: f32 = 0.5;
+
+fn spec() -> common::TinySpec {
+    common::TinySpec {
+        hidden: 64,
+        layers: 6,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 160,
+        vocab: 96,
+        max_pos: 256,
+        ..Default::default()
+    }
+}
+
+fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1,
+        },
+        stop_token_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        context: 256,
+        prefill_chunk: 16,
+        show_progress: false,
+    }
+}
+
+fn sirius(period: usize, width: usize) -> SiriusOptions {
+    SiriusOptions {
+        period,
+        threshold: 0.1,
+        accept_temperature: 0.6,
+        width,
+    }
+}
+
+fn offload(budget: u64, delay: Option<sirius_offload::offload::stream::DelayFn>) -> OffloadOptions {
+    OffloadOptions {
+        budget,
+        link_gbps: None,
+        mem_gbps: 20.0,
+        keep: KEEP,
+        period: 4,
+        context: 0,
+        prompt_tokens: 0,
+        trace: true,
+        delay,
+    }
+}
+
+/// The plan's resident bytes when everything fits, and its minimum, for this request.
+fn budgets(t: &Tiny, s: SiriusOptions) -> (u64, u64) {
+    let model = load(t);
+    let (input, _) =
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(1 << 40, None)).unwrap();
+    let p = plan(&input).unwrap();
+    (p.resident_bytes, p.minimum_bytes)
+}
+
+struct Tiny {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    tokenizer: Tokenizer,
+}
+
+fn tiny() -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_model(dir.path(), &spec(), 11);
+    let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json")).unwrap();
+    Tiny {
+        _dir: dir,
+        path,
+        tokenizer,
+    }
+}
+
+fn load(t: &Tiny) -> Llama<CpuBackend> {
+    Llama::load(&t.path, CpuBackend::new(2)).unwrap()
+}
+
+fn unconstrained(t: &Tiny, prompt: &[u32], s: SiriusOptions) -> GenerationOutput {
+    let model = load(t);
+    let sparsity = Sparsity::new(&model, SparsityMode::Griffin, KEEP, None).unwrap();
+    generate_sirius(
+        &model,
+        &sparsity,
+        &t.tokenizer,
+        prompt,
+        &options(40),
+        s,
+        &mut |_| true,
+    )
+    .unwrap()
+}
+
+fn offloaded(
+    t: &Tiny,
+    prompt: &[u32],
+    s: SiriusOptions,
+    o: OffloadOptions,
+) -> sirius_offload::Result<GenerationOutput> {
+    let mut model = load(t);
+    let o = OffloadOptions {
+        period: s.period,
+        ..o
+    };
+    generate_sirius_offloaded(
+        &mut model,
+        &t.tokenizer,
+        prompt,
+        &options(40),
+        s,
+        o,
+        None,
+        &mut |_| true,
+    )
+}
+
+const PROMPT: [u32; 20] = [
+    5, 17, 42, 9, 3, 64, 7, 80, 11, 23, 31, 47, 52, 60, 71, 88, 90, 13, 29, 37,
+];
+
+#[test]
+fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
+    let t = tiny();
+    for (period, width) in [(4, 1), (5, 3)] {
+        let s = sirius(period, width);
+        let reference = unconstrained(&t, &PROMPT, s);
+        assert!(reference.generated_tokens > 10);
+        let (fit, minimum) = budgets(&t, s);
+        // Everything resident, half the layers' sparse FFNs overflowing, attention too, and
+        // the bare minimum (every layer streams attention and FFN every pass).
+        let mut seen_overflow = 0;
+        for budget in [
+            fit + (1 << 20),
+            (fit + minimum) / 2,
+            minimum + (minimum / 20),
+            minimum,
+        ] {
+            let out = offloaded(&t, &PROMPT, s, offload(budget, None))
+                .unwrap_or_else(|e| panic!("budget {budget} (fit {fit}, minimum {minimum}): {e}"));
+            assert_eq!(
+                out.generated_token_ids, reference.generated_token_ids,
+                "budget {budget}, K={period} W={width}"
+            );
+            let o = out.offload.expect("offload statistics");
+            assert!(
+                o.resident_bytes <= budget,
+                "{} > {budget}",
+                o.resident_bytes
+            );
+            assert!(o.streamed_bytes > 0);
+            assert!((0.0..=1.0).contains(&o.overlap));
+            assert!(o.full_passes >= out.sirius.as_ref().unwrap().verifications as u64);
+            seen_overflow += usize::from(o.overflow_ffn_layers > 0);
+        }
+        assert!(seen_overflow >= 2, "the small budgets must overflow");
+    }
+}
+
+#[test]
+fn random_copy_delays_never_change_the_output() {
+    let t = tiny();
+    let s = sirius(4, 1);
+    let reference = unconstrained(&t, &PROMPT, s);
+    let (fit, minimum) = budgets(&t, s);
+    for seed in 1..=3u64 {
+        let delay: sirius_offload::offload::stream::DelayFn = Arc::new(move |job: u64| {
+            // A cheap hash of (seed, job): 0-2 ms, different per job and per seed.
+            let x = (job.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9))
+                >> 40;
+            Duration::from_micros(x % 2000)
+        });
+        let out = offloaded(&t, &PROMPT, s, offload((fit + minimum) / 2, Some(delay))).unwrap();
+        assert_eq!(
+            out.generated_token_ids, reference.generated_token_ids,
+            "seed {seed}"
+        );
+    }
+}
+
+#[test]
+fn a_budget_below_the_minimum_names_the_minimum() {
+    let t = tiny();
+    let (_, minimum) = budgets(&t, sirius(4, 1));
+    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, None)) else {
+        panic!("a budget below the minimum must fail");
+    };
+    let msg = err.to_string();
+    assert!(msg.contains("minimum"), "{msg}");
+    assert!(msg.contains("--resident-mem"), "{msg}");
+}
