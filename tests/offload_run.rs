@@ -213,3 +213,100 @@ fn a_budget_below_the_minimum_names_the_minimum() {
     assert!(msg.contains("minimum"), "{msg}");
     assert!(msg.contains("--resident-mem"), "{msg}");
 }
+
+#[test]
+fn a_new_request_copies_in_only_the_neurons_not_yet_resident() {
+    use sirius_offload::offload::runtime::OffloadRuntime;
+    use sirius_offload::sparsity::GriffinSelection;
+    let t = tiny();
+    let mut model = load(&t);
+    let s = sirius(4, 1);
+    let (fit, minimum) = budgets(&t, s);
+    let (input, opts) = offload_plan_input(
+        &model,
+        &PROMPT,
+        &options(40),
+        &s,
+        &offload((fit + minimum) / 2, None),
+    )
+    .unwrap();
+    let mut rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
+    let resident: Vec<bool> = rt
+        .plan
+        .layers
+        .iter()
+        .map(|l| l.sparse_ffn_resident)
+        .collect();
+    assert!(resident.iter().any(|&r| r) && resident.iter().any(|&r| !r));
+    let f = model.config.intermediate_size as u32;
+    let first: Vec<Vec<u32>> = (0..6)
+        .map(|l| (0..f).filter(|i| (i + l) % 2 == 0).collect())
+        .collect();
+    // The second request keeps every third neuron of the first and takes new ones.
+    let second: Vec<Vec<u32>> = (0..6)
+        .map(|l| {
+            (0..f)
+                .filter(|i| (i + l) % 2 == 0 && i % 3 == 0 || (i + l) % 2 == 1 && i % 3 != 0)
+                .collect()
+        })
+        .collect();
+    let moved = |a: &[Vec<u32>], b: &[Vec<u32>]| -> u64 {
+        (0..6)
+            .filter(|&l| resident[l])
+            .map(|l| b[l].iter().filter(|i| !a[l].contains(i)).count() as u64)
+            .sum()
+    };
+    let backend = &model.backend;
+    rt.choose_neurons(
+        backend,
+        GriffinSelection {
+            layers: first.clone(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        rt.moved_neurons(),
+        moved(&[vec![], vec![], vec![], vec![], vec![], vec![]], &first)
+    );
+    let before = rt.moved_neurons();
+    let g = rt
+        .choose_neurons(
+            backend,
+            GriffinSelection {
+                layers: second.clone(),
+            },
+        )
+        .unwrap();
+    assert_eq!(rt.moved_neurons() - before, moved(&first, &second));
+    assert!(
+        rt.moved_neurons() - before
+            < moved(&[vec![], vec![], vec![], vec![], vec![], vec![]], &second)
+    );
+    // The reassembled resident FFN is byte for byte a fresh gather of the new set.
+    let fresh = Sparsity::new(&model, SparsityMode::Griffin, KEEP, None).unwrap();
+    let bundles = fresh.bundles().unwrap();
+    for l in 0..6 {
+        match &g.layers[l] {
+            Some(layer) => {
+                let [gate, up, down] = backend_gather(&model, bundles, l, &second[l]);
+                assert_eq!(layer.gate.bytes(), gate.bytes(), "layer {l} gate");
+                assert_eq!(layer.up.bytes(), up.bytes(), "layer {l} up");
+                assert_eq!(layer.down.bytes(), down.bytes(), "layer {l} down");
+            }
+            None => assert!(!resident[l]),
+        }
+    }
+}
+
+fn backend_gather(
+    model: &Llama<CpuBackend>,
+    bundles: &sirius_offload::sparsity::NeuronBundles<CpuBackend>,
+    layer: usize,
+    ids: &[u32],
+) -> [sirius_offload::backend::CpuMatrix; 3] {
+    use sirius_offload::backend::Backend;
+    model
+        .backend
+        .gather_ffn(&bundles.layers[layer].matrix, ids)
+        .unwrap()
+}

@@ -98,19 +98,13 @@ impl HostStore {
     /// Runs of the bundles of every neuron of layer `li` NOT in `kept` (ascending): what a
     /// full pass over a resident subset streams. Adjacent neurons form one piece.
     pub fn complement(&self, li: usize, kept: &[u32]) -> Result<Vec<HostSlice>> {
-        let layer = self.layer(li)?;
-        let bb = self.bundle_bytes();
-        let mut runs: Vec<Range<usize>> = Vec::new();
         let mut next_kept = kept.iter().peekable();
+        let mut rest = Vec::with_capacity(self.neurons.saturating_sub(kept.len()));
         for i in 0..self.neurons as u32 {
             if next_kept.peek() == Some(&&i) {
                 next_kept.next();
-                continue;
-            }
-            let start = i as usize * bb;
-            match runs.last_mut() {
-                Some(last) if last.end == start => last.end += bb,
-                _ => runs.push(start..start + bb),
+            } else {
+                rest.push(i);
             }
         }
         if next_kept.next().is_some() {
@@ -118,6 +112,30 @@ impl HostStore {
                 "layer {li}: kept neuron ids must be ascending and below {}",
                 self.neurons
             )));
+        }
+        self.neuron_runs(li, &rest)
+    }
+
+    /// Runs of the bundles of neurons `ids` (ascending) of layer `li`, adjacent neurons
+    /// merged into one piece: what copying that subset moves.
+    pub fn neuron_runs(&self, li: usize, ids: &[u32]) -> Result<Vec<HostSlice>> {
+        let layer = self.layer(li)?;
+        let bb = self.bundle_bytes();
+        let mut runs: Vec<Range<usize>> = Vec::new();
+        let mut prev: Option<u32> = None;
+        for &i in ids {
+            if i as usize >= self.neurons || prev.is_some_and(|p| p >= i) {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {li}: neuron ids must be ascending and below {}, got {i} after {prev:?}",
+                    self.neurons
+                )));
+            }
+            let start = i as usize * bb;
+            match runs.last_mut() {
+                Some(last) if last.end == start => last.end += bb,
+                _ => runs.push(start..start + bb),
+            }
+            prev = Some(i);
         }
         Ok(runs
             .into_iter()

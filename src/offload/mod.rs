@@ -9,6 +9,7 @@ pub mod cost;
 pub mod format;
 pub mod host_store;
 pub mod placement;
+pub mod resident_set;
 pub mod runtime;
 pub mod sirius_model;
 pub mod size;

@@ -25,6 +25,7 @@ use crate::offload::arena::ResidentArena;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
 use crate::offload::placement::{plan, Plan, PlanInput};
+use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CpuCopyEngine, Filled, HostSlice};
 use crate::offload::trace::{Trace, Track};
 use crate::sparsity::griffin::GriffinLayer;
@@ -127,8 +128,10 @@ pub struct OffloadRuntime {
     kept: Option<Vec<Vec<u32>>>,
     /// Host copies of the compact FFN of layers whose sparse set is not resident.
     overflow: Vec<Option<HostSlice>>,
-    /// Neurons resident per layer (kept across requests: only new ones are copied in).
+    /// Neurons resident per layer (kept across requests: only new ones are copied in), and
+    /// their compact FFN.
     resident_ids: Vec<Vec<u32>>,
+    resident_ffn: Vec<Option<[CpuMatrix; 3]>>,
     moved_neurons: u64,
     draft_passes: u64,
     full_passes: u64,
@@ -242,6 +245,7 @@ impl OffloadRuntime {
             kept: None,
             overflow: vec![None; l],
             resident_ids: vec![Vec::new(); l],
+            resident_ffn: vec![None; l],
             moved_neurons: 0,
             draft_passes: 0,
             full_passes: 0,
@@ -249,53 +253,140 @@ impl OffloadRuntime {
         })
     }
 
-    /// Makes `selection` the request's sparse set: resident layers get their compact FFN in
-    /// the arena (only neurons not resident before count as moved), the others a host copy
-    /// streamed at every draft.
+    /// Makes `selection` the request's sparse set. Resident layers keep the neurons they
+    /// already hold (from an earlier request on this runtime) and copy in only the others
+    /// through the copy engine, as bundles; their compact FFN is reassembled in resident
+    /// memory, in the arena. Layers whose sparse set does not fit get a host copy that every
+    /// draft pass streams.
     pub fn choose_neurons(
         &mut self,
         backend: &CpuBackend,
         selection: GriffinSelection,
     ) -> Result<GriffinFfn<CpuBackend>> {
-        let d = self.dims;
-        let mut layers = Vec::with_capacity(selection.layers.len());
+        let out = self.choose_neurons_now(backend, selection);
+        if out.is_err() {
+            if let Err(e) = self.cancel() {
+                tracing::warn!("cancelling the copy engine after a failed neuron copy: {e}");
+            }
+        }
+        out
+    }
+
+    fn choose_neurons_now(
+        &mut self,
+        backend: &CpuBackend,
+        selection: GriffinSelection,
+    ) -> Result<GriffinFfn<CpuBackend>> {
+        let n_layers = self.plan.layers.len();
+        if selection.layers.len() != n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "a selection for {} layers, the model has {n_layers}",
+                selection.layers.len()
+            )));
+        }
+        let resident: Vec<bool> = self
+            .plan
+            .layers
+            .iter()
+            .map(|l| l.sparse_ffn_resident)
+            .collect();
+        // One job per resident layer with neurons to copy in, all queued at once so the
+        // copies of later layers overlap the assembly of earlier ones.
+        let mut jobs = Vec::new();
+        let mut moved: Vec<Vec<u32>> = vec![Vec::new(); n_layers];
         for (li, ids) in selection.layers.iter().enumerate() {
-            let resident = self
-                .plan
-                .layers
-                .get(li)
-                .is_some_and(|l| l.sparse_ffn_resident);
-            if !resident {
+            if !resident[li] {
+                continue;
+            }
+            moved[li] = moved_in(&self.resident_ids[li], ids);
+            if !moved[li].is_empty() {
+                jobs.push(CopyJob {
+                    layer: li,
+                    label: format!("L{li} neurons in"),
+                    pieces: self.host.neuron_runs(li, &moved[li])?,
+                });
+            }
+        }
+        self.engine.submit(jobs)?;
+        let mut layers = Vec::with_capacity(n_layers);
+        for (li, ids) in selection.layers.iter().enumerate() {
+            if !resident[li] {
                 self.overflow[li] = Some(self.host.gather_sparse(li, ids)?);
                 layers.push(None);
                 continue;
             }
-            let before = &self.resident_ids[li];
-            let moved = ids
-                .iter()
-                .filter(|i| before.binary_search(i).is_err())
-                .count();
-            self.moved_neurons += moved as u64;
-            let label = format!("sparse FFN layer {li}");
-            let bytes = (ids.len() * self.host.bundle_bytes()) as u64;
-            if self.arena.items().iter().any(|(l, _)| *l == label) {
-                self.arena.resize(&label, bytes)?;
+            let matrices = if moved[li].is_empty() {
+                self.resident_ffn[li].clone()
             } else {
-                self.arena.reserve(label, bytes)?;
-            }
-            let (gate, up, down) = self.host.gather_parts(li, ids)?;
-            let k = ids.len();
+                None
+            };
+            let matrices = match matrices {
+                Some(m) => m,
+                None => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
+            };
+            self.moved_neurons += moved[li].len() as u64;
+            let [gate, up, down] = &matrices;
             layers.push(Some(GriffinLayer {
-                gate: backend.upload_matrix(gate, d.dtype, k, d.h)?,
-                up: backend.upload_matrix(up, d.dtype, k, d.h)?,
-                down: backend.upload_matrix(down, d.dtype, d.h, k)?,
+                gate: gate.clone(),
+                up: up.clone(),
+                down: down.clone(),
                 gate_bias: None,
                 up_bias: None,
             }));
+            self.resident_ffn[li] = Some(matrices);
             self.resident_ids[li] = ids.clone();
         }
         self.kept = Some(selection.layers.clone());
         Ok(GriffinFfn { layers, selection })
+    }
+
+    /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged
+    /// bundles of the moved ones (when `staged`, waited for here), in the arena.
+    fn copy_in(
+        &mut self,
+        backend: &CpuBackend,
+        li: usize,
+        ids: &[u32],
+        staged: bool,
+    ) -> Result<[CpuMatrix; 3]> {
+        let d = self.dims;
+        let filled = if staged {
+            Some(self.engine.wait(li)?)
+        } else {
+            None
+        };
+        let staged_bytes = match &filled {
+            Some(f) => match (f.pieces.first(), f.pieces.last()) {
+                (Some(a), Some(b)) => &f.buffer[a.start..b.end],
+                _ => &[][..],
+            },
+            None => &[][..],
+        };
+        let old_ids = &self.resident_ids[li];
+        let old = self.resident_ffn[li].as_ref().map(|[g, u, dn]| CompactFfn {
+            ids: old_ids,
+            gate: g.bytes(),
+            up: u.bytes(),
+            down: dn.bytes(),
+        });
+        let assembled = assemble(old.as_ref(), staged_bytes, ids, d.h, d.dtype.size());
+        if let Some(f) = filled {
+            self.engine.release(f)?;
+        }
+        let (gate, up, down) = assembled?;
+        let label = format!("sparse FFN layer {li}");
+        let bytes = (gate.len() + up.len() + down.len()) as u64;
+        if self.arena.get(&label).is_some() {
+            self.arena.resize(&label, bytes)?;
+        } else {
+            self.arena.reserve(label, bytes)?;
+        }
+        let k = ids.len();
+        Ok([
+            backend.upload_matrix(gate, d.dtype, k, d.h)?,
+            backend.upload_matrix(up, d.dtype, k, d.h)?,
+            backend.upload_matrix(down, d.dtype, d.h, k)?,
+        ])
     }
 
     /// Queues the copies of one pass; the forward then pulls them layer by layer.
@@ -403,6 +494,11 @@ impl OffloadRuntime {
 
     pub fn arena(&self) -> &ResidentArena {
         &self.arena
+    }
+
+    /// Neurons copied in by `choose_neurons` so far (all requests on this runtime).
+    pub fn moved_neurons(&self) -> u64 {
+        self.moved_neurons
     }
 
     /// Matrices over the filled buffer of layer `li`, as its job laid them out.

@@ -93,6 +93,11 @@ impl<'m> OffloadedSirius<'m> {
         Ok(argmax(&logits))
     }
 
+    /// Ends the request, keeping the runtime (and its resident neurons) for the next one.
+    pub fn into_runtime(self) -> OffloadRuntime {
+        self.runtime
+    }
+
     /// What the sparse steps read (density as in `SparseRequest::report`).
     fn report_sparsity(&self) -> SparsityReport {
         SparsityReport::new(
