@@ -105,9 +105,8 @@ pub enum Error {
 
     /// A memory budget (`--gpu-mem`, `--resident-mem`) below what any plan needs.
     #[error(
-        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {}",
+        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {minimum} bytes, or lower the context (the KV cache grows with it)",
         crate::offload::format_bytes(*budget),
-        crate::offload::format_bytes(*minimum),
         crate::offload::format_bytes(*minimum)
     )]
     BudgetBelowMinimum {
@@ -135,6 +134,10 @@ pub enum Error {
     /// The copy engine failed (its thread stopped, or a buffer was used out of order).
     #[error("copy engine: {0}")]
     CopyEngine(String),
+
+    /// A CUDA library, header or kernel compilation failed (the message says what to do).
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 impl Error {

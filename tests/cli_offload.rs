@@ -65,7 +65,7 @@ fn smollm2_offloaded_at_sixty_percent_gives_the_unconstrained_tokens() {
         let plain = run_json(model, prompt, &[], tmp.path(), "plain.json");
         let mut extra = vec!["--resident-mem", SIXTY_PERCENT];
         if i == 0 {
-            extra.extend_from_slice(&["--trace", trace.to_str().unwrap()]);
+            extra.extend_from_slice(&["--trace", trace.to_str().unwrap(), "--link-gbps", "8"]);
         }
         let off = run_json(model, prompt, &extra, tmp.path(), "offloaded.json");
         assert_eq!(
@@ -78,15 +78,26 @@ fn smollm2_offloaded_at_sixty_percent_gives_the_unconstrained_tokens() {
             off["overflow_ffn_layers"].as_u64().unwrap() > 0,
             "60% cannot hold every sparse layer"
         );
-        let overlap = off["overlap"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&overlap), "overlap {overlap}");
         for key in [
             "link_busy_s",
             "achieved_link_gbps",
-            "predicted_ms_per_token",
+            "overlap",
             "moved_neurons",
+            "measured_ms_per_token",
         ] {
             assert!(off[key].as_f64().is_some(), "stats JSON lacks {key}");
+        }
+        // The planner's prediction comes with a link cap only (uncapped, the CPU "link" is
+        // memcpy, which it does not model).
+        let predicted = off["predicted_ms_per_token"].as_f64();
+        assert_eq!(predicted.is_some(), i == 0, "predicted: {predicted:?}");
+        if let Some(p) = predicted {
+            let measured = off["measured_ms_per_token"].as_f64().unwrap();
+            // Loose: the machine is shared; BENCHMARKS.md has the careful comparison.
+            assert!(
+                p > 0.2 * measured && p < 5.0 * measured,
+                "predicted {p} vs measured {measured}"
+            );
         }
     }
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();

@@ -33,6 +33,7 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         aal: 15.22,
         prompt_tokens: 512,
         activation_bytes: None,
+        prefill_chunk: None,
     }
 }
 
@@ -234,7 +235,8 @@ fn resident_bytes_never_exceed_the_budget() {
         let total = Sizes::new(&probe).total_weight_bytes(false);
         let budget = (total as f64 * rng.gen_range(0.01..1.3)) as u64 + 1;
         let mut inp = PlanInput { budget, ..probe };
-        inp.context = rng.gen_range(1..9000);
+        let max_context = inp.config.max_position_embeddings.min(9000);
+        inp.context = rng.gen_range(inp.prompt_tokens..=max_context);
         inp.kv_bytes = if rng.gen_bool(0.5) { 2 } else { 4 };
         match plan(&inp) {
             Ok(p) => {

@@ -7,6 +7,8 @@
 
 pub mod cpu;
 mod cpu_backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod neurons;
 pub mod rope;
 mod tree_mask;

@@ -151,6 +151,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
         prompt_tokens: args.prompt_tokens,
         activation_bytes: None,
+        prefill_chunk: None,
     };
     let first = placement::plan(&input)?;
     let alternative = match (first.fits, first.advised_format, first.advised_keep) {

@@ -109,10 +109,12 @@ pub struct RunArgs {
     /// tree of (K - 1) * W + 1 tokens.
     #[arg(long, default_value_t = 1, requires = "sirius")]
     pub width: usize,
-    /// Offloading on CPU: keep only this much memory resident (e.g. 160M, 1.5G) for weights,
+    /// Offloading on CPU: keep only this much memory resident (e.g. 161MB, 1.5G) for weights,
     /// KV cache and buffers, placed as `sirius-offload plan` decides; the rest stays in host
-    /// memory and is streamed, only when the full model verifies (needs --sirius --sparsity
-    /// griffin). Emulates a GPU budget to test the schedule; output tokens do not change.
+    /// memory and is streamed: the FFN complement when the full model runs (prompt,
+    /// verification), plus whatever of the sparse model did not fit on every pass (needs
+    /// --sirius --sparsity griffin). Emulates a GPU budget to test the schedule; tokens equal
+    /// an unconstrained run's up to rounding (the split FFN sums in another order).
     #[arg(long, value_name = "SIZE")]
     pub resident_mem: Option<String>,
     /// Cap the copy engine at this many GB/s, emulating a PCIe link (with --resident-mem).
@@ -393,18 +395,16 @@ fn check_offload_args(args: &RunArgs, budget: u64) -> Result<u64> {
             "--resident-mem offloads a Sirius run with Griffin sparsity: add --sirius --sparsity griffin --temperature 0".into(),
         ));
     }
-    if let Some(link) = args.link_gbps {
-        if !(link.is_finite() && link > 0.0) {
+    use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
+    for (name, v) in [
+        ("--link-gbps", args.link_gbps),
+        ("--mem-gbps", Some(args.mem_gbps)),
+    ] {
+        if let Some(v) = v.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
             return Err(Error::InvalidArgument(format!(
-                "--link-gbps must be a positive number of GB/s, got {link}"
+                "{name} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
             )));
         }
-    }
-    if !(args.mem_gbps.is_finite() && args.mem_gbps > 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "--mem-gbps must be a positive number of GB/s, got {}",
-            args.mem_gbps
-        )));
     }
     Ok(budget)
 }

@@ -494,26 +494,26 @@ impl<B: Backend> Llama<B> {
                 // Dense = resident neurons + the rest, streamed as bundles. The sum runs in
                 // another order than one dense matmul, so results agree to rounding.
                 self.griffin_part(g, li, streamed, s, n)?;
-                let complement = streamed
-                    .and_then(|l| l.complement.as_ref())
-                    .ok_or_else(|| {
-                        Error::InvalidArgument(format!(
+                let complement = streamed.and_then(|l| l.complement.as_ref());
+                let whole = g.selection.layers.get(li).is_some_and(|k| k.len() >= f);
+                match complement {
+                    Some(complement) => {
+                        let all = BundleSelection::All {
+                            gate_bias: None,
+                            up_bias: None,
+                        };
+                        let layout = BundleLayout::GateUpDown;
+                        b.bundle_ffn(complement, layout, &s.xn, n, all, &mut s.part)?;
+                        b.add(&mut s.proj, &s.part, n * c.hidden_size)?;
+                    }
+                    // Every neuron is resident (keep 1): nothing to add.
+                    None if whole => {}
+                    None => {
+                        return Err(Error::InvalidArgument(format!(
                             "layer {li}: an offloaded full pass needs the streamed FFN complement"
-                        ))
-                    })?;
-                let all = BundleSelection::All {
-                    gate_bias: None,
-                    up_bias: None,
-                };
-                b.bundle_ffn(
-                    complement,
-                    BundleLayout::GateUpDown,
-                    &s.xn,
-                    n,
-                    all,
-                    &mut s.part,
-                )?;
-                b.add(&mut s.proj, &s.part, n * c.hidden_size)?;
+                        )))
+                    }
+                }
             }
             Ffn::Cats {
                 bundles,
@@ -542,9 +542,15 @@ impl<B: Backend> Llama<B> {
                 b.bundle_ffn(&l.matrix, bundles.layout, &s.xn, n, sel, &mut s.proj)?;
             }
             Ffn::Dense | Ffn::DenseScoring(_) | Ffn::DenseRecording(_) | Ffn::SplitDense(_) => {
-                let (w_gate, w_up, w_down) = match streamed_dense {
-                    Some(d) => (&d.gate, &d.up, &d.down),
-                    None => (&w.w_gate, &w.w_up, &w.w_down),
+                let (w_gate, w_up, w_down) = match (streamed_dense, streamed) {
+                    (Some(d), _) => (&d.gate, &d.up, &d.down),
+                    (None, None) => (&w.w_gate, &w.w_up, &w.w_down),
+                    // Offloaded: the checkpoint's FFN is host memory, never read in place.
+                    (None, Some(_)) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "layer {li}: an offloaded dense pass needs the layer's FFN streamed"
+                        )))
+                    }
                 };
                 b.matmul(w_gate, &s.xn, n, &mut s.gate)?;
                 b.matmul(w_up, &s.xn, n, &mut s.up)?;

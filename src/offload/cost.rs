@@ -163,11 +163,21 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         let read = s.attention_bytes + s.ffn_bytes + prompt_kv;
         (s.prefill_stream_bytes(p), read)
     });
+    // Each prefill chunk is one pass that streams every non-resident weight; then the
+    // request's resident neurons come in over the link.
+    let chunk = input
+        .prefill_chunk
+        .unwrap_or(input.prompt_tokens)
+        .clamp(1, input.prompt_tokens.max(1));
+    let passes = input.prompt_tokens.div_ceil(chunk) as f64;
+    let resident_sparse =
+        layers.iter().filter(|p| p.sparse_ffn_resident).count() as u64 * s.sparse_ffn_bytes;
+    let copy_in = resident_sparse as f64 / (input.link_gbps * 1e9);
     Costs {
         full,
         reference,
         sirius_offload,
-        ttft_ms: prefill.seconds(input) * 1e3,
+        ttft_ms: (passes * prefill.seconds(input) + copy_in) * 1e3,
     }
 }
 

@@ -26,6 +26,9 @@ use crate::sparsity::kept_neurons;
 const MAX_CONTEXT: usize = 1 << 24;
 const MAX_PERIOD: usize = 256;
 
+/// Link and memory bandwidths are accepted between these (GB/s).
+pub const MIN_GBPS: f64 = 0.001;
+pub const MAX_GBPS: f64 = 1.0e6;
 /// Number of streaming buffers: layer l+1 is copied while layer l computes.
 pub const STREAM_BUFFERS: usize = 2;
 
@@ -56,6 +59,9 @@ pub struct PlanInput {
     /// Bytes of the activation buffers a runtime really allocates (prefill chunk, draft and
     /// verification scratch); `None` estimates one verification window.
     pub activation_bytes: Option<u64>,
+    /// Prompt tokens per prefill pass (each pass streams every non-resident weight once);
+    /// `None` runs the whole prompt in one pass.
+    pub prefill_chunk: Option<usize>,
 }
 
 impl PlanInput {
@@ -87,8 +93,11 @@ impl PlanInput {
             ("--link-gbps", self.link_gbps),
             ("--mem-gbps", self.mem_gbps),
         ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(format!("{name} must be a positive number, got {v}"));
+            // Bounded so that every time derived from them is a sane, finite duration.
+            if !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(&v)) {
+                return bad(format!(
+                    "{name} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
+                ));
             }
         }
         if self.period == 0 || self.period > MAX_PERIOD {
@@ -103,10 +112,16 @@ impl PlanInput {
                 self.period, self.aal
             ));
         }
-        if self.prompt_tokens == 0 || self.prompt_tokens > MAX_CONTEXT {
+        if self.prompt_tokens == 0 || self.prompt_tokens > self.context {
             return bad(format!(
-                "--prompt-tokens must be in 1..={MAX_CONTEXT}, got {}",
-                self.prompt_tokens
+                "--prompt-tokens must be in 1..=--context ({}), got {}",
+                self.context, self.prompt_tokens
+            ));
+        }
+        if self.context > self.config.max_position_embeddings {
+            return bad(format!(
+                "--context {} is longer than the model's max_position_embeddings ({})",
+                self.context, self.config.max_position_embeddings
             ));
         }
         Ok(())

@@ -104,17 +104,19 @@ pub struct OffloadReport {
     /// Layers whose attention / sparse FFN did not fit and stream every pass.
     pub overflow_attention_layers: usize,
     pub overflow_ffn_layers: usize,
-    /// The planner's ms per produced token for this run (its period, measured AAL, link).
-    pub predicted_ms_per_token: f64,
+    /// The planner's ms per produced token for this run (its period, measured AAL, link);
+    /// only with a link cap.
+    pub predicted_ms_per_token: Option<f64>,
     /// Measured decode ms per produced token (the first token, from the prefill, excluded).
     pub measured_ms_per_token: f64,
-    /// The planner's predicted time to first token.
-    pub predicted_ttft_ms: f64,
+    /// The planner's predicted time to first token (with a link cap).
+    pub predicted_ttft_ms: Option<f64>,
 }
 
 pub struct OffloadRuntime {
     pub plan: Plan,
     input: PlanInput,
+    link_cap: Option<f64>,
     arena: ResidentArena,
     host: HostStore,
     engine: CpuCopyEngine,
@@ -153,11 +155,12 @@ impl OffloadRuntime {
         model: &Llama<CpuBackend>,
         opts: &OffloadOptions,
         activation_bytes: u64,
+        prefill_chunk: usize,
     ) -> Result<PlanInput> {
         let c = &model.config;
-        if c.mlp_bias {
+        if c.mlp_bias || c.qkv_bias || c.o_bias {
             return Err(Error::InvalidArgument(
-                "offloading does not handle FFN biases (mlp_bias) yet".into(),
+                "offloading on CPU does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: run without --resident-mem".into(),
             ));
         }
         let format = match model.dtype {
@@ -183,6 +186,7 @@ impl OffloadRuntime {
             aal: opts.period as f64,
             prompt_tokens: opts.prompt_tokens.max(1),
             activation_bytes: Some(activation_bytes),
+            prefill_chunk: Some(prefill_chunk),
         })
     }
 
@@ -195,11 +199,12 @@ impl OffloadRuntime {
     ) -> Result<Self> {
         let c = model.config.clone();
         let activation_bytes = input.activation_bytes.unwrap_or(0);
+        let context = input.context;
         let plan = plan(&input)?;
         let mut arena = ResidentArena::new(opts.budget);
         let (h, l) = (c.hidden_size, c.num_layers);
         arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
-        arena.reserve("KV cache", (2 * l * c.kv_dim() * opts.context * 4) as u64)?;
+        arena.reserve("KV cache", (2 * l * c.kv_dim() * context * 4) as u64)?;
         arena.reserve("activations", activation_bytes)?;
         arena.reserve(
             "stream buffers",
@@ -227,6 +232,7 @@ impl OffloadRuntime {
         );
         Ok(OffloadRuntime {
             input,
+            link_cap: opts.link_gbps,
             arena,
             host,
             engine,
@@ -438,6 +444,7 @@ impl OffloadRuntime {
             (PassKind::Draft, false, Some(kept)) => FfnPiece::Sparse { k: kept[li].len() },
             // Drafting before the request chose neurons is a caller bug; forward reports it.
             (PassKind::Draft, false, None) => FfnPiece::None,
+            (PassKind::Full, true, Some(kept)) if kept[li].len() >= self.dims.f => FfnPiece::None,
             (PassKind::Full, true, Some(kept)) => FfnPiece::Complement {
                 c: self.dims.f - kept[li].len(),
             },
@@ -447,13 +454,35 @@ impl OffloadRuntime {
         (attention || !matches!(ffn, FfnPiece::None)).then_some(LayerJob { attention, ffn })
     }
 
-    /// Statistics so far, with the planner's prediction for `aal` (measured).
+    /// Starts a request: forgets the previous request's neuron choice (its neurons stay
+    /// resident, so the next choice copies in only new ones) and its statistics.
+    pub fn begin_request(&mut self) -> Result<()> {
+        self.cancel()?;
+        self.kept = None;
+        self.overflow.iter_mut().for_each(|o| *o = None);
+        self.engine.reset_stats();
+        self.moved_neurons = 0;
+        self.draft_passes = 0;
+        self.full_passes = 0;
+        Ok(())
+    }
+
+    /// KV cache rows and activation bytes the plan reserved: a request must fit in them.
+    pub fn reserved(&self) -> (usize, u64) {
+        (self.input.context, self.input.activation_bytes.unwrap_or(0))
+    }
+
+    /// Statistics so far, with the planner's prediction for `aal` (measured) when the link
+    /// is capped (uncapped, the CPU "link" is memcpy, which the planner does not model).
     pub fn report(&self, aal: f64) -> Result<OffloadReport> {
         let stats = self.engine.stats();
-        let predicted = plan(&PlanInput {
-            aal: aal.clamp(1.0, self.input.period as f64),
-            ..self.input.clone()
-        })?;
+        let predicted = match self.link_cap {
+            Some(_) => Some(plan(&PlanInput {
+                aal: aal.clamp(1.0, self.input.period as f64),
+                ..self.input.clone()
+            })?),
+            None => None,
+        };
         Ok(OffloadReport {
             resident_budget_bytes: self.arena.budget(),
             resident_bytes: self.arena.peak(),
@@ -462,7 +491,7 @@ impl OffloadRuntime {
             achieved_link_gbps: stats.achieved_gbps,
             overlap: stats.overlap,
             copy_wait_s: stats.wait_s,
-            link_gbps_cap: self.input_link(),
+            link_gbps_cap: self.link_cap,
             moved_neurons: self.moved_neurons,
             draft_passes: self.draft_passes,
             full_passes: self.full_passes,
@@ -478,14 +507,12 @@ impl OffloadRuntime {
                 .iter()
                 .filter(|l| !l.sparse_ffn_resident)
                 .count(),
-            predicted_ms_per_token: predicted.costs.sirius_offload.ms_per_token,
+            predicted_ms_per_token: predicted
+                .as_ref()
+                .map(|p| p.costs.sirius_offload.ms_per_token),
             measured_ms_per_token: 0.0,
-            predicted_ttft_ms: predicted.costs.ttft_ms,
+            predicted_ttft_ms: predicted.as_ref().map(|p| p.costs.ttft_ms),
         })
-    }
-
-    fn input_link(&self) -> Option<f64> {
-        (self.input.link_gbps != UNCAPPED_LINK_GBPS).then_some(self.input.link_gbps)
     }
 
     pub fn trace(&self) -> Option<&Trace> {
@@ -548,11 +575,12 @@ impl OffloadRuntime {
             }
             FfnPiece::Complement { c } => {
                 // The runs landed back to back: one [c, 3h] bundle matrix.
-                let start = filled
-                    .pieces
-                    .get(usize::from(job.attention) * 4)
-                    .map_or(0, |r| r.start);
-                let end = filled.pieces.last().map_or(start, |r| r.end);
+                // After the attention pieces, if any.
+                let start = match job.attention {
+                    true => filled.pieces.get(3).map_or(0, |r| r.end),
+                    false => filled.pieces.first().map_or(0, |r| r.start),
+                };
+                let end = filled.pieces.last().map_or(start, |r| r.end).max(start);
                 layer.complement = Some(view(start..end, c, 3 * d.h)?);
             }
         }

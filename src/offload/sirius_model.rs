@@ -33,15 +33,25 @@ pub struct OffloadedSirius<'m> {
 impl<'m> OffloadedSirius<'m> {
     /// A request on `runtime` with `capacity` cache rows, windows of `period` tokens per path
     /// and `width` paths (the same shapes as `LlamaSirius::new`).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &'m Llama<CpuBackend>,
-        runtime: OffloadRuntime,
+        mut runtime: OffloadRuntime,
         keep: f32,
         capacity: usize,
         period: usize,
         width: usize,
+        prefill_chunk: usize,
     ) -> Result<Self> {
         let (draft_rows, window) = scratch_rows(capacity, period, width);
+        let (rows, reserved) = runtime.reserved();
+        let needed = scratch_bytes(&model.config, capacity, period, width, prefill_chunk);
+        if capacity > rows || needed > reserved {
+            return Err(Error::InvalidArgument(format!(
+                "this request needs {capacity} cache rows and {needed} bytes of activations; the runtime was planned for {rows} rows and {reserved} bytes: plan a new runtime for it"
+            )));
+        }
+        runtime.begin_request()?;
         Ok(OffloadedSirius {
             model,
             runtime,
@@ -123,6 +133,9 @@ impl<'m> OffloadedSirius<'m> {
         tokens: &[u32],
         mask: Option<&TreeMask>,
     ) -> Result<Vec<Vec<f32>>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
         let griffin = self.griffin.as_ref().ok_or_else(|| {
             Error::InvalidArgument("the offloaded model decodes only after its prefill".into())
         })?;
@@ -154,6 +167,22 @@ impl<'m> OffloadedSirius<'m> {
         let vocab = self.model.config.vocab_size;
         Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// Bytes of a request's activation buffers: draft, verification and prefill scratch, and
+/// Griffin's per-layer neuron scores.
+fn scratch_bytes(
+    c: &crate::config::ModelConfig,
+    capacity: usize,
+    period: usize,
+    width: usize,
+    prefill_chunk: usize,
+) -> u64 {
+    let (draft_rows, window) = scratch_rows(capacity, period, width);
+    Scratch::<CpuBackend>::byte_size(c, draft_rows, draft_rows)
+        + Scratch::<CpuBackend>::byte_size(c, window, window)
+        + Scratch::<CpuBackend>::byte_size(c, prefill_chunk, 1)
+        + (4 * c.num_layers * c.intermediate_size) as u64
 }
 
 /// Rows of the draft and verification scratch buffers (as `LlamaSirius` sizes them).
@@ -231,19 +260,15 @@ pub fn offload_plan_input(
     offload: &OffloadOptions,
 ) -> Result<(PlanInput, OffloadOptions)> {
     let capacity = sirius_cache_rows(model, prompt_ids, opts, sirius)?;
-    let c = &model.config;
-    let (draft_rows, window) = scratch_rows(capacity, sirius.period, sirius.width);
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len().max(1));
-    let activations = Scratch::<CpuBackend>::byte_size(c, draft_rows, draft_rows)
-        + Scratch::<CpuBackend>::byte_size(c, window, window)
-        + Scratch::<CpuBackend>::byte_size(c, chunk, 1);
+    let activations = scratch_bytes(&model.config, capacity, sirius.period, sirius.width, chunk);
     let options = OffloadOptions {
         context: capacity,
         prompt_tokens: prompt_ids.len(),
         period: sirius.period,
         ..offload.clone()
     };
-    let input = OffloadRuntime::plan_input(model, &options, activations)?;
+    let input = OffloadRuntime::plan_input(model, &options, activations, chunk)?;
     Ok((input, options))
 }
 
@@ -262,16 +287,38 @@ pub fn generate_sirius_offloaded(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
     let (input, options) = offload_plan_input(model, prompt_ids, opts, &sirius, &offload)?;
-    let capacity = options.context;
     let runtime = OffloadRuntime::new(model, input, &options)?;
-    let model: &Llama<CpuBackend> = model;
+    let (out, _) = generate_on_runtime(
+        model, runtime, tokenizer, prompt_ids, opts, sirius, trace_path, on_text,
+    )?;
+    Ok(out)
+}
+
+/// One offloaded Sirius request on an existing `runtime` (planned for at least this
+/// request's context), which it hands back for the next request: neurons the next request
+/// shares with this one are not copied again.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_on_runtime(
+    model: &Llama<CpuBackend>,
+    runtime: OffloadRuntime,
+    tokenizer: &Tokenizer,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+    sirius: SiriusOptions,
+    trace_path: Option<&Path>,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(GenerationOutput, OffloadRuntime)> {
+    let capacity = sirius_cache_rows(model, prompt_ids, opts, &sirius)?;
+    let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len().max(1));
+    let keep = runtime.plan.keep as f32;
     let mut m = OffloadedSirius::new(
         model,
         runtime,
-        options.keep,
+        keep,
         capacity,
         sirius.period,
         sirius.width,
+        chunk,
     )?;
     let mut out = drive_sirius(&mut m, tokenizer, prompt_ids, opts, sirius, on_text)?;
     let aal = out.sirius.as_ref().map_or(1.0, |s| s.aal);
@@ -284,5 +331,5 @@ pub fn generate_sirius_offloaded(
     if let (Some(path), Some(trace)) = (trace_path, m.runtime.trace()) {
         trace.write_chrome_json(path)?;
     }
-    Ok(out)
+    Ok((out, m.into_runtime()))
 }

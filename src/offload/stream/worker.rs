@@ -261,7 +261,12 @@ impl Worker {
     fn pace(&self, start: Instant, done: usize, generation: u64) -> bool {
         match self.pacing.link_bytes_per_s {
             Some(rate) => {
-                let target = start + Duration::from_secs_f64(done as f64 / rate);
+                // A rate too small to express as a Duration paces "forever" (until aborted).
+                let wait = Duration::try_from_secs_f64(done as f64 / rate)
+                    .unwrap_or(Duration::from_secs(86_400));
+                let target = start
+                    .checked_add(wait)
+                    .unwrap_or(start + Duration::from_secs(86_400));
                 self.pause_until(target, generation)
             }
             None => self.aborted(generation),

@@ -1,0 +1,6 @@
+//! CUDA backend (feature `cuda`). So far: the kernels ([`kernels`], sources in `kernels/*.cu`)
+//! and their run-time compilation with NVRTC ([`nvrtc`]); the device context, memory,
+//! streams and launches come next (issue 6).
+
+pub mod kernels;
+pub mod nvrtc;
