@@ -149,7 +149,8 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         aal: args
             .aal
             .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
-        prompt_tokens: args.prompt_tokens,
+        // The default prompt (512) shrinks to a shorter --context rather than failing.
+        prompt_tokens: args.prompt_tokens.min(args.context.max(1)),
         activation_bytes: None,
         prefill_chunk: None,
     };
