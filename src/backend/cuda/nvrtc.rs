@@ -111,7 +111,7 @@ pub fn cuda_include_dirs() -> Vec<PathBuf> {
     }
     let mut dirs: Vec<PathBuf> = Vec::new();
     for dir in candidates {
-        if dir.join(MARKER_HEADER).is_file() && !dirs.contains(&dir) {
+        if has_cuda_headers(&dir) && !dirs.contains(&dir) {
             dirs.push(dir);
         }
     }
@@ -120,7 +120,7 @@ pub fn cuda_include_dirs() -> Vec<PathBuf> {
 
 /// Checks that `include_dirs` provide the CUDA headers.
 pub fn check_headers(include_dirs: &[PathBuf]) -> Result<()> {
-    if include_dirs.iter().any(|d| d.join(MARKER_HEADER).is_file()) {
+    if include_dirs.iter().any(|d| has_cuda_headers(d)) {
         return Ok(());
     }
     let looked = if include_dirs.is_empty() {

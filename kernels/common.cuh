@@ -1,0 +1,221 @@
+// Helpers shared by every kernel file: weight dtype conversion (bf16 / f16 / f32 to f32),
+// 16-byte weight loads, warp and block reductions.
+//
+// Not a kernel file: NVRTC gets it as an in-memory header (src/backend/cuda/nvrtc.rs), each
+// *.cu file includes it as "common.cuh". Conventions of all kernels:
+// - sizes are u32 (`unsigned`); every product that indexes memory is formed in 64 bits (size_t);
+// - activations are f32; weights are row-major [rows, cols] of bf16, f16 or f32 (the _bf16,
+//   _f16 and _f32 entry points), read through the read-only cache;
+// - "blockDim.x = 32 * warps" means a multiple of 32 between 32 and 1024.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define FULL_MASK 0xffffffffu
+
+// No <cmath> under NVRTC: the special values by their bits.
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// bf16 / f16 / f32 element to f32 (exact for all three).
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(float v) { return v; }
+
+// The two 16-bit elements packed in a little-endian 32-bit word: low half first.
+__device__ __forceinline__ void bf16x2_to_f32(unsigned w, float* out) {
+    out[0] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(w & 0xffffu)));
+    out[1] = __bfloat162float(__ushort_as_bfloat16((unsigned short)(w >> 16)));
+}
+__device__ __forceinline__ void f16x2_to_f32(unsigned w, float* out) {
+    out[0] = __half2float(__ushort_as_half((unsigned short)(w & 0xffffu)));
+    out[1] = __half2float(__ushort_as_half((unsigned short)(w >> 16)));
+}
+
+// One 16-byte load of weights converted to f32: N elements (8 of bf16/f16, 4 of f32).
+// `p` must be 16-byte aligned; callers check with wide_ok() first.
+template <typename T> struct Wide;
+
+template <> struct Wide<__nv_bfloat16> {
+    static constexpr unsigned N = 8;
+    static __device__ __forceinline__ void load(const __nv_bfloat16* p, float* out) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+        bf16x2_to_f32(u.x, out);
+        bf16x2_to_f32(u.y, out + 2);
+        bf16x2_to_f32(u.z, out + 4);
+        bf16x2_to_f32(u.w, out + 6);
+    }
+};
+
+template <> struct Wide<__half> {
+    static constexpr unsigned N = 8;
+    static __device__ __forceinline__ void load(const __half* p, float* out) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+        f16x2_to_f32(u.x, out);
+        f16x2_to_f32(u.y, out + 2);
+        f16x2_to_f32(u.z, out + 4);
+        f16x2_to_f32(u.w, out + 6);
+    }
+};
+
+template <> struct Wide<float> {
+    static constexpr unsigned N = 4;
+    static __device__ __forceinline__ void load(const float* p, float* out) {
+        const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+        out[0] = v.x;
+        out[1] = v.y;
+        out[2] = v.z;
+        out[3] = v.w;
+    }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+    return (reinterpret_cast<size_t>(p) & 15u) == 0;
+}
+
+// Whether rows of `cols` weights starting at `w` (and f32 rows of `cols` at `x`) can be read
+// with 16-byte loads: every row start is then 16-byte aligned. Otherwise kernels fall back
+// to element loads (slower, same result).
+template <typename T>
+__device__ __forceinline__ bool wide_ok(const T* w, const float* x, unsigned cols) {
+    return cols % Wide<T>::N == 0 && aligned16(w) && aligned16(x);
+}
+
+// Eight consecutive weights starting at `p` as f32. `wide`: `p` is 16-byte aligned (two
+// loads for f32, one for 16-bit types); otherwise element loads of the first `valid` (the
+// rest read as 0).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, bool wide, unsigned valid, float* out) {
+    if (wide) {
+        Wide<T>::load(p, out);
+        if constexpr (Wide<T>::N == 4) {
+            Wide<T>::load(p + 4, out + 4);
+        }
+    } else {
+#pragma unroll
+        for (unsigned k = 0; k < 8; ++k) {
+            out[k] = k < valid ? to_f32(p[k]) : 0.0f;
+        }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(FULL_MASK, v, o);
+    }
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(FULL_MASK, v, o);
+    }
+    return v;
+}
+
+// Max over the warp; NaN lanes are ignored (fmaxf), as f32::max does on the CPU.
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    }
+    return v;
+}
+
+// Sum over the block, returned to every thread. Every thread of the block must call it
+// (blockDim.x = 32 * warps). The trailing barrier lets the caller use it again at once.
+template <typename F>
+__device__ __forceinline__ F block_sum(F v) {
+    __shared__ F partial[32];
+    __shared__ F total;
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) {
+        partial[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        F s = lane < (blockDim.x >> 5) ? partial[lane] : F(0);
+        s = warp_sum(s);
+        if (lane == 0) {
+            total = s;
+        }
+    }
+    __syncthreads();
+    const F r = total;
+    __syncthreads();
+    return r;
+}
+
+// Max over the block (NaN ignored), returned to every thread; same calling rules as block_sum.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    if (lane == 0) {
+        partial[warp] = v;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (blockDim.x >> 5) ? partial[lane] : neg_inf();
+        s = warp_max(s);
+        if (lane == 0) {
+            total = s;
+        }
+    }
+    __syncthreads();
+    const float r = total;
+    __syncthreads();
+    return r;
+}
+
+// This lane's partial dot products of one weight row (`cols` elements at `row`) with `nt`
+// (<= TOK) activation rows of x (`cols` floats apart): acc[j] += sum over this lane's columns
+// of row[c] * x[j, c]. The caller sums acc over the warp. `wide`: see wide_ok(); lanes then
+// read consecutive 16-byte chunks, so each warp load is one contiguous 512-byte request.
+template <typename T, int TOK>
+__device__ __forceinline__ void row_dot(const T* __restrict__ row, const float* __restrict__ x,
+                                        unsigned cols, unsigned nt, bool wide, unsigned lane,
+                                        float (&acc)[TOK]) {
+    if (wide) {
+        constexpr unsigned N = Wide<T>::N;
+        const unsigned chunks = cols / N;
+#pragma unroll 4
+        for (unsigned k = lane; k < chunks; k += 32) {
+            float wv[N];
+            Wide<T>::load(row + (size_t)k * N, wv);
+#pragma unroll
+            for (int j = 0; j < TOK; ++j) {
+                if ((unsigned)j < nt) {
+                    const float4* xp =
+                        reinterpret_cast<const float4*>(x + (size_t)j * cols + (size_t)k * N);
+#pragma unroll
+                    for (unsigned q = 0; q < N / 4; ++q) {
+                        const float4 xv = __ldg(xp + q);
+                        acc[j] = fmaf(wv[4 * q], xv.x, acc[j]);
+                        acc[j] = fmaf(wv[4 * q + 1], xv.y, acc[j]);
+                        acc[j] = fmaf(wv[4 * q + 2], xv.z, acc[j]);
+                        acc[j] = fmaf(wv[4 * q + 3], xv.w, acc[j]);
+                    }
+                }
+            }
+        }
+    } else {
+        for (unsigned c = lane; c < cols; c += 32) {
+            const float wv = to_f32(row[c]);
+#pragma unroll
+            for (int j = 0; j < TOK; ++j) {
+                if ((unsigned)j < nt) {
+                    acc[j] = fmaf(wv, __ldg(x + (size_t)j * cols + c), acc[j]);
+                }
+            }
+        }
+    }
+}
+
+// SiLU as the CPU computes it: v / (1 + e^-v).
+__device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
