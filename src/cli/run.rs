@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
+    /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
+    /// cuda`; the CUDA compute backend is in progress, so for now this only checks the GPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
     /// Context length cap in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub ctx_size: Option<usize>,
@@ -198,6 +202,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => None,
     };
     check_output_dir("--trace", args.trace.as_deref())?;
+    if let Device::Cuda(ordinal) = args.device {
+        return Err(cuda_unavailable(ordinal));
+    }
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument(
             "--stop needs a non-empty text".into(),
@@ -386,6 +393,51 @@ pub fn run(args: &RunArgs) -> Result<()> {
         write_json(path, &stats)?;
     }
     Ok(())
+}
+
+/// What `--device` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A GPU by ordinal (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, got {s:?}")),
+    }
+}
+
+/// Why `--device cuda` cannot run yet: the probe's error (no driver, no device, ...), or, when
+/// the GPU is usable, that the CUDA compute backend does not exist yet.
+#[cfg(feature = "cuda")]
+fn cuda_unavailable(ordinal: usize) -> Error {
+    match crate::backend::cuda::device::open(ordinal) {
+        Err(e) => e,
+        Ok(dev) => Error::Cuda(format!(
+            "device {} ({}, {}) found, but the CUDA compute backend is not implemented yet: \
+             run with --device cpu",
+            dev.ordinal,
+            dev.name,
+            crate::offload::format_bytes(dev.total_memory)
+        )),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_unavailable(_ordinal: usize) -> Error {
+    Error::Cuda(
+        "this binary was built without CUDA support: rebuild with `cargo build --release \
+         --features cuda`, or run with --device cpu"
+            .into(),
+    )
 }
 
 /// `--resident-mem` runs the offloading runtime, which executes Griffin + Sirius plans.

@@ -2,5 +2,7 @@
 //! and their run-time compilation with NVRTC ([`nvrtc`]); the device context, memory,
 //! streams and launches come next (issue 6).
 
+pub mod device;
 pub mod kernels;
+pub mod memory;
 pub mod nvrtc;
