@@ -1,0 +1,291 @@
+#!/usr/bin/env bash
+# The CUDA backend's check on a GPU machine (issue 6, item 6). Runs from a pack that
+# tools/gpu-pack.sh built (no Rust toolchain, network or pip needed here) and writes ONE
+# markdown report:
+#   1. machine: GPU, driver, where libcuda / libnvrtc / cuBLAS / the CUDA headers come from
+#   2. NVRTC compiles every kernel for this GPU (tests/nvrtc_kernels)
+#   3. parity: every Backend op, CUDA vs CPU, plus greedy tokens and the Sirius invariants
+#      (tests/gpu_parity with SIRIUS_REQUIRE_GPU=1)
+#   4. pinned vs pageable host-to-device GB/s
+#   5. decode tokens/s: CPU dense (baseline), CUDA dense, Griffin, Sirius
+#   6. an offloaded run with --gpu-mem below the model's size, when the binary has it
+# Each step has a timeout and the whole check stops starting steps after 7.5 minutes.
+#
+# Usage: gpu-check.sh [MODEL_DIR]
+#   MODEL_DIR: a HF model directory (config.json, *.safetensors, tokenizer.json) to time and
+#   to compare greedy tokens on; without it a random-weights model of SmolLM2-135M's shape
+#   (hidden 576, 30 layers, 9/3 heads, FFN 1536, vocab 49152, tied, bf16) is generated here.
+# Environment: REPORT (default ./gpu-check-report.md), WORK (scratch, default a temp dir).
+# Exit status: 0 when every step that ran passed, 1 when a check failed, 2 without a GPU.
+set -uo pipefail
+
+PACK=$(cd "$(dirname "$0")" && pwd)
+MODEL=${1:-}
+REPORT=${REPORT:-$PWD/gpu-check-report.md}
+WORK=${WORK:-$(mktemp -d -t gpu-check.XXXXXX)}
+DEADLINE=450 # seconds: under 8 minutes with the last step's cap
+BIN=$PACK/bin/sirius-offload
+failed=0
+
+if [ ! -x "$BIN" ] || [ ! -x "$PACK/tests/gpu_parity" ]; then
+    echo "gpu-check: no pack in $PACK (bin/sirius-offload, tests/gpu_parity missing):" \
+        "run tools/gpu-pack.sh on a build machine, copy gpu-pack/ here and run" \
+        "gpu-pack/gpu-check.sh" >&2
+    exit 1
+fi
+if [ -n "$MODEL" ] && [ ! -f "$MODEL/config.json" ]; then
+    echo "gpu-check: $MODEL is not a model directory (no config.json)" >&2
+    exit 1
+fi
+mkdir -p "$WORK"
+
+# ---- report helpers
+: >"$REPORT"
+say() { printf '%s\n' "$*" >>"$REPORT"; }
+log() { printf '== %s\n' "$*" >&2; }
+# Seconds a step may take: its cap, or what is left before the deadline.
+budget() {
+    local left=$((DEADLINE - SECONDS))
+    [ "$left" -lt "$1" ] && echo "$left" || echo "$1"
+}
+# Runs a step under `timeout`; its output goes to $WORK/<name>.log. Returns its status,
+# 124 on timeout, 125 when no time is left.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local t
+    t=$(budget "$cap")
+    if [ "$t" -lt 10 ]; then
+        echo "(skipped: the check's 8-minute budget is spent)" >"$WORK/$name.log"
+        return 125
+    fi
+    timeout --kill-after=5 "$t" "$@" >"$WORK/$name.log" 2>&1
+}
+status_word() {
+    case $1 in
+    0) echo "passed" ;;
+    124 | 137) echo "TIMED OUT" ;;
+    125) echo "skipped (out of time)" ;;
+    *) echo "FAILED (exit $1)" ;;
+    esac
+}
+# A number field of a --stats-json file, to 2 decimals when it has decimals.
+json_num() {
+    grep -o "\"$2\": *[-0-9.eE+]*" "$1" 2>/dev/null | head -1 | sed 's/.*: *//' |
+        awk '{ if ($0 ~ /[.eE]/) printf "%.2f", $0; else printf "%s", $0 }'
+}
+fence() { say '```'; sed -e 's/\x1b\[[0-9;]*m//g' "$1" | tail -n "${2:-40}" >>"$REPORT"; say '```'; }
+
+say "# GPU check: sirius-offload CUDA backend"
+say ""
+say "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); host: $(uname -n) ($(uname -srm))"
+say "- pack: $(sed -n 's/^commit: //p' "$PACK/MANIFEST" 2>/dev/null || echo unknown)"
+
+# ---- 1. machine and libraries
+log "machine"
+find_lib() { # first path of a shared library named $1 on this machine
+    local hit
+    hit=$(ldconfig -p 2>/dev/null | grep -F "$1 " | head -1 | sed 's/.*=> //')
+    if [ -z "$hit" ]; then
+        hit=$(timeout 20 find /usr/local/cuda* /usr/lib /usr/lib64 /opt /usr/local/lib \
+            -name "$1" 2>/dev/null | head -1)
+    fi
+    echo "$hit"
+}
+libcuda=$(find_lib libcuda.so.1)
+[ -n "$libcuda" ] || libcuda=$(find_lib libcuda.so)
+gpu_line=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+say "- GPU: ${gpu_line:-nvidia-smi not available}"
+say "- libcuda: ${libcuda:-not found}"
+if [ -z "$libcuda" ]; then
+    say ""
+    say "**No GPU here**: the NVIDIA driver library (libcuda.so) is missing, so nothing was run."
+    echo "gpu-check: no NVIDIA driver (libcuda.so) on this machine: nothing to check;" \
+        "report: $REPORT" >&2
+    exit 2
+fi
+# NVRTC and headers: the pack's copy (the version CI compiles the kernels with) when it has
+# one, else the machine's.
+extra_lib=""
+if [ -f "$PACK/cuda/nvrtc.tar.gz" ]; then
+    mkdir -p "$WORK/cuda" && tar -C "$WORK/cuda" -xzf "$PACK/cuda/nvrtc.tar.gz"
+    extra_lib=$WORK/cuda/lib
+    export CUDA_INCLUDE_DIR=$WORK/cuda/include
+    say "- NVRTC: the pack's ($(sed -n 's/^nvrtc: //p' "$PACK/MANIFEST"))"
+else
+    nvrtc=$(find_lib libnvrtc.so.13)
+    [ -n "$nvrtc" ] && extra_lib=$(dirname "$nvrtc")
+    say "- NVRTC: ${nvrtc:-not found (the backend cannot compile its kernels)}"
+fi
+cublas=$(find_lib libcublas.so.13)
+if [ -n "$cublas" ]; then
+    extra_lib=${extra_lib:+$extra_lib:}$(dirname "$cublas")
+fi
+say "- cuBLAS: ${cublas:-not found (the GEMM path cannot run)}"
+export LD_LIBRARY_PATH=${extra_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+say "- CUDA headers: ${CUDA_INCLUDE_DIR:-searched by the backend (CUDA_HOME, /usr/local/cuda/include, ...)}"
+say "- CPU: $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //')"
+
+# ---- 2. NVRTC
+log "NVRTC compiles every kernel"
+SIRIUS_REQUIRE_NVRTC=1 step nvrtc 120 "$PACK/tests/nvrtc_kernels" --test-threads 2
+rc=$?
+say ""
+say "## NVRTC: $(status_word $rc)"
+[ $rc -eq 0 ] || { failed=1; fence "$WORK/nvrtc.log" 20; }
+
+# ---- 3. parity
+log "parity (tests/gpu_parity)"
+parity_env=(SIRIUS_REQUIRE_GPU=1)
+[ -n "$MODEL" ] && parity_env+=(SIRIUS_GPU_MODEL_DIR="$MODEL")
+step parity 240 env "${parity_env[@]}" "$PACK/tests/gpu_parity" --skip host_to_device \
+    --test-threads 4 --nocapture
+rc=$?
+say ""
+say "## Parity (CUDA vs CPU): $(status_word $rc)"
+say ""
+say "\`max |gpu - cpu| / max(1, max |cpu|)\` over whole output buffers poisoned with NaN;"
+say "tolerances per op are justified in tests/gpu_parity.rs."
+say ""
+say "| op | checks | failed | worst error | tolerance |"
+say "| --- | --- | --- | --- | --- |"
+grep '^PARITY ' "$WORK/parity.log" | awk '
+    { op = $2; n[op]++; if ($NF == "FAIL") f[op]++
+      for (i = 3; i <= NF; i++) {
+        if ($i ~ /^err=/) { e = substr($i, 5); if (!(op in w) || e + 0 > w[op] + 0) w[op] = e }
+        if ($i ~ /^tol=/) t[op] = substr($i, 5)
+        if ($i ~ /^same=/) w[op] = substr($i, 6)
+      }
+      if (!(op in order)) { order[op] = ++k; names[k] = op } }
+    END { for (i = 1; i <= k; i++) { op = names[i]
+          printf "| %s | %d | %d | %s | %s |\n", op, n[op], f[op] + 0, w[op], t[op] } }' \
+    >>"$REPORT"
+say ""
+grep -E '^test result|^SKIPPED' "$WORK/parity.log" | sort | uniq -c | sed 's/^ */- /' >>"$REPORT"
+if [ $rc -ne 0 ]; then
+    failed=1
+    say ""
+    say "Failures:"
+    say '```'
+    grep -E -A1 'panicked at' "$WORK/parity.log" | grep -v '^--$' | head -40 >>"$REPORT"
+    say '```'
+fi
+
+# ---- 4. bandwidth
+log "pinned vs pageable host-to-device"
+SIRIUS_REQUIRE_GPU=1 step bandwidth 60 "$PACK/tests/gpu_parity" --exact host_to_device_bandwidth --nocapture
+rc=$?
+bw=$(grep -o 'BANDWIDTH .*' "$WORK/bandwidth.log" | head -1)
+say ""
+say "## Host-to-device copy (256 MiB, best of 5)"
+if [ -n "$bw" ]; then
+    pinned=$(sed -n 's/.*pinned_gbps=\([0-9.]*\).*/\1/p' <<<"$bw")
+    pageable=$(sed -n 's/.*pageable_gbps=\([0-9.]*\).*/\1/p' <<<"$bw")
+    say "| memory | GB/s |"
+    say "| --- | --- |"
+    say "| pinned (cuMemHostAlloc, write-combined) | $pinned |"
+    say "| pageable (Vec<u8>) | $pageable |"
+else
+    say "No measurement: $(status_word $rc)"
+    fence "$WORK/bandwidth.log" 8
+fi
+
+# ---- 5. decode tokens/s
+say ""
+if [ -z "$MODEL" ]; then
+    log "random model of SmolLM2-135M's shape"
+    MODEL=$WORK/model-smollm2-shape
+    if ! step random_model 60 "$PACK/bin/random_model" "$MODEL"; then
+        say "## Decode: the random model could not be written"
+        fence "$WORK/random_model.log" 10
+        MODEL=""
+    fi
+    PROMPT="w17 w230 w4096 w99 w1234 w777 w31337 w12 w555 w8080 w42 w64 w2048 w300 w9 w10"
+    model_label="random weights, SmolLM2-135M shape (bf16; tokens meaningless, speed real)"
+else
+    PROMPT="The history of the printing press begins in the fifteenth century, when"
+    model_label="$MODEL"
+fi
+decode_row() { # label, tokens, then run options
+    local label=$1 tokens=$2 name
+    shift 2
+    name=run_$(tr -c 'a-zA-Z0-9' _ <<<"$label")
+    step "$name" 90 "$BIN" run -m "$MODEL" -p "$PROMPT" --max-tokens "$tokens" --temperature 0 \
+        --no-fetch --stats-json "$WORK/$name.json" "$@"
+    local rc=$?
+    if [ $rc -eq 0 ] && [ -f "$WORK/$name.json" ]; then
+        local extra=""
+        local aal
+        aal=$(json_num "$WORK/$name.json" aal)
+        [ -n "$aal" ] && extra="AAL $aal"
+        say "| $label | $(json_num "$WORK/$name.json" decode_tokens_per_s) | $(json_num "$WORK/$name.json" prefill_tokens_per_s) | $(json_num "$WORK/$name.json" generated_tokens) | $extra |"
+    else
+        local why
+        why=$(grep -v '^\s*$' "$WORK/$name.log" | tail -1 | cut -c1-200)
+        say "| $label | $(status_word $rc) | | | ${why//|/\\|} |"
+        return 1
+    fi
+}
+if [ -n "$MODEL" ]; then
+    log "decode tokens/s"
+    say "## Decode tokens/s: $model_label"
+    say ""
+    say "Greedy tokens (32 on the CPU, 128 on the GPU) after a short prompt; \`run --stats-json\`"
+    say "numbers."
+    say ""
+    say "| run | decode tok/s | prefill tok/s | tokens | notes |"
+    say "| --- | --- | --- | --- | --- |"
+    decode_row "cpu dense ($(nproc) threads)" 32 --device cpu
+    cuda_ok=0
+    decode_row "cuda dense" 128 --device cuda && cuda_ok=1
+    decode_row "cuda griffin keep 0.5" 128 --device cuda --sparsity griffin --keep 0.5
+    decode_row "cuda sirius griffin 0.5 K=8" 128 --device cuda --sparsity griffin --keep 0.5 \
+        --sirius --period 8
+    if [ $cuda_ok -eq 0 ]; then
+        say ""
+        say "\`run --device cuda\` did not run (see notes): the CUDA runs above are not measured."
+    fi
+
+    # ---- 6. offloaded
+    say ""
+    say "## Offloaded run (--gpu-mem below the model's size)"
+    say ""
+    weights=$(du -cb "$MODEL"/*.safetensors 2>/dev/null | tail -1 | cut -f1)
+    if ! "$BIN" run --help 2>/dev/null | grep -q -- '--gpu-mem'; then
+        say "Not run: this build's \`run\` has no \`--gpu-mem\` option, i.e. offloading on"
+        say "\`--device cuda\` is not implemented yet."
+    else
+        log "offloaded run"
+        offloaded=0
+        for pct in 60 80; do
+            mem=$((weights * pct / 100 / 1000000))MB
+            name=offload_$pct
+            step "$name" 120 "$BIN" run -m "$MODEL" -p "$PROMPT" --max-tokens 64 \
+                --temperature 0 --no-fetch --device cuda --sparsity griffin --keep 0.5 \
+                --sirius --period 8 --gpu-mem "$mem" --trace "$WORK/trace_$pct.json" \
+                --stats-json "$WORK/$name.json"
+            rc=$?
+            if [ $rc -eq 0 ]; then
+                j=$WORK/$name.json
+                say "--gpu-mem $mem ($pct% of $((weights / 1000000)) MB of weights), Sirius K=8, Griffin 0.5:"
+                say ""
+                say "| decode tok/s | streamed bytes | overlap | achieved link GB/s | copy wait s | full passes | predicted / measured ms per token |"
+                say "| --- | --- | --- | --- | --- | --- | --- |"
+                say "| $(json_num "$j" decode_tokens_per_s) | $(json_num "$j" streamed_bytes) | $(json_num "$j" overlap) | $(json_num "$j" achieved_link_gbps) | $(json_num "$j" copy_wait_s) | $(json_num "$j" full_passes) | $(json_num "$j" predicted_ms_per_token) / $(json_num "$j" measured_ms_per_token) |"
+                say ""
+                say "Trace: $WORK/trace_$pct.json ($(du -h "$WORK/trace_$pct.json" 2>/dev/null | cut -f1), open in Perfetto)."
+                offloaded=1
+                break
+            fi
+            say "--gpu-mem $mem: $(status_word $rc)"
+            fence "$WORK/$name.log" 5
+        done
+        [ $offloaded -eq 1 ] || failed=1
+    fi
+fi
+
+say ""
+say "Finished in ${SECONDS}s. Logs: $WORK"
+log "report: $REPORT (${SECONDS}s)"
+cat "$REPORT"
+exit $failed
