@@ -95,6 +95,14 @@ impl RopeTable {
         }
     }
 
+    /// cos/sin of positions 0..n, `head_dim` floats per position (cos of every pair, then
+    /// sin), computed as [`RopeTable::rotate_at`] uses them: the CUDA backend's device copy.
+    pub fn cos_sin_rows(&self, n: usize) -> Vec<f32> {
+        self.ensure_positions(n);
+        let table = self.cos_sin.read().unwrap_or_else(|e| e.into_inner());
+        table[..n * self.head_dim].to_vec()
+    }
+
     /// Makes sure cos/sin are known for positions 0..n.
     fn ensure_positions(&self, n: usize) {
         let hd = self.head_dim;

@@ -94,6 +94,17 @@ impl TreeMask {
         &self.positions
     }
 
+    /// 64-bit words per batch row of [`TreeMask::bits`].
+    pub fn words(&self) -> usize {
+        self.words
+    }
+
+    /// The visibility bits, `[n_tokens, words]`: bit `j` of row `t` = token `t` sees tree
+    /// row `j` (the CUDA backend uploads them for its attention kernel).
+    pub fn bits(&self) -> &[u64] {
+        &self.bits
+    }
+
     /// Whether batch token `t` sees cache row `row`.
     #[inline]
     pub fn visible(&self, t: usize, row: usize) -> bool {

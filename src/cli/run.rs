@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
-use crate::backend::CpuBackend;
+use crate::backend::{Backend, CpuBackend};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
@@ -68,7 +68,7 @@ pub struct RunArgs {
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
     /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
-    /// cuda`; the CUDA compute backend is in progress, so for now this only checks the GPU).
+    /// cuda`; weights, KV cache and activations then live in GPU memory).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Context length cap in tokens (default: the model's max_position_embeddings).
@@ -202,18 +202,118 @@ pub fn run(args: &RunArgs) -> Result<()> {
         None => None,
     };
     check_output_dir("--trace", args.trace.as_deref())?;
-    if let Device::Cuda(ordinal) = args.device {
-        return Err(cuda_unavailable(ordinal));
+    if matches!(args.device, Device::Cuda(_)) && resident_mem.is_some() {
+        return Err(Error::InvalidArgument(
+            "--resident-mem emulates offloading on the CPU and runs with --device cpu only \
+             (the CUDA offloading runtime is not wired to run yet)"
+                .into(),
+        ));
     }
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument(
             "--stop needs a non-empty text".into(),
         ));
     }
+    let job = RunJob {
+        args,
+        sampling,
+        sparsity_args,
+        sirius,
+        resident_mem,
+        seed,
+    };
+    match args.device {
+        Device::Cpu => {
+            let backend = CpuBackend::new(args.threads);
+            let threads = backend.threads();
+            run_on(job, backend, threads)
+        }
+        // The device comes first (before the prompt and the model): a machine without a
+        // usable GPU fails at once with the probe's one-line reason.
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
+            // No CPU compute threads: every op runs on the GPU.
+            run_on(job, backend, 0)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(ordinal) => Err(cuda_unavailable(ordinal)),
+    }
+}
+
+/// What `run` checked and computed before a backend exists.
+struct RunJob<'a> {
+    args: &'a RunArgs,
+    sampling: SamplingParams,
+    sparsity_args: SparsityArgs,
+    sirius: SiriusOptions,
+    resident_mem: Option<u64>,
+    seed: u64,
+}
+
+/// The backends `run` drives; the offloading runtime exists for the CPU backend only.
+trait RunBackend: Backend + Sized {
+    #[allow(clippy::too_many_arguments)]
+    fn run_offloaded(
+        model: &mut Llama<Self>,
+        tokenizer: &Tokenizer,
+        prompt_ids: &[u32],
+        opts: &GenerateOptions,
+        sirius: SiriusOptions,
+        offload: OffloadOptions,
+        trace: Option<&std::path::Path>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationOutput>;
+}
+
+impl RunBackend for CpuBackend {
+    fn run_offloaded(
+        model: &mut Llama<Self>,
+        tokenizer: &Tokenizer,
+        prompt_ids: &[u32],
+        opts: &GenerateOptions,
+        sirius: SiriusOptions,
+        offload: OffloadOptions,
+        trace: Option<&std::path::Path>,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationOutput> {
+        generate_sirius_offloaded(
+            model, tokenizer, prompt_ids, opts, sirius, offload, trace, on_text,
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RunBackend for crate::backend::cuda::CudaBackend {
+    fn run_offloaded(
+        _model: &mut Llama<Self>,
+        _tokenizer: &Tokenizer,
+        _prompt_ids: &[u32],
+        _opts: &GenerateOptions,
+        _sirius: SiriusOptions,
+        _offload: OffloadOptions,
+        _trace: Option<&std::path::Path>,
+        _on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<GenerationOutput> {
+        // `run` refuses --resident-mem with --device cuda before any model loads.
+        Err(Error::InvalidArgument(
+            "--resident-mem runs with --device cpu only".into(),
+        ))
+    }
+}
+
+/// Loads the model on `backend` and generates (`threads`: CPU compute threads, for stats).
+fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<()> {
+    let RunJob {
+        args,
+        sampling,
+        sparsity_args,
+        sirius,
+        resident_mem,
+        seed,
+    } = job;
     let prompt = read_prompt(args)?;
     let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
-    let backend = CpuBackend::new(args.threads);
-    let threads = backend.threads();
     let loaded = std::time::Instant::now();
     let mut model = Llama::load(&dir, backend)?;
     tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
@@ -309,7 +409,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             trace: args.trace.is_some(),
             delay: None,
         };
-        generate_sirius_offloaded(
+        B::run_offloaded(
             &mut model,
             &tokenizer,
             &prompt_ids,
@@ -415,22 +515,7 @@ fn parse_device(s: &str) -> std::result::Result<Device, String> {
     }
 }
 
-/// Why `--device cuda` cannot run yet: the probe's error (no driver, no device, ...), or, when
-/// the GPU is usable, that the CUDA compute backend does not exist yet.
-#[cfg(feature = "cuda")]
-fn cuda_unavailable(ordinal: usize) -> Error {
-    match crate::backend::cuda::device::open(ordinal) {
-        Err(e) => e,
-        Ok(dev) => Error::Cuda(format!(
-            "device {} ({}, {}) found, but the CUDA compute backend is not implemented yet: \
-             run with --device cpu",
-            dev.ordinal,
-            dev.name,
-            crate::offload::format_bytes(dev.total_memory)
-        )),
-    }
-}
-
+/// Why `--device cuda` cannot run in this build.
 #[cfg(not(feature = "cuda"))]
 fn cuda_unavailable(_ordinal: usize) -> Error {
     Error::Cuda(

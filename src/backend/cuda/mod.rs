@@ -1,8 +1,18 @@
-//! CUDA backend (feature `cuda`). So far: the kernels ([`kernels`], sources in `kernels/*.cu`)
-//! and their run-time compilation with NVRTC ([`nvrtc`]); the device context, memory,
-//! streams and launches come next (issue 6).
+//! CUDA backend (feature `cuda`): the kernels ([`kernels`], sources in `kernels/*.cu`), their
+//! run-time compilation with NVRTC ([`nvrtc`]), the device probe ([`device`]), memory and
+//! streams for offloading ([`memory`]), and [`CudaBackend`], the `Backend` ops on a GPU.
 
+mod backend;
+mod buffers;
+mod context;
 pub mod device;
 pub mod kernels;
 pub mod memory;
 pub mod nvrtc;
+mod ops_attention;
+mod ops_basic;
+mod ops_ffn;
+mod ops_matmul;
+
+pub use backend::CudaBackend;
+pub use buffers::{CudaBuf, CudaMatrix};

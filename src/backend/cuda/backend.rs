@@ -1,0 +1,303 @@
+//! [`CudaBackend`]: the [`Backend`] ops on one GPU, every one queued on one compute stream
+//! (so they run in call order without host waits; `read` waits). Weights live in device
+//! memory in their checkpoint dtype; activations are f32 device buffers. The kernels come
+//! from kernels/*.cu, compiled by NVRTC for the device's architecture on first use (once
+//! per process) and loaded into the device's context per backend.
+//!
+//! Unverified: written on a machine without a GPU; it compiles against cudarc 0.19 and
+//! follows each kernel's launch contract (the comment at the top of its file). The GPU
+//! parity tests check it op by op against the CPU backend.
+
+use std::sync::{Arc, Mutex};
+
+use super::buffers::{CudaBuf, CudaMatrix, DevMem};
+use super::context::{kernels_ptx, Ctx};
+use super::ops_basic::{self as basic, RopeCache};
+use super::ops_matmul::{self as mm, Cublas};
+use super::{device, ops_attention as attn, ops_ffn as ffn};
+use crate::backend::cpu as host;
+use crate::backend::{
+    AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
+    TreeMask,
+};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::weights::TensorRef;
+
+pub struct CudaBackend {
+    ctx: Arc<Ctx>,
+    /// None without libcublas: long batches then use the small-batch kernel.
+    cublas: Option<Cublas>,
+    /// Device copy of the rope cos/sin table.
+    rope: Mutex<Option<RopeCache>>,
+    /// Row ids 0..n (u32) for converting weight blocks before cuBLAS.
+    row_ids: Mutex<Option<DevMem>>,
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` (see [`device::open`]: driver, device and memory checks
+    /// with one-line errors), compiles the kernels for its architecture (cached per
+    /// process; a missing libnvrtc or CUDA headers is an `Error::Cuda` that says what to
+    /// install or set: CUDA_INCLUDE_DIR) and loads them.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let device = Arc::new(device::open(ordinal)?);
+        let ptx = kernels_ptx(&device.arch())?;
+        let ctx = Arc::new(Ctx::new(device, &ptx)?);
+        let cublas = Cublas::new(&ctx);
+        Ok(CudaBackend {
+            ctx,
+            cublas,
+            rope: Mutex::new(None),
+            row_ids: Mutex::new(None),
+        })
+    }
+
+    /// The opened device (name, compute capability, memory).
+    pub fn device(&self) -> &device::CudaDevice {
+        &self.ctx.device
+    }
+
+    /// Whether batches over 16 tokens run on cuBLAS (false: libcublas was not found).
+    pub fn has_cublas(&self) -> bool {
+        self.cublas.is_some()
+    }
+
+    /// Waits until every queued op has finished (timing, tests).
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize("synchronize")
+    }
+
+    /// A matrix's bytes copied back to the host (parity tests).
+    pub fn read_matrix(&self, m: &CudaMatrix) -> Result<Vec<u8>> {
+        m.to_host()
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Matrix = CudaMatrix;
+
+    fn describe(&self) -> String {
+        let d = &self.ctx.device;
+        format!(
+            "cuda ({}, sm_{}{})",
+            d.name, d.compute_capability.0, d.compute_capability.1
+        )
+    }
+
+    fn alloc(&self, len: usize) -> Result<CudaBuf> {
+        let mem = DevMem::zeroed(&self.ctx, "alloc", len * 4)?;
+        Ok(CudaBuf::from_mem(mem, len))
+    }
+
+    fn matrix(&self, t: &TensorRef) -> Result<CudaMatrix> {
+        let (rows, cols) = match t.shape.as_slice() {
+            [r, c] => (*r, *c),
+            other => {
+                return Err(Error::Safetensors {
+                    path: t.path.clone(),
+                    msg: format!(
+                        "tensor `{}` has shape {other:?}, expected a 2-D matrix",
+                        t.name
+                    ),
+                })
+            }
+        };
+        ffn::upload_matrix(&self.ctx, t.bytes(), t.dtype, rows, cols)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuf> {
+        let mem = DevMem::new(&self.ctx, "upload", std::mem::size_of_val(data))?;
+        self.ctx.htod("upload", mem.ptr(), data)?;
+        Ok(CudaBuf::from_mem(mem, data.len()))
+    }
+
+    fn vector(&self, t: &TensorRef) -> Result<CudaBuf> {
+        // Converted on the host with the CPU's code: small tensors (norms, biases), once.
+        self.upload(&host::to_f32_vec(t.bytes(), t.dtype))
+    }
+
+    fn embed(&self, table: &CudaMatrix, tokens: &[u32], out: &mut CudaBuf) -> Result<()> {
+        basic::embed(&self.ctx, table, tokens, out)
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &CudaBuf,
+        weight: &CudaBuf,
+        eps: f32,
+        n_tokens: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        basic::rmsnorm(&self.ctx, x, weight, eps, n_tokens, out)
+    }
+
+    fn matmul(
+        &self,
+        w: &CudaMatrix,
+        x: &CudaBuf,
+        n_tokens: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        mm::matmul(
+            &self.ctx,
+            self.cublas.as_ref(),
+            &self.row_ids,
+            w,
+            x,
+            n_tokens,
+            out,
+        )
+    }
+
+    fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf, n_tokens: usize) -> Result<()> {
+        basic::add_bias(&self.ctx, x, bias, n_tokens)
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        num_heads: usize,
+        start_pos: usize,
+        n_tokens: usize,
+        table: &RopeTable,
+    ) -> Result<()> {
+        basic::rope(
+            &self.ctx, &self.rope, x, num_heads, start_pos, n_tokens, table,
+        )
+    }
+
+    fn rope_at(
+        &self,
+        x: &mut CudaBuf,
+        num_heads: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()> {
+        basic::rope_at(&self.ctx, &self.rope, x, num_heads, positions, table)
+    }
+
+    fn move_rows(
+        &self,
+        buf: &mut CudaBuf,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        basic::move_rows(&self.ctx, buf, src_row, dst_row, n_rows, row_len)
+    }
+
+    fn copy_rows(
+        &self,
+        src: &CudaBuf,
+        src_row: usize,
+        dst: &mut CudaBuf,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        basic::copy_rows(&self.ctx, src, src_row, dst, dst_row, n_rows, row_len)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        shape: AttentionShape,
+        start_pos: usize,
+        n_tokens: usize,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        attn::attention(
+            &self.ctx, q, k_cache, v_cache, shape, start_pos, n_tokens, None, out,
+        )
+    }
+
+    fn tree_attention(
+        &self,
+        q: &CudaBuf,
+        k_cache: &CudaBuf,
+        v_cache: &CudaBuf,
+        shape: AttentionShape,
+        mask: &TreeMask,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        attn::tree_attention(&self.ctx, q, k_cache, v_cache, shape, mask, out)
+    }
+
+    fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) -> Result<()> {
+        basic::binary(&self.ctx, "silu_mul", "silu_mul_f32", gate, up, len)
+    }
+
+    fn add(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) -> Result<()> {
+        basic::binary(&self.ctx, "add", "add_f32", x, y, len)
+    }
+
+    fn read(&self, buf: &CudaBuf, offset: usize, out: &mut [f32]) -> Result<()> {
+        basic::read(&self.ctx, buf, offset, out)
+    }
+
+    fn upload_matrix(
+        &self,
+        bytes: Vec<u8>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaMatrix> {
+        ffn::upload_matrix(&self.ctx, &bytes, dtype, rows, cols)
+    }
+
+    fn gather_ffn(&self, bundles: &CudaMatrix, rows: &[u32]) -> Result<[CudaMatrix; 3]> {
+        ffn::gather_ffn(&self.ctx, bundles, rows)
+    }
+
+    fn bundle_ffn(
+        &self,
+        bundles: &CudaMatrix,
+        layout: BundleLayout,
+        x: &CudaBuf,
+        n_tokens: usize,
+        sel: BundleSelection<'_, CudaBuf>,
+        out: &mut CudaBuf,
+    ) -> Result<()> {
+        ffn::bundle_ffn(&self.ctx, bundles, layout, x, n_tokens, sel, out)
+    }
+
+    fn accumulate_neuron_scores(
+        &self,
+        z: &CudaBuf,
+        n_tokens: usize,
+        width: usize,
+        acc: &mut CudaBuf,
+    ) -> Result<()> {
+        ffn::accumulate_neuron_scores(&self.ctx, z, n_tokens, width, acc)
+    }
+
+    fn select_neurons(
+        &self,
+        act: &mut CudaBuf,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()> {
+        ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, kept)
+    }
+
+    fn select_neurons_shared(
+        &self,
+        act: &mut CudaBuf,
+        n_tokens: usize,
+        width: usize,
+        rule: NeuronRule,
+        kept: &mut NeuronLists,
+    ) -> Result<()> {
+        ffn::select_neurons_shared(&self.ctx, act, n_tokens, width, rule, kept)
+    }
+
+    fn silu(&self, x: &mut CudaBuf, len: usize) -> Result<()> {
+        basic::silu(&self.ctx, x, len)
+    }
+}

@@ -1,0 +1,344 @@
+//! The CUDA backend's shared state ([`Ctx`]): device, compute stream, loaded kernel modules,
+//! and the primitives every op is built from (launches, copies, stream-ordered memory).
+//!
+//! Every driver call goes through cudarc's `result`/`sys` layers (errors as values) inside
+//! `catch_unwind` (cudarc panics on a missing library symbol), and every failure becomes
+//! `Error::Cuda("<op>: <call> failed: <CUDA error>")`. All work is queued on the one compute
+//! stream, so ops are ordered among themselves without any host synchronisation; only reads
+//! back to the host wait.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::result::DriverError;
+use cudarc::driver::{result, sys};
+
+use super::device::CudaDevice;
+use super::kernels::KERNELS;
+use super::memory::Stream;
+use super::nvrtc::{self, Ptx};
+use crate::error::{Error, Result};
+
+/// Runs one driver call for `op`, turning its error (or a cudarc panic) into `Error::Cuda`.
+pub(crate) fn call<T>(
+    op: &str,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, DriverError>,
+) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Cuda(format!("{op}: {what} failed: {:?}", e.0))),
+        Err(payload) => Err(Error::Cuda(format!(
+            "{op}: {what}: the CUDA library failed: {}",
+            panic_message(payload.as_ref())
+        ))),
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// `v` as a kernel's u32 size argument, or an error naming what overflowed.
+pub(crate) fn to_u32(op: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "{op}: {what} = {v} is past the CUDA kernels' 32-bit sizes"
+        ))
+    })
+}
+
+/// PTX of every kernel file, per virtual architecture, compiled once per process (NVRTC
+/// takes seconds; loading PTX into a context is cheap and is done per backend, since
+/// modules belong to a context).
+static PTX_CACHE: Mutex<Vec<(String, Arc<Vec<Ptx>>)>> = Mutex::new(Vec::new());
+
+/// The compiled kernels for `arch` ("compute_90"), from the cache or NVRTC.
+pub(crate) fn kernels_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>> {
+    // Held across the compile, so concurrent first users compile once.
+    let mut cache = PTX_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, ptx)) = cache.iter().find(|(a, _)| a == arch) {
+        return Ok(ptx.clone());
+    }
+    let dirs = nvrtc::cuda_include_dirs();
+    let why = |e: Error| match e {
+        Error::Cuda(msg) => Error::Cuda(format!("compiling the CUDA kernels for {arch}: {msg}")),
+        other => other,
+    };
+    nvrtc::ensure_nvrtc().map_err(why)?;
+    nvrtc::check_headers(&dirs).map_err(why)?;
+    let mut all = Vec::with_capacity(KERNELS.len());
+    for k in KERNELS {
+        let ptx = nvrtc::compile(k, arch, &dirs).map_err(why)?;
+        if let Some(missing) = k.functions.iter().find(|f| !ptx.has_entry(f)) {
+            return Err(Error::Cuda(format!(
+                "compiling the CUDA kernels for {arch}: {} has no kernel `{missing}`",
+                k.file
+            )));
+        }
+        all.push(ptx);
+    }
+    let all = Arc::new(all);
+    cache.push((arch.to_string(), all.clone()));
+    Ok(all)
+}
+
+/// One kernel argument, kept by value until the launch reads it.
+#[derive(Clone, Copy)]
+enum Arg {
+    Ptr(u64),
+    U32(u32),
+    F32(f32),
+}
+
+/// A kernel's argument list in declaration order (device pointers as u64; 0 = null).
+#[derive(Default)]
+pub(crate) struct KArgs(Vec<Arg>);
+
+impl KArgs {
+    pub fn new() -> Self {
+        KArgs(Vec::with_capacity(16))
+    }
+    pub fn ptr(mut self, p: u64) -> Self {
+        self.0.push(Arg::Ptr(p));
+        self
+    }
+    pub fn u32(mut self, v: u32) -> Self {
+        self.0.push(Arg::U32(v));
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Self {
+        self.0.push(Arg::F32(v));
+        self
+    }
+}
+
+/// The state every buffer and op shares. Buffers hold an `Arc` of it, so the stream, the
+/// modules and the context outlive every allocation made on them.
+pub(crate) struct Ctx {
+    pub device: Arc<CudaDevice>,
+    pub stream: Stream,
+    modules: Vec<sys::CUmodule>,
+    functions: HashMap<&'static str, sys::CUfunction>,
+    /// Stream-ordered allocation (cuMemAllocAsync/cuMemFreeAsync on the compute stream):
+    /// freeing a buffer is then ordered after the kernels queued before, without a sync.
+    pub async_alloc: bool,
+    /// Streaming multiprocessors: sizes the grid splits (attention chunks, FFN splits).
+    pub sms: u32,
+}
+
+// SAFETY: the raw handles (stream, modules, functions) are process-wide driver objects that
+// any thread may use once the context is bound, which every primitive here does first; the
+// driver API is thread-safe. Nothing is tied to the creating thread.
+unsafe impl Send for Ctx {}
+unsafe impl Sync for Ctx {}
+
+impl Ctx {
+    /// A context on `device` with its own non-blocking compute stream, the modules of `ptx`
+    /// loaded.
+    pub fn new(device: Arc<CudaDevice>, ptx: &[Ptx]) -> Result<Ctx> {
+        const OP: &str = "CUDA backend";
+        device.bind()?;
+        let stream = Stream::new(&device)?;
+        let attr = |a: sys::CUdevice_attribute| {
+            // SAFETY: `device.device` came from cuDeviceGet.
+            call(OP, "cuDeviceGetAttribute", || unsafe {
+                result::device::get_attribute(device.device, a)
+            })
+        };
+        let sms =
+            attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        let pools = attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+            .unwrap_or(0)
+            != 0;
+        let async_alloc = pools && has_symbols(&["cuMemAllocAsync", "cuMemFreeAsync"]);
+        if async_alloc {
+            keep_pool_memory(&device);
+        }
+        let mut ctx = Ctx {
+            device,
+            stream,
+            modules: Vec::new(),
+            functions: HashMap::new(),
+            async_alloc,
+            sms,
+        };
+        // Loaded into `ctx` one by one, so that its Drop unloads them should a later one fail.
+        for (src, p) in KERNELS.iter().zip(ptx) {
+            let image = CString::new(p.ptx.as_str()).map_err(|_| {
+                Error::Cuda(format!("{OP}: the PTX of {} contains a NUL byte", src.file))
+            })?;
+            // SAFETY: `image` is a NUL-terminated PTX string alive for the call.
+            let module = call(OP, &format!("cuModuleLoadData({})", src.file), || unsafe {
+                result::module::load_data(image.as_ptr() as *const c_void)
+            })?;
+            ctx.modules.push(module);
+            for &name in src.functions {
+                let cname = CString::new(name)
+                    .map_err(|_| Error::Cuda(format!("{OP}: kernel name {name:?}")))?;
+                // SAFETY: `module` was just loaded and is unloaded only in Drop.
+                let f = call(OP, &format!("cuModuleGetFunction({name})"), || unsafe {
+                    result::module::get_function(module, cname)
+                })?;
+                ctx.functions.insert(name, f);
+            }
+        }
+        Ok(ctx)
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        self.device.bind()
+    }
+
+    pub fn raw_stream(&self) -> sys::CUstream {
+        self.stream.raw()
+    }
+
+    /// Queues kernel `name` on the compute stream. A grid with a zero dimension launches
+    /// nothing (there is no work), which the driver would otherwise refuse.
+    pub fn launch(
+        &self,
+        op: &str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: KArgs,
+    ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        let f = *self.functions.get(name).ok_or_else(|| {
+            Error::Cuda(format!(
+                "{op}: kernel `{name}` is not in the loaded modules"
+            ))
+        })?;
+        self.bind()?;
+        let mut values = args.0;
+        // Pointers into `values`, which is neither moved nor resized until the launch
+        // returns (the driver copies the arguments during cuLaunchKernel).
+        let mut params: Vec<*mut c_void> = values
+            .iter_mut()
+            .map(|a| match a {
+                Arg::Ptr(p) => p as *mut u64 as *mut c_void,
+                Arg::U32(v) => v as *mut u32 as *mut c_void,
+                Arg::F32(v) => v as *mut f32 as *mut c_void,
+            })
+            .collect();
+        let stream = self.raw_stream();
+        // SAFETY: `f` comes from a module loaded in this context; the arguments match the
+        // kernel's parameter list (each op builds them from the kernel's header comment),
+        // and the device pointers are live allocations checked against the sizes passed.
+        call(op, name, || unsafe {
+            result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params)
+        })
+    }
+
+    /// Copies `src` to device memory at `dst` in stream order. The host data is staged by
+    /// the driver before the call returns (pageable memory), so `src` may go right after.
+    pub fn htod<T: Copy>(&self, op: &str, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let stream = self.raw_stream();
+        // SAFETY: the caller passes `dst` with room for `src` (checked by every op).
+        call(op, "cuMemcpyHtoDAsync", || unsafe {
+            result::memcpy_htod_async(dst, src, stream)
+        })
+    }
+
+    /// Copies device memory at `src` into `dst` after everything queued before, and waits.
+    pub fn dtoh<T: Copy>(&self, op: &str, dst: &mut [T], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let stream = self.raw_stream();
+        // SAFETY: the caller passes `src` holding `dst.len()` elements; the copy finishes
+        // before `dst` is released (synchronize below).
+        call(op, "cuMemcpyDtoHAsync", || unsafe {
+            result::memcpy_dtoh_async(dst, src, stream)
+        })?;
+        self.synchronize(op)
+    }
+
+    /// Zeroes `bytes` bytes at `dst` in stream order.
+    pub fn zero(&self, op: &str, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let stream = self.raw_stream();
+        // SAFETY: `dst` holds `bytes` bytes (the caller's allocation).
+        call(op, "cuMemsetD8Async", || unsafe {
+            result::memset_d8_async(dst, 0, bytes, stream)
+        })
+    }
+
+    /// Blocks until the compute stream is idle.
+    pub fn synchronize(&self, op: &str) -> Result<()> {
+        self.bind()?;
+        let stream = self.raw_stream();
+        // SAFETY: the stream lives as long as `self`.
+        call(op, "cuStreamSynchronize", || unsafe {
+            result::stream::synchronize(stream)
+        })
+    }
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if self.device.bind().is_err() {
+            return;
+        }
+        // Kernels still queued may use the modules.
+        let _ = self.synchronize("CUDA backend drop");
+        for m in self.modules.drain(..) {
+            // SAFETY: loaded in `new`, unloaded once; errors cannot be reported from drop.
+            let _ = call("CUDA backend drop", "cuModuleUnload", || unsafe {
+                result::module::unload(m)
+            });
+        }
+    }
+}
+
+/// Lets the device's default memory pool keep freed memory instead of returning it to the
+/// system at every synchronisation (its default): the ops' per-call temporaries are then
+/// reused without a trip through the driver each token. Best effort: a failure only costs
+/// speed.
+fn keep_pool_memory(device: &CudaDevice) {
+    let _ = call("CUDA backend", "cuMemPoolSetAttribute", || {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is valid for the write; `device.device` came from cuDeviceGet.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, device.device) }.result()?;
+        let mut threshold = u64::MAX;
+        // SAFETY: the attribute takes a cuuint64_t, which `threshold` is, alive for the call.
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut c_void,
+            )
+        }
+        .result()
+    });
+}
+
+/// Whether libcuda exports every name in `names` (cudarc panics on calling a missing one).
+fn has_symbols(names: &[&str]) -> bool {
+    // SAFETY: the driver loaded (a device is open), so `culib` does not panic; `get` only
+    // looks names up. A panic anyway counts as "missing".
+    catch_unwind(|| {
+        let lib = unsafe { sys::culib() };
+        names
+            .iter()
+            .all(|n| unsafe { lib.get::<*const ()>(n.as_bytes()) }.is_ok())
+    })
+    .unwrap_or(false)
+}
