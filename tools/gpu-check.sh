@@ -27,7 +27,7 @@ DEADLINE=450 # seconds: under 8 minutes with the last step's cap
 BIN=$PACK/bin/sirius-offload
 failed=0
 
-if [ ! -x "$BIN" ] || [ ! -x "$PACK/tests/gpu_parity" ]; then
+if [ ! -x "$BIN" ] || [ ! -x "$PACK/tests/gpu_parity" ] || [ ! -x "$PACK/tests/gpu_end_to_end" ]; then
     echo "gpu-check: no pack in $PACK (bin/sirius-offload, tests/gpu_parity missing):" \
         "run tools/gpu-pack.sh on a build machine, copy gpu-pack/ here and run" \
         "gpu-pack/gpu-check.sh" >&2
@@ -138,8 +138,10 @@ say "## NVRTC: $(status_word $rc)"
 log "parity (tests/gpu_parity)"
 parity_env=(SIRIUS_REQUIRE_GPU=1)
 [ -n "$MODEL" ] && parity_env+=(SIRIUS_GPU_MODEL_DIR="$MODEL")
-step parity 240 env "${parity_env[@]}" "$PACK/tests/gpu_parity" --skip host_to_device \
-    --test-threads 4 --nocapture
+# Op-by-op parity, then end to end (greedy tokens, Sirius invariants): one step, one log.
+step parity 240 env "${parity_env[@]}" bash -c \
+    '"$1" --skip host_to_device --test-threads 4 --nocapture && "$2" --test-threads 2 --nocapture' \
+    _ "$PACK/tests/gpu_parity" "$PACK/tests/gpu_end_to_end"
 rc=$?
 say ""
 say "## Parity (CUDA vs CPU): $(status_word $rc)"

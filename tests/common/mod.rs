@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
 
+#[cfg(feature = "cuda")]
+pub mod gpu;
+
 /// One tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
 pub struct RawTensor {
     pub dtype: &'static str,
