@@ -105,7 +105,7 @@ pub enum Error {
 
     /// A memory budget (`--gpu-mem`, `--resident-mem`) below what any plan needs.
     #[error(
-        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {minimum} bytes, or lower the context (the KV cache grows with it)",
+        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {minimum} bytes, or shorten the context (--context, or --max-tokens / --ctx-size for run: the KV cache grows with it)",
         crate::offload::format_bytes(*budget),
         crate::offload::format_bytes(*minimum)
     )]

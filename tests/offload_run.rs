@@ -431,3 +431,58 @@ fn keep_one_resident_streams_nothing_at_verification() {
         2 * per_prefill as u64 + stats.moved_neurons * 3 * 64 * 2
     );
 }
+
+#[test]
+fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
+    use sirius_offload::offload::runtime::OffloadRuntime;
+    use sirius_offload::offload::sirius_model::generate_on_runtime;
+    let t = tiny();
+    let s = sirius(4, 1);
+    let (fit, _) = budgets(&t, s);
+    let mut model = load(&t);
+    let (input, opts) =
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, None)).unwrap();
+    let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
+    assert!(rt.plan.layers.iter().all(|l| l.complement_resident));
+    let (first, rt) = generate_on_runtime(
+        &model,
+        rt,
+        &t.tokenizer,
+        &PROMPT,
+        &options(40),
+        s,
+        None,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(
+        first.generated_token_ids,
+        unconstrained(&t, &PROMPT, s).generated_token_ids
+    );
+    let a = first.offload.unwrap();
+    // Two prefill chunks stream whole FFN layers; after that nothing crosses the link but
+    // the first copy-in (every neuron of every layer, through the copy engine or not).
+    let per_prefill = 6 * 3 * 64 * 160 * 2;
+    assert_eq!(a.moved_neurons, 6 * 160);
+    assert!(a.streamed_bytes <= 2 * per_prefill as u64 + a.moved_neurons * 3 * 64 * 2);
+    // A second request finds every neuron resident: nothing moves.
+    let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
+    let (second, _) = generate_on_runtime(
+        &model,
+        rt,
+        &t.tokenizer,
+        &second_prompt,
+        &options(40),
+        s,
+        None,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(
+        second.generated_token_ids,
+        unconstrained(&t, &second_prompt, s).generated_token_ids
+    );
+    let b = second.offload.unwrap();
+    assert_eq!(b.moved_neurons, 0);
+    assert_eq!(b.streamed_bytes, 2 * per_prefill as u64);
+}

@@ -182,17 +182,28 @@ fn llama_3_70b_in_24g_needs_q4() {
         .all(|l| l.attention_resident && l.sparse_ffn_resident));
     assert_eq!(q4.streamed_bytes_per_draft, 0);
     // ~25.4e9 bytes: attention 6.8 + head 0.59 + sparse FFN 15.85 + KV 1.34 + buffers 0.79
-    // (GB; two buffers of one whole FFN layer, which a request's first prefill streams).
+    // (GB; two buffers of one whole FFN layer, which a request's first prefill streams),
+    // plus the complements of the first layers that still fit in the rest of the budget.
+    let rest = q4.layers.iter().filter(|l| l.complement_resident).count() as u64;
+    assert!(rest < 80, "the whole FFN cannot be resident in 24 GiB");
+    assert!(q4.layers[..rest as usize]
+        .iter()
+        .all(|l| l.complement_resident));
+    let extra = rest * q4.sizes.complement_bytes;
     assert!(
-        (q4.resident_bytes as f64 / 1e9 - 25.4).abs() < 0.1,
-        "{}",
+        ((q4.resident_bytes - extra) as f64 / 1e9 - 25.4).abs() < 0.1,
+        "{} with {rest} complements",
         q4.resident_bytes
+    );
+    assert!(
+        budget - q4.resident_bytes < q4.sizes.complement_bytes,
+        "one more complement fits"
     );
     assert_eq!(q4.stream_buffers, 2);
     assert_eq!(q4.stream_buffer_bytes, q4.sizes.ffn_bytes);
     assert_eq!(
         q4.streamed_bytes_per_verification,
-        80 * q4.sizes.complement_bytes
+        (80 - rest) * q4.sizes.complement_bytes
     );
     let c = &q4.costs;
     assert!(c.sirius_offload.ms_per_token < c.full.ms_per_token / 5.0);
@@ -249,9 +260,12 @@ fn resident_bytes_never_exceed_the_budget() {
                 let s = &p.sizes;
                 let att = p.layers.iter().filter(|l| l.attention_resident).count() as u64;
                 let ffn = p.layers.iter().filter(|l| l.sparse_ffn_resident).count() as u64;
+                let rest = p.layers.iter().filter(|l| l.complement_resident).count() as u64;
+                assert!(rest == 0 || ffn == s.layers as u64, "complements come last");
                 let expect = s.fixed_bytes()
                     + att * s.attention_bytes
                     + ffn * s.sparse_ffn_bytes
+                    + rest * s.complement_bytes
                     + 2 * p.stream_buffer_bytes;
                 assert_eq!(p.resident_bytes, expect);
                 let resident: u64 = p
@@ -377,4 +391,21 @@ fn qwen_biases_are_counted_and_dense_keep_streams_nothing() {
         (p.sizes.ffn_bytes, 0)
     );
     assert!(p.costs.sirius_offload.streamed_bytes_per_token == 0);
+}
+
+#[test]
+fn a_model_that_fits_whole_streams_nothing_after_its_prompt() {
+    // Llama-3-8B in bf16 (16 GB) fits in 24 GiB with its KV cache: every complement is
+    // resident too, verification streams nothing, and Sirius is no slower than full.
+    let p = plan(&input("llama-3-8b", WeightFormat::Bf16, 0.5, gib(24))).unwrap();
+    assert!(p.layers.iter().all(|l| l.complement_resident));
+    assert_eq!(p.streamed_bytes_per_verification, 0);
+    assert_eq!(p.streamed_bytes_per_draft, 0);
+    let c = &p.costs;
+    assert!(
+        c.sirius_offload.ms_per_token <= c.full.ms_per_token,
+        "sirius {} vs full {}",
+        c.sirius_offload.ms_per_token,
+        c.full.ms_per_token
+    );
 }

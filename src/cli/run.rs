@@ -68,7 +68,8 @@ pub struct RunArgs {
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
     /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
-    /// cuda`; weights, KV cache and activations then live in GPU memory).
+    /// cuda`; weights, KV cache and activations then live in GPU memory; not yet verified on
+    /// a GPU, see README "GPU").
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Context length cap in tokens (default: the model's max_position_embeddings).

@@ -172,7 +172,9 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
     let passes = input.prompt_tokens.div_ceil(chunk) as f64;
     let resident_sparse =
         layers.iter().filter(|p| p.sparse_ffn_resident).count() as u64 * s.sparse_ffn_bytes;
-    let copy_in = resident_sparse as f64 / (input.link_gbps * 1e9);
+    let resident_rest =
+        layers.iter().filter(|p| p.complement_resident).count() as u64 * s.complement_bytes;
+    let copy_in = (resident_sparse + resident_rest) as f64 / (input.link_gbps * 1e9);
     Costs {
         full,
         reference,

@@ -236,10 +236,10 @@ impl Sizes {
     /// subset (or the whole FFN), plus attention if it overflowed.
     pub fn verify_stream_bytes(&self, p: &LayerPlacement) -> u64 {
         self.streamed_attention(p)
-            + if p.sparse_ffn_resident {
-                self.complement_bytes
-            } else {
-                self.ffn_bytes
+            + match (p.sparse_ffn_resident, p.complement_resident) {
+                (true, true) => 0,
+                (true, false) => self.complement_bytes,
+                (false, _) => self.ffn_bytes,
             }
     }
 
@@ -271,22 +271,28 @@ impl Sizes {
             .unwrap_or(0)
     }
 
-    /// Layers placed when the first `units` of (attention 0..L, sparse FFN 0..L) are resident.
+    /// Layers placed when the first `units` of (attention 0..L, sparse FFN 0..L, FFN
+    /// complement 0..L) are resident. Complements come last: they are read only at
+    /// verification, once per window, where the rest is read on every token.
     pub fn layers_with(&self, units: usize) -> Vec<LayerPlacement> {
-        (0..self.layers)
-            .map(|l| LayerPlacement {
-                attention_resident: l < units,
-                sparse_ffn_resident: self.layers + l < units,
+        let l = self.layers;
+        (0..l)
+            .map(|i| LayerPlacement {
+                attention_resident: i < units,
+                sparse_ffn_resident: l + i < units,
+                complement_resident: 2 * l + i < units,
             })
             .collect()
     }
 
     /// Resident bytes with the first `units` placed, buffers included.
     pub fn resident_with(&self, units: usize) -> u64 {
-        let att = units.min(self.layers) as u64 * self.attention_bytes;
-        let ffn = units.saturating_sub(self.layers) as u64 * self.sparse_ffn_bytes;
+        let l = self.layers;
+        let att = units.min(l) as u64 * self.attention_bytes;
+        let ffn = units.saturating_sub(l).min(l) as u64 * self.sparse_ffn_bytes;
+        let rest = units.saturating_sub(2 * l).min(l) as u64 * self.complement_bytes;
         let buffers = STREAM_BUFFERS as u64 * self.buffer_bytes(&self.layers_with(units));
-        self.fixed_bytes() + att + ffn + buffers
+        self.fixed_bytes() + att + ffn + rest + buffers
     }
 
     /// Whether all attention and the whole sparse set fit in `budget`.
@@ -299,6 +305,8 @@ impl Sizes {
 pub struct LayerPlacement {
     pub attention_resident: bool,
     pub sparse_ffn_resident: bool,
+    /// The rest of the layer's FFN too (then verification streams nothing for it).
+    pub complement_resident: bool,
 }
 
 /// How often a streamed item crosses the link.
@@ -366,10 +374,10 @@ pub struct Plan {
 pub fn plan(input: &PlanInput) -> Result<Plan> {
     input.validate()?;
     let sizes = Sizes::new(input);
-    let units = 2 * sizes.layers;
+    let units = 3 * sizes.layers;
     // Resident bytes are not monotone in the units placed (buffers shrink once all attention,
     // then all of the sparse set, is resident), so every count is tried; the largest that fits
-    // wins. At most 2 * 1024 + 1 counts.
+    // wins. At most 3 * 1024 + 1 counts.
     let minimum = (0..=units)
         .map(|m| sizes.resident_with(m))
         .min()
@@ -400,7 +408,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         aal: input.aal,
         total_weight_bytes: sizes.total_weight_bytes(input.config.tie_word_embeddings),
         resident_bytes,
-        fits: placed == units,
+        fits: placed >= 2 * sizes.layers,
         stream_buffer_bytes: buffer,
         stream_buffers: STREAM_BUFFERS,
         streamed_bytes_per_verification: layers.iter().map(|p| sizes.verify_stream_bytes(p)).sum(),
@@ -493,12 +501,17 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
         );
         push(name, (l - ffn_res) as u64 * s.sparse_ffn_bytes, every_pass);
     }
-    if s.complement_bytes > 0 {
-        let name = format!("FFN complement, {}", layer_range(0, l));
+    let rest_res = layers.iter().filter(|p| p.complement_resident).count();
+    if s.complement_bytes > 0 && rest_res > 0 {
+        let name = format!("FFN complement, {}", layer_range(0, rest_res));
+        push(name, rest_res as u64 * s.complement_bytes, resident);
+    }
+    if s.complement_bytes > 0 && rest_res < l {
+        let name = format!("FFN complement, {}", layer_range(rest_res, l));
         let residence = Residence::Streamed {
             every: Every::Verification,
         };
-        push(name, l as u64 * s.complement_bytes, residence);
+        push(name, (l - rest_res) as u64 * s.complement_bytes, residence);
     }
     let kv_name = format!(
         "KV cache ({} tokens, {}-byte elements)",

@@ -134,6 +134,10 @@ pub struct OffloadRuntime {
     /// their compact FFN.
     resident_ids: Vec<Vec<u32>>,
     resident_ffn: Vec<Option<[CpuMatrix; 3]>>,
+    /// Bundles of the rest of each layer's neurons where the plan keeps them resident too.
+    resident_rest: Vec<Option<CpuMatrix>>,
+    /// Layers whose every neuron is resident (sparse set + rest).
+    whole_layer: Vec<bool>,
     moved_neurons: u64,
     draft_passes: u64,
     full_passes: u64,
@@ -252,6 +256,8 @@ impl OffloadRuntime {
             overflow: vec![None; l],
             resident_ids: vec![Vec::new(); l],
             resident_ffn: vec![None; l],
+            resident_rest: vec![None; l],
+            whole_layer: vec![false; l],
             moved_neurons: 0,
             draft_passes: 0,
             full_passes: 0,
@@ -301,7 +307,8 @@ impl OffloadRuntime {
         let mut jobs = Vec::new();
         let mut moved: Vec<Vec<u32>> = vec![Vec::new(); n_layers];
         for (li, ids) in selection.layers.iter().enumerate() {
-            if !resident[li] {
+            // With the whole layer resident, a new split moves nothing over the link.
+            if !resident[li] || self.whole_layer[li] {
                 continue;
             }
             moved[li] = moved_in(&self.resident_ids[li], ids);
@@ -321,16 +328,18 @@ impl OffloadRuntime {
                 layers.push(None);
                 continue;
             }
-            let matrices = if moved[li].is_empty() {
-                self.resident_ffn[li].clone()
-            } else {
-                None
-            };
-            let matrices = match matrices {
-                Some(m) => m,
-                None => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
+            let unchanged = self.resident_ids[li] == *ids;
+            let matrices = match self.resident_ffn[li].clone() {
+                Some(m) if unchanged => m,
+                // Every neuron is resident: the new split is a move within resident memory
+                // (here: regathered from the host copy, nothing counted as moved).
+                _ if self.whole_layer[li] => self.regather(backend, li, ids)?,
+                _ => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
             };
             self.moved_neurons += moved[li].len() as u64;
+            if self.plan.layers[li].complement_resident {
+                self.make_rest_resident(backend, li, ids)?;
+            }
             let [gate, up, down] = &matrices;
             layers.push(Some(GriffinLayer {
                 gate: gate.clone(),
@@ -344,6 +353,62 @@ impl OffloadRuntime {
         }
         self.kept = Some(selection.layers.clone());
         Ok(GriffinFfn { layers, selection })
+    }
+
+    /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`:
+    /// verification then streams nothing for the layer. Neurons that were not resident
+    /// before count as moved.
+    fn make_rest_resident(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<()> {
+        let d = self.dims;
+        let mut kept = ids.iter().peekable();
+        let rest: Vec<u32> = (0..d.f as u32)
+            .filter(|i| {
+                let hit = kept.peek() == Some(&i);
+                if hit {
+                    kept.next();
+                }
+                !hit
+            })
+            .collect();
+        if !self.whole_layer[li] {
+            // Before, only the previous request's sparse set (if any) was resident; it is
+            // still in `resident_ids` (updated after this call).
+            self.moved_neurons += moved_in(&self.resident_ids[li], &rest).len() as u64;
+        }
+        let label = format!("FFN complement layer {li}");
+        let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes());
+        for piece in self.host.neuron_runs(li, &rest)? {
+            bytes.extend_from_slice(&piece.map[piece.range.clone()]);
+        }
+        match self.arena.get(&label) {
+            Some(_) => self.arena.resize(&label, bytes.len() as u64)?,
+            None => self.arena.reserve(label, bytes.len() as u64)?,
+        }
+        self.resident_rest[li] = match rest.len() {
+            0 => None,
+            c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
+        };
+        self.whole_layer[li] = true;
+        Ok(())
+    }
+
+    /// Layer `li`'s compact FFN of `ids` rebuilt within resident memory (the whole layer is
+    /// resident), in the arena.
+    fn regather(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<[CpuMatrix; 3]> {
+        let d = self.dims;
+        let (gate, up, down) = self.host.gather_parts(li, ids)?;
+        let label = format!("sparse FFN layer {li}");
+        let bytes = (gate.len() + up.len() + down.len()) as u64;
+        match self.arena.get(&label) {
+            Some(_) => self.arena.resize(&label, bytes)?,
+            None => self.arena.reserve(label, bytes)?,
+        }
+        let k = ids.len();
+        Ok([
+            backend.upload_matrix(gate, d.dtype, k, d.h)?,
+            backend.upload_matrix(up, d.dtype, k, d.h)?,
+            backend.upload_matrix(down, d.dtype, d.h, k)?,
+        ])
     }
 
     /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged
@@ -445,6 +510,7 @@ impl OffloadRuntime {
             // Drafting before the request chose neurons is a caller bug; forward reports it.
             (PassKind::Draft, false, None) => FfnPiece::None,
             (PassKind::Full, true, Some(kept)) if kept[li].len() >= self.dims.f => FfnPiece::None,
+            (PassKind::Full, true, Some(_)) if place.complement_resident => FfnPiece::None,
             (PassKind::Full, true, Some(kept)) => FfnPiece::Complement {
                 c: self.dims.f - kept[li].len(),
             },
@@ -611,7 +677,12 @@ impl LayerStream<CpuBackend> for OffloadRuntime {
     fn acquire(&mut self, layer: usize) -> Result<StreamedLayer<CpuBackend>> {
         let Some(job) = self.pass.get(layer).copied().flatten() else {
             self.layer_start = Some(Instant::now());
-            return Ok(StreamedLayer::empty(layer));
+            let mut resident = StreamedLayer::empty(layer);
+            // A full pass over a layer kept whole reads its resident rest in place.
+            if self.kind == PassKind::Full && self.kept.is_some() {
+                resident.complement = self.resident_rest.get(layer).cloned().flatten();
+            }
+            return Ok(resident);
         };
         let filled = self.engine.wait(layer)?;
         let streamed = self.views(job, &filled)?;
