@@ -482,6 +482,9 @@ fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<
             ),
             output.stop_reason
         );
+        if let Some(o) = &output.offload {
+            let _ = writeln!(std::io::stderr(), "{}", o.summary(model.config.num_layers));
+        }
     }
     if let Some(path) = &args.stats_json {
         let stats = RunStats {

@@ -113,6 +113,31 @@ pub struct OffloadReport {
     pub predicted_ttft_ms: Option<f64>,
 }
 
+impl OffloadReport {
+    /// One line for the end of a run: what was resident, what streamed, how well it hid.
+    pub fn summary(&self, layers: usize) -> String {
+        use crate::offload::format_bytes;
+        let predicted = match self.predicted_ms_per_token {
+            Some(p) => format!(
+                ", predicted {p:.1} ms/token vs measured {:.1}",
+                self.measured_ms_per_token
+            ),
+            None => String::new(),
+        };
+        format!(
+            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}",
+            format_bytes(self.resident_bytes),
+            format_bytes(self.resident_budget_bytes),
+            self.overflow_attention_layers,
+            self.overflow_ffn_layers,
+            format_bytes(self.streamed_bytes),
+            self.achieved_link_gbps,
+            self.overlap,
+            self.moved_neurons,
+        )
+    }
+}
+
 pub struct OffloadRuntime {
     pub plan: Plan,
     input: PlanInput,
