@@ -51,9 +51,10 @@ pub struct PlanArgs {
     /// Host -> device link in GB/s (PCIe 4.0 x16 moves about 25).
     #[arg(long, default_value_t = 25.0, allow_negative_numbers = true)]
     pub link_gbps: f64,
-    /// Device memory bandwidth in GB/s (RTX 4090: 1008).
-    #[arg(long, default_value_t = 1008.0, allow_negative_numbers = true)]
-    pub mem_gbps: f64,
+    /// Memory bandwidth compute reads at, in GB/s (default: 1008, an RTX 4090, with
+    /// --gpu-mem; 20, a few CPU cores, with --resident-mem, as `run` assumes).
+    #[arg(long, allow_negative_numbers = true)]
+    pub mem_gbps: Option<f64>,
     /// KV cache rows to hold.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
@@ -119,6 +120,11 @@ impl Report {
     }
 }
 
+/// Default memory bandwidths (GB/s): an RTX 4090's, and what `run --resident-mem` assumes for
+/// a few CPU cores (its `--mem-gbps` default).
+const GPU_MEM_GBPS: f64 = 1008.0;
+const CPU_MEM_GBPS: f64 = 20.0;
+
 pub fn plan(args: &PlanArgs) -> Result<()> {
     let (option, size, kv_bytes) = match (&args.gpu_mem, &args.resident_mem) {
         (Some(s), _) => ("--gpu-mem", s, 2),
@@ -143,7 +149,10 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         context: args.context,
         kv_bytes,
         link_gbps: args.link_gbps,
-        mem_gbps: args.mem_gbps,
+        mem_gbps: args.mem_gbps.unwrap_or(match kv_bytes {
+            4 => CPU_MEM_GBPS,
+            _ => GPU_MEM_GBPS,
+        }),
         period: args.period,
         // A window always advances at least one token, hence the floor of 1 for tiny K.
         aal: args
@@ -155,17 +164,21 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         prefill_chunk: None,
     };
     let first = placement::plan(&input)?;
+    // The CPU runtime computes with the checkpoint's bf16/f16 weights: for --resident-mem a
+    // quantized format is advice for a GPU, not a plan `run` could follow.
+    let cpu_format =
+        |f: WeightFormat| kv_bytes != 4 || matches!(f, WeightFormat::Bf16 | WeightFormat::F16);
     let alternative = match (first.fits, first.advised_format, first.advised_keep) {
         (true, _, _) => None,
-        (false, Some(format), _) => Some(PlanInput {
+        (false, Some(format), _) if cpu_format(format) => Some(PlanInput {
             format,
             ..input.clone()
         }),
-        (false, None, Some(keep)) => Some(PlanInput {
+        (false, _, Some(keep)) => Some(PlanInput {
             keep,
             ..input.clone()
         }),
-        (false, None, None) => None,
+        (false, _, None) => None,
     };
     let mut report = Report::new(&args.model, first);
     if let Some(alt) = alternative {
