@@ -412,19 +412,7 @@ impl Backend for CpuBackend {
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {
         // Bundles of the gate|up|down layout (`NeuronBundles` of Griffin).
-        if !bundles.cols.is_multiple_of(3) {
-            return Err(Error::InvalidArgument(format!(
-                "bundle matrix has {} columns, not 3 x hidden",
-                bundles.cols
-            )));
-        }
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= bundles.rows) {
-            return Err(Error::InvalidArgument(format!(
-                "neuron {bad} gathered from {} bundles",
-                bundles.rows
-            )));
-        }
-        let h = bundles.cols / 3;
+        let h = super::neurons::gather_hidden(bundles.rows, bundles.cols, rows)?;
         let (gate, up, down) = kernels::gather_ffn(bundles.bytes(), bundles.dtype, h, rows);
         let k = rows.len();
         Ok([

@@ -97,3 +97,20 @@ pub enum BundleSelection<'a, Buf> {
         up_bias: Option<&'a Buf>,
     },
 }
+
+/// Checks a Griffin gather out of a gate|up|down bundle matrix of `rows x cols` (every id a
+/// row, 3 parts per row) and returns the hidden size.
+pub fn gather_hidden(rows: usize, cols: usize, ids: &[u32]) -> crate::error::Result<usize> {
+    use crate::error::Error;
+    if !cols.is_multiple_of(3) {
+        return Err(Error::InvalidArgument(format!(
+            "bundle matrix has {cols} columns, not 3 x hidden"
+        )));
+    }
+    if let Some(&bad) = ids.iter().find(|&&r| r as usize >= rows) {
+        return Err(Error::InvalidArgument(format!(
+            "neuron {bad} gathered from {rows} bundles"
+        )));
+    }
+    Ok(cols / 3)
+}

@@ -78,6 +78,15 @@ impl ResidentArena {
         Ok(())
     }
 
+    /// Reserves `label` or, when it exists, resizes it to `bytes` (a per-request allocation
+    /// that replaces the previous request's): same refusal rule as both.
+    pub fn set(&mut self, label: &str, bytes: u64) -> Result<()> {
+        match self.get(label) {
+            Some(_) => self.resize(label, bytes),
+            None => self.reserve(label, bytes),
+        }
+    }
+
     /// Bytes the arena may hand out.
     pub fn budget(&self) -> u64 {
         self.budget

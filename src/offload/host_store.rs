@@ -7,7 +7,6 @@
 //! down column together, see `crate::sparsity::bundles`), so the complement of any neuron
 //! subset is a short list of contiguous runs.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -18,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::offload::stream::HostSlice;
 use crate::progress::progress_bar;
-use crate::sparsity::bundles::interleave;
+use crate::sparsity::bundles::{complement_ids, interleave, neuron_byte_runs};
 
 /// One layer's streamable weights.
 pub struct HostLayer {
@@ -98,21 +97,7 @@ impl HostStore {
     /// Runs of the bundles of every neuron of layer `li` NOT in `kept` (ascending): what a
     /// full pass over a resident subset streams. Adjacent neurons form one piece.
     pub fn complement(&self, li: usize, kept: &[u32]) -> Result<Vec<HostSlice>> {
-        let mut next_kept = kept.iter().peekable();
-        let mut rest = Vec::with_capacity(self.neurons.saturating_sub(kept.len()));
-        for i in 0..self.neurons as u32 {
-            if next_kept.peek() == Some(&&i) {
-                next_kept.next();
-            } else {
-                rest.push(i);
-            }
-        }
-        if next_kept.next().is_some() {
-            return Err(Error::InvalidArgument(format!(
-                "layer {li}: kept neuron ids must be ascending and below {}",
-                self.neurons
-            )));
-        }
+        let rest = complement_ids(kept, self.neurons).map_err(|e| in_layer(li, e))?;
         self.neuron_runs(li, &rest)
     }
 
@@ -120,23 +105,8 @@ impl HostStore {
     /// merged into one piece: what copying that subset moves.
     pub fn neuron_runs(&self, li: usize, ids: &[u32]) -> Result<Vec<HostSlice>> {
         let layer = self.layer(li)?;
-        let bb = self.bundle_bytes();
-        let mut runs: Vec<Range<usize>> = Vec::new();
-        let mut prev: Option<u32> = None;
-        for &i in ids {
-            if i as usize >= self.neurons || prev.is_some_and(|p| p >= i) {
-                return Err(Error::InvalidArgument(format!(
-                    "layer {li}: neuron ids must be ascending and below {}, got {i} after {prev:?}",
-                    self.neurons
-                )));
-            }
-            let start = i as usize * bb;
-            match runs.last_mut() {
-                Some(last) if last.end == start => last.end += bb,
-                _ => runs.push(start..start + bb),
-            }
-            prev = Some(i);
-        }
+        let runs = neuron_byte_runs(ids, self.neurons, self.bundle_bytes())
+            .map_err(|e| in_layer(li, e))?;
         Ok(runs
             .into_iter()
             .map(|range| HostSlice {
@@ -181,6 +151,14 @@ impl HostStore {
         self.layers.get(li).ok_or_else(|| {
             Error::InvalidArgument(format!("layer {li}: the model has {}", self.layers.len()))
         })
+    }
+}
+
+/// Names the layer in an argument error.
+fn in_layer(li: usize, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(msg) => Error::InvalidArgument(format!("layer {li}: {msg}")),
+        other => other,
     }
 }
 

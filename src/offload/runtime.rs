@@ -28,6 +28,7 @@ use crate::offload::placement::{plan, Plan, PlanInput};
 use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CpuCopyEngine, Filled, HostSlice};
 use crate::offload::trace::{Trace, Track};
+use crate::sparsity::bundles::complement_ids;
 use crate::sparsity::griffin::GriffinLayer;
 use crate::sparsity::{GriffinFfn, GriffinSelection};
 
@@ -385,16 +386,7 @@ impl OffloadRuntime {
     /// before count as moved.
     fn make_rest_resident(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<()> {
         let d = self.dims;
-        let mut kept = ids.iter().peekable();
-        let rest: Vec<u32> = (0..d.f as u32)
-            .filter(|i| {
-                let hit = kept.peek() == Some(&i);
-                if hit {
-                    kept.next();
-                }
-                !hit
-            })
-            .collect();
+        let rest = complement_ids(ids, d.f)?;
         if !self.whole_layer[li] {
             // Before, only the previous request's sparse set (if any) was resident; it is
             // still in `resident_ids` (updated after this call).
@@ -405,10 +397,7 @@ impl OffloadRuntime {
         for piece in self.host.neuron_runs(li, &rest)? {
             bytes.extend_from_slice(&piece.map[piece.range.clone()]);
         }
-        match self.arena.get(&label) {
-            Some(_) => self.arena.resize(&label, bytes.len() as u64)?,
-            None => self.arena.reserve(label, bytes.len() as u64)?,
-        }
+        self.arena.set(&label, bytes.len() as u64)?;
         self.resident_rest[li] = match rest.len() {
             0 => None,
             c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
@@ -420,15 +409,22 @@ impl OffloadRuntime {
     /// Layer `li`'s compact FFN of `ids` rebuilt within resident memory (the whole layer is
     /// resident), in the arena.
     fn regather(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<[CpuMatrix; 3]> {
+        let parts = self.host.gather_parts(li, ids)?;
+        self.upload_compact(backend, li, ids.len(), parts)
+    }
+
+    /// Layer `li`'s compact FFN of `k` neurons (gate, up, down bytes) into resident memory,
+    /// accounted in the arena as the layer's sparse FFN.
+    fn upload_compact(
+        &mut self,
+        backend: &CpuBackend,
+        li: usize,
+        k: usize,
+        (gate, up, down): (Vec<u8>, Vec<u8>, Vec<u8>),
+    ) -> Result<[CpuMatrix; 3]> {
         let d = self.dims;
-        let (gate, up, down) = self.host.gather_parts(li, ids)?;
-        let label = format!("sparse FFN layer {li}");
         let bytes = (gate.len() + up.len() + down.len()) as u64;
-        match self.arena.get(&label) {
-            Some(_) => self.arena.resize(&label, bytes)?,
-            None => self.arena.reserve(label, bytes)?,
-        }
-        let k = ids.len();
+        self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
         Ok([
             backend.upload_matrix(gate, d.dtype, k, d.h)?,
             backend.upload_matrix(up, d.dtype, k, d.h)?,
@@ -469,20 +465,7 @@ impl OffloadRuntime {
         if let Some(f) = filled {
             self.engine.release(f)?;
         }
-        let (gate, up, down) = assembled?;
-        let label = format!("sparse FFN layer {li}");
-        let bytes = (gate.len() + up.len() + down.len()) as u64;
-        if self.arena.get(&label).is_some() {
-            self.arena.resize(&label, bytes)?;
-        } else {
-            self.arena.reserve(label, bytes)?;
-        }
-        let k = ids.len();
-        Ok([
-            backend.upload_matrix(gate, d.dtype, k, d.h)?,
-            backend.upload_matrix(up, d.dtype, k, d.h)?,
-            backend.upload_matrix(down, d.dtype, d.h, k)?,
-        ])
+        self.upload_compact(backend, li, ids.len(), assembled?)
     }
 
     /// Queues the copies of one pass; the forward then pulls them layer by layer.

@@ -113,25 +113,52 @@ impl<B: Backend> NeuronBundles<B> {
     /// Byte ranges, within one layer's bundle matrix, of the neurons in `ids` (ascending),
     /// adjacent neurons merged into one run: what a copy of that subset has to move.
     pub fn byte_runs(&self, ids: &[u32]) -> Result<Vec<Range<usize>>> {
-        let bb = self.bundle_bytes();
-        let mut runs: Vec<Range<usize>> = Vec::new();
-        let mut prev: Option<u32> = None;
-        for &i in ids {
-            if i as usize >= self.neurons || prev.is_some_and(|p| p >= i) {
-                return Err(Error::InvalidArgument(format!(
-                    "neuron ids must be ascending and below {}, got {i} after {prev:?}",
-                    self.neurons
-                )));
-            }
-            let start = i as usize * bb;
-            match runs.last_mut() {
-                Some(last) if last.end == start => last.end += bb,
-                _ => runs.push(start..start + bb),
-            }
-            prev = Some(i);
-        }
-        Ok(runs)
+        neuron_byte_runs(ids, self.neurons, self.bundle_bytes())
     }
+}
+
+/// Byte ranges of the bundles (`bundle_bytes` each, `neurons` of them) of the neurons in
+/// `ids` (ascending), adjacent neurons merged into one run.
+pub fn neuron_byte_runs(
+    ids: &[u32],
+    neurons: usize,
+    bundle_bytes: usize,
+) -> Result<Vec<Range<usize>>> {
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    let mut prev: Option<u32> = None;
+    for &i in ids {
+        if i as usize >= neurons || prev.is_some_and(|p| p >= i) {
+            return Err(Error::InvalidArgument(format!(
+                "neuron ids must be ascending and below {neurons}, got {i} after {prev:?}"
+            )));
+        }
+        let start = i as usize * bundle_bytes;
+        match runs.last_mut() {
+            Some(last) if last.end == start => last.end += bundle_bytes,
+            _ => runs.push(start..start + bundle_bytes),
+        }
+        prev = Some(i);
+    }
+    Ok(runs)
+}
+
+/// The neurons of `0..neurons` not in `kept` (ascending).
+pub fn complement_ids(kept: &[u32], neurons: usize) -> Result<Vec<u32>> {
+    let mut next_kept = kept.iter().peekable();
+    let mut rest = Vec::with_capacity(neurons.saturating_sub(kept.len()));
+    for i in 0..neurons as u32 {
+        if next_kept.peek() == Some(&&i) {
+            next_kept.next();
+        } else {
+            rest.push(i);
+        }
+    }
+    if next_kept.next().is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "kept neuron ids must be ascending and below {neurons}"
+        )));
+    }
+    Ok(rest)
 }
 
 /// Interleaves one layer's gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes, `esz`

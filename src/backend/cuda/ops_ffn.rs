@@ -57,19 +57,7 @@ pub(crate) fn gather_ffn(
     bundles: &CudaMatrix,
     rows: &[u32],
 ) -> Result<[CudaMatrix; 3]> {
-    if !bundles.cols.is_multiple_of(3) {
-        return Err(Error::InvalidArgument(format!(
-            "bundle matrix has {} columns, not 3 x hidden",
-            bundles.cols
-        )));
-    }
-    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= bundles.rows) {
-        return Err(Error::InvalidArgument(format!(
-            "neuron {bad} gathered from {} bundles",
-            bundles.rows
-        )));
-    }
-    let h = bundles.cols / 3;
+    let h = crate::backend::neurons::gather_hidden(bundles.rows, bundles.cols, rows)?;
     let bytes = bundles.to_host()?;
     let (gate, up, down) = host::gather_ffn(&bytes, bundles.dtype, h, rows);
     let k = rows.len();
