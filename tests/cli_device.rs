@@ -5,8 +5,17 @@
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
+    run_with(args, None)
+}
+
+/// `gemm`: the value of SIRIUS_CUDA_GEMM, otherwise removed.
+fn run_with(args: &[&str], gemm: Option<&str>) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sirius-offload"));
     cmd.env_remove("SIRIUS_LOG");
+    match gemm {
+        Some(v) => cmd.env("SIRIUS_CUDA_GEMM", v),
+        None => cmd.env_remove("SIRIUS_CUDA_GEMM"),
+    };
     match cmd.args(args).output() {
         Ok(o) => o,
         Err(e) => panic!("cannot start the binary: {e}"),
@@ -104,4 +113,30 @@ fn unknown_devices_are_refused_by_the_parser() {
         assert!(!o.status.success(), "{bad}: {err}");
         assert!(err.contains("expected cpu, cuda or cuda:N"), "{bad}: {err}");
     }
+}
+
+/// SIRIUS_CUDA_GEMM is read when the CUDA backend is made, before the device probe: a bad
+/// value is one line naming the variable and its values, with or without a GPU. `--device
+/// cpu` never reads it.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_bad_cuda_gemm_precision_is_one_line_naming_the_variable() {
+    let mut args = ARGS.to_vec();
+    args.extend(["--device", "cuda"]);
+    for bad in ["fp8", "", "BF16"] {
+        let o = run_with(&args, Some(bad));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{bad:?}: {err}");
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{bad:?}: {err}");
+        assert!(
+            err.contains("SIRIUS_CUDA_GEMM") && err.contains("`bf16`") && err.contains("`f32`"),
+            "{bad:?}: {err}"
+        );
+    }
+    let mut cpu = ARGS.to_vec();
+    cpu.extend(["--device", "cpu"]);
+    let err = String::from_utf8_lossy(&run_with(&cpu, Some("fp8")).stderr).into_owned();
+    assert!(!err.contains("SIRIUS_CUDA_GEMM"), "{err}");
+    assert!(err.contains("/nonexistent/model"), "{err}");
 }

@@ -33,20 +33,35 @@ fn greedy<B: Backend>(model: &Llama<B>, prompt: &[u32], n: usize) -> (Vec<u32>, 
 }
 
 /// Greedy tokens of the model in `dir` on both backends; the prompt's logits are compared
-/// too (GEMM tolerance: a long prompt runs through the GEMM path).
+/// too (a long prompt runs through the GEMM path). Equal tokens are asserted on the f32 GEMM
+/// path, the CPU's arithmetic: with activations rounded to bf16 a near tie between two
+/// logits may break the other way, which is no bug. The bf16 path (the default) gets its
+/// prompt logits checked at [`LOGITS_BF16`] and its tokens reported, for prompts over 16
+/// tokens (shorter ones never reach a GEMM, so both paths are the same kernels).
 fn same_greedy(dir: &std::path::Path, prompt: &[u32], n: usize, label: &str) {
-    // gpu() already said the device works: a second backend opens the same way.
-    let g = Llama::load(dir, open_backend().unwrap()).unwrap();
     let c = Llama::load(dir, CpuBackend::new(4)).unwrap();
-    let (gt, gl) = greedy(&g, prompt, n);
     let (ct, cl) = greedy(&c, prompt, n);
-    check("prompt_logits", label, &gl, &cl, GEMM);
+    // gpu() already said the device works: more backends open the same way.
+    let g = Llama::load(dir, open_backend_with(GemmPrecision::F32).unwrap()).unwrap();
+    let (gt, gl) = greedy(&g, prompt, n);
+    check("prompt_logits", label, &gl, &cl, LOGITS);
     let same = gt.iter().zip(&ct).take_while(|(a, b)| a == b).count();
     let verdict = if gt == ct { "ok" } else { "FAIL" };
     say(&format!(
         "PARITY greedy_tokens {label} same={same}/{n} {verdict}"
     ));
     assert_eq!(gt, ct, "{label}: greedy tokens differ from token {same}");
+    if prompt.len() <= 16 {
+        return;
+    }
+    drop(g);
+    let g = Llama::load(dir, open_backend_with(GemmPrecision::Bf16).unwrap()).unwrap();
+    let (bt, bl) = greedy(&g, prompt, n);
+    check("prompt_logits_bf16", label, &bl, &cl, LOGITS_BF16);
+    let same = bt.iter().zip(&ct).take_while(|(a, b)| a == b).count();
+    say(&format!(
+        "PARITY greedy_tokens_bf16 {label} same={same}/{n} info"
+    ));
 }
 
 fn tiny_specs() -> Vec<(&'static str, TinySpec)> {

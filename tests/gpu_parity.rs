@@ -21,6 +21,7 @@ use sirius_offload::backend::{
     TreeMask,
 };
 use sirius_offload::config::ModelConfig;
+use sirius_offload::dtype::DType;
 
 use common::gpu::*;
 use common::{Rng, TinySpec};
@@ -179,28 +180,62 @@ fn row_copies_and_reads_match() {
 
 // ---------------------------------------------------------------- matmul
 
+/// `w · x[t]` for t < n on `b`, over an output poisoned one row past the n rows.
+fn matmul_on<B: Backend>(
+    b: &B,
+    w: &[f32],
+    dtype: DType,
+    (rows, cols): (usize, usize),
+    x: &[f32],
+    n: usize,
+) -> Vec<f32> {
+    let m = matrix(b, w, dtype, rows, cols);
+    let xb = b.upload(x).unwrap();
+    let mut out = poisoned(b, (n + 1) * rows);
+    b.matmul(&m, &xb, n, &mut out).unwrap();
+    read_all(b, &out, (n + 1) * rows)
+}
+
+/// Up to 16 tokens: the matvec kernels (DOT). Over 16: cuBLAS, on both GEMM precisions. The
+/// bf16 path rounds the activations to the weights' 16-bit dtype, so its tolerance scales
+/// with that dtype's unit roundoff ([`gemm_tolerance`]); the f32 path (SGEMM on converted
+/// weights) and f32 weights (SGEMM on either path) only reorder f32 sums (DOT).
 #[test]
 fn matmul_matches_on_both_paths() {
-    let Some(g) = gpu() else { return };
+    let Some(g) = gpu_with(GemmPrecision::Bf16) else {
+        return;
+    };
+    // gpu_with() already said the device works: a second backend opens the same way.
+    let g32 = open_backend_with(GemmPrecision::F32).unwrap();
+    assert_eq!(
+        (g.gemm_precision(), g32.gemm_precision()),
+        (GemmPrecision::Bf16, GemmPrecision::F32)
+    );
+    if !g.has_cublas() {
+        say("matmul: no libcublas, batches over 16 tokens run on the small-batch kernel");
+    }
     let c = cpu();
     let mut rng = Rng::new(5);
-    // Odd shapes take the element-by-element fallback; n 1 the matvec, 3 and 16 the small
-    // kernel, 40 the GEMM.
+    // Odd shapes take the element-by-element fallback (and odd leading dimensions in cuBLAS);
+    // n 1 the matvec, 3 and 16 the small kernel, 17 (the first GEMM batch), 40 and 128 the
+    // GEMM.
     for (rows, cols) in [(64, 64), (67, 93), (1536, 576), (576, 1536), (1000, 24)] {
         let w = random(&mut rng, rows * cols, 0.5);
         for dtype in DTYPES {
-            for n in [1, 3, 16, 40] {
+            for n in [1, 3, 16, 17, 40, 128] {
                 let x = random(&mut rng, (n + 1) * cols, 1.0);
-                let (go, co) = both!(&g, &c, |b| {
-                    let m = matrix(b, &w, dtype, rows, cols);
-                    let xb = b.upload(&x).unwrap();
-                    let mut out = poisoned(b, (n + 1) * rows);
-                    b.matmul(&m, &xb, n, &mut out).unwrap();
-                    read_all(b, &out, (n + 1) * rows)
-                });
-                let tol = if n > 16 { GEMM } else { DOT };
+                let co = matmul_on(&c, &w, dtype, (rows, cols), &x, n);
                 let case = format!("{dtype:?} {rows}x{cols} n{n}");
-                check("matmul", &case, &go, &co, tol);
+                let go = matmul_on(&g, &w, dtype, (rows, cols), &x, n);
+                if n <= 16 {
+                    check("matmul", &case, &go, &co, DOT);
+                    continue;
+                }
+                let u = unit_roundoff(dtype);
+                let tol = gemm_tolerance(u, cols, &w, &x[..n * cols], &co[..n * rows]);
+                check("matmul_gemm_bf16", &case, &go, &co, tol);
+                let go = matmul_on(&g32, &w, dtype, (rows, cols), &x, n);
+                check("matmul_gemm_f32", &case, &go, &co, DOT);
             }
         }
     }

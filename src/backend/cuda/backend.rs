@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{kernels_ptx, Ctx};
 use super::ops_basic::{self as basic, RopeCache};
-use super::ops_matmul::{self as mm, Cublas};
+use super::ops_matmul::{GemmPrecision, Matmul};
 use super::{device, ops_attention as attn, ops_ffn as ffn};
 use crate::backend::cpu as host;
 use crate::backend::{
@@ -26,29 +26,34 @@ use crate::model::weights::TensorRef;
 
 pub struct CudaBackend {
     ctx: Arc<Ctx>,
-    /// None without libcublas: long batches then use the small-batch kernel.
-    cublas: Option<Cublas>,
+    /// cuBLAS (None without libcublas: long batches then use the small-batch kernel), the
+    /// GEMM precision and the GEMM scratch buffers.
+    matmul: Matmul,
     /// Device copy of the rope cos/sin table.
     rope: Mutex<Option<RopeCache>>,
-    /// Row ids 0..n (u32) for converting weight blocks before cuBLAS.
-    row_ids: Mutex<Option<DevMem>>,
 }
 
 impl CudaBackend {
     /// Opens CUDA device `ordinal` (see [`device::open`]: driver, device and memory checks
     /// with one-line errors), compiles the kernels for its architecture (cached per
     /// process; a missing libnvrtc or CUDA headers is an `Error::Cuda` that says what to
-    /// install or set: CUDA_INCLUDE_DIR) and loads them.
+    /// install or set: CUDA_INCLUDE_DIR) and loads them. The GEMM precision of batches
+    /// over 16 tokens comes from `SIRIUS_CUDA_GEMM` (`bf16` when unset, or `f32`), read
+    /// here, before the device opens: any other value is an `InvalidArgument` error.
     pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        CudaBackend::with_gemm(ordinal, GemmPrecision::from_env()?)
+    }
+
+    /// As [`CudaBackend::new`] with an explicit GEMM precision (no environment read).
+    pub fn with_gemm(ordinal: usize, precision: GemmPrecision) -> Result<CudaBackend> {
         let device = Arc::new(device::open(ordinal)?);
         let ptx = kernels_ptx(&device.arch())?;
         let ctx = Arc::new(Ctx::new(device, &ptx)?);
-        let cublas = Cublas::new(&ctx);
+        let matmul = Matmul::new(&ctx, precision);
         Ok(CudaBackend {
             ctx,
-            cublas,
+            matmul,
             rope: Mutex::new(None),
-            row_ids: Mutex::new(None),
         })
     }
 
@@ -59,7 +64,12 @@ impl CudaBackend {
 
     /// Whether batches over 16 tokens run on cuBLAS (false: libcublas was not found).
     pub fn has_cublas(&self) -> bool {
-        self.cublas.is_some()
+        self.matmul.has_cublas()
+    }
+
+    /// How batches over 16 tokens multiply bf16/f16 weights.
+    pub fn gemm_precision(&self) -> GemmPrecision {
+        self.matmul.precision()
     }
 
     /// Waits until every queued op has finished (timing, tests).
@@ -139,15 +149,7 @@ impl Backend for CudaBackend {
         n_tokens: usize,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        mm::matmul(
-            &self.ctx,
-            self.cublas.as_ref(),
-            &self.row_ids,
-            w,
-            x,
-            n_tokens,
-            out,
-        )
+        self.matmul.matmul(&self.ctx, w, x, n_tokens, out)
     }
 
     fn add_bias(&self, x: &mut CudaBuf, bias: &CudaBuf, n_tokens: usize) -> Result<()> {

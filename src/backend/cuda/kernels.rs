@@ -43,6 +43,7 @@ pub const KERNELS: &[KernelSource] = &[
         ]
     ),
     kernel!("embedding.cu", ["embed_bf16", "embed_f16", "embed_f32"]),
+    kernel!("convert.cu", ["f32_to_bf16", "f32_to_f16"]),
     kernel!(
         "attention.cu",
         ["attention_chunk_f32", "attention_merge_f32"]

@@ -16,3 +16,4 @@ mod ops_matmul;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};
+pub use ops_matmul::{GemmPrecision, GEMM_ENV};
