@@ -240,6 +240,97 @@ fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
     });
 }
 
+/// Decode attention as a real decode step meets it: SmolLM2 shapes at 1,600 positions of
+/// context (an 8-shot GSM prompt), cycling through 30 layers' caches (74 MB, more than L3),
+/// so the keys and values come from DRAM. Throughput is cache bytes read per layer.
+#[divan::bench(args = [1, 2], max_time = 2)]
+fn attention_decode_cold_ctx1600(bencher: Bencher, threads: usize) {
+    let (nh, nkv, hd, seq, layers) = (9, 3, 64, 1600, 30);
+    let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+        .map(|l| {
+            let k = (0..seq * nkv * hd)
+                .map(|i| ((i + l) as f32 * 0.11).cos())
+                .collect();
+            let v = (0..seq * nkv * hd)
+                .map(|i| ((i + l) as f32 * 0.07).sin())
+                .collect();
+            (k, v)
+        })
+        .collect();
+    let mut out = vec![0f32; nh * hd];
+    let pool = pool(threads);
+    let mut layer = 0;
+    bencher
+        .counter(BytesCount::new(2 * seq * nkv * hd * 4))
+        .bench_local(|| {
+            let (kc, vc) = &caches[layer];
+            layer = (layer + 1) % layers;
+            cpu::attention_with_isa(
+                cpu::Isa::best(),
+                pool,
+                &q,
+                kc,
+                vc,
+                nh,
+                nkv,
+                hd,
+                seq - 1,
+                1,
+                None,
+                &mut out,
+            );
+            divan::black_box(&out);
+        });
+}
+
+/// [`attention_decode_cold_ctx1600`] with the caches in one anonymous mapping advised to use
+/// transparent huge pages: how much of the cold cost is TLB misses and hardware prefetchers
+/// stopping at 4 KiB page boundaries (the KV cache itself is plain `Vec`s, 4 KiB pages).
+#[divan::bench(args = [1, 2], max_time = 2)]
+fn attention_decode_cold_ctx1600_huge(bencher: Bencher, threads: usize) {
+    let (nh, nkv, hd, seq, layers) = (9, 3, 64, 1600, 30);
+    let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let per = seq * nkv * hd;
+    let mut map = memmap2::MmapOptions::new()
+        .len(2 * layers * per * 4)
+        .map_anon()
+        .expect("anonymous memory for the caches");
+    map.advise(memmap2::Advice::HugePage)
+        .expect("madvise(MADV_HUGEPAGE)");
+    // SAFETY: the mapping is page-aligned, 2 * layers * per floats long, and outlives `all`.
+    let all: &mut [f32] =
+        unsafe { std::slice::from_raw_parts_mut(map.as_mut_ptr() as *mut f32, 2 * layers * per) };
+    for (i, v) in all.iter_mut().enumerate() {
+        *v = (i as f32 * 0.11).cos();
+    }
+    let mut out = vec![0f32; nh * hd];
+    let pool = pool(threads);
+    let mut layer = 0;
+    bencher
+        .counter(BytesCount::new(2 * per * 4))
+        .bench_local(|| {
+            let kc = &all[2 * layer * per..(2 * layer + 1) * per];
+            let vc = &all[(2 * layer + 1) * per..(2 * layer + 2) * per];
+            layer = (layer + 1) % layers;
+            cpu::attention_with_isa(
+                cpu::Isa::best(),
+                pool,
+                &q,
+                kc,
+                vc,
+                nh,
+                nkv,
+                hd,
+                seq - 1,
+                1,
+                None,
+                &mut out,
+            );
+            divan::black_box(&out);
+        });
+}
+
 /// Short multi-token batches (Sirius verification windows) through cold [1536, 576] bf16
 /// weights; throughput is weight bytes, to compare with the n = 1 decode matvec.
 #[divan::bench(args = [1, 2, 4, 8, 16, 32, 64], max_time = 1)]
