@@ -32,6 +32,8 @@ pub struct CudaBackend {
     rope: Mutex<Option<RopeCache>>,
     /// Row ids 0..n (u32) for converting weight blocks before cuBLAS.
     row_ids: Mutex<Option<DevMem>>,
+    /// Offloading: `matrix` leaves weights in the host mapping (see `with_host_weights`).
+    host_weights: bool,
 }
 
 impl CudaBackend {
@@ -49,7 +51,26 @@ impl CudaBackend {
             cublas,
             rope: Mutex::new(None),
             row_ids: Mutex::new(None),
+            host_weights: false,
         })
+    }
+
+    /// For the offloading runtime (`run --gpu-mem`): a model loaded on this backend leaves
+    /// its weight matrices in the host mapping instead of uploading them all (they would not
+    /// fit the budget); the runtime copies to the device what its plan keeps resident and
+    /// streams the rest. Norms and biases are still uploaded (the plan counts them).
+    pub fn with_host_weights(mut self) -> CudaBackend {
+        self.host_weights = true;
+        self
+    }
+
+    /// Whether `matrix` leaves weights in host memory (see `with_host_weights`).
+    pub fn host_weights(&self) -> bool {
+        self.host_weights
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
     }
 
     /// The opened device (name, compute capability, memory).
@@ -103,6 +124,10 @@ impl Backend for CudaBackend {
                 })
             }
         };
+        if self.host_weights {
+            let (map, range) = t.mapping();
+            return CudaMatrix::in_host(&self.ctx, map, range, t.dtype, rows, cols);
+        }
         ffn::upload_matrix(&self.ctx, t.bytes(), t.dtype, rows, cols)
     }
 
@@ -139,6 +164,7 @@ impl Backend for CudaBackend {
         n_tokens: usize,
         out: &mut CudaBuf,
     ) -> Result<()> {
+        w.check_on_device("matmul")?;
         mm::matmul(
             &self.ctx,
             self.cublas.as_ref(),
