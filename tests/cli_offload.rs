@@ -148,3 +148,66 @@ fn offloading_option_errors_are_one_line() {
     let out = with(&[&sirius[..], &["--resident-mem", "200M", "--link-gbps", "0"]].concat());
     assert_one_line_failure(&out, "--link-gbps");
 }
+
+/// The budget options belong to their devices: `--gpu-mem` with the CPU and `--resident-mem`
+/// with CUDA are one-line errors naming the other option, before any model or GPU is looked
+/// at (so this needs neither); options of an offloaded run need a budget.
+#[test]
+fn budget_options_name_the_one_for_the_device() {
+    let base = [
+        "run",
+        "-m",
+        "/nonexistent/model",
+        "--no-fetch",
+        "-p",
+        "Hi",
+        "--temperature",
+        "0",
+        "--sirius",
+        "--sparsity",
+        "griffin",
+    ];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        run_bin(&a)
+    };
+    let out = with(&["--gpu-mem", "1G"]);
+    assert_one_line_failure(&out, "--resident-mem");
+    assert!(
+        stderr_of(&out).contains("--device cuda"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = with(&["--device", "cpu", "--gpu-mem", "1G"]);
+    assert_one_line_failure(&out, "--resident-mem");
+    let out = with(&["--device", "cuda", "--resident-mem", "1G"]);
+    assert_one_line_failure(&out, "--gpu-mem");
+    let out = with(&[
+        "--device",
+        "cuda",
+        "--resident-mem",
+        "1G",
+        "--gpu-mem",
+        "1G",
+    ]);
+    assert_one_line_failure(&out, "one offloading budget");
+    let out = with(&["--trace", "/tmp/never-written.json"]);
+    assert_one_line_failure(&out, "--gpu-mem");
+    // --gpu-mem also needs the offloaded configuration (checked before the device opens).
+    let out = run_bin(&[
+        "run",
+        "-m",
+        "/nonexistent/model",
+        "--no-fetch",
+        "-p",
+        "Hi",
+        "--device",
+        "cuda",
+        "--gpu-mem",
+        "1G",
+    ]);
+    assert_one_line_failure(&out, "--gpu-mem offloads a Sirius run");
+    let out = with(&["--device", "cuda", "--gpu-mem", "lots"]);
+    assert_one_line_failure(&out, "size");
+}

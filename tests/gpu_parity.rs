@@ -585,15 +585,15 @@ fn neuron_selection_matches() {
 /// `BANDWIDTH` line). 256 MiB per copy, best of 5 after a warm-up.
 #[test]
 fn host_to_device_bandwidth() {
-    if gpu().is_none() {
-        return;
-    }
-    use sirius_offload::backend::cuda::memory::{DeviceArena, HostAccess, PinnedBuffer, Stream};
+    let Some(g) = gpu() else { return };
+    use sirius_offload::backend::cuda::memory::{HostAccess, PinnedBuffer, Stream};
     use std::sync::Arc;
     const BYTES: usize = 256 << 20;
+    // The same device (its primary context) as the backend's, whose memory is the target.
     let dev = Arc::new(device::open(0).unwrap());
-    let mut arena = DeviceArena::new(dev.clone(), BYTES as u64).unwrap();
-    let dst = arena.alloc("bandwidth", BYTES as u64).unwrap();
+    let dst = g.alloc(BYTES / 4).unwrap();
+    // Allocated in the backend's stream order: done before another stream writes it.
+    g.synchronize().unwrap();
     let stream = Stream::new(&dev).unwrap();
     let mut pinned = PinnedBuffer::new(&dev, BYTES, HostAccess::Upload).unwrap();
     pinned.as_mut_slice().fill(1);
@@ -605,7 +605,8 @@ fn host_to_device_bandwidth() {
             let t = std::time::Instant::now();
             // SAFETY: `dst` holds BYTES device bytes; `src` outlives the synchronised copy.
             unsafe {
-                cudarc::driver::result::memcpy_htod_async(dst.ptr(), src, stream.raw()).unwrap()
+                cudarc::driver::result::memcpy_htod_async(dst.device_ptr(), src, stream.raw())
+                    .unwrap()
             };
             stream.synchronize().unwrap();
             let gbps = BYTES as f64 / t.elapsed().as_secs_f64() / 1e9;
@@ -621,5 +622,4 @@ fn host_to_device_bandwidth() {
         dev.describe()
     ));
     assert!(p > 0.0 && q > 0.0);
-    arena.free(dst).unwrap();
 }

@@ -9,6 +9,9 @@
 #   4. pinned vs pageable host-to-device GB/s
 #   5. decode tokens/s: CPU dense (baseline), CUDA dense, Griffin, Sirius
 #   6. an offloaded run with --gpu-mem below the model's size, when the binary has it
+#      (`run --device cuda --gpu-mem SIZE --sirius --sparsity griffin`, 60% then 80% of the
+#      weights), and tests/gpu_offload (its tokens vs the unconstrained and CPU runs) when
+#      the pack has it
 # Each step has a timeout and the whole check stops starting steps after 7.5 minutes.
 #
 # Usage: gpu-check.sh [MODEL_DIR]
@@ -275,6 +278,12 @@ if [ -n "$MODEL" ]; then
                 say "| --- | --- | --- | --- | --- | --- | --- |"
                 say "| $(json_num "$j" decode_tokens_per_s) | $(json_num "$j" streamed_bytes) | $(json_num "$j" overlap) | $(json_num "$j" achieved_link_gbps) | $(json_num "$j" copy_wait_s) | $(json_num "$j" full_passes) | $(json_num "$j" predicted_ms_per_token) / $(json_num "$j" measured_ms_per_token) |"
                 say ""
+                # The run's own summary (stderr): what was resident, what streamed.
+                summary=$(grep -o '\[offload\].*' "$WORK/$name.log" | tail -1)
+                [ -n "$summary" ] && say "\`$summary\`" && say ""
+                say "Overlap and copy wait come from CUDA events (copy stream busy time, compute"
+                say "stream stalls); the trace's spans are host-side (when copies and layers were issued)."
+                say ""
                 say "Trace: $WORK/trace_$pct.json ($(du -h "$WORK/trace_$pct.json" 2>/dev/null | cut -f1), open in Perfetto)."
                 offloaded=1
                 break
@@ -283,6 +292,20 @@ if [ -n "$MODEL" ]; then
             fence "$WORK/$name.log" 5
         done
         [ $offloaded -eq 1 ] || failed=1
+        if [ -x "$PACK/tests/gpu_offload" ]; then
+            log "offloaded tokens (tests/gpu_offload)"
+            SIRIUS_REQUIRE_GPU=1 step gpu_offload 90 "$PACK/tests/gpu_offload" --test-threads 1 --nocapture
+            rc=$?
+            say ""
+            say "tests/gpu_offload (tiny random model, budget below its size: tokens equal the"
+            say "unconstrained CUDA run's and the CPU offloaded run's): $(status_word $rc)"
+            say ""
+            grep '^OFFLOAD ' "$WORK/gpu_offload.log" | sed 's/^/- /' >>"$REPORT"
+            if [ $rc -ne 0 ]; then
+                failed=1
+                fence "$WORK/gpu_offload.log" 15
+            fi
+        fi
     fi
 fi
 

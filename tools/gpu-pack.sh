@@ -4,6 +4,7 @@
 #   bin/sirius-offload        release binary (--features cuda), debug info stripped
 #   bin/random_model          examples/random_model.rs: writes a random model of a real shape
 #   tests/gpu_parity          op-by-op and end-to-end parity test binary (cargo test --no-run)
+#   tests/gpu_offload         the offloading runtime on CUDA vs the unconstrained and CPU runs
 #   tests/nvrtc_kernels       compiles every kernel with NVRTC for the device's architecture
 #   cuda/nvrtc.tar.gz         libnvrtc + builtins (pip nvidia-cuda-nvrtc==13.0.88) and the
 #                             CUDA headers (pip nvidia-cuda-runtime==13.0.96), when installed
@@ -29,7 +30,8 @@ cargo build --release --locked --features cuda --bin sirius-offload --example ra
 echo "== build: test binaries (cargo test --no-run)"
 # The JSON messages name each test binary's path (the hash in its name changes per build).
 messages=$(cargo test --release --locked --features cuda --no-run \
-    --test gpu_parity --test gpu_end_to_end --test nvrtc_kernels --message-format=json)
+    --test gpu_parity --test gpu_end_to_end --test gpu_offload --test nvrtc_kernels \
+    --message-format=json)
 test_exe() {
     grep '"reason":"compiler-artifact"' <<<"$messages" | grep "\"name\":\"$1\"" |
         grep -o '"executable":"[^"]*"' | head -1 | cut -d'"' -f4
@@ -42,7 +44,7 @@ mkdir -p "$PACK/bin" "$PACK/tests" "$PACK/cuda"
 strip_into() { objcopy --strip-debug "$1" "$2"; }
 strip_into target/release/sirius-offload "$PACK/bin/sirius-offload"
 strip_into target/release/examples/random_model "$PACK/bin/random_model"
-for t in gpu_parity gpu_end_to_end nvrtc_kernels; do
+for t in gpu_parity gpu_end_to_end gpu_offload nvrtc_kernels; do
     exe=$(test_exe "$t")
     [ -n "$exe" ] && [ -f "$exe" ] || { echo "gpu-pack: no test binary for $t" >&2; exit 1; }
     strip_into "$exe" "$PACK/tests/$t"

@@ -49,7 +49,7 @@ pub struct PlanArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub aal: Option<f64>,
     /// Host -> device link in GB/s (PCIe 4.0 x16 moves about 25).
-    #[arg(long, default_value_t = 25.0, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = GPU_LINK_GBPS, allow_negative_numbers = true)]
     pub link_gbps: f64,
     /// Memory bandwidth compute reads at, in GB/s (default: 1008, an RTX 4090, with
     /// --gpu-mem; 20, a few CPU cores, with --resident-mem, as `run` assumes).
@@ -120,10 +120,9 @@ impl Report {
     }
 }
 
-/// Default memory bandwidths (GB/s): an RTX 4090's, and what `run --resident-mem` assumes for
-/// a few CPU cores (its `--mem-gbps` default).
-const GPU_MEM_GBPS: f64 = 1008.0;
-const CPU_MEM_GBPS: f64 = 20.0;
+// Default memory bandwidths (GB/s): an RTX 4090's, and what `run --resident-mem` assumes for
+// a few CPU cores (its `--mem-gbps` default); `run --gpu-mem` plans with the GPU's.
+use crate::offload::placement::{CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
 
 pub fn plan(args: &PlanArgs) -> Result<()> {
     let (option, size, kv_bytes) = match (&args.gpu_mem, &args.resident_mem) {

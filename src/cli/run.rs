@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::CpuBackend;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::sparsity_args::SparsityArgs;
@@ -15,7 +15,9 @@ use crate::engine::{generate, generate_sirius, GenerateOptions, GenerationOutput
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{Llama, SamplingParams, Tokenizer};
+use crate::offload::offload_backend::OffloadBackend;
 use crate::offload::parse_size;
+use crate::offload::placement::{CPU_MEM_GBPS, GPU_MEM_GBPS};
 use crate::offload::runtime::OffloadOptions;
 use crate::offload::sirius_model::generate_sirius_offloaded;
 use crate::sparsity::SparsityMode;
@@ -68,8 +70,8 @@ pub struct RunArgs {
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
     /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
-    /// cuda`; weights, KV cache and activations then live in GPU memory; not yet verified on
-    /// a GPU, see README "GPU").
+    /// cuda`; weights, KV cache and activations then live in GPU memory, or within --gpu-mem;
+    /// not yet verified on a GPU, see README "GPU").
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
     /// Context length cap in tokens (default: the model's max_position_embeddings).
@@ -122,16 +124,24 @@ pub struct RunArgs {
     /// an unconstrained run's up to rounding (the split FFN sums in another order).
     #[arg(long, value_name = "SIZE")]
     pub resident_mem: Option<String>,
+    /// Offloading on a GPU (with --device cuda): keep weights, KV cache and buffers within
+    /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
+    /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
+    /// (needs --sirius --sparsity griffin).
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem: Option<String>,
     /// Cap the copy engine at this many GB/s, emulating a PCIe link (with --resident-mem).
     #[arg(long, requires = "resident_mem")]
     pub link_gbps: Option<f64>,
     /// Memory bandwidth (GB/s) the planner assumes for compute when it predicts ms/token for
-    /// this run (with --resident-mem; measure yours with `cargo bench --bench membw`).
-    #[arg(long, default_value_t = 20.0, requires = "resident_mem")]
-    pub mem_gbps: f64,
+    /// this run (with --resident-mem, default 20: measure yours with `cargo bench --bench
+    /// membw`; with --gpu-mem, default 1008, an RTX 4090's).
+    #[arg(long)]
+    pub mem_gbps: Option<f64>,
     /// Write a Chrome trace (open in Perfetto) of copy and compute spans per layer
-    /// (with --resident-mem).
-    #[arg(long, value_name = "PATH", requires = "resident_mem")]
+    /// (with --resident-mem or --gpu-mem; on a GPU the spans are host-side: when copies and
+    /// kernels were issued).
+    #[arg(long, value_name = "PATH")]
     pub trace: Option<PathBuf>,
     /// Write run statistics as one JSON object to this file.
     #[arg(long)]
@@ -198,18 +208,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
             ));
         }
     }
-    let resident_mem = match &args.resident_mem {
-        Some(size) => Some(check_offload_args(args, parse_size(size)?)?),
-        None => None,
-    };
+    let offload_budget = offload_budget(args)?;
     check_output_dir("--trace", args.trace.as_deref())?;
-    if matches!(args.device, Device::Cuda(_)) && resident_mem.is_some() {
-        return Err(Error::InvalidArgument(
-            "--resident-mem emulates offloading on the CPU and runs with --device cpu only \
-             (the CUDA offloading runtime is not wired to run yet)"
-                .into(),
-        ));
-    }
     if args.stop.iter().any(String::is_empty) {
         return Err(Error::InvalidArgument(
             "--stop needs a non-empty text".into(),
@@ -220,7 +220,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         sampling,
         sparsity_args,
         sirius,
-        resident_mem,
+        offload_budget,
         seed,
     };
     match args.device {
@@ -233,7 +233,11 @@ pub fn run(args: &RunArgs) -> Result<()> {
         // usable GPU fails at once with the probe's one-line reason.
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
-            let backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
+            let mut backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
+            if offload_budget.is_some() {
+                // Only what the plan keeps resident goes to the GPU.
+                backend = backend.with_host_weights();
+            }
             // No CPU compute threads: every op runs on the GPU.
             run_on(job, backend, 0)
         }
@@ -248,69 +252,19 @@ struct RunJob<'a> {
     sampling: SamplingParams,
     sparsity_args: SparsityArgs,
     sirius: SiriusOptions,
-    resident_mem: Option<u64>,
+    /// The offloading budget (--resident-mem on CPU, --gpu-mem on CUDA), if any.
+    offload_budget: Option<u64>,
     seed: u64,
 }
 
-/// The backends `run` drives; the offloading runtime exists for the CPU backend only.
-trait RunBackend: Backend + Sized {
-    #[allow(clippy::too_many_arguments)]
-    fn run_offloaded(
-        model: &mut Llama<Self>,
-        tokenizer: &Tokenizer,
-        prompt_ids: &[u32],
-        opts: &GenerateOptions,
-        sirius: SiriusOptions,
-        offload: OffloadOptions,
-        trace: Option<&std::path::Path>,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<GenerationOutput>;
-}
-
-impl RunBackend for CpuBackend {
-    fn run_offloaded(
-        model: &mut Llama<Self>,
-        tokenizer: &Tokenizer,
-        prompt_ids: &[u32],
-        opts: &GenerateOptions,
-        sirius: SiriusOptions,
-        offload: OffloadOptions,
-        trace: Option<&std::path::Path>,
-        on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<GenerationOutput> {
-        generate_sirius_offloaded(
-            model, tokenizer, prompt_ids, opts, sirius, offload, trace, on_text,
-        )
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl RunBackend for crate::backend::cuda::CudaBackend {
-    fn run_offloaded(
-        _model: &mut Llama<Self>,
-        _tokenizer: &Tokenizer,
-        _prompt_ids: &[u32],
-        _opts: &GenerateOptions,
-        _sirius: SiriusOptions,
-        _offload: OffloadOptions,
-        _trace: Option<&std::path::Path>,
-        _on_text: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<GenerationOutput> {
-        // `run` refuses --resident-mem with --device cuda before any model loads.
-        Err(Error::InvalidArgument(
-            "--resident-mem runs with --device cpu only".into(),
-        ))
-    }
-}
-
 /// Loads the model on `backend` and generates (`threads`: CPU compute threads, for stats).
-fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<()> {
+fn run_on<B: OffloadBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<()> {
     let RunJob {
         args,
         sampling,
         sparsity_args,
         sirius,
-        resident_mem,
+        offload_budget,
         seed,
     } = job;
     let prompt = read_prompt(args)?;
@@ -329,7 +283,7 @@ fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<
         )));
     }
     // Offloading keeps its own host copy of the FFN (bundles) and builds the sparse set itself.
-    let sparsity = match resident_mem {
+    let sparsity = match offload_budget {
         Some(_) => crate::sparsity::Sparsity::None,
         None => sparsity_args.build(&model)?,
     };
@@ -398,11 +352,15 @@ fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<
             }
         }
     };
-    let output = if let Some(budget) = resident_mem {
+    let output = if let Some(budget) = offload_budget {
+        let default_mem_gbps = match args.device {
+            Device::Cpu => CPU_MEM_GBPS,
+            Device::Cuda(_) => GPU_MEM_GBPS,
+        };
         let offload = OffloadOptions {
             budget,
             link_gbps: args.link_gbps,
-            mem_gbps: args.mem_gbps,
+            mem_gbps: args.mem_gbps.unwrap_or(default_mem_gbps),
             keep: args.keep,
             period: args.period,
             context: 0,
@@ -410,7 +368,7 @@ fn run_on<B: RunBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Result<
             trace: args.trace.is_some(),
             delay: None,
         };
-        B::run_offloaded(
+        generate_sirius_offloaded(
             &mut model,
             &tokenizer,
             &prompt_ids,
@@ -529,17 +487,58 @@ fn cuda_unavailable(_ordinal: usize) -> Error {
     )
 }
 
-/// `--resident-mem` runs the offloading runtime, which executes Griffin + Sirius plans.
-fn check_offload_args(args: &RunArgs, budget: u64) -> Result<u64> {
+/// The offloading budget: `--resident-mem` on the CPU, `--gpu-mem` on CUDA, each refused on
+/// the other device with the option to use instead; options that only mean something for an
+/// offloaded run are refused without one.
+fn offload_budget(args: &RunArgs) -> Result<Option<u64>> {
+    let (option, size) =
+        match (&args.resident_mem, &args.gpu_mem, args.device) {
+            (Some(_), Some(_), _) => {
+                return Err(Error::InvalidArgument(
+                    "give one offloading budget: --resident-mem (CPU) or --gpu-mem (CUDA)".into(),
+                ))
+            }
+            (Some(_), None, Device::Cuda(_)) => return Err(Error::InvalidArgument(
+                "--resident-mem emulates offloading on the CPU and runs with --device cpu only: \
+                 on --device cuda give the GPU memory budget as --gpu-mem SIZE"
+                    .into(),
+            )),
+            (None, Some(_), Device::Cpu) => return Err(Error::InvalidArgument(
+                "--gpu-mem is the GPU memory budget of an offloaded run on --device cuda: on the \
+                 CPU emulate a budget with --resident-mem SIZE"
+                    .into(),
+            )),
+            (Some(size), None, Device::Cpu) => ("--resident-mem", size),
+            (None, Some(size), Device::Cuda(_)) => ("--gpu-mem", size),
+            (None, None, _) => {
+                let needs = [
+                    ("--trace", args.trace.is_some()),
+                    ("--mem-gbps", args.mem_gbps.is_some()),
+                ];
+                if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{name} describes an offloaded run: add --resident-mem SIZE (CPU) or \
+                     --gpu-mem SIZE (--device cuda), with --sirius --sparsity griffin"
+                    )));
+                }
+                return Ok(None);
+            }
+        };
+    check_offload_args(args, option, parse_size(size)?).map(Some)
+}
+
+/// `--resident-mem` / `--gpu-mem` run the offloading runtime, which executes Griffin +
+/// Sirius plans.
+fn check_offload_args(args: &RunArgs, option: &str, budget: u64) -> Result<u64> {
     if !args.sirius || args.sparsity != SparsityMode::Griffin || args.cats_thresholds.is_some() {
-        return Err(Error::InvalidArgument(
-            "--resident-mem offloads a Sirius run with Griffin sparsity: add --sirius --sparsity griffin --temperature 0".into(),
-        ));
+        return Err(Error::InvalidArgument(format!(
+            "{option} offloads a Sirius run with Griffin sparsity: add --sirius --sparsity griffin --temperature 0"
+        )));
     }
     use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
     for (name, v) in [
         ("--link-gbps", args.link_gbps),
-        ("--mem-gbps", Some(args.mem_gbps)),
+        ("--mem-gbps", args.mem_gbps),
     ] {
         if let Some(v) = v.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
             return Err(Error::InvalidArgument(format!(

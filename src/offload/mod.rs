@@ -8,6 +8,7 @@ pub mod arena;
 pub mod cost;
 pub mod format;
 pub mod host_store;
+pub mod offload_backend;
 pub mod placement;
 pub mod resident_set;
 pub mod runtime;

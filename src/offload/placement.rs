@@ -29,6 +29,12 @@ const MAX_PERIOD: usize = 256;
 /// Link and memory bandwidths are accepted between these (GB/s).
 pub const MIN_GBPS: f64 = 0.001;
 pub const MAX_GBPS: f64 = 1.0e6;
+/// `plan --gpu-mem`'s defaults, which `run --gpu-mem` plans with too: a PCIe 4.0 x16 link
+/// (GB/s) and an RTX 4090's memory bandwidth (GB/s).
+pub const GPU_LINK_GBPS: f64 = 25.0;
+pub const GPU_MEM_GBPS: f64 = 1008.0;
+/// What `run --resident-mem` assumes for compute on a few CPU cores (GB/s).
+pub const CPU_MEM_GBPS: f64 = 20.0;
 /// Number of streaming buffers: layer l+1 is copied while layer l computes.
 pub const STREAM_BUFFERS: usize = 2;
 

@@ -1,4 +1,5 @@
-//! Executes an offloading plan with the CPU backend (`run --resident-mem`).
+//! Executes an offloading plan on any [`OffloadBackend`]: the CPU backend (`run
+//! --resident-mem`, which emulates a GPU budget) or the CUDA backend (`run --gpu-mem`).
 //!
 //! The plan (`placement`) says which layers keep their attention and their sparse FFN subset
 //! resident. This runtime makes those copies inside a budgeted [`ResidentArena`], keeps
@@ -11,35 +12,48 @@
 //!
 //! The forward pass pulls each layer's buffer through [`LayerStream`]: `acquire` waits on the
 //! copy of exactly that layer, `release` returns the buffer so the copy of layer l+2 can
-//! start while layer l+1 computes.
+//! start while layer l+1 computes. On CUDA "waits" and "returns" are stream-ordered (events
+//! between the copy and compute streams); the host does not block.
+//!
+//! The [`ResidentArena`] is the one budget authority: every resident copy (attention, head,
+//! sparse FFN, complement) and every buffer the request allocates (norms, KV cache,
+//! activations, staging buffers) is reserved in it before the backend allocates it. Not
+//! counted: small per-op temporaries of the backend (token ids, split partials) and, on
+//! CUDA, the rope table, cuBLAS's workspace and the driver's own context memory.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
-use serde::Serialize;
-
-use crate::backend::{Backend, CpuBackend, CpuMatrix};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::{LayerStream, Llama, StreamedAttention, StreamedFfn, StreamedLayer};
+use crate::model::{LayerStream, Llama, StreamedLayer};
 use crate::offload::arena::ResidentArena;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
+use crate::offload::offload_backend::{CopyEngine, FilledOf, OffloadBackend, StagedJob};
 use crate::offload::placement::{plan, Plan, PlanInput};
 use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
-use crate::offload::stream::{CopyEngineOptions, CopyJob, CpuCopyEngine, Filled, HostSlice};
+use crate::offload::stream::{CopyEngineOptions, CopyJob, HostSlice};
 use crate::offload::trace::{Trace, Track};
 use crate::sparsity::bundles::complement_ids;
 use crate::sparsity::griffin::GriffinLayer;
 use crate::sparsity::{GriffinFfn, GriffinSelection};
 
+mod layout;
+mod report;
+
+use layout::{Dims, FfnPiece, LayerJob};
+pub use report::OffloadReport;
+
 pub use crate::offload::stream::CopyStats;
 
-/// What `run --resident-mem` asks of the runtime.
+/// What `run --resident-mem` / `run --gpu-mem` asks of the runtime.
 #[derive(Clone)]
 pub struct OffloadOptions {
     /// The resident budget (bytes).
     pub budget: u64,
-    /// Emulated host-to-device link (GB/s); `None` copies at memory speed.
+    /// Emulated host-to-device link (GB/s) of the CPU copy engine; `None` copies at memory
+    /// speed. The CUDA engine uses the real link and refuses a cap.
     pub link_gbps: Option<f64>,
     /// Memory bandwidth the planner assumes for compute (GB/s), for the predicted ms/token.
     pub mem_gbps: f64,
@@ -50,7 +64,8 @@ pub struct OffloadOptions {
     pub prompt_tokens: usize,
     /// Record a Chrome trace of copy and compute spans.
     pub trace: bool,
-    /// Extra delay per copy job (tests: random delays must never change the output).
+    /// Extra delay per copy job (tests: random delays must never change the output; the
+    /// CUDA engine sleeps on the host before issuing the copy).
     pub delay: Option<crate::offload::stream::DelayFn>,
 }
 
@@ -61,95 +76,19 @@ pub enum PassKind {
     Full,
 }
 
-/// How one layer's staging buffer is laid out in the current pass.
-#[derive(Debug, Clone, Copy)]
-struct LayerJob {
-    attention: bool,
-    ffn: FfnPiece,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum FfnPiece {
-    None,
-    /// Whole FFN, checkpoint layout.
-    Dense,
-    /// The request's compact Griffin FFN of `k` neurons.
-    Sparse {
-        k: usize,
-    },
-    /// Bundles of the `c` non-resident neurons.
-    Complement {
-        c: usize,
-    },
-}
-
-/// Streaming statistics of a request (stats JSON).
-#[derive(Debug, Clone, Serialize)]
-pub struct OffloadReport {
-    pub resident_budget_bytes: u64,
-    /// Peak bytes the resident arena handed out.
-    pub resident_bytes: u64,
-    pub streamed_bytes: u64,
-    /// Seconds the copy engine spent on jobs (pacing included).
-    pub link_busy_s: f64,
-    pub achieved_link_gbps: f64,
-    /// Fraction of copy time hidden behind compute.
-    pub overlap: f64,
-    /// Seconds compute waited for copies.
-    pub copy_wait_s: f64,
-    pub link_gbps_cap: Option<f64>,
-    /// Neurons copied in when the request chose its sparse set.
-    pub moved_neurons: u64,
-    pub draft_passes: u64,
-    pub full_passes: u64,
-    /// Layers whose attention / sparse FFN did not fit and stream every pass.
-    pub overflow_attention_layers: usize,
-    pub overflow_ffn_layers: usize,
-    /// The planner's ms per produced token for this run (its period, measured AAL, link);
-    /// only with a link cap.
-    pub predicted_ms_per_token: Option<f64>,
-    /// Measured decode ms per produced token (the first token, from the prefill, excluded).
-    pub measured_ms_per_token: f64,
-    /// The planner's predicted time to first token (with a link cap).
-    pub predicted_ttft_ms: Option<f64>,
-}
-
-impl OffloadReport {
-    /// One line for the end of a run: what was resident, what streamed, how well it hid.
-    pub fn summary(&self, layers: usize) -> String {
-        use crate::offload::format_bytes;
-        let predicted = match self.predicted_ms_per_token {
-            Some(p) => format!(
-                ", predicted {p:.1} ms/token vs measured {:.1}",
-                self.measured_ms_per_token
-            ),
-            None => String::new(),
-        };
-        format!(
-            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}",
-            format_bytes(self.resident_bytes),
-            format_bytes(self.resident_budget_bytes),
-            self.overflow_attention_layers,
-            self.overflow_ffn_layers,
-            format_bytes(self.streamed_bytes),
-            self.achieved_link_gbps,
-            self.overlap,
-            self.moved_neurons,
-        )
-    }
-}
-
-pub struct OffloadRuntime {
+pub struct OffloadRuntime<B: OffloadBackend> {
     pub plan: Plan,
     input: PlanInput,
     link_cap: Option<f64>,
+    /// Whether the planner's prediction describes this run (see `planner_link`).
+    predicts: bool,
     arena: ResidentArena,
     host: HostStore,
-    engine: CpuCopyEngine,
+    engine: B::Engine,
     trace: Option<Trace>,
     dims: Dims,
     pass: Vec<Option<LayerJob>>,
-    in_flight: Vec<Option<Filled>>,
+    in_flight: Vec<Option<FilledOf<B>>>,
     layer_start: Option<Instant>,
     kind: PassKind,
     /// The request's neurons per layer, once chosen.
@@ -159,9 +98,9 @@ pub struct OffloadRuntime {
     /// Neurons resident per layer (kept across requests: only new ones are copied in), and
     /// their compact FFN.
     resident_ids: Vec<Vec<u32>>,
-    resident_ffn: Vec<Option<[CpuMatrix; 3]>>,
+    resident_ffn: Vec<Option<[B::Matrix; 3]>>,
     /// Bundles of the rest of each layer's neurons where the plan keeps them resident too.
-    resident_rest: Vec<Option<CpuMatrix>>,
+    resident_rest: Vec<Option<B::Matrix>>,
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
@@ -169,29 +108,21 @@ pub struct OffloadRuntime {
     full_passes: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Dims {
-    h: usize,
-    q: usize,
-    kv: usize,
-    f: usize,
-    dtype: DType,
-}
-
-impl OffloadRuntime {
+impl<B: OffloadBackend> OffloadRuntime<B> {
     /// The planner's input for a run of `model` under `opts` whose scratch buffers take
     /// `activation_bytes` (the caller allocates them; they count against the budget).
     pub fn plan_input(
-        model: &Llama<CpuBackend>,
+        model: &Llama<B>,
         opts: &OffloadOptions,
         activation_bytes: u64,
         prefill_chunk: usize,
     ) -> Result<PlanInput> {
         let c = &model.config;
         if c.mlp_bias || c.qkv_bias || c.o_bias {
-            return Err(Error::InvalidArgument(
-                "offloading on CPU does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: run without --resident-mem".into(),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "offloading does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: run without {}",
+                B::BUDGET_OPTION
+            )));
         }
         let format = match model.dtype {
             DType::BF16 => WeightFormat::Bf16,
@@ -207,10 +138,11 @@ impl OffloadRuntime {
             format,
             keep: opts.keep as f64,
             budget: opts.budget,
-            budget_option: "--resident-mem".into(),
+            budget_option: B::BUDGET_OPTION.into(),
             context: opts.context,
+            // Both backends keep the KV cache in f32.
             kv_bytes: 4,
-            link_gbps: opts.link_gbps.unwrap_or(UNCAPPED_LINK_GBPS),
+            link_gbps: model.backend.planner_link(opts.link_gbps).0,
             mem_gbps: opts.mem_gbps,
             period: opts.period,
             aal: opts.period as f64,
@@ -222,11 +154,8 @@ impl OffloadRuntime {
 
     /// Plans `model` as `input` says (see [`OffloadRuntime::plan_input`]), moves the resident
     /// attention and head into the arena, builds the host store and starts the copy engine.
-    pub fn new(
-        model: &mut Llama<CpuBackend>,
-        input: PlanInput,
-        opts: &OffloadOptions,
-    ) -> Result<Self> {
+    pub fn new(model: &mut Llama<B>, input: PlanInput, opts: &OffloadOptions) -> Result<Self> {
+        model.backend.check_offloadable(opts.budget)?;
         let c = model.config.clone();
         let activation_bytes = input.activation_bytes.unwrap_or(0);
         let context = input.context;
@@ -241,13 +170,13 @@ impl OffloadRuntime {
             plan.stream_buffer_bytes * plan.stream_buffers as u64,
         )?;
         let attention: Vec<bool> = plan.layers.iter().map(|l| l.attention_resident).collect();
-        model.make_resident(&attention, &mut |label, m: &CpuMatrix| {
-            arena.reserve(label, m.byte_len() as u64)?;
-            m.resident_copy()
+        model.make_resident(&attention, &mut |label, m: &B::Matrix| {
+            arena.reserve(label, B::matrix_byte_len(m) as u64)?;
+            B::resident_copy(m)
         })?;
         let host = HostStore::build(model)?;
         let trace = opts.trace.then(Trace::new);
-        let engine = CpuCopyEngine::new(CopyEngineOptions {
+        let engine = model.backend.copy_engine(CopyEngineOptions {
             buffers: plan.stream_buffers,
             buffer_bytes: plan.stream_buffer_bytes as usize,
             link_gbps: opts.link_gbps,
@@ -261,6 +190,7 @@ impl OffloadRuntime {
             crate::offload::format_bytes(plan.stream_buffer_bytes)
         );
         Ok(OffloadRuntime {
+            predicts: model.backend.planner_link(opts.link_gbps).1,
             input,
             link_cap: opts.link_gbps,
             arena,
@@ -298,9 +228,9 @@ impl OffloadRuntime {
     /// draft pass streams.
     pub fn choose_neurons(
         &mut self,
-        backend: &CpuBackend,
+        backend: &B,
         selection: GriffinSelection,
-    ) -> Result<GriffinFfn<CpuBackend>> {
+    ) -> Result<GriffinFfn<B>> {
         let out = self.choose_neurons_now(backend, selection);
         if out.is_err() {
             if let Err(e) = self.cancel() {
@@ -312,9 +242,9 @@ impl OffloadRuntime {
 
     fn choose_neurons_now(
         &mut self,
-        backend: &CpuBackend,
+        backend: &B,
         selection: GriffinSelection,
-    ) -> Result<GriffinFfn<CpuBackend>> {
+    ) -> Result<GriffinFfn<B>> {
         let n_layers = self.plan.layers.len();
         if selection.layers.len() != n_layers {
             return Err(Error::InvalidArgument(format!(
@@ -384,7 +314,7 @@ impl OffloadRuntime {
     /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`:
     /// verification then streams nothing for the layer. Neurons that were not resident
     /// before count as moved.
-    fn make_rest_resident(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<()> {
+    fn make_rest_resident(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<()> {
         let d = self.dims;
         let rest = complement_ids(ids, d.f)?;
         if !self.whole_layer[li] {
@@ -408,7 +338,7 @@ impl OffloadRuntime {
 
     /// Layer `li`'s compact FFN of `ids` rebuilt within resident memory (the whole layer is
     /// resident), in the arena.
-    fn regather(&mut self, backend: &CpuBackend, li: usize, ids: &[u32]) -> Result<[CpuMatrix; 3]> {
+    fn regather(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<[B::Matrix; 3]> {
         let parts = self.host.gather_parts(li, ids)?;
         self.upload_compact(backend, li, ids.len(), parts)
     }
@@ -417,11 +347,11 @@ impl OffloadRuntime {
     /// accounted in the arena as the layer's sparse FFN.
     fn upload_compact(
         &mut self,
-        backend: &CpuBackend,
+        backend: &B,
         li: usize,
         k: usize,
         (gate, up, down): (Vec<u8>, Vec<u8>, Vec<u8>),
-    ) -> Result<[CpuMatrix; 3]> {
+    ) -> Result<[B::Matrix; 3]> {
         let d = self.dims;
         let bytes = (gate.len() + up.len() + down.len()) as u64;
         self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
@@ -436,32 +366,43 @@ impl OffloadRuntime {
     /// bundles of the moved ones (when `staged`, waited for here), in the arena.
     fn copy_in(
         &mut self,
-        backend: &CpuBackend,
+        backend: &B,
         li: usize,
         ids: &[u32],
         staged: bool,
-    ) -> Result<[CpuMatrix; 3]> {
+    ) -> Result<[B::Matrix; 3]> {
         let d = self.dims;
         let filled = if staged {
             Some(self.engine.wait(li)?)
         } else {
             None
         };
-        let staged_bytes = match &filled {
-            Some(f) => match (f.pieces.first(), f.pieces.last()) {
-                (Some(a), Some(b)) => &f.buffer[a.start..b.end],
-                _ => &[][..],
-            },
-            None => &[][..],
-        };
-        let old_ids = &self.resident_ids[li];
-        let old = self.resident_ffn[li].as_ref().map(|[g, u, dn]| CompactFfn {
-            ids: old_ids,
-            gate: g.bytes(),
-            up: u.bytes(),
-            down: dn.bytes(),
-        });
-        let assembled = assemble(old.as_ref(), staged_bytes, ids, d.h, d.dtype.size());
+        // The bundles of the moved neurons landed back to back; on CUDA they are read back
+        // from the staging buffer (the assembly is host code, once per request and layer).
+        let assembled = (|| {
+            let staged_bytes = match &filled {
+                Some(f) => match (f.pieces().first(), f.pieces().last()) {
+                    (Some(a), Some(b)) => B::staged_bytes(f, a.start..b.end)?,
+                    _ => Cow::Borrowed(&[][..]),
+                },
+                None => Cow::Borrowed(&[][..]),
+            };
+            let old_bytes = match &self.resident_ffn[li] {
+                Some([g, u, dn]) => Some([
+                    B::matrix_bytes(g)?,
+                    B::matrix_bytes(u)?,
+                    B::matrix_bytes(dn)?,
+                ]),
+                None => None,
+            };
+            let old = old_bytes.as_ref().map(|[g, u, dn]| CompactFfn {
+                ids: &self.resident_ids[li],
+                gate: g,
+                up: u,
+                down: dn,
+            });
+            assemble(old.as_ref(), &staged_bytes, ids, d.h, d.dtype.size())
+        })();
         if let Some(f) = filled {
             self.engine.release(f)?;
         }
@@ -534,7 +475,7 @@ impl OffloadRuntime {
         self.cancel()?;
         self.kept = None;
         self.overflow.iter_mut().for_each(|o| *o = None);
-        self.engine.reset_stats();
+        self.engine.reset_stats()?;
         self.moved_neurons = 0;
         self.draft_passes = 0;
         self.full_passes = 0;
@@ -546,16 +487,17 @@ impl OffloadRuntime {
         (self.input.context, self.input.activation_bytes.unwrap_or(0))
     }
 
-    /// Statistics so far, with the planner's prediction for `aal` (measured) when the link
-    /// is capped (uncapped, the CPU "link" is memcpy, which the planner does not model).
-    pub fn report(&self, aal: f64) -> Result<OffloadReport> {
-        let stats = self.engine.stats();
-        let predicted = match self.link_cap {
-            Some(_) => Some(plan(&PlanInput {
+    /// Statistics so far, with the planner's prediction for `aal` (measured) where it
+    /// models the run: on CUDA always, on CPU with a link cap (uncapped, the CPU "link" is
+    /// memcpy, which the planner does not model). On CUDA this waits for copies in flight.
+    pub fn report(&mut self, aal: f64) -> Result<OffloadReport> {
+        let stats = self.engine.stats()?;
+        let predicted = match self.predicts {
+            true => Some(plan(&PlanInput {
                 aal: aal.clamp(1.0, self.input.period as f64),
                 ..self.input.clone()
             })?),
-            None => None,
+            false => None,
         };
         Ok(OffloadReport {
             resident_budget_bytes: self.arena.budget(),
@@ -601,88 +543,10 @@ impl OffloadRuntime {
     pub fn moved_neurons(&self) -> u64 {
         self.moved_neurons
     }
-
-    /// Matrices over the filled buffer of layer `li`, as its job laid them out.
-    fn views(&self, job: LayerJob, filled: &Filled) -> Result<StreamedLayer<CpuBackend>> {
-        let d = self.dims;
-        let esz = d.dtype.size();
-        let buf = &filled.buffer;
-        let view = |range: std::ops::Range<usize>, rows, cols| {
-            CpuMatrix::view(buf.clone(), range, d.dtype, rows, cols)
-        };
-        let mut pieces = filled.pieces.iter().cloned();
-        let mut next = || {
-            pieces.next().ok_or_else(|| {
-                Error::CopyEngine(format!(
-                    "layer {}: staging buffer has fewer pieces than its job",
-                    filled.layer
-                ))
-            })
-        };
-        let mut layer = StreamedLayer::empty(filled.layer);
-        if job.attention {
-            layer.attention = Some(StreamedAttention {
-                wq: view(next()?, d.q, d.h)?,
-                wk: view(next()?, d.kv, d.h)?,
-                wv: view(next()?, d.kv, d.h)?,
-                wo: view(next()?, d.h, d.q)?,
-            });
-        }
-        match job.ffn {
-            FfnPiece::None => {}
-            FfnPiece::Dense => {
-                layer.dense_ffn = Some(StreamedFfn {
-                    gate: view(next()?, d.f, d.h)?,
-                    up: view(next()?, d.f, d.h)?,
-                    down: view(next()?, d.h, d.f)?,
-                });
-            }
-            FfnPiece::Sparse { k } => {
-                let all = next()?;
-                let part = k * d.h * esz;
-                let s = all.start;
-                layer.sparse_ffn = Some(StreamedFfn {
-                    gate: view(s..s + part, k, d.h)?,
-                    up: view(s + part..s + 2 * part, k, d.h)?,
-                    down: view(s + 2 * part..s + 3 * part, d.h, k)?,
-                });
-            }
-            FfnPiece::Complement { c } => {
-                // The runs landed back to back: one [c, 3h] bundle matrix.
-                // After the attention pieces, if any.
-                let start = match job.attention {
-                    true => filled.pieces.get(3).map_or(0, |r| r.end),
-                    false => filled.pieces.first().map_or(0, |r| r.start),
-                };
-                let end = filled.pieces.last().map_or(start, |r| r.end).max(start);
-                layer.complement = Some(view(start..end, c, 3 * d.h)?);
-            }
-        }
-        Ok(layer)
-    }
 }
 
-/// The planner needs a link speed; uncapped CPU copies run at memory speed, far above any
-/// PCIe link, so this stands for "not the bottleneck".
-const UNCAPPED_LINK_GBPS: f64 = 1000.0;
-
-impl LayerJob {
-    fn describe(&self) -> &'static str {
-        match (self.attention, self.ffn) {
-            (true, FfnPiece::None) => "attention",
-            (false, FfnPiece::Dense) => "FFN",
-            (true, FfnPiece::Dense) => "attention + FFN",
-            (false, FfnPiece::Sparse { .. }) => "sparse FFN",
-            (true, FfnPiece::Sparse { .. }) => "attention + sparse FFN",
-            (false, FfnPiece::Complement { .. }) => "FFN complement",
-            (true, FfnPiece::Complement { .. }) => "attention + FFN complement",
-            (false, FfnPiece::None) => "nothing",
-        }
-    }
-}
-
-impl LayerStream<CpuBackend> for OffloadRuntime {
-    fn acquire(&mut self, layer: usize) -> Result<StreamedLayer<CpuBackend>> {
+impl<B: OffloadBackend> LayerStream<B> for OffloadRuntime<B> {
+    fn acquire(&mut self, layer: usize) -> Result<StreamedLayer<B>> {
         let Some(job) = self.pass.get(layer).copied().flatten() else {
             self.layer_start = Some(Instant::now());
             let mut resident = StreamedLayer::empty(layer);
@@ -693,13 +557,20 @@ impl LayerStream<CpuBackend> for OffloadRuntime {
             return Ok(resident);
         };
         let filled = self.engine.wait(layer)?;
-        let streamed = self.views(job, &filled)?;
+        let streamed = match job.views::<B>(self.dims, &filled) {
+            Ok(s) => s,
+            Err(e) => {
+                // Hand the buffer back so the engine is not left waiting on it.
+                let _ = self.engine.release(filled);
+                return Err(e);
+            }
+        };
         self.in_flight[layer] = Some(filled);
         self.layer_start = Some(Instant::now());
         Ok(streamed)
     }
 
-    fn release(&mut self, layer: StreamedLayer<CpuBackend>) -> Result<()> {
+    fn release(&mut self, layer: StreamedLayer<B>) -> Result<()> {
         let li = layer.layer;
         drop(layer);
         if let (Some(trace), Some(start)) = (&self.trace, self.layer_start.take()) {

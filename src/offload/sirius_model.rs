@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::backend::{CpuBackend, TreeMask};
+use crate::backend::TreeMask;
 use crate::engine::generate::{GenerateOptions, GenerationOutput};
 use crate::engine::request::prefill_chunks;
 use crate::engine::sirius_generate::{drive_sirius, sirius_cache_rows, SiriusRequest};
@@ -13,30 +13,31 @@ use crate::error::{Error, Result};
 use crate::model::llama::Ffn;
 use crate::model::sampler::argmax;
 use crate::model::{KvCache, Llama, Logits, Scratch, Tokenizer};
+use crate::offload::offload_backend::OffloadBackend;
 use crate::offload::placement::PlanInput;
 use crate::offload::runtime::{OffloadOptions, OffloadRuntime, PassKind};
 use crate::sirius::SiriusModel;
 use crate::sparsity::{GriffinFfn, GriffinScores, NeuronCounter, SparsityMode, SparsityReport};
 
-pub struct OffloadedSirius<'m> {
-    model: &'m Llama<CpuBackend>,
-    pub runtime: OffloadRuntime,
+pub struct OffloadedSirius<'m, B: OffloadBackend> {
+    model: &'m Llama<B>,
+    pub runtime: OffloadRuntime<B>,
     keep: f32,
-    scores: GriffinScores<CpuBackend>,
-    griffin: Option<GriffinFfn<CpuBackend>>,
+    scores: GriffinScores<B>,
+    griffin: Option<GriffinFfn<B>>,
     counter: NeuronCounter,
-    pub cache: KvCache<CpuBackend>,
-    draft_scratch: Scratch<CpuBackend>,
-    verify_scratch: Scratch<CpuBackend>,
+    pub cache: KvCache<B>,
+    draft_scratch: Scratch<B>,
+    verify_scratch: Scratch<B>,
 }
 
-impl<'m> OffloadedSirius<'m> {
+impl<'m, B: OffloadBackend> OffloadedSirius<'m, B> {
     /// A request on `runtime` with `capacity` cache rows, windows of `period` tokens per path
     /// and `width` paths (the same shapes as `LlamaSirius::new`).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        model: &'m Llama<CpuBackend>,
-        mut runtime: OffloadRuntime,
+        model: &'m Llama<B>,
+        mut runtime: OffloadRuntime<B>,
         keep: f32,
         capacity: usize,
         period: usize,
@@ -104,7 +105,7 @@ impl<'m> OffloadedSirius<'m> {
     }
 
     /// Ends the request, keeping the runtime (and its resident neurons) for the next one.
-    pub fn into_runtime(self) -> OffloadRuntime {
+    pub fn into_runtime(self) -> OffloadRuntime<B> {
         self.runtime
     }
 
@@ -179,6 +180,8 @@ fn scratch_bytes(
     prefill_chunk: usize,
 ) -> u64 {
     let (draft_rows, window) = scratch_rows(capacity, period, width);
+    // f32 buffers on either backend: the CPU's type only names the formula.
+    use crate::backend::CpuBackend;
     Scratch::<CpuBackend>::byte_size(c, draft_rows, draft_rows)
         + Scratch::<CpuBackend>::byte_size(c, window, window)
         + Scratch::<CpuBackend>::byte_size(c, prefill_chunk, 1)
@@ -193,7 +196,10 @@ pub fn scratch_rows(capacity: usize, period: usize, width: usize) -> (usize, usi
 }
 
 /// A pass that failed midway leaves copies queued: drop them so the next pass starts clean.
-fn cancel_on_error<T>(runtime: &mut OffloadRuntime, out: Result<T>) -> Result<T> {
+fn cancel_on_error<B: OffloadBackend, T>(
+    runtime: &mut OffloadRuntime<B>,
+    out: Result<T>,
+) -> Result<T> {
     if out.is_err() {
         if let Err(e) = runtime.cancel() {
             tracing::warn!("cancelling the copy engine after a failed pass: {e}");
@@ -202,7 +208,7 @@ fn cancel_on_error<T>(runtime: &mut OffloadRuntime, out: Result<T>) -> Result<T>
     out
 }
 
-impl SiriusRequest for OffloadedSirius<'_> {
+impl<B: OffloadBackend> SiriusRequest for OffloadedSirius<'_, B> {
     fn prefill(&mut self, prompt: &[u32], chunk: usize, show_progress: bool) -> Result<u32> {
         self.prefill_streamed(prompt, chunk, show_progress)
     }
@@ -212,7 +218,7 @@ impl SiriusRequest for OffloadedSirius<'_> {
     }
 }
 
-impl SiriusModel for OffloadedSirius<'_> {
+impl<B: OffloadBackend> SiriusModel for OffloadedSirius<'_, B> {
     fn cache_len(&self) -> usize {
         self.cache.len()
     }
@@ -252,8 +258,8 @@ impl SiriusModel for OffloadedSirius<'_> {
 /// The planner's input for an offloaded Sirius request (and `offload` completed with the
 /// request's context and prompt length): the cache rows and scratch buffers the request will
 /// allocate count against the budget.
-pub fn offload_plan_input(
-    model: &Llama<CpuBackend>,
+pub fn offload_plan_input<B: OffloadBackend>(
+    model: &Llama<B>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     sirius: &SiriusOptions,
@@ -272,12 +278,13 @@ pub fn offload_plan_input(
     Ok((input, options))
 }
 
-/// `run --sirius --resident-mem`: Sirius generation with the weights offloaded as planned
-/// for `offload.budget`. Fills the output's `offload` statistics (with the planner's
-/// prediction at the measured AAL) and writes the Chrome trace to `trace_path` if given.
+/// `run --sirius --resident-mem` (CPU) or `--gpu-mem` (CUDA): Sirius generation with the
+/// weights offloaded as planned for `offload.budget`. Fills the output's `offload`
+/// statistics (with the planner's prediction at the measured AAL) and writes the Chrome
+/// trace to `trace_path` if given.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_sirius_offloaded(
-    model: &mut Llama<CpuBackend>,
+pub fn generate_sirius_offloaded<B: OffloadBackend>(
+    model: &mut Llama<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
@@ -298,16 +305,16 @@ pub fn generate_sirius_offloaded(
 /// request's context), which it hands back for the next request: neurons the next request
 /// shares with this one are not copied again.
 #[allow(clippy::too_many_arguments)]
-pub fn generate_on_runtime(
-    model: &Llama<CpuBackend>,
-    runtime: OffloadRuntime,
+pub fn generate_on_runtime<B: OffloadBackend>(
+    model: &Llama<B>,
+    runtime: OffloadRuntime<B>,
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     sirius: SiriusOptions,
     trace_path: Option<&Path>,
     on_text: &mut dyn FnMut(&str) -> bool,
-) -> Result<(GenerationOutput, OffloadRuntime)> {
+) -> Result<(GenerationOutput, OffloadRuntime<B>)> {
     let capacity = sirius_cache_rows(model, prompt_ids, opts, &sirius)?;
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len().max(1));
     let keep = runtime.plan.keep as f32;

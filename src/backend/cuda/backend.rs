@@ -31,6 +31,8 @@ pub struct CudaBackend {
     matmul: Matmul,
     /// Device copy of the rope cos/sin table.
     rope: Mutex<Option<RopeCache>>,
+    /// Offloading: `matrix` leaves weights in the host mapping (see `with_host_weights`).
+    host_weights: bool,
 }
 
 impl CudaBackend {
@@ -54,7 +56,26 @@ impl CudaBackend {
             ctx,
             matmul,
             rope: Mutex::new(None),
+            host_weights: false,
         })
+    }
+
+    /// For the offloading runtime (`run --gpu-mem`): a model loaded on this backend leaves
+    /// its weight matrices in the host mapping instead of uploading them all (they would not
+    /// fit the budget); the runtime copies to the device what its plan keeps resident and
+    /// streams the rest. Norms and biases are still uploaded (the plan counts them).
+    pub fn with_host_weights(mut self) -> CudaBackend {
+        self.host_weights = true;
+        self
+    }
+
+    /// Whether `matrix` leaves weights in host memory (see `with_host_weights`).
+    pub fn host_weights(&self) -> bool {
+        self.host_weights
+    }
+
+    pub(crate) fn ctx(&self) -> &Arc<Ctx> {
+        &self.ctx
     }
 
     /// The opened device (name, compute capability, memory).
@@ -113,6 +134,10 @@ impl Backend for CudaBackend {
                 })
             }
         };
+        if self.host_weights {
+            let (map, range) = t.mapping();
+            return CudaMatrix::in_host(&self.ctx, map, range, t.dtype, rows, cols);
+        }
         ffn::upload_matrix(&self.ctx, t.bytes(), t.dtype, rows, cols)
     }
 
@@ -149,6 +174,7 @@ impl Backend for CudaBackend {
         n_tokens: usize,
         out: &mut CudaBuf,
     ) -> Result<()> {
+        w.check_on_device("matmul")?;
         self.matmul.matmul(&self.ctx, w, x, n_tokens, out)
     }
 

@@ -51,6 +51,8 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuEventCreate",
     "cuEventRecord",
     "cuEventSynchronize",
+    "cuEventQuery",
+    "cuEventElapsedTime_v2",
     "cuEventDestroy_v2",
 ];
 

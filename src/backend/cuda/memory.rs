@@ -1,23 +1,28 @@
-//! Device memory, pinned host staging, streams and events: the device side of the offloading
-//! runtime (`crate::offload`), written against cudarc's driver API (`result` layer, errors as
-//! values).
+//! Pinned host staging, streams and events: the device side of the offloading runtime
+//! (`crate::offload`), written against cudarc's driver API (`result` layer, errors as values).
 //!
-//! - [`DeviceArena`] allocates device memory under the `--gpu-mem` budget; the budget is kept
-//!   by a [`ResidentArena`], which refuses before anything is allocated.
 //! - [`PinnedBuffer`] is page-locked host memory (cuMemHostAlloc), write-combined only for
 //!   buffers the CPU fills and never reads (uploads); read-back buffers are plain cached.
 //! - [`DeviceCopyEngine`] is the CUDA twin of `offload::stream::CpuCopyEngine` with the same
-//!   submit / wait / release / cancel contract over `CopyJob`s: each job lands in a device
-//!   staging buffer on the copy stream; `wait` makes the compute stream wait on that copy's
-//!   event (the host does not block); `release` records an event on the compute stream, and
-//!   the next copy into that buffer waits on it, so a buffer is reused only after its previous
-//!   user's kernels finished.
+//!   submit / wait / release / cancel contract over `CopyJob`s (the `offload::CopyEngine`
+//!   trait): each job lands in a device staging buffer on the engine's copy stream; `wait`
+//!   makes the backend's compute stream wait on that copy's event (the host does not block);
+//!   `release` records an event on the compute stream, and the next copy into that buffer
+//!   waits on it, so a buffer is reused only after its previous user's kernels finished.
+//! - `backend::cuda::offload` plugs both into the one offloading runtime (`OffloadBackend`
+//!   for `CudaBackend`, `run --gpu-mem`): streamed layers are `CudaMatrix` views of the
+//!   staging buffers, resident weights are uploaded through the backend.
+//!
+//! The `--gpu-mem` budget has one authority, the runtime's `ResidentArena`: every device
+//! allocation the runtime makes (resident weights, KV cache, activations, these staging
+//! buffers) is reserved there first; `CudaDevice::check_budget` checks the budget against
+//! the device's free memory once. (A `DeviceArena` that kept a second `ResidentArena` here
+//! is gone: two ledgers of one budget could disagree.)
 //!
 //! Unverified: no GPU was available when this was written, so none of this has run; it
 //! compiles against cudarc 0.19 and follows the driver API's documented semantics. Not done
-//! yet: the `LayerStream` implementation (it needs the CUDA `Backend`'s matrix type), stall
-//! timing (GPU-side, would need timing events), and copying straight from registered host
-//! memory instead of through the pinned staging buffers.
+//! yet: copying straight from registered host memory instead of through the pinned staging
+//! buffers, and a copy thread to take the gather into pinned memory off the compute thread.
 
 use std::sync::Arc;
 
@@ -25,141 +30,12 @@ use cudarc::driver::{result, sys};
 
 use super::device::{driver_error, guarded, CudaDevice};
 use crate::error::{Error, Result};
-use crate::offload::arena::ResidentArena;
 use crate::offload::format_bytes;
 
 mod copy_engine;
+mod timing;
 
 pub use copy_engine::{DeviceCopyEngine, DeviceFilled};
-
-/// A block of device memory from a [`DeviceArena`]; freed by [`DeviceArena::free`], or when
-/// the arena drops.
-#[derive(Debug)]
-pub struct DeviceBuffer {
-    label: String,
-    ptr: sys::CUdeviceptr,
-    bytes: u64,
-}
-
-impl DeviceBuffer {
-    /// The device address (for kernel arguments).
-    pub fn ptr(&self) -> sys::CUdeviceptr {
-        self.ptr
-    }
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-    pub fn label(&self) -> &str {
-        &self.label
-    }
-}
-
-/// Device memory under a budget: the ResidentArena says yes first, then cuMemAlloc runs.
-pub struct DeviceArena {
-    device: Arc<CudaDevice>,
-    accounting: ResidentArena,
-    /// Allocations not yet freed, so that dropping the arena frees them.
-    live: Vec<(String, sys::CUdeviceptr)>,
-}
-
-impl DeviceArena {
-    /// An arena of `budget` bytes on `device`; refuses a budget the device cannot give now.
-    pub fn new(device: Arc<CudaDevice>, budget: u64) -> Result<Self> {
-        device.check_budget(budget)?;
-        Ok(DeviceArena {
-            device,
-            accounting: ResidentArena::new(budget),
-            live: Vec::new(),
-        })
-    }
-
-    /// Allocates `bytes` under `label` (unique); Error::ArenaFull past the budget, with
-    /// nothing allocated.
-    pub fn alloc(&mut self, label: &str, bytes: u64) -> Result<DeviceBuffer> {
-        if bytes == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "device arena: `{label}` asks for 0 bytes"
-            )));
-        }
-        let size = usize::try_from(bytes)
-            .map_err(|_| Error::InvalidArgument(format!("device arena: `{label}` is too large")))?;
-        self.accounting.reserve(label, bytes)?;
-        let ptr = self
-            .device
-            .bind()
-            // SAFETY: the context is current; the memory is uninitialised, which is fine for
-            // raw bytes that are written before they are read.
-            .and_then(|()| guarded("cuMemAlloc", || unsafe { result::malloc_sync(size) }))
-            .and_then(|r| {
-                r.map_err(|e| {
-                    Error::Cuda(format!(
-                        "cuMemAlloc of {} for `{label}` failed ({:?}) although the --gpu-mem \
-                         budget allows it: other processes may hold device memory; lower \
-                         --gpu-mem",
-                        format_bytes(bytes),
-                        e.0
-                    ))
-                })
-            });
-        match ptr {
-            Ok(ptr) => {
-                self.live.push((label.to_string(), ptr));
-                Ok(DeviceBuffer {
-                    label: label.to_string(),
-                    ptr,
-                    bytes,
-                })
-            }
-            Err(e) => {
-                // Undo the reservation so the arena matches device memory again.
-                let _ = self.accounting.release(label);
-                Err(e)
-            }
-        }
-    }
-
-    /// Frees a buffer of this arena. No stream may still use it: synchronise the streams
-    /// that read or wrote it first.
-    pub fn free(&mut self, buffer: DeviceBuffer) -> Result<()> {
-        let i = (self.live.iter())
-            .position(|(l, p)| *l == buffer.label && *p == buffer.ptr)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "device arena: `{}` was not allocated here",
-                    buffer.label
-                ))
-            })?;
-        self.device.bind()?;
-        // SAFETY: allocated by cuMemAlloc in `alloc`, freed once (removed from `live` below).
-        guarded("cuMemFree", || unsafe { result::free_sync(buffer.ptr) })?
-            .map_err(|e| driver_error("cuMemFree", e))?;
-        self.live.swap_remove(i);
-        self.accounting.release(&buffer.label)?;
-        Ok(())
-    }
-
-    /// The budget's accounting (used, peak, labels) for reports.
-    pub fn accounting(&self) -> &ResidentArena {
-        &self.accounting
-    }
-
-    pub fn device(&self) -> &Arc<CudaDevice> {
-        &self.device
-    }
-}
-
-impl Drop for DeviceArena {
-    fn drop(&mut self) {
-        if self.device.bind().is_err() {
-            return;
-        }
-        for (_, ptr) in self.live.drain(..) {
-            // SAFETY: each pointer came from cuMemAlloc and is freed once. Errors cannot be
-            // reported from drop; the context frees everything at exit anyway.
-            let _ = guarded("cuMemFree", || unsafe { result::free_sync(ptr) });
-        }
-    }
-}
 
 /// How the CPU uses a pinned buffer, which decides whether it may be write-combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,7 +195,8 @@ impl Drop for Stream {
     }
 }
 
-/// An event without timing (cheaper to record and wait on).
+/// A stream event: without timing (cheaper to record and wait on) unless made by
+/// [`Event::timed`].
 pub struct Event {
     device: Arc<CudaDevice>,
     raw: sys::CUevent,
@@ -330,15 +207,44 @@ unsafe impl Send for Event {}
 
 impl Event {
     pub fn new(device: &Arc<CudaDevice>) -> Result<Self> {
+        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+    }
+
+    /// An event that records a GPU timestamp, for [`Event::elapsed_ms`].
+    pub fn timed(device: &Arc<CudaDevice>) -> Result<Self> {
+        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_DEFAULT)
+    }
+
+    fn with_flags(device: &Arc<CudaDevice>, flags: sys::CUevent_flags) -> Result<Self> {
         device.bind()?;
-        let raw = guarded("cuEventCreate", || {
-            result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-        })?
-        .map_err(|e| driver_error("cuEventCreate", e))?;
+        let raw = guarded("cuEventCreate", || result::event::create(flags))?
+            .map_err(|e| driver_error("cuEventCreate", e))?;
         Ok(Event {
             device: device.clone(),
             raw,
         })
+    }
+
+    /// Whether the captured work has finished (true if never recorded), without blocking.
+    pub fn is_complete(&self) -> Result<bool> {
+        self.device.bind()?;
+        // SAFETY: the event lives until drop.
+        match guarded("cuEventQuery", || unsafe { result::event::query(self.raw) })? {
+            Ok(()) => Ok(true),
+            Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            Err(e) => Err(driver_error("cuEventQuery", e)),
+        }
+    }
+
+    /// Milliseconds between two completed recordings of timed events (both made by
+    /// [`Event::timed`]; the driver refuses events still pending with NOT_READY).
+    pub fn elapsed_ms(start: &Event, end: &Event) -> Result<f32> {
+        start.device.bind()?;
+        // SAFETY: both events live until their drop.
+        guarded("cuEventElapsedTime", || unsafe {
+            result::event::elapsed(start.raw, end.raw)
+        })?
+        .map_err(|e| driver_error("cuEventElapsedTime", e))
     }
 
     /// Captures the work queued on `stream` so far.

@@ -1,6 +1,7 @@
 //! CUDA backend (feature `cuda`): the kernels ([`kernels`], sources in `kernels/*.cu`), their
 //! run-time compilation with NVRTC ([`nvrtc`]), the device probe ([`device`]), memory and
-//! streams for offloading ([`memory`]), and [`CudaBackend`], the `Backend` ops on a GPU.
+//! streams for offloading ([`memory`]; `offload` plugs them into the offloading runtime), and
+//! [`CudaBackend`], the `Backend` ops on a GPU.
 
 mod backend;
 mod buffers;
@@ -9,6 +10,7 @@ pub mod device;
 pub mod kernels;
 pub mod memory;
 pub mod nvrtc;
+mod offload;
 mod ops_attention;
 mod ops_basic;
 mod ops_ffn;

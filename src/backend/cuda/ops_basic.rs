@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
+use crate::backend::cpu as host;
 use crate::backend::RopeTable;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -62,6 +63,15 @@ pub(crate) fn embed(
         return Ok(());
     }
     need(OP, "out", out, tokens.len() * table.cols)?;
+    if let Some(bytes) = table.host_bytes() {
+        // Offloading keeps the table in host memory (the planner does not count it as
+        // resident): the rows are converted there, by the CPU's code, and uploaded.
+        let mut rows = vec![0f32; tokens.len() * table.cols];
+        for (row, &id) in rows.chunks_exact_mut(table.cols).zip(tokens) {
+            host::row_to_f32(bytes, table.dtype, table.cols, id as usize, row);
+        }
+        return ctx.htod(OP, out.device_ptr(), &rows);
+    }
     let ids = DevMem::upload(ctx, OP, tokens)?;
     let name = match table.dtype {
         DType::BF16 => "embed_bf16",

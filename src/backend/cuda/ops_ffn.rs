@@ -44,12 +44,7 @@ pub(crate) fn upload_matrix(
     }
     let mem = DevMem::new(ctx, "upload_matrix", bytes.len())?;
     ctx.htod("upload_matrix", mem.ptr(), bytes)?;
-    Ok(CudaMatrix {
-        mem,
-        dtype,
-        rows,
-        cols,
-    })
+    Ok(CudaMatrix::on_device(mem, dtype, rows, cols))
 }
 
 pub(crate) fn gather_ffn(
@@ -58,8 +53,16 @@ pub(crate) fn gather_ffn(
     rows: &[u32],
 ) -> Result<[CudaMatrix; 3]> {
     let h = crate::backend::neurons::gather_hidden(bundles.rows, bundles.cols, rows)?;
-    let bytes = bundles.to_host()?;
-    let (gate, up, down) = host::gather_ffn(&bytes, bundles.dtype, h, rows);
+    // Bundles left in host memory (offloading) are gathered in place, without a round trip.
+    let read;
+    let bytes = match bundles.host_bytes() {
+        Some(b) => b,
+        None => {
+            read = bundles.to_host()?;
+            &read[..]
+        }
+    };
+    let (gate, up, down) = host::gather_ffn(bytes, bundles.dtype, h, rows);
     let k = rows.len();
     Ok([
         upload_matrix(ctx, &gate, bundles.dtype, k, h)?,
@@ -90,6 +93,7 @@ pub(crate) fn bundle_ffn(
     out: &mut CudaBuf,
 ) -> Result<()> {
     const OP: &str = "bundle_ffn";
+    bundles.check_on_device(OP)?;
     let parts = layout.parts();
     if !bundles.cols.is_multiple_of(parts) {
         return Err(Error::InvalidArgument(format!(

@@ -1,0 +1,141 @@
+//! The CUDA backend under the offloading runtime (`run --device cuda --gpu-mem SIZE`):
+//! [`DeviceCopyEngine`] as its copy engine, streamed layers as `CudaMatrix` views of the
+//! device staging buffers, resident weights uploaded from the host mapping the model was
+//! loaded into (`CudaBackend::with_host_weights`).
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use super::memory::{DeviceCopyEngine, DeviceFilled};
+use super::{CudaBackend, CudaMatrix};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::offload::offload_backend::{CopyEngine, OffloadBackend, StagedJob};
+use crate::offload::placement::GPU_LINK_GBPS;
+use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats};
+
+impl StagedJob for DeviceFilled {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+
+    fn pieces(&self) -> &[Range<usize>] {
+        &self.pieces
+    }
+}
+
+impl CopyEngine for DeviceCopyEngine {
+    type Filled = DeviceFilled;
+
+    fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()> {
+        DeviceCopyEngine::submit(self, jobs)
+    }
+
+    fn wait(&mut self, layer: usize) -> Result<DeviceFilled> {
+        DeviceCopyEngine::wait(self, layer)
+    }
+
+    fn release(&mut self, filled: DeviceFilled) -> Result<()> {
+        DeviceCopyEngine::release(self, filled)
+    }
+
+    fn cancel(&mut self) -> Result<()> {
+        DeviceCopyEngine::cancel(self)
+    }
+
+    fn stats(&mut self) -> Result<CopyStats> {
+        DeviceCopyEngine::stats(self)
+    }
+
+    fn reset_stats(&mut self) -> Result<()> {
+        DeviceCopyEngine::reset_stats(self)
+    }
+}
+
+impl OffloadBackend for CudaBackend {
+    type Engine = DeviceCopyEngine;
+
+    const BUDGET_OPTION: &'static str = "--gpu-mem";
+
+    /// The model must have been loaded with its weights in host memory (else every weight
+    /// is already on the device, outside the budget), and the device must have the budget
+    /// free now.
+    fn check_offloadable(&self, budget: u64) -> Result<()> {
+        if !self.host_weights() {
+            return Err(Error::InvalidArgument(
+                "offloading on CUDA needs the model loaded on a backend made with \
+                 CudaBackend::with_host_weights (this one uploaded every weight to the GPU)"
+                    .into(),
+            ));
+        }
+        self.device().check_budget(budget)
+    }
+
+    /// The real link is not capped; the planner assumes `plan --gpu-mem`'s default PCIe
+    /// link, and its prediction is reported for every run.
+    fn planner_link(&self, _cap: Option<f64>) -> (f64, bool) {
+        (GPU_LINK_GBPS, true)
+    }
+
+    fn copy_engine(&self, opts: CopyEngineOptions) -> Result<DeviceCopyEngine> {
+        DeviceCopyEngine::new(self, opts)
+    }
+
+    fn staged_matrix(
+        filled: &DeviceFilled,
+        range: Range<usize>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CudaMatrix> {
+        if range.start > range.end {
+            return Err(Error::CopyEngine(format!(
+                "layer {}: staged range {range:?}",
+                filled.layer
+            )));
+        }
+        CudaMatrix::staged(
+            filled.mem.clone(),
+            range.start,
+            range.len(),
+            dtype,
+            rows,
+            cols,
+        )
+    }
+
+    /// Read back from the staging buffer, after the copy (the compute stream waited for it
+    /// in `wait`, and the read-back is queued on that stream).
+    fn staged_bytes(filled: &DeviceFilled, range: Range<usize>) -> Result<Cow<'_, [u8]>> {
+        if range.start > range.end || range.end > filled.mem.bytes() {
+            return Err(Error::CopyEngine(format!(
+                "layer {}: bytes {range:?} of a {}-byte staging buffer",
+                filled.layer,
+                filled.mem.bytes()
+            )));
+        }
+        let mut out = vec![0u8; range.len()];
+        let ptr = filled.mem.ptr() + range.start as u64;
+        filled.mem.ctx().dtoh("staged read", &mut out, ptr)?;
+        Ok(Cow::Owned(out))
+    }
+
+    fn resident_copy(m: &CudaMatrix) -> Result<CudaMatrix> {
+        let bytes = match m.host_bytes() {
+            Some(b) => b.to_vec(),
+            None => m.to_host()?,
+        };
+        super::ops_ffn::upload_matrix(m.ctx(), &bytes, m.dtype, m.rows, m.cols)
+    }
+
+    fn matrix_bytes(m: &CudaMatrix) -> Result<Cow<'_, [u8]>> {
+        match m.host_bytes() {
+            Some(b) => Ok(Cow::Borrowed(b)),
+            None => Ok(Cow::Owned(m.to_host()?)),
+        }
+    }
+
+    fn matrix_byte_len(m: &CudaMatrix) -> usize {
+        m.byte_len()
+    }
+}
