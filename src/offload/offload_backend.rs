@@ -56,6 +56,13 @@ pub trait OffloadBackend: Backend<Matrix: Clone> + Sized {
     /// which the planner does not model).
     fn planner_link(&self, cap: Option<f64>) -> (f64, bool);
 
+    /// Whether neurons a request moves into a resident layer are assembled from the copy
+    /// engine's staging buffer (CPU: it is host memory, assembly is a memcpy). When not
+    /// (CUDA: reading the staging buffer and the old compact FFN back would cross the link
+    /// twice more), the runtime gathers the layer's new compact FFN on the host and uploads
+    /// it once, counting the upload as streamed bytes.
+    fn assembles_from_staging() -> bool;
+
     /// The copy engine, its staging buffers as `opts` says.
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<Self::Engine>;
 
@@ -136,6 +143,10 @@ impl OffloadBackend for CpuBackend {
 
     fn planner_link(&self, cap: Option<f64>) -> (f64, bool) {
         (cap.unwrap_or(UNCAPPED_LINK_GBPS), cap.is_some())
+    }
+
+    fn assembles_from_staging() -> bool {
+        true
     }
 
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<CpuCopyEngine> {

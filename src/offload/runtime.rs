@@ -104,6 +104,10 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
+    /// Bytes of compact FFNs uploaded outside the copy engine for this request (backends
+    /// that do not assemble from staging, see `OffloadBackend::assembles_from_staging`):
+    /// reported as streamed.
+    uploaded_bytes: u64,
     draft_passes: u64,
     full_passes: u64,
 }
@@ -215,6 +219,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             resident_rest: vec![None; l],
             whole_layer: vec![false; l],
             moved_neurons: 0,
+            uploaded_bytes: 0,
             draft_passes: 0,
             full_passes: 0,
             plan,
@@ -262,13 +267,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         // copies of later layers overlap the assembly of earlier ones.
         let mut jobs = Vec::new();
         let mut moved: Vec<Vec<u32>> = vec![Vec::new(); n_layers];
+        let staging = B::assembles_from_staging();
         for (li, ids) in selection.layers.iter().enumerate() {
             // With the whole layer resident, a new split moves nothing over the link.
             if !resident[li] || self.whole_layer[li] {
                 continue;
             }
             moved[li] = moved_in(&self.resident_ids[li], ids);
-            if !moved[li].is_empty() {
+            if staging && !moved[li].is_empty() {
                 jobs.push(CopyJob {
                     layer: li,
                     label: format!("L{li} neurons in"),
@@ -285,12 +291,25 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 continue;
             }
             let unchanged = self.resident_ids[li] == *ids;
-            let matrices = match self.resident_ffn[li].clone() {
-                Some(m) if unchanged => m,
+            // Cloned only when kept: a clone alive across the upload below would keep the
+            // old device matrices allocated next to the new ones.
+            let kept = match &self.resident_ffn[li] {
+                Some(m) if unchanged => Some(m.clone()),
+                _ => None,
+            };
+            let matrices = match kept {
+                Some(m) => m,
                 // Every neuron is resident: the new split is a move within resident memory
                 // (here: regathered from the host copy, nothing counted as moved).
-                _ if self.whole_layer[li] => self.regather(backend, li, ids)?,
-                _ => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
+                None if self.whole_layer[li] => self.regather(backend, li, ids)?,
+                // Gathered on the host and uploaded once: that upload is what crossed the link.
+                None if !staging => {
+                    let m = self.regather(backend, li, ids)?;
+                    self.uploaded_bytes +=
+                        (ids.len() * 3 * self.dims.h * self.dims.dtype.size()) as u64;
+                    m
+                }
+                None => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
             };
             self.moved_neurons += moved[li].len() as u64;
             if self.plan.layers[li].complement_resident {
@@ -377,8 +396,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         } else {
             None
         };
-        // The bundles of the moved neurons landed back to back; on CUDA they are read back
-        // from the staging buffer (the assembly is host code, once per request and layer).
+        // The bundles of the moved neurons landed back to back; only backends that assemble
+        // from staging come here (the CPU: the staging buffer is host memory).
         let assembled = (|| {
             let staged_bytes = match &filled {
                 Some(f) => match (f.pieces().first(), f.pieces().last()) {
@@ -477,6 +496,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         self.overflow.iter_mut().for_each(|o| *o = None);
         self.engine.reset_stats()?;
         self.moved_neurons = 0;
+        self.uploaded_bytes = 0;
         self.draft_passes = 0;
         self.full_passes = 0;
         Ok(())
@@ -502,7 +522,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         Ok(OffloadReport {
             resident_budget_bytes: self.arena.budget(),
             resident_bytes: self.arena.peak(),
-            streamed_bytes: stats.bytes,
+            streamed_bytes: stats.bytes + self.uploaded_bytes,
             link_busy_s: stats.busy_s,
             achieved_link_gbps: stats.achieved_gbps,
             overlap: stats.overlap,

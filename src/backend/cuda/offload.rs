@@ -77,6 +77,11 @@ impl OffloadBackend for CudaBackend {
         (GPU_LINK_GBPS, true)
     }
 
+    /// The new compact FFN is gathered on the host and uploaded once (see the trait).
+    fn assembles_from_staging() -> bool {
+        false
+    }
+
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<DeviceCopyEngine> {
         DeviceCopyEngine::new(self, opts)
     }

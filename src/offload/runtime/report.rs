@@ -8,6 +8,9 @@ pub struct OffloadReport {
     pub resident_budget_bytes: u64,
     /// Peak bytes the resident arena handed out.
     pub resident_bytes: u64,
+    /// Bytes the copy engine moved, plus (CUDA) the compact FFNs uploaded when the request
+    /// chose its neurons (gathered on the host, uploaded once; the CPU stages the same
+    /// neurons' bundles through the engine instead).
     pub streamed_bytes: u64,
     /// Seconds the copy engine spent on jobs (CPU: pacing included; CUDA: the copies' time
     /// on the copy stream, from events).
