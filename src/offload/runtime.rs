@@ -347,6 +347,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             bytes.extend_from_slice(&piece.map[piece.range.clone()]);
         }
         self.arena.set(&label, bytes.len() as u64)?;
+        // Free the old rest before uploading the new one (see `upload_compact`).
+        self.resident_rest[li] = None;
         self.resident_rest[li] = match rest.len() {
             0 => None,
             c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
@@ -374,11 +376,22 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         let d = self.dims;
         let bytes = (gate.len() + up.len() + down.len()) as u64;
         self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
-        Ok([
-            backend.upload_matrix(gate, d.dtype, k, d.h)?,
-            backend.upload_matrix(up, d.dtype, k, d.h)?,
-            backend.upload_matrix(down, d.dtype, d.h, k)?,
-        ])
+        // The old compact FFN's bytes have been used (or are not needed): free it before the
+        // upload so the device never holds old and new at once (the arena counts one).
+        self.resident_ffn[li] = None;
+        let uploaded = (|| {
+            Ok([
+                backend.upload_matrix(gate, d.dtype, k, d.h)?,
+                backend.upload_matrix(up, d.dtype, k, d.h)?,
+                backend.upload_matrix(down, d.dtype, d.h, k)?,
+            ])
+        })();
+        if uploaded.is_err() {
+            // Nothing of the layer's sparse set is resident any more: the next request
+            // copies in all of it.
+            self.resident_ids[li].clear();
+        }
+        uploaded
     }
 
     /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged

@@ -97,6 +97,9 @@ impl<'m, B: OffloadBackend> OffloadedSirius<'m, B> {
             cancel_on_error(runtime, out)
         })?;
         let selection = self.scores.select(&self.model.backend, self.keep)?;
+        // Drop the old sparse FFN's matrices first: the runtime frees its resident copies
+        // before uploading the new ones, which these would keep alive.
+        self.griffin = None;
         self.griffin = Some(
             self.runtime
                 .choose_neurons(&self.model.backend, selection)?,
