@@ -71,6 +71,7 @@ fn offload(budget: u64, period: usize) -> OffloadOptions {
         keep: KEEP,
         period,
         context: 0,
+        gemm_rows: 0,
         prompt_tokens: 0,
         trace: true,
         delay: None,

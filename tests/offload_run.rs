@@ -64,6 +64,7 @@ fn offload(budget: u64, delay: Option<sirius_offload::offload::stream::DelayFn>)
         keep: KEEP,
         period: 4,
         context: 0,
+        gemm_rows: 0,
         prompt_tokens: 0,
         trace: true,
         delay,

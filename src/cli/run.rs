@@ -364,6 +364,7 @@ fn run_on<B: OffloadBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Res
             keep: args.keep,
             period: args.period,
             context: 0,
+            gemm_rows: 0,
             prompt_tokens: 0,
             trace: args.trace.is_some(),
             delay: None,

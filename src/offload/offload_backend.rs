@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use crate::backend::{Backend, CpuBackend, CpuMatrix};
+use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats, CpuCopyEngine, Filled};
@@ -62,6 +63,19 @@ pub trait OffloadBackend: Backend<Matrix: Clone> + Sized {
     /// twice more), the runtime gathers the layer's new compact FFN on the host and uploads
     /// it once, counting the upload as streamed bytes.
     fn assembles_from_staging() -> bool;
+
+    /// Device scratch the backend allocates for itself during an offloaded request of
+    /// `context` cache rows whose largest matmul multiplies `gemm_rows` rows: reserved in
+    /// the budget as "backend scratch" (the CPU's is counted in the activations: 0).
+    fn scratch_bytes(&self, _config: &ModelConfig, _context: usize, _gemm_rows: usize) -> u64 {
+        0
+    }
+
+    /// Allocates now the scratch `scratch_bytes` reserved that would otherwise grow on
+    /// demand, so that it never grows past the reservation.
+    fn reserve_scratch(&self, _config: &ModelConfig, _gemm_rows: usize) -> Result<()> {
+        Ok(())
+    }
 
     /// The copy engine, its staging buffers as `opts` says.
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<Self::Engine>;

@@ -17,9 +17,14 @@
 //!
 //! The [`ResidentArena`] is the one budget authority: every resident copy (attention, head,
 //! sparse FFN, complement) and every buffer the request allocates (norms, KV cache,
-//! activations, staging buffers) is reserved in it before the backend allocates it. Not
-//! counted: small per-op temporaries of the backend (token ids, split partials) and, on
-//! CUDA, the rope table, cuBLAS's workspace and the driver's own context memory.
+//! activations, staging buffers) is reserved in it before the backend allocates it, and so
+//! is the backend's own scratch (`OffloadBackend::scratch_bytes`; on CUDA the bf16 GEMM's
+//! activation copy, pre-sized, cuBLAS's workspace, estimated at 32 MiB, and the rope
+//! table). Not counted: small per-op temporaries of the backend (token ids, split
+//! partials) and, on CUDA, what `backend::cuda::memory` lists (allocation granularity, the
+//! staging buffer `cancel` replaces while a view holds the old one, the f32-GEMM path's
+//! scratch) and the driver's own context memory. `check_budget` leaves a margin of free
+//! memory for these.
 
 use std::borrow::Cow;
 use std::time::Instant;
@@ -61,6 +66,9 @@ pub struct OffloadOptions {
     pub period: usize,
     /// KV cache rows the request needs.
     pub context: usize,
+    /// The most rows one matmul of the request multiplies (the backend's GEMM scratch is
+    /// sized for it; `offload_plan_input` fills it in).
+    pub gemm_rows: usize,
     pub prompt_tokens: usize,
     /// Record a Chrome trace of copy and compute spans.
     pub trace: bool,
@@ -114,7 +122,9 @@ pub struct OffloadRuntime<B: OffloadBackend> {
 
 impl<B: OffloadBackend> OffloadRuntime<B> {
     /// The planner's input for a run of `model` under `opts` whose scratch buffers take
-    /// `activation_bytes` (the caller allocates them; they count against the budget).
+    /// `activation_bytes` (the caller allocates them; they count against the budget). The
+    /// planner's activations also hold the backend's own scratch (`scratch_bytes`), which
+    /// the runtime reserves as a separate line.
     pub fn plan_input(
         model: &Llama<B>,
         opts: &OffloadOptions,
@@ -151,7 +161,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             period: opts.period,
             aal: opts.period as f64,
             prompt_tokens: opts.prompt_tokens.max(1),
-            activation_bytes: Some(activation_bytes),
+            activation_bytes: Some(
+                activation_bytes + model.backend.scratch_bytes(c, opts.context, opts.gemm_rows),
+            ),
             prefill_chunk: Some(prefill_chunk),
         })
     }
@@ -161,14 +173,19 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     pub fn new(model: &mut Llama<B>, input: PlanInput, opts: &OffloadOptions) -> Result<Self> {
         model.backend.check_offloadable(opts.budget)?;
         let c = model.config.clone();
-        let activation_bytes = input.activation_bytes.unwrap_or(0);
         let context = input.context;
+        let scratch = (model.backend).scratch_bytes(&c, context, opts.gemm_rows);
+        let activation_bytes = input.activation_bytes.unwrap_or(0).saturating_sub(scratch);
         let plan = plan(&input)?;
         let mut arena = ResidentArena::new(opts.budget);
         let (h, l) = (c.hidden_size, c.num_layers);
         arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
         arena.reserve("KV cache", (2 * l * c.kv_dim() * context * 4) as u64)?;
         arena.reserve("activations", activation_bytes)?;
+        if scratch > 0 {
+            arena.reserve("backend scratch", scratch)?;
+        }
+        model.backend.reserve_scratch(&c, opts.gemm_rows)?;
         arena.reserve(
             "stream buffers",
             plan.stream_buffer_bytes * plan.stream_buffers as u64,
@@ -517,7 +534,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
 
     /// KV cache rows and activation bytes the plan reserved: a request must fit in them.
     pub fn reserved(&self) -> (usize, u64) {
-        (self.input.context, self.input.activation_bytes.unwrap_or(0))
+        let scratch = self.arena.get("backend scratch").unwrap_or(0);
+        let activations = self.input.activation_bytes.unwrap_or(0);
+        (self.input.context, activations.saturating_sub(scratch))
     }
 
     /// Statistics so far, with the planner's prediction for `aal` (measured) where it

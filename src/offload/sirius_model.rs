@@ -271,8 +271,10 @@ pub fn offload_plan_input<B: OffloadBackend>(
     let capacity = sirius_cache_rows(model, prompt_ids, opts, sirius)?;
     let chunk = opts.prefill_chunk.max(1).min(prompt_ids.len().max(1));
     let activations = scratch_bytes(&model.config, capacity, sirius.period, sirius.width, chunk);
+    let (draft_rows, window) = scratch_rows(capacity, sirius.period, sirius.width);
     let options = OffloadOptions {
         context: capacity,
+        gemm_rows: chunk.max(draft_rows).max(window),
         prompt_tokens: prompt_ids.len(),
         period: sirius.period,
         ..offload.clone()

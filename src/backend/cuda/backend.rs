@@ -74,6 +74,10 @@ impl CudaBackend {
         self.host_weights
     }
 
+    pub(crate) fn matmul_state(&self) -> &Matmul {
+        &self.matmul
+    }
+
     pub(crate) fn ctx(&self) -> &Arc<Ctx> {
         &self.ctx
     }

@@ -37,7 +37,7 @@ impl DevMem {
         let out_of_memory = |e: Error| match e {
             Error::Cuda(msg) => Error::Cuda(format!(
                 "{msg} (allocating {bytes} bytes of device memory: the GPU is full; use a \
-                 smaller model, context or batch)"
+                 smaller model, context or batch, or, when offloading, a lower --gpu-mem)"
             )),
             other => other,
         };

@@ -327,16 +327,25 @@ fn budget_error(device: &str, bytes: u64, free: u64, total: u64) -> Option<Error
             format_bytes(total)
         )));
     }
-    if bytes > free {
+    // What the budget does not count (the driver's context, allocation granularity, the
+    // scratch `backend::cuda::memory` lists) needs room next to it.
+    let margin = (free / 20).max(BUDGET_MARGIN_MIN);
+    if bytes > free.saturating_sub(margin) {
         return Some(Error::Cuda(format!(
-            "--gpu-mem {} is more than the {} free on {device} (other processes hold the \
-             rest, see nvidia-smi): lower --gpu-mem or free the memory",
+            "--gpu-mem {} leaves less than {} of the {} free on {device} for what the budget \
+             does not count (other processes hold the rest, see nvidia-smi): lower --gpu-mem \
+             to at most {} or free the memory",
             format_bytes(bytes),
-            format_bytes(free)
+            format_bytes(margin),
+            format_bytes(free),
+            format_bytes(free.saturating_sub(margin))
         )));
     }
     None
 }
+
+/// The least free device memory `check_budget` leaves beside the budget (else 5% of free).
+const BUDGET_MARGIN_MIN: u64 = 256 << 20;
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
@@ -369,6 +378,9 @@ mod tests {
     fn budgets_beyond_free_or_total_memory_are_refused() {
         let gib = 1u64 << 30;
         assert!(budget_error("dev", 8 * gib, 20 * gib, 24 * gib).is_none());
+        // Within free memory but not its 5% margin.
+        assert!(budget_error("dev", 19 * gib + gib / 2, 20 * gib, 24 * gib).is_some());
+        assert!(budget_error("dev", 19 * gib - gib / 2, 20 * gib, 24 * gib).is_none());
         let msg = budget_error("dev", 22 * gib, 20 * gib, 24 * gib)
             .unwrap()
             .to_string();

@@ -15,9 +15,18 @@
 //!
 //! The `--gpu-mem` budget has one authority, the runtime's `ResidentArena`: every device
 //! allocation the runtime makes (resident weights, KV cache, activations, these staging
-//! buffers) is reserved there first; `CudaDevice::check_budget` checks the budget against
-//! the device's free memory once. (A `DeviceArena` that kept a second `ResidentArena` here
-//! is gone: two ledgers of one budget could disagree.)
+//! buffers) is reserved there first, and so is the backend's own scratch ("backend scratch":
+//! the bf16 GEMM's activation copy, pre-sized so it never grows past it, cuBLAS's workspace
+//! at an assumed 32 MiB, the rope table); `CudaDevice::check_budget` checks the budget
+//! against the device's free memory once, leaving a margin (5% of free, at least 256 MiB).
+//! (A `DeviceArena` that kept a second `ResidentArena` here is gone: two ledgers of one
+//! budget could disagree.)
+//!
+//! Outside the budget, covered only by that margin: the allocator's granularity (every
+//! allocation is rounded up; pools keep freed memory), the fresh staging buffer `cancel`
+//! makes while a view still holds the old one (one buffer, briefly), the f32-GEMM path's
+//! scratch (row ids and converted weight blocks, `GEMM=f32` only), small per-op
+//! temporaries and the driver's context.
 //!
 //! Unverified: no GPU was available when this was written, so none of this has run; it
 //! compiles against cudarc 0.19 and follows the driver API's documented semantics. Not done

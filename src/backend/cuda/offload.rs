@@ -8,11 +8,30 @@ use std::ops::Range;
 
 use super::memory::{DeviceCopyEngine, DeviceFilled};
 use super::{CudaBackend, CudaMatrix};
+use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::offload::offload_backend::{CopyEngine, OffloadBackend, StagedJob};
 use crate::offload::placement::GPU_LINK_GBPS;
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats};
+
+/// What cuBLAS allocates for its own workspace, as the budget assumes it (its default on
+/// recent GPUs is up to 32 MiB; the library does not report it).
+const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The widest input a matmul of `config` reads (the down projection, the attention output
+/// or the hidden state): the bf16 GEMM's activation copy is rows x this.
+fn widest_cols(config: &ModelConfig) -> usize {
+    (config.hidden_size)
+        .max(config.intermediate_size)
+        .max(config.q_dim())
+}
+
+/// The device rope table for `context` positions: f32 cos/sin rows of `head_dim`, grown by
+/// doubling from 1024 positions (so at most twice the positions needed).
+fn rope_bytes(config: &ModelConfig, context: usize) -> usize {
+    2 * context.max(1024) * config.head_dim * 4
+}
 
 impl StagedJob for DeviceFilled {
     fn layer(&self) -> usize {
@@ -80,6 +99,22 @@ impl OffloadBackend for CudaBackend {
     /// The new compact FFN is gathered on the host and uploaded once (see the trait).
     fn assembles_from_staging() -> bool {
         false
+    }
+
+    /// The bf16 GEMM's activation copy for `gemm_rows` rows through the widest matrix,
+    /// cuBLAS's workspace and the rope table (see `CUBLAS_WORKSPACE_BYTES`, `rope_bytes`).
+    fn scratch_bytes(&self, config: &ModelConfig, context: usize, gemm_rows: usize) -> u64 {
+        let act16 = self
+            .matmul_state()
+            .act16_bytes(gemm_rows, widest_cols(config));
+        (act16 + CUBLAS_WORKSPACE_BYTES + rope_bytes(config, context)) as u64
+    }
+
+    fn reserve_scratch(&self, config: &ModelConfig, gemm_rows: usize) -> Result<()> {
+        let bytes = self
+            .matmul_state()
+            .act16_bytes(gemm_rows, widest_cols(config));
+        self.matmul_state().presize_act16(self.ctx(), bytes)
     }
 
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<DeviceCopyEngine> {

@@ -132,6 +132,25 @@ impl Matmul {
         }
     }
 
+    /// Bytes of the bf16 path's activation copy for `rows` rows of at most `cols` columns, as
+    /// `grown` rounds them (0 where that path never runs).
+    pub fn act16_bytes(&self, rows: usize, cols: usize) -> usize {
+        if self.cublas.is_none() || self.precision != GemmPrecision::Bf16 {
+            return 0;
+        }
+        let bytes = rows.saturating_mul(cols).saturating_mul(2);
+        bytes.checked_next_power_of_two().unwrap_or(bytes)
+    }
+
+    /// Allocates the activation copy at `bytes` now (the offloading runtime reserved them),
+    /// so no request up to that size grows it.
+    pub fn presize_act16(&self, ctx: &Arc<Ctx>, bytes: usize) -> Result<()> {
+        if bytes > 0 {
+            drop(grown(ctx, &self.act16, bytes)?);
+        }
+        Ok(())
+    }
+
     pub fn has_cublas(&self) -> bool {
         self.cublas.is_some()
     }
