@@ -10,6 +10,7 @@ use crate::backend::{Backend, CpuBackend, CpuMatrix};
 use crate::config::ModelConfig;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::offload::runtime::OffloadOptions;
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats, CpuCopyEngine, Filled};
 
 /// A staging buffer one job filled, as compute holds it between `wait` and `release`.
@@ -49,8 +50,9 @@ pub trait OffloadBackend: Backend<Matrix: Clone> + Sized {
     /// name it.
     const BUDGET_OPTION: &'static str;
 
-    /// Refuses to offload a model on this backend with `budget` bytes, when it cannot.
-    fn check_offloadable(&self, budget: u64) -> Result<()>;
+    /// Refuses to offload a model on this backend as `opts` asks (its budget, its link cap),
+    /// when it cannot; called before anything is uploaded or the host store is built.
+    fn check_offloadable(&self, opts: &OffloadOptions) -> Result<()>;
 
     /// The host-to-device GB/s the planner assumes given the emulated cap `cap` (if any),
     /// and whether its predictions describe this run (the CPU's uncapped "link" is memcpy,
@@ -151,7 +153,7 @@ impl OffloadBackend for CpuBackend {
 
     const BUDGET_OPTION: &'static str = "--resident-mem";
 
-    fn check_offloadable(&self, _budget: u64) -> Result<()> {
+    fn check_offloadable(&self, _opts: &OffloadOptions) -> Result<()> {
         Ok(())
     }
 

@@ -171,7 +171,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     /// Plans `model` as `input` says (see [`OffloadRuntime::plan_input`]), moves the resident
     /// attention and head into the arena, builds the host store and starts the copy engine.
     pub fn new(model: &mut Llama<B>, input: PlanInput, opts: &OffloadOptions) -> Result<Self> {
-        model.backend.check_offloadable(opts.budget)?;
+        model.backend.check_offloadable(opts)?;
         let c = model.config.clone();
         let context = input.context;
         let scratch = (model.backend).scratch_bytes(&c, context, opts.gemm_rows);

@@ -13,6 +13,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::offload::offload_backend::{CopyEngine, OffloadBackend, StagedJob};
 use crate::offload::placement::GPU_LINK_GBPS;
+use crate::offload::runtime::OffloadOptions;
 use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats};
 
 /// What cuBLAS allocates for its own workspace, as the budget assumes it (its default on
@@ -77,9 +78,16 @@ impl OffloadBackend for CudaBackend {
     const BUDGET_OPTION: &'static str = "--gpu-mem";
 
     /// The model must have been loaded with its weights in host memory (else every weight
-    /// is already on the device, outside the budget), and the device must have the budget
-    /// free now.
-    fn check_offloadable(&self, budget: u64) -> Result<()> {
+    /// is already on the device, outside the budget), the device must have the budget free
+    /// now, and no link cap may be asked: only the CPU engine emulates one, the CUDA engine
+    /// copies over the real link.
+    fn check_offloadable(&self, opts: &OffloadOptions) -> Result<()> {
+        if let Some(g) = opts.link_gbps {
+            return Err(Error::InvalidArgument(format!(
+                "a {g} GB/s link cap is emulated by the CPU copy engine only: the CUDA engine \
+                 copies over the real link (drop the cap)"
+            )));
+        }
         if !self.host_weights() {
             return Err(Error::InvalidArgument(
                 "offloading on CUDA needs the model loaded on a backend made with \
@@ -87,7 +95,7 @@ impl OffloadBackend for CudaBackend {
                     .into(),
             ));
         }
-        self.device().check_budget(budget)
+        self.device().check_budget(opts.budget)
     }
 
     /// The real link is not capped; the planner assumes `plan --gpu-mem`'s default PCIe

@@ -125,7 +125,8 @@ impl DeviceCopyEngine {
     /// `backend`'s device; kernels of `backend` are ordered after the copies they read. The
     /// device buffers are not budgeted here: the offloading runtime reserves them ("stream
     /// buffers") before it makes the engine. A link cap cannot be emulated on a GPU (the real
-    /// link is used) and is refused; `opts.delay` sleeps on the host before each copy.
+    /// link is used; `check_offloadable` refuses one); `opts.delay` sleeps on the host before
+    /// each copy.
     pub fn new(backend: &CudaBackend, opts: CopyEngineOptions) -> Result<Self> {
         let (buffers, buffer_bytes) = (opts.buffers, opts.buffer_bytes);
         if buffers < 2 || buffer_bytes == 0 {
@@ -134,12 +135,8 @@ impl DeviceCopyEngine {
                  buffering), got {buffers} of {buffer_bytes} bytes"
             )));
         }
-        if let Some(g) = opts.link_gbps {
-            return Err(Error::InvalidArgument(format!(
-                "a {g} GB/s link cap is emulated by the CPU copy engine only: the CUDA engine \
-                 copies over the real link (drop --link-gbps)"
-            )));
-        }
+        // `opts.link_gbps` is not read: a cap is refused by `check_offloadable` before the
+        // runtime uploads anything (the real link is used).
         let ctx = backend.ctx().clone();
         let device = ctx.device.clone();
         let copy = Stream::new(&device)?;
