@@ -194,6 +194,20 @@ fn budget_options_name_the_one_for_the_device() {
     assert_one_line_failure(&out, "one offloading budget");
     let out = with(&["--trace", "/tmp/never-written.json"]);
     assert_one_line_failure(&out, "--gpu-mem");
+    // --link-gbps is the emulated cap (CPU) or the planner's link (GPU): a budget's option.
+    let out = with(&["--link-gbps", "8"]);
+    assert_one_line_failure(&out, "--link-gbps describes an offloaded run");
+    let out = with(&["--device", "cuda", "--gpu-mem", "1G", "--link-gbps", "0"]);
+    assert_one_line_failure(&out, "--link-gbps must be between");
+    // Accepted with --gpu-mem (no clap `requires`): the run goes on to the model, which
+    // does not exist.
+    let out = with(&["--device", "cuda", "--gpu-mem", "1G", "--link-gbps", "12"]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        !err.contains("--link-gbps") && !err.contains("required"),
+        "{err}"
+    );
     // --gpu-mem also needs the offloaded configuration (checked before the device opens).
     let out = run_bin(&[
         "run",

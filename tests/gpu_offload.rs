@@ -67,6 +67,7 @@ fn offload(budget: u64, period: usize) -> OffloadOptions {
     OffloadOptions {
         budget,
         link_gbps: None,
+        planner_link_gbps: None,
         mem_gbps: 20.0,
         keep: KEEP,
         period,

@@ -60,6 +60,7 @@ fn offload(budget: u64, delay: Option<sirius_offload::offload::stream::DelayFn>)
     OffloadOptions {
         budget,
         link_gbps: None,
+        planner_link_gbps: None,
         mem_gbps: 20.0,
         keep: KEEP,
         period: 4,

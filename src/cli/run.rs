@@ -130,8 +130,10 @@ pub struct RunArgs {
     /// (needs --sirius --sparsity griffin).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
-    /// Cap the copy engine at this many GB/s, emulating a PCIe link (with --resident-mem).
-    #[arg(long, requires = "resident_mem")]
+    /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link.
+    /// With --gpu-mem: the host-to-GPU GB/s the planner assumes (not a cap: copies use the
+    /// real link; default 25, as `plan --gpu-mem`).
+    #[arg(long)]
     pub link_gbps: Option<f64>,
     /// Memory bandwidth (GB/s) the planner assumes for compute when it predicts ms/token for
     /// this run (with --resident-mem, default 20: measure yours with `cargo bench --bench
@@ -357,9 +359,15 @@ fn run_on<B: OffloadBackend>(job: RunJob<'_>, backend: B, threads: usize) -> Res
             Device::Cpu => CPU_MEM_GBPS,
             Device::Cuda(_) => GPU_MEM_GBPS,
         };
+        // On a GPU the link is real: --link-gbps is what the planner assumes of it.
+        let (link_gbps, planner_link_gbps) = match args.device {
+            Device::Cpu => (args.link_gbps, None),
+            Device::Cuda(_) => (None, args.link_gbps),
+        };
         let offload = OffloadOptions {
             budget,
-            link_gbps: args.link_gbps,
+            link_gbps,
+            planner_link_gbps,
             mem_gbps: args.mem_gbps.unwrap_or(default_mem_gbps),
             keep: args.keep,
             period: args.period,
@@ -514,6 +522,7 @@ fn offload_budget(args: &RunArgs) -> Result<Option<u64>> {
             (None, None, _) => {
                 let needs = [
                     ("--trace", args.trace.is_some()),
+                    ("--link-gbps", args.link_gbps.is_some()),
                     ("--mem-gbps", args.mem_gbps.is_some()),
                 ];
                 if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {

@@ -54,10 +54,10 @@ pub trait OffloadBackend: Backend<Matrix: Clone> + Sized {
     /// when it cannot; called before anything is uploaded or the host store is built.
     fn check_offloadable(&self, opts: &OffloadOptions) -> Result<()>;
 
-    /// The host-to-device GB/s the planner assumes given the emulated cap `cap` (if any),
-    /// and whether its predictions describe this run (the CPU's uncapped "link" is memcpy,
-    /// which the planner does not model).
-    fn planner_link(&self, cap: Option<f64>) -> (f64, bool);
+    /// The host-to-device GB/s the planner assumes for `opts` (CPU: the emulated cap, if
+    /// any; CUDA: `planner_link_gbps` or the default), and whether its predictions describe
+    /// this run (the CPU's uncapped "link" is memcpy, which the planner does not model).
+    fn planner_link(&self, opts: &OffloadOptions) -> (f64, bool);
 
     /// Whether neurons a request moves into a resident layer are assembled from the copy
     /// engine's staging buffer (CPU: it is host memory, assembly is a memcpy). When not
@@ -157,7 +157,8 @@ impl OffloadBackend for CpuBackend {
         Ok(())
     }
 
-    fn planner_link(&self, cap: Option<f64>) -> (f64, bool) {
+    fn planner_link(&self, opts: &OffloadOptions) -> (f64, bool) {
+        let cap = opts.link_gbps;
         (cap.unwrap_or(UNCAPPED_LINK_GBPS), cap.is_some())
     }
 

@@ -60,6 +60,9 @@ pub struct OffloadOptions {
     /// Emulated host-to-device link (GB/s) of the CPU copy engine; `None` copies at memory
     /// speed. The CUDA engine uses the real link and refuses a cap.
     pub link_gbps: Option<f64>,
+    /// The host-to-device GB/s the planner assumes where the link is real (CUDA; `None`:
+    /// `plan --gpu-mem`'s default). Not a cap. The CPU plans with `link_gbps`.
+    pub planner_link_gbps: Option<f64>,
     /// Memory bandwidth the planner assumes for compute (GB/s), for the predicted ms/token.
     pub mem_gbps: f64,
     pub keep: f32,
@@ -156,7 +159,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             context: opts.context,
             // Both backends keep the KV cache in f32.
             kv_bytes: 4,
-            link_gbps: model.backend.planner_link(opts.link_gbps).0,
+            link_gbps: model.backend.planner_link(opts).0,
             mem_gbps: opts.mem_gbps,
             period: opts.period,
             aal: opts.period as f64,
@@ -211,7 +214,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             crate::offload::format_bytes(plan.stream_buffer_bytes)
         );
         Ok(OffloadRuntime {
-            predicts: model.backend.planner_link(opts.link_gbps).1,
+            predicts: model.backend.planner_link(opts).1,
             input,
             link_cap: opts.link_gbps,
             arena,

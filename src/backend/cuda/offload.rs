@@ -98,10 +98,11 @@ impl OffloadBackend for CudaBackend {
         self.device().check_budget(opts.budget)
     }
 
-    /// The real link is not capped; the planner assumes `plan --gpu-mem`'s default PCIe
-    /// link, and its prediction is reported for every run.
-    fn planner_link(&self, _cap: Option<f64>) -> (f64, bool) {
-        (GPU_LINK_GBPS, true)
+    /// The real link is not capped; the planner assumes `planner_link_gbps` (`run --gpu-mem
+    /// --link-gbps`) or `plan --gpu-mem`'s default PCIe link, and its prediction is reported
+    /// for every run.
+    fn planner_link(&self, opts: &OffloadOptions) -> (f64, bool) {
+        (opts.planner_link_gbps.unwrap_or(GPU_LINK_GBPS), true)
     }
 
     /// The new compact FFN is gathered on the host and uploaded once (see the trait).
