@@ -216,18 +216,35 @@ unsafe impl Send for Event {}
 
 impl Event {
     pub fn new(device: &Arc<CudaDevice>) -> Result<Self> {
-        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
     }
 
-    /// An event that records a GPU timestamp, for [`Event::elapsed_ms`].
+    /// An untimed event the host synchronizes on: the host thread sleeps until it completes
+    /// instead of spinning a core.
+    pub fn blocking(device: &Arc<CudaDevice>) -> Result<Self> {
+        Self::with_flags(
+            device,
+            sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32
+                | sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32,
+        )
+    }
+
+    /// An event that records a GPU timestamp, for [`Event::elapsed_ms`]. Blocking sync as
+    /// [`Event::blocking`]: the host waits on the ends of measurements (`Timings::finish`),
+    /// and the timings pool reuses start and end events alike.
     pub fn timed(device: &Arc<CudaDevice>) -> Result<Self> {
-        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_DEFAULT)
+        Self::with_flags(device, sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC as u32)
     }
 
-    fn with_flags(device: &Arc<CudaDevice>, flags: sys::CUevent_flags) -> Result<Self> {
+    /// `flags`: CUevent_flags bits, or-ed (cudarc's `event::create` takes one variant).
+    fn with_flags(device: &Arc<CudaDevice>, flags: u32) -> Result<Self> {
         device.bind()?;
-        let raw = guarded("cuEventCreate", || result::event::create(flags))?
-            .map_err(|e| driver_error("cuEventCreate", e))?;
+        let mut raw: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: `raw` is a valid out-pointer for the created handle.
+        guarded("cuEventCreate", || unsafe {
+            sys::cuEventCreate(&mut raw, flags).result()
+        })?
+        .map_err(|e| driver_error("cuEventCreate", e))?;
         Ok(Event {
             device: device.clone(),
             raw,

@@ -170,11 +170,13 @@ impl OffloadBackend for CudaBackend {
     }
 
     fn resident_copy(m: &CudaMatrix) -> Result<CudaMatrix> {
-        let bytes = match m.host_bytes() {
-            Some(b) => b.to_vec(),
-            None => m.to_host()?,
-        };
-        super::ops_ffn::upload_matrix(m.ctx(), &bytes, m.dtype, m.rows, m.cols)
+        let upload =
+            |bytes: &[u8]| super::ops_ffn::upload_matrix(m.ctx(), bytes, m.dtype, m.rows, m.cols);
+        // Host weights upload straight from their mapping.
+        match m.host_bytes() {
+            Some(b) => upload(b),
+            None => upload(&m.to_host()?),
+        }
     }
 
     fn matrix_bytes(m: &CudaMatrix) -> Result<Cow<'_, [u8]>> {

@@ -145,7 +145,8 @@ impl DeviceCopyEngine {
             slots.push(Slot {
                 host: PinnedBuffer::new(&device, buffer_bytes, HostAccess::Upload)?,
                 device: Arc::new(DevMem::new(&ctx, "copy engine staging", buffer_bytes)?),
-                copied: Event::new(&device)?,
+                // The host waits on `copied` before refilling the pinned buffer.
+                copied: Event::blocking(&device)?,
                 consumed: Event::new(&device)?,
                 held: false,
             });
@@ -395,6 +396,15 @@ impl DeviceCopyEngine {
     /// replaced by a fresh one, so the view keeps its bytes.
     pub fn cancel(&mut self) -> Result<()> {
         self.check_alive()?;
+        let result = self.cancel_now();
+        if let Err(e) = &result {
+            // Some buffers may be taken back and others not: the engine's state is unknown.
+            self.broken = Some(e.to_string());
+        }
+        result
+    }
+
+    fn cancel_now(&mut self) -> Result<()> {
         self.pending.clear();
         self.issued.clear();
         let mut replaced = false;
