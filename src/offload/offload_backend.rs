@@ -25,6 +25,12 @@ pub trait StagedJob {
 /// submission order, at most as many ahead of compute as there are staging buffers; `wait`
 /// hands out the next one (which must be for the layer asked), `release` gives its buffer
 /// back once compute no longer reads it; `cancel` drops everything queued.
+///
+/// One difference: `release` while a view of the buffer is still alive is an error on both,
+/// but the CPU engine parks the buffer and takes it back by itself once the last view is
+/// dropped, while the CUDA engine keeps it held by compute until `cancel` (which replaces
+/// it with a fresh buffer if the view is still alive). Until then the CUDA engine has one
+/// staging buffer fewer, and a `wait` that needs it fails instead of blocking.
 pub trait CopyEngine {
     type Filled: StagedJob;
 

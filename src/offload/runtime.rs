@@ -563,6 +563,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             overlap: stats.overlap,
             copy_wait_s: stats.wait_s,
             link_gbps_cap: self.link_cap,
+            host_gather_s: stats.host_gather_s,
             moved_neurons: self.moved_neurons,
             draft_passes: self.draft_passes,
             full_passes: self.full_passes,

@@ -23,7 +23,9 @@ use crate::offload::trace::{Trace, Track};
 mod types;
 mod worker;
 
-pub use types::{CopyEngineOptions, CopyJob, CopyStats, DelayFn, Filled, HostSlice};
+pub use types::{
+    check_next, validate_jobs, CopyEngineOptions, CopyJob, CopyStats, DelayFn, Filled, HostSlice,
+};
 use worker::{Command, Pacing, QueuedJob, Report, Shared, Worker};
 
 /// Gives each engine an id so a `Filled` cannot be released to the wrong one.
@@ -142,33 +144,7 @@ impl CpuCopyEngine {
     pub fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()> {
         self.check_alive()?;
         self.reclaim_stuck()?;
-        for job in &jobs {
-            if let Some(p) = job
-                .pieces
-                .iter()
-                .find(|p| p.range.start > p.range.end || p.range.end > p.map.len())
-            {
-                return Err(Error::CopyEngine(format!(
-                    "job `{}` (layer {}) reads bytes {:?} of a {}-byte mapping",
-                    job.label,
-                    job.layer,
-                    p.range,
-                    p.map.len()
-                )));
-            }
-            let bytes = job.bytes();
-            if bytes > self.buffer_bytes {
-                return Err(Error::CopyEngine(format!(
-                    "job `{}` (layer {}) is {} ({bytes} bytes), larger than a staging buffer of {} \
-                     ({} bytes): give the engine larger buffers or split the job",
-                    job.label,
-                    job.layer,
-                    format_bytes(bytes as u64),
-                    format_bytes(self.buffer_bytes as u64),
-                    self.buffer_bytes
-                )));
-            }
-        }
+        validate_jobs(&jobs, self.buffer_bytes)?;
         let mut queued = Vec::with_capacity(jobs.len());
         for job in jobs {
             let seq = self.next_seq;
@@ -193,20 +169,13 @@ impl CpuCopyEngine {
     pub fn wait(&mut self, layer: usize) -> Result<Filled> {
         self.check_alive()?;
         self.reclaim_stuck()?;
+        check_next(
+            layer,
+            (self.expected.front()).map(|e| (e.layer, e.label.as_str())),
+        )?;
         let (seq, label) = match self.expected.front() {
-            None => {
-                return Err(Error::CopyEngine(format!(
-                    "out of order: waited for layer {layer} but no copy job is queued"
-                )))
-            }
-            Some(e) if e.layer != layer => {
-                return Err(Error::CopyEngine(format!(
-                    "out of order: waited for layer {layer} but the next queued job is `{}` for \
-                     layer {}",
-                    e.label, e.layer
-                )))
-            }
             Some(e) => (e.seq, e.label.clone()),
+            None => return Err(Error::CopyEngine("no copy job is queued".into())),
         };
         let start = Instant::now();
         let mut blocked = false;
@@ -355,25 +324,14 @@ impl CpuCopyEngine {
 
     /// What the engine did since it was made or `reset_stats`.
     pub fn stats(&self) -> CopyStats {
-        let bytes = self.shared.bytes.load(Ordering::Relaxed);
-        let busy_s = self.shared.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        let wait_s = self.wait_ns as f64 / 1e9;
-        let (overlap, achieved_gbps) = if busy_s > 0.0 {
-            (
-                (1.0 - wait_s / busy_s).clamp(0.0, 1.0),
-                bytes as f64 / busy_s / 1e9,
-            )
-        } else {
-            (1.0, 0.0)
-        };
-        CopyStats {
-            bytes,
-            jobs: self.shared.jobs.load(Ordering::Relaxed),
-            busy_s,
-            wait_s,
-            overlap,
-            achieved_gbps,
-        }
+        CopyStats::from_times(
+            self.shared.bytes.load(Ordering::Relaxed),
+            self.shared.jobs.load(Ordering::Relaxed),
+            self.shared.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.wait_ns as f64 / 1e9,
+            // The copy thread gathers; its time is in busy_s.
+            0.0,
+        )
     }
 
     /// Zeroes the stats (e.g. after warm-up).

@@ -22,6 +22,10 @@ pub struct OffloadReport {
     /// never waits there).
     pub copy_wait_s: f64,
     pub link_gbps_cap: Option<f64>,
+    /// Seconds compute's thread spent gathering copy jobs into pinned memory (CUDA, host
+    /// timed; the GPU may idle meanwhile, counted neither in `link_busy_s` nor in
+    /// `copy_wait_s`). 0 on the CPU, whose copy thread gathers within `link_busy_s`.
+    pub host_gather_s: f64,
     /// Neurons copied in when the request chose its sparse set.
     pub moved_neurons: u64,
     pub draft_passes: u64,
@@ -29,12 +33,13 @@ pub struct OffloadReport {
     /// Layers whose attention / sparse FFN did not fit and stream every pass.
     pub overflow_attention_layers: usize,
     pub overflow_ffn_layers: usize,
-    /// The planner's ms per produced token for this run (its period, measured AAL, link);
-    /// only with a link cap.
+    /// The planner's ms per produced token for this run (its period, measured AAL, link):
+    /// on CUDA always, on the CPU only with a link cap (uncapped, the CPU's "link" is
+    /// memcpy, which the planner does not model).
     pub predicted_ms_per_token: Option<f64>,
     /// Measured decode ms per produced token (the first token, from the prefill, excluded).
     pub measured_ms_per_token: f64,
-    /// The planner's predicted time to first token (with a link cap).
+    /// The planner's predicted time to first token (when `predicted_ms_per_token` is).
     pub predicted_ttft_ms: Option<f64>,
 }
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use memmap2::Mmap;
 use serde::Serialize;
 
+use crate::error::{Error, Result};
+use crate::offload::format_bytes;
 use crate::offload::trace::Trace;
 
 /// Bytes in host memory a copy reads: the memory-mapped checkpoint or host-built neuron bundles.
@@ -136,4 +138,78 @@ pub struct CopyStats {
     pub overlap: f64,
     /// bytes / busy_s / 1e9 (0 when nothing was copied).
     pub achieved_gbps: f64,
+    /// Seconds the compute thread spent gathering jobs' pieces into pinned staging memory
+    /// (CUDA: it runs on the thread that calls submit/release, so the GPU may sit idle
+    /// meanwhile, counted neither as copy time nor as a stall; host-timed). 0 on the CPU,
+    /// whose copy thread gathers as part of `busy_s`.
+    pub host_gather_s: f64,
+}
+
+impl CopyStats {
+    /// The stats of `bytes` in `jobs` that kept the link busy `busy_s` seconds while compute
+    /// waited `wait_s`: overlap and GB/s as both engines define them.
+    pub fn from_times(bytes: u64, jobs: u64, busy_s: f64, wait_s: f64, host_gather_s: f64) -> Self {
+        let (overlap, achieved_gbps) = if busy_s > 0.0 {
+            (
+                (1.0 - wait_s / busy_s).clamp(0.0, 1.0),
+                bytes as f64 / busy_s / 1e9,
+            )
+        } else {
+            (1.0, 0.0)
+        };
+        CopyStats {
+            bytes,
+            jobs,
+            busy_s,
+            wait_s,
+            overlap,
+            achieved_gbps,
+            host_gather_s,
+        }
+    }
+}
+
+/// Refuses `jobs` (both engines, before queuing any) if one reads outside its mapping or is
+/// larger than a staging buffer of `buffer_bytes`.
+pub fn validate_jobs(jobs: &[CopyJob], buffer_bytes: usize) -> Result<()> {
+    for job in jobs {
+        if let Some(p) =
+            (job.pieces.iter()).find(|p| p.range.start > p.range.end || p.range.end > p.map.len())
+        {
+            return Err(Error::CopyEngine(format!(
+                "job `{}` (layer {}) reads bytes {:?} of a {}-byte mapping",
+                job.label,
+                job.layer,
+                p.range,
+                p.map.len()
+            )));
+        }
+        let bytes = job.bytes();
+        if bytes > buffer_bytes {
+            return Err(Error::CopyEngine(format!(
+                "job `{}` (layer {}) is {} ({bytes} bytes), larger than a staging buffer of {} \
+                 ({buffer_bytes} bytes): give the engine larger buffers or split the job",
+                job.label,
+                job.layer,
+                format_bytes(bytes as u64),
+                format_bytes(buffer_bytes as u64),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `wait(layer)`'s order check (both engines): `next` is the next queued job's layer and
+/// label, if any; jobs are handed out in submission order only.
+pub fn check_next(layer: usize, next: Option<(usize, &str)>) -> Result<()> {
+    match next {
+        None => Err(Error::CopyEngine(format!(
+            "out of order: waited for layer {layer} but no copy job is queued"
+        ))),
+        Some((l, label)) if l != layer => Err(Error::CopyEngine(format!(
+            "out of order: waited for layer {layer} but the next queued job is `{label}` for \
+             layer {l}"
+        ))),
+        Some(_) => Ok(()),
+    }
 }
