@@ -7,20 +7,15 @@
 mod common;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{generate_sirius, GenerateOptions, GenerationOutput, SiriusOptions};
-use sirius_offload::model::{Llama, SamplingParams, Tokenizer};
+use sirius_offload::engine::{generate_sirius, GenerationOutput, SiriusOptions};
+use sirius_offload::model::Llama;
 use sirius_offload::offload::placement::plan;
 use sirius_offload::offload::runtime::{OffloadOptions, OffloadRuntime};
 use sirius_offload::offload::sirius_model::{generate_sirius_offloaded, offload_plan_input};
 use sirius_offload::sparsity::{Sparsity, SparsityMode};
 
 use common::gpu::*;
-
-const KEEP: f32 = 0.5;
-
-const PROMPT: [u32; 20] = [
-    5, 17, 42, 9, 3, 64, 7, 80, 11, 23, 31, 47, 52, 60, 71, 88, 90, 13, 29, 37,
-];
+use common::offload::{offload, options, sirius, tiny_model, Tiny, KEEP, PROMPT};
 
 /// Large enough that the weights outweigh the KV cache and activations, so that a budget
 /// between the plan's minimum and "everything resident" is below the model's size.
@@ -37,71 +32,22 @@ fn spec() -> common::TinySpec {
     }
 }
 
-fn options() -> GenerateOptions {
-    GenerateOptions {
-        max_tokens: 40,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 1,
-        },
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        context: 256,
-        prefill_chunk: 16,
-        show_progress: false,
-    }
-}
-
-fn sirius(period: usize, width: usize) -> SiriusOptions {
-    SiriusOptions {
-        period,
-        threshold: 0.1,
-        accept_temperature: 0.6,
-        width,
-    }
-}
-
-fn offload(budget: u64, period: usize) -> OffloadOptions {
-    OffloadOptions {
-        budget,
-        link_gbps: None,
-        planner_link_gbps: None,
-        mem_gbps: 20.0,
-        keep: KEEP,
-        period,
-        context: 0,
-        gemm_rows: 0,
-        prompt_tokens: 0,
-        trace: true,
-        delay: None,
-    }
-}
-
-struct Tiny {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    tokenizer: Tokenizer,
-}
-
 fn tiny() -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::write_model(dir.path(), &spec(), 31);
-    let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json")).unwrap();
-    Tiny {
-        _dir: dir,
-        path,
-        tokenizer,
-    }
+    tiny_model(&spec(), 31)
 }
 
 /// A third of the way from the plan's minimum to everything resident (some sparse FFNs
 /// overflow), checked to be below the checkpoint's weight bytes.
 fn budget_below_the_model(t: &Tiny, s: SiriusOptions) -> u64 {
     let model = Llama::load(&t.path, CpuBackend::new(2)).unwrap();
-    let (input, _) =
-        offload_plan_input(&model, &PROMPT, &options(), &s, &offload(1 << 40, s.period)).unwrap();
+    let (input, _) = offload_plan_input(
+        &model,
+        &PROMPT,
+        &options(40),
+        &s,
+        &offload(1 << 40, s.period, None),
+    )
+    .unwrap();
     let p = plan(&input).unwrap();
     let (fit, minimum) = (p.resident_bytes, p.minimum_bytes);
     let budget = minimum + (fit - minimum) / 3;
@@ -125,9 +71,9 @@ fn offloaded<B: sirius_offload::offload::offload_backend::OffloadBackend>(
         &mut model,
         &t.tokenizer,
         &PROMPT,
-        &options(),
+        &options(40),
         s,
-        offload(budget, s.period),
+        offload(budget, s.period, None),
         trace,
         &mut |_| true,
     )
@@ -151,7 +97,7 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
             &sparsity,
             &t.tokenizer,
             &PROMPT,
-            &options(),
+            &options(40),
             s,
             &mut |_| true,
         )
@@ -218,7 +164,7 @@ fn cuda_offloading_refuses_a_model_already_on_the_gpu_and_a_link_cap() {
     let budget = budget_below_the_model(&t, s);
     let mut model = Llama::load(&t.path, g).unwrap();
     let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(), &s, &offload(budget, 4)).unwrap();
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(budget, 4, None)).unwrap();
     let err = OffloadRuntime::new(&mut model, input, &opts)
         .err()
         .map(|e| e.to_string())
@@ -227,12 +173,111 @@ fn cuda_offloading_refuses_a_model_already_on_the_gpu_and_a_link_cap() {
     let mut model = Llama::load(&t.path, open_backend().unwrap().with_host_weights()).unwrap();
     let capped = OffloadOptions {
         link_gbps: Some(8.0),
-        ..offload(budget, 4)
+        ..offload(budget, 4, None)
     };
-    let (input, opts) = offload_plan_input(&model, &PROMPT, &options(), &s, &capped).unwrap();
+    let (input, opts) = offload_plan_input(&model, &PROMPT, &options(40), &s, &capped).unwrap();
     let err = OffloadRuntime::new(&mut model, input, &opts)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("link cap"), "{err}");
+}
+
+/// Two requests on one runtime of `backend`, prefilled in chunks of `chunk` tokens.
+fn two_requests<B: sirius_offload::offload::offload_backend::OffloadBackend>(
+    t: &Tiny,
+    backend: B,
+    s: SiriusOptions,
+    budget: u64,
+    chunk: usize,
+    prompts: [&[u32]; 2],
+) -> [GenerationOutput; 2] {
+    use sirius_offload::offload::sirius_model::generate_on_runtime;
+    let opts = sirius_offload::engine::GenerateOptions {
+        prefill_chunk: chunk,
+        ..options(40)
+    };
+    let mut model = Llama::load(&t.path, backend).unwrap();
+    let (input, o) = offload_plan_input(
+        &model,
+        prompts[0],
+        &opts,
+        &s,
+        &offload(budget, s.period, None),
+    )
+    .unwrap();
+    let rt = OffloadRuntime::new(&mut model, input, &o).unwrap();
+    let run = |rt, prompt| {
+        generate_on_runtime(
+            &model,
+            rt,
+            &t.tokenizer,
+            prompt,
+            &opts,
+            s,
+            None,
+            &mut |_| true,
+        )
+        .unwrap()
+    };
+    let (first, rt) = run(rt, prompts[0]);
+    let (second, _) = run(rt, prompts[1]);
+    [first, second]
+}
+
+/// Prefill chunks of 48 rows (cuBLAS GemmEx on the staged views: batches above 16 rows)
+/// and a second request on the same runtime (only new neurons move in; the old compact FFN
+/// is freed before the new one is uploaded): the tokens of the CPU's offloaded runs.
+#[test]
+fn cuda_offload_with_wide_prefill_chunks_and_a_second_request() {
+    let Some(g) = gpu() else { return };
+    let t = tiny();
+    let s = sirius(4, 1);
+    let first: Vec<u32> = (0..48).map(|i| (i * 11 % 120) as u32 + 3).collect();
+    let second: Vec<u32> = first.iter().map(|&x| (x * 7 + 5) % 120 + 3).collect();
+    // As `budget_below_the_model`, for these prompts and chunks (larger activations).
+    let wide = sirius_offload::engine::GenerateOptions {
+        prefill_chunk: 48,
+        ..options(40)
+    };
+    let cpu_model = Llama::load(&t.path, CpuBackend::new(2)).unwrap();
+    let (input, _) = offload_plan_input(
+        &cpu_model,
+        &first,
+        &wide,
+        &s,
+        &offload(1 << 40, s.period, None),
+    )
+    .unwrap();
+    let p = plan(&input).unwrap();
+    let budget = p.minimum_bytes + (p.resident_bytes - p.minimum_bytes) / 3;
+    let prompts = [&first[..], &second[..]];
+    let gpu = two_requests(&t, g.with_host_weights(), s, budget, 48, prompts);
+    let cpu = two_requests(&t, CpuBackend::new(2), s, budget, 48, prompts);
+    for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
+        let o = g.offload.as_ref().expect("offload statistics");
+        say(&format!(
+            "OFFLOAD cuda chunk 48 request {i} tokens={} streamed_bytes={} moved={} gather_s={:.4} {}",
+            g.generated_tokens,
+            o.streamed_bytes,
+            o.moved_neurons,
+            o.host_gather_s,
+            if g.generated_token_ids == c.generated_token_ids { "ok" } else { "FAIL" }
+        ));
+        assert_eq!(
+            g.generated_token_ids, c.generated_token_ids,
+            "request {i}: offloaded CUDA tokens differ from the offloaded CPU run"
+        );
+        assert!(o.resident_bytes <= budget, "request {i}: {o:?}");
+    }
+    let (a, b) = (
+        gpu[0].offload.as_ref().unwrap(),
+        gpu[1].offload.as_ref().unwrap(),
+    );
+    assert!(
+        b.moved_neurons < a.moved_neurons,
+        "second request moved {} of {}",
+        b.moved_neurons,
+        a.moved_neurons
+    );
 }

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{generate_sirius, GenerateOptions, GenerationOutput, SiriusOptions};
-use sirius_offload::model::{Llama, SamplingParams, Tokenizer};
+use sirius_offload::engine::{generate_sirius, GenerationOutput, SiriusOptions};
+use sirius_offload::model::Llama;
 use sirius_offload::offload::placement::plan;
 use sirius_offload::offload::runtime::OffloadOptions;
 use sirius_offload::offload::sirius_model::{generate_sirius_offloaded, offload_plan_input};
 use sirius_offload::sparsity::{Sparsity, SparsityMode};
 
-const KEEP: f32 = 0.5;
+use common::offload::{offload, options, sirius, tiny_model, Tiny, KEEP, PROMPT};
 
 fn spec() -> common::TinySpec {
     common::TinySpec {
@@ -30,48 +30,6 @@ fn spec() -> common::TinySpec {
     }
 }
 
-fn options(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 1,
-        },
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        context: 256,
-        prefill_chunk: 16,
-        show_progress: false,
-    }
-}
-
-fn sirius(period: usize, width: usize) -> SiriusOptions {
-    SiriusOptions {
-        period,
-        threshold: 0.1,
-        accept_temperature: 0.6,
-        width,
-    }
-}
-
-fn offload(budget: u64, delay: Option<sirius_offload::offload::stream::DelayFn>) -> OffloadOptions {
-    OffloadOptions {
-        budget,
-        link_gbps: None,
-        planner_link_gbps: None,
-        mem_gbps: 20.0,
-        keep: KEEP,
-        period: 4,
-        context: 0,
-        gemm_rows: 0,
-        prompt_tokens: 0,
-        trace: true,
-        delay,
-    }
-}
-
 /// The plan's resident bytes when everything fits, and its minimum, for this request.
 fn budgets(t: &Tiny, s: SiriusOptions) -> (u64, u64) {
     let p = plan_at(t, s, 1 << 40);
@@ -81,25 +39,12 @@ fn budgets(t: &Tiny, s: SiriusOptions) -> (u64, u64) {
 fn plan_at(t: &Tiny, s: SiriusOptions, budget: u64) -> sirius_offload::offload::placement::Plan {
     let model = load(t);
     let (input, _) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(budget, None)).unwrap();
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(budget, 4, None)).unwrap();
     plan(&input).unwrap()
 }
 
-struct Tiny {
-    _dir: tempfile::TempDir,
-    path: std::path::PathBuf,
-    tokenizer: Tokenizer,
-}
-
 fn tiny() -> Tiny {
-    let dir = tempfile::tempdir().unwrap();
-    let path = common::write_model(dir.path(), &spec(), 11);
-    let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json")).unwrap();
-    Tiny {
-        _dir: dir,
-        path,
-        tokenizer,
-    }
+    tiny_model(&spec(), 11)
 }
 
 fn load(t: &Tiny) -> Llama<CpuBackend> {
@@ -144,10 +89,6 @@ fn offloaded(
     )
 }
 
-const PROMPT: [u32; 20] = [
-    5, 17, 42, 9, 3, 64, 7, 80, 11, 23, 31, 47, 52, 60, 71, 88, 90, 13, 29, 37,
-];
-
 #[test]
 fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
     let t = tiny();
@@ -165,7 +106,7 @@ fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
             minimum + (minimum / 20),
             minimum,
         ] {
-            let out = offloaded(&t, &PROMPT, s, offload(budget, None))
+            let out = offloaded(&t, &PROMPT, s, offload(budget, 4, None))
                 .unwrap_or_else(|e| panic!("budget {budget} (fit {fit}, minimum {minimum}): {e}"));
             assert_eq!(
                 out.generated_token_ids, reference.generated_token_ids,
@@ -207,7 +148,7 @@ fn random_copy_delays_never_change_the_output() {
                 >> 40;
             Duration::from_micros(x % 2000)
         });
-        let out = offloaded(&t, &PROMPT, s, offload((fit + minimum) / 2, Some(delay))).unwrap();
+        let out = offloaded(&t, &PROMPT, s, offload((fit + minimum) / 2, 4, Some(delay))).unwrap();
         assert_eq!(
             out.generated_token_ids, reference.generated_token_ids,
             "seed {seed}"
@@ -219,7 +160,7 @@ fn random_copy_delays_never_change_the_output() {
 fn a_budget_below_the_minimum_names_the_minimum() {
     let t = tiny();
     let (_, minimum) = budgets(&t, sirius(4, 1));
-    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, None)) else {
+    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, 4, None)) else {
         panic!("a budget below the minimum must fail");
     };
     let msg = err.to_string();
@@ -240,7 +181,7 @@ fn a_new_request_copies_in_only_the_neurons_not_yet_resident() {
         &PROMPT,
         &options(40),
         &s,
-        &offload((fit + minimum) / 2, None),
+        &offload((fit + minimum) / 2, 4, None),
     )
     .unwrap();
     let mut rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
@@ -337,7 +278,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
         &PROMPT,
         &options(40),
         &s,
-        &offload((fit + minimum) / 2, None),
+        &offload((fit + minimum) / 2, 4, None),
     )
     .unwrap();
     let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
@@ -384,7 +325,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     let long: Vec<u32> = (0..60).map(|i| (i * 5 % 90) as u32 + 3).collect();
     let mut model = load(&t);
     let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, None)).unwrap();
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, 4, None)).unwrap();
     let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
     let err = generate_on_runtime(
         &model,
@@ -420,7 +361,7 @@ fn keep_one_resident_streams_nothing_at_verification() {
     .unwrap();
     let o = OffloadOptions {
         keep: 1.0,
-        ..offload(1 << 30, None)
+        ..offload(1 << 30, 4, None)
     };
     let out = offloaded(&t, &PROMPT, s, o).unwrap();
     assert_eq!(out.generated_token_ids, reference.generated_token_ids);
@@ -443,7 +384,7 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     let (fit, _) = budgets(&t, s);
     let mut model = load(&t);
     let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, None)).unwrap();
+        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, 4, None)).unwrap();
     let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
     assert!(rt.plan.layers.iter().all(|l| l.complement_resident));
     let (first, rt) = generate_on_runtime(

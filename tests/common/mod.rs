@@ -9,6 +9,7 @@ use half::{bf16, f16};
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod offload;
 
 /// One tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
 pub struct RawTensor {

@@ -1,0 +1,79 @@
+//! Shared setup of the offloaded-run tests (tests/offload_run.rs on the CPU,
+//! tests/gpu_offload.rs on CUDA): generation, Sirius and offload options, the prompt and a
+//! tiny model written to a temp dir. Each suite keeps its own model spec.
+
+use sirius_offload::engine::{GenerateOptions, SiriusOptions};
+use sirius_offload::model::{SamplingParams, Tokenizer};
+use sirius_offload::offload::runtime::OffloadOptions;
+use sirius_offload::offload::stream::DelayFn;
+
+use super::{write_model, TinySpec};
+
+/// Griffin's keep fraction in every offloaded test.
+pub const KEEP: f32 = 0.5;
+
+pub const PROMPT: [u32; 20] = [
+    5, 17, 42, 9, 3, 64, 7, 80, 11, 23, 31, 47, 52, 60, 71, 88, 90, 13, 29, 37,
+];
+
+/// Greedy generation of `max_tokens` tokens, prefill in chunks of 16.
+pub fn options(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1,
+        },
+        stop_token_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        context: 256,
+        prefill_chunk: 16,
+        show_progress: false,
+    }
+}
+
+pub fn sirius(period: usize, width: usize) -> SiriusOptions {
+    SiriusOptions {
+        period,
+        threshold: 0.1,
+        accept_temperature: 0.6,
+        width,
+    }
+}
+
+/// Offloading within `budget`, no link cap, traced; `delay` delays each copy job.
+pub fn offload(budget: u64, period: usize, delay: Option<DelayFn>) -> OffloadOptions {
+    OffloadOptions {
+        budget,
+        link_gbps: None,
+        planner_link_gbps: None,
+        mem_gbps: 20.0,
+        keep: KEEP,
+        period,
+        context: 0,
+        gemm_rows: 0,
+        prompt_tokens: 0,
+        trace: true,
+        delay,
+    }
+}
+
+/// A tiny model in a temp dir (removed on drop) and its tokenizer.
+pub struct Tiny {
+    pub _dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    pub tokenizer: Tokenizer,
+}
+
+pub fn tiny_model(spec: &TinySpec, seed: u64) -> Tiny {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model(dir.path(), spec, seed);
+    let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json")).unwrap();
+    Tiny {
+        _dir: dir,
+        path,
+        tokenizer,
+    }
+}
