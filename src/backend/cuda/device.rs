@@ -293,7 +293,8 @@ impl CudaDevice {
         Ok((free as u64, total as u64))
     }
 
-    /// Refuses a `--gpu-mem` budget of `bytes` that the device cannot give now.
+    /// Refuses a `--gpu-mem` budget of `bytes` that the device cannot give now with a margin
+    /// to spare (5% of free memory, at least 256 MiB) for what the budget does not count.
     pub fn check_budget(&self, bytes: u64) -> Result<()> {
         let (free, total) = self.memory_info()?;
         budget_error(&self.describe(), bytes, free, total).map_or(Ok(()), Err)
