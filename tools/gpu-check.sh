@@ -110,8 +110,16 @@ fi
 # NVRTC and headers: the pack's copy (the version CI compiles the kernels with) when it has
 # one, else the machine's.
 extra_lib=""
-if [ -f "$PACK/cuda/nvrtc.tar.gz" ]; then
-    mkdir -p "$WORK/cuda" && tar -C "$WORK/cuda" -xzf "$PACK/cuda/nvrtc.tar.gz"
+unpack_xz() { # archive dir: xz where the machine has it, else Python's lzma module
+    if command -v xz >/dev/null; then
+        xz -dc "$1" | tar -C "$2" -xf -
+    else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1" |
+            tar -C "$2" -xf -
+    fi
+}
+if [ -f "$PACK/cuda/nvrtc.tar.xz" ]; then
+    mkdir -p "$WORK/cuda" && unpack_xz "$PACK/cuda/nvrtc.tar.xz" "$WORK/cuda"
     extra_lib=$WORK/cuda/lib
     export CUDA_INCLUDE_DIR=$WORK/cuda/include
     say "- NVRTC: the pack's ($(sed -n 's/^nvrtc: //p' "$PACK/MANIFEST"))"
