@@ -260,7 +260,7 @@ impl Matmul {
         )?;
         blas.gemm_ex(
             OP,
-            half,
+            half.cuda_type(),
             w.rows,
             n,
             w.cols,
@@ -471,7 +471,9 @@ impl Cublas {
     }
 
     /// Row-major `out[t, r0 + i] = sum_k a[i, k] * x[t, k]` for i < m, t < n, all f32, with
-    /// `out` rows `ldo` floats apart (the module doc's mapping: C = op_T(A) * B).
+    /// `out` rows `ldo` floats apart (the module doc's mapping: C = op_T(A) * B). GemmEx with
+    /// f32 inputs and CUBLAS_COMPUTE_32F is SGEMM's arithmetic (the handle keeps the default
+    /// math mode, so no TF32), which keeps one cuBLAS call site for both paths.
     #[allow(clippy::too_many_arguments)]
     fn sgemm(
         &self,
@@ -484,34 +486,20 @@ impl Cublas {
         out: u64,
         ldo: usize,
     ) -> Result<()> {
-        let (m, n, k, ldo) = blas_dims(op, m, n, k, ldo)?;
-        let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner());
-        self.ctx.bind()?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: a, x, out are live device allocations of at least k*m, k*n and ldo*n
-        // floats (checked by the caller); alpha/beta are host scalars (the default pointer
-        // mode); the handle runs on the compute stream, ordered with the kernels.
-        blas_call(op, "cublasSgemm", || unsafe {
-            blas::sgemm(
-                *handle,
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                &alpha,
-                a as *const f32,
-                k,
-                x as *const f32,
-                k,
-                &beta,
-                out as *mut f32,
-                ldo,
-            )
-        })
+        self.gemm_ex(
+            op,
+            blas_sys::cudaDataType::CUDA_R_32F,
+            m,
+            n,
+            k,
+            a,
+            x,
+            out,
+            ldo,
+        )
     }
 
-    /// As [`Cublas::sgemm`] with `a` and `x` both of the 16-bit type `half`: f32
+    /// As [`Cublas::sgemm`] with `a` and `x` both of type `ty` (f32, bf16 or f16): f32
     /// accumulation (CUBLAS_COMPUTE_32F, so f32 alpha/beta) into the f32 `out`.
     /// CUBLAS_GEMM_DEFAULT: since CUDA 11 the heuristics use tensor cores for 16-bit inputs
     /// on their own; the *_TENSOR_OP algos are deprecated and would also allow the reduced
@@ -522,7 +510,7 @@ impl Cublas {
     fn gemm_ex(
         &self,
         op: &str,
-        half: Half,
+        ty: blas_sys::cudaDataType,
         m: usize,
         n: usize,
         k: usize,
@@ -535,9 +523,8 @@ impl Cublas {
         let handle = self.handle.lock().unwrap_or_else(|e| e.into_inner());
         self.ctx.bind()?;
         let (alpha, beta) = (1.0f32, 0.0f32);
-        let ty = half.cuda_type();
         // SAFETY: a and x are live device allocations of at least k*m and k*n elements of
-        // `half`, out of ldo*n floats (checked by the caller); alpha/beta are host f32
+        // `ty`, out of ldo*n floats (checked by the caller); alpha/beta are host f32
         // scalars, the scale type CUBLAS_COMPUTE_32F wants (default pointer mode); beta = 0,
         // so `out` is only written; the handle runs on the compute stream, after the kernel
         // that wrote x.
