@@ -240,32 +240,23 @@ fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
     });
 }
 
-/// Decode attention as a real decode step meets it: SmolLM2 shapes at 1,600 positions of
-/// context (an 8-shot GSM prompt), cycling through 30 layers' caches (74 MB, more than L3),
-/// so the keys and values come from DRAM. Throughput is cache bytes read per layer.
-#[divan::bench(args = [1, 2], max_time = 2)]
-fn attention_decode_cold_ctx1600(bencher: Bencher, threads: usize) {
-    let (nh, nkv, hd, seq, layers) = (9, 3, 64, 1600, 30);
+/// SmolLM2's attention shape and the context of an 8-shot GSM prompt, over 30 layers' caches
+/// (74 MB, more than L3), as a real decode step meets them.
+const COLD_ATTN: (usize, usize, usize, usize, usize) = (9, 3, 64, 1600, 30);
+
+/// Times one decode token's attention per call, cycling through the layers' `(keys, values)`
+/// so they come from DRAM. Throughput is cache bytes read per layer.
+fn bench_cold_attention(bencher: Bencher, threads: usize, caches: &[(&[f32], &[f32])]) {
+    let (nh, nkv, hd, seq, _) = COLD_ATTN;
     let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
-    let caches: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
-        .map(|l| {
-            let k = (0..seq * nkv * hd)
-                .map(|i| ((i + l) as f32 * 0.11).cos())
-                .collect();
-            let v = (0..seq * nkv * hd)
-                .map(|i| ((i + l) as f32 * 0.07).sin())
-                .collect();
-            (k, v)
-        })
-        .collect();
     let mut out = vec![0f32; nh * hd];
     let pool = pool(threads);
     let mut layer = 0;
     bencher
         .counter(BytesCount::new(2 * seq * nkv * hd * 4))
         .bench_local(|| {
-            let (kc, vc) = &caches[layer];
-            layer = (layer + 1) % layers;
+            let (kc, vc) = caches[layer];
+            layer = (layer + 1) % caches.len();
             cpu::attention_with_isa(
                 cpu::Isa::best(),
                 pool,
@@ -284,13 +275,29 @@ fn attention_decode_cold_ctx1600(bencher: Bencher, threads: usize) {
         });
 }
 
-/// [`attention_decode_cold_ctx1600`] with the caches in one anonymous mapping advised to use
-/// transparent huge pages: how much of the cold cost is TLB misses and hardware prefetchers
-/// stopping at 4 KiB page boundaries (the KV cache itself is plain `Vec`s, 4 KiB pages).
+/// Decode attention at 1,600 positions, cold (see [`COLD_ATTN`]), caches in plain `Vec`s as
+/// the KV cache keeps them (4 KiB pages).
+#[divan::bench(args = [1, 2], max_time = 2)]
+fn attention_decode_cold_ctx1600(bencher: Bencher, threads: usize) {
+    let (_, nkv, hd, seq, layers) = COLD_ATTN;
+    let fill = |l: usize, f: f32| -> Vec<f32> {
+        (0..seq * nkv * hd)
+            .map(|i| ((i + l) as f32 * f).cos())
+            .collect()
+    };
+    let owned: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
+        .map(|l| (fill(l, 0.11), fill(l, 0.07)))
+        .collect();
+    let caches: Vec<(&[f32], &[f32])> = owned.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    bench_cold_attention(bencher, threads, &caches);
+}
+
+/// The same with the caches in one anonymous mapping advised to use transparent huge pages:
+/// how much of the cold cost is TLB misses and hardware prefetchers stopping at 4 KiB page
+/// boundaries.
 #[divan::bench(args = [1, 2], max_time = 2)]
 fn attention_decode_cold_ctx1600_huge(bencher: Bencher, threads: usize) {
-    let (nh, nkv, hd, seq, layers) = (9, 3, 64, 1600, 30);
-    let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (_, nkv, hd, seq, layers) = COLD_ATTN;
     let per = seq * nkv * hd;
     let mut map = memmap2::MmapOptions::new()
         .len(2 * layers * per * 4)
@@ -304,31 +311,11 @@ fn attention_decode_cold_ctx1600_huge(bencher: Bencher, threads: usize) {
     for (i, v) in all.iter_mut().enumerate() {
         *v = (i as f32 * 0.11).cos();
     }
-    let mut out = vec![0f32; nh * hd];
-    let pool = pool(threads);
-    let mut layer = 0;
-    bencher
-        .counter(BytesCount::new(2 * per * 4))
-        .bench_local(|| {
-            let kc = &all[2 * layer * per..(2 * layer + 1) * per];
-            let vc = &all[(2 * layer + 1) * per..(2 * layer + 2) * per];
-            layer = (layer + 1) % layers;
-            cpu::attention_with_isa(
-                cpu::Isa::best(),
-                pool,
-                &q,
-                kc,
-                vc,
-                nh,
-                nkv,
-                hd,
-                seq - 1,
-                1,
-                None,
-                &mut out,
-            );
-            divan::black_box(&out);
-        });
+    let caches: Vec<(&[f32], &[f32])> = all
+        .chunks_exact(2 * per)
+        .map(|kv| kv.split_at(per))
+        .collect();
+    bench_cold_attention(bencher, threads, &caches);
 }
 
 /// Short multi-token batches (Sirius verification windows) through cold [1536, 576] bf16
