@@ -623,3 +623,59 @@ fn host_to_device_bandwidth() {
     ));
     assert!(p > 0.0 && q > 0.0);
 }
+
+#[test]
+fn token_choice_matches() {
+    use sirius_offload::model::sampler::argmax;
+    use sirius_offload::sirius::corrector::token_probability;
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    for (vocab, n) in [(1, 1), (100, 3), (49_152, 16), (128_256, 2)] {
+        let mut logits = random(&mut rng, n * vocab, 12.0);
+        let mut tokens: Vec<u32> = (0..n as u32).map(|r| (r * 7919) % vocab as u32).collect();
+        if n >= 3 && vocab >= 100 {
+            // Row 0: a tie for the maximum (the lower index wins) and a NaN that must not.
+            logits[5] = 1e3;
+            logits[50] = 1e3;
+            logits[7] = f32::NAN;
+            // Row 1: nothing above -inf (argmax 0, probability 0).
+            logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+            // Row 2: a token outside the vocabulary has probability 0.
+            tokens[2] = vocab as u32 + 3;
+            // The argmax's own probability is checked too.
+            tokens[0] = 5;
+        }
+        // One row past n, poisoned: the kernels must not read it into any result.
+        let mut padded = logits.clone();
+        padded.extend(std::iter::repeat_n(f32::NAN, vocab));
+        let buf = g.upload(&padded).unwrap();
+        let ids = g.argmax_rows(&buf, n, vocab).unwrap();
+        let want: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(ids, want, "argmax_rows vocab {vocab} n {n}");
+        say(&format!("PARITY argmax_rows v{vocab} n{n} err=0 tol=0"));
+        for t in [0.6f32, 1.0] {
+            let probs = g.accept_probs(&buf, vocab, &tokens, t).unwrap();
+            let mut err = 0f64;
+            for (r, (&p, &tok)) in probs.iter().zip(&tokens).enumerate() {
+                let z = &logits[r * vocab..(r + 1) * vocab];
+                let want = token_probability(z, t, tok);
+                // Probabilities are at most 1: the absolute error is the measure.
+                err = err.max((p as f64 - want).abs());
+                if want == 0.0 {
+                    assert_eq!(p, 0.0, "accept_probs row {r} vocab {vocab} must be 0");
+                }
+            }
+            say(&format!(
+                "PARITY accept_probs v{vocab} n{n} T{t} err={err:.2e} tol=1e-5"
+            ));
+            assert!(
+                err <= 1e-5,
+                "accept_probs vocab {vocab} n {n} T {t}: err {err}"
+            );
+        }
+    }
+    // Bad arguments are errors, not launches.
+    let buf = g.upload(&[0.0; 8]).unwrap();
+    assert!(g.argmax_rows(&buf, 3, 4).is_err(), "rows past the buffer");
+    assert!(g.accept_probs(&buf, 4, &[0], 0.0).is_err(), "temperature 0");
+}

@@ -15,6 +15,7 @@ mod ops_attention;
 mod ops_basic;
 mod ops_ffn;
 mod ops_matmul;
+mod ops_sampling;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};
