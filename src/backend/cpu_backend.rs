@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
+use super::checks;
 use super::cpu::{self as kernels, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
@@ -147,18 +148,7 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, t: &TensorRef) -> Result<CpuMatrix> {
-        let (rows, cols) = match t.shape.as_slice() {
-            [r, c] => (*r, *c),
-            other => {
-                return Err(Error::Safetensors {
-                    path: t.path.clone(),
-                    msg: format!(
-                        "tensor `{}` has shape {other:?}, expected a 2-D matrix",
-                        t.name
-                    ),
-                })
-            }
-        };
+        let (rows, cols) = checks::matrix_shape(t)?;
         let (map, range) = t.mapping();
         Ok(CpuMatrix {
             storage: Storage::Mapped(map, range),
@@ -287,16 +277,8 @@ impl Backend for CpuBackend {
         n_rows: usize,
         row_len: usize,
     ) -> Result<()> {
-        let s = src_row * row_len;
-        let d = dst_row * row_len;
-        let n = n_rows * row_len;
-        if s + n > src.len() || d + n > dst.len() {
-            return Err(Error::InvalidArgument(format!(
-                "copy of {n_rows} rows of {row_len} out of bounds (src {} floats from row {src_row}, dst {} floats from row {dst_row})",
-                src.len(),
-                dst.len()
-            )));
-        }
+        let (s, d, n) =
+            checks::row_copy_range(src.len(), src_row, dst.len(), dst_row, n_rows, row_len)?;
         dst[d..d + n].copy_from_slice(&src[s..s + n]);
         Ok(())
     }
@@ -395,13 +377,7 @@ impl Backend for CpuBackend {
         rows: usize,
         cols: usize,
     ) -> Result<CpuMatrix> {
-        if bytes.len() != rows * cols * dtype.size() {
-            return Err(Error::InvalidArgument(format!(
-                "matrix of {rows} x {cols} {dtype:?} needs {} bytes, got {}",
-                rows * cols * dtype.size(),
-                bytes.len()
-            )));
-        }
+        checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
         Ok(CpuMatrix {
             storage: Storage::Owned(Arc::new(huge_page_copy(&bytes)?)),
             dtype,

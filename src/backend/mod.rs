@@ -5,6 +5,7 @@
 //! (feature `cuda`) must match it op by op. Buffers are opaque to the model: a backend keeps
 //! them wherever its compute happens (host memory, device memory).
 
+mod checks;
 pub mod cpu;
 mod cpu_backend;
 #[cfg(feature = "cuda")]

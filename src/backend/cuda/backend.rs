@@ -16,13 +16,14 @@ use super::ops_basic::{self as basic, RopeCache};
 use super::ops_matmul::{GemmPrecision, Matmul};
 use super::ops_sampling;
 use super::{device, ops_attention as attn, ops_ffn as ffn};
+use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
     TreeMask,
 };
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::weights::TensorRef;
 
 pub struct CudaBackend {
@@ -147,18 +148,7 @@ impl Backend for CudaBackend {
     }
 
     fn matrix(&self, t: &TensorRef) -> Result<CudaMatrix> {
-        let (rows, cols) = match t.shape.as_slice() {
-            [r, c] => (*r, *c),
-            other => {
-                return Err(Error::Safetensors {
-                    path: t.path.clone(),
-                    msg: format!(
-                        "tensor `{}` has shape {other:?}, expected a 2-D matrix",
-                        t.name
-                    ),
-                })
-            }
-        };
+        let (rows, cols) = checks::matrix_shape(t)?;
         if self.host_weights {
             let (map, range) = t.mapping();
             return CudaMatrix::in_host(&self.ctx, map, range, t.dtype, rows, cols);
@@ -199,7 +189,6 @@ impl Backend for CudaBackend {
         n_tokens: usize,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        w.check_on_device("matmul")?;
         self.matmul.matmul(&self.ctx, w, x, n_tokens, out)
     }
 

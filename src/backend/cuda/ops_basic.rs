@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
+use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::RopeTable;
 use crate::dtype::DType;
@@ -310,16 +311,8 @@ pub(crate) fn copy_rows(
     row_len: usize,
 ) -> Result<()> {
     const OP: &str = "copy_rows";
-    let s = src_row * row_len;
-    let d = dst_row * row_len;
-    let n = n_rows * row_len;
-    if s + n > src.len() || d + n > dst.len() {
-        return Err(Error::InvalidArgument(format!(
-            "copy of {n_rows} rows of {row_len} out of bounds (src {} floats from row {src_row}, dst {} floats from row {dst_row})",
-            src.len(),
-            dst.len()
-        )));
-    }
+    let (s, d, n) =
+        checks::row_copy_range(src.len(), src_row, dst.len(), dst_row, n_rows, row_len)?;
     if n == 0 {
         return Ok(());
     }

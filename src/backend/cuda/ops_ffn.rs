@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::{dtype_suffix, need};
+use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 use crate::dtype::DType;
@@ -35,13 +36,7 @@ pub(crate) fn upload_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<CudaMatrix> {
-    if bytes.len() != rows * cols * dtype.size() {
-        return Err(Error::InvalidArgument(format!(
-            "matrix of {rows} x {cols} {dtype:?} needs {} bytes, got {}",
-            rows * cols * dtype.size(),
-            bytes.len()
-        )));
-    }
+    checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
     let mem = DevMem::new(ctx, "upload_matrix", bytes.len())?;
     ctx.htod("upload_matrix", mem.ptr(), bytes)?;
     Ok(CudaMatrix::on_device(mem, dtype, rows, cols))

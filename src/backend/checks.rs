@@ -1,0 +1,51 @@
+//! Argument checks every backend makes: the CPU and CUDA backends refuse the same inputs with
+//! the same words.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::model::weights::TensorRef;
+
+/// `(rows, cols)` of a checkpoint tensor that must be a 2-D matrix.
+pub(crate) fn matrix_shape(t: &TensorRef) -> Result<(usize, usize)> {
+    match t.shape.as_slice() {
+        [r, c] => Ok((*r, *c)),
+        other => Err(Error::Safetensors {
+            path: t.path.clone(),
+            msg: format!(
+                "tensor `{}` has shape {other:?}, expected a 2-D matrix",
+                t.name
+            ),
+        }),
+    }
+}
+
+/// `len` bytes are exactly a `rows x cols` matrix of `dtype`.
+pub(crate) fn check_matrix_bytes(len: usize, dtype: DType, rows: usize, cols: usize) -> Result<()> {
+    let want = rows * cols * dtype.size();
+    if len != want {
+        return Err(Error::InvalidArgument(format!(
+            "matrix of {rows} x {cols} {dtype:?} needs {want} bytes, got {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// `copy_rows`'s float offsets `(src, dst, count)`, checked against both buffers' lengths.
+pub(crate) fn row_copy_range(
+    src_len: usize,
+    src_row: usize,
+    dst_len: usize,
+    dst_row: usize,
+    n_rows: usize,
+    row_len: usize,
+) -> Result<(usize, usize, usize)> {
+    let s = src_row * row_len;
+    let d = dst_row * row_len;
+    let n = n_rows * row_len;
+    if s + n > src_len || d + n > dst_len {
+        return Err(Error::InvalidArgument(format!(
+            "copy of {n_rows} rows of {row_len} out of bounds (src {src_len} floats from row {src_row}, dst {dst_len} floats from row {dst_row})"
+        )));
+    }
+    Ok((s, d, n))
+}
