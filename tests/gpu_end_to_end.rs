@@ -6,31 +6,15 @@
 
 mod common;
 
-use sirius_offload::backend::{Backend, CpuBackend};
-use sirius_offload::model::{sampler::argmax, Llama, Logits, Scratch};
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::model::Llama;
 use sirius_offload::sirius::{correct, correct_tree, CorrectorOptions, LlamaSirius};
 use sirius_offload::sparsity::{Sparsity, SparsityMode};
 
 use common::gpu::*;
 use common::{Rng, TinySpec};
 
-fn greedy<B: Backend>(model: &Llama<B>, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
-    let mut cache = model.new_cache(prompt.len() + n).unwrap();
-    let mut scratch = Scratch::new(model, prompt.len()).unwrap();
-    let mut logits = model
-        .forward(prompt, &mut cache, &mut scratch, Logits::Last)
-        .unwrap();
-    let first = logits.clone();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let t = argmax(&logits);
-        out.push(t);
-        logits = model
-            .forward(&[t], &mut cache, &mut scratch, Logits::Last)
-            .unwrap();
-    }
-    (out, first)
-}
+use common::greedy_with_prompt_logits as greedy;
 
 /// Greedy tokens of the model in `dir` on both backends; the prompt's logits are compared
 /// too (a long prompt runs through the GEMM path). Equal tokens are asserted on the f32 GEMM

@@ -66,6 +66,36 @@ fn unconstrained(t: &Tiny, prompt: &[u32], s: SiriusOptions) -> GenerationOutput
     .unwrap()
 }
 
+/// One request of 40 tokens on `rt`, whose tokens must equal the unconstrained run's; the
+/// runtime comes back for the next request.
+fn request_on(
+    model: &Llama<CpuBackend>,
+    rt: sirius_offload::offload::runtime::OffloadRuntime<CpuBackend>,
+    t: &Tiny,
+    prompt: &[u32],
+    s: SiriusOptions,
+) -> (
+    GenerationOutput,
+    sirius_offload::offload::runtime::OffloadRuntime<CpuBackend>,
+) {
+    let (out, rt) = sirius_offload::offload::sirius_model::generate_on_runtime(
+        model,
+        rt,
+        &t.tokenizer,
+        prompt,
+        &options(40),
+        s,
+        None,
+        &mut |_| true,
+    )
+    .unwrap();
+    assert_eq!(
+        out.generated_token_ids,
+        unconstrained(t, prompt, s).generated_token_ids
+    );
+    (out, rt)
+}
+
 fn offloaded(
     t: &Tiny,
     prompt: &[u32],
@@ -295,21 +325,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     .unwrap();
     // Same length, different tokens: the request fits the runtime's plan.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
-    let (second, _) = generate_on_runtime(
-        &model,
-        rt,
-        &t.tokenizer,
-        &second_prompt,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
-    assert_eq!(
-        second.generated_token_ids,
-        unconstrained(&t, &second_prompt, s).generated_token_ids
-    );
+    let (second, _) = request_on(&model, rt, &t, &second_prompt, s);
     let (a, b) = (first.offload.unwrap(), second.offload.unwrap());
     assert!(a.moved_neurons > 0);
     assert!(
@@ -378,7 +394,6 @@ fn keep_one_resident_streams_nothing_at_verification() {
 #[test]
 fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     use sirius_offload::offload::runtime::OffloadRuntime;
-    use sirius_offload::offload::sirius_model::generate_on_runtime;
     let t = tiny();
     let s = sirius(4, 1);
     let (fit, _) = budgets(&t, s);
@@ -387,21 +402,7 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
         offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, 4, None)).unwrap();
     let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
     assert!(rt.plan.layers.iter().all(|l| l.complement_resident));
-    let (first, rt) = generate_on_runtime(
-        &model,
-        rt,
-        &t.tokenizer,
-        &PROMPT,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
-    assert_eq!(
-        first.generated_token_ids,
-        unconstrained(&t, &PROMPT, s).generated_token_ids
-    );
+    let (first, rt) = request_on(&model, rt, &t, &PROMPT, s);
     let a = first.offload.unwrap();
     // Two prefill chunks stream whole FFN layers; after that nothing crosses the link but
     // the first copy-in (every neuron of every layer, through the copy engine or not).
@@ -410,21 +411,7 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     assert!(a.streamed_bytes <= 2 * per_prefill as u64 + a.moved_neurons * 3 * 64 * 2);
     // A second request finds every neuron resident: nothing moves.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
-    let (second, _) = generate_on_runtime(
-        &model,
-        rt,
-        &t.tokenizer,
-        &second_prompt,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
-    assert_eq!(
-        second.generated_token_ids,
-        unconstrained(&t, &second_prompt, s).generated_token_ids
-    );
+    let (second, _) = request_on(&model, rt, &t, &second_prompt, s);
     let b = second.offload.unwrap();
     assert_eq!(b.moved_neurons, 0);
     assert_eq!(b.streamed_bytes, 2 * per_prefill as u64);

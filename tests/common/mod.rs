@@ -366,17 +366,27 @@ pub fn assert_one_line_failure(o: &std::process::Output, needle: &str) {
 
 /// The full model's greedy continuation of `prompt` (`n` tokens), one token per forward: the
 /// reference the Sirius invariants compare with.
-pub fn full_greedy(
-    model: &sirius_offload::model::Llama<sirius_offload::backend::CpuBackend>,
+pub fn full_greedy<B: sirius_offload::backend::Backend>(
+    model: &sirius_offload::model::Llama<B>,
     prompt: &[u32],
     n: usize,
 ) -> Vec<u32> {
+    greedy_with_prompt_logits(model, prompt, n).0
+}
+
+/// [`full_greedy`], and the logits after the prompt (backend parity compares them).
+pub fn greedy_with_prompt_logits<B: sirius_offload::backend::Backend>(
+    model: &sirius_offload::model::Llama<B>,
+    prompt: &[u32],
+    n: usize,
+) -> (Vec<u32>, Vec<f32>) {
     use sirius_offload::model::{sampler::argmax, Logits, Scratch};
     let mut cache = model.new_cache(prompt.len() + n).unwrap();
     let mut scratch = Scratch::new(model, prompt.len()).unwrap();
     let mut logits = model
         .forward(prompt, &mut cache, &mut scratch, Logits::Last)
         .unwrap();
+    let first = logits.clone();
     let mut out = Vec::new();
     while out.len() < n {
         let t = argmax(&logits);
@@ -385,5 +395,5 @@ pub fn full_greedy(
             .forward(&[t], &mut cache, &mut scratch, Logits::Last)
             .unwrap();
     }
-    out
+    (out, first)
 }
