@@ -169,12 +169,11 @@ impl Matmul {
         out: &mut CudaBuf,
     ) -> Result<()> {
         const OP: &str = "matmul";
+        // Host-weight matrices have no device pointer: refuse before launching anything.
+        w.check_on_device(OP)?;
         if n_tokens == 0 || w.rows == 0 {
             return Ok(());
         }
-        // Host-weight matrices have no device pointer: refuse before launching anything
-        // (also for callers that bypass `CudaBackend::matmul`).
-        w.check_on_device(OP)?;
         need(OP, "x", x, n_tokens * w.cols)?;
         need(OP, "out", out, n_tokens * w.rows)?;
         if w.cols == 0 {
