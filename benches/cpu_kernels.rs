@@ -17,7 +17,7 @@ use divan::counter::{BytesCount, ItemsCount};
 use divan::Bencher;
 use sirius_offload::backend::cpu::{self, Activation, Bundles, Isa, ThreadPool};
 use sirius_offload::backend::{BundleLayout, NeuronLists, NeuronRule};
-use sirius_offload::dtype::DType;
+use sirius_offload::tensor::DType;
 
 fn main() {
     eprintln!("selected ISA tier: {}", cpu::isa_name());

@@ -24,8 +24,10 @@ use std::time::Instant;
 
 use sirius_offload::backend::cpu::{self, ThreadPool};
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::dtype::DType;
+use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
+use sirius_offload::sparsity::Dense;
+use sirius_offload::tensor::DType;
 
 struct Opts {
     threads: usize,
@@ -177,7 +179,11 @@ fn forward(o: &Opts) {
         if ctx > 0 {
             let mut s = Scratch::with_logit_rows(&model, ctx, 1).expect("scratch");
             model
-                .forward(&ids(ctx, 0), &mut cache, &mut s, Logits::None)
+                .forward(
+                    Pass::new(&ids(ctx, 0), Logits::None, &mut Dense),
+                    &mut cache,
+                    &mut s,
+                )
                 .expect("prefill");
         }
         let mut scratch = Scratch::new(&model, max_n).expect("scratch");
@@ -185,7 +191,11 @@ fn forward(o: &Opts) {
         interleaved(&label, &o.n, o.reps, clock(o), |n| {
             cache.truncate(ctx);
             let logits = model
-                .forward(&ids(n, 7), &mut cache, &mut scratch, Logits::All)
+                .forward(
+                    Pass::new(&ids(n, 7), Logits::All, &mut Dense),
+                    &mut cache,
+                    &mut scratch,
+                )
                 .expect("forward");
             std::hint::black_box(logits);
         });

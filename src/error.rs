@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::dtype::DType;
+use crate::units::{format_bytes, SizeError};
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -75,8 +75,9 @@ pub enum Error {
     MixedDType {
         path: PathBuf,
         name: String,
-        actual: DType,
-        expected: DType,
+        /// The tensor's dtype and the model's, as written (`bf16`, `f32`, ...).
+        actual: String,
+        expected: String,
     },
 
     #[error("tokenizer {path}: {msg}")]
@@ -103,26 +104,37 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// A memory budget (`--gpu-mem`, `--resident-mem`) below what any plan needs.
+    /// A memory budget below what any plan needs (the CLI names the option that set it).
     #[error(
-        "{option} {} is below the minimum of {} this model needs resident ({needs}); give at least {minimum} bytes, or shorten the context (--context, or --max-tokens / --ctx-size for run: the KV cache grows with it)",
-        crate::offload::format_bytes(*budget),
-        crate::offload::format_bytes(*minimum)
+        "a memory budget of {} is below the minimum of {} this model needs resident ({needs}): give at least {minimum} bytes, or shorten the context (the KV cache grows with it)",
+        format_bytes(*budget),
+        format_bytes(*minimum)
     )]
     BudgetBelowMinimum {
-        option: String,
         budget: u64,
         minimum: u64,
         /// What the minimum is made of, e.g. "KV cache 94 MiB, head 54 MiB, ...".
         needs: String,
     },
 
+    /// An input of the offloading planner out of range. `field` names the `PlanInput` field
+    /// (`keep`, `aal`, `link_gbps`, ...): the CLI words it as the option that set it.
+    #[error("plan input `{field}` {problem}")]
+    PlanInput {
+        field: &'static str,
+        problem: String,
+    },
+
+    /// A byte size that cannot be read (`--gpu-mem lots`).
+    #[error("invalid argument: {0}")]
+    Size(#[from] SizeError),
+
     /// The resident arena refused an allocation: the plan and the execution disagree.
     #[error(
         "resident memory budget exceeded: {label} needs {}, {} of {} already in use",
-        crate::offload::format_bytes(*requested),
-        crate::offload::format_bytes(*used),
-        crate::offload::format_bytes(*budget)
+        format_bytes(*requested),
+        format_bytes(*used),
+        format_bytes(*budget)
     )]
     ArenaFull {
         label: String,

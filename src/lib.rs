@@ -4,7 +4,6 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
-pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod model;
@@ -12,5 +11,13 @@ pub mod offload;
 pub mod progress;
 pub mod sirius;
 pub mod sparsity;
+pub mod tensor;
+pub mod transfer;
+pub mod units;
+
+/// Temporary path for the CPU kernels while they are being reworked: `crate::tensor::DType`.
+pub(crate) mod dtype {
+    pub use crate::tensor::DType;
+}
 
 pub use error::{Error, Result};

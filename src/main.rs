@@ -1,5 +1,6 @@
 //! The `sirius-offload` command line.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -12,16 +13,12 @@ use tracing_subscriber::EnvFilter;
     name = "sirius-offload",
     version,
     about = "Serve big Llama-family models on one GPU or CPU: contextual sparsity, Sirius correction, offloading",
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true,
+    after_help = "Without a subcommand, the options are those of `run`: sirius-offload --model M --prompt P ...",
     arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
-    /// Without a subcommand, the options of `run`.
-    #[command(flatten)]
-    run: Option<RunArgs>,
+    command: Command,
     /// More logging (-v info, -vv debug); SIRIUS_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
@@ -44,8 +41,39 @@ enum Command {
     Plan(PlanArgs),
 }
 
+/// The subcommands, as typed on the command line.
+const SUBCOMMANDS: [&str; 6] = ["run", "bench", "calibrate", "eval", "plan", "help"];
+
+/// The command line with `run` put in front of the options when no subcommand is named:
+/// `sirius-offload --model M --prompt P` is `sirius-offload run --model M --prompt P`.
+fn arguments() -> Vec<OsString> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    // The first argument that is not the global -v flag decides.
+    let first = args
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, a)| !is_verbosity(a));
+    if let Some((at, arg)) = first {
+        let named = arg.to_str().is_some_and(|a| {
+            SUBCOMMANDS.contains(&a) || matches!(a, "-h" | "--help" | "-V" | "--version")
+        });
+        if !named {
+            args.insert(at, OsString::from("run"));
+        }
+    }
+    args
+}
+
+/// `-v`, `-vv`, `--verbose`.
+fn is_verbosity(arg: &OsString) -> bool {
+    arg.to_str().is_some_and(|a| {
+        a == "--verbose" || (a.len() > 1 && a.starts_with('-') && a[1..].chars().all(|c| c == 'v'))
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(arguments());
     let default_level = match cli.verbose {
         0 => "warn",
         1 => "info",
@@ -60,21 +88,12 @@ fn main() -> ExitCode {
         .with_ansi(ansi)
         .init();
 
-    let result: anyhow::Result<()> = match (&cli.command, &cli.run) {
-        (Some(Command::Run(args)), _) | (None, Some(args)) => {
-            cli::run::run(args).map_err(Into::into)
-        }
-        (Some(Command::Bench(args)), _) => cli::bench::bench(args).map_err(Into::into),
-        (Some(Command::Calibrate(args)), _) => cli::calibrate::calibrate(args).map_err(Into::into),
-        (Some(Command::Eval(args)), _) => cli::eval::eval(args).map_err(Into::into),
-        (Some(Command::Plan(args)), _) => cli::plan::plan(args).map_err(Into::into),
-        (None, None) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "error: give --model and --prompt, or a subcommand (see --help)"
-            );
-            return ExitCode::from(2);
-        }
+    let result: anyhow::Result<()> = match &cli.command {
+        Command::Run(args) => cli::run::run(args).map_err(Into::into),
+        Command::Bench(args) => cli::bench::bench(args).map_err(Into::into),
+        Command::Calibrate(args) => cli::calibrate::calibrate(args).map_err(Into::into),
+        Command::Eval(args) => cli::eval::eval(args).map_err(Into::into),
+        Command::Plan(args) => cli::plan::plan(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,7 +12,7 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sirius_offload::backend::cpu::{matmul_with_isa, Isa, ThreadPool};
-use sirius_offload::dtype::DType;
+use sirius_offload::tensor::DType;
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 /// Fences the output on both sides; must survive every call.

@@ -5,7 +5,9 @@ mod common;
 
 use common::{fixtures_dir, write_model, TinySpec};
 use sirius_offload::backend::CpuBackend;
+use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
+use sirius_offload::sparsity::Dense;
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -19,7 +21,11 @@ fn all_logits_batched(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(tokens.len()).unwrap();
     let mut scratch = Scratch::new(model, tokens.len()).unwrap();
     model
-        .forward(tokens, &mut cache, &mut scratch, Logits::All)
+        .forward(
+            Pass::new(tokens, Logits::All, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap()
 }
 
@@ -30,7 +36,11 @@ fn all_logits_one_by_one(model: &Llama<CpuBackend>, tokens: &[u32]) -> Vec<f32> 
         .iter()
         .flat_map(|&t| {
             model
-                .forward(&[t], &mut cache, &mut scratch, Logits::Last)
+                .forward(
+                    Pass::new(&[t], Logits::Last, &mut Dense),
+                    &mut cache,
+                    &mut scratch,
+                )
                 .unwrap()
         })
         .collect()
@@ -87,18 +97,34 @@ fn chunked_prefill_matches_and_truncate_rewinds() {
     let mut cache = model.new_cache(16).unwrap();
     let mut scratch = Scratch::new(&model, 4).unwrap();
     model
-        .forward(&tokens[..4], &mut cache, &mut scratch, Logits::None)
+        .forward(
+            Pass::new(&tokens[..4], Logits::None, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     model
-        .forward(&tokens[4..8], &mut cache, &mut scratch, Logits::None)
+        .forward(
+            Pass::new(&tokens[4..8], Logits::None, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     // Write two wrong tokens, then roll them back: the cache must be as if they never were.
     model
-        .forward(&[0, 0], &mut cache, &mut scratch, Logits::None)
+        .forward(
+            Pass::new(&[0, 0], Logits::None, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     cache.truncate(8);
     let last = model
-        .forward(&tokens[8..], &mut cache, &mut scratch, Logits::All)
+        .forward(
+            Pass::new(&tokens[8..], Logits::All, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     let d = max_abs_diff(&last, &full[8 * vocab..]);
     assert!(d < 1e-4, "chunked+rollback vs batched differ by {d}");
@@ -112,11 +138,19 @@ fn context_overflow_is_an_error_not_a_panic() {
     let mut cache = model.new_cache(4).unwrap();
     let mut scratch = Scratch::new(&model, 8).unwrap();
     let err = model
-        .forward(&[1, 2, 3, 4, 5], &mut cache, &mut scratch, Logits::Last)
+        .forward(
+            Pass::new(&[1, 2, 3, 4, 5], Logits::Last, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("KV cache is full"), "{err}");
     let err = model
-        .forward(&[1, 999], &mut cache, &mut scratch, Logits::Last)
+        .forward(
+            Pass::new(&[1, 999], Logits::Last, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap_err();
     assert!(err.to_string().contains("999"), "{err}");
 }

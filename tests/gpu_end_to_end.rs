@@ -6,10 +6,11 @@
 
 mod common;
 
+use common::sirius::{correct, correct_tree, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
 use sirius_offload::model::Llama;
-use sirius_offload::sirius::{correct, correct_tree, CorrectorOptions, LlamaSirius};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
 
 use common::gpu::*;
 use common::{Rng, TinySpec};
@@ -141,7 +142,7 @@ fn sirius_invariants_hold_on_the_gpu() {
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         let runs = [(1.0, 1, 0.1), (0.25, 1, 1.5), (0.25, 3, 1.5)];
         for (keep, width, threshold) in runs {
-            let sparsity = Sparsity::new(&model, mode, keep, None).unwrap();
+            let sparsity = model.sparsity(&SparsityConfig::new(mode, keep)).unwrap();
             let o = CorrectorOptions {
                 period: 6,
                 threshold,
@@ -150,8 +151,8 @@ fn sirius_invariants_hold_on_the_gpu() {
                 max_tokens: n,
             };
             let rows = p.len() + n + 1 + (o.period - 1) * (o.width - 1);
-            let mut m = LlamaSirius::new(&model, &sparsity, rows, o.period, o.width).unwrap();
-            let first = m.prefill(&p, 4, false).unwrap();
+            let mut m = LlamaSirius::new(&model, &sparsity, rows, &o.config()).unwrap();
+            let first = m.prefill(&p, 4, false).unwrap().first;
             let (out, stats) = if width > 1 {
                 correct_tree(&mut m, first, &[], &o).unwrap()
             } else {

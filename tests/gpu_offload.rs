@@ -6,13 +6,13 @@
 
 mod common;
 
+use sirius_offload::backend::offload::OffloadBackend;
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{generate_sirius, GenerationOutput, SiriusOptions};
+use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
 use sirius_offload::model::Llama;
-use sirius_offload::offload::placement::plan;
-use sirius_offload::offload::runtime::{OffloadOptions, OffloadRuntime};
-use sirius_offload::offload::sirius_model::{generate_sirius_offloaded, offload_plan_input};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::offload::runtime::{OffloadConfig, OffloadRuntime};
+use sirius_offload::sirius::SiriusConfig;
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
 
 use common::gpu::*;
 use common::offload::{offload, options, sirius, tiny_model, Tiny, KEEP, PROMPT};
@@ -36,48 +36,60 @@ fn tiny() -> Tiny {
     tiny_model(&spec(), 31)
 }
 
+/// An engine on the tiny model with Griffin at `KEEP` on `backend`, offloaded as `o` says.
+fn engine<B: OffloadBackend>(t: &Tiny, backend: B, o: Option<OffloadConfig>) -> Engine<B> {
+    let config = EngineConfig {
+        sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
+        offload: o,
+    };
+    Engine::load(&t.path, backend, &config).unwrap()
+}
+
 /// A third of the way from the plan's minimum to everything resident (some sparse FFNs
-/// overflow), checked to be below the checkpoint's weight bytes.
-fn budget_below_the_model(t: &Tiny, s: SiriusOptions) -> u64 {
-    let model = Llama::load(&t.path, CpuBackend::new(2)).unwrap();
-    let (input, _) = offload_plan_input(
-        &model,
-        &PROMPT,
-        &options(40),
-        &s,
-        &offload(1 << 40, s.period, None),
-    )
-    .unwrap();
-    let p = plan(&input).unwrap();
-    let (fit, minimum) = (p.resident_bytes, p.minimum_bytes);
-    let budget = minimum + (fit - minimum) / 3;
-    let weights = model.weight_bytes() as u64;
+/// overflow) for requests like `opts` on `prompt`.
+fn budget_third(t: &Tiny, s: SiriusConfig, prompt: &[u32], opts: &RequestOptions) -> u64 {
+    let e = engine(t, CpuBackend::new(2), Some(offload(1 << 40, None)));
+    let p = e.offload_plan(prompt, opts, &s).unwrap();
+    p.minimum_bytes + (p.resident_bytes - p.minimum_bytes) / 3
+}
+
+/// [`budget_third`] for this suite's usual request, checked to be below the checkpoint's
+/// weight bytes.
+fn budget_below_the_model(t: &Tiny, s: SiriusConfig) -> u64 {
+    let budget = budget_third(t, s, &PROMPT, &options(40));
+    let weights = Llama::load(&t.path, CpuBackend::new(1))
+        .unwrap()
+        .weight_bytes() as u64;
     assert!(
         budget < weights,
-        "budget {budget} (minimum {minimum}, fit {fit}) is not below the weights' {weights}"
+        "budget {budget} is not below the weights' {weights}"
     );
     budget
 }
 
-fn offloaded<B: sirius_offload::offload::offload_backend::OffloadBackend>(
+/// Sirius requests on `prompts`, one after another on one engine of `backend` offloaded
+/// within `budget` (with a trace when `trace` is given, written after the last).
+fn offloaded<B: OffloadBackend>(
     t: &Tiny,
     backend: B,
-    s: SiriusOptions,
+    s: SiriusConfig,
     budget: u64,
+    opts: &RequestOptions,
+    prompts: &[&[u32]],
     trace: Option<&std::path::Path>,
-) -> GenerationOutput {
-    let mut model = Llama::load(&t.path, backend).unwrap();
-    generate_sirius_offloaded(
-        &mut model,
-        &t.tokenizer,
-        &PROMPT,
-        &options(40),
-        s,
-        offload(budget, s.period, None),
-        trace,
-        &mut |_| true,
-    )
-    .unwrap()
+) -> Vec<GenerationOutput> {
+    let mut e = engine(t, backend, Some(offload(budget, None)));
+    let outs = prompts
+        .iter()
+        .map(|p| {
+            e.generate(p, opts, Decoding::Sirius(s), &mut |_| true)
+                .unwrap()
+        })
+        .collect();
+    if let (Some(path), Some(trace)) = (trace, e.offload_runtime().and_then(|r| r.trace())) {
+        trace.write_chrome_json(path).unwrap();
+    }
+    outs
 }
 
 #[test]
@@ -87,32 +99,21 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
     let mut g = Some(g);
     for (period, width) in [(4, 1), (5, 3)] {
         let s = sirius(period, width);
+        let opts = options(40);
         let budget = budget_below_the_model(&t, s);
         // The unconstrained CUDA run: every weight on the GPU, Griffin + Sirius.
         let backend = g.take().unwrap_or_else(|| open_backend().unwrap());
-        let model = Llama::load(&t.path, backend).unwrap();
-        let sparsity = Sparsity::new(&model, SparsityMode::Griffin, KEEP, None).unwrap();
-        let full = generate_sirius(
-            &model,
-            &sparsity,
-            &t.tokenizer,
-            &PROMPT,
-            &options(40),
-            s,
-            &mut |_| true,
-        )
-        .unwrap();
-        drop((sparsity, model));
-        let cpu = offloaded(&t, CpuBackend::new(2), s, budget, None);
+        let mut e = engine(&t, backend, None);
+        let full = e
+            .generate(&PROMPT, &opts, Decoding::Sirius(s), &mut |_| true)
+            .unwrap();
+        drop(e);
+        let prompts: [&[u32]; 1] = [&PROMPT];
+        let cpu = offloaded(&t, CpuBackend::new(2), s, budget, &opts, &prompts, None).remove(0);
         let dir = tempfile::tempdir().unwrap();
         let trace = dir.path().join("trace.json");
-        let gpu = offloaded(
-            &t,
-            open_backend().unwrap().with_host_weights(),
-            s,
-            budget,
-            Some(&trace),
-        );
+        let gpu = open_backend().unwrap().with_host_weights();
+        let gpu = offloaded(&t, gpu, s, budget, &opts, &prompts, Some(&trace)).remove(0);
         let label = format!("K={period} W={width} budget {budget}");
         let o = gpu.offload.clone().expect("offload statistics");
         let same = gpu.generated_token_ids == full.generated_token_ids
@@ -157,72 +158,20 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
 }
 
 #[test]
-fn cuda_offloading_refuses_a_model_already_on_the_gpu_and_a_link_cap() {
+fn cuda_offloading_refuses_a_model_already_on_the_gpu() {
     let Some(g) = gpu() else { return };
     let t = tiny();
     let s = sirius(4, 1);
     let budget = budget_below_the_model(&t, s);
+    let shape = engine(&t, CpuBackend::new(2), Some(offload(budget, None)))
+        .offload_request_shape(&PROMPT, &options(40), &s)
+        .unwrap();
     let mut model = Llama::load(&t.path, g).unwrap();
-    let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(budget, 4, None)).unwrap();
-    let err = OffloadRuntime::new(&mut model, input, &opts)
+    let err = OffloadRuntime::new(&mut model, &offload(budget, None), shape)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(err.contains("with_host_weights"), "{err}");
-    let mut model = Llama::load(&t.path, open_backend().unwrap().with_host_weights()).unwrap();
-    let capped = OffloadOptions {
-        link_gbps: Some(8.0),
-        ..offload(budget, 4, None)
-    };
-    let (input, opts) = offload_plan_input(&model, &PROMPT, &options(40), &s, &capped).unwrap();
-    let err = OffloadRuntime::new(&mut model, input, &opts)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(err.contains("link cap"), "{err}");
-}
-
-/// Two requests on one runtime of `backend`, prefilled in chunks of `chunk` tokens.
-fn two_requests<B: sirius_offload::offload::offload_backend::OffloadBackend>(
-    t: &Tiny,
-    backend: B,
-    s: SiriusOptions,
-    budget: u64,
-    chunk: usize,
-    prompts: [&[u32]; 2],
-) -> [GenerationOutput; 2] {
-    use sirius_offload::offload::sirius_model::generate_on_runtime;
-    let opts = sirius_offload::engine::GenerateOptions {
-        prefill_chunk: chunk,
-        ..options(40)
-    };
-    let mut model = Llama::load(&t.path, backend).unwrap();
-    let (input, o) = offload_plan_input(
-        &model,
-        prompts[0],
-        &opts,
-        &s,
-        &offload(budget, s.period, None),
-    )
-    .unwrap();
-    let rt = OffloadRuntime::new(&mut model, input, &o).unwrap();
-    let run = |rt, prompt| {
-        generate_on_runtime(
-            &model,
-            rt,
-            &t.tokenizer,
-            prompt,
-            &opts,
-            s,
-            None,
-            &mut |_| true,
-        )
-        .unwrap()
-    };
-    let (first, rt) = run(rt, prompts[0]);
-    let (second, _) = run(rt, prompts[1]);
-    [first, second]
 }
 
 /// Prefill chunks of 48 rows (cuBLAS GemmEx on the staged views: batches above 16 rows)
@@ -236,24 +185,14 @@ fn cuda_offload_with_wide_prefill_chunks_and_a_second_request() {
     let first: Vec<u32> = (0..48).map(|i| (i * 11 % 120) as u32 + 3).collect();
     let second: Vec<u32> = first.iter().map(|&x| (x * 7 + 5) % 120 + 3).collect();
     // As `budget_below_the_model`, for these prompts and chunks (larger activations).
-    let wide = sirius_offload::engine::GenerateOptions {
+    let wide = RequestOptions {
         prefill_chunk: 48,
         ..options(40)
     };
-    let cpu_model = Llama::load(&t.path, CpuBackend::new(2)).unwrap();
-    let (input, _) = offload_plan_input(
-        &cpu_model,
-        &first,
-        &wide,
-        &s,
-        &offload(1 << 40, s.period, None),
-    )
-    .unwrap();
-    let p = plan(&input).unwrap();
-    let budget = p.minimum_bytes + (p.resident_bytes - p.minimum_bytes) / 3;
+    let budget = budget_third(&t, s, &first, &wide);
     let prompts = [&first[..], &second[..]];
-    let gpu = two_requests(&t, g.with_host_weights(), s, budget, 48, prompts);
-    let cpu = two_requests(&t, CpuBackend::new(2), s, budget, 48, prompts);
+    let gpu = offloaded(&t, g.with_host_weights(), s, budget, &wide, &prompts, None);
+    let cpu = offloaded(&t, CpuBackend::new(2), s, budget, &wide, &prompts, None);
     for (i, (g, c)) in gpu.iter().zip(&cpu).enumerate() {
         let o = g.offload.as_ref().expect("offload statistics");
         say(&format!(

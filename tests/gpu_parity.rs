@@ -18,10 +18,12 @@ mod common;
 use sirius_offload::backend::cuda::device;
 use sirius_offload::backend::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
-    TreeMask,
+    Rows, SparseOps,
 };
 use sirius_offload::config::ModelConfig;
-use sirius_offload::dtype::DType;
+use sirius_offload::model::rope::rope_frequencies;
+use sirius_offload::tensor::DType;
+use sirius_offload::tensor::TreeMask;
 
 use common::gpu::*;
 use common::{Rng, TinySpec};
@@ -181,7 +183,7 @@ fn row_copies_and_reads_match() {
 // ---------------------------------------------------------------- matmul
 
 /// `w · x[t]` for t < n on `b`, over an output poisoned one row past the n rows.
-fn matmul_on<B: Backend>(
+fn matmul_on<B: SparseOps>(
     b: &B,
     w: &[f32],
     dtype: DType,
@@ -259,7 +261,7 @@ fn rope_table(head_dim: usize, llama3: bool) -> RopeTable {
         json["rope_theta"] = 500000.0.into();
     }
     let config = ModelConfig::from_json(&json.to_string(), std::path::Path::new("rope")).unwrap();
-    RopeTable::new(&config)
+    RopeTable::new(config.head_dim, rope_frequencies(&config))
 }
 
 #[test]
@@ -275,21 +277,24 @@ fn rope_matches() {
                 let x = random(&mut rng, (n + 1) * width, 1.0);
                 let (go, co) = both!(&g, &c, |b| {
                     let mut xb = b.upload(&x).unwrap();
-                    b.rope(&mut xb, heads, start, n, &table).unwrap();
+                    let rows = Rows::Causal { start, len: n };
+                    b.rope(&mut xb, heads, rows, &table).unwrap();
                     read_all(b, &xb, (n + 1) * width)
                 });
                 let case = format!("{heads}x{hd} llama3={llama3} @{start} n{n}");
                 check("rope", &case, &go, &co, ELEMENTWISE);
             }
         }
-        let positions = [5, 6, 6, 7, 7, 100, 3000];
-        let x = random(&mut rng, (positions.len() + 1) * width, 1.0);
+        // Tree nodes sit at the positions of their depths: 3005, 3006, 3006, 3007, 3007.
+        let parents = [None, Some(0), Some(0), Some(1), Some(2)];
+        let mask = TreeMask::from_parents(3005, &parents, 0).unwrap();
+        let x = random(&mut rng, (parents.len() + 1) * width, 1.0);
         let (go, co) = both!(&g, &c, |b| {
             let mut xb = b.upload(&x).unwrap();
-            b.rope_at(&mut xb, heads, &positions, &table).unwrap();
-            read_all(b, &xb, (positions.len() + 1) * width)
+            b.rope(&mut xb, heads, Rows::Tree(&mask), &table).unwrap();
+            read_all(b, &xb, (parents.len() + 1) * width)
         });
-        check("rope_at", &format!("{heads}x{hd}"), &go, &co, ELEMENTWISE);
+        check("rope tree", &format!("{heads}x{hd}"), &go, &co, ELEMENTWISE);
     }
 }
 
@@ -345,8 +350,8 @@ fn attention_matches_for_decode_and_windows() {
                         b.upload(&v).unwrap(),
                     );
                     let mut out = poisoned(b, (n + 1) * qw);
-                    b.attention(&qb, &kb, &vb, shape, start, n, &mut out)
-                        .unwrap();
+                    let rows = Rows::Causal { start, len: n };
+                    b.attention(&qb, &kb, &vb, shape, rows, &mut out).unwrap();
                     read_all(b, &out, (n + 1) * qw)
                 });
                 let case = format!("{} @{start} n{n}", shape_name(shape));
@@ -383,8 +388,8 @@ fn tree_attention_matches() {
                         b.upload(&v).unwrap(),
                     );
                     let mut out = poisoned(b, (n + 1) * qw);
-                    b.tree_attention(&qb, &kb, &vb, shape, &mask, &mut out)
-                        .unwrap();
+                    let rows = Rows::Tree(&mask);
+                    b.attention(&qb, &kb, &vb, shape, rows, &mut out).unwrap();
                     read_all(b, &out, (n + 1) * qw)
                 });
                 let case = format!("{} prefix{prefix} from{batch_start}", shape_name(shape));
@@ -554,12 +559,8 @@ fn neuron_selection_matches() {
                             ids: vec![7; 5],
                             offsets: vec![0, 2, 5],
                         };
-                        if shared {
-                            b.select_neurons_shared(&mut ab, n, width, rule, &mut kept)
-                        } else {
-                            b.select_neurons(&mut ab, n, width, rule, &mut kept)
-                        }
-                        .unwrap();
+                        b.select_neurons(&mut ab, n, width, rule, shared, &mut kept)
+                            .unwrap();
                         (read_all(b, &ab, (n + 1) * width), kept)
                     });
                     let op = if shared {

@@ -4,7 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sirius_offload::offload::arena::{ArenaSummary, ResidentArena};
-use sirius_offload::offload::format_bytes;
+use sirius_offload::units::format_bytes;
 use sirius_offload::Error;
 
 /// A model of what the arena should hold, kept beside it.

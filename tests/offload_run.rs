@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{generate_sirius, GenerationOutput, SiriusOptions};
+use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput};
 use sirius_offload::model::Llama;
-use sirius_offload::offload::placement::plan;
-use sirius_offload::offload::runtime::OffloadOptions;
-use sirius_offload::offload::sirius_model::{generate_sirius_offloaded, offload_plan_input};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::offload::placement::Plan;
+use sirius_offload::offload::runtime::{OffloadConfig, OffloadRuntime};
+use sirius_offload::sirius::SiriusConfig;
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
+use sirius_offload::Error;
 
 use common::offload::{offload, options, sirius, tiny_model, Tiny, KEEP, PROMPT};
 
@@ -30,19 +31,6 @@ fn spec() -> common::TinySpec {
     }
 }
 
-/// The plan's resident bytes when everything fits, and its minimum, for this request.
-fn budgets(t: &Tiny, s: SiriusOptions) -> (u64, u64) {
-    let p = plan_at(t, s, 1 << 40);
-    (p.resident_bytes, p.minimum_bytes)
-}
-
-fn plan_at(t: &Tiny, s: SiriusOptions, budget: u64) -> sirius_offload::offload::placement::Plan {
-    let model = load(t);
-    let (input, _) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(budget, 4, None)).unwrap();
-    plan(&input).unwrap()
-}
-
 fn tiny() -> Tiny {
     tiny_model(&spec(), 11)
 }
@@ -51,72 +39,80 @@ fn load(t: &Tiny) -> Llama<CpuBackend> {
     Llama::load(&t.path, CpuBackend::new(2)).unwrap()
 }
 
-fn unconstrained(t: &Tiny, prompt: &[u32], s: SiriusOptions) -> GenerationOutput {
-    let model = load(t);
-    let sparsity = Sparsity::new(&model, SparsityMode::Griffin, KEEP, None).unwrap();
-    generate_sirius(
-        &model,
-        &sparsity,
-        &t.tokenizer,
-        prompt,
-        &options(40),
-        s,
-        &mut |_| true,
-    )
-    .unwrap()
+/// An engine on the tiny model with Griffin at `keep`, offloaded as `o` says.
+fn engine(
+    t: &Tiny,
+    keep: f32,
+    o: Option<OffloadConfig>,
+) -> sirius_offload::Result<Engine<CpuBackend>> {
+    let config = EngineConfig {
+        sparsity: SparsityConfig::new(SparsityMode::Griffin, keep),
+        offload: o,
+    };
+    Engine::load(&t.path, CpuBackend::new(2), &config)
 }
 
-/// One request of 40 tokens on `rt`, whose tokens must equal the unconstrained run's; the
-/// runtime comes back for the next request.
+/// 40 tokens of Sirius on `e`.
+fn sirius_on(
+    e: &mut Engine<CpuBackend>,
+    prompt: &[u32],
+    s: SiriusConfig,
+) -> sirius_offload::Result<GenerationOutput> {
+    e.generate(prompt, &options(40), Decoding::Sirius(s), &mut |_| true)
+}
+
+/// The plan's resident bytes when everything fits, and its minimum, for this request.
+fn budgets(t: &Tiny, s: SiriusConfig) -> (u64, u64) {
+    let p = plan_at(t, s, 1 << 40);
+    (p.resident_bytes, p.minimum_bytes)
+}
+
+fn plan_at(t: &Tiny, s: SiriusConfig, budget: u64) -> Plan {
+    let e = engine(t, KEEP, Some(offload(budget, None))).unwrap();
+    e.offload_plan(&PROMPT, &options(40), &s).unwrap()
+}
+
+fn unconstrained(t: &Tiny, prompt: &[u32], s: SiriusConfig) -> GenerationOutput {
+    sirius_on(&mut engine(t, KEEP, None).unwrap(), prompt, s).unwrap()
+}
+
+/// One request of 40 tokens on `e` (offloaded), whose tokens must equal the unconstrained
+/// run's.
 fn request_on(
-    model: &Llama<CpuBackend>,
-    rt: sirius_offload::offload::runtime::OffloadRuntime<CpuBackend>,
+    e: &mut Engine<CpuBackend>,
     t: &Tiny,
     prompt: &[u32],
-    s: SiriusOptions,
-) -> (
-    GenerationOutput,
-    sirius_offload::offload::runtime::OffloadRuntime<CpuBackend>,
-) {
-    let (out, rt) = sirius_offload::offload::sirius_model::generate_on_runtime(
-        model,
-        rt,
-        &t.tokenizer,
-        prompt,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
+    s: SiriusConfig,
+) -> GenerationOutput {
+    let out = sirius_on(e, prompt, s).unwrap();
     assert_eq!(
         out.generated_token_ids,
         unconstrained(t, prompt, s).generated_token_ids
     );
-    (out, rt)
+    out
 }
 
 fn offloaded(
     t: &Tiny,
     prompt: &[u32],
-    s: SiriusOptions,
-    o: OffloadOptions,
+    s: SiriusConfig,
+    o: OffloadConfig,
 ) -> sirius_offload::Result<GenerationOutput> {
+    sirius_on(&mut engine(t, KEEP, Some(o))?, prompt, s)
+}
+
+/// A runtime planned for this test's request under `budget`, on a model of its own.
+fn runtime(
+    t: &Tiny,
+    s: SiriusConfig,
+    budget: u64,
+) -> (Llama<CpuBackend>, OffloadRuntime<CpuBackend>) {
+    let o = offload(budget, None);
+    let e = engine(t, KEEP, Some(o.clone())).unwrap();
+    let shape = e.offload_request_shape(&PROMPT, &options(40), &s).unwrap();
     let mut model = load(t);
-    let o = OffloadOptions {
-        period: s.period,
-        ..o
-    };
-    generate_sirius_offloaded(
-        &mut model,
-        &t.tokenizer,
-        prompt,
-        &options(40),
-        s,
-        o,
-        None,
-        &mut |_| true,
-    )
+    let rt = OffloadRuntime::new(&mut model, &o, shape).unwrap();
+    (model, rt)
 }
 
 #[test]
@@ -136,7 +132,7 @@ fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
             minimum + (minimum / 20),
             minimum,
         ] {
-            let out = offloaded(&t, &PROMPT, s, offload(budget, 4, None))
+            let out = offloaded(&t, &PROMPT, s, offload(budget, None))
                 .unwrap_or_else(|e| panic!("budget {budget} (fit {fit}, minimum {minimum}): {e}"));
             assert_eq!(
                 out.generated_token_ids, reference.generated_token_ids,
@@ -171,14 +167,14 @@ fn random_copy_delays_never_change_the_output() {
     let reference = unconstrained(&t, &PROMPT, s);
     let (fit, minimum) = budgets(&t, s);
     for seed in 1..=3u64 {
-        let delay: sirius_offload::offload::stream::DelayFn = Arc::new(move |job: u64| {
+        let delay: sirius_offload::transfer::DelayFn = Arc::new(move |job: u64| {
             // A cheap hash of (seed, job): 0-2 ms, different per job and per seed.
             let x = (job.wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ seed.wrapping_mul(0xBF58_476D_1CE4_E5B9))
                 >> 40;
             Duration::from_micros(x % 2000)
         });
-        let out = offloaded(&t, &PROMPT, s, offload((fit + minimum) / 2, 4, Some(delay))).unwrap();
+        let out = offloaded(&t, &PROMPT, s, offload((fit + minimum) / 2, Some(delay))).unwrap();
         assert_eq!(
             out.generated_token_ids, reference.generated_token_ids,
             "seed {seed}"
@@ -190,31 +186,24 @@ fn random_copy_delays_never_change_the_output() {
 fn a_budget_below_the_minimum_names_the_minimum() {
     let t = tiny();
     let (_, minimum) = budgets(&t, sirius(4, 1));
-    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, 4, None)) else {
+    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, None)) else {
         panic!("a budget below the minimum must fail");
     };
     let msg = err.to_string();
     assert!(msg.contains("minimum"), "{msg}");
-    assert!(msg.contains("--resident-mem"), "{msg}");
+    assert!(
+        matches!(err, Error::BudgetBelowMinimum { minimum: m, .. } if m == minimum),
+        "{msg}"
+    );
 }
 
 #[test]
 fn a_new_request_copies_in_only_the_neurons_not_yet_resident() {
-    use sirius_offload::offload::runtime::OffloadRuntime;
     use sirius_offload::sparsity::GriffinSelection;
     let t = tiny();
-    let mut model = load(&t);
     let s = sirius(4, 1);
     let (fit, minimum) = budgets(&t, s);
-    let (input, opts) = offload_plan_input(
-        &model,
-        &PROMPT,
-        &options(40),
-        &s,
-        &offload((fit + minimum) / 2, 4, None),
-    )
-    .unwrap();
-    let mut rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
+    let (model, mut rt) = runtime(&t, s, (fit + minimum) / 2);
     let resident: Vec<bool> = rt
         .plan
         .layers
@@ -267,15 +256,17 @@ fn a_new_request_copies_in_only_the_neurons_not_yet_resident() {
             < moved(&[vec![], vec![], vec![], vec![], vec![], vec![]], &second)
     );
     // The reassembled resident FFN is byte for byte a fresh gather of the new set.
-    let fresh = Sparsity::new(&model, SparsityMode::Griffin, KEEP, None).unwrap();
+    let fresh = model
+        .sparsity(&SparsityConfig::new(SparsityMode::Griffin, KEEP))
+        .unwrap();
     let bundles = fresh.bundles().unwrap();
     for l in 0..6 {
         match &g.layers[l] {
             Some(layer) => {
                 let [gate, up, down] = backend_gather(&model, bundles, l, &second[l]);
-                assert_eq!(layer.gate.bytes(), gate.bytes(), "layer {l} gate");
-                assert_eq!(layer.up.bytes(), up.bytes(), "layer {l} up");
-                assert_eq!(layer.down.bytes(), down.bytes(), "layer {l} down");
+                assert_eq!(layer.ffn.gate.bytes(), gate.bytes(), "layer {l} gate");
+                assert_eq!(layer.ffn.up.bytes(), up.bytes(), "layer {l} up");
+                assert_eq!(layer.ffn.down.bytes(), down.bytes(), "layer {l} down");
             }
             None => assert!(!resident[l]),
         }
@@ -288,7 +279,7 @@ fn backend_gather(
     layer: usize,
     ids: &[u32],
 ) -> [sirius_offload::backend::CpuMatrix; 3] {
-    use sirius_offload::backend::Backend;
+    use sirius_offload::backend::SparseOps;
     model
         .backend
         .gather_ffn(&bundles.layers[layer].matrix, ids)
@@ -297,35 +288,15 @@ fn backend_gather(
 
 #[test]
 fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
-    use sirius_offload::offload::runtime::OffloadRuntime;
-    use sirius_offload::offload::sirius_model::generate_on_runtime;
+    use sirius_offload::engine::offloaded::OffloadedSirius;
     let t = tiny();
     let s = sirius(4, 1);
     let (fit, minimum) = budgets(&t, s);
-    let mut model = load(&t);
-    let (input, opts) = offload_plan_input(
-        &model,
-        &PROMPT,
-        &options(40),
-        &s,
-        &offload((fit + minimum) / 2, 4, None),
-    )
-    .unwrap();
-    let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
-    let (first, rt) = generate_on_runtime(
-        &model,
-        rt,
-        &t.tokenizer,
-        &PROMPT,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .unwrap();
+    let mut e = engine(&t, KEEP, Some(offload((fit + minimum) / 2, None))).unwrap();
+    let first = request_on(&mut e, &t, &PROMPT, s);
     // Same length, different tokens: the request fits the runtime's plan.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
-    let (second, _) = request_on(&model, rt, &t, &second_prompt, s);
+    let second = request_on(&mut e, &t, &second_prompt, s);
     let (a, b) = (first.offload.unwrap(), second.offload.unwrap());
     assert!(a.moved_neurons > 0);
     assert!(
@@ -337,49 +308,28 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     // Statistics are per request.
     let verifications = second.sirius.as_ref().unwrap().verifications as u64;
     assert_eq!(b.full_passes, verifications + 2);
-    // A request longer than the runtime was planned for is refused, not run over budget.
+    // A request longer than a runtime was planned for is refused by it, not run over budget;
+    // the engine plans a new runtime for it instead.
     let long: Vec<u32> = (0..60).map(|i| (i * 5 % 90) as u32 + 3).collect();
-    let mut model = load(&t);
-    let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, 4, None)).unwrap();
-    let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
-    let err = generate_on_runtime(
-        &model,
-        rt,
-        &t.tokenizer,
-        &long,
-        &options(40),
-        s,
-        None,
-        &mut |_| true,
-    )
-    .err()
-    .map(|e| e.to_string())
-    .unwrap_or_default();
+    let long_shape = e.offload_request_shape(&long, &options(40), &s).unwrap();
+    let (model, mut rt) = runtime(&t, s, fit);
+    let err = OffloadedSirius::new(&model, &mut rt, &long_shape, &s)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("plan a new runtime"), "{err}");
+    let before = e.offload_runtime().unwrap().plan.context;
+    request_on(&mut e, &t, &long, s);
+    assert!(e.offload_runtime().unwrap().plan.context > before);
 }
 
 #[test]
 fn keep_one_resident_streams_nothing_at_verification() {
     let t = tiny();
     let s = sirius(4, 1);
-    let model = load(&t);
-    let sparsity = Sparsity::new(&model, SparsityMode::Griffin, 1.0, None).unwrap();
-    let reference = generate_sirius(
-        &model,
-        &sparsity,
-        &t.tokenizer,
-        &PROMPT,
-        &options(40),
-        s,
-        &mut |_| true,
-    )
-    .unwrap();
-    let o = OffloadOptions {
-        keep: 1.0,
-        ..offload(1 << 30, 4, None)
-    };
-    let out = offloaded(&t, &PROMPT, s, o).unwrap();
+    let reference = sirius_on(&mut engine(&t, 1.0, None).unwrap(), &PROMPT, s).unwrap();
+    let mut e = engine(&t, 1.0, Some(offload(1 << 30, None))).unwrap();
+    let out = sirius_on(&mut e, &PROMPT, s).unwrap();
     assert_eq!(out.generated_token_ids, reference.generated_token_ids);
     let stats = out.offload.unwrap();
     // Only the two prefill chunks streamed (whole FFN layers), then the chosen neurons came
@@ -393,16 +343,13 @@ fn keep_one_resident_streams_nothing_at_verification() {
 
 #[test]
 fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
-    use sirius_offload::offload::runtime::OffloadRuntime;
     let t = tiny();
     let s = sirius(4, 1);
     let (fit, _) = budgets(&t, s);
-    let mut model = load(&t);
-    let (input, opts) =
-        offload_plan_input(&model, &PROMPT, &options(40), &s, &offload(fit, 4, None)).unwrap();
-    let rt = OffloadRuntime::new(&mut model, input, &opts).unwrap();
-    assert!(rt.plan.layers.iter().all(|l| l.complement_resident));
-    let (first, rt) = request_on(&model, rt, &t, &PROMPT, s);
+    let mut e = engine(&t, KEEP, Some(offload(fit, None))).unwrap();
+    let first = request_on(&mut e, &t, &PROMPT, s);
+    let plan = &e.offload_runtime().unwrap().plan;
+    assert!(plan.layers.iter().all(|l| l.complement_resident));
     let a = first.offload.unwrap();
     // Two prefill chunks stream whole FFN layers; after that nothing crosses the link but
     // the first copy-in (every neuron of every layer, through the copy engine or not).
@@ -411,7 +358,7 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     assert!(a.streamed_bytes <= 2 * per_prefill as u64 + a.moved_neurons * 3 * 64 * 2);
     // A second request finds every neuron resident: nothing moves.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
-    let (second, _) = request_on(&model, rt, &t, &second_prompt, s);
+    let second = request_on(&mut e, &t, &second_prompt, s);
     let b = second.offload.unwrap();
     assert_eq!(b.moved_neurons, 0);
     assert_eq!(b.streamed_bytes, 2 * per_prefill as u64);

@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 use memmap2::{Mmap, MmapMut};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use sirius_offload::offload::stream::{
-    CopyEngineOptions, CopyJob, CpuCopyEngine, DelayFn, Filled, HostSlice,
-};
-use sirius_offload::offload::trace::Trace;
+use sirius_offload::backend::cpu::copy_engine::{CpuCopyEngine, Filled};
+use sirius_offload::transfer::trace::Trace;
+use sirius_offload::transfer::{CopyEngineOptions, CopyJob, DelayFn, HostSlice};
 use sirius_offload::Error;
 
 const MIB: usize = 1 << 20;

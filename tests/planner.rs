@@ -6,7 +6,7 @@ use sirius_offload::config::{ModelConfig, Preset};
 use sirius_offload::offload::cost::pipeline_seconds;
 use sirius_offload::offload::format::WeightFormat;
 use sirius_offload::offload::placement::{plan, PlanInput, Residence, Sizes};
-use sirius_offload::offload::{format_bytes, parse_size};
+use sirius_offload::units::{format_bytes, parse_size};
 use sirius_offload::Error;
 
 fn preset(name: &str) -> ModelConfig {
@@ -24,7 +24,6 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         format,
         keep,
         budget,
-        budget_option: "--gpu-mem".into(),
         context: 4096,
         kv_bytes: 2,
         link_gbps: 25.0,
@@ -304,20 +303,29 @@ fn a_budget_below_the_minimum_names_it() {
     assert!(plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum)).is_ok());
     let err = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum - 1)).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, Error::BudgetBelowMinimum { .. }), "{msg}");
     assert!(
-        msg.contains("--gpu-mem")
-            && msg.contains(&format_bytes(minimum))
-            && msg.contains("KV cache"),
+        matches!(err, Error::BudgetBelowMinimum { minimum: m, .. } if m == minimum),
+        "{msg}"
+    );
+    // The planner names no option (the CLI does): the budget, the minimum, what it holds.
+    assert!(
+        !msg.contains("--") && msg.contains(&format_bytes(minimum)) && msg.contains("KV cache"),
         "{msg}"
     );
     for bad in [0.0, -0.5, 1.5, f64::NAN] {
         let err = plan(&input("llama-3-70b", WeightFormat::Q4, bad, gib(24))).unwrap_err();
-        assert!(err.to_string().contains("--keep"), "{err}");
+        assert!(
+            matches!(err, Error::PlanInput { field: "keep", .. }),
+            "{err}"
+        );
     }
     let mut inp = input("smollm2-135m", WeightFormat::Bf16, 0.5, gib(1));
     inp.aal = 17.0;
-    assert!(plan(&inp).unwrap_err().to_string().contains("--aal"));
+    let err = plan(&inp).unwrap_err();
+    assert!(
+        matches!(err, Error::PlanInput { field: "aal", .. }),
+        "{err}"
+    );
 }
 
 #[test]

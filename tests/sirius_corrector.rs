@@ -5,10 +5,14 @@
 
 mod common;
 
+use common::sirius::{correct, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
+use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
-use sirius_offload::sirius::{correct, CorrectorOptions, LlamaSirius, SiriusModel};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::sirius::SiriusModel;
+use sirius_offload::sparsity::Dense;
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
 use sirius_offload::Result;
 
 const V: usize = 16;
@@ -179,9 +183,7 @@ fn on_a_real_model_sirius_invariants_hold() {
         (SparsityMode::Griffin, 0.5, 0.1), // real corrections: only the cache invariant applies
     ];
     for (mode, keep, threshold) in cases {
-        let sparsity = Sparsity::new(&model, mode, keep, None).unwrap();
-        let mut m = LlamaSirius::new(&model, &sparsity, prompt.len() + n, 6, 1).unwrap();
-        let first = m.prefill(&prompt, 4, false).unwrap();
+        let sparsity = model.sparsity(&SparsityConfig::new(mode, keep)).unwrap();
         let o = CorrectorOptions {
             period: 6,
             threshold,
@@ -189,6 +191,8 @@ fn on_a_real_model_sirius_invariants_hold() {
             width: 1,
             max_tokens: n,
         };
+        let mut m = LlamaSirius::new(&model, &sparsity, prompt.len() + n, &o.config()).unwrap();
+        let first = m.prefill(&prompt, 4, false).unwrap().first;
         let (out, stats) = correct(&mut m, first, &[], &o).unwrap();
         if keep == 1.0 || threshold > 1.0 {
             assert_eq!(out, want, "{mode} keep {keep} thr {threshold}");
@@ -205,7 +209,11 @@ fn on_a_real_model_sirius_invariants_hold() {
         let mut fresh = model.new_cache(len).unwrap();
         let mut scratch = Scratch::new(&model, len).unwrap();
         model
-            .forward(&tokens, &mut fresh, &mut scratch, Logits::None)
+            .forward(
+                Pass::new(&tokens, Logits::None, &mut Dense),
+                &mut fresh,
+                &mut scratch,
+            )
             .unwrap();
         let kv = model.config.kv_dim();
         for li in 0..model.config.num_layers {

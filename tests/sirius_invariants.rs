@@ -11,13 +11,15 @@
 
 mod common;
 
-use sirius_offload::backend::{CpuBackend, TreeMask};
-use sirius_offload::model::llama::Ffn;
+use common::sirius::{correct, correct_tree, CorrectorOptions};
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
+use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
-use sirius_offload::sirius::{
-    correct, correct_tree, CorrectionStats, CorrectorOptions, LlamaSirius, SiriusModel,
-};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::sirius::{CorrectionStats, SiriusModel};
+use sirius_offload::sparsity::Dense;
+use sirius_offload::sparsity::{Sparsity, SparsityConfig, SparsityMode};
+use sirius_offload::tensor::TreeMask;
 use sirius_offload::Result;
 
 fn tiny() -> Llama<CpuBackend> {
@@ -52,7 +54,11 @@ impl Checked<'_, '_> {
         let mut fresh = self.model.new_cache(len).unwrap();
         let mut scratch = Scratch::new(self.model, len).unwrap();
         self.model
-            .forward(&self.rows, &mut fresh, &mut scratch, Logits::None)
+            .forward(
+                Pass::new(&self.rows, Logits::None, &mut Dense),
+                &mut fresh,
+                &mut scratch,
+            )
             .unwrap();
         let kv = self.model.config.kv_dim();
         for li in 0..self.model.config.num_layers {
@@ -141,7 +147,7 @@ fn run_on(
     let n = o.max_tokens;
     // Spare rows for a tree's pruned branches, as generation allocates them.
     let rows = prompt.len() + n + (o.period - 1) * (o.width - 1);
-    let inner = LlamaSirius::new(model, sparsity, rows, o.period, o.width).unwrap();
+    let inner = LlamaSirius::new(model, sparsity, rows, &o.config()).unwrap();
     let mut m = Checked {
         inner,
         model,
@@ -157,7 +163,7 @@ fn run_on(
             o.threshold
         ),
     };
-    let first = m.inner.prefill(prompt, 4, false).unwrap();
+    let first = m.inner.prefill(prompt, 4, false).unwrap().first;
     let (out, stats) = if through_tree {
         correct_tree(&mut m, first, &[], o).unwrap()
     } else {
@@ -186,7 +192,7 @@ fn the_cache_equals_a_full_run_after_every_verification() {
     let model = tiny();
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         for keep in [0.5, 0.25] {
-            let sparsity = Sparsity::new(&model, mode, keep, None).unwrap();
+            let sparsity = model.sparsity(&SparsityConfig::new(mode, keep)).unwrap();
             for (period, width) in [(6, 1), (4, 3), (5, 2)] {
                 let o = opts(period, width, 0.1, 30);
                 let r = run(&model, &sparsity, &o, false);
@@ -205,12 +211,12 @@ fn keep_one_or_an_unreachable_threshold_gives_full_greedy() {
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
         // Keep 1.0: the drafts are the full model's greedy tokens. (A tree's other beams
         // may hold likely-enough non-greedy tokens, so this holds for the chain only.)
-        let full = Sparsity::new(&model, mode, 1.0, None).unwrap();
+        let full = model.sparsity(&SparsityConfig::new(mode, 1.0)).unwrap();
         let r = run(&model, &full, &opts(6, 1, 0.1, n), false);
         assert_eq!(r.out, want, "{mode} keep 1");
         assert_eq!(r.stats.aal(), 6.0, "{mode} keep 1: every draft accepted");
         for width in [1, 3] {
-            let sparse = Sparsity::new(&model, mode, 0.25, None).unwrap();
+            let sparse = model.sparsity(&SparsityConfig::new(mode, 0.25)).unwrap();
             let r = run(&model, &sparse, &opts(6, width, 1.5, n), false);
             assert_eq!(r.out, want, "{mode} thr 1.5 W {width}");
             assert_eq!(r.stats.aal(), 1.0);
@@ -230,7 +236,11 @@ fn assert_every_token_is_justified(
     let mut cache = model.new_cache(seq.len()).unwrap();
     let mut scratch = Scratch::new(model, seq.len()).unwrap();
     let z = model
-        .forward(&seq, &mut cache, &mut scratch, Logits::All)
+        .forward(
+            Pass::new(&seq, Logits::All, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     let vocab = model.config.vocab_size;
     for (i, &t) in out.iter().enumerate() {
@@ -248,7 +258,7 @@ fn assert_every_token_is_justified(
 fn width_one_through_the_tree_equals_the_chain() {
     let model = tiny();
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
-        let sparsity = Sparsity::new(&model, mode, 0.5, None).unwrap();
+        let sparsity = model.sparsity(&SparsityConfig::new(mode, 0.5)).unwrap();
         let o = opts(5, 1, 0.1, 30);
         let chain = run(&model, &sparsity, &o, false);
         let tree = run(&model, &sparsity, &o, true);
@@ -293,7 +303,11 @@ fn a_tree_pass_gives_each_node_its_paths_logits() {
         let mut cache = model.new_cache(seq.len()).unwrap();
         want.push(
             model
-                .forward(&seq, &mut cache, &mut scratch, Logits::Last)
+                .forward(
+                    Pass::new(&seq, Logits::Last, &mut Dense),
+                    &mut cache,
+                    &mut scratch,
+                )
                 .unwrap(),
         );
     }
@@ -302,18 +316,19 @@ fn a_tree_pass_gives_each_node_its_paths_logits() {
     for batches in [whole, vec![0..1, 1..3, 3..5, 5..8]] {
         let mut cache = model.new_cache(32).unwrap();
         model
-            .forward(&PROMPT, &mut cache, &mut scratch, Logits::None)
+            .forward(
+                Pass::new(&PROMPT, Logits::None, &mut Dense),
+                &mut cache,
+                &mut scratch,
+            )
             .unwrap();
         for b in batches {
             let mask = TreeMask::from_parents(PROMPT.len(), &parents[..b.end], b.start).unwrap();
             let got = model
-                .forward_tree(
-                    &tokens[b.clone()],
-                    &mask,
+                .forward(
+                    Pass::new(&tokens[b.clone()], Logits::All, &mut Dense).tree(&mask),
                     &mut cache,
                     &mut scratch,
-                    Logits::All,
-                    &mut Ffn::Dense,
                 )
                 .unwrap();
             for (j, i) in b.enumerate() {
@@ -336,13 +351,10 @@ fn a_mismatched_tree_mask_is_an_error() {
     let mut cache = model.new_cache(16).unwrap();
     let mask = TreeMask::from_parents(3, &[None, Some(0)], 0).unwrap();
     let err = model
-        .forward_tree(
-            &[1, 2],
-            &mask,
+        .forward(
+            Pass::new(&[1, 2], Logits::All, &mut Dense).tree(&mask),
             &mut cache,
             &mut scratch,
-            Logits::All,
-            &mut Ffn::Dense,
         )
         .unwrap_err();
     assert!(err.to_string().contains("does not match its mask"), "{err}");
@@ -368,7 +380,7 @@ fn on_smollm2_the_invariants_hold_through_real_corrections() {
     let want = common::full_greedy(&model, &prompt, n);
     let mut corrected = 0;
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
-        let sparsity = Sparsity::new(&model, mode, 0.5, None).unwrap();
+        let sparsity = model.sparsity(&SparsityConfig::new(mode, 0.5)).unwrap();
         for width in [1, 3] {
             let o = opts(4, width, 0.1, n);
             let r = run_on(&model, &prompt, &sparsity, &o, false);

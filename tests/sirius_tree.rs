@@ -2,8 +2,11 @@
 //! over the flattened tree, the longest accepted path compacted into place; and width 1
 //! through the tree code equals the chain.
 
-use sirius_offload::backend::TreeMask;
-use sirius_offload::sirius::{correct, correct_tree, CorrectorOptions, SiriusModel};
+mod common;
+
+use common::sirius::{correct, correct_tree, CorrectorOptions};
+use sirius_offload::sirius::SiriusModel;
+use sirius_offload::tensor::TreeMask;
 use sirius_offload::Result;
 
 const V: usize = 16;

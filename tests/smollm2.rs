@@ -10,10 +10,9 @@ use std::path::PathBuf;
 
 use common::fixtures_dir;
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{generate, GenerateOptions};
+use sirius_offload::engine::{Decoding, Engine, EngineConfig, RequestOptions};
 use sirius_offload::model::chat::{ChatMessage, ChatTemplate};
-use sirius_offload::model::{Llama, SamplingParams, TextStream, Tokenizer};
-use sirius_offload::sparsity::Sparsity;
+use sirius_offload::model::{TextStream, Tokenizer};
 
 fn model_dir() -> Option<PathBuf> {
     common::smollm2_dir("SmolLM2 tests")
@@ -62,10 +61,9 @@ fn greedy_tokens_equal_the_reference() {
         &std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
     )
     .unwrap();
-    let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
+    let mut engine = Engine::load(&dir, CpuBackend::new(2), &EngineConfig::dense()).unwrap();
     let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let eos = sirius_offload::config::generation::stop_token_ids(&dir, &model.config.eos_token_ids)
-        .unwrap();
+    let eos = engine.stop_ids.clone();
     let cases = fixture["cases"].as_array().expect("cases");
     assert!(!cases.is_empty());
     for case in cases {
@@ -110,24 +108,13 @@ fn greedy_tokens_equal_the_reference() {
                 "fixture EOS {eos_id} is not among the model's stop ids {eos:?}"
             );
         }
-        let opts = GenerateOptions {
-            max_tokens: expected.len() + usize::from(stopped_at_eos),
-            sampling: SamplingParams::greedy(),
-            stop_token_ids: eos.clone(),
-            stop_strings: vec![],
-            context: 2048,
-            prefill_chunk: 256,
-            show_progress: false,
+        let opts = RequestOptions {
+            context: Some(2048),
+            ..RequestOptions::greedy(expected.len() + usize::from(stopped_at_eos))
         };
-        let out = generate(
-            &model,
-            &Sparsity::None,
-            &tok,
-            &prompt_ids,
-            &opts,
-            &mut |_| true,
-        )
-        .unwrap();
+        let out = engine
+            .generate(&prompt_ids, &opts, Decoding::Dense, &mut |_| true)
+            .unwrap();
         assert_eq!(
             out.generated_token_ids, expected,
             "greedy tokens for {text:?}: got {:?}",

@@ -4,31 +4,21 @@
 mod common;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::config::generation::stop_token_ids;
-use sirius_offload::engine::{generate, GenerateOptions, GenerationOutput};
-use sirius_offload::model::{Llama, SamplingParams, Tokenizer};
-use sirius_offload::sparsity::{Sparsity, SparsityMode};
+use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
 
 const PROMPT: &str = "The history of the printing press begins";
 
-fn run(
-    model: &Llama<CpuBackend>,
-    sparsity: &Sparsity<CpuBackend>,
-    tok: &Tokenizer,
-    n: usize,
-) -> GenerationOutput {
-    let dir = common::smollm2_dir("SmolLM2 sparsity").expect("checked by the caller");
-    let opts = GenerateOptions {
-        max_tokens: n,
-        sampling: SamplingParams::greedy(),
-        stop_token_ids: stop_token_ids(&dir, &model.config.eos_token_ids).unwrap(),
-        stop_strings: vec![],
-        context: 512,
-        prefill_chunk: 256,
-        show_progress: false,
+/// `n` greedy tokens of `engine`'s sparse model.
+fn run(engine: &mut Engine<CpuBackend>, n: usize) -> GenerationOutput {
+    let opts = RequestOptions {
+        context: Some(512),
+        ..RequestOptions::greedy(n)
     };
-    let ids = tok.encode(PROMPT, true).unwrap();
-    generate(model, sparsity, tok, &ids, &opts, &mut |_| true).unwrap()
+    let ids = engine.encode(PROMPT, None).unwrap();
+    engine
+        .generate(&ids, &opts, Decoding::Sparse, &mut |_| true)
+        .unwrap()
 }
 
 #[test]
@@ -36,9 +26,8 @@ fn keep_one_decodes_like_dense_and_density_matches_hand_count() {
     let Some(dir) = common::smollm2_dir("SmolLM2 sparsity") else {
         return;
     };
-    let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
-    let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
-    let dense = run(&model, &Sparsity::None, &tok, 16);
+    let mut engine = Engine::load(&dir, CpuBackend::new(2), &EngineConfig::dense()).unwrap();
+    let dense = run(&mut engine, 16);
     assert_eq!(
         dense.generated_tokens, 16,
         "the prompt should not hit EOS this early: {:?}",
@@ -46,8 +35,10 @@ fn keep_one_decodes_like_dense_and_density_matches_hand_count() {
     );
     assert_eq!(dense.sparsity.density, 1.0);
     for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
-        let full = Sparsity::new(&model, mode, 1.0, None).unwrap();
-        let out = run(&model, &full, &tok, 16);
+        engine
+            .set_sparsity(&SparsityConfig::new(mode, 1.0))
+            .unwrap();
+        let out = run(&mut engine, 16);
         assert_eq!(
             out.generated_token_ids, dense.generated_token_ids,
             "{mode} keep 1.0: {:?} vs {:?}",
@@ -55,8 +46,10 @@ fn keep_one_decodes_like_dense_and_density_matches_hand_count() {
         );
         assert!((out.sparsity.density - 1.0).abs() < 1e-12);
 
-        let half = Sparsity::new(&model, mode, 0.5, None).unwrap();
-        let out = run(&model, &half, &tok, 8);
+        engine
+            .set_sparsity(&SparsityConfig::new(mode, 0.5))
+            .unwrap();
+        let out = run(&mut engine, 8);
         // Hand count: 134,515,008 parameters; Griffin skips 30 * 768 * 3 * 576, CATS 30 * 768 * 2 * 576.
         let skipped = match mode {
             SparsityMode::Griffin => 39_813_120.0,

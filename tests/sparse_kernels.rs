@@ -15,8 +15,8 @@ use sirius_offload::backend::cpu::{
     ThreadPool,
 };
 use sirius_offload::backend::{BundleLayout, NeuronLists, NeuronRule};
-use sirius_offload::dtype::DType;
 use sirius_offload::sparsity::bundles::{bundle_bytes, interleave};
+use sirius_offload::tensor::DType;
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
 /// Hidden sizes around the SIMD widths (8, 16, 32 lanes, bf16 de-interleave blocks) and SmolLM2's.

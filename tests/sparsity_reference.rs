@@ -7,9 +7,12 @@ mod common;
 use common::fixtures_dir;
 use serde::Deserialize;
 use sirius_offload::backend::{BundleLayout, CpuBackend};
-use sirius_offload::model::llama::Ffn;
+use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
-use sirius_offload::sparsity::{CatsRule, GriffinFfn, GriffinScores, NeuronBundles, NeuronCounter};
+use sirius_offload::sparsity::Dense;
+use sirius_offload::sparsity::{
+    CatsFfn, CatsRule, GriffinFfn, GriffinScores, NeuronBundles, NeuronCounter,
+};
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -59,20 +62,23 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 fn griffin_scores_selection_and_logits_match_reference() {
     for (i, name) in MODELS.iter().enumerate() {
         let (model, fx) = load(name, 1 + i % 3);
-        let bundles = NeuronBundles::build(&model, BundleLayout::GateUpDown).unwrap();
+        let bundles = NeuronBundles::build(
+            &model.backend,
+            BundleLayout::GateUpDown,
+            &model.ffn_tensors().unwrap(),
+        )
+        .unwrap();
         for case in &fx.cases {
             let mut cache = model
                 .new_cache(fx.prompt_ids.len() + fx.continuation_ids.len())
                 .unwrap();
             let mut scratch = Scratch::new(&model, fx.prompt_ids.len()).unwrap();
-            let mut scores = GriffinScores::new(&model).unwrap();
+            let mut scores = GriffinScores::new(&model.backend, model.ffn_dims()).unwrap();
             model
-                .forward_with(
-                    &fx.prompt_ids,
+                .forward(
+                    Pass::new(&fx.prompt_ids, Logits::None, &mut scores),
                     &mut cache,
                     &mut scratch,
-                    Logits::None,
-                    &mut Ffn::DenseScoring(&mut scores),
                 )
                 .unwrap();
             let got = scores.scores(&model.backend).unwrap();
@@ -99,12 +105,10 @@ fn griffin_scores_selection_and_logits_match_reference() {
                 .enumerate()
             {
                 let got = model
-                    .forward_with(
-                        &[tok],
+                    .forward(
+                        Pass::new(&[tok], Logits::Last, &mut &griffin),
                         &mut cache,
                         &mut scratch,
-                        Logits::Last,
-                        &mut Ffn::Griffin(&griffin),
                     )
                     .unwrap();
                 let e = rel_err(&got, want);
@@ -121,7 +125,12 @@ fn griffin_scores_selection_and_logits_match_reference() {
 #[test]
 fn griffin_keep_one_gives_dense_logits() {
     let (model, fx) = load("llama-tied-gqa-bf16", 2);
-    let bundles = NeuronBundles::build(&model, BundleLayout::GateUpDown).unwrap();
+    let bundles = NeuronBundles::build(
+        &model.backend,
+        BundleLayout::GateUpDown,
+        &model.ffn_tensors().unwrap(),
+    )
+    .unwrap();
     let all: Vec<u32> = fx
         .prompt_ids
         .iter()
@@ -131,19 +140,21 @@ fn griffin_keep_one_gives_dense_logits() {
     let mut cache = model.new_cache(all.len()).unwrap();
     let mut scratch = Scratch::new(&model, all.len()).unwrap();
     let dense = model
-        .forward(&all, &mut cache, &mut scratch, Logits::All)
+        .forward(
+            Pass::new(&all, Logits::All, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     let vocab = model.config.vocab_size;
     let n_prompt = fx.prompt_ids.len();
     cache.truncate(0);
-    let mut scores = GriffinScores::new(&model).unwrap();
+    let mut scores = GriffinScores::new(&model.backend, model.ffn_dims()).unwrap();
     model
-        .forward_with(
-            &fx.prompt_ids,
+        .forward(
+            Pass::new(&fx.prompt_ids, Logits::None, &mut scores),
             &mut cache,
             &mut scratch,
-            Logits::None,
-            &mut Ffn::DenseScoring(&mut scores),
         )
         .unwrap();
     let griffin = GriffinFfn::gather(
@@ -158,12 +169,10 @@ fn griffin_keep_one_gives_dense_logits() {
         .all(|&k| k == model.config.intermediate_size));
     for (t, &tok) in fx.continuation_ids.iter().enumerate() {
         let got = model
-            .forward_with(
-                &[tok],
+            .forward(
+                Pass::new(&[tok], Logits::Last, &mut &griffin),
                 &mut cache,
                 &mut scratch,
-                Logits::Last,
-                &mut Ffn::Griffin(&griffin),
             )
             .unwrap();
         let want: Vec<f64> = dense[(n_prompt + t) * vocab..(n_prompt + t + 1) * vocab]
@@ -184,7 +193,9 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
         let (model, fx) = load(name, 1 + (i + 1) % 3);
         // CATS runs on up|down bundles; the gate|up|down ones must give the same.
         for layout in [BundleLayout::UpDown, BundleLayout::GateUpDown] {
-            let bundles = NeuronBundles::build(&model, layout).unwrap();
+            let bundles =
+                NeuronBundles::build(&model.backend, layout, &model.ffn_tensors().unwrap())
+                    .unwrap();
             let ids: Vec<u32> = fx
                 .prompt_ids
                 .iter()
@@ -194,18 +205,21 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
             let vocab = model.config.vocab_size;
             for case in &fx.cases {
                 let rule = CatsRule::TopK(case.k);
-                let mut counter = NeuronCounter::new(model.config.num_layers);
                 // Batched: every token at once.
                 let mut cache = model.new_cache(ids.len()).unwrap();
                 let mut scratch = Scratch::new(&model, ids.len()).unwrap();
-                let mut ffn = Ffn::Cats {
+                let mut ffn = CatsFfn {
                     bundles: &bundles,
                     rule: &rule,
-                    counter: &mut counter,
+                    counter: NeuronCounter::new(model.config.num_layers),
                     shared: false,
                 };
                 let batched = model
-                    .forward_with(&ids, &mut cache, &mut scratch, Logits::All, &mut ffn)
+                    .forward(
+                        Pass::new(&ids, Logits::All, &mut ffn),
+                        &mut cache,
+                        &mut scratch,
+                    )
                     .unwrap();
                 for (t, want) in case.cats_logits.iter().enumerate() {
                     let e = rel_err(&batched[t * vocab..(t + 1) * vocab], want);
@@ -218,14 +232,12 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
                 // One by one, as decoding runs it.
                 cache.truncate(0);
                 for (t, (&tok, want)) in ids.iter().zip(&case.cats_logits).enumerate() {
-                    let mut ffn = Ffn::Cats {
-                        bundles: &bundles,
-                        rule: &rule,
-                        counter: &mut counter,
-                        shared: false,
-                    };
                     let got = model
-                        .forward_with(&[tok], &mut cache, &mut scratch, Logits::Last, &mut ffn)
+                        .forward(
+                            Pass::new(&[tok], Logits::Last, &mut ffn),
+                            &mut cache,
+                            &mut scratch,
+                        )
                         .unwrap();
                     let e = rel_err(&got, want);
                     assert!(
@@ -235,7 +247,7 @@ fn cats_top_k_logits_match_reference_batched_and_one_by_one() {
                     );
                 }
                 // Top-k keeps exactly k per token and layer.
-                let fractions = counter.kept_fraction(model.config.intermediate_size);
+                let fractions = ffn.counter.kept_fraction(model.config.intermediate_size);
                 let want = case.k as f64 / model.config.intermediate_size as f64;
                 assert!(
                     fractions.iter().all(|f| (f - want).abs() < 1e-12),

@@ -1,9 +1,9 @@
 //! Argument checks every backend makes: the CPU and CUDA backends refuse the same inputs with
 //! the same words.
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::weights::TensorRef;
+use crate::tensor::DType;
+use crate::tensor::TensorRef;
 
 /// `(rows, cols)` of a checkpoint tensor that must be a 2-D matrix.
 pub(crate) fn matrix_shape(t: &TensorRef) -> Result<(usize, usize)> {

@@ -10,11 +10,11 @@ use super::checks;
 use super::cpu::{self as kernels, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
-    TreeMask,
+    Rows, SparseOps,
 };
-use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::model::weights::TensorRef;
+use crate::tensor::DType;
+use crate::tensor::TensorRef;
 
 /// Where a matrix's bytes live.
 #[derive(Clone)]
@@ -162,10 +162,6 @@ impl Backend for CpuBackend {
         Ok(data.to_vec())
     }
 
-    fn vector(&self, t: &TensorRef) -> Result<Vec<f32>> {
-        Ok(kernels::to_f32_vec(t.bytes(), t.dtype))
-    }
-
     fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
         let cols = table.cols;
         for (t, &id) in tokens.iter().enumerate() {
@@ -230,22 +226,13 @@ impl Backend for CpuBackend {
         &self,
         x: &mut Vec<f32>,
         num_heads: usize,
-        start_pos: usize,
-        n_tokens: usize,
+        rows: Rows<'_>,
         table: &RopeTable,
     ) -> Result<()> {
-        table.rotate_rows(x, num_heads, start_pos, n_tokens);
-        Ok(())
-    }
-
-    fn rope_at(
-        &self,
-        x: &mut Vec<f32>,
-        num_heads: usize,
-        positions: &[usize],
-        table: &RopeTable,
-    ) -> Result<()> {
-        table.rotate_at(x, num_heads, positions.iter().copied());
+        match rows {
+            Rows::Causal { start, len } => table.rotate_rows(x, num_heads, start, len),
+            Rows::Tree(mask) => table.rotate_at(x, num_heads, mask.positions().iter().copied()),
+        }
         Ok(())
     }
 
@@ -289,47 +276,23 @@ impl Backend for CpuBackend {
         k_cache: &Vec<f32>,
         v_cache: &Vec<f32>,
         shape: AttentionShape,
-        start_pos: usize,
-        n_tokens: usize,
+        rows: Rows<'_>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let width = shape.num_heads * shape.head_dim;
-        kernels::attention(
-            &self.pool,
-            &q[..n_tokens * width],
-            k_cache,
-            v_cache,
-            shape.num_heads,
-            shape.num_kv_heads,
-            shape.head_dim,
-            start_pos,
-            n_tokens,
-            None,
-            &mut out[..n_tokens * width],
-        );
-        Ok(())
-    }
-
-    fn tree_attention(
-        &self,
-        q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
-        shape: AttentionShape,
-        mask: &TreeMask,
-        out: &mut Vec<f32>,
-    ) -> Result<()> {
-        let width = shape.num_heads * shape.head_dim;
-        let n = mask.n_tokens();
-        let rows = (mask.prefix() + mask.span()) * shape.num_kv_heads * shape.head_dim;
+        let n = rows.len();
+        let (start, mask, cache_rows) = match rows {
+            Rows::Causal { start, len } => (start, None, start + len),
+            Rows::Tree(mask) => (mask.first_row(), Some(mask), mask.prefix() + mask.span()),
+        };
+        let kv_rows = cache_rows * shape.num_kv_heads * shape.head_dim;
         if q.len() < n * width
             || out.len() < n * width
-            || k_cache.len() < rows
-            || v_cache.len() < rows
+            || k_cache.len() < kv_rows
+            || v_cache.len() < kv_rows
         {
             return Err(Error::InvalidArgument(format!(
-                "tree attention over {} cache rows for {n} tokens does not fit its buffers",
-                mask.prefix() + mask.span()
+                "attention over {cache_rows} cache rows for {n} tokens does not fit its buffers"
             )));
         }
         kernels::attention(
@@ -340,9 +303,9 @@ impl Backend for CpuBackend {
             shape.num_heads,
             shape.num_kv_heads,
             shape.head_dim,
-            mask.first_row(),
+            start,
             n,
-            Some(mask),
+            mask,
             &mut out[..n * width],
         );
         Ok(())
@@ -369,7 +332,9 @@ impl Backend for CpuBackend {
         out.copy_from_slice(src);
         Ok(())
     }
+}
 
+impl SparseOps for CpuBackend {
     fn upload_matrix(
         &self,
         bytes: Vec<u8>,
@@ -472,21 +437,14 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         width: usize,
         rule: NeuronRule,
+        shared: bool,
         kept: &mut NeuronLists,
     ) -> Result<()> {
-        kernels::select_neurons(&mut act[..n_tokens * width], width, rule, kept);
-        Ok(())
-    }
-
-    fn select_neurons_shared(
-        &self,
-        act: &mut Vec<f32>,
-        n_tokens: usize,
-        width: usize,
-        rule: NeuronRule,
-        kept: &mut NeuronLists,
-    ) -> Result<()> {
-        kernels::select_neurons_shared(&mut act[..n_tokens * width], width, rule, kept);
+        let act = &mut act[..n_tokens * width];
+        match shared {
+            true => kernels::select_neurons_shared(act, width, rule, kept),
+            false => kernels::select_neurons(act, width, rule, kept),
+        }
         Ok(())
     }
 

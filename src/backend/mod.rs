@@ -1,9 +1,12 @@
 //! Compute backends.
 //!
-//! The [`Backend`] trait is the small set of inference ops the one Llama forward pass
-//! (`model::llama`) is written against. The CPU backend is the reference; the CUDA backend
+//! [`Backend`] is the small set of core ops the one Llama forward pass (`model::llama`) is
+//! written against; [`SparseOps`] adds the neuron-level ops of contextual sparsity, and
+//! [`offload::OffloadBackend`] what an offloading runtime needs (a copy engine, views of its
+//! staging buffers, resident copies). The CPU backend is the reference; the CUDA backend
 //! (feature `cuda`) must match it op by op. Buffers are opaque to the model: a backend keeps
-//! them wherever its compute happens (host memory, device memory).
+//! them wherever its compute happens (host memory, device memory). Backends know tensors
+//! only: no model, config, request or placement.
 
 mod checks;
 pub mod cpu;
@@ -11,17 +14,15 @@ mod cpu_backend;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod neurons;
+pub mod offload;
 pub mod rope;
-mod tree_mask;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;
-pub use tree_mask::TreeMask;
 
-use crate::dtype::DType;
 use crate::error::Result;
-use crate::model::weights::TensorRef;
+use crate::tensor::{DType, TensorRef, TreeMask};
 
 /// Shape of one attention call: heads, kv heads (GQA) and head width.
 #[derive(Debug, Clone, Copy)]
@@ -31,9 +32,36 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// The ops of a Llama forward pass. Activation buffers hold `n_tokens` rows of f32 laid out
-/// row-major; a buffer may be larger than what one call uses (scratch is sized for the longest
-/// batch), so every op takes the number of rows it works on.
+/// Where the rows of a batch sit in the sequence (rotary positions, what attention sees).
+#[derive(Debug, Clone, Copy)]
+pub enum Rows<'a> {
+    /// `len` tokens one after another from position `start`, after the cache's `start`
+    /// rows: each sees the cache and the batch rows up to itself (prompt, decode, chain
+    /// windows).
+    Causal { start: usize, len: usize },
+    /// The last `mask.n_tokens()` nodes of a token tree (cache rows `mask.first_row()..`):
+    /// each sits at the rotary position of its depth and sees the prefix and its own
+    /// ancestors (Sirius with width > 1).
+    Tree(&'a TreeMask),
+}
+
+impl Rows<'_> {
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        match self {
+            Rows::Causal { len, .. } => *len,
+            Rows::Tree(mask) => mask.n_tokens(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The core ops of a Llama forward pass. Activation buffers hold `n_tokens` rows of f32
+/// laid out row-major; a buffer may be larger than what one call uses (scratch is sized for
+/// the longest batch), so every op takes the number of rows it works on.
 pub trait Backend {
     /// An f32 buffer: activations, KV cache, norm weights, biases.
     type Buf;
@@ -44,12 +72,12 @@ pub trait Backend {
     fn describe(&self) -> String;
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer holding `data` (norm weights, biases).
+    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
+    /// Reads `out.len()` floats starting at `offset` back to the host.
+    fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
     /// Makes a 2-D checkpoint tensor usable as a matrix.
     fn matrix(&self, tensor: &TensorRef) -> Result<Self::Matrix>;
-    /// A buffer holding `data` (small host-built vectors: gathered biases).
-    fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
-    /// Copies a (small) tensor, any dtype, into an f32 buffer.
-    fn vector(&self, tensor: &TensorRef) -> Result<Self::Buf>;
 
     /// out[t] = table[tokens[t]] (as f32).
     fn embed(&self, table: &Self::Matrix, tokens: &[u32], out: &mut Self::Buf) -> Result<()>;
@@ -72,23 +100,38 @@ pub trait Backend {
     ) -> Result<()>;
     /// x[t] += bias for the first `n_tokens` rows.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n_tokens: usize) -> Result<()>;
-    /// Rotates each head of rows 0..n_tokens, row t sitting at position start_pos + t.
+    /// Rotates each of the `num_heads` heads of the batch's rows to their positions.
     fn rope(
         &self,
         x: &mut Self::Buf,
         num_heads: usize,
-        start_pos: usize,
-        n_tokens: usize,
+        rows: Rows<'_>,
         table: &RopeTable,
     ) -> Result<()>;
-    /// Rotates each head of rows 0..positions.len(), row t sitting at `positions[t]` (tree
-    /// nodes: the position is the depth, not the row).
-    fn rope_at(
+    /// Attention of the batch's rows of q over the cache rows each sees (see [`Rows`]);
+    /// the cache already holds the batch's own K/V.
+    fn attention(
         &self,
-        x: &mut Self::Buf,
-        num_heads: usize,
-        positions: &[usize],
-        table: &RopeTable,
+        q: &Self::Buf,
+        k_cache: &Self::Buf,
+        v_cache: &Self::Buf,
+        shape: AttentionShape,
+        rows: Rows<'_>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// gate[i] = silu(gate[i]) * up[i] for i < len.
+    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
+    /// x[i] += y[i] for i < len.
+    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
+    /// Copies `n_rows` rows of `row_len` floats from src (starting at row src_row) to dst (at dst_row).
+    fn copy_rows(
+        &self,
+        src: &Self::Buf,
+        src_row: usize,
+        dst: &mut Self::Buf,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
     ) -> Result<()>;
     /// Moves `n_rows` rows of `row_len` floats within `buf` from row `src_row` to `dst_row`
     /// (`dst_row <= src_row`; the ranges may overlap): compacts an accepted tree path.
@@ -100,51 +143,13 @@ pub trait Backend {
         n_rows: usize,
         row_len: usize,
     ) -> Result<()>;
-    /// Copies `n_rows` rows of `row_len` floats from src (starting at row src_row) to dst (at dst_row).
-    fn copy_rows(
-        &self,
-        src: &Self::Buf,
-        src_row: usize,
-        dst: &mut Self::Buf,
-        dst_row: usize,
-        n_rows: usize,
-        row_len: usize,
-    ) -> Result<()>;
-    /// Causal attention of rows 0..n_tokens of q (positions start_pos..) over cache rows
-    /// 0..start_pos+n_tokens.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
-        shape: AttentionShape,
-        start_pos: usize,
-        n_tokens: usize,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
-    /// Attention of the `mask.n_tokens()` rows of q, the last nodes of a token tree (cache
-    /// rows `mask.first_row()..`), each over the cache rows `mask` lets it see.
-    fn tree_attention(
-        &self,
-        q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
-        shape: AttentionShape,
-        mask: &TreeMask,
-        out: &mut Self::Buf,
-    ) -> Result<()>;
-    /// gate[i] = silu(gate[i]) * up[i] for i < len.
-    fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
-    /// x[i] += y[i] for i < len.
-    fn add(&self, x: &mut Self::Buf, y: &Self::Buf, len: usize) -> Result<()>;
-    /// Reads `out.len()` floats starting at `offset` back to the host.
-    fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
+}
 
-    // ---- Contextual sparsity (see `crate::sparsity`) ----
-
+/// The neuron-level ops contextual sparsity (`crate::sparsity`) and offloading need beyond
+/// the core ones.
+pub trait SparseOps: Backend {
     /// Makes a matrix of `rows x cols` elements of `dtype` from bytes built on the host
-    /// (the neuron-bundle layout).
+    /// (the neuron-bundle layout, a gathered FFN).
     fn upload_matrix(
         &self,
         bytes: Vec<u8>,
@@ -180,24 +185,16 @@ pub trait Backend {
     ) -> Result<()>;
     /// CATS: for each row t < n_tokens of `act` (`[n, width]`, SiLU(gate)), keeps the neurons
     /// `rule` selects by |act|, zeroes the others in place and lists the kept ones, ascending,
-    /// in `kept` (which it overwrites).
+    /// in `kept` (which it overwrites). With `shared` (the beams of a tree) one set serves
+    /// every row, chosen by `rule` from `sum_t |act[t, j]|` (a threshold applies to the mean
+    /// over rows), and is listed once per row.
     fn select_neurons(
         &self,
         act: &mut Self::Buf,
         n_tokens: usize,
         width: usize,
         rule: NeuronRule,
-        kept: &mut NeuronLists,
-    ) -> Result<()>;
-    /// CATS over the beams of a tree: one neuron set for all rows t < n_tokens of `act`,
-    /// chosen by `rule` from `sum_t |act[t, j]|` (a threshold applies to the mean over rows);
-    /// zeroes the others in every row and lists the set once per row in `kept`.
-    fn select_neurons_shared(
-        &self,
-        act: &mut Self::Buf,
-        n_tokens: usize,
-        width: usize,
-        rule: NeuronRule,
+        shared: bool,
         kept: &mut NeuronLists,
     ) -> Result<()>;
     /// `x[i] = silu(x[i])` for i < len.

@@ -1,8 +1,7 @@
-//! Rotary position embedding frequencies, including Llama 3.1 "llama3" and linear scaling.
+//! Rotary position embedding: cos/sin tables of the frequencies the model gives, and the
+//! rotation of heads to their positions.
 
 use std::sync::RwLock;
-
-use crate::config::{ModelConfig, RopeScaling};
 
 /// Per-pair inverse frequencies of one head (head_dim / 2 of them). Pair i rotates elements
 /// (i, i + head_dim/2): the Hugging Face "rotate_half" convention.
@@ -18,49 +17,12 @@ pub struct RopeTable {
 }
 
 impl RopeTable {
-    pub fn new(config: &ModelConfig) -> RopeTable {
-        let hd = config.head_dim;
-        let base = config.rope_theta as f64;
-        let mut inv_freq: Vec<f64> = (0..hd / 2)
-            .map(|i| 1.0 / base.powf((2 * i) as f64 / hd as f64))
-            .collect();
-        match &config.rope_scaling {
-            None => {}
-            Some(RopeScaling::Linear { factor }) => {
-                for f in &mut inv_freq {
-                    *f /= *factor as f64;
-                }
-            }
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                // Wavelengths longer than original_ctx / low_freq_factor are slowed by `factor`;
-                // shorter than original_ctx / high_freq_factor are kept; in between, blended.
-                let (factor, low, high) = (
-                    *factor as f64,
-                    *low_freq_factor as f64,
-                    *high_freq_factor as f64,
-                );
-                let old_ctx = *original_max_position_embeddings as f64;
-                let low_wavelen = old_ctx / low;
-                let high_wavelen = old_ctx / high;
-                for f in &mut inv_freq {
-                    let wavelen = 2.0 * std::f64::consts::PI / *f;
-                    if wavelen > low_wavelen {
-                        *f /= factor;
-                    } else if wavelen >= high_wavelen {
-                        let smooth = (old_ctx / wavelen - low) / (high - low);
-                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
-                    }
-                }
-            }
-        }
+    /// The table of a head of `head_dim` elements rotating pair i at `inv_freq[i]` radians per
+    /// position (`head_dim / 2` of them; the model computes them from its config).
+    pub fn new(head_dim: usize, inv_freq: Vec<f32>) -> RopeTable {
         RopeTable {
-            head_dim: hd,
-            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+            head_dim,
+            inv_freq,
             cos_sin: RwLock::new(Vec::new()),
         }
     }

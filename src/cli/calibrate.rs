@@ -1,6 +1,6 @@
 //! `sirius-offload calibrate`: per-layer CATS thresholds from sample text, so that
 //! `run --sparsity cats --cats-thresholds FILE` skips neurons by a fixed |SiLU(gate)| cut
-//! instead of a per-token top-k (the CATS paper's rule; see ../shared/SIRIUS.md).
+//! instead of a per-token top-k (the CATS paper's rule).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -8,22 +8,19 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::backend::CpuBackend;
+use crate::cli::args::ModelArgs;
 use crate::cli::fetch::model_dir_or_fetch;
-use crate::cli::input::{load_tokenizer, read_text};
+use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout};
+use crate::engine::calibrate::calibrate as calibrate_thresholds;
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::sparsity::calibrate::calibrate as calibrate_thresholds;
 use crate::sparsity::validate_keep;
 
 #[derive(Debug, Clone, Args)]
 pub struct CalibrateArgs {
-    /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
-    #[arg(long, short = 'm')]
-    pub model: String,
-    /// Don't fetch a preset's weights automatically when they are missing.
-    #[arg(long)]
-    pub no_fetch: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Calibration text (UTF-8), taken raw like a `run` prompt (BOS added as for a prompt).
     #[arg(long)]
     pub text: PathBuf,
@@ -40,9 +37,6 @@ pub struct CalibrateArgs {
     /// Use only the first N tokens of the text.
     #[arg(long)]
     pub max_tokens: Option<usize>,
-    /// Compute threads (0 = one per core).
-    #[arg(long, short = 't', default_value_t = 0)]
-    pub threads: usize,
     /// Don't print the table; errors only.
     #[arg(long, short = 'q')]
     pub quiet: bool,
@@ -64,10 +58,10 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     check_output_dir("--out", Some(&args.out))?;
     let text = read_text("--text", &args.text)?;
 
-    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
-    let model = Llama::load(&dir, CpuBackend::new(args.threads))?;
-    let tokenizer = load_tokenizer(&dir, model.config.vocab_size)?;
-    let mut tokens = tokenizer.encode(&text, true)?;
+    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let backend = CpuBackend::new(args.model.threads);
+    let engine = Engine::load(&dir, backend, &EngineConfig::dense())?;
+    let mut tokens = engine.encode(&text, None)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);
     }
@@ -78,7 +72,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
         "calibrating"
     );
     let t0 = std::time::Instant::now();
-    let thresholds = calibrate_thresholds(&model, &tokens, keep, args.seq_len, &args.text)?;
+    let thresholds = calibrate_thresholds(&engine, &tokens, keep, args.seq_len, &args.text)?;
     let seconds = t0.elapsed().as_secs_f64();
     thresholds.save(&args.out)?;
     if !args.quiet {

@@ -4,25 +4,17 @@
 //! (`cli::eval_faithfulness`). Every task runs its modes over the same data in one process,
 //! so the rows of one table come from one run.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use clap::{ArgGroup, Args, ValueEnum};
-use serde::Serialize;
 
-use crate::backend::CpuBackend;
+use crate::cli::args::{ModelArgs, SparsityArgs};
 use crate::cli::eval_faithfulness::eval_faithfulness;
 use crate::cli::eval_gsm::{eval_data, GenTaskArgs, GEN_ONLY, PPL_ONLY};
-use crate::cli::fetch::model_dir_or_fetch;
-use crate::cli::input::{load_tokenizer, read_text};
-use crate::cli::output::{check_output_dir, print_stdout, write_json};
-use crate::cli::sparsity_args::SparsityArgs;
-use crate::engine::perplexity::{perplexity, PerplexityResult, Windows};
+use crate::cli::eval_perplexity::eval_perplexity;
 use crate::error::{Error, Result};
-use crate::model::Llama;
-use crate::progress::progress_bar;
-use crate::sparsity::{validate_keep, SparsityMode};
+use crate::sparsity::SparsityMode;
 
 /// The long help of `eval`: what each task measures, exactly.
 pub const EVAL_HELP: &str = "\
@@ -68,12 +60,8 @@ Examples:
 #[derive(Debug, Clone, Args)]
 #[command(group(ArgGroup::new("task").required(true).args(["perplexity", "data", "faithfulness"])))]
 pub struct EvalArgs {
-    /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
-    #[arg(long, short = 'm')]
-    pub model: String,
-    /// Don't fetch a preset's weights automatically when they are missing.
-    #[arg(long)]
-    pub no_fetch: bool,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Perplexity of this UTF-8 text file (see below).
     #[arg(long, value_name = "FILE", conflicts_with_all = GEN_ONLY)]
     pub perplexity: Option<PathBuf>,
@@ -106,9 +94,6 @@ pub struct EvalArgs {
     pub compare: Vec<ModeSpec>,
     #[command(flatten)]
     pub gen: GenTaskArgs,
-    /// Compute threads (0 = one per core).
-    #[arg(long, short = 't', default_value_t = 0)]
-    pub threads: usize,
     /// What to print on stdout: a markdown table or the JSON report.
     #[arg(long, value_enum, default_value_t = ReportFormat::Md)]
     pub format: ReportFormat,
@@ -152,215 +137,15 @@ impl FromStr for ModeSpec {
     }
 }
 
-#[derive(Serialize)]
-struct PerplexityReport<'a> {
-    task: &'static str,
-    model: String,
-    backend: String,
-    dtype: String,
-    threads: usize,
-    text: String,
-    text_tokens: usize,
-    /// Tokens the tokenizer puts before a text (BOS), at the start of every window.
-    lead_tokens: usize,
-    window: usize,
-    prefix: usize,
-    windows: usize,
-    results: &'a [PerplexityResult],
-}
-
 pub fn eval(args: &EvalArgs) -> Result<()> {
-    if let Some(path) = &args.data {
-        return eval_data(args, path);
-    }
-    if let Some(path) = &args.faithfulness {
-        return eval_faithfulness(args, path);
-    }
-    let specs = sparsity_specs(args)?;
-    check_output_dir("--json", args.json.as_deref())?;
-    if args.max_windows == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--max-windows must be at least 1".into(),
-        ));
-    }
-    let Some(text_path) = &args.perplexity else {
-        return Err(Error::InvalidArgument(
+    match (&args.data, &args.faithfulness, &args.perplexity) {
+        (Some(path), _, _) => eval_data(args, path),
+        (None, Some(path), _) => eval_faithfulness(args, path),
+        (None, None, Some(path)) => eval_perplexity(args, path),
+        (None, None, None) => Err(Error::InvalidArgument(
             "give a task: --perplexity FILE, --data FILE.jsonl or --faithfulness FILE".into(),
-        ));
-    };
-    // The geometry checks that need no model come before the load.
-    Windows {
-        window: args.window,
-        prefix: args.prefix,
+        )),
     }
-    .validate(0, usize::MAX)?;
-    let text = read_text("--perplexity", text_path)?;
-
-    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
-    let backend = CpuBackend::new(args.threads);
-    let threads = backend.threads();
-    let model = Llama::load(&dir, backend)?;
-    let tokenizer = load_tokenizer(&dir, model.config.vocab_size)?;
-    let tokens = tokenizer.encode(&text, false)?;
-    // What the tokenizer adds in front of a prompt (BOS): every window starts with it, so
-    // each window reads like a document start rather than a cut in mid-text.
-    let with_special = tokenizer.encode(&text, true)?;
-    let lead: Vec<u32> = match with_special.strip_suffix(tokens.as_slice()) {
-        Some(lead) => lead.to_vec(),
-        None => Vec::new(),
-    };
-    let geometry = Windows {
-        window: args.window,
-        prefix: args.prefix,
-    };
-    geometry.validate(lead.len(), context(&model))?;
-    let body = geometry.body(lead.len());
-    let available = tokens.len() / body;
-    if available == 0 {
-        return Err(Error::InvalidArgument(format!(
-            "--perplexity {}: {} tokens, fewer than one window of {body} text tokens (--window {})",
-            text_path.display(),
-            tokens.len(),
-            args.window
-        )));
-    }
-    let n_windows = args.max_windows.map_or(available, |m| m.min(available));
-    tracing::info!(
-        text_tokens = tokens.len(),
-        lead = lead.len(),
-        windows = n_windows,
-        "perplexity"
-    );
-
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        progress_bar((n_windows * specs.len()) as u64, "eval")
-    };
-    let mut results = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        bar.set_message(spec.sparsity.to_string());
-        // One mode at a time: its bundles are built once and dropped before the next mode's.
-        let sparsity = spec.build(&model)?;
-        let result = perplexity(
-            &model,
-            &sparsity,
-            &lead,
-            &tokens,
-            geometry,
-            n_windows,
-            &mut || bar.inc(1),
-        )?;
-        tracing::info!(mode = %result.sparsity, keep = result.keep, perplexity = result.perplexity, seconds = result.seconds, "done");
-        results.push(result);
-    }
-    bar.finish_and_clear();
-
-    let report = PerplexityReport {
-        task: "perplexity",
-        model: dir.display().to_string(),
-        backend: model.backend_description(),
-        dtype: model.dtype.to_string(),
-        threads,
-        text: text_path.display().to_string(),
-        text_tokens: tokens.len(),
-        lead_tokens: lead.len(),
-        window: args.window,
-        prefix: args.prefix,
-        windows: n_windows,
-        results: &results,
-    };
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
-    }
-    match args.format {
-        ReportFormat::Md => print_stdout(&markdown(&report)),
-        ReportFormat::Json => {
-            let json = serde_json::to_string_pretty(&report)
-                .map_err(|e| Error::InvalidArgument(e.to_string()))?;
-            print_stdout(&(json + "\n"))
-        }
-    }
-}
-
-/// The modes to run, each as the sparsity options it stands for; checked without a model.
-fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityArgs>> {
-    let base = &args.sparsity;
-    if args.compare.is_empty() {
-        base.validate()?;
-        return Ok(vec![base.clone()]);
-    }
-    validate_keep(base.keep)?;
-    let thresholds = base.cats_thresholds.as_ref();
-    if thresholds.is_some() && !args.compare.iter().any(|s| s.mode == SparsityMode::Cats) {
-        return Err(Error::InvalidArgument(
-            "--cats-thresholds needs cats in --compare".into(),
-        ));
-    }
-    args.compare
-        .iter()
-        .map(|spec| {
-            let cats = spec.mode == SparsityMode::Cats;
-            if cats && thresholds.is_some() && spec.keep.is_some() {
-                return Err(Error::InvalidArgument(
-                    "--compare cats:KEEP and --cats-thresholds both set the CATS neurons: give one"
-                        .into(),
-                ));
-            }
-            if spec.mode == SparsityMode::None && spec.keep.is_some() {
-                return Err(Error::InvalidArgument(
-                    "--compare none:KEEP: dense keeps every neuron, drop the :KEEP".into(),
-                ));
-            }
-            let s = SparsityArgs {
-                sparsity: spec.mode,
-                keep: spec.keep.unwrap_or(base.keep),
-                cats_thresholds: if cats { thresholds.cloned() } else { None },
-            };
-            s.validate()?;
-            Ok(s)
-        })
-        .collect()
-}
-
-/// The context a window may fill: the position limit and any sliding window.
-fn context(model: &Llama<CpuBackend>) -> usize {
-    let c = &model.config;
-    c.sliding_window.map_or(c.max_position_embeddings, |w| {
-        w.min(c.max_position_embeddings)
-    })
-}
-
-fn markdown(r: &PerplexityReport) -> String {
-    let mut s = format!(
-        "perplexity of {} on {} ({} tokens; {} windows of {} tokens, {} dense prompt + {} scored each; {} threads)\n\n",
-        r.model,
-        r.text,
-        r.text_tokens,
-        r.windows,
-        r.window,
-        r.prefix,
-        r.window - r.prefix,
-        r.threads
-    );
-    s += "| sparsity | keep | density | perplexity | mean NLL | tokens scored | windows | seconds | tok/s |\n";
-    s += "|---|---|---|---|---|---|---|---|---|\n";
-    for x in r.results {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.3} | {:.4} | {:.5} | {} | {} | {:.1} | {:.0} |",
-            x.sparsity,
-            x.keep,
-            x.density,
-            x.perplexity,
-            x.mean_nll,
-            x.tokens_scored,
-            x.windows,
-            x.seconds,
-            x.tokens_per_s
-        );
-    }
-    s
 }
 
 #[cfg(test)]

@@ -7,11 +7,11 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cli::eval::EvalArgs;
-use crate::cli::eval_gsm::{bar, emit, load, sirius_options, Header, DEFAULT_SHOTS};
+use crate::cli::eval_gsm::{bar, emit, load, sirius_options, Header, Loaded, DEFAULT_SHOTS};
 use crate::cli::input::read_text;
 use crate::cli::output::check_output_dir;
 use crate::engine::faithfulness::{
-    faithfulness, parse_prompts, FaithfulnessOptions, FaithfulnessReport, PromptKind,
+    faithfulness, parse_prompts, FaithfulnessOptions, FaithfulnessReport, PromptItem, PromptKind,
 };
 use crate::engine::gsm::{few_shot_prompt, final_answer, Problem};
 use crate::error::{Error, Result};
@@ -36,7 +36,7 @@ pub fn eval_faithfulness(args: &EvalArgs, path: &Path) -> Result<()> {
             "--faithfulness compares the sparse model and Sirius with the full model: add --sparsity griffin|cats (and --keep F)".into(),
         ));
     }
-    args.sparsity.validate()?;
+    args.sparsity.config()?;
     let source = format!("--faithfulness {}", path.display());
     let items = parse_prompts(&source, &read_text("--faithfulness", path)?)?;
     let questions = items[0].kind == PromptKind::Question;
@@ -57,64 +57,76 @@ pub fn eval_faithfulness(args: &EvalArgs, path: &Path) -> Result<()> {
             items.len()
         )));
     }
-    let mut examples = Vec::with_capacity(shots);
-    for item in &items[..shots] {
-        let Some(answer) = &item.answer else {
-            return Err(Error::InvalidArgument(format!(
-                "{source}: line {}: a few-shot example needs an \"answer\" (or give --shots 0)",
-                item.line
-            )));
-        };
-        examples.push(Problem {
-            line: item.line,
-            question: item.text.clone(),
-            answer: answer.clone(),
-            target: final_answer(answer).unwrap_or_default(),
-        });
-    }
+    let examples = few_shot_examples(&source, &items[..shots])?;
     let rest = &items[shots..];
     let rest = &rest[..g.max_problems.map_or(rest.len(), |m| m.min(rest.len()))];
 
-    let l = load(args, true)?;
-    let mut prompts = Vec::with_capacity(rest.len());
-    for item in rest {
-        let text = match item.kind {
-            PromptKind::Question => few_shot_prompt(&examples, &item.text),
-            PromptKind::Raw => item.text.clone(),
-        };
-        let ids = l.tokenizer.encode(&text, true)?;
-        if ids.is_empty() || ids.len() + g.max_tokens > l.context {
-            return Err(Error::InvalidArgument(format!(
-                "{source}: line {}: the prompt ({} tokens) and --max-tokens {} do not fit the context of {} tokens",
-                item.line,
-                ids.len(),
-                g.max_tokens,
-                l.context
-            )));
-        }
-        prompts.push((item.line, ids));
-    }
+    let mut l = load(args, true)?;
+    let prompts = prompt_ids(&l, &source, &examples, rest, g.max_tokens)?;
     let bar = bar(args.quiet, prompts.len() * 3);
     let opts = FaithfulnessOptions {
         max_tokens: g.max_tokens,
-        context: l.context,
         sirius,
     };
-    let report = faithfulness(
-        &l.model,
-        &l.sparse,
-        &l.tokenizer,
-        &prompts,
-        &opts,
-        &mut |_| bar.inc(1),
-    )?;
+    let report = faithfulness(&mut l.engine, &prompts, &opts, &mut |_| bar.inc(1))?;
     bar.finish_and_clear();
     let out = FaithOut {
         task: "faithfulness",
-        header: Header::new(args, &l, path, shots),
+        header: Header::new(&l, path, shots, g.max_tokens, sirius),
         report: &report,
     };
     emit(args, &out, || markdown(&out))
+}
+
+/// The few-shot examples: question lines with their answers.
+fn few_shot_examples(source: &str, items: &[PromptItem]) -> Result<Vec<Problem>> {
+    items
+        .iter()
+        .map(|item| {
+            let Some(answer) = &item.answer else {
+                return Err(Error::InvalidArgument(format!(
+                    "{source}: line {}: a few-shot example needs an \"answer\" (or give --shots 0)",
+                    item.line
+                )));
+            };
+            Ok(Problem {
+                line: item.line,
+                question: item.text.clone(),
+                answer: answer.clone(),
+                target: final_answer(answer).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Each item's prompt ids (questions in the few-shot prompt of `examples`), checked to fit
+/// the context with `max_tokens` generated.
+fn prompt_ids(
+    l: &Loaded,
+    source: &str,
+    examples: &[Problem],
+    items: &[PromptItem],
+    max_tokens: usize,
+) -> Result<Vec<(usize, Vec<u32>)>> {
+    let context = l.engine.context();
+    items
+        .iter()
+        .map(|item| {
+            let text = match item.kind {
+                PromptKind::Question => few_shot_prompt(examples, &item.text),
+                PromptKind::Raw => item.text.clone(),
+            };
+            let ids = l.engine.encode(&text, None)?;
+            if ids.is_empty() || ids.len() + max_tokens > context {
+                return Err(Error::InvalidArgument(format!(
+                    "{source}: line {}: the prompt ({} tokens) and --max-tokens {max_tokens} do not fit the context of {context} tokens",
+                    item.line,
+                    ids.len(),
+                )));
+            }
+            Ok((item.line, ids))
+        })
+        .collect()
 }
 
 fn markdown(o: &FaithOut) -> String {

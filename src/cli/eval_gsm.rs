@@ -3,26 +3,25 @@
 //! `eval --faithfulness` (`cli::eval_faithfulness`).
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Args;
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
+use crate::cli::args::SiriusArgs;
 use crate::cli::eval::{EvalArgs, ReportFormat};
 use crate::cli::fetch::model_dir_or_fetch;
-use crate::cli::input::{load_tokenizer, read_text};
+use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
-use crate::config::generation::stop_token_ids;
 use crate::engine::gsm::{
     evaluate, parse_problems, tokenize_prompts, GsmMode, GsmOptions, ModeResult, ProblemResult,
 };
-use crate::engine::SiriusOptions;
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::model::{Llama, Tokenizer};
 use crate::progress::progress_bar;
-use crate::sirius::CorrectorOptions;
-use crate::sparsity::{Sparsity, SparsityMode};
+use crate::sirius::SiriusConfig;
+use crate::sparsity::{SparsityConfig, SparsityMode};
 
 /// Few-shot examples when --shots is not given: GSM8K's usual 8-shot chain of thought. With
 /// gsm_symbolic problems that is about 1.5k SmolLM2 tokens, well inside its 8k context.
@@ -59,22 +58,12 @@ pub struct GenTaskArgs {
     /// New tokens per answer at most (--faithfulness: exactly this many).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_tokens: usize,
-    /// Sirius window K: K - 1 drafted tokens per verification.
-    #[arg(long, default_value_t = 16)]
-    pub period: usize,
-    /// Sirius acceptance threshold on the full model's probability of a drafted token.
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
-    pub threshold: f32,
-    /// Temperature of that probability.
-    #[arg(long, default_value_t = 0.6, allow_negative_numbers = true)]
-    pub accept_temperature: f32,
-    /// Sirius tree width W (1 = the chain).
-    #[arg(long, default_value_t = 1)]
-    pub width: usize,
+    #[command(flatten)]
+    pub sirius: SiriusArgs,
 }
 
 /// Sirius options from the command line, checked without a model.
-pub(crate) fn sirius_options(g: &GenTaskArgs) -> Result<SiriusOptions> {
+pub(crate) fn sirius_options(g: &GenTaskArgs) -> Result<SiriusConfig> {
     if g.max_tokens == 0 {
         return Err(Error::InvalidArgument(
             "--max-tokens must be at least 1".into(),
@@ -85,60 +74,30 @@ pub(crate) fn sirius_options(g: &GenTaskArgs) -> Result<SiriusOptions> {
             "--max-problems must be at least 1".into(),
         ));
     }
-    CorrectorOptions {
-        period: g.period,
-        threshold: g.threshold,
-        accept_temperature: g.accept_temperature,
-        width: g.width,
-        max_tokens: g.max_tokens,
-    }
-    .validate()?;
-    Ok(SiriusOptions {
-        period: g.period,
-        threshold: g.threshold,
-        accept_temperature: g.accept_temperature,
-        width: g.width,
-    })
+    g.sirius.config()
 }
 
-/// A loaded model and what every request needs.
+/// A loaded model and what the report says of it.
 pub(crate) struct Loaded {
-    pub dir: PathBuf,
-    pub model: Llama<CpuBackend>,
-    pub tokenizer: Tokenizer,
+    pub engine: Engine<CpuBackend>,
     pub threads: usize,
-    pub stop_ids: Vec<u32>,
-    /// Positions a request may use: the position limit and any sliding window.
-    pub context: usize,
-    pub sparse: Sparsity<CpuBackend>,
 }
 
 /// Loads the model; the sparse FFN is built only when `sparse` (else dense).
 pub(crate) fn load(args: &EvalArgs, sparse: bool) -> Result<Loaded> {
-    let dir = model_dir_or_fetch(&args.model, !args.no_fetch)?;
-    let backend = CpuBackend::new(args.threads);
-    let threads = backend.threads();
-    let model = Llama::load(&dir, backend)?;
-    let tokenizer = load_tokenizer(&dir, model.config.vocab_size)?;
-    let stop_ids = stop_token_ids(&dir, &model.config.eos_token_ids)?;
-    let c = &model.config;
-    let context = c.sliding_window.map_or(c.max_position_embeddings, |w| {
-        w.min(c.max_position_embeddings)
-    });
-    let sparse = if sparse {
-        args.sparsity.build(&model)?
-    } else {
-        Sparsity::None
+    let sparsity = match sparse {
+        true => args.sparsity.config()?,
+        false => SparsityConfig::dense(),
     };
-    Ok(Loaded {
-        dir,
-        model,
-        tokenizer,
-        threads,
-        stop_ids,
-        context,
-        sparse,
-    })
+    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let backend = CpuBackend::new(args.model.threads);
+    let threads = backend.threads();
+    let config = EngineConfig {
+        sparsity,
+        offload: None,
+    };
+    let engine = Engine::load(&dir, backend, &config)?;
+    Ok(Loaded { engine, threads })
 }
 
 /// The progress bar of `n` generations (hidden with -q).
@@ -188,22 +147,22 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    pub fn new(args: &EvalArgs, l: &Loaded, file: &Path, shots: usize) -> Self {
-        let g = &args.gen;
+    pub fn new(l: &Loaded, file: &Path, shots: usize, max_tokens: usize, s: SiriusConfig) -> Self {
+        let e = &l.engine;
         Header {
-            model: l.dir.display().to_string(),
-            backend: l.model.backend_description(),
-            dtype: l.model.dtype.to_string(),
+            model: e.dir.display().to_string(),
+            backend: e.model.backend_description(),
+            dtype: e.model.dtype.to_string(),
             threads: l.threads,
             file: file.display().to_string(),
             shots,
-            max_tokens: g.max_tokens,
-            sparsity: l.sparse.mode(),
-            keep: l.sparse.keep(),
-            period: g.period,
-            threshold: g.threshold,
-            accept_temperature: g.accept_temperature,
-            width: g.width,
+            max_tokens,
+            sparsity: e.sparsity().mode(),
+            keep: e.sparsity().keep(),
+            period: s.period,
+            threshold: s.threshold,
+            accept_temperature: s.accept_temperature,
+            width: s.width,
         }
     }
 
@@ -242,7 +201,7 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
     check_output_dir("--json", args.json.as_deref())?;
     let modes = modes(&g.mode, args.sparsity.sparsity)?;
     if modes != [GsmMode::Full] {
-        args.sparsity.validate()?;
+        args.sparsity.config()?;
     }
     let source = format!("--data {}", path.display());
     let all = parse_problems(&source, &read_text("--data", path)?)?;
@@ -256,26 +215,23 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
     let (examples, rest) = all.split_at(shots);
     let problems = &rest[..g.max_problems.map_or(rest.len(), |m| m.min(rest.len()))];
 
-    let l = load(args, modes != [GsmMode::Full])?;
+    let mut l = load(args, modes != [GsmMode::Full])?;
+    let context = l.engine.context();
     let prompts = tokenize_prompts(
-        &l.tokenizer,
+        &l.engine.tokenizer,
         &source,
         examples,
         problems,
         g.max_tokens,
-        l.context,
+        context,
     )?;
     let bar = bar(args.quiet, problems.len() * modes.len());
     let opts = GsmOptions {
         max_tokens: g.max_tokens,
-        stop_token_ids: l.stop_ids.clone(),
-        context: l.context,
         sirius,
     };
     let report = evaluate(
-        &l.model,
-        &l.sparse,
-        &l.tokenizer,
+        &mut l.engine,
         problems,
         &prompts,
         &modes,
@@ -285,7 +241,7 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
     bar.finish_and_clear();
     let out = GsmOut {
         task: "gsm",
-        header: Header::new(args, &l, path, shots),
+        header: Header::new(&l, path, shots, g.max_tokens, sirius),
         modes,
         results: &report.results,
         problems: &report.problems,

@@ -1,9 +1,8 @@
-//! Inputs shared by subcommands that read a text and a model's tokenizer (`calibrate`, `eval`).
+//! Text inputs shared by subcommands (`calibrate`, `eval`).
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::model::Tokenizer;
 
 /// Reads a UTF-8 text file that must hold more than white space. A leading byte-order mark
 /// (editors on Windows write one) is dropped, so it cannot hide the first line's JSON.
@@ -20,22 +19,6 @@ pub fn read_text(flag: &str, path: &Path) -> Result<String> {
         )));
     }
     Ok(text)
-}
-
-/// The model's tokenizer, refused when it has ids the model cannot embed.
-pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&path)?;
-    if tokenizer.vocab_size() > vocab_size {
-        return Err(Error::Tokenizer {
-            path,
-            msg: format!(
-                "{} tokens, more than the model's vocab_size {vocab_size}",
-                tokenizer.vocab_size()
-            ),
-        });
-    }
-    Ok(tokenizer)
 }
 
 #[cfg(test)]

@@ -1,20 +1,24 @@
-//! Command-line subcommands, one file each, plus the shared option and output helpers.
-//! `main.rs` parses and dispatches.
+//! The command line: one file per subcommand, which parses its options once into the
+//! library's typed configurations and calls the engine; the option groups several of them
+//! share (`args`), and the input, output and error wording helpers. `main.rs` dispatches.
 
+pub mod args;
 pub mod bench;
 pub mod calibrate;
 pub mod eval;
 pub mod eval_faithfulness;
 pub mod eval_gsm;
+pub mod eval_perplexity;
 pub mod fetch;
 pub mod input;
 pub mod output;
 pub mod plan;
 pub mod run;
-pub mod sparsity_args;
+pub mod run_args;
+pub mod wording;
 
 pub use bench::BenchArgs;
 pub use calibrate::CalibrateArgs;
 pub use eval::EvalArgs;
 pub use plan::PlanArgs;
-pub use run::RunArgs;
+pub use run_args::RunArgs;

@@ -10,12 +10,24 @@ use serde::Serialize;
 
 use crate::cli::eval::ReportFormat;
 use crate::cli::output::print_stdout;
+use crate::cli::wording::word_plan_error;
 use crate::config::{resolve_model_dir, ModelConfig, Preset};
 use crate::error::{Error, Result};
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
 use crate::offload::placement::{self, Every, Plan, PlanInput, Residence};
-use crate::offload::{format_bytes, parse_size};
+use crate::units::{format_bytes, parse_size};
+
+/// The planner's input fields and the options that set them.
+const PLAN_FIELDS: &[(&str, &str)] = &[
+    ("keep", "--keep"),
+    ("context", "--context"),
+    ("link_gbps", "--link-gbps"),
+    ("mem_gbps", "--mem-gbps"),
+    ("period", "--period"),
+    ("aal", "--aal"),
+    ("prompt_tokens", "--prompt-tokens"),
+];
 
 /// The paper's AAL on GSM8K with K = 16 (Llama-3-8B-Instruct, Griffin), as a fraction of K.
 const PAPER_AAL_FRACTION: f64 = 15.22 / 16.0;
@@ -134,17 +146,13 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             ))
         }
     };
-    let budget = parse_size(size).map_err(|e| match e {
-        Error::InvalidArgument(msg) => Error::InvalidArgument(format!("{option}: {msg}")),
-        other => other,
-    })?;
+    let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
     let input = PlanInput {
         config,
         format: args.weights,
         keep: args.keep,
         budget,
-        budget_option: option.to_string(),
         context: args.context,
         kv_bytes,
         link_gbps: args.link_gbps,
@@ -162,7 +170,8 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         activation_bytes: None,
         prefill_chunk: None,
     };
-    let first = placement::plan(&input)?;
+    let word = |e: Error| word_plan_error(e, option, PLAN_FIELDS);
+    let first = placement::plan(&input).map_err(word)?;
     // The CPU runtime computes with the checkpoint's bf16/f16 weights: for --resident-mem a
     // quantized format is advice for a GPU, not a plan `run` could follow.
     let cpu_format =
@@ -181,7 +190,8 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let mut report = Report::new(&args.model, first);
     if let Some(alt) = alternative {
-        report.alternative = Some(Box::new(Report::new(&args.model, placement::plan(&alt)?)));
+        let alt = placement::plan(&alt).map_err(word)?;
+        report.alternative = Some(Box::new(Report::new(&args.model, alt)));
     }
     match args.format {
         ReportFormat::Json => {
@@ -189,7 +199,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;
             print_stdout(&(json + "\n"))
         }
-        ReportFormat::Md => print_stdout(&markdown(args, &input, &report)),
+        ReportFormat::Md => print_stdout(&markdown(args, option, &input, &report)),
     }
 }
 
@@ -209,14 +219,14 @@ fn model_config(model: &str) -> Result<ModelConfig> {
     ModelConfig::from_file(&dir.join("config.json"))
 }
 
-fn markdown(args: &PlanArgs, input: &PlanInput, report: &Report) -> String {
+fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -> String {
     let p = &report.plan;
     let mut out = format!(
         "# Offload plan: {} in {} ({})\n\nK = {}, AAL = {:.2}, link {} GB/s, memory {} GB/s, \
          context {} tokens, prompt {} tokens. Whole model: {} GB ({}) in {}.\n\n",
         args.model,
         format_bytes(input.budget),
-        input.budget_option,
+        option,
         input.period,
         input.aal,
         input.link_gbps,

@@ -118,101 +118,26 @@ impl ModelConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let arch_name = raw
-            .architectures
+        let f = Fields { path };
+        let architecture = f.architecture(&raw)?;
+        let hidden_size = f.bounded(raw.hidden_size, "hidden_size", MAX_WIDTH)?;
+        let (num_heads, num_kv_heads, head_dim) = f.heads(&raw, hidden_size)?;
+        if let Some(act) = raw
+            .hidden_act
             .as_ref()
-            .and_then(|a| a.first().cloned())
-            .or_else(|| raw.model_type.clone())
-            .ok_or_else(|| {
-                Error::config(path, "neither `architectures` nor `model_type` is set")
-            })?;
-        let architecture = match arch_name.as_str() {
-            "LlamaForCausalLM" | "llama" => Architecture::Llama,
-            "MistralForCausalLM" | "mistral" => Architecture::Mistral,
-            "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(Error::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    arch: arch_name,
-                })
-            }
-        };
-        let bounded = |v: Option<usize>, key: &str, max: usize| -> Result<usize> {
-            match v {
-                Some(0) => Err(Error::config(
-                    path,
-                    format!("`{key}` must be positive, got 0"),
-                )),
-                Some(v) if v > max => Err(Error::config(
-                    path,
-                    format!("`{key}` = {v} is beyond the supported maximum {max}"),
-                )),
-                Some(v) => Ok(v),
-                None => Err(Error::config(path, format!("missing required key `{key}`"))),
-            }
-        };
-        let need = |v: Option<usize>, key: &str| bounded(v, key, MAX_WIDTH);
-        let hidden_size = need(raw.hidden_size, "hidden_size")?;
-        let num_heads = bounded(raw.num_attention_heads, "num_attention_heads", MAX_HEADS)?;
-        let num_kv_heads = bounded(
-            raw.num_key_value_heads.or(Some(num_heads)),
-            "num_key_value_heads",
-            MAX_HEADS,
-        )?;
-        if num_heads % num_kv_heads != 0 {
+            .filter(|a| *a != "silu" && *a != "swish")
+        {
             return Err(Error::config(
                 path,
-                format!("num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
+                format!("hidden_act {act:?} is not supported (only silu)"),
             ));
-        }
-        let head_dim = match raw.head_dim {
-            Some(d) => bounded(Some(d), "head_dim", MAX_HEAD_DIM)?,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
-            None => {
-                return Err(Error::config(
-                    path,
-                    format!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"),
-                ))
-            }
-        };
-        if head_dim > MAX_HEAD_DIM {
-            return Err(Error::config(
-                path,
-                format!("head_dim {head_dim} is beyond the supported maximum {MAX_HEAD_DIM}"),
-            ));
-        }
-        if head_dim % 2 != 0 {
-            return Err(Error::config(
-                path,
-                format!("head_dim must be even for RoPE, got {head_dim}"),
-            ));
-        }
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" && act != "swish" {
-                return Err(Error::config(
-                    path,
-                    format!("hidden_act {act:?} is not supported (only silu)"),
-                ));
-            }
         }
         let rope_scaling = match &raw.rope_scaling {
             None | Some(serde_json::Value::Null) => None,
             Some(v) => Some(parse_rope_scaling(v, path)?),
         };
-        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
-        if !(rms_norm_eps > 0.0 && rms_norm_eps.is_finite()) {
-            return Err(Error::config(
-                path,
-                format!("rms_norm_eps must be positive, got {rms_norm_eps}"),
-            ));
-        }
-        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
-        if !(rope_theta > 0.0 && rope_theta.is_finite()) {
-            return Err(Error::config(
-                path,
-                format!("rope_theta must be positive, got {rope_theta}"),
-            ));
-        }
+        let rms_norm_eps = f.positive(raw.rms_norm_eps.unwrap_or(1e-6), "rms_norm_eps")?;
+        let rope_theta = f.positive(raw.rope_theta.unwrap_or(10_000.0), "rope_theta")?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
@@ -223,12 +148,12 @@ impl ModelConfig {
         Ok(ModelConfig {
             architecture,
             hidden_size,
-            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
-            num_layers: bounded(raw.num_hidden_layers, "num_hidden_layers", MAX_LAYERS)?,
+            intermediate_size: f.bounded(raw.intermediate_size, "intermediate_size", MAX_WIDTH)?,
+            num_layers: f.bounded(raw.num_hidden_layers, "num_hidden_layers", MAX_LAYERS)?,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: bounded(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
+            vocab_size: f.bounded(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096).max(1),
             rms_norm_eps: rms_norm_eps as f32,
             rope_theta: rope_theta as f32,
@@ -269,6 +194,104 @@ impl ModelConfig {
         let per_layer = attn + bias + 3 * h * f + 2 * h;
         let head = if self.tie_word_embeddings { 0 } else { v * h };
         v * h + head + h + self.num_layers * per_layer
+    }
+}
+
+/// Reads the fields of one config.json (`path`, for error messages).
+struct Fields<'a> {
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    /// The architecture named by `architectures` (or `model_type`).
+    fn architecture(&self, raw: &RawConfig) -> Result<Architecture> {
+        let name = (raw.architectures.as_ref())
+            .and_then(|a| a.first().cloned())
+            .or_else(|| raw.model_type.clone())
+            .ok_or_else(|| {
+                Error::config(self.path, "neither `architectures` nor `model_type` is set")
+            })?;
+        match name.as_str() {
+            "LlamaForCausalLM" | "llama" => Ok(Architecture::Llama),
+            "MistralForCausalLM" | "mistral" => Ok(Architecture::Mistral),
+            "Qwen2ForCausalLM" | "qwen2" => Ok(Architecture::Qwen2),
+            _ => Err(Error::UnsupportedArchitecture {
+                path: self.path.to_path_buf(),
+                arch: name,
+            }),
+        }
+    }
+
+    /// A required count `key`: present, positive and at most `max`.
+    fn bounded(&self, v: Option<usize>, key: &str, max: usize) -> Result<usize> {
+        match v {
+            Some(0) => Err(Error::config(
+                self.path,
+                format!("`{key}` must be positive, got 0"),
+            )),
+            Some(v) if v > max => Err(Error::config(
+                self.path,
+                format!("`{key}` = {v} is beyond the supported maximum {max}"),
+            )),
+            Some(v) => Ok(v),
+            None => Err(Error::config(
+                self.path,
+                format!("missing required key `{key}`"),
+            )),
+        }
+    }
+
+    /// A finite positive number `key`.
+    fn positive(&self, v: f64, key: &str) -> Result<f64> {
+        if v > 0.0 && v.is_finite() {
+            Ok(v)
+        } else {
+            Err(Error::config(
+                self.path,
+                format!("{key} must be positive, got {v}"),
+            ))
+        }
+    }
+
+    /// Attention heads, KV heads (a divisor of the heads) and the head width (even, for
+    /// RoPE; `hidden_size / heads` unless given).
+    fn heads(&self, raw: &RawConfig, hidden_size: usize) -> Result<(usize, usize, usize)> {
+        let path = self.path;
+        let num_heads = self.bounded(raw.num_attention_heads, "num_attention_heads", MAX_HEADS)?;
+        let num_kv_heads = self.bounded(
+            raw.num_key_value_heads.or(Some(num_heads)),
+            "num_key_value_heads",
+            MAX_HEADS,
+        )?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!("num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => self.bounded(Some(d), "head_dim", MAX_HEAD_DIM)?,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(Error::config(
+                    path,
+                    format!("hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads}) and no head_dim is given"),
+                ))
+            }
+        };
+        if head_dim > MAX_HEAD_DIM {
+            return Err(Error::config(
+                path,
+                format!("head_dim {head_dim} is beyond the supported maximum {MAX_HEAD_DIM}"),
+            ));
+        }
+        if head_dim % 2 != 0 {
+            return Err(Error::config(
+                path,
+                format!("head_dim must be even for RoPE, got {head_dim}"),
+            ));
+        }
+        Ok((num_heads, num_kv_heads, head_dim))
     }
 }
 

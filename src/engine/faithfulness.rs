@@ -12,13 +12,12 @@
 
 use serde::Serialize;
 
-use crate::backend::Backend;
-use crate::engine::gsm::{effective_density, generate_in_mode, pooled_aal, GsmMode};
-use crate::engine::request::rate;
-use crate::engine::{GenerateOptions, GenerationOutput, SiriusOptions};
+use crate::backend::offload::OffloadBackend;
+use crate::engine::gsm::{pooled_aal, GsmMode};
+use crate::engine::output::rate;
+use crate::engine::{Engine, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
-use crate::model::{Llama, SamplingParams, Tokenizer};
-use crate::sparsity::Sparsity;
+use crate::sirius::{effective_density, SiriusConfig};
 
 /// What a prompt line holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +116,7 @@ pub fn common_prefix(a: &[u32], b: &[u32]) -> usize {
 pub struct FaithfulnessOptions {
     /// Tokens every mode generates for every prompt.
     pub max_tokens: usize,
-    pub context: usize,
-    pub sirius: SiriusOptions,
+    pub sirius: SiriusConfig,
 }
 
 /// One prompt's outputs compared.
@@ -156,22 +154,15 @@ pub struct FaithfulnessReport {
 
 /// Runs full, sparse and Sirius on every prompt (`(line, ids)`); `on_step` is called after
 /// each generation.
-pub fn faithfulness<B: Backend>(
-    model: &Llama<B>,
-    sparse: &Sparsity<B>,
-    tokenizer: &Tokenizer,
+pub fn faithfulness<B: OffloadBackend>(
+    engine: &mut Engine<B>,
     prompts: &[(usize, Vec<u32>)],
     opts: &FaithfulnessOptions,
     on_step: &mut dyn FnMut(GsmMode),
 ) -> Result<FaithfulnessReport> {
-    let gen = GenerateOptions {
-        max_tokens: opts.max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        context: opts.context,
-        prefill_chunk: 256,
-        show_progress: false,
+    let request = RequestOptions {
+        stop_at_eos: false,
+        ..RequestOptions::greedy(opts.max_tokens)
     };
     let mut results = Vec::with_capacity(prompts.len());
     // Per mode: decode tokens and seconds.
@@ -179,16 +170,8 @@ pub fn faithfulness<B: Backend>(
     let (mut advanced, mut verifications, mut density) = (0.0, 0usize, 0.0);
     for (line, ids) in prompts {
         let mut run = |mode: GsmMode, slot: usize| -> Result<GenerationOutput> {
-            let out = generate_in_mode(
-                model,
-                sparse,
-                tokenizer,
-                ids,
-                mode,
-                &gen,
-                opts.sirius,
-                &mut |_| true,
-            )?;
+            let decoding = mode.decoding(opts.sirius);
+            let out = engine.generate(ids, &request, decoding, &mut |_| true)?;
             decode[slot].0 += out.generated_tokens.saturating_sub(1);
             decode[slot].1 += out.decode_seconds;
             on_step(mode);

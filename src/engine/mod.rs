@@ -1,13 +1,247 @@
-//! Driving the model: the generation loop, perplexity evaluation (and, later, the request
-//! queue and step loop).
+//! The engine: one owner of a loaded model (its tokenizer, sparse FFN and, when offloaded,
+//! the runtime streaming its weights) that runs requests through one loop.
+//!
+//! A request is plain decoding (dense or sparse, `plain`), Sirius (`sirius`) or Sirius with
+//! offloaded weights (`offloaded`); each is a [`decode::Request`] (a prefill, then steps), and
+//! [`decode::run`] drives all of them: the stopping rules, the text stream, the statistics.
+//! `run`, `eval`, `bench` and `calibrate` are thin clients of [`Engine`]; the evaluation
+//! harnesses (`perplexity`, `gsm`, `faithfulness`, `bench`, `calibrate`) live here too.
 
+pub mod bench;
+pub mod calibrate;
+pub mod decode;
 pub mod faithfulness;
-pub mod generate;
+mod generate;
 pub mod gsm;
+pub mod offloaded;
+pub mod output;
 pub mod perplexity;
-pub(crate) mod request;
-pub mod sirius_generate;
-pub mod stop;
+pub mod plain;
+pub mod prefill;
+pub mod sirius;
+mod stop;
+mod text;
 
-pub use generate::{generate, GenerateOptions, GenerationOutput, StopReason};
-pub use sirius_generate::{generate_sirius, SiriusOptions, SiriusReport};
+use std::path::{Path, PathBuf};
+
+use crate::backend::offload::OffloadBackend;
+use crate::config::generation::stop_token_ids;
+use crate::error::{Error, Result};
+use crate::model::chat::{ChatMessage, ChatTemplate};
+use crate::model::{Llama, SamplingParams, Tokenizer};
+use crate::offload::runtime::{OffloadConfig, OffloadRuntime};
+use crate::sirius::SiriusConfig;
+use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
+
+pub use output::{GenerationOutput, SiriusReport, StopReason};
+
+/// How an engine is set up around its model.
+#[derive(Clone)]
+pub struct EngineConfig {
+    /// The sparse FFN requests decode with (`Decoding::Sparse`, Sirius's drafts).
+    pub sparsity: SparsityConfig,
+    /// Offloading within a memory budget (Sirius with Griffin only): the engine plans a
+    /// runtime at its first request and reuses it while later requests fit.
+    pub offload: Option<OffloadConfig>,
+}
+
+impl EngineConfig {
+    /// The dense model, nothing offloaded.
+    pub fn dense() -> Self {
+        EngineConfig {
+            sparsity: SparsityConfig::dense(),
+            offload: None,
+        }
+    }
+}
+
+/// How one request decodes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decoding {
+    /// The full model at every step, whatever the engine's sparsity.
+    Dense,
+    /// The engine's sparse FFN at every decode step (the prompt always runs dense).
+    Sparse,
+    /// Sparse drafts corrected by the full model (greedy).
+    Sirius(SiriusConfig),
+}
+
+/// What one request asks, besides its prompt.
+#[derive(Debug, Clone)]
+pub struct RequestOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Text that ends generation (not included in the output).
+    pub stop_strings: Vec<String>,
+    /// Stop at the model's EOS ids (off: generate exactly `max_tokens`).
+    pub stop_at_eos: bool,
+    /// Context cap in tokens (`None`: the model's own limit).
+    pub context: Option<usize>,
+    /// Prompt tokens per prefill forward (bounds scratch memory).
+    pub prefill_chunk: usize,
+    /// A progress bar for long prefills (on a terminal).
+    pub show_progress: bool,
+}
+
+impl RequestOptions {
+    /// Greedy, at most `max_tokens`, stopping at EOS, in the model's context.
+    pub fn greedy(max_tokens: usize) -> Self {
+        RequestOptions {
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            stop_strings: Vec::new(),
+            stop_at_eos: true,
+            context: None,
+            prefill_chunk: 256,
+            show_progress: false,
+        }
+    }
+}
+
+/// A prompt as the model's chat template renders it: an optional system message, then the
+/// user's.
+#[derive(Debug, Clone)]
+pub struct ChatPrompt {
+    pub system: Option<String>,
+}
+
+/// A loaded model and what its requests share.
+pub struct Engine<B: OffloadBackend> {
+    pub model: Llama<B>,
+    pub tokenizer: Tokenizer,
+    /// Where the model was loaded from.
+    pub dir: PathBuf,
+    /// The EOS ids of config.json and generation_config.json.
+    pub stop_ids: Vec<u32>,
+    sparsity: Sparsity<B>,
+    offload: Option<Offload<B>>,
+}
+
+/// An engine's offloading: its configuration and, once planned, the runtime.
+struct Offload<B: OffloadBackend> {
+    config: OffloadConfig,
+    keep: f32,
+    runtime: Option<OffloadRuntime<B>>,
+}
+
+impl<B: OffloadBackend> Engine<B> {
+    /// Loads the model in `dir` (HF layout) on `backend`, its tokenizer (refused when it has
+    /// ids the model cannot embed) and EOS ids, and builds the sparse FFN.
+    pub fn load(dir: &Path, backend: B, config: &EngineConfig) -> Result<Self> {
+        config.sparsity.validate()?;
+        let offload = match &config.offload {
+            Some(o) => {
+                let s = &config.sparsity;
+                if s.mode != SparsityMode::Griffin || s.cats_thresholds.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "offloading runs Sirius with Griffin sparsity: use --sparsity griffin"
+                            .into(),
+                    ));
+                }
+                Some(Offload {
+                    config: o.clone(),
+                    keep: s.keep,
+                    runtime: None,
+                })
+            }
+            None => None,
+        };
+        let loaded = std::time::Instant::now();
+        let model = Llama::load(dir, backend)?;
+        tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
+            weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
+        let tokenizer = load_tokenizer(dir, model.config.vocab_size)?;
+        let stop_ids = stop_token_ids(dir, &model.config.eos_token_ids)?;
+        // Offloading keeps its own host copy of the FFN and places the sparse set itself.
+        let sparsity = match offload {
+            Some(_) => Sparsity::None,
+            None => model.sparsity(&config.sparsity)?,
+        };
+        Ok(Engine {
+            model,
+            tokenizer,
+            dir: dir.to_path_buf(),
+            stop_ids,
+            sparsity,
+            offload,
+        })
+    }
+
+    /// The sparse FFN requests decode with.
+    pub fn sparsity(&self) -> &Sparsity<B> {
+        &self.sparsity
+    }
+
+    /// Decodes with `config` from now on (the old sparse FFN's bundles are dropped before
+    /// the new ones are built). Not on an offloaded engine, whose runtime owns its neurons.
+    pub fn set_sparsity(&mut self, config: &SparsityConfig) -> Result<()> {
+        if self.offload.is_some() {
+            return Err(Error::InvalidArgument(
+                "an offloaded engine's sparsity is fixed at load".into(),
+            ));
+        }
+        self.sparsity = Sparsity::None;
+        self.sparsity = self.model.sparsity(config)?;
+        Ok(())
+    }
+
+    /// Positions a request may use: the position limit and any sliding window.
+    pub fn context(&self) -> usize {
+        let c = &self.model.config;
+        c.sliding_window.map_or(c.max_position_embeddings, |w| {
+            w.min(c.max_position_embeddings)
+        })
+    }
+
+    /// The offloading runtime, once the first offloaded request planned it.
+    pub fn offload_runtime(&self) -> Option<&OffloadRuntime<B>> {
+        self.offload.as_ref().and_then(|o| o.runtime.as_ref())
+    }
+
+    /// The token ids of `text`: as is (special tokens written in it are recognised, a BOS
+    /// added if the tokenizer adds one), or rendered as a user turn by the model's chat
+    /// template.
+    pub fn encode(&self, text: &str, chat: Option<&ChatPrompt>) -> Result<Vec<u32>> {
+        let Some(chat) = chat else {
+            return self.tokenizer.encode(text, true);
+        };
+        let cfg_path = self.dir.join("tokenizer_config.json");
+        let template = ChatTemplate::from_tokenizer_config(&cfg_path)?.ok_or_else(|| {
+            Error::config(
+                &cfg_path,
+                "the model has no chat_template: run without --chat",
+            )
+        })?;
+        let mut messages = Vec::new();
+        if let Some(system) = &chat.system {
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.clone(),
+            });
+        }
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: text.to_string(),
+        });
+        let rendered = template.render(&messages)?;
+        tracing::debug!(%rendered, "rendered chat prompt");
+        // The template writes any BOS itself.
+        self.tokenizer.encode(&rendered, false)
+    }
+}
+
+/// The model's tokenizer, refused when it has ids the model cannot embed.
+pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&path)?;
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(Error::Tokenizer {
+            path,
+            msg: format!(
+                "{} tokens, more than the model's vocab_size {vocab_size}",
+                tokenizer.vocab_size()
+            ),
+        });
+    }
+    Ok(tokenizer)
+}

@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::offload::OffloadBackend;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::model::{Llama, Logits, Scratch};
-use crate::sparsity::{density, Sparsity, SparsityMode};
+use crate::model::{KvCache, Logits, Pass, Scratch};
+use crate::sparsity::{density, SparseRequest, SparsityMode};
 
 /// Window geometry.
 #[derive(Debug, Clone, Copy)]
@@ -85,11 +86,10 @@ pub struct PerplexityResult {
     pub tokens_per_s: f64,
 }
 
-/// Runs `sparsity` over `n_windows` windows of `tokens`, each preceded by `lead`.
+/// Runs the engine's sparsity over `n_windows` windows of `tokens`, each preceded by `lead`.
 /// `on_window` is called after every window (progress).
-pub fn perplexity<B: Backend>(
-    model: &Llama<B>,
-    sparsity: &Sparsity<B>,
+pub fn perplexity<B: OffloadBackend>(
+    engine: &Engine<B>,
     lead: &[u32],
     tokens: &[u32],
     geometry: Windows,
@@ -104,6 +104,7 @@ pub fn perplexity<B: Backend>(
             tokens.len()
         )));
     }
+    let (model, sparsity) = (&engine.model, engine.sparsity());
     let c = &model.config;
     // The sparse pass feeds tokens prefix..window-1: the last token is only a target.
     let sparse_len = window - 1 - prefix;
@@ -122,30 +123,8 @@ pub fn perplexity<B: Backend>(
         ids.extend_from_slice(lead);
         ids.extend_from_slice(&tokens[w * body..(w + 1) * body]);
         cache.truncate(0);
-        let mut req = sparsity.request(model)?;
-        let last = model.forward_with(
-            &ids[..prefix],
-            &mut cache,
-            &mut scratch,
-            Logits::Last,
-            &mut req.prefill_ffn(),
-        )?;
-        req.finish_prefill(model)?;
-        nll += token_nll(&last, ids[prefix], c.vocab_size)?;
-        let logits = model.forward_with(
-            &ids[prefix..window - 1],
-            &mut cache,
-            &mut scratch,
-            Logits::All,
-            &mut req.decode_ffn()?,
-        )?;
-        req.count_decode(sparse_len);
-        for (row, &target) in logits
-            .chunks_exact(c.vocab_size)
-            .zip(&ids[prefix + 1..window])
-        {
-            nll += token_nll(row, target, c.vocab_size)?;
-        }
+        let mut req = SparseRequest::new(sparsity, &model.backend, model.ffn_dims())?;
+        nll += score_window(engine, &mut req, &ids, prefix, &mut cache, &mut scratch)?;
         scored += window - prefix;
         let report = req.report(c);
         for (sum, k) in kept_sum.iter_mut().zip(&report.kept_per_layer) {
@@ -178,6 +157,32 @@ pub fn perplexity<B: Backend>(
             0.0
         },
     })
+}
+
+/// The summed negative log-likelihood of window `ids` after its dense prompt `..prefix`:
+/// the prompt's last logits predict token `prefix`, one sparse pass the rest.
+fn score_window<B: OffloadBackend>(
+    engine: &Engine<B>,
+    req: &mut SparseRequest<'_, B>,
+    ids: &[u32],
+    prefix: usize,
+    cache: &mut KvCache<B>,
+    scratch: &mut Scratch<B>,
+) -> Result<f64> {
+    let model = &engine.model;
+    let vocab = model.config.vocab_size;
+    let pass = Pass::new(&ids[..prefix], Logits::Last, req.prefill_ffn());
+    let last = model.forward(pass, cache, scratch)?;
+    req.finish_prefill(&model.backend)?;
+    let mut nll = token_nll(&last, ids[prefix], vocab)?;
+    let fed = &ids[prefix..ids.len() - 1];
+    let pass = Pass::new(fed, Logits::All, req.decode_ffn()?);
+    let logits = model.forward(pass, cache, scratch)?;
+    req.count_decode(fed.len());
+    for (row, &target) in logits.chunks_exact(vocab).zip(&ids[prefix + 1..]) {
+        nll += token_nll(row, target, vocab)?;
+    }
+    Ok(nll)
 }
 
 /// -log softmax(logits)[target], in f64 so long vocabularies sum without loss.

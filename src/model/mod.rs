@@ -1,16 +1,20 @@
-//! Models: checkpoint loading, tokenizer and chat template, the Llama forward pass, KV cache
-//! and sampling.
+//! Models: checkpoint loading, tokenizer and chat template, the Llama forward pass (the one
+//! forward: `llama`), KV cache and sampling.
 
 pub mod chat;
 pub mod kv_cache;
 pub mod llama;
+mod load;
+pub mod rope;
 pub mod sampler;
+mod scratch;
 pub mod streamed;
 pub mod tokenizer;
 pub mod weights;
 
 pub use kv_cache::KvCache;
-pub use llama::{Llama, Logits, Scratch};
+pub use llama::{Llama, Logits, Pass};
 pub use sampler::{Sampler, SamplingParams};
-pub use streamed::{LayerStream, StreamedAttention, StreamedFfn, StreamedLayer};
+pub use scratch::Scratch;
+pub use streamed::{LayerStream, StreamedAttention, StreamedLayer};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -5,6 +5,7 @@
 
 use crate::backend::Backend;
 use crate::error::Result;
+use crate::sparsity::ffn::StreamedFfn;
 
 /// Attention projections streamed for one pass (layers whose attention is not resident).
 /// Biases are small and always resident.
@@ -15,26 +16,12 @@ pub struct StreamedAttention<B: Backend> {
     pub wo: B::Matrix, // [h, q]
 }
 
-/// An FFN in checkpoint layout: gate `[n, h]`, up `[n, h]`, down `[h, n]`, where n is all
-/// neurons (a dense layer) or a request's Griffin subset.
-pub struct StreamedFfn<B: Backend> {
-    pub gate: B::Matrix,
-    pub up: B::Matrix,
-    pub down: B::Matrix,
-}
-
 /// What one layer of one pass reads from streamed memory instead of resident weights.
 pub struct StreamedLayer<B: Backend> {
     pub layer: usize,
     pub attention: Option<StreamedAttention<B>>,
-    /// The whole FFN (full passes over a layer whose sparse set is not resident, and every
-    /// full pass before a request has chosen its neurons).
-    pub dense_ffn: Option<StreamedFfn<B>>,
-    /// The request's Griffin FFN of a layer whose sparse set did not fit (draft passes).
-    pub sparse_ffn: Option<StreamedFfn<B>>,
-    /// Gate|up|down bundles `[f - k, 3h]` of the neurons that are not resident (full passes
-    /// over a resident sparse set: the dense FFN is the resident part plus this one).
-    pub complement: Option<B::Matrix>,
+    /// The FFN pieces streamed for this pass (the FFN strategy decides how to use them).
+    pub ffn: StreamedFfn<B>,
 }
 
 impl<B: Backend> StreamedLayer<B> {
@@ -43,9 +30,7 @@ impl<B: Backend> StreamedLayer<B> {
         StreamedLayer {
             layer,
             attention: None,
-            dense_ffn: None,
-            sparse_ffn: None,
-            complement: None,
+            ffn: StreamedFfn::none(),
         }
     }
 }

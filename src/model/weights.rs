@@ -10,8 +10,8 @@ use std::sync::Arc;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensorError, SafeTensors};
 
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::{DType, TensorRef};
 
 /// Where one tensor's bytes live.
 #[derive(Debug, Clone)]
@@ -24,29 +24,6 @@ struct TensorEntry {
     /// model asks for that tensor: checkpoints may carry extra tensors we never read).
     dtype: Result<DType, String>,
     shape: Vec<usize>,
-}
-
-/// A borrowed view of one tensor.
-#[derive(Debug, Clone)]
-pub struct TensorRef {
-    pub name: String,
-    pub dtype: DType,
-    pub shape: Vec<usize>,
-    map: Arc<Mmap>,
-    start: usize,
-    end: usize,
-    pub path: PathBuf,
-}
-
-impl TensorRef {
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
-    }
-
-    /// The shared mapping and byte range, for backends that keep the weight in place.
-    pub fn mapping(&self) -> (Arc<Mmap>, std::ops::Range<usize>) {
-        (Arc::clone(&self.map), self.start..self.end)
-    }
 }
 
 /// All tensors of a checkpoint directory.
@@ -151,15 +128,14 @@ impl WeightStore {
                 expected: expected_shape.to_vec(),
             });
         }
-        Ok(TensorRef {
-            name: name.to_string(),
+        Ok(TensorRef::new(
+            name.to_string(),
             dtype,
-            shape: entry.shape.clone(),
-            map: Arc::clone(map),
-            start: entry.start,
-            end: entry.end,
-            path: path.clone(),
-        })
+            entry.shape.clone(),
+            path.clone(),
+            Arc::clone(map),
+            entry.start..entry.end,
+        ))
     }
 
     /// Total bytes of all tensors.

@@ -12,12 +12,12 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::backend::{cpu, Backend};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::model::Llama;
-use crate::offload::stream::HostSlice;
 use crate::progress::progress_bar;
 use crate::sparsity::bundles::{complement_ids, interleave, neuron_byte_runs};
+use crate::tensor::DType;
+use crate::transfer::HostSlice;
 
 /// One layer's streamable weights.
 pub struct HostLayer {

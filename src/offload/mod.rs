@@ -1,20 +1,15 @@
 //! Offloading: plan what stays resident within a memory budget, and stream only the rest.
 //!
-//! Policy apart from mechanism (DESIGN.md): `placement` and `cost` are pure functions of shapes,
-//! formats, budget and link/memory numbers; `arena`, `stream` and `runtime` execute a plan and
-//! never decide one.
+//! Policy apart from mechanism: `placement` and `cost` are pure functions of shapes, formats,
+//! budget and link/memory numbers (the planner: no backend, no flags); `arena`, `host_store`,
+//! `resident_set` and `runtime` execute a plan and never decide one. The runtime drives the
+//! backend's copy engine (`crate::transfer`) and hands each layer's streamed weights to the
+//! forward pass through `model::LayerStream`; the engine drives the runtime.
 
 pub mod arena;
 pub mod cost;
 pub mod format;
 pub mod host_store;
-pub mod offload_backend;
 pub mod placement;
 pub mod resident_set;
 pub mod runtime;
-pub mod sirius_model;
-pub mod size;
-pub mod stream;
-pub mod trace;
-
-pub use size::{format_bytes, parse_size};

@@ -18,8 +18,8 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::offload::cost::{self, Costs};
 use crate::offload::format::{WeightFormat, VECTOR_BYTES};
-use crate::offload::format_bytes;
 use crate::sparsity::kept_neurons;
+use crate::units::format_bytes;
 
 /// Longest context and window the planner accepts: far above any use, low enough that no byte
 /// count can overflow.
@@ -46,8 +46,6 @@ pub struct PlanInput {
     pub keep: f64,
     /// Bytes of fast memory (GPU memory, or `--resident-mem` on CPU).
     pub budget: u64,
-    /// The option that set `budget` ("--gpu-mem", "--resident-mem"), for error messages.
-    pub budget_option: String,
     /// KV cache rows to hold.
     pub context: usize,
     /// Bytes per KV element: 2 (f16, GPU) or 4 (f32, the CPU backend).
@@ -73,62 +71,72 @@ pub struct PlanInput {
 impl PlanInput {
     /// Checks every number before any arithmetic depends on it.
     pub fn validate(&self) -> Result<()> {
-        let bad = |msg: String| Err(Error::InvalidArgument(msg));
+        let bad = |field: &'static str, problem: String| Err(Error::PlanInput { field, problem });
         if !(self.keep.is_finite() && self.keep > 0.0 && self.keep <= 1.0) {
-            return bad(format!(
-                "--keep must be a fraction in (0, 1], got {}",
-                self.keep
-            ));
+            return bad(
+                "keep",
+                format!("must be a fraction in (0, 1], got {}", self.keep),
+            );
         }
         if self.budget == 0 {
-            return bad(format!("{} must be positive", self.budget_option));
+            return bad("budget", "must be positive".into());
         }
         if self.context == 0 || self.context > MAX_CONTEXT {
-            return bad(format!(
-                "--context must be in 1..={MAX_CONTEXT} tokens, got {}",
-                self.context
-            ));
+            return bad(
+                "context",
+                format!("must be in 1..={MAX_CONTEXT} tokens, got {}", self.context),
+            );
         }
         if !(1..=8).contains(&self.kv_bytes) {
-            return bad(format!(
-                "KV element size must be 1..=8 bytes, got {}",
-                self.kv_bytes
-            ));
+            return bad(
+                "kv_bytes",
+                format!(
+                    "(KV element size) must be 1..=8 bytes, got {}",
+                    self.kv_bytes
+                ),
+            );
         }
-        for (name, v) in [
-            ("--link-gbps", self.link_gbps),
-            ("--mem-gbps", self.mem_gbps),
-        ] {
+        for (field, v) in [("link_gbps", self.link_gbps), ("mem_gbps", self.mem_gbps)] {
             // Bounded so that every time derived from them is a sane, finite duration.
             if !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(&v)) {
-                return bad(format!(
-                    "{name} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
-                ));
+                return bad(
+                    field,
+                    format!("must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"),
+                );
             }
         }
         if self.period == 0 || self.period > MAX_PERIOD {
-            return bad(format!(
-                "--period must be in 1..={MAX_PERIOD}, got {}",
-                self.period
-            ));
+            return bad(
+                "period",
+                format!("must be in 1..={MAX_PERIOD}, got {}", self.period),
+            );
         }
         if !(self.aal.is_finite() && self.aal >= 1.0 && self.aal <= self.period as f64) {
-            return bad(format!(
-                "--aal must be between 1 and --period ({}), got {}",
-                self.period, self.aal
-            ));
+            return bad(
+                "aal",
+                format!(
+                    "must be between 1 and the period ({}), got {}",
+                    self.period, self.aal
+                ),
+            );
         }
         if self.prompt_tokens == 0 || self.prompt_tokens > self.context {
-            return bad(format!(
-                "--prompt-tokens must be in 1..=--context ({}), got {}",
-                self.context, self.prompt_tokens
-            ));
+            return bad(
+                "prompt_tokens",
+                format!(
+                    "must be in 1..=the context ({}), got {}",
+                    self.context, self.prompt_tokens
+                ),
+            );
         }
         if self.context > self.config.max_position_embeddings {
-            return bad(format!(
-                "--context {} is longer than the model's max_position_embeddings ({})",
-                self.context, self.config.max_position_embeddings
-            ));
+            return bad(
+                "context",
+                format!(
+                    "{} is longer than the model's max_position_embeddings ({})",
+                    self.context, self.config.max_position_embeddings
+                ),
+            );
         }
         Ok(())
     }
@@ -348,7 +356,6 @@ pub struct Plan {
     pub format: WeightFormat,
     pub keep: f64,
     pub budget: u64,
-    pub budget_option: String,
     pub context: usize,
     pub period: usize,
     pub aal: f64,
@@ -408,7 +415,6 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         format: input.format,
         keep: input.keep,
         budget: input.budget,
-        budget_option: input.budget_option.clone(),
         context: input.context,
         period: input.period,
         aal: input.aal,
@@ -447,7 +453,6 @@ fn budget_error(input: &PlanInput, s: &Sizes, minimum: u64) -> Error {
         format_bytes(worst),
     );
     Error::BudgetBelowMinimum {
-        option: input.budget_option.clone(),
         budget: input.budget,
         minimum,
         needs,

@@ -94,7 +94,7 @@ pub fn assemble(
 mod tests {
     use super::*;
     use crate::backend::cpu::gather_ffn;
-    use crate::dtype::DType;
+    use crate::tensor::DType;
 
     /// Bundles whose bytes encode (neuron, part, element), so misplacement shows.
     fn bundles(f: usize, h: usize) -> Vec<u8> {

@@ -26,59 +26,87 @@
 //! scratch) and the driver's own context memory. `check_budget` leaves a margin of free
 //! memory for these.
 
-use std::borrow::Cow;
 use std::time::Instant;
 
-use crate::dtype::DType;
+use crate::backend::offload::{FilledOf, OffloadBackend, ResidentMemory, ScratchShape};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{LayerStream, Llama, StreamedLayer};
 use crate::offload::arena::ResidentArena;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
-use crate::offload::offload_backend::{CopyEngine, FilledOf, OffloadBackend, StagedJob};
-use crate::offload::placement::{plan, Plan, PlanInput};
-use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
-use crate::offload::stream::{CopyEngineOptions, CopyJob, HostSlice};
-use crate::offload::trace::{Trace, Track};
-use crate::sparsity::bundles::complement_ids;
-use crate::sparsity::griffin::GriffinLayer;
-use crate::sparsity::{GriffinFfn, GriffinSelection};
+use crate::offload::placement::{plan, Plan, PlanInput, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
+use crate::tensor::DType;
+use crate::transfer::trace::{Trace, Track};
+use crate::transfer::{CopyEngine, CopyEngineOptions, CopyJob, HostSlice};
+use crate::units::format_bytes;
 
 mod layout;
+mod neurons;
 mod report;
 
 use layout::{Dims, FfnPiece, LayerJob};
 pub use report::OffloadReport;
 
-pub use crate::offload::stream::CopyStats;
+pub use crate::transfer::CopyStats;
 
-/// What `run --resident-mem` / `run --gpu-mem` asks of the runtime.
+/// How an offloaded run is set up: what the user chose (`run --resident-mem` on the CPU,
+/// `run --gpu-mem` on CUDA). What a request needs (context, scratch) comes apart, in
+/// [`RequestShape`].
 #[derive(Clone)]
-pub struct OffloadOptions {
+pub struct OffloadConfig {
     /// The resident budget (bytes).
     pub budget: u64,
-    /// Emulated host-to-device link (GB/s) of the CPU copy engine; `None` copies at memory
-    /// speed. The CUDA engine uses the real link and refuses a cap.
+    /// The host-to-resident link in GB/s: on a backend whose resident memory is host RAM
+    /// (the CPU) a cap that emulates a PCIe link (`None`: copies at memory speed); on a
+    /// device backend (CUDA) the speed the planner assumes of the real link (`None`:
+    /// `GPU_LINK_GBPS`), never a cap.
     pub link_gbps: Option<f64>,
-    /// The host-to-device GB/s the planner assumes where the link is real (CUDA; `None`:
-    /// `plan --gpu-mem`'s default). Not a cap. The CPU plans with `link_gbps`.
-    pub planner_link_gbps: Option<f64>,
-    /// Memory bandwidth the planner assumes for compute (GB/s), for the predicted ms/token.
-    pub mem_gbps: f64,
-    pub keep: f32,
-    pub period: usize,
-    /// KV cache rows the request needs.
-    pub context: usize,
-    /// The most rows one matmul of the request multiplies (the backend's GEMM scratch is
-    /// sized for it; `offload_plan_input` fills it in).
-    pub gemm_rows: usize,
-    pub prompt_tokens: usize,
+    /// Memory bandwidth the planner assumes for compute (GB/s), for the predicted ms/token
+    /// (`None`: `CPU_MEM_GBPS` on host memory, `GPU_MEM_GBPS` on a device).
+    pub mem_gbps: Option<f64>,
     /// Record a Chrome trace of copy and compute spans.
     pub trace: bool,
     /// Extra delay per copy job (tests: random delays must never change the output; the
     /// CUDA engine sleeps on the host before issuing the copy).
-    pub delay: Option<crate::offload::stream::DelayFn>,
+    pub delay: Option<crate::transfer::DelayFn>,
 }
+
+impl OffloadConfig {
+    /// `budget` bytes resident, no link cap or assumption, default bandwidths, no trace.
+    pub fn new(budget: u64) -> Self {
+        OffloadConfig {
+            budget,
+            link_gbps: None,
+            mem_gbps: None,
+            trace: false,
+            delay: None,
+        }
+    }
+}
+
+/// What the requests a runtime serves need, computed once from the request (the Sirius
+/// window, the cache and scratch it allocates): the runtime reserves all of it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestShape {
+    /// Griffin's keep fraction and the Sirius period K.
+    pub keep: f32,
+    pub period: usize,
+    /// KV cache rows.
+    pub context: usize,
+    /// Bytes of the request's activation buffers (draft, verification and prefill scratch,
+    /// Griffin's scores).
+    pub activation_bytes: u64,
+    /// The most rows one matmul multiplies (the backend's GEMM scratch is sized for it).
+    pub gemm_rows: usize,
+    pub prompt_tokens: usize,
+    /// Prompt tokens per prefill pass.
+    pub prefill_chunk: usize,
+}
+
+/// The planner needs a link speed; uncapped host copies run at memory speed, far above any
+/// PCIe link, so this stands for "not the bottleneck".
+const UNCAPPED_LINK_GBPS: f64 = 1000.0;
 
 /// A pass either drafts with the sparse model or runs the full one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +117,8 @@ pub enum PassKind {
 
 pub struct OffloadRuntime<B: OffloadBackend> {
     pub plan: Plan,
+    /// What the runtime was planned for.
+    shape: RequestShape,
     input: PlanInput,
     link_cap: Option<f64>,
     /// Whether the planner's prediction describes this run (see `planner_link`).
@@ -115,31 +145,29 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
-    /// Bytes of compact FFNs uploaded outside the copy engine for this request (backends
-    /// that do not assemble from staging, see `OffloadBackend::assembles_from_staging`):
-    /// reported as streamed.
+    /// Bytes of compact FFNs uploaded outside the copy engine for this request (device
+    /// backends, see `choose_neurons`): reported as streamed.
     uploaded_bytes: u64,
     draft_passes: u64,
     full_passes: u64,
 }
 
 impl<B: OffloadBackend> OffloadRuntime<B> {
-    /// The planner's input for a run of `model` under `opts` whose scratch buffers take
-    /// `activation_bytes` (the caller allocates them; they count against the budget). The
-    /// planner's activations also hold the backend's own scratch (`scratch_bytes`), which
-    /// the runtime reserves as a separate line.
+    /// The planner's input for requests of `shape` on `model` under `cfg`. The activations
+    /// it reserves also hold the backend's own scratch (`OffloadBackend::scratch_bytes`),
+    /// which the runtime books as a separate line.
     pub fn plan_input(
         model: &Llama<B>,
-        opts: &OffloadOptions,
-        activation_bytes: u64,
-        prefill_chunk: usize,
+        cfg: &OffloadConfig,
+        shape: &RequestShape,
     ) -> Result<PlanInput> {
         let c = &model.config;
         if c.mlp_bias || c.qkv_bias || c.o_bias {
-            return Err(Error::InvalidArgument(format!(
-                "offloading does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: run without {}",
-                B::BUDGET_OPTION
-            )));
+            return Err(Error::InvalidArgument(
+                "offloading does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: \
+                 run this model without an offloading budget"
+                    .into(),
+            ));
         }
         let format = match model.dtype {
             DType::BF16 => WeightFormat::Bf16,
@@ -150,73 +178,74 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 ))
             }
         };
+        let scratch = model.backend.scratch_bytes(&scratch_shape(c, shape));
         Ok(PlanInput {
             config: c.clone(),
             format,
-            keep: opts.keep as f64,
-            budget: opts.budget,
-            budget_option: B::BUDGET_OPTION.into(),
-            context: opts.context,
+            keep: shape.keep as f64,
+            budget: cfg.budget,
+            context: shape.context,
             // Both backends keep the KV cache in f32.
             kv_bytes: 4,
-            link_gbps: model.backend.planner_link(opts).0,
-            mem_gbps: opts.mem_gbps,
-            period: opts.period,
-            aal: opts.period as f64,
-            prompt_tokens: opts.prompt_tokens.max(1),
-            activation_bytes: Some(
-                activation_bytes + model.backend.scratch_bytes(c, opts.context, opts.gemm_rows),
-            ),
-            prefill_chunk: Some(prefill_chunk),
+            link_gbps: planner_link::<B>(cfg).0,
+            mem_gbps: cfg.mem_gbps.unwrap_or(match B::RESIDENT_MEMORY {
+                ResidentMemory::Host => CPU_MEM_GBPS,
+                ResidentMemory::Device => GPU_MEM_GBPS,
+            }),
+            period: shape.period,
+            aal: shape.period as f64,
+            prompt_tokens: shape.prompt_tokens.max(1),
+            activation_bytes: Some(shape.activation_bytes + scratch),
+            prefill_chunk: Some(shape.prefill_chunk),
         })
     }
 
-    /// Plans `model` as `input` says (see [`OffloadRuntime::plan_input`]), moves the resident
-    /// attention and head into the arena, builds the host store and starts the copy engine.
-    pub fn new(model: &mut Llama<B>, input: PlanInput, opts: &OffloadOptions) -> Result<Self> {
-        model.backend.check_offloadable(opts)?;
-        let c = model.config.clone();
-        let context = input.context;
-        let scratch = (model.backend).scratch_bytes(&c, context, opts.gemm_rows);
-        let activation_bytes = input.activation_bytes.unwrap_or(0).saturating_sub(scratch);
-        let plan = plan(&input)?;
-        let mut arena = ResidentArena::new(opts.budget);
-        let (h, l) = (c.hidden_size, c.num_layers);
-        arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
-        arena.reserve("KV cache", (2 * l * c.kv_dim() * context * 4) as u64)?;
-        arena.reserve("activations", activation_bytes)?;
-        if scratch > 0 {
-            arena.reserve("backend scratch", scratch)?;
+    /// Plans `model` for requests of `shape` under `cfg`, moves the resident attention and
+    /// head into the arena, builds the host store and starts the copy engine.
+    pub fn new(model: &mut Llama<B>, cfg: &OffloadConfig, shape: RequestShape) -> Result<Self> {
+        if let (ResidentMemory::Device, Some(g)) = (B::RESIDENT_MEMORY, cfg.link_gbps) {
+            tracing::info!("planning with a {g} GB/s link; copies run at the real link's speed");
         }
-        model.backend.reserve_scratch(&c, opts.gemm_rows)?;
-        arena.reserve(
-            "stream buffers",
-            plan.stream_buffer_bytes * plan.stream_buffers as u64,
-        )?;
+        let input = Self::plan_input(model, cfg, &shape)?;
+        model.backend.check_offloadable(cfg.budget)?;
+        let c = model.config.clone();
+        let scratch_shape = scratch_shape(&c, &shape);
+        let scratch = model.backend.scratch_bytes(&scratch_shape);
+        let plan = plan(&input)?;
+        let mut arena = ResidentArena::new(cfg.budget);
+        reserve_buffers(&mut arena, &c, &shape, scratch, &plan)?;
+        model.backend.reserve_scratch(&scratch_shape)?;
+        let (h, l) = (c.hidden_size, c.num_layers);
         let attention: Vec<bool> = plan.layers.iter().map(|l| l.attention_resident).collect();
         model.make_resident(&attention, &mut |label, m: &B::Matrix| {
             arena.reserve(label, B::matrix_byte_len(m) as u64)?;
             B::resident_copy(m)
         })?;
         let host = HostStore::build(model)?;
-        let trace = opts.trace.then(Trace::new);
+        let trace = cfg.trace.then(Trace::new);
+        let link_cap = match B::RESIDENT_MEMORY {
+            ResidentMemory::Host => cfg.link_gbps,
+            ResidentMemory::Device => None,
+        };
         let engine = model.backend.copy_engine(CopyEngineOptions {
             buffers: plan.stream_buffers,
             buffer_bytes: plan.stream_buffer_bytes as usize,
-            link_gbps: opts.link_gbps,
-            delay: opts.delay.clone(),
+            link_gbps: link_cap,
+            delay: cfg.delay.clone(),
             trace: trace.clone(),
         })?;
         tracing::info!(
-            "offloading: {} of {} resident, stream buffers 2 x {}",
-            crate::offload::format_bytes(arena.used()),
-            crate::offload::format_bytes(opts.budget),
-            crate::offload::format_bytes(plan.stream_buffer_bytes)
+            "offloading: {} of {} resident, stream buffers {} x {}",
+            format_bytes(arena.used()),
+            format_bytes(cfg.budget),
+            plan.stream_buffers,
+            format_bytes(plan.stream_buffer_bytes)
         );
         Ok(OffloadRuntime {
-            predicts: model.backend.planner_link(opts).1,
+            predicts: planner_link::<B>(cfg).1,
+            shape,
             input,
-            link_cap: opts.link_gbps,
+            link_cap,
             arena,
             host,
             engine,
@@ -246,219 +275,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         })
     }
 
-    /// Makes `selection` the request's sparse set. Resident layers keep the neurons they
-    /// already hold (from an earlier request on this runtime) and copy in only the others
-    /// through the copy engine, as bundles; their compact FFN is reassembled in resident
-    /// memory, in the arena. Layers whose sparse set does not fit get a host copy that every
-    /// draft pass streams.
-    pub fn choose_neurons(
-        &mut self,
-        backend: &B,
-        selection: GriffinSelection,
-    ) -> Result<GriffinFfn<B>> {
-        let out = self.choose_neurons_now(backend, selection);
-        if out.is_err() {
-            if let Err(e) = self.cancel() {
-                tracing::warn!("cancelling the copy engine after a failed neuron copy: {e}");
-            }
-        }
-        out
-    }
-
-    fn choose_neurons_now(
-        &mut self,
-        backend: &B,
-        selection: GriffinSelection,
-    ) -> Result<GriffinFfn<B>> {
-        let n_layers = self.plan.layers.len();
-        if selection.layers.len() != n_layers {
-            return Err(Error::InvalidArgument(format!(
-                "a selection for {} layers, the model has {n_layers}",
-                selection.layers.len()
-            )));
-        }
-        let resident: Vec<bool> = self
-            .plan
-            .layers
-            .iter()
-            .map(|l| l.sparse_ffn_resident)
-            .collect();
-        // One job per resident layer with neurons to copy in, all queued at once so the
-        // copies of later layers overlap the assembly of earlier ones.
-        let mut jobs = Vec::new();
-        let mut moved: Vec<Vec<u32>> = vec![Vec::new(); n_layers];
-        let staging = B::assembles_from_staging();
-        for (li, ids) in selection.layers.iter().enumerate() {
-            // With the whole layer resident, a new split moves nothing over the link.
-            if !resident[li] || self.whole_layer[li] {
-                continue;
-            }
-            moved[li] = moved_in(&self.resident_ids[li], ids);
-            if staging && !moved[li].is_empty() {
-                jobs.push(CopyJob {
-                    layer: li,
-                    label: format!("L{li} neurons in"),
-                    pieces: self.host.neuron_runs(li, &moved[li])?,
-                });
-            }
-        }
-        self.engine.submit(jobs)?;
-        let mut layers = Vec::with_capacity(n_layers);
-        for (li, ids) in selection.layers.iter().enumerate() {
-            if !resident[li] {
-                self.overflow[li] = Some(self.host.gather_sparse(li, ids)?);
-                layers.push(None);
-                continue;
-            }
-            let unchanged = self.resident_ids[li] == *ids;
-            // Cloned only when kept: a clone alive across the upload below would keep the
-            // old device matrices allocated next to the new ones.
-            let kept = match &self.resident_ffn[li] {
-                Some(m) if unchanged => Some(m.clone()),
-                _ => None,
-            };
-            let matrices = match kept {
-                Some(m) => m,
-                // Every neuron is resident: the new split is a move within resident memory
-                // (here: regathered from the host copy, nothing counted as moved).
-                None if self.whole_layer[li] => self.regather(backend, li, ids)?,
-                // Gathered on the host and uploaded once: that upload is what crossed the link.
-                None if !staging => {
-                    let m = self.regather(backend, li, ids)?;
-                    self.uploaded_bytes +=
-                        (ids.len() * 3 * self.dims.h * self.dims.dtype.size()) as u64;
-                    m
-                }
-                None => self.copy_in(backend, li, ids, !moved[li].is_empty())?,
-            };
-            self.moved_neurons += moved[li].len() as u64;
-            if self.plan.layers[li].complement_resident {
-                self.make_rest_resident(backend, li, ids)?;
-            }
-            let [gate, up, down] = &matrices;
-            layers.push(Some(GriffinLayer {
-                gate: gate.clone(),
-                up: up.clone(),
-                down: down.clone(),
-                gate_bias: None,
-                up_bias: None,
-            }));
-            self.resident_ffn[li] = Some(matrices);
-            self.resident_ids[li] = ids.clone();
-        }
-        self.kept = Some(selection.layers.clone());
-        Ok(GriffinFfn { layers, selection })
-    }
-
-    /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`:
-    /// verification then streams nothing for the layer. Neurons that were not resident
-    /// before count as moved.
-    fn make_rest_resident(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<()> {
-        let d = self.dims;
-        let rest = complement_ids(ids, d.f)?;
-        if !self.whole_layer[li] {
-            // Before, only the previous request's sparse set (if any) was resident; it is
-            // still in `resident_ids` (updated after this call).
-            self.moved_neurons += moved_in(&self.resident_ids[li], &rest).len() as u64;
-        }
-        let label = format!("FFN complement layer {li}");
-        let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes());
-        for piece in self.host.neuron_runs(li, &rest)? {
-            bytes.extend_from_slice(&piece.map[piece.range.clone()]);
-        }
-        self.arena.set(&label, bytes.len() as u64)?;
-        // Free the old rest before uploading the new one (see `upload_compact`).
-        self.resident_rest[li] = None;
-        self.resident_rest[li] = match rest.len() {
-            0 => None,
-            c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
-        };
-        self.whole_layer[li] = true;
-        Ok(())
-    }
-
-    /// Layer `li`'s compact FFN of `ids` rebuilt within resident memory (the whole layer is
-    /// resident), in the arena.
-    fn regather(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<[B::Matrix; 3]> {
-        let parts = self.host.gather_parts(li, ids)?;
-        self.upload_compact(backend, li, ids.len(), parts)
-    }
-
-    /// Layer `li`'s compact FFN of `k` neurons (gate, up, down bytes) into resident memory,
-    /// accounted in the arena as the layer's sparse FFN.
-    fn upload_compact(
-        &mut self,
-        backend: &B,
-        li: usize,
-        k: usize,
-        (gate, up, down): (Vec<u8>, Vec<u8>, Vec<u8>),
-    ) -> Result<[B::Matrix; 3]> {
-        let d = self.dims;
-        let bytes = (gate.len() + up.len() + down.len()) as u64;
-        self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
-        // The old compact FFN's bytes have been used (or are not needed): free it before the
-        // upload so the device never holds old and new at once (the arena counts one).
-        self.resident_ffn[li] = None;
-        let uploaded = (|| {
-            Ok([
-                backend.upload_matrix(gate, d.dtype, k, d.h)?,
-                backend.upload_matrix(up, d.dtype, k, d.h)?,
-                backend.upload_matrix(down, d.dtype, d.h, k)?,
-            ])
-        })();
-        if uploaded.is_err() {
-            // Nothing of the layer's sparse set is resident any more: the next request
-            // copies in all of it.
-            self.resident_ids[li].clear();
-        }
-        uploaded
-    }
-
-    /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged
-    /// bundles of the moved ones (when `staged`, waited for here), in the arena.
-    fn copy_in(
-        &mut self,
-        backend: &B,
-        li: usize,
-        ids: &[u32],
-        staged: bool,
-    ) -> Result<[B::Matrix; 3]> {
-        let d = self.dims;
-        let filled = if staged {
-            Some(self.engine.wait(li)?)
-        } else {
-            None
-        };
-        // The bundles of the moved neurons landed back to back; only backends that assemble
-        // from staging come here (the CPU: the staging buffer is host memory).
-        let assembled = (|| {
-            let staged_bytes = match &filled {
-                Some(f) => match (f.pieces().first(), f.pieces().last()) {
-                    (Some(a), Some(b)) => B::staged_bytes(f, a.start..b.end)?,
-                    _ => Cow::Borrowed(&[][..]),
-                },
-                None => Cow::Borrowed(&[][..]),
-            };
-            let old_bytes = match &self.resident_ffn[li] {
-                Some([g, u, dn]) => Some([
-                    B::matrix_bytes(g)?,
-                    B::matrix_bytes(u)?,
-                    B::matrix_bytes(dn)?,
-                ]),
-                None => None,
-            };
-            let old = old_bytes.as_ref().map(|[g, u, dn]| CompactFfn {
-                ids: &self.resident_ids[li],
-                gate: g,
-                up: u,
-                down: dn,
-            });
-            assemble(old.as_ref(), &staged_bytes, ids, d.h, d.dtype.size())
-        })();
-        if let Some(f) = filled {
-            self.engine.release(f)?;
-        }
-        self.upload_compact(backend, li, ids.len(), assembled?)
+    /// Whether requests of `shape` fit what this runtime reserved (else plan a new one).
+    pub fn holds(&self, shape: &RequestShape) -> bool {
+        let s = &self.shape;
+        shape.context <= s.context
+            && shape.activation_bytes <= s.activation_bytes
+            && shape.gemm_rows <= s.gemm_rows
+            && shape.keep == s.keep
+            && shape.period == s.period
     }
 
     /// Queues the copies of one pass; the forward then pulls them layer by layer.
@@ -535,13 +359,6 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         Ok(())
     }
 
-    /// KV cache rows and activation bytes the plan reserved: a request must fit in them.
-    pub fn reserved(&self) -> (usize, u64) {
-        let scratch = self.arena.get("backend scratch").unwrap_or(0);
-        let activations = self.input.activation_bytes.unwrap_or(0);
-        (self.input.context, activations.saturating_sub(scratch))
-    }
-
     /// Statistics so far, with the planner's prediction for `aal` (measured) where it
     /// models the run: on CUDA always, on CPU with a link cap (uncapped, the CPU "link" is
     /// memcpy, which the planner does not model). On CUDA this waits for copies in flight.
@@ -608,7 +425,7 @@ impl<B: OffloadBackend> LayerStream<B> for OffloadRuntime<B> {
             let mut resident = StreamedLayer::empty(layer);
             // A full pass over a layer kept whole reads its resident rest in place.
             if self.kind == PassKind::Full && self.kept.is_some() {
-                resident.complement = self.resident_rest.get(layer).cloned().flatten();
+                resident.ffn.complement = self.resident_rest.get(layer).cloned().flatten();
             }
             return Ok(resident);
         };
@@ -647,4 +464,51 @@ impl<B: OffloadBackend> LayerStream<B> for OffloadRuntime<B> {
             None => Ok(()),
         }
     }
+}
+
+/// The host-to-resident GB/s the planner assumes for `cfg` on backend `B`, and whether its
+/// predictions describe the run: on host memory the emulated cap (uncapped copies are
+/// memcpy, which the planner does not model: no prediction); on a device the assumed speed
+/// of the real link.
+fn planner_link<B: OffloadBackend>(cfg: &OffloadConfig) -> (f64, bool) {
+    match B::RESIDENT_MEMORY {
+        ResidentMemory::Host => (
+            cfg.link_gbps.unwrap_or(UNCAPPED_LINK_GBPS),
+            cfg.link_gbps.is_some(),
+        ),
+        ResidentMemory::Device => (cfg.link_gbps.unwrap_or(GPU_LINK_GBPS), true),
+    }
+}
+
+/// The shapes the backend's own scratch depends on, for requests of `shape`.
+fn scratch_shape(c: &ModelConfig, shape: &RequestShape) -> ScratchShape {
+    ScratchShape {
+        widest_cols: c.hidden_size.max(c.intermediate_size).max(c.q_dim()),
+        gemm_rows: shape.gemm_rows,
+        head_dim: c.head_dim,
+        context: shape.context,
+    }
+}
+
+/// Reserves in `arena` what every request allocates besides weights: norms, KV cache,
+/// activations, the backend's own scratch and the staging buffers.
+fn reserve_buffers(
+    arena: &mut ResidentArena,
+    c: &ModelConfig,
+    shape: &RequestShape,
+    backend_scratch: u64,
+    plan: &Plan,
+) -> Result<()> {
+    let (h, l) = (c.hidden_size, c.num_layers);
+    arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
+    arena.reserve("KV cache", (2 * l * c.kv_dim() * shape.context * 4) as u64)?;
+    arena.reserve("activations", shape.activation_bytes)?;
+    if backend_scratch > 0 {
+        arena.reserve("backend scratch", backend_scratch)?;
+    }
+    arena.reserve(
+        "stream buffers",
+        plan.stream_buffer_bytes * plan.stream_buffers as u64,
+    )?;
+    Ok(())
 }

@@ -1,14 +1,17 @@
-//! The chain corrector, written against a narrow model interface ([`SiriusModel`]) so it can
-//! be tested with a scripted fake and reused by every backend.
+//! The corrector's window, written against a narrow model interface ([`SiriusModel`]) so it
+//! can be tested with a scripted fake and reused by every backend and runtime: draft K - 1
+//! tokens after x0 with the sparse model (a chain, or a tree of W beams), verify them in one
+//! full pass that rewrites their K/V, accept the likely prefix, roll back the rest, and hand
+//! back the accepted drafts and the full model's next token. The request loop around it
+//! (budgets, stop ids, text) is the engine's, shared with plain generation.
 
-use std::ops::ControlFlow;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::backend::TreeMask;
 use crate::error::{Error, Result};
 use crate::model::sampler::argmax;
+use crate::tensor::TreeMask;
 
 /// What the corrector needs from a model: one KV cache shared by a sparse (draft) and a full
 /// (verify) forward, and rollback.
@@ -57,20 +60,33 @@ pub const MAX_WIDTH: usize = 16;
 /// every window token, so an absurd K would only ask for absurd memory.
 pub const MAX_PERIOD: usize = 256;
 
-#[derive(Debug, Clone, Copy)]
-pub struct CorrectorOptions {
+/// The corrector's settings (`--period --threshold --accept-temperature --width`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SiriusConfig {
     /// Window (kernel) size K: K - 1 drafted tokens per verification.
     pub period: usize,
     /// Acceptance threshold on the full model's probability of a drafted token.
     pub threshold: f32,
     /// Temperature of that probability (T = 0.6 in the paper).
     pub accept_temperature: f32,
-    /// Tree width W (1 = the chain).
+    /// Tree width W: 1 is the chain; W > 1 drafts W beams verified as one tree of
+    /// (K - 1) * W + 1 tokens.
     pub width: usize,
-    pub max_tokens: usize,
 }
 
-impl CorrectorOptions {
+impl Default for SiriusConfig {
+    /// The paper's accuracy settings: K = 16, threshold 0.1, T = 0.6, the chain.
+    fn default() -> Self {
+        SiriusConfig {
+            period: 16,
+            threshold: 0.1,
+            accept_temperature: 0.6,
+            width: 1,
+        }
+    }
+}
+
+impl SiriusConfig {
     pub fn validate(&self) -> Result<()> {
         if !(1..=MAX_PERIOD).contains(&self.period) {
             return Err(Error::InvalidArgument(format!(
@@ -97,6 +113,22 @@ impl CorrectorOptions {
             )));
         }
         Ok(())
+    }
+
+    /// Cache rows a request needs beyond plain decoding's: the last window's full-model
+    /// token (plain decoding never feeds its final token back), plus a tree's pruned
+    /// branches until the verification compacts them away (their positions are depths, so
+    /// they never pass the context). Without these the last windows would shrink.
+    pub fn extra_cache_rows(&self) -> usize {
+        1 + (self.period - 1) * (self.width - 1)
+    }
+
+    /// Rows of the draft batch (one per beam) and of the verification window, for a cache
+    /// of `capacity` rows (a window never holds more tokens than the cache has rows).
+    pub fn batch_rows(&self, capacity: usize) -> (usize, usize) {
+        let width = self.width.clamp(1, capacity.max(1));
+        let window = ((self.period.max(1) - 1) * width + 1).min(capacity.max(1));
+        (width, window)
     }
 }
 
@@ -162,43 +194,9 @@ pub fn token_probability(z: &[f32], t: f32, token: u32) -> f64 {
     }
 }
 
-/// Greedy Sirius generation after a prompt already in the model's cache. `first` is the
-/// full model's token after the prompt (x0 of the first window, not yet in the cache).
-/// Returns the produced tokens (`first` included), stopping after `max_tokens`, at the
-/// first stop id (not included) found at a verification boundary, or when the cache is full.
-pub fn correct(
-    model: &mut dyn SiriusModel,
-    first: u32,
-    stop_ids: &[u32],
-    opts: &CorrectorOptions,
-) -> Result<(Vec<u32>, CorrectionStats)> {
-    correct_streaming(model, first, stop_ids, opts, &mut |_| {
-        ControlFlow::Continue(())
-    })
-}
-
-/// [`correct`] that hands each verification boundary's new tokens to `on_tokens`, which
-/// returns `Break(n)` to stop after the first `n` of them (a stop string, a consumer gone
-/// away): the output then ends there. Width 1 runs the chain, wider the tree
-/// ([`crate::sirius::tree`]).
-pub fn correct_streaming(
-    model: &mut dyn SiriusModel,
-    first: u32,
-    stop_ids: &[u32],
-    opts: &CorrectorOptions,
-    on_tokens: &mut dyn FnMut(&[u32]) -> ControlFlow<usize>,
-) -> Result<(Vec<u32>, CorrectionStats)> {
-    let kind = if opts.width == 1 {
-        WindowKind::Chain
-    } else {
-        WindowKind::Tree
-    };
-    run_windows(model, first, stop_ids, opts, on_tokens, kind)
-}
-
 /// How a window is drafted and verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum WindowKind {
+pub enum WindowKind {
     Chain,
     Tree,
 }
@@ -209,66 +207,80 @@ pub(crate) struct Verdict {
     pub next: u32,
 }
 
-/// The corrector loop, shared by the chain and the tree: window after window until the
-/// budget, a stop id at a verification boundary, a full cache or `on_tokens` says stop.
-pub(crate) fn run_windows(
-    model: &mut dyn SiriusModel,
-    first: u32,
-    stop_ids: &[u32],
-    opts: &CorrectorOptions,
-    on_tokens: &mut dyn FnMut(&[u32]) -> ControlFlow<usize>,
+/// Runs correction windows over a [`SiriusModel`] and keeps their statistics.
+pub struct Corrector {
+    config: SiriusConfig,
     kind: WindowKind,
-) -> Result<(Vec<u32>, CorrectionStats)> {
-    opts.validate()?;
-    let mut out = Vec::new();
-    let mut stats = CorrectionStats::default();
-    let mut x0 = first;
-    loop {
-        if stop_ids.contains(&x0) || out.len() >= opts.max_tokens {
-            break;
-        }
-        out.push(x0);
-        if let ControlFlow::Break(n) = on_tokens(&[x0]) {
-            out.truncate(out.len() - 1 + n.min(1));
-            break;
-        }
-        if out.len() >= opts.max_tokens || model.cache_room() == 0 {
-            break;
-        }
-        // K - 1 drafts after x0, fewer near the cache end or the token budget.
-        let budget = opts.max_tokens - out.len();
+    /// Ids the tree never drafts (with W > 1, EOS would end a beam's text).
+    stop_ids: Vec<u32>,
+    pub stats: CorrectionStats,
+}
+
+impl Corrector {
+    /// A corrector of `config`: the chain for width 1, the tree for wider.
+    pub fn new(config: SiriusConfig, stop_ids: &[u32]) -> Result<Self> {
+        config.validate()?;
+        let kind = match config.width {
+            1 => WindowKind::Chain,
+            _ => WindowKind::Tree,
+        };
+        Ok(Corrector {
+            config,
+            kind,
+            stop_ids: stop_ids.to_vec(),
+            stats: CorrectionStats::default(),
+        })
+    }
+
+    /// Tree windows whatever the width (with width 1 the tree is a chain and must give
+    /// exactly the chain's output; tests hold it to that).
+    pub fn with_tree_windows(mut self) -> Self {
+        self.kind = WindowKind::Tree;
+        self
+    }
+
+    pub fn config(&self) -> &SiriusConfig {
+        &self.config
+    }
+
+    /// One window after `x0` (produced, not yet in the model's cache): K - 1 drafts (fewer
+    /// near the cache's end or the token `budget`), one verification, rollback. Returns the
+    /// accepted drafts followed by the full model's next token (at most K tokens); every one
+    /// but that last is in the cache. The model needs at least one free cache row.
+    pub fn window(
+        &mut self,
+        model: &mut dyn SiriusModel,
+        x0: u32,
+        budget: usize,
+    ) -> Result<Vec<u32>> {
         let room = model.cache_room();
-        let fits = match kind {
+        if room == 0 {
+            return Err(Error::ContextFull {
+                needed: model.cache_len() + 1,
+                capacity: model.cache_len(),
+            });
+        }
+        let fits = match self.kind {
             WindowKind::Chain => room,
             // A tree of K - 1 levels of W nodes under x0.
-            WindowKind::Tree => (room - 1) / opts.width + 1,
+            WindowKind::Tree => (room - 1) / self.config.width + 1,
         };
-        let k = opts.period.min(fits).min(budget + 1).max(1);
-        let verdict = match kind {
-            WindowKind::Chain => chain_window(model, x0, k, opts, &mut stats)?,
-            WindowKind::Tree => {
-                crate::sirius::tree::tree_window(model, x0, k, opts, stop_ids, &mut stats)?
-            }
+        let k = self.config.period.min(fits).min(budget + 1).max(1);
+        let verdict = match self.kind {
+            WindowKind::Chain => chain_window(model, x0, k, &self.config, &mut self.stats)?,
+            WindowKind::Tree => crate::sirius::tree::tree_window(
+                model,
+                x0,
+                k,
+                &self.config,
+                &self.stop_ids,
+                &mut self.stats,
+            )?,
         };
-        let mut stopped = false;
-        let before = out.len();
-        for &d in &verdict.accepted {
-            if stop_ids.contains(&d) || out.len() >= opts.max_tokens {
-                stopped = true;
-                break;
-            }
-            out.push(d);
-        }
-        if let ControlFlow::Break(n) = on_tokens(&out[before..]) {
-            out.truncate(before + n.min(out.len() - before));
-            break;
-        }
-        if stopped {
-            break;
-        }
-        x0 = verdict.next;
+        let mut tokens = verdict.accepted;
+        tokens.push(verdict.next);
+        Ok(tokens)
     }
-    Ok((out, stats))
 }
 
 /// One chain window: K - 1 greedy drafts after x0 (already produced, not yet in the cache),
@@ -277,7 +289,7 @@ fn chain_window(
     model: &mut dyn SiriusModel,
     x0: u32,
     k: usize,
-    opts: &CorrectorOptions,
+    opts: &SiriusConfig,
     stats: &mut CorrectionStats,
 ) -> Result<Verdict> {
     let start = model.cache_len();
@@ -312,7 +324,7 @@ fn chain_window(
 pub(crate) fn accepted_prefix<'z>(
     path: &[u32],
     logits: impl Fn(usize) -> &'z [f32],
-    opts: &CorrectorOptions,
+    opts: &SiriusConfig,
 ) -> usize {
     let mut n = 0;
     while n + 1 < path.len()

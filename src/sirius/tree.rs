@@ -5,31 +5,12 @@
 
 use std::time::Instant;
 
-use crate::backend::TreeMask;
 use crate::error::Result;
 use crate::model::sampler::argmax;
 use crate::sirius::corrector::{
-    check_rows, run_windows, token_probability, CorrectionStats, CorrectorOptions, SiriusModel,
-    Verdict, WindowKind,
+    check_rows, token_probability, CorrectionStats, SiriusConfig, SiriusModel, Verdict,
 };
-
-/// [`crate::sirius::correct`] through tree windows whatever the width (with width 1 the tree
-/// is a chain and must give exactly the chain's output; tests hold it to that).
-pub fn correct_tree(
-    model: &mut dyn SiriusModel,
-    first: u32,
-    stop_ids: &[u32],
-    opts: &CorrectorOptions,
-) -> Result<(Vec<u32>, CorrectionStats)> {
-    run_windows(
-        model,
-        first,
-        stop_ids,
-        opts,
-        &mut |_| std::ops::ControlFlow::Continue(()),
-        WindowKind::Tree,
-    )
-}
+use crate::tensor::TreeMask;
 
 /// A draft tree, flattened in creation order (parents before children): node `i` sits at
 /// cache row `start + i`.
@@ -64,10 +45,48 @@ pub(crate) fn tree_window(
     model: &mut dyn SiriusModel,
     x0: u32,
     k: usize,
-    opts: &CorrectorOptions,
+    opts: &SiriusConfig,
     stop_ids: &[u32],
     stats: &mut CorrectionStats,
 ) -> Result<Verdict> {
+    let start = model.cache_len();
+    let t = Instant::now();
+    let tree = draft_tree(model, x0, k, opts, stop_ids)?;
+    stats.draft_seconds += t.elapsed().as_secs_f64();
+    let drafted = tree.tokens.len() - 1;
+    stats.drafted += drafted;
+
+    // Verify the whole tree in one pass; its K/V replace the drafts'.
+    model.truncate(start)?;
+    let mask = TreeMask::from_parents(start, &tree.parents, 0)?;
+    let t = Instant::now();
+    let z = model.verify_tree(&tree.tokens, &mask)?;
+    stats.verify_seconds += t.elapsed().as_secs_f64();
+    check_rows(&z, tree.tokens.len())?;
+    stats.verifications += 1;
+
+    let path = tree.path(longest_accepted(&tree, &z, opts));
+    let n = path.len() - 1;
+    let rows: Vec<usize> = path[..=n].iter().map(|&i| start + i).collect();
+    model.keep_rows(start, &rows)?;
+    stats.rollback_tokens += drafted - n;
+    stats.advanced += n + 1;
+    Ok(Verdict {
+        accepted: path[1..=n].iter().map(|&i| tree.tokens[i]).collect(),
+        next: argmax(&z[path[n]]),
+    })
+}
+
+/// Drafts K - 1 levels of W beams under x0 with the sparse model (beam search over
+/// `log_softmax(logits / T)`: each beam proposes its top W tokens, the global top W by
+/// cumulative log-probability are kept, stop ids are never proposed when W > 1).
+fn draft_tree(
+    model: &mut dyn SiriusModel,
+    x0: u32,
+    k: usize,
+    opts: &SiriusConfig,
+    stop_ids: &[u32],
+) -> Result<DraftTree> {
     let start = model.cache_len();
     let width = opts.width;
     let mut tree = DraftTree {
@@ -81,7 +100,6 @@ pub(crate) fn tree_window(
     // With one beam there is no choice to protect, so EOS is drafted like any token and the
     // tree is exactly the chain.
     let skip: &[u32] = if width > 1 { stop_ids } else { &[] };
-    let t = Instant::now();
     for _ in 1..k {
         // The beams' last nodes, the newest nodes, are the ones not yet in the cache.
         let batch = tree.tokens.len() - beams.len();
@@ -91,10 +109,8 @@ pub(crate) fn tree_window(
         let mut candidates = Vec::with_capacity(beams.len() * width);
         for (b, beam) in beams.iter().enumerate() {
             let z = &logits[beam.node - batch];
-            for (rank, (token, lp)) in top_log_probs(z, opts.accept_temperature, width, skip)
-                .into_iter()
-                .enumerate()
-            {
+            let top = top_log_probs(z, opts.accept_temperature, width, skip);
+            for (rank, (token, lp)) in top.into_iter().enumerate() {
                 candidates.push((beam.score + lp, b, rank, token));
             }
         }
@@ -120,23 +136,14 @@ pub(crate) fn tree_window(
             })
             .collect();
     }
-    stats.draft_seconds += t.elapsed().as_secs_f64();
-    let drafted = tree.tokens.len() - 1;
-    stats.drafted += drafted;
+    Ok(tree)
+}
 
-    // Verify the whole tree in one pass; its K/V replace the drafts'.
-    model.truncate(start)?;
-    let mask = TreeMask::from_parents(start, &tree.parents, 0)?;
-    let t = Instant::now();
-    let z = model.verify_tree(&tree.tokens, &mask)?;
-    stats.verify_seconds += t.elapsed().as_secs_f64();
-    check_rows(&z, tree.tokens.len())?;
-    stats.verifications += 1;
-
-    // The longest accepted path wins: every node whose whole path from the root is
-    // accepted is a candidate, including nodes of beams pruned later (the greedy path often
-    // is one), so the tree never loses a prefix the chain would have kept while it was in the
-    // tree. The earlier node (the better-scored beam) wins ties.
+/// The node ending the longest accepted path: every node whose whole path from the root is
+/// accepted is a candidate, including nodes of beams pruned later (the greedy path often is
+/// one), so the tree never loses a prefix the chain would have kept while it was in the
+/// tree. The earlier node (the better-scored beam) wins ties.
+fn longest_accepted(tree: &DraftTree, z: &[Vec<f32>], opts: &SiriusConfig) -> usize {
     let mut depth: Vec<Option<usize>> = vec![None; tree.tokens.len()];
     depth[0] = Some(0);
     let mut best = 0;
@@ -152,16 +159,7 @@ pub(crate) fn tree_window(
             }
         }
     }
-    let path = tree.path(best);
-    let n = path.len() - 1;
-    let rows: Vec<usize> = path[..=n].iter().map(|&i| start + i).collect();
-    model.keep_rows(start, &rows)?;
-    stats.rollback_tokens += drafted - n;
-    stats.advanced += n + 1;
-    Ok(Verdict {
-        accepted: path[1..=n].iter().map(|&i| tree.tokens[i]).collect(),
-        next: argmax(&z[path[n]]),
-    })
+    best
 }
 
 /// The `w` most likely tokens under `log_softmax(z / t)`, best first (ties: lower id), with

@@ -10,11 +10,20 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::backend::{Backend, BundleLayout};
-use crate::dtype::DType;
+use crate::backend::{Backend, BundleLayout, SparseOps};
 use crate::error::{Error, Result};
-use crate::model::Llama;
 use crate::progress::progress_bar;
+use crate::tensor::{DType, TensorRef};
+
+/// One layer's FFN tensors in the checkpoint, as the model lists them.
+#[derive(Debug, Clone)]
+pub struct FfnTensors {
+    pub gate: TensorRef,              // [f, h]
+    pub up: TensorRef,                // [f, h]
+    pub down: TensorRef,              // [h, f]
+    pub gate_bias: Option<TensorRef>, // [f] (mlp_bias)
+    pub up_bias: Option<TensorRef>,   // [f]
+}
 
 /// One layer's FFN in bundle form.
 pub struct LayerBundles<B: Backend> {
@@ -37,69 +46,65 @@ pub struct NeuronBundles<B: Backend> {
     pub build_seconds: f64,
 }
 
-impl<B: Backend> NeuronBundles<B> {
-    /// Rearranges the checkpoint's FFN matrices of every layer into bundles of `layout`.
-    pub fn build(model: &Llama<B>, layout: BundleLayout) -> Result<Self> {
+impl<B: SparseOps> NeuronBundles<B> {
+    /// Rearranges every layer's checkpoint FFN (`layers`) into bundles of `layout`.
+    pub fn build(backend: &B, layout: BundleLayout, layers: &[FfnTensors]) -> Result<Self> {
         let t0 = Instant::now();
-        let c = &model.config;
-        let (h, f) = (c.hidden_size, c.intermediate_size);
-        let store = model.weights();
-        let bar = progress_bar(c.num_layers as u64, "bundling FFN");
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for li in 0..c.num_layers {
-            let p = format!("model.layers.{li}.mlp");
-            let gate = store.get(&format!("{p}.gate_proj.weight"), &[f, h])?;
-            let up = store.get(&format!("{p}.up_proj.weight"), &[f, h])?;
-            let down = store.get(&format!("{p}.down_proj.weight"), &[h, f])?;
-            let gate_bytes = (layout == BundleLayout::GateUpDown).then(|| gate.bytes());
-            let bytes = interleave(
-                gate_bytes,
-                up.bytes(),
-                down.bytes(),
-                h,
-                f,
-                model.dtype.size(),
-            );
-            let matrix = model
-                .backend
-                .upload_matrix(bytes, model.dtype, f, layout.parts() * h)?;
+        let Some(first) = layers.first() else {
+            return Err(Error::InvalidArgument(
+                "a model without layers has no FFN to bundle".into(),
+            ));
+        };
+        let dtype = first.gate.dtype;
+        let (f, h) = match first.gate.shape[..] {
+            [f, h] => (f, h),
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "FFN gate `{}` is not a matrix",
+                    first.gate.name
+                )))
+            }
+        };
+        let bar = progress_bar(layers.len() as u64, "bundling FFN");
+        let mut out = Vec::with_capacity(layers.len());
+        for l in layers {
+            let gate_bytes = (layout == BundleLayout::GateUpDown).then(|| l.gate.bytes());
+            let bytes = interleave(gate_bytes, l.up.bytes(), l.down.bytes(), h, f, dtype.size());
+            let matrix = backend.upload_matrix(bytes, dtype, f, layout.parts() * h)?;
             // Host copies for Griffin's gather; CATS reads the layer's own bias buffers.
-            let bias = |name: &str| -> Result<Option<Vec<f32>>> {
-                if !c.mlp_bias || layout != BundleLayout::GateUpDown {
-                    return Ok(None);
-                }
-                let t = store.get(&format!("{p}.{name}.bias"), &[f])?;
-                let buf = model.backend.vector(&t)?;
-                let mut host = vec![0f32; f];
-                model.backend.read(&buf, 0, &mut host)?;
-                Ok(Some(host))
+            let bias = |t: &Option<TensorRef>| {
+                t.as_ref()
+                    .filter(|_| layout == BundleLayout::GateUpDown)
+                    .map(TensorRef::to_f32)
             };
-            layers.push(LayerBundles {
+            out.push(LayerBundles {
                 matrix,
-                gate_bias: bias("gate_proj")?,
-                up_bias: bias("up_proj")?,
+                gate_bias: bias(&l.gate_bias),
+                up_bias: bias(&l.up_bias),
             });
             bar.inc(1);
         }
         bar.finish_and_clear();
         let build_seconds = t0.elapsed().as_secs_f64();
         let bundles = NeuronBundles {
-            layers,
+            layers: out,
             layout,
             hidden: h,
             neurons: f,
-            dtype: model.dtype,
+            dtype,
             build_seconds,
         };
         tracing::info!(
             "FFN neuron bundles ({layout:?}): {} layers x {f} neurons, {:.1} MB, built in {:.0} ms",
-            c.num_layers,
+            layers.len(),
             bundles.total_bytes() as f64 / 1e6,
             build_seconds * 1e3
         );
         Ok(bundles)
     }
+}
 
+impl<B: Backend> NeuronBundles<B> {
     /// Bytes of one neuron's bundle.
     pub fn bundle_bytes(&self) -> usize {
         self.layout.parts() * self.hidden * self.dtype.size()

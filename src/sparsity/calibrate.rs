@@ -1,25 +1,15 @@
-//! CATS threshold calibration: run the dense model over sample text, histogram every layer's
-//! |SiLU(gate)| and pick per layer the threshold that keeps the target fraction.
+//! CATS threshold calibration: the dense model runs over sample text (`engine::calibrate`)
+//! while these histograms record every layer's |SiLU(gate)|; per layer, the threshold that
+//! keeps the target fraction is then read off them.
 //!
 //! Values go into bins (64 per octave, so a threshold lands within 1.6% of the exact
 //! quantile) instead of being stored: memory stays ~130 KiB per layer whatever the text
 //! length. The threshold is a bin edge, so the kept fraction it gives on the calibration text
 //! is known exactly and reported.
 
-use std::path::Path;
-
 use crate::backend::Backend;
-use crate::error::{Error, Result};
-use crate::model::llama::Ffn;
-use crate::model::{Llama, Logits, Scratch};
-use crate::progress::progress_bar;
-use crate::sparsity::cats::{CatsThresholds, ModelShape};
-use crate::sparsity::validate_keep;
-
-/// Receives each layer's SiLU(gate) rows (`[n_tokens, d_ff]`) during a dense forward.
-pub trait GateRecorder {
-    fn record(&mut self, layer: usize, act: &[f32]);
-}
+use crate::error::Result;
+use crate::sparsity::ffn::{DenseTap, FfnStep, FfnStrategy};
 
 /// A magnitude's bin is its f32 bit pattern without the sign and the low 17 mantissa bits:
 /// the exponent and the top 6 mantissa bits, i.e. 64 bins per octave (a threshold lands within
@@ -76,7 +66,8 @@ impl Histogram {
     }
 }
 
-/// Per-layer histograms of |SiLU(gate)|.
+/// Per-layer histograms of |SiLU(gate)|: as an [`FfnStrategy`] they run the dense FFN and
+/// record every layer's activations (`engine::calibrate` drives them over a text).
 pub struct GateHistograms {
     layers: Vec<Histogram>,
 }
@@ -87,61 +78,37 @@ impl GateHistograms {
             layers: vec![Histogram::new(); layers],
         }
     }
-}
 
-impl GateRecorder for GateHistograms {
-    fn record(&mut self, layer: usize, act: &[f32]) {
+    /// Adds one layer's SiLU(gate) rows.
+    pub fn record(&mut self, layer: usize, act: &[f32]) {
         if let Some(h) = self.layers.get_mut(layer) {
             act.iter().for_each(|v| h.add(v.abs()));
         }
     }
+
+    /// Per layer: the largest bin edge keeping at least `keep` of the values recorded, and
+    /// the fraction it keeps.
+    pub fn thresholds(&self, keep: f64) -> (Vec<f32>, Vec<f64>) {
+        self.layers.iter().map(|h| h.threshold(keep)).unzip()
+    }
 }
 
-/// Runs the dense model over `tokens` in independent sequences of `seq_len` tokens and
-/// returns per-layer thresholds keeping `keep` of the neurons.
-pub fn calibrate<B: Backend>(
-    model: &Llama<B>,
-    tokens: &[u32],
-    keep: f32,
-    seq_len: usize,
-    text_name: &Path,
-) -> Result<CatsThresholds> {
-    let keep = validate_keep(keep)?;
-    if tokens.is_empty() {
-        return Err(Error::InvalidArgument(format!(
-            "{}: the calibration text has no tokens",
-            text_name.display()
-        )));
+impl<B: Backend> FfnStrategy<B> for GateHistograms {
+    fn apply(&mut self, mut step: FfnStep<'_, B>) -> Result<()> {
+        step.dense(self)
     }
-    let seq_len = seq_len.clamp(1, model.config.max_position_embeddings.max(1));
-    let mut hist = GateHistograms::new(model.config.num_layers);
-    let chunk = seq_len.min(256);
-    let mut scratch = Scratch::with_logit_rows(model, chunk, 1)?;
-    let bar = progress_bar(tokens.len() as u64, "calibrating");
-    for seq in tokens.chunks(seq_len) {
-        let mut cache = model.new_cache(seq.len())?;
-        for piece in seq.chunks(chunk) {
-            model.forward_with(
-                piece,
-                &mut cache,
-                &mut scratch,
-                Logits::None,
-                &mut Ffn::DenseRecording(&mut hist),
-            )?;
-            bar.inc(piece.len() as u64);
-        }
+}
+
+impl<B: Backend> DenseTap<B> for GateHistograms {
+    fn gate(&mut self, step: &FfnStep<'_, B>) -> Result<()> {
+        let mut act = vec![0f32; step.n_tokens * step.dims.neurons];
+        step.backend.read(&step.scratch.gate, 0, &mut act)?;
+        // Host memory: the CPU kernels' SIMD silu (a scalar exp per value made calibration
+        // twice as slow as the forward pass).
+        crate::backend::cpu::silu(&mut act);
+        self.record(step.layer, &act);
+        Ok(())
     }
-    bar.finish_and_clear();
-    let (thresholds, kept): (Vec<f32>, Vec<f64>) =
-        hist.layers.iter().map(|h| h.threshold(keep as f64)).unzip();
-    Ok(CatsThresholds {
-        model: ModelShape::of(&model.config),
-        keep,
-        thresholds,
-        calibration_kept: kept,
-        calibration_tokens: tokens.len(),
-        calibration_text: text_name.display().to_string(),
-    })
 }
 
 #[cfg(test)]

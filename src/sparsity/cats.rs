@@ -6,9 +6,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::NeuronRule;
+use crate::backend::{Backend, BundleSelection, NeuronRule, SparseOps};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::sparsity::bundles::NeuronBundles;
+use crate::sparsity::ffn::{FfnStep, FfnStrategy};
+use crate::sparsity::NeuronCounter;
 
 /// How a CATS model picks each token's neurons.
 #[derive(Debug, Clone)]
@@ -28,6 +31,41 @@ impl CatsRule {
                 NeuronRule::Threshold(t.thresholds.get(li).copied().unwrap_or(0.0))
             }
         }
+    }
+}
+
+/// A request's CATS FFN: dense gate, then up/down over the bundles of the neurons `rule`
+/// keeps per token (with `shared`, one set for the whole batch: the beams of a Sirius tree).
+pub struct CatsFfn<'s, B: Backend> {
+    pub bundles: &'s NeuronBundles<B>,
+    pub rule: &'s CatsRule,
+    /// Neurons kept so far (density statistics).
+    pub counter: NeuronCounter,
+    pub shared: bool,
+}
+
+impl<B: SparseOps> FfnStrategy<B> for CatsFfn<'_, B> {
+    fn apply(&mut self, step: FfnStep<'_, B>) -> Result<()> {
+        let (b, li, n) = (step.backend, step.layer, step.n_tokens);
+        let f = step.dims.neurons;
+        let l = (self.bundles.layers.get(li))
+            .ok_or_else(|| Error::InvalidArgument(format!("no bundles for layer {li}")))?;
+        let w = step.weights;
+        let s = step.scratch;
+        b.matmul(&w.gate, step.x, n, &mut s.gate)?;
+        if let Some(bias) = &w.gate_bias {
+            b.add_bias(&mut s.gate, bias, n)?;
+        }
+        b.silu(&mut s.gate, n * f)?;
+        let rule = self.rule.for_layer(li);
+        b.select_neurons(&mut s.gate, n, f, rule, self.shared, &mut s.kept)?;
+        self.counter.add(li, s.kept.total(), n);
+        let sel = BundleSelection::PerToken {
+            coeff: &s.gate,
+            kept: &s.kept,
+            up_bias: w.up_bias.as_ref(),
+        };
+        b.bundle_ffn(&l.matrix, self.bundles.layout, step.x, n, sel, step.out)
     }
 }
 

@@ -5,13 +5,14 @@
 //! by `s_j` are gathered from the bundles into a compact FFN that the rest of the request
 //! decodes with, reading only those bytes.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BundleLayout, SparseOps};
 use crate::error::{Error, Result};
-use crate::model::Llama;
 use crate::sparsity::bundles::NeuronBundles;
+use crate::sparsity::ffn::{DenseTap, FfnDims, FfnMatrices, FfnStep, FfnStrategy};
 use crate::sparsity::kept_neurons;
 
-/// Per-layer score accumulators, filled by a dense forward with `Ffn::DenseScoring`.
+/// Per-layer score accumulators, filled during the dense prefill: as an [`FfnStrategy`] the
+/// scores run the dense FFN and accumulate each layer's activations.
 pub struct GriffinScores<B: Backend> {
     /// `[f]` per layer: sum over tokens of the squared normalised activations.
     pub layers: Vec<B::Buf>,
@@ -21,14 +22,13 @@ pub struct GriffinScores<B: Backend> {
 }
 
 impl<B: Backend> GriffinScores<B> {
-    pub fn new(model: &Llama<B>) -> Result<Self> {
-        let f = model.config.intermediate_size;
-        let layers = (0..model.config.num_layers)
-            .map(|_| model.backend.alloc(f))
+    pub fn new(backend: &B, dims: FfnDims) -> Result<Self> {
+        let layers = (0..dims.layers)
+            .map(|_| backend.alloc(dims.neurons))
             .collect::<Result<_>>()?;
         Ok(GriffinScores {
             layers,
-            neurons: f,
+            neurons: dims.neurons,
             tokens: 0,
         })
     }
@@ -89,9 +89,8 @@ pub fn top_k_ascending(scores: &[f32], k: usize) -> Vec<u32> {
 /// The compact FFN of one layer: the selected neurons gathered from their bundles into the
 /// checkpoint layout, so decode runs the ordinary dense matmuls over k instead of f neurons.
 pub struct GriffinLayer<B: Backend> {
-    pub gate: B::Matrix,           // [k, h]
-    pub up: B::Matrix,             // [k, h]
-    pub down: B::Matrix,           // [h, k]
+    /// gate `[k, h]`, up `[k, h]`, down `[h, k]`.
+    pub ffn: FfnMatrices<B>,
     pub gate_bias: Option<B::Buf>, // [k]
     pub up_bias: Option<B::Buf>,   // [k]
 }
@@ -104,14 +103,14 @@ pub struct GriffinFfn<B: Backend> {
     pub selection: GriffinSelection,
 }
 
-impl<B: Backend> GriffinFfn<B> {
+impl<B: SparseOps> GriffinFfn<B> {
     /// Gathers `selection` out of `bundles`.
     pub fn gather(
         backend: &B,
         bundles: &NeuronBundles<B>,
         selection: GriffinSelection,
     ) -> Result<Self> {
-        if bundles.layout != crate::backend::BundleLayout::GateUpDown {
+        if bundles.layout != BundleLayout::GateUpDown {
             return Err(Error::InvalidArgument(
                 "Griffin gathers whole neurons: it needs gate|up|down bundles".into(),
             ));
@@ -135,9 +134,7 @@ impl<B: Backend> GriffinFfn<B> {
             .map(|(l, ids)| {
                 let [gate, up, down] = backend.gather_ffn(&l.matrix, ids)?;
                 Ok(Some(GriffinLayer {
-                    gate,
-                    up,
-                    down,
+                    ffn: FfnMatrices { gate, up, down },
                     gate_bias: gather_bias(&l.gate_bias, ids)?,
                     up_bias: gather_bias(&l.up_bias, ids)?,
                 }))
@@ -145,10 +142,77 @@ impl<B: Backend> GriffinFfn<B> {
             .collect::<Result<_>>()?;
         Ok(GriffinFfn { layers, selection })
     }
+}
 
+impl<B: Backend> GriffinFfn<B> {
     /// Neurons kept per layer.
     pub fn kept(&self) -> Vec<usize> {
         self.selection.layers.iter().map(Vec::len).collect()
+    }
+}
+
+impl<B: SparseOps> FfnStrategy<B> for GriffinScores<B> {
+    fn apply(&mut self, mut step: FfnStep<'_, B>) -> Result<()> {
+        step.dense(self)
+    }
+}
+
+impl<B: SparseOps> DenseTap<B> for GriffinScores<B> {
+    /// Adds the layer's `z_t / |z_t|` squares to its scores.
+    fn activation(&mut self, step: &FfnStep<'_, B>) -> Result<()> {
+        let li = step.layer;
+        let acc = self
+            .layers
+            .get_mut(li)
+            .ok_or_else(|| Error::InvalidArgument(format!("no Griffin scores for layer {li}")))?;
+        let (n, f) = (step.n_tokens, step.dims.neurons);
+        step.backend
+            .accumulate_neuron_scores(&step.scratch.gate, n, f, acc)?;
+        if li + 1 == step.dims.layers {
+            self.tokens += n;
+        }
+        Ok(())
+    }
+}
+
+/// Decode with the request's neurons: the dense FFN over k gathered neurons (resident, or
+/// streamed for this pass where offloading could not keep them).
+impl<B: Backend> FfnStrategy<B> for GriffinFfn<B> {
+    fn apply(&mut self, mut step: FfnStep<'_, B>) -> Result<()> {
+        self.compact_ffn(&mut step)
+    }
+}
+
+/// The same, through a shared reference (an offloaded request keeps its FFN and hands it
+/// to passes).
+impl<B: Backend> FfnStrategy<B> for &GriffinFfn<B> {
+    fn apply(&mut self, mut step: FfnStep<'_, B>) -> Result<()> {
+        self.compact_ffn(&mut step)
+    }
+}
+
+impl<B: Backend> GriffinFfn<B> {
+    /// `step.out` = the layer's compact FFN of the request's neurons.
+    pub fn compact_ffn(&self, step: &mut FfnStep<'_, B>) -> Result<()> {
+        let li = step.layer;
+        let resident = self
+            .layers
+            .get(li)
+            .ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
+        let streamed = step.streamed.and_then(|s| s.sparse.as_ref());
+        let (m, gate_bias, up_bias) = match (resident, streamed) {
+            (Some(l), _) => (&l.ffn, l.gate_bias.as_ref(), l.up_bias.as_ref()),
+            (None, Some(st)) => (st, None, None),
+            (None, None) => {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {li}'s Griffin FFN is neither resident nor streamed"
+                )))
+            }
+        };
+        let k = self.selection.layers[li].len();
+        step.gate_up(&m.gate, &m.up, gate_bias, up_bias)?;
+        step.activate(k)?;
+        step.down(&m.down)
     }
 }
 

@@ -1,31 +1,46 @@
-//! Contextual sparsity of the FFN (see ../shared/SIRIUS.md, "Contextual sparsity"):
-//! Griffin (one neuron set per request, from the prompt) and CATS (per token, from
-//! |SiLU(gate)|), both reading real neuron subsets through the bundle layout rather than
-//! masking a dense computation.
+//! Contextual sparsity of the FFN: Griffin (one neuron set per request, from the prompt)
+//! and CATS (per token, from |SiLU(gate)|), both reading real neuron subsets through the
+//! bundle layout rather than masking a dense computation.
 //!
-//! The forward pass stays the one in `model::llama`; this module supplies what its FFN step
-//! reads ([`crate::model::llama::Ffn`]): bundles built at load, per-request Griffin state,
-//! CATS rules and the density bookkeeping.
+//! - Griffin: during the dense prefill every layer scores neuron j by
+//!   `s_j = sqrt(sum_t (z_tj / |z_t|)^2)`, `z_t = SiLU(W_gate x_t) * (W_up x_t)`; the top
+//!   `round(keep * d_ff)` neurons per layer are gathered into a compact FFN for the rest of
+//!   the request.
+//! - CATS: the gate runs densely each token; up and down only for the neurons with the
+//!   largest |SiLU(gate)| (per-token top-k), or those above per-layer thresholds calibrated
+//!   on sample text.
+//!
+//! The forward pass stays the one in `model::llama`; this module supplies the FFN strategies
+//! it calls ([`ffn::FfnStrategy`]: dense, Griffin, CATS, the offloaded split, and the
+//! statistics taps), the bundles built at load, the per-request state ([`SparseRequest`]) and
+//! the density bookkeeping ([`SparsityReport`]).
 
 pub mod bundles;
 pub mod calibrate;
 pub mod cats;
+pub mod ffn;
 pub mod griffin;
+mod report;
+mod request;
+pub mod split;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::Serialize;
 
-use crate::backend::{Backend, BundleLayout};
+use crate::backend::{Backend, BundleLayout, SparseOps};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::llama::Ffn;
-use crate::model::Llama;
 
-pub use bundles::NeuronBundles;
-pub use cats::{CatsRule, CatsThresholds};
+pub use bundles::{FfnTensors, NeuronBundles};
+pub use cats::{CatsFfn, CatsRule, CatsThresholds};
+pub use ffn::{Dense, FfnDims, FfnStrategy, FfnWeights};
 pub use griffin::{GriffinFfn, GriffinScores, GriffinSelection};
+pub use report::{density, NeuronCounter, SparsityReport};
+pub use request::SparseRequest;
+pub use split::SplitDense;
 
 /// Which sparse FFN the decode steps use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -78,6 +93,48 @@ pub fn kept_neurons(keep: f32, d_ff: usize) -> usize {
     ((keep as f64 * d_ff as f64).round() as usize).clamp(1.min(d_ff), d_ff)
 }
 
+/// Which sparsity a model decodes with: the typed form of `--sparsity --keep
+/// --cats-thresholds`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparsityConfig {
+    pub mode: SparsityMode,
+    /// Fraction of FFN neurons kept, in (0, 1].
+    pub keep: f32,
+    /// CATS per-layer thresholds (a `calibrate` file) instead of per-token top-k.
+    pub cats_thresholds: Option<PathBuf>,
+}
+
+impl SparsityConfig {
+    /// `mode` keeping `keep` of the neurons (per-token top-k for CATS).
+    pub fn new(mode: SparsityMode, keep: f32) -> Self {
+        SparsityConfig {
+            mode,
+            keep,
+            cats_thresholds: None,
+        }
+    }
+
+    /// The dense model.
+    pub fn dense() -> Self {
+        SparsityConfig {
+            mode: SparsityMode::None,
+            keep: 1.0,
+            cats_thresholds: None,
+        }
+    }
+
+    /// Checks what can be checked without a model.
+    pub fn validate(&self) -> Result<()> {
+        validate_keep(self.keep)?;
+        if self.cats_thresholds.is_some() && self.mode != SparsityMode::Cats {
+            return Err(Error::InvalidArgument(
+                "CATS thresholds need --sparsity cats".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The sparse FFN a loaded model decodes with (built once, shared by requests).
 pub enum Sparsity<B: Backend> {
     None,
@@ -92,41 +149,41 @@ pub enum Sparsity<B: Backend> {
     },
 }
 
-impl<B: Backend> Sparsity<B> {
-    /// Sets up `mode` for `model`: validates `keep` and builds the bundles. `thresholds`
-    /// (CATS only) replaces per-token top-k with calibrated per-layer thresholds.
+impl<B: SparseOps> Sparsity<B> {
+    /// Sets up `cfg` for a model of `config` whose layers' FFN tensors are `ffn`: loads the
+    /// thresholds file (checked against the model) and builds the bundles.
     pub fn new(
-        model: &Llama<B>,
-        mode: SparsityMode,
-        keep: f32,
-        thresholds: Option<CatsThresholds>,
+        backend: &B,
+        config: &ModelConfig,
+        ffn: &[FfnTensors],
+        cfg: &SparsityConfig,
     ) -> Result<Self> {
-        let keep = validate_keep(keep)?;
-        if thresholds.is_some() && mode != SparsityMode::Cats {
-            return Err(Error::InvalidArgument(
-                "CATS thresholds need --sparsity cats".into(),
-            ));
-        }
-        Ok(match mode {
+        cfg.validate()?;
+        let thresholds = (cfg.cats_thresholds.as_deref())
+            .map(|p| CatsThresholds::load(p, config))
+            .transpose()?;
+        Ok(match cfg.mode {
             SparsityMode::None => Sparsity::None,
             SparsityMode::Griffin => Sparsity::Griffin {
-                keep,
-                bundles: NeuronBundles::build(model, BundleLayout::GateUpDown)?,
+                keep: cfg.keep,
+                bundles: NeuronBundles::build(backend, BundleLayout::GateUpDown, ffn)?,
             },
             SparsityMode::Cats => {
                 let rule = match thresholds {
                     Some(t) => CatsRule::Thresholds(t),
-                    None => CatsRule::TopK(kept_neurons(keep, model.config.intermediate_size)),
+                    None => CatsRule::TopK(kept_neurons(cfg.keep, config.intermediate_size)),
                 };
                 Sparsity::Cats {
-                    keep,
-                    bundles: NeuronBundles::build(model, BundleLayout::UpDown)?,
+                    keep: cfg.keep,
+                    bundles: NeuronBundles::build(backend, BundleLayout::UpDown, ffn)?,
                     rule,
                 }
             }
         })
     }
+}
 
+impl<B: Backend> Sparsity<B> {
     pub fn mode(&self) -> SparsityMode {
         match self {
             Sparsity::None => SparsityMode::None,
@@ -154,190 +211,6 @@ impl<B: Backend> Sparsity<B> {
             Sparsity::Griffin { bundles, .. } | Sparsity::Cats { bundles, .. } => Some(bundles),
         }
     }
-
-    /// Starts one request.
-    pub fn request(&self, model: &Llama<B>) -> Result<SparseRequest<'_, B>> {
-        let scores = match self {
-            Sparsity::Griffin { .. } => Some(GriffinScores::new(model)?),
-            _ => None,
-        };
-        Ok(SparseRequest {
-            sparsity: self,
-            scores,
-            griffin: None,
-            counter: NeuronCounter::new(model.config.num_layers),
-        })
-    }
-}
-
-/// Neurons a sparse FFN kept, summed over the tokens it ran.
-#[derive(Debug, Clone, Default)]
-pub struct NeuronCounter {
-    /// Per layer: kept neurons summed over tokens.
-    pub kept: Vec<u64>,
-    /// Token-layers counted per layer (tokens).
-    pub tokens: u64,
-}
-
-impl NeuronCounter {
-    pub fn new(layers: usize) -> Self {
-        NeuronCounter {
-            kept: vec![0; layers],
-            tokens: 0,
-        }
-    }
-
-    /// Records layer `li` keeping `kept` neurons over `n_tokens` tokens. Call with the last
-    /// layer to finish a pass (tokens are counted there).
-    pub fn add(&mut self, li: usize, kept: usize, n_tokens: usize) {
-        if let Some(k) = self.kept.get_mut(li) {
-            *k += kept as u64;
-        }
-        if li + 1 == self.kept.len() {
-            self.tokens += n_tokens as u64;
-        }
-    }
-
-    /// Mean fraction of the `d_ff` neurons kept per layer.
-    pub fn kept_fraction(&self, d_ff: usize) -> Vec<f64> {
-        self.kept
-            .iter()
-            .map(|&k| {
-                if self.tokens == 0 {
-                    0.0
-                } else {
-                    k as f64 / (self.tokens as f64 * d_ff as f64)
-                }
-            })
-            .collect()
-    }
-}
-
-/// Per-request sparse state: Griffin scores, then the gathered FFN; CATS counts.
-pub struct SparseRequest<'s, B: Backend> {
-    sparsity: &'s Sparsity<B>,
-    scores: Option<GriffinScores<B>>,
-    griffin: Option<GriffinFfn<B>>,
-    counter: NeuronCounter,
-}
-
-impl<'s, B: Backend> SparseRequest<'s, B> {
-    /// The FFN of the (dense) prefill: Griffin scores the prompt's neurons there.
-    pub fn prefill_ffn(&mut self) -> Ffn<'_, B> {
-        match &mut self.scores {
-            Some(scores) => Ffn::DenseScoring(scores),
-            None => Ffn::Dense,
-        }
-    }
-
-    /// After the prompt: Griffin picks and gathers its neurons.
-    pub fn finish_prefill(&mut self, model: &Llama<B>) -> Result<()> {
-        if let (Sparsity::Griffin { keep, bundles }, Some(scores)) = (self.sparsity, &self.scores) {
-            let selection = scores.select(&model.backend, *keep)?;
-            self.griffin = Some(GriffinFfn::gather(&model.backend, bundles, selection)?);
-        }
-        Ok(())
-    }
-
-    /// The FFN of decode steps. Griffin needs `finish_prefill` first (running dense
-    /// instead would silently report a sparse run).
-    pub fn decode_ffn(&mut self) -> Result<Ffn<'_, B>> {
-        self.batch_ffn(false)
-    }
-
-    /// [`Self::decode_ffn`] for a batch of tree beams: with `shared_cats`, CATS picks one
-    /// neuron set for the whole batch (SIRIUS.md, "Tree").
-    pub fn batch_ffn(&mut self, shared_cats: bool) -> Result<Ffn<'_, B>> {
-        match (self.sparsity, &self.griffin) {
-            (Sparsity::Griffin { .. }, Some(g)) => Ok(Ffn::Griffin(g)),
-            (Sparsity::Griffin { .. }, None) => Err(Error::InvalidArgument(
-                "Griffin decodes only after the prompt chose its neurons (finish_prefill)".into(),
-            )),
-            (Sparsity::Cats { bundles, rule, .. }, _) => Ok(Ffn::Cats {
-                bundles,
-                rule,
-                counter: &mut self.counter,
-                shared: shared_cats,
-            }),
-            (Sparsity::None, _) => Ok(Ffn::Dense),
-        }
-    }
-
-    /// Counts decode tokens that ran a Griffin FFN (CATS counts itself in the forward).
-    pub fn count_decode(&mut self, n_tokens: usize) {
-        if let Some(g) = &self.griffin {
-            let last = g.layers.len().saturating_sub(1);
-            for (li, k) in g.kept().into_iter().enumerate() {
-                self.counter.kept[li] += (k * n_tokens) as u64;
-                if li == last {
-                    self.counter.tokens += n_tokens as u64;
-                }
-            }
-        }
-    }
-
-    /// What the request's sparse steps read.
-    pub fn report(&self, config: &ModelConfig) -> SparsityReport {
-        SparsityReport::new(
-            self.sparsity.mode(),
-            self.sparsity.keep(),
-            &self.counter,
-            config,
-        )
-    }
-}
-
-/// Sparsity statistics of a request.
-#[derive(Debug, Clone, Serialize)]
-pub struct SparsityReport {
-    pub sparsity: SparsityMode,
-    pub keep: f32,
-    /// Parameters read per sparse token / all parameters (SIRIUS.md: embedding and head
-    /// included, the embedding counted whole as the paper does). 1.0 for dense.
-    pub density: f64,
-    /// Mean fraction of FFN neurons kept per layer over the sparse tokens (empty for dense;
-    /// the nominal `kept_neurons(keep, d_ff) / d_ff` when no token ran sparse yet).
-    pub kept_per_layer: Vec<f64>,
-    /// Tokens that ran the sparse FFN.
-    pub sparse_tokens: u64,
-}
-
-impl SparsityReport {
-    pub fn new(mode: SparsityMode, keep: f32, counter: &NeuronCounter, c: &ModelConfig) -> Self {
-        let f = c.intermediate_size;
-        let kept = if mode == SparsityMode::None {
-            Vec::new()
-        } else if counter.tokens == 0 {
-            vec![kept_neurons(keep, f) as f64 / f.max(1) as f64; c.num_layers]
-        } else {
-            counter.kept_fraction(f)
-        };
-        let density = density(mode, &kept, c);
-        SparsityReport {
-            sparsity: mode,
-            keep,
-            density,
-            kept_per_layer: kept,
-            sparse_tokens: counter.tokens,
-        }
-    }
-}
-
-/// Density of a sparse FFN keeping fraction `kept[l]` of layer l's neurons, from the
-/// parameter count: a skipped Griffin neuron saves its gate row, up row and down column
-/// (plus gate/up biases); a skipped CATS neuron saves only up and down (the gate is dense).
-pub fn density(mode: SparsityMode, kept: &[f64], c: &ModelConfig) -> f64 {
-    let h = c.hidden_size as f64;
-    let f = c.intermediate_size as f64;
-    let bias = if c.mlp_bias { 1.0 } else { 0.0 };
-    let per_neuron = match mode {
-        SparsityMode::None => return 1.0,
-        SparsityMode::Griffin => 3.0 * h + 2.0 * bias,
-        SparsityMode::Cats => 2.0 * h + bias,
-    };
-    let skipped: f64 = kept.iter().map(|k| (1.0 - k) * f * per_neuron).sum();
-    let total = c.parameter_count() as f64;
-    (total - skipped) / total
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 use std::io::Write;
 
 use sirius_offload::backend::cuda::device;
-use sirius_offload::backend::{Backend, CpuBackend};
-use sirius_offload::dtype::DType;
+use sirius_offload::backend::{Backend, CpuBackend, SparseOps};
+use sirius_offload::tensor::DType;
 
 use super::Rng;
 
@@ -80,7 +80,7 @@ pub fn poisoned<B: Backend>(b: &B, len: usize) -> B::Buf {
     b.upload(&vec![f32::NAN; len]).unwrap()
 }
 
-pub fn matrix<B: Backend>(
+pub fn matrix<B: SparseOps>(
     b: &B,
     values: &[f32],
     dtype: DType,

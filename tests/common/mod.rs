@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use sirius_offload::model::Pass;
+use sirius_offload::sparsity::Dense;
 
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod offload;
+pub mod sirius;
 
 /// One tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
 pub struct RawTensor {
@@ -384,7 +387,11 @@ pub fn greedy_with_prompt_logits<B: sirius_offload::backend::Backend>(
     let mut cache = model.new_cache(prompt.len() + n).unwrap();
     let mut scratch = Scratch::new(model, prompt.len()).unwrap();
     let mut logits = model
-        .forward(prompt, &mut cache, &mut scratch, Logits::Last)
+        .forward(
+            Pass::new(prompt, Logits::Last, &mut Dense),
+            &mut cache,
+            &mut scratch,
+        )
         .unwrap();
     let first = logits.clone();
     let mut out = Vec::new();
@@ -392,7 +399,11 @@ pub fn greedy_with_prompt_logits<B: sirius_offload::backend::Backend>(
         let t = argmax(&logits);
         out.push(t);
         logits = model
-            .forward(&[t], &mut cache, &mut scratch, Logits::Last)
+            .forward(
+                Pass::new(&[t], Logits::Last, &mut Dense),
+                &mut cache,
+                &mut scratch,
+            )
             .unwrap();
     }
     (out, first)

@@ -2,10 +2,11 @@
 //! tests/gpu_offload.rs on CUDA): generation, Sirius and offload options, the prompt and a
 //! tiny model written to a temp dir. Each suite keeps its own model spec.
 
-use sirius_offload::engine::{GenerateOptions, SiriusOptions};
-use sirius_offload::model::{SamplingParams, Tokenizer};
-use sirius_offload::offload::runtime::OffloadOptions;
-use sirius_offload::offload::stream::DelayFn;
+use sirius_offload::engine::RequestOptions;
+use sirius_offload::model::Tokenizer;
+use sirius_offload::offload::runtime::OffloadConfig;
+use sirius_offload::sirius::SiriusConfig;
+use sirius_offload::transfer::DelayFn;
 
 use super::{write_model, TinySpec};
 
@@ -16,26 +17,18 @@ pub const PROMPT: [u32; 20] = [
     5, 17, 42, 9, 3, 64, 7, 80, 11, 23, 31, 47, 52, 60, 71, 88, 90, 13, 29, 37,
 ];
 
-/// Greedy generation of `max_tokens` tokens, prefill in chunks of 16.
-pub fn options(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions {
-        max_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 1,
-        },
-        stop_token_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        context: 256,
+/// Greedy generation of `max_tokens` tokens, prefill in chunks of 16, no EOS.
+pub fn options(max_tokens: usize) -> RequestOptions {
+    RequestOptions {
+        stop_at_eos: false,
+        context: Some(256),
         prefill_chunk: 16,
-        show_progress: false,
+        ..RequestOptions::greedy(max_tokens)
     }
 }
 
-pub fn sirius(period: usize, width: usize) -> SiriusOptions {
-    SiriusOptions {
+pub fn sirius(period: usize, width: usize) -> SiriusConfig {
+    SiriusConfig {
         period,
         threshold: 0.1,
         accept_temperature: 0.6,
@@ -44,17 +37,11 @@ pub fn sirius(period: usize, width: usize) -> SiriusOptions {
 }
 
 /// Offloading within `budget`, no link cap, traced; `delay` delays each copy job.
-pub fn offload(budget: u64, period: usize, delay: Option<DelayFn>) -> OffloadOptions {
-    OffloadOptions {
+pub fn offload(budget: u64, delay: Option<DelayFn>) -> OffloadConfig {
+    OffloadConfig {
         budget,
         link_gbps: None,
-        planner_link_gbps: None,
-        mem_gbps: 20.0,
-        keep: KEEP,
-        period,
-        context: 0,
-        gemm_rows: 0,
-        prompt_tokens: 0,
+        mem_gbps: Some(20.0),
         trace: true,
         delay,
     }

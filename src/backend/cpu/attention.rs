@@ -12,7 +12,7 @@ use super::attention_window::window_attention;
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
-use crate::backend::TreeMask;
+use crate::tensor::TreeMask;
 
 /// Target number of tasks per thread when splitting positions into chunks.
 const TASKS_PER_THREAD: usize = 4;

@@ -14,7 +14,7 @@ use super::attention::{merge, Dims};
 use super::kernels::Kernels;
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
-use crate::backend::TreeMask;
+use crate::tensor::TreeMask;
 
 /// Cache rows scored at a time: a kv head's slice of 256 rows (64 KiB at head_dim 64) stays
 /// in L2 while all the block's queries use it.

@@ -19,10 +19,12 @@ mod avx512;
 mod avx512_batch;
 #[cfg(target_arch = "x86_64")]
 mod avx512_neurons;
+pub mod copy_engine;
 mod isa;
 mod kernels;
 mod matmul;
 mod neurons;
+mod offload;
 mod ops;
 mod pool;
 mod scalar;
@@ -31,8 +33,8 @@ mod util;
 pub use isa::{isa, isa_name, Isa, ISA_ENV};
 pub use pool::ThreadPool;
 
-use crate::backend::TreeMask;
 use crate::dtype::DType;
+use crate::tensor::TreeMask;
 use kernels::Kernels;
 
 /// Defines a public kernel `$name` on the process-wide selected ISA tier and its

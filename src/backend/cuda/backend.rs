@@ -17,14 +17,13 @@ use super::ops_matmul::{GemmPrecision, Matmul};
 use super::ops_sampling;
 use super::{device, ops_attention as attn, ops_ffn as ffn};
 use crate::backend::checks;
-use crate::backend::cpu as host;
 use crate::backend::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
-    TreeMask,
+    Rows, SparseOps,
 };
-use crate::dtype::DType;
 use crate::error::Result;
-use crate::model::weights::TensorRef;
+use crate::tensor::DType;
+use crate::tensor::TensorRef;
 
 pub struct CudaBackend {
     ctx: Arc<Ctx>,
@@ -162,11 +161,6 @@ impl Backend for CudaBackend {
         Ok(CudaBuf::from_mem(mem, data.len()))
     }
 
-    fn vector(&self, t: &TensorRef) -> Result<CudaBuf> {
-        // Converted on the host with the CPU's code: small tensors (norms, biases), once.
-        self.upload(&host::to_f32_vec(t.bytes(), t.dtype))
-    }
-
     fn embed(&self, table: &CudaMatrix, tokens: &[u32], out: &mut CudaBuf) -> Result<()> {
         basic::embed(&self.ctx, table, tokens, out)
     }
@@ -200,23 +194,18 @@ impl Backend for CudaBackend {
         &self,
         x: &mut CudaBuf,
         num_heads: usize,
-        start_pos: usize,
-        n_tokens: usize,
+        rows: Rows<'_>,
         table: &RopeTable,
     ) -> Result<()> {
-        basic::rope(
-            &self.ctx, &self.rope, x, num_heads, start_pos, n_tokens, table,
-        )
-    }
-
-    fn rope_at(
-        &self,
-        x: &mut CudaBuf,
-        num_heads: usize,
-        positions: &[usize],
-        table: &RopeTable,
-    ) -> Result<()> {
-        basic::rope_at(&self.ctx, &self.rope, x, num_heads, positions, table)
+        match rows {
+            Rows::Causal { start, len } => {
+                basic::rope(&self.ctx, &self.rope, x, num_heads, start, len, table)
+            }
+            Rows::Tree(mask) => {
+                let positions = mask.positions();
+                basic::rope_at(&self.ctx, &self.rope, x, num_heads, positions, table)
+            }
+        }
     }
 
     fn move_rows(
@@ -248,25 +237,17 @@ impl Backend for CudaBackend {
         k_cache: &CudaBuf,
         v_cache: &CudaBuf,
         shape: AttentionShape,
-        start_pos: usize,
-        n_tokens: usize,
+        rows: Rows<'_>,
         out: &mut CudaBuf,
     ) -> Result<()> {
-        attn::attention(
-            &self.ctx, q, k_cache, v_cache, shape, start_pos, n_tokens, None, out,
-        )
-    }
-
-    fn tree_attention(
-        &self,
-        q: &CudaBuf,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
-        shape: AttentionShape,
-        mask: &TreeMask,
-        out: &mut CudaBuf,
-    ) -> Result<()> {
-        attn::tree_attention(&self.ctx, q, k_cache, v_cache, shape, mask, out)
+        match rows {
+            Rows::Causal { start, len } => {
+                attn::attention(&self.ctx, q, k_cache, v_cache, shape, start, len, None, out)
+            }
+            Rows::Tree(mask) => {
+                attn::tree_attention(&self.ctx, q, k_cache, v_cache, shape, mask, out)
+            }
+        }
     }
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) -> Result<()> {
@@ -280,7 +261,9 @@ impl Backend for CudaBackend {
     fn read(&self, buf: &CudaBuf, offset: usize, out: &mut [f32]) -> Result<()> {
         basic::read(&self.ctx, buf, offset, out)
     }
+}
 
+impl SparseOps for CudaBackend {
     fn upload_matrix(
         &self,
         bytes: Vec<u8>,
@@ -323,20 +306,13 @@ impl Backend for CudaBackend {
         n_tokens: usize,
         width: usize,
         rule: NeuronRule,
+        shared: bool,
         kept: &mut NeuronLists,
     ) -> Result<()> {
-        ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, kept)
-    }
-
-    fn select_neurons_shared(
-        &self,
-        act: &mut CudaBuf,
-        n_tokens: usize,
-        width: usize,
-        rule: NeuronRule,
-        kept: &mut NeuronLists,
-    ) -> Result<()> {
-        ffn::select_neurons_shared(&self.ctx, act, n_tokens, width, rule, kept)
+        match shared {
+            true => ffn::select_neurons_shared(&self.ctx, act, n_tokens, width, rule, kept),
+            false => ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, kept),
+        }
     }
 
     fn silu(&self, x: &mut CudaBuf, len: usize) -> Result<()> {

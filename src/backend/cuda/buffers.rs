@@ -9,8 +9,8 @@ use cudarc::driver::result;
 use memmap2::Mmap;
 
 use super::context::{call, Ctx};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// `bytes` bytes of device memory, freed on drop (never panicking). With stream-ordered
 /// allocation the free is queued on the compute stream, after every kernel queued before

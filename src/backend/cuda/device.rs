@@ -16,7 +16,7 @@ use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
 use crate::error::{Error, Result};
-use crate::offload::format_bytes;
+use crate::units::format_bytes;
 
 /// Oldest driver the kernels and cudarc's `cuda-13000` bindings support (CUDA 13.0, as
 /// `cuDriverGetVersion` reports it: 1000 * major + 10 * minor).

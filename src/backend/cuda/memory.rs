@@ -1,17 +1,11 @@
-//! Pinned host staging, streams and events: the device side of the offloading runtime
-//! (`crate::offload`), written against cudarc's driver API (`result` layer, errors as values).
+//! Pinned host memory, streams and events (cudarc's driver API, `result` layer, errors as
+//! values): what the copy engine (`copy_engine`) and the compute stream are built from.
 //!
 //! - [`PinnedBuffer`] is page-locked host memory (cuMemHostAlloc), write-combined only for
 //!   buffers the CPU fills and never reads (uploads); read-back buffers are plain cached.
-//! - [`DeviceCopyEngine`] is the CUDA twin of `offload::stream::CpuCopyEngine` with the same
-//!   submit / wait / release / cancel contract over `CopyJob`s (the `offload::CopyEngine`
-//!   trait): each job lands in a device staging buffer on the engine's copy stream; `wait`
-//!   makes the backend's compute stream wait on that copy's event (the host does not block);
-//!   `release` records an event on the compute stream, and the next copy into that buffer
-//!   waits on it, so a buffer is reused only after its previous user's kernels finished.
-//! - `backend::cuda::offload` plugs both into the one offloading runtime (`OffloadBackend`
-//!   for `CudaBackend`, `run --gpu-mem`): streamed layers are `CudaMatrix` views of the
-//!   staging buffers, resident weights are uploaded through the backend.
+//! - [`Stream`] and [`Event`] order the copy stream against the compute stream: a copy's
+//!   event makes compute wait for it (the host does not block), and compute's release event
+//!   makes the next copy into that buffer wait.
 //!
 //! The `--gpu-mem` budget has one authority, the runtime's `ResidentArena`: every device
 //! allocation the runtime makes (resident weights, KV cache, activations, these staging
@@ -19,8 +13,6 @@
 //! the bf16 GEMM's activation copy, pre-sized so it never grows past it, cuBLAS's workspace
 //! at an assumed 32 MiB, the rope table); `CudaDevice::check_budget` checks the budget
 //! against the device's free memory once, leaving a margin (5% of free, at least 256 MiB).
-//! (A `DeviceArena` that kept a second `ResidentArena` here is gone: two ledgers of one
-//! budget could disagree.)
 //!
 //! Outside the budget, covered only by that margin: the allocator's granularity (every
 //! allocation is rounded up; pools keep freed memory), the fresh staging buffer `cancel`
@@ -39,12 +31,7 @@ use cudarc::driver::{result, sys};
 
 use super::device::{driver_error, guarded, CudaDevice};
 use crate::error::{Error, Result};
-use crate::offload::format_bytes;
-
-mod copy_engine;
-mod timing;
-
-pub use copy_engine::{DeviceCopyEngine, DeviceFilled};
+use crate::units::format_bytes;
 
 /// How the CPU uses a pinned buffer, which decides whether it may be write-combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,8 +129,8 @@ impl Drop for PinnedBuffer {
 
 /// A non-blocking stream (no implicit synchronisation with the legacy default stream).
 pub struct Stream {
-    device: Arc<CudaDevice>,
-    raw: sys::CUstream,
+    pub(super) device: Arc<CudaDevice>,
+    pub(super) raw: sys::CUstream,
 }
 
 // SAFETY: stream handles may be used from any thread with the context bound.

@@ -6,6 +6,7 @@
 mod backend;
 mod buffers;
 mod context;
+pub mod copy_engine;
 pub mod device;
 pub mod kernels;
 pub mod memory;

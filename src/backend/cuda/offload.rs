@@ -6,88 +6,32 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
-use super::memory::{DeviceCopyEngine, DeviceFilled};
+use super::copy_engine::{DeviceCopyEngine, DeviceFilled};
 use super::{CudaBackend, CudaMatrix};
-use crate::config::ModelConfig;
-use crate::dtype::DType;
+use crate::backend::offload::{OffloadBackend, ResidentMemory, ScratchShape};
 use crate::error::{Error, Result};
-use crate::offload::offload_backend::{CopyEngine, OffloadBackend, StagedJob};
-use crate::offload::placement::GPU_LINK_GBPS;
-use crate::offload::runtime::OffloadOptions;
-use crate::offload::stream::{CopyEngineOptions, CopyJob, CopyStats};
+use crate::tensor::DType;
+use crate::transfer::CopyEngineOptions;
 
 /// What cuBLAS allocates for its own workspace, as the budget assumes it (its default on
 /// recent GPUs is up to 32 MiB; the library does not report it).
 const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
 
-/// The widest input a matmul of `config` reads (the down projection, the attention output
-/// or the hidden state): the bf16 GEMM's activation copy is rows x this.
-fn widest_cols(config: &ModelConfig) -> usize {
-    (config.hidden_size)
-        .max(config.intermediate_size)
-        .max(config.q_dim())
-}
-
 /// The device rope table for `context` positions: f32 cos/sin rows of `head_dim`, grown by
 /// doubling from 1024 positions (so at most twice the positions needed).
-fn rope_bytes(config: &ModelConfig, context: usize) -> usize {
-    2 * context.max(1024) * config.head_dim * 4
-}
-
-impl StagedJob for DeviceFilled {
-    fn layer(&self) -> usize {
-        self.layer
-    }
-
-    fn pieces(&self) -> &[Range<usize>] {
-        &self.pieces
-    }
-}
-
-impl CopyEngine for DeviceCopyEngine {
-    type Filled = DeviceFilled;
-
-    fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()> {
-        DeviceCopyEngine::submit(self, jobs)
-    }
-
-    fn wait(&mut self, layer: usize) -> Result<DeviceFilled> {
-        DeviceCopyEngine::wait(self, layer)
-    }
-
-    fn release(&mut self, filled: DeviceFilled) -> Result<()> {
-        DeviceCopyEngine::release(self, filled)
-    }
-
-    fn cancel(&mut self) -> Result<()> {
-        DeviceCopyEngine::cancel(self)
-    }
-
-    fn stats(&mut self) -> Result<CopyStats> {
-        DeviceCopyEngine::stats(self)
-    }
-
-    fn reset_stats(&mut self) -> Result<()> {
-        DeviceCopyEngine::reset_stats(self)
-    }
+fn rope_bytes(shape: &ScratchShape) -> usize {
+    2 * shape.context.max(1024) * shape.head_dim * 4
 }
 
 impl OffloadBackend for CudaBackend {
     type Engine = DeviceCopyEngine;
 
-    const BUDGET_OPTION: &'static str = "--gpu-mem";
+    const RESIDENT_MEMORY: ResidentMemory = ResidentMemory::Device;
 
     /// The model must have been loaded with its weights in host memory (else every weight
-    /// is already on the device, outside the budget), the device must have the budget free
-    /// now, and no link cap may be asked: only the CPU engine emulates one, the CUDA engine
-    /// copies over the real link.
-    fn check_offloadable(&self, opts: &OffloadOptions) -> Result<()> {
-        if let Some(g) = opts.link_gbps {
-            return Err(Error::InvalidArgument(format!(
-                "a {g} GB/s link cap is emulated by the CPU copy engine only: the CUDA engine \
-                 copies over the real link (drop the cap)"
-            )));
-        }
+    /// is already on the device, outside the budget), and the device must have the budget
+    /// free now.
+    fn check_offloadable(&self, budget: u64) -> Result<()> {
         if !self.host_weights() {
             return Err(Error::InvalidArgument(
                 "offloading on CUDA needs the model loaded on a backend made with \
@@ -95,34 +39,22 @@ impl OffloadBackend for CudaBackend {
                     .into(),
             ));
         }
-        self.device().check_budget(opts.budget)
-    }
-
-    /// The real link is not capped; the planner assumes `planner_link_gbps` (`run --gpu-mem
-    /// --link-gbps`) or `plan --gpu-mem`'s default PCIe link, and its prediction is reported
-    /// for every run.
-    fn planner_link(&self, opts: &OffloadOptions) -> (f64, bool) {
-        (opts.planner_link_gbps.unwrap_or(GPU_LINK_GBPS), true)
-    }
-
-    /// The new compact FFN is gathered on the host and uploaded once (see the trait).
-    fn assembles_from_staging() -> bool {
-        false
+        self.device().check_budget(budget)
     }
 
     /// The bf16 GEMM's activation copy for `gemm_rows` rows through the widest matrix,
     /// cuBLAS's workspace and the rope table (see `CUBLAS_WORKSPACE_BYTES`, `rope_bytes`).
-    fn scratch_bytes(&self, config: &ModelConfig, context: usize, gemm_rows: usize) -> u64 {
+    fn scratch_bytes(&self, shape: &ScratchShape) -> u64 {
         let act16 = self
             .matmul_state()
-            .act16_bytes(gemm_rows, widest_cols(config));
-        (act16 + CUBLAS_WORKSPACE_BYTES + rope_bytes(config, context)) as u64
+            .act16_bytes(shape.gemm_rows, shape.widest_cols);
+        (act16 + CUBLAS_WORKSPACE_BYTES + rope_bytes(shape)) as u64
     }
 
-    fn reserve_scratch(&self, config: &ModelConfig, gemm_rows: usize) -> Result<()> {
+    fn reserve_scratch(&self, shape: &ScratchShape) -> Result<()> {
         let bytes = self
             .matmul_state()
-            .act16_bytes(gemm_rows, widest_cols(config));
+            .act16_bytes(shape.gemm_rows, shape.widest_cols);
         self.matmul_state().presize_act16(self.ctx(), bytes)
     }
 

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use super::buffers::{CudaBuf, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
-use crate::backend::{AttentionShape, TreeMask};
+use crate::backend::AttentionShape;
 use crate::error::{Error, Result};
+use crate::tensor::TreeMask;
 
 /// attention.cu's MAX_HEAD_DIM.
 const MAX_HEAD_DIM: usize = 256;

@@ -10,8 +10,8 @@ use super::context::{to_u32, Ctx, KArgs};
 use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::RopeTable;
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Threads per block of the grid-stride and per-row kernels (the headers' suggestion).
 const THREADS: u32 = 256;

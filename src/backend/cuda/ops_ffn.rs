@@ -16,8 +16,8 @@ use super::ops_basic::{dtype_suffix, need};
 use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 const THREADS: u32 = 256;
 /// Warps per block of bundle_act (THREADS / 32): one warp per (token, neuron).

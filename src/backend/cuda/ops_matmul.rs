@@ -45,8 +45,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys};
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{panic_message, to_u32, Ctx, KArgs};
 use super::ops_basic::{need, stride_grid};
-use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// Batches above this go to cuBLAS (matvec.cu's contract: the small kernels are for n <= 16).
 pub(crate) const SMALL_BATCH: usize = 16;

@@ -3,10 +3,12 @@
 
 use std::ops::Range;
 
-use crate::dtype::DType;
+use crate::backend::offload::{FilledOf, OffloadBackend};
 use crate::error::{Error, Result};
-use crate::model::{StreamedAttention, StreamedFfn, StreamedLayer};
-use crate::offload::offload_backend::{FilledOf, OffloadBackend, StagedJob};
+use crate::model::{StreamedAttention, StreamedLayer};
+use crate::sparsity::ffn::FfnMatrices;
+use crate::tensor::DType;
+use crate::transfer::StagedJob;
 
 /// What one layer's copy job holds in the current pass.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +87,7 @@ impl LayerJob {
         match self.ffn {
             FfnPiece::None => {}
             FfnPiece::Dense => {
-                layer.dense_ffn = Some(StreamedFfn {
+                layer.ffn.dense = Some(FfnMatrices {
                     gate: view(next()?, d.f, d.h)?,
                     up: view(next()?, d.f, d.h)?,
                     down: view(next()?, d.h, d.f)?,
@@ -95,7 +97,7 @@ impl LayerJob {
                 let all = next()?;
                 let part = k * d.h * esz;
                 let s = all.start;
-                layer.sparse_ffn = Some(StreamedFfn {
+                layer.ffn.sparse = Some(FfnMatrices {
                     gate: view(s..s + part, k, d.h)?,
                     up: view(s + part..s + 2 * part, k, d.h)?,
                     down: view(s + 2 * part..s + 3 * part, d.h, k)?,
@@ -109,7 +111,7 @@ impl LayerJob {
                     false => all.first().map_or(0, |r| r.start),
                 };
                 let end = all.last().map_or(start, |r| r.end).max(start);
-                layer.complement = Some(view(start..end, c, 3 * d.h)?);
+                layer.ffn.complement = Some(view(start..end, c, 3 * d.h)?);
             }
         }
         Ok(layer)

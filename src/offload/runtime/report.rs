@@ -46,7 +46,7 @@ pub struct OffloadReport {
 impl OffloadReport {
     /// One line for the end of a run: what was resident, what streamed, how well it hid.
     pub fn summary(&self, layers: usize) -> String {
-        use crate::offload::format_bytes;
+        use crate::units::format_bytes;
         let predicted = match self.predicted_ms_per_token {
             Some(p) => format!(
                 ", predicted {p:.1} ms/token vs measured {:.1}",

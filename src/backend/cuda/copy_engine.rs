@@ -1,5 +1,5 @@
-//! [`DeviceCopyEngine`]: the CUDA twin of `offload::stream::CpuCopyEngine`, with the same
-//! submit / wait / release / cancel contract over [`CopyJob`]s.
+//! [`DeviceCopyEngine`]: the CUDA twin of `backend::cpu::copy_engine::CpuCopyEngine`, with the
+//! same submit / wait / release / cancel contract over [`CopyJob`]s (`crate::transfer`).
 //!
 //! Per job: the host pieces are gathered into a pinned (write-combined) staging buffer, copied
 //! to the device on the engine's copy stream, and an event (`copied`) is recorded. `wait`
@@ -29,18 +29,22 @@ use std::time::Instant;
 use cudarc::driver::result;
 use serde_json::json;
 
-use super::timing::{Span, Timings};
-use super::{Event, HostAccess, PinnedBuffer, Stream};
-use crate::backend::cuda::buffers::DevMem;
-use crate::backend::cuda::context::Ctx;
-use crate::backend::cuda::device::{driver_error, guarded};
-use crate::backend::cuda::CudaBackend;
+use super::buffers::DevMem;
+use super::context::Ctx;
+use super::device::{driver_error, guarded};
+use super::memory::{Event, HostAccess, PinnedBuffer, Stream};
+use super::CudaBackend;
 use crate::error::{Error, Result};
-use crate::offload::format_bytes;
-use crate::offload::stream::{
-    check_next, validate_jobs, CopyEngineOptions, CopyJob, CopyStats, DelayFn,
+use crate::transfer::trace::{Trace, Track};
+use crate::transfer::{
+    check_next, validate_jobs, CopyEngine, CopyEngineOptions, CopyJob, CopyStats, DelayFn,
+    StagedJob,
 };
-use crate::offload::trace::{Trace, Track};
+use crate::units::format_bytes;
+
+mod timing;
+
+use timing::{Span, Timings};
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
@@ -439,5 +443,43 @@ impl Drop for DeviceCopyEngine {
         // while a copy writes it (its free is ordered on the compute stream only).
         let _ = self.copy.synchronize();
         let _ = self.ctx.stream.synchronize();
+    }
+}
+
+impl StagedJob for DeviceFilled {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+
+    fn pieces(&self) -> &[Range<usize>] {
+        &self.pieces
+    }
+}
+
+impl CopyEngine for DeviceCopyEngine {
+    type Filled = DeviceFilled;
+
+    fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()> {
+        DeviceCopyEngine::submit(self, jobs)
+    }
+
+    fn wait(&mut self, layer: usize) -> Result<DeviceFilled> {
+        DeviceCopyEngine::wait(self, layer)
+    }
+
+    fn release(&mut self, filled: DeviceFilled) -> Result<()> {
+        DeviceCopyEngine::release(self, filled)
+    }
+
+    fn cancel(&mut self) -> Result<()> {
+        DeviceCopyEngine::cancel(self)
+    }
+
+    fn stats(&mut self) -> Result<CopyStats> {
+        DeviceCopyEngine::stats(self)
+    }
+
+    fn reset_stats(&mut self) -> Result<()> {
+        DeviceCopyEngine::reset_stats(self)
     }
 }

@@ -7,6 +7,7 @@
 //! it so the next job can land. See `worker` for the thread's side.
 
 use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
@@ -17,15 +18,14 @@ use memmap2::{Mmap, MmapMut};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::offload::format_bytes;
-use crate::offload::trace::{Trace, Track};
+use crate::transfer::trace::{Trace, Track};
+use crate::transfer::{
+    check_next, validate_jobs, CopyEngine, CopyEngineOptions, CopyJob, CopyStats, StagedJob,
+};
+use crate::units::format_bytes;
 
-mod types;
 mod worker;
 
-pub use types::{
-    check_next, validate_jobs, CopyEngineOptions, CopyJob, CopyStats, DelayFn, Filled, HostSlice,
-};
 use worker::{Command, Pacing, QueuedJob, Report, Shared, Worker};
 
 /// Gives each engine an id so a `Filled` cannot be released to the wrong one.
@@ -59,6 +59,39 @@ pub struct CpuCopyEngine {
     wait_ns: u64,
     /// Why the engine stopped, once it has.
     broken: Option<String>,
+}
+
+/// A staging buffer filled with one job's pieces; read-only while compute holds it.
+#[derive(Debug)]
+pub struct Filled {
+    /// The job's layer.
+    pub layer: usize,
+    /// The whole staging buffer (its capacity is `buffer_bytes`; the job's bytes are at the
+    /// start). Clones made from it must be dropped before `release`.
+    pub buffer: Arc<Mmap>,
+    /// Where each of the job's pieces landed in `buffer`, in the job's order.
+    pub pieces: Vec<Range<usize>>,
+    engine: u64,
+    index: usize,
+    seq: u64,
+    generation: u64,
+}
+
+impl Filled {
+    /// The bytes of piece `i`, if there is one.
+    pub fn piece(&self, i: usize) -> Option<&[u8]> {
+        self.pieces.get(i).and_then(|r| self.buffer.get(r.clone()))
+    }
+
+    /// Bytes of the job (all pieces).
+    pub fn bytes(&self) -> usize {
+        self.pieces.last().map_or(0, |r| r.end)
+    }
+
+    /// The job's sequence number (what `CopyEngineOptions::delay` was given).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
 }
 
 fn map_buffer(bytes: usize) -> Result<MmapMut> {
@@ -178,6 +211,26 @@ impl CpuCopyEngine {
             None => return Err(Error::CopyEngine("no copy job is queued".into())),
         };
         let start = Instant::now();
+        let (filled, blocked) = self.next_filled(layer, seq)?;
+        let end = Instant::now();
+        self.wait_ns += (end - start).as_nanos().min(u64::MAX as u128) as u64;
+        if let (true, Some(trace)) = (blocked, &self.trace) {
+            trace.span(
+                Track::Compute,
+                format!("stall: {label}"),
+                start,
+                end,
+                json!({"layer": layer}),
+            );
+        }
+        self.expected.pop_front();
+        self.held.insert(filled.index);
+        Ok(filled)
+    }
+
+    /// Receives reports until job `seq` (for `layer`) is filled, giving back the buffers of
+    /// cancelled passes; also says whether it had to block.
+    fn next_filled(&mut self, layer: usize, seq: u64) -> Result<(Filled, bool)> {
         let mut blocked = false;
         let filled = loop {
             let report = match self.reports.try_recv() {
@@ -232,20 +285,7 @@ impl CpuCopyEngine {
                 Report::Failed(msg) => return Err(self.stop(msg)),
             }
         };
-        let end = Instant::now();
-        self.wait_ns += (end - start).as_nanos().min(u64::MAX as u128) as u64;
-        if let (true, Some(trace)) = (blocked, &self.trace) {
-            trace.span(
-                Track::Compute,
-                format!("stall: {label}"),
-                start,
-                end,
-                json!({"layer": layer}),
-            );
-        }
-        self.expected.pop_front();
-        self.held.insert(filled.index);
-        Ok(filled)
+        Ok((filled, blocked))
     }
 
     /// Hands the buffer back for the next job. Every clone of `filled.buffer` must have been
@@ -420,5 +460,44 @@ impl Drop for CpuCopyEngine {
             // A panic in the thread was reported (or would have been) through the channel.
             let _ = thread.join();
         }
+    }
+}
+
+impl StagedJob for Filled {
+    fn layer(&self) -> usize {
+        self.layer
+    }
+
+    fn pieces(&self) -> &[Range<usize>] {
+        &self.pieces
+    }
+}
+
+impl CopyEngine for CpuCopyEngine {
+    type Filled = Filled;
+
+    fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()> {
+        CpuCopyEngine::submit(self, jobs)
+    }
+
+    fn wait(&mut self, layer: usize) -> Result<Filled> {
+        CpuCopyEngine::wait(self, layer)
+    }
+
+    fn release(&mut self, filled: Filled) -> Result<()> {
+        CpuCopyEngine::release(self, filled)
+    }
+
+    fn cancel(&mut self) -> Result<()> {
+        CpuCopyEngine::cancel(self)
+    }
+
+    fn stats(&mut self) -> Result<CopyStats> {
+        Ok(CpuCopyEngine::stats(self))
+    }
+
+    fn reset_stats(&mut self) -> Result<()> {
+        CpuCopyEngine::reset_stats(self);
+        Ok(())
     }
 }

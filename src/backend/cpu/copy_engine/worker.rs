@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use memmap2::{Mmap, MmapMut};
 use serde_json::json;
 
-use super::{CopyJob, DelayFn};
-use crate::offload::trace::{Trace, Track};
+use crate::transfer::trace::{Trace, Track};
+use crate::transfer::{CopyJob, DelayFn};
 
 /// Bytes copied between checks for cancel/stop and between pacing sleeps: small enough that a
 /// capped link looks smooth and a drop is prompt, large enough that checks cost nothing.

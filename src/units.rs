@@ -3,21 +3,26 @@
 //! Like llama.cpp and the GPU vendors' tools, a bare `G` means GiB (1024^3): `--gpu-mem 24G`
 //! is a 24 GiB card. `GB` means 10^9, for those who want decimal units.
 
-use crate::error::{Error, Result};
+/// Why a text is not a byte size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error(
+        "cannot read {0:?} as a size: write a number and a unit, e.g. 24G, 24GiB, 512M or 1.5GB"
+    )]
+    Unreadable(String),
+    #[error("size {0:?} is out of range: give at least one byte")]
+    OutOfRange(String),
+}
 
 /// Parses a byte size: a number (fractions allowed) and an optional unit among
 /// B, K, KB, KiB, M, MB, MiB, G, GB, GiB, T, TB, TiB (case-insensitive).
-pub fn parse_size(text: &str) -> Result<u64> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let bad = || {
-        Error::InvalidArgument(format!(
-            "cannot read {text:?} as a size: write a number and a unit, e.g. 24G, 24GiB, 512M or 1.5GB"
-        ))
-    };
+    let bad = || SizeError::Unreadable(text.to_string());
     let value: f64 = num.parse().map_err(|_| bad())?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
@@ -33,9 +38,7 @@ pub fn parse_size(text: &str) -> Result<u64> {
     };
     let bytes = value * mult;
     if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 / 2.0 {
-        return Err(Error::InvalidArgument(format!(
-            "size {text:?} is out of range: give at least one byte"
-        )));
+        return Err(SizeError::OutOfRange(text.to_string()));
     }
     Ok(bytes.round() as u64)
 }

@@ -1,4 +1,11 @@
-//! The copy engine's public data: what a job reads, what compute gets back, options and stats.
+//! Transfers: the contract every copy engine keeps (the CPU's in `backend::cpu::copy_engine`,
+//! the CUDA one in `backend::cuda::copy_engine`), the jobs they run, their statistics, and
+//! the trace recorder that shows copies and compute side by side ([`trace`]).
+//!
+//! An offloading runtime streams the weights that are not resident: per pass it submits one
+//! [`CopyJob`] per layer, the engine fills staging buffers in submission order (at most as
+//! many jobs ahead of compute as it has buffers), compute `wait`s for exactly the layer it
+//! needs, reads the buffer through views, and `release`s it so the next job can land there.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -8,8 +15,11 @@ use memmap2::Mmap;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::offload::format_bytes;
-use crate::offload::trace::Trace;
+use crate::units::format_bytes;
+
+pub mod trace;
+
+use trace::Trace;
 
 /// Bytes in host memory a copy reads: the memory-mapped checkpoint or host-built neuron bundles.
 #[derive(Debug, Clone)]
@@ -56,43 +66,41 @@ impl CopyJob {
     }
 }
 
-/// A staging buffer filled with one job's pieces; read-only while compute holds it.
-#[derive(Debug)]
-pub struct Filled {
+/// A staging buffer one job filled, as compute holds it between `wait` and `release`.
+pub trait StagedJob {
     /// The job's layer.
-    pub layer: usize,
-    /// The whole staging buffer (its capacity is `buffer_bytes`; the job's bytes are at the
-    /// start). Clones made from it must be dropped before `release`.
-    pub buffer: Arc<Mmap>,
-    /// Where each of the job's pieces landed in `buffer`, in the job's order.
-    pub pieces: Vec<Range<usize>>,
-    pub(super) engine: u64,
-    pub(super) index: usize,
-    pub(super) seq: u64,
-    pub(super) generation: u64,
+    fn layer(&self) -> usize;
+    /// Where each of the job's pieces landed in the staging buffer (byte offsets), in order.
+    fn pieces(&self) -> &[Range<usize>];
 }
 
-impl Filled {
-    /// The bytes of piece `i`, if there is one.
-    pub fn piece(&self, i: usize) -> Option<&[u8]> {
-        self.pieces.get(i).and_then(|r| self.buffer.get(r.clone()))
-    }
+/// The submit / wait / release / cancel contract both copy engines keep: jobs are filled in
+/// submission order, at most as many ahead of compute as there are staging buffers; `wait`
+/// hands out the next one (which must be for the layer asked), `release` gives its buffer
+/// back once compute no longer reads it; `cancel` drops everything queued.
+///
+/// One difference: `release` while a view of the buffer is still alive is an error on both,
+/// but the CPU engine parks the buffer and takes it back by itself once the last view is
+/// dropped, while the CUDA engine keeps it held by compute until `cancel` (which replaces
+/// it with a fresh buffer if the view is still alive). Until then the CUDA engine has one
+/// staging buffer fewer, and a `wait` that needs it fails instead of blocking.
+pub trait CopyEngine {
+    type Filled: StagedJob;
 
-    /// Bytes of the job (all pieces).
-    pub fn bytes(&self) -> usize {
-        self.pieces.last().map_or(0, |r| r.end)
-    }
-
-    /// The job's sequence number (what `CopyEngineOptions::delay` was given).
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
+    fn submit(&mut self, jobs: Vec<CopyJob>) -> Result<()>;
+    fn wait(&mut self, layer: usize) -> Result<Self::Filled>;
+    fn release(&mut self, filled: Self::Filled) -> Result<()>;
+    fn cancel(&mut self) -> Result<()>;
+    /// What the engine did since it was made or `reset_stats` (`&mut`: the CUDA engine
+    /// collects its event timings here, waiting for the copies still in flight).
+    fn stats(&mut self) -> Result<CopyStats>;
+    fn reset_stats(&mut self) -> Result<()>;
 }
 
 /// Extra delay per job, given the job's sequence number (tests use it to shake timing).
 pub type DelayFn = Arc<dyn Fn(u64) -> Duration + Send + Sync>;
 
-/// How to build a [`super::CpuCopyEngine`].
+/// How to build a copy engine.
 #[derive(Clone)]
 pub struct CopyEngineOptions {
     /// Staging buffers, at least 2 (double buffering): how many jobs may be filled ahead.

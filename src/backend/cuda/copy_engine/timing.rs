@@ -9,8 +9,8 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Event, Stream};
 use crate::backend::cuda::device::CudaDevice;
+use crate::backend::cuda::memory::{Event, Stream};
 use crate::error::Result;
 
 /// What a measurement times.

@@ -1,0 +1,92 @@
+//! What an offloading runtime needs from a backend beyond its compute ops: a copy engine that
+//! stages streamed weights next to compute, matrices viewing its staging buffers, and
+//! resident copies of weights. The one runtime (`crate::offload::runtime`) is written against
+//! this trait; the CPU backend implements it in `cpu::offload`, the CUDA backend in
+//! `cuda::offload`.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use crate::backend::SparseOps;
+use crate::error::Result;
+use crate::tensor::DType;
+use crate::transfer::{CopyEngine, CopyEngineOptions};
+
+/// Where a backend's resident (budgeted) memory is, which decides how the runtime treats the
+/// link between it and the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResidentMemory {
+    /// Host RAM (the CPU backend emulating a device budget): the "link" is a memcpy, capped
+    /// only when asked, and staging buffers are host memory the runtime can read in place.
+    Host,
+    /// Device memory behind a real link (PCIe): copies run at the link's speed, and reading
+    /// a staging buffer back would cross the link again.
+    Device,
+}
+
+/// The shapes the backend's own offloading scratch depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct ScratchShape {
+    /// The widest input row a matmul reads (hidden, intermediate or attention width).
+    pub widest_cols: usize,
+    /// The most rows one matmul multiplies.
+    pub gemm_rows: usize,
+    /// Rotary head width and the positions the request reaches.
+    pub head_dim: usize,
+    pub context: usize,
+}
+
+/// A backend the offloading runtime can drive. Matrices must be cheap to clone (shared
+/// bytes): the runtime hands the same resident matrices to every request's Griffin FFN.
+pub trait OffloadBackend: SparseOps<Matrix: Clone> + Sized {
+    type Engine: CopyEngine;
+
+    /// Where the budgeted memory is.
+    const RESIDENT_MEMORY: ResidentMemory;
+
+    /// Refuses to offload a model with `budget` bytes resident on this backend when it
+    /// cannot (CUDA: weights already uploaded, or not that much device memory free); called
+    /// before anything is uploaded or the host store is built.
+    fn check_offloadable(&self, budget: u64) -> Result<()>;
+
+    /// Scratch the backend allocates for itself during an offloaded request of `shape`:
+    /// reserved in the budget as "backend scratch" (the CPU's is counted in the
+    /// activations: 0).
+    fn scratch_bytes(&self, _shape: &ScratchShape) -> u64 {
+        0
+    }
+
+    /// Allocates now the scratch `scratch_bytes` reserved that would otherwise grow on
+    /// demand, so that it never grows past the reservation.
+    fn reserve_scratch(&self, _shape: &ScratchShape) -> Result<()> {
+        Ok(())
+    }
+
+    /// The copy engine, its staging buffers as `opts` says.
+    fn copy_engine(&self, opts: CopyEngineOptions) -> Result<Self::Engine>;
+
+    /// A `rows x cols` matrix over bytes `range` of a filled staging buffer, without copying.
+    fn staged_matrix(
+        filled: &FilledOf<Self>,
+        range: Range<usize>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Matrix>;
+
+    /// Bytes `range` of a filled staging buffer, on the host.
+    fn staged_bytes(filled: &FilledOf<Self>, range: Range<usize>) -> Result<Cow<'_, [u8]>>;
+
+    /// A copy of `m` in the backend's resident memory (the caller has reserved it in the
+    /// budget).
+    fn resident_copy(m: &Self::Matrix) -> Result<Self::Matrix>;
+
+    /// `m`'s bytes on the host.
+    fn matrix_bytes(m: &Self::Matrix) -> Result<Cow<'_, [u8]>>;
+
+    /// Bytes `m` holds.
+    fn matrix_byte_len(m: &Self::Matrix) -> usize;
+}
+
+/// The engine's filled job type of backend `B`.
+pub type FilledOf<B> = <<B as OffloadBackend>::Engine as CopyEngine>::Filled;

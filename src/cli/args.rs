@@ -1,0 +1,133 @@
+//! Option groups that several subcommands share, each parsed once into the library's typed
+//! configuration (`SparsityConfig`, `SiriusConfig`), with the checks that need no model.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::sirius::SiriusConfig;
+use crate::sparsity::{validate_keep, SparsityConfig, SparsityMode};
+
+/// The model a subcommand loads, and the CPU threads it computes with.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// Don't fetch a preset's weights automatically when they are missing.
+    #[arg(long)]
+    pub no_fetch: bool,
+    /// Compute threads (0 = one per core).
+    #[arg(long, short = 't', default_value_t = 0)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SparsityArgs {
+    /// FFN sparsity of the decode steps: none, griffin (neurons chosen once from the prompt)
+    /// or cats (chosen per token from |SiLU(gate)|). The prompt always runs dense.
+    #[arg(long, default_value = "none")]
+    pub sparsity: SparsityMode,
+    /// Fraction of FFN neurons kept, in (0, 1].
+    #[arg(long, default_value_t = DEFAULT_KEEP, allow_negative_numbers = true)]
+    pub keep: f32,
+    /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
+    #[arg(long)]
+    pub cats_thresholds: Option<PathBuf>,
+}
+
+/// `--keep`'s default (a warning only fires when the user chose another value).
+const DEFAULT_KEEP: f32 = 0.5;
+
+impl SparsityArgs {
+    /// The typed configuration, checked as far as it can be without a model.
+    pub fn config(&self) -> Result<SparsityConfig> {
+        validate_keep(self.keep)?;
+        if let Some(path) = &self.cats_thresholds {
+            if self.sparsity != SparsityMode::Cats {
+                return Err(Error::InvalidArgument(
+                    "--cats-thresholds needs --sparsity cats".into(),
+                ));
+            }
+            if !path.exists() {
+                return Err(Error::InvalidArgument(format!(
+                    "--cats-thresholds {}: no such file",
+                    path.display()
+                )));
+            }
+            if !path.is_file() {
+                return Err(Error::InvalidArgument(format!(
+                    "--cats-thresholds {}: not a file",
+                    path.display()
+                )));
+            }
+            if self.keep != DEFAULT_KEEP {
+                tracing::warn!(
+                    "--keep {} ignored for CATS: the thresholds say what is kept (reported per layer)",
+                    self.keep
+                );
+            }
+        }
+        if self.sparsity == SparsityMode::None && self.keep != DEFAULT_KEEP {
+            tracing::warn!(
+                "--keep {} has no effect without --sparsity griffin|cats",
+                self.keep
+            );
+        }
+        let config = SparsityConfig {
+            mode: self.sparsity,
+            keep: self.keep,
+            cats_thresholds: self.cats_thresholds.clone(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The corrector's settings; the defaults are the paper's ([`SiriusConfig::default`]).
+#[derive(Debug, Clone, Args)]
+pub struct SiriusArgs {
+    /// Sirius window K: K - 1 drafted tokens per verification [default: 16].
+    #[arg(long, value_name = "K")]
+    pub period: Option<usize>,
+    /// Sirius acceptance threshold on the full model's probability of a drafted token
+    /// [default: 0.1].
+    #[arg(long, allow_negative_numbers = true, value_name = "P")]
+    pub threshold: Option<f32>,
+    /// Temperature of that probability [default: 0.6].
+    #[arg(long, allow_negative_numbers = true, value_name = "T")]
+    pub accept_temperature: Option<f32>,
+    /// Sirius tree width W: 1 is the chain; W > 1 drafts W beams and verifies them as one
+    /// tree of (K - 1) * W + 1 tokens [default: 1].
+    #[arg(long, value_name = "W")]
+    pub width: Option<usize>,
+}
+
+impl SiriusArgs {
+    /// The typed configuration, validated.
+    pub fn config(&self) -> Result<SiriusConfig> {
+        let d = SiriusConfig::default();
+        let config = SiriusConfig {
+            period: self.period.unwrap_or(d.period),
+            threshold: self.threshold.unwrap_or(d.threshold),
+            accept_temperature: self.accept_temperature.unwrap_or(d.accept_temperature),
+            width: self.width.unwrap_or(d.width),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The first option given, if any (for "needs --sirius" errors).
+    pub fn first_given(&self) -> Option<&'static str> {
+        [
+            ("--period", self.period.is_some()),
+            ("--threshold", self.threshold.is_some()),
+            ("--accept-temperature", self.accept_temperature.is_some()),
+            ("--width", self.width.is_some()),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given)
+        .map(|(name, _)| name)
+    }
+}

@@ -1,0 +1,138 @@
+//! The options of `sirius-offload run`, in groups.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::args::{ModelArgs, SiriusArgs, SparsityArgs};
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
+    /// cuda`; weights, KV cache and activations then live in GPU memory, or within --gpu-mem;
+    /// not yet verified on a GPU, see README "GPU").
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
+    /// Context length cap in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub ctx_size: Option<usize>,
+    #[command(flatten)]
+    pub sparsity: SparsityArgs,
+    /// Sirius correction: the sparse model drafts, the full model verifies every --period
+    /// tokens in one pass and corrects the first unlikely token (greedy: needs --temperature 0).
+    #[arg(long)]
+    pub sirius: bool,
+    #[command(flatten)]
+    pub corrector: SiriusArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
+    /// Write run statistics as one JSON object to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Don't print the timing summary on stderr.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PromptArgs {
+    /// Prompt text, taken raw: special tokens written in it (<|im_start|>) are recognised.
+    #[arg(
+        long,
+        short = 'p',
+        allow_hyphen_values = true,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file ("-" = standard input), for prompts too long for a command line.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1 = off).
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
+    pub top_p: f32,
+    /// Random seed; the same seed, prompt and options give the same text.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text is generated (repeatable; taken literally: in bash, $'\n' is a newline).
+    #[arg(long = "stop", allow_hyphen_values = true)]
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct OffloadArgs {
+    /// Offloading on CPU: keep only this much memory resident (e.g. 161MB, 1.5G) for weights,
+    /// KV cache and buffers, placed as `sirius-offload plan` decides; the rest stays in host
+    /// memory and is streamed: the FFN complement when the full model runs (prompt,
+    /// verification), plus whatever of the sparse model did not fit on every pass (needs
+    /// --sirius --sparsity griffin). Emulates a GPU budget to test the schedule; tokens equal
+    /// an unconstrained run's up to rounding (the split FFN sums in another order).
+    #[arg(long, value_name = "SIZE")]
+    pub resident_mem: Option<String>,
+    /// Offloading on a GPU (with --device cuda): keep weights, KV cache and buffers within
+    /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
+    /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
+    /// (needs --sirius --sparsity griffin).
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem: Option<String>,
+    /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link.
+    /// With --gpu-mem: the host-to-GPU GB/s the planner assumes (not a cap: copies use the
+    /// real link; default 25, as `plan --gpu-mem`).
+    #[arg(long)]
+    pub link_gbps: Option<f64>,
+    /// Memory bandwidth (GB/s) the planner assumes for compute when it predicts ms/token for
+    /// this run (with --resident-mem, default 20: measure yours with `cargo bench --bench
+    /// membw`; with --gpu-mem, default 1008, an RTX 4090's).
+    #[arg(long)]
+    pub mem_gbps: Option<f64>,
+    /// Write a Chrome trace (open in Perfetto) of copy and compute spans per layer
+    /// (with --resident-mem or --gpu-mem; on a GPU the spans are host-side: when copies and
+    /// kernels were issued).
+    #[arg(long, value_name = "PATH")]
+    pub trace: Option<PathBuf>,
+}
+
+/// What `--device` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// A GPU by ordinal (`cuda` = `cuda:0`).
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("expected cpu, cuda or cuda:N, got {s:?}")),
+    }
+}

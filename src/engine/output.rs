@@ -1,0 +1,84 @@
+//! What a request produces: its tokens and text, why it stopped, and its statistics (the
+//! stats JSON of `run --stats-json`).
+
+use serde::Serialize;
+
+use crate::offload::runtime::OffloadReport;
+use crate::sparsity::SparsityReport;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    ContextFull,
+    /// The consumer of the text stopped listening (e.g. a closed pipe).
+    Cancelled,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stop_string",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::ContextFull => "context_full",
+            StopReason::Cancelled => "cancelled",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub generated_token_ids: Vec<u32>,
+    pub stop_reason: StopReason,
+    /// Seconds of the prompt's forward passes (the sparse setup excluded).
+    pub prefill_seconds: f64,
+    /// Seconds of the decode steps (forwards, drafts and verifications; not the time spent
+    /// handing text to its consumer).
+    pub decode_seconds: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Tokens produced after the first (which comes from the prompt pass) per decode second.
+    pub decode_tokens_per_s: f64,
+    /// Seconds spent picking and placing Griffin's neurons after the prompt (0 otherwise).
+    pub sparse_setup_seconds: f64,
+    #[serde(flatten)]
+    pub sparsity: SparsityReport,
+    /// Correction statistics of a Sirius request.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub sirius: Option<SiriusReport>,
+    /// Streaming statistics of an offloaded request (`run --resident-mem` / `--gpu-mem`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub offload: Option<OffloadReport>,
+}
+
+/// Correction statistics of a request (AAL, effective density, where the time went).
+#[derive(Debug, Clone, Serialize)]
+pub struct SiriusReport {
+    pub period: usize,
+    /// Tree width W (1 = the chain).
+    pub width: usize,
+    pub verifications: usize,
+    /// Average advance length per verification (at most `period`).
+    pub aal: f64,
+    /// ((K - 1) * density + 1) / AAL.
+    pub effective_density: f64,
+    pub rollback_tokens: usize,
+    pub draft_seconds: f64,
+    pub verify_seconds: f64,
+    /// Decode seconds outside drafts and verifications (acceptance, rollback, argmax).
+    pub other_seconds: f64,
+}
+
+/// Tokens per second (0 for no time).
+pub(crate) fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}

@@ -1,0 +1,249 @@
+//! A request's choice of Griffin neurons on a runtime: resident layers keep the neurons they
+//! already hold and copy in only new ones; layers whose sparse set does not fit keep a host
+//! copy that every draft pass streams.
+
+use std::borrow::Cow;
+
+use super::OffloadRuntime;
+use crate::backend::offload::{OffloadBackend, ResidentMemory};
+use crate::error::{Error, Result};
+use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
+use crate::sparsity::bundles::complement_ids;
+use crate::sparsity::ffn::FfnMatrices;
+use crate::sparsity::griffin::GriffinLayer;
+use crate::sparsity::{GriffinFfn, GriffinSelection};
+use crate::transfer::{CopyEngine, CopyJob, StagedJob};
+
+impl<B: OffloadBackend> OffloadRuntime<B> {
+    /// Makes `selection` the request's sparse set. Resident layers keep the neurons they
+    /// already hold (from an earlier request on this runtime) and copy in only the others
+    /// through the copy engine, as bundles; their compact FFN is reassembled in resident
+    /// memory, in the arena. Layers whose sparse set does not fit get a host copy that every
+    /// draft pass streams.
+    pub fn choose_neurons(
+        &mut self,
+        backend: &B,
+        selection: GriffinSelection,
+    ) -> Result<GriffinFfn<B>> {
+        let out = self.choose_neurons_now(backend, selection);
+        if out.is_err() {
+            if let Err(e) = self.cancel() {
+                tracing::warn!("cancelling the copy engine after a failed neuron copy: {e}");
+            }
+        }
+        out
+    }
+
+    fn choose_neurons_now(
+        &mut self,
+        backend: &B,
+        selection: GriffinSelection,
+    ) -> Result<GriffinFfn<B>> {
+        let n_layers = self.plan.layers.len();
+        if selection.layers.len() != n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "a selection for {} layers, the model has {n_layers}",
+                selection.layers.len()
+            )));
+        }
+        let moved = self.queue_moved_neurons(&selection)?;
+        let mut layers = Vec::with_capacity(n_layers);
+        for (li, ids) in selection.layers.iter().enumerate() {
+            if !self.plan.layers[li].sparse_ffn_resident {
+                self.overflow[li] = Some(self.host.gather_sparse(li, ids)?);
+                layers.push(None);
+                continue;
+            }
+            let matrices = self.resident_layer(backend, li, ids, !moved[li].is_empty())?;
+            self.moved_neurons += moved[li].len() as u64;
+            if self.plan.layers[li].complement_resident {
+                self.make_rest_resident(backend, li, ids)?;
+            }
+            let [gate, up, down] = &matrices;
+            layers.push(Some(GriffinLayer {
+                ffn: FfnMatrices {
+                    gate: gate.clone(),
+                    up: up.clone(),
+                    down: down.clone(),
+                },
+                gate_bias: None,
+                up_bias: None,
+            }));
+            self.resident_ffn[li] = Some(matrices);
+            self.resident_ids[li] = ids.clone();
+        }
+        self.kept = Some(selection.layers.clone());
+        Ok(GriffinFfn { layers, selection })
+    }
+
+    /// Per layer, the neurons of `selection` a resident layer lacks; on host memory their
+    /// bundles are queued on the copy engine now, one job per layer, all at once, so the
+    /// copies of later layers overlap the assembly of earlier ones.
+    fn queue_moved_neurons(&mut self, selection: &GriffinSelection) -> Result<Vec<Vec<u32>>> {
+        let mut jobs = Vec::new();
+        let mut moved: Vec<Vec<u32>> = vec![Vec::new(); selection.layers.len()];
+        for (li, ids) in selection.layers.iter().enumerate() {
+            // With the whole layer resident, a new split moves nothing over the link.
+            if !self.plan.layers[li].sparse_ffn_resident || self.whole_layer[li] {
+                continue;
+            }
+            moved[li] = moved_in(&self.resident_ids[li], ids);
+            if assembles_in_place::<B>() && !moved[li].is_empty() {
+                jobs.push(CopyJob {
+                    layer: li,
+                    label: format!("L{li} neurons in"),
+                    pieces: self.host.neuron_runs(li, &moved[li])?,
+                });
+            }
+        }
+        self.engine.submit(jobs)?;
+        Ok(moved)
+    }
+
+    /// Layer `li`'s new resident compact FFN of `ids` (`staged`: the moved neurons' bundles
+    /// are queued on the copy engine).
+    fn resident_layer(
+        &mut self,
+        backend: &B,
+        li: usize,
+        ids: &[u32],
+        staged: bool,
+    ) -> Result<[B::Matrix; 3]> {
+        let unchanged = self.resident_ids[li] == *ids;
+        // Cloned only when kept: a clone alive across the upload below would keep the old
+        // device matrices allocated next to the new ones.
+        if let Some(m) = self.resident_ffn[li].as_ref().filter(|_| unchanged) {
+            return Ok(m.clone());
+        }
+        if self.whole_layer[li] {
+            // Every neuron is resident: the new split is a move within resident memory
+            // (here: regathered from the host copy, nothing counted as moved).
+            return self.regather(backend, li, ids);
+        }
+        if !assembles_in_place::<B>() {
+            // Gathered on the host and uploaded once: that upload is what crossed the link.
+            let m = self.regather(backend, li, ids)?;
+            self.uploaded_bytes += (ids.len() * 3 * self.dims.h * self.dims.dtype.size()) as u64;
+            return Ok(m);
+        }
+        self.copy_in(backend, li, ids, staged)
+    }
+
+    /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`:
+    /// verification then streams nothing for the layer. Neurons that were not resident
+    /// before count as moved.
+    fn make_rest_resident(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<()> {
+        let d = self.dims;
+        let rest = complement_ids(ids, d.f)?;
+        if !self.whole_layer[li] {
+            // Before, only the previous request's sparse set (if any) was resident; it is
+            // still in `resident_ids` (updated after this call).
+            self.moved_neurons += moved_in(&self.resident_ids[li], &rest).len() as u64;
+        }
+        let label = format!("FFN complement layer {li}");
+        let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes());
+        for piece in self.host.neuron_runs(li, &rest)? {
+            bytes.extend_from_slice(&piece.map[piece.range.clone()]);
+        }
+        self.arena.set(&label, bytes.len() as u64)?;
+        // Free the old rest before uploading the new one (see `upload_compact`).
+        self.resident_rest[li] = None;
+        self.resident_rest[li] = match rest.len() {
+            0 => None,
+            c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
+        };
+        self.whole_layer[li] = true;
+        Ok(())
+    }
+
+    /// Layer `li`'s compact FFN of `ids` rebuilt within resident memory (the whole layer is
+    /// resident), in the arena.
+    fn regather(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<[B::Matrix; 3]> {
+        let parts = self.host.gather_parts(li, ids)?;
+        self.upload_compact(backend, li, ids.len(), parts)
+    }
+
+    /// Layer `li`'s compact FFN of `k` neurons (gate, up, down bytes) into resident memory,
+    /// accounted in the arena as the layer's sparse FFN.
+    fn upload_compact(
+        &mut self,
+        backend: &B,
+        li: usize,
+        k: usize,
+        (gate, up, down): (Vec<u8>, Vec<u8>, Vec<u8>),
+    ) -> Result<[B::Matrix; 3]> {
+        let d = self.dims;
+        let bytes = (gate.len() + up.len() + down.len()) as u64;
+        self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
+        // The old compact FFN's bytes have been used (or are not needed): free it before the
+        // upload so the device never holds old and new at once (the arena counts one).
+        self.resident_ffn[li] = None;
+        let uploaded = (|| {
+            Ok([
+                backend.upload_matrix(gate, d.dtype, k, d.h)?,
+                backend.upload_matrix(up, d.dtype, k, d.h)?,
+                backend.upload_matrix(down, d.dtype, d.h, k)?,
+            ])
+        })();
+        if uploaded.is_err() {
+            // Nothing of the layer's sparse set is resident any more: the next request
+            // copies in all of it.
+            self.resident_ids[li].clear();
+        }
+        uploaded
+    }
+
+    /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged
+    /// bundles of the moved ones (when `staged`, waited for here), in the arena.
+    fn copy_in(
+        &mut self,
+        backend: &B,
+        li: usize,
+        ids: &[u32],
+        staged: bool,
+    ) -> Result<[B::Matrix; 3]> {
+        let d = self.dims;
+        let filled = if staged {
+            Some(self.engine.wait(li)?)
+        } else {
+            None
+        };
+        // The bundles of the moved neurons landed back to back; only backends that assemble
+        // from staging come here (the CPU: the staging buffer is host memory).
+        let assembled = (|| {
+            let staged_bytes = match &filled {
+                Some(f) => match (f.pieces().first(), f.pieces().last()) {
+                    (Some(a), Some(b)) => B::staged_bytes(f, a.start..b.end)?,
+                    _ => Cow::Borrowed(&[][..]),
+                },
+                None => Cow::Borrowed(&[][..]),
+            };
+            let old_bytes = match &self.resident_ffn[li] {
+                Some([g, u, dn]) => Some([
+                    B::matrix_bytes(g)?,
+                    B::matrix_bytes(u)?,
+                    B::matrix_bytes(dn)?,
+                ]),
+                None => None,
+            };
+            let old = old_bytes.as_ref().map(|[g, u, dn]| CompactFfn {
+                ids: &self.resident_ids[li],
+                gate: g,
+                up: u,
+                down: dn,
+            });
+            assemble(old.as_ref(), &staged_bytes, ids, d.h, d.dtype.size())
+        })();
+        if let Some(f) = filled {
+            self.engine.release(f)?;
+        }
+        self.upload_compact(backend, li, ids.len(), assembled?)
+    }
+}
+
+/// Whether backend `B` assembles a layer's new compact FFN from the staging buffer in place:
+/// on host memory (the CPU) it is a memcpy; a device would read the staging buffer back over
+/// the link, so it gathers on the host and uploads instead.
+fn assembles_in_place<B: OffloadBackend>() -> bool {
+    B::RESIDENT_MEMORY == ResidentMemory::Host
+}

@@ -1,0 +1,11 @@
+//! Tensors as the layers below the model see them: element types ([`DType`]), views of
+//! checkpoint tensors in their mapping ([`TensorRef`]) and the attention layout of a token
+//! tree ([`TreeMask`]). Nothing here knows a model, a backend or a request.
+
+mod dtype;
+mod tensor_ref;
+mod tree_mask;
+
+pub use dtype::DType;
+pub use tensor_ref::TensorRef;
+pub use tree_mask::TreeMask;

@@ -1,0 +1,67 @@
+//! A borrowed view of one checkpoint tensor: its bytes stay in the memory-mapped file.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use super::DType;
+
+/// One tensor of a memory-mapped checkpoint: name, stored dtype, shape and byte range.
+#[derive(Debug, Clone)]
+pub struct TensorRef {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// The file it lives in (for error messages).
+    pub path: PathBuf,
+    map: Arc<Mmap>,
+    range: Range<usize>,
+}
+
+impl TensorRef {
+    /// A view of bytes `range` of `map` (the caller checked that they hold `shape` of `dtype`).
+    pub fn new(
+        name: String,
+        dtype: DType,
+        shape: Vec<usize>,
+        path: PathBuf,
+        map: Arc<Mmap>,
+        range: Range<usize>,
+    ) -> Self {
+        TensorRef {
+            name,
+            dtype,
+            shape,
+            path,
+            map,
+            range,
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
+
+    /// The tensor's values as f32 (small tensors: norms, biases; the conversion is exact).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let bytes = self.bytes();
+        match self.dtype {
+            DType::F32 => (bytes.chunks_exact(4))
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::F16 => (bytes.chunks_exact(2))
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::BF16 => (bytes.chunks_exact(2))
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// The shared mapping and byte range, for backends that keep the weight in place.
+    pub fn mapping(&self) -> (Arc<Mmap>, Range<usize>) {
+        (Arc::clone(&self.map), self.range.clone())
+    }
+}

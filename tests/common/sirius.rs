@@ -1,0 +1,53 @@
+//! The corrector as the Sirius tests drive it: its settings and a token budget in one
+//! struct, and the engine's decode loop over a `SiriusModel` (a scripted fake, or the model).
+
+use sirius_offload::engine::sirius::correct as run_windows;
+use sirius_offload::sirius::{CorrectionStats, Corrector, SiriusConfig, SiriusModel};
+use sirius_offload::Result;
+
+#[derive(Debug, Clone, Copy)]
+pub struct CorrectorOptions {
+    pub period: usize,
+    pub threshold: f32,
+    pub accept_temperature: f32,
+    pub width: usize,
+    pub max_tokens: usize,
+}
+
+impl CorrectorOptions {
+    pub fn config(&self) -> SiriusConfig {
+        SiriusConfig {
+            period: self.period,
+            threshold: self.threshold,
+            accept_temperature: self.accept_temperature,
+            width: self.width,
+        }
+    }
+}
+
+/// Sirius after a prompt already in `m`'s cache: the chain for width 1, the tree for wider.
+pub fn correct(
+    m: &mut dyn SiriusModel,
+    first: u32,
+    stop: &[u32],
+    o: &CorrectorOptions,
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    run_windows(
+        m,
+        first,
+        stop,
+        Corrector::new(o.config(), stop)?,
+        o.max_tokens,
+    )
+}
+
+/// [`correct`] through tree windows whatever the width.
+pub fn correct_tree(
+    m: &mut dyn SiriusModel,
+    first: u32,
+    stop: &[u32],
+    o: &CorrectorOptions,
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    let corrector = Corrector::new(o.config(), stop)?.with_tree_windows();
+    run_windows(m, first, stop, corrector, o.max_tokens)
+}
