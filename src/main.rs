@@ -34,7 +34,7 @@ enum Command {
     Calibrate(CalibrateArgs),
     /// Measure quality: perplexity of a text, GSM accuracy of full / sparse / Sirius, or how
     /// faithfully sparse and Sirius outputs follow the full model.
-    #[command(after_long_help = cli::eval::EVAL_HELP)]
+    #[command(after_long_help = cli::eval_args::EVAL_HELP)]
     Eval(EvalArgs),
     /// Plan offloading for a memory budget (no weights needed): what stays resident, what is
     /// streamed, and predicted ms/token of full decoding, the paper's offloading and ours.

@@ -8,7 +8,7 @@ mod common;
 
 use common::sirius::{correct, correct_tree, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
+use sirius_offload::engine::llama_sirius::LlamaSirius;
 use sirius_offload::model::Llama;
 use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
 
@@ -127,7 +127,7 @@ fn a_real_model_decodes_the_same_tokens() {
     }
 }
 
-/// SIRIUS.md's invariants on the GPU: keep 1.0 through the chain, and a threshold no draft
+/// The Sirius invariants on the GPU: keep 1.0 through the chain, and a threshold no draft
 /// reaches (chain and tree), both give exactly the full model's greedy tokens.
 #[test]
 fn sirius_invariants_hold_on_the_gpu() {

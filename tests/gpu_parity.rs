@@ -628,7 +628,7 @@ fn host_to_device_bandwidth() {
 #[test]
 fn token_choice_matches() {
     use sirius_offload::model::sampler::argmax;
-    use sirius_offload::sirius::corrector::token_probability;
+    use sirius_offload::sirius::token_probability;
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(17);
     for (vocab, n) in [(1, 1), (100, 3), (49_152, 16), (128_256, 2)] {

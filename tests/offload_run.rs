@@ -288,7 +288,7 @@ fn backend_gather(
 
 #[test]
 fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
-    use sirius_offload::engine::offloaded::OffloadedSirius;
+    use sirius_offload::engine::llama_sirius::LlamaSirius;
     let t = tiny();
     let s = sirius(4, 1);
     let (fit, minimum) = budgets(&t, s);
@@ -313,7 +313,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     let long: Vec<u32> = (0..60).map(|i| (i * 5 % 90) as u32 + 3).collect();
     let long_shape = e.offload_request_shape(&long, &options(40), &s).unwrap();
     let (model, mut rt) = runtime(&t, s, fit);
-    let err = OffloadedSirius::new(&model, &mut rt, &long_shape, &s)
+    let err = LlamaSirius::offloaded(&model, &mut rt, &long_shape, &s)
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();

@@ -1,5 +1,5 @@
 //! The Sirius chain corrector: scripted fake models for the window mechanics, and the
-//! invariants of ../shared/SIRIUS.md on a tiny real model (keep 1.0 and a threshold nobody
+//! Sirius invariants on a tiny real model (keep 1.0 and a threshold nobody
 //! reaches both give full greedy decoding; after correction the KV cache equals a plain full
 //! run over the same tokens).
 
@@ -7,7 +7,7 @@ mod common;
 
 use common::sirius::{correct, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
+use sirius_offload::engine::llama_sirius::LlamaSirius;
 use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sirius::SiriusModel;

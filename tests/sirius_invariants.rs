@@ -1,4 +1,4 @@
-//! SIRIUS.md's invariants on a tiny real model, for the chain and the tree:
+//! The Sirius invariants on a tiny real model, for the chain and the tree:
 //! - after EVERY verification the KV cache equals a plain full-model run over the same tokens;
 //! - keep 1.0 with the chain, or a threshold nobody reaches, gives exactly full greedy
 //!   decoding;
@@ -13,7 +13,7 @@ mod common;
 
 use common::sirius::{correct, correct_tree, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::sirius::{LlamaSirius, SiriusBacked};
+use sirius_offload::engine::llama_sirius::LlamaSirius;
 use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sirius::{CorrectionStats, SiriusModel};
@@ -246,7 +246,7 @@ fn assert_every_token_is_justified(
     for (i, &t) in out.iter().enumerate() {
         let row = &z[(prompt.len() + i - 1) * vocab..][..vocab];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let p = sirius_offload::sirius::corrector::token_probability(row, o.accept_temperature, t);
+        let p = sirius_offload::sirius::token_probability(row, o.accept_temperature, t);
         assert!(
             row[t as usize] >= max - 1e-4 || p >= o.threshold as f64 - 1e-4,
             "token {i} ({t}) is neither the argmax nor likely (p {p})"

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::cli::eval::EvalArgs;
-use crate::cli::eval_gsm::{bar, emit, load, sirius_options, Header, Loaded, DEFAULT_SHOTS};
+use crate::cli::eval_args::EvalArgs;
+use crate::cli::eval_common::{bar, emit, load, sirius_options, Header, Loaded, DEFAULT_SHOTS};
 use crate::cli::input::read_text;
 use crate::cli::output::check_output_dir;
 use crate::engine::faithfulness::{

@@ -6,6 +6,8 @@ pub mod args;
 pub mod bench;
 pub mod calibrate;
 pub mod eval;
+pub mod eval_args;
+pub mod eval_common;
 pub mod eval_faithfulness;
 pub mod eval_gsm;
 pub mod eval_perplexity;
@@ -19,6 +21,6 @@ pub mod wording;
 
 pub use bench::BenchArgs;
 pub use calibrate::CalibrateArgs;
-pub use eval::EvalArgs;
+pub use eval_args::EvalArgs;
 pub use plan::PlanArgs;
 pub use run_args::RunArgs;

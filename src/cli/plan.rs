@@ -8,7 +8,7 @@ use std::path::Path;
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::eval::ReportFormat;
+use crate::cli::eval_args::ReportFormat;
 use crate::cli::output::print_stdout;
 use crate::cli::wording::word_plan_error;
 use crate::config::{resolve_model_dir, ModelConfig, Preset};

@@ -13,6 +13,7 @@
 use serde::Serialize;
 
 use crate::backend::offload::OffloadBackend;
+use crate::engine::gsm::problems::{answer_text, json_object, line_error};
 use crate::engine::gsm::{pooled_aal, GsmMode};
 use crate::engine::output::rate;
 use crate::engine::{Engine, GenerationOutput, RequestOptions};
@@ -51,16 +52,9 @@ pub fn parse_prompts(source: &str, text: &str) -> Result<Vec<PromptItem>> {
             continue;
         }
         let n = i + 1;
-        let err = |what: String| Error::InvalidArgument(format!("{source}: line {n}: {what}"));
+        let err = |what: String| line_error(source, n, what);
         let item = if jsonl {
-            let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                err(format!(
-                    "not valid JSON ({e}); expected one object per line"
-                ))
-            })?;
-            let object = value
-                .as_object()
-                .ok_or_else(|| err("not a JSON object".into()))?;
+            let object = json_object(source, n, line)?;
             let string = |key: &str| match object.get(key) {
                 Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
                 Some(_) => Err(err(format!("\"{key}\" must be a non-empty string"))),
@@ -74,11 +68,7 @@ pub fn parse_prompts(source: &str, text: &str) -> Result<Vec<PromptItem>> {
                 }
                 (None, None) => return Err(err("no \"question\" or \"prompt\"".into())),
             };
-            let answer = match object.get("answer") {
-                Some(serde_json::Value::String(a)) => Some(a.trim().to_string()),
-                Some(serde_json::Value::Number(a)) => Some(a.to_string()),
-                _ => None,
-            };
+            let answer = object.get("answer").and_then(answer_text);
             PromptItem {
                 line: n,
                 kind,

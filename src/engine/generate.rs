@@ -2,11 +2,12 @@
 
 use crate::backend::offload::OffloadBackend;
 use crate::engine::decode::{run, RunLimits};
-use crate::engine::offloaded::{request_shape, OffloadedSirius};
+use crate::engine::llama_sirius::LlamaSirius;
+use crate::engine::offloaded::request_shape;
 use crate::engine::output::GenerationOutput;
 use crate::engine::plain::PlainRequest;
 use crate::engine::prefill::{cache_rows, effective_context};
-use crate::engine::sirius::{check_greedy, LlamaSirius, SiriusRequest};
+use crate::engine::sirius::{check_greedy, SiriusRequest};
 use crate::engine::{Decoding, Engine, RequestOptions};
 use crate::error::{Error, Result};
 use crate::offload::placement::{plan, Plan};
@@ -77,7 +78,7 @@ impl<B: OffloadBackend> Engine<B> {
                 let Some(runtime) = runtime else {
                     return Err(Error::InvalidArgument("no offloading runtime".into()));
                 };
-                let m = OffloadedSirius::new(model, runtime, &shape, &config)?;
+                let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }

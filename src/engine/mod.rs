@@ -13,6 +13,7 @@ pub mod decode;
 pub mod faithfulness;
 mod generate;
 pub mod gsm;
+pub mod llama_sirius;
 pub mod offloaded;
 pub mod output;
 pub mod perplexity;

@@ -89,15 +89,22 @@ impl<'a> TextStream<'a> {
         }
     }
 
+    /// The decoded window without and with the tokens not yet emitted: their difference is
+    /// the new text (decoding a window keeps the spaces and byte sequences that depend on
+    /// earlier tokens right).
+    fn window_text(&self) -> Result<(String, String)> {
+        let window = &self.ids[self.prefix_offset..];
+        let before = self
+            .tokenizer
+            .decode(&window[..self.read_offset - self.prefix_offset], true)?;
+        let after = self.tokenizer.decode(window, true)?;
+        Ok((before, after))
+    }
+
     /// Adds a token; returns the newly completed text, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let after = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], true)?;
+        let (before, after) = self.window_text()?;
         if after.len() > before.len() && !after.ends_with('\u{FFFD}') {
             if let Some(delta) = after.get(before.len()..) {
                 let delta = delta.to_string();
@@ -116,12 +123,7 @@ impl<'a> TextStream<'a> {
 
     /// Text held back at the end of the stream (an incomplete character decodes as U+FFFD).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let before = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let after = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], true)?;
+        let (before, after) = self.window_text()?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok(after

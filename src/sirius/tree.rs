@@ -1,4 +1,4 @@
-//! The tree corrector (SIRIUS.md, "Tree"): the sparse model keeps W beams, the full model
+//! The tree corrector: the sparse model keeps W beams, the full model
 //! verifies the whole draft tree ((K - 1) * W + 1 tokens) in one pass under a tree attention
 //! mask, and the longest accepted path in the tree wins; its K/V rows are compacted into
 //! place so the cache holds plain sequence rows again.
@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use crate::error::Result;
 use crate::model::sampler::argmax;
-use crate::sirius::corrector::{
-    check_rows, token_probability, CorrectionStats, SiriusConfig, SiriusModel, Verdict,
-};
+use crate::sirius::config::SiriusConfig;
+use crate::sirius::stats::CorrectionStats;
+use crate::sirius::window::{check_rows, token_probability, SiriusModel, Verdict};
 use crate::tensor::TreeMask;
 
 /// A draft tree, flattened in creation order (parents before children): node `i` sits at

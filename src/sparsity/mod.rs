@@ -249,7 +249,7 @@ mod tests {
         assert!((density(SparsityMode::Griffin, &[1.0; 30], &c) - 1.0).abs() < 1e-15);
     }
 
-    /// SIRIUS.md's figures: Llama-3-8B at 50% FFN sparsity, Griffin 0.649, CATS 0.766.
+    /// The Sirius paper's figures: Llama-3-8B at 50% FFN sparsity, Griffin 0.649, CATS 0.766.
     #[test]
     fn llama3_8b_density_matches_the_paper() {
         let json = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,

@@ -54,7 +54,7 @@ impl NeuronCounter {
 pub struct SparsityReport {
     pub sparsity: SparsityMode,
     pub keep: f32,
-    /// Parameters read per sparse token / all parameters (SIRIUS.md: embedding and head
+    /// Parameters read per sparse token / all parameters (embedding and head
     /// included, the embedding counted whole as the paper does). 1.0 for dense.
     pub density: f64,
     /// Mean fraction of FFN neurons kept per layer over the sparse tokens (empty for dense;

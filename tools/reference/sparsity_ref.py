@@ -3,7 +3,7 @@
 
 Builds on llama_ref.LlamaRef: the forward pass is not copied, the FFN is observed or masked
 through LlamaRef.ffn_hook (None by default, so the dense model is untouched). Definitions follow
-/work/shared/SIRIUS.md, "Contextual sparsity (CS) on the FFN":
+the Sirius paper (Zhou et al., arXiv 2409.03856) and the crate's `sparsity` module docs:
 
     z_t = silu(gate_t) * up_t            (gate/up include their biases when the checkpoint has them)
 

@@ -23,24 +23,16 @@ pub fn parse_problems(source: &str, text: &str) -> Result<Vec<Problem>> {
             continue;
         }
         let n = i + 1;
-        let err = |what: String| Error::InvalidArgument(format!("{source}: line {n}: {what}"));
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            err(format!(
-                "not valid JSON ({e}); expected one object per line"
-            ))
-        })?;
-        let object = value
-            .as_object()
-            .ok_or_else(|| err("not a JSON object".into()))?;
+        let err = |what: String| line_error(source, n, what);
+        let object = json_object(source, n, line)?;
         let question = match object.get("question") {
             Some(serde_json::Value::String(q)) if !q.trim().is_empty() => q.trim().to_string(),
             Some(_) => return Err(err("\"question\" must be a non-empty string".into())),
             None => return Err(err("no \"question\"".into())),
         };
         let answer = match object.get("answer") {
-            Some(serde_json::Value::String(a)) => a.trim().to_string(),
-            Some(serde_json::Value::Number(a)) => a.to_string(),
-            Some(_) => return Err(err("\"answer\" must be a string or a number".into())),
+            Some(a) => answer_text(a)
+                .ok_or_else(|| err("\"answer\" must be a string or a number".into()))?,
             None => return Err(err("no \"answer\"".into())),
         };
         let target = final_answer(&answer)
@@ -56,6 +48,39 @@ pub fn parse_problems(source: &str, text: &str) -> Result<Vec<Problem>> {
         return Err(Error::InvalidArgument(format!("{source}: no problems")));
     }
     Ok(out)
+}
+
+/// An error about line `n` of `source` (a file as the user named it), on one line.
+pub(crate) fn line_error(source: &str, n: usize, what: String) -> Error {
+    Error::InvalidArgument(format!("{source}: line {n}: {what}"))
+}
+
+/// Line `n` of a JSONL file, which must hold one JSON object.
+pub(crate) fn json_object(
+    source: &str,
+    n: usize,
+    line: &str,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+        line_error(
+            source,
+            n,
+            format!("not valid JSON ({e}); expected one object per line"),
+        )
+    })?;
+    match value {
+        serde_json::Value::Object(object) => Ok(object),
+        _ => Err(line_error(source, n, "not a JSON object".into())),
+    }
+}
+
+/// A worked answer as text: a string (trimmed) or a number.
+pub(crate) fn answer_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(a) => Some(a.trim().to_string()),
+        serde_json::Value::Number(a) => Some(a.to_string()),
+        _ => None,
+    }
 }
 
 /// The few-shot prompt for `question`.

@@ -1,0 +1,101 @@
+//! What a correction window works with: the narrow model interface ([`SiriusModel`]), the
+//! acceptance rule, and what a verification decides.
+
+use crate::error::{Error, Result};
+use crate::sirius::config::SiriusConfig;
+use crate::tensor::TreeMask;
+
+/// What the corrector needs from a model: one KV cache shared by a sparse (draft) and a full
+/// (verify) forward, and rollback.
+pub trait SiriusModel {
+    /// Tokens in the cache.
+    fn cache_len(&self) -> usize;
+    /// Room left in the cache.
+    fn cache_room(&self) -> usize;
+    /// Drops cache entries past `len`.
+    fn truncate(&mut self, len: usize) -> Result<()>;
+    /// Sparse model: appends `token` to the cache, returns the next-token logits.
+    fn draft(&mut self, token: u32) -> Result<Vec<f32>>;
+    /// Full model: appends `tokens` to the cache in one pass (writing its own K/V), returns
+    /// the logits after each of them.
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+
+    // ---- Trees (width > 1); a model without them refuses --width > 1. ----
+
+    /// Sparse model over the last nodes of a token tree (`mask` says where they hang):
+    /// appends them to the cache, returns each one's next-token logits.
+    fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let _ = (tokens, mask);
+        Err(no_trees())
+    }
+    /// Full model over a whole tree in one pass (writing its own K/V).
+    fn verify_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        let _ = (tokens, mask);
+        Err(no_trees())
+    }
+    /// Keeps, of the cache rows from `start` on, only `rows` (ascending), compacted to
+    /// `start..`: the accepted path.
+    fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        let _ = (start, rows);
+        Err(no_trees())
+    }
+}
+
+fn no_trees() -> Error {
+    Error::InvalidArgument("this model has no tree drafting: use --width 1".into())
+}
+
+/// What one verification decided: the accepted drafts and the full model's next token.
+pub(crate) struct Verdict {
+    pub accepted: Vec<u32>,
+    pub next: u32,
+}
+
+/// `softmax(z / t)[token]`, computed stably in f64.
+pub fn token_probability(z: &[f32], t: f32, token: u32) -> f64 {
+    let max = z
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max) as f64;
+    if !max.is_finite() {
+        return 0.0;
+    }
+    let t = t as f64;
+    let sum: f64 = z
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| ((v as f64 - max) / t).exp())
+        .sum();
+    match z.get(token as usize) {
+        Some(&v) if !v.is_nan() => ((v as f64 - max) / t).exp() / sum,
+        _ => 0.0,
+    }
+}
+
+/// n: how many drafts of `path` (`path[0]` is x0) the full model accepts in a row, where
+/// `logits(i)` is its prediction after `path[i]`.
+pub(crate) fn accepted_prefix<'z>(
+    path: &[u32],
+    logits: impl Fn(usize) -> &'z [f32],
+    opts: &SiriusConfig,
+) -> usize {
+    let mut n = 0;
+    while n + 1 < path.len()
+        && token_probability(logits(n), opts.accept_temperature, path[n + 1])
+            >= opts.threshold as f64
+    {
+        n += 1;
+    }
+    n
+}
+
+pub(crate) fn check_rows(z: &[Vec<f32>], tokens: usize) -> Result<()> {
+    if z.len() != tokens {
+        return Err(Error::InvalidArgument(format!(
+            "verify returned {} rows for {tokens} tokens",
+            z.len()
+        )));
+    }
+    Ok(())
+}
