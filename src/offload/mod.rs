@@ -6,10 +6,13 @@
 //! backend's copy engine (`crate::transfer`) and hands each layer's streamed weights to the
 //! forward pass through `model::LayerStream`; the engine drives the runtime.
 
+pub mod advice;
 pub mod arena;
 pub mod cost;
 pub mod format;
 pub mod host_store;
 pub mod placement;
+pub mod plan;
 pub mod resident_set;
 pub mod runtime;
+pub mod sizes;

@@ -1,0 +1,102 @@
+//! What the planner advises when the sparse set does not fit the budget: the largest keep
+//! that fits, the largest format that holds this keep, and what the overflow costs.
+
+use crate::offload::cost::predict;
+use crate::offload::format::WeightFormat;
+use crate::offload::plan::Plan;
+use crate::offload::sizes::{layer_range, PlanInput, Sizes, STREAM_BUFFERS};
+use crate::units::format_bytes;
+
+/// Fills `plan.advice` (and the advised keep and format) when the sparse set does not fit:
+/// the largest keep that fits in this format, the largest format that holds this keep, and
+/// what streaming the overflow costs per token.
+pub fn advise(input: &PlanInput, plan: &mut Plan) {
+    let s = &plan.sizes.clone();
+    let budget = format_bytes(input.budget);
+    if plan.fits {
+        plan.advice.push(format!(
+            "the sparse set fits: {} of {budget} resident, {} spare; drafting streams nothing",
+            format_bytes(plan.resident_bytes),
+            format_bytes(input.budget - plan.resident_bytes)
+        ));
+        return;
+    }
+    let l = s.layers as u64;
+    let need = s.resident_with(2 * s.layers);
+    plan.advice.push(format!(
+        "{} cannot hold the sparse set in {budget}: attention {} + sparse FFN (keep {}) {} \
+         + head, norms, KV cache and activations {} + stream buffers {} = {}",
+        input.format,
+        format_bytes(l * s.attention_bytes),
+        input.keep,
+        format_bytes(l * s.sparse_ffn_bytes),
+        format_bytes(s.fixed_bytes()),
+        format_bytes(STREAM_BUFFERS as u64 * s.buffer_bytes(&s.layers_with(2 * s.layers))),
+        format_bytes(need),
+    ));
+    advise_alternatives(input, plan);
+    // What the overflow costs: this plan against the same sizes with everything resident.
+    let all = s.layers_with(2 * s.layers);
+    let ideal = predict(input, s, &all).sirius_offload.ms_per_token;
+    let ours = &plan.costs.sirius_offload;
+    let overflow = plan
+        .layers
+        .iter()
+        .position(|p| !p.sparse_ffn_resident)
+        .unwrap_or(s.layers);
+    plan.advice.push(format!(
+        "as planned, the overflow ({} every pass: sparse FFN of {}{}) costs {:.1} ms per token: \
+         {:.1} ms/token ({:.2} tokens/s) instead of {:.1} if it were resident",
+        format_bytes(plan.streamed_bytes_per_draft),
+        layer_range(overflow, s.layers),
+        if plan.layers.iter().all(|p| p.attention_resident) {
+            ""
+        } else {
+            " and some attention"
+        },
+        ours.ms_per_token - ideal,
+        ours.ms_per_token,
+        ours.tokens_per_s,
+        ideal,
+    ));
+}
+
+/// The largest keep that fits in this format, and the largest format that holds this keep
+/// (`plan.advised_keep`, `plan.advised_format` and their advice lines).
+fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
+    let layers = plan.sizes.layers;
+    // Hundredths from the requested keep down; fit is not monotone in keep for 1-2 layer
+    // models (the complement buffers grow as keep falls), so every step is checked.
+    let start = (input.keep * 100.0).floor() as u32;
+    plan.advised_keep = (1..=start)
+        .rev()
+        .map(|k| k as f64 / 100.0)
+        .find(|&k| Sizes::with(input, input.format, k).fits(input.budget));
+    match plan.advised_keep {
+        Some(k) => plan.advice.push(format!(
+            "keep {k:.2} fits in {}: keep at most {k:.2} of the FFN neurons",
+            input.format
+        )),
+        None => plan
+            .advice
+            .push(format!("no keep of 0.01 or more fits in {}", input.format)),
+    }
+    let bits = input.format.bits_per_weight();
+    plan.advised_format = WeightFormat::ALL
+        .into_iter()
+        .filter(|w| w.bits_per_weight() < bits)
+        .find(|&w| Sizes::with(input, w, input.keep).fits(input.budget));
+    match plan.advised_format {
+        Some(w) => plan.advice.push(format!(
+            "{w} ({} bits per weight) holds keep {}: {} resident",
+            w.bits_per_weight(),
+            input.keep,
+            format_bytes(Sizes::with(input, w, input.keep).resident_with(2 * layers)),
+        )),
+        None if bits > WeightFormat::Q4.bits_per_weight() => plan.advice.push(format!(
+            "no smaller weight format holds keep {}",
+            input.keep
+        )),
+        None => {}
+    }
+}

@@ -1,0 +1,68 @@
+//! What the planner decides: where every item lives, how much streams per pass, the
+//! predicted costs and, when the sparse set does not fit, what would.
+
+use serde::Serialize;
+
+use crate::offload::cost::Costs;
+use crate::offload::format::WeightFormat;
+use crate::offload::sizes::{LayerPlacement, Sizes};
+
+/// How often a streamed item crosses the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Every {
+    /// Every pass: each drafted token and each verification.
+    Pass,
+    /// Only when the full model runs (verification, prefill).
+    Verification,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Residence {
+    Resident,
+    Streamed {
+        every: Every,
+    },
+    /// Stays in host memory and is used there (embedding rows).
+    Host,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanItem {
+    pub name: String,
+    pub bytes: u64,
+    pub residence: Residence,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub format: WeightFormat,
+    pub keep: f64,
+    pub budget: u64,
+    pub context: usize,
+    pub period: usize,
+    pub aal: f64,
+    pub sizes: Sizes,
+    pub items: Vec<PlanItem>,
+    pub layers: Vec<LayerPlacement>,
+    pub total_weight_bytes: u64,
+    /// Sum of the resident items, buffers included; never above `budget`.
+    pub resident_bytes: u64,
+    /// All attention and the whole sparse set are resident: drafting streams nothing.
+    pub fits: bool,
+    /// Bytes of one streaming buffer (0 when nothing is ever streamed).
+    pub stream_buffer_bytes: u64,
+    pub stream_buffers: usize,
+    pub streamed_bytes_per_verification: u64,
+    pub streamed_bytes_per_draft: u64,
+    pub streamed_bytes_per_prefill: u64,
+    /// The smallest budget any placement needs.
+    pub minimum_bytes: u64,
+    pub costs: Costs,
+    pub advice: Vec<String>,
+    /// Largest keep (hundredths) whose sparse set fits in this format, when this one does not.
+    pub advised_keep: Option<f64>,
+    /// Largest format holding the requested keep's sparse set, when this one does not.
+    pub advised_format: Option<WeightFormat>,
+}

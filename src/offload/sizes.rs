@@ -1,0 +1,324 @@
+//! The planner's input and the byte sizes of every unit it places: pure arithmetic on the
+//! model's shapes, the weight format and the Griffin keep fraction.
+//!
+//! Byte counts are exact for bf16/f16 (matrices `rows * cols * 2`, vectors `4 * len`, KV cache
+//! `2 * layers * kv_dim * context * kv_bytes`): the runtime allocates exactly these sizes in an
+//! arena checked against the same budget.
+
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::offload::format::{WeightFormat, VECTOR_BYTES};
+use crate::sparsity::kept_neurons;
+
+/// Longest context and window the planner accepts: far above any use, low enough that no byte
+/// count can overflow.
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_PERIOD: usize = 256;
+
+/// Link and memory bandwidths are accepted between these (GB/s).
+pub const MIN_GBPS: f64 = 0.001;
+pub const MAX_GBPS: f64 = 1.0e6;
+/// `plan --gpu-mem`'s defaults, which `run --gpu-mem` plans with too: a PCIe 4.0 x16 link
+/// (GB/s) and an RTX 4090's memory bandwidth (GB/s).
+pub const GPU_LINK_GBPS: f64 = 25.0;
+pub const GPU_MEM_GBPS: f64 = 1008.0;
+/// What `run --resident-mem` assumes for compute on a few CPU cores (GB/s).
+pub const CPU_MEM_GBPS: f64 = 20.0;
+/// Number of streaming buffers: layer l+1 is copied while layer l computes.
+pub const STREAM_BUFFERS: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub config: ModelConfig,
+    pub format: WeightFormat,
+    /// Griffin FFN keep fraction in (0, 1]; 1 = dense.
+    pub keep: f64,
+    /// Bytes of fast memory (GPU memory, or `--resident-mem` on CPU).
+    pub budget: u64,
+    /// KV cache rows to hold.
+    pub context: usize,
+    /// Bytes per KV element: 2 (f16, GPU) or 4 (f32, the CPU backend).
+    pub kv_bytes: usize,
+    /// Host -> device link, GB/s (10^9 bytes).
+    pub link_gbps: f64,
+    /// Device memory bandwidth, GB/s.
+    pub mem_gbps: f64,
+    /// Sirius period K.
+    pub period: usize,
+    /// Assumed average advance length per verification (1 <= AAL <= K).
+    pub aal: f64,
+    /// Prompt length for the time to first token.
+    pub prompt_tokens: usize,
+    /// Bytes of the activation buffers a runtime really allocates (prefill chunk, draft and
+    /// verification scratch); `None` estimates one verification window.
+    pub activation_bytes: Option<u64>,
+    /// Prompt tokens per prefill pass (each pass streams every non-resident weight once);
+    /// `None` runs the whole prompt in one pass.
+    pub prefill_chunk: Option<usize>,
+}
+
+impl PlanInput {
+    /// Checks every number before any arithmetic depends on it.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, problem: String| Err(Error::PlanInput { field, problem });
+        if !(self.keep.is_finite() && self.keep > 0.0 && self.keep <= 1.0) {
+            return bad(
+                "keep",
+                format!("must be a fraction in (0, 1], got {}", self.keep),
+            );
+        }
+        if self.budget == 0 {
+            return bad("budget", "must be positive".into());
+        }
+        if self.context == 0 || self.context > MAX_CONTEXT {
+            return bad(
+                "context",
+                format!("must be in 1..={MAX_CONTEXT} tokens, got {}", self.context),
+            );
+        }
+        if !(1..=8).contains(&self.kv_bytes) {
+            return bad(
+                "kv_bytes",
+                format!(
+                    "(KV element size) must be 1..=8 bytes, got {}",
+                    self.kv_bytes
+                ),
+            );
+        }
+        for (field, v) in [("link_gbps", self.link_gbps), ("mem_gbps", self.mem_gbps)] {
+            // Bounded so that every time derived from them is a sane, finite duration.
+            if !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(&v)) {
+                return bad(
+                    field,
+                    format!("must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"),
+                );
+            }
+        }
+        if self.period == 0 || self.period > MAX_PERIOD {
+            return bad(
+                "period",
+                format!("must be in 1..={MAX_PERIOD}, got {}", self.period),
+            );
+        }
+        if !(self.aal.is_finite() && self.aal >= 1.0 && self.aal <= self.period as f64) {
+            return bad(
+                "aal",
+                format!(
+                    "must be between 1 and the period ({}), got {}",
+                    self.period, self.aal
+                ),
+            );
+        }
+        if self.prompt_tokens == 0 || self.prompt_tokens > self.context {
+            return bad(
+                "prompt_tokens",
+                format!(
+                    "must be in 1..=the context ({}), got {}",
+                    self.context, self.prompt_tokens
+                ),
+            );
+        }
+        if self.context > self.config.max_position_embeddings {
+            return bad(
+                "context",
+                format!(
+                    "{} is longer than the model's max_position_embeddings ({})",
+                    self.context, self.config.max_position_embeddings
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Byte sizes of every unit the planner moves, in the chosen format.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sizes {
+    pub layers: usize,
+    pub hidden: usize,
+    /// One layer's attention: wq, wk, wv, wo and their biases (f32).
+    pub attention_bytes: u64,
+    /// One neuron bundle: gate row + up row + down column (3 * hidden weights), plus its
+    /// gate/up biases (f32) on `mlp_bias` models.
+    pub neuron_bytes: u64,
+    pub neurons: usize,
+    pub kept_neurons: usize,
+    /// One layer's sparse FFN subset: kept_neurons bundles.
+    pub sparse_ffn_bytes: u64,
+    /// One layer's whole FFN: all bundles.
+    pub ffn_bytes: u64,
+    /// One layer's FFN complement: the bundles the sparse subset leaves out.
+    pub complement_bytes: u64,
+    /// vocab x hidden: the LM head (the embedding matrix itself on tied models).
+    pub head_bytes: u64,
+    /// vocab x hidden, on the host.
+    pub embedding_bytes: u64,
+    /// Every norm weight (2 per layer + final), plus FFN down biases on `mlp_bias` models; f32.
+    pub norm_bytes: u64,
+    /// 2 (K and V) * layers * kv_dim * context * kv_bytes.
+    pub kv_cache_bytes: u64,
+    /// One layer's KV rows at full context: what attention reads per pass.
+    pub kv_layer_bytes: u64,
+    /// 4 * period * (5h + 2q + 2kv + 2f + vocab): f32 activations of one verification window.
+    pub activation_bytes: u64,
+}
+
+impl Sizes {
+    pub fn new(input: &PlanInput) -> Sizes {
+        Self::with(input, input.format, input.keep)
+    }
+
+    /// Sizes of the same model and context in another format or at another keep.
+    pub fn with(input: &PlanInput, format: WeightFormat, keep: f64) -> Sizes {
+        let c = &input.config;
+        let (h, f, v, l) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+            c.num_layers,
+        );
+        let (q, kv) = (c.q_dim(), c.kv_dim());
+        let vec = |len: usize| len as u64 * VECTOR_BYTES;
+        let mut attention_bytes =
+            format.matrix_bytes(q, h) + 2 * format.matrix_bytes(kv, h) + format.matrix_bytes(h, q);
+        if c.qkv_bias {
+            attention_bytes += vec(q + 2 * kv);
+        }
+        if c.o_bias {
+            attention_bytes += vec(h);
+        }
+        let neuron_bytes = 3 * format.row_bytes(h) + if c.mlp_bias { vec(2) } else { 0 };
+        let kept = kept_neurons(keep as f32, f);
+        let norm_count = (2 * l + 1) * h + if c.mlp_bias { l * h } else { 0 };
+        let kv_layer_bytes = 2 * (kv as u64) * input.context as u64 * input.kv_bytes as u64;
+        let window = (5 * h + 2 * q + 2 * kv + 2 * f + v) as u64;
+        Sizes {
+            layers: l,
+            hidden: h,
+            attention_bytes,
+            neuron_bytes,
+            neurons: f,
+            kept_neurons: kept,
+            sparse_ffn_bytes: kept as u64 * neuron_bytes,
+            ffn_bytes: f as u64 * neuron_bytes,
+            complement_bytes: (f - kept) as u64 * neuron_bytes,
+            head_bytes: format.matrix_bytes(v, h),
+            embedding_bytes: format.matrix_bytes(v, h),
+            norm_bytes: vec(norm_count),
+            kv_cache_bytes: kv_layer_bytes * l as u64,
+            kv_layer_bytes,
+            activation_bytes: input
+                .activation_bytes
+                .unwrap_or(VECTOR_BYTES * input.period as u64 * window),
+        }
+    }
+
+    /// Resident whatever the placement: norms, head, KV cache, activations.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.norm_bytes + self.head_bytes + self.kv_cache_bytes + self.activation_bytes
+    }
+
+    /// Every weight once (a tied embedding counted once, as the head).
+    pub fn total_weight_bytes(&self, tied: bool) -> u64 {
+        let layers = self.layers as u64 * (self.attention_bytes + self.ffn_bytes);
+        let embedding = if tied { 0 } else { self.embedding_bytes };
+        layers + self.head_bytes + embedding + self.norm_bytes
+    }
+
+    /// Bytes a draft pass copies into layer `p`'s buffer: whatever of the sparse model overflowed.
+    pub fn draft_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p)
+            + if p.sparse_ffn_resident {
+                0
+            } else {
+                self.sparse_ffn_bytes
+            }
+    }
+
+    /// Bytes a verification pass copies for layer `p`: the complement of a resident sparse
+    /// subset (or the whole FFN), plus attention if it overflowed.
+    pub fn verify_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p)
+            + match (p.sparse_ffn_resident, p.complement_resident) {
+                (true, true) => 0,
+                (true, false) => self.complement_bytes,
+                (false, _) => self.ffn_bytes,
+            }
+    }
+
+    /// Bytes the first prefill copies for layer `p`: no neuron set is chosen yet, so the
+    /// whole FFN, plus attention if it overflowed.
+    pub fn prefill_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        self.streamed_attention(p) + self.ffn_bytes
+    }
+
+    fn streamed_attention(&self, p: &LayerPlacement) -> u64 {
+        if p.attention_resident {
+            0
+        } else {
+            self.attention_bytes
+        }
+    }
+
+    /// One streaming buffer: the largest per-layer transfer of any pass, the prefill's
+    /// included (a request's first pass streams whole FFN layers: no neurons are chosen yet).
+    pub fn buffer_bytes(&self, layers: &[LayerPlacement]) -> u64 {
+        layers
+            .iter()
+            .map(|p| {
+                self.verify_stream_bytes(p)
+                    .max(self.draft_stream_bytes(p))
+                    .max(self.prefill_stream_bytes(p))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Layers placed when the first `units` of (attention 0..L, sparse FFN 0..L, FFN
+    /// complement 0..L) are resident. Complements come last: they are read only at
+    /// verification, once per window, where the rest is read on every token.
+    pub fn layers_with(&self, units: usize) -> Vec<LayerPlacement> {
+        let l = self.layers;
+        (0..l)
+            .map(|i| LayerPlacement {
+                attention_resident: i < units,
+                sparse_ffn_resident: l + i < units,
+                complement_resident: 2 * l + i < units,
+            })
+            .collect()
+    }
+
+    /// Resident bytes with the first `units` placed, buffers included.
+    pub fn resident_with(&self, units: usize) -> u64 {
+        let l = self.layers;
+        let att = units.min(l) as u64 * self.attention_bytes;
+        let ffn = units.saturating_sub(l).min(l) as u64 * self.sparse_ffn_bytes;
+        let rest = units.saturating_sub(2 * l).min(l) as u64 * self.complement_bytes;
+        let buffers = STREAM_BUFFERS as u64 * self.buffer_bytes(&self.layers_with(units));
+        self.fixed_bytes() + att + ffn + rest + buffers
+    }
+
+    /// Whether all attention and the whole sparse set fit in `budget`.
+    pub fn fits(&self, budget: u64) -> bool {
+        self.resident_with(2 * self.layers) <= budget
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerPlacement {
+    pub attention_resident: bool,
+    pub sparse_ffn_resident: bool,
+    /// The rest of the layer's FFN too (then verification streams nothing for it).
+    pub complement_resident: bool,
+}
+
+/// "layers 3-9", "layer 3".
+pub fn layer_range(first: usize, end: usize) -> String {
+    if end == first + 1 {
+        format!("layer {first}")
+    } else {
+        format!("layers {first}-{}", end - 1)
+    }
+}
