@@ -16,7 +16,6 @@ mod ops_attention;
 mod ops_basic;
 mod ops_ffn;
 mod ops_matmul;
-mod ops_sampling;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};
