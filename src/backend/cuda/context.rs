@@ -15,34 +15,45 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
-use super::device::CudaDevice;
+use super::device::{panic_message, CudaDevice};
 use super::kernels::KERNELS;
 use super::memory::Stream;
 use super::nvrtc::{self, Ptx};
 use crate::error::{Error, Result};
 
-/// Runs one driver call for `op`, turning its error (or a cudarc panic) into `Error::Cuda`.
-pub(crate) fn call<T>(
-    op: &str,
-    what: &str,
-    f: impl FnOnce() -> std::result::Result<T, DriverError>,
-) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::Cuda(format!("{op}: {what} failed: {:?}", e.0))),
-        Err(payload) => Err(Error::Cuda(format!(
-            "{op}: {what}: the CUDA library failed: {}",
-            panic_message(payload.as_ref())
-        ))),
+/// An error of a CUDA library as cudarc returns it: the library's name (for a cudarc panic)
+/// and its status code (printed as its enum name, e.g. CUDA_ERROR_OUT_OF_MEMORY).
+pub(crate) trait LibraryError {
+    const LIBRARY: &'static str;
+    fn status(&self) -> &dyn std::fmt::Debug;
+}
+
+impl LibraryError for DriverError {
+    const LIBRARY: &'static str = "CUDA";
+    fn status(&self) -> &dyn std::fmt::Debug {
+        &self.0
     }
 }
 
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
+/// Runs one call into a CUDA library (driver or cuBLAS) for `op`, turning its error (or a
+/// cudarc panic) into `Error::Cuda`.
+pub(crate) fn call<T, E: LibraryError>(
+    op: &str,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Cuda(format!(
+            "{op}: {what} failed: {:?}",
+            e.status()
+        ))),
+        Err(payload) => Err(Error::Cuda(format!(
+            "{op}: {what}: the {} library failed: {}",
+            E::LIBRARY,
+            panic_message(payload.as_ref())
+        ))),
+    }
 }
 
 /// `v` as a kernel's u32 size argument, or an error naming what overflowed.
