@@ -229,7 +229,6 @@ impl Ctx {
                 "{op}: kernel `{name}` is not in the loaded modules"
             ))
         })?;
-        self.bind()?;
         let mut values = args.0;
         // Pointers into `values`, which is neither moved nor resized until the launch
         // returns (the driver copies the arguments during cuLaunchKernel).
@@ -241,13 +240,24 @@ impl Ctx {
                 Arg::F32(v) => v as *mut f32 as *mut c_void,
             })
             .collect();
-        let stream = self.raw_stream();
         // SAFETY: `f` comes from a module loaded in this context; the arguments match the
         // kernel's parameter list (each op builds them from the kernel's header comment),
         // and the device pointers are live allocations checked against the sizes passed.
-        call(op, name, || unsafe {
+        self.on_stream(op, name, |stream| unsafe {
             result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params)
         })
+    }
+
+    /// Runs driver call `what` for `op` with the context bound, given the compute stream.
+    fn on_stream<T>(
+        &self,
+        op: &str,
+        what: &str,
+        f: impl FnOnce(sys::CUstream) -> std::result::Result<T, DriverError>,
+    ) -> Result<T> {
+        self.bind()?;
+        let stream = self.raw_stream();
+        call(op, what, || f(stream))
     }
 
     /// Copies `src` to device memory at `dst` in stream order. The host data is staged by
@@ -256,10 +266,8 @@ impl Ctx {
         if src.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the caller passes `dst` with room for `src` (checked by every op).
-        call(op, "cuMemcpyHtoDAsync", || unsafe {
+        self.on_stream(op, "cuMemcpyHtoDAsync", |stream| unsafe {
             result::memcpy_htod_async(dst, src, stream)
         })
     }
@@ -269,11 +277,9 @@ impl Ctx {
         if dst.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the caller passes `src` holding `dst.len()` elements; the copy finishes
         // before `dst` is released (synchronize below).
-        call(op, "cuMemcpyDtoHAsync", || unsafe {
+        self.on_stream(op, "cuMemcpyDtoHAsync", |stream| unsafe {
             result::memcpy_dtoh_async(dst, src, stream)
         })?;
         self.synchronize(op)
@@ -284,20 +290,16 @@ impl Ctx {
         if bytes == 0 {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: `dst` holds `bytes` bytes (the caller's allocation).
-        call(op, "cuMemsetD8Async", || unsafe {
+        self.on_stream(op, "cuMemsetD8Async", |stream| unsafe {
             result::memset_d8_async(dst, 0, bytes, stream)
         })
     }
 
     /// Blocks until the compute stream is idle.
     pub fn synchronize(&self, op: &str) -> Result<()> {
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the stream lives as long as `self`.
-        call(op, "cuStreamSynchronize", || unsafe {
+        self.on_stream(op, "cuStreamSynchronize", |stream| unsafe {
             result::stream::synchronize(stream)
         })
     }
