@@ -288,10 +288,7 @@ impl SparseOps for CudaBackend {
         shared: bool,
         kept: &mut NeuronLists,
     ) -> Result<()> {
-        match shared {
-            true => ffn::select_neurons_shared(&self.ctx, act, n_tokens, width, rule, kept),
-            false => ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, kept),
-        }
+        ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, shared, kept)
     }
 
     fn silu(&self, x: &mut CudaBuf, len: usize) -> Result<()> {

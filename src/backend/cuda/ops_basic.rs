@@ -50,15 +50,6 @@ pub(crate) fn need(op: &str, what: &str, buf: &CudaBuf, need: usize) -> Result<(
     Ok(())
 }
 
-/// The kernel suffix of a weight dtype.
-pub(crate) fn dtype_suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F32 => "f32",
-    }
-}
-
 pub(crate) fn embed(
     ctx: &Arc<Ctx>,
     table: &CudaMatrix,
