@@ -88,11 +88,7 @@ pub(crate) fn attention(
 
 /// `Err` unless the query heads split evenly over the kv heads and a head fits the kernel.
 fn check_heads(shape: AttentionShape) -> Result<()> {
-    let AttentionShape {
-        num_heads: nh,
-        num_kv_heads: nkv,
-        head_dim: hd,
-    } = shape;
+    let (nh, nkv, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
     if nkv == 0 || !nh.is_multiple_of(nkv) {
         return Err(Error::InvalidArgument(format!(
             "attention: n_heads ({nh}) must be a multiple of n_kv_heads ({nkv})"
