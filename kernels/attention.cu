@@ -56,6 +56,9 @@ __device__ __forceinline__ bool tree_visible(const TreeBits& m, unsigned t, size
 
 // One warp: query row (t, h) over the cache rows [r0, r1) of kv head g. DPL head elements
 // per lane (d = lane + 32 * k), so head_dim <= 32 * DPL.
+// Long function: one kernel body, the online softmax over the rows (score, rescale,
+// accumulate) and the write of the row or of the chunk's partials; pieces of it would pass
+// the per-lane q and running-output registers through device-function arguments.
 template <int DPL>
 __device__ __forceinline__ void attend(const float* __restrict__ q,
                                        const float* __restrict__ k_cache,

@@ -1,6 +1,6 @@
 // f32 activations rounded to a 16-bit float, the B operand of the bf16/f16 cuBLAS GEMM
-// (src/backend/cuda/ops_matmul.rs): cublasGemmEx wants both inputs in one 16-bit type and the
-// weights stay as stored, so the activations are the ones converted.
+// (src/backend/cuda/ops_matmul/gemm.rs): cublasGemmEx wants both inputs in one 16-bit type and
+// the weights stay as stored, so the activations are the ones converted.
 //
 // Grid-stride kernels: any grid works; grid = (min(ceil(len / blockDim.x), 4 * SMs)),
 // blockDim.x = 256 suggested.

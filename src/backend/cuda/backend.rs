@@ -14,7 +14,6 @@ use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{kernels_ptx, Ctx};
 use super::ops_basic::{self as basic, RopeCache};
 use super::ops_matmul::{GemmPrecision, Matmul};
-use super::ops_sampling;
 use super::{device, ops_attention as attn, ops_ffn as ffn};
 use crate::backend::checks;
 use crate::backend::{
@@ -106,26 +105,6 @@ impl CudaBackend {
     /// A matrix's bytes copied back to the host (parity tests).
     pub fn read_matrix(&self, m: &CudaMatrix) -> Result<Vec<u8>> {
         m.to_host()
-    }
-
-    /// The index of the largest logit in each of the first `n_rows` rows of `logits`
-    /// (`[n_rows, vocab]`), chosen on the device as `model::sampler::argmax` chooses
-    /// (`ops_sampling`). Not yet used by generation, which reads logits back.
-    pub fn argmax_rows(&self, logits: &CudaBuf, n_rows: usize, vocab: usize) -> Result<Vec<u32>> {
-        ops_sampling::argmax_rows(&self.ctx, logits, n_rows, vocab)
-    }
-
-    /// Sirius acceptance probabilities on the device: `softmax(row r / temperature)[tokens[r]]`
-    /// for the first `tokens.len()` rows of `logits` (`[rows, vocab]`), as
-    /// `sirius::corrector::token_probability` computes them (f32 exponentials).
-    pub fn accept_probs(
-        &self,
-        logits: &CudaBuf,
-        vocab: usize,
-        tokens: &[u32],
-        temperature: f32,
-    ) -> Result<Vec<f32>> {
-        ops_sampling::accept_probs(&self.ctx, logits, vocab, tokens, temperature)
     }
 }
 
@@ -309,10 +288,7 @@ impl SparseOps for CudaBackend {
         shared: bool,
         kept: &mut NeuronLists,
     ) -> Result<()> {
-        match shared {
-            true => ffn::select_neurons_shared(&self.ctx, act, n_tokens, width, rule, kept),
-            false => ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, kept),
-        }
+        ffn::select_neurons(&self.ctx, act, n_tokens, width, rule, shared, kept)
     }
 
     fn silu(&self, x: &mut CudaBuf, len: usize) -> Result<()> {

@@ -15,34 +15,45 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
-use super::device::CudaDevice;
+use super::device::{panic_message, CudaDevice};
 use super::kernels::KERNELS;
 use super::memory::Stream;
 use super::nvrtc::{self, Ptx};
 use crate::error::{Error, Result};
 
-/// Runs one driver call for `op`, turning its error (or a cudarc panic) into `Error::Cuda`.
-pub(crate) fn call<T>(
-    op: &str,
-    what: &str,
-    f: impl FnOnce() -> std::result::Result<T, DriverError>,
-) -> Result<T> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Error::Cuda(format!("{op}: {what} failed: {:?}", e.0))),
-        Err(payload) => Err(Error::Cuda(format!(
-            "{op}: {what}: the CUDA library failed: {}",
-            panic_message(payload.as_ref())
-        ))),
+/// An error of a CUDA library as cudarc returns it: the library's name (for a cudarc panic)
+/// and its status code (printed as its enum name, e.g. CUDA_ERROR_OUT_OF_MEMORY).
+pub(crate) trait LibraryError {
+    const LIBRARY: &'static str;
+    fn status(&self) -> &dyn std::fmt::Debug;
+}
+
+impl LibraryError for DriverError {
+    const LIBRARY: &'static str = "CUDA";
+    fn status(&self) -> &dyn std::fmt::Debug {
+        &self.0
     }
 }
 
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
+/// Runs one call into a CUDA library (driver or cuBLAS) for `op`, turning its error (or a
+/// cudarc panic) into `Error::Cuda`.
+pub(crate) fn call<T, E: LibraryError>(
+    op: &str,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Cuda(format!(
+            "{op}: {what} failed: {:?}",
+            e.status()
+        ))),
+        Err(payload) => Err(Error::Cuda(format!(
+            "{op}: {what}: the {} library failed: {}",
+            E::LIBRARY,
+            panic_message(payload.as_ref())
+        ))),
+    }
 }
 
 /// `v` as a kernel's u32 size argument, or an error naming what overflowed.
@@ -218,7 +229,6 @@ impl Ctx {
                 "{op}: kernel `{name}` is not in the loaded modules"
             ))
         })?;
-        self.bind()?;
         let mut values = args.0;
         // Pointers into `values`, which is neither moved nor resized until the launch
         // returns (the driver copies the arguments during cuLaunchKernel).
@@ -230,13 +240,24 @@ impl Ctx {
                 Arg::F32(v) => v as *mut f32 as *mut c_void,
             })
             .collect();
-        let stream = self.raw_stream();
         // SAFETY: `f` comes from a module loaded in this context; the arguments match the
         // kernel's parameter list (each op builds them from the kernel's header comment),
         // and the device pointers are live allocations checked against the sizes passed.
-        call(op, name, || unsafe {
+        self.on_stream(op, name, |stream| unsafe {
             result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params)
         })
+    }
+
+    /// Runs driver call `what` for `op` with the context bound, given the compute stream.
+    fn on_stream<T>(
+        &self,
+        op: &str,
+        what: &str,
+        f: impl FnOnce(sys::CUstream) -> std::result::Result<T, DriverError>,
+    ) -> Result<T> {
+        self.bind()?;
+        let stream = self.raw_stream();
+        call(op, what, || f(stream))
     }
 
     /// Copies `src` to device memory at `dst` in stream order. The host data is staged by
@@ -245,10 +266,8 @@ impl Ctx {
         if src.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the caller passes `dst` with room for `src` (checked by every op).
-        call(op, "cuMemcpyHtoDAsync", || unsafe {
+        self.on_stream(op, "cuMemcpyHtoDAsync", |stream| unsafe {
             result::memcpy_htod_async(dst, src, stream)
         })
     }
@@ -258,11 +277,9 @@ impl Ctx {
         if dst.is_empty() {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the caller passes `src` holding `dst.len()` elements; the copy finishes
         // before `dst` is released (synchronize below).
-        call(op, "cuMemcpyDtoHAsync", || unsafe {
+        self.on_stream(op, "cuMemcpyDtoHAsync", |stream| unsafe {
             result::memcpy_dtoh_async(dst, src, stream)
         })?;
         self.synchronize(op)
@@ -273,20 +290,16 @@ impl Ctx {
         if bytes == 0 {
             return Ok(());
         }
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: `dst` holds `bytes` bytes (the caller's allocation).
-        call(op, "cuMemsetD8Async", || unsafe {
+        self.on_stream(op, "cuMemsetD8Async", |stream| unsafe {
             result::memset_d8_async(dst, 0, bytes, stream)
         })
     }
 
     /// Blocks until the compute stream is idle.
     pub fn synchronize(&self, op: &str) -> Result<()> {
-        self.bind()?;
-        let stream = self.raw_stream();
         // SAFETY: the stream lives as long as `self`.
-        call(op, "cuStreamSynchronize", || unsafe {
+        self.on_stream(op, "cuStreamSynchronize", |stream| unsafe {
             result::stream::synchronize(stream)
         })
     }

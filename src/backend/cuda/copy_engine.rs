@@ -87,13 +87,6 @@ pub struct DeviceFilled {
     generation: u64,
 }
 
-impl DeviceFilled {
-    /// The device address of piece `i`, if there is one.
-    pub fn piece_ptr(&self, i: usize) -> Option<u64> {
-        (self.pieces.get(i)).map(|r| self.mem.ptr() + r.start as u64)
-    }
-}
-
 impl std::fmt::Debug for DeviceFilled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
@@ -186,12 +179,6 @@ impl DeviceCopyEngine {
             trace: opts.trace,
             broken: None,
         })
-    }
-
-    /// The stream the forward's kernels run on (the backend's; the events order it after
-    /// the copies).
-    pub fn compute_stream(&self) -> &Stream {
-        &self.ctx.stream
     }
 
     /// Queues jobs and issues as many copies as there are free buffers. Nothing is queued

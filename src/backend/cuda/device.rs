@@ -83,14 +83,19 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The message of a caught panic (cudarc's on a missing library or symbol).
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Runs a driver call, turning a cudarc panic (missing symbol or library) into an error.
 pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
+        let msg = panic_message(payload.as_ref());
         Error::Cuda(format!("{what}: the CUDA driver library failed: {msg}"))
     })
 }
@@ -101,6 +106,14 @@ pub(crate) fn driver_error(what: &str, e: DriverError) -> Error {
     Error::Cuda(format!("{what} failed: {:?}", e.0))
 }
 
+/// Runs driver call `what` ([`guarded`]), its error reported as [`driver_error`] says.
+pub(crate) fn driver_call<T>(
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, DriverError>,
+) -> Result<T> {
+    guarded(what, f)?.map_err(|e| driver_error(what, e))
+}
+
 /// The driver's CUDA version as (major, minor); errors when libcuda is absent.
 pub fn driver_version() -> Result<(u32, u32)> {
     if !driver_present() {
@@ -108,12 +121,9 @@ pub fn driver_version() -> Result<(u32, u32)> {
     }
     let mut v: c_int = 0;
     // SAFETY: libcuda loads (checked above); `v` is valid for a write.
-    let status = guarded("cuDriverGetVersion", || unsafe {
-        sys::cuDriverGetVersion(&mut v)
+    driver_call("cuDriverGetVersion", || unsafe {
+        sys::cuDriverGetVersion(&mut v).result()
     })?;
-    status
-        .result()
-        .map_err(|e| driver_error("cuDriverGetVersion", e))?;
     Ok(split_version(v))
 }
 
@@ -159,10 +169,8 @@ fn check_symbols() -> Result<()> {
 /// Number of CUDA devices (0 when the driver finds none).
 pub fn device_count() -> Result<usize> {
     init_driver()?;
-    match guarded("cuDeviceGetCount", result::device::get_count)? {
-        Ok(n) => Ok(n.max(0) as usize),
-        Err(e) => Err(driver_error("cuDeviceGetCount", e)),
-    }
+    let n = driver_call("cuDeviceGetCount", result::device::get_count)?;
+    Ok(n.max(0) as usize)
 }
 
 /// Library, version and symbol checks, then cuInit.
@@ -212,16 +220,14 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
     }
     let ord = c_int::try_from(ordinal)
         .map_err(|_| Error::Cuda(format!("CUDA device {ordinal} does not exist")))?;
-    let device = guarded("cuDeviceGet", || result::device::get(ord))?
-        .map_err(|e| driver_error("cuDeviceGet", e))?;
+    let device = driver_call("cuDeviceGet", || result::device::get(ord))?;
     let name = device_name(device)?;
     let attribute = |a: sys::CUdevice_attribute| -> Result<u32> {
         // SAFETY: `device` came from cuDeviceGet.
-        guarded("cuDeviceGetAttribute", || unsafe {
+        let v = driver_call("cuDeviceGetAttribute", || unsafe {
             result::device::get_attribute(device, a)
-        })?
-        .map(|v| v.max(0) as u32)
-        .map_err(|e| driver_error("cuDeviceGetAttribute", e))
+        })?;
+        Ok(v.max(0) as u32)
     };
     use sys::CUdevice_attribute::*;
     let compute_capability = (
@@ -229,10 +235,9 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
         attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
     );
     // SAFETY: `device` came from cuDeviceGet.
-    let total_memory = guarded("cuDeviceTotalMem", || unsafe {
+    let total_memory = driver_call("cuDeviceTotalMem", || unsafe {
         result::device::total_mem(device)
-    })?
-    .map_err(|e| driver_error("cuDeviceTotalMem", e))? as u64;
+    })? as u64;
     // SAFETY: as above; released in Drop.
     let context = guarded("cuDevicePrimaryCtxRetain", || unsafe {
         result::primary_ctx::retain(device)
@@ -262,11 +267,9 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
 fn device_name(device: sys::CUdevice) -> Result<String> {
     let mut buf = [0u8; 256];
     // SAFETY: `buf` is valid for `buf.len()` bytes; `device` came from cuDeviceGet.
-    guarded("cuDeviceGetName", || unsafe {
-        sys::cuDeviceGetName(buf.as_mut_ptr() as *mut c_char, buf.len() as c_int, device)
-    })?
-    .result()
-    .map_err(|e| driver_error("cuDeviceGetName", e))?;
+    driver_call("cuDeviceGetName", || unsafe {
+        sys::cuDeviceGetName(buf.as_mut_ptr() as *mut c_char, buf.len() as c_int, device).result()
+    })?;
     let name = match CStr::from_bytes_until_nul(&buf) {
         Ok(s) => String::from_utf8_lossy(s.to_bytes()).into_owned(),
         Err(_) => String::from_utf8_lossy(&buf).into_owned(),
@@ -279,17 +282,15 @@ impl CudaDevice {
     /// allocates, copies or launches needs it; the context is per thread).
     pub fn bind(&self) -> Result<()> {
         // SAFETY: the context is retained until drop.
-        guarded("cuCtxSetCurrent", || unsafe {
+        driver_call("cuCtxSetCurrent", || unsafe {
             result::ctx::set_current(self.context)
-        })?
-        .map_err(|e| driver_error("cuCtxSetCurrent", e))
+        })
     }
 
     /// (free, total) device memory now, in bytes.
     pub fn memory_info(&self) -> Result<(u64, u64)> {
         self.bind()?;
-        let (free, total) = guarded("cuMemGetInfo", result::mem_get_info)?
-            .map_err(|e| driver_error("cuMemGetInfo", e))?;
+        let (free, total) = driver_call("cuMemGetInfo", result::mem_get_info)?;
         Ok((free as u64, total as u64))
     }
 

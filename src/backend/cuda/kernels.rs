@@ -74,10 +74,4 @@ pub const KERNELS: &[KernelSource] = &[
             "select_threshold_f32",
         ]
     ),
-    kernel!("sampling.cu", ["argmax_f32", "accept_probs_f32"]),
 ];
-
-/// The kernel file named `file` (e.g. "matvec.cu").
-pub fn kernel_source(file: &str) -> Option<&'static KernelSource> {
-    KERNELS.iter().find(|k| k.file == file)
-}

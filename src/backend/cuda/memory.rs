@@ -27,9 +27,10 @@
 
 use std::sync::Arc;
 
+use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
-use super::device::{driver_error, guarded, CudaDevice};
+use super::device::{driver_call, driver_error, guarded, CudaDevice};
 use crate::error::{Error, Result};
 use crate::units::format_bytes;
 
@@ -118,13 +119,21 @@ impl PinnedBuffer {
 
 impl Drop for PinnedBuffer {
     fn drop(&mut self) {
-        if self.device.bind().is_ok() {
-            // SAFETY: allocated by cuMemHostAlloc, freed once.
-            let _ = guarded("cuMemFreeHost", || unsafe {
-                result::free_host(self.ptr as *mut std::ffi::c_void)
-            });
-        }
+        // SAFETY: allocated by cuMemHostAlloc, freed once.
+        let _ = bound(&self.device, "cuMemFreeHost", || unsafe {
+            result::free_host(self.ptr as *mut std::ffi::c_void)
+        });
     }
+}
+
+/// Binds `device`'s context, then runs driver call `what` ([`driver_call`]).
+fn bound<T>(
+    device: &CudaDevice,
+    what: &str,
+    f: impl FnOnce() -> std::result::Result<T, DriverError>,
+) -> Result<T> {
+    device.bind()?;
+    driver_call(what, f)
 }
 
 /// A non-blocking stream (no implicit synchronisation with the legacy default stream).
@@ -138,11 +147,9 @@ unsafe impl Send for Stream {}
 
 impl Stream {
     pub fn new(device: &Arc<CudaDevice>) -> Result<Self> {
-        device.bind()?;
-        let raw = guarded("cuStreamCreate", || {
+        let raw = bound(device, "cuStreamCreate", || {
             result::stream::create(result::stream::StreamKind::NonBlocking)
-        })?
-        .map_err(|e| driver_error("cuStreamCreate", e))?;
+        })?;
         Ok(Stream {
             device: device.clone(),
             raw,
@@ -156,38 +163,32 @@ impl Stream {
 
     /// Blocks the host until everything queued on the stream has finished.
     pub fn synchronize(&self) -> Result<()> {
-        self.device.bind()?;
         // SAFETY: the stream lives until drop.
-        guarded("cuStreamSynchronize", || unsafe {
+        bound(&self.device, "cuStreamSynchronize", || unsafe {
             result::stream::synchronize(self.raw)
-        })?
-        .map_err(|e| driver_error("cuStreamSynchronize", e))
+        })
     }
 
     /// Work queued on this stream after this call waits for the event's last recording
     /// (the host does not block; an event never recorded is no wait at all).
     pub fn wait(&self, event: &Event) -> Result<()> {
-        self.device.bind()?;
         // SAFETY: both handles live until their drop.
-        guarded("cuStreamWaitEvent", || unsafe {
+        bound(&self.device, "cuStreamWaitEvent", || unsafe {
             result::stream::wait_event(
                 self.raw,
                 event.raw,
                 sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
             )
-        })?
-        .map_err(|e| driver_error("cuStreamWaitEvent", e))
+        })
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.device.bind().is_ok() {
-            // SAFETY: created in `new`, destroyed once; queued work still completes.
-            let _ = guarded("cuStreamDestroy", || unsafe {
-                result::stream::destroy(self.raw)
-            });
-        }
+        // SAFETY: created in `new`, destroyed once; queued work still completes.
+        let _ = bound(&self.device, "cuStreamDestroy", || unsafe {
+            result::stream::destroy(self.raw)
+        });
     }
 }
 
@@ -225,13 +226,11 @@ impl Event {
 
     /// `flags`: CUevent_flags bits, or-ed (cudarc's `event::create` takes one variant).
     fn with_flags(device: &Arc<CudaDevice>, flags: u32) -> Result<Self> {
-        device.bind()?;
         let mut raw: sys::CUevent = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out-pointer for the created handle.
-        guarded("cuEventCreate", || unsafe {
+        bound(device, "cuEventCreate", || unsafe {
             sys::cuEventCreate(&mut raw, flags).result()
-        })?
-        .map_err(|e| driver_error("cuEventCreate", e))?;
+        })?;
         Ok(Event {
             device: device.clone(),
             raw,
@@ -252,42 +251,34 @@ impl Event {
     /// Milliseconds between two completed recordings of timed events (both made by
     /// [`Event::timed`]; the driver refuses events still pending with NOT_READY).
     pub fn elapsed_ms(start: &Event, end: &Event) -> Result<f32> {
-        start.device.bind()?;
         // SAFETY: both events live until their drop.
-        guarded("cuEventElapsedTime", || unsafe {
+        bound(&start.device, "cuEventElapsedTime", || unsafe {
             result::event::elapsed(start.raw, end.raw)
-        })?
-        .map_err(|e| driver_error("cuEventElapsedTime", e))
+        })
     }
 
     /// Captures the work queued on `stream` so far.
     pub fn record(&self, stream: &Stream) -> Result<()> {
-        self.device.bind()?;
         // SAFETY: both handles live until their drop.
-        guarded("cuEventRecord", || unsafe {
+        bound(&self.device, "cuEventRecord", || unsafe {
             result::event::record(self.raw, stream.raw)
-        })?
-        .map_err(|e| driver_error("cuEventRecord", e))
+        })
     }
 
     /// Blocks the host until the captured work has finished (at once if never recorded).
     pub fn synchronize(&self) -> Result<()> {
-        self.device.bind()?;
         // SAFETY: the event lives until drop.
-        guarded("cuEventSynchronize", || unsafe {
+        bound(&self.device, "cuEventSynchronize", || unsafe {
             result::event::synchronize(self.raw)
-        })?
-        .map_err(|e| driver_error("cuEventSynchronize", e))
+        })
     }
 }
 
 impl Drop for Event {
     fn drop(&mut self) {
-        if self.device.bind().is_ok() {
-            // SAFETY: created in `new`, destroyed once.
-            let _ = guarded("cuEventDestroy", || unsafe {
-                result::event::destroy(self.raw)
-            });
-        }
+        // SAFETY: created in `new`, destroyed once.
+        let _ = bound(&self.device, "cuEventDestroy", || unsafe {
+            result::event::destroy(self.raw)
+        });
     }
 }

@@ -1,7 +1,8 @@
 //! CUDA backend (feature `cuda`): the kernels ([`kernels`], sources in `kernels/*.cu`), their
-//! run-time compilation with NVRTC ([`nvrtc`]), the device probe ([`device`]), memory and
-//! streams for offloading ([`memory`]; `offload` plugs them into the offloading runtime), and
-//! [`CudaBackend`], the `Backend` ops on a GPU.
+//! run-time compilation with NVRTC ([`nvrtc`]), the device probe ([`device`]), pinned memory,
+//! streams and events ([`memory`]) and the copy engine built on them ([`copy_engine`];
+//! `offload` plugs both into the offloading runtime), and [`CudaBackend`], the `Backend` and
+//! `SparseOps` ops on a GPU (`ops_*`).
 
 mod backend;
 mod buffers;
@@ -16,7 +17,6 @@ mod ops_attention;
 mod ops_basic;
 mod ops_ffn;
 mod ops_matmul;
-mod ops_sampling;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};

@@ -22,9 +22,21 @@ const MAX_GRID_Y: usize = 65535;
 
 /// The grid of a grid-stride kernel over `len` elements: enough blocks to cover it, at most
 /// 4 per SM (elementwise.cu).
-pub(crate) fn stride_grid(ctx: &Ctx, len: usize) -> u32 {
+fn stride_grid(ctx: &Ctx, len: usize) -> u32 {
     let blocks = len.div_ceil(THREADS as usize);
     blocks.min(4 * ctx.sms as usize).max(1) as u32
+}
+
+/// Queues grid-stride kernel `kernel` over `len` elements ([`stride_grid`] blocks of
+/// THREADS threads).
+pub(crate) fn launch_grid_stride(
+    ctx: &Ctx,
+    op: &str,
+    kernel: &'static str,
+    len: usize,
+    args: KArgs,
+) -> Result<()> {
+    ctx.launch(op, kernel, (stride_grid(ctx, len), 1, 1), THREADS, args)
 }
 
 /// `Err` unless `buf` holds at least `need` floats.
@@ -36,15 +48,6 @@ pub(crate) fn need(op: &str, what: &str, buf: &CudaBuf, need: usize) -> Result<(
         )));
     }
     Ok(())
-}
-
-/// The kernel suffix of a weight dtype.
-pub(crate) fn dtype_suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        DType::F32 => "f32",
-    }
 }
 
 pub(crate) fn embed(
@@ -128,13 +131,7 @@ pub(crate) fn add_bias(ctx: &Ctx, x: &mut CudaBuf, bias: &CudaBuf, n_tokens: usi
         .ptr(bias.device_ptr())
         .u32(n_tokens as u32)
         .u32(width as u32);
-    ctx.launch(
-        OP,
-        "add_bias_f32",
-        (stride_grid(ctx, len), 1, 1),
-        THREADS,
-        args,
-    )
+    launch_grid_stride(ctx, OP, "add_bias_f32", len, args)
 }
 
 /// A device copy of a RopeTable's cos/sin rows, grown on demand. Kept for the table whose
@@ -325,13 +322,7 @@ pub(crate) fn copy_rows(
         .u32(dst_row as u32)
         .u32(n_rows as u32)
         .u32(row_len as u32);
-    ctx.launch(
-        OP,
-        "copy_rows_f32",
-        (stride_grid(ctx, n), 1, 1),
-        THREADS,
-        args,
-    )
+    launch_grid_stride(ctx, OP, "copy_rows_f32", n, args)
 }
 
 /// silu_mul_f32 / add_f32: `a[i] = f(a[i], b[i])` for i < len.
@@ -352,7 +343,7 @@ pub(crate) fn binary(
         .ptr(a.device_ptr())
         .ptr(b.device_ptr())
         .u32(to_u32(op, "len", len)?);
-    ctx.launch(op, kernel, (stride_grid(ctx, len), 1, 1), THREADS, args)
+    launch_grid_stride(ctx, op, kernel, len, args)
 }
 
 pub(crate) fn silu(ctx: &Ctx, x: &mut CudaBuf, len: usize) -> Result<()> {
@@ -364,7 +355,7 @@ pub(crate) fn silu(ctx: &Ctx, x: &mut CudaBuf, len: usize) -> Result<()> {
     let args = KArgs::new()
         .ptr(x.device_ptr())
         .u32(to_u32(OP, "len", len)?);
-    ctx.launch(OP, "silu_f32", (stride_grid(ctx, len), 1, 1), THREADS, args)
+    launch_grid_stride(ctx, OP, "silu_f32", len, args)
 }
 
 pub(crate) fn read(ctx: &Ctx, buf: &CudaBuf, offset: usize, out: &mut [f32]) -> Result<()> {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
-use super::ops_basic::{dtype_suffix, need};
+use super::ops_basic::need;
 use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
@@ -28,6 +28,8 @@ const DOWN_THREADS: usize = 128;
 const MAX_SPLITS: usize = 64;
 /// ... of at least this many neurons each.
 const MIN_SPLIT_NEURONS: usize = 32;
+/// The op name in bundle_ffn's errors.
+const BUNDLE_FFN: &str = "bundle_ffn";
 
 pub(crate) fn upload_matrix(
     ctx: &Arc<Ctx>,
@@ -78,6 +80,8 @@ fn check_bias(what: &str, bias: Option<&CudaBuf>, neurons: usize) -> Result<u64>
     }
 }
 
+/// Backend::bundle_ffn: the arguments checked, then bundle_act and bundle_down
+/// (kernels/neurons.cu; see [`BundleCall`]).
 pub(crate) fn bundle_ffn(
     ctx: &Arc<Ctx>,
     bundles: &CudaMatrix,
@@ -87,8 +91,7 @@ pub(crate) fn bundle_ffn(
     sel: BundleSelection<'_, CudaBuf>,
     out: &mut CudaBuf,
 ) -> Result<()> {
-    const OP: &str = "bundle_ffn";
-    bundles.check_on_device(OP)?;
+    bundles.check_on_device(BUNDLE_FFN)?;
     let parts = layout.parts();
     if !bundles.cols.is_multiple_of(parts) {
         return Err(Error::InvalidArgument(format!(
@@ -97,158 +100,255 @@ pub(crate) fn bundle_ffn(
         )));
     }
     let hidden = bundles.cols / parts;
-    let neurons = bundles.rows;
-    need(OP, "x", x, n_tokens * hidden)?;
-    need(OP, "out", out, n_tokens * hidden)?;
+    need(BUNDLE_FFN, "x", x, n_tokens * hidden)?;
+    need(BUNDLE_FFN, "out", out, n_tokens * hidden)?;
     if n_tokens == 0 || hidden == 0 {
         return Ok(());
     }
-    // What each selection gives the kernels: (ids, offsets, coeff, gate bias, up bias,
-    // count, total); the id and offset lists stay alive (in `_lists`) until queued.
-    let (_lists, ids, offsets, coeff, gate_bias, up_bias, count, total) = match sel {
-        BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => {
-            return Err(Error::InvalidArgument(
-                "a dense pass over bundles needs their gate rows".into(),
-            ));
-        }
-        BundleSelection::All { gate_bias, up_bias } => {
-            let g = check_bias("gate bias", gate_bias, neurons)?;
-            let u = check_bias("up bias", up_bias, neurons)?;
-            (None, 0, 0, 0, g, u, neurons, n_tokens * neurons)
-        }
-        BundleSelection::PerToken {
-            coeff,
-            kept,
-            up_bias,
-        } => {
-            if kept.n_tokens() < n_tokens || kept.ids.iter().any(|&i| i as usize >= neurons) {
-                return Err(Error::InvalidArgument(
-                    "neuron lists do not match the tokens or the bundles".into(),
-                ));
-            }
-            need(OP, "coeff", coeff, n_tokens * neurons)?;
-            let u = check_bias("up bias", up_bias, neurons)?;
-            let total = kept.offsets[n_tokens];
-            if total > kept.ids.len() {
-                return Err(Error::InvalidArgument(
-                    "neuron lists do not match the tokens or the bundles".into(),
-                ));
-            }
-            let offs: Vec<u32> = kept.offsets[..=n_tokens]
-                .iter()
-                .map(|&o| to_u32(OP, "list offset", o))
-                .collect::<Result<_>>()?;
-            if offs.windows(2).any(|w| w[0] > w[1]) || offs[0] != 0 {
-                return Err(Error::InvalidArgument(
-                    "neuron lists do not match the tokens or the bundles".into(),
-                ));
-            }
-            let ids = DevMem::upload(ctx, OP, &kept.ids[..total])?;
-            let offsets = DevMem::upload(ctx, OP, &offs)?;
-            let (ip, op) = (ids.ptr(), offsets.ptr());
-            (
-                Some((ids, offsets)),
-                ip,
-                op,
-                coeff.device_ptr(),
-                0,
-                u,
-                0,
-                total,
-            )
-        }
-    };
-    let total_u32 = to_u32(OP, "listed neurons", total)?;
-    let (n32, count32, neurons32) = (
-        to_u32(OP, "tokens", n_tokens)?,
-        to_u32(OP, "count", count)?,
-        to_u32(OP, "neurons", neurons)?,
-    );
-    let (hidden32, parts32) = (hidden as u32, parts as u32);
-    let suffix = dtype_suffix(bundles.dtype);
-    let act = DevMem::new(ctx, OP, total.max(1) * 4)?;
-    let args = KArgs::new()
-        .ptr(bundles.device_ptr())
-        .ptr(x.device_ptr())
-        .ptr(ids)
-        .ptr(offsets)
-        .ptr(coeff)
-        .ptr(gate_bias)
-        .ptr(up_bias)
-        .ptr(act.ptr())
-        .u32(n32)
-        .u32(count32)
-        .u32(total_u32)
-        .u32(neurons32)
-        .u32(hidden32)
-        .u32(parts32);
-    let act_grid = to_u32(OP, "blocks", total.div_ceil(ACT_WARPS))?;
-    ctx.launch(OP, act_kernel(suffix), (act_grid, 1, 1), THREADS, args)?;
+    let sel = Selected::new(ctx, layout, sel, n_tokens, bundles.rows)?;
+    let call = BundleCall::new(bundles, sel, n_tokens, hidden, parts)?;
+    let act = call.launch_act(ctx, x)?;
+    call.launch_down(ctx, &act, out)
+}
 
-    if n_tokens > 65535 {
-        return Err(Error::InvalidArgument(format!(
-            "bundle_ffn: {n_tokens} tokens is more than a CUDA grid holds (65535)"
-        )));
+/// What a [`BundleSelection`] gives the bundle kernels: device pointers (0 for none) and
+/// neuron counts.
+struct Selected {
+    /// The uploaded id and offset lists (per-token selection), kept alive until the kernels
+    /// that read them are queued.
+    _lists: Option<(DevMem, DevMem)>,
+    ids: u64,
+    offsets: u64,
+    coeff: u64,
+    gate_bias: u64,
+    up_bias: u64,
+    /// Neurons per token of a dense pass (0 with per-token lists).
+    count: usize,
+    /// (token, neuron) pairs computed: the bundle_act kernel's work items.
+    total: usize,
+}
+
+impl Selected {
+    fn new(
+        ctx: &Arc<Ctx>,
+        layout: BundleLayout,
+        sel: BundleSelection<'_, CudaBuf>,
+        n_tokens: usize,
+        neurons: usize,
+    ) -> Result<Selected> {
+        match sel {
+            BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => Err(
+                Error::InvalidArgument("a dense pass over bundles needs their gate rows".into()),
+            ),
+            BundleSelection::All { gate_bias, up_bias } => Ok(Selected {
+                gate_bias: check_bias("gate bias", gate_bias, neurons)?,
+                up_bias: check_bias("up bias", up_bias, neurons)?,
+                _lists: None,
+                ids: 0,
+                offsets: 0,
+                coeff: 0,
+                count: neurons,
+                total: n_tokens * neurons,
+            }),
+            BundleSelection::PerToken {
+                coeff,
+                kept,
+                up_bias,
+            } => Selected::per_token(ctx, coeff, kept, up_bias, n_tokens, neurons),
+        }
     }
-    // Split each token's list over several blocks when tokens x columns alone leave SMs idle.
-    let col_blocks = hidden.div_ceil(8 * DOWN_THREADS);
-    let blocks = col_blocks * n_tokens;
+
+    /// CATS's lists: checked against the tokens and the bundles, then uploaded.
+    fn per_token(
+        ctx: &Arc<Ctx>,
+        coeff: &CudaBuf,
+        kept: &NeuronLists,
+        up_bias: Option<&CudaBuf>,
+        n_tokens: usize,
+        neurons: usize,
+    ) -> Result<Selected> {
+        let mismatch =
+            || Error::InvalidArgument("neuron lists do not match the tokens or the bundles".into());
+        if kept.n_tokens() < n_tokens || kept.ids.iter().any(|&i| i as usize >= neurons) {
+            return Err(mismatch());
+        }
+        need(BUNDLE_FFN, "coeff", coeff, n_tokens * neurons)?;
+        let up_bias = check_bias("up bias", up_bias, neurons)?;
+        let total = kept.offsets[n_tokens];
+        if total > kept.ids.len() {
+            return Err(mismatch());
+        }
+        let offs: Vec<u32> = kept.offsets[..=n_tokens]
+            .iter()
+            .map(|&o| to_u32(BUNDLE_FFN, "list offset", o))
+            .collect::<Result<_>>()?;
+        if offs.windows(2).any(|w| w[0] > w[1]) || offs[0] != 0 {
+            return Err(mismatch());
+        }
+        let ids = DevMem::upload(ctx, BUNDLE_FFN, &kept.ids[..total])?;
+        let offsets = DevMem::upload(ctx, BUNDLE_FFN, &offs)?;
+        Ok(Selected {
+            ids: ids.ptr(),
+            offsets: offsets.ptr(),
+            coeff: coeff.device_ptr(),
+            gate_bias: 0,
+            up_bias,
+            count: 0,
+            total,
+            _lists: Some((ids, offsets)),
+        })
+    }
+}
+
+/// One checked bundle_ffn call: what both of its kernels read.
+struct BundleCall<'a> {
+    bundles: &'a CudaMatrix,
+    sel: Selected,
+    n_tokens: usize,
+    hidden: usize,
+    /// The sizes both kernels take, in their order: tokens, count, total, neurons, hidden,
+    /// parts.
+    sizes: [u32; 6],
+}
+
+impl<'a> BundleCall<'a> {
+    fn new(
+        bundles: &'a CudaMatrix,
+        sel: Selected,
+        n_tokens: usize,
+        hidden: usize,
+        parts: usize,
+    ) -> Result<BundleCall<'a>> {
+        let total = to_u32(BUNDLE_FFN, "listed neurons", sel.total)?;
+        let sizes = [
+            to_u32(BUNDLE_FFN, "tokens", n_tokens)?,
+            to_u32(BUNDLE_FFN, "count", sel.count)?,
+            total,
+            to_u32(BUNDLE_FFN, "neurons", bundles.rows)?,
+            hidden as u32,
+            parts as u32,
+        ];
+        if n_tokens > 65535 {
+            return Err(Error::InvalidArgument(format!(
+                "bundle_ffn: {n_tokens} tokens is more than a CUDA grid holds (65535)"
+            )));
+        }
+        Ok(BundleCall {
+            bundles,
+            sel,
+            n_tokens,
+            hidden,
+            sizes,
+        })
+    }
+
+    /// `args` followed by the sizes.
+    fn with_sizes(&self, args: KArgs) -> KArgs {
+        self.sizes.iter().fold(args, |args, &v| args.u32(v))
+    }
+
+    /// bundle_act: every selected (token, neuron)'s activation, one warp each, into a new
+    /// buffer.
+    fn launch_act(&self, ctx: &Arc<Ctx>, x: &CudaBuf) -> Result<DevMem> {
+        let sel = &self.sel;
+        let act = DevMem::new(ctx, BUNDLE_FFN, sel.total.max(1) * 4)?;
+        let args = KArgs::new()
+            .ptr(self.bundles.device_ptr())
+            .ptr(x.device_ptr())
+            .ptr(sel.ids)
+            .ptr(sel.offsets)
+            .ptr(sel.coeff)
+            .ptr(sel.gate_bias)
+            .ptr(sel.up_bias)
+            .ptr(act.ptr());
+        let grid = to_u32(BUNDLE_FFN, "blocks", sel.total.div_ceil(ACT_WARPS))?;
+        let kernel = act_kernel(self.bundles.dtype);
+        ctx.launch(
+            BUNDLE_FFN,
+            kernel,
+            (grid, 1, 1),
+            THREADS,
+            self.with_sizes(args),
+        )?;
+        Ok(act)
+    }
+
+    /// bundle_down: `out[t] = sum of act * down row` over token t's neurons, each token's
+    /// list split over several blocks (partial sums, then reduce_splits) when tokens x
+    /// columns alone leave SMs idle.
+    fn launch_down(&self, ctx: &Arc<Ctx>, act: &DevMem, out: &mut CudaBuf) -> Result<()> {
+        let (n_tokens, hidden) = (self.n_tokens, self.hidden);
+        let col_blocks = hidden.div_ceil(8 * DOWN_THREADS);
+        let splits = down_splits(ctx, col_blocks * n_tokens, self.sel.total / n_tokens);
+        let len = n_tokens * hidden;
+        let partials = if splits > 1 {
+            Some(DevMem::new(ctx, BUNDLE_FFN, splits * len * 4)?)
+        } else {
+            None
+        };
+        let dst = partials.as_ref().map_or(out.device_ptr(), |p| p.ptr());
+        let args = KArgs::new()
+            .ptr(self.bundles.device_ptr())
+            .ptr(act.ptr())
+            .ptr(self.sel.ids)
+            .ptr(self.sel.offsets)
+            .ptr(dst);
+        let grid = (col_blocks as u32, splits as u32, self.sizes[0]);
+        let kernel = down_kernel(self.bundles.dtype);
+        let block = DOWN_THREADS as u32;
+        ctx.launch(BUNDLE_FFN, kernel, grid, block, self.with_sizes(args))?;
+        match &partials {
+            Some(p) => reduce_splits(ctx, p, out, splits, len),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Blocks each token's list is split over: 1 when `blocks` (tokens x column blocks) give
+/// every SM two, else as many as fill them, at most MAX_SPLITS and at least
+/// MIN_SPLIT_NEURONS of the token's `per_token` neurons each.
+fn down_splits(ctx: &Ctx, blocks: usize, per_token: usize) -> usize {
     let target = 2 * ctx.sms as usize;
-    let per_token = total / n_tokens;
-    let splits = if blocks >= target {
+    if blocks >= target {
         1
     } else {
         target
             .div_ceil(blocks)
             .min(per_token / MIN_SPLIT_NEURONS)
             .clamp(1, MAX_SPLITS)
-    };
-    let len = n_tokens * hidden;
-    let partials = if splits > 1 {
-        Some(DevMem::new(ctx, OP, splits * len * 4)?)
-    } else {
-        None
-    };
-    let dst = partials.as_ref().map_or(out.device_ptr(), |p| p.ptr());
+    }
+}
+
+/// reduce_splits: `out` = the sum of the `splits` partial outputs of `len` floats.
+fn reduce_splits(
+    ctx: &Ctx,
+    partials: &DevMem,
+    out: &mut CudaBuf,
+    splits: usize,
+    len: usize,
+) -> Result<()> {
     let args = KArgs::new()
-        .ptr(bundles.device_ptr())
-        .ptr(act.ptr())
-        .ptr(ids)
-        .ptr(offsets)
-        .ptr(dst)
-        .u32(n32)
-        .u32(count32)
-        .u32(total_u32)
-        .u32(neurons32)
-        .u32(hidden32)
-        .u32(parts32);
-    let grid = (col_blocks as u32, splits as u32, n32);
-    ctx.launch(OP, down_kernel(suffix), grid, DOWN_THREADS as u32, args)?;
-    if let Some(p) = &partials {
-        let args = KArgs::new()
-            .ptr(p.ptr())
-            .ptr(out.device_ptr())
-            .u32(splits as u32)
-            .u32(to_u32(OP, "output floats", len)?);
-        let grid = to_u32(OP, "blocks", len.div_ceil(THREADS as usize))?;
-        ctx.launch(OP, "reduce_splits_f32", (grid, 1, 1), THREADS, args)?;
-    }
-    Ok(())
+        .ptr(partials.ptr())
+        .ptr(out.device_ptr())
+        .u32(splits as u32)
+        .u32(to_u32(BUNDLE_FFN, "output floats", len)?);
+    let grid = to_u32(BUNDLE_FFN, "blocks", len.div_ceil(THREADS as usize))?;
+    ctx.launch(BUNDLE_FFN, "reduce_splits_f32", (grid, 1, 1), THREADS, args)
 }
 
-fn act_kernel(suffix: &str) -> &'static str {
-    match suffix {
-        "bf16" => "bundle_act_bf16",
-        "f16" => "bundle_act_f16",
-        _ => "bundle_act_f32",
+fn act_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bundle_act_bf16",
+        DType::F16 => "bundle_act_f16",
+        DType::F32 => "bundle_act_f32",
     }
 }
 
-fn down_kernel(suffix: &str) -> &'static str {
-    match suffix {
-        "bf16" => "bundle_down_bf16",
-        "f16" => "bundle_down_f16",
-        _ => "bundle_down_f32",
+fn down_kernel(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bundle_down_bf16",
+        DType::F16 => "bundle_down_f16",
+        DType::F32 => "bundle_down_f32",
     }
 }
 
@@ -290,8 +390,8 @@ pub(crate) fn accumulate_neuron_scores(
     )
 }
 
-/// Reads rows 0..n of `act`, lets `select` (the CPU selection) zero and list them, and
-/// writes the rows back.
+/// Checks that `act` holds rows 0..n, reads them, lets `select` (the CPU selection) zero
+/// and list them, and writes the rows back.
 fn on_host(
     ctx: &Arc<Ctx>,
     op: &str,
@@ -299,34 +399,57 @@ fn on_host(
     n: usize,
     select: impl FnOnce(&mut [f32]),
 ) -> Result<()> {
+    need(op, "act", act, n)?;
     let mut host = vec![0f32; n];
     ctx.dtoh(op, &mut host, act.device_ptr())?;
     select(&mut host);
     ctx.htod(op, act.device_ptr(), &host)
 }
 
+/// CATS's selection (`shared`: one list for every token, the tree beam's). Threshold rules
+/// without `shared` run on the device; the rest on the host (see the module doc).
 pub(crate) fn select_neurons(
     ctx: &Arc<Ctx>,
     act: &mut CudaBuf,
     n_tokens: usize,
     width: usize,
     rule: NeuronRule,
+    shared: bool,
     kept: &mut NeuronLists,
 ) -> Result<()> {
+    if shared {
+        return on_host(ctx, "select_neurons_shared", act, n_tokens * width, |a| {
+            host::select_neurons_shared(a, width, rule, kept)
+        });
+    }
     const OP: &str = "select_neurons";
     if width == 0 {
         return Err(Error::InvalidArgument("select_neurons: width is 0".into()));
     }
-    need(OP, "act", act, n_tokens * width)?;
     let NeuronRule::Threshold(threshold) = rule else {
         return on_host(ctx, OP, act, n_tokens * width, |a| {
             host::select_neurons(a, width, rule, kept)
         });
     };
+    need(OP, "act", act, n_tokens * width)?;
     kept.clear();
     if n_tokens == 0 {
         return Ok(());
     }
+    select_threshold(ctx, act, n_tokens, width, threshold, kept)
+}
+
+/// select_threshold_f32: each row's ids with |act| >= `threshold` (the others zeroed in
+/// place), read back into `kept`.
+fn select_threshold(
+    ctx: &Arc<Ctx>,
+    act: &mut CudaBuf,
+    n_tokens: usize,
+    width: usize,
+    threshold: f32,
+    kept: &mut NeuronLists,
+) -> Result<()> {
+    const OP: &str = "select_neurons";
     let (n32, w32) = (to_u32(OP, "rows", n_tokens)?, to_u32(OP, "width", width)?);
     to_u32(OP, "act floats", n_tokens * width)?;
     let ids = DevMem::new(ctx, OP, n_tokens * width * 4)?;
@@ -348,19 +471,4 @@ pub(crate) fn select_neurons(
         kept.push_token(all[t * width..t * width + c].iter().copied());
     }
     Ok(())
-}
-
-pub(crate) fn select_neurons_shared(
-    ctx: &Arc<Ctx>,
-    act: &mut CudaBuf,
-    n_tokens: usize,
-    width: usize,
-    rule: NeuronRule,
-    kept: &mut NeuronLists,
-) -> Result<()> {
-    const OP: &str = "select_neurons_shared";
-    need(OP, "act", act, n_tokens * width)?;
-    on_host(ctx, OP, act, n_tokens * width, |a| {
-        host::select_neurons_shared(a, width, rule, kept)
-    })
 }
