@@ -263,7 +263,7 @@ impl Fields<'_> {
             "num_key_value_heads",
             MAX_HEADS,
         )?;
-        if num_heads % num_kv_heads != 0 {
+        if !num_heads.is_multiple_of(num_kv_heads) {
             return Err(Error::config(
                 path,
                 format!("num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads ({num_kv_heads})"),
@@ -271,7 +271,7 @@ impl Fields<'_> {
         }
         let head_dim = match raw.head_dim {
             Some(d) => self.bounded(Some(d), "head_dim", MAX_HEAD_DIM)?,
-            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None if hidden_size.is_multiple_of(num_heads) => hidden_size / num_heads,
             None => {
                 return Err(Error::config(
                     path,

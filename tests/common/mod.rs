@@ -12,6 +12,7 @@ use sirius_offload::sparsity::Dense;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod offload;
+pub mod parity;
 pub mod sirius;
 
 /// One tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
