@@ -41,24 +41,22 @@ enum Command {
     Plan(PlanArgs),
 }
 
-/// The subcommands, as typed on the command line.
-const SUBCOMMANDS: [&str; 6] = ["run", "bench", "calibrate", "eval", "plan", "help"];
-
 /// The command line with `run` put in front of the options when no subcommand is named:
 /// `sirius-offload --model M --prompt P` is `sirius-offload run --model M --prompt P`.
 fn arguments() -> Vec<OsString> {
     let mut args: Vec<OsString> = std::env::args_os().collect();
-    // The first argument that is not the global -v flag decides.
+    // The first argument that is not the global -v flag decides: an option (`--model ...`)
+    // means `run`; a word is a subcommand, and a mistyped one gets clap's suggestion.
     let first = args
         .iter()
         .enumerate()
         .skip(1)
         .find(|(_, a)| !is_verbosity(a));
     if let Some((at, arg)) = first {
-        let named = arg.to_str().is_some_and(|a| {
-            SUBCOMMANDS.contains(&a) || matches!(a, "-h" | "--help" | "-V" | "--version")
+        let run_option = arg.to_str().is_some_and(|a| {
+            a.starts_with('-') && !matches!(a, "-h" | "--help" | "-V" | "--version")
         });
-        if !named {
+        if run_option {
             args.insert(at, OsString::from("run"));
         }
     }

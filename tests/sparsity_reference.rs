@@ -97,7 +97,7 @@ fn griffin_scores_selection_and_logits_match_reference() {
                 case.keep
             );
             assert!(selection.layers.iter().all(|l| l.len() == case.k));
-            let griffin = GriffinFfn::gather(&model.backend, &bundles, selection).unwrap();
+            let mut griffin = GriffinFfn::gather(&model.backend, &bundles, selection).unwrap();
             for (t, (&tok, want)) in fx
                 .continuation_ids
                 .iter()
@@ -106,7 +106,7 @@ fn griffin_scores_selection_and_logits_match_reference() {
             {
                 let got = model
                     .forward(
-                        Pass::new(&[tok], Logits::Last, &mut &griffin),
+                        Pass::new(&[tok], Logits::Last, &mut griffin),
                         &mut cache,
                         &mut scratch,
                     )
@@ -157,7 +157,7 @@ fn griffin_keep_one_gives_dense_logits() {
             &mut scratch,
         )
         .unwrap();
-    let griffin = GriffinFfn::gather(
+    let mut griffin = GriffinFfn::gather(
         &model.backend,
         &bundles,
         scores.select(&model.backend, 1.0).unwrap(),
@@ -170,7 +170,7 @@ fn griffin_keep_one_gives_dense_logits() {
     for (t, &tok) in fx.continuation_ids.iter().enumerate() {
         let got = model
             .forward(
-                Pass::new(&[tok], Logits::Last, &mut &griffin),
+                Pass::new(&[tok], Logits::Last, &mut griffin),
                 &mut cache,
                 &mut scratch,
             )

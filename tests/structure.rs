@@ -89,19 +89,39 @@ fn code_only(text: &str) -> String {
     out
 }
 
-/// The top-level modules `code` names through `crate::`.
+/// The top-level modules `code` names through `crate::`, grouped imports
+/// (`crate::{a::X, b::{Y, Z}}`) included.
 fn used_modules(code: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut out = Vec::new();
     for (at, _) in code.match_indices("crate::") {
         let rest = &code[at + 7..];
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            out.push(name);
+        let Some(group) = rest.strip_prefix('{') else {
+            out.push(ident(rest));
+            continue;
+        };
+        // Each top-level item of the group starts after the `{` or a `,` at depth 0.
+        let mut depth = 0;
+        let mut item_start = Some(0);
+        for (i, c) in group.char_indices() {
+            if let Some(start) = item_start.take() {
+                out.push(ident(&group[start..]));
+            }
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => break,
+                '}' => depth -= 1,
+                ',' if depth == 0 => item_start = Some(i + 1),
+                _ => {}
+            }
         }
     }
+    out.retain(|name| !name.is_empty());
     out
 }
 
@@ -260,6 +280,8 @@ fn the_checks_see_what_they_check() {
     // The helpers themselves, on small samples: a broken helper would pass everything.
     let code = code_only("use crate::model::Llama; // crate::engine\nlet s = \"crate::cli\";");
     assert_eq!(used_modules(&code), ["model"]);
+    let grouped = "use crate::{engine::{A, B}, model, units::x};";
+    assert_eq!(used_modules(grouped), ["engine", "model", "units"]);
     let f = functions("fn a() {\n    x;\n}\n    pub fn b(\n        y: u8,\n    ) -> u8 {\n        y\n    }\nfn c();\n");
     assert_eq!(
         f,

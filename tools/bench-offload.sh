@@ -39,14 +39,7 @@ done
 HOME_DIR="${SIRIUS_HOME:-$HOME/.cache/sirius-offload}"
 OUT="$HOME_DIR/bench/offload-$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT"
-# SIRIUS_BIN runs another build (e.g. an older commit's binary, to compare two builds in one
-# session); by default this checkout's release build.
-if [ -n "${SIRIUS_BIN:-}" ]; then
-  BIN="$SIRIUS_BIN"
-else
-  cargo build --release --locked -q
-  BIN=target/release/sirius-offload
-fi
+source tools/sirius-bin.sh
 COMMON=(run -m "$MODEL" -p "$PROMPT" --temperature 0 --max-tokens "$GEN" --threads "$THREADS"
   --sirius --period "$PERIOD" --sparsity griffin --keep "$KEEP" -q)
 

@@ -51,14 +51,7 @@ q = ("Question: A baker makes 4 trays of 18 muffins. She sells 45 muffins and gi
 open(sys.argv[2], "w", encoding="utf-8").write("\n\n".join(blocks) + "\n\n" + q)
 PY
 fi
-# SIRIUS_BIN runs another build (e.g. an older commit's binary, to compare two builds in one
-# session); by default this checkout's release build.
-if [ -n "${SIRIUS_BIN:-}" ]; then
-  BIN="$SIRIUS_BIN"
-else
-  cargo build --release --quiet
-  BIN=target/release/sirius-offload
-fi
+source tools/sirius-bin.sh
 
 NAMES=(full sparse)
 for c in $CONFIGS; do NAMES+=("sirius-$c"); done

@@ -28,14 +28,8 @@ HOME_DIR="${SIRIUS_HOME:-$HOME/.cache/sirius-offload}"
 OUT="$HOME_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$OUT"
 
-# SIRIUS_BIN runs another build (e.g. an older commit's binary, to compare two builds in one
-# session); by default this checkout's release build.
-if [ -n "${SIRIUS_BIN:-}" ]; then
-  OURS="$SIRIUS_BIN"
-else
-  cargo build --release --quiet
-  OURS=target/release/sirius-offload
-fi
+source tools/sirius-bin.sh
+OURS="$BIN"
 tools/fetch-model smollm2-135m >/dev/null
 tools/peers/llamacpp.sh --build-only >/dev/null
 

@@ -117,7 +117,7 @@ fn prompt_ids(
                 PromptKind::Raw => item.text.clone(),
             };
             let ids = l.engine.encode(&text, None)?;
-            if ids.is_empty() || ids.len() + max_tokens > context {
+            if ids.is_empty() || ids.len().saturating_add(max_tokens) > context {
                 return Err(Error::InvalidArgument(format!(
                     "{source}: line {}: the prompt ({} tokens) and --max-tokens {max_tokens} do not fit the context of {context} tokens",
                     item.line,

@@ -1,5 +1,5 @@
 //! `eval --data FILE.jsonl`: GSM8K-style accuracy of the full model, the sparse model and
-//! Sirius over the same problems (`engine::gsm`), .
+//! Sirius over the same problems (`engine::gsm`).
 
 use std::fmt::Write as _;
 use std::path::Path;

@@ -27,6 +27,7 @@ const PLAN_FIELDS: &[(&str, &str)] = &[
     ("period", "--period"),
     ("aal", "--aal"),
     ("prompt_tokens", "--prompt-tokens"),
+    ("kv_bytes", "the KV cache's element size"),
 ];
 
 /// The paper's AAL on GSM8K with K = 16 (Llama-3-8B-Instruct, Griffin), as a fraction of K.
@@ -89,6 +90,9 @@ struct Predicted<T> {
 #[derive(Serialize)]
 struct Report {
     model: String,
+    /// The option the budget came from: `--gpu-mem` (a GPU's memory, f16 KV cache) or
+    /// `--resident-mem` (the CPU runtime's resident set, f32 KV cache).
+    budget_option: &'static str,
     format: WeightFormat,
     keep: f64,
     total_weight_bytes: u64,
@@ -105,10 +109,11 @@ struct Report {
 }
 
 impl Report {
-    fn new(model: &str, plan: Plan) -> Report {
+    fn new(model: &str, budget_option: &'static str, plan: Plan) -> Report {
         let c = &plan.costs;
         Report {
             model: model.to_string(),
+            budget_option,
             format: plan.format,
             keep: plan.keep,
             total_weight_bytes: plan.total_weight_bytes,
@@ -188,10 +193,10 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         }),
         (false, _, None) => None,
     };
-    let mut report = Report::new(&args.model, first);
+    let mut report = Report::new(&args.model, option, first);
     if let Some(alt) = alternative {
         let alt = placement::plan(&alt).map_err(word)?;
-        report.alternative = Some(Box::new(Report::new(&args.model, alt)));
+        report.alternative = Some(Box::new(Report::new(&args.model, option, alt)));
     }
     match args.format {
         ReportFormat::Json => {

@@ -10,6 +10,7 @@ use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::run_args::{Device, PromptArgs, RunArgs};
 use crate::cli::wording::word_offload_error;
+use crate::config::ModelConfig;
 use crate::engine::{ChatPrompt, Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
 use crate::model::SamplingParams;
@@ -133,13 +134,14 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
         sparsity: job.sparsity.clone(),
         offload: job.offload.as_ref().map(|(o, _)| o.clone()),
     };
-    let mut engine = Engine::load(&dir, backend, &config)?;
-    let max_pos = engine.model.config.max_position_embeddings;
+    // Checked against config.json before the (long) load.
+    let max_pos = ModelConfig::from_file(&dir.join("config.json"))?.max_position_embeddings;
     if let Some(ctx) = args.ctx_size.filter(|&c| c > max_pos) {
         return Err(Error::InvalidArgument(format!(
             "--ctx-size {ctx} is larger than the model's max_position_embeddings ({max_pos})"
         )));
     }
+    let mut engine = Engine::load(&dir, backend, &config)?;
     let chat = (args.prompt.chat).then(|| ChatPrompt {
         system: args.prompt.system.clone(),
     });

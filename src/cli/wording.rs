@@ -14,6 +14,7 @@ pub fn word_offload_error(e: Error, budget_option: Option<&str>) -> Error {
         ("period", "--period"),
         ("context", "the context (--ctx-size, --max-tokens)"),
         ("prompt_tokens", "the prompt's length"),
+        ("kv_bytes", "the KV cache's element size"),
     ];
     word_plan_error(e, budget_option.unwrap_or("the memory budget"), fields)
 }

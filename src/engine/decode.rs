@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::engine::output::{rate, GenerationOutput, SiriusReport, StopReason};
 use crate::engine::text::TextOutput;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::Tokenizer;
 use crate::offload::runtime::OffloadReport;
 use crate::sparsity::SparsityReport;
@@ -29,6 +29,9 @@ pub struct Decoded {
     pub stop: StopReason,
     /// Seconds spent in `Decoder::step`.
     pub step_seconds: f64,
+    /// Tokens the steps produced that the loop used: the generated ones after the first
+    /// (which the prefill made) and a stop id that ended the request (its step ran too).
+    pub step_tokens: usize,
 }
 
 /// Generates from `first` (the prefill's token) until `max_tokens` tokens, a stop id (not
@@ -45,11 +48,14 @@ pub fn decode(
     let mut ids = Vec::new();
     let mut pending = vec![first];
     let mut step_seconds = 0.0;
+    let mut step_tokens = 0;
+    let mut from_step = false;
     let stop = 'decode: loop {
         for token in pending {
             if ids.len() >= max_tokens {
                 break 'decode StopReason::MaxTokens;
             }
+            step_tokens += usize::from(from_step);
             if stop_ids.contains(&token) {
                 break 'decode StopReason::Eos;
             }
@@ -68,11 +74,18 @@ pub fn decode(
         let t = Instant::now();
         pending = dec.step(last, max_tokens - ids.len())?;
         step_seconds += t.elapsed().as_secs_f64();
+        if pending.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a decode step produced no token".into(),
+            ));
+        }
+        from_step = true;
     };
     Ok(Decoded {
         ids,
         stop,
         step_seconds,
+        step_tokens,
     })
 }
 
@@ -139,7 +152,7 @@ pub fn run(
         prefill_seconds,
         decode_seconds: seconds,
         prefill_tokens_per_s: rate(prompt.len(), prefill_seconds),
-        decode_tokens_per_s: rate(decoded.ids.len().saturating_sub(1), seconds),
+        decode_tokens_per_s: rate(decoded.step_tokens, seconds),
         generated_token_ids: decoded.ids,
         sparse_setup_seconds: prefilled.setup_seconds,
         sparsity: report.sparsity,

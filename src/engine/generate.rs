@@ -8,8 +8,9 @@ use crate::engine::output::GenerationOutput;
 use crate::engine::plain::PlainRequest;
 use crate::engine::prefill::{cache_rows, effective_context};
 use crate::engine::sirius::{check_greedy, SiriusRequest};
-use crate::engine::{Decoding, Engine, RequestOptions};
+use crate::engine::{Decoding, Engine, Offload, RequestOptions};
 use crate::error::{Error, Result};
+use crate::model::Llama;
 use crate::offload::placement::{plan, Plan};
 use crate::offload::runtime::{OffloadRuntime, RequestShape};
 use crate::sirius::SiriusConfig;
@@ -26,18 +27,11 @@ impl<B: OffloadBackend> Engine<B> {
         decoding: Decoding,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationOutput> {
-        let context = effective_context(&self.model, opts.context);
-        let mut capacity = cache_rows(prompt, opts.max_tokens, context)?;
-        if let Decoding::Sirius(config) = decoding {
-            capacity = sirius_capacity(capacity, &config, opts)?;
-        }
-        // An offloaded request needs its runtime planned before anything borrows the model.
+        let capacity = self.request_capacity(prompt, opts, decoding)?;
         let shape = match (decoding, self.offload.is_some()) {
             (_, false) => None,
             (Decoding::Sirius(config), true) => {
-                let shape = self.offload_shape(prompt, capacity, opts, &config)?;
-                self.plan_runtime(&shape)?;
-                Some(shape)
+                Some(self.offload_shape(prompt, capacity, opts, &config)?)
             }
             (_, true) => {
                 return Err(Error::InvalidArgument(
@@ -45,11 +39,15 @@ impl<B: OffloadBackend> Engine<B> {
                 ))
             }
         };
-        let stop_ids: &[u32] = if opts.stop_at_eos {
-            &self.stop_ids
-        } else {
-            &[]
-        };
+        let Engine {
+            model,
+            tokenizer,
+            stop_ids,
+            sparsity,
+            offload,
+            ..
+        } = self;
+        let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
         let limits = RunLimits {
             max_tokens: opts.max_tokens,
             stop_ids,
@@ -57,32 +55,45 @@ impl<B: OffloadBackend> Engine<B> {
             prefill_chunk: opts.prefill_chunk,
             show_progress: opts.show_progress,
         };
-        let (model, tokenizer) = (&self.model, &self.tokenizer);
         let dims = model.ffn_dims();
-        match (decoding, shape) {
+        match (decoding, shape.zip(offload.as_mut())) {
             (Decoding::Dense | Decoding::Sparse, _) => {
                 let sparse = match decoding {
-                    Decoding::Sparse => SparseRequest::new(&self.sparsity, &model.backend, dims)?,
+                    Decoding::Sparse => SparseRequest::new(sparsity, &model.backend, dims)?,
                     _ => SparseRequest::dense(dims),
                 };
                 let mut r = PlainRequest::new(model, sparse, capacity, opts.sampling)?;
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }
             (Decoding::Sirius(config), None) => {
-                let m = LlamaSirius::new(model, &self.sparsity, capacity, &config)?;
+                let m = LlamaSirius::new(model, sparsity, capacity, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }
-            (Decoding::Sirius(config), Some(shape)) => {
-                let runtime = self.offload.as_mut().and_then(|o| o.runtime.as_mut());
-                let Some(runtime) = runtime else {
-                    return Err(Error::InvalidArgument("no offloading runtime".into()));
-                };
+            (Decoding::Sirius(config), Some((shape, offload))) => {
+                // The runtime is planned before anything borrows the model for the request.
+                let runtime = plan_runtime(model, offload, &shape)?;
                 let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }
         }
+    }
+
+    /// KV cache rows a request of `decoding` on `prompt` needs within its context.
+    fn request_capacity(
+        &self,
+        prompt: &[u32],
+        opts: &RequestOptions,
+        decoding: Decoding,
+    ) -> Result<usize> {
+        let context = effective_context(&self.model, opts.context);
+        let mut capacity = cache_rows(prompt, opts.max_tokens, context)?;
+        if let Decoding::Sirius(config) = decoding {
+            capacity = sirius_capacity(capacity, &config, opts)?;
+        }
+        tracing::debug!(context, capacity, "request cache rows");
+        Ok(capacity)
     }
 
     /// What an offloaded Sirius request on `prompt` needs resident (what `generate` plans
@@ -93,9 +104,7 @@ impl<B: OffloadBackend> Engine<B> {
         opts: &RequestOptions,
         sirius: &SiriusConfig,
     ) -> Result<RequestShape> {
-        let context = effective_context(&self.model, opts.context);
-        let capacity = cache_rows(prompt, opts.max_tokens, context)?;
-        let capacity = sirius_capacity(capacity, sirius, opts)?;
+        let capacity = self.request_capacity(prompt, opts, Decoding::Sirius(*sirius))?;
         self.offload_shape(prompt, capacity, opts, sirius)
     }
 
@@ -135,26 +144,26 @@ impl<B: OffloadBackend> Engine<B> {
             sirius,
         ))
     }
+}
 
-    /// Plans a runtime for requests of `shape` unless the current one holds them.
-    fn plan_runtime(&mut self, shape: &RequestShape) -> Result<()> {
-        let Some(offload) = self.offload.as_mut() else {
-            return Err(Error::InvalidArgument(
-                "this engine offloads nothing".into(),
-            ));
-        };
-        if offload.runtime.as_ref().is_some_and(|r| r.holds(shape)) {
-            return Ok(());
+/// The runtime for requests of `shape`: the current one when it holds them, else a new plan.
+fn plan_runtime<'o, B: OffloadBackend>(
+    model: &mut Llama<B>,
+    offload: &'o mut Offload<B>,
+    shape: &RequestShape,
+) -> Result<&'o mut OffloadRuntime<B>> {
+    let runtime = match offload.runtime.take() {
+        Some(r) if r.holds(shape) => r,
+        old => {
+            // The old runtime's arena and copy engine go first (one budget at a time), and
+            // the model gets its checkpoint weights back to be planned again.
+            if let Some(old) = old {
+                old.restore_model(model);
+            }
+            OffloadRuntime::new(model, &offload.config, *shape)?
         }
-        // The old runtime's arena and copy engine go first: one budget at a time.
-        offload.runtime = None;
-        offload.runtime = Some(OffloadRuntime::new(
-            &mut self.model,
-            &offload.config,
-            *shape,
-        )?);
-        Ok(())
-    }
+    };
+    Ok(offload.runtime.insert(runtime))
 }
 
 /// Cache rows of a Sirius request whose plain decoding would need `capacity`: a Sirius

@@ -150,7 +150,7 @@ pub fn tokenize_prompts(
         .iter()
         .map(|p| {
             let ids = tokenizer.encode(&few_shot_prompt(shots, &p.question), true)?;
-            if ids.len() + max_tokens > context {
+            if ids.len().saturating_add(max_tokens) > context {
                 return Err(Error::InvalidArgument(format!(
                     "{source}: line {}: the prompt ({} tokens with {} shots) and --max-tokens {max_tokens} exceed the context of {context} tokens: lower --shots or --max-tokens",
                     p.line,

@@ -1,6 +1,6 @@
 //! [`SiriusModel`] over the one `Llama` forward: drafts run the request's sparse FFN,
 //! verifications and the prompt the full model, all on one KV cache. Where the weights are
-//! is a [`Weights`]: all in memory ([`InMemory`]), or partly streamed by an offloading
+//! is a [`Residency`]: all in memory ([`InMemory`]), or partly streamed by an offloading
 //! runtime (`offloaded::Streamed`).
 
 use std::time::Instant;
@@ -17,7 +17,7 @@ use crate::sparsity::{Dense, FfnStrategy, SparseRequest, Sparsity, SparsityRepor
 use crate::tensor::TreeMask;
 
 /// Where a Sirius request's weights are, and what that changes for its passes.
-pub trait Weights<B: SparseOps> {
+pub trait Residency<B: SparseOps> {
     /// Whether full passes after the prompt run the request's resident neurons plus a
     /// streamed complement (offloaded), rather than the dense FFN.
     const SPLIT_FULL_PASSES: bool;
@@ -44,7 +44,7 @@ pub trait Weights<B: SparseOps> {
 /// Every weight in memory: nothing streams.
 pub struct InMemory;
 
-impl<B: SparseOps> Weights<B> for InMemory {
+impl<B: SparseOps> Residency<B> for InMemory {
     const SPLIT_FULL_PASSES: bool = false;
 
     fn place_neurons(&mut self, request: &mut SparseRequest<'_, B>, backend: &B) -> Result<()> {
@@ -52,7 +52,7 @@ impl<B: SparseOps> Weights<B> for InMemory {
     }
 }
 
-pub struct LlamaSirius<'m, B: SparseOps, W: Weights<B> = InMemory> {
+pub struct LlamaSirius<'m, B: SparseOps, W: Residency<B> = InMemory> {
     model: &'m Llama<B>,
     request: SparseRequest<'m, B>,
     pub cache: KvCache<B>,
@@ -75,7 +75,7 @@ impl<'m, B: SparseOps> LlamaSirius<'m, B> {
     }
 }
 
-impl<'m, B: SparseOps, W: Weights<B>> LlamaSirius<'m, B, W> {
+impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
     /// A request drafting with `request`'s FFN whose weights are where `weights` says.
     pub fn with_weights(
         model: &'m Llama<B>,
@@ -190,7 +190,7 @@ impl<'a> Batch<'a> {
 
 /// One forward of `batch` through `ffn`, streaming through `weights` where they say so; a
 /// pass that fails midway leaves nothing queued.
-fn run_pass<B: SparseOps, W: Weights<B>>(
+fn run_pass<B: SparseOps, W: Residency<B>>(
     model: &Llama<B>,
     weights: &mut W,
     cache: &mut KvCache<B>,
@@ -216,7 +216,7 @@ fn run_pass<B: SparseOps, W: Weights<B>>(
     out
 }
 
-impl<B: SparseOps, W: Weights<B>> SiriusModel for LlamaSirius<'_, B, W> {
+impl<B: SparseOps, W: Residency<B>> SiriusModel for LlamaSirius<'_, B, W> {
     fn cache_len(&self) -> usize {
         self.cache.len()
     }

@@ -174,7 +174,8 @@ impl<B: OffloadBackend> Engine<B> {
     }
 
     /// Decodes with `config` from now on (the old sparse FFN's bundles are dropped before
-    /// the new ones are built). Not on an offloaded engine, whose runtime owns its neurons.
+    /// the new ones are built, so when building fails the engine is left decoding dense).
+    /// Not on an offloaded engine, whose runtime owns its neurons.
     pub fn set_sparsity(&mut self, config: &SparsityConfig) -> Result<()> {
         if self.offload.is_some() {
             return Err(Error::InvalidArgument(
@@ -188,10 +189,7 @@ impl<B: OffloadBackend> Engine<B> {
 
     /// Positions a request may use: the position limit and any sliding window.
     pub fn context(&self) -> usize {
-        let c = &self.model.config;
-        c.sliding_window.map_or(c.max_position_embeddings, |w| {
-            w.min(c.max_position_embeddings)
-        })
+        prefill::model_context(&self.model.config)
     }
 
     /// The offloading runtime, once the first offloaded request planned it.

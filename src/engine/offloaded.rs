@@ -5,7 +5,7 @@
 //! such a request needs resident, once, for the planner and the runtime.
 
 use crate::backend::offload::OffloadBackend;
-use crate::engine::llama_sirius::{LlamaSirius, Weights};
+use crate::engine::llama_sirius::{LlamaSirius, Residency};
 use crate::engine::prefill::chunk_len;
 use crate::error::{Error, Result};
 use crate::model::{LayerStream, Llama, Scratch};
@@ -57,12 +57,11 @@ impl<'m, B: OffloadBackend> LlamaSirius<'m, B, Streamed<'m, B>> {
         shape: &RequestShape,
         config: &SiriusConfig,
     ) -> Result<Self> {
-        if !runtime.holds(shape) {
-            return Err(Error::InvalidArgument(
-                "this request needs more cache rows or activations than the runtime was \
-                 planned for: plan a new runtime for it"
-                    .into(),
-            ));
+        if let Some(mismatch) = runtime.mismatch(shape) {
+            return Err(Error::InvalidArgument(format!(
+                "the offloading runtime was not planned for this request ({mismatch}): \
+                 plan a new runtime for it"
+            )));
         }
         runtime.begin_request()?;
         let request = SparseRequest::griffin_placed(shape.keep, &model.backend, model.ffn_dims())?;
@@ -70,7 +69,7 @@ impl<'m, B: OffloadBackend> LlamaSirius<'m, B, Streamed<'m, B>> {
     }
 }
 
-impl<B: OffloadBackend> Weights<B> for Streamed<'_, B> {
+impl<B: OffloadBackend> Residency<B> for Streamed<'_, B> {
     const SPLIT_FULL_PASSES: bool = true;
 
     fn begin_pass(&mut self, kind: PassKind) -> Result<()> {

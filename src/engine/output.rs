@@ -42,7 +42,8 @@ pub struct GenerationOutput {
     /// handing text to its consumer).
     pub decode_seconds: f64,
     pub prefill_tokens_per_s: f64,
-    /// Tokens produced after the first (which comes from the prompt pass) per decode second.
+    /// Tokens the decode steps produced (those after the first, which comes from the prompt
+    /// pass, and a stop id that ended the request) per decode second.
     pub decode_tokens_per_s: f64,
     /// Seconds spent picking and placing Griffin's neurons after the prompt (0 otherwise).
     pub sparse_setup_seconds: f64,

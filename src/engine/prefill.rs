@@ -2,27 +2,33 @@
 //! KV cache, and run the prompt through the full model chunk by chunk.
 
 use crate::backend::Backend;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits};
 use crate::progress::progress_bar;
 
-/// The context a request can use: the caller's cap (`None`: none), the model's position
-/// limit and its sliding window (within the window, windowed attention equals full
-/// attention).
+/// The positions the model allows: its position limit, capped by any sliding window
+/// (within the window, windowed attention equals full attention).
+pub fn model_context(c: &ModelConfig) -> usize {
+    c.sliding_window.map_or(c.max_position_embeddings, |w| {
+        w.min(c.max_position_embeddings)
+    })
+}
+
+/// The context a request can use: the caller's cap (`None`: none) within
+/// [`model_context`]; says which limit capped a requested context.
 pub fn effective_context<B: Backend>(model: &Llama<B>, requested: Option<usize>) -> usize {
     let c = &model.config;
-    let mut context = c.max_position_embeddings;
-    if let Some(r) = requested {
-        if r > context {
-            tracing::warn!("context capped at the model's max_position_embeddings, {context}");
+    let limit = model_context(c);
+    let Some(r) = requested else { return limit };
+    if r > limit {
+        if limit < c.max_position_embeddings {
+            tracing::warn!("context capped at the model's sliding window, {limit} tokens");
+        } else {
+            tracing::warn!("context capped at the model's max_position_embeddings, {limit}");
         }
-        context = context.min(r);
     }
-    if let Some(window) = c.sliding_window.filter(|&w| w < context) {
-        tracing::warn!("context capped at the model's sliding window, {window} tokens");
-        context = window;
-    }
-    context
+    r.min(limit)
 }
 
 /// Checks the prompt and returns the KV cache rows a plain request needs: the prompt plus

@@ -4,23 +4,20 @@
 
 use crate::backend::SparseOps;
 use crate::engine::decode::{decode, Decoded, Decoder, Prefilled, Request, RequestReport};
-use crate::engine::llama_sirius::{LlamaSirius, Weights};
+use crate::engine::llama_sirius::{LlamaSirius, Residency};
 use crate::engine::output::SiriusReport;
 use crate::error::{Error, Result};
-use crate::sirius::{Corrector, SiriusConfig, SiriusModel};
+use crate::sirius::{CorrectionStats, Corrector, SiriusConfig, SiriusModel};
 
-/// Greedy Sirius generation over the Llama forward (weights where `W` says).
-pub struct SiriusRequest<'m, B: SparseOps, W: Weights<B>> {
-    pub model: LlamaSirius<'m, B, W>,
+/// Greedy Sirius generation: correction windows over `M` (the Llama forward in
+/// [`Engine::generate`](crate::engine::Engine::generate), any [`SiriusModel`] in [`correct`]).
+pub struct SiriusRequest<M: SiriusModel> {
+    pub model: M,
     corrector: Corrector,
 }
 
-impl<'m, B: SparseOps, W: Weights<B>> SiriusRequest<'m, B, W> {
-    pub fn new(
-        model: LlamaSirius<'m, B, W>,
-        config: SiriusConfig,
-        stop_ids: &[u32],
-    ) -> Result<Self> {
+impl<M: SiriusModel> SiriusRequest<M> {
+    pub fn new(model: M, config: SiriusConfig, stop_ids: &[u32]) -> Result<Self> {
         Ok(SiriusRequest {
             model,
             corrector: Corrector::new(config, stop_ids)?,
@@ -28,7 +25,7 @@ impl<'m, B: SparseOps, W: Weights<B>> SiriusRequest<'m, B, W> {
     }
 }
 
-impl<B: SparseOps, W: Weights<B>> Decoder for SiriusRequest<'_, B, W> {
+impl<M: SiriusModel> Decoder for SiriusRequest<M> {
     fn room(&self) -> usize {
         self.model.cache_room()
     }
@@ -38,7 +35,7 @@ impl<B: SparseOps, W: Weights<B>> Decoder for SiriusRequest<'_, B, W> {
     }
 }
 
-impl<B: SparseOps, W: Weights<B>> Request for SiriusRequest<'_, B, W> {
+impl<B: SparseOps, W: Residency<B>> Request for SiriusRequest<LlamaSirius<'_, B, W>> {
     fn prefill(&mut self, prompt: &[u32], chunk: usize, progress: bool) -> Result<Prefilled> {
         self.model.prefill(prompt, chunk, progress)
     }
@@ -76,30 +73,20 @@ impl<B: SparseOps, W: Weights<B>> Request for SiriusRequest<'_, B, W> {
 
 /// Greedy Sirius generation after a prompt already in `model`'s cache (`first`: the full
 /// model's token after it), through the one decode loop: at most `max_tokens` tokens
-/// (`first` included), ending at a stop id (not included) met at a verification boundary or
-/// a full cache. Returns the tokens and the corrector's statistics.
+/// (`first` included), ending at one of the corrector's stop ids (not included) met at a
+/// verification boundary or a full cache. Returns the tokens and the corrector's statistics.
 pub fn correct(
     model: &mut dyn SiriusModel,
     first: u32,
-    stop_ids: &[u32],
     corrector: Corrector,
     max_tokens: usize,
-) -> Result<(Vec<u32>, crate::sirius::CorrectionStats)> {
-    struct Windows<'a> {
-        model: &'a mut dyn SiriusModel,
-        corrector: Corrector,
-    }
-    impl Decoder for Windows<'_> {
-        fn room(&self) -> usize {
-            self.model.cache_room()
-        }
-        fn step(&mut self, last: u32, budget: usize) -> Result<Vec<u32>> {
-            self.corrector.window(&mut *self.model, last, budget)
-        }
-    }
-    let mut windows = Windows { model, corrector };
-    let decoded = decode(&mut windows, first, max_tokens, stop_ids, &mut |_| Ok(None))?;
-    Ok((decoded.ids, windows.corrector.stats))
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    let stop_ids = corrector.stop_ids().to_vec();
+    let mut request = SiriusRequest { model, corrector };
+    let decoded = decode(&mut request, first, max_tokens, &stop_ids, &mut |_| {
+        Ok(None)
+    })?;
+    Ok((decoded.ids, request.corrector.stats))
 }
 
 /// Sirius decodes greedily (as the paper does): a sampling temperature is refused.

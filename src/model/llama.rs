@@ -45,6 +45,14 @@ pub struct Llama<B: Backend> {
     pub(super) store: WeightStore,
 }
 
+/// The checkpoint's weights [`Llama::make_resident`] replaced by resident copies: the
+/// attention projections per layer (`[wq, wk, wv, wo]`) and the LM head as it was (`None`
+/// when tied to the embedding). `lm_head` is `None` until the head was replaced.
+pub struct ReplacedWeights<B: Backend> {
+    attention: Vec<(usize, [B::Matrix; 4])>,
+    lm_head: Option<Option<B::Matrix>>,
+}
+
 /// Makes a resident copy of a weight (offloading): its label and the matrix to copy.
 pub type ResidentCopy<'a, B> =
     dyn FnMut(&str, &<B as Backend>::Matrix) -> Result<<B as Backend>::Matrix> + 'a;
@@ -135,23 +143,64 @@ impl<B: Backend> Llama<B> {
     /// Offloading: replaces the attention projections of the layers where `attention[li]` is
     /// set, and the LM head (a separate copy of the embedding when tied: lookups stay on the
     /// host), by copies `copy` makes in the runtime's resident memory. The other weights
-    /// stay where they are and are only read through streaming.
+    /// stay where they are and are only read through streaming. Returns the weights it
+    /// replaced, for [`Llama::restore`] when the runtime goes (a new plan may keep other
+    /// layers resident, and must start from the checkpoint's weights).
     pub fn make_resident(
         &mut self,
         attention: &[bool],
         copy: &mut ResidentCopy<'_, B>,
+    ) -> Result<ReplacedWeights<B>> {
+        let mut replaced = ReplacedWeights {
+            attention: Vec::new(),
+            lm_head: None,
+        };
+        match self.replace_weights(attention, copy, &mut replaced) {
+            Ok(()) => Ok(replaced),
+            Err(e) => {
+                // A failed copy (budget, device memory) leaves the checkpoint's weights.
+                self.restore(replaced);
+                Err(e)
+            }
+        }
+    }
+
+    fn replace_weights(
+        &mut self,
+        attention: &[bool],
+        copy: &mut ResidentCopy<'_, B>,
+        replaced: &mut ReplacedWeights<B>,
     ) -> Result<()> {
         for (li, layer) in self.layers.iter_mut().enumerate() {
             if attention.get(li).copied().unwrap_or(false) {
-                layer.wq = copy(&format!("layer {li} wq"), &layer.wq)?;
-                layer.wk = copy(&format!("layer {li} wk"), &layer.wk)?;
-                layer.wv = copy(&format!("layer {li} wv"), &layer.wv)?;
-                layer.wo = copy(&format!("layer {li} wo"), &layer.wo)?;
+                let wq = copy(&format!("layer {li} wq"), &layer.wq)?;
+                let wk = copy(&format!("layer {li} wk"), &layer.wk)?;
+                let wv = copy(&format!("layer {li} wv"), &layer.wv)?;
+                let wo = copy(&format!("layer {li} wo"), &layer.wo)?;
+                let old = [
+                    std::mem::replace(&mut layer.wq, wq),
+                    std::mem::replace(&mut layer.wk, wk),
+                    std::mem::replace(&mut layer.wv, wv),
+                    std::mem::replace(&mut layer.wo, wo),
+                ];
+                replaced.attention.push((li, old));
             }
         }
         let head = copy("LM head", self.lm_head.as_ref().unwrap_or(&self.embed))?;
-        self.lm_head = Some(head);
+        replaced.lm_head = Some(self.lm_head.replace(head));
         Ok(())
+    }
+
+    /// Puts back the weights [`Llama::make_resident`] replaced, dropping the resident copies.
+    pub fn restore(&mut self, replaced: ReplacedWeights<B>) {
+        for (li, [wq, wk, wv, wo]) in replaced.attention {
+            if let Some(layer) = self.layers.get_mut(li) {
+                (layer.wq, layer.wk, layer.wv, layer.wo) = (wq, wk, wv, wo);
+            }
+        }
+        if let Some(head) = replaced.lm_head {
+            self.lm_head = head;
+        }
     }
 
     /// Runs `pass` (at most `scratch.max_tokens()` tokens) at positions `cache.len()..`,

@@ -13,7 +13,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use kv_cache::KvCache;
-pub use llama::{Llama, Logits, Pass};
+pub use llama::{Llama, Logits, Pass, ReplacedWeights};
 pub use sampler::{Sampler, SamplingParams};
 pub use scratch::Scratch;
 pub use streamed::{LayerStream, StreamedAttention, StreamedLayer};

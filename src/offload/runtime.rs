@@ -31,7 +31,7 @@ use std::time::Instant;
 use crate::backend::offload::{FilledOf, OffloadBackend, ResidentMemory, ScratchShape};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{LayerStream, Llama, StreamedLayer};
+use crate::model::{LayerStream, Llama, ReplacedWeights, StreamedLayer};
 use crate::offload::arena::ResidentArena;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
@@ -128,6 +128,8 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     engine: B::Engine,
     trace: Option<Trace>,
     dims: Dims,
+    /// The model's weights the resident copies replaced, restored by [`Self::restore_model`].
+    replaced: Option<ReplacedWeights<B>>,
     pass: Vec<Option<LayerJob>>,
     in_flight: Vec<Option<FilledOf<B>>>,
     layer_start: Option<Instant>,
@@ -217,23 +219,22 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         model.backend.reserve_scratch(&scratch_shape)?;
         let (h, l) = (c.hidden_size, c.num_layers);
         let attention: Vec<bool> = plan.layers.iter().map(|l| l.attention_resident).collect();
-        model.make_resident(&attention, &mut |label, m: &B::Matrix| {
+        let replaced = model.make_resident(&attention, &mut |label, m: &B::Matrix| {
             arena.reserve(label, B::matrix_byte_len(m) as u64)?;
             B::resident_copy(m)
         })?;
-        let host = HostStore::build(model)?;
         let trace = cfg.trace.then(Trace::new);
         let link_cap = match B::RESIDENT_MEMORY {
             ResidentMemory::Host => cfg.link_gbps,
             ResidentMemory::Device => None,
         };
-        let engine = model.backend.copy_engine(CopyEngineOptions {
-            buffers: plan.stream_buffers,
-            buffer_bytes: plan.stream_buffer_bytes as usize,
-            link_gbps: link_cap,
-            delay: cfg.delay.clone(),
-            trace: trace.clone(),
-        })?;
+        let (host, engine) = match Self::start_streaming(model, cfg, &plan, link_cap, &trace) {
+            Ok(parts) => parts,
+            Err(e) => {
+                model.restore(replaced);
+                return Err(e);
+            }
+        };
         tracing::info!(
             "offloading: {} of {} resident, stream buffers {} x {}",
             format_bytes(arena.used()),
@@ -257,6 +258,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 f: c.intermediate_size,
                 dtype: model.dtype,
             },
+            replaced: Some(replaced),
             pass: vec![None; l],
             in_flight: (0..l).map(|_| None).collect(),
             layer_start: None,
@@ -275,14 +277,64 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         })
     }
 
+    /// The host copy of what is streamed, and the copy engine that streams it.
+    fn start_streaming(
+        model: &Llama<B>,
+        cfg: &OffloadConfig,
+        plan: &Plan,
+        link_cap: Option<f64>,
+        trace: &Option<Trace>,
+    ) -> Result<(HostStore, B::Engine)> {
+        let host = HostStore::build(model)?;
+        let engine = model.backend.copy_engine(CopyEngineOptions {
+            buffers: plan.stream_buffers,
+            buffer_bytes: plan.stream_buffer_bytes as usize,
+            link_gbps: link_cap,
+            delay: cfg.delay.clone(),
+            trace: trace.clone(),
+        })?;
+        Ok((host, engine))
+    }
+
+    /// Ends the runtime: stops its copy engine and gives `model` back the weights the
+    /// resident copies replaced, so a new runtime plans from the checkpoint again.
+    pub fn restore_model(mut self, model: &mut Llama<B>) {
+        if let Some(replaced) = self.replaced.take() {
+            model.restore(replaced);
+        }
+    }
+
     /// Whether requests of `shape` fit what this runtime reserved (else plan a new one).
     pub fn holds(&self, shape: &RequestShape) -> bool {
+        self.mismatch(shape).is_none()
+    }
+
+    /// What of `shape` this runtime does not hold, with both numbers (`None`: it holds it).
+    pub fn mismatch(&self, shape: &RequestShape) -> Option<String> {
         let s = &self.shape;
-        shape.context <= s.context
-            && shape.activation_bytes <= s.activation_bytes
-            && shape.gemm_rows <= s.gemm_rows
-            && shape.keep == s.keep
-            && shape.period == s.period
+        if shape.context > s.context {
+            Some(format!(
+                "{} cache rows, planned for {}",
+                shape.context, s.context
+            ))
+        } else if shape.activation_bytes > s.activation_bytes {
+            Some(format!(
+                "{} of activations, planned for {}",
+                format_bytes(shape.activation_bytes),
+                format_bytes(s.activation_bytes)
+            ))
+        } else if shape.gemm_rows > s.gemm_rows {
+            Some(format!(
+                "{} rows per pass, planned for {}",
+                shape.gemm_rows, s.gemm_rows
+            ))
+        } else if shape.keep != s.keep {
+            Some(format!("keep {}, planned for {}", shape.keep, s.keep))
+        } else if shape.period != s.period {
+            Some(format!("period {}, planned for {}", shape.period, s.period))
+        } else {
+            None
+        }
     }
 
     /// Queues the copies of one pass; the forward then pulls them layer by layer.

@@ -52,6 +52,11 @@ impl Corrector {
         self
     }
 
+    /// The ids that end a request (at a verification boundary).
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
     pub fn config(&self) -> &SiriusConfig {
         &self.config
     }

@@ -41,6 +41,35 @@ pub trait SiriusModel {
     }
 }
 
+/// A model borrowed for a run of windows ([`correct`](crate::engine::sirius::correct)
+/// drives a `&mut dyn SiriusModel`).
+impl<M: SiriusModel + ?Sized> SiriusModel for &mut M {
+    fn cache_len(&self) -> usize {
+        (**self).cache_len()
+    }
+    fn cache_room(&self) -> usize {
+        (**self).cache_room()
+    }
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        (**self).truncate(len)
+    }
+    fn draft(&mut self, token: u32) -> Result<Vec<f32>> {
+        (**self).draft(token)
+    }
+    fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        (**self).verify(tokens)
+    }
+    fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        (**self).draft_tree(tokens, mask)
+    }
+    fn verify_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
+        (**self).verify_tree(tokens, mask)
+    }
+    fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {
+        (**self).keep_rows(start, rows)
+    }
+}
+
 fn no_trees() -> Error {
     Error::InvalidArgument("this model has no tree drafting: use --width 1".into())
 }

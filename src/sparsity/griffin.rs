@@ -183,14 +183,6 @@ impl<B: Backend> FfnStrategy<B> for GriffinFfn<B> {
     }
 }
 
-/// The same, through a shared reference (an offloaded request keeps its FFN and hands it
-/// to passes).
-impl<B: Backend> FfnStrategy<B> for &GriffinFfn<B> {
-    fn apply(&mut self, mut step: FfnStep<'_, B>) -> Result<()> {
-        self.compact_ffn(&mut step)
-    }
-}
-
 impl<B: Backend> GriffinFfn<B> {
     /// `step.out` = the layer's compact FFN of the request's neurons.
     pub fn compact_ffn(&self, step: &mut FfnStep<'_, B>) -> Result<()> {

@@ -32,13 +32,7 @@ pub fn correct(
     stop: &[u32],
     o: &CorrectorOptions,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
-    run_windows(
-        m,
-        first,
-        stop,
-        Corrector::new(o.config(), stop)?,
-        o.max_tokens,
-    )
+    run_windows(m, first, Corrector::new(o.config(), stop)?, o.max_tokens)
 }
 
 /// [`correct`] through tree windows whatever the width.
@@ -49,5 +43,5 @@ pub fn correct_tree(
     o: &CorrectorOptions,
 ) -> Result<(Vec<u32>, CorrectionStats)> {
     let corrector = Corrector::new(o.config(), stop)?.with_tree_windows();
-    run_windows(m, first, stop, corrector, o.max_tokens)
+    run_windows(m, first, corrector, o.max_tokens)
 }
