@@ -6,8 +6,8 @@
 //! Reading a neuron is reading its bundle's contiguous elements, so a selection costs exactly
 //! its bytes. Over every bundle (`Activation::All`) the FFN works in blocks of [`BLOCK`]
 //! neurons: gate and up dot products for the block, then the block's down columns accumulated
-//! into the output while they are still in L1/L2. CATS runs the fused AVX-512 kernel
-//! (`avx512_neurons`) where it exists. Each task owns a slice of the neurons and a private
+//! into the output while they are still in L1/L2. CATS runs the tier's fused kernel
+//! (`Kernels::kept_up_down`) where it has one. Each task owns a slice of the neurons and a private
 //! partial output; the partials are summed at the end.
 
 use super::kernels::Kernels;

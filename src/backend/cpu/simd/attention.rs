@@ -1,0 +1,203 @@
+//! The two products of attention over a KV-cache slice: scores (`K q`) and the weighted sum of
+//! values (`P V`), for the query heads that share one KV head.
+
+// Kernels index several per-head accumulator arrays in lockstep; `for h in 0..H` reads best.
+#![allow(clippy::needless_range_loop)]
+
+use super::rows::matvec;
+use crate::backend::cpu::tier::Tier;
+use crate::dtype::DType;
+
+/// Attention scores: see `Tier::scores`, which picks the algorithm.
+#[inline(always)]
+pub(in crate::backend::cpu) fn scores<T: Tier>(
+    t: T,
+    keys: &[f32],
+    stride: usize,
+    cols: usize,
+    q: &[f32],
+    np: usize,
+    s: &mut [f32],
+) {
+    if np == 0 {
+        return;
+    }
+    t.scores(keys, stride, cols, q, np, s);
+}
+
+/// `Tier::scores` as one matvec per head over the key rows.
+#[inline(always)]
+pub(in crate::backend::cpu) fn scores_by_rows<T: Tier>(
+    t: T,
+    keys: &[f32],
+    stride: usize,
+    cols: usize,
+    q: &[f32],
+    np: usize,
+    s: &mut [f32],
+) {
+    // Viewing f32s as bytes is always valid, and x86_64 is little-endian as the byte kernel
+    // expects.
+    let bytes = {
+        // SAFETY: the same memory, as initialized bytes.
+        unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const u8, size_of_val(keys)) }
+    };
+    for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+        matvec(
+            t,
+            bytes,
+            DType::F32,
+            stride,
+            cols,
+            &q[h * cols..(h + 1) * cols],
+            sh,
+        );
+    }
+}
+
+/// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
+/// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`. `Tier::WSUM_HEADS` heads
+/// share each load of a value row; `Tier::WSUM_VECS` vectors of each head's output columns
+/// stay in registers over all positions.
+#[inline(always)]
+pub(in crate::backend::cpu) fn weighted_sum<T: Tier>(
+    t: T,
+    v: &[f32],
+    stride: usize,
+    cols: usize,
+    w: &[f32],
+    np: usize,
+    out: &mut [f32],
+) {
+    if np == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let g = w.len() / np;
+    assert!(v.len() >= (np - 1) * stride + cols && out.len() >= g * cols);
+    for h0 in (0..g).step_by(T::WSUM_HEADS) {
+        let wp = w[h0 * np..].as_ptr();
+        let op = out[h0 * cols..].as_mut_ptr();
+        // SAFETY: heads h0.. of this step have their weights and outputs inside `w` / `out`.
+        unsafe {
+            match (g - h0).min(T::WSUM_HEADS) {
+                1 => heads::<T, 1>(t, v, stride, cols, wp, np, op),
+                2 => heads::<T, 2>(t, v, stride, cols, wp, np, op),
+                3 => heads::<T, 3>(t, v, stride, cols, wp, np, op),
+                _ => heads::<T, 4>(t, v, stride, cols, wp, np, op),
+            }
+        }
+    }
+}
+
+/// Most vectors per head that [`columns`] holds (the largest `Tier::WSUM_VECS`).
+const MAX_VECS: usize = 8;
+
+/// `H` heads of [`weighted_sum`]; weights at `w + h * np`, outputs at `out + h * cols`.
+///
+/// # Safety
+/// `H` heads' weights and outputs inside the caller's slices; `v` holds `np` rows.
+#[inline(always)]
+unsafe fn heads<T: Tier, const H: usize>(
+    t: T,
+    v: &[f32],
+    stride: usize,
+    cols: usize,
+    w: *const f32,
+    np: usize,
+    out: *mut f32,
+) {
+    let l = T::LANES;
+    let full = cols / l * l;
+    let mut c = 0;
+    // SAFETY: forwarded contract.
+    unsafe {
+        // Whole blocks of WSUM_VECS vectors (a constant count, fully unrolled), then fewer.
+        while c + T::WSUM_VECS * l <= full {
+            columns::<T, H>(t, v, stride, c, T::WSUM_VECS, w, np, cols, out);
+            c += T::WSUM_VECS * l;
+        }
+        if c < full {
+            columns::<T, H>(t, v, stride, c, (full - c) / l, w, np, cols, out);
+        }
+        if full < cols {
+            tail_columns::<T, H>(t, v, stride, full, cols - full, w, np, cols, out);
+        }
+    }
+}
+
+/// Output columns `c..c + nv * LANES` (whole vectors) of `H` heads.
+///
+/// # Safety
+/// As [`heads`], with those columns below `cols`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn columns<T: Tier, const H: usize>(
+    t: T,
+    v: &[f32],
+    stride: usize,
+    c: usize,
+    nv: usize,
+    w: *const f32,
+    np: usize,
+    cols: usize,
+    out: *mut f32,
+) {
+    let l = T::LANES;
+    let mut acc = [[t.zero(); MAX_VECS]; H];
+    let mut vv = [t.zero(); MAX_VECS];
+    // SAFETY: caller contract (row p, columns c..c + nv * l inside `v`).
+    unsafe {
+        for p in 0..np {
+            let base = v.as_ptr().add(p * stride + c);
+            for j in 0..nv {
+                vv[j] = t.load(base.add(j * l));
+            }
+            for h in 0..H {
+                let s = t.splat(*w.add(h * np + p));
+                for j in 0..nv {
+                    acc[h][j] = t.mul_add(s, vv[j], acc[h][j]);
+                }
+            }
+        }
+        for h in 0..H {
+            for j in 0..nv {
+                t.store(out.add(h * cols + c + j * l), acc[h][j]);
+            }
+        }
+    }
+}
+
+/// The last `n` (< LANES) output columns from `c` of `H` heads, accumulated with
+/// `Tier::tail_mul_add`.
+///
+/// # Safety
+/// As [`heads`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tail_columns<T: Tier, const H: usize>(
+    t: T,
+    v: &[f32],
+    stride: usize,
+    c: usize,
+    n: usize,
+    w: *const f32,
+    np: usize,
+    cols: usize,
+    out: *mut f32,
+) {
+    let mut acc = [t.zero(); H];
+    // SAFETY: caller contract; loads and stores partial to `cols`.
+    unsafe {
+        for p in 0..np {
+            let vv = t.load_partial(v.as_ptr().add(p * stride + c), n);
+            for h in 0..H {
+                let s = t.splat(*w.add(h * np + p));
+                acc[h] = t.tail_mul_add(s, vv, acc[h]);
+            }
+        }
+        for h in 0..H {
+            t.store_partial(out.add(h * cols + c), n, acc[h]);
+        }
+    }
+}
