@@ -7,7 +7,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::checks;
-use super::cpu::{self as kernels, ThreadPool};
+use super::cpu::{self as kernels, Isa, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
     TreeMask,
@@ -109,6 +109,8 @@ fn huge_page_copy(bytes: &[u8]) -> Result<Mmap> {
 
 pub struct CpuBackend {
     pool: ThreadPool,
+    /// The SIMD tier every op runs on.
+    isa: Isa,
 }
 
 impl CpuBackend {
@@ -123,7 +125,23 @@ impl CpuBackend {
         }
         CpuBackend {
             pool: ThreadPool::new(n),
+            isa: kernels::isa(),
         }
+    }
+
+    /// A backend whose ops all run on the ISA tier `isa` instead of the selected one (tier
+    /// comparisons, a tier's end-to-end results); an error if this machine cannot run it.
+    pub fn with_isa(threads: usize, isa: Isa) -> Result<CpuBackend> {
+        if !isa.is_supported() {
+            return Err(Error::InvalidArgument(format!(
+                "CPU ISA tier {} is not supported on this machine",
+                isa.name()
+            )));
+        }
+        Ok(CpuBackend {
+            isa,
+            ..CpuBackend::new(threads)
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -138,7 +156,7 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         format!(
             "cpu ({}, {} threads)",
-            kernels::isa_name(),
+            self.isa.name(),
             self.pool.n_threads()
         )
     }
@@ -163,7 +181,7 @@ impl Backend for CpuBackend {
     }
 
     fn vector(&self, t: &TensorRef) -> Result<Vec<f32>> {
-        Ok(kernels::to_f32_vec(t.bytes(), t.dtype))
+        Ok(kernels::to_f32_vec_with_isa(self.isa, t.bytes(), t.dtype))
     }
 
     fn embed(&self, table: &CpuMatrix, tokens: &[u32], out: &mut Vec<f32>) -> Result<()> {
@@ -175,7 +193,8 @@ impl Backend for CpuBackend {
                     vocab: table.rows,
                 });
             }
-            kernels::row_to_f32(
+            kernels::row_to_f32_with_isa(
+                self.isa,
                 table.bytes(),
                 table.dtype,
                 cols,
@@ -206,7 +225,8 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        kernels::matmul(
+        kernels::matmul_with_isa(
+            self.isa,
             &self.pool,
             w.bytes(),
             w.dtype,
@@ -294,7 +314,8 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         let width = shape.num_heads * shape.head_dim;
-        kernels::attention(
+        kernels::attention_with_isa(
+            self.isa,
             &self.pool,
             &q[..n_tokens * width],
             k_cache,
@@ -332,7 +353,8 @@ impl Backend for CpuBackend {
                 mask.prefix() + mask.span()
             )));
         }
-        kernels::attention(
+        kernels::attention_with_isa(
+            self.isa,
             &self.pool,
             &q[..n * width],
             k_cache,
@@ -349,7 +371,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
-        kernels::silu_mul(&mut gate[..len], &up[..len]);
+        kernels::silu_mul_with_isa(self.isa, &mut gate[..len], &up[..len]);
         Ok(())
     }
 
@@ -451,7 +473,7 @@ impl Backend for CpuBackend {
                 }
             }
         };
-        kernels::bundle_ffn(&self.pool, b, x, n_tokens, act, out);
+        kernels::bundle_ffn_with_isa(self.isa, &self.pool, b, x, n_tokens, act, out);
         Ok(())
     }
 
@@ -491,7 +513,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu(&self, x: &mut Vec<f32>, len: usize) -> Result<()> {
-        kernels::silu(&mut x[..len]);
+        kernels::silu_with_isa(self.isa, &mut x[..len]);
         Ok(())
     }
 }
