@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 
 use super::attention_window::window_attention;
-use super::kernels::Kernels;
+use super::kernels::{Kernels, StridedRows};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
 use crate::backend::TreeMask;
@@ -34,6 +34,24 @@ pub(super) struct Dims {
     pub head_dim: usize,
     pub kv_dim: usize,
     pub scale: f32,
+}
+
+impl Dims {
+    /// Cache rows `start..start + n` of KV head `g` in a `[positions, kv_dim]` cache.
+    pub fn head_rows<'c>(
+        &self,
+        cache: &'c [f32],
+        g: usize,
+        start: usize,
+        n: usize,
+    ) -> StridedRows<'c> {
+        StridedRows {
+            data: &cache[start * self.kv_dim + g * self.head_dim..],
+            stride: self.kv_dim,
+            cols: self.head_dim,
+            n,
+        }
+    }
 }
 
 /// See [`super::attention()`].
@@ -210,9 +228,9 @@ fn group_chunk(
     }
     let hd = d.head_dim;
     let qg = &q[(t * d.n_heads + g * d.group) * hd..][..d.group * hd];
-    let cache_rows = range.start * d.kv_dim + g * hd..;
+    let cache = |c| d.head_rows(c, g, range.start, np);
     with_scratch(&SCORES, d.group * np, |s| {
-        k.scores(&k_cache[cache_rows.clone()], d.kv_dim, hd, qg, np, s);
+        k.scores(cache(k_cache), qg, s);
         for (h, sh) in s.chunks_exact_mut(np).enumerate() {
             k.scale(sh, d.scale);
             let hidden = |i: usize| {
@@ -244,7 +262,7 @@ fn group_chunk(
                 l[h] = sum;
             }
         }
-        k.weighted_sum(&v_cache[cache_rows], d.kv_dim, hd, s, np, o);
+        k.weighted_sum(cache(v_cache), s, o);
     });
 }
 

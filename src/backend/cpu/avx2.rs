@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::isa::Isa;
-use super::tier::Tier;
+use super::tier::{lanewise_ops, Tier};
 
 /// Proof that this CPU runs the AVX2 tier; only [`Avx2::detect`] makes one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,37 +63,10 @@ unsafe impl Tier for Avx2 {
     fn splat(self, v: f32) -> __m256 {
         unsafe { _mm256_set1_ps(v) }
     }
-    #[inline(always)]
-    fn add(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_add_ps(a, b) }
-    }
-    #[inline(always)]
-    fn sub(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_sub_ps(a, b) }
-    }
-    #[inline(always)]
-    fn mul(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    fn div(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_div_ps(a, b) }
-    }
-    #[inline(always)]
-    fn min(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_min_ps(a, b) }
-    }
-    #[inline(always)]
-    fn max(self, a: __m256, b: __m256) -> __m256 {
-        unsafe { _mm256_max_ps(a, b) }
-    }
-    #[inline(always)]
-    fn mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
-        unsafe { _mm256_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    fn neg_mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {
-        unsafe { _mm256_fnmadd_ps(a, b, c) }
+    lanewise_ops! { __m256;
+        binary: add => _mm256_add_ps, sub => _mm256_sub_ps, mul => _mm256_mul_ps,
+            div => _mm256_div_ps, min => _mm256_min_ps, max => _mm256_max_ps;
+        ternary: mul_add => _mm256_fmadd_ps, neg_mul_add => _mm256_fnmadd_ps,
     }
     #[inline(always)]
     fn tail_mul_add(self, a: __m256, b: __m256, c: __m256) -> __m256 {

@@ -10,7 +10,8 @@
 use std::arch::x86_64::*;
 
 use super::isa::Isa;
-use super::tier::Tier;
+use super::kernels::StridedRows;
+use super::tier::{lanewise_ops, Tier};
 
 /// Proof that this CPU runs the AVX-512 tier; only [`Avx512::detect`] makes one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,41 +89,11 @@ unsafe impl Tier for Avx512 {
     fn splat(self, v: f32) -> __m512 {
         unsafe { _mm512_set1_ps(v) }
     }
-    #[inline(always)]
-    fn add(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_add_ps(a, b) }
-    }
-    #[inline(always)]
-    fn sub(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_sub_ps(a, b) }
-    }
-    #[inline(always)]
-    fn mul(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
-    fn div(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_div_ps(a, b) }
-    }
-    #[inline(always)]
-    fn min(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_min_ps(a, b) }
-    }
-    #[inline(always)]
-    fn max(self, a: __m512, b: __m512) -> __m512 {
-        unsafe { _mm512_max_ps(a, b) }
-    }
-    #[inline(always)]
-    fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    fn neg_mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fnmadd_ps(a, b, c) }
-    }
-    #[inline(always)]
-    fn tail_mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
-        unsafe { _mm512_fmadd_ps(a, b, c) }
+    lanewise_ops! { __m512;
+        binary: add => _mm512_add_ps, sub => _mm512_sub_ps, mul => _mm512_mul_ps,
+            div => _mm512_div_ps, min => _mm512_min_ps, max => _mm512_max_ps;
+        ternary: mul_add => _mm512_fmadd_ps, neg_mul_add => _mm512_fnmadd_ps,
+            tail_mul_add => _mm512_fmadd_ps,
     }
     #[inline(always)]
     fn round(self, a: __m512) -> __m512 {
@@ -229,8 +200,8 @@ unsafe impl Tier for Avx512 {
     }
 
     #[inline(always)]
-    fn scores(self, keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
-        scores_blocked(self, keys, stride, cols, q, np, s);
+    fn scores(self, keys: StridedRows, q: &[f32], s: &mut [f32]) {
+        scores_blocked(self, keys, q, s);
     }
 }
 
@@ -279,21 +250,19 @@ fn reduce16(_: Avx512, v: [__m512; 16]) -> __m512 {
 /// go over one 16-row block before the next, so the block's keys come from L2 once and from
 /// L1 for the other heads (attention is L2/L3-bandwidth bound, not FMA bound).
 #[inline(always)]
-fn scores_blocked(
-    t: Avx512,
-    keys: &[f32],
-    stride: usize,
-    cols: usize,
-    q: &[f32],
-    np: usize,
-    s: &mut [f32],
-) {
+fn scores_blocked(t: Avx512, keys: StridedRows, q: &[f32], s: &mut [f32]) {
+    let StridedRows {
+        data,
+        stride,
+        cols,
+        n: np,
+    } = keys;
     if np == 0 {
         return;
     }
     let g = s.len() / np;
-    assert!(keys.len() >= (np - 1) * stride + cols && q.len() >= g * cols);
-    let kp = keys.as_ptr();
+    assert!(data.len() >= (np - 1) * stride + cols && q.len() >= g * cols);
+    let kp = data.as_ptr();
     for p0 in (0..np).step_by(16) {
         // A partial block recomputes its last row in the unused slots: a constant trip count
         // keeps `acc` in registers.

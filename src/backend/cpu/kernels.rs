@@ -14,10 +14,10 @@ use super::avx2::Avx2;
 #[cfg(target_arch = "x86_64")]
 use super::avx512::Avx512;
 use super::isa::{isa, Isa};
+use super::neurons::Bundles;
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
 use super::simd;
-use crate::backend::BundleLayout;
 use crate::dtype::DType;
 
 /// A tier this machine supports, with the proof its SIMD kernels need.
@@ -28,6 +28,25 @@ pub(super) enum Kernels {
     Avx2(Avx2),
     #[cfg(target_arch = "x86_64")]
     Avx512(Avx512),
+}
+
+/// Where the rows of a matvec start in its weight bytes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum RowStarts<'a> {
+    /// Row r at element `r * stride` (a matrix).
+    Strided(usize),
+    /// Row r at byte `offsets[r]` (neurons picked out of a bundle matrix).
+    At(&'a [usize]),
+}
+
+/// `n` rows of f32 `stride` apart: row p is `data[p * stride..][..cols]` (a KV head's slice
+/// of the cache, a block of activations or of converted weights).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StridedRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub cols: usize,
+    pub n: usize,
 }
 
 /// What the callers of the kernels need to know of a tier's data layouts and paths.
@@ -121,7 +140,11 @@ macro_rules! unsafe_if {
 /// Declares the entry points as methods of [`Kernels`], each dispatched by [`dispatch!`].
 macro_rules! entry_points {
     () => {};
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?; $($rest:tt)*) => {
+    (
+        $(#[$doc:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;
+        $($rest:tt)*
+    ) => {
         impl Kernels {
             $(#[$doc])*
             #[allow(clippy::too_many_arguments)]
@@ -131,7 +154,11 @@ macro_rules! entry_points {
         }
         entry_points!($($rest)*);
     };
-    ($(#[$doc:meta])* unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?; $($rest:tt)*) => {
+    (
+        $(#[$doc:meta])*
+        unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;
+        $($rest:tt)*
+    ) => {
         impl Kernels {
             $(#[$doc])*
             #[allow(clippy::too_many_arguments)]
@@ -150,19 +177,10 @@ entry_points! {
     /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
     fn convert(src: &[u8], dtype: DType, out: &mut [f32]);
 
-    /// `y[r] = dot(row r, x)`, rows `stride` elements apart, `cols` long; `x` prepared by
-    /// [`Kernels::prep_x_tokens`] for bf16 on tiers with a bf16 block, else as it is.
-    fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]);
-
-    /// [`Kernels::matvec`] over rows starting at the byte offsets `offsets[r]` of `w`.
-    fn matvec_gather(
-        w: &[u8],
-        offsets: &[usize],
-        dtype: DType,
-        cols: usize,
-        x: &[f32],
-        y: &mut [f32],
-    );
+    /// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `w` `cols` long, starting where
+    /// `rows` says; `x` prepared by [`Kernels::prep_x_tokens`] for bf16 on tiers with a bf16
+    /// block, else as it is.
+    fn matvec(w: &[u8], dtype: DType, rows: RowStarts, cols: usize, x: &[f32], y: &mut [f32]);
 
     /// `out[c] += sum_r coeffs[r] * row_r[c]` for `c < cols`, row r at the byte offset
     /// `offsets[r]` of `w`, into `out` laid out as [`Kernels::acc_split_block`] says (split
@@ -176,14 +194,11 @@ entry_points! {
         out: &mut [f32],
     );
 
-    /// One token's CATS up/down over the kept neurons `ids` of a bundle matrix in a single
-    /// fused pass, if this tier has one for `dtype`; false if the caller must use the generic
-    /// path. `xp`, `out` as for [`Kernels::accumulate_rows_in`] with x prepared.
+    /// One token's CATS up/down over the kept neurons `ids` of `b` in a single fused pass, if
+    /// this tier has one for its dtype; false if the caller must use the generic path. `xp`,
+    /// `out` as for [`Kernels::accumulate_rows_in`] with x prepared.
     fn kept_up_down(
-        w: &[u8],
-        dtype: DType,
-        hidden: usize,
-        layout: BundleLayout,
+        b: Bundles,
         ids: &[u32],
         coeff: &[f32],
         up_bias: Option<&[f32]>,
@@ -191,54 +206,40 @@ entry_points! {
         out: &mut [f32],
     ) -> bool;
 
-    /// `y[t * ldy + r] = dot(row r, x_t)` for the `rows` rows of `w` and `n` tokens prepared by
-    /// [`Kernels::prep_x_tokens`] (`xstride` apart); only below the tier's
+    /// `y[t * ldy + r] = dot(row r, x row t)` for the `rows` rows of `w` (`x.cols` long) and
+    /// the `x.n` tokens prepared by [`Kernels::prep_x_tokens`]; only below the tier's
     /// `streamed_max_tokens`.
     ///
     /// # Safety
-    /// `y` must be valid for writes at every `t * ldy + r` (`t < n`, `r < rows`) and those
+    /// `y` must be valid for writes at every `t * ldy + r` (`t < x.n`, `r < rows`) and those
     /// elements must not be accessed by anyone else during the call.
     unsafe fn matmul_tokens(
         w: &[u8],
         dtype: DType,
         rows: usize,
-        cols: usize,
-        xs: &[f32],
-        xstride: usize,
-        n: usize,
+        x: StridedRows,
         y: *mut f32,
         ldy: usize,
     );
 
-    /// `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`; `a` rows
-    /// `lda` apart, zero padded to [`Kernels::GEMM_PAD`], `x` rows `ldx` apart, both `k` long.
+    /// `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < a.n`, `t < x.n`, over `a.cols ==
+    /// x.cols` columns; `a` rows zero padded to [`Kernels::GEMM_PAD`].
     ///
     /// # Safety
     /// `y` must be valid for writes at every `t * ldy + r` above and those elements must not
     /// be accessed by anyone else during the call.
-    unsafe fn gemm_block(
-        a: &[f32],
-        lda: usize,
-        n_rows: usize,
-        x: &[f32],
-        ldx: usize,
-        k: usize,
-        n_tok: usize,
-        y: *mut f32,
-        ldy: usize,
-        accumulate: bool,
-    );
+    unsafe fn gemm_block(a: StridedRows, x: StridedRows, y: *mut f32, ldy: usize, accumulate: bool);
 
     /// One token's x in the de-interleaved bf16 layout (tiers with a bf16 block only).
     fn split_bf16_x(src: &[f32], dst: &mut [f32]);
 
-    /// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that
-    /// share one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`.
-    fn scores(keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]);
+    /// Attention scores of the `g = s.len() / keys.n` query heads `q[h * keys.cols..]` that
+    /// share one KV head: `s[h * keys.n + p] = dot(key row p, q_h)`.
+    fn scores(keys: StridedRows, q: &[f32], s: &mut [f32]);
 
-    /// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
-    /// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
-    fn weighted_sum(v: &[f32], stride: usize, cols: usize, w: &[f32], np: usize, out: &mut [f32]);
+    /// Attention's P·V for the `g = w.len() / v.n` heads sharing one KV head:
+    /// `out[h * v.cols + c] = sum_p w[h * v.n + p] * (value row p)[c]`.
+    fn weighted_sum(v: StridedRows, w: &[f32], out: &mut [f32]);
 
     /// Largest element (-inf for an empty slice).
     fn max(x: &[f32]) -> f32;

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use super::kernels::Kernels;
+use super::kernels::{Kernels, RowStarts, StridedRows};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, with_scratch_vec, SharedMut};
 use crate::dtype::DType;
@@ -145,7 +145,7 @@ fn matvec(m: Operands, y: &mut [f32]) {
             x
         };
         if n_tasks == 1 {
-            k.matvec(w, dtype, cols, cols, xs, y);
+            k.matvec(w, dtype, RowStarts::Strided(cols), cols, xs, y);
             return;
         }
         let ys = SharedMut::new(y);
@@ -157,7 +157,7 @@ fn matvec(m: Operands, y: &mut [f32]) {
             k.matvec(
                 &w[r0 * row_bytes..(r0 + nr) * row_bytes],
                 dtype,
-                cols,
+                RowStarts::Strided(cols),
                 cols,
                 xs,
                 yt,
@@ -210,20 +210,14 @@ fn streamed(m: Operands, y: &mut [f32]) {
             assert!((t0 + nt - 1) * rows + r0 + nr <= ys.len());
             let yp = ys.ptr_at(t0 * rows + r0);
             let wt = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
-            // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
-            unsafe {
-                k.matmul_tokens(
-                    wt,
-                    dtype,
-                    nr,
-                    cols,
-                    &xs[t0 * xstride..],
-                    xstride,
-                    nt,
-                    yp,
-                    rows,
-                )
+            let xt = StridedRows {
+                data: &xs[t0 * xstride..],
+                stride: xstride,
+                cols,
+                n: nt,
             };
+            // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
+            unsafe { k.matmul_tokens(wt, dtype, nr, xt, yp, rows) };
         });
     });
 }
@@ -267,18 +261,19 @@ fn gemm(m: Operands, y: &mut [f32]) {
                 let yp = ys.ptr_at(t0 * rows + r0);
                 // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
                 unsafe {
-                    k.gemm_block(
-                        a,
-                        lda,
-                        nr,
-                        &x[t0 * cols + k0..],
-                        cols,
-                        kc,
-                        nt,
-                        yp,
-                        rows,
-                        k0 > 0,
-                    )
+                    let a = StridedRows {
+                        data: a,
+                        stride: lda,
+                        cols: kc,
+                        n: nr,
+                    };
+                    let x = StridedRows {
+                        data: &x[t0 * cols + k0..],
+                        stride: cols,
+                        cols: kc,
+                        n: nt,
+                    };
+                    k.gemm_block(a, x, yp, rows, k0 > 0)
                 };
             }
         });

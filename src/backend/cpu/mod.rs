@@ -43,7 +43,11 @@ use kernels::Kernels;
 /// `$name_isa(isa, ...)` twin on a given tier (panics if this machine cannot run it), both
 /// forwarding to `$inner(kernels, ...)`.
 macro_rules! tiered {
-    ($(#[$doc:meta])* $name:ident, $name_isa:ident => $inner:path; $($arg:ident: $ty:ty),* $(,)? $(=> $ret:ty)?) => {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $name_isa:ident => $inner:path;
+        $($arg:ident: $ty:ty),* $(,)? $(=> $ret:ty)?
+    ) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
         pub fn $name($($arg: $ty),*) $(-> $ret)? {

@@ -5,8 +5,8 @@
 //! The public functions here are the same entry points as those of `simd` (`Kernels` calls
 //! one or the other), without the tier argument.
 
-use super::kernels::TierLayout;
-use crate::backend::BundleLayout;
+use super::kernels::{RowStarts, StridedRows, TierLayout};
+use super::neurons::Bundles;
 use crate::dtype::DType;
 
 /// Partial sums per dot product; 8 lanes let SSE2 keep two vectors of work in flight.
@@ -88,13 +88,24 @@ fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y[r] = dot(row r, x)`, row `r` starting `r * stride` elements into `w`, `cols` columns.
-pub(super) fn matvec(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]) {
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements starting where `rows`
+/// says.
+pub(super) fn matvec(
+    w: &[u8],
+    dtype: DType,
+    rows: RowStarts,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
     let size = dtype.size();
-    let x = &x[..cols];
+    let (x, len) = (&x[..cols], cols * size);
     for (r, out) in y.iter_mut().enumerate() {
-        let start = r * stride * size;
-        *out = dot_row(&w[start..start + cols * size], dtype, x);
+        let start = match rows {
+            RowStarts::Strided(stride) => r * stride * size,
+            RowStarts::At(offsets) => offsets[r],
+        };
+        *out = dot_row(&w[start..start + len], dtype, x);
     }
 }
 
@@ -115,29 +126,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
-/// `a` rows are `lda` apart, `x` rows `ldx` apart, both `k` long.
+/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < a.n`,
+/// `t < x.n`, over `k = a.cols` columns.
 ///
 /// # Safety
 /// `y` must be valid for writes at every `t * ldy + r` above, and no other thread may access
 /// those elements during the call.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_block(
-    a: &[f32],
-    lda: usize,
-    n_rows: usize,
-    x: &[f32],
-    ldx: usize,
-    k: usize,
-    n_tok: usize,
+    a: StridedRows,
+    x: StridedRows,
     y: *mut f32,
     ldy: usize,
     accumulate: bool,
 ) {
-    for t in 0..n_tok {
-        let xr = &x[t * ldx..t * ldx + k];
-        for r in 0..n_rows {
-            let v = dot(&a[r * lda..r * lda + k], xr);
+    let k = a.cols;
+    for t in 0..x.n {
+        let xr = &x.data[t * x.stride..t * x.stride + k];
+        for r in 0..a.n {
+            let v = dot(&a.data[r * a.stride..r * a.stride + k], xr);
             // SAFETY: in bounds and exclusively ours per the contract above.
             let o = unsafe { &mut *y.add(t * ldy + r) };
             *o = if accumulate { *o + v } else { v };
@@ -145,43 +151,35 @@ pub(super) unsafe fn gemm_block(
     }
 }
 
-/// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that share
-/// one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`.
-pub(super) fn scores(
-    keys: &[f32],
-    stride: usize,
-    cols: usize,
-    q: &[f32],
-    np: usize,
-    s: &mut [f32],
-) {
-    if np == 0 {
+/// Attention scores of the `g = s.len() / keys.n` query heads `q[h * keys.cols..]` that share
+/// one KV head: `s[h * keys.n + p] = dot(key row p, q_h)`.
+pub(super) fn scores(keys: StridedRows, q: &[f32], s: &mut [f32]) {
+    let StridedRows {
+        data,
+        stride,
+        cols,
+        n,
+    } = keys;
+    if n == 0 {
         return;
     }
-    for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+    for (h, sh) in s.chunks_exact_mut(n).enumerate() {
         let qh = &q[h * cols..(h + 1) * cols];
         for (p, out) in sh.iter_mut().enumerate() {
-            *out = dot(&keys[p * stride..p * stride + cols], qh);
+            *out = dot(&data[p * stride..p * stride + cols], qh);
         }
     }
 }
 
-/// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
-/// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
-pub(super) fn weighted_sum(
-    v: &[f32],
-    stride: usize,
-    cols: usize,
-    w: &[f32],
-    np: usize,
-    out: &mut [f32],
-) {
-    if np == 0 {
+/// Attention's P·V for the `g = w.len() / v.n` heads sharing one KV head:
+/// `out[h * v.cols + c] = sum_p w[h * v.n + p] * (value row p)[c]`.
+pub(super) fn weighted_sum(v: StridedRows, w: &[f32], out: &mut [f32]) {
+    if v.n == 0 {
         out.fill(0.0);
         return;
     }
-    for (wh, oh) in w.chunks_exact(np).zip(out.chunks_exact_mut(cols)) {
-        head_weighted_sum(v, stride, wh, oh);
+    for (wh, oh) in w.chunks_exact(v.n).zip(out.chunks_exact_mut(v.cols)) {
+        head_weighted_sum(v.data, v.stride, wh, oh);
     }
 }
 
@@ -224,22 +222,6 @@ pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `y[r] = dot(row r, x)` for rows starting at the byte offsets `offsets[r]` of `w`, `cols` columns.
-pub(super) fn matvec_gather(
-    w: &[u8],
-    offsets: &[usize],
-    dtype: DType,
-    cols: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    let x = &x[..cols];
-    let len = cols * dtype.size();
-    for (out, &o) in y.iter_mut().zip(offsets) {
-        *out = dot_row(&w[o..o + len], dtype, x);
-    }
-}
-
 /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r starting at the byte offset `offsets[r]` of `w`.
 fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
     const CHUNK: usize = 64;
@@ -270,17 +252,13 @@ pub(super) fn accumulate_rows_in(
 }
 
 /// No fused CATS kernel here: the caller takes the generic path.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn kept_up_down(
-    _w: &[u8],
-    _dtype: DType,
-    _hidden: usize,
-    _layout: BundleLayout,
-    _ids: &[u32],
-    _coeff: &[f32],
-    _up_bias: Option<&[f32]>,
-    _xp: &[f32],
-    _out: &mut [f32],
+    _: Bundles,
+    _: &[u32],
+    _: &[f32],
+    _: Option<&[f32]>,
+    _: &[f32],
+    _: &mut [f32],
 ) -> bool {
     false
 }
@@ -289,22 +267,18 @@ pub(super) fn kept_up_down(
 ///
 /// # Safety
 /// None needed; it does nothing but stop.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn matmul_tokens(
-    _w: &[u8],
-    _dtype: DType,
-    _rows: usize,
-    _cols: usize,
-    _xs: &[f32],
-    _xstride: usize,
-    _n: usize,
-    _y: *mut f32,
-    _ldy: usize,
+    _: &[u8],
+    _: DType,
+    _: usize,
+    _: StridedRows,
+    _: *mut f32,
+    _: usize,
 ) {
     unreachable!("the scalar tier has no streamed multi-token kernel");
 }
 
 /// Not on this tier: `layout()` has no de-interleaved bf16 layout, so nobody asks.
-pub(super) fn split_bf16_x(_src: &[f32], _dst: &mut [f32]) {
+pub(super) fn split_bf16_x(_: &[f32], _: &mut [f32]) {
     unreachable!("the scalar tier has no de-interleaved bf16 layout");
 }

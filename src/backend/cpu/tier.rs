@@ -11,6 +11,7 @@
 //! buffers of AVX2, register budgets, AVX-512's blocked attention scores), they say so through
 //! the constants and the overridable methods here, not through a second copy of a kernel.
 
+use super::kernels::StridedRows;
 use super::simd;
 
 /// A SIMD tier: `LANES` f32 lanes per vector `V` and the operations the kernels use.
@@ -128,11 +129,35 @@ pub(super) unsafe trait Tier: Copy {
     /// The even elements of `a ++ b`, then the odd ones (the bf16 layout of x).
     fn split_even_odd(self, a: Self::V, b: Self::V) -> (Self::V, Self::V);
 
-    /// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that
-    /// share one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`,
-    /// as a matvec per head unless the tier has a better algorithm.
+    /// Attention scores of the `g = s.len() / keys.n` query heads `q[h * keys.cols..]` that
+    /// share one KV head: `s[h * keys.n + p] = dot(key row p, q_h)`, as a matvec per head
+    /// unless the tier has a better algorithm.
     #[inline(always)]
-    fn scores(self, keys: &[f32], stride: usize, cols: usize, q: &[f32], np: usize, s: &mut [f32]) {
-        simd::scores_by_rows(self, keys, stride, cols, q, np, s);
+    fn scores(self, keys: StridedRows, q: &[f32], s: &mut [f32]) {
+        simd::scores_by_rows(self, keys, q, s);
     }
 }
+
+/// Implements the [`Tier`] methods that are one intrinsic on `$v` each: `binary` ones
+/// `fn name(self, a, b)`, `ternary` ones `fn name(self, a, b, c)`. Used inside an
+/// `unsafe impl Tier`, whose safety invariant (the tier value proves the CPU features) is
+/// what justifies calling the intrinsics.
+macro_rules! lanewise_ops {
+    ($v:ty; binary: $($b:ident => $bi:path),*; ternary: $($t:ident => $ti:path),* $(,)?) => {
+        $(
+            #[inline(always)]
+            fn $b(self, a: $v, b: $v) -> $v {
+                // SAFETY: see the macro's doc.
+                unsafe { $bi(a, b) }
+            }
+        )*
+        $(
+            #[inline(always)]
+            fn $t(self, a: $v, b: $v, c: $v) -> $v {
+                // SAFETY: see the macro's doc.
+                unsafe { $ti(a, b, c) }
+            }
+        )*
+    };
+}
+pub(super) use lanewise_ops;

@@ -5,49 +5,41 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::rows::matvec;
+use crate::backend::cpu::kernels::{RowStarts, StridedRows};
 use crate::backend::cpu::tier::Tier;
 use crate::dtype::DType;
 
 /// Attention scores: see `Tier::scores`, which picks the algorithm.
 #[inline(always)]
-pub(in crate::backend::cpu) fn scores<T: Tier>(
-    t: T,
-    keys: &[f32],
-    stride: usize,
-    cols: usize,
-    q: &[f32],
-    np: usize,
-    s: &mut [f32],
-) {
-    if np == 0 {
-        return;
+pub(in crate::backend::cpu) fn scores<T: Tier>(t: T, keys: StridedRows, q: &[f32], s: &mut [f32]) {
+    if keys.n > 0 {
+        t.scores(keys, q, s);
     }
-    t.scores(keys, stride, cols, q, np, s);
 }
 
 /// `Tier::scores` as one matvec per head over the key rows.
 #[inline(always)]
 pub(in crate::backend::cpu) fn scores_by_rows<T: Tier>(
     t: T,
-    keys: &[f32],
-    stride: usize,
-    cols: usize,
+    keys: StridedRows,
     q: &[f32],
-    np: usize,
     s: &mut [f32],
 ) {
     // Viewing f32s as bytes is always valid, and x86_64 is little-endian as the byte kernel
     // expects.
     let bytes = {
         // SAFETY: the same memory, as initialized bytes.
-        unsafe { std::slice::from_raw_parts(keys.as_ptr() as *const u8, size_of_val(keys)) }
+        unsafe {
+            std::slice::from_raw_parts(keys.data.as_ptr() as *const u8, size_of_val(keys.data))
+        }
     };
-    for (h, sh) in s.chunks_exact_mut(np).enumerate() {
+    let (rows, cols) = (RowStarts::Strided(keys.stride), keys.cols);
+    for (h, sh) in s.chunks_exact_mut(keys.n).enumerate() {
         matvec(
             t,
             bytes,
             DType::F32,
-            stride,
+            rows,
             cols,
             &q[h * cols..(h + 1) * cols],
             sh,
@@ -55,36 +47,34 @@ pub(in crate::backend::cpu) fn scores_by_rows<T: Tier>(
     }
 }
 
-/// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
-/// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`. `Tier::WSUM_HEADS` heads
+/// Attention's P·V for the `g = w.len() / v.n` heads sharing one KV head:
+/// `out[h * v.cols + c] = sum_p w[h * v.n + p] * (value row p)[c]`. `Tier::WSUM_HEADS` heads
 /// share each load of a value row; `Tier::WSUM_VECS` vectors of each head's output columns
 /// stay in registers over all positions.
 #[inline(always)]
 pub(in crate::backend::cpu) fn weighted_sum<T: Tier>(
     t: T,
-    v: &[f32],
-    stride: usize,
-    cols: usize,
+    v: StridedRows,
     w: &[f32],
-    np: usize,
     out: &mut [f32],
 ) {
+    let (np, cols) = (v.n, v.cols);
     if np == 0 {
         out.fill(0.0);
         return;
     }
     let g = w.len() / np;
-    assert!(v.len() >= (np - 1) * stride + cols && out.len() >= g * cols);
+    assert!(v.data.len() >= (np - 1) * v.stride + cols && out.len() >= g * cols);
     for h0 in (0..g).step_by(T::WSUM_HEADS) {
         let wp = w[h0 * np..].as_ptr();
         let op = out[h0 * cols..].as_mut_ptr();
         // SAFETY: heads h0.. of this step have their weights and outputs inside `w` / `out`.
         unsafe {
             match (g - h0).min(T::WSUM_HEADS) {
-                1 => heads::<T, 1>(t, v, stride, cols, wp, np, op),
-                2 => heads::<T, 2>(t, v, stride, cols, wp, np, op),
-                3 => heads::<T, 3>(t, v, stride, cols, wp, np, op),
-                _ => heads::<T, 4>(t, v, stride, cols, wp, np, op),
+                1 => heads::<T, 1>(t, v, wp, op),
+                2 => heads::<T, 2>(t, v, wp, op),
+                3 => heads::<T, 3>(t, v, wp, op),
+                _ => heads::<T, 4>(t, v, wp, op),
             }
         }
     }
@@ -93,35 +83,27 @@ pub(in crate::backend::cpu) fn weighted_sum<T: Tier>(
 /// Most vectors per head that [`columns`] holds (the largest `Tier::WSUM_VECS`).
 const MAX_VECS: usize = 8;
 
-/// `H` heads of [`weighted_sum`]; weights at `w + h * np`, outputs at `out + h * cols`.
+/// `H` heads of [`weighted_sum`]; weights at `w + h * v.n`, outputs at `out + h * v.cols`.
 ///
 /// # Safety
-/// `H` heads' weights and outputs inside the caller's slices; `v` holds `np` rows.
+/// `H` heads' weights and outputs inside the caller's slices; `v` holds its rows.
 #[inline(always)]
-unsafe fn heads<T: Tier, const H: usize>(
-    t: T,
-    v: &[f32],
-    stride: usize,
-    cols: usize,
-    w: *const f32,
-    np: usize,
-    out: *mut f32,
-) {
+unsafe fn heads<T: Tier, const H: usize>(t: T, v: StridedRows, w: *const f32, out: *mut f32) {
     let l = T::LANES;
-    let full = cols / l * l;
+    let full = v.cols / l * l;
     let mut c = 0;
     // SAFETY: forwarded contract.
     unsafe {
         // Whole blocks of WSUM_VECS vectors (a constant count, fully unrolled), then fewer.
         while c + T::WSUM_VECS * l <= full {
-            columns::<T, H>(t, v, stride, c, T::WSUM_VECS, w, np, cols, out);
+            columns::<T, H>(t, v, c, T::WSUM_VECS, w, out);
             c += T::WSUM_VECS * l;
         }
         if c < full {
-            columns::<T, H>(t, v, stride, c, (full - c) / l, w, np, cols, out);
+            columns::<T, H>(t, v, c, (full - c) / l, w, out);
         }
-        if full < cols {
-            tail_columns::<T, H>(t, v, stride, full, cols - full, w, np, cols, out);
+        if full < v.cols {
+            tail_columns::<T, H>(t, v, full, v.cols - full, w, out);
         }
     }
 }
@@ -129,27 +111,23 @@ unsafe fn heads<T: Tier, const H: usize>(
 /// Output columns `c..c + nv * LANES` (whole vectors) of `H` heads.
 ///
 /// # Safety
-/// As [`heads`], with those columns below `cols`.
-#[allow(clippy::too_many_arguments)]
+/// As [`heads`], with those columns below `v.cols`.
 #[inline(always)]
 unsafe fn columns<T: Tier, const H: usize>(
     t: T,
-    v: &[f32],
-    stride: usize,
+    v: StridedRows,
     c: usize,
     nv: usize,
     w: *const f32,
-    np: usize,
-    cols: usize,
     out: *mut f32,
 ) {
-    let l = T::LANES;
+    let (l, np, cols) = (T::LANES, v.n, v.cols);
     let mut acc = [[t.zero(); MAX_VECS]; H];
     let mut vv = [t.zero(); MAX_VECS];
     // SAFETY: caller contract (row p, columns c..c + nv * l inside `v`).
     unsafe {
         for p in 0..np {
-            let base = v.as_ptr().add(p * stride + c);
+            let base = v.data.as_ptr().add(p * v.stride + c);
             for j in 0..nv {
                 vv[j] = t.load(base.add(j * l));
             }
@@ -173,24 +151,21 @@ unsafe fn columns<T: Tier, const H: usize>(
 ///
 /// # Safety
 /// As [`heads`].
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn tail_columns<T: Tier, const H: usize>(
     t: T,
-    v: &[f32],
-    stride: usize,
+    v: StridedRows,
     c: usize,
     n: usize,
     w: *const f32,
-    np: usize,
-    cols: usize,
     out: *mut f32,
 ) {
+    let (np, cols) = (v.n, v.cols);
     let mut acc = [t.zero(); H];
     // SAFETY: caller contract; loads and stores partial to `cols`.
     unsafe {
         for p in 0..np {
-            let vv = t.load_partial(v.as_ptr().add(p * stride + c), n);
+            let vv = t.load_partial(v.data.as_ptr().add(p * v.stride + c), n);
             for h in 0..H {
                 let s = t.splat(*w.add(h * np + p));
                 acc[h] = t.tail_mul_add(s, vv, acc[h]);

@@ -8,8 +8,8 @@
 
 use super::rows::bf16_rows;
 use super::{load_w, load_w_partial, prefetch_l2, with_dtype};
+use crate::backend::cpu::neurons::Bundles;
 use crate::backend::cpu::tier::Tier;
-use crate::backend::BundleLayout;
 use crate::dtype::DType;
 
 /// Output vectors held in registers while all rows stream past them.
@@ -167,20 +167,18 @@ const STREAMS: usize = 8;
 #[inline(always)]
 pub(in crate::backend::cpu) fn kept_up_down<T: Tier>(
     t: T,
-    w: &[u8],
-    dtype: DType,
-    hidden: usize,
-    layout: BundleLayout,
+    b: Bundles,
     ids: &[u32],
     coeff: &[f32],
     up_bias: Option<&[f32]>,
     xp: &[f32],
     out: &mut [f32],
 ) -> bool {
-    if !(T::BF16_SPLIT_DOWN && dtype == DType::BF16) {
+    if !(T::BF16_SPLIT_DOWN && b.dtype == DType::BF16) {
         return false;
     }
-    let (parts, up_at) = (layout.parts(), layout.up_offset(hidden));
+    let (w, hidden) = (b.bytes, b.hidden);
+    let (parts, up_at) = (b.layout.parts(), b.layout.up_offset(hidden));
     let row = hidden * 2;
     let bundle = parts * row;
     assert!(parts >= 2 && up_at * 2 + 2 * row <= bundle);

@@ -4,6 +4,7 @@
 // Kernels index several per-row accumulator arrays in lockstep; `for i in 0..R` reads best.
 #![allow(clippy::needless_range_loop)]
 
+use crate::backend::cpu::kernels::StridedRows;
 use crate::backend::cpu::tier::Tier;
 
 /// Micro-tile: weight rows x tokens. On AVX2 (the tier that runs this path), 12 accumulators
@@ -75,27 +76,25 @@ unsafe fn tile_step<T: Tier>(
     }
 }
 
-/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
-/// `a` rows are `lda` apart (`lda` >= `k` rounded up to whole vectors, zero padded), `x` rows `ldx`.
+/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < a.n`,
+/// `t < x.n`, over `k = a.cols` columns; `a` rows zero padded to `k` rounded up to whole
+/// vectors.
 ///
 /// # Safety
 /// `y` valid for writes at every `t * ldy + r` above and not accessed by anyone else during
 /// the call.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(in crate::backend::cpu) unsafe fn gemm_block<T: Tier>(
     t: T,
-    a: &[f32],
-    lda: usize,
-    n_rows: usize,
-    x: &[f32],
-    ldx: usize,
-    k: usize,
-    n_tok: usize,
+    a: StridedRows,
+    x: StridedRows,
     y: *mut f32,
     ldy: usize,
     accumulate: bool,
 ) {
+    assert_eq!(a.cols, x.cols);
+    let (n_rows, lda, k) = (a.n, a.stride, a.cols);
+    let (n_tok, ldx, (a, x)) = (x.n, x.stride, (a.data, x.data));
     if n_rows == 0 || n_tok == 0 {
         return;
     }

@@ -5,6 +5,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::{elem_size, load_block, load_w, load_w_partial, with_dtype, BF16};
+use crate::backend::cpu::kernels::RowStarts;
 use crate::backend::cpu::tier::Tier;
 use crate::dtype::DType;
 
@@ -28,7 +29,8 @@ pub(in crate::backend::cpu) fn convert<T: Tier>(t: T, src: &[u8], dtype: DType, 
             i += T::LANES;
         }
         if i < n {
-            unsafe { t.store_partial(o.add(i), n - i, load_w_partial::<T, D>(t, s.add(esz * i), n - i)) };
+            let v = unsafe { load_w_partial::<T, D>(t, s.add(esz * i), n - i) };
+            unsafe { t.store_partial(o.add(i), n - i, v) };
         }
     })
 }
@@ -141,48 +143,37 @@ unsafe fn wide_rows<T: Tier, const D: u8, const R: usize>(
     out
 }
 
-/// `y[r] = dot(row r, x)`; row `r` starts `r * stride` elements into `w` and has `cols`
-/// elements. For bf16, `x` must come from `Kernels::prep_x_tokens`; otherwise it is plain
+/// `y[r] = dot(row r, x)` for `r < y.len()`: rows of `cols` elements of `w`, starting where
+/// `rows` says. For bf16, `x` must come from `Kernels::prep_x_tokens`; otherwise it is plain
 /// (len >= cols).
 #[inline(always)]
 pub(in crate::backend::cpu) fn matvec<T: Tier>(
     t: T,
     w: &[u8],
     dtype: DType,
-    stride: usize,
+    rows: RowStarts,
     cols: usize,
     x: &[f32],
     y: &mut [f32],
 ) {
-    let rows = y.len();
-    if rows == 0 {
+    let n = y.len();
+    if n == 0 {
         return;
     }
-    let esz = dtype.size();
-    assert!(w.len() >= ((rows - 1) * stride + cols) * esz);
-    let row_bytes = stride * esz;
-    let wp = w.as_ptr();
-    // SAFETY: every row r < rows lies inside `w` (asserted above).
-    unsafe { rows_dot(t, |r| wp.add(r * row_bytes), dtype, cols, x, y) }
-}
-
-/// [`matvec`] over rows that start at the byte offsets `offsets[r]` of `w` (neuron bundles).
-#[inline(always)]
-pub(in crate::backend::cpu) fn matvec_gather<T: Tier>(
-    t: T,
-    w: &[u8],
-    offsets: &[usize],
-    dtype: DType,
-    cols: usize,
-    x: &[f32],
-    y: &mut [f32],
-) {
-    let rows = y.len();
-    let row_len = cols * dtype.size();
-    assert!(offsets.len() >= rows && offsets[..rows].iter().all(|&o| o + row_len <= w.len()));
-    let wp = w.as_ptr();
-    // SAFETY: every listed row lies inside `w` (asserted above).
-    unsafe { rows_dot(t, |r| wp.add(offsets[r]), dtype, cols, x, y) }
+    let (esz, wp) = (dtype.size(), w.as_ptr());
+    match rows {
+        RowStarts::Strided(stride) => {
+            assert!(w.len() >= ((n - 1) * stride + cols) * esz);
+            // SAFETY: every row r < n lies inside `w` (asserted above).
+            unsafe { rows_dot(t, |r| wp.add(r * stride * esz), dtype, cols, x, y) }
+        }
+        RowStarts::At(offsets) => {
+            let len = cols * esz;
+            assert!(offsets.len() >= n && offsets[..n].iter().all(|&o| o + len <= w.len()));
+            // SAFETY: every listed row lies inside `w` (asserted above).
+            unsafe { rows_dot(t, |r| wp.add(offsets[r]), dtype, cols, x, y) }
+        }
+    }
 }
 
 /// `y[r] = dot(row(r), x)` for `r < y.len()`.

@@ -10,6 +10,7 @@
 //! stream is also prefetched into L2 `PREFETCH_BYTES` ahead on the first pass.
 
 use super::{elem_size, load_block, load_block_partial, prefetch_l2, with_dtype};
+use crate::backend::cpu::kernels::StridedRows;
 use crate::backend::cpu::tier::Tier;
 use crate::dtype::DType;
 
@@ -18,27 +19,28 @@ use crate::dtype::DType;
 /// for 2-16 tokens over the hardware prefetchers alone; L1 prefetches (T0) gain less.
 const PREFETCH_BYTES: usize = 8 << 10;
 
-/// `y[t * ldy + r] = dot(row r, x_t)` for `r < rows`, `t < n`: rows of `cols` elements
-/// (`cols * size` bytes apart) in `w`; token t's prepared x (`Kernels::prep_x_tokens`) at
-/// `xs[t * xstride..]`.
+/// `y[t * ldy + r] = dot(row r, x row t)` for `r < rows`, `t < x.n`: rows of `cols = x.cols`
+/// elements (`cols * size` bytes apart) in `w`; x rows prepared by `Kernels::prep_x_tokens`.
 ///
 /// # Safety
 /// `y` valid for writes at every `t * ldy + r` above and not accessed by anyone else during
 /// the call.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(in crate::backend::cpu) unsafe fn matmul_tokens<T: Tier>(
     t: T,
     w: &[u8],
     dtype: DType,
     rows: usize,
-    cols: usize,
-    xs: &[f32],
-    xstride: usize,
-    n: usize,
+    x: StridedRows,
     y: *mut f32,
     ldy: usize,
 ) {
+    let StridedRows {
+        data: xs,
+        stride: xstride,
+        cols,
+        n,
+    } = x;
     if rows == 0 || n == 0 {
         return;
     }
