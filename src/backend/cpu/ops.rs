@@ -1,5 +1,5 @@
 //! Element-wise activation ops. They touch a few KiB per call, so they run on the calling
-//! thread; only the exp-heavy ones (silu, softmax) go through the SIMD tiers.
+//! thread; only the exp-heavy ones (silu, silu_mul) go through the SIMD tiers.
 
 use super::kernels::Kernels;
 

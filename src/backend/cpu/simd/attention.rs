@@ -65,6 +65,7 @@ pub(in crate::backend::cpu) fn weighted_sum<T: Tier>(
     }
     let g = w.len() / np;
     assert!(v.data.len() >= (np - 1) * v.stride + cols && out.len() >= g * cols);
+    const { assert!(T::WSUM_HEADS <= 4 && T::WSUM_VECS <= MAX_VECS) };
     for h0 in (0..g).step_by(T::WSUM_HEADS) {
         let wp = w[h0 * np..].as_ptr();
         let op = out[h0 * cols..].as_mut_ptr();

@@ -95,6 +95,7 @@ unsafe fn tokens_pass<T: Tier, const D: u8, const R: usize, const PF: bool>(
     y: *mut f32,
     ldy: usize,
 ) {
+    const { assert!(T::STREAM_TOKENS <= 4) };
     // SAFETY: forwarded contract. A tier's token count bounds the arms it reaches.
     unsafe {
         match (n - t0).min(T::STREAM_TOKENS) {
