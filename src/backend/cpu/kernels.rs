@@ -177,10 +177,11 @@ entry_points! {
     /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
     fn convert(src: &[u8], dtype: DType, out: &mut [f32]);
 
-    /// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `w` `cols` long, starting where
-    /// `rows` says; `x` prepared by [`Kernels::prep_x_tokens`] for bf16 on tiers with a bf16
-    /// block, else as it is.
-    fn matvec(w: &[u8], dtype: DType, rows: RowStarts, cols: usize, x: &[f32], y: &mut [f32]);
+    /// [`Kernels::matvec`] of strided rows.
+    fn matvec_strided(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]);
+
+    /// [`Kernels::matvec`] of rows at byte offsets.
+    fn matvec_at(w: &[u8], dtype: DType, offsets: &[usize], cols: usize, x: &[f32], y: &mut [f32]);
 
     /// `out[c] += sum_r coeffs[r] * row_r[c]` for `c < cols`, row r at the byte offset
     /// `offsets[r]` of `w`, into `out` laid out as [`Kernels::acc_split_block`] says (split
@@ -258,6 +259,24 @@ impl Kernels {
     /// Vector width the `a` rows of [`Kernels::gemm_block`] must be zero padded to (max of
     /// all tiers, so callers need not care).
     pub(super) const GEMM_PAD: usize = 16;
+
+    /// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `w` `cols` long, starting where
+    /// `rows` says; `x` prepared by [`Kernels::prep_x_tokens`] for bf16 on tiers with a bf16
+    /// block, else as it is. (Two entry points, so that each compiles one kind of rows.)
+    pub(super) fn matvec(
+        self,
+        w: &[u8],
+        dtype: DType,
+        rows: RowStarts,
+        cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        match rows {
+            RowStarts::Strided(stride) => self.matvec_strided(w, dtype, stride, cols, x, y),
+            RowStarts::At(offsets) => self.matvec_at(w, dtype, offsets, cols, x, y),
+        }
+    }
 
     /// Block size of the de-interleaved output layout [`Kernels::accumulate_rows_in`] uses
     /// for `dtype`, or None if it accumulates in natural column order.

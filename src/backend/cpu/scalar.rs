@@ -88,16 +88,33 @@ fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements starting where `rows`
-/// says.
-pub(super) fn matvec(
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements `stride` apart.
+pub(super) fn matvec_strided(
     w: &[u8],
     dtype: DType,
-    rows: RowStarts,
+    stride: usize,
     cols: usize,
     x: &[f32],
     y: &mut [f32],
 ) {
+    matvec(w, dtype, RowStarts::Strided(stride), cols, x, y);
+}
+
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements at byte `offsets[r]`.
+pub(super) fn matvec_at(
+    w: &[u8],
+    dtype: DType,
+    offsets: &[usize],
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    matvec(w, dtype, RowStarts::At(offsets), cols, x, y);
+}
+
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements starting where `rows`
+/// says.
+fn matvec(w: &[u8], dtype: DType, rows: RowStarts, cols: usize, x: &[f32], y: &mut [f32]) {
     let size = dtype.size();
     let (x, len) = (&x[..cols], cols * size);
     for (r, out) in y.iter_mut().enumerate() {

@@ -69,13 +69,18 @@ pub(in crate::backend::cpu) fn weighted_sum<T: Tier>(
     for h0 in (0..g).step_by(T::WSUM_HEADS) {
         let wp = w[h0 * np..].as_ptr();
         let op = out[h0 * cols..].as_mut_ptr();
+        let nh = (g - h0).min(T::WSUM_HEADS);
         // SAFETY: heads h0.. of this step have their weights and outputs inside `w` / `out`.
+        // Head counts past the tier's are cut at compile time (see `tokens::tokens_pass`).
         unsafe {
-            match (g - h0).min(T::WSUM_HEADS) {
-                1 => heads::<T, 1>(t, v, wp, op),
-                2 => heads::<T, 2>(t, v, wp, op),
-                3 => heads::<T, 3>(t, v, wp, op),
-                _ => heads::<T, 4>(t, v, wp, op),
+            if nh == 1 || T::WSUM_HEADS < 2 {
+                heads::<T, 1>(t, v, wp, op)
+            } else if nh == 2 || T::WSUM_HEADS < 3 {
+                heads::<T, 2>(t, v, wp, op)
+            } else if nh == 3 || T::WSUM_HEADS < 4 {
+                heads::<T, 3>(t, v, wp, op)
+            } else {
+                heads::<T, 4>(t, v, wp, op)
             }
         }
     }

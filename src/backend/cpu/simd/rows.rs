@@ -143,11 +143,40 @@ unsafe fn wide_rows<T: Tier, const D: u8, const R: usize>(
     out
 }
 
+/// [`matvec`] of a matrix: row r at element `r * stride`.
+#[inline(always)]
+pub(in crate::backend::cpu) fn matvec_strided<T: Tier>(
+    t: T,
+    w: &[u8],
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    matvec(t, w, dtype, RowStarts::Strided(stride), cols, x, y);
+}
+
+/// [`matvec`] of rows at the byte offsets `offsets[r]` (neurons of a bundle matrix).
+#[inline(always)]
+pub(in crate::backend::cpu) fn matvec_at<T: Tier>(
+    t: T,
+    w: &[u8],
+    dtype: DType,
+    offsets: &[usize],
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    matvec(t, w, dtype, RowStarts::At(offsets), cols, x, y);
+}
+
 /// `y[r] = dot(row r, x)` for `r < y.len()`: rows of `cols` elements of `w`, starting where
 /// `rows` says. For bf16, `x` must come from `Kernels::prep_x_tokens`; otherwise it is plain
-/// (len >= cols).
+/// (len >= cols). Each entry point instantiates one kind of rows: with both in one function
+/// the register allocator spilled a pointer of the inner loop.
 #[inline(always)]
-pub(in crate::backend::cpu) fn matvec<T: Tier>(
+pub(super) fn matvec<T: Tier>(
     t: T,
     w: &[u8],
     dtype: DType,

@@ -96,39 +96,25 @@ unsafe fn tokens_pass<T: Tier, const D: u8, const R: usize, const PF: bool>(
     ldy: usize,
 ) {
     const { assert!(T::STREAM_TOKENS <= 4) };
-    // SAFETY: forwarded contract. A tier's token count bounds the arms it reaches.
+    let nt = (n - t0).min(T::STREAM_TOKENS);
+    // SAFETY: forwarded contract. The token counts past the tier's are cut at compile time
+    // (from `min` alone the optimizer kept them, and their dead loops cost registers in the
+    // live ones).
     unsafe {
-        match (n - t0).min(T::STREAM_TOKENS) {
-            1 => {
-                let acc = rows_tokens::<T, D, R, 1, PF>(t, wp, cols, [xp(t0)]);
-                store(t, acc, rs, t0, y, ldy)
-            }
-            2 => {
-                let acc = rows_tokens::<T, D, R, 2, PF>(t, wp, cols, [xp(t0), xp(t0 + 1)]);
-                store(t, acc, rs, t0, y, ldy)
-            }
-            3 => {
-                let x = [0, 1, 2].map(|i| xp(t0 + i));
-                store(
-                    t,
-                    rows_tokens::<T, D, R, 3, PF>(t, wp, cols, x),
-                    rs,
-                    t0,
-                    y,
-                    ldy,
-                )
-            }
-            _ => {
-                let x = [0, 1, 2, 3].map(|i| xp(t0 + i));
-                store(
-                    t,
-                    rows_tokens::<T, D, R, 4, PF>(t, wp, cols, x),
-                    rs,
-                    t0,
-                    y,
-                    ldy,
-                )
-            }
+        if nt == 1 {
+            let acc = rows_tokens::<T, D, R, 1, PF>(t, wp, cols, [xp(t0)]);
+            store(t, acc, rs, t0, y, ldy)
+        } else if nt == 2 || T::STREAM_TOKENS < 3 {
+            let acc = rows_tokens::<T, D, R, 2, PF>(t, wp, cols, [xp(t0), xp(t0 + 1)]);
+            store(t, acc, rs, t0, y, ldy)
+        } else if nt == 3 || T::STREAM_TOKENS < 4 {
+            let x = [0, 1, 2].map(|i| xp(t0 + i));
+            let acc = rows_tokens::<T, D, R, 3, PF>(t, wp, cols, x);
+            store(t, acc, rs, t0, y, ldy)
+        } else {
+            let x = [0, 1, 2, 3].map(|i| xp(t0 + i));
+            let acc = rows_tokens::<T, D, R, 4, PF>(t, wp, cols, x);
+            store(t, acc, rs, t0, y, ldy)
         }
     }
 }
