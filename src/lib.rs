@@ -15,9 +15,4 @@ pub mod tensor;
 pub mod transfer;
 pub mod units;
 
-/// Temporary path for the CPU kernels while they are being reworked: `crate::tensor::DType`.
-pub(crate) mod dtype {
-    pub use crate::tensor::DType;
-}
-
 pub use error::{Error, Result};

@@ -4,7 +4,7 @@
 //! The weights are drawn as f32, rounded to the dtype under test and encoded; the reference
 //! uses the rounded values, so the comparison measures the kernels' f32 arithmetic only and a
 //! tight tolerance (1e-4 of the output scale) holds for every dtype. The bundle matrix is
-//! built from separate gate / up / down matrices with `bundle_bytes`, as at load, so a layout
+//! built from separate gate / up / down matrices with `interleave`, as at load, so a layout
 //! mismatch between builder and kernels fails here too.
 
 use half::{bf16, f16};
@@ -15,7 +15,7 @@ use sirius_offload::backend::cpu::{
     ThreadPool,
 };
 use sirius_offload::backend::{BundleLayout, NeuronLists, NeuronRule};
-use sirius_offload::sparsity::bundles::{bundle_bytes, interleave};
+use sirius_offload::sparsity::bundles::interleave;
 use sirius_offload::tensor::DType;
 
 const DTYPES: [DType; 3] = [DType::BF16, DType::F16, DType::F32];
@@ -107,7 +107,7 @@ impl Ffn {
         let (ub, up) = encode(&uniform(rng, f * h, 2.0 / (h as f32).sqrt()), dtype);
         let (db, down) = encode(&uniform(rng, h * f, 1.0 / (f as f32).sqrt()), dtype);
         let mut store = vec![0xA5u8; shift];
-        store.extend(bundle_bytes(&gb, &ub, &db, h, f, dtype.size()));
+        store.extend(interleave(Some(&gb), &ub, &db, h, f, dtype.size()));
         let mut store_up_down = vec![0xA5u8; shift];
         store_up_down.extend(interleave(None, &ub, &db, h, f, dtype.size()));
         Ffn {

@@ -1,6 +1,7 @@
 //! Argument checks every backend makes: the CPU and CUDA backends refuse the same inputs with
 //! the same words.
 
+use super::{BundleLayout, BundleSelection};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use crate::tensor::TensorRef;
@@ -48,4 +49,47 @@ pub(crate) fn row_copy_range(
         )));
     }
     Ok((s, d, n))
+}
+
+/// `bundle_ffn`'s arguments that do not depend on where the buffers live: the bundle matrix
+/// splits into `layout`'s parts, a dense pass has gate rows, and per-token lists cover the
+/// tokens with ascending offsets and ids that are bundle rows. Returns the hidden size.
+pub(crate) fn bundle_call<Buf>(
+    cols: usize,
+    neurons: usize,
+    layout: BundleLayout,
+    sel: &BundleSelection<'_, Buf>,
+    n_tokens: usize,
+) -> Result<usize> {
+    let parts = layout.parts();
+    if !cols.is_multiple_of(parts) {
+        return Err(Error::InvalidArgument(format!(
+            "bundle matrix has {cols} columns, not {parts} x hidden"
+        )));
+    }
+    match sel {
+        BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => {
+            return Err(Error::InvalidArgument(
+                "a dense pass over bundles needs their gate rows".into(),
+            ));
+        }
+        BundleSelection::All { .. } => {}
+        BundleSelection::PerToken { kept, .. } => {
+            let offsets_ok = kept.offsets.first() == Some(&0)
+                && kept.offsets.windows(2).all(|w| w[0] <= w[1])
+                && kept
+                    .offsets
+                    .last()
+                    .is_some_and(|&end| end <= kept.ids.len());
+            if kept.n_tokens() < n_tokens
+                || !offsets_ok
+                || kept.ids.iter().any(|&i| i as usize >= neurons)
+            {
+                return Err(Error::InvalidArgument(
+                    "neuron lists do not match the tokens or the bundles".into(),
+                ));
+            }
+        }
+    }
+    Ok(cols / parts)
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use super::checks;
-use super::cpu::{self as kernels, ThreadPool};
+use super::cpu::{self as kernels, Isa, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
     Rows, SparseOps,
@@ -109,6 +109,8 @@ fn huge_page_copy(bytes: &[u8]) -> Result<Mmap> {
 
 pub struct CpuBackend {
     pool: ThreadPool,
+    /// The SIMD tier every op runs on.
+    isa: Isa,
 }
 
 impl CpuBackend {
@@ -123,7 +125,23 @@ impl CpuBackend {
         }
         CpuBackend {
             pool: ThreadPool::new(n),
+            isa: kernels::isa(),
         }
+    }
+
+    /// A backend whose ops all run on the ISA tier `isa` instead of the selected one (tier
+    /// comparisons, a tier's end-to-end results); an error if this machine cannot run it.
+    pub fn with_isa(threads: usize, isa: Isa) -> Result<CpuBackend> {
+        if !isa.is_supported() {
+            return Err(Error::InvalidArgument(format!(
+                "CPU ISA tier {} is not supported on this machine",
+                isa.name()
+            )));
+        }
+        Ok(CpuBackend {
+            isa,
+            ..CpuBackend::new(threads)
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -138,7 +156,7 @@ impl Backend for CpuBackend {
     fn describe(&self) -> String {
         format!(
             "cpu ({}, {} threads)",
-            kernels::isa_name(),
+            self.isa.name(),
             self.pool.n_threads()
         )
     }
@@ -171,7 +189,8 @@ impl Backend for CpuBackend {
                     vocab: table.rows,
                 });
             }
-            kernels::row_to_f32(
+            kernels::row_to_f32_with_isa(
+                self.isa,
                 table.bytes(),
                 table.dtype,
                 cols,
@@ -202,7 +221,8 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        kernels::matmul(
+        kernels::matmul_with_isa(
+            self.isa,
             &self.pool,
             w.bytes(),
             w.dtype,
@@ -295,7 +315,8 @@ impl Backend for CpuBackend {
                 "attention over {cache_rows} cache rows for {n} tokens does not fit its buffers"
             )));
         }
-        kernels::attention(
+        kernels::attention_with_isa(
+            self.isa,
             &self.pool,
             &q[..n * width],
             k_cache,
@@ -312,7 +333,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {
-        kernels::silu_mul(&mut gate[..len], &up[..len]);
+        kernels::silu_mul_with_isa(self.isa, &mut gate[..len], &up[..len]);
         Ok(())
     }
 
@@ -372,14 +393,7 @@ impl SparseOps for CpuBackend {
         sel: BundleSelection<'_, Vec<f32>>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        let parts = layout.parts();
-        if !bundles.cols.is_multiple_of(parts) {
-            return Err(Error::InvalidArgument(format!(
-                "bundle matrix has {} columns, not {parts} x hidden",
-                bundles.cols
-            )));
-        }
-        let hidden = bundles.cols / parts;
+        let hidden = checks::bundle_call(bundles.cols, bundles.rows, layout, &sel, n_tokens)?;
         let b = kernels::Bundles {
             bytes: bundles.bytes(),
             dtype: bundles.dtype,
@@ -388,11 +402,6 @@ impl SparseOps for CpuBackend {
             layout,
         };
         let act = match sel {
-            BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => {
-                return Err(Error::InvalidArgument(
-                    "a dense pass over bundles needs their gate rows".into(),
-                ));
-            }
             BundleSelection::All { gate_bias, up_bias } => kernels::Activation::All {
                 gate_bias: gate_bias.map(|v| v.as_slice()),
                 up_bias: up_bias.map(|v| v.as_slice()),
@@ -401,22 +410,13 @@ impl SparseOps for CpuBackend {
                 coeff,
                 kept,
                 up_bias,
-            } => {
-                if kept.n_tokens() < n_tokens
-                    || kept.ids.iter().any(|&i| i as usize >= bundles.rows)
-                {
-                    return Err(Error::InvalidArgument(
-                        "neuron lists do not match the tokens or the bundles".into(),
-                    ));
-                }
-                kernels::Activation::PerToken {
-                    coeff,
-                    kept,
-                    up_bias: up_bias.map(|v| v.as_slice()),
-                }
-            }
+            } => kernels::Activation::PerToken {
+                coeff,
+                kept,
+                up_bias: up_bias.map(|v| v.as_slice()),
+            },
         };
-        kernels::bundle_ffn(&self.pool, b, x, n_tokens, act, out);
+        kernels::bundle_ffn_with_isa(self.isa, &self.pool, b, x, n_tokens, act, out);
         Ok(())
     }
 
@@ -449,7 +449,7 @@ impl SparseOps for CpuBackend {
     }
 
     fn silu(&self, x: &mut Vec<f32>, len: usize) -> Result<()> {
-        kernels::silu(&mut x[..len]);
+        kernels::silu_with_isa(self.isa, &mut x[..len]);
         Ok(())
     }
 }

@@ -131,3 +131,11 @@ impl SiriusArgs {
         .map(|(name, _)| name)
     }
 }
+
+/// `Err` naming `flag` when a count option that must be at least 1 is 0 (`None`: not given).
+pub(crate) fn at_least_one(flag: &str, value: impl Into<Option<usize>>) -> Result<()> {
+    if value.into() == Some(0) {
+        return Err(Error::InvalidArgument(format!("{flag} must be at least 1")));
+    }
+    Ok(())
+}

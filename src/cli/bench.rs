@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
-use crate::cli::args::{ModelArgs, SparsityArgs};
+use crate::cli::args::{at_least_one, ModelArgs, SparsityArgs};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
 use crate::engine::bench::{bench as measure, BenchResult, BenchSettings};
@@ -58,9 +58,7 @@ struct BenchReport {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    if args.reps == 0 {
-        return Err(Error::InvalidArgument("--reps must be at least 1".into()));
-    }
+    at_least_one("--reps", args.reps)?;
     if args.prompt == 0 && args.gen == 0 {
         return Err(Error::InvalidArgument(
             "nothing to measure: --prompt and --gen are both 0".into(),

@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::backend::CpuBackend;
-use crate::cli::args::ModelArgs;
+use crate::cli::args::{at_least_one, ModelArgs};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout};
 use crate::engine::calibrate::calibrate as calibrate_thresholds;
 use crate::engine::{Engine, EngineConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::sparsity::validate_keep;
 
 #[derive(Debug, Clone, Args)]
@@ -45,16 +45,8 @@ pub struct CalibrateArgs {
 pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     // Option and input errors first: they should not wait for a model load.
     let keep = validate_keep(args.keep)?;
-    if args.seq_len == 0 {
-        return Err(Error::InvalidArgument(
-            "--seq-len must be at least 1".into(),
-        ));
-    }
-    if args.max_tokens == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--max-tokens must be at least 1".into(),
-        ));
-    }
+    at_least_one("--seq-len", args.seq_len)?;
+    at_least_one("--max-tokens", args.max_tokens)?;
     check_output_dir("--out", Some(&args.out))?;
     let text = read_text("--text", &args.text)?;
 

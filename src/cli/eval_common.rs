@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::backend::CpuBackend;
+use crate::cli::args::at_least_one;
 use crate::cli::eval_args::{EvalArgs, GenTaskArgs, ReportFormat};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{print_stdout, write_json};
@@ -21,16 +22,8 @@ pub const DEFAULT_SHOTS: usize = 8;
 
 /// Sirius options from the command line, checked without a model.
 pub(crate) fn sirius_options(g: &GenTaskArgs) -> Result<SiriusConfig> {
-    if g.max_tokens == 0 {
-        return Err(Error::InvalidArgument(
-            "--max-tokens must be at least 1".into(),
-        ));
-    }
-    if g.max_problems == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--max-problems must be at least 1".into(),
-        ));
-    }
+    at_least_one("--max-tokens", g.max_tokens)?;
+    at_least_one("--max-problems", g.max_problems)?;
     g.sirius.config()
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::cli::args::SparsityArgs;
+use crate::cli::args::{at_least_one, SparsityArgs};
 use crate::cli::eval_args::EvalArgs;
 use crate::cli::eval_common::{bar, emit, load};
 use crate::cli::input::read_text;
@@ -37,11 +37,7 @@ struct PerplexityReport<'a> {
 pub fn eval_perplexity(args: &EvalArgs, text_path: &Path) -> Result<()> {
     let specs = sparsity_specs(args)?;
     check_output_dir("--json", args.json.as_deref())?;
-    if args.max_windows == Some(0) {
-        return Err(Error::InvalidArgument(
-            "--max-windows must be at least 1".into(),
-        ));
-    }
+    at_least_one("--max-windows", args.max_windows)?;
     let geometry = Windows {
         window: args.window,
         prefix: args.prefix,

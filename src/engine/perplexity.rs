@@ -225,40 +225,22 @@ mod tests {
 
     #[test]
     fn window_geometry_errors() {
-        let ok = Windows {
-            window: 16,
-            prefix: 8,
-        };
-        assert!(ok.validate(1, 64).is_ok());
-        assert!(Windows {
-            window: 16,
-            prefix: 0
+        // (window, prefix, lead tokens, context) -> valid?
+        let cases = [
+            (16, 8, 1, 64, true),
+            (16, 0, 0, 64, false),
+            (16, 15, 0, 64, false),
+            (16, 16, 0, 64, false),
+            (16, 1, 1, 64, false),
+            (128, 8, 0, 64, false),
+        ];
+        for (window, prefix, lead, context, valid) in cases {
+            let w = Windows { window, prefix };
+            assert_eq!(
+                w.validate(lead, context).is_ok(),
+                valid,
+                "window {window}, prefix {prefix}, lead {lead}, context {context}"
+            );
         }
-        .validate(0, 64)
-        .is_err());
-        assert!(Windows {
-            window: 16,
-            prefix: 15
-        }
-        .validate(0, 64)
-        .is_err());
-        assert!(Windows {
-            window: 16,
-            prefix: 16
-        }
-        .validate(0, 64)
-        .is_err());
-        assert!(Windows {
-            window: 16,
-            prefix: 1
-        }
-        .validate(1, 64)
-        .is_err());
-        assert!(Windows {
-            window: 128,
-            prefix: 8
-        }
-        .validate(0, 64)
-        .is_err());
     }
 }

@@ -141,6 +141,15 @@ pub fn argmax(logits: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
+    }
+
     #[test]
     fn greedy_takes_argmax() {
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
@@ -149,12 +158,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 7,
-        };
+        let params = params(1.0, 0, 1.0, 7);
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let run = || {
             let mut s = Sampler::new(params).unwrap();
@@ -169,12 +173,7 @@ mod tests {
 
     #[test]
     fn top_k_limits_choices() {
-        let params = SamplingParams {
-            temperature: 5.0,
-            top_k: 2,
-            top_p: 1.0,
-            seed: 1,
-        };
+        let params = params(5.0, 2, 1.0, 1);
         let mut s = Sampler::new(params).unwrap();
         let logits = [0.0, 5.0, 4.9, 0.1, 0.2];
         for _ in 0..200 {
@@ -185,12 +184,7 @@ mod tests {
 
     #[test]
     fn top_p_keeps_nucleus() {
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 0.5,
-            seed: 3,
-        };
+        let params = params(1.0, 0, 0.5, 3);
         let mut s = Sampler::new(params).unwrap();
         let logits = [10.0, 0.0, 0.0, 0.0];
         for _ in 0..100 {

@@ -166,20 +166,8 @@ pub fn complement_ids(kept: &[u32], neurons: usize) -> Result<Vec<u32>> {
     Ok(rest)
 }
 
-/// Interleaves one layer's gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes, `esz`
-/// bytes per element) into `[f, 3h]` gate|up|down bundles.
-pub fn bundle_bytes(
-    gate: &[u8],
-    up: &[u8],
-    down: &[u8],
-    h: usize,
-    f: usize,
-    esz: usize,
-) -> Vec<u8> {
-    interleave(Some(gate), up, down, h, f, esz)
-}
-
-/// Bundles of one layer: `[f, 3h]` gate|up|down with a gate, `[f, 2h]` up|down without.
+/// Bundles of one layer from its gate `[f, h]`, up `[f, h]` and down `[h, f]` (raw bytes,
+/// `esz` bytes per element): `[f, 3h]` gate|up|down with a gate, `[f, 2h]` up|down without.
 pub fn interleave(
     gate: Option<&[u8]>,
     up: &[u8],
@@ -245,27 +233,30 @@ mod tests {
                 .flat_map(|r| (0..cols).flat_map(move |c| enc(m, r, c)))
                 .collect()
         };
-        let out = bundle_bytes(&mat(1, f, h), &mat(2, f, h), &mat(3, h, f), h, f, esz);
-        assert_eq!(out.len(), f * 3 * h * esz);
-        for i in 0..f {
-            let b = &out[i * 3 * h * esz..(i + 1) * 3 * h * esz];
-            let el = |j: usize| u16::from_le_bytes([b[2 * j], b[2 * j + 1]]);
-            for c in 0..h {
-                assert_eq!(el(c), u16::from_le_bytes(enc(1, i, c)));
-                assert_eq!(el(h + c), u16::from_le_bytes(enc(2, i, c)));
-                assert_eq!(el(2 * h + c), u16::from_le_bytes(enc(3, c, i)));
+        // Each bundle i: the listed parts in order, a (matrix, row, col) element per column.
+        let check = |out: Vec<u8>, parts: &[(u16, bool)]| {
+            let width = parts.len() * h;
+            assert_eq!(out.len(), f * width * esz);
+            for i in 0..f {
+                let b = &out[i * width * esz..(i + 1) * width * esz];
+                let el = |j: usize| u16::from_le_bytes([b[2 * j], b[2 * j + 1]]);
+                for (p, &(m, column)) in parts.iter().enumerate() {
+                    for c in 0..h {
+                        let want = if column { enc(m, c, i) } else { enc(m, i, c) };
+                        assert_eq!(el(p * h + c), u16::from_le_bytes(want), "part {p}");
+                    }
+                }
             }
-        }
+        };
+        let (gate, up, down) = (mat(1, f, h), mat(2, f, h), mat(3, h, f));
+        check(
+            interleave(Some(&gate), &up, &down, h, f, esz),
+            &[(1, false), (2, false), (3, true)],
+        );
         // Without the gate: up row then down column.
-        let out = interleave(None, &mat(2, f, h), &mat(3, h, f), h, f, esz);
-        assert_eq!(out.len(), f * 2 * h * esz);
-        for i in 0..f {
-            let b = &out[i * 2 * h * esz..(i + 1) * 2 * h * esz];
-            let el = |j: usize| u16::from_le_bytes([b[2 * j], b[2 * j + 1]]);
-            for c in 0..h {
-                assert_eq!(el(c), u16::from_le_bytes(enc(2, i, c)));
-                assert_eq!(el(h + c), u16::from_le_bytes(enc(3, c, i)));
-            }
-        }
+        check(
+            interleave(None, &up, &down, h, f, esz),
+            &[(2, false), (3, true)],
+        );
     }
 }

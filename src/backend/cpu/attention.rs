@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 
 use super::attention_window::window_attention;
-use super::kernels::Kernels;
+use super::kernels::{Kernels, StridedRows};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
 use crate::tensor::TreeMask;
@@ -36,6 +36,39 @@ pub(super) struct Dims {
     pub scale: f32,
 }
 
+impl Dims {
+    /// The shapes of one call (`n_heads` a multiple of `n_kv_heads`: grouped-query attention).
+    pub fn new(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Dims {
+        assert!(
+            n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
+            "attention: n_heads must be a multiple of n_kv_heads"
+        );
+        Dims {
+            n_heads,
+            group: n_heads / n_kv_heads,
+            head_dim,
+            kv_dim: n_kv_heads * head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+
+    /// Cache rows `start..start + n` of KV head `g` in a `[positions, kv_dim]` cache.
+    pub fn head_rows<'c>(
+        &self,
+        cache: &'c [f32],
+        g: usize,
+        start: usize,
+        n: usize,
+    ) -> StridedRows<'c> {
+        StridedRows {
+            data: &cache[start * self.kv_dim + g * self.head_dim..],
+            stride: self.kv_dim,
+            cols: self.head_dim,
+            n,
+        }
+    }
+}
+
 /// See [`super::attention()`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_with(
@@ -52,48 +85,34 @@ pub(super) fn attention_with(
     mask: Option<&TreeMask>,
     out: &mut [f32],
 ) {
-    if let Some(m) = mask {
-        assert!(
-            m.n_tokens() == n_tokens && m.first_row() == start_pos,
-            "attention: the tree mask is for another batch"
-        );
-    }
     assert!(
-        n_kv_heads > 0 && n_heads.is_multiple_of(n_kv_heads),
-        "attention: n_heads must be a multiple of n_kv_heads"
+        mask.is_none_or(|m| m.n_tokens() == n_tokens && m.first_row() == start_pos),
+        "attention: the tree mask is for another batch"
     );
-    let q_dim = n_heads * head_dim;
-    let kv_dim = n_kv_heads * head_dim;
+    let d = Dims::new(n_heads, n_kv_heads, head_dim);
     let seen = start_pos + n_tokens;
     assert_eq!(
         q.len(),
-        n_tokens * q_dim,
+        n_tokens * n_heads * head_dim,
         "attention: q.len() != n_tokens * n_heads * head_dim"
     );
     assert_eq!(
         out.len(),
-        n_tokens * q_dim,
+        q.len(),
         "attention: out.len() != n_tokens * n_heads * head_dim"
     );
     assert!(
-        k_cache.len() >= seen * kv_dim,
+        k_cache.len() >= seen * d.kv_dim,
         "attention: k_cache holds fewer than start_pos + n_tokens rows"
     );
     assert!(
-        v_cache.len() >= seen * kv_dim,
+        v_cache.len() >= seen * d.kv_dim,
         "attention: v_cache holds fewer than start_pos + n_tokens rows"
     );
     if n_tokens == 0 || head_dim == 0 {
         return;
     }
-    let d = Dims {
-        n_heads,
-        group: n_heads / n_kv_heads,
-        head_dim,
-        kv_dim,
-        scale: 1.0 / (head_dim as f32).sqrt(),
-    };
-    let (k_cache, v_cache) = (&k_cache[..seen * kv_dim], &v_cache[..seen * kv_dim]);
+    let (k_cache, v_cache) = (&k_cache[..seen * d.kv_dim], &v_cache[..seen * d.kv_dim]);
     // Windows read the history once per block of tokens instead of once per token.
     if n_tokens > 1 {
         window_attention(
@@ -101,37 +120,73 @@ pub(super) fn attention_with(
         );
         return;
     }
+    let batch = Batch {
+        k,
+        d,
+        q,
+        k_cache,
+        v_cache,
+        start_pos,
+        n_tokens,
+        mask,
+    };
     let units = n_tokens * n_kv_heads;
     let want = TASKS_PER_THREAD * pool.n_threads();
     // A one-token tree batch (a draft tree's root) stays in one chunk: the chunked path
-    // below has no mask, and a chunk of only hidden rows would have no softmax.
+    // has no mask, and a chunk of only hidden rows would have no softmax.
     let n_chunks = if pool.n_threads() == 1 || units >= want || mask.is_some() {
         1
     } else {
         want.div_ceil(units).min(seen / MIN_CHUNK).max(1)
     };
     let chunk = seen.div_ceil(n_chunks).next_multiple_of(16);
-    let n_chunks = seen.div_ceil(chunk);
+    if seen.div_ceil(chunk) == 1 {
+        batch.whole_history(pool, out);
+    } else {
+        batch.chunked_history(pool, chunk, out);
+    }
+}
 
-    let outs = SharedMut::new(out);
-    if n_chunks == 1 {
-        pool.run(units, &|task| {
+/// The inputs of one token-at-a-time call (decode), shared by its tasks.
+struct Batch<'a> {
+    k: Kernels,
+    d: Dims,
+    q: &'a [f32],
+    k_cache: &'a [f32],
+    v_cache: &'a [f32],
+    start_pos: usize,
+    n_tokens: usize,
+    mask: Option<&'a TreeMask>,
+}
+
+impl Batch<'_> {
+    fn n_kv_heads(&self) -> usize {
+        self.d.n_heads / self.d.group
+    }
+
+    /// One task per (token, KV head), each over its token's whole visible history.
+    fn whole_history(&self, pool: &ThreadPool, out: &mut [f32]) {
+        let (d, n_kv_heads) = (&self.d, self.n_kv_heads());
+        let q_dim = d.n_heads * d.head_dim;
+        let outs = SharedMut::new(out);
+        pool.run(self.n_tokens * n_kv_heads, &|task| {
             let (t, g) = (task / n_kv_heads, task % n_kv_heads);
-            let len = start_pos + t + 1;
-            let base = t * q_dim + g * d.group * head_dim;
+            let len = self.start_pos + t + 1;
+            let base = t * q_dim + g * d.group * d.head_dim;
             // SAFETY: task (t, g) alone owns the outputs of its heads of token t.
-            let o = unsafe { outs.slice(base, d.group * head_dim) };
+            let o = unsafe { outs.slice(base, d.group * d.head_dim) };
             let mut sums = [0f32; 1];
             let rows = Rows {
                 range: 0..len,
-                mask: mask.map(|m| (m, t)),
+                mask: self.mask.map(|m| (m, t)),
             };
+            let (kc, vc) = (self.k_cache, self.v_cache);
             group_chunk(
-                k,
-                &d,
-                q,
-                k_cache,
-                v_cache,
+                self.k,
+                d,
+                self.q,
+                kc,
+                vc,
                 t,
                 g,
                 rows,
@@ -141,37 +196,46 @@ pub(super) fn attention_with(
                 true,
             );
         });
-        return;
     }
 
-    // Partials, per (token, chunk): outputs [n_heads * head_dim], then maxima and sums [n_heads] each.
-    let per = q_dim + 2 * n_heads;
-    with_scratch(&PARTIALS, n_tokens * n_chunks * per, |parts| {
-        let ps = SharedMut::new(parts);
-        pool.run(units * n_chunks, &|task| {
-            let (u, c) = (task / n_chunks, task % n_chunks);
-            let (t, g) = (u / n_kv_heads, u % n_kv_heads);
-            let len = start_pos + t + 1;
-            let block = (t * n_chunks + c) * per;
-            // SAFETY: task (t, g, c) alone owns its heads' slots of block (t, c).
-            let o = unsafe { ps.slice(block + g * d.group * head_dim, d.group * head_dim) };
-            let m = unsafe { ps.slice(block + q_dim + g * d.group, d.group) };
-            let l = unsafe { ps.slice(block + q_dim + n_heads + g * d.group, d.group) };
-            let p0 = (c * chunk).min(len);
-            let p1 = ((c + 1) * chunk).min(len);
-            let rows = Rows {
-                range: p0..p1,
-                mask: None,
-            };
-            group_chunk(k, &d, q, k_cache, v_cache, t, g, rows, o, m, l, false);
+    /// Flash-decoding: the history split into `chunk`-position pieces, one task per (token,
+    /// KV head, piece), whose partial softmax results are merged per token afterwards.
+    fn chunked_history(&self, pool: &ThreadPool, chunk: usize, out: &mut [f32]) {
+        let (d, n_kv_heads) = (&self.d, self.n_kv_heads());
+        let (n_heads, head_dim) = (d.n_heads, d.head_dim);
+        let q_dim = n_heads * head_dim;
+        let n_chunks = (self.start_pos + self.n_tokens).div_ceil(chunk);
+        let units = self.n_tokens * n_kv_heads;
+        // Partials, per (token, chunk): outputs [n_heads * head_dim], then maxima and sums
+        // [n_heads] each.
+        let per = q_dim + 2 * n_heads;
+        let outs = SharedMut::new(out);
+        with_scratch(&PARTIALS, self.n_tokens * n_chunks * per, |parts| {
+            let ps = SharedMut::new(parts);
+            pool.run(units * n_chunks, &|task| {
+                let (u, c) = (task / n_chunks, task % n_chunks);
+                let (t, g) = (u / n_kv_heads, u % n_kv_heads);
+                let len = self.start_pos + t + 1;
+                let block = (t * n_chunks + c) * per;
+                // SAFETY: task (t, g, c) alone owns its heads' slots of block (t, c).
+                let o = unsafe { ps.slice(block + g * d.group * head_dim, d.group * head_dim) };
+                let m = unsafe { ps.slice(block + q_dim + g * d.group, d.group) };
+                let l = unsafe { ps.slice(block + q_dim + n_heads + g * d.group, d.group) };
+                let rows = Rows {
+                    range: (c * chunk).min(len)..((c + 1) * chunk).min(len),
+                    mask: None,
+                };
+                let (kc, vc) = (self.k_cache, self.v_cache);
+                group_chunk(self.k, d, self.q, kc, vc, t, g, rows, o, m, l, false);
+            });
+            pool.run(self.n_tokens, &|t| {
+                // SAFETY: task t alone owns token t's outputs; partials are only read now.
+                let o = unsafe { outs.slice(t * q_dim, q_dim) };
+                let blocks = unsafe { ps.slice(t * n_chunks * per, n_chunks * per) };
+                merge(o, blocks, n_heads, head_dim, per);
+            });
         });
-        pool.run(n_tokens, &|t| {
-            // SAFETY: task t alone owns token t's outputs; partials are only read now.
-            let o = unsafe { outs.slice(t * q_dim, q_dim) };
-            let blocks = unsafe { ps.slice(t * n_chunks * per, n_chunks * per) };
-            merge(o, blocks, n_heads, head_dim, per);
-        });
-    });
+    }
 }
 
 /// The cache rows one task reads, and which of them its token may see (tree batches).
@@ -210,9 +274,9 @@ fn group_chunk(
     }
     let hd = d.head_dim;
     let qg = &q[(t * d.n_heads + g * d.group) * hd..][..d.group * hd];
-    let cache_rows = range.start * d.kv_dim + g * hd..;
+    let cache = |c| d.head_rows(c, g, range.start, np);
     with_scratch(&SCORES, d.group * np, |s| {
-        k.scores(&k_cache[cache_rows.clone()], d.kv_dim, hd, qg, np, s);
+        k.scores(cache(k_cache), qg, s);
         for (h, sh) in s.chunks_exact_mut(np).enumerate() {
             k.scale(sh, d.scale);
             let hidden = |i: usize| {
@@ -244,7 +308,7 @@ fn group_chunk(
                 l[h] = sum;
             }
         }
-        k.weighted_sum(&v_cache[cache_rows], d.kv_dim, hd, s, np, o);
+        k.weighted_sum(cache(v_cache), s, o);
     });
 }
 

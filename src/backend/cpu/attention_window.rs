@@ -149,9 +149,9 @@ fn block_attention<'s>(
         for sub in b.rows.clone().step_by(ROWS_PER_TASK) {
             let rows = sub..(sub + ROWS_PER_TASK).min(b.rows.end);
             let np = rows.len();
-            let cache = rows.start * d.kv_dim + b.g * hd..;
+            let cache = |c| d.head_rows(c, b.g, rows.start, np);
             with_scratch(&SCORES, nq * np, |s| {
-                k.scores(&k_cache[cache.clone()], d.kv_dim, hd, qs, np, s);
+                k.scores(cache(k_cache), qs, s);
                 let parts: Vec<(f32, f32)> = s
                     .chunks_exact_mut(np)
                     .enumerate()
@@ -161,7 +161,7 @@ fn block_attention<'s>(
                     })
                     .collect();
                 with_scratch(&VALUES, nq * hd, |vs| {
-                    k.weighted_sum(&v_cache[cache], d.kv_dim, hd, s, np, vs);
+                    k.weighted_sum(cache(v_cache), s, vs);
                     for (r, &(m, l)) in parts.iter().enumerate() {
                         let o = &mut values[r * hd..(r + 1) * hd];
                         let part = &vs[r * hd..(r + 1) * hd];

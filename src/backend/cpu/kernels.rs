@@ -1,80 +1,285 @@
-//! Safe dispatch from an [`Isa`] to the matching tier's kernels.
+//! The one dispatch from a runtime-selected tier to its kernels.
 //!
-//! [`Kernels`] can only be built for a tier the machine supports, which is what makes calling
-//! the `unsafe` `#[target_feature]` functions behind it sound. The match per call is a
+//! [`Kernels`] holds a tier the machine supports: the scalar tier, or the zero-sized proof of
+//! a SIMD tier (`Avx2`, `Avx512`), which can only be made after feature detection. Each entry
+//! point below is a method that runs the scalar kernel of `scalar.rs`, or the generic kernel
+//! of `simd` compiled for the held SIMD tier inside a `#[target_feature]` function of that
+//! tier. Holding the proof is what makes calling that function sound. The match per call is a
 //! predictable branch; the kernels behind it run for microseconds at least.
 
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+use super::avx2::Avx2;
+#[cfg(target_arch = "x86_64")]
+use super::avx512::Avx512;
 use super::isa::{isa, Isa};
+use super::neurons::Bundles;
 use super::scalar;
 #[cfg(target_arch = "x86_64")]
-use super::{avx2, avx2_batch, avx512, avx512_batch, avx512_neurons};
-use crate::dtype::DType;
+use super::simd;
+use crate::tensor::DType;
 
-/// A supported tier (invariant checked at construction).
+/// A tier this machine supports, with the proof its SIMD kernels need.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Kernels(Isa);
+pub(super) enum Kernels {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+    #[cfg(target_arch = "x86_64")]
+    Avx512(Avx512),
+}
+
+/// Where the rows of a matvec start in its weight bytes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum RowStarts<'a> {
+    /// Row r at element `r * stride` (a matrix).
+    Strided(usize),
+    /// Row r at byte `offsets[r]` (neurons picked out of a bundle matrix).
+    At(&'a [usize]),
+}
+
+/// `n` rows of f32 `stride` apart: row p is `data[p * stride..][..cols]` (a KV head's slice
+/// of the cache, a block of activations or of converted weights).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StridedRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub cols: usize,
+    pub n: usize,
+}
+
+/// What the callers of the kernels need to know of a tier's data layouts and paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct TierLayout {
+    /// Columns per block of the de-interleaved bf16 layout of x that the bf16 kernels want
+    /// (`Kernels::prep_x_tokens`); None if they read x as it is.
+    pub bf16_block: Option<usize>,
+    /// Up to how many tokens `matmul_tokens` (weights streamed, converted in registers) is
+    /// the faster multi-token path; beyond it `gemm_block` tiling wins. 0: no such kernel.
+    pub streamed_max_tokens: usize,
+    /// Whether bf16 down projections accumulate in the de-interleaved layout
+    /// (`Kernels::acc_split_block`).
+    pub bf16_split_down: bool,
+}
 
 impl Kernels {
-    /// Kernels of `isa`. Panics if this machine cannot run it.
+    /// The kernels of `isa`, or None if this machine cannot run it.
+    pub(super) fn try_new(isa: Isa) -> Option<Kernels> {
+        match isa {
+            Isa::Scalar => Some(Kernels::Scalar),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => Avx2::detect().map(Kernels::Avx2),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => Avx512::detect().map(Kernels::Avx512),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => None,
+        }
+    }
+
+    /// The kernels of `isa`. Panics if this machine cannot run it (the `*_with_isa` test and
+    /// benchmark entry points document that).
     pub(super) fn new(isa: Isa) -> Kernels {
-        assert!(
-            isa.is_supported(),
-            "CPU ISA tier {} is not supported on this machine",
-            isa.name()
-        );
-        Kernels(isa)
+        match Kernels::try_new(isa) {
+            Some(k) => k,
+            None => panic!(
+                "CPU ISA tier {} is not supported on this machine",
+                isa.name()
+            ),
+        }
     }
 
     /// Kernels of the process-wide selected tier.
     pub(super) fn selected() -> Kernels {
-        Kernels(isa())
+        static SELECTED: OnceLock<Kernels> = OnceLock::new();
+        *SELECTED.get_or_init(|| Kernels::new(isa()))
     }
+}
 
-    /// Columns per de-interleave block of the bf16 matvec, or None if x is used as is.
-    fn bf16_block(self) -> Option<usize> {
-        match self.0 {
-            Isa::Scalar => None,
+/// The body of an entry point: `scalar::$name(args)` on the scalar tier, else `simd::$name`
+/// for the held tier, compiled with that tier's features. `$($unsafe)?` marks entry points
+/// with a safety contract of their own, which the caller of the method upholds.
+macro_rules! dispatch {
+    ($k:expr, [$($unsafe:ident)?] $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        match $k {
+            Kernels::Scalar => unsafe_if!([$($unsafe)?] scalar::$name($($arg),*)),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Some(avx2::BF16_BLOCK),
+            Kernels::Avx2(tier) => {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                $($unsafe)? fn on_tier(tier: Avx2, $($arg: $ty),*) $(-> $ret)? {
+                    unsafe_if!([$($unsafe)?] simd::$name(tier, $($arg),*))
+                }
+                // SAFETY: `tier` proves this CPU has the features (plus the entry point's own
+                // contract where it has one, forwarded to our caller).
+                unsafe { on_tier(tier, $($arg),*) }
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Some(avx512::BF16_BLOCK),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
+            Kernels::Avx512(tier) => {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+                $($unsafe)? fn on_tier(tier: Avx512, $($arg: $ty),*) $(-> $ret)? {
+                    unsafe_if!([$($unsafe)?] simd::$name(tier, $($arg),*))
+                }
+                // SAFETY: as above.
+                unsafe { on_tier(tier, $($arg),*) }
+            }
         }
-    }
+    };
+}
 
-    /// Writes into `buf` the form of `x` that [`Kernels::matvec`] expects for `dtype` and
-    /// returns whether `buf` (true) or `x` itself (false) is to be passed.
+/// `$call`, in an `unsafe` block if the entry point is `unsafe` (forwarding its contract).
+macro_rules! unsafe_if {
+    ([] $call:expr) => {
+        $call
+    };
+    ([unsafe] $call:expr) => {
+        // SAFETY: the contract of the `unsafe` entry point, upheld by its caller.
+        unsafe { $call }
+    };
+}
+
+/// Declares the entry points as methods of [`Kernels`], each dispatched by [`dispatch!`].
+macro_rules! entry_points {
+    () => {};
+    (
+        $(#[$doc:meta])*
+        fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;
+        $($rest:tt)*
+    ) => {
+        impl Kernels {
+            $(#[$doc])*
+            #[allow(clippy::too_many_arguments)]
+            pub(super) fn $name(self, $($arg: $ty),*) $(-> $ret)? {
+                dispatch!(self, [] $name($($arg: $ty),*) $(-> $ret)?)
+            }
+        }
+        entry_points!($($rest)*);
+    };
+    (
+        $(#[$doc:meta])*
+        unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;
+        $($rest:tt)*
+    ) => {
+        impl Kernels {
+            $(#[$doc])*
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn $name(self, $($arg: $ty),*) $(-> $ret)? {
+                dispatch!(self, [unsafe] $name($($arg: $ty),*) $(-> $ret)?)
+            }
+        }
+        entry_points!($($rest)*);
+    };
+}
+
+entry_points! {
+    /// The tier's layout constants.
+    fn layout() -> TierLayout;
+
+    /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
+    fn convert(src: &[u8], dtype: DType, out: &mut [f32]);
+
+    /// [`Kernels::matvec`] of strided rows.
+    fn matvec_strided(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]);
+
+    /// [`Kernels::matvec`] of rows at byte offsets.
+    fn matvec_at(w: &[u8], dtype: DType, offsets: &[usize], cols: usize, x: &[f32], y: &mut [f32]);
+
+    /// `out[c] += sum_r coeffs[r] * row_r[c]` for `c < cols`, row r at the byte offset
+    /// `offsets[r]` of `w`, into `out` laid out as [`Kernels::acc_split_block`] says (split
+    /// blocks, or natural order in `out[..cols]`).
+    fn accumulate_rows_in(
+        w: &[u8], offsets: &[usize], dtype: DType, cols: usize, coeffs: &[f32], out: &mut [f32],
+    );
+
+    /// One token's CATS up/down over the kept neurons `ids` of `b` in a single fused pass, if
+    /// this tier has one for its dtype; false if the caller must use the generic path. `xp`,
+    /// `out` as for [`Kernels::accumulate_rows_in`] with x prepared.
+    fn kept_up_down(
+        b: Bundles, ids: &[u32], coeff: &[f32], up_bias: Option<&[f32]>,
+        xp: &[f32], out: &mut [f32],
+    ) -> bool;
+
+    /// `y[t * ldy + r] = dot(row r, x row t)` for the `rows` rows of `w` (`x.cols` long) and
+    /// the `x.n` tokens prepared by [`Kernels::prep_x_tokens`]; only below the tier's
+    /// `streamed_max_tokens`.
     ///
-    /// For bf16 the SIMD tiers want each block of columns split into its even then its odd
-    /// columns, zero padded to whole blocks (see `bf16_rows` in the tiers).
-    pub(super) fn prep_x(self, dtype: DType, x: &[f32], buf: &mut Vec<f32>) -> bool {
-        let (DType::BF16, Some(block)) = (dtype, self.bf16_block()) else {
-            return false;
-        };
-        buf.clear();
-        buf.resize(x.len().div_ceil(block) * block, 0.0);
-        split_even_odd(buf, x, block);
-        true
-    }
+    /// # Safety
+    /// `y` must be valid for writes at every `t * ldy + r` (`t < x.n`, `r < rows`) and those
+    /// elements must not be accessed by anyone else during the call.
+    unsafe fn matmul_tokens(
+        w: &[u8], dtype: DType, rows: usize, x: StridedRows, y: *mut f32, ldy: usize,
+    );
 
-    /// Up to how many tokens [`Kernels::matmul_tokens`] (weights streamed, converted in
-    /// registers) is the faster multi-token path; beyond it `gemm_block` tiling wins. Measured
-    /// on Zen4 ([1536, 576] bf16): AVX-512 streamed wins up to 512 tokens and more, AVX2
-    /// streamed up to 64 (at 128 the tiled AVX2 kernel is ~10% faster). Scalar has no
-    /// streamed kernel.
-    pub(super) fn streamed_max_tokens(self) -> usize {
-        match self.0 {
-            Isa::Scalar => 0,
-            Isa::Avx2 => 64,
-            Isa::Avx512 => usize::MAX,
+    /// `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < a.n`, `t < x.n`, over `a.cols ==
+    /// x.cols` columns; `a` rows zero padded to [`Kernels::GEMM_PAD`].
+    ///
+    /// # Safety
+    /// `y` must be valid for writes at every `t * ldy + r` above and those elements must not
+    /// be accessed by anyone else during the call.
+    unsafe fn gemm_block(a: StridedRows, x: StridedRows, y: *mut f32, ldy: usize, accumulate: bool);
+
+    /// One token's x in the de-interleaved bf16 layout (tiers with a bf16 block only).
+    fn split_bf16_x(src: &[f32], dst: &mut [f32]);
+
+    /// Attention scores of the `g = s.len() / keys.n` query heads `q[h * keys.cols..]` that
+    /// share one KV head: `s[h * keys.n + p] = dot(key row p, q_h)`.
+    fn scores(keys: StridedRows, q: &[f32], s: &mut [f32]);
+
+    /// Attention's P·V for the `g = w.len() / v.n` heads sharing one KV head:
+    /// `out[h * v.cols + c] = sum_p w[h * v.n + p] * (value row p)[c]`.
+    fn weighted_sum(v: StridedRows, w: &[f32], out: &mut [f32]);
+
+    /// Largest element (-inf for an empty slice).
+    fn max(x: &[f32]) -> f32;
+
+    /// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
+    fn exp_sum(x: &mut [f32], shift: f32) -> f32;
+
+    /// `x[i] *= s`.
+    fn scale(x: &mut [f32], s: f32);
+
+    /// `gate[i] = silu(gate[i]) * up[i]` for `i < gate.len()` (`up` at least as long).
+    fn silu_mul(gate: &mut [f32], up: &[f32]);
+}
+
+impl Kernels {
+    /// Vector width the `a` rows of [`Kernels::gemm_block`] must be zero padded to (max of
+    /// all tiers, so callers need not care).
+    pub(super) const GEMM_PAD: usize = 16;
+
+    /// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `w` `cols` long, starting where
+    /// `rows` says; `x` prepared by [`Kernels::prep_x_tokens`] for bf16 on tiers with a bf16
+    /// block, else as it is. (Two entry points, so that each compiles one kind of rows.)
+    pub(super) fn matvec(
+        self,
+        w: &[u8],
+        dtype: DType,
+        rows: RowStarts,
+        cols: usize,
+        x: &[f32],
+        y: &mut [f32],
+    ) {
+        match rows {
+            RowStarts::Strided(stride) => self.matvec_strided(w, dtype, stride, cols, x, y),
+            RowStarts::At(offsets) => self.matvec_at(w, dtype, offsets, cols, x, y),
         }
     }
 
-    /// Lays out `n` tokens of `x` (`cols` each) as [`Kernels::matmul_tokens`] expects, in
-    /// `buf`; returns the stride between tokens. Each token is zero padded to whole blocks of
-    /// the tier's bf16 block size, and bf16 wants each block's even columns, then its odd ones
-    /// (see `prep_x`).
+    /// Block size of the de-interleaved output layout [`Kernels::accumulate_rows_in`] uses
+    /// for `dtype`, or None if it accumulates in natural column order.
+    pub(super) fn acc_split_block(self, dtype: DType) -> Option<usize> {
+        let l = self.layout();
+        if l.bf16_split_down && dtype == DType::BF16 {
+            l.bf16_block
+        } else {
+            None
+        }
+    }
+
+    /// Lays out `n` tokens of `x` (`cols` each) as the matvec and multi-token kernels expect,
+    /// in `buf`; returns the stride between tokens. Each token is zero padded to whole blocks
+    /// of the tier's bf16 block, and bf16 wants each block's even columns, then its odd ones.
+    /// Every element is written once (no zero-fill first): this runs serially while the
+    /// other threads wait.
     pub(super) fn prep_x_tokens(
         self,
         dtype: DType,
@@ -83,408 +288,30 @@ impl Kernels {
         cols: usize,
         buf: &mut Vec<f32>,
     ) -> usize {
-        let block = self.bf16_block().unwrap_or(1);
-        let stride = cols.div_ceil(block) * block;
-        buf.clear();
-        buf.resize(n * stride, 0.0);
+        let block = self.layout().bf16_block;
+        let stride = cols.div_ceil(block.unwrap_or(1)) * block.unwrap_or(1);
+        if buf.len() < n * stride {
+            buf.resize(n * stride, 0.0);
+        }
+        buf.truncate(n * stride);
         for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
-            if dtype == DType::BF16 {
-                split_even_odd(dst, src, block);
+            if dtype == DType::BF16 && block.is_some() {
+                self.split_bf16_x(src, dst);
             } else {
                 dst[..cols].copy_from_slice(src);
+                dst[cols..].fill(0.0);
             }
         }
         stride
     }
-
-    /// `y[t * ldy + r] = dot(row r, x_t)` for the `rows` rows of `w` and `n` tokens prepared by
-    /// [`Kernels::prep_x_tokens`] (`xstride` apart). Not on the scalar tier.
-    ///
-    /// # Safety
-    /// `y` must be valid for writes at every `t * ldy + r` (`t < n`, `r < rows`) and those
-    /// elements must not be accessed by anyone else during the call.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn matmul_tokens(
-        self,
-        w: &[u8],
-        dtype: DType,
-        rows: usize,
-        cols: usize,
-        xs: &[f32],
-        xstride: usize,
-        n: usize,
-        y: *mut f32,
-        ldy: usize,
-    ) {
-        match self.0 {
-            // SAFETY: forwarded contract; Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                avx2_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy)
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe {
-                avx512_batch::matmul_tokens(w, dtype, rows, cols, xs, xstride, n, y, ldy)
-            },
-            _ => unreachable!("matmul_tokens on a tier without it"),
-        }
-    }
-
-    /// `out[i] = src[i]` as f32.
-    pub(super) fn convert(self, src: &[u8], dtype: DType, out: &mut [f32]) {
-        match self.0 {
-            Isa::Scalar => scalar::convert(&src[..out.len() * dtype.size()], dtype, out),
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::convert(src, dtype, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::convert(src, dtype, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// `y[r] = dot(row r, x)`, rows `stride` elements apart, `cols` long; `x` prepared by
-    /// [`Kernels::prep_x`] for this tier and dtype.
-    pub(super) fn matvec(
-        self,
-        w: &[u8],
-        dtype: DType,
-        stride: usize,
-        cols: usize,
-        x: &[f32],
-        y: &mut [f32],
-    ) {
-        match self.0 {
-            Isa::Scalar => scalar::matvec(w, dtype, stride, &x[..cols], y),
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::matvec(w, dtype, stride, cols, x, y) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::matvec(w, dtype, stride, cols, x, y) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// [`Kernels::matvec`] over rows starting at the byte offsets `offsets[r]` of `w`.
-    pub(super) fn matvec_gather(
-        self,
-        w: &[u8],
-        offsets: &[usize],
-        dtype: DType,
-        cols: usize,
-        x: &[f32],
-        y: &mut [f32],
-    ) {
-        match self.0 {
-            Isa::Scalar => scalar::matvec_gather(w, offsets, dtype, &x[..cols], y),
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::matvec_gather(w, offsets, dtype, cols, x, y) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::matvec_gather(w, offsets, dtype, cols, x, y) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r at the byte offset `offsets[r]` of `w`
-    /// (natural column order; no `prep_x` layout involved).
-    pub(super) fn accumulate_rows(
-        self,
-        w: &[u8],
-        offsets: &[usize],
-        dtype: DType,
-        coeffs: &[f32],
-        out: &mut [f32],
-    ) {
-        match self.0 {
-            Isa::Scalar => scalar::accumulate_rows(w, offsets, dtype, coeffs, out),
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::accumulate_rows(w, offsets, dtype, coeffs, out) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::accumulate_rows(w, offsets, dtype, coeffs, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// Block size of the de-interleaved output layout [`Kernels::accumulate_rows_in`] uses
-    /// for `dtype`, or None if it accumulates in natural column order.
-    pub(super) fn acc_split_block(self, dtype: DType) -> Option<usize> {
-        match (self.0, dtype) {
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, DType::BF16) => Some(avx512::BF16_BLOCK),
-            _ => None,
-        }
-    }
-
-    /// [`Kernels::accumulate_rows`] of `cols`-wide rows into `out` laid out as
-    /// [`Kernels::acc_split_block`] says (split blocks, or natural order in `out[..cols]`).
-    pub(super) fn accumulate_rows_in(
-        self,
-        w: &[u8],
-        offsets: &[usize],
-        dtype: DType,
-        cols: usize,
-        coeffs: &[f32],
-        out: &mut [f32],
-    ) {
-        match self.acc_split_block(dtype) {
-            // SAFETY: the split layout exists only on the AVX-512 tier, which Kernels holds
-            // only when supported; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            Some(_) => unsafe { avx512::accumulate_rows_bf16_split(w, offsets, cols, coeffs, out) },
-            _ => self.accumulate_rows(w, offsets, dtype, coeffs, &mut out[..cols]),
-        }
-    }
-
-    /// One token's CATS up/down over the kept neurons `ids` of a bundle matrix in a single
-    /// fused pass, if this tier has one for `dtype` (AVX-512 bf16); false if the caller must
-    /// use the generic path. `xp`, `out` as for [`Kernels::accumulate_rows_in`] with x prepared.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn kept_up_down(
-        self,
-        w: &[u8],
-        dtype: DType,
-        hidden: usize,
-        layout: crate::backend::BundleLayout,
-        ids: &[u32],
-        coeff: &[f32],
-        up_bias: Option<&[f32]>,
-        xp: &[f32],
-        out: &mut [f32],
-    ) -> bool {
-        match (self.0, dtype) {
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, DType::BF16) => {
-                let (parts, up_at) = (layout.parts(), layout.up_offset(hidden));
-                unsafe {
-                    avx512_neurons::kept_up_down_bf16(
-                        w, hidden, parts, up_at, ids, coeff, up_bias, xp, out,
-                    )
-                };
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Vector width the `a` rows of [`Kernels::gemm_block`] must be zero padded to (max of
-    /// all tiers, so callers need not care).
-    pub(super) const GEMM_PAD: usize = 16;
-
-    /// `y[t * ldy + r] (+)= dot(a row r, x row t)`; see the tiers' `gemm_block`.
-    ///
-    /// # Safety
-    /// `y` must be valid for writes at every `t * ldy + r` (`t < n_tok`, `r < n_rows`) and
-    /// those elements must not be accessed by anyone else during the call.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn gemm_block(
-        self,
-        a: &[f32],
-        lda: usize,
-        n_rows: usize,
-        x: &[f32],
-        ldx: usize,
-        k: usize,
-        n_tok: usize,
-        y: *mut f32,
-        ldy: usize,
-        accumulate: bool,
-    ) {
-        debug_assert!(lda.is_multiple_of(Self::GEMM_PAD));
-        // SAFETY: forwarded contract; Kernels holds only supported tiers.
-        unsafe {
-            match self.0 {
-                Isa::Scalar => {
-                    scalar::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate)
-                }
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate),
-                // AVX-512 uses `matmul_tokens` instead; its machines run the AVX2 kernel fine.
-                #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => {
-                    avx2::gemm_block(a, lda, n_rows, x, ldx, k, n_tok, y, ldy, accumulate)
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                _ => unreachable!("no SIMD tier off x86_64"),
-            }
-        }
-    }
-
-    /// Attention scores of the `g = s.len() / np` query heads `q[h * cols..][..cols]` that
-    /// share one KV head: `s[h * np + p] = dot(keys[p * stride..][..cols], q_h)`, `p < np`.
-    pub(super) fn scores(
-        self,
-        keys: &[f32],
-        stride: usize,
-        cols: usize,
-        q: &[f32],
-        np: usize,
-        s: &mut [f32],
-    ) {
-        if np == 0 {
-            return;
-        }
-        match self.0 {
-            // Native f32s, so this stays right on big-endian targets too.
-            Isa::Scalar => {
-                for (h, sh) in s.chunks_exact_mut(np).enumerate() {
-                    let qh = &q[h * cols..(h + 1) * cols];
-                    for (p, out) in sh.iter_mut().enumerate() {
-                        *out = scalar::dot(&keys[p * stride..p * stride + cols], qh);
-                    }
-                }
-            }
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside. Viewing
-            // f32s as bytes is always valid, and x86_64 is little-endian as the byte kernel expects.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                let bytes = std::slice::from_raw_parts(
-                    keys.as_ptr() as *const u8,
-                    std::mem::size_of_val(keys),
-                );
-                for (h, sh) in s.chunks_exact_mut(np).enumerate() {
-                    avx2::matvec(
-                        bytes,
-                        DType::F32,
-                        stride,
-                        cols,
-                        &q[h * cols..(h + 1) * cols],
-                        sh,
-                    );
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::scores(keys, stride, cols, q, np, s) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// Attention's P·V for the `g = w.len() / np` heads sharing one KV head:
-    /// `out[h * cols + c] = sum_p w[h * np + p] * v[p * stride + c]`.
-    pub(super) fn weighted_sum(
-        self,
-        v: &[f32],
-        stride: usize,
-        cols: usize,
-        w: &[f32],
-        np: usize,
-        out: &mut [f32],
-    ) {
-        if np == 0 {
-            out.fill(0.0);
-            return;
-        }
-        match self.0 {
-            Isa::Scalar => {
-                for (wh, oh) in w.chunks_exact(np).zip(out.chunks_exact_mut(cols)) {
-                    scalar::weighted_sum(v, stride, wh, oh);
-                }
-            }
-            // SAFETY: Kernels holds only supported tiers; bounds are asserted inside.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe {
-                for (wh, oh) in w.chunks_exact(np).zip(out.chunks_exact_mut(cols)) {
-                    avx2::weighted_sum(v, stride, wh, oh);
-                }
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::weighted_sum(v, stride, cols, w, np, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// Largest element (-inf for an empty slice).
-    pub(super) fn max(self, x: &[f32]) -> f32 {
-        match self.0 {
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::max(x) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::max(x) },
-            _ => x.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-        }
-    }
-
-    /// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
-    pub(super) fn exp_sum(self, x: &mut [f32], shift: f32) -> f32 {
-        match self.0 {
-            Isa::Scalar => scalar::exp_sum(x, shift),
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::exp_sum(x, shift) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::exp_sum(x, shift) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
-
-    /// `x[i] *= s`.
-    pub(super) fn scale(self, x: &mut [f32], s: f32) {
-        match self.0 {
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::scale(x, s) },
-            // A plain loop autovectorizes well enough on the other tiers.
-            _ => x.iter_mut().for_each(|v| *v *= s),
-        }
-    }
-
-    /// Numerically stable softmax in place; all `-inf` gives the uniform distribution.
-    pub(super) fn softmax(self, x: &mut [f32]) {
-        if x.is_empty() {
-            return;
-        }
-        let max = self.max(x);
-        if max == f32::NEG_INFINITY {
-            x.fill(1.0 / x.len() as f32);
-            return;
-        }
-        let sum = self.exp_sum(x, max);
-        self.scale(x, 1.0 / sum);
-    }
-
-    pub(super) fn silu_mul(self, gate: &mut [f32], up: &[f32]) {
-        assert_eq!(gate.len(), up.len(), "silu_mul: gate and up lengths differ");
-        match self.0 {
-            Isa::Scalar => scalar::silu_mul(gate, up),
-            // SAFETY: Kernels holds only supported tiers.
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { avx2::silu_mul(gate, up) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { avx512::silu_mul(gate, up) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("no SIMD tier off x86_64"),
-        }
-    }
 }
 
-/// Inverse of [`split_even_odd`]: `dst[j]` from the block layout of `src`.
+/// Inverse of the bf16 x layout ([`Kernels::prep_x_tokens`]): `dst[j]` from the blocks of `src`.
 pub(super) fn merge_even_odd(dst: &mut [f32], src: &[f32], block: usize) {
     let half = block / 2;
     for (db, sb) in dst.chunks_mut(block).zip(src.chunks_exact(block)) {
         for (j, v) in db.iter_mut().enumerate() {
             *v = sb[(j % 2) * half + j / 2];
-        }
-    }
-}
-
-/// Copies `src` into `dst` block by block (`block` columns each, `dst` holding whole blocks),
-/// each block's even columns first, then its odd ones: the bf16 layout of the SIMD tiers.
-#[inline]
-fn split_even_odd(dst: &mut [f32], src: &[f32], block: usize) {
-    let half = block / 2;
-    for (db, sb) in dst.chunks_exact_mut(block).zip(src.chunks(block)) {
-        for (j, &v) in sb.iter().enumerate() {
-            db[(j % 2) * half + j / 2] = v;
         }
     }
 }

@@ -8,11 +8,10 @@
 
 use std::cell::RefCell;
 
-use super::isa::Isa;
-use super::kernels::Kernels;
+use super::kernels::{Kernels, RowStarts, StridedRows};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, with_scratch_vec, SharedMut};
-use crate::dtype::DType;
+use crate::tensor::DType;
 
 /// Decode tasks per thread: a few, so a thread that got delayed (OS noise, a cold cache) does
 /// not hold up the others, yet few enough that per-task costs stay invisible.
@@ -93,7 +92,7 @@ pub(super) fn matmul_with(
     };
     if n_tokens == 1 {
         matvec(m, y);
-    } else if n_tokens <= k.streamed_max_tokens() {
+    } else if n_tokens <= k.layout().streamed_max_tokens {
         streamed(m, y);
     } else {
         gemm(m, y);
@@ -116,16 +115,8 @@ struct Operands<'a> {
 /// Rows split into contiguous chunks (multiples of 4, the kernels' row group), handed out
 /// dynamically; each task streams its chunk once.
 fn matvec(m: Operands, y: &mut [f32]) {
-    let Operands {
-        k,
-        pool,
-        w,
-        dtype,
-        rows,
-        cols,
-        x,
-        ..
-    } = m;
+    let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
+    let (rows, cols, x) = (m.rows, m.cols, m.x);
     let row_bytes = cols * dtype.size();
     let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
     // One thread: one task, so each of the kernel's 4 row streams is as long as possible.
@@ -138,18 +129,15 @@ fn matvec(m: Operands, y: &mut [f32]) {
     let chunk = rows.div_ceil(want).next_multiple_of(4).min(rows);
     let n_tasks = rows.div_ceil(chunk);
     with_scratch_vec(&X_PREP, |buf| {
-        // bf16 on a SIMD tier wants x de-interleaved (`Kernels::prep_x`); `prep_tokens` lays
-        // one token out the same way, faster. Other dtypes read x as it is (prep_x says so).
-        let xs: &[f32] = if dtype == DType::BF16 && x_split(k).is_some() {
-            prep_tokens(k, dtype, x, 1, cols, buf);
-            buf
-        } else if k.prep_x(dtype, x, buf) {
+        // bf16 on a SIMD tier wants x de-interleaved; other dtypes read x as it is.
+        let xs: &[f32] = if dtype == DType::BF16 && k.layout().bf16_block.is_some() {
+            k.prep_x_tokens(dtype, x, 1, cols, buf);
             buf
         } else {
             x
         };
         if n_tasks == 1 {
-            k.matvec(w, dtype, cols, cols, xs, y);
+            k.matvec(w, dtype, RowStarts::Strided(cols), cols, xs, y);
             return;
         }
         let ys = SharedMut::new(y);
@@ -161,7 +149,7 @@ fn matvec(m: Operands, y: &mut [f32]) {
             k.matvec(
                 &w[r0 * row_bytes..(r0 + nr) * row_bytes],
                 dtype,
-                cols,
+                RowStarts::Strided(cols),
                 cols,
                 xs,
                 yt,
@@ -170,25 +158,17 @@ fn matvec(m: Operands, y: &mut [f32]) {
     });
 }
 
-/// n_tokens > 1 up to `Kernels::streamed_max_tokens`: weights are streamed like the decode
+/// n_tokens > 1 up to the tier's `streamed_max_tokens`: weights are streamed like the decode
 /// matvec and each group of 4 rows is applied to the tokens while it sits in L1. Measured
 /// faster than converting and tiling (`gemm`) on AVX-512 from 2 tokens (memory bound, same
 /// time as 1 token up to 4) to 512 (~88% of FMA peak). Tasks are (row chunk, token block)
 /// pairs; token blocks keep the activations each row group re-reads in L2.
 fn streamed(m: Operands, y: &mut [f32]) {
-    let Operands {
-        k,
-        pool,
-        w,
-        dtype,
-        rows,
-        cols,
-        x,
-        n_tokens,
-    } = m;
+    let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
+    let (rows, cols, x, n_tokens) = (m.rows, m.cols, m.x, m.n_tokens);
     let row_bytes = cols * dtype.size();
     with_scratch_vec(&X_PREP, |buf| {
-        let xstride = prep_tokens(k, dtype, x, n_tokens, cols, buf);
+        let xstride = k.prep_x_tokens(dtype, x, n_tokens, cols, buf);
         let xs: &[f32] = buf;
         let tb = (STREAMED_X_BYTES / (4 * xstride) / 4 * 4)
             .max(4)
@@ -214,93 +194,23 @@ fn streamed(m: Operands, y: &mut [f32]) {
             assert!((t0 + nt - 1) * rows + r0 + nr <= ys.len());
             let yp = ys.ptr_at(t0 * rows + r0);
             let wt = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
-            // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
-            unsafe {
-                k.matmul_tokens(
-                    wt,
-                    dtype,
-                    nr,
-                    cols,
-                    &xs[t0 * xstride..],
-                    xstride,
-                    nt,
-                    yp,
-                    rows,
-                )
+            let xt = StridedRows {
+                data: &xs[t0 * xstride..],
+                stride: xstride,
+                cols,
+                n: nt,
             };
+            // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
+            unsafe { k.matmul_tokens(wt, dtype, nr, xt, yp, rows) };
         });
     });
-}
-
-/// A tier's bf16 x layout function (`split_even_odd` of its batch module).
-type SplitFn = unsafe fn(&[f32], &mut [f32]);
-
-/// Tier `k`'s block size and layout function for bf16 x (`Kernels::prep_x_tokens` lays
-/// tokens out the same way); None on the scalar tier (no streamed kernel, no split layout).
-fn x_split(k: Kernels) -> Option<(usize, SplitFn)> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if Isa::Avx512.is_supported() && k == Kernels::new(Isa::Avx512) {
-            return Some((
-                super::avx512::BF16_BLOCK,
-                super::avx512_batch::split_even_odd,
-            ));
-        }
-        if Isa::Avx2.is_supported() && k == Kernels::new(Isa::Avx2) {
-            return Some((super::avx2::BF16_BLOCK, super::avx2_batch::split_even_odd));
-        }
-    }
-    let _ = k;
-    None
-}
-
-/// `Kernels::prep_x_tokens` (same layout, checked by a test; for one bf16 token also that of
-/// `Kernels::prep_x`), but fast: that one zero-fills the whole buffer, then splits element
-/// by element, which measured ~0.6 ns per value: 2-5% of a 4-16 token forward, serial while
-/// the other threads wait. This writes every element once, bf16 blocks with SIMD permutes.
-fn prep_tokens(
-    k: Kernels,
-    dtype: DType,
-    x: &[f32],
-    n: usize,
-    cols: usize,
-    buf: &mut Vec<f32>,
-) -> usize {
-    let Some((block, split)) = x_split(k) else {
-        return k.prep_x_tokens(dtype, x, n, cols, buf);
-    };
-    let stride = cols.div_ceil(block) * block;
-    // Every element is written below: grow without clearing what is already there.
-    if buf.len() < n * stride {
-        buf.resize(n * stride, 0.0);
-    }
-    buf.truncate(n * stride);
-    for (dst, src) in buf.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
-        if dtype == DType::BF16 {
-            // SAFETY: x_split returns only the functions of the tier `k` holds, which
-            // Kernels guarantees this machine supports.
-            unsafe { split(src, dst) };
-        } else {
-            dst[..cols].copy_from_slice(src);
-            dst[cols..].fill(0.0);
-        }
-    }
-    stride
 }
 
 /// Tasks are (row block, token block) pairs. Each converts its weight rows to f32 once into a
 /// per-thread scratch and reuses them for every token of its block in register tiles.
 fn gemm(m: Operands, y: &mut [f32]) {
-    let Operands {
-        k,
-        pool,
-        w,
-        dtype,
-        rows,
-        cols,
-        x,
-        n_tokens,
-    } = m;
+    let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
+    let (rows, cols, x, n_tokens) = (m.rows, m.cols, m.x, m.n_tokens);
     let esz = dtype.size();
     let n_rb = rows.div_ceil(GEMM_ROWS);
     let n_tb = n_tokens.div_ceil(GEMM_TOKENS);
@@ -327,18 +237,19 @@ fn gemm(m: Operands, y: &mut [f32]) {
                 let yp = ys.ptr_at(t0 * rows + r0);
                 // SAFETY: this task alone owns outputs (t0.., r0..) of its block; bounds above.
                 unsafe {
-                    k.gemm_block(
-                        a,
-                        lda,
-                        nr,
-                        &x[t0 * cols + k0..],
-                        cols,
-                        kc,
-                        nt,
-                        yp,
-                        rows,
-                        k0 > 0,
-                    )
+                    let a = StridedRows {
+                        data: a,
+                        stride: lda,
+                        cols: kc,
+                        n: nr,
+                    };
+                    let x = StridedRows {
+                        data: &x[t0 * cols + k0..],
+                        stride: cols,
+                        cols: kc,
+                        n: nt,
+                    };
+                    k.gemm_block(a, x, yp, rows, k0 > 0)
                 };
             }
         });
@@ -522,8 +433,29 @@ pub(super) mod tests {
         }
     }
 
+    /// The x layout `Kernels::prep_x_tokens` must produce, element by element: each token
+    /// zero padded to whole blocks, bf16 blocks split into their even then odd columns.
+    fn reference_layout(k: Kernels, dtype: DType, x: &[f32], cols: usize) -> Vec<f32> {
+        let block = k.layout().bf16_block.unwrap_or(1);
+        let stride = cols.div_ceil(block) * block;
+        let mut out = vec![0.0; x.len() / cols.max(1) * stride];
+        for (dst, src) in out.chunks_exact_mut(stride).zip(x.chunks_exact(cols)) {
+            for (j, &v) in src.iter().enumerate() {
+                let (b, i) = (j / block, j % block);
+                let split = dtype == DType::BF16 && block > 1;
+                let at = if split {
+                    (i % 2) * block / 2 + i / 2
+                } else {
+                    i
+                };
+                dst[b * block + at] = v;
+            }
+        }
+        out
+    }
+
     #[test]
-    fn prep_tokens_matches_kernels_layout() {
+    fn prep_x_tokens_lays_out_tokens() {
         let mut rng = TestRng::new(17);
         for isa in Isa::available() {
             let k = Kernels::new(isa);
@@ -531,19 +463,16 @@ pub(super) mod tests {
                 for cols in [1, 5, 15, 16, 17, 31, 32, 33, 64, 100] {
                     for n in [1, 2, 5] {
                         let x = rng.vec(n * cols);
-                        let (mut want, mut got) = (Vec::new(), vec![f32::NAN; 7]);
-                        let ws = k.prep_x_tokens(dtype, &x, n, cols, &mut want);
-                        let gs = prep_tokens(k, dtype, &x, n, cols, &mut got);
-                        assert_eq!((gs, &got), (ws, &want), "{isa:?} {dtype} {cols} {n}");
+                        let want = reference_layout(k, dtype, &x, cols);
+                        let mut got = vec![f32::NAN; 7];
+                        let stride = k.prep_x_tokens(dtype, &x, n, cols, &mut got);
+                        assert_eq!(stride * n, want.len(), "{isa:?} {dtype} {cols} {n}");
+                        assert_eq!(got, want, "{isa:?} {dtype} {cols} {n}");
                         // A reused, larger buffer holding junk gives the same.
                         got.iter_mut().for_each(|v| *v = f32::NAN);
                         got.resize(got.len() + 40, f32::NAN);
-                        prep_tokens(k, dtype, &x, n, cols, &mut got);
+                        k.prep_x_tokens(dtype, &x, n, cols, &mut got);
                         assert_eq!(got, want, "{isa:?} {dtype} {cols} {n} reused");
-                        // One bf16 token: the matvec's layout too.
-                        if n == 1 && k.prep_x(dtype, &x, &mut want) {
-                            assert_eq!(got, want, "{isa:?} {dtype} {cols} prep_x");
-                        }
                     }
                 }
             }

@@ -2,23 +2,23 @@
 //!
 //! Weights arrive as raw little-endian bytes of their checkpoint dtype (straight from the
 //! memory-mapped safetensors file, any alignment) and are converted on the fly inside the
-//! kernels; activations are f32. Every kernel exists in three tiers (see [`Isa`]): AVX-512,
+//! kernels; activations are f32. Every kernel runs on three tiers (see [`Isa`]): AVX-512,
 //! AVX2+FMA+F16C and portable scalar, picked once per process by feature detection and
 //! lowered with `SIRIUS_CPU_ISA=scalar|avx2|avx512`. The `*_with_isa` variants run a given
-//! tier (tests, benchmarks) and panic if the machine cannot run it.
+//! tier (tests, benchmarks, a `CpuBackend` pinned to a tier) and panic if the machine cannot
+//! run it.
+//!
+//! Layout: the SIMD kernels are written once, generic over the [`tier::Tier`] trait (`simd/`),
+//! which `avx2.rs` and `avx512.rs` implement; `scalar.rs` is the portable tier; `kernels.rs`
+//! is the one dispatch from a tier to its code. The rest (`matmul`, `attention`, `neurons`,
+//! `ops`) splits work into tasks for the [`ThreadPool`] and calls the kernels.
 
 mod attention;
 mod attention_window;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
-mod avx2_batch;
-#[cfg(target_arch = "x86_64")]
 mod avx512;
-#[cfg(target_arch = "x86_64")]
-mod avx512_batch;
-#[cfg(target_arch = "x86_64")]
-mod avx512_neurons;
 pub mod copy_engine;
 mod isa;
 mod kernels;
@@ -28,12 +28,16 @@ mod offload;
 mod ops;
 mod pool;
 mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod simd;
+#[cfg(target_arch = "x86_64")]
+mod tier;
 mod util;
 
 pub use isa::{isa, isa_name, Isa, ISA_ENV};
 pub use pool::ThreadPool;
 
-use crate::dtype::DType;
+use crate::tensor::DType;
 use crate::tensor::TreeMask;
 use kernels::Kernels;
 
@@ -41,17 +45,21 @@ use kernels::Kernels;
 /// `$name_isa(isa, ...)` twin on a given tier (panics if this machine cannot run it), both
 /// forwarding to `$inner(kernels, ...)`.
 macro_rules! tiered {
-    ($(#[$doc:meta])* $name:ident, $name_isa:ident => $inner:path; $($arg:ident: $ty:ty),* $(,)?) => {
+    (
+        $(#[$doc:meta])*
+        $name:ident, $name_isa:ident => $inner:path;
+        $($arg:ident: $ty:ty),* $(,)? $(=> $ret:ty)?
+    ) => {
         $(#[$doc])*
         #[allow(clippy::too_many_arguments)]
-        pub fn $name($($arg: $ty),*) {
-            $inner(Kernels::selected(), $($arg),*);
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            $inner(Kernels::selected(), $($arg),*)
         }
 
         #[doc = concat!("[`", stringify!($name), "()`] on a given ISA tier. Panics if this machine cannot run `isa`.")]
         #[allow(clippy::too_many_arguments)]
-        pub fn $name_isa(isa: Isa, $($arg: $ty),*) {
-            $inner(Kernels::new(isa), $($arg),*);
+        pub fn $name_isa(isa: Isa, $($arg: $ty),*) $(-> $ret)? {
+            $inner(Kernels::new(isa), $($arg),*)
         }
     };
 }
@@ -64,39 +72,14 @@ tiered! {
     /// tokens for long prompts): `n_tokens == 1` (decode) and small batches run at memory
     /// bandwidth, long prompts near FMA peak.
     matmul, matmul_with_isa => matmul::matmul_with;
-    pool: &ThreadPool,
-    w: &[u8],
-    dtype: DType,
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n_tokens: usize,
-    y: &mut [f32],
+    pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize,
+    x: &[f32], n_tokens: usize, y: &mut [f32],
 }
 
-/// The FFN over neuron bundles; see [`neurons::bundle_ffn`].
-pub fn bundle_ffn(
-    pool: &ThreadPool,
-    b: Bundles,
-    x: &[f32],
-    n_tokens: usize,
-    act: Activation,
-    out: &mut [f32],
-) {
-    neurons::bundle_ffn(Kernels::selected(), pool, b, x, n_tokens, act, out);
-}
-
-/// [`bundle_ffn()`] on a given ISA tier. Panics if this machine cannot run `isa`.
-pub fn bundle_ffn_with_isa(
-    isa: Isa,
-    pool: &ThreadPool,
-    b: Bundles,
-    x: &[f32],
-    n_tokens: usize,
-    act: Activation,
-    out: &mut [f32],
-) {
-    neurons::bundle_ffn(Kernels::new(isa), pool, b, x, n_tokens, act, out);
+tiered! {
+    /// The FFN over neuron bundles; see [`neurons::bundle_ffn`].
+    bundle_ffn, bundle_ffn_with_isa => neurons::bundle_ffn;
+    pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32],
 }
 
 pub use neurons::{
@@ -104,19 +87,23 @@ pub use neurons::{
     Bundles,
 };
 
-/// `x[i] = silu(x[i])`.
-pub fn silu(x: &mut [f32]) {
-    ops::silu_with(Kernels::selected(), x);
+tiered! {
+    /// `x[i] = silu(x[i])`.
+    silu, silu_with_isa => ops::silu_with;
+    x: &mut [f32],
 }
 
-/// Converts row `row` of a `[rows, cols]` matrix to f32 into `out[..cols]` (embedding lookup).
-pub fn row_to_f32(w: &[u8], dtype: DType, cols: usize, row: usize, out: &mut [f32]) {
-    matmul::row_to_f32_with(Kernels::selected(), w, dtype, cols, row, out);
+tiered! {
+    /// Converts row `row` of a `[rows, cols]` matrix to f32 into `out[..cols]` (embedding lookup).
+    row_to_f32, row_to_f32_with_isa => matmul::row_to_f32_with;
+    w: &[u8], dtype: DType, cols: usize, row: usize, out: &mut [f32],
 }
 
-/// Converts a whole tensor to f32 (norm weights and biases at load time).
-pub fn to_f32_vec(w: &[u8], dtype: DType) -> Vec<f32> {
-    matmul::to_f32_vec_with(Kernels::selected(), w, dtype)
+tiered! {
+    /// Converts a whole tensor to f32 (norm weights and biases at load time).
+    to_f32_vec, to_f32_vec_with_isa => matmul::to_f32_vec_with;
+    w: &[u8], dtype: DType,
+    => Vec<f32>
 }
 
 /// `out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight` for each row of `weight.len()`.
@@ -124,19 +111,15 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     ops::rmsnorm(x, weight, eps, out);
 }
 
-/// `gate[i] = silu(gate[i]) * up[i]`.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    ops::silu_mul_with(Kernels::selected(), gate, up);
+tiered! {
+    /// `gate[i] = silu(gate[i]) * up[i]`.
+    silu_mul, silu_mul_with_isa => ops::silu_mul_with;
+    gate: &mut [f32], up: &[f32],
 }
 
 /// `x[i] += y[i]`.
 pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     ops::add_inplace(x, y);
-}
-
-/// Numerically stable softmax in place (all `-inf` gives the uniform distribution).
-pub fn softmax_inplace(x: &mut [f32]) {
-    ops::softmax_with(Kernels::selected(), x);
 }
 
 tiered! {
@@ -149,15 +132,7 @@ tiered! {
     /// `0..=start_pos + t`, of which a tree `mask` (for this batch) hides the rows of other
     /// branches. Parallel over (token, head).
     attention, attention_with_isa => attention::attention_with;
-    pool: &ThreadPool,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
-    start_pos: usize,
-    n_tokens: usize,
-    mask: Option<&TreeMask>,
-    out: &mut [f32],
+    pool: &ThreadPool, q: &[f32], k_cache: &[f32], v_cache: &[f32],
+    n_heads: usize, n_kv_heads: usize, head_dim: usize,
+    start_pos: usize, n_tokens: usize, mask: Option<&TreeMask>, out: &mut [f32],
 }

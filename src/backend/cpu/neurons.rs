@@ -6,15 +6,15 @@
 //! Reading a neuron is reading its bundle's contiguous elements, so a selection costs exactly
 //! its bytes. Over every bundle (`Activation::All`) the FFN works in blocks of [`BLOCK`]
 //! neurons: gate and up dot products for the block, then the block's down columns accumulated
-//! into the output while they are still in L1/L2. CATS runs the fused AVX-512 kernel
-//! (`avx512_neurons`) where it exists. Each task owns a slice of the neurons and a private
+//! into the output while they are still in L1/L2. CATS runs the tier's fused kernel
+//! (`Kernels::kept_up_down`) where it has one. Each task owns a slice of the neurons and a private
 //! partial output; the partials are summed at the end.
 
-use super::kernels::Kernels;
+use super::kernels::{Kernels, RowStarts};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, with_scratch_vec, SharedMut};
 use crate::backend::neurons::{BundleLayout, NeuronLists, NeuronRule};
-use crate::dtype::DType;
+use crate::tensor::DType;
 
 /// Neurons per block: their 3h-element bundles (110 KiB for h = 576 in bf16) stay in L2
 /// between the dot products and the down accumulation.
@@ -259,8 +259,9 @@ fn block_all(
                 o[j] = b.offset(i, part);
             }
         }
-        k.matvec_gather(b.bytes, &offs[0][..nb], b.dtype, b.hidden, xt, &mut g[..nb]);
-        k.matvec_gather(b.bytes, &offs[1][..nb], b.dtype, b.hidden, xt, &mut u[..nb]);
+        let (gate, up) = (RowStarts::At(&offs[0][..nb]), RowStarts::At(&offs[1][..nb]));
+        k.matvec(b.bytes, b.dtype, gate, b.hidden, xt, &mut g[..nb]);
+        k.matvec(b.bytes, b.dtype, up, b.hidden, xt, &mut u[..nb]);
         for j in 0..nb {
             let i = neurons.get(j0 + j);
             let gv = g[j] + gate_bias.map_or(0.0, |v| v[i]);
@@ -294,9 +295,7 @@ fn block_kept(
 ) {
     if let Some(ids) = neurons.ids {
         let ids = &ids[neurons.start..neurons.start + neurons.len];
-        if k.kept_up_down(
-            b.bytes, b.dtype, b.hidden, b.layout, ids, coeff, up_bias, xt, out,
-        ) {
+        if k.kept_up_down(b, ids, coeff, up_bias, xt, out) {
             return;
         }
     }
@@ -335,7 +334,14 @@ fn block_kept(
             down[j] = b.offset(ids[j], 2);
         }
         let mut u = [0f32; 4];
-        k.matvec_gather(b.bytes, &up[..m], b.dtype, b.hidden, xt, &mut u[..m]);
+        k.matvec(
+            b.bytes,
+            b.dtype,
+            RowStarts::At(&up[..m]),
+            b.hidden,
+            xt,
+            &mut u[..m],
+        );
         for j in 0..m {
             let i = ids[j];
             u[j] = coeff[i] * (u[j] + up_bias.map_or(0.0, |v| v[i]));

@@ -1,8 +1,13 @@
 //! Portable tier: the fallback on machines without AVX2 and the reference the SIMD tiers are
 //! tested against. Written so LLVM can still vectorize it with the baseline ISA (independent
 //! partial sums, no loop-carried float dependency on a single accumulator).
+//!
+//! The public functions here are the same entry points as those of `simd` (`Kernels` calls
+//! one or the other), without the tier argument.
 
-use crate::dtype::DType;
+use super::kernels::{RowStarts, StridedRows, TierLayout};
+use super::neurons::Bundles;
+use crate::tensor::DType;
 
 /// Partial sums per dot product; 8 lanes let SSE2 keep two vectors of work in flight.
 const LANES: usize = 8;
@@ -17,8 +22,22 @@ fn f16_to_f32(lo: u8, hi: u8) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([lo, hi])).to_f32()
 }
 
-/// `out[i] = src[i]` converted to f32; `src.len() == out.len() * dtype.size()`.
+/// No de-interleaved bf16 layout, no streamed multi-token kernel.
+pub(super) fn layout() -> TierLayout {
+    TierLayout {
+        bf16_block: None,
+        streamed_max_tokens: 0,
+        bf16_split_down: false,
+    }
+}
+
+/// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
 pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
+    convert_exact(&src[..out.len() * dtype.size()], dtype, out);
+}
+
+/// [`convert`] of `src.len() == out.len() * dtype.size()` bytes.
+fn convert_exact(src: &[u8], dtype: DType, out: &mut [f32]) {
     debug_assert_eq!(src.len(), out.len() * dtype.size());
     match dtype {
         DType::F32 => {
@@ -51,7 +70,7 @@ fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
     for (i, xs) in x.chunks(CHUNK).enumerate() {
         let n = xs.len();
         let start = i * CHUNK * size;
-        convert(&row[start..start + n * size], dtype, &mut buf[..n]);
+        convert_exact(&row[start..start + n * size], dtype, &mut buf[..n]);
         let mut wc = buf[..n].chunks_exact(LANES);
         let mut xc = xs.chunks_exact(LANES);
         for (wl, xl) in (&mut wc).zip(&mut xc) {
@@ -69,18 +88,46 @@ fn dot_row(row: &[u8], dtype: DType, x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `y[r] = dot(row r, x)`, row `r` starting `r * stride` elements into `w`, `x.len()` columns.
-pub(super) fn matvec(w: &[u8], dtype: DType, stride: usize, x: &[f32], y: &mut [f32]) {
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements `stride` apart.
+pub(super) fn matvec_strided(
+    w: &[u8],
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    matvec(w, dtype, RowStarts::Strided(stride), cols, x, y);
+}
+
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements at byte `offsets[r]`.
+pub(super) fn matvec_at(
+    w: &[u8],
+    dtype: DType,
+    offsets: &[usize],
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    matvec(w, dtype, RowStarts::At(offsets), cols, x, y);
+}
+
+/// `y[r] = dot(row r, x)` for `r < y.len()`, rows of `cols` elements starting where `rows`
+/// says.
+fn matvec(w: &[u8], dtype: DType, rows: RowStarts, cols: usize, x: &[f32], y: &mut [f32]) {
     let size = dtype.size();
-    let cols = x.len();
+    let (x, len) = (&x[..cols], cols * size);
     for (r, out) in y.iter_mut().enumerate() {
-        let start = r * stride * size;
-        *out = dot_row(&w[start..start + cols * size], dtype, x);
+        let start = match rows {
+            RowStarts::Strided(stride) => r * stride * size,
+            RowStarts::At(offsets) => offsets[r],
+        };
+        *out = dot_row(&w[start..start + len], dtype, x);
     }
 }
 
 /// f32 dot product.
-pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut acc = [0f32; LANES];
     let full = n / LANES * LANES;
@@ -96,29 +143,24 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < n_rows`, `t < n_tok`.
-/// `a` rows are `lda` apart, `x` rows `ldx` apart, both `k` long.
+/// Tiled (`gemm`) block: `y[t * ldy + r] (+)= dot(a row r, x row t)` for `r < a.n`,
+/// `t < x.n`, over `k = a.cols` columns.
 ///
 /// # Safety
 /// `y` must be valid for writes at every `t * ldy + r` above, and no other thread may access
 /// those elements during the call.
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn gemm_block(
-    a: &[f32],
-    lda: usize,
-    n_rows: usize,
-    x: &[f32],
-    ldx: usize,
-    k: usize,
-    n_tok: usize,
+    a: StridedRows,
+    x: StridedRows,
     y: *mut f32,
     ldy: usize,
     accumulate: bool,
 ) {
-    for t in 0..n_tok {
-        let xr = &x[t * ldx..t * ldx + k];
-        for r in 0..n_rows {
-            let v = dot(&a[r * lda..r * lda + k], xr);
+    let k = a.cols;
+    for t in 0..x.n {
+        let xr = &x.data[t * x.stride..t * x.stride + k];
+        for r in 0..a.n {
+            let v = dot(&a.data[r * a.stride..r * a.stride + k], xr);
             // SAFETY: in bounds and exclusively ours per the contract above.
             let o = unsafe { &mut *y.add(t * ldy + r) };
             *o = if accumulate { *o + v } else { v };
@@ -126,8 +168,40 @@ pub(super) unsafe fn gemm_block(
     }
 }
 
-/// `out[c] = sum_p weights[p] * v[p * stride + c]` for `c < out.len()` (attention's P·V).
-pub(super) fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
+/// Attention scores of the `g = s.len() / keys.n` query heads `q[h * keys.cols..]` that share
+/// one KV head: `s[h * keys.n + p] = dot(key row p, q_h)`.
+pub(super) fn scores(keys: StridedRows, q: &[f32], s: &mut [f32]) {
+    let StridedRows {
+        data,
+        stride,
+        cols,
+        n,
+    } = keys;
+    if n == 0 {
+        return;
+    }
+    for (h, sh) in s.chunks_exact_mut(n).enumerate() {
+        let qh = &q[h * cols..(h + 1) * cols];
+        for (p, out) in sh.iter_mut().enumerate() {
+            *out = dot(&data[p * stride..p * stride + cols], qh);
+        }
+    }
+}
+
+/// Attention's P·V for the `g = w.len() / v.n` heads sharing one KV head:
+/// `out[h * v.cols + c] = sum_p w[h * v.n + p] * (value row p)[c]`.
+pub(super) fn weighted_sum(v: StridedRows, w: &[f32], out: &mut [f32]) {
+    if v.n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for (wh, oh) in w.chunks_exact(v.n).zip(out.chunks_exact_mut(v.cols)) {
+        head_weighted_sum(v.data, v.stride, wh, oh);
+    }
+}
+
+/// One head of [`weighted_sum`]: `out[c] = sum_p weights[p] * v[p * stride + c]`.
+fn head_weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut [f32]) {
     out.fill(0.0);
     let cols = out.len();
     for (p, &wt) in weights.iter().enumerate() {
@@ -136,6 +210,16 @@ pub(super) fn weighted_sum(v: &[f32], stride: usize, weights: &[f32], out: &mut 
             *o += wt * vv;
         }
     }
+}
+
+/// Largest element (-inf for an empty slice).
+pub(super) fn max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `x[i] *= s`.
+pub(super) fn scale(x: &mut [f32], s: f32) {
+    x.iter_mut().for_each(|v| *v *= s);
 }
 
 /// `x[i] = e^(x[i] - shift)`; returns the sum of the new values.
@@ -155,22 +239,8 @@ pub(super) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// `y[r] = dot(row r, x)` for rows starting at the byte offsets `offsets[r]` of `w`, `x.len()` columns.
-pub(super) fn matvec_gather(w: &[u8], offsets: &[usize], dtype: DType, x: &[f32], y: &mut [f32]) {
-    let len = x.len() * dtype.size();
-    for (out, &o) in y.iter_mut().zip(offsets) {
-        *out = dot_row(&w[o..o + len], dtype, x);
-    }
-}
-
 /// `out[c] += sum_r coeffs[r] * row_r[c]`, row r starting at the byte offset `offsets[r]` of `w`.
-pub(super) fn accumulate_rows(
-    w: &[u8],
-    offsets: &[usize],
-    dtype: DType,
-    coeffs: &[f32],
-    out: &mut [f32],
-) {
+fn accumulate_rows(w: &[u8], offsets: &[usize], dtype: DType, coeffs: &[f32], out: &mut [f32]) {
     const CHUNK: usize = 64;
     let size = dtype.size();
     let mut buf = [0f32; CHUNK];
@@ -178,10 +248,54 @@ pub(super) fn accumulate_rows(
         for (i, oc) in out.chunks_mut(CHUNK).enumerate() {
             let start = offsets[r] + i * CHUNK * size;
             let n = oc.len();
-            convert(&w[start..start + n * size], dtype, &mut buf[..n]);
+            convert_exact(&w[start..start + n * size], dtype, &mut buf[..n]);
             for (o, &v) in oc.iter_mut().zip(&buf[..n]) {
                 *o += coef * v;
             }
         }
     }
+}
+
+/// [`accumulate_rows`] of `cols`-wide rows into `out[..cols]` (no split layout here).
+pub(super) fn accumulate_rows_in(
+    w: &[u8],
+    offsets: &[usize],
+    dtype: DType,
+    cols: usize,
+    coeffs: &[f32],
+    out: &mut [f32],
+) {
+    accumulate_rows(w, offsets, dtype, coeffs, &mut out[..cols]);
+}
+
+/// No fused CATS kernel here: the caller takes the generic path.
+pub(super) fn kept_up_down(
+    _: Bundles,
+    _: &[u32],
+    _: &[f32],
+    _: Option<&[f32]>,
+    _: &[f32],
+    _: &mut [f32],
+) -> bool {
+    false
+}
+
+/// Not on this tier: `layout()` has no streamed kernel, so `matmul` never asks.
+///
+/// # Safety
+/// None needed; it does nothing but stop.
+pub(super) unsafe fn matmul_tokens(
+    _: &[u8],
+    _: DType,
+    _: usize,
+    _: StridedRows,
+    _: *mut f32,
+    _: usize,
+) {
+    unreachable!("the scalar tier has no streamed multi-token kernel");
+}
+
+/// Not on this tier: `layout()` has no de-interleaved bf16 layout, so nobody asks.
+pub(super) fn split_bf16_x(_: &[f32], _: &mut [f32]) {
+    unreachable!("the scalar tier has no de-interleaved bf16 layout");
 }

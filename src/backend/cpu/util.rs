@@ -118,33 +118,3 @@ impl TestRng {
         (self.next_u64() % n as u64) as usize
     }
 }
-
-/// Drives a matvec over `rows` rows with a 4-row kernel `k4` (plus a 1-row kernel `k1` for the
-/// last `rows % 4`), writing `y[r]`. `row(r)` gives row r's address.
-///
-/// The 4 rows computed together are `j, q + j, 2q + j, 3q + j` (q = rows / 4), not 4
-/// adjacent rows: that makes 4 long sequential streams through memory, which the hardware
-/// prefetchers follow at full DRAM bandwidth, whereas 4 adjacent short rows (1 KiB each for
-/// a 576-wide bf16 matrix) read in lockstep look like interleaved jumps and measured 2x
-/// slower when the weights come from DRAM.
-#[inline(always)]
-pub(super) fn for_row_groups<P: Copy>(
-    rows: usize,
-    row: impl Fn(usize) -> P,
-    y: &mut [f32],
-    mut k4: impl FnMut([P; 4]) -> [f32; 4],
-    mut k1: impl FnMut([P; 1]) -> [f32; 1],
-) {
-    assert!(y.len() >= rows);
-    let q = rows / 4;
-    for j in 0..q {
-        let v = k4([row(j), row(q + j), row(2 * q + j), row(3 * q + j)]);
-        y[j] = v[0];
-        y[q + j] = v[1];
-        y[2 * q + j] = v[2];
-        y[3 * q + j] = v[3];
-    }
-    for (r, out) in y.iter_mut().enumerate().take(rows).skip(4 * q) {
-        *out = k1([row(r)])[0];
-    }
-}

@@ -92,20 +92,14 @@ pub(crate) fn bundle_ffn(
     out: &mut CudaBuf,
 ) -> Result<()> {
     bundles.check_on_device(BUNDLE_FFN)?;
+    let hidden = checks::bundle_call(bundles.cols, bundles.rows, layout, &sel, n_tokens)?;
     let parts = layout.parts();
-    if !bundles.cols.is_multiple_of(parts) {
-        return Err(Error::InvalidArgument(format!(
-            "bundle matrix has {} columns, not {parts} x hidden",
-            bundles.cols
-        )));
-    }
-    let hidden = bundles.cols / parts;
     need(BUNDLE_FFN, "x", x, n_tokens * hidden)?;
     need(BUNDLE_FFN, "out", out, n_tokens * hidden)?;
     if n_tokens == 0 || hidden == 0 {
         return Ok(());
     }
-    let sel = Selected::new(ctx, layout, sel, n_tokens, bundles.rows)?;
+    let sel = Selected::new(ctx, sel, n_tokens, bundles.rows)?;
     let call = BundleCall::new(bundles, sel, n_tokens, hidden, parts)?;
     let act = call.launch_act(ctx, x)?;
     call.launch_down(ctx, &act, out)
@@ -131,15 +125,12 @@ struct Selected {
 impl Selected {
     fn new(
         ctx: &Arc<Ctx>,
-        layout: BundleLayout,
         sel: BundleSelection<'_, CudaBuf>,
         n_tokens: usize,
         neurons: usize,
     ) -> Result<Selected> {
+        // checks::bundle_call has refused a dense pass without gate rows.
         match sel {
-            BundleSelection::All { .. } if layout != BundleLayout::GateUpDown => Err(
-                Error::InvalidArgument("a dense pass over bundles needs their gate rows".into()),
-            ),
             BundleSelection::All { gate_bias, up_bias } => Ok(Selected {
                 gate_bias: check_bias("gate bias", gate_bias, neurons)?,
                 up_bias: check_bias("up bias", up_bias, neurons)?,
@@ -167,24 +158,14 @@ impl Selected {
         n_tokens: usize,
         neurons: usize,
     ) -> Result<Selected> {
-        let mismatch =
-            || Error::InvalidArgument("neuron lists do not match the tokens or the bundles".into());
-        if kept.n_tokens() < n_tokens || kept.ids.iter().any(|&i| i as usize >= neurons) {
-            return Err(mismatch());
-        }
+        // checks::bundle_call has checked the lists against the tokens and the bundles.
         need(BUNDLE_FFN, "coeff", coeff, n_tokens * neurons)?;
         let up_bias = check_bias("up bias", up_bias, neurons)?;
         let total = kept.offsets[n_tokens];
-        if total > kept.ids.len() {
-            return Err(mismatch());
-        }
         let offs: Vec<u32> = kept.offsets[..=n_tokens]
             .iter()
             .map(|&o| to_u32(BUNDLE_FFN, "list offset", o))
             .collect::<Result<_>>()?;
-        if offs.windows(2).any(|w| w[0] > w[1]) || offs[0] != 0 {
-            return Err(mismatch());
-        }
         let ids = DevMem::upload(ctx, BUNDLE_FFN, &kept.ids[..total])?;
         let offsets = DevMem::upload(ctx, BUNDLE_FFN, &offs)?;
         Ok(Selected {
