@@ -93,3 +93,62 @@ pub(crate) fn bundle_call<Buf>(
     }
     Ok(cols / parts)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::NeuronLists;
+
+    fn lists(ids: Vec<u32>, offsets: Vec<usize>) -> NeuronLists {
+        NeuronLists { ids, offsets }
+    }
+
+    /// `bundle_call` over 4 bundles of `cols` columns, per-token lists `kept` for 2 tokens.
+    fn per_token(cols: usize, layout: BundleLayout, kept: &NeuronLists) -> Result<usize> {
+        let coeff = vec![0.0f32; 8];
+        let sel = BundleSelection::PerToken {
+            coeff: &coeff,
+            kept,
+            up_bias: None,
+        };
+        bundle_call(cols, 4, layout, &sel, 2)
+    }
+
+    #[test]
+    fn bundle_calls_are_checked_before_any_kernel() {
+        let good = lists(vec![0, 3, 1], vec![0, 2, 3]);
+        assert_eq!(per_token(12, BundleLayout::GateUpDown, &good).unwrap(), 4);
+        assert_eq!(per_token(12, BundleLayout::UpDown, &good).unwrap(), 6);
+        assert!(
+            per_token(10, BundleLayout::GateUpDown, &good).is_err(),
+            "3 parts"
+        );
+        let bad = [
+            (
+                "one token's list for two tokens",
+                lists(vec![0], vec![0, 1]),
+            ),
+            ("an id past the bundles", lists(vec![0, 4], vec![0, 1, 2])),
+            ("offsets going back", lists(vec![0, 1, 2], vec![0, 2, 1])),
+            ("offsets not from 0", lists(vec![0, 1, 2], vec![1, 2, 3])),
+            ("offsets past the ids", lists(vec![0, 1], vec![0, 1, 3])),
+            ("no offsets at all", lists(vec![], vec![])),
+        ];
+        for (what, kept) in &bad {
+            assert!(
+                per_token(12, BundleLayout::GateUpDown, kept).is_err(),
+                "{what}"
+            );
+        }
+        let (gate_bias, up_bias) = (None::<&Vec<f32>>, None);
+        let dense = BundleSelection::All { gate_bias, up_bias };
+        assert_eq!(
+            bundle_call(12, 4, BundleLayout::GateUpDown, &dense, 2).unwrap(),
+            4
+        );
+        assert!(
+            bundle_call(12, 4, BundleLayout::UpDown, &dense, 2).is_err(),
+            "a dense pass needs the gate rows"
+        );
+    }
+}

@@ -123,6 +123,7 @@ pub(super) fn attention_with(
     let batch = Batch {
         k,
         d,
+        n_kv_heads,
         q,
         k_cache,
         v_cache,
@@ -151,6 +152,7 @@ pub(super) fn attention_with(
 struct Batch<'a> {
     k: Kernels,
     d: Dims,
+    n_kv_heads: usize,
     q: &'a [f32],
     k_cache: &'a [f32],
     v_cache: &'a [f32],
@@ -160,13 +162,9 @@ struct Batch<'a> {
 }
 
 impl Batch<'_> {
-    fn n_kv_heads(&self) -> usize {
-        self.d.n_heads / self.d.group
-    }
-
     /// One task per (token, KV head), each over its token's whole visible history.
     fn whole_history(&self, pool: &ThreadPool, out: &mut [f32]) {
-        let (d, n_kv_heads) = (&self.d, self.n_kv_heads());
+        let (d, n_kv_heads) = (&self.d, self.n_kv_heads);
         let q_dim = d.n_heads * d.head_dim;
         let outs = SharedMut::new(out);
         pool.run(self.n_tokens * n_kv_heads, &|task| {
@@ -201,7 +199,7 @@ impl Batch<'_> {
     /// Flash-decoding: the history split into `chunk`-position pieces, one task per (token,
     /// KV head, piece), whose partial softmax results are merged per token afterwards.
     fn chunked_history(&self, pool: &ThreadPool, chunk: usize, out: &mut [f32]) {
-        let (d, n_kv_heads) = (&self.d, self.n_kv_heads());
+        let (d, n_kv_heads) = (&self.d, self.n_kv_heads);
         let (n_heads, head_dim) = (d.n_heads, d.head_dim);
         let q_dim = n_heads * head_dim;
         let n_chunks = (self.start_pos + self.n_tokens).div_ceil(chunk);
