@@ -53,6 +53,9 @@ pub enum Error {
     #[error("{path}: not a valid safetensors file: {msg}")]
     Safetensors { path: PathBuf, msg: String },
 
+    #[error("{path}: not a valid GGUF file: {msg}")]
+    Gguf { path: PathBuf, msg: String },
+
     #[error("tensor `{name}` is missing (looked in {searched})")]
     MissingTensor { name: String, searched: String },
 
