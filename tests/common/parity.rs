@@ -369,22 +369,28 @@ pub fn attention<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
                 let k = random(&mut rng, cap * kvw, 1.0);
                 let v = random(&mut rng, cap * kvw, 1.0);
                 let q = random(&mut rng, (n + 1) * qw, 1.0);
-                let (go, co) = both!(g, c, |b| {
-                    let (qb, kb, vb) = (
-                        b.upload(&q).unwrap(),
-                        b.upload(&k).unwrap(),
-                        b.upload(&v).unwrap(),
-                    );
-                    let mut out = poisoned(b, (n + 1) * qw);
-                    let rows = Rows::Causal { start, len: n };
-                    b.attention(&qb, &kb, &vb, shape, rows, &mut out).unwrap();
-                    read_all(b, &out, (n + 1) * qw)
-                });
+                let rows = Rows::Causal { start, len: n };
+                let (go, co) = both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows));
                 let case = format!("{} @{start} n{n}", shape_name(shape));
                 p.check("attention", &case, &go, &co, ATTENTION);
             }
         }
     }
+}
+
+/// `attention` of `q` over the caches `k`, `v` on `b` into an output one token longer than the
+/// batch, poisoned, so that a write past the batch shows.
+fn attention_out<B: Backend>(
+    b: &B,
+    qkv: [&[f32]; 3],
+    shape: AttentionShape,
+    rows: Rows,
+) -> Vec<f32> {
+    let [q, k, v] = qkv.map(|x| b.upload(x).unwrap());
+    let len = (rows.len() + 1) * shape.num_heads * shape.head_dim;
+    let mut out = poisoned(b, len);
+    b.attention(&q, &k, &v, shape, rows, &mut out).unwrap();
+    read_all(b, &out, len)
 }
 
 /// `attention` over token trees (siblings hidden from each other), several prefixes and batch starts.
@@ -406,17 +412,8 @@ pub fn tree_attention<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
                 let k = random(&mut rng, cap * kvw, 1.0);
                 let v = random(&mut rng, cap * kvw, 1.0);
                 let q = random(&mut rng, (n + 1) * qw, 1.0);
-                let (go, co) = both!(g, c, |b| {
-                    let (qb, kb, vb) = (
-                        b.upload(&q).unwrap(),
-                        b.upload(&k).unwrap(),
-                        b.upload(&v).unwrap(),
-                    );
-                    let mut out = poisoned(b, (n + 1) * qw);
-                    let rows = Rows::Tree(&mask);
-                    b.attention(&qb, &kb, &vb, shape, rows, &mut out).unwrap();
-                    read_all(b, &out, (n + 1) * qw)
-                });
+                let rows = Rows::Tree(&mask);
+                let (go, co) = both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows));
                 let case = format!("{} prefix{prefix} from{batch_start}", shape_name(shape));
                 p.check("tree_attention", &case, &go, &co, ATTENTION);
             }
