@@ -6,7 +6,7 @@
 //! is checked against the bytes that remain before anything is allocated or indexed with it, so
 //! a truncated or corrupted file is an error naming what is wrong and where, never a panic or a
 //! huge allocation. This module only describes the file; de-quantization and the quantized
-//! kernels build on [`GgufFile::tensor_bytes`].
+//! kernels build on [`GgufTensor::bytes`].
 
 mod reader;
 mod types;
@@ -39,6 +39,13 @@ impl GgufTensor {
     /// Number of elements.
     pub fn elements(&self) -> u64 {
         self.dims.iter().product()
+    }
+
+    /// The tensor's bytes within `file` (the bytes its [`GgufFile`] was parsed from).
+    pub fn bytes<'f>(&self, file: &'f [u8]) -> Option<&'f [u8]> {
+        let start = usize::try_from(self.start).ok()?;
+        let len = usize::try_from(self.len).ok()?;
+        file.get(start..start.checked_add(len)?)
     }
 }
 
@@ -85,13 +92,6 @@ impl GgufFile {
             tensors,
             data_start,
         })
-    }
-
-    /// The bytes of `tensor` within `file` (the bytes it was parsed from).
-    pub fn tensor_bytes<'f>(&self, file: &'f [u8], tensor: &GgufTensor) -> Option<&'f [u8]> {
-        let start = usize::try_from(tensor.start).ok()?;
-        let len = usize::try_from(tensor.len).ok()?;
-        file.get(start..start.checked_add(len)?)
     }
 
     /// A string metadata value.

@@ -92,9 +92,9 @@ fn a_written_file_reads_back() {
     );
     assert_eq!((up.kind, up.elements(), up.len), (GgmlType::Q4_0, 64, 36));
     assert_eq!(norm.start % 32, 0);
-    let data = f.tensor_bytes(&bytes, norm).unwrap();
+    let data = norm.bytes(&bytes).unwrap();
     assert_eq!(&data[4..8], &1f32.to_le_bytes());
-    let q4 = f.tensor_bytes(&bytes, up).unwrap();
+    let q4 = up.bytes(&bytes).unwrap();
     assert_eq!(q4, &(0..36).map(|i| i as u8).collect::<Vec<_>>()[..]);
 }
 
