@@ -8,6 +8,7 @@
 //! huge allocation. This module only describes the file; de-quantization and the quantized
 //! kernels build on [`GgufTensor::bytes`].
 
+pub mod dequant;
 mod reader;
 mod types;
 
