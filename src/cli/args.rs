@@ -12,7 +12,7 @@ use crate::sparsity::{validate_keep, SparsityConfig, SparsityMode};
 /// The model a subcommand loads, and the CPU threads it computes with.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Model directory (HF layout) or preset name (see configs/models), e.g. smollm2-135m.
+    /// Model directory (HF layout), GGUF file, or preset name (see configs/models), e.g. smollm2-135m.
     #[arg(long, short = 'm')]
     pub model: String,
     /// Don't fetch a preset's weights automatically when they are missing.

@@ -100,7 +100,7 @@ impl Header {
     pub fn new(l: &Loaded, file: &Path, shots: usize, max_tokens: usize, s: SiriusConfig) -> Self {
         let e = &l.engine;
         Header {
-            model: e.dir.display().to_string(),
+            model: e.path.display().to_string(),
             backend: e.model.backend_description(),
             dtype: e.model.dtype.to_string(),
             threads: l.threads,

@@ -81,7 +81,7 @@ pub fn eval_perplexity(args: &EvalArgs, text_path: &Path) -> Result<()> {
     bar.finish_and_clear();
     let report = PerplexityReport {
         task: "perplexity",
-        model: l.engine.dir.display().to_string(),
+        model: l.engine.path.display().to_string(),
         backend: l.engine.model.backend_description(),
         dtype: l.engine.model.dtype.to_string(),
         threads: l.threads,

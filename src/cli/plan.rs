@@ -13,6 +13,7 @@ use crate::cli::output::print_stdout;
 use crate::cli::wording::word_plan_error;
 use crate::config::{resolve_model_dir, ModelConfig, Preset};
 use crate::error::{Error, Result};
+use crate::model::ModelFiles;
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
 use crate::offload::placement::{self, Every, Plan, PlanInput, Residence};
@@ -220,8 +221,7 @@ fn model_config(model: &str) -> Result<ModelConfig> {
             return Ok(config);
         }
     }
-    let dir = resolve_model_dir(model)?;
-    ModelConfig::from_file(&dir.join("config.json"))
+    ModelFiles::read_config(&resolve_model_dir(model)?)
 }
 
 fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -> String {

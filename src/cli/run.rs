@@ -10,9 +10,9 @@ use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::run_args::{Device, PromptArgs, RunArgs};
 use crate::cli::wording::word_offload_error;
-use crate::config::ModelConfig;
 use crate::engine::{ChatPrompt, Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
+use crate::model::ModelFiles;
 use crate::model::SamplingParams;
 use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
 use crate::offload::runtime::OffloadConfig;
@@ -134,8 +134,8 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
         sparsity: job.sparsity.clone(),
         offload: job.offload.as_ref().map(|(o, _)| o.clone()),
     };
-    // Checked against config.json before the (long) load.
-    let max_pos = ModelConfig::from_file(&dir.join("config.json"))?.max_position_embeddings;
+    // Checked against the model's config before the (long) load.
+    let max_pos = ModelFiles::read_config(&dir)?.max_position_embeddings;
     if let Some(ctx) = args.ctx_size.filter(|&c| c > max_pos) {
         return Err(Error::InvalidArgument(format!(
             "--ctx-size {ctx} is larger than the model's max_position_embeddings ({max_pos})"

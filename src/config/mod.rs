@@ -5,4 +5,4 @@ pub mod model_config;
 pub mod preset;
 
 pub use model_config::{Architecture, ModelConfig, RopeScaling};
-pub use preset::{resolve_model_dir, sirius_home, Preset};
+pub use preset::{is_gguf, resolve_model_dir, sirius_home, Preset};

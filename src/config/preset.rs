@@ -150,7 +150,13 @@ fn expand_home(p: &Path) -> PathBuf {
     }
 }
 
-/// Turns `--model` into a model directory: an existing directory is taken as is, otherwise the
+/// Whether `path` names a GGUF file (by its extension; the magic is checked on opening).
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Turns `--model` into a model directory or GGUF file: an existing directory is taken as is, otherwise the
 /// argument must name a preset whose weights have been fetched.
 pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     let as_path = Path::new(model);
@@ -166,11 +172,13 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
         return Ok(as_path.to_path_buf());
     }
     if as_path.is_file() {
+        if is_gguf(as_path) {
+            return Ok(as_path.to_path_buf());
+        }
         return Err(Error::ModelNotFound {
             name: model.to_string(),
-            hint:
-                "it is a file: --model takes the directory that holds config.json and the weights"
-                    .into(),
+            hint: "it is a file but not a .gguf: --model takes a GGUF file or the directory that holds config.json and the weights"
+                .into(),
         });
     }
     match Preset::find(model)? {

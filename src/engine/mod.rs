@@ -26,10 +26,9 @@ mod text;
 use std::path::{Path, PathBuf};
 
 use crate::backend::offload::OffloadBackend;
-use crate::config::generation::stop_token_ids;
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
-use crate::model::{Llama, SamplingParams, Tokenizer};
+use crate::model::{Llama, ModelFiles, SamplingParams, Tokenizer};
 use crate::offload::runtime::{OffloadConfig, OffloadRuntime};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
@@ -110,10 +109,12 @@ pub struct ChatPrompt {
 pub struct Engine<B: OffloadBackend> {
     pub model: Llama<B>,
     pub tokenizer: Tokenizer,
-    /// Where the model was loaded from.
-    pub dir: PathBuf,
-    /// The EOS ids of config.json and generation_config.json.
+    /// Where the model was loaded from (a directory or a GGUF file).
+    pub path: PathBuf,
+    /// The ids that end a generation (config.json and generation_config.json, or the GGUF's
+    /// EOS and end-of-turn tokens).
     pub stop_ids: Vec<u32>,
+    chat_template: Option<ChatTemplate>,
     sparsity: Sparsity<B>,
     offload: Option<Offload<B>>,
 }
@@ -126,9 +127,9 @@ struct Offload<B: OffloadBackend> {
 }
 
 impl<B: OffloadBackend> Engine<B> {
-    /// Loads the model in `dir` (HF layout) on `backend`, its tokenizer (refused when it has
+    /// Loads the model at `path` (HF directory or GGUF file) on `backend`, its tokenizer (refused when it has
     /// ids the model cannot embed) and EOS ids, and builds the sparse FFN.
-    pub fn load(dir: &Path, backend: B, config: &EngineConfig) -> Result<Self> {
+    pub fn load(path: &Path, backend: B, config: &EngineConfig) -> Result<Self> {
         config.sparsity.validate()?;
         let offload = match &config.offload {
             Some(o) => {
@@ -148,11 +149,11 @@ impl<B: OffloadBackend> Engine<B> {
             None => None,
         };
         let loaded = std::time::Instant::now();
-        let model = Llama::load(dir, backend)?;
-        tracing::info!(dir = %dir.display(), backend = %model.backend_description(), dtype = %model.dtype,
+        let files = ModelFiles::open(path)?;
+        let text = files.text;
+        let model = Llama::from_store(files.config, files.weights, backend)?;
+        tracing::info!(model = %path.display(), backend = %model.backend_description(), dtype = %model.dtype,
             weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
-        let tokenizer = load_tokenizer(dir, model.config.vocab_size)?;
-        let stop_ids = stop_token_ids(dir, &model.config.eos_token_ids)?;
         // Offloading keeps its own host copy of the FFN and places the sparse set itself.
         let sparsity = match offload {
             Some(_) => Sparsity::None,
@@ -160,9 +161,10 @@ impl<B: OffloadBackend> Engine<B> {
         };
         Ok(Engine {
             model,
-            tokenizer,
-            dir: dir.to_path_buf(),
-            stop_ids,
+            tokenizer: text.tokenizer,
+            path: path.to_path_buf(),
+            stop_ids: text.stop_ids,
+            chat_template: text.chat_template,
             sparsity,
             offload,
         })
@@ -204,10 +206,9 @@ impl<B: OffloadBackend> Engine<B> {
         let Some(chat) = chat else {
             return self.tokenizer.encode(text, true);
         };
-        let cfg_path = self.dir.join("tokenizer_config.json");
-        let template = ChatTemplate::from_tokenizer_config(&cfg_path)?.ok_or_else(|| {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
             Error::config(
-                &cfg_path,
+                &self.path,
                 "the model has no chat_template: run without --chat",
             )
         })?;
@@ -227,20 +228,4 @@ impl<B: OffloadBackend> Engine<B> {
         // The template writes any BOS itself.
         self.tokenizer.encode(&rendered, false)
     }
-}
-
-/// The model's tokenizer, refused when it has ids the model cannot embed.
-pub fn load_tokenizer(dir: &Path, vocab_size: usize) -> Result<Tokenizer> {
-    let path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&path)?;
-    if tokenizer.vocab_size() > vocab_size {
-        return Err(Error::Tokenizer {
-            path,
-            msg: format!(
-                "{} tokens, more than the model's vocab_size {vocab_size}",
-                tokenizer.vocab_size()
-            ),
-        });
-    }
-    Ok(tokenizer)
 }

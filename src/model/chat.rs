@@ -30,6 +30,11 @@ impl ChatTemplate {
                 path: path.to_path_buf(),
                 source,
             })?;
+        Self::from_json(&json, path)
+    }
+
+    /// The template of a parsed `tokenizer_config.json` (`path` names it in errors).
+    pub fn from_json(json: &serde_json::Value, path: &Path) -> Result<Option<ChatTemplate>> {
         let template = match json.get("chat_template") {
             Some(serde_json::Value::String(s)) => s.clone(),
             // A list of named templates: take the default one.
@@ -46,8 +51,8 @@ impl ChatTemplate {
         };
         Ok(Some(ChatTemplate {
             template,
-            bos_token: special_token_string(&json, "bos_token"),
-            eos_token: special_token_string(&json, "eos_token"),
+            bos_token: special_token_string(json, "bos_token"),
+            eos_token: special_token_string(json, "eos_token"),
         }))
     }
 

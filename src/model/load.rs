@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::llama::{LayerWeights, Llama};
 use crate::model::rope::rope_frequencies;
+use crate::model::source::ModelFiles;
 use crate::model::weights::WeightStore;
 use crate::sparsity::bundles::FfnTensors;
 use crate::sparsity::ffn::FfnWeights;
@@ -15,11 +16,11 @@ use crate::sparsity::{Sparsity, SparsityConfig};
 use crate::tensor::TensorRef;
 
 impl<B: Backend> Llama<B> {
-    /// Loads config.json and the safetensors weights of an HF-layout directory.
-    pub fn load(dir: &Path, backend: B) -> Result<Self> {
-        let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let store = WeightStore::open_dir(dir)?;
-        Self::from_store(config, store, backend)
+    /// Loads the model of an HF-layout directory or a GGUF file (its text files are opened
+    /// and checked too; [`ModelFiles`] keeps them when they are needed).
+    pub fn load(path: &Path, backend: B) -> Result<Self> {
+        let files = ModelFiles::open(path)?;
+        Self::from_store(files.config, files.weights, backend)
     }
 
     pub fn from_store(config: ModelConfig, store: WeightStore, backend: B) -> Result<Self> {

@@ -27,6 +27,20 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from `tokenizer.json` text (`path` names its source in errors).
+    pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
+        let inner = text
+            .parse::<tokenizers::Tokenizer>()
+            .map_err(|e| Error::Tokenizer {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Encodes raw text. Special tokens written in the text (`<|im_start|>`) are recognised;
     /// `add_special` applies the tokenizer's post-processor (e.g. a BOS token), which chat
     /// prompts must not get twice since the template already writes it.

@@ -4,6 +4,7 @@
 //! mapping. The kernels read the checkpoint's dtype directly.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -105,6 +106,44 @@ impl WeightStore {
         Ok(())
     }
 
+    /// A store over one mapping built in memory (a converted GGUF): `tensors` lists each
+    /// tensor's name, dtype, shape and byte range in `map`; `path` names the source file.
+    pub fn from_mapping(
+        path: PathBuf,
+        map: Arc<Mmap>,
+        tensors: Vec<(String, DType, Vec<usize>, Range<usize>)>,
+    ) -> Result<WeightStore> {
+        let mut store = WeightStore {
+            shards: Vec::new(),
+            tensors: HashMap::new(),
+        };
+        for (name, dtype, shape, range) in tensors {
+            let bytes = shape.iter().product::<usize>() * dtype.size();
+            if range.end > map.len() || range.len() != bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor `{name}` of {}: {bytes} bytes do not fit {range:?} of a {}-byte mapping",
+                    path.display(),
+                    map.len()
+                )));
+            }
+            let entry = TensorEntry {
+                shard: 0,
+                start: range.start,
+                end: range.end,
+                dtype: Ok(dtype),
+                shape,
+            };
+            if store.tensors.insert(name.clone(), entry).is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor `{name}` appears twice in {}",
+                    path.display()
+                )));
+            }
+        }
+        store.shards.push((path, map));
+        Ok(store)
+    }
+
     /// Fetches a tensor and checks its shape.
     pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<TensorRef> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
@@ -136,6 +175,17 @@ impl WeightStore {
             Arc::clone(map),
             entry.start..entry.end,
         ))
+    }
+
+    /// Every tensor's name and shape, sorted by name.
+    pub fn shapes(&self) -> Vec<(&str, &[usize])> {
+        let mut all: Vec<(&str, &[usize])> = self
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.as_str(), t.shape.as_slice()))
+            .collect();
+        all.sort_unstable();
+        all
     }
 
     /// Total bytes of all tensors.

@@ -9,8 +9,10 @@
 //! kernels build on [`GgufTensor::bytes`].
 
 pub mod dequant;
+pub mod hf;
 mod reader;
 mod types;
+pub mod weights;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -106,6 +108,36 @@ impl GgufFile {
     /// An unsigned integer metadata value of any width.
     pub fn uint(&self, key: &str) -> Option<u64> {
         self.metadata.get(key).and_then(Value::as_u64)
+    }
+
+    /// A float metadata value (f32 or f64).
+    pub fn float(&self, key: &str) -> Option<f64> {
+        match self.metadata.get(key) {
+            Some(Value::F32(v)) => Some(f64::from(*v)),
+            Some(Value::F64(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    /// A boolean metadata value.
+    pub fn flag(&self, key: &str) -> Option<bool> {
+        match self.metadata.get(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
+    /// An array metadata value (`None` when absent or not an array).
+    pub fn array(&self, key: &str) -> Option<&[Value]> {
+        match self.metadata.get(key) {
+            Some(Value::Array(items)) => Some(items),
+            _ => None,
+        }
+    }
+
+    /// The tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&GgufTensor> {
+        self.tensors.iter().find(|t| t.name == name)
     }
 }
 

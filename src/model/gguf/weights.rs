@@ -1,0 +1,279 @@
+//! A GGUF's tensors as a [`WeightStore`] with Hugging Face names, shapes and row order.
+//!
+//! Until the kernels compute on quantized blocks, quantized matrices are de-quantized at load
+//! into one anonymous mapping (bf16), the way the offline converter did it but in-process and
+//! in parallel. Two things llama.cpp changed on the way into the file are undone: dimensions are
+//! listed innermost first (a `[cols, rows]` GGUF tensor is an `[rows, cols]` matrix), and for
+//! `llama` files each head's Q/K rows were interleaved for ggml's rotary layout.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use super::dequant::dequantize;
+use super::hf::GgufArch;
+use super::{GgmlType, GgufFile, GgufTensor};
+use crate::error::{Error, Result};
+use crate::model::weights::WeightStore;
+use crate::progress::progress_bar;
+use crate::tensor::DType;
+
+/// GGUF tensor names (per layer after `blk.N.`) and their Hugging Face names.
+const LAYER_NAMES: [(&str, &str); 12] = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),
+    ("attn_k.weight", "self_attn.k_proj.weight"),
+    ("attn_v.weight", "self_attn.v_proj.weight"),
+    ("attn_q.bias", "self_attn.q_proj.bias"),
+    ("attn_k.bias", "self_attn.k_proj.bias"),
+    ("attn_v.bias", "self_attn.v_proj.bias"),
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    ("ffn_up.weight", "mlp.up_proj.weight"),
+    ("ffn_down.weight", "mlp.down_proj.weight"),
+];
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+fn hf_name(name: &str) -> Option<String> {
+    if let Some((_, hf)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == name) {
+        return Some(hf.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == suffix)?;
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// One tensor to write: where it comes from and how it lands.
+struct Job<'f> {
+    src: &'f GgufTensor,
+    bytes: &'f [u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    /// Heads whose Q/K rows are interleaved (llama files), or 0.
+    unpermute_heads: usize,
+}
+
+/// The store: every tensor of `file` (whose bytes are `data`) under its HF name, matrices in
+/// one dtype (their own float type if they all share one, else bf16), vectors in f32.
+pub fn weight_store(
+    path: &Path,
+    file: &GgufFile,
+    data: &[u8],
+    arch: GgufArch,
+    heads: (usize, usize),
+) -> Result<WeightStore> {
+    let fail = |msg: String| Error::Gguf {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let matrix_dtype = matrix_dtype(file);
+    let mut jobs = Vec::new();
+    let mut entries = Vec::new();
+    let mut offset = 0usize;
+    for t in &file.tensors {
+        let name = hf_name(&t.name).ok_or_else(|| {
+            fail(format!(
+                "tensor `{}` is not one a Llama/Qwen2 model uses",
+                t.name
+            ))
+        })?;
+        let bytes = t
+            .bytes(data)
+            .ok_or_else(|| fail(format!("tensor `{}` lies outside the file", t.name)))?;
+        let (rows, cols, shape) = match t.dims[..] {
+            [n] => (1, n as usize, vec![n as usize]),
+            [c, r] => (r as usize, c as usize, vec![r as usize, c as usize]),
+            _ => {
+                return Err(fail(format!(
+                    "tensor `{}` has dimensions {:?}",
+                    t.name, t.dims
+                )))
+            }
+        };
+        let dtype = if shape.len() == 1 {
+            DType::F32
+        } else {
+            matrix_dtype
+        };
+        let unpermute_heads = match (arch, t.name.rsplit('.').nth(1)) {
+            (GgufArch::Llama, Some("attn_q")) if shape.len() == 2 => heads.0,
+            (GgufArch::Llama, Some("attn_k")) if shape.len() == 2 => heads.1,
+            _ => 0,
+        };
+        if unpermute_heads > 0 && !rows.is_multiple_of(2 * unpermute_heads) {
+            return Err(fail(format!(
+                "tensor `{}`: {rows} rows do not split into {unpermute_heads} heads of even size",
+                t.name
+            )));
+        }
+        let len = rows * cols * dtype.size();
+        entries.push((name, dtype, shape, offset..offset + len));
+        offset += len.next_multiple_of(64);
+        jobs.push(Job {
+            src: t,
+            bytes,
+            dtype,
+            rows,
+            cols,
+            unpermute_heads,
+        });
+    }
+    let map = convert_all(&jobs, offset)?;
+    WeightStore::from_mapping(path.to_path_buf(), Arc::new(map), entries)
+}
+
+/// Matrices keep their float type when they all share one; any quantized (or mixed) file
+/// becomes bf16, the precision the kernels read fastest.
+fn matrix_dtype(file: &GgufFile) -> DType {
+    let mut kinds = file
+        .tensors
+        .iter()
+        .filter(|t| t.dims.len() == 2)
+        .map(|t| t.kind);
+    let first = kinds.next();
+    let shared = first.filter(|k| kinds.all(|other| other == *k));
+    match shared {
+        Some(GgmlType::F32) => DType::F32,
+        Some(GgmlType::F16) => DType::F16,
+        _ => DType::BF16,
+    }
+}
+
+/// Writes every job into one fresh read-only mapping of `total` bytes, on all cores.
+fn convert_all(jobs: &[Job<'_>], total: usize) -> Result<memmap2::Mmap> {
+    let io = |e: std::io::Error| Error::io("anonymous memory for the GGUF weights", e);
+    let mut map = memmap2::MmapOptions::new()
+        .len(total.max(1))
+        .map_anon()
+        .map_err(io)?;
+    let elements: u64 = jobs.iter().map(|j| (j.rows * j.cols) as u64).sum();
+    let bar = progress_bar(elements, "gguf");
+    let mut slices = Vec::with_capacity(jobs.len());
+    let mut rest: &mut [u8] = &mut map[..];
+    for job in jobs {
+        let len = job.rows * job.cols * job.dtype.size();
+        let (mine, tail) = rest.split_at_mut(len);
+        slices.push((job, mine));
+        rest = tail
+            .get_mut(len.next_multiple_of(64) - len..)
+            .unwrap_or_default();
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Largest first, dealt round-robin: the embedding table does not end up last on one core.
+    slices.sort_by_key(|(job, _)| std::cmp::Reverse(job.rows * job.cols));
+    let mut lanes: Vec<Vec<(&Job<'_>, &mut [u8])>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, slice) in slices.into_iter().enumerate() {
+        lanes[i % threads].push(slice);
+    }
+    let failed = std::thread::scope(|s| {
+        let handles: Vec<_> = lanes
+            .into_iter()
+            .map(|lane| {
+                let bar = &bar;
+                s.spawn(move || {
+                    lane.into_iter()
+                        .map(|(job, out)| {
+                            let ok = convert(job, out);
+                            bar.inc((job.rows * job.cols) as u64);
+                            (!ok).then(|| job.src.name.clone())
+                        })
+                        .find_map(|bad| bad)
+                })
+            })
+            .collect();
+        handles.into_iter().find_map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Some("(a worker panicked)".into()))
+        })
+    });
+    bar.finish_and_clear();
+    if let Some(name) = failed {
+        return Err(Error::InvalidArgument(format!(
+            "tensor `{name}`: its bytes are not whole blocks of its type"
+        )));
+    }
+    map.make_read_only().map_err(io)
+}
+
+/// Converts one tensor row by row into `out` (HF row order); `false` if a row's bytes are
+/// not whole blocks.
+fn convert(job: &Job<'_>, out: &mut [u8]) -> bool {
+    let src_row_bytes = job.bytes.len() / job.rows.max(1);
+    let out_row_bytes = job.cols * job.dtype.size();
+    let mut row = vec![0f32; job.cols];
+    for (r, dst) in out.chunks_exact_mut(out_row_bytes).enumerate() {
+        let from = source_row(r, job.rows, job.unpermute_heads);
+        let src = &job.bytes[from * src_row_bytes..(from + 1) * src_row_bytes];
+        if !dequantize(job.src.kind, src, &mut row) {
+            return false;
+        }
+        encode(&row, job.dtype, dst);
+    }
+    true
+}
+
+/// The GGUF row holding HF row `r`: within a head of `2 * half` rows, llama.cpp stored HF
+/// row `j * half + i` at row `2 * i + j`.
+fn source_row(r: usize, rows: usize, heads: usize) -> usize {
+    if heads == 0 {
+        return r;
+    }
+    let half = rows / heads / 2;
+    let (head, within) = (r / (2 * half), r % (2 * half));
+    let (j, i) = (within / half, within % half);
+    head * 2 * half + 2 * i + j
+}
+
+fn encode(row: &[f32], dtype: DType, out: &mut [u8]) {
+    match dtype {
+        DType::F32 => row
+            .iter()
+            .zip(out.chunks_exact_mut(4))
+            .for_each(|(v, o)| o.copy_from_slice(&v.to_le_bytes())),
+        DType::F16 => row
+            .iter()
+            .zip(out.chunks_exact_mut(2))
+            .for_each(|(v, o)| o.copy_from_slice(&f16::from_f32(*v).to_le_bytes())),
+        DType::BF16 => row
+            .iter()
+            .zip(out.chunks_exact_mut(2))
+            .for_each(|(v, o)| o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_rows_undo_the_interleave_per_head() {
+        // 2 heads of 4 rows: GGUF order per head [a0, b0, a1, b1] with a = HF 0..2, b = 2..4.
+        let order: Vec<usize> = (0..8).map(|r| source_row(r, 8, 2)).collect();
+        assert_eq!(order, [0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(source_row(5, 8, 0), 5);
+    }
+
+    #[test]
+    fn names_map_to_hugging_face_names() {
+        assert_eq!(
+            hf_name("blk.12.ffn_down.weight").as_deref(),
+            Some("model.layers.12.mlp.down_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").as_deref(),
+            Some("model.layers.0.self_attn.k_proj.bias")
+        );
+        assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("blk.0.attn_qkv.weight"), None);
+    }
+}

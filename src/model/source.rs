@@ -1,0 +1,162 @@
+//! What `--model` names, opened: a Hugging Face directory (config.json, safetensors,
+//! tokenizer.json, tokenizer_config.json, generation_config.json) or one GGUF file, which
+//! carries the same information in its metadata. Everything above the model sees only
+//! [`ModelFiles`]: a config, the weights, the tokenizer, the chat template and the stop ids.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::config::generation::stop_token_ids;
+use crate::config::{is_gguf, ModelConfig};
+use crate::error::{Error, Result};
+use crate::model::chat::ChatTemplate;
+use crate::model::gguf::hf::{self, GgufArch};
+use crate::model::gguf::{weights::weight_store, GgufFile};
+use crate::model::tokenizer::Tokenizer;
+use crate::model::weights::WeightStore;
+
+/// A model's files, opened and checked against each other.
+pub struct ModelFiles {
+    /// The directory or GGUF file they came from.
+    pub path: PathBuf,
+    pub config: ModelConfig,
+    pub weights: WeightStore,
+    pub text: TextFiles,
+}
+
+/// What turns text into ids and back: tokenizer, chat template, ids that end a generation.
+pub struct TextFiles {
+    pub tokenizer: Tokenizer,
+    /// `None` when the model has none (then `--chat` is refused).
+    pub chat_template: Option<ChatTemplate>,
+    pub stop_ids: Vec<u32>,
+}
+
+impl ModelFiles {
+    /// Opens a model directory or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<ModelFiles> {
+        if is_gguf(path) {
+            return open_gguf(path);
+        }
+        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let weights = WeightStore::open_dir(path)?;
+        let tokenizer = checked_tokenizer(
+            Tokenizer::from_file(&path.join("tokenizer.json"))?,
+            &path.join("tokenizer.json"),
+            config.vocab_size,
+        )?;
+        let template_path = path.join("tokenizer_config.json");
+        let chat_template = if template_path.is_file() {
+            ChatTemplate::from_tokenizer_config(&template_path)?
+        } else {
+            None
+        };
+        let stop_ids = stop_token_ids(path, &config.eos_token_ids)?;
+        Ok(ModelFiles {
+            path: path.to_path_buf(),
+            config,
+            weights,
+            text: TextFiles {
+                tokenizer,
+                chat_template,
+                stop_ids,
+            },
+        })
+    }
+
+    /// Only the model's configuration (cheap: for checks before a long load, and `plan`).
+    pub fn read_config(path: &Path) -> Result<ModelConfig> {
+        if !is_gguf(path) {
+            return ModelConfig::from_file(&path.join("config.json"));
+        }
+        let map = map_file(path)?;
+        let file = GgufFile::parse(path, &map)?;
+        gguf_config(path, &file).map(|(config, _)| config)
+    }
+}
+
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only mapping; like every mmap-based loader we rely on the file not being
+    // truncated by another process while it is mapped.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+fn gguf_error(path: &Path) -> impl Fn(String) -> Error + '_ {
+    move |msg| Error::Gguf {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+/// The config a GGUF stands for, checked by the same parser as a config.json.
+fn gguf_config(path: &Path, file: &GgufFile) -> Result<(ModelConfig, GgufArch)> {
+    let fail = gguf_error(path);
+    let arch = GgufArch::of(file).map_err(&fail)?;
+    let embed = file
+        .tensor("token_embd.weight")
+        .ok_or_else(|| fail("there is no token_embd.weight tensor".into()))?;
+    let vocab_rows = match embed.dims[..] {
+        [_, rows] => rows,
+        _ => {
+            return Err(fail(format!(
+                "token_embd.weight has dimensions {:?}",
+                embed.dims
+            )))
+        }
+    };
+    let json = hf::config_json(file, arch, vocab_rows).map_err(&fail)?;
+    Ok((ModelConfig::from_json(&json.to_string(), path)?, arch))
+}
+
+fn open_gguf(path: &Path) -> Result<ModelFiles> {
+    let fail = gguf_error(path);
+    let map = Arc::new(map_file(path)?);
+    let file = GgufFile::parse(path, &map)?;
+    let (config, arch) = gguf_config(path, &file)?;
+    let tokenizer_json = hf::tokenizer_json(&file).map_err(&fail)?;
+    let tokenizer = checked_tokenizer(
+        Tokenizer::from_json(&tokenizer_json.to_string(), path)?,
+        path,
+        config.vocab_size,
+    )?;
+    let chat_json = hf::tokenizer_config_json(&file).map_err(&fail)?;
+    let chat_template = ChatTemplate::from_json(&chat_json, path)?;
+    let mut stop_ids = hf::stop_ids(&file).map_err(&fail)?;
+    stop_ids.extend(&config.eos_token_ids);
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    let weights = weight_store(
+        path,
+        &file,
+        &map,
+        arch,
+        (config.num_heads, config.num_kv_heads),
+    )?;
+    Ok(ModelFiles {
+        path: path.to_path_buf(),
+        config,
+        weights,
+        text: TextFiles {
+            tokenizer,
+            chat_template,
+            stop_ids,
+        },
+    })
+}
+
+/// Refuses a tokenizer with ids the model cannot embed.
+fn checked_tokenizer(tokenizer: Tokenizer, path: &Path, vocab_size: usize) -> Result<Tokenizer> {
+    if tokenizer.vocab_size() > vocab_size {
+        return Err(Error::Tokenizer {
+            path: path.to_path_buf(),
+            msg: format!(
+                "{} tokens, more than the model's vocab_size {vocab_size}",
+                tokenizer.vocab_size()
+            ),
+        });
+    }
+    Ok(tokenizer)
+}

@@ -1,0 +1,231 @@
+//! The native GGUF loader against the offline converter (`tools/convert_gguf.py`, the `gguf`
+//! Python package): SmolLM2-135M's Q4_1 GGUF, loaded by `--model FILE.gguf`, must hold the same
+//! weights, tokenizer, chat template and stop ids as the directory converted from it, and
+//! decode the same greedy tokens.
+//!
+//! Without the fetched model these tests print why they are skipped; with
+//! SIRIUS_REQUIRE_MODELS=1 (as in CI) a missing model is a failure.
+
+mod common;
+
+use std::path::PathBuf;
+
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::{ChatPrompt, Decoding, Engine, EngineConfig, RequestOptions};
+use sirius_offload::model::chat::ChatMessage;
+use sirius_offload::model::ModelFiles;
+
+/// The converted directory and the GGUF that `tools/fetch-model` keeps beside it.
+fn paths() -> Option<(PathBuf, PathBuf)> {
+    let dir = common::smollm2_dir("GGUF loader tests")?;
+    let gguf = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.is_file() {
+        let why = format!(
+            "{} is missing: run tools/fetch-model smollm2-135m --force",
+            gguf.display()
+        );
+        if std::env::var("SIRIUS_REQUIRE_MODELS").as_deref() == Ok("1") {
+            panic!("SIRIUS_REQUIRE_MODELS=1 but {why}");
+        }
+        eprintln!("SKIPPED (GGUF loader tests): {why}");
+        return None;
+    }
+    Some((dir, gguf))
+}
+
+fn bf16_round(v: f32) -> f32 {
+    half::bf16::from_f32(v).to_f32()
+}
+
+#[test]
+fn the_gguf_holds_the_weights_the_converter_wrote() {
+    let Some((dir, gguf)) = paths() else { return };
+    let from_gguf = ModelFiles::open(&gguf).unwrap();
+    let from_dir = ModelFiles::open(&dir).unwrap();
+    let (a, b) = (&from_gguf.config, &from_dir.config);
+    assert_eq!(
+        (
+            a.hidden_size,
+            a.intermediate_size,
+            a.num_layers,
+            a.num_heads,
+            a.num_kv_heads
+        ),
+        (
+            b.hidden_size,
+            b.intermediate_size,
+            b.num_layers,
+            b.num_heads,
+            b.num_kv_heads
+        )
+    );
+    assert_eq!(
+        (a.head_dim, a.vocab_size, a.tie_word_embeddings),
+        (b.head_dim, b.vocab_size, b.tie_word_embeddings)
+    );
+    assert_eq!(
+        (a.rope_theta, a.rms_norm_eps, a.max_position_embeddings),
+        (b.rope_theta, b.rms_norm_eps, b.max_position_embeddings)
+    );
+    let shapes = from_gguf.weights.shapes();
+    assert_eq!(shapes, from_dir.weights.shapes(), "tensor names and shapes");
+    let mut matrices = 0;
+    for (name, shape) in shapes {
+        let x = from_gguf.weights.get(name, shape).unwrap();
+        let y = from_dir.weights.get(name, shape).unwrap();
+        if shape.len() == 2 {
+            // De-quantized and rounded to bf16 the same way, Q/K rows un-interleaved alike.
+            assert!(x.bytes() == y.bytes(), "{name}: bytes differ");
+            matrices += 1;
+        } else {
+            // Norms stay f32 in the native loader; the converter rounded them to bf16.
+            let rounded: Vec<f32> = x.to_f32().into_iter().map(bf16_round).collect();
+            assert_eq!(rounded, y.to_f32(), "{name}");
+        }
+    }
+    assert_eq!(matrices, 1 + 30 * 7, "embedding + 7 matrices per layer");
+}
+
+#[test]
+fn the_tokenizer_template_and_stop_ids_come_from_the_metadata() {
+    let Some((dir, gguf)) = paths() else { return };
+    let from_gguf = ModelFiles::open(&gguf).unwrap().text;
+    let from_dir = ModelFiles::open(&dir).unwrap().text;
+    assert_eq!(from_gguf.stop_ids, from_dir.stop_ids);
+    assert_eq!(
+        from_gguf.tokenizer.vocab_size(),
+        from_dir.tokenizer.vocab_size()
+    );
+    for text in [
+        "Hello, world! The quick brown fox jumps over the lazy dog.",
+        "Digits: 12345 and 3.14159, year 2024.",
+        "Unicode: naïve café, Straße, 東京, Ελληνικά. Emoji: 🦀🚀",
+        "  leading spaces\n\ttabs and\nnewlines  ",
+        "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>",
+    ] {
+        for special in [false, true] {
+            let ids = from_gguf.tokenizer.encode(text, special).unwrap();
+            assert_eq!(
+                ids,
+                from_dir.tokenizer.encode(text, special).unwrap(),
+                "{text:?}"
+            );
+            assert_eq!(from_gguf.tokenizer.decode(&ids, false).unwrap(), text);
+        }
+    }
+    let messages = [
+        ChatMessage {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        ChatMessage {
+            role: "user".into(),
+            content: "What is 2 + 2?".into(),
+        },
+    ];
+    let render = |t: &Option<sirius_offload::model::chat::ChatTemplate>| {
+        t.as_ref()
+            .expect("a chat template")
+            .render(&messages)
+            .unwrap()
+    };
+    assert_eq!(
+        render(&from_gguf.chat_template),
+        render(&from_dir.chat_template)
+    );
+}
+
+#[test]
+fn greedy_tokens_equal_the_converted_models_on_four_prompts() {
+    let Some((dir, gguf)) = paths() else { return };
+    let load = |p: &PathBuf| Engine::load(p, CpuBackend::new(2), &EngineConfig::dense()).unwrap();
+    let (mut native, mut converted) = (load(&gguf), load(&dir));
+    let chat = ChatPrompt { system: None };
+    for prompt in [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers and explain why 1 is not prime.",
+        "Explain what a GGUF file is in two sentences.",
+    ] {
+        let ids = native.encode(prompt, Some(&chat)).unwrap();
+        assert_eq!(ids, converted.encode(prompt, Some(&chat)).unwrap());
+        let opts = RequestOptions {
+            context: Some(1024),
+            ..RequestOptions::greedy(48)
+        };
+        let run = |e: &mut Engine<CpuBackend>| {
+            e.generate(&ids, &opts, Decoding::Dense, &mut |_| true)
+                .unwrap()
+        };
+        let (a, b) = (run(&mut native), run(&mut converted));
+        assert_eq!(
+            a.generated_token_ids, b.generated_token_ids,
+            "{prompt:?}: {:?} vs {:?}",
+            a.text, b.text
+        );
+        if prompt.contains("France") {
+            assert!(a.text.contains("Paris"), "{:?}", a.text);
+        }
+    }
+}
+
+#[test]
+fn run_takes_a_gguf_file_as_the_model() {
+    let Some((_, gguf)) = paths() else { return };
+    let gguf = gguf.display().to_string();
+    let out = common::run_bin(&[
+        "run",
+        "--model",
+        &gguf,
+        "--prompt",
+        "What is the capital of France?",
+        "--chat",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr_of(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Paris"), "{text}");
+}
+
+#[test]
+fn broken_gguf_files_are_one_line_errors_naming_the_file() {
+    let Some((_, gguf)) = paths() else { return };
+    let bytes = std::fs::read(&gguf).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "truncated.gguf",
+            bytes[..bytes.len() / 2].to_vec(),
+            "run past the end of the file",
+        ),
+        (
+            "header-only.gguf",
+            bytes[..4096].to_vec(),
+            "tensors cannot fit",
+        ),
+        (
+            "not-gguf.gguf",
+            b"PK\x03\x04 a zip, not a GGUF".to_vec(),
+            "not \"GGUF\"",
+        ),
+    ];
+    for (name, data, needle) in cases {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, data).unwrap();
+        let path = path.display().to_string();
+        let out = common::run_bin(&[
+            "run",
+            "--model",
+            &path,
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+        ]);
+        common::assert_one_line_failure(&out, needle);
+        common::assert_clean_failure(&out, name);
+    }
+}
