@@ -54,6 +54,7 @@ fn encode(vals: &[f32], dtype: DType, shift: usize) -> (Vec<u8>, Vec<f64>) {
                 bytes.extend_from_slice(&v.to_le_bytes());
                 rounded.push(v as f64);
             }
+            q => panic!("encode: {q} is not a float type"),
         }
     }
     (bytes, rounded)

@@ -41,6 +41,7 @@ fn engine<B: OffloadBackend>(t: &Tiny, backend: B, o: Option<OffloadConfig>) -> 
     let config = EngineConfig {
         sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
         offload: o,
+        ..EngineConfig::dense()
     };
     Engine::load(&t.path, backend, &config).unwrap()
 }

@@ -48,6 +48,7 @@ fn engine(
     let config = EngineConfig {
         sparsity: SparsityConfig::new(SparsityMode::Griffin, keep),
         offload: o,
+        ..EngineConfig::dense()
     };
     Engine::load(&t.path, CpuBackend::new(2), &config)
 }

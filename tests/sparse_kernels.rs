@@ -67,6 +67,7 @@ fn encode(vals: &[f32], dtype: DType) -> (Vec<u8>, Vec<f64>) {
                 bytes.extend_from_slice(&v.to_le_bytes());
                 rounded.push(v as f64);
             }
+            q => panic!("encode: {q} is not a float type"),
         }
     }
     (bytes, rounded)

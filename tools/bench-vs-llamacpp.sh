@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# sirius-offload vs llama.cpp on SmolLM2-135M-Instruct, bf16, CPU, measured in ONE run.
+# sirius-offload vs llama.cpp on SmolLM2-135M-Instruct, CPU, measured in ONE run.
 #
 #   tools/bench-vs-llamacpp.sh [--threads 2] [--rounds 3] [--reps 5] [--prompt 128] [--gen 64]
+#                              [--gguf [FILE.gguf]]
+#
+# Default: bf16 weights on both sides (ours: the converted directory; llama.cpp: the same
+# weights as a bf16 GGUF). With --gguf both run the same GGUF file as it is stored (default:
+# the Q4_1 GGUF that tools/fetch-model keeps beside the conversion).
 #
 # Each round runs `sirius-offload bench` and llama.cpp's llama-bench (tools/peers/llamacpp.sh)
 # back to back, alternating which goes first, both with the same threads / prompt / gen and a
@@ -11,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-THREADS=2 ROUNDS=3 REPS=5 PROMPT=128 GEN=64
+THREADS=2 ROUNDS=3 REPS=5 PROMPT=128 GEN=64 GGUF=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) THREADS="$2"; shift 2 ;;
@@ -19,7 +24,10 @@ while [ $# -gt 0 ]; do
     --reps) REPS="$2"; shift 2 ;;
     --prompt) PROMPT="$2"; shift 2 ;;
     --gen) GEN="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --gguf)
+      if [ $# -ge 2 ] && [ "${2#--}" = "$2" ]; then GGUF="$2"; shift 2
+      else GGUF="default"; shift; fi ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "bench-vs-llamacpp: unknown argument '$1'" >&2; exit 2 ;;
   esac
 done
@@ -33,12 +41,18 @@ OURS="$BIN"
 tools/fetch-model smollm2-135m >/dev/null
 tools/peers/llamacpp.sh --build-only >/dev/null
 
+MODEL=smollm2-135m PEER_MODEL=()
+if [ -n "$GGUF" ]; then
+  [ "$GGUF" = default ] && GGUF="$HOME_DIR/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
+  [ -f "$GGUF" ] || { echo "bench-vs-llamacpp: $GGUF does not exist (tools/fetch-model smollm2-135m --force keeps it)" >&2; exit 2; }
+  MODEL="$GGUF" PEER_MODEL=(--model-file "$GGUF")
+fi
 run_ours() {
-  "$OURS" bench --model smollm2-135m --threads "$THREADS" --prompt "$PROMPT" --gen "$GEN" \
+  "$OURS" bench --model "$MODEL" --threads "$THREADS" --prompt "$PROMPT" --gen "$GEN" \
     --reps "$REPS" --json "$OUT/ours-$1.json" >/dev/null
 }
 run_peer() {
-  tools/peers/llamacpp.sh --threads "$THREADS" --reps "$REPS" --prompt "$PROMPT" --gen "$GEN" \
+  tools/peers/llamacpp.sh "${PEER_MODEL[@]}" --threads "$THREADS" --reps "$REPS" --prompt "$PROMPT" --gen "$GEN" \
     --no-text-check --out "$OUT/llamacpp-$1.json" >/dev/null 2>"$OUT/llamacpp-$1.log"
 }
 
@@ -47,7 +61,7 @@ for r in $(seq 1 "$ROUNDS"); do
   if [ $((r % 2)) -eq 1 ]; then run_ours "$r"; run_peer "$r"; else run_peer "$r"; run_ours "$r"; fi
 done
 
-python3 - "$OUT" "$ROUNDS" "$PROMPT" "$GEN" "$THREADS" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$PROMPT" "$GEN" "$THREADS" "$MODEL" <<'PY'
 import json, statistics, sys
 out, rounds, prompt, gen, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 rows = {f"pp{prompt}": [], f"tg{gen}": []}
@@ -57,7 +71,7 @@ for r in range(1, rounds + 1):
         test = f"pp{x['n_prompt']}" if x["n_gen"] == 0 else f"tg{x['n_gen']}"
         theirs = statistics.median(x["samples_ts"])
         rows[test].append((ours[test], theirs))
-print(f"threads {threads}, {rounds} rounds, each a median of the reps; ratio = ours / llama.cpp per round\n")
+print(f"model {sys.argv[6]}, threads {threads}, {rounds} rounds, each a median of the reps; ratio = ours / llama.cpp per round\n")
 print("| test | sirius-offload t/s (median of rounds) | llama.cpp t/s (median of rounds) | ratio per round | median ratio |")
 print("|---|---|---|---|---|")
 for test, pairs in rows.items():

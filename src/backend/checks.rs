@@ -9,6 +9,15 @@ use crate::tensor::TensorRef;
 /// `(rows, cols)` of a checkpoint tensor that must be a 2-D matrix.
 pub(crate) fn matrix_shape(t: &TensorRef) -> Result<(usize, usize)> {
     match t.shape.as_slice() {
+        [_, c] if !t.dtype.fits_row(*c) => Err(Error::Safetensors {
+            path: t.path.clone(),
+            msg: format!(
+                "tensor `{}`: rows of {c} values are not whole {} blocks of {}",
+                t.name,
+                t.dtype,
+                t.dtype.block().0
+            ),
+        }),
         [r, c] => Ok((*r, *c)),
         other => Err(Error::Safetensors {
             path: t.path.clone(),
@@ -22,10 +31,21 @@ pub(crate) fn matrix_shape(t: &TensorRef) -> Result<(usize, usize)> {
 
 /// `len` bytes are exactly a `rows x cols` matrix of `dtype`.
 pub(crate) fn check_matrix_bytes(len: usize, dtype: DType, rows: usize, cols: usize) -> Result<()> {
-    let want = rows * cols * dtype.size();
-    if len != want {
+    let want = dtype.bytes_for(rows * cols);
+    if len != want || !dtype.fits_row(cols) {
         return Err(Error::InvalidArgument(format!(
             "matrix of {rows} x {cols} {dtype:?} needs {want} bytes, got {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// `Err` for quantized neuron bundles: the neuron-level kernels read float rows and columns.
+pub(crate) fn float_neurons(dtype: DType, op: &str) -> Result<()> {
+    if dtype.is_quantized() {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: neuron bundles of {dtype} weights are not supported; sparsity computes on \
+             float weights (load the model with --weights bf16)"
         )));
     }
     Ok(())

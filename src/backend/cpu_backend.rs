@@ -40,13 +40,13 @@ impl CpuMatrix {
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped(map, range) => &map[range.clone()],
-            Storage::Owned(map) => &map[..self.rows * self.cols * self.dtype.size()],
+            Storage::Owned(map) => &map[..self.dtype.bytes_for(self.rows * self.cols)],
         }
     }
 
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
-        self.cols * self.dtype.size()
+        self.dtype.bytes_for(self.cols)
     }
 
     /// A matrix over `range` of a shared read-only mapping, without copying: the offloading
@@ -58,10 +58,10 @@ impl CpuMatrix {
         rows: usize,
         cols: usize,
     ) -> Result<CpuMatrix> {
-        if range.end > map.len() || range.len() != rows * cols * dtype.size() {
+        if range.end > map.len() || range.len() != dtype.bytes_for(rows * cols) {
             return Err(Error::InvalidArgument(format!(
                 "a {rows} x {cols} {dtype} matrix needs {} bytes; got bytes {range:?} of a {}-byte buffer",
-                rows * cols * dtype.size(),
+                dtype.bytes_for(rows * cols),
                 map.len()
             )));
         }
@@ -86,7 +86,7 @@ impl CpuMatrix {
 
     /// Bytes the matrix holds.
     pub fn byte_len(&self) -> usize {
-        self.rows * self.cols * self.dtype.size()
+        self.dtype.bytes_for(self.rows * self.cols)
     }
 }
 
@@ -374,6 +374,7 @@ impl SparseOps for CpuBackend {
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {
         // Bundles of the gate|up|down layout (`NeuronBundles` of Griffin).
+        checks::float_neurons(bundles.dtype, "gather_ffn")?;
         let h = super::neurons::gather_hidden(bundles.rows, bundles.cols, rows)?;
         let (gate, up, down) = kernels::gather_ffn(bundles.bytes(), bundles.dtype, h, rows);
         let k = rows.len();
@@ -393,6 +394,7 @@ impl SparseOps for CpuBackend {
         sel: BundleSelection<'_, Vec<f32>>,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        checks::float_neurons(bundles.dtype, "bundle_ffn")?;
         let hidden = checks::bundle_call(bundles.cols, bundles.rows, layout, &sel, n_tokens)?;
         let b = kernels::Bundles {
             bytes: bundles.bytes(),

@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::model::WeightsChoice;
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{validate_keep, SparsityConfig, SparsityMode};
+use crate::tensor::DType;
 
 /// The model a subcommand loads, and the CPU threads it computes with.
 #[derive(Debug, Clone, Args)]
@@ -21,6 +23,31 @@ pub struct ModelArgs {
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
+    /// How a GGUF's matrices are kept: as stored (quantized blocks computed on directly; with
+    /// sparsity or offloading, bf16), or de-quantized to a float type at load.
+    #[arg(long, default_value = "auto")]
+    pub weights: WeightsArg,
+}
+
+/// `--weights` of run, bench, eval and calibrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsArg {
+    Auto,
+    Bf16,
+    F16,
+    F32,
+}
+
+impl ModelArgs {
+    /// The library's choice for `--weights`.
+    pub fn weights(&self) -> WeightsChoice {
+        match self.weights {
+            WeightsArg::Auto => WeightsChoice::AsStored,
+            WeightsArg::Bf16 => WeightsChoice::Float(DType::BF16),
+            WeightsArg::F16 => WeightsChoice::Float(DType::F16),
+            WeightsArg::F32 => WeightsChoice::Float(DType::F32),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

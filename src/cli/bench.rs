@@ -68,6 +68,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let config = EngineConfig {
         sparsity: args.sparsity.config()?,
         offload: None,
+        weights: args.model.weights(),
     };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
     let engine = Engine::load(&dir, CpuBackend::new(args.model.threads), &config)?;

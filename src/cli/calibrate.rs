@@ -52,7 +52,11 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
 
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
     let backend = CpuBackend::new(args.model.threads);
-    let engine = Engine::load(&dir, backend, &EngineConfig::dense())?;
+    let config = EngineConfig {
+        weights: args.model.weights(),
+        ..EngineConfig::dense()
+    };
+    let engine = Engine::load(&dir, backend, &config)?;
     let mut tokens = engine.encode(&text, None)?;
     if let Some(max) = args.max_tokens {
         tokens.truncate(max);

@@ -45,6 +45,7 @@ pub(crate) fn load(args: &EvalArgs, sparse: bool) -> Result<Loaded> {
     let config = EngineConfig {
         sparsity,
         offload: None,
+        weights: args.model.weights(),
     };
     let engine = Engine::load(&dir, backend, &config)?;
     Ok(Loaded { engine, threads })

@@ -133,6 +133,7 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
     let config = EngineConfig {
         sparsity: job.sparsity.clone(),
         offload: job.offload.as_ref().map(|(o, _)| o.clone()),
+        weights: args.model.weights(),
     };
     // Checked against the model's config before the (long) load.
     let max_pos = ModelFiles::read_config(&dir)?.max_position_embeddings;

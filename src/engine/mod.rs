@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::offload::OffloadBackend;
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
-use crate::model::{Llama, ModelFiles, SamplingParams, Tokenizer};
+use crate::model::{Llama, ModelFiles, SamplingParams, Tokenizer, WeightsChoice};
 use crate::offload::runtime::{OffloadConfig, OffloadRuntime};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
@@ -43,6 +43,8 @@ pub struct EngineConfig {
     /// Offloading within a memory budget (Sirius with Griffin only): the engine plans a
     /// runtime at its first request and reuses it while later requests fit.
     pub offload: Option<OffloadConfig>,
+    /// How the weight matrices are kept (quantized GGUF blocks as stored by default).
+    pub weights: WeightsChoice,
 }
 
 impl EngineConfig {
@@ -51,6 +53,7 @@ impl EngineConfig {
         EngineConfig {
             sparsity: SparsityConfig::dense(),
             offload: None,
+            weights: WeightsChoice::AsStored,
         }
     }
 }
@@ -149,7 +152,7 @@ impl<B: OffloadBackend> Engine<B> {
             None => None,
         };
         let loaded = std::time::Instant::now();
-        let files = ModelFiles::open(path)?;
+        let files = ModelFiles::open_with(path, weights_for(config))?;
         let text = files.text;
         let model = Llama::from_store(files.config, files.weights, backend)?;
         tracing::info!(model = %path.display(), backend = %model.backend_description(), dtype = %model.dtype,
@@ -227,5 +230,18 @@ impl<B: OffloadBackend> Engine<B> {
         tracing::debug!(%rendered, "rendered chat prompt");
         // The template writes any BOS itself.
         self.tokenizer.encode(&rendered, false)
+    }
+}
+
+/// The weights an engine loads: as `config` asks, except that sparsity and offloading, which
+/// compute on float neurons, get a GGUF's quantized matrices de-quantized to bf16.
+fn weights_for(config: &EngineConfig) -> WeightsChoice {
+    let needs_float = config.offload.is_some() || config.sparsity.mode != SparsityMode::None;
+    match config.weights {
+        WeightsChoice::AsStored if needs_float => {
+            tracing::info!("sparsity and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
+            WeightsChoice::Float(crate::tensor::DType::BF16)
+        }
+        other => other,
     }
 }

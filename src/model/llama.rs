@@ -33,7 +33,7 @@ pub struct LayerWeights<B: Backend> {
 pub struct Llama<B: Backend> {
     pub config: ModelConfig,
     pub backend: B,
-    /// Stored dtype of the matrices.
+    /// Stored dtype of the FFN matrices (of every matrix in a float checkpoint).
     pub dtype: DType,
     pub(super) embed: B::Matrix, // [vocab, h]
     pub(super) layers: Vec<LayerWeights<B>>,

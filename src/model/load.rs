@@ -27,7 +27,19 @@ impl<B: Backend> Llama<B> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed_t = store.get("model.embed_tokens.weight", &[v, h])?;
-        let dtype = embed_t.dtype;
+        // The FFN's type names the model's (most of its bytes; what sparsity and offloading
+        // work on). In a float checkpoint every matrix has it.
+        let dtype = match c.num_layers {
+            0 => embed_t.dtype,
+            _ => {
+                store
+                    .get(
+                        "model.layers.0.mlp.gate_proj.weight",
+                        &[c.intermediate_size, h],
+                    )?
+                    .dtype
+            }
+        };
         let load = Loader {
             store: &store,
             backend: &backend,
@@ -99,11 +111,12 @@ struct Loader<'a, B: Backend> {
 }
 
 impl<B: Backend> Loader<'_, B> {
-    /// A matrix of `shape`, in the dtype of `like` (all matrices must share one dtype: the
-    /// kernels and byte accounting assume it).
+    /// A matrix of `shape`, in the dtype of `like`: the matrices of a float checkpoint share
+    /// one dtype (sparsity's bundles and offloading's byte accounting assume it); a quantized
+    /// checkpoint (GGUF) mixes block formats per tensor, as llama.cpp's quantization mixes do.
     fn matrix(&self, name: &str, shape: [usize; 2], like: &TensorRef) -> Result<B::Matrix> {
         let t = self.store.get(name, &shape)?;
-        if t.dtype != like.dtype {
+        if t.dtype != like.dtype && !t.dtype.is_quantized() && !like.dtype.is_quantized() {
             return Err(Error::MixedDType {
                 path: t.path.clone(),
                 name: name.into(),

@@ -18,6 +18,6 @@ pub use kv_cache::KvCache;
 pub use llama::{Llama, Logits, Pass, ReplacedWeights};
 pub use sampler::{Sampler, SamplingParams};
 pub use scratch::Scratch;
-pub use source::{ModelFiles, TextFiles};
+pub use source::{ModelFiles, TextFiles, WeightsChoice};
 pub use streamed::{LayerStream, StreamedAttention, StreamedLayer};
 pub use tokenizer::{TextStream, Tokenizer};

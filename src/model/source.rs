@@ -13,9 +13,21 @@ use crate::config::{is_gguf, ModelConfig};
 use crate::error::{Error, Result};
 use crate::model::chat::ChatTemplate;
 use crate::model::gguf::hf::{self, GgufArch};
-use crate::model::gguf::{weights::weight_store, GgufFile};
+use crate::model::gguf::weights::{weight_store, GgufWeights};
+use crate::model::gguf::GgufFile;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::WeightStore;
+use crate::tensor::DType;
+
+/// How the weight matrices are kept in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightsChoice {
+    /// As the checkpoint stores them (a GGUF's quantized blocks stay quantized).
+    #[default]
+    AsStored,
+    /// A GGUF's matrices de-quantized (or converted) to this float type at load.
+    Float(DType),
+}
 
 /// A model's files, opened and checked against each other.
 pub struct ModelFiles {
@@ -35,10 +47,22 @@ pub struct TextFiles {
 }
 
 impl ModelFiles {
-    /// Opens a model directory or a `.gguf` file.
+    /// Opens a model directory or a `.gguf` file, weights as stored.
     pub fn open(path: &Path) -> Result<ModelFiles> {
+        Self::open_with(path, WeightsChoice::AsStored)
+    }
+
+    /// Opens a model directory or a `.gguf` file with its matrices kept as `weights` says.
+    pub fn open_with(path: &Path, weights: WeightsChoice) -> Result<ModelFiles> {
         if is_gguf(path) {
-            return open_gguf(path);
+            return open_gguf(path, weights);
+        }
+        if let WeightsChoice::Float(dtype) = weights {
+            return Err(Error::InvalidArgument(format!(
+                "--weights {dtype} converts the matrices of a GGUF file; {} is a model directory, \
+                 whose weights load as stored",
+                path.display()
+            )));
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let weights = WeightStore::open_dir(path)?;
@@ -111,7 +135,7 @@ fn gguf_config(path: &Path, file: &GgufFile) -> Result<(ModelConfig, GgufArch)> 
     Ok((ModelConfig::from_json(&json.to_string(), path)?, arch))
 }
 
-fn open_gguf(path: &Path) -> Result<ModelFiles> {
+fn open_gguf(path: &Path, weights: WeightsChoice) -> Result<ModelFiles> {
     let fail = gguf_error(path);
     let map = Arc::new(map_file(path)?);
     let file = GgufFile::parse(path, &map)?;
@@ -128,13 +152,12 @@ fn open_gguf(path: &Path) -> Result<ModelFiles> {
     stop_ids.extend(&config.eos_token_ids);
     stop_ids.sort_unstable();
     stop_ids.dedup();
-    let weights = weight_store(
-        path,
-        &file,
-        &map,
-        arch,
-        (config.num_heads, config.num_kv_heads),
-    )?;
+    let mode = match weights {
+        WeightsChoice::AsStored => GgufWeights::Native,
+        WeightsChoice::Float(dtype) => GgufWeights::Float(dtype),
+    };
+    let heads = (config.num_heads, config.num_kv_heads);
+    let weights = weight_store(path, &file, &map, arch, heads, mode)?;
     Ok(ModelFiles {
         path: path.to_path_buf(),
         config,

@@ -27,6 +27,17 @@ struct TensorEntry {
     shape: Vec<usize>,
 }
 
+/// Where [`WeightStore::from_mappings`] finds one tensor.
+pub struct MappedTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    /// Index of the mapping that holds it.
+    pub mapping: usize,
+    /// Its bytes in that mapping.
+    pub range: Range<usize>,
+}
+
 /// All tensors of a checkpoint directory.
 pub struct WeightStore {
     shards: Vec<(PathBuf, Arc<Mmap>)>,
@@ -106,28 +117,36 @@ impl WeightStore {
         Ok(())
     }
 
-    /// A store over one mapping built in memory (a converted GGUF): `tensors` lists each
-    /// tensor's name, dtype, shape and byte range in `map`; `path` names the source file.
-    pub fn from_mapping(
+    /// A store over mappings made elsewhere (a GGUF file and what was converted from it):
+    /// `tensors` lists each tensor's name, dtype, shape, mapping (index into `maps`) and byte
+    /// range there; `path` names the source in errors.
+    pub fn from_mappings(
         path: PathBuf,
-        map: Arc<Mmap>,
-        tensors: Vec<(String, DType, Vec<usize>, Range<usize>)>,
+        maps: Vec<Arc<Mmap>>,
+        tensors: Vec<MappedTensor>,
     ) -> Result<WeightStore> {
         let mut store = WeightStore {
             shards: Vec::new(),
             tensors: HashMap::new(),
         };
-        for (name, dtype, shape, range) in tensors {
-            let bytes = shape.iter().product::<usize>() * dtype.size();
-            if range.end > map.len() || range.len() != bytes {
+        for MappedTensor {
+            name,
+            dtype,
+            shape,
+            mapping: shard,
+            range,
+        } in tensors
+        {
+            let bytes = dtype.bytes_for(shape.iter().product::<usize>());
+            let map_len = maps.get(shard).map_or(0, |m| m.len());
+            if range.end > map_len || range.len() != bytes {
                 return Err(Error::InvalidArgument(format!(
-                    "tensor `{name}` of {}: {bytes} bytes do not fit {range:?} of a {}-byte mapping",
+                    "tensor `{name}` of {}: {bytes} bytes do not fit {range:?} of mapping {shard} ({map_len} bytes)",
                     path.display(),
-                    map.len()
                 )));
             }
             let entry = TensorEntry {
-                shard: 0,
+                shard,
                 start: range.start,
                 end: range.end,
                 dtype: Ok(dtype),
@@ -140,7 +159,7 @@ impl WeightStore {
                 )));
             }
         }
-        store.shards.push((path, map));
+        store.shards = maps.into_iter().map(|m| (path.clone(), m)).collect();
         Ok(store)
     }
 

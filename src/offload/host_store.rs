@@ -91,7 +91,7 @@ impl HostStore {
 
     /// Bytes of one neuron's bundle.
     pub fn bundle_bytes(&self) -> usize {
-        3 * self.hidden * self.dtype.size()
+        self.dtype.bytes_for(3 * self.hidden)
     }
 
     /// Runs of the bundles of every neuron of layer `li` NOT in `kept` (ascending): what a

@@ -179,6 +179,12 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                     "offloading streams bf16 or f16 weights; this checkpoint is f32".into(),
                 ))
             }
+            quantized => {
+                return Err(Error::InvalidArgument(format!(
+                    "offloading streams bf16 or f16 weights; this model's FFN is {quantized}: \
+                     load it with --weights bf16"
+                )))
+            }
         };
         let scratch = model.backend.scratch_bytes(&scratch_shape(c, shape));
         Ok(PlanInput {

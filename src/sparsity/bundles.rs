@@ -56,6 +56,17 @@ impl<B: SparseOps> NeuronBundles<B> {
             ));
         };
         let dtype = first.gate.dtype;
+        if let Some(q) = layers
+            .iter()
+            .flat_map(|l| [&l.gate, &l.up, &l.down])
+            .find(|t| t.dtype.is_quantized() || t.dtype != dtype)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "sparsity needs the FFN in one float type; `{}` is {} (the first gate is {dtype}): \
+                 load the model with --weights bf16",
+                q.name, q.dtype
+            )));
+        }
         let (f, h) = match first.gate.shape[..] {
             [f, h] => (f, h),
             _ => {
@@ -107,7 +118,7 @@ impl<B: SparseOps> NeuronBundles<B> {
 impl<B: Backend> NeuronBundles<B> {
     /// Bytes of one neuron's bundle.
     pub fn bundle_bytes(&self) -> usize {
-        self.layout.parts() * self.hidden * self.dtype.size()
+        self.layout.parts() * self.dtype.bytes_for(self.hidden)
     }
 
     /// Bytes of all bundles (the extra memory the layout costs next to the mapped checkpoint).

@@ -44,7 +44,8 @@ impl TensorRef {
         &self.map[self.range.clone()]
     }
 
-    /// The tensor's values as f32 (small tensors: norms, biases; the conversion is exact).
+    /// The tensor's values as f32 (small tensors: norms, biases; the conversion is exact, or
+    /// the de-quantized values).
     pub fn to_f32(&self) -> Vec<f32> {
         let bytes = self.bytes();
         match self.dtype {
@@ -57,6 +58,15 @@ impl TensorRef {
             DType::BF16 => (bytes.chunks_exact(2))
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            quantized => {
+                let n = self.shape.iter().product();
+                let mut out = vec![0.0; n];
+                // The store checked the byte length against the shape; a mismatch leaves 0s.
+                if !super::quant::dequantize(quantized, bytes, &mut out) {
+                    out.fill(0.0);
+                }
+                out
+            }
         }
     }
 

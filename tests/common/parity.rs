@@ -87,6 +87,7 @@ pub fn matrix<B: SparseOps>(
         DType::F32 => "F32",
         DType::F16 => "F16",
         DType::BF16 => "BF16",
+        q => panic!("the parity harness uploads float matrices, not {q}"),
     };
     b.upload_matrix(super::encode(values, name), dtype, rows, cols)
         .unwrap()
@@ -161,6 +162,7 @@ pub fn unit_roundoff(dtype: DType) -> f64 {
         DType::BF16 => 2f64.powi(-8),
         DType::F16 => 2f64.powi(-11),
         DType::F32 => 0.0,
+        q => panic!("unit_roundoff: {q} is not a float type"),
     }
 }
 

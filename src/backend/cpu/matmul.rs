@@ -10,6 +10,7 @@ use std::cell::RefCell;
 
 use super::kernels::{Kernels, RowStarts, StridedRows};
 use super::pool::ThreadPool;
+use super::quant;
 use super::util::{with_scratch, with_scratch_vec, SharedMut};
 use crate::tensor::DType;
 
@@ -59,7 +60,7 @@ pub(super) fn matmul_with(
 ) {
     assert_eq!(
         w.len(),
-        rows * cols * dtype.size(),
+        dtype.bytes_for(rows * cols),
         "matmul: weight bytes != rows * cols * {}",
         dtype.size()
     );
@@ -80,6 +81,14 @@ pub(super) fn matmul_with(
         y.fill(0.0);
         return;
     }
+    if dtype.is_quantized() && n_tokens == 1 {
+        let by_size = dtype.bytes_for(rows * cols).div_ceil(DECODE_MIN_TASK_BYTES);
+        let n_tasks = (pool.n_threads() * DECODE_TASKS_PER_THREAD)
+            .min(by_size)
+            .max(1);
+        quant::matvec(k, pool, w, dtype, rows, cols, x, y, n_tasks);
+        return;
+    }
     let m = Operands {
         k,
         pool,
@@ -92,7 +101,7 @@ pub(super) fn matmul_with(
     };
     if n_tokens == 1 {
         matvec(m, y);
-    } else if n_tokens <= k.layout().streamed_max_tokens {
+    } else if n_tokens <= k.layout().streamed_max_tokens && !dtype.is_quantized() {
         streamed(m, y);
     } else {
         gemm(m, y);
@@ -117,7 +126,7 @@ struct Operands<'a> {
 fn matvec(m: Operands, y: &mut [f32]) {
     let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
     let (rows, cols, x) = (m.rows, m.cols, m.x);
-    let row_bytes = cols * dtype.size();
+    let row_bytes = dtype.bytes_for(cols);
     let by_size = (rows * row_bytes).div_ceil(DECODE_MIN_TASK_BYTES);
     // One thread: one task, so each of the kernel's 4 row streams is as long as possible.
     let per_thread = if pool.n_threads() == 1 {
@@ -166,7 +175,7 @@ fn matvec(m: Operands, y: &mut [f32]) {
 fn streamed(m: Operands, y: &mut [f32]) {
     let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
     let (rows, cols, x, n_tokens) = (m.rows, m.cols, m.x, m.n_tokens);
-    let row_bytes = cols * dtype.size();
+    let row_bytes = dtype.bytes_for(cols);
     with_scratch_vec(&X_PREP, |buf| {
         let xstride = k.prep_x_tokens(dtype, x, n_tokens, cols, buf);
         let xs: &[f32] = buf;
@@ -211,7 +220,6 @@ fn streamed(m: Operands, y: &mut [f32]) {
 fn gemm(m: Operands, y: &mut [f32]) {
     let (k, pool, w, dtype) = (m.k, m.pool, m.w, m.dtype);
     let (rows, cols, x, n_tokens) = (m.rows, m.cols, m.x, m.n_tokens);
-    let esz = dtype.size();
     let n_rb = rows.div_ceil(GEMM_ROWS);
     let n_tb = n_tokens.div_ceil(GEMM_TOKENS);
     let lda = cols.min(GEMM_K).next_multiple_of(Kernels::GEMM_PAD);
@@ -226,9 +234,10 @@ fn gemm(m: Operands, y: &mut [f32]) {
             for k0 in (0..cols).step_by(GEMM_K) {
                 let kc = GEMM_K.min(cols - k0);
                 for i in 0..nr {
-                    let src = ((r0 + i) * cols + k0) * esz;
+                    // GEMM_K is a multiple of every block length: chunks are whole blocks.
+                    let src = dtype.bytes_for((r0 + i) * cols + k0);
                     let row = &mut a[i * lda..(i + 1) * lda];
-                    k.convert(&w[src..src + kc * esz], dtype, &mut row[..kc]);
+                    convert(k, &w[src..src + dtype.bytes_for(kc)], dtype, &mut row[..kc]);
                     row[kc..].fill(0.0);
                 }
                 // Output (t, r) lives at y[(t0 + t) * rows + r0 + r]; the pointer is checked
@@ -265,25 +274,35 @@ pub(super) fn row_to_f32_with(
     row: usize,
     out: &mut [f32],
 ) {
-    let esz = dtype.size();
-    let start = row * cols * esz;
+    let row_bytes = dtype.bytes_for(cols);
+    let start = row * row_bytes;
     assert!(
-        start + cols * esz <= w.len(),
+        start + row_bytes <= w.len(),
         "row_to_f32: row {row} out of bounds"
     );
     assert!(out.len() >= cols, "row_to_f32: out shorter than cols");
-    k.convert(&w[start..start + cols * esz], dtype, &mut out[..cols]);
+    convert(k, &w[start..start + row_bytes], dtype, &mut out[..cols]);
 }
 
 /// Converts a whole tensor to f32.
 pub(super) fn to_f32_vec_with(k: Kernels, w: &[u8], dtype: DType) -> Vec<f32> {
+    let (block_elems, block_bytes) = dtype.block();
     assert!(
-        w.len().is_multiple_of(dtype.size()),
-        "to_f32_vec: byte length not a multiple of the element size"
+        w.len().is_multiple_of(block_bytes),
+        "to_f32_vec: byte length not a multiple of the block size"
     );
-    let mut out = vec![0.0; w.len() / dtype.size()];
-    k.convert(w, dtype, &mut out);
+    let mut out = vec![0.0; w.len() / block_bytes * block_elems];
+    convert(k, w, dtype, &mut out);
     out
+}
+
+/// Weights of any type to f32: the float kernels' conversion, or block de-quantization.
+fn convert(k: Kernels, src: &[u8], dtype: DType, out: &mut [f32]) {
+    if dtype.is_quantized() {
+        quant::convert(k, src, dtype, out);
+    } else {
+        k.convert(src, dtype, out);
+    }
 }
 
 #[cfg(test)]
@@ -313,6 +332,7 @@ pub(super) mod tests {
                     bytes.extend_from_slice(&h.to_bits().to_le_bytes());
                     exact.push(h.to_f32());
                 }
+                q => panic!("encode: {q} is not a float type (quant.rs tests the formats)"),
             }
         }
         (bytes, exact)

@@ -27,6 +27,9 @@ mod neurons;
 mod offload;
 mod ops;
 mod pool;
+mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_avx2;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;

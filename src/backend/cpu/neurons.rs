@@ -38,13 +38,13 @@ pub struct Bundles<'a> {
 
 impl Bundles<'_> {
     fn bundle_bytes(&self) -> usize {
-        self.layout.parts() * self.hidden * self.dtype.size()
+        self.layout.parts() * self.dtype.bytes_for(self.hidden)
     }
     /// Byte offset of part `part` (0 gate, 1 up, 2 down) of neuron `i`; the gate exists only
     /// in the gate|up|down layout (callers check).
     fn offset(&self, i: usize, part: usize) -> usize {
         let first = 3 - self.layout.parts();
-        i * self.bundle_bytes() + (part - first) * self.hidden * self.dtype.size()
+        i * self.bundle_bytes() + (part - first) * self.dtype.bytes_for(self.hidden)
     }
 }
 
@@ -300,7 +300,7 @@ fn block_kept(
         }
     }
     let q = neurons.len / 4;
-    let span = 2 * b.hidden * b.dtype.size();
+    let span = b.dtype.bytes_for(2 * b.hidden);
     // The list positions of group g (g < q: four streams; then the leftovers one by one).
     let group = |g: usize| -> ([usize; 4], usize) {
         if g < q {

@@ -33,12 +33,12 @@ pub(super) fn layout() -> TierLayout {
 
 /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
 pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
-    convert_exact(&src[..out.len() * dtype.size()], dtype, out);
+    convert_exact(&src[..dtype.bytes_for(out.len())], dtype, out);
 }
 
-/// [`convert`] of `src.len() == out.len() * dtype.size()` bytes.
+/// [`convert`] of `src.len() == dtype.bytes_for(out.len())` bytes.
 fn convert_exact(src: &[u8], dtype: DType, out: &mut [f32]) {
-    debug_assert_eq!(src.len(), out.len() * dtype.size());
+    debug_assert_eq!(src.len(), dtype.bytes_for(out.len()));
     match dtype {
         DType::F32 => {
             for (o, b) in out.iter_mut().zip(src.chunks_exact(4)) {
@@ -54,6 +54,9 @@ fn convert_exact(src: &[u8], dtype: DType, out: &mut [f32]) {
             for (o, b) in out.iter_mut().zip(src.chunks_exact(2)) {
                 *o = bf16_to_f32(b[0], b[1]);
             }
+        }
+        quantized => {
+            crate::tensor::quant::dequantize(quantized, src, out);
         }
     }
 }

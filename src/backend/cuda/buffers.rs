@@ -289,7 +289,7 @@ impl CudaMatrix {
 
     /// Bytes the matrix holds.
     pub fn byte_len(&self) -> usize {
-        self.rows * self.cols * self.dtype.size()
+        self.dtype.bytes_for(self.rows * self.cols)
     }
 
     /// The matrix's bytes on the host (a device or staged matrix is read back, which waits
@@ -306,7 +306,20 @@ impl CudaMatrix {
 }
 
 /// `Err` unless `len` bytes hold `rows x cols` elements of `dtype`.
+/// `Err` for a quantized `dtype`: every new CUDA matrix passes here (host and staged views
+/// through `check_len`, uploads in `ops_ffn::upload_matrix`), so the kernels see floats only.
+pub(crate) fn cuda_float(dtype: DType) -> Result<()> {
+    if dtype.is_quantized() {
+        return Err(Error::InvalidArgument(format!(
+            "the CUDA backend computes on f32, f16 and bf16 matrices, not {dtype} yet: \
+             load the model with --weights bf16"
+        )));
+    }
+    Ok(())
+}
+
 fn check_len(rows: usize, cols: usize, dtype: DType, len: usize, what: &str) -> Result<()> {
+    cuda_float(dtype)?;
     let need = rows
         .checked_mul(cols)
         .and_then(|n| n.checked_mul(dtype.size()));

@@ -81,6 +81,7 @@ pub(crate) fn embed(
         DType::BF16 => "embed_bf16",
         DType::F16 => "embed_f16",
         DType::F32 => "embed_f32",
+        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
     };
     let args = KArgs::new()
         .ptr(table.device_ptr())

@@ -38,6 +38,7 @@ pub(crate) fn upload_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<CudaMatrix> {
+    super::buffers::cuda_float(dtype)?;
     checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
     let mem = DevMem::new(ctx, "upload_matrix", bytes.len())?;
     ctx.htod("upload_matrix", mem.ptr(), bytes)?;
@@ -322,6 +323,7 @@ fn act_kernel(dtype: DType) -> &'static str {
         DType::BF16 => "bundle_act_bf16",
         DType::F16 => "bundle_act_f16",
         DType::F32 => "bundle_act_f32",
+        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
     }
 }
 
@@ -330,6 +332,7 @@ fn down_kernel(dtype: DType) -> &'static str {
         DType::BF16 => "bundle_down_bf16",
         DType::F16 => "bundle_down_f16",
         DType::F32 => "bundle_down_f32",
+        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
     }
 }
 

@@ -155,6 +155,7 @@ fn small_batch(ctx: &Arc<Ctx>, p: &Product) -> Result<()> {
         (false, DType::BF16) => "matmul_small_bf16",
         (false, DType::F16) => "matmul_small_f16",
         (false, DType::F32) => "matmul_small_f32",
+        (_, q) => unreachable!("{q}: CUDA matrices are float (buffers::cuda_float)"),
     };
     let args = KArgs::new()
         .ptr(w.device_ptr())

@@ -8,7 +8,6 @@
 //! huge allocation. This module only describes the file; de-quantization and the quantized
 //! kernels build on [`GgufTensor::bytes`].
 
-pub mod dequant;
 pub mod hf;
 mod reader;
 mod types;
@@ -18,8 +17,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use reader::Reader;
-pub use types::{GgmlType, Value};
+pub use types::Value;
 
 /// Dimensions a tensor may have (ggml's `GGML_MAX_DIMS`).
 const MAX_DIMS: u32 = 4;
@@ -32,7 +32,7 @@ pub struct GgufTensor {
     pub name: String,
     /// ggml order: `dims[0]` is the length of a row (contiguous), as GGUF stores it.
     pub dims: Vec<u64>,
-    pub kind: GgmlType,
+    pub kind: DType,
     /// Absolute byte range of the tensor's data in the file.
     pub start: u64,
     pub len: u64,
@@ -161,7 +161,7 @@ fn header(r: &mut Reader) -> std::result::Result<(u32, u64, u64), String> {
 }
 
 /// One tensor description: `(name, dims, type, offset relative to the data start)`.
-fn tensor_info(r: &mut Reader) -> std::result::Result<(String, Vec<u64>, GgmlType, u64), String> {
+fn tensor_info(r: &mut Reader) -> std::result::Result<(String, Vec<u64>, DType, u64), String> {
     let name = r.string()?;
     let n_dims = r.u32()?;
     if n_dims == 0 || n_dims > MAX_DIMS {
@@ -172,7 +172,7 @@ fn tensor_info(r: &mut Reader) -> std::result::Result<(String, Vec<u64>, GgmlTyp
     let dims = (0..n_dims)
         .map(|_| r.u64())
         .collect::<std::result::Result<Vec<_>, _>>()?;
-    let kind = GgmlType::from_id(r.u32()?).map_err(|e| format!("`{name}`: {e}"))?;
+    let kind = types::ggml_type(r.u32()?).map_err(|e| format!("`{name}`: {e}"))?;
     let offset = r.u64()?;
     Ok((name, dims, kind, offset))
 }
@@ -192,7 +192,7 @@ fn alignment(metadata: &BTreeMap<String, Value>) -> std::result::Result<u64, Str
 /// Checks each tensor's size (whole blocks per row, no overflow), alignment and that its data
 /// lies inside a file of `file_len` bytes; returns the tensors with absolute ranges.
 fn place(
-    infos: Vec<(String, Vec<u64>, GgmlType, u64)>,
+    infos: Vec<(String, Vec<u64>, DType, u64)>,
     data_start: u64,
     alignment: u64,
     file_len: u64,
@@ -203,7 +203,7 @@ fn place(
         if !names.insert(name.clone()) {
             return Err(format!("tensor `{name}` appears twice"));
         }
-        let len = kind.byte_len(&dims).map_err(|e| format!("`{name}`: {e}"))?;
+        let len = types::byte_len(kind, &dims).map_err(|e| format!("`{name}`: {e}"))?;
         let start = data_start
             .checked_add(offset)
             .filter(|_| offset.is_multiple_of(alignment))
@@ -224,5 +224,7 @@ fn place(
     Ok(tensors)
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

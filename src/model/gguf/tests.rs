@@ -2,7 +2,7 @@ use super::*;
 
 /// Writes GGUF files for the tests (version 3, little-endian).
 #[derive(Default)]
-struct Writer {
+pub(super) struct Writer {
     kv: Vec<u8>,
     n_kv: u64,
     infos: Vec<u8>,
@@ -10,13 +10,13 @@ struct Writer {
     data: Vec<u8>,
 }
 
-fn string(out: &mut Vec<u8>, s: &str) {
+pub(super) fn string(out: &mut Vec<u8>, s: &str) {
     out.extend((s.len() as u64).to_le_bytes());
     out.extend(s.as_bytes());
 }
 
 impl Writer {
-    fn kv(&mut self, key: &str, kind: u32, value: &[u8]) -> &mut Self {
+    pub(super) fn kv(&mut self, key: &str, kind: u32, value: &[u8]) -> &mut Self {
         string(&mut self.kv, key);
         self.kv.extend(kind.to_le_bytes());
         self.kv.extend(value);
@@ -25,7 +25,7 @@ impl Writer {
     }
 
     /// A tensor of `dims` and ggml type id `kind` whose data is `data` (padded to 32).
-    fn tensor(&mut self, name: &str, dims: &[u64], kind: u32, data: &[u8]) -> &mut Self {
+    pub(super) fn tensor(&mut self, name: &str, dims: &[u64], kind: u32, data: &[u8]) -> &mut Self {
         string(&mut self.infos, name);
         self.infos.extend((dims.len() as u32).to_le_bytes());
         dims.iter().for_each(|d| self.infos.extend(d.to_le_bytes()));
@@ -37,7 +37,7 @@ impl Writer {
         self
     }
 
-    fn bytes(&self) -> Vec<u8> {
+    pub(super) fn bytes(&self) -> Vec<u8> {
         let mut out = b"GGUF".to_vec();
         out.extend(3u32.to_le_bytes());
         out.extend(self.n_tensors.to_le_bytes());
@@ -50,7 +50,7 @@ impl Writer {
     }
 }
 
-fn sample() -> Vec<u8> {
+pub(super) fn sample() -> Vec<u8> {
     let mut strings = 8u32.to_le_bytes().to_vec();
     strings.extend(2u64.to_le_bytes());
     string(&mut strings, "<s>");
@@ -86,11 +86,8 @@ fn a_written_file_reads_back() {
     assert_eq!(f.metadata.get("tokenizer.ggml.tokens"), Some(&tokens));
     assert_eq!(f.tensors.len(), 2);
     let (norm, up) = (&f.tensors[0], &f.tensors[1]);
-    assert_eq!(
-        (norm.kind, norm.elements(), norm.len),
-        (GgmlType::F32, 8, 32)
-    );
-    assert_eq!((up.kind, up.elements(), up.len), (GgmlType::Q4_0, 64, 36));
+    assert_eq!((norm.kind, norm.elements(), norm.len), (DType::F32, 8, 32));
+    assert_eq!((up.kind, up.elements(), up.len), (DType::Q4_0, 64, 36));
     assert_eq!(norm.start % 32, 0);
     let data = norm.bytes(&bytes).unwrap();
     assert_eq!(&data[4..8], &1f32.to_le_bytes());

@@ -1,6 +1,7 @@
 //! GGUF metadata values and ggml tensor types.
 
 use super::reader::Reader;
+use crate::tensor::DType;
 
 type Res<T> = std::result::Result<T, String>;
 
@@ -95,67 +96,39 @@ fn min_size(kind: u32) -> Res<u64> {
     })
 }
 
-/// The ggml tensor types this project reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
-    Q4K,
-    Q5K,
-    Q6K,
+/// The tensor type of ggml type id `id` (the ones this project reads).
+pub(super) fn ggml_type(id: u32) -> Res<DType> {
+    Ok(match id {
+        0 => DType::F32,
+        1 => DType::F16,
+        2 => DType::Q4_0,
+        3 => DType::Q4_1,
+        8 => DType::Q8_0,
+        12 => DType::Q4K,
+        13 => DType::Q5K,
+        14 => DType::Q6K,
+        30 => DType::BF16,
+        other => {
+            return Err(format!(
+                "ggml type {other} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K are)"
+            ))
+        }
+    })
 }
 
-impl GgmlType {
-    pub(super) fn from_id(id: u32) -> Res<GgmlType> {
-        Ok(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            12 => GgmlType::Q4K,
-            13 => GgmlType::Q5K,
-            14 => GgmlType::Q6K,
-            30 => GgmlType::BF16,
-            other => {
-                return Err(format!(
-                    "ggml type {other} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K are)"
-                ))
-            }
-        })
+/// Bytes of a tensor of type `kind` and `dims` (ggml order): rows of `dims[0]` elements must
+/// be whole blocks, and the size must not overflow.
+pub(super) fn byte_len(kind: DType, dims: &[u64]) -> Res<u64> {
+    let (per_block, block_bytes) = kind.block();
+    let (per_block, block_bytes) = (per_block as u64, block_bytes as u64);
+    let row = *dims.first().ok_or("no dimensions")?;
+    if !row.is_multiple_of(per_block) {
+        return Err(format!(
+            "rows of {row} are not whole {kind} blocks of {per_block}"
+        ));
     }
-
-    /// `(elements per block, bytes per block)`.
-    pub fn block(self) -> (u64, u64) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4K => (256, 144),
-            GgmlType::Q5K => (256, 176),
-            GgmlType::Q6K => (256, 210),
-        }
-    }
-
-    /// Bytes of a tensor of `dims` (ggml order): rows of `dims[0]` elements must be whole
-    /// blocks, and the size must not overflow.
-    pub fn byte_len(self, dims: &[u64]) -> Res<u64> {
-        let (per_block, block_bytes) = self.block();
-        let row = *dims.first().ok_or("no dimensions")?;
-        if !row.is_multiple_of(per_block) {
-            return Err(format!(
-                "rows of {row} are not whole {self:?} blocks of {per_block}"
-            ));
-        }
-        dims.iter()
-            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-            .and_then(|n| (n / per_block).checked_mul(block_bytes))
-            .ok_or_else(|| format!("dimensions {dims:?} overflow"))
-    }
+    dims.iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| (n / per_block).checked_mul(block_bytes))
+        .ok_or_else(|| format!("dimensions {dims:?} overflow"))
 }

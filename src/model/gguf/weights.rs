@@ -1,22 +1,24 @@
 //! A GGUF's tensors as a [`WeightStore`] with Hugging Face names, shapes and row order.
 //!
-//! Until the kernels compute on quantized blocks, quantized matrices are de-quantized at load
-//! into one anonymous mapping (bf16), the way the offline converter did it but in-process and
-//! in parallel. Two things llama.cpp changed on the way into the file are undone: dimensions are
-//! listed innermost first (a `[cols, rows]` GGUF tensor is an `[rows, cols]` matrix), and for
-//! `llama` files each head's Q/K rows were interleaved for ggml's rotary layout.
+//! Matrices stay as stored (quantized blocks included) and are read in place from the file's
+//! mapping; only what must change is written into a second, anonymous mapping: Q/K matrices of
+//! `llama` files, whose rows llama.cpp interleaved per head for ggml's rotary layout (rows move
+//! whole, blocks and all), and vectors (norms, biases) widened to f32. With
+//! [`GgufWeights::Float`] every matrix is de-quantized into that mapping instead (in parallel,
+//! with a progress bar), which is what sparsity and offloading need today. Dimensions are
+//! listed innermost first in GGUF: a `[cols, rows]` tensor is an `[rows, cols]` matrix.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use half::{bf16, f16};
 
-use super::dequant::dequantize;
 use super::hf::GgufArch;
-use super::{GgmlType, GgufFile, GgufTensor};
+use super::{GgufFile, GgufTensor};
 use crate::error::{Error, Result};
-use crate::model::weights::WeightStore;
+use crate::model::weights::{MappedTensor, WeightStore};
 use crate::progress::progress_bar;
+use crate::tensor::quant::dequantize;
 use crate::tensor::DType;
 
 /// GGUF tensor names (per layer after `blk.N.`) and their Hugging Face names.
@@ -51,6 +53,15 @@ fn hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// How matrices are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufWeights {
+    /// As stored in the file.
+    Native,
+    /// De-quantized (or converted) to this float type.
+    Float(DType),
+}
+
 /// One tensor to write: where it comes from and how it lands.
 struct Job<'f> {
     src: &'f GgufTensor,
@@ -62,20 +73,20 @@ struct Job<'f> {
     unpermute_heads: usize,
 }
 
-/// The store: every tensor of `file` (whose bytes are `data`) under its HF name, matrices in
-/// one dtype (their own float type if they all share one, else bf16), vectors in f32.
+/// The store: every tensor of `file` (mapped as `map`) under its HF name, matrices as `mode`
+/// says, vectors in f32.
 pub fn weight_store(
     path: &Path,
     file: &GgufFile,
-    data: &[u8],
+    map: &Arc<memmap2::Mmap>,
     arch: GgufArch,
     heads: (usize, usize),
+    mode: GgufWeights,
 ) -> Result<WeightStore> {
     let fail = |msg: String| Error::Gguf {
         path: path.to_path_buf(),
         msg,
     };
-    let matrix_dtype = matrix_dtype(file);
     let mut jobs = Vec::new();
     let mut entries = Vec::new();
     let mut offset = 0usize;
@@ -86,8 +97,11 @@ pub fn weight_store(
                 t.name
             ))
         })?;
-        let bytes = t
-            .bytes(data)
+        let range = usize::try_from(t.start)
+            .ok()
+            .zip(usize::try_from(t.len).ok())
+            .map(|(start, len)| start..start + len)
+            .filter(|r| r.end <= map.len())
             .ok_or_else(|| fail(format!("tensor `{}` lies outside the file", t.name)))?;
         let (rows, cols, shape) = match t.dims[..] {
             [n] => (1, n as usize, vec![n as usize]),
@@ -99,10 +113,18 @@ pub fn weight_store(
                 )))
             }
         };
-        let dtype = if shape.len() == 1 {
-            DType::F32
-        } else {
-            matrix_dtype
+        // An empty tensor would pass every size check with any other dimension (found by the
+        // fuzz loop: 0 x 2^48); no model tensor is empty.
+        if rows == 0 || cols == 0 {
+            return Err(fail(format!(
+                "tensor `{}` is empty (dimensions {:?})",
+                t.name, t.dims
+            )));
+        }
+        let dtype = match (shape.len(), mode) {
+            (1, _) => DType::F32,
+            (_, GgufWeights::Float(float)) => float,
+            (_, GgufWeights::Native) => t.kind,
         };
         let unpermute_heads = match (arch, t.name.rsplit('.').nth(1)) {
             (GgufArch::Llama, Some("attn_q")) if shape.len() == 2 => heads.0,
@@ -115,25 +137,46 @@ pub fn weight_store(
                 t.name
             )));
         }
-        let len = rows * cols * dtype.size();
-        entries.push((name, dtype, shape, offset..offset + len));
+        if dtype == t.kind && unpermute_heads == 0 {
+            // Read in place from the file.
+            entries.push(MappedTensor {
+                name,
+                dtype,
+                shape,
+                mapping: 0,
+                range,
+            });
+            continue;
+        }
+        let len = dtype.bytes_for(rows * cols);
+        entries.push(MappedTensor {
+            name,
+            dtype,
+            shape,
+            mapping: 1,
+            range: offset..offset + len,
+        });
         offset += len.next_multiple_of(64);
         jobs.push(Job {
             src: t,
-            bytes,
+            bytes: &map[range],
             dtype,
             rows,
             cols,
             unpermute_heads,
         });
     }
-    let map = convert_all(&jobs, offset)?;
-    WeightStore::from_mapping(path.to_path_buf(), Arc::new(map), entries)
+    let converted = convert_all(&jobs, offset)?;
+    WeightStore::from_mappings(
+        path.to_path_buf(),
+        vec![Arc::clone(map), Arc::new(converted)],
+        entries,
+    )
 }
 
-/// Matrices keep their float type when they all share one; any quantized (or mixed) file
-/// becomes bf16, the precision the kernels read fastest.
-fn matrix_dtype(file: &GgufFile) -> DType {
+/// The float type matrices are de-quantized to when a float copy is asked for: their own
+/// float type when they all share one, else bf16 (the precision the kernels read fastest).
+pub fn float_type(file: &GgufFile) -> DType {
     let mut kinds = file
         .tensors
         .iter()
@@ -142,8 +185,8 @@ fn matrix_dtype(file: &GgufFile) -> DType {
     let first = kinds.next();
     let shared = first.filter(|k| kinds.all(|other| other == *k));
     match shared {
-        Some(GgmlType::F32) => DType::F32,
-        Some(GgmlType::F16) => DType::F16,
+        Some(DType::F32) => DType::F32,
+        Some(DType::F16) => DType::F16,
         _ => DType::BF16,
     }
 }
@@ -160,7 +203,7 @@ fn convert_all(jobs: &[Job<'_>], total: usize) -> Result<memmap2::Mmap> {
     let mut slices = Vec::with_capacity(jobs.len());
     let mut rest: &mut [u8] = &mut map[..];
     for job in jobs {
-        let len = job.rows * job.cols * job.dtype.size();
+        let len = job.dtype.bytes_for(job.rows * job.cols);
         let (mine, tail) = rest.split_at_mut(len);
         slices.push((job, mine));
         rest = tail
@@ -208,15 +251,19 @@ fn convert_all(jobs: &[Job<'_>], total: usize) -> Result<memmap2::Mmap> {
 /// not whole blocks.
 fn convert(job: &Job<'_>, out: &mut [u8]) -> bool {
     let src_row_bytes = job.bytes.len() / job.rows.max(1);
-    let out_row_bytes = job.cols * job.dtype.size();
+    let out_row_bytes = job.dtype.bytes_for(job.cols);
     let mut row = vec![0f32; job.cols];
     for (r, dst) in out.chunks_exact_mut(out_row_bytes).enumerate() {
         let from = source_row(r, job.rows, job.unpermute_heads);
         let src = &job.bytes[from * src_row_bytes..(from + 1) * src_row_bytes];
-        if !dequantize(job.src.kind, src, &mut row) {
+        if job.dtype == job.src.kind {
+            // A row moves whole, blocks and all.
+            dst.copy_from_slice(src);
+        } else if !dequantize(job.src.kind, src, &mut row) {
             return false;
+        } else {
+            encode(&row, job.dtype, dst);
         }
-        encode(&row, job.dtype, dst);
     }
     true
 }
@@ -247,6 +294,9 @@ fn encode(row: &[f32], dtype: DType, out: &mut [u8]) {
             .iter()
             .zip(out.chunks_exact_mut(2))
             .for_each(|(v, o)| o.copy_from_slice(&bf16::from_f32(*v).to_le_bytes())),
+        // Only float targets are encoded: a quantized matrix is either copied as it is or
+        // de-quantized to a float type.
+        _ => out.fill(0),
     }
 }
 

@@ -123,7 +123,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         if !assembles_in_place::<B>() {
             // Gathered on the host and uploaded once: that upload is what crossed the link.
             let m = self.regather(backend, li, ids)?;
-            self.uploaded_bytes += (ids.len() * 3 * self.dims.h * self.dims.dtype.size()) as u64;
+            self.uploaded_bytes += (ids.len() * self.dims.dtype.bytes_for(3 * self.dims.h)) as u64;
             return Ok(m);
         }
         self.copy_in(backend, li, ids, staged)

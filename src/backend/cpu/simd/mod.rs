@@ -64,6 +64,9 @@ macro_rules! with_dtype {
                 const $d: u8 = super::F32;
                 $body
             }
+            // Quantized matrices are routed to the quantized kernels (or `convert`) before
+            // any float kernel sees them: `CpuBackend` checks every entry point.
+            q => unreachable!("float kernel called on a {q} matrix"),
         }
     };
 }

@@ -13,8 +13,13 @@ use crate::tensor::DType;
 #[inline(always)]
 pub(in crate::backend::cpu) fn convert<T: Tier>(t: T, src: &[u8], dtype: DType, out: &mut [f32]) {
     let n = out.len();
-    assert!(src.len() >= n * dtype.size());
+    assert!(src.len() >= dtype.bytes_for(n));
     let (s, o) = (src.as_ptr(), out.as_mut_ptr());
+    if dtype.is_quantized() {
+        // Block de-quantization (the reference): gemm converts a row block once per 64 tokens.
+        crate::tensor::quant::dequantize(dtype, &src[..dtype.bytes_for(n)], out);
+        return;
+    }
     if dtype == DType::F32 {
         // SAFETY: both buffers hold n floats' bytes (asserted).
         unsafe { std::ptr::copy_nonoverlapping(s, o as *mut u8, n * 4) };

@@ -44,12 +44,12 @@ pub(in crate::backend::cpu) unsafe fn matmul_tokens<T: Tier>(
     if rows == 0 || n == 0 {
         return;
     }
-    assert!(w.len() >= rows * cols * dtype.size());
+    assert!(w.len() >= dtype.bytes_for(rows * cols));
     assert!(
         xstride >= cols.div_ceil(T::BF16_BLOCK) * T::BF16_BLOCK
             && xs.len() >= (n - 1) * xstride + xstride
     );
-    let row_bytes = cols * dtype.size();
+    let row_bytes = dtype.bytes_for(cols);
     let xp = |t: usize| xs[t * xstride..].as_ptr();
     // Rows j, q + j, 2q + j, 3q + j together: 4 long sequential streams (see `rows::row_groups`).
     let q = rows / 4;

@@ -1,5 +1,5 @@
-//! De-quantization of ggml blocks to f32: the reference every quantized kernel is checked
-//! against, and how a GGUF is loaded until the kernels compute on blocks directly.
+//! ggml's block formats: de-quantization to f32, the reference every quantized kernel is
+//! checked against.
 //!
 //! Each format stores fixed-size blocks along a row. The arithmetic is written in the order
 //! ggml's reference code (and the `gguf` Python package) uses, `(d * scale) * q - (dmin * m)`,
@@ -7,7 +7,7 @@
 
 use half::{bf16, f16};
 
-use super::GgmlType;
+use super::DType;
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
@@ -15,9 +15,8 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// De-quantizes `src` (whole blocks of `kind`) into `out`, which holds exactly the elements
 /// those blocks encode. Returns `false` (and writes nothing) when the lengths disagree.
-pub fn dequantize(kind: GgmlType, src: &[u8], out: &mut [f32]) -> bool {
+pub fn dequantize(kind: DType, src: &[u8], out: &mut [f32]) -> bool {
     let (block_elems, block_bytes) = kind.block();
-    let (block_elems, block_bytes) = (block_elems as usize, block_bytes as usize);
     if !src.len().is_multiple_of(block_bytes) || src.len() / block_bytes * block_elems != out.len()
     {
         return false;
@@ -26,19 +25,15 @@ pub fn dequantize(kind: GgmlType, src: &[u8], out: &mut [f32]) -> bool {
         .chunks_exact(block_bytes)
         .zip(out.chunks_exact_mut(block_elems));
     match kind {
-        GgmlType::F32 => {
-            blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        }
-        GgmlType::F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
-        GgmlType::BF16 => {
-            blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        }
-        GgmlType::Q4_0 => blocks.for_each(|(b, y)| q4_0(b, y)),
-        GgmlType::Q4_1 => blocks.for_each(|(b, y)| q4_1(b, y)),
-        GgmlType::Q8_0 => blocks.for_each(|(b, y)| q8_0(b, y)),
-        GgmlType::Q4K => blocks.for_each(|(b, y)| q4_k(b, y)),
-        GgmlType::Q5K => blocks.for_each(|(b, y)| q5_k(b, y)),
-        GgmlType::Q6K => blocks.for_each(|(b, y)| q6_k(b, y)),
+        DType::F32 => blocks.for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        DType::F16 => blocks.for_each(|(b, y)| y[0] = f16_at(b, 0)),
+        DType::BF16 => blocks.for_each(|(b, y)| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        DType::Q4_0 => blocks.for_each(|(b, y)| q4_0(b, y)),
+        DType::Q4_1 => blocks.for_each(|(b, y)| q4_1(b, y)),
+        DType::Q8_0 => blocks.for_each(|(b, y)| q8_0(b, y)),
+        DType::Q4K => blocks.for_each(|(b, y)| q4_k(b, y)),
+        DType::Q5K => blocks.for_each(|(b, y)| q5_k(b, y)),
+        DType::Q6K => blocks.for_each(|(b, y)| q6_k(b, y)),
     }
     true
 }
@@ -156,16 +151,16 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// The byte stream both this test and `tools/reference/gguf_dequant_reference.py` feed the
+    /// The byte stream both these tests and `tools/reference/gguf_dequant_reference.py` feed the
     /// de-quantizers: a 64-bit LCG's high bytes, with every block's f16 scales overwritten by
     /// small finite values so no block holds an infinity or NaN.
-    pub(crate) fn reference_blocks(kind: GgmlType, n_blocks: usize) -> Vec<u8> {
+    pub(crate) fn reference_blocks(kind: DType, n_blocks: usize) -> Vec<u8> {
         let (_, bytes) = kind.block();
-        let mut state: u64 = 0x5151_7e5a_u64 ^ (bytes << 8);
-        let mut data: Vec<u8> = (0..n_blocks * bytes as usize)
+        let mut state: u64 = 0x5151_7e5a_u64 ^ ((bytes as u64) << 8);
+        let mut data: Vec<u8> = (0..n_blocks * bytes)
             .map(|_| {
                 state = state
                     .wrapping_mul(6364136223846793005)
@@ -175,13 +170,13 @@ mod tests {
             .collect();
         // f16 scale positions per format; 0x2c00 = 0.0625, 0x3800 = 0.5, 0xac00 = -0.0625.
         let scales: &[(usize, [u8; 2])] = match kind {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => &[(0, [0x00, 0x2c])],
-            GgmlType::Q4_1 => &[(0, [0x00, 0x2c]), (2, [0x00, 0xac])],
-            GgmlType::Q4K | GgmlType::Q5K => &[(0, [0x00, 0x2c]), (2, [0x00, 0x38])],
-            GgmlType::Q6K => &[(208, [0x00, 0x2c])],
+            DType::Q4_0 | DType::Q8_0 => &[(0, [0x00, 0x2c])],
+            DType::Q4_1 => &[(0, [0x00, 0x2c]), (2, [0x00, 0xac])],
+            DType::Q4K | DType::Q5K => &[(0, [0x00, 0x2c]), (2, [0x00, 0x38])],
+            DType::Q6K => &[(208, [0x00, 0x2c])],
             _ => &[],
         };
-        for block in data.chunks_exact_mut(bytes as usize) {
+        for block in data.chunks_exact_mut(bytes) {
             for &(at, v) in scales {
                 block[at..at + 2].copy_from_slice(&v);
             }
@@ -191,14 +186,14 @@ mod tests {
 
     /// Sum, sum of squares and three elements of each format's reference stream (4 blocks),
     /// as printed by `tools/reference/gguf_dequant_reference.py` with gguf 0.19.0.
-    const PINNED: [(GgmlType, f64, f64, [f32; 3]); 6] = [
-        (GgmlType::Q4_0, -2.5625, 11.08203125, [0.0, -0.0625, -0.125]),
-        (GgmlType::Q4_1, 52.625, 31.9453125, [0.125, 0.375, 0.0]),
-        (GgmlType::Q8_0, -59.25, 2613.5703125, [2.25, 7.4375, 5.8125]),
-        (GgmlType::Q4K, -3010.0, 220687.28125, [-3.625, 4.5, -27.125]),
-        (GgmlType::Q5K, 6320.25, 647480.5859375, [1.75, 4.6875, 40.5]),
+    const PINNED: [(DType, f64, f64, [f32; 3]); 6] = [
+        (DType::Q4_0, -2.5625, 11.08203125, [0.0, -0.0625, -0.125]),
+        (DType::Q4_1, 52.625, 31.9453125, [0.125, 0.375, 0.0]),
+        (DType::Q8_0, -59.25, 2613.5703125, [2.25, 7.4375, 5.8125]),
+        (DType::Q4K, -3010.0, 220687.28125, [-3.625, 4.5, -27.125]),
+        (DType::Q5K, 6320.25, 647480.5859375, [1.75, 4.6875, 40.5]),
         (
-            GgmlType::Q6K,
+            DType::Q6K,
             907.4375,
             4825070.78515625,
             [-0.8125, -12.75, -24.75],
@@ -209,7 +204,7 @@ mod tests {
     fn matches_the_gguf_package_on_the_reference_stream() {
         for (kind, sum, sum_sq, picks) in PINNED {
             let src = reference_blocks(kind, 4);
-            let mut out = vec![f32::NAN; 4 * kind.block().0 as usize];
+            let mut out = vec![f32::NAN; 4 * kind.block().0];
             assert!(dequantize(kind, &src, &mut out));
             let got_sum: f64 = out.iter().map(|&v| v as f64).sum();
             let got_sq: f64 = out.iter().map(|&v| (v as f64) * (v as f64)).sum();
@@ -225,11 +220,11 @@ mod tests {
 
     #[test]
     fn refuses_partial_blocks_and_wrong_outputs() {
-        let src = reference_blocks(GgmlType::Q4_1, 2);
+        let src = reference_blocks(DType::Q4_1, 2);
         let mut out = vec![0.0; 64];
-        assert!(!dequantize(GgmlType::Q4_1, &src[..39], &mut out));
-        assert!(!dequantize(GgmlType::Q4_1, &src, &mut out[..63]));
-        assert!(dequantize(GgmlType::Q4_1, &src, &mut out));
+        assert!(!dequantize(DType::Q4_1, &src[..39], &mut out));
+        assert!(!dequantize(DType::Q4_1, &src, &mut out[..63]));
+        assert!(dequantize(DType::Q4_1, &src, &mut out));
     }
 
     #[test]
@@ -240,7 +235,7 @@ mod tests {
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
             .collect();
         let mut out = [0.0; 4];
-        assert!(dequantize(GgmlType::F16, &bytes, &mut out));
+        assert!(dequantize(DType::F16, &bytes, &mut out));
         let back: Vec<f32> = vals
             .iter()
             .map(|v| half::f16::from_f32(*v).to_f32())

@@ -1,0 +1,307 @@
+//! Products with quantized weight matrices (ggml block formats, see `tensor::quant`).
+//!
+//! Decode (one token) is a stream over the weights, so it runs on the blocks as stored: the
+//! activations are quantized to 8 bits per block of 32 (one f32 scale each, plus the block's
+//! scaled sum for the formats with a minimum), and each weight block meets its activation
+//! block in an integer dot product (AVX2 `maddubs`, or the scalar reference). Batches
+//! (prefill, Sirius windows) convert blocks of weight rows to f32 once and reuse them for up to
+//! 64 tokens in the float GEMM, which `convert` below makes fast for the 32-element formats.
+//! The K-quants (256-element super-blocks) take the reference de-quantization on both paths.
+
+use std::cell::RefCell;
+
+#[cfg(target_arch = "x86_64")]
+use super::avx2::Avx2;
+use super::kernels::Kernels;
+#[cfg(target_arch = "x86_64")]
+use super::quant_avx2;
+use super::util::SharedMut;
+use crate::tensor::quant::dequantize;
+use crate::tensor::DType;
+
+/// Elements per activation block (and per block of Q4_0, Q4_1, Q8_0).
+pub(super) const QK: usize = 32;
+
+/// One token's activations quantized per block of [`QK`]: `x[i] ~ d[i / QK] * qs[i]`.
+#[derive(Default)]
+pub(super) struct Q8Row {
+    pub qs: Vec<i8>,
+    /// Scale per block.
+    pub d: Vec<f32>,
+    /// `d * sum(qs)` per block (what a weight block's minimum multiplies).
+    pub s: Vec<f32>,
+}
+
+impl Q8Row {
+    /// Quantizes `x` (a whole number of blocks) in place of the previous contents.
+    pub(super) fn quantize(&mut self, x: &[f32]) {
+        let nb = x.len() / QK;
+        self.qs.resize(nb * QK, 0);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        for (b, (xs, qs)) in x
+            .chunks_exact(QK)
+            .zip(self.qs.chunks_exact_mut(QK))
+            .enumerate()
+        {
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qs.iter_mut().zip(xs) {
+                *q = (v * inv).round() as i8;
+                sum += *q as i32;
+            }
+            self.d[b] = d;
+            self.s[b] = d * sum as f32;
+        }
+    }
+}
+
+thread_local! {
+    static X_Q8: RefCell<Q8Row> = RefCell::new(Q8Row::default());
+    static ROW_F32: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The tier the quantized kernels run at: the AVX-512 tier includes AVX2's features.
+#[derive(Clone, Copy)]
+enum Tier {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2(Avx2),
+}
+
+fn tier(k: Kernels) -> Tier {
+    match k {
+        Kernels::Scalar => Tier::Scalar,
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx2(p) => Tier::Avx2(p),
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512(_) => Avx2::detect().map_or(Tier::Scalar, Tier::Avx2),
+    }
+}
+
+/// Whether decode uses the integer dot products for `dtype` (else de-quantized rows with
+/// f32 activations). Q8_0, the format GGUF files give their embedding and LM head, keeps
+/// exact activations: the head's argmax picks every token, and with 8-bit activations too
+/// near-ties flip (SmolLM2's answer to "What is the capital of France?" does, at a logit
+/// lead of 0.098 in float64).
+fn has_int_dot(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+}
+
+/// `y = w x` for one token: rows of `w` (`rows x cols` of a quantized `dtype`) split into
+/// `n_tasks` chunks on `pool`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matvec(
+    k: Kernels,
+    pool: &super::pool::ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+    n_tasks: usize,
+) {
+    let row_bytes = dtype.bytes_for(cols);
+    let t = tier(k);
+    let chunk = rows.div_ceil(n_tasks.max(1)).max(1);
+    let n_tasks = rows.div_ceil(chunk);
+    let ys = SharedMut::new(y);
+    let run = |xq: Option<&Q8Row>| {
+        pool.run(n_tasks, &|task| {
+            let r0 = task * chunk;
+            let nr = chunk.min(rows - r0);
+            // SAFETY: task `task` alone owns rows r0..r0 + nr.
+            let yt = unsafe { ys.slice(r0, nr) };
+            let rows_bytes = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
+            match xq {
+                Some(xq) => dot_q8_rows(t, dtype, rows_bytes, row_bytes, xq, yt),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; the kernel asserts the
+                // lengths.
+                None if dtype == DType::Q8_0 && matches!(t, Tier::Avx2(_)) => unsafe {
+                    quant_avx2::dot_rows_q8_f32(rows_bytes, row_bytes, x, yt)
+                },
+                None => ROW_F32.with_borrow_mut(|buf| {
+                    buf.resize(cols, 0.0);
+                    for (out, row) in yt.iter_mut().zip(rows_bytes.chunks_exact(row_bytes)) {
+                        dequantize(dtype, row, buf);
+                        *out = buf.iter().zip(x).map(|(a, b)| a * b).sum();
+                    }
+                }),
+            }
+        })
+    };
+    if has_int_dot(dtype) {
+        X_Q8.with_borrow_mut(|xq| {
+            xq.quantize(x);
+            run(Some(xq));
+        });
+    } else {
+        run(None);
+    }
+}
+
+/// Weight rows (of Q4_0, Q4_1 or Q8_0 blocks, `row_bytes` apart) dotted with quantized
+/// activations into `y`.
+fn dot_q8_rows(t: Tier, dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Row, y: &mut [f32]) {
+    match t {
+        // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; the kernel asserts the lengths.
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2(_) => unsafe { quant_avx2::dot_rows(dtype, rows, row_bytes, x, y) },
+        Tier::Scalar => {
+            for (out, row) in y.iter_mut().zip(rows.chunks_exact(row_bytes)) {
+                *out = dot_scalar(dtype, row, x);
+            }
+        }
+    }
+}
+
+/// The scalar reference of [`dot_q8_rows`], one row: integer sums per block, scaled as ggml does.
+pub(super) fn dot_scalar(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
+    let f16 = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let (_, bb) = dtype.block();
+    let mut sum = 0f32;
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let xs = &x.qs[b * QK..(b + 1) * QK];
+        let nibbles = |qs: &[u8]| -> i32 {
+            (0..16)
+                .map(|j| {
+                    (qs[j] & 0xF) as i32 * xs[j] as i32 + (qs[j] >> 4) as i32 * xs[j + 16] as i32
+                })
+                .sum()
+        };
+        let d = f16(blk, 0);
+        sum += match dtype {
+            // Unsigned nibbles, the -8 offset applied through the block sum.
+            DType::Q4_0 => d * x.d[b] * nibbles(&blk[2..18]) as f32 - 8.0 * d * x.s[b],
+            DType::Q4_1 => d * x.d[b] * nibbles(&blk[4..20]) as f32 + f16(blk, 2) * x.s[b],
+            DType::Q8_0 => {
+                let dot: i32 = blk[2..34]
+                    .iter()
+                    .zip(xs)
+                    .map(|(&w, &v)| (w as i8) as i32 * v as i32)
+                    .sum();
+                d * x.d[b] * dot as f32
+            }
+            _ => 0.0,
+        };
+    }
+    sum
+}
+
+/// `out = w` as f32 for a run of whole blocks (the GEMM's row conversion, the embedding).
+pub(super) fn convert(k: Kernels, src: &[u8], dtype: DType, out: &mut [f32]) {
+    match tier(k) {
+        // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; `convert_blocks` checks lengths.
+        #[cfg(target_arch = "x86_64")]
+        Tier::Avx2(_) if has_int_dot(dtype) => unsafe { quant_avx2::convert(dtype, src, out) },
+        _ => {
+            dequantize(dtype, src, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::isa::Isa;
+    use crate::backend::cpu::matmul::matmul_with;
+    use crate::backend::cpu::pool::ThreadPool;
+    use crate::backend::cpu::util::TestRng;
+    use crate::tensor::quant::tests::reference_blocks;
+
+    const FORMATS: [DType; 6] = [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// Every tier's matmul (decode and batches) against the de-quantized weights in f64: the
+    /// only error left is the 8-bit activations' (decode) or none beyond f32 sums (batches).
+    #[test]
+    fn products_match_the_dequantized_weights() {
+        let mut rng = TestRng::new(11);
+        let pool = ThreadPool::new(2);
+        for dtype in FORMATS {
+            let (rows, cols) = (9, 512);
+            let bytes = reference_blocks(dtype, rows * cols / dtype.block().0);
+            let mut w = vec![0f32; rows * cols];
+            assert!(dequantize(dtype, &bytes, &mut w));
+            for n in [1, 3] {
+                let x = rng.vec(n * cols);
+                for isa in Isa::available() {
+                    let k = Kernels::new(isa);
+                    let mut y = vec![f32::NAN; n * rows];
+                    matmul_with(k, &pool, &bytes, dtype, rows, cols, &x, n, &mut y);
+                    for t in 0..n {
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        let norm: f64 =
+                            xt.iter().map(|v| (*v as f64).abs()).sum::<f64>() / cols as f64;
+                        for r in 0..rows {
+                            let wr = &w[r * cols..(r + 1) * cols];
+                            let want: f64 =
+                                wr.iter().zip(xt).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            let scale: f64 =
+                                wr.iter().map(|v| (*v as f64).abs()).sum::<f64>() * norm;
+                            let got = y[t * rows + r] as f64;
+                            let tol = if n == 1 && has_int_dot(dtype) {
+                                0.02
+                            } else {
+                                1e-5
+                            };
+                            assert!(
+                                (got - want).abs() <= tol * scale.max(1e-3),
+                                "{isa:?} {dtype} n={n} t={t} r={r}: {got} vs {want} (scale {scale})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn conversion_is_bit_equal_to_the_reference() {
+        for dtype in FORMATS {
+            let bytes = reference_blocks(dtype, 8);
+            let mut want = vec![0f32; 8 * dtype.block().0];
+            assert!(dequantize(dtype, &bytes, &mut want));
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; want.len()];
+                convert(Kernels::new(isa), &bytes, dtype, &mut got);
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} {dtype}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn activations_round_trip_within_half_a_step() {
+        let mut rng = TestRng::new(3);
+        let mut x = rng.vec(96);
+        x[40..72].fill(0.0);
+        let mut q = Q8Row::default();
+        q.quantize(&x);
+        for (i, v) in x.iter().enumerate() {
+            let d = q.d[i / QK];
+            assert!((q.qs[i] as f32 * d - v).abs() <= 0.5 * d + 1e-7, "{i}");
+        }
+        assert_eq!(
+            (q.d[1], q.s[1]),
+            (
+                q.d[1],
+                q.d[1] * q.qs[32..64].iter().map(|&v| v as i32).sum::<i32>() as f32
+            )
+        );
+    }
+}
