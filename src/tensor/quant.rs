@@ -68,7 +68,7 @@ fn q8_0(b: &[u8], y: &mut [f32]) {
 /// The 6-bit scale and minimum of sub-block `j` (of 8) packed in the 12 bytes of a Q4_K or
 /// Q5_K block: the first four in the low 6 bits of bytes 0..4 and 4..8, the last four split
 /// between the low/high nibbles of bytes 8..12 and the top 2 bits of bytes 0..8.
-fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
     let (sc, m) = if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

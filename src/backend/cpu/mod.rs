@@ -30,6 +30,8 @@ mod pool;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_avx2;
+#[cfg(target_arch = "x86_64")]
+mod quant_k_avx2;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;

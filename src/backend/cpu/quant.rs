@@ -15,6 +15,8 @@ use super::avx2::Avx2;
 use super::kernels::Kernels;
 #[cfg(target_arch = "x86_64")]
 use super::quant_avx2;
+#[cfg(target_arch = "x86_64")]
+use super::quant_k_avx2;
 use super::util::SharedMut;
 use crate::tensor::quant::dequantize;
 use crate::tensor::DType;
@@ -87,7 +89,7 @@ fn tier(k: Kernels) -> Tier {
 /// near-ties flip (SmolLM2's answer to "What is the capital of France?" does, at a logit
 /// lead of 0.098 in float64).
 fn has_int_dot(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1)
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K | DType::Q6K)
 }
 
 /// `y = w x` for one token: rows of `w` (`rows x cols` of a quantized `dtype`) split into
@@ -150,6 +152,10 @@ fn dot_q8_rows(t: Tier, dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Row, 
     match t {
         // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; the kernel asserts the lengths.
         #[cfg(target_arch = "x86_64")]
+        Tier::Avx2(_) if matches!(dtype, DType::Q4K | DType::Q6K) => unsafe {
+            quant_k_avx2::dot_rows(dtype, rows, row_bytes, x, y)
+        },
+        #[cfg(target_arch = "x86_64")]
         Tier::Avx2(_) => unsafe { quant_avx2::dot_rows(dtype, rows, row_bytes, x, y) },
         Tier::Scalar => {
             for (out, row) in y.iter_mut().zip(rows.chunks_exact(row_bytes)) {
@@ -161,6 +167,19 @@ fn dot_q8_rows(t: Tier, dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Row, 
 
 /// The scalar reference of [`dot_q8_rows`], one row: integer sums per block, scaled as ggml does.
 pub(super) fn dot_scalar(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
+    if matches!(dtype, DType::Q4K | DType::Q6K) {
+        // Super-blocks of 256: the reference de-quantization against the 8-bit activations.
+        let mut w = [0f32; 256];
+        let mut sum = 0f32;
+        for (s, blk) in row.chunks_exact(dtype.block().1).enumerate() {
+            dequantize(dtype, blk, &mut w);
+            for (i, wv) in w.iter().enumerate() {
+                let at = 256 * s + i;
+                sum += wv * x.qs[at] as f32 * x.d[at / QK];
+            }
+        }
+        return sum;
+    }
     let f16 = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let (_, bb) = dtype.block();
     let mut sum = 0f32;
@@ -197,7 +216,14 @@ pub(super) fn convert(k: Kernels, src: &[u8], dtype: DType, out: &mut [f32]) {
     match tier(k) {
         // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; `convert_blocks` checks lengths.
         #[cfg(target_arch = "x86_64")]
-        Tier::Avx2(_) if has_int_dot(dtype) => unsafe { quant_avx2::convert(dtype, src, out) },
+        Tier::Avx2(_) if matches!(dtype, DType::Q4K | DType::Q6K) => unsafe {
+            quant_k_avx2::convert(dtype, src, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Tier::Avx2(_) if matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0) => unsafe {
+            quant_avx2::convert(dtype, src, out)
+        },
         _ => {
             dequantize(dtype, src, out);
         }

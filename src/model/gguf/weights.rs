@@ -97,46 +97,15 @@ pub fn weight_store(
                 t.name
             ))
         })?;
-        let range = usize::try_from(t.start)
-            .ok()
-            .zip(usize::try_from(t.len).ok())
-            .map(|(start, len)| start..start + len)
-            .filter(|r| r.end <= map.len())
-            .ok_or_else(|| fail(format!("tensor `{}` lies outside the file", t.name)))?;
-        let (rows, cols, shape) = match t.dims[..] {
-            [n] => (1, n as usize, vec![n as usize]),
-            [c, r] => (r as usize, c as usize, vec![r as usize, c as usize]),
-            _ => {
-                return Err(fail(format!(
-                    "tensor `{}` has dimensions {:?}",
-                    t.name, t.dims
-                )))
-            }
-        };
-        // An empty tensor would pass every size check with any other dimension (found by the
-        // fuzz loop: 0 x 2^48); no model tensor is empty.
-        if rows == 0 || cols == 0 {
-            return Err(fail(format!(
-                "tensor `{}` is empty (dimensions {:?})",
-                t.name, t.dims
-            )));
-        }
-        let dtype = match (shape.len(), mode) {
-            (1, _) => DType::F32,
-            (_, GgufWeights::Float(float)) => float,
-            (_, GgufWeights::Native) => t.kind,
-        };
-        let unpermute_heads = match (arch, t.name.rsplit('.').nth(1)) {
-            (GgufArch::Llama, Some("attn_q")) if shape.len() == 2 => heads.0,
-            (GgufArch::Llama, Some("attn_k")) if shape.len() == 2 => heads.1,
-            _ => 0,
-        };
-        if unpermute_heads > 0 && !rows.is_multiple_of(2 * unpermute_heads) {
-            return Err(fail(format!(
-                "tensor `{}`: {rows} rows do not split into {unpermute_heads} heads of even size",
-                t.name
-            )));
-        }
+        let Planned {
+            range,
+            shape,
+            rows,
+            cols,
+            dtype,
+            unpermute_heads,
+        } = plan(t, map.len(), arch, heads, mode)
+            .map_err(|msg| fail(format!("tensor `{}`: {msg}", t.name)))?;
         if dtype == t.kind && unpermute_heads == 0 {
             // Read in place from the file.
             entries.push(MappedTensor {
@@ -174,21 +143,63 @@ pub fn weight_store(
     )
 }
 
-/// The float type matrices are de-quantized to when a float copy is asked for: their own
-/// float type when they all share one, else bf16 (the precision the kernels read fastest).
-pub fn float_type(file: &GgufFile) -> DType {
-    let mut kinds = file
-        .tensors
-        .iter()
-        .filter(|t| t.dims.len() == 2)
-        .map(|t| t.kind);
-    let first = kinds.next();
-    let shared = first.filter(|k| kinds.all(|other| other == *k));
-    match shared {
-        Some(DType::F32) => DType::F32,
-        Some(DType::F16) => DType::F16,
-        _ => DType::BF16,
+/// Where one tensor comes from and what it becomes.
+struct Planned {
+    range: std::ops::Range<usize>,
+    shape: Vec<usize>,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    unpermute_heads: usize,
+}
+
+/// Checks tensor `t` of a `file_len`-byte file and decides its type and row order.
+fn plan(
+    t: &GgufTensor,
+    file_len: usize,
+    arch: GgufArch,
+    heads: (usize, usize),
+    mode: GgufWeights,
+) -> std::result::Result<Planned, String> {
+    let range = usize::try_from(t.start)
+        .ok()
+        .zip(usize::try_from(t.len).ok())
+        .map(|(start, len)| start..start + len)
+        .filter(|r| r.end <= file_len)
+        .ok_or("it lies outside the file")?;
+    let (rows, cols, shape) = match t.dims[..] {
+        [n] => (1, n as usize, vec![n as usize]),
+        [c, r] => (r as usize, c as usize, vec![r as usize, c as usize]),
+        _ => return Err(format!("it has dimensions {:?}", t.dims)),
+    };
+    // An empty tensor would pass every size check with any other dimension (found by the
+    // fuzz loop: 0 x 2^48); no model tensor is empty.
+    if rows == 0 || cols == 0 {
+        return Err(format!("it is empty (dimensions {:?})", t.dims));
     }
+    let dtype = match (shape.len(), mode) {
+        (1, _) => DType::F32,
+        (_, GgufWeights::Float(float)) => float,
+        (_, GgufWeights::Native) => t.kind,
+    };
+    let unpermute_heads = match (arch, t.name.rsplit('.').nth(1)) {
+        (GgufArch::Llama, Some("attn_q")) if shape.len() == 2 => heads.0,
+        (GgufArch::Llama, Some("attn_k")) if shape.len() == 2 => heads.1,
+        _ => 0,
+    };
+    if unpermute_heads > 0 && !rows.is_multiple_of(2 * unpermute_heads) {
+        return Err(format!(
+            "{rows} rows do not split into {unpermute_heads} heads of even size"
+        ));
+    }
+    Ok(Planned {
+        range,
+        shape,
+        rows,
+        cols,
+        dtype,
+        unpermute_heads,
+    })
 }
 
 /// Writes every job into one fresh read-only mapping of `total` bytes, on all cores.
