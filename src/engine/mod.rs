@@ -209,12 +209,17 @@ impl<B: OffloadBackend> Engine<B> {
         let Some(chat) = chat else {
             return self.tokenizer.encode(text, true);
         };
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            Error::config(
+        let Some(template) = self.chat_template.as_ref() else {
+            // A directory without tokenizer_config.json: say which file is missing.
+            let file = self.path.join("tokenizer_config.json");
+            if self.path.is_dir() {
+                ChatTemplate::from_tokenizer_config(&file)?;
+            }
+            return Err(Error::config(
                 &self.path,
                 "the model has no chat_template: run without --chat",
-            )
-        })?;
+            ));
+        };
         let mut messages = Vec::new();
         if let Some(system) = &chat.system {
             messages.push(ChatMessage {
