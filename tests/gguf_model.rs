@@ -150,8 +150,8 @@ fn greedy_tokens_of_the_dequantized_gguf_equal_the_converted_models() {
         weights: WeightsChoice::Float(DType::BF16),
         ..EngineConfig::dense()
     };
-    let load = |p: &PathBuf| Engine::load(p, CpuBackend::new(2), &config).unwrap();
-    let (mut native, mut converted) = (load(&gguf), load(&dir));
+    let mut native = Engine::load(&gguf, CpuBackend::new(2), &config).unwrap();
+    let mut converted = Engine::load(&dir, CpuBackend::new(2), &EngineConfig::dense()).unwrap();
     let chat = ChatPrompt { system: None };
     for prompt in [
         "What is the capital of France?",

@@ -152,7 +152,7 @@ impl<B: OffloadBackend> Engine<B> {
             None => None,
         };
         let loaded = std::time::Instant::now();
-        let files = ModelFiles::open_with(path, weights_for(config))?;
+        let files = ModelFiles::open_with(path, weights_for(config, path))?;
         let text = files.text;
         let model = Llama::from_store(files.config, files.weights, backend)?;
         tracing::info!(model = %path.display(), backend = %model.backend_description(), dtype = %model.dtype,
@@ -239,11 +239,12 @@ impl<B: OffloadBackend> Engine<B> {
 }
 
 /// The weights an engine loads: as `config` asks, except that sparsity and offloading, which
-/// compute on float neurons, get a GGUF's quantized matrices de-quantized to bf16.
-fn weights_for(config: &EngineConfig) -> WeightsChoice {
+/// compute on float neurons, get a GGUF's quantized matrices de-quantized to bf16 (a model
+/// directory's float weights load as stored).
+fn weights_for(config: &EngineConfig, path: &Path) -> WeightsChoice {
     let needs_float = config.offload.is_some() || config.sparsity.mode != SparsityMode::None;
     match config.weights {
-        WeightsChoice::AsStored if needs_float => {
+        WeightsChoice::AsStored if needs_float && crate::config::is_gguf(path) => {
             tracing::info!("sparsity and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
             WeightsChoice::Float(crate::tensor::DType::BF16)
         }

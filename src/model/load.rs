@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::llama::{LayerWeights, Llama};
 use crate::model::rope::rope_frequencies;
-use crate::model::source::ModelFiles;
+use crate::model::source::{ModelFiles, WeightsChoice};
 use crate::model::weights::WeightStore;
 use crate::sparsity::bundles::FfnTensors;
 use crate::sparsity::ffn::FfnWeights;
@@ -16,11 +16,11 @@ use crate::sparsity::{Sparsity, SparsityConfig};
 use crate::tensor::TensorRef;
 
 impl<B: Backend> Llama<B> {
-    /// Loads the model of an HF-layout directory or a GGUF file (its text files are opened
-    /// and checked too; [`ModelFiles`] keeps them when they are needed).
+    /// Loads the model of an HF-layout directory or a GGUF file, weights as stored (the
+    /// tokenizer and chat template are [`ModelFiles`]'s).
     pub fn load(path: &Path, backend: B) -> Result<Self> {
-        let files = ModelFiles::open(path)?;
-        Self::from_store(files.config, files.weights, backend)
+        let (config, store) = ModelFiles::open_model(path, WeightsChoice::AsStored)?;
+        Self::from_store(config, store, backend)
     }
 
     pub fn from_store(config: ModelConfig, store: WeightStore, backend: B) -> Result<Self> {

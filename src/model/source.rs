@@ -57,13 +57,7 @@ impl ModelFiles {
         if is_gguf(path) {
             return open_gguf(path, weights);
         }
-        if let WeightsChoice::Float(dtype) = weights {
-            return Err(Error::InvalidArgument(format!(
-                "--weights {dtype} converts the matrices of a GGUF file; {} is a model directory, \
-                 whose weights load as stored",
-                path.display()
-            )));
-        }
+        refuse_float_for_dir(path, weights)?;
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let weights = WeightStore::open_dir(path)?;
         let tokenizer = checked_tokenizer(
@@ -90,6 +84,21 @@ impl ModelFiles {
         })
     }
 
+    /// Only the configuration and the weights, what the forward pass needs (no tokenizer:
+    /// test fixtures and tools may have none).
+    pub fn open_model(path: &Path, weights: WeightsChoice) -> Result<(ModelConfig, WeightStore)> {
+        if !is_gguf(path) {
+            refuse_float_for_dir(path, weights)?;
+            let config = ModelConfig::from_file(&path.join("config.json"))?;
+            return Ok((config, WeightStore::open_dir(path)?));
+        }
+        let map = Arc::new(map_file(path)?);
+        let file = GgufFile::parse(path, &map)?;
+        let (config, arch) = gguf_config(path, &file)?;
+        let store = gguf_store(path, &file, &map, arch, &config, weights)?;
+        Ok((config, store))
+    }
+
     /// Only the model's configuration (cheap: for checks before a long load, and `plan`).
     pub fn read_config(path: &Path) -> Result<ModelConfig> {
         if !is_gguf(path) {
@@ -99,6 +108,33 @@ impl ModelFiles {
         let file = GgufFile::parse(path, &map)?;
         gguf_config(path, &file).map(|(config, _)| config)
     }
+}
+
+fn refuse_float_for_dir(path: &Path, weights: WeightsChoice) -> Result<()> {
+    match weights {
+        WeightsChoice::Float(dtype) => Err(Error::InvalidArgument(format!(
+            "--weights {dtype} converts the matrices of a GGUF file; {} is a model directory, \
+             whose weights load as stored",
+            path.display()
+        ))),
+        WeightsChoice::AsStored => Ok(()),
+    }
+}
+
+fn gguf_store(
+    path: &Path,
+    file: &GgufFile,
+    map: &Arc<Mmap>,
+    arch: GgufArch,
+    config: &ModelConfig,
+    weights: WeightsChoice,
+) -> Result<WeightStore> {
+    let mode = match weights {
+        WeightsChoice::AsStored => GgufWeights::Native,
+        WeightsChoice::Float(dtype) => GgufWeights::Float(dtype),
+    };
+    let heads = (config.num_heads, config.num_kv_heads);
+    weight_store(path, file, map, arch, heads, mode)
 }
 
 fn map_file(path: &Path) -> Result<Mmap> {
@@ -152,12 +188,7 @@ fn open_gguf(path: &Path, weights: WeightsChoice) -> Result<ModelFiles> {
     stop_ids.extend(&config.eos_token_ids);
     stop_ids.sort_unstable();
     stop_ids.dedup();
-    let mode = match weights {
-        WeightsChoice::AsStored => GgufWeights::Native,
-        WeightsChoice::Float(dtype) => GgufWeights::Float(dtype),
-    };
-    let heads = (config.num_heads, config.num_kv_heads);
-    let weights = weight_store(path, &file, &map, arch, heads, mode)?;
+    let weights = gguf_store(path, &file, &map, arch, &config, weights)?;
     Ok(ModelFiles {
         path: path.to_path_buf(),
         config,
