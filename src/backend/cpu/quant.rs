@@ -18,7 +18,7 @@ use super::quant_avx2;
 #[cfg(target_arch = "x86_64")]
 use super::quant_k_avx2;
 use super::util::SharedMut;
-use crate::tensor::quant::dequantize;
+use crate::tensor::quant::{dequantize, f16_at as f16};
 use crate::tensor::DType;
 
 /// Elements per activation block (and per block of Q4_0, Q4_1, Q8_0).
@@ -180,7 +180,6 @@ pub(super) fn dot_scalar(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
         }
         return sum;
     }
-    let f16 = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     let (_, bb) = dtype.block();
     let mut sum = 0f32;
     for (b, blk) in row.chunks_exact(bb).enumerate() {

@@ -48,7 +48,7 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
 }
 
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
+pub(super) unsafe fn hsum(v: __m256) -> f32 {
     // SAFETY: AVX enabled by the calling kernel.
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
@@ -236,25 +236,42 @@ pub(super) unsafe fn convert(dtype: DType, src: &[u8], out: &mut [f32]) {
                     None,
                 ),
             };
-            let parts = [
-                _mm256_castsi256_si128(bytes),
-                _mm256_extracti128_si256::<1>(bytes),
-            ];
-            for (half, part) in parts.into_iter().enumerate() {
-                for quarter in 0..2 {
-                    let eight = if quarter == 0 {
-                        part
-                    } else {
-                        _mm_srli_si128::<8>(part)
-                    };
-                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
-                    // d * q (+ m), not fused: the reference rounds the product first.
-                    let y = match min {
-                        Some(m) => _mm256_add_ps(_mm256_mul_ps(d, v), m),
-                        None => _mm256_mul_ps(d, v),
-                    };
-                    _mm256_storeu_ps(o.add(b * QK + half * 16 + quarter * 8), y);
-                }
+            store_block(bytes, [d, d], min, o.add(b * QK));
+        }
+    }
+}
+
+/// Writes the 32 signed bytes of `bytes` as f32 at `o`: `scale[half] * q (+ min)`, the
+/// product rounded before the sum as the reference rounds it (the K-quants use it too).
+///
+/// # Safety
+/// `o` writable for 32 floats; AVX2 enabled by the calling kernel.
+#[inline(always)]
+pub(super) unsafe fn store_block(
+    bytes: __m256i,
+    scale: [__m256; 2],
+    min: Option<__m256>,
+    o: *mut f32,
+) {
+    // SAFETY: caller's contract.
+    unsafe {
+        let parts = [
+            _mm256_castsi256_si128(bytes),
+            _mm256_extracti128_si256::<1>(bytes),
+        ];
+        for (half, part) in parts.into_iter().enumerate() {
+            for quarter in 0..2 {
+                let eight = if quarter == 0 {
+                    part
+                } else {
+                    _mm_srli_si128::<8>(part)
+                };
+                let v = _mm256_mul_ps(scale[half], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight)));
+                let y = match min {
+                    Some(m) => _mm256_add_ps(v, m),
+                    None => v,
+                };
+                _mm256_storeu_ps(o.add(half * 16 + quarter * 8), y);
             }
         }
     }

@@ -9,7 +9,8 @@
 use std::arch::x86_64::*;
 
 use super::quant::{Q8Row, QK};
-use crate::tensor::quant::scale_min_k4;
+use super::quant_avx2::{hsum, store_block};
+use crate::tensor::quant::{f16_at as f16, scale_min_k4};
 use crate::tensor::DType;
 
 /// One activation block's worth of a super-block: weight bytes (unsigned for Q4_K, signed
@@ -18,10 +19,6 @@ struct Unpacked {
     w: __m256i,
     scale: __m256,
     min: f32,
-}
-
-fn f16(b: &[u8], i: usize) -> f32 {
-    half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 #[inline(always)]
@@ -177,16 +174,6 @@ pub(super) unsafe fn dot_rows(
     }
 }
 
-#[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: AVX enabled by the calling kernel.
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-}
-
 /// `out = src` de-quantized (Q4_K or Q6_K super-blocks), bit-equal to the reference (same
 /// products in the same order).
 ///
@@ -203,33 +190,13 @@ pub(super) unsafe fn convert(dtype: DType, src: &[u8], out: &mut [f32]) {
             unpack(dtype, &src[s * bb..(s + 1) * bb], &mut blocks);
             for (j, blk) in blocks.iter().enumerate() {
                 let o = out.as_mut_ptr().add(256 * s + 32 * j);
-                let parts = [
-                    _mm256_castsi256_si128(blk.w),
-                    _mm256_extracti128_si256::<1>(blk.w),
+                let halves = [
+                    _mm256_permute2f128_ps::<0x00>(blk.scale, blk.scale),
+                    _mm256_permute2f128_ps::<0x11>(blk.scale, blk.scale),
                 ];
-                let min = _mm256_set1_ps(blk.min);
-                for (half, part) in parts.into_iter().enumerate() {
-                    let scale = if half == 0 {
-                        _mm256_permute2f128_ps::<0x00>(blk.scale, blk.scale)
-                    } else {
-                        _mm256_permute2f128_ps::<0x11>(blk.scale, blk.scale)
-                    };
-                    for quarter in 0..2 {
-                        let eight = if quarter == 0 {
-                            part
-                        } else {
-                            _mm_srli_si128::<8>(part)
-                        };
-                        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(eight));
-                        // (d * sc) * q - dmin * m, not fused, as the reference rounds it;
-                        // Q6_K has no minimum (and -0.0 + 0.0 would lose a sign bit).
-                        let y = match dtype {
-                            DType::Q4K => _mm256_add_ps(_mm256_mul_ps(scale, v), min),
-                            _ => _mm256_mul_ps(scale, v),
-                        };
-                        _mm256_storeu_ps(o.add(16 * half + 8 * quarter), y);
-                    }
-                }
+                // Q6_K has no minimum (and -0.0 + 0.0 would lose a sign bit).
+                let min = (dtype == DType::Q4K).then(|| _mm256_set1_ps(blk.min));
+                store_block(blk.w, halves, min, o);
             }
         }
     }
