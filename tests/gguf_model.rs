@@ -307,3 +307,129 @@ fn quantized_compute_differs_from_the_bf16_weights_only_at_near_ties() {
         "quantized vs bf16: {flips} of {compared} tokens differ, largest bf16 lead {worst:.3}"
     );
 }
+
+/// Logits predicting `all[prompt..]`, teacher-forced: the prompt through the dense FFN (and
+/// Griffin's scores when `sparsity` is given), the rest through `sparsity`'s decode FFN.
+/// Also returns the neurons Griffin kept per layer.
+fn teacher_forced<B: sirius_offload::backend::SparseOps>(
+    model: &sirius_offload::model::Llama<B>,
+    all: &[u32],
+    prompt: usize,
+    sparsity: Option<&sirius_offload::sparsity::SparsityConfig>,
+) -> (Vec<f32>, Vec<usize>) {
+    use sirius_offload::model::{Logits, Pass, Scratch};
+    use sirius_offload::sparsity::{SparseRequest, Sparsity};
+    let mut cache = model.new_cache(all.len()).unwrap();
+    let mut scratch = Scratch::new(model, all.len()).unwrap();
+    let built = sparsity.map(|cfg| model.sparsity(cfg).unwrap());
+    let none = Sparsity::None;
+    let s = built.as_ref().unwrap_or(&none);
+    assert!(
+        s.bundles().is_none(),
+        "quantized Griffin must not build float bundles"
+    );
+    let mut req = SparseRequest::new(s, &model.backend, model.ffn_dims()).unwrap();
+    let mut logits = model
+        .forward(
+            Pass::new(&all[..prompt], Logits::Last, req.prefill_ffn()),
+            &mut cache,
+            &mut scratch,
+        )
+        .unwrap();
+    req.finish_prefill(&model.backend).unwrap();
+    let kept = req.griffin().map(|g| g.kept()).unwrap_or_default();
+    let rest = &all[prompt..all.len() - 1];
+    logits.extend(
+        model
+            .forward(
+                Pass::new(rest, Logits::All, req.decode_ffn().unwrap()),
+                &mut cache,
+                &mut scratch,
+            )
+            .unwrap(),
+    );
+    (logits, kept)
+}
+
+/// Where two logit matrices' top-1 tokens differ, `b`'s lead over `a`'s choice must be a
+/// near-tie. Returns (differing rows, largest lead, largest |logit difference|).
+fn near_ties_only(a: &[f32], b: &[f32], vocab: usize, what: &str) -> (usize, f32, f32) {
+    use sirius_offload::model::sampler::argmax;
+    let (mut flips, mut worst) = (0, 0f32);
+    for (i, (ra, rb)) in a.chunks(vocab).zip(b.chunks(vocab)).enumerate() {
+        let (ta, tb) = (argmax(ra), argmax(rb));
+        if ta != tb {
+            let lead = rb[tb as usize] - rb[ta as usize];
+            flips += 1;
+            worst = worst.max(lead);
+            assert!(
+                lead <= NEAR_TIE,
+                "{what}, row {i}: {tb} leads {ta} by {lead}"
+            );
+        }
+    }
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (flips, worst, diff)
+}
+
+/// Griffin on the quantized file gathers straight from the Q4_1 matrices (gate/up rows as
+/// stored, the down matrix re-encoded): every neuron kept with an exact (f32) down matrix
+/// is the dense quantized model; the default Q8_0 down
+/// matrix differs from the exact one only at near-ties; kept counts round up to whole
+/// 32-blocks.
+#[test]
+fn griffin_gathers_from_the_quantized_matrices() {
+    use sirius_offload::model::Llama;
+    use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
+    let Some((_, gguf)) = paths() else { return };
+    let files = ModelFiles::open_with(&gguf, WeightsChoice::AsStored).unwrap();
+    let chat = files.text.chat_template.unwrap();
+    let tok = files.text.tokenizer;
+    let model = Llama::from_store(files.config, files.weights, CpuBackend::new(2)).unwrap();
+    assert_eq!(model.dtype, DType::Q4_1);
+    let vocab = model.config.vocab_size;
+    let text = chat
+        .render(&[ChatMessage {
+            role: "user".into(),
+            content: "Write a haiku about the sea.".into(),
+        }])
+        .unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    let all: Vec<u32> = ids
+        .iter()
+        .chain(&common::full_greedy(&model, &ids, 24))
+        .copied()
+        .collect();
+    let griffin = |keep: f32, down: DType| {
+        let mut c = SparsityConfig::new(SparsityMode::Griffin, keep);
+        c.griffin_down = down;
+        c
+    };
+    let (dense, _) = teacher_forced(&model, &all, ids.len(), None);
+    let (full, kept) = teacher_forced(&model, &all, ids.len(), Some(&griffin(1.0, DType::F32)));
+    assert_eq!(kept, vec![1536; 30]);
+    let r = near_ties_only(&dense, &full, vocab, "keep 1.0, f32 down vs dense");
+    eprintln!(
+        "keep 1.0 (f32 down) vs dense quantized: {} rows differ, lead {:.3}, max |dlogit| {:.3}",
+        r.0, r.1, r.2
+    );
+    // Teacher forcing runs one batch, where both de-quantize the same values exactly.
+    assert_eq!(
+        r.2, 0.0,
+        "keep 1.0 with an exact down matrix is the dense model"
+    );
+
+    let (exact, kept) = teacher_forced(&model, &all, ids.len(), Some(&griffin(0.5, DType::F32)));
+    assert_eq!(kept, vec![768; 30]);
+    let (q8, _) = teacher_forced(&model, &all, ids.len(), Some(&griffin(0.5, DType::Q8_0)));
+    let r = near_ties_only(&exact, &q8, vocab, "keep 0.5, q8_0 down vs f32 down");
+    eprintln!(
+        "keep 0.5 q8_0 down vs f32 down: {} rows differ, lead {:.3}, max |dlogit| {:.3}",
+        r.0, r.1, r.2
+    );
+    assert!(r.2 > 0.0, "the Q8_0 down matrix should round something");
+
+    // round(0.3 * 1536) = 461 rounds up to 480 = 15 whole blocks.
+    let (_, kept) = teacher_forced(&model, &all, ids.len(), Some(&griffin(0.3, DType::Q8_0)));
+    assert_eq!(kept, vec![480; 30]);
+}

@@ -90,7 +90,7 @@ fn griffin_scores_selection_and_logits_match_reference() {
                     case.keep
                 );
             }
-            let selection = scores.select(&model.backend, case.keep).unwrap();
+            let selection = scores.select(&model.backend, case.keep, 1).unwrap();
             assert_eq!(
                 selection.layers, case.griffin_selection,
                 "{name} keep {}: selection",
@@ -160,7 +160,7 @@ fn griffin_keep_one_gives_dense_logits() {
     let mut griffin = GriffinFfn::gather(
         &model.backend,
         &bundles,
-        scores.select(&model.backend, 1.0).unwrap(),
+        scores.select(&model.backend, 1.0, 1).unwrap(),
     )
     .unwrap();
     assert!(griffin

@@ -385,6 +385,32 @@ impl SparseOps for CpuBackend {
         ])
     }
 
+    fn gather_quantized_ffn(
+        &self,
+        [gate, up, down]: [&CpuMatrix; 3],
+        rows: &[u32],
+        down_dtype: DType,
+    ) -> Result<[CpuMatrix; 3]> {
+        let shape = |m: &CpuMatrix| (m.dtype, m.rows, m.cols);
+        let (h, f) =
+            checks::quantized_gather(shape(gate), shape(up), shape(down), rows, down_dtype)?;
+        let w = kernels::QuantizedFfn {
+            gate: (gate.bytes(), gate.dtype),
+            up: (up.bytes(), up.dtype),
+            down: (down.bytes(), down.dtype),
+            hidden: h,
+            neurons: f,
+        };
+        let (g, u, d) =
+            kernels::gather_quantized_ffn_with_isa(self.isa, &self.pool, w, rows, down_dtype);
+        let k = rows.len();
+        Ok([
+            self.upload_matrix(g, gate.dtype, k, h)?,
+            self.upload_matrix(u, up.dtype, k, h)?,
+            self.upload_matrix(d, down_dtype, h, k)?,
+        ])
+    }
+
     fn bundle_ffn(
         &self,
         bundles: &CpuMatrix,

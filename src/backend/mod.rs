@@ -161,6 +161,17 @@ pub trait SparseOps: Backend {
     /// dense FFN in checkpoint layout: gate `[k, h]`, up `[k, h]`, down `[h, k]`. Griffin
     /// decodes with it through the ordinary (fastest) matmul.
     fn gather_ffn(&self, bundles: &Self::Matrix, rows: &[u32]) -> Result<[Self::Matrix; 3]>;
+    /// Griffin's compact FFN straight out of a layer's quantized matrices (gate and up
+    /// `[f, h]`, down `[h, f]`): gate and up rows `[k, h]` as stored, down `[h, k]`
+    /// de-quantized and re-encoded as `down_dtype` (ggml formats keep a neuron's down column
+    /// in blocks along the neuron axis, so it cannot be copied). `rows` ascending, `k` whole
+    /// blocks of `down_dtype`.
+    fn gather_quantized_ffn(
+        &self,
+        ffn: [&Self::Matrix; 3],
+        rows: &[u32],
+        down_dtype: DType,
+    ) -> Result<[Self::Matrix; 3]>;
     /// The FFN over neuron bundles (`bundles`: `[neurons, parts * h]` laid out as `layout`
     /// says): `out[t] = sum_i act(t, i) * down_i` for the neurons `sel` names, where `act` is
     /// computed from `x[t]` as [`BundleSelection`] says (`All` needs the gate rows).

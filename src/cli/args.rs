@@ -24,7 +24,7 @@ pub struct ModelArgs {
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
     /// How a GGUF's matrices are kept: as stored (quantized blocks computed on directly; with
-    /// sparsity or offloading, bf16), or de-quantized to a float type at load.
+    /// CATS or offloading, bf16), or de-quantized to a float type at load.
     #[arg(long, default_value = "auto")]
     pub weights: WeightsArg,
 }
@@ -62,6 +62,32 @@ pub struct SparsityArgs {
     /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
     #[arg(long)]
     pub cats_thresholds: Option<PathBuf>,
+    /// Griffin on quantized weights: the format of the compact down matrix gathered per
+    /// request (a neuron's down column is split across blocks in GGUF files, so it is
+    /// re-encoded): q8_0 (1.06 bytes/weight), bf16, f16 or f32 (exact, 4 bytes/weight).
+    #[arg(long, default_value = "q8_0")]
+    pub griffin_down: GriffinDownArg,
+}
+
+/// `--griffin-down`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GriffinDownArg {
+    #[value(name = "q8_0", alias = "q8")]
+    Q8_0,
+    Bf16,
+    F16,
+    F32,
+}
+
+impl GriffinDownArg {
+    fn dtype(self) -> DType {
+        match self {
+            GriffinDownArg::Q8_0 => DType::Q8_0,
+            GriffinDownArg::Bf16 => DType::BF16,
+            GriffinDownArg::F16 => DType::F16,
+            GriffinDownArg::F32 => DType::F32,
+        }
+    }
 }
 
 /// `--keep`'s default (a warning only fires when the user chose another value).
@@ -106,6 +132,7 @@ impl SparsityArgs {
             mode: self.sparsity,
             keep: self.keep,
             cats_thresholds: self.cats_thresholds.clone(),
+            griffin_down: self.griffin_down.dtype(),
         };
         config.validate()?;
         Ok(config)

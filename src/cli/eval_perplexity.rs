@@ -141,6 +141,7 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityConfig>> {
                 sparsity: spec.mode,
                 keep: spec.keep.unwrap_or(base.keep),
                 cats_thresholds: if cats { thresholds.cloned() } else { None },
+                griffin_down: base.griffin_down,
             }
             .config()
         })

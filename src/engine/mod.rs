@@ -238,14 +238,14 @@ impl<B: OffloadBackend> Engine<B> {
     }
 }
 
-/// The weights an engine loads: as `config` asks, except that sparsity and offloading, which
-/// compute on float neurons, get a GGUF's quantized matrices de-quantized to bf16 (a model
-/// directory's float weights load as stored).
+/// The weights an engine loads: as `config` asks, except that CATS and offloading, which
+/// compute on float neuron bundles, get a GGUF's quantized matrices de-quantized to bf16 (a
+/// model directory's float weights load as stored). Griffin gathers from quantized matrices.
 fn weights_for(config: &EngineConfig, path: &Path) -> WeightsChoice {
-    let needs_float = config.offload.is_some() || config.sparsity.mode != SparsityMode::None;
+    let needs_float = config.offload.is_some() || config.sparsity.mode == SparsityMode::Cats;
     match config.weights {
         WeightsChoice::AsStored if needs_float && crate::config::is_gguf(path) => {
-            tracing::info!("sparsity and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
+            tracing::info!("CATS and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
             WeightsChoice::Float(crate::tensor::DType::BF16)
         }
         other => other,

@@ -46,14 +46,17 @@ impl<B: Backend> GriffinScores<B> {
             .collect()
     }
 
-    /// The top `kept_neurons(keep, f)` neurons of every layer.
-    pub fn select(&self, backend: &B, keep: f32) -> Result<GriffinSelection> {
+    /// The top `kept_neurons(keep, f)` neurons of every layer, that count rounded up to a
+    /// multiple of `align` (at most f).
+    pub fn select(&self, backend: &B, keep: f32, align: usize) -> Result<GriffinSelection> {
         if self.tokens == 0 {
             return Err(Error::InvalidArgument(
                 "Griffin needs at least one prompt token to select neurons".into(),
             ));
         }
-        let k = kept_neurons(keep, self.neurons);
+        let k = kept_neurons(keep, self.neurons)
+            .next_multiple_of(align.max(1))
+            .min(self.neurons);
         let layers = self
             .scores(backend)?
             .iter()
@@ -115,32 +118,49 @@ impl<B: SparseOps> GriffinFfn<B> {
                 "Griffin gathers whole neurons: it needs gate|up|down bundles".into(),
             ));
         }
-        if selection.layers.len() != bundles.layers.len() {
-            return Err(Error::InvalidArgument(format!(
-                "selection for {} layers, model has {}",
-                selection.layers.len(),
-                bundles.layers.len()
-            )));
-        }
-        let gather_bias = |bias: &Option<Vec<f32>>, ids: &[u32]| -> Result<Option<B::Buf>> {
-            bias.as_ref()
-                .map(|b| backend.upload(&ids.iter().map(|&i| b[i as usize]).collect::<Vec<_>>()))
-                .transpose()
-        };
+        check_layers(selection.layers.len(), bundles.layers.len())?;
         let layers = bundles
             .layers
             .iter()
             .zip(&selection.layers)
             .map(|(l, ids)| {
-                let [gate, up, down] = backend.gather_ffn(&l.matrix, ids)?;
-                Ok(Some(GriffinLayer {
-                    ffn: FfnMatrices { gate, up, down },
-                    gate_bias: gather_bias(&l.gate_bias, ids)?,
-                    up_bias: gather_bias(&l.up_bias, ids)?,
-                }))
+                let ffn = backend.gather_ffn(&l.matrix, ids)?;
+                GriffinLayer::new(backend, ffn, [&l.gate_bias, &l.up_bias], ids).map(Some)
             })
             .collect::<Result<_>>()?;
         Ok(GriffinFfn { layers, selection })
+    }
+}
+
+/// A selection covers every layer of the model.
+pub(crate) fn check_layers(selected: usize, layers: usize) -> Result<()> {
+    if selected != layers {
+        return Err(Error::InvalidArgument(format!(
+            "selection for {selected} layers, model has {layers}"
+        )));
+    }
+    Ok(())
+}
+
+impl<B: SparseOps> GriffinLayer<B> {
+    /// A layer's gathered `[gate, up, down]` with the kept neurons' entries of its per-neuron
+    /// biases (`[gate, up]`, host copies), uploaded.
+    pub(crate) fn new(
+        backend: &B,
+        [gate, up, down]: [B::Matrix; 3],
+        [gate_bias, up_bias]: [&Option<Vec<f32>>; 2],
+        ids: &[u32],
+    ) -> Result<Self> {
+        let gather = |bias: &Option<Vec<f32>>| {
+            bias.as_ref()
+                .map(|b| backend.upload(&ids.iter().map(|&i| b[i as usize]).collect::<Vec<_>>()))
+                .transpose()
+        };
+        Ok(GriffinLayer {
+            ffn: FfnMatrices { gate, up, down },
+            gate_bias: gather(gate_bias)?,
+            up_bias: gather(up_bias)?,
+        })
     }
 }
 

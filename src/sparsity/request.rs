@@ -15,6 +15,8 @@ use crate::sparsity::{NeuronCounter, Sparsity, SparsityMode, SparsityReport};
 pub struct SparseRequest<'s, B: Backend> {
     mode: SparsityMode,
     keep: f32,
+    /// Griffin's kept count is rounded up to a multiple of this (whole quantized blocks).
+    align: usize,
     dense: Dense,
     /// Griffin until its neurons are chosen: the prompt's scores.
     scores: Option<GriffinScores<B>>,
@@ -45,6 +47,10 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         Ok(SparseRequest {
             mode: sparsity.mode(),
             keep: sparsity.keep(),
+            align: match sparsity {
+                Sparsity::Griffin { source, .. } => source.align(),
+                _ => 1,
+            },
             dense: Dense,
             scores,
             griffin: None,
@@ -59,6 +65,7 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         SparseRequest {
             mode: SparsityMode::None,
             keep: 1.0,
+            align: 1,
             dense: Dense,
             scores: None,
             griffin: None,
@@ -74,6 +81,7 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         Ok(SparseRequest {
             mode: SparsityMode::Griffin,
             keep,
+            align: 1,
             dense: Dense,
             scores: Some(GriffinScores::new(backend, dims)?),
             griffin: None,
@@ -96,7 +104,7 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
     pub fn selection(&self, backend: &B) -> Result<Option<GriffinSelection>> {
         self.scores
             .as_ref()
-            .map(|s| s.select(backend, self.keep))
+            .map(|s| s.select(backend, self.keep, self.align))
             .transpose()
     }
 
@@ -105,15 +113,15 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         let Some(selection) = self.selection(backend)? else {
             return Ok(());
         };
-        let bundles = match self.sparsity {
-            Some(Sparsity::Griffin { bundles, .. }) => bundles,
+        let source = match self.sparsity {
+            Some(Sparsity::Griffin { source, .. }) => source,
             _ => {
                 return Err(Error::InvalidArgument(
                     "this Griffin request's neurons are placed by its caller, not gathered".into(),
                 ))
             }
         };
-        self.place(GriffinFfn::gather(backend, bundles, selection)?);
+        self.place(source.gather(backend, selection)?);
         Ok(())
     }
 

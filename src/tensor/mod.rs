@@ -4,6 +4,7 @@
 
 mod dtype;
 pub mod quant;
+pub mod quantize;
 mod tensor_ref;
 mod tree_mask;
 

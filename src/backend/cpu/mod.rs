@@ -30,6 +30,7 @@ mod pool;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_avx2;
+mod quant_gather;
 #[cfg(target_arch = "x86_64")]
 mod quant_k_avx2;
 mod scalar;
@@ -86,6 +87,14 @@ tiered! {
     bundle_ffn, bundle_ffn_with_isa => neurons::bundle_ffn;
     pool: &ThreadPool, b: Bundles, x: &[f32], n_tokens: usize, act: Activation, out: &mut [f32],
 }
+
+tiered! {
+    /// Griffin's compact FFN gathered out of quantized matrices; see [`QuantizedFfn`].
+    gather_quantized_ffn, gather_quantized_ffn_with_isa => quant_gather::gather_quantized_ffn;
+    pool: &ThreadPool, w: QuantizedFfn<'_>, ids: &[u32], down_dtype: DType, => (Vec<u8>, Vec<u8>, Vec<u8>)
+}
+
+pub use quant_gather::QuantizedFfn;
 
 pub use neurons::{
     accumulate_neuron_scores, gather_ffn, select_neurons, select_neurons_shared, Activation,

@@ -257,6 +257,18 @@ impl SparseOps for CudaBackend {
         ffn::gather_ffn(&self.ctx, bundles, rows)
     }
 
+    fn gather_quantized_ffn(
+        &self,
+        _ffn: [&CudaMatrix; 3],
+        _rows: &[u32],
+        _down_dtype: DType,
+    ) -> Result<[CudaMatrix; 3]> {
+        // Unreachable through the engine: CUDA matrices are float (`buffers::cuda_float`).
+        Err(crate::error::Error::Cuda(
+            "Griffin on quantized weights runs on the CPU only; load the model with --weights bf16 for CUDA".into(),
+        ))
+    }
+
     fn bundle_ffn(
         &self,
         bundles: &CudaMatrix,
