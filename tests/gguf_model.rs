@@ -41,7 +41,7 @@ fn bf16_round(v: f32) -> f32 {
 #[test]
 fn the_gguf_holds_the_weights_the_converter_wrote() {
     let Some((dir, gguf)) = paths() else { return };
-    let from_gguf = ModelFiles::open_with(&gguf, WeightsChoice::Float(DType::BF16)).unwrap();
+    let from_gguf = ModelFiles::open_with(&gguf, WeightsChoice::Convert(DType::BF16)).unwrap();
     let native = ModelFiles::open(&gguf).unwrap();
     let from_dir = ModelFiles::open(&dir).unwrap();
     let (a, b) = (&from_gguf.config, &from_dir.config);
@@ -147,7 +147,7 @@ fn greedy_tokens_of_the_dequantized_gguf_equal_the_converted_models() {
     let Some((dir, gguf)) = paths() else { return };
     // The GGUF de-quantized to bf16: the same weights as the converted directory.
     let config = EngineConfig {
-        weights: WeightsChoice::Float(DType::BF16),
+        weights: WeightsChoice::Convert(DType::BF16),
         ..EngineConfig::dense()
     };
     let mut native = Engine::load(&gguf, CpuBackend::new(2), &config).unwrap();
@@ -259,7 +259,7 @@ fn quantized_compute_differs_from_the_bf16_weights_only_at_near_ties() {
         (model, chat, files.text.tokenizer)
     };
     let (quantized, chat, tok) = load(WeightsChoice::AsStored);
-    let (float, _, _) = load(WeightsChoice::Float(DType::BF16));
+    let (float, _, _) = load(WeightsChoice::Convert(DType::BF16));
     assert_eq!(quantized.dtype, DType::Q4_1);
     let (mut flips, mut worst, mut compared) = (0, 0f32, 0);
     for prompt in [

@@ -23,8 +23,9 @@ pub struct ModelArgs {
     /// Compute threads (0 = one per core).
     #[arg(long, short = 't', default_value_t = 0)]
     pub threads: usize,
-    /// How a GGUF's matrices are kept: as stored (quantized blocks computed on directly; with
-    /// CATS or offloading, bf16), or de-quantized to a float type at load.
+    /// How the weight matrices are kept: as stored (a GGUF's quantized blocks computed on
+    /// directly; with CATS or offloading, bf16), or converted at load: to a float type, or
+    /// quantized to q8_0 / q4_0 (any model, e.g. a bf16 checkpoint).
     #[arg(long, default_value = "auto")]
     pub weights: WeightsArg,
 }
@@ -36,6 +37,10 @@ pub enum WeightsArg {
     Bf16,
     F16,
     F32,
+    #[value(name = "q8_0", alias = "q8")]
+    Q8_0,
+    #[value(name = "q4_0", alias = "q4")]
+    Q4_0,
 }
 
 impl ModelArgs {
@@ -43,9 +48,11 @@ impl ModelArgs {
     pub fn weights(&self) -> WeightsChoice {
         match self.weights {
             WeightsArg::Auto => WeightsChoice::AsStored,
-            WeightsArg::Bf16 => WeightsChoice::Float(DType::BF16),
-            WeightsArg::F16 => WeightsChoice::Float(DType::F16),
-            WeightsArg::F32 => WeightsChoice::Float(DType::F32),
+            WeightsArg::Bf16 => WeightsChoice::Convert(DType::BF16),
+            WeightsArg::F16 => WeightsChoice::Convert(DType::F16),
+            WeightsArg::F32 => WeightsChoice::Convert(DType::F32),
+            WeightsArg::Q8_0 => WeightsChoice::Convert(DType::Q8_0),
+            WeightsArg::Q4_0 => WeightsChoice::Convert(DType::Q4_0),
         }
     }
 }

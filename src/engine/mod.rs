@@ -246,7 +246,7 @@ fn weights_for(config: &EngineConfig, path: &Path) -> WeightsChoice {
     match config.weights {
         WeightsChoice::AsStored if needs_float && crate::config::is_gguf(path) => {
             tracing::info!("CATS and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
-            WeightsChoice::Float(crate::tensor::DType::BF16)
+            WeightsChoice::Convert(crate::tensor::DType::BF16)
         }
         other => other,
     }

@@ -2,6 +2,7 @@
 //! forward: `llama`), KV cache and sampling.
 
 pub mod chat;
+pub(crate) mod convert;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;

@@ -25,8 +25,10 @@ pub enum WeightsChoice {
     /// As the checkpoint stores them (a GGUF's quantized blocks stay quantized).
     #[default]
     AsStored,
-    /// A GGUF's matrices de-quantized (or converted) to this float type at load.
-    Float(DType),
+    /// Every matrix converted to this type at load where its rows can hold it (block
+    /// formats need whole blocks of 32): a GGUF's blocks de-quantized to a float type or
+    /// re-quantized, a float checkpoint quantized (q8_0, q4_0) or widened.
+    Convert(DType),
 }
 
 /// A model's files, opened and checked against each other.
@@ -57,9 +59,8 @@ impl ModelFiles {
         if is_gguf(path) {
             return open_gguf(path, weights);
         }
-        refuse_float_for_dir(path, weights)?;
         let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let weights = WeightStore::open_dir(path)?;
+        let weights = dir_store(path, weights)?;
         let tokenizer = checked_tokenizer(
             Tokenizer::from_file(&path.join("tokenizer.json"))?,
             &path.join("tokenizer.json"),
@@ -88,9 +89,8 @@ impl ModelFiles {
     /// test fixtures and tools may have none).
     pub fn open_model(path: &Path, weights: WeightsChoice) -> Result<(ModelConfig, WeightStore)> {
         if !is_gguf(path) {
-            refuse_float_for_dir(path, weights)?;
             let config = ModelConfig::from_file(&path.join("config.json"))?;
-            return Ok((config, WeightStore::open_dir(path)?));
+            return Ok((config, dir_store(path, weights)?));
         }
         let map = Arc::new(map_file(path)?);
         let file = GgufFile::parse(path, &map)?;
@@ -110,14 +110,12 @@ impl ModelFiles {
     }
 }
 
-fn refuse_float_for_dir(path: &Path, weights: WeightsChoice) -> Result<()> {
+/// A directory's store, converted as `weights` says.
+fn dir_store(path: &Path, weights: WeightsChoice) -> Result<WeightStore> {
+    let store = WeightStore::open_dir(path)?;
     match weights {
-        WeightsChoice::Float(dtype) => Err(Error::InvalidArgument(format!(
-            "--weights {dtype} converts the matrices of a GGUF file; {} is a model directory, \
-             whose weights load as stored",
-            path.display()
-        ))),
-        WeightsChoice::AsStored => Ok(()),
+        WeightsChoice::AsStored => Ok(store),
+        WeightsChoice::Convert(to) => store.converted(to),
     }
 }
 
@@ -131,7 +129,7 @@ fn gguf_store(
 ) -> Result<WeightStore> {
     let mode = match weights {
         WeightsChoice::AsStored => GgufWeights::Native,
-        WeightsChoice::Float(dtype) => GgufWeights::Float(dtype),
+        WeightsChoice::Convert(dtype) => GgufWeights::Convert(dtype),
     };
     let heads = (config.num_heads, config.num_kv_heads);
     weight_store(path, file, map, arch, heads, mode)

@@ -163,6 +163,60 @@ impl WeightStore {
         Ok(store)
     }
 
+    /// The store with every matrix (2-D tensor) converted to `to` where its rows can hold it
+    /// (`--weights q8_0|q4_0|...` on a float checkpoint), into one anonymous mapping beside
+    /// the checkpoint's; vectors (norms, biases) and matrices whose rows are not whole blocks
+    /// of `to` stay as stored.
+    pub fn converted(mut self, to: DType) -> Result<WeightStore> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort_unstable();
+        let mut jobs = Vec::new();
+        let mut moved = Vec::new();
+        for name in names {
+            let e = &self.tensors[name];
+            let (Ok(from), &[rows, cols]) = (&e.dtype, &e.shape[..]) else {
+                continue;
+            };
+            let bytes = &self.shards[e.shard].1[e.start..e.end];
+            // A tensor whose bytes disagree with its shape is left for `get` to report.
+            if *from == to || !to.fits_row(cols) || bytes.len() != from.bytes_for(rows * cols) {
+                continue;
+            }
+            jobs.push(crate::model::convert::ConvertJob {
+                name,
+                bytes,
+                from: *from,
+                to,
+                rows,
+                cols,
+                unpermute_heads: 0,
+            });
+            moved.push(name.clone());
+        }
+        if jobs.is_empty() {
+            return Ok(self);
+        }
+        let map = crate::model::convert::convert_all(&jobs, &format!("{to}"))?;
+        let ranges = crate::model::convert::layout(&jobs).0;
+        drop(jobs);
+        tracing::info!("{} matrices converted to {to} at load", moved.len());
+        let shard = self.shards.len();
+        let path = self.shards[0].0.clone();
+        self.shards.push((path, Arc::new(map)));
+        for (name, range) in moved.iter().zip(ranges) {
+            if let Some(e) = self.tensors.get_mut(name) {
+                *e = TensorEntry {
+                    shard,
+                    start: range.start,
+                    end: range.end,
+                    dtype: Ok(to),
+                    shape: e.shape.clone(),
+                };
+            }
+        }
+        Ok(self)
+    }
+
     /// Fetches a tensor and checks its shape.
     pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<TensorRef> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {

@@ -155,7 +155,7 @@ fn use_file(path: &Path, file: &GgufFile, bytes: &[u8], with_weights: bool) {
         let map = Arc::new(map);
         for mode in [
             GgufWeights::Native,
-            GgufWeights::Float(crate::tensor::DType::BF16),
+            GgufWeights::Convert(crate::tensor::DType::BF16),
         ] {
             let _ = weight_store(path, file, &map, arch, (2, 1), mode);
         }
@@ -225,7 +225,7 @@ fn an_empty_tensor_is_an_error_not_a_huge_allocation() {
     let map = Arc::new(map.make_read_only().unwrap());
     for mode in [
         GgufWeights::Native,
-        GgufWeights::Float(crate::tensor::DType::BF16),
+        GgufWeights::Convert(crate::tensor::DType::BF16),
     ] {
         let err = weight_store(path, &file, &map, GgufArch::Llama, (2, 1), mode)
             .err()
