@@ -69,15 +69,21 @@ fn q8_0(b: &[u8], y: &mut [f32]) {
 /// Q5_K block: the first four in the low 6 bits of bytes 0..4 and 4..8, the last four split
 /// between the low/high nibbles of bytes 8..12 and the top 2 bits of bytes 0..8.
 pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
-    let (sc, m) = if j < 4 {
+    let (sc, m) = scale_min_k4_int(j, s);
+    (sc as f32, m as f32)
+}
+
+/// [`scale_min_k4`] as the 6-bit integers (the integer kernels' factors).
+#[inline(always)]
+fn scale_min_k4_int(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
         (
             (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
             (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
         )
-    };
-    (sc as f32, m as f32)
+    }
 }
 
 /// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: 8 sub-blocks of 32, each

@@ -1,12 +1,12 @@
 //! Products with quantized weight matrices (ggml block formats, see `tensor::quant`).
 //!
 //! Decode (one token) is a stream over the weights, so it runs on the blocks as stored: the
-//! activations are quantized to 8 bits per block of 32 (one f32 scale each, plus the block's
-//! scaled sum for the formats with a minimum), and each weight block meets its activation
-//! block in an integer dot product (AVX2 `maddubs`, or the scalar reference). Batches
-//! (prefill, Sirius windows) convert blocks of weight rows to f32 once and reuse them for up to
-//! 64 tokens in the float GEMM, which `convert` below makes fast for the 32-element formats.
-//! The K-quants (256-element super-blocks) take the reference de-quantization on both paths.
+//! activations are quantized to 8 bits (one f32 scale per block of 32, plus the block's scaled
+//! sum for the formats with a minimum; per super-block of 256 with sums per 16 for the
+//! K-quants), and each weight block meets its activations in an integer dot product (AVX2
+//! `maddubs`, or the scalar reference). Batches (prefill, Sirius windows) convert blocks of
+//! weight rows to f32 once (SIMD, bit-equal to the reference) and reuse them for up to 64
+//! tokens in the float GEMM. Q5_K takes the reference de-quantization on both paths.
 
 use std::cell::RefCell;
 
@@ -24,7 +24,8 @@ use crate::tensor::DType;
 /// Elements per activation block (and per block of Q4_0, Q4_1, Q8_0).
 pub(super) const QK: usize = 32;
 
-/// One token's activations quantized per block of [`QK`]: `x[i] ~ d[i / QK] * qs[i]`.
+/// One token's activations quantized per block of `per` elements (32, or 256 for the
+/// K-quants, whose super-blocks then need one activation scale): `x[i] ~ d[i / per] * qs[i]`.
 #[derive(Default)]
 pub(super) struct Q8Row {
     pub qs: Vec<i8>,
@@ -32,18 +33,23 @@ pub(super) struct Q8Row {
     pub d: Vec<f32>,
     /// `d * sum(qs)` per block (what a weight block's minimum multiplies).
     pub s: Vec<f32>,
+    /// The sum of each 16 quants (the K-quants' minima and offsets multiply these).
+    pub bsums: Vec<i32>,
+    /// Elements per block.
+    pub per: usize,
 }
 
 impl Q8Row {
-    /// Quantizes `x` (a whole number of blocks) in place of the previous contents.
-    pub(super) fn quantize(&mut self, x: &[f32]) {
-        let nb = x.len() / QK;
-        self.qs.resize(nb * QK, 0);
+    /// Quantizes `x` (a whole number of blocks of `per`) in place of the previous contents.
+    pub(super) fn quantize(&mut self, x: &[f32], per: usize) {
+        let nb = x.len() / per;
+        self.per = per;
+        self.qs.resize(nb * per, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
         for (b, (xs, qs)) in x
-            .chunks_exact(QK)
-            .zip(self.qs.chunks_exact_mut(QK))
+            .chunks_exact(per)
+            .zip(self.qs.chunks_exact_mut(per))
             .enumerate()
         {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -57,6 +63,20 @@ impl Q8Row {
             self.d[b] = d;
             self.s[b] = d * sum as f32;
         }
+        self.bsums.clear();
+        self.bsums.extend(
+            self.qs
+                .chunks_exact(16)
+                .map(|c| c.iter().map(|&q| q as i32).sum::<i32>()),
+        );
+    }
+}
+
+/// Activation elements per scale for `dtype`'s integer dot products.
+fn activation_block(dtype: DType) -> usize {
+    match dtype {
+        DType::Q4K | DType::Q6K => 256,
+        _ => QK,
     }
 }
 
@@ -138,7 +158,7 @@ pub(super) fn matvec(
     };
     if has_int_dot(dtype) {
         X_Q8.with_borrow_mut(|xq| {
-            xq.quantize(x);
+            xq.quantize(x, activation_block(dtype));
             run(Some(xq));
         });
     } else {
@@ -175,7 +195,7 @@ pub(super) fn dot_scalar(dtype: DType, row: &[u8], x: &Q8Row) -> f32 {
             dequantize(dtype, blk, &mut w);
             for (i, wv) in w.iter().enumerate() {
                 let at = 256 * s + i;
-                sum += wv * x.qs[at] as f32 * x.d[at / QK];
+                sum += wv * x.qs[at] as f32 * x.d[at / x.per];
             }
         }
         return sum;
@@ -310,17 +330,75 @@ mod tests {
         }
     }
 
+    /// Every tier's integer products equal the scalar reference on the same quantized
+    /// activations up to f32 summation order (the tolerance above is the activations').
+    #[test]
+    fn tiers_match_the_scalar_reference_on_the_same_activations() {
+        let mut rng = TestRng::new(17);
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K] {
+            let (rows, cols) = (7, 1024);
+            let bytes = reference_blocks(dtype, rows * cols / dtype.block().0);
+            let row_bytes = dtype.bytes_for(cols);
+            let mut xq = Q8Row::default();
+            xq.quantize(&rng.vec(cols), activation_block(dtype));
+            let want: Vec<f32> = bytes
+                .chunks_exact(row_bytes)
+                .map(|r| dot_scalar(dtype, r, &xq))
+                .collect();
+            for isa in Isa::available() {
+                let mut got = vec![f32::NAN; rows];
+                dot_q8_rows(
+                    tier(Kernels::new(isa)),
+                    dtype,
+                    &bytes,
+                    row_bytes,
+                    &xq,
+                    &mut got,
+                );
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{isa:?} {dtype}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The K-quants' activations: one scale per 256, sums per 16.
+    #[test]
+    fn activations_per_super_block() {
+        let mut rng = TestRng::new(5);
+        let x = rng.vec(512);
+        let mut q = Q8Row::default();
+        q.quantize(&x, 256);
+        assert_eq!((q.d.len(), q.bsums.len(), q.per), (2, 32, 256));
+        for (i, v) in x.iter().enumerate() {
+            let d = q.d[i / 256];
+            assert!((q.qs[i] as f32 * d - v).abs() <= 0.5 * d + 1e-7, "{i}");
+        }
+        assert_eq!(
+            q.bsums[5],
+            q.qs[80..96].iter().map(|&v| v as i32).sum::<i32>()
+        );
+    }
+
     #[test]
     fn activations_round_trip_within_half_a_step() {
         let mut rng = TestRng::new(3);
         let mut x = rng.vec(96);
         x[40..72].fill(0.0);
         let mut q = Q8Row::default();
-        q.quantize(&x);
+        q.quantize(&x, QK);
         for (i, v) in x.iter().enumerate() {
             let d = q.d[i / QK];
             assert!((q.qs[i] as f32 * d - v).abs() <= 0.5 * d + 1e-7, "{i}");
         }
+        let sixteens: Vec<i32> =
+            q.qs.chunks(16)
+                .map(|c| c.iter().map(|&v| v as i32).sum())
+                .collect();
+        assert_eq!(q.bsums, sixteens);
         assert_eq!(
             (q.d[1], q.s[1]),
             (

@@ -28,7 +28,7 @@ unsafe fn f16_at_in(table: &[f32], p: *const u8) -> f32 {
 
 /// The f16 at `p` as f32 (F16C).
 #[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: caller: `p` readable for 2 bytes; F16C enabled by the calling kernel.
     unsafe {
         let bits = u16::from_le_bytes([*p, *p.add(1)]);
