@@ -57,40 +57,47 @@ unsafe fn unpack_q4k(b: &[u8], out: &mut [Unpacked; 8]) {
     }
 }
 
+/// The 128 six-bit values (0..63) of half `half` of a Q6_K super-block at `p`, as 4 blocks of
+/// 32 bytes: low 4 bits from `ql`, high 2 from `qh`.
+#[inline(always)]
+unsafe fn q6k_groups(p: *const u8, half: usize) -> [__m256i; 4] {
+    // SAFETY: caller: `p` starts a 210-byte block; features enabled by the calling kernel.
+    unsafe {
+        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+        let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
+        [
+            _mm256_or_si256(
+                _mm256_and_si256(ql0, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(ql1, m4),
+                _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
+                _mm256_and_si256(qh, m2),
+            ),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
+            ),
+        ]
+    }
+}
+
 /// The 8 blocks of 32 of a Q6_K super-block (210 bytes), values as signed bytes (-32..31).
 #[inline(always)]
 unsafe fn unpack_q6k(b: &[u8], out: &mut [Unpacked; 8]) {
     let d = f16(b, 208);
     // SAFETY: the block is 210 bytes (caller); features enabled by the calling kernel.
     unsafe {
-        let (m4, m2, bias) = (
-            _mm256_set1_epi8(0x0F),
-            _mm256_set1_epi8(0x30),
-            _mm256_set1_epi8(32),
-        );
+        let bias = _mm256_set1_epi8(32);
         for half in 0..2 {
             let p = b.as_ptr();
-            let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
-            let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
-            let groups = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                    _mm256_and_si256(qh, m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                ),
-            ];
+            let groups = q6k_groups(p, half);
             let sc = &b[192 + 8 * half..200 + 8 * half];
             for (g, w) in groups.into_iter().enumerate() {
                 out[4 * half + g] = Unpacked {
@@ -248,34 +255,13 @@ unsafe fn super_q6k(b: &[u8], qx: &[i8], bsums: &[i32]) -> (__m256i, f32, f32) {
     let shift: i32 = (0..16).map(|g| (sc[g] as i8) as i32 * bsums[g]).sum();
     // SAFETY: b is 210 bytes, qx 256 (caller); features enabled by the calling kernel.
     unsafe {
-        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
         let scales = _mm_loadu_si128(sc.as_ptr() as *const __m128i);
         // Byte offsets 0 x 8 then 1 x 8.
         let second = _mm_set_epi64x(0x0101_0101_0101_0101, 0);
         let mut sumi = _mm256_setzero_si256();
         for half in 0..2 {
             let p = b.as_ptr();
-            let ql0 = _mm256_loadu_si256(p.add(64 * half) as *const __m256i);
-            let ql1 = _mm256_loadu_si256(p.add(64 * half + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(p.add(128 + 32 * half) as *const __m256i);
-            let groups = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql0, m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql1, m4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), m4),
-                    _mm256_and_si256(qh, m2),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), m4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2),
-                ),
-            ];
+            let groups = q6k_groups(p, half);
             for (g, w) in groups.into_iter().enumerate() {
                 let at = 128 * half + 32 * g;
                 let xv = _mm256_loadu_si256(qx.as_ptr().add(at) as *const __m256i);
