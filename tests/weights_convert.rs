@@ -154,3 +154,26 @@ fn smollm2_quantized_at_load_answers() {
         assert!(out.text.contains("Paris"), "{w}: {:?}", out.text);
     }
 }
+
+/// CATS reads float bundles: on quantized weights it says how to run (bf16, or Griffin).
+#[test]
+fn cats_on_quantized_weights_names_the_way_out() {
+    let Some(dir) = common::smollm2_dir("CATS on --weights q8_0") else {
+        return;
+    };
+    let dir = dir.to_string_lossy();
+    let out = common::run_bin(&[
+        "run",
+        "-m",
+        &dir,
+        "--weights",
+        "q8_0",
+        "--sparsity",
+        "cats",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+    ]);
+    common::assert_one_line_failure(&out, "--weights bf16 (Griffin, --sparsity griffin");
+}

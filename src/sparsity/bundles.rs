@@ -61,9 +61,13 @@ impl<B: SparseOps> NeuronBundles<B> {
             .flat_map(|l| [&l.gate, &l.up, &l.down])
             .find(|t| t.dtype.is_quantized() || t.dtype != dtype)
         {
+            let fix = match q.dtype.is_quantized() {
+                true => "load the model with --weights bf16 (Griffin, --sparsity griffin, runs on quantized weights)",
+                false => "load the model with --weights bf16",
+            };
             return Err(Error::InvalidArgument(format!(
-                "sparsity needs the FFN in one float type; `{}` is {} (the first gate is {dtype}): \
-                 load the model with --weights bf16",
+                "CATS and offloading read neuron bundles of one float type; `{}` is {} (the first \
+                 gate is {dtype}): {fix}",
                 q.name, q.dtype
             )));
         }
