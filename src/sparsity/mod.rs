@@ -1,6 +1,7 @@
 //! Contextual sparsity of the FFN: Griffin (one neuron set per request, from the prompt)
-//! and CATS (per token, from |SiLU(gate)|), both reading real neuron subsets through the
-//! bundle layout rather than masking a dense computation.
+//! and CATS (per token, from |SiLU(gate)|), both reading real neuron subsets (through the
+//! bundle layout, or for Griffin on quantized weights straight from the matrices, see
+//! `griffin_source`) rather than masking a dense computation.
 //!
 //! - Griffin: during the dense prefill every layer scores neuron j by
 //!   `s_j = sqrt(sum_t (z_tj / |z_t|)^2)`, `z_t = SiLU(W_gate x_t) * (W_up x_t)`; the top
