@@ -29,9 +29,9 @@ impl ConvertJob<'_> {
     }
 }
 
-/// Where each job's bytes will be in [`convert_all`]'s mapping, and its total length: every
+/// Where each job's bytes go in [`convert_all`]'s mapping, and its total length: every
 /// tensor starts 64-byte aligned.
-pub(crate) fn layout(jobs: &[ConvertJob<'_>]) -> (Vec<std::ops::Range<usize>>, usize) {
+fn layout(jobs: &[ConvertJob<'_>]) -> (Vec<std::ops::Range<usize>>, usize) {
     let mut offset = 0;
     let ranges = jobs
         .iter()
@@ -44,8 +44,12 @@ pub(crate) fn layout(jobs: &[ConvertJob<'_>]) -> (Vec<std::ops::Range<usize>>, u
     (ranges, offset)
 }
 
-/// Writes every job into one fresh read-only mapping laid out as [`layout`] says.
-pub(crate) fn convert_all(jobs: &[ConvertJob<'_>], what: &str) -> Result<memmap2::Mmap> {
+/// The converted tensors of [`convert_all`]: one read-only mapping, and each job's byte
+/// range in it (in job order).
+pub(crate) type Converted = (memmap2::Mmap, Vec<std::ops::Range<usize>>);
+
+/// Writes every job into one fresh read-only mapping.
+pub(crate) fn convert_all(jobs: &[ConvertJob<'_>], what: &str) -> Result<Converted> {
     let (ranges, total) = layout(jobs);
     let io = |e: std::io::Error| Error::io(format!("anonymous memory for the {what} weights"), e);
     let mut map = memmap2::MmapOptions::new()
@@ -99,7 +103,7 @@ pub(crate) fn convert_all(jobs: &[ConvertJob<'_>], what: &str) -> Result<memmap2
             "tensor `{name}`: its bytes are not whole blocks of its type"
         )));
     }
-    map.make_read_only().map_err(io)
+    Ok((map.make_read_only().map_err(io)?, ranges))
 }
 
 /// Converts one tensor row by row into `out` (HF row order); `false` if a row's bytes are
@@ -166,7 +170,7 @@ mod tests {
             cols,
             unpermute_heads: 0,
         };
-        let map = convert_all(&[job(DType::Q8_0, 64)], "test").unwrap();
+        let (map, _) = convert_all(&[job(DType::Q8_0, 64)], "test").unwrap();
         let mut back = vec![0f32; 128];
         assert!(dequantize(
             DType::Q8_0,

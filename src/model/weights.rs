@@ -196,8 +196,7 @@ impl WeightStore {
         if jobs.is_empty() {
             return Ok(self);
         }
-        let map = crate::model::convert::convert_all(&jobs, &format!("{to}"))?;
-        let ranges = crate::model::convert::layout(&jobs).0;
+        let (map, ranges) = crate::model::convert::convert_all(&jobs, &format!("{to}"))?;
         drop(jobs);
         tracing::info!("{} matrices converted to {to} at load", moved.len());
         let shard = self.shards.len();

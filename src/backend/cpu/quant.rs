@@ -47,6 +47,7 @@ impl Q8Row {
         self.qs.resize(nb * per, 0);
         self.d.resize(nb, 0.0);
         self.s.resize(nb, 0.0);
+        self.bsums.resize(nb * per / 16, 0);
         for (b, (xs, qs)) in x
             .chunks_exact(per)
             .zip(self.qs.chunks_exact_mut(per))
@@ -55,20 +56,22 @@ impl Q8Row {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qs.iter_mut().zip(xs) {
-                *q = (v * inv).round() as i8;
-                sum += *q as i32;
+            let sixteens = &mut self.bsums[b * per / 16..(b + 1) * per / 16];
+            for ((q16, x16), bsum) in qs
+                .chunks_exact_mut(16)
+                .zip(xs.chunks_exact(16))
+                .zip(sixteens.iter_mut())
+            {
+                let mut sum = 0i32;
+                for (q, v) in q16.iter_mut().zip(x16) {
+                    *q = (v * inv).round() as i8;
+                    sum += *q as i32;
+                }
+                *bsum = sum;
             }
             self.d[b] = d;
-            self.s[b] = d * sum as f32;
+            self.s[b] = d * sixteens.iter().sum::<i32>() as f32;
         }
-        self.bsums.clear();
-        self.bsums.extend(
-            self.qs
-                .chunks_exact(16)
-                .map(|c| c.iter().map(|&q| q as i32).sum::<i32>()),
-        );
     }
 }
 

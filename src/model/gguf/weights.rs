@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::hf::GgufArch;
 use super::{GgufFile, GgufTensor};
 use crate::error::{Error, Result};
-use crate::model::convert::{convert_all, layout, ConvertJob};
+use crate::model::convert::{convert_all, ConvertJob};
 use crate::model::weights::{MappedTensor, WeightStore};
 use crate::tensor::DType;
 
@@ -106,8 +106,8 @@ pub fn weight_store(
             });
         }
     }
-    let converted = convert_all(&jobs, "gguf")?;
-    let mut out_ranges = layout(&jobs).0.into_iter();
+    let (converted, out_ranges) = convert_all(&jobs, "gguf")?;
+    let mut out_ranges = out_ranges.into_iter();
     let entries = entries
         .into_iter()
         .map(|(name, dtype, shape, range, converted)| MappedTensor {
