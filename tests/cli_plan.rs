@@ -15,11 +15,17 @@ fn llama_3_70b_in_24g_explains_bf16_and_shows_a_q4_plan() {
     assert!(o.status.success(), "{}", stderr(&o));
     let md = stdout(&o);
     assert!(md.contains("bf16 cannot hold the sparse set"), "{md}");
-    assert!(md.contains("# Alternative: q4 at keep 0.5"), "{md}");
+    // q4_k holds the sparse set with its compact down matrices in 4 bits too (q8_0 ones do
+    // not fit), and the advice says what that costs.
     assert!(
-        md.contains("## q4 at keep 0.5: the sparse set fits"),
+        md.contains("# Alternative: q4_k at keep 0.5, compact down in q4_0"),
         "{md}"
     );
+    assert!(
+        md.contains("## q4_k at keep 0.5 (compact down in q4_0): the sparse set fits"),
+        "{md}"
+    );
+    assert!(md.contains("--griffin-down q4_0"), "{md}");
     for way in ["full (", "reference (", "sirius-offload ("] {
         assert_eq!(md.matches(way).count(), 2, "{way} once per plan: {md}");
     }
@@ -55,7 +61,7 @@ fn json_has_the_contract_keys() {
     let alt = &json["alternative"];
     assert_eq!(
         (alt["fits"].as_bool(), alt["format"].as_str()),
-        (Some(true), Some("q4"))
+        (Some(true), Some("q4_k"))
     );
     assert!(alt["resident_bytes"].as_u64().unwrap() <= 24 << 30);
     let ours = alt["predicted_ms_per_token"]["sirius_offload"]

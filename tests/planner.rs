@@ -20,6 +20,10 @@ fn preset(name: &str) -> ModelConfig {
 
 fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput {
     PlanInput {
+        head_format: None,
+        // Quantized formats: the compact down matrix in q4_0 too, so that every matrix of a
+        // q4_0 plan is 4.5 bits per weight.
+        sparse_down: Some(WeightFormat::Q4_0),
         config: preset(model),
         format,
         keep,
@@ -138,7 +142,7 @@ fn llama_3_70b_matches_hand_computation() {
     assert_eq!((total as f64 / 1e8).round() / 10.0, 141.1);
 
     // q4: 18 bytes per 32 weights (every dimension is a multiple of 32).
-    let q4 = Sizes::new(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(24)));
+    let q4 = Sizes::new(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(24)));
     assert_eq!(
         q4.total_weight_bytes(false),
         (params - norms) * 18 / 32 + 4 * norms
@@ -147,7 +151,7 @@ fn llama_3_70b_matches_hand_computation() {
     assert_eq!(q4.kept_neurons, 14336);
     assert_eq!(q4.sparse_ffn_bytes * 80, ffn / 2 * 9 / 16); // 15.85e9
     assert_eq!(q4.kv_cache_bytes, 2 * 80 * 1024 * 4096 * 2); // 1.34e9
-    let q8 = Sizes::new(&input("llama-3-70b", WeightFormat::Q8, 0.5, gib(24)));
+    let q8 = Sizes::new(&input("llama-3-70b", WeightFormat::Q8_0, 0.5, gib(24)));
     assert_eq!(
         q8.total_weight_bytes(false),
         (params - norms) * 34 / 32 + 4 * norms
@@ -160,7 +164,8 @@ fn llama_3_70b_in_24g_needs_q4() {
     let p = plan(&input("llama-3-70b", WeightFormat::Bf16, 0.5, budget)).unwrap();
     assert!(!p.fits);
     assert!(p.resident_bytes <= budget);
-    assert_eq!(p.advised_format, Some(WeightFormat::Q4));
+    // The first 4.5-bit format in the planner's order (q4_k, then q4_0).
+    assert_eq!(p.advised_format, Some(WeightFormat::Q4K));
     assert_eq!(
         p.advised_keep, None,
         "attention alone overfills 24G in bf16"
@@ -173,7 +178,7 @@ fn llama_3_70b_in_24g_needs_q4() {
     assert!(advice.contains("q4"), "{advice}");
     assert!(p.streamed_bytes_per_draft > 0);
 
-    let q4 = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, budget)).unwrap();
+    let q4 = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, budget)).unwrap();
     assert!(q4.fits && q4.resident_bytes <= budget);
     assert!(q4
         .layers
@@ -214,17 +219,17 @@ fn llama_3_70b_in_24g_needs_q4() {
         assert!((w.tokens_per_s * w.ms_per_token - 1e3).abs() < 1e-6);
     }
     // In q4 at keep 0.5 a 20G card has an overflow, and a smaller keep fits.
-    let tight = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(20))).unwrap();
+    let tight = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(20))).unwrap();
     let keep = tight.advised_keep.unwrap();
     assert!(keep < 0.5 && keep > 0.2, "{keep}");
     assert!(
-        plan(&input("llama-3-70b", WeightFormat::Q4, keep, gib(20)))
+        plan(&input("llama-3-70b", WeightFormat::Q4_0, keep, gib(20)))
             .unwrap()
             .fits
     );
     let over = plan(&input(
         "llama-3-70b",
-        WeightFormat::Q4,
+        WeightFormat::Q4_0,
         keep + 0.01,
         gib(20),
     ))
@@ -239,7 +244,7 @@ fn resident_bytes_never_exceed_the_budget() {
     let mut planned = 0;
     for _ in 0..300 {
         let model = models[rng.gen_range(0..models.len())];
-        let format = WeightFormat::ALL[rng.gen_range(0..4)];
+        let format = WeightFormat::ALL[rng.gen_range(0..WeightFormat::ALL.len())];
         let keep = rng.gen_range(1..=100) as f64 / 100.0;
         let probe = input(model, format, keep, u64::MAX / 4);
         let total = Sizes::new(&probe).total_weight_bytes(false);
@@ -298,10 +303,10 @@ fn resident_bytes_never_exceed_the_budget() {
 
 #[test]
 fn a_budget_below_the_minimum_names_it() {
-    let p = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, gib(1000))).unwrap();
+    let p = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(1000))).unwrap();
     let minimum = p.minimum_bytes;
-    assert!(plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum)).is_ok());
-    let err = plan(&input("llama-3-70b", WeightFormat::Q4, 0.5, minimum - 1)).unwrap_err();
+    assert!(plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, minimum)).is_ok());
+    let err = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, minimum - 1)).unwrap_err();
     let msg = err.to_string();
     assert!(
         matches!(err, Error::BudgetBelowMinimum { minimum: m, .. } if m == minimum),
@@ -313,7 +318,7 @@ fn a_budget_below_the_minimum_names_it() {
         "{msg}"
     );
     for bad in [0.0, -0.5, 1.5, f64::NAN] {
-        let err = plan(&input("llama-3-70b", WeightFormat::Q4, bad, gib(24))).unwrap_err();
+        let err = plan(&input("llama-3-70b", WeightFormat::Q4_0, bad, gib(24))).unwrap_err();
         assert!(
             matches!(err, Error::PlanInput { field: "keep", .. }),
             "{err}"
@@ -416,4 +421,26 @@ fn a_model_that_fits_whole_streams_nothing_after_its_prompt() {
         c.sirius_offload.ms_per_token,
         c.full.ms_per_token
     );
+}
+
+#[test]
+fn a_quantized_plan_counts_the_compact_down_format() {
+    let q8_down = Sizes::new(&PlanInput {
+        sparse_down: None,
+        ..input("llama-3-70b", WeightFormat::Q4K, 0.5, gib(24))
+    });
+    let q4_down = Sizes::new(&input("llama-3-70b", WeightFormat::Q4K, 0.5, gib(24)));
+    let (h, kept) = (8192u64, 14336u64);
+    assert_eq!(q8_down.kept_neurons as u64, kept);
+    // Gate and up rows in q4_k either way; the compact down [h, kept] in q8_0 by default.
+    assert_eq!(
+        q8_down.sparse_ffn_bytes - q4_down.sparse_ffn_bytes,
+        h * kept / 32 * (34 - 18)
+    );
+    // A full pass streams the rest's gate and up rows and the whole down matrix as stored.
+    assert_eq!(
+        q8_down.complement_bytes,
+        2 * (28672 - kept) * (h / 256 * 144) + h * (28672 / 256 * 144)
+    );
+    assert_eq!(q8_down.complement_bytes, q4_down.complement_bytes);
 }

@@ -114,6 +114,71 @@ pub(crate) fn bundle_call<Buf>(
     Ok(cols / parts)
 }
 
+/// One matrix's `(dtype, rows, cols)`, for checks that do not care where it lives.
+pub(crate) type MatrixShape = (DType, usize, usize);
+
+/// `gather_quantized_ffn`'s arguments: gate and up `[f, h]`, down `[h, f]`, neuron ids
+/// ascending and below `f`, and a compact down `[h, k]` that `down_dtype` can hold (whole
+/// blocks, a format the runtime writes). Returns `(h, f)`.
+/// `scatter_columns`: `src` holds `[n, ids.len()]`, `dst` `[n, width]`, ids ascending and
+/// below `width`.
+pub(crate) fn scatter_columns(
+    src_len: usize,
+    n_tokens: usize,
+    ids: &[u32],
+    dst_len: usize,
+    width: usize,
+) -> Result<()> {
+    if ids.windows(2).any(|w| w[0] >= w[1]) || ids.last().is_some_and(|&i| i as usize >= width) {
+        return Err(Error::InvalidArgument(format!(
+            "scatter_columns: column ids must be ascending and below {width}"
+        )));
+    }
+    if src_len < n_tokens * ids.len() || dst_len < n_tokens * width {
+        return Err(Error::InvalidArgument(format!(
+            "scatter_columns: {n_tokens} rows need {} source and {} destination values, \
+             buffers hold {src_len} and {dst_len}",
+            n_tokens * ids.len(),
+            n_tokens * width
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn quantized_gather(
+    gate: MatrixShape,
+    up: MatrixShape,
+    down: MatrixShape,
+    ids: &[u32],
+    down_dtype: DType,
+) -> Result<(usize, usize)> {
+    let (_, f, h) = gate;
+    if (up.1, up.2) != (f, h) || (down.1, down.2) != (h, f) {
+        return Err(Error::InvalidArgument(format!(
+            "FFN shapes disagree: gate {f}x{h}, up {}x{}, down {}x{} (expected {h}x{f})",
+            up.1, up.2, down.1, down.2
+        )));
+    }
+    if !crate::tensor::quantize::writes(down_dtype) {
+        return Err(Error::InvalidArgument(format!(
+            "Griffin's compact down matrix cannot be written as {down_dtype}: use q8_0, bf16, f16 or f32"
+        )));
+    }
+    if !down_dtype.fits_row(ids.len()) {
+        return Err(Error::InvalidArgument(format!(
+            "{} neurons are not whole {down_dtype} blocks of {} (Griffin rounds its choice up to a multiple of the block)",
+            ids.len(),
+            down_dtype.block().0
+        )));
+    }
+    if ids.windows(2).any(|w| w[0] >= w[1]) || ids.last().is_some_and(|&i| i as usize >= f) {
+        return Err(Error::InvalidArgument(format!(
+            "neuron ids must be ascending and below {f}"
+        )));
+    }
+    Ok((h, f))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,44 +236,4 @@ mod tests {
             "a dense pass needs the gate rows"
         );
     }
-}
-
-/// One matrix's `(dtype, rows, cols)`, for checks that do not care where it lives.
-pub(crate) type MatrixShape = (DType, usize, usize);
-
-/// `gather_quantized_ffn`'s arguments: gate and up `[f, h]`, down `[h, f]`, neuron ids
-/// ascending and below `f`, and a compact down `[h, k]` that `down_dtype` can hold (whole
-/// blocks, a format the runtime writes). Returns `(h, f)`.
-pub(crate) fn quantized_gather(
-    gate: MatrixShape,
-    up: MatrixShape,
-    down: MatrixShape,
-    ids: &[u32],
-    down_dtype: DType,
-) -> Result<(usize, usize)> {
-    let (_, f, h) = gate;
-    if (up.1, up.2) != (f, h) || (down.1, down.2) != (h, f) {
-        return Err(Error::InvalidArgument(format!(
-            "FFN shapes disagree: gate {f}x{h}, up {}x{}, down {}x{} (expected {h}x{f})",
-            up.1, up.2, down.1, down.2
-        )));
-    }
-    if !crate::tensor::quantize::writes(down_dtype) {
-        return Err(Error::InvalidArgument(format!(
-            "Griffin's compact down matrix cannot be written as {down_dtype}: use q8_0, bf16, f16 or f32"
-        )));
-    }
-    if !down_dtype.fits_row(ids.len()) {
-        return Err(Error::InvalidArgument(format!(
-            "{} neurons are not whole {down_dtype} blocks of {} (Griffin rounds its choice up to a multiple of the block)",
-            ids.len(),
-            down_dtype.block().0
-        )));
-    }
-    if ids.windows(2).any(|w| w[0] >= w[1]) || ids.last().is_some_and(|&i| i as usize >= f) {
-        return Err(Error::InvalidArgument(format!(
-            "neuron ids must be ascending and below {f}"
-        )));
-    }
-    Ok((h, f))
 }

@@ -480,4 +480,29 @@ impl SparseOps for CpuBackend {
         kernels::silu_with_isa(self.isa, &mut x[..len]);
         Ok(())
     }
+
+    fn scatter_columns(
+        &self,
+        src: &Vec<f32>,
+        n_tokens: usize,
+        ids: &[u32],
+        dst: &mut Vec<f32>,
+        width: usize,
+    ) -> Result<()> {
+        let k = ids.len();
+        checks::scatter_columns(src.len(), n_tokens, ids, dst.len(), width)?;
+        if k == 0 {
+            return Ok(());
+        }
+        for (s, d) in src
+            .chunks_exact(k)
+            .zip(dst.chunks_exact_mut(width))
+            .take(n_tokens)
+        {
+            for (&v, &i) in s.iter().zip(ids) {
+                d[i as usize] = v;
+            }
+        }
+        Ok(())
+    }
 }

@@ -8,7 +8,7 @@
 //! them wherever its compute happens (host memory, device memory). Backends know tensors
 //! only: no model, config, request or placement.
 
-mod checks;
+pub(crate) mod checks;
 pub mod cpu;
 mod cpu_backend;
 #[cfg(feature = "cuda")]
@@ -210,4 +210,15 @@ pub trait SparseOps: Backend {
     ) -> Result<()>;
     /// `x[i] = silu(x[i])` for i < len.
     fn silu(&self, x: &mut Self::Buf, len: usize) -> Result<()>;
+    /// `dst[t, ids[j]] = src[t, j]` for rows t < n_tokens: `src` is `[n, ids.len()]`, `dst`
+    /// `[n, width]`; columns of `dst` that `ids` does not name are left as they are. Merges
+    /// the activations of two neuron sets into one row of every neuron.
+    fn scatter_columns(
+        &self,
+        src: &Self::Buf,
+        n_tokens: usize,
+        ids: &[u32],
+        dst: &mut Self::Buf,
+        width: usize,
+    ) -> Result<()>;
 }

@@ -71,7 +71,8 @@ pub struct SparsityArgs {
     pub cats_thresholds: Option<PathBuf>,
     /// Griffin on quantized weights: the format of the compact down matrix gathered per
     /// request (a neuron's down column is split across blocks in GGUF files, so it is
-    /// re-encoded): q8_0 (1.06 bytes/weight), bf16, f16 or f32 (exact, 4 bytes/weight).
+    /// re-encoded): q8_0 (1.06 bytes/weight), q4_0 (0.56: smallest, re-quantized twice), bf16,
+    /// f16 or f32 (exact, 4 bytes/weight).
     #[arg(long, default_value = "q8_0")]
     pub griffin_down: GriffinDownArg,
 }
@@ -81,15 +82,18 @@ pub struct SparsityArgs {
 pub enum GriffinDownArg {
     #[value(name = "q8_0", alias = "q8")]
     Q8_0,
+    #[value(name = "q4_0", alias = "q4")]
+    Q4_0,
     Bf16,
     F16,
     F32,
 }
 
 impl GriffinDownArg {
-    fn dtype(self) -> DType {
+    pub(crate) fn dtype(self) -> DType {
         match self {
             GriffinDownArg::Q8_0 => DType::Q8_0,
+            GriffinDownArg::Q4_0 => DType::Q4_0,
             GriffinDownArg::Bf16 => DType::BF16,
             GriffinDownArg::F16 => DType::F16,
             GriffinDownArg::F32 => DType::F32,

@@ -8,6 +8,7 @@ use std::path::Path;
 use clap::Args;
 use serde::Serialize;
 
+use crate::cli::args::GriffinDownArg;
 use crate::cli::eval_args::ReportFormat;
 use crate::cli::output::print_stdout;
 use crate::cli::wording::word_plan_error;
@@ -49,9 +50,14 @@ pub struct PlanArgs {
     /// Plan for the CPU runtime instead: resident memory budget (KV cache in f32).
     #[arg(long)]
     pub resident_mem: Option<String>,
-    /// Weight format: bf16, f16, q8 (8.5 bits per weight) or q4 (4.5 bits per weight).
+    /// Weight format of the matrices, with its true bytes per block: bf16, f16, q8_0 (8.5 bits
+    /// per weight), q6_k (6.56), q5_k (5.5), q4_1 (5), q4_k or q4_0 (4.5).
     #[arg(long, default_value = "bf16")]
     pub weights: WeightFormat,
+    /// Quantized weights: the format of the resident compact down matrix (as `run
+    /// --griffin-down`): q8_0, q4_0, bf16 or f16.
+    #[arg(long, default_value = "q8_0")]
+    pub griffin_down: GriffinDownArg,
     /// Griffin FFN keep fraction in (0, 1].
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub keep: f64,
@@ -157,6 +163,12 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let input = PlanInput {
         config,
         format: args.weights,
+        head_format: None,
+        sparse_down: Some(WeightFormat::of(args.griffin_down.dtype()).ok_or_else(|| {
+            Error::InvalidArgument(
+                "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16".into(),
+            )
+        })?),
         keep: args.keep,
         budget,
         context: args.context,
@@ -178,14 +190,20 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let word = |e: Error| word_plan_error(e, option, PLAN_FIELDS);
     let first = placement::plan(&input).map_err(word)?;
-    // The CPU runtime computes with the checkpoint's bf16/f16 weights: for --resident-mem a
-    // quantized format is advice for a GPU, not a plan `run` could follow.
-    let cpu_format =
-        |f: WeightFormat| kv_bytes != 4 || matches!(f, WeightFormat::Bf16 | WeightFormat::F16);
+    // For --resident-mem, only formats `run --weights` can make from any checkpoint: an
+    // advice `run` could not follow is no advice (K-quants come only as GGUF files).
+    let cpu_format = |f: WeightFormat| {
+        kv_bytes != 4
+            || matches!(
+                f,
+                WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 | WeightFormat::Q4_0
+            )
+    };
     let alternative = match (first.fits, first.advised_format, first.advised_keep) {
         (true, _, _) => None,
         (false, Some(format), _) if cpu_format(format) => Some(PlanInput {
             format,
+            sparse_down: first.advised_sparse_down.or(input.sparse_down),
             ..input.clone()
         }),
         (false, _, Some(keep)) => Some(PlanInput {
@@ -254,9 +272,13 @@ fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -
         } else {
             format!("the largest keep that fits in {}", p.format)
         };
+        let down = match alt.plan.sizes.sparse_down {
+            Some(d) => format!(", compact down in {d}"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "\n# Alternative: {} at keep {} ({why})\n",
+            "\n# Alternative: {} at keep {}{down} ({why})\n",
             alt.plan.format, alt.plan.keep
         );
         plan_section(&mut out, &alt.plan);
@@ -280,7 +302,11 @@ fn plan_section(out: &mut String, p: &Plan) {
     } else {
         "the sparse set does not fit: the overflow is streamed on every pass"
     };
-    let _ = writeln!(out, "## {} at keep {}: {verdict}\n", p.format, p.keep);
+    let down = match p.sizes.sparse_down {
+        Some(d) => format!(" (compact down in {d})"),
+        None => String::new(),
+    };
+    let _ = writeln!(out, "## {} at keep {}{down}: {verdict}\n", p.format, p.keep);
     out.push_str("| what | size | where |\n|---|---:|---|\n");
     for item in &p.items {
         let place = match item.residence {

@@ -322,6 +322,7 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
         mem_gbps: o.mem_gbps,
         trace: o.trace.is_some(),
         delay: None,
+        griffin_down: s.griffin_down.dtype(),
     };
     Ok(Some((config, option)))
 }

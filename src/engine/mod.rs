@@ -144,7 +144,11 @@ impl<B: OffloadBackend> Engine<B> {
                     ));
                 }
                 Some(Offload {
-                    config: o.clone(),
+                    // One format for the compact down matrices, however the caller set it.
+                    config: OffloadConfig {
+                        griffin_down: s.griffin_down,
+                        ..o.clone()
+                    },
                     keep: s.keep,
                     runtime: None,
                 })
@@ -238,14 +242,16 @@ impl<B: OffloadBackend> Engine<B> {
     }
 }
 
-/// The weights an engine loads: as `config` asks, except that CATS and offloading, which
-/// compute on float neuron bundles, get a GGUF's quantized matrices de-quantized to bf16 (a
-/// model directory's float weights load as stored). Griffin gathers from quantized matrices.
+/// The weights an engine loads: as `config` asks, except that CATS, which computes on float
+/// neuron bundles, gets a GGUF's quantized matrices de-quantized to bf16 (a model directory's
+/// float weights load as stored). Griffin and offloading work on quantized matrices.
 fn weights_for(config: &EngineConfig, path: &Path) -> WeightsChoice {
-    let needs_float = config.offload.is_some() || config.sparsity.mode == SparsityMode::Cats;
+    let needs_float = config.sparsity.mode == SparsityMode::Cats;
     match config.weights {
         WeightsChoice::AsStored if needs_float && crate::config::is_gguf(path) => {
-            tracing::info!("CATS and offloading compute on float weights: quantized GGUF matrices are de-quantized to bf16");
+            tracing::info!(
+                "CATS computes on float weights: quantized GGUF matrices are de-quantized to bf16"
+            );
             WeightsChoice::Convert(crate::tensor::DType::BF16)
         }
         other => other,

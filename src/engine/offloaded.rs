@@ -14,7 +14,9 @@ use crate::sirius::SiriusConfig;
 use crate::sparsity::SparseRequest;
 
 /// What an offloaded Sirius request of `capacity` cache rows on `prompt` needs resident:
-/// its cache, draft / verification / prefill scratch and Griffin's scores.
+/// its cache, draft / verification / prefill scratch and Griffin's scores (and, on quantized
+/// weights, the verification window's merged activations of every neuron, see
+/// `sparsity::split`).
 pub fn request_shape<B: OffloadBackend>(
     model: &Llama<B>,
     prompt: &[u32],
@@ -29,7 +31,11 @@ pub fn request_shape<B: OffloadBackend>(
     let activation_bytes = Scratch::<B>::byte_size(c, draft_rows, draft_rows)
         + Scratch::<B>::byte_size(c, window, window)
         + Scratch::<B>::byte_size(c, chunk, 1)
-        + (4 * c.num_layers * c.intermediate_size) as u64;
+        + (4 * c.num_layers * c.intermediate_size) as u64
+        + match model.dtype.is_quantized() {
+            true => (4 * window * c.intermediate_size) as u64,
+            false => 0,
+        };
     RequestShape {
         keep,
         period: sirius.period,
@@ -64,7 +70,9 @@ impl<'m, B: OffloadBackend> LlamaSirius<'m, B, Streamed<'m, B>> {
             )));
         }
         runtime.begin_request()?;
-        let request = SparseRequest::griffin_placed(shape.keep, &model.backend, model.ffn_dims())?;
+        let align = runtime.neuron_align();
+        let request =
+            SparseRequest::griffin_placed(shape.keep, align, &model.backend, model.ffn_dims())?;
         Self::with_weights(model, request, shape.context, config, Streamed { runtime })
     }
 }

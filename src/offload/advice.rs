@@ -82,21 +82,49 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
             .push(format!("no keep of 0.01 or more fits in {}", input.format)),
     }
     let bits = input.format.bits_per_weight();
-    plan.advised_format = WeightFormat::ALL
-        .into_iter()
+    // A quantized format with the requested compact down first, then with a q4_0 one (which
+    // costs perplexity: it re-quantizes the down columns a second time at 4 bits).
+    let default_down = input.sparse_down.unwrap_or(WeightFormat::Q8_0);
+    let found = (WeightFormat::ALL.into_iter())
         .filter(|w| w.bits_per_weight() < bits)
-        .find(|&w| Sizes::with(input, w, input.keep).fits(input.budget));
-    match plan.advised_format {
-        Some(w) => plan.advice.push(format!(
-            "{w} ({} bits per weight) holds keep {}: {} resident",
+        .flat_map(|w| {
+            let downs = match w.is_quantized() {
+                true => vec![default_down, WeightFormat::Q4_0],
+                false => vec![default_down],
+            };
+            downs.into_iter().map(move |d| (w, d))
+        })
+        .map(|(w, d)| {
+            let with_down = PlanInput {
+                sparse_down: Some(d),
+                ..input.clone()
+            };
+            (w, d, Sizes::with(&with_down, w, input.keep))
+        })
+        .find(|(_, _, s)| s.fits(input.budget));
+    plan.advised_format = found.as_ref().map(|(w, _, _)| *w);
+    plan.advised_sparse_down = found
+        .as_ref()
+        .filter(|(w, d, _)| w.is_quantized() && *d != default_down)
+        .map(|(_, d, _)| *d);
+    match &found {
+        Some((w, d, s)) => plan.advice.push(format!(
+            "{w} ({} bits per weight) holds keep {}: {} resident{}",
             w.bits_per_weight(),
             input.keep,
-            format_bytes(Sizes::with(input, w, input.keep).resident_with(2 * layers)),
+            format_bytes(s.resident_with(2 * layers)),
+            match plan.advised_sparse_down {
+                Some(_) => format!(
+                    ", with Griffin's compact down matrices in {d} (--griffin-down {d}; \
+                     {default_down} does not fit, and a second 4-bit quantization costs \
+                     perplexity)"
+                ),
+                None => String::new(),
+            }
         )),
-        None if bits > WeightFormat::Q4.bits_per_weight() => plan.advice.push(format!(
-            "no smaller weight format holds keep {}",
-            input.keep
-        )),
+        None if WeightFormat::ALL.iter().any(|w| w.bits_per_weight() < bits) => plan.advice.push(
+            format!("no smaller weight format holds keep {}", input.keep),
+        ),
         None => {}
     }
 }

@@ -3,15 +3,18 @@
 //! engine reads.
 //!
 //! Per layer: the attention projections and the dense FFN matrices are ranges of the
-//! memory-mapped checkpoint; the FFN is also rearranged into neuron bundles (gate row, up row,
-//! down column together, see `crate::sparsity::bundles`), so the complement of any neuron
-//! subset is a short list of contiguous runs.
+//! memory-mapped checkpoint. Float FFNs are also rearranged into neuron bundles (gate row, up
+//! row, down column together, see `crate::sparsity::bundles`), so the complement of any
+//! neuron subset is a short list of contiguous runs. Quantized FFNs are not copied at all: a
+//! neuron's gate and up rows are runs of the mapped matrices as they are, and its down column
+//! (spread over the blocks of every down row) is only ever read as part of the whole down
+//! matrix or re-encoded in a gathered compact FFN (see `crate::offload::sizes`).
 
 use std::sync::Arc;
 
 use memmap2::Mmap;
 
-use crate::backend::{cpu, Backend};
+use crate::backend::{checks, cpu, Backend};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::progress::progress_bar;
@@ -25,8 +28,8 @@ pub struct HostLayer {
     pub attention: [HostSlice; 4],
     /// gate `[f, h]`, up `[f, h]`, down `[h, f]` (checkpoint mapping).
     pub dense_ffn: [HostSlice; 3],
-    /// `[f, 3h]` gate|up|down bundles.
-    pub bundles: Arc<Mmap>,
+    /// `[f, 3h]` gate|up|down bundles (float FFNs only).
+    pub bundles: Option<Arc<Mmap>>,
 }
 
 pub struct HostStore {
@@ -34,12 +37,17 @@ pub struct HostStore {
     pub hidden: usize,
     pub neurons: usize,
     pub dtype: DType,
+    /// Quantized FFNs: the format gathered compact down matrices are re-encoded in, and the
+    /// threads that gather them.
+    quantized: Option<(DType, cpu::ThreadPool)>,
 }
 
 impl HostStore {
-    /// Maps every layer's tensors and builds its bundles (a progress bar: this copies the
-    /// whole FFN once).
-    pub fn build<B: Backend>(model: &Llama<B>) -> Result<Self> {
+    /// Maps every layer's tensors and, for a float FFN, builds its bundles (a progress bar:
+    /// this copies the whole FFN once). A quantized FFN's compact down matrices are gathered
+    /// in `sparse_down`.
+    pub fn build<B: Backend>(model: &Llama<B>, sparse_down: DType) -> Result<Self> {
+        let quantized = model.dtype.is_quantized();
         let c = &model.config;
         let (h, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let store = model.weights();
@@ -65,59 +73,98 @@ impl HostStore {
                 slice(format!("{m}.down_proj.weight"), [h, f])?,
             ];
             let [gate, up, down] = &dense_ffn;
-            let bytes = interleave(
-                Some(&gate.map[gate.range.clone()]),
-                &up.map[up.range.clone()],
-                &down.map[down.range.clone()],
-                h,
-                f,
-                model.dtype.size(),
-            );
+            let bundles = match quantized {
+                true => None,
+                false => Some(host_mapping(&interleave(
+                    Some(&gate.map[gate.range.clone()]),
+                    &up.map[up.range.clone()],
+                    &down.map[down.range.clone()],
+                    h,
+                    f,
+                    model.dtype.size(),
+                ))?),
+            };
             layers.push(HostLayer {
                 attention,
                 dense_ffn,
-                bundles: host_mapping(&bytes)?,
+                bundles,
             });
             bar.inc(1);
         }
         bar.finish_and_clear();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(HostStore {
             layers,
             hidden: h,
             neurons: f,
             dtype: model.dtype,
+            quantized: quantized.then(|| (sparse_down, cpu::ThreadPool::new(threads))),
         })
     }
 
-    /// Bytes of one neuron's bundle.
-    pub fn bundle_bytes(&self) -> usize {
-        self.dtype.bytes_for(3 * self.hidden)
+    /// Whether the FFN is quantized (moved as rows, not bundles).
+    pub fn is_quantized(&self) -> bool {
+        self.quantized.is_some()
     }
 
-    /// Runs of the bundles of every neuron of layer `li` NOT in `kept` (ascending): what a
-    /// full pass over a resident subset streams. Adjacent neurons form one piece.
+    /// Bytes of one neuron's bundle (float FFNs), or of its gate and up rows and its column
+    /// of a gathered compact down matrix (quantized).
+    pub fn bundle_bytes(&self) -> usize {
+        match &self.quantized {
+            Some((down, _)) => 2 * self.dtype.bytes_for(self.hidden) + down.bytes_for(self.hidden),
+            None => self.dtype.bytes_for(3 * self.hidden),
+        }
+    }
+
+    /// What a full pass over a resident subset streams for layer `li`, `kept` (ascending)
+    /// being that subset. Float FFNs: the runs of the bundles of every neuron NOT in
+    /// `kept`, adjacent neurons forming one piece. Quantized: the runs of those neurons' gate
+    /// rows, then the same runs of their up rows, then the whole down matrix.
     pub fn complement(&self, li: usize, kept: &[u32]) -> Result<Vec<HostSlice>> {
         let rest = complement_ids(kept, self.neurons).map_err(|e| in_layer(li, e))?;
-        self.neuron_runs(li, &rest)
+        if !self.is_quantized() {
+            return self.neuron_runs(li, &rest);
+        }
+        let [gate, up, down] = &self.layer(li)?.dense_ffn;
+        let row = self.dtype.bytes_for(self.hidden);
+        let runs = neuron_byte_runs(&rest, self.neurons, row).map_err(|e| in_layer(li, e))?;
+        let mut pieces = Vec::with_capacity(2 * runs.len() + 1);
+        for m in [gate, up] {
+            pieces.extend(runs.iter().map(|r| HostSlice {
+                map: Arc::clone(&m.map),
+                range: m.range.start + r.start..m.range.start + r.end,
+            }));
+        }
+        pieces.push(down.clone());
+        Ok(pieces)
     }
 
     /// Runs of the bundles of neurons `ids` (ascending) of layer `li`, adjacent neurons
-    /// merged into one piece: what copying that subset moves.
+    /// merged into one piece: what copying that subset moves (float FFNs only).
     pub fn neuron_runs(&self, li: usize, ids: &[u32]) -> Result<Vec<HostSlice>> {
-        let layer = self.layer(li)?;
+        let bundles = self.bundles(li)?;
         let runs = neuron_byte_runs(ids, self.neurons, self.bundle_bytes())
             .map_err(|e| in_layer(li, e))?;
         Ok(runs
             .into_iter()
             .map(|range| HostSlice {
-                map: Arc::clone(&layer.bundles),
+                map: Arc::clone(bundles),
                 range,
             })
             .collect())
     }
 
+    fn bundles(&self, li: usize) -> Result<&Arc<Mmap>> {
+        self.layer(li)?.bundles.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {li}: a quantized FFN has no neuron bundles (its neurons move as rows)"
+            ))
+        })
+    }
+
     /// Griffin's compact FFN of neurons `ids` (ascending) of layer `li`, gathered on the host:
-    /// gate `[k, h]` | up `[k, h]` | down `[h, k]` back to back in one slice.
+    /// gate `[k, h]` | up `[k, h]` | down `[h, k]` back to back in one slice (quantized: the
+    /// down matrix in the sparse-down format).
     pub fn gather_sparse(&self, li: usize, ids: &[u32]) -> Result<HostSlice> {
         let (gate, up, down) = self.gather_parts(li, ids)?;
         let mut all = gate;
@@ -130,7 +177,9 @@ impl HostStore {
         })
     }
 
-    /// [`HostStore::gather_sparse`] as three byte vectors (gate, up, down).
+    /// [`HostStore::gather_sparse`] as three byte vectors (gate, up, down). On a quantized
+    /// FFN these are byte for byte what Griffin gathers from the loaded model
+    /// (`SparseOps::gather_quantized_ffn` on the CPU), so drafts equal an unconstrained run's.
     pub fn gather_parts(&self, li: usize, ids: &[u32]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
         let layer = self.layer(li)?;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.neurons) {
@@ -139,12 +188,26 @@ impl HostStore {
                 self.neurons
             )));
         }
-        Ok(cpu::gather_ffn(
-            &layer.bundles,
-            self.dtype,
-            self.hidden,
-            ids,
-        ))
+        let Some((down_dtype, pool)) = &self.quantized else {
+            return Ok(cpu::gather_ffn(
+                self.bundles(li)?,
+                self.dtype,
+                self.hidden,
+                ids,
+            ));
+        };
+        let (h, f) = (self.hidden, self.neurons);
+        let shape = |rows, cols| (self.dtype, rows, cols);
+        checks::quantized_gather(shape(f, h), shape(f, h), shape(h, f), ids, *down_dtype)?;
+        let [gate, up, down] = &layer.dense_ffn;
+        let w = cpu::QuantizedFfn {
+            gate: (&gate.map[gate.range.clone()], self.dtype),
+            up: (&up.map[up.range.clone()], self.dtype),
+            down: (&down.map[down.range.clone()], self.dtype),
+            hidden: self.hidden,
+            neurons: self.neurons,
+        };
+        Ok(cpu::gather_quantized_ffn(pool, w, ids, *down_dtype))
     }
 
     fn layer(&self, li: usize) -> Result<&HostLayer> {

@@ -72,6 +72,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         advice: Vec::new(),
         advised_keep: None,
         advised_format: None,
+        advised_sparse_down: None,
         sizes,
         items,
         layers,

@@ -65,4 +65,7 @@ pub struct Plan {
     pub advised_keep: Option<f64>,
     /// Largest format holding the requested keep's sparse set, when this one does not.
     pub advised_format: Option<WeightFormat>,
+    /// The compact down format that advice needs (a quantized `advised_format` that fits
+    /// only with its compact down matrices in q4_0).
+    pub advised_sparse_down: Option<WeightFormat>,
 }

@@ -36,15 +36,18 @@ use crate::offload::arena::ResidentArena;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
 use crate::offload::placement::{plan, Plan, PlanInput, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
+use crate::sparsity::ffn::Complement;
 use crate::tensor::DType;
 use crate::transfer::trace::{Trace, Track};
 use crate::transfer::{CopyEngine, CopyEngineOptions, CopyJob, HostSlice};
 use crate::units::format_bytes;
 
+mod formats;
 mod layout;
 mod neurons;
 mod report;
 
+use formats::stored_formats;
 use layout::{Dims, FfnPiece, LayerJob};
 pub use report::OffloadReport;
 
@@ -70,6 +73,9 @@ pub struct OffloadConfig {
     /// Extra delay per copy job (tests: random delays must never change the output; the
     /// CUDA engine sleeps on the host before issuing the copy).
     pub delay: Option<crate::transfer::DelayFn>,
+    /// Quantized weights: the format of the resident compact down matrices
+    /// (`--griffin-down`; q8_0 by default).
+    pub griffin_down: DType,
 }
 
 impl OffloadConfig {
@@ -81,6 +87,7 @@ impl OffloadConfig {
             mem_gbps: None,
             trace: false,
             delay: None,
+            griffin_down: DType::Q8_0,
         }
     }
 }
@@ -143,7 +150,7 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     resident_ids: Vec<Vec<u32>>,
     resident_ffn: Vec<Option<[B::Matrix; 3]>>,
     /// Bundles of the rest of each layer's neurons where the plan keeps them resident too.
-    resident_rest: Vec<Option<B::Matrix>>,
+    resident_rest: Vec<Option<Complement<B>>>,
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
@@ -171,25 +178,20 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                     .into(),
             ));
         }
-        let format = match model.dtype {
-            DType::BF16 => WeightFormat::Bf16,
-            DType::F16 => WeightFormat::F16,
-            DType::F32 => {
-                return Err(Error::InvalidArgument(
-                    "offloading streams bf16 or f16 weights; this checkpoint is f32".into(),
-                ))
-            }
-            quantized => {
-                return Err(Error::InvalidArgument(format!(
-                    "offloading streams bf16 or f16 weights; this model's FFN is {quantized}: \
-                     load it with --weights bf16"
-                )))
-            }
-        };
+        let (format, head_format) = stored_formats(model)?;
+        let sparse_down = WeightFormat::of(cfg.griffin_down).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "offloading keeps Griffin's compact down matrices in q8_0, q4_0, bf16 or f16, \
+                 not {}",
+                cfg.griffin_down
+            ))
+        })?;
         let scratch = model.backend.scratch_bytes(&scratch_shape(c, shape));
         Ok(PlanInput {
             config: c.clone(),
             format,
+            head_format: Some(head_format),
+            sparse_down: Some(sparse_down),
             keep: shape.keep as f64,
             budget: cfg.budget,
             context: shape.context,
@@ -263,6 +265,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 kv: c.kv_dim(),
                 f: c.intermediate_size,
                 dtype: model.dtype,
+                griffin_down: cfg.griffin_down,
             },
             replaced: Some(replaced),
             pass: vec![None; l],
@@ -291,7 +294,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         link_cap: Option<f64>,
         trace: &Option<Trace>,
     ) -> Result<(HostStore, B::Engine)> {
-        let host = HostStore::build(model)?;
+        let host = HostStore::build(model, cfg.griffin_down)?;
         let engine = model.backend.copy_engine(CopyEngineOptions {
             buffers: plan.stream_buffers,
             buffer_bytes: plan.stream_buffer_bytes as usize,
@@ -468,6 +471,12 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
 
     pub fn arena(&self) -> &ResidentArena {
         &self.arena
+    }
+
+    /// Kept neurons per layer are a multiple of this (whole blocks of a quantized compact down
+    /// matrix; 1 for float weights), as the plan counted them.
+    pub fn neuron_align(&self) -> usize {
+        self.dims.compact_down().block().0
     }
 
     /// Neurons copied in by `choose_neurons` so far (all requests on this runtime).

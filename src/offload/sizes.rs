@@ -1,16 +1,23 @@
 //! The planner's input and the byte sizes of every unit it places: pure arithmetic on the
 //! model's shapes, the weight format and the Griffin keep fraction.
 //!
-//! Byte counts are exact for bf16/f16 (matrices `rows * cols * 2`, vectors `4 * len`, KV cache
+//! Byte counts are exact (matrices as whole blocks of their format, vectors `4 * len`, KV cache
 //! `2 * layers * kv_dim * context * kv_bytes`): the runtime allocates exactly these sizes in an
 //! arena checked against the same budget.
+//!
+//! Float formats move neurons as bundles (gate row, up row, down column, see
+//! `crate::sparsity::bundles`). Quantized formats cannot: a neuron's down column is spread
+//! over the blocks of `h` rows. There the sparse set is Griffin's compact FFN (gate and up rows
+//! as stored, the compact down matrix re-encoded in `sparse_down`, kept counts whole blocks of
+//! it), and a full pass streams the complement's gate and up rows plus the layer's whole down
+//! matrix as stored, so that verification computes exactly the dense model's FFN.
 
 use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::offload::format::{WeightFormat, VECTOR_BYTES};
-use crate::sparsity::kept_neurons;
+use crate::sparsity::kept_aligned;
 
 /// Longest context and window the planner accepts: far above any use, low enough that no byte
 /// count can overflow.
@@ -33,6 +40,12 @@ pub const STREAM_BUFFERS: usize = 2;
 pub struct PlanInput {
     pub config: ModelConfig,
     pub format: WeightFormat,
+    /// The LM head's format where it differs from the layers' (a GGUF's head is often
+    /// another type); `None`: `format`.
+    pub head_format: Option<WeightFormat>,
+    /// Quantized formats: the format of the resident compact down matrix (`--griffin-down`;
+    /// `None`: q8_0). Ignored for float formats.
+    pub sparse_down: Option<WeightFormat>,
     /// Griffin FFN keep fraction in (0, 1]; 1 = dense.
     pub keep: f64,
     /// Bytes of fast memory (GPU memory, or `--resident-mem` on CPU).
@@ -140,16 +153,22 @@ pub struct Sizes {
     pub hidden: usize,
     /// One layer's attention: wq, wk, wv, wo and their biases (f32).
     pub attention_bytes: u64,
-    /// One neuron bundle: gate row + up row + down column (3 * hidden weights), plus its
-    /// gate/up biases (f32) on `mlp_bias` models.
+    /// One neuron of the sparse set: gate row + up row + down column (3 * hidden weights;
+    /// quantized formats: the down column in `sparse_down`), plus its gate/up biases (f32) on
+    /// `mlp_bias` models.
     pub neuron_bytes: u64,
+    /// Whether neurons move as quantized rows (see the module doc), not bundles.
+    pub quantized: bool,
+    /// Quantized formats: the format of the resident compact down matrix.
+    pub sparse_down: Option<WeightFormat>,
     pub neurons: usize,
     pub kept_neurons: usize,
     /// One layer's sparse FFN subset: kept_neurons bundles.
     pub sparse_ffn_bytes: u64,
     /// One layer's whole FFN: all bundles.
     pub ffn_bytes: u64,
-    /// One layer's FFN complement: the bundles the sparse subset leaves out.
+    /// One layer's FFN complement: the bundles the sparse subset leaves out (quantized: their
+    /// gate and up rows plus the whole down matrix).
     pub complement_bytes: u64,
     /// vocab x hidden: the LM head (the embedding matrix itself on tied models).
     pub head_bytes: u64,
@@ -189,8 +208,29 @@ impl Sizes {
         if c.o_bias {
             attention_bytes += vec(h);
         }
-        let neuron_bytes = 3 * format.row_bytes(h) + if c.mlp_bias { vec(2) } else { 0 };
-        let kept = kept_neurons(keep as f32, f);
+        let quantized = format.is_quantized();
+        let bias = if c.mlp_bias { vec(2) } else { 0 };
+        let sparse_down = match quantized {
+            true => input.sparse_down.unwrap_or(WeightFormat::Q8_0),
+            false => format,
+        };
+        let kept = kept_aligned(keep as f32, f, sparse_down.dtype().block().0);
+        // Gate and up rows of `n` neurons (+ biases).
+        let rows = |n: usize| n as u64 * (2 * format.row_bytes(h) + bias);
+        let neuron_bytes = rows(1) + sparse_down.row_bytes(h);
+        let down_matrix = format.matrix_bytes(h, f);
+        let (sparse_ffn_bytes, complement_bytes) = match quantized {
+            // The compact down is [h, kept] (whole blocks of `sparse_down` along a row).
+            true => (
+                rows(kept) + sparse_down.matrix_bytes(h, kept),
+                rows(f - kept) + down_matrix,
+            ),
+            false => (kept as u64 * neuron_bytes, (f - kept) as u64 * neuron_bytes),
+        };
+        let head_format = match format == input.format {
+            true => input.head_format.unwrap_or(format),
+            false => format,
+        };
         let norm_count = (2 * l + 1) * h + if c.mlp_bias { l * h } else { 0 };
         let kv_layer_bytes = 2 * (kv as u64) * input.context as u64 * input.kv_bytes as u64;
         let window = (5 * h + 2 * q + 2 * kv + 2 * f + v) as u64;
@@ -199,13 +239,15 @@ impl Sizes {
             hidden: h,
             attention_bytes,
             neuron_bytes,
+            quantized,
+            sparse_down: quantized.then_some(sparse_down),
             neurons: f,
             kept_neurons: kept,
-            sparse_ffn_bytes: kept as u64 * neuron_bytes,
-            ffn_bytes: f as u64 * neuron_bytes,
-            complement_bytes: (f - kept) as u64 * neuron_bytes,
-            head_bytes: format.matrix_bytes(v, h),
-            embedding_bytes: format.matrix_bytes(v, h),
+            sparse_ffn_bytes,
+            ffn_bytes: rows(f) + down_matrix,
+            complement_bytes,
+            head_bytes: head_format.matrix_bytes(v, h),
+            embedding_bytes: head_format.matrix_bytes(v, h),
             norm_bytes: vec(norm_count),
             kv_cache_bytes: kv_layer_bytes * l as u64,
             kv_layer_bytes,

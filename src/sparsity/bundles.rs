@@ -62,11 +62,11 @@ impl<B: SparseOps> NeuronBundles<B> {
             .find(|t| t.dtype.is_quantized() || t.dtype != dtype)
         {
             let fix = match q.dtype.is_quantized() {
-                true => "load the model with --weights bf16 (Griffin, --sparsity griffin, runs on quantized weights)",
+                true => "load the model with --weights bf16 (Griffin, --sparsity griffin, and offloading run on quantized weights)",
                 false => "load the model with --weights bf16",
             };
             return Err(Error::InvalidArgument(format!(
-                "CATS and offloading read neuron bundles of one float type; `{}` is {} (the first \
+                "CATS reads neuron bundles of one float type; `{}` is {} (the first \
                  gate is {dtype}): {fix}",
                 q.name, q.dtype
             )));

@@ -34,9 +34,39 @@ pub struct StreamedFfn<B: Backend> {
     pub dense: Option<FfnMatrices<B>>,
     /// The request's Griffin FFN of a layer whose sparse set did not fit (draft passes).
     pub sparse: Option<FfnMatrices<B>>,
-    /// Gate|up|down bundles `[f - k, 3h]` of the neurons that are not resident (full passes
-    /// over a resident sparse set: the dense FFN is the resident part plus this one).
-    pub complement: Option<B::Matrix>,
+    /// What the resident sparse set lacks (full passes over a resident sparse set: the dense
+    /// FFN is the resident part plus this one).
+    pub complement: Option<Complement<B>>,
+}
+
+/// The FFN of the neurons a resident sparse set leaves out.
+pub enum Complement<B: Backend> {
+    /// Float weights: gate|up|down bundles `[f - k, 3h]` of the neurons that are not resident.
+    Bundles(B::Matrix),
+    /// Quantized weights: gate and up rows `[f - k, h]` of the neurons that are not resident,
+    /// as stored, and the layer's whole down matrix `[h, f]` as stored (its neurons' columns
+    /// are spread over blocks: see `sparsity::split`).
+    Rows {
+        gate: B::Matrix,
+        up: B::Matrix,
+        down: B::Matrix,
+    },
+}
+
+impl<B: Backend> Clone for Complement<B>
+where
+    B::Matrix: Clone,
+{
+    fn clone(&self) -> Self {
+        match self {
+            Complement::Bundles(m) => Complement::Bundles(m.clone()),
+            Complement::Rows { gate, up, down } => Complement::Rows {
+                gate: gate.clone(),
+                up: up.clone(),
+                down: down.clone(),
+            },
+        }
+    }
 }
 
 impl<B: Backend> StreamedFfn<B> {
@@ -57,6 +87,11 @@ pub struct FfnScratch<B: Backend> {
     pub up: B::Buf,        // [n, f]
     pub part: B::Buf,      // [n, h] a second partial output (split: the streamed complement)
     pub kept: NeuronLists, // CATS: kept neurons per token (host)
+    /// `[n, f]` every neuron's activation, merged from two neuron sets (split passes over
+    /// quantized weights); allocated on first use.
+    pub merged: Option<B::Buf>,
+    /// Rows the buffers hold.
+    pub max_tokens: usize,
 }
 
 impl<B: Backend> FfnScratch<B> {
@@ -66,6 +101,8 @@ impl<B: Backend> FfnScratch<B> {
             up: backend.alloc(max_tokens * dims.neurons)?,
             part: backend.alloc(max_tokens * dims.hidden)?,
             kept: NeuronLists::default(),
+            merged: None,
+            max_tokens,
         })
     }
 }

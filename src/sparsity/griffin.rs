@@ -8,8 +8,8 @@
 use crate::backend::{Backend, BundleLayout, SparseOps};
 use crate::error::{Error, Result};
 use crate::sparsity::bundles::NeuronBundles;
-use crate::sparsity::ffn::{DenseTap, FfnDims, FfnMatrices, FfnStep, FfnStrategy};
-use crate::sparsity::kept_neurons;
+use crate::sparsity::ffn::{DenseTap, FfnDims, FfnMatrices, FfnStep, FfnStrategy, StreamedFfn};
+use crate::sparsity::kept_aligned;
 
 /// Per-layer score accumulators, filled during the dense prefill: as an [`FfnStrategy`] the
 /// scores run the dense FFN and accumulate each layer's activations.
@@ -54,9 +54,7 @@ impl<B: Backend> GriffinScores<B> {
                 "Griffin needs at least one prompt token to select neurons".into(),
             ));
         }
-        let k = kept_neurons(keep, self.neurons)
-            .next_multiple_of(align.max(1))
-            .min(self.neurons);
+        let k = kept_aligned(keep, self.neurons, align);
         let layers = self
             .scores(backend)?
             .iter()
@@ -206,25 +204,38 @@ impl<B: Backend> FfnStrategy<B> for GriffinFfn<B> {
 impl<B: Backend> GriffinFfn<B> {
     /// `step.out` = the layer's compact FFN of the request's neurons.
     pub fn compact_ffn(&self, step: &mut FfnStep<'_, B>) -> Result<()> {
-        let li = step.layer;
+        self.compact_activations(step)?;
+        let (m, _, _) = self.compact_matrices(step.layer, step.streamed)?;
+        step.down(&m.down)
+    }
+
+    /// `step.scratch.gate` = the activations of the layer's k kept neurons (rows `[n, k]`).
+    pub fn compact_activations(&self, step: &mut FfnStep<'_, B>) -> Result<()> {
+        let (m, gate_bias, up_bias) = self.compact_matrices(step.layer, step.streamed)?;
+        let k = self.selection.layers[step.layer].len();
+        step.gate_up(&m.gate, &m.up, gate_bias, up_bias)?;
+        step.activate(k)
+    }
+
+    /// Layer `li`'s compact FFN (resident, or streamed this pass) and its biases.
+    #[allow(clippy::type_complexity)]
+    fn compact_matrices<'m>(
+        &'m self,
+        li: usize,
+        streamed: Option<&'m StreamedFfn<B>>,
+    ) -> Result<(&'m FfnMatrices<B>, Option<&'m B::Buf>, Option<&'m B::Buf>)> {
         let resident = self
             .layers
             .get(li)
             .ok_or_else(|| Error::InvalidArgument(format!("no Griffin FFN for layer {li}")))?;
-        let streamed = step.streamed.and_then(|s| s.sparse.as_ref());
-        let (m, gate_bias, up_bias) = match (resident, streamed) {
-            (Some(l), _) => (&l.ffn, l.gate_bias.as_ref(), l.up_bias.as_ref()),
-            (None, Some(st)) => (st, None, None),
-            (None, None) => {
-                return Err(Error::InvalidArgument(format!(
-                    "layer {li}'s Griffin FFN is neither resident nor streamed"
-                )))
-            }
-        };
-        let k = self.selection.layers[li].len();
-        step.gate_up(&m.gate, &m.up, gate_bias, up_bias)?;
-        step.activate(k)?;
-        step.down(&m.down)
+        let streamed = streamed.and_then(|s| s.sparse.as_ref());
+        match (resident, streamed) {
+            (Some(l), _) => Ok((&l.ffn, l.gate_bias.as_ref(), l.up_bias.as_ref())),
+            (None, Some(st)) => Ok((st, None, None)),
+            (None, None) => Err(Error::InvalidArgument(format!(
+                "layer {li}'s Griffin FFN is neither resident nor streamed"
+            ))),
+        }
     }
 }
 

@@ -97,6 +97,14 @@ pub fn kept_neurons(keep: f32, d_ff: usize) -> usize {
     ((keep as f64 * d_ff as f64).round() as usize).clamp(1.min(d_ff), d_ff)
 }
 
+/// [`kept_neurons`] rounded up to a multiple of `align` (whole blocks of a quantized compact
+/// down matrix), at most `d_ff`.
+pub fn kept_aligned(keep: f32, d_ff: usize, align: usize) -> usize {
+    kept_neurons(keep, d_ff)
+        .next_multiple_of(align.max(1))
+        .min(d_ff)
+}
+
 /// Which sparsity a model decodes with: the typed form of `--sparsity --keep
 /// --cats-thresholds`.
 #[derive(Debug, Clone, PartialEq)]

@@ -75,13 +75,13 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         }
     }
 
-    /// A Griffin request keeping `keep` of the neurons, whose compact FFN the caller places
-    /// ([`SparseRequest::place`]) after the prompt.
-    pub fn griffin_placed(keep: f32, backend: &B, dims: FfnDims) -> Result<Self> {
+    /// A Griffin request keeping `keep` of the neurons (a multiple of `align`), whose compact
+    /// FFN the caller places ([`SparseRequest::place`]) after the prompt.
+    pub fn griffin_placed(keep: f32, align: usize, backend: &B, dims: FfnDims) -> Result<Self> {
         Ok(SparseRequest {
             mode: SparsityMode::Griffin,
             keep,
-            align: 1,
+            align,
             dense: Dense,
             scores: Some(GriffinScores::new(backend, dims)?),
             griffin: None,

@@ -1,11 +1,18 @@
 //! The dense FFN of an offloaded full pass (verification, after the prompt chose its
-//! neurons): the request's resident Griffin neurons plus the bundles of the rest, which the
-//! runtime streamed for this pass. The sum runs in another order than one dense matmul, so
-//! results agree with the dense FFN to rounding.
+//! neurons): the request's resident Griffin neurons plus the rest, which the runtime streamed
+//! for this pass.
+//!
+//! Float weights: the rest comes as bundles and its partial FFN is added to the resident
+//! one's; the sum runs in another order than one dense matmul, so results agree with the
+//! dense FFN to rounding. Quantized weights: the resident compact down matrix was re-encoded
+//! (see `crate::offload::sizes`), so it is not used here; the activations of both neuron sets
+//! (gate and up rows as stored) are merged into one row of every neuron and multiplied by
+//! the layer's whole down matrix as stored, which is exactly the dense model's FFN.
 
 use crate::backend::{Backend, BundleLayout, BundleSelection, SparseOps};
 use crate::error::{Error, Result};
-use crate::sparsity::ffn::{Dense, FfnStep, FfnStrategy};
+use crate::sparsity::bundles::complement_ids;
+use crate::sparsity::ffn::{Complement, Dense, FfnStep, FfnStrategy};
 use crate::sparsity::griffin::GriffinFfn;
 
 /// Resident Griffin neurons + streamed complement; layers whose sparse set is not resident
@@ -19,12 +26,17 @@ impl<B: SparseOps> FfnStrategy<B> for SplitDense<'_, B> {
             return Dense.apply(step);
         }
         let griffin = self.0;
+        let complement = streamed.and_then(|s| s.complement.as_ref());
+        if let Some(Complement::Rows { gate, up, down }) = complement {
+            return merged_dense(griffin, step, [gate, up, down]);
+        }
         griffin.compact_ffn(&mut step)?;
         let (li, n) = (step.layer, step.n_tokens);
         let whole =
             (griffin.selection.layers.get(li)).is_some_and(|k| k.len() >= step.dims.neurons);
-        match streamed.and_then(|s| s.complement.as_ref()) {
-            Some(complement) => {
+        match complement {
+            Some(Complement::Rows { .. }) => Ok(()),
+            Some(Complement::Bundles(complement)) => {
                 let all = BundleSelection::All {
                     gate_bias: None,
                     up_bias: None,
@@ -41,4 +53,42 @@ impl<B: SparseOps> FfnStrategy<B> for SplitDense<'_, B> {
             ))),
         }
     }
+}
+
+/// The dense FFN from the resident neurons' activations and the streamed rows of the rest,
+/// merged into `[n, f]`, times the layer's whole down matrix (`rest`: gate and up rows of
+/// the neurons not kept, down `[h, f]`).
+fn merged_dense<B: SparseOps>(
+    griffin: &GriffinFfn<B>,
+    mut step: FfnStep<'_, B>,
+    [gate, up, down]: [&B::Matrix; 3],
+) -> Result<()> {
+    let (li, n, f) = (step.layer, step.n_tokens, step.dims.neurons);
+    let b = step.backend;
+    let kept = griffin
+        .selection
+        .layers
+        .get(li)
+        .ok_or_else(|| Error::InvalidArgument(format!("no Griffin neurons for layer {li}")))?;
+    let rest = complement_ids(kept, f)?;
+    griffin.compact_activations(&mut step)?;
+    let rows = step.scratch.max_tokens;
+    let s = &mut *step.scratch;
+    if s.merged.is_none() {
+        s.merged = Some(b.alloc(rows * f)?);
+    }
+    let merged = s
+        .merged
+        .as_mut()
+        .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
+    b.scatter_columns(&s.gate, n, kept, merged, f)?;
+    step.gate_up(gate, up, None, None)?;
+    step.activate(rest.len())?;
+    let s = &mut *step.scratch;
+    let merged = s
+        .merged
+        .as_mut()
+        .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
+    b.scatter_columns(&s.gate, n, &rest, merged, f)?;
+    b.matmul(down, merged, n, step.out)
 }

@@ -336,6 +336,27 @@ pub fn smollm2_dir(what: &str) -> Option<PathBuf> {
     }
 }
 
+/// SmolLM2's Q4_1 GGUF that `tools/fetch-model` keeps beside the converted directory, or
+/// None after printing why `what` is skipped (a failure with SIRIUS_REQUIRE_MODELS=1).
+pub fn smollm2_gguf(what: &str) -> Option<PathBuf> {
+    let gguf = smollm2_dir(what)?.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if gguf.is_file() {
+        return Some(gguf);
+    }
+    let why = format!(
+        "{} is missing: run tools/fetch-model smollm2-135m --force",
+        gguf.display()
+    );
+    if std::env::var("SIRIUS_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("SIRIUS_REQUIRE_MODELS=1 but {why}");
+    }
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("SKIPPED ({what}): {why}\n").as_bytes(),
+    );
+    None
+}
+
 /// Runs the `sirius-offload` binary of this build with `args` (SIRIUS_LOG cleared).
 pub fn run_bin(args: &[&str]) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sirius-offload"));

@@ -44,6 +44,7 @@ pub fn offload(budget: u64, delay: Option<DelayFn>) -> OffloadConfig {
         mem_gbps: Some(20.0),
         trace: true,
         delay,
+        griffin_down: sirius_offload::tensor::DType::Q8_0,
     }
 }
 

@@ -306,4 +306,19 @@ impl SparseOps for CudaBackend {
     fn silu(&self, x: &mut CudaBuf, len: usize) -> Result<()> {
         basic::silu(&self.ctx, x, len)
     }
+
+    fn scatter_columns(
+        &self,
+        _src: &CudaBuf,
+        _n_tokens: usize,
+        _ids: &[u32],
+        _dst: &mut CudaBuf,
+        _width: usize,
+    ) -> Result<()> {
+        // Unreachable through the engine: only offloaded quantized FFNs merge neuron sets,
+        // and CUDA matrices are float.
+        Err(crate::error::Error::Cuda(
+            "offloading quantized weights runs on the CPU only; load the model with --weights bf16 for CUDA".into(),
+        ))
+    }
 }

@@ -6,7 +6,7 @@ use std::ops::Range;
 use crate::backend::offload::{FilledOf, OffloadBackend};
 use crate::error::{Error, Result};
 use crate::model::{StreamedAttention, StreamedLayer};
-use crate::sparsity::ffn::FfnMatrices;
+use crate::sparsity::ffn::{Complement, FfnMatrices};
 use crate::tensor::DType;
 use crate::transfer::StagedJob;
 
@@ -26,7 +26,8 @@ pub(super) enum FfnPiece {
     Sparse {
         k: usize,
     },
-    /// Bundles of the `c` non-resident neurons.
+    /// The `c` non-resident neurons: their bundles (float), or their gate rows, up rows and
+    /// the whole down matrix (quantized).
     Complement {
         c: usize,
     },
@@ -40,6 +41,18 @@ pub(super) struct Dims {
     pub kv: usize,
     pub f: usize,
     pub dtype: DType,
+    /// Quantized weights: the format of Griffin's compact down matrices.
+    pub griffin_down: DType,
+}
+
+impl Dims {
+    /// The format of a compact (Griffin) down matrix.
+    pub fn compact_down(&self) -> DType {
+        match self.dtype.is_quantized() {
+            true => self.griffin_down,
+            false => self.dtype,
+        }
+    }
 }
 
 impl LayerJob {
@@ -62,7 +75,6 @@ impl LayerJob {
         d: Dims,
         filled: &FilledOf<B>,
     ) -> Result<StreamedLayer<B>> {
-        let esz = d.dtype.size();
         let li = filled.layer();
         let all = filled.pieces();
         let view =
@@ -95,13 +107,24 @@ impl LayerJob {
             }
             FfnPiece::Sparse { k } => {
                 let all = next()?;
-                let part = k * d.h * esz;
+                let part = k * d.dtype.bytes_for(d.h);
+                let down = d.h * d.compact_down().bytes_for(k);
                 let s = all.start;
                 layer.ffn.sparse = Some(FfnMatrices {
                     gate: view(s..s + part, k, d.h)?,
                     up: view(s + part..s + 2 * part, k, d.h)?,
-                    down: view(s + 2 * part..s + 3 * part, d.h, k)?,
+                    down: B::staged_matrix(
+                        filled,
+                        s + 2 * part..s + 2 * part + down,
+                        d.compact_down(),
+                        d.h,
+                        k,
+                    )?,
                 });
+            }
+            FfnPiece::Complement { c } if d.dtype.is_quantized() => {
+                let ffn = &all[if self.attention { 4 } else { 0 }..];
+                layer.ffn.complement = Some(quantized_complement::<B>(d, filled, ffn, c)?);
             }
             FfnPiece::Complement { c } => {
                 // The runs landed back to back: one [c, 3h] bundle matrix.
@@ -111,9 +134,34 @@ impl LayerJob {
                     false => all.first().map_or(0, |r| r.start),
                 };
                 let end = all.last().map_or(start, |r| r.end).max(start);
-                layer.ffn.complement = Some(view(start..end, c, 3 * d.h)?);
+                layer.ffn.complement = Some(Complement::Bundles(view(start..end, c, 3 * d.h)?));
             }
         }
         Ok(layer)
     }
+}
+
+/// The views of a quantized complement in `ffn` (its staged pieces): the `c` neurons' gate
+/// runs, the same runs of their up rows, then the whole down matrix, back to back.
+fn quantized_complement<B: OffloadBackend>(
+    d: Dims,
+    filled: &FilledOf<B>,
+    ffn: &[Range<usize>],
+    c: usize,
+) -> Result<Complement<B>> {
+    let runs = ffn.len().saturating_sub(1) / 2;
+    if runs == 0 || ffn.len() != 2 * runs + 1 {
+        return Err(Error::CopyEngine(format!(
+            "layer {}: {} FFN pieces staged, expected gate and up runs and a down matrix",
+            filled.layer(),
+            ffn.len()
+        )));
+    }
+    let view =
+        |range: Range<usize>, rows, cols| B::staged_matrix(filled, range, d.dtype, rows, cols);
+    Ok(Complement::Rows {
+        gate: view(ffn[0].start..ffn[runs - 1].end, c, d.h)?,
+        up: view(ffn[runs].start..ffn[2 * runs - 1].end, c, d.h)?,
+        down: view(ffn[2 * runs].clone(), d.h, d.f)?,
+    })
 }

@@ -9,7 +9,7 @@ use crate::backend::offload::{OffloadBackend, ResidentMemory};
 use crate::error::{Error, Result};
 use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
 use crate::sparsity::bundles::complement_ids;
-use crate::sparsity::ffn::FfnMatrices;
+use crate::sparsity::ffn::{Complement, FfnMatrices};
 use crate::sparsity::griffin::GriffinLayer;
 use crate::sparsity::{GriffinFfn, GriffinSelection};
 use crate::transfer::{CopyEngine, CopyJob, StagedJob};
@@ -88,7 +88,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 continue;
             }
             moved[li] = moved_in(&self.resident_ids[li], ids);
-            if assembles_in_place::<B>() && !moved[li].is_empty() {
+            if self.assembles_in_place() && !moved[li].is_empty() {
                 jobs.push(CopyJob {
                     layer: li,
                     label: format!("L{li} neurons in"),
@@ -120,18 +120,18 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             // (here: regathered from the host copy, nothing counted as moved).
             return self.regather(backend, li, ids);
         }
-        if !assembles_in_place::<B>() {
+        if !self.assembles_in_place() {
             // Gathered on the host and uploaded once: that upload is what crossed the link.
             let m = self.regather(backend, li, ids)?;
-            self.uploaded_bytes += (ids.len() * self.dims.dtype.bytes_for(3 * self.dims.h)) as u64;
+            self.uploaded_bytes += (ids.len() * self.host.bundle_bytes()) as u64;
             return Ok(m);
         }
         self.copy_in(backend, li, ids, staged)
     }
 
-    /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`:
-    /// verification then streams nothing for the layer. Neurons that were not resident
-    /// before count as moved.
+    /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`
+    /// (quantized: their gate and up rows and the whole down matrix): verification then
+    /// streams nothing for the layer. Neurons that were not resident before count as moved.
     fn make_rest_resident(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<()> {
         let d = self.dims;
         let rest = complement_ids(ids, d.f)?;
@@ -141,6 +141,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             self.moved_neurons += moved_in(&self.resident_ids[li], &rest).len() as u64;
         }
         let label = format!("FFN complement layer {li}");
+        if self.host.is_quantized() {
+            return self.make_rest_rows_resident(backend, li, ids, rest.len(), &label);
+        }
         let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes());
         for piece in self.host.neuron_runs(li, &rest)? {
             bytes.extend_from_slice(&piece.map[piece.range.clone()]);
@@ -150,8 +153,50 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         self.resident_rest[li] = None;
         self.resident_rest[li] = match rest.len() {
             0 => None,
-            c => Some(backend.upload_matrix(bytes, d.dtype, c, 3 * d.h)?),
+            c => Some(Complement::Bundles(backend.upload_matrix(
+                bytes,
+                d.dtype,
+                c,
+                3 * d.h,
+            )?)),
         };
+        self.whole_layer[li] = true;
+        Ok(())
+    }
+
+    /// [`Self::make_rest_resident`] for a quantized FFN: the `c` other neurons' gate and up
+    /// rows and the layer's whole down matrix, as stored.
+    fn make_rest_rows_resident(
+        &mut self,
+        backend: &B,
+        li: usize,
+        ids: &[u32],
+        c: usize,
+        label: &str,
+    ) -> Result<()> {
+        let d = self.dims;
+        self.resident_rest[li] = None;
+        if c > 0 {
+            let pieces = self.host.complement(li, ids)?;
+            let runs = pieces.len().saturating_sub(1) / 2;
+            let bytes = |ps: &[crate::transfer::HostSlice]| -> Vec<u8> {
+                ps.iter()
+                    .flat_map(|p| p.map[p.range.clone()].iter().copied())
+                    .collect()
+            };
+            let (gate, up, down) = (
+                bytes(&pieces[..runs]),
+                bytes(&pieces[runs..2 * runs]),
+                bytes(&pieces[2 * runs..]),
+            );
+            self.arena
+                .set(label, (gate.len() + up.len() + down.len()) as u64)?;
+            self.resident_rest[li] = Some(Complement::Rows {
+                gate: backend.upload_matrix(gate, d.dtype, c, d.h)?,
+                up: backend.upload_matrix(up, d.dtype, c, d.h)?,
+                down: backend.upload_matrix(down, d.dtype, d.h, d.f)?,
+            });
+        }
         self.whole_layer[li] = true;
         Ok(())
     }
@@ -182,7 +227,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             Ok([
                 backend.upload_matrix(gate, d.dtype, k, d.h)?,
                 backend.upload_matrix(up, d.dtype, k, d.h)?,
-                backend.upload_matrix(down, d.dtype, d.h, k)?,
+                backend.upload_matrix(down, d.compact_down(), d.h, k)?,
             ])
         })();
         if uploaded.is_err() {
@@ -241,9 +286,12 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     }
 }
 
-/// Whether backend `B` assembles a layer's new compact FFN from the staging buffer in place:
-/// on host memory (the CPU) it is a memcpy; a device would read the staging buffer back over
-/// the link, so it gathers on the host and uploads instead.
-fn assembles_in_place<B: OffloadBackend>() -> bool {
-    B::RESIDENT_MEMORY == ResidentMemory::Host
+impl<B: OffloadBackend> OffloadRuntime<B> {
+    /// Whether a layer's new compact FFN is assembled from the staging buffer in place: on
+    /// host memory (the CPU) it is a memcpy; a device would read the staging buffer back over
+    /// the link, so it gathers on the host and uploads instead. A quantized FFN is always
+    /// regathered (its compact down matrix is re-encoded from the stored one).
+    fn assembles_in_place(&self) -> bool {
+        B::RESIDENT_MEMORY == ResidentMemory::Host && !self.host.is_quantized()
+    }
 }

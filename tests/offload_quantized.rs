@@ -1,0 +1,174 @@
+//! Offloading quantized weights (`run --resident-mem` with `--weights q4_0|q8_0` or a GGUF):
+//! every budget gives the tokens of the unconstrained quantized run, the arena's peak is the
+//! plan's resident bytes, and the plan counts the formats' true bytes. SmolLM2's Q4_1 GGUF
+//! (when fetched) checks the same through the CLI.
+
+mod common;
+
+use sirius_offload::backend::CpuBackend;
+use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput};
+use sirius_offload::model::WeightsChoice;
+use sirius_offload::offload::placement::Plan;
+use sirius_offload::offload::runtime::OffloadConfig;
+use sirius_offload::sirius::SiriusConfig;
+use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
+use sirius_offload::tensor::DType;
+
+use common::offload::{offload, options, sirius, tiny_model, Tiny, KEEP, PROMPT};
+
+/// hidden 64 and FFN 160: whole blocks of 32 in every matrix.
+fn tiny() -> Tiny {
+    let spec = common::TinySpec {
+        hidden: 64,
+        layers: 6,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 160,
+        vocab: 96,
+        max_pos: 256,
+        ..Default::default()
+    };
+    tiny_model(&spec, 23)
+}
+
+fn engine(t: &Tiny, weights: DType, o: Option<OffloadConfig>) -> Engine<CpuBackend> {
+    let config = EngineConfig {
+        sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
+        offload: o,
+        weights: WeightsChoice::Convert(weights),
+    };
+    Engine::load(&t.path, CpuBackend::new(2), &config).unwrap()
+}
+
+fn generate(e: &mut Engine<CpuBackend>, prompt: &[u32], s: SiriusConfig) -> GenerationOutput {
+    e.generate(prompt, &options(40), Decoding::Sirius(s), &mut |_| true)
+        .unwrap()
+}
+
+fn plan_at(t: &Tiny, weights: DType, s: SiriusConfig, budget: u64) -> Plan {
+    let e = engine(t, weights, Some(offload(budget, None)));
+    e.offload_plan(&PROMPT, &options(40), &s).unwrap()
+}
+
+#[test]
+fn quantized_offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
+    let t = tiny();
+    for weights in [DType::Q4_0, DType::Q8_0] {
+        for (period, width) in [(4, 1), (5, 3)] {
+            let s = sirius(period, width);
+            let reference = generate(&mut engine(&t, weights, None), &PROMPT, s);
+            assert!(reference.generated_tokens > 10);
+            let all = plan_at(&t, weights, s, 1 << 40);
+            let (fit, minimum) = (all.resident_bytes, all.minimum_bytes);
+            let mut overflowed = 0;
+            for budget in [fit, (fit + minimum) / 2, minimum + minimum / 20, minimum] {
+                let what = format!("{weights} K={period} W={width} budget {budget}");
+                let mut e = engine(&t, weights, Some(offload(budget, None)));
+                let out = generate(&mut e, &PROMPT, s);
+                assert_eq!(
+                    out.generated_token_ids, reference.generated_token_ids,
+                    "{what}"
+                );
+                let o = out.offload.expect("offload statistics");
+                let plan = plan_at(&t, weights, s, budget);
+                assert_eq!(o.resident_bytes, plan.resident_bytes, "{what}");
+                assert!(o.resident_bytes <= budget, "{what}");
+                assert!(o.streamed_bytes > 0, "{what}");
+                overflowed += usize::from(o.overflow_ffn_layers > 0);
+                // A second request on the same runtime picks other neurons: still exact.
+                let other: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
+                let again = generate(&mut e, &other, s);
+                let alone = generate(&mut engine(&t, weights, None), &other, s);
+                assert_eq!(
+                    again.generated_token_ids, alone.generated_token_ids,
+                    "{what}, second request"
+                );
+            }
+            assert!(
+                overflowed >= 2,
+                "{weights}: the small budgets must overflow"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_plan_counts_quantized_bytes_and_whole_blocks_of_kept_neurons() {
+    let t = tiny();
+    let s = sirius(4, 1);
+    let (h, f, layers) = (64u64, 160u64, 6u64);
+    for (weights, block_bytes) in [(DType::Q4_0, 18u64), (DType::Q8_0, 34)] {
+        let sizes = plan_at(&t, weights, s, 1 << 40).sizes;
+        // keep 0.5 of 160 = 80, rounded up to whole blocks of the q8_0 compact down: 96.
+        assert_eq!(sizes.kept_neurons, 96, "{weights}");
+        let row = h / 32 * block_bytes;
+        let kept = 96;
+        assert_eq!(
+            sizes.sparse_ffn_bytes,
+            2 * kept * row + h * (kept / 32 * 34),
+            "{weights}: gate and up rows as stored, down [h, k] in q8_0"
+        );
+        assert_eq!(
+            sizes.complement_bytes,
+            2 * (f - kept) * row + h * (f / 32 * block_bytes),
+            "{weights}: the rest's gate and up rows plus the whole down matrix"
+        );
+        assert_eq!(sizes.ffn_bytes, 3 * f * row);
+        assert_eq!(sizes.attention_bytes, (64 + 32 + 32 + 64) * row);
+        assert!(sizes.quantized);
+        let _ = layers;
+    }
+}
+
+#[test]
+fn smollm2_q4_1_gguf_offloaded_gives_the_unconstrained_tokens() {
+    let Some(gguf) = common::smollm2_gguf("offloaded SmolLM2 Q4_1 GGUF") else {
+        return;
+    };
+    let gguf = gguf.to_string_lossy();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = [
+        "What is the capital of France?",
+        "Write a haiku about the sea.",
+        "List three prime numbers and explain why they are prime.",
+        "How do I reverse a list in Python?",
+    ];
+    for (i, prompt) in prompts.iter().enumerate() {
+        let run = |extra: &[&str], name: &str| -> serde_json::Value {
+            let stats = tmp.path().join(format!("{i}-{name}.json"));
+            let mut args = vec![
+                "run",
+                "-m",
+                &gguf,
+                "--chat",
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "48",
+                "--sirius",
+                "--sparsity",
+                "griffin",
+                "--temperature",
+                "0",
+                "--stats-json",
+                stats.to_str().unwrap(),
+            ];
+            args.extend_from_slice(extra);
+            let out = common::run_bin(&args);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap()
+        };
+        let plain = run(&[], "plain");
+        let off = run(&["--resident-mem", "60M"], "offloaded");
+        assert_eq!(
+            off["generated_token_ids"], plain["generated_token_ids"],
+            "prompt {i}: offloaded tokens differ"
+        );
+        assert!(off["resident_bytes"].as_u64().unwrap() <= 60 << 20);
+        assert!(off["overflow_ffn_layers"].as_u64().unwrap() > 0);
+    }
+}
