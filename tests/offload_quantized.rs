@@ -32,8 +32,12 @@ fn tiny() -> Tiny {
 }
 
 fn engine(t: &Tiny, weights: DType, o: Option<OffloadConfig>) -> Engine<CpuBackend> {
+    engine_at(t, KEEP, weights, o)
+}
+
+fn engine_at(t: &Tiny, keep: f32, weights: DType, o: Option<OffloadConfig>) -> Engine<CpuBackend> {
     let config = EngineConfig {
-        sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
+        sparsity: SparsityConfig::new(SparsityMode::Griffin, keep),
         offload: o,
         weights: WeightsChoice::Convert(weights),
     };
@@ -88,6 +92,33 @@ fn quantized_offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
                 overflowed >= 2,
                 "{weights}: the small budgets must overflow"
             );
+        }
+    }
+}
+
+/// Keeps that round up to every neuron (whole blocks of 32 of 160): the compact down matrix is
+/// re-encoded, so verification must still use the stored one, streamed or held whole.
+#[test]
+fn keeping_every_neuron_still_verifies_with_the_stored_down_matrix() {
+    let t = tiny();
+    let s = sirius(4, 1);
+    for keep in [1.0, 0.9] {
+        let reference = generate(&mut engine_at(&t, keep, DType::Q4_0, None), &PROMPT, s);
+        let planned = |budget| {
+            let e = engine_at(&t, keep, DType::Q4_0, Some(offload(budget, None)));
+            e.offload_plan(&PROMPT, &options(40), &s).unwrap()
+        };
+        let all = planned(1 << 40);
+        assert_eq!(all.sizes.kept_neurons, 160, "keep {keep}");
+        for budget in [all.resident_bytes, all.minimum_bytes] {
+            let mut e = engine_at(&t, keep, DType::Q4_0, Some(offload(budget, None)));
+            let out = generate(&mut e, &PROMPT, s);
+            assert_eq!(
+                out.generated_token_ids, reference.generated_token_ids,
+                "keep {keep}, budget {budget}"
+            );
+            let o = out.offload.unwrap();
+            assert_eq!(o.resident_bytes, planned(budget).resident_bytes);
         }
     }
 }

@@ -443,4 +443,36 @@ fn a_quantized_plan_counts_the_compact_down_format() {
         2 * (28672 - kept) * (h / 256 * 144) + h * (28672 / 256 * 144)
     );
     assert_eq!(q8_down.complement_bytes, q4_down.complement_bytes);
+    // In 24 GiB the q8_0 compact down does not fit at keep 0.5; the advice names the q4_0 one
+    // in the same format, and says it costs quality.
+    let p = plan(&PlanInput {
+        sparse_down: None,
+        ..input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(24))
+    })
+    .unwrap();
+    assert!(!p.fits);
+    assert_eq!(
+        (p.advised_format, p.advised_sparse_down),
+        (Some(WeightFormat::Q4_0), Some(WeightFormat::Q4_0))
+    );
+    let advice = p.advice.join("\n");
+    assert!(
+        advice.contains("--griffin-down q4_0") && advice.contains("perplexity"),
+        "{advice}"
+    );
+    // The CPU runtime (f32 KV cache) is advised only formats `run --weights` makes.
+    let cpu = plan(&PlanInput {
+        kv_bytes: 4,
+        context: 512,
+        ..input("llama-3-70b", WeightFormat::Bf16, 0.5, gib(30))
+    })
+    .unwrap();
+    assert!(
+        matches!(
+            cpu.advised_format,
+            Some(WeightFormat::Q8_0 | WeightFormat::Q4_0)
+        ),
+        "{:?}",
+        cpu.advised_format
+    );
 }

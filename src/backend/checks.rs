@@ -117,9 +117,6 @@ pub(crate) fn bundle_call<Buf>(
 /// One matrix's `(dtype, rows, cols)`, for checks that do not care where it lives.
 pub(crate) type MatrixShape = (DType, usize, usize);
 
-/// `gather_quantized_ffn`'s arguments: gate and up `[f, h]`, down `[h, f]`, neuron ids
-/// ascending and below `f`, and a compact down `[h, k]` that `down_dtype` can hold (whole
-/// blocks, a format the runtime writes). Returns `(h, f)`.
 /// `scatter_columns`: `src` holds `[n, ids.len()]`, `dst` `[n, width]`, ids ascending and
 /// below `width`.
 pub(crate) fn scatter_columns(
@@ -145,6 +142,9 @@ pub(crate) fn scatter_columns(
     Ok(())
 }
 
+/// `gather_quantized_ffn`'s arguments: gate and up `[f, h]`, down `[h, f]`, neuron ids
+/// ascending and below `f`, and a compact down `[h, k]` that `down_dtype` can hold (whole
+/// blocks, a format the runtime writes). Returns `(h, f)`.
 pub(crate) fn quantized_gather(
     gate: MatrixShape,
     up: MatrixShape,

@@ -164,11 +164,17 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         config,
         format: args.weights,
         head_format: None,
-        sparse_down: Some(WeightFormat::of(args.griffin_down.dtype()).ok_or_else(|| {
-            Error::InvalidArgument(
-                "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16".into(),
-            )
-        })?),
+        // Ignored for float formats; the advice tries it for quantized ones.
+        sparse_down: match WeightFormat::of(args.griffin_down.dtype()) {
+            Some(down) => Some(down),
+            None if args.weights.is_quantized() => {
+                return Err(Error::InvalidArgument(
+                    "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16"
+                        .into(),
+                ))
+            }
+            None => None,
+        },
         keep: args.keep,
         budget,
         context: args.context,
@@ -269,6 +275,8 @@ fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -
     if let Some(alt) = &report.alternative {
         let why = if alt.plan.format != p.format {
             format!("the largest format that holds keep {}", p.keep)
+        } else if alt.plan.sizes.sparse_down != p.sizes.sparse_down {
+            format!("a smaller compact down matrix holds keep {}", p.keep)
         } else {
             format!("the largest keep that fits in {}", p.format)
         };

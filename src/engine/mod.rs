@@ -25,7 +25,7 @@ mod text;
 
 use std::path::{Path, PathBuf};
 
-use crate::backend::offload::OffloadBackend;
+use crate::backend::offload::{OffloadBackend, ResidentMemory};
 use crate::error::{Error, Result};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{Llama, ModelFiles, SamplingParams, Tokenizer, WeightsChoice};
@@ -156,7 +156,9 @@ impl<B: OffloadBackend> Engine<B> {
             None => None,
         };
         let loaded = std::time::Instant::now();
-        let files = ModelFiles::open_with(path, weights_for(config, path))?;
+        let device_offload =
+            config.offload.is_some() && B::RESIDENT_MEMORY == ResidentMemory::Device;
+        let files = ModelFiles::open_with(path, weights_for(config, path, device_offload))?;
         let text = files.text;
         let model = Llama::from_store(files.config, files.weights, backend)?;
         tracing::info!(model = %path.display(), backend = %model.backend_description(), dtype = %model.dtype,
@@ -242,15 +244,17 @@ impl<B: OffloadBackend> Engine<B> {
     }
 }
 
-/// The weights an engine loads: as `config` asks, except that CATS, which computes on float
-/// neuron bundles, gets a GGUF's quantized matrices de-quantized to bf16 (a model directory's
-/// float weights load as stored). Griffin and offloading work on quantized matrices.
-fn weights_for(config: &EngineConfig, path: &Path) -> WeightsChoice {
-    let needs_float = config.sparsity.mode == SparsityMode::Cats;
+/// The weights an engine loads: as `config` asks, except that CATS (which computes on float
+/// neuron bundles) and offloading to a device (whose kernels are float: `device_offload`) get
+/// a GGUF's quantized matrices de-quantized to bf16 (a model directory's float weights load as
+/// stored). Griffin and offloading on the CPU work on quantized matrices.
+fn weights_for(config: &EngineConfig, path: &Path, device_offload: bool) -> WeightsChoice {
+    let needs_float = config.sparsity.mode == SparsityMode::Cats || device_offload;
     match config.weights {
         WeightsChoice::AsStored if needs_float && crate::config::is_gguf(path) => {
             tracing::info!(
-                "CATS computes on float weights: quantized GGUF matrices are de-quantized to bf16"
+                "CATS and offloading to a device compute on float weights: quantized GGUF \
+                 matrices are de-quantized to bf16"
             );
             WeightsChoice::Convert(crate::tensor::DType::BF16)
         }

@@ -82,18 +82,22 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
             .push(format!("no keep of 0.01 or more fits in {}", input.format)),
     }
     let bits = input.format.bits_per_weight();
-    // A quantized format with the requested compact down first, then with a q4_0 one (which
-    // costs perplexity: it re-quantizes the down columns a second time at 4 bits).
+    // The requested quantized format with a q4_0 compact down, then each smaller format the
+    // runtime can use: quantized ones with the requested compact down first, then a q4_0 one
+    // (which costs perplexity: it re-quantizes the down columns a second time at 4 bits).
     let default_down = input.sparse_down.unwrap_or(WeightFormat::Q8_0);
-    let found = (WeightFormat::ALL.into_iter())
-        .filter(|w| w.bits_per_weight() < bits)
+    let same = (input.format.is_quantized() && default_down != WeightFormat::Q4_0)
+        .then_some((input.format, WeightFormat::Q4_0));
+    let smaller = (WeightFormat::ALL.into_iter())
+        .filter(|w| w.bits_per_weight() < bits && runnable(input, *w))
         .flat_map(|w| {
             let downs = match w.is_quantized() {
                 true => vec![default_down, WeightFormat::Q4_0],
                 false => vec![default_down],
             };
             downs.into_iter().map(move |d| (w, d))
-        })
+        });
+    let found = (same.into_iter().chain(smaller))
         .map(|(w, d)| {
             let with_down = PlanInput {
                 sparse_down: Some(d),
@@ -122,9 +126,26 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
                 None => String::new(),
             }
         )),
-        None if WeightFormat::ALL.iter().any(|w| w.bits_per_weight() < bits) => plan.advice.push(
-            format!("no smaller weight format holds keep {}", input.keep),
-        ),
+        None if WeightFormat::ALL
+            .iter()
+            .any(|&w| w.bits_per_weight() < bits && runnable(input, w)) =>
+        {
+            plan.advice.push(format!(
+                "no smaller weight format holds keep {}",
+                input.keep
+            ))
+        }
         None => {}
     }
+}
+
+/// Whether the runtime the plan is for can run `w`: a GPU plan (f16 KV cache) any format; the
+/// CPU runtime (f32 KV cache, `run --resident-mem`) the ones `run --weights` makes from any
+/// checkpoint (K-quants and Q4_1 come only as GGUF files).
+fn runnable(input: &PlanInput, w: WeightFormat) -> bool {
+    input.kv_bytes != 4
+        || matches!(
+            w,
+            WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 | WeightFormat::Q4_0
+        )
 }

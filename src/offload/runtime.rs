@@ -179,19 +179,23 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             ));
         }
         let (format, head_format) = stored_formats(model)?;
-        let sparse_down = WeightFormat::of(cfg.griffin_down).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "offloading keeps Griffin's compact down matrices in q8_0, q4_0, bf16 or f16, \
-                 not {}",
-                cfg.griffin_down
-            ))
-        })?;
+        // Only quantized FFNs re-encode their compact down matrices (float ones use bundles).
+        let sparse_down = match format.is_quantized() {
+            true => Some(WeightFormat::of(cfg.griffin_down).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "offloading keeps Griffin's compact down matrices in q8_0, q4_0, bf16 or \
+                     f16, not {}",
+                    cfg.griffin_down
+                ))
+            })?),
+            false => None,
+        };
         let scratch = model.backend.scratch_bytes(&scratch_shape(c, shape));
         Ok(PlanInput {
             config: c.clone(),
             format,
             head_format: Some(head_format),
-            sparse_down: Some(sparse_down),
+            sparse_down,
             keep: shape.keep as f64,
             budget: cfg.budget,
             context: shape.context,
@@ -395,8 +399,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             (PassKind::Draft, false, Some(kept)) => FfnPiece::Sparse { k: kept[li].len() },
             // Drafting before the request chose neurons is a caller bug; forward reports it.
             (PassKind::Draft, false, None) => FfnPiece::None,
-            (PassKind::Full, true, Some(kept)) if kept[li].len() >= self.dims.f => FfnPiece::None,
             (PassKind::Full, true, Some(_)) if place.complement_resident => FfnPiece::None,
+            // Every neuron resident: nothing to add (quantized weights still stream the
+            // stored down matrix, which the compact one only approximates).
+            (PassKind::Full, true, Some(kept))
+                if kept[li].len() >= self.dims.f && !self.dims.dtype.is_quantized() =>
+            {
+                FfnPiece::None
+            }
             (PassKind::Full, true, Some(kept)) => FfnPiece::Complement {
                 c: self.dims.f - kept[li].len(),
             },

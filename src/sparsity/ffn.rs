@@ -44,11 +44,10 @@ pub enum Complement<B: Backend> {
     /// Float weights: gate|up|down bundles `[f - k, 3h]` of the neurons that are not resident.
     Bundles(B::Matrix),
     /// Quantized weights: gate and up rows `[f - k, h]` of the neurons that are not resident,
-    /// as stored, and the layer's whole down matrix `[h, f]` as stored (its neurons' columns
-    /// are spread over blocks: see `sparsity::split`).
+    /// as stored (`None` when every neuron is kept), and the layer's whole down matrix
+    /// `[h, f]` as stored (its neurons' columns are spread over blocks: see `sparsity::split`).
     Rows {
-        gate: B::Matrix,
-        up: B::Matrix,
+        rest: Option<[B::Matrix; 2]>,
         down: B::Matrix,
     },
 }
@@ -60,9 +59,8 @@ where
     fn clone(&self) -> Self {
         match self {
             Complement::Bundles(m) => Complement::Bundles(m.clone()),
-            Complement::Rows { gate, up, down } => Complement::Rows {
-                gate: gate.clone(),
-                up: up.clone(),
+            Complement::Rows { rest, down } => Complement::Rows {
+                rest: rest.clone(),
                 down: down.clone(),
             },
         }

@@ -27,8 +27,8 @@ impl<B: SparseOps> FfnStrategy<B> for SplitDense<'_, B> {
         }
         let griffin = self.0;
         let complement = streamed.and_then(|s| s.complement.as_ref());
-        if let Some(Complement::Rows { gate, up, down }) = complement {
-            return merged_dense(griffin, step, [gate, up, down]);
+        if let Some(Complement::Rows { rest, down }) = complement {
+            return merged_dense(griffin, step, rest.as_ref(), down);
         }
         griffin.compact_ffn(&mut step)?;
         let (li, n) = (step.layer, step.n_tokens);
@@ -56,12 +56,13 @@ impl<B: SparseOps> FfnStrategy<B> for SplitDense<'_, B> {
 }
 
 /// The dense FFN from the resident neurons' activations and the streamed rows of the rest,
-/// merged into `[n, f]`, times the layer's whole down matrix (`rest`: gate and up rows of
-/// the neurons not kept, down `[h, f]`).
+/// merged into `[n, f]`, times the layer's whole down matrix `[h, f]` (`rest`: gate and up
+/// rows of the neurons not kept; `None` when every neuron is kept).
 fn merged_dense<B: SparseOps>(
     griffin: &GriffinFfn<B>,
     mut step: FfnStep<'_, B>,
-    [gate, up, down]: [&B::Matrix; 3],
+    rest_rows: Option<&[B::Matrix; 2]>,
+    down: &B::Matrix,
 ) -> Result<()> {
     let (li, n, f) = (step.layer, step.n_tokens, step.dims.neurons);
     let b = step.backend;
@@ -82,13 +83,26 @@ fn merged_dense<B: SparseOps>(
         .as_mut()
         .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
     b.scatter_columns(&s.gate, n, kept, merged, f)?;
-    step.gate_up(gate, up, None, None)?;
-    step.activate(rest.len())?;
+    match rest_rows {
+        Some([gate, up]) => {
+            step.gate_up(gate, up, None, None)?;
+            step.activate(rest.len())?;
+        }
+        None if rest.is_empty() => {}
+        None => {
+            return Err(Error::InvalidArgument(format!(
+                "layer {li}: {} neurons are not resident, but no rows of them were streamed",
+                rest.len()
+            )))
+        }
+    }
     let s = &mut *step.scratch;
     let merged = s
         .merged
         .as_mut()
         .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
-    b.scatter_columns(&s.gate, n, &rest, merged, f)?;
+    if rest_rows.is_some() {
+        b.scatter_columns(&s.gate, n, &rest, merged, f)?;
+    }
     b.matmul(down, merged, n, step.out)
 }

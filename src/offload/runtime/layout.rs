@@ -142,7 +142,8 @@ impl LayerJob {
 }
 
 /// The views of a quantized complement in `ffn` (its staged pieces): the `c` neurons' gate
-/// runs, the same runs of their up rows, then the whole down matrix, back to back.
+/// runs, the same runs of their up rows, then the whole down matrix, back to back (only the
+/// down matrix when `c` is 0: every neuron is kept).
 fn quantized_complement<B: OffloadBackend>(
     d: Dims,
     filled: &FilledOf<B>,
@@ -150,7 +151,7 @@ fn quantized_complement<B: OffloadBackend>(
     c: usize,
 ) -> Result<Complement<B>> {
     let runs = ffn.len().saturating_sub(1) / 2;
-    if runs == 0 || ffn.len() != 2 * runs + 1 {
+    if ffn.len() != 2 * runs + 1 || (runs == 0) != (c == 0) {
         return Err(Error::CopyEngine(format!(
             "layer {}: {} FFN pieces staged, expected gate and up runs and a down matrix",
             filled.layer(),
@@ -159,9 +160,15 @@ fn quantized_complement<B: OffloadBackend>(
     }
     let view =
         |range: Range<usize>, rows, cols| B::staged_matrix(filled, range, d.dtype, rows, cols);
+    let rest = match runs {
+        0 => None,
+        _ => Some([
+            view(ffn[0].start..ffn[runs - 1].end, c, d.h)?,
+            view(ffn[runs].start..ffn[2 * runs - 1].end, c, d.h)?,
+        ]),
+    };
     Ok(Complement::Rows {
-        gate: view(ffn[0].start..ffn[runs - 1].end, c, d.h)?,
-        up: view(ffn[runs].start..ffn[2 * runs - 1].end, c, d.h)?,
+        rest,
         down: view(ffn[2 * runs].clone(), d.h, d.f)?,
     })
 }

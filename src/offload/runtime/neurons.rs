@@ -121,9 +121,15 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             return self.regather(backend, li, ids);
         }
         if !self.assembles_in_place() {
-            // Gathered on the host and uploaded once: that upload is what crossed the link.
+            // Gathered on the host and uploaded once: on a device that upload is what crossed
+            // the link; in host memory (a quantized FFN regathered) only the neurons that were
+            // not resident before count as moved over it.
+            let crossed = match B::RESIDENT_MEMORY {
+                ResidentMemory::Device => ids.len(),
+                ResidentMemory::Host => moved_in(&self.resident_ids[li], ids).len(),
+            };
             let m = self.regather(backend, li, ids)?;
-            self.uploaded_bytes += (ids.len() * self.host.bundle_bytes()) as u64;
+            self.uploaded_bytes += (crossed * self.host.bundle_bytes()) as u64;
             return Ok(m);
         }
         self.copy_in(backend, li, ids, staged)
@@ -165,7 +171,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     }
 
     /// [`Self::make_rest_resident`] for a quantized FFN: the `c` other neurons' gate and up
-    /// rows and the layer's whole down matrix, as stored.
+    /// rows (none when every neuron is kept) and the layer's whole down matrix, as stored.
     fn make_rest_rows_resident(
         &mut self,
         backend: &B,
@@ -176,27 +182,32 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     ) -> Result<()> {
         let d = self.dims;
         self.resident_rest[li] = None;
-        if c > 0 {
-            let pieces = self.host.complement(li, ids)?;
-            let runs = pieces.len().saturating_sub(1) / 2;
-            let bytes = |ps: &[crate::transfer::HostSlice]| -> Vec<u8> {
-                ps.iter()
-                    .flat_map(|p| p.map[p.range.clone()].iter().copied())
-                    .collect()
-            };
-            let (gate, up, down) = (
-                bytes(&pieces[..runs]),
-                bytes(&pieces[runs..2 * runs]),
-                bytes(&pieces[2 * runs..]),
-            );
-            self.arena
-                .set(label, (gate.len() + up.len() + down.len()) as u64)?;
-            self.resident_rest[li] = Some(Complement::Rows {
-                gate: backend.upload_matrix(gate, d.dtype, c, d.h)?,
-                up: backend.upload_matrix(up, d.dtype, c, d.h)?,
-                down: backend.upload_matrix(down, d.dtype, d.h, d.f)?,
-            });
-        }
+        // Gate runs, up runs, the down matrix (just the down matrix when c is 0).
+        let pieces = self.host.complement(li, ids)?;
+        let runs = pieces.len().saturating_sub(1) / 2;
+        let bytes = |ps: &[crate::transfer::HostSlice]| -> Vec<u8> {
+            ps.iter()
+                .flat_map(|p| p.map[p.range.clone()].iter().copied())
+                .collect()
+        };
+        let (gate, up, down) = (
+            bytes(&pieces[..runs]),
+            bytes(&pieces[runs..2 * runs]),
+            bytes(&pieces[2 * runs..]),
+        );
+        self.arena
+            .set(label, (gate.len() + up.len() + down.len()) as u64)?;
+        let rest = match c {
+            0 => None,
+            _ => Some([
+                backend.upload_matrix(gate, d.dtype, c, d.h)?,
+                backend.upload_matrix(up, d.dtype, c, d.h)?,
+            ]),
+        };
+        self.resident_rest[li] = Some(Complement::Rows {
+            rest,
+            down: backend.upload_matrix(down, d.dtype, d.h, d.f)?,
+        });
         self.whole_layer[li] = true;
         Ok(())
     }
