@@ -164,17 +164,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         config,
         format: args.weights,
         head_format: None,
-        // Ignored for float formats; the advice tries it for quantized ones.
-        sparse_down: match WeightFormat::of(args.griffin_down.dtype()) {
-            Some(down) => Some(down),
-            None if args.weights.is_quantized() => {
-                return Err(Error::InvalidArgument(
-                    "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16"
-                        .into(),
-                ))
-            }
-            None => None,
-        },
+        sparse_down: sparse_down(args)?,
         keep: args.keep,
         budget,
         context: args.context,
@@ -235,6 +225,18 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
 
 /// `--model` as shapes: a directory's config.json, else a preset's `[config]`, else the
 /// config.json of a preset's fetched weights.
+/// `--griffin-down` as a planner format: ignored for float `--weights` (the advice tries it
+/// for quantized ones); f32 cannot be offloaded.
+fn sparse_down(args: &PlanArgs) -> Result<Option<WeightFormat>> {
+    match WeightFormat::of(args.griffin_down.dtype()) {
+        Some(down) => Ok(Some(down)),
+        None if args.weights.is_quantized() => Err(Error::InvalidArgument(
+            "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
 fn model_config(model: &str) -> Result<ModelConfig> {
     if !Path::new(model).exists() {
         if let Some(config) = Preset::find(model)?
