@@ -120,3 +120,44 @@ fn a_shapes_only_preset_cannot_run_and_says_why() {
         .unwrap();
     assert_one_line_failure(&o, "shapes only");
 }
+
+/// `plan` on a GGUF file plans its own formats: SmolLM2's Q4_1 layers and Q8_0 head.
+#[test]
+fn a_gguf_file_plans_in_its_own_formats() {
+    let Some(gguf) = common::smollm2_gguf("plan on a GGUF file") else {
+        return;
+    };
+    let gguf = gguf.to_string_lossy();
+    let args = [
+        "plan",
+        "--model",
+        &gguf,
+        "--resident-mem",
+        "200M",
+        "--context",
+        "512",
+        "--format",
+        "json",
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["format"], "q4_1");
+    let sizes = &json["plan"]["sizes"];
+    // 49152 x 576 in Q8_0: 34 bytes per 32 weights.
+    assert_eq!(sizes["head_bytes"], 49152u64 * 576 / 32 * 34);
+    // 576 x 576 in Q4_1: 20 bytes per 32 weights.
+    assert_eq!(
+        sizes["attention_bytes"],
+        (576u64 * 576 * 2 + 192 * 576 * 2) / 32 * 20
+    );
+    // --weights overrides the file's format (and then the head is assumed in it too).
+    let o = run(&[&args[..], &["--weights", "q8_0"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["format"], "q8_0");
+    assert_eq!(
+        json["plan"]["sizes"]["head_bytes"],
+        49152u64 * 576 / 32 * 34
+    );
+}

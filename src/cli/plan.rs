@@ -51,9 +51,10 @@ pub struct PlanArgs {
     #[arg(long)]
     pub resident_mem: Option<String>,
     /// Weight format of the matrices, with its true bytes per block: bf16, f16, q8_0 (8.5 bits
-    /// per weight), q6_k (6.56), q5_k (5.5), q4_1 (5), q4_k or q4_0 (4.5).
-    #[arg(long, default_value = "bf16")]
-    pub weights: WeightFormat,
+    /// per weight), q6_k (6.56), q5_k (5.5), q4_1 (5), q4_k or q4_0 (4.5). Default: a GGUF
+    /// file's own format (and its LM head's), else bf16.
+    #[arg(long)]
+    pub weights: Option<WeightFormat>,
     /// Quantized weights: the format of the resident compact down matrix (as `run
     /// --griffin-down`): q8_0, q4_0, bf16 or f16.
     #[arg(long, default_value = "q8_0")]
@@ -160,10 +161,11 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
+    let (format, head_format) = formats(args)?;
     let input = PlanInput {
         config,
-        format: args.weights,
-        head_format: None,
+        format,
+        head_format,
         sparse_down: sparse_down(args)?,
         keep: args.keep,
         budget,
@@ -230,11 +232,30 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
 fn sparse_down(args: &PlanArgs) -> Result<Option<WeightFormat>> {
     match WeightFormat::of(args.griffin_down.dtype()) {
         Some(down) => Ok(Some(down)),
-        None if args.weights.is_quantized() => Err(Error::InvalidArgument(
+        None if args.weights.is_some_and(|w| w.is_quantized()) => Err(Error::InvalidArgument(
             "--griffin-down f32 cannot be offloaded: plan with q8_0, q4_0, bf16 or f16".into(),
         )),
         None => Ok(None),
     }
+}
+
+/// `--weights`, else a GGUF file's own format, else bf16; and the LM head's format where the
+/// file stores it in another type (SmolLM2's Q4_1 file: a Q8_0 head).
+fn formats(args: &PlanArgs) -> Result<(WeightFormat, Option<WeightFormat>)> {
+    let path = Path::new(&args.model);
+    let stored = match path.is_file() {
+        true => ModelFiles::stored_types(path)?,
+        false => None,
+    };
+    let stored =
+        stored.and_then(|(ffn, head)| Some((WeightFormat::of(ffn)?, WeightFormat::of(head))));
+    let format = (args.weights)
+        .or(stored.map(|(ffn, _)| ffn))
+        .unwrap_or(WeightFormat::Bf16);
+    let head = stored
+        .filter(|(ffn, _)| *ffn == format)
+        .and_then(|(_, head)| head);
+    Ok((format, head))
 }
 
 fn model_config(model: &str) -> Result<ModelConfig> {

@@ -108,6 +108,28 @@ impl ModelFiles {
         let file = GgufFile::parse(path, &map)?;
         gguf_config(path, &file).map(|(config, _)| config)
     }
+
+    /// A GGUF file's stored types of its FFN matrices (layer 0's gate) and of its LM head
+    /// (the embedding when tied), for `plan`; `None` for a model directory.
+    pub fn stored_types(path: &Path) -> Result<Option<(DType, DType)>> {
+        if !is_gguf(path) {
+            return Ok(None);
+        }
+        let map = map_file(path)?;
+        let file = GgufFile::parse(path, &map)?;
+        let kind = |names: &[&str]| {
+            (names.iter().find_map(|n| file.tensor(n)).map(|t| t.kind)).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{}: no tensor {} in this GGUF file",
+                    path.display(),
+                    names.join(" or ")
+                ))
+            })
+        };
+        let ffn = kind(&["blk.0.ffn_gate.weight"])?;
+        let head = kind(&["output.weight", "token_embd.weight"])?;
+        Ok(Some((ffn, head)))
+    }
 }
 
 /// A directory's store, converted as `weights` says.
