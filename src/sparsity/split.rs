@@ -72,37 +72,30 @@ fn merged_dense<B: SparseOps>(
         .get(li)
         .ok_or_else(|| Error::InvalidArgument(format!("no Griffin neurons for layer {li}")))?;
     let rest = complement_ids(kept, f)?;
-    griffin.compact_activations(&mut step)?;
-    let rows = step.scratch.max_tokens;
-    let s = &mut *step.scratch;
-    if s.merged.is_none() {
-        s.merged = Some(b.alloc(rows * f)?);
-    }
-    let merged = s
-        .merged
-        .as_mut()
-        .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
-    b.scatter_columns(&s.gate, n, kept, merged, f)?;
-    match rest_rows {
-        Some([gate, up]) => {
-            step.gate_up(gate, up, None, None)?;
-            step.activate(rest.len())?;
+    // Taken out of the scratch while the FFN steps borrow it, put back for the next pass.
+    let mut merged = match step.scratch.merged.take() {
+        Some(m) => m,
+        None => b.alloc(step.scratch.max_tokens * f)?,
+    };
+    let out = (|| {
+        griffin.compact_activations(&mut step)?;
+        b.scatter_columns(&step.scratch.gate, n, kept, &mut merged, f)?;
+        match rest_rows {
+            Some([gate, up]) => {
+                step.gate_up(gate, up, None, None)?;
+                step.activate(rest.len())?;
+                b.scatter_columns(&step.scratch.gate, n, &rest, &mut merged, f)?;
+            }
+            None if rest.is_empty() => {}
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {li}: {} neurons are not resident, but no rows of them were streamed",
+                    rest.len()
+                )))
+            }
         }
-        None if rest.is_empty() => {}
-        None => {
-            return Err(Error::InvalidArgument(format!(
-                "layer {li}: {} neurons are not resident, but no rows of them were streamed",
-                rest.len()
-            )))
-        }
-    }
-    let s = &mut *step.scratch;
-    let merged = s
-        .merged
-        .as_mut()
-        .ok_or_else(|| Error::InvalidArgument("no merge buffer".into()))?;
-    if rest_rows.is_some() {
-        b.scatter_columns(&s.gate, n, &rest, merged, f)?;
-    }
-    b.matmul(down, merged, n, step.out)
+        b.matmul(down, &merged, n, step.out)
+    })();
+    step.scratch.merged = Some(merged);
+    out
 }
