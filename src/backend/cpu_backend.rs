@@ -2,12 +2,12 @@
 //! memory-mapped checkpoint in their stored dtype, SIMD kernels from `backend::cpu`.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use memmap2::Mmap;
 
 use super::checks;
-use super::cpu::{self as kernels, Isa, ThreadPool};
+use super::cpu::{self as kernels, Isa, PackedRows, Q8Head, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
     Rows, SparseOps,
@@ -34,9 +34,52 @@ pub struct CpuMatrix {
     pub dtype: DType,
     pub rows: usize,
     pub cols: usize,
+    /// What decode builds from the matrix on first use; `None` for views and resident
+    /// copies of the offloading runtime (it refills a view's bytes, and counts a resident
+    /// copy's bytes, and only those).
+    aids: Option<Arc<DecodeAids>>,
+}
+
+/// Copies of a matrix's weights that make one-token products faster, built by the first
+/// product that wants them: only matrices that decode pay their bytes (not a full model that
+/// only verifies Sirius windows, nor the matrices Griffin gathers from).
+#[derive(Default)]
+struct DecodeAids {
+    /// Q4_0/Q4_1 in the interleaved layout ([`PackedRows`]); `None` inside for other
+    /// formats and shapes.
+    packed: OnceLock<Option<PackedRows>>,
+    /// A Q8_0 LM head's interleaved copy and row norms; `None` inside for other shapes.
+    head: OnceLock<Option<Q8Head>>,
 }
 
 impl CpuMatrix {
+    fn with_aids(storage: Storage, dtype: DType, rows: usize, cols: usize) -> CpuMatrix {
+        CpuMatrix {
+            storage,
+            dtype,
+            rows,
+            cols,
+            aids: Some(Arc::default()),
+        }
+    }
+
+    /// The interleaved decode copy, built on first use; `None` where there is none.
+    fn packed(&self) -> Option<&PackedRows> {
+        // Q8_0 decodes from its stored rows with exact activations; only a head packs.
+        let aids = self.aids.as_ref().filter(|_| self.dtype != DType::Q8_0)?;
+        aids.packed
+            .get_or_init(|| PackedRows::pack(self.dtype, self.bytes(), self.rows, self.cols))
+            .as_ref()
+    }
+
+    /// A Q8_0 head's decode aids, built on first use; `None` for other formats and shapes.
+    fn q8_head(&self) -> Option<&Q8Head> {
+        let aids = self.aids.as_ref().filter(|_| self.dtype == DType::Q8_0)?;
+        aids.head
+            .get_or_init(|| Q8Head::of(self.bytes(), self.rows, self.cols))
+            .as_ref()
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.storage {
             Storage::Mapped(map, range) => &map[range.clone()],
@@ -70,6 +113,7 @@ impl CpuMatrix {
             dtype,
             rows,
             cols,
+            aids: None,
         })
     }
 
@@ -81,6 +125,7 @@ impl CpuMatrix {
             dtype: self.dtype,
             rows: self.rows,
             cols: self.cols,
+            aids: None,
         })
     }
 
@@ -147,6 +192,14 @@ impl CpuBackend {
     pub fn threads(&self) -> usize {
         self.pool.n_threads()
     }
+
+    /// `m` without decode aids on the scalar tier, which has no kernels for them.
+    fn with_tier_packing(&self, mut m: CpuMatrix) -> CpuMatrix {
+        if self.isa == Isa::Scalar {
+            m.aids = None;
+        }
+        m
+    }
 }
 
 impl Backend for CpuBackend {
@@ -168,12 +221,12 @@ impl Backend for CpuBackend {
     fn matrix(&self, t: &TensorRef) -> Result<CpuMatrix> {
         let (rows, cols) = checks::matrix_shape(t)?;
         let (map, range) = t.mapping();
-        Ok(CpuMatrix {
-            storage: Storage::Mapped(map, range),
-            dtype: t.dtype,
+        Ok(self.with_tier_packing(CpuMatrix::with_aids(
+            Storage::Mapped(map, range),
+            t.dtype,
             rows,
             cols,
-        })
+        )))
     }
 
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
@@ -221,6 +274,14 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
+        if n_tokens == 1 {
+            if let Some(p) = w.packed() {
+                let (x, y) = (&x[..w.cols], &mut out[..w.rows]);
+                if kernels::matvec_packed_with_isa(self.isa, &self.pool, p, x, y) {
+                    return Ok(());
+                }
+            }
+        }
         kernels::matmul_with_isa(
             self.isa,
             &self.pool,
@@ -233,6 +294,26 @@ impl Backend for CpuBackend {
             &mut out[..n_tokens * w.rows],
         );
         Ok(())
+    }
+
+    /// One token's logits from a Q8_0 head: quantized activations, the rows that
+    /// can be the maximum recomputed exactly (see `cpu::logits_q8`); anything else is [`Backend::matmul`].
+    fn logits_matmul(
+        &self,
+        head: &CpuMatrix,
+        x: &Vec<f32>,
+        n_tokens: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        if let Some(aids) = head.q8_head().filter(|_| n_tokens == 1) {
+            let (x, y) = (&x[..head.cols], &mut out[..head.rows]);
+            let exact = kernels::logits_q8_with_isa(self.isa, &self.pool, head.bytes(), aids, x, y);
+            if let Some(exact) = exact {
+                tracing::trace!("logits: {exact} of {} rows recomputed exactly", head.rows);
+                return Ok(());
+            }
+        }
+        self.matmul(head, x, n_tokens, out)
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, n_tokens: usize) -> Result<()> {
@@ -364,12 +445,8 @@ impl SparseOps for CpuBackend {
         cols: usize,
     ) -> Result<CpuMatrix> {
         checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
-        Ok(CpuMatrix {
-            storage: Storage::Owned(Arc::new(huge_page_copy(&bytes)?)),
-            dtype,
-            rows,
-            cols,
-        })
+        let storage = Storage::Owned(Arc::new(huge_page_copy(&bytes)?));
+        Ok(self.with_tier_packing(CpuMatrix::with_aids(storage, dtype, rows, cols)))
     }
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {

@@ -98,6 +98,18 @@ pub trait Backend {
         n_tokens: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// The LM head's product for the next token's pick, `out[t] = head · x[t]`: a backend
+    /// may compute it more cheaply than [`Backend::matmul`] as long as the maximum (greedy
+    /// decoding's pick), its row and value stay exactly what `matmul` gives.
+    fn logits_matmul(
+        &self,
+        head: &Self::Matrix,
+        x: &Self::Buf,
+        n_tokens: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.matmul(head, x, n_tokens, out)
+    }
     /// x[t] += bias for the first `n_tokens` rows.
     fn add_bias(&self, x: &mut Self::Buf, bias: &Self::Buf, n_tokens: usize) -> Result<()>;
     /// Rotates each of the `num_heads` heads of the batch's rows to their positions.

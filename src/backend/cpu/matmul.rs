@@ -108,6 +108,23 @@ pub(super) fn matmul_with(
     }
 }
 
+/// [`super::matvec_packed()`]: decode's task split over the packed matrix's bytes.
+pub(super) fn matvec_packed_with(
+    k: Kernels,
+    pool: &ThreadPool,
+    w: &super::quant_packed::PackedRows,
+    x: &[f32],
+    y: &mut [f32],
+) -> bool {
+    assert_eq!(y.len(), w.rows(), "matvec_packed: y.len() != rows");
+    assert_eq!(x.len(), 32 * w.blocks(), "matvec_packed: x.len() != cols");
+    let by_size = w.byte_len().div_ceil(DECODE_MIN_TASK_BYTES);
+    let n_tasks = (pool.n_threads() * DECODE_TASKS_PER_THREAD)
+        .min(by_size)
+        .max(1);
+    quant::matvec_packed(k, pool, w, x, y, None, n_tasks)
+}
+
 /// The inputs of one [`matmul_with`] call, as its three paths take them.
 #[derive(Clone, Copy)]
 struct Operands<'a> {

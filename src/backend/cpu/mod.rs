@@ -33,6 +33,10 @@ mod quant_avx2;
 mod quant_gather;
 #[cfg(target_arch = "x86_64")]
 mod quant_k_avx2;
+mod quant_logits;
+mod quant_packed;
+#[cfg(target_arch = "x86_64")]
+mod quant_packed_avx2;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -81,6 +85,24 @@ tiered! {
     pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize,
     x: &[f32], n_tokens: usize, y: &mut [f32],
 }
+
+tiered! {
+    /// `y = w x` for one token with a Q4_0/Q4_1 matrix in the interleaved decode layout
+    /// ([`PackedRows`]); false (nothing done) on a tier without that kernel.
+    matvec_packed, matvec_packed_with_isa => matmul::matvec_packed_with;
+    pool: &ThreadPool, w: &PackedRows, x: &[f32], y: &mut [f32], => bool
+}
+
+pub use quant_packed::PackedRows;
+
+tiered! {
+    /// One token's logits from a Q8_0 head (its stored bytes `w`), the maximum exact;
+    /// the rows recomputed exactly, or `None` on a tier without the kernel. See `quant_logits`.
+    logits_q8, logits_q8_with_isa => quant_logits::logits_q8;
+    pool: &ThreadPool, w: &[u8], head: &Q8Head, x: &[f32], y: &mut [f32], => Option<usize>
+}
+
+pub use quant_logits::Q8Head;
 
 tiered! {
     /// The FFN over neuron bundles; see [`neurons::bundle_ffn`].

@@ -17,6 +17,9 @@ use super::kernels::Kernels;
 use super::quant_avx2;
 #[cfg(target_arch = "x86_64")]
 use super::quant_k_avx2;
+use super::quant_packed::{PackedRows, GROUP};
+#[cfg(target_arch = "x86_64")]
+use super::quant_packed_avx2;
 use super::util::SharedMut;
 use crate::tensor::quant::{dequantize, f16_at as f16};
 use crate::tensor::DType;
@@ -37,11 +40,26 @@ pub(super) struct Q8Row {
     pub bsums: Vec<i32>,
     /// Elements per block.
     pub per: usize,
+    /// What was quantized, and within which bound: q, k and v (gate and up) of a layer
+    /// multiply the same activations, which are then quantized once.
+    source: Vec<f32>,
+    limit: f32,
 }
 
 impl Q8Row {
     /// Quantizes `x` (a whole number of blocks of `per`) in place of the previous contents.
     pub(super) fn quantize(&mut self, x: &[f32], per: usize) {
+        self.quantize_within(x, per, 127.0);
+    }
+
+    /// [`Q8Row::quantize`] to quants within `+-limit` (<= 127).
+    pub(super) fn quantize_within(&mut self, x: &[f32], per: usize, limit: f32) {
+        if self.per == per && self.limit == limit && self.source == x {
+            return;
+        }
+        self.source.clear();
+        self.source.extend_from_slice(x);
+        self.limit = limit;
         let nb = x.len() / per;
         self.per = per;
         self.qs.resize(nb * per, 0);
@@ -54,7 +72,7 @@ impl Q8Row {
             .enumerate()
         {
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
+            let d = amax / limit;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let sixteens = &mut self.bsums[b * per / 16..(b + 1) * per / 16];
             for ((q16, x16), bsum) in qs
@@ -64,7 +82,9 @@ impl Q8Row {
             {
                 let mut sum = 0i32;
                 for (q, v) in q16.iter_mut().zip(x16) {
-                    *q = (v * inv).round() as i8;
+                    // Half away from zero, as `round` (a libm call) does, but inlined.
+                    let r = v * inv;
+                    *q = (r + 0.5f32.copysign(r)) as i8;
                     sum += *q as i32;
                 }
                 *bsum = sum;
@@ -169,6 +189,68 @@ pub(super) fn matvec(
     }
 }
 
+/// `y = w x` for one token with `w` in the interleaved layout (`quant_packed`), groups of 8
+/// rows split into `n_tasks` chunks on `pool`; with `bounds` (a Q8_0 LM head, see
+/// `quant_logits`), each row's error bound too. False (nothing done) on a tier without the
+/// kernel: the caller then takes the stored rows.
+pub(super) fn matvec_packed(
+    k: Kernels,
+    pool: &super::pool::ThreadPool,
+    w: &PackedRows,
+    x: &[f32],
+    y: &mut [f32],
+    bounds: Option<&mut [f32]>,
+    n_tasks: usize,
+) -> bool {
+    assert!(
+        bounds.is_none() || w.dtype() == DType::Q8_0,
+        "bounds are a Q8_0 head's"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if let Tier::Avx2(_) = tier(k) {
+        let groups = w.rows() / GROUP;
+        let chunk = groups.div_ceil(n_tasks.max(1)).max(1);
+        let ys = SharedMut::new(y);
+        let bs = bounds.map(SharedMut::new);
+        X_Q8.with_borrow_mut(|xq| {
+            xq.quantize_within(x, QK, packed_activation_limit(w.dtype()));
+            pool.run(groups.div_ceil(chunk), &|task| {
+                let (g0, cells) = (task * chunk, w.blocks());
+                let ng = chunk.min(groups - g0);
+                let (r0, nr) = (g0 * GROUP, ng * GROUP);
+                // SAFETY: task `task` alone owns rows r0..r0 + nr of the outputs.
+                let yt = unsafe { ys.slice(r0, nr) };
+                // SAFETY (both kernels): the proof says this CPU runs AVX2/FMA/F16C; the
+                // kernels assert the lengths.
+                match &bs {
+                    // SAFETY: as for `yt`.
+                    Some(bs) => unsafe {
+                        let bt = bs.slice(r0, nr);
+                        quant_packed_avx2::head_groups(w.groups(g0, ng), cells, xq, yt, bt)
+                    },
+                    None => unsafe {
+                        quant_packed_avx2::dot_groups(w.dtype(), w.groups(g0, ng), cells, xq, yt)
+                    },
+                }
+            })
+        });
+        return true;
+    }
+    let _ = (k, pool, w, x, y, bounds, n_tasks);
+    false
+}
+
+/// The activation quants' bound for a packed matrix: Q8_0's kernel sums two chunks in 16
+/// bits, which needs activations within +-63 (one bit less precise; only the LM head
+/// decodes Q8_0 packed, and it recomputes its maximum exactly).
+pub(super) fn packed_activation_limit(dtype: DType) -> f32 {
+    if dtype == DType::Q8_0 {
+        63.0
+    } else {
+        127.0
+    }
+}
+
 /// Weight rows (of Q4_0, Q4_1 or Q8_0 blocks, `row_bytes` apart) dotted with quantized
 /// activations into `y`.
 fn dot_q8_rows(t: Tier, dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Row, y: &mut [f32]) {
@@ -179,13 +261,31 @@ fn dot_q8_rows(t: Tier, dtype: DType, rows: &[u8], row_bytes: usize, x: &Q8Row, 
             quant_k_avx2::dot_rows(dtype, rows, row_bytes, x, y)
         },
         #[cfg(target_arch = "x86_64")]
-        Tier::Avx2(_) => unsafe { quant_avx2::dot_rows(dtype, rows, row_bytes, x, y) },
+        Tier::Avx2(_) => unsafe {
+            quant_packed_avx2::dot_stored_rows(dtype, rows, row_bytes, x, y)
+        },
         Tier::Scalar => {
             for (out, row) in y.iter_mut().zip(rows.chunks_exact(row_bytes)) {
                 *out = dot_scalar(dtype, row, x);
             }
         }
     }
+}
+
+/// One Q8_0 row dotted with exact f32 activations (as the decode matvec computes it).
+pub(super) fn dot_q8_f32_row(k: Kernels, row: &[u8], x: &[f32]) -> f32 {
+    let mut y = [0f32];
+    match tier(k) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; the kernel asserts the lengths.
+        Tier::Avx2(_) => unsafe { quant_avx2::dot_rows_q8_f32(row, row.len(), x, &mut y) },
+        Tier::Scalar => ROW_F32.with_borrow_mut(|buf| {
+            buf.resize(x.len(), 0.0);
+            dequantize(DType::Q8_0, row, buf);
+            y[0] = buf.iter().zip(x).map(|(a, b)| a * b).sum();
+        }),
+    }
+    y[0]
 }
 
 /// The scalar reference of [`dot_q8_rows`], one row: integer sums per block, scaled as ggml does.
@@ -362,6 +462,58 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-4 * w.abs().max(1.0),
                         "{isa:?} {dtype}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The interleaved decode layout gives the stored rows' products (the scalar reference
+    /// on the same activations, up to f32 summation order), split over tasks unevenly.
+    #[test]
+    fn packed_rows_give_the_stored_rows_products() {
+        let mut rng = TestRng::new(29);
+        let pool = ThreadPool::new(2);
+        for dtype in [DType::Q4_0, DType::Q4_1] {
+            let (rows, cols) = (40, 512);
+            let bytes = reference_blocks(dtype, rows * cols / QK);
+            let packed = PackedRows::pack(dtype, &bytes, rows, cols).expect("packs");
+            let x = rng.vec(cols);
+            let mut xq = Q8Row::default();
+            xq.quantize(&x, QK);
+            let want: Vec<f32> = bytes
+                .chunks_exact(dtype.bytes_for(cols))
+                .map(|r| dot_scalar(dtype, r, &xq))
+                .collect();
+            for isa in Isa::available() {
+                let mut y = vec![f32::NAN; rows];
+                if !matvec_packed(Kernels::new(isa), &pool, &packed, &x, &mut y, None, 3) {
+                    eprintln!("{isa:?}: no interleaved kernel on this tier (stored rows are used)");
+                    continue;
+                }
+                for (g, w) in y.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                        "{isa:?} {dtype}: {g} vs {w}"
+                    );
+                }
+                // The stored rows through their own kernel: bit-equal, a short last group too.
+                let n = rows - 3;
+                let mut stored = vec![f32::NAN; n];
+                let row_bytes = dtype.bytes_for(cols);
+                dot_q8_rows(
+                    tier(Kernels::new(isa)),
+                    dtype,
+                    &bytes,
+                    row_bytes,
+                    &xq,
+                    &mut stored,
+                );
+                for (r, (a, b)) in stored.iter().zip(&y).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{isa:?} {dtype} row {r}: {a} vs {b}"
                     );
                 }
             }

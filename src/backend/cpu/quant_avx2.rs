@@ -1,10 +1,10 @@
-//! AVX2 kernels of the 32-element block formats (Q4_0, Q4_1, Q8_0): integer dot products with
-//! 8-bit activations (`maddubs`: unsigned x signed bytes into 16-bit pairs, `madd` into 32-bit
-//! lanes) and de-quantization to f32. Only reached through `quant.rs` with an `Avx2` proof.
+//! AVX2 kernels of the 32-element block formats (Q4_0, Q4_1, Q8_0): Q8_0 rows against exact
+//! f32 activations and de-quantization to f32. The integer dot products of Q4_0/Q4_1 rows
+//! are in `quant_packed_avx2.rs`. Only reached through `quant.rs` with an `Avx2` proof.
 
 use std::arch::x86_64::*;
 
-use super::quant::{Q8Row, QK};
+use super::quant::QK;
 use crate::tensor::DType;
 
 /// Every f16 bit pattern as f32: a block's scales are two table loads instead of a
@@ -54,131 +54,6 @@ pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-}
-
-/// How far ahead of the block being read each row stream is prefetched.
-const PREFETCH_BYTES: usize = 512;
-
-/// Format codes of the const-generic kernels (one compiled loop per format).
-const Q4_0: u8 = 0;
-const Q4_1: u8 = 1;
-const Q8_0: u8 = 2;
-
-/// Rows `rows` (consecutive, `row_bytes` apart, Q4_0, Q4_1 or Q8_0 blocks) dotted with `x`
-/// (as many blocks of 32 as a row has) into `y`.
-///
-/// # Safety
-/// The CPU runs AVX2, FMA and F16C; `rows` holds `y.len()` rows of `x.d.len()` blocks.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn dot_rows(
-    dtype: DType,
-    rows: &[u8],
-    row_bytes: usize,
-    x: &Q8Row,
-    y: &mut [f32],
-) {
-    assert!(rows.len() >= y.len() * row_bytes && row_bytes >= x.d.len() * dtype.block().1);
-    // SAFETY: bounds asserted; features enabled here.
-    unsafe {
-        match dtype {
-            DType::Q4_0 => dot_rows_of::<Q4_0>(rows, row_bytes, x, y),
-            DType::Q4_1 => dot_rows_of::<Q4_1>(rows, row_bytes, x, y),
-            _ => dot_rows_of::<Q8_0>(rows, row_bytes, x, y),
-        }
-    }
-}
-
-/// Four rows at a time share each activation block's load and scale.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_of<const F: u8>(rows: &[u8], row_bytes: usize, x: &Q8Row, y: &mut [f32]) {
-    let mut r = 0;
-    while r < y.len() {
-        let n = (y.len() - r).min(4);
-        let base = rows.as_ptr().wrapping_add(r * row_bytes);
-        // SAFETY: rows r..r + n exist (caller's contract); a short group repeats its last row.
-        let sums = unsafe {
-            let p = |i: usize| base.add(row_bytes * i.min(n - 1));
-            dot4::<F>([p(0), p(1), p(2), p(3)], x)
-        };
-        y[r..r + n].copy_from_slice(&sums[..n]);
-        r += n;
-    }
-}
-
-/// The integer products of one weight block at `p` with activation block `xv`, as 8 f32
-/// partial sums, and the block's scale; the minimum's contribution goes to `offset`.
-#[inline(always)]
-unsafe fn block<const F: u8>(
-    t: &[f32],
-    p: *const u8,
-    xv: __m256i,
-    sx: f32,
-    offset: &mut f32,
-) -> (__m256, f32) {
-    // SAFETY: caller: `p` starts a block of format F; features enabled by the kernel.
-    unsafe {
-        let dw = f16_at_in(t, p);
-        let prod = match F {
-            Q8_0 => {
-                let wv = _mm256_loadu_si256(p.add(2) as *const __m256i);
-                // maddubs wants one unsigned side: |w|, with w's sign moved onto x.
-                _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-            }
-            Q4_1 => {
-                *offset += f16_at_in(t, p.add(2)) * sx;
-                _mm256_maddubs_epi16(nibbles(p.add(4)), xv)
-            }
-            _ => {
-                // Q4_0: values are nibble - 8; the -8 goes through the block sum.
-                *offset -= 8.0 * dw * sx;
-                _mm256_maddubs_epi16(nibbles(p.add(2)), xv)
-            }
-        };
-        let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
-        (sums, dw)
-    }
-}
-
-/// Four rows against the activations, each with its own register accumulator (written out,
-/// not as an array: an indexed array of accumulators ends up spilled to the stack).
-#[inline(always)]
-unsafe fn dot4<const F: u8>(w: [*const u8; 4], x: &Q8Row) -> [f32; 4] {
-    let bb = match F {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    };
-    // SAFETY: each pointer starts a row of x.d.len() blocks (caller); features enabled by
-    // the calling kernel.
-    unsafe {
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let (mut o0, mut o1, mut o2, mut o3) = (0f32, 0f32, 0f32, 0f32);
-        let (qs, ds, ss) = (x.qs.as_ptr(), x.d.as_ptr(), x.s.as_ptr());
-        let t = f16_table();
-        for b in 0..x.d.len() {
-            let xv = _mm256_loadu_si256(qs.add(b * QK) as *const __m256i);
-            let (dx, sx) = (*ds.add(b), *ss.add(b));
-            let off = b * bb;
-            // Four row streams are more than the hardware prefetchers follow well.
-            for row in w {
-                _mm_prefetch::<_MM_HINT_T0>(row.add(off + PREFETCH_BYTES) as *const i8);
-            }
-            let (s0, d0) = block::<F>(t, w[0].add(off), xv, sx, &mut o0);
-            let (s1, d1) = block::<F>(t, w[1].add(off), xv, sx, &mut o1);
-            let (s2, d2) = block::<F>(t, w[2].add(off), xv, sx, &mut o2);
-            let (s3, d3) = block::<F>(t, w[3].add(off), xv, sx, &mut o3);
-            a0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(d0 * dx), a0);
-            a1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(d1 * dx), a1);
-            a2 = _mm256_fmadd_ps(s2, _mm256_set1_ps(d2 * dx), a2);
-            a3 = _mm256_fmadd_ps(s3, _mm256_set1_ps(d3 * dx), a3);
-        }
-        [hsum(a0) + o0, hsum(a1) + o1, hsum(a2) + o2, hsum(a3) + o3]
     }
 }
 
