@@ -219,3 +219,21 @@ __device__ __forceinline__ void row_dot(const T* __restrict__ row, const float* 
 
 // SiLU as the CPU computes it: v / (1 + e^-v).
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
+
+// One token's embedding row per block (embedding.cu, quant.cu): out[t, c] = element(id, c)
+// for c < cols, id = tokens[t]; an id past vocab (the host checks ids first) gives a row of
+// NaN rather than a read past the table.
+template <typename Element>
+__device__ __forceinline__ void embed_rows(Element element, const unsigned* __restrict__ tokens,
+                                           float* __restrict__ out, unsigned n_tokens,
+                                           unsigned vocab, unsigned cols) {
+    const unsigned t = blockIdx.x;
+    if (t >= n_tokens) {
+        return;
+    }
+    const unsigned id = tokens[t];
+    float* o = out + (size_t)t * cols;
+    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) {
+        o[c] = id < vocab ? element(id, c) : quiet_nan();
+    }
+}

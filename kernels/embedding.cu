@@ -12,22 +12,10 @@ __device__ __forceinline__ void embed(const T* __restrict__ table,
                                       const unsigned* __restrict__ tokens,
                                       float* __restrict__ out, unsigned n_tokens,
                                       unsigned vocab, unsigned cols) {
-    const unsigned t = blockIdx.x;
-    if (t >= n_tokens) {
-        return;
-    }
-    const unsigned id = tokens[t];
-    float* o = out + (size_t)t * cols;
-    if (id >= vocab) {
-        for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) {
-            o[c] = quiet_nan();
-        }
-        return;
-    }
-    const T* row = table + (size_t)id * cols;
-    for (unsigned c = threadIdx.x; c < cols; c += blockDim.x) {
-        o[c] = to_f32(row[c]);
-    }
+    const auto element = [=](unsigned id, unsigned c) {
+        return to_f32(table[(size_t)id * cols + c]);
+    };
+    embed_rows(element, tokens, out, n_tokens, vocab, cols);
 }
 
 extern "C" __global__ void embed_bf16(const __nv_bfloat16* __restrict__ table,

@@ -124,3 +124,92 @@ fn host_to_device_bandwidth() {
     ));
     assert!(p > 0.0 && q > 0.0);
 }
+
+/// The GGUF block formats on the GPU (kernels/quant.cu), on random blocks: products against
+/// the CPU's de-quantized weights summed in f64 (the GPU keeps f32 activations, so only the
+/// f32 summation order differs: DOT), for a decode token, a window and a batch past 16
+/// (quantized batches stay on the small kernels); embedding rows bit-equal to the CPU's
+/// de-quantization.
+#[test]
+fn quantized_products_and_rows_match() {
+    use sirius_offload::backend::SparseOps;
+    use sirius_offload::tensor::{quant::dequantize, DType};
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(9);
+    for dtype in [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q6K,
+    ] {
+        for (rows, cols) in [(24, 256), (37, 512), (1536, 1536)] {
+            let bytes = random_blocks(&mut rng, dtype, rows * cols / dtype.block().0);
+            let mut w = vec![0f32; rows * cols];
+            assert!(dequantize(dtype, &bytes, &mut w));
+            let m = g.upload_matrix(bytes, dtype, rows, cols).unwrap();
+            for n in [1, 3, 20] {
+                let x = random(&mut rng, n * cols, 1.0);
+                let mut out = g.alloc(n * rows).unwrap();
+                g.matmul(&m, &g.upload(&x).unwrap(), n, &mut out).unwrap();
+                let mut got = vec![f32::NAN; n * rows];
+                g.read(&out, 0, &mut got).unwrap();
+                let want: Vec<f32> = (0..n * rows)
+                    .map(|i| {
+                        let (t, r) = (i / rows, i % rows);
+                        let (wr, xt) = (&w[r * cols..][..cols], &x[t * cols..][..cols]);
+                        wr.iter()
+                            .zip(xt)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>() as f32
+                    })
+                    .collect();
+                check(
+                    "matmul_quantized",
+                    &format!("{dtype} {rows}x{cols} n{n}"),
+                    &got,
+                    &want,
+                    DOT,
+                );
+            }
+            let tokens = [0, rows as u32 - 1, rows as u32 / 2];
+            let mut out = g.alloc(tokens.len() * cols).unwrap();
+            g.embed(&m, &tokens, &mut out).unwrap();
+            let mut got = vec![f32::NAN; tokens.len() * cols];
+            g.read(&out, 0, &mut got).unwrap();
+            let want: Vec<f32> = tokens
+                .iter()
+                .flat_map(|&id| w[id as usize * cols..][..cols].to_vec())
+                .collect();
+            check(
+                "embed_quantized",
+                &format!("{dtype} {rows}x{cols}"),
+                &got,
+                &want,
+                0.0,
+            );
+        }
+    }
+}
+
+/// Random blocks of `dtype` whose f16 scales are small and finite (random bytes there could
+/// be infinities or NaN).
+fn random_blocks(rng: &mut Rng, dtype: sirius_offload::tensor::DType, n: usize) -> Vec<u8> {
+    use sirius_offload::tensor::DType;
+    let (_, bytes) = dtype.block();
+    let scales: &[usize] = match dtype {
+        DType::Q4_1 | DType::Q4K => &[0, 2],
+        DType::Q6K => &[208],
+        _ => &[0],
+    };
+    let mut out: Vec<u8> = (0..n * bytes)
+        .map(|_| (rng.next_f32() * 256.0) as u8)
+        .collect();
+    for block in out.chunks_exact_mut(bytes) {
+        for &at in scales {
+            let h = half::f16::from_f32(0.002 + 0.01 * rng.next_f32());
+            block[at..at + 2].copy_from_slice(&h.to_bits().to_le_bytes());
+        }
+    }
+    out
+}

@@ -263,7 +263,8 @@ impl SparseOps for CudaBackend {
         _rows: &[u32],
         _down_dtype: DType,
     ) -> Result<[CudaMatrix; 3]> {
-        // Unreachable through the engine: CUDA matrices are float (`buffers::cuda_float`).
+        // A quantized model with Griffin on CUDA: the compact down matrix is re-encoded on the
+        // CPU only so far.
         Err(crate::error::Error::Cuda(
             "Griffin on quantized weights runs on the CPU only; load the model with --weights bf16 for CUDA".into(),
         ))
@@ -315,8 +316,8 @@ impl SparseOps for CudaBackend {
         _dst: &mut CudaBuf,
         _width: usize,
     ) -> Result<()> {
-        // Unreachable through the engine: only offloaded quantized FFNs merge neuron sets,
-        // and CUDA matrices are float.
+        // Unreachable through the engine: only offloaded quantized FFNs merge neuron sets, and
+        // offloading to a device de-quantizes a GGUF to bf16 (`engine::weights_for`).
         Err(crate::error::Error::Cuda(
             "offloading quantized weights runs on the CPU only; load the model with --weights bf16 for CUDA".into(),
         ))

@@ -306,23 +306,27 @@ impl CudaMatrix {
 }
 
 /// `Err` unless `len` bytes hold `rows x cols` elements of `dtype`.
-/// `Err` for a quantized `dtype`: every new CUDA matrix passes here (host and staged views
-/// through `check_len`, uploads in `ops_ffn::upload_matrix`), so the kernels see floats only.
-pub(crate) fn cuda_float(dtype: DType) -> Result<()> {
-    if dtype.is_quantized() {
-        return Err(Error::InvalidArgument(format!(
-            "the CUDA backend computes on f32, f16 and bf16 matrices, not {dtype} yet: \
-             load the model with --weights bf16"
-        )));
+/// `Err` for a dtype no CUDA kernel computes on: every new CUDA matrix passes here (host and
+/// staged views through `check_len`, uploads in `ops_ffn::upload_matrix`), so the kernels
+/// see f32, f16, bf16 and the GGUF block formats of `kernels/quant.cu` only.
+pub(crate) fn cuda_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K => Ok(()),
+        DType::Q5K => Err(Error::InvalidArgument(format!(
+            "the CUDA backend computes on f32, f16, bf16, q4_0, q4_1, q8_0, q4_k and q6_k \
+             matrices, not {dtype} yet: load the model with --weights bf16"
+        ))),
     }
-    Ok(())
 }
 
 fn check_len(rows: usize, cols: usize, dtype: DType, len: usize, what: &str) -> Result<()> {
-    cuda_float(dtype)?;
+    cuda_dtype(dtype)?;
+    let (block, _) = dtype.block();
     let need = rows
         .checked_mul(cols)
-        .and_then(|n| n.checked_mul(dtype.size()));
+        .filter(|_| cols.is_multiple_of(block))
+        .map(|n| dtype.bytes_for(n));
     match need {
         Some(n) if n == len => Ok(()),
         _ => Err(Error::InvalidArgument(format!(

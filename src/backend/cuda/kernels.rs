@@ -45,6 +45,26 @@ pub const KERNELS: &[KernelSource] = &[
     kernel!("embedding.cu", ["embed_bf16", "embed_f16", "embed_f32"]),
     kernel!("convert.cu", ["f32_to_bf16", "f32_to_f16"]),
     kernel!(
+        "quant.cu",
+        [
+            "matvec_q4_0",
+            "matmul_small_q4_0",
+            "embed_q4_0",
+            "matvec_q4_1",
+            "matmul_small_q4_1",
+            "embed_q4_1",
+            "matvec_q8_0",
+            "matmul_small_q8_0",
+            "embed_q8_0",
+            "matvec_q4_k",
+            "matmul_small_q4_k",
+            "embed_q4_k",
+            "matvec_q6_k",
+            "matmul_small_q6_k",
+            "embed_q6_k",
+        ]
+    ),
+    kernel!(
         "attention.cu",
         ["attention_chunk_f32", "attention_merge_f32"]
     ),

@@ -81,7 +81,12 @@ pub(crate) fn embed(
         DType::BF16 => "embed_bf16",
         DType::F16 => "embed_f16",
         DType::F32 => "embed_f32",
-        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
+        DType::Q4_0 => "embed_q4_0",
+        DType::Q4_1 => "embed_q4_1",
+        DType::Q8_0 => "embed_q8_0",
+        DType::Q4K => "embed_q4_k",
+        DType::Q6K => "embed_q6_k",
+        q => unreachable!("{q}: no CUDA matrix holds it (buffers::cuda_dtype)"),
     };
     let args = KArgs::new()
         .ptr(table.device_ptr())

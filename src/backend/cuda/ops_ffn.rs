@@ -38,7 +38,7 @@ pub(crate) fn upload_matrix(
     rows: usize,
     cols: usize,
 ) -> Result<CudaMatrix> {
-    super::buffers::cuda_float(dtype)?;
+    super::buffers::cuda_dtype(dtype)?;
     checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
     let mem = DevMem::new(ctx, "upload_matrix", bytes.len())?;
     ctx.htod("upload_matrix", mem.ptr(), bytes)?;

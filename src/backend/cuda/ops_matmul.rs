@@ -4,7 +4,10 @@
 //! which stream each weight row once per call (per 8 tokens) with 16-byte loads: f32
 //! activations times the stored weights, summed in f32, like the CPU.
 //!
-//! Longer batches (prefill chunks, wide trees) go to cuBLAS ([`gemm`]: SGEMM for f32
+//! Quantized weights (GGUF block formats) take quant.cu's kernels of the same shape for any
+//! batch, de-quantizing each weight in registers (f32 activations, as the CPU's batches).
+//!
+//! Longer float batches (prefill chunks, wide trees) go to cuBLAS ([`gemm`]: SGEMM for f32
 //! weights, one of the two paths [`GemmPrecision`] picks for bf16/f16 weights), through the
 //! backend's handle ([`cublas`]). Without libcublas the small-batch kernel handles any batch
 //! (it loops over 8-token blocks).
@@ -114,7 +117,9 @@ impl Matmul {
             n: n_tokens,
             out,
         };
-        if n_tokens > SMALL_BATCH {
+        // Quantized weights stay in their blocks: the small-batch kernels de-quantize them in
+        // registers for any batch (cuBLAS would want them expanded first).
+        if n_tokens > SMALL_BATCH && !w.dtype.is_quantized() {
             if let Some(blas) = &self.cublas {
                 return self.gemm(ctx, blas, &p);
             }
@@ -155,7 +160,17 @@ fn small_batch(ctx: &Arc<Ctx>, p: &Product) -> Result<()> {
         (false, DType::BF16) => "matmul_small_bf16",
         (false, DType::F16) => "matmul_small_f16",
         (false, DType::F32) => "matmul_small_f32",
-        (_, q) => unreachable!("{q}: CUDA matrices are float (buffers::cuda_float)"),
+        (true, DType::Q4_0) => "matvec_q4_0",
+        (true, DType::Q4_1) => "matvec_q4_1",
+        (true, DType::Q8_0) => "matvec_q8_0",
+        (true, DType::Q4K) => "matvec_q4_k",
+        (true, DType::Q6K) => "matvec_q6_k",
+        (false, DType::Q4_0) => "matmul_small_q4_0",
+        (false, DType::Q4_1) => "matmul_small_q4_1",
+        (false, DType::Q8_0) => "matmul_small_q8_0",
+        (false, DType::Q4K) => "matmul_small_q4_k",
+        (false, DType::Q6K) => "matmul_small_q6_k",
+        (_, q) => unreachable!("{q}: no CUDA matrix holds it (buffers::cuda_dtype)"),
     };
     let args = KArgs::new()
         .ptr(w.device_ptr())

@@ -54,7 +54,9 @@ impl Matmul {
             }
             DType::BF16 => Half::Bf16,
             DType::F16 => Half::F16,
-            q => unreachable!("{q}: CUDA matrices are float (buffers::cuda_float)"),
+            q => unreachable!(
+                "{q}: quantized matrices take the small-batch kernels (Matmul::matmul)"
+            ),
         };
         let rounded =
             self.precision == GemmPrecision::Bf16 && (half == Half::F16 || self.bf16_gemm);
