@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use memmap2::Mmap;
 
 use super::checks;
-use super::cpu::{self as kernels, Isa, PackedRows, Q8Head, ThreadPool};
+use super::cpu::{self as kernels, Isa, PackedRows, ThreadPool};
 use super::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
     Rows, SparseOps,
@@ -45,11 +45,10 @@ pub struct CpuMatrix {
 /// only verifies Sirius windows, nor the matrices Griffin gathers from).
 #[derive(Default)]
 struct DecodeAids {
-    /// Q4_0/Q4_1 in the interleaved layout ([`PackedRows`]); `None` inside for other
-    /// formats and shapes.
+    /// Q4_0/Q4_1/Q8_0 in the interleaved layout ([`PackedRows`]; a Q8_0 one carries the
+    /// block norms a head's logits bound their error with); `None` inside for other formats
+    /// and shapes.
     packed: OnceLock<Option<PackedRows>>,
-    /// A Q8_0 LM head's interleaved copy and row norms; `None` inside for other shapes.
-    head: OnceLock<Option<Q8Head>>,
 }
 
 impl CpuMatrix {
@@ -63,20 +62,14 @@ impl CpuMatrix {
         }
     }
 
-    /// The interleaved decode copy, built on first use; `None` where there is none.
-    fn packed(&self) -> Option<&PackedRows> {
-        // Q8_0 decodes from its stored rows with exact activations; only a head packs.
-        let aids = self.aids.as_ref().filter(|_| self.dtype != DType::Q8_0)?;
+    /// The interleaved decode copy, built on first use (on `pool`); `None` where there is
+    /// none.
+    fn packed(&self, pool: &ThreadPool) -> Option<&PackedRows> {
+        let aids = self.aids.as_ref()?;
         aids.packed
-            .get_or_init(|| PackedRows::pack(self.dtype, self.bytes(), self.rows, self.cols))
-            .as_ref()
-    }
-
-    /// A Q8_0 head's decode aids, built on first use; `None` for other formats and shapes.
-    fn q8_head(&self) -> Option<&Q8Head> {
-        let aids = self.aids.as_ref().filter(|_| self.dtype == DType::Q8_0)?;
-        aids.head
-            .get_or_init(|| Q8Head::of(self.bytes(), self.rows, self.cols))
+            .get_or_init(|| {
+                PackedRows::pack_on(pool, self.dtype, self.bytes(), self.rows, self.cols)
+            })
             .as_ref()
     }
 
@@ -275,7 +268,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
     ) -> Result<()> {
         if n_tokens == 1 {
-            if let Some(p) = w.packed() {
+            if let Some(p) = w.packed(&self.pool) {
                 let (x, y) = (&x[..w.cols], &mut out[..w.rows]);
                 if kernels::matvec_packed_with_isa(self.isa, &self.pool, p, x, y) {
                     return Ok(());
@@ -305,7 +298,10 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        if let Some(aids) = head.q8_head().filter(|_| n_tokens == 1) {
+        let packed = head
+            .packed(&self.pool)
+            .filter(|_| n_tokens == 1 && head.dtype == DType::Q8_0);
+        if let Some(aids) = packed {
             let (x, y) = (&x[..head.cols], &mut out[..head.rows]);
             let exact = kernels::logits_q8_with_isa(self.isa, &self.pool, head.bytes(), aids, x, y);
             if let Some(exact) = exact {

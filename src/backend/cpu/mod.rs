@@ -99,10 +99,8 @@ tiered! {
     /// One token's logits from a Q8_0 head (its stored bytes `w`), the maximum exact;
     /// the rows recomputed exactly, or `None` on a tier without the kernel. See `quant_logits`.
     logits_q8, logits_q8_with_isa => quant_logits::logits_q8;
-    pool: &ThreadPool, w: &[u8], head: &Q8Head, x: &[f32], y: &mut [f32], => Option<usize>
+    pool: &ThreadPool, w: &[u8], head: &PackedRows, x: &[f32], y: &mut [f32], => Option<usize>
 }
-
-pub use quant_logits::Q8Head;
 
 tiered! {
     /// The FFN over neuron bundles; see [`neurons::bundle_ffn`].

@@ -127,12 +127,13 @@ fn tier(k: Kernels) -> Tier {
 }
 
 /// Whether decode uses the integer dot products for `dtype` (else de-quantized rows with
-/// f32 activations). Q8_0, the format GGUF files give their embedding and LM head, keeps
-/// exact activations: the head's argmax picks every token, and with 8-bit activations too
-/// near-ties flip (SmolLM2's answer to "What is the capital of France?" does, at a logit
-/// lead of 0.098 in float64).
+/// f32 activations: Q5_K). A Q8_0 LM head picking the next token goes through
+/// `quant_logits` instead, which keeps its maximum exact.
 fn has_int_dot(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K | DType::Q6K)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K
+    )
 }
 
 /// `y = w x` for one token: rows of `w` (`rows x cols` of a quantized `dtype`) split into
@@ -163,12 +164,6 @@ pub(super) fn matvec(
             let rows_bytes = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
             match xq {
                 Some(xq) => dot_q8_rows(t, dtype, rows_bytes, row_bytes, xq, yt),
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: the proof says this CPU runs AVX2/FMA/F16C; the kernel asserts the
-                // lengths.
-                None if dtype == DType::Q8_0 && matches!(t, Tier::Avx2(_)) => unsafe {
-                    quant_avx2::dot_rows_q8_f32(rows_bytes, row_bytes, x, yt)
-                },
                 None => ROW_F32.with_borrow_mut(|buf| {
                     buf.resize(cols, 0.0);
                     for (out, row) in yt.iter_mut().zip(rows_bytes.chunks_exact(row_bytes)) {
@@ -213,7 +208,13 @@ pub(super) fn matvec_packed(
         let ys = SharedMut::new(y);
         let bs = bounds.map(SharedMut::new);
         X_Q8.with_borrow_mut(|xq| {
-            xq.quantize_within(x, QK, packed_activation_limit(w.dtype()));
+            // The head's bounds come with its paired (7-bit) kernel: see `quant_packed_avx2`.
+            let limit = if bs.is_some() {
+                HEAD_ACTIVATION_LIMIT
+            } else {
+                127.0
+            };
+            xq.quantize_within(x, QK, limit);
             pool.run(groups.div_ceil(chunk), &|task| {
                 let (g0, cells) = (task * chunk, w.blocks());
                 let ng = chunk.min(groups - g0);
@@ -240,16 +241,9 @@ pub(super) fn matvec_packed(
     false
 }
 
-/// The activation quants' bound for a packed matrix: Q8_0's kernel sums two chunks in 16
-/// bits, which needs activations within +-63 (one bit less precise; only the LM head
-/// decodes Q8_0 packed, and it recomputes its maximum exactly).
-pub(super) fn packed_activation_limit(dtype: DType) -> f32 {
-    if dtype == DType::Q8_0 {
-        63.0
-    } else {
-        127.0
-    }
-}
+/// The activation quants' bound of a Q8_0 LM head's products (`quant_logits`): its kernel
+/// sums two chunks in 16 bits, which needs activations within +-63.
+pub(super) const HEAD_ACTIVATION_LIMIT: f32 = 63.0;
 
 /// Weight rows (of Q4_0, Q4_1 or Q8_0 blocks, `row_bytes` apart) dotted with quantized
 /// activations into `y`.
@@ -438,7 +432,13 @@ mod tests {
     #[test]
     fn tiers_match_the_scalar_reference_on_the_same_activations() {
         let mut rng = TestRng::new(17);
-        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q4K, DType::Q6K] {
+        for dtype in [
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q8_0,
+            DType::Q4K,
+            DType::Q6K,
+        ] {
             let (rows, cols) = (7, 1024);
             let bytes = reference_blocks(dtype, rows * cols / dtype.block().0);
             let row_bytes = dtype.bytes_for(cols);
@@ -474,7 +474,7 @@ mod tests {
     fn packed_rows_give_the_stored_rows_products() {
         let mut rng = TestRng::new(29);
         let pool = ThreadPool::new(2);
-        for dtype in [DType::Q4_0, DType::Q4_1] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
             let (rows, cols) = (40, 512);
             let bytes = reference_blocks(dtype, rows * cols / QK);
             let packed = PackedRows::pack(dtype, &bytes, rows, cols).expect("packs");

@@ -30,16 +30,6 @@ const ROUNDING_SLACK: f32 = 1e-4;
 /// Head rows per task.
 const TASK_ROWS: usize = 2048;
 
-/// A Q8_0 head in the interleaved layout with its block norms.
-pub struct Q8Head(PackedRows);
-
-impl Q8Head {
-    /// `None` for a shape the interleaved layout does not cover (rows not a multiple of 8).
-    pub fn of(w: &[u8], rows: usize, cols: usize) -> Option<Q8Head> {
-        PackedRows::pack(DType::Q8_0, w, rows, cols).map(Q8Head)
-    }
-}
-
 thread_local! {
     static BOUNDS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -51,17 +41,17 @@ pub(super) fn logits_q8(
     k: Kernels,
     pool: &ThreadPool,
     w: &[u8],
-    head: &Q8Head,
+    head: &PackedRows,
     x: &[f32],
     y: &mut [f32],
 ) -> Option<usize> {
-    let rows = head.0.rows();
+    let rows = head.rows();
     let row_bytes = DType::Q8_0.bytes_for(x.len());
-    assert!(y.len() == rows && w.len() == rows * row_bytes && x.len() == 32 * head.0.blocks());
+    assert!(y.len() == rows && w.len() == rows * row_bytes && x.len() == 32 * head.blocks());
     BOUNDS.with_borrow_mut(|bounds| {
         bounds.resize(rows, 0.0);
         let n_tasks = rows.div_ceil(TASK_ROWS);
-        if !quant::matvec_packed(k, pool, &head.0, x, y, Some(bounds), n_tasks) {
+        if !quant::matvec_packed(k, pool, head, x, y, Some(bounds), n_tasks) {
             return None;
         }
         let x_max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -118,7 +108,7 @@ mod tests {
             .unwrap_or(0);
         let q = &mut w[twin * row_bytes + 2 + i];
         *q = (*q as i8 + if x[i] > 0.0 { 1 } else { -1 }) as u8;
-        let head = Q8Head::of(&w, rows, cols).expect("packs");
+        let head = PackedRows::pack(DType::Q8_0, &w, rows, cols).expect("packs");
         let mut ran = 0;
         for isa in Isa::available() {
             let k = Kernels::new(isa);
@@ -149,7 +139,8 @@ mod tests {
                     .chunks_exact(QK)
                     .zip(x.chunks_exact(QK))
                     .map(|(wb, xb)| {
-                        let dx = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 63.0;
+                        let dx = xb.iter().fold(0f32, |m, v| m.max(v.abs()))
+                            / quant::HEAD_ACTIVATION_LIMIT;
                         dx / 2.0 * wb.iter().map(|v| v.abs()).sum::<f32>()
                     })
                     .sum();

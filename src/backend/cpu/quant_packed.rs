@@ -17,6 +17,8 @@
 //! quants at `4r..4r+4` (Q4: low nibbles are elements `4j..4j+4`, high nibbles elements
 //! `16+4j..16+4j+4`; Q8_0: elements `4j..4j+4`).
 
+use super::pool::ThreadPool;
+use super::util::SharedMut;
 use crate::tensor::DType;
 
 /// Rows interleaved per group.
@@ -66,10 +68,51 @@ fn block_norm_q8(blk: &[u8]) -> u16 {
     }
 }
 
+/// Groups `g0..` of `src` (blocks of 32 per row) into `out`, whole groups.
+fn pack_groups(dtype: DType, src: &[u8], blocks: usize, g0: usize, out: &mut [u8]) {
+    let (block_bytes, cell, head) = (
+        dtype.block().1,
+        group_block_bytes(dtype),
+        scale_bytes(dtype),
+    );
+    for (g, group_out) in out.chunks_exact_mut(blocks * cell).enumerate() {
+        for (b, out) in group_out.chunks_exact_mut(cell).enumerate() {
+            for r in 0..GROUP {
+                let at = (((g0 + g) * GROUP + r) * blocks + b) * block_bytes;
+                let blk = &src[at..at + block_bytes];
+                out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+                let second = &mut out[2 * GROUP + 2 * r..2 * GROUP + 2 * r + 2];
+                match dtype {
+                    DType::Q4_1 => second.copy_from_slice(&blk[2..4]),
+                    DType::Q8_0 => second.copy_from_slice(&block_norm_q8(blk).to_le_bytes()),
+                    _ => {}
+                }
+                let quants = &blk[block_bytes - quant_bytes(dtype)..];
+                for (j, four) in quants.chunks_exact(4).enumerate() {
+                    let to = head + 32 * j + 4 * r;
+                    out[to..to + 4].copy_from_slice(four);
+                }
+            }
+        }
+    }
+}
+
 impl PackedRows {
     /// `src` (`rows x cols` of `dtype`, stored layout) interleaved, or `None` for a format or
     /// shape the layout does not cover (other formats, rows not a multiple of 8).
     pub fn pack(dtype: DType, src: &[u8], rows: usize, cols: usize) -> Option<PackedRows> {
+        Self::pack_on(&ThreadPool::new(1), dtype, src, rows, cols)
+    }
+
+    /// [`PackedRows::pack`] split over `pool`'s threads (a decode step's first product of
+    /// a matrix packs it: ~0.5 s for SmolLM2 in Q8_0 on one Zen 1 core).
+    pub fn pack_on(
+        pool: &ThreadPool,
+        dtype: DType,
+        src: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Option<PackedRows> {
         if !matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q8_0)
             || rows == 0
             || !rows.is_multiple_of(GROUP)
@@ -78,29 +121,20 @@ impl PackedRows {
         {
             return None;
         }
-        let (blocks, block_bytes) = (cols / 32, dtype.block().1);
-        let (cell, head) = (group_block_bytes(dtype), scale_bytes(dtype));
-        let mut bytes = vec![0u8; rows / GROUP * blocks * cell].into_boxed_slice();
-        for (g, group_out) in bytes.chunks_exact_mut(blocks * cell).enumerate() {
-            for (b, out) in group_out.chunks_exact_mut(cell).enumerate() {
-                for r in 0..GROUP {
-                    let at = ((g * GROUP + r) * blocks + b) * block_bytes;
-                    let blk = &src[at..at + block_bytes];
-                    out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-                    let second = &mut out[2 * GROUP + 2 * r..2 * GROUP + 2 * r + 2];
-                    match dtype {
-                        DType::Q4_1 => second.copy_from_slice(&blk[2..4]),
-                        DType::Q8_0 => second.copy_from_slice(&block_norm_q8(blk).to_le_bytes()),
-                        _ => {}
-                    }
-                    let quants = &blk[block_bytes - quant_bytes(dtype)..];
-                    for (j, four) in quants.chunks_exact(4).enumerate() {
-                        let to = head + 32 * j + 4 * r;
-                        out[to..to + 4].copy_from_slice(four);
-                    }
-                }
-            }
-        }
+        let blocks = cols / 32;
+        let per_group = blocks * group_block_bytes(dtype);
+        let groups = rows / GROUP;
+        let mut bytes = vec![0u8; groups * per_group].into_boxed_slice();
+        let tasks = (pool.n_threads() * 4).min(groups);
+        let chunk = groups.div_ceil(tasks);
+        let out = SharedMut::new(&mut bytes);
+        pool.run(groups.div_ceil(chunk), &|task| {
+            let g0 = task * chunk;
+            let ng = chunk.min(groups - g0);
+            // SAFETY: task `task` alone owns groups g0..g0 + ng.
+            let part = unsafe { out.slice(g0 * per_group, ng * per_group) };
+            pack_groups(dtype, src, blocks, g0, part);
+        });
         Some(PackedRows {
             bytes,
             dtype,
