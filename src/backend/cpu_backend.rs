@@ -267,7 +267,9 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        if n_tokens == 1 {
+        // Q8_0 decodes with exact activations (only a head's next-token logits take its
+        // packed copy, in `logits_matmul`).
+        if n_tokens == 1 && w.dtype != DType::Q8_0 {
             if let Some(p) = w.packed(&self.pool) {
                 let (x, y) = (&x[..w.cols], &mut out[..w.rows]);
                 if kernels::matvec_packed_with_isa(self.isa, &self.pool, p, x, y) {

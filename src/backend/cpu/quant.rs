@@ -127,13 +127,13 @@ fn tier(k: Kernels) -> Tier {
 }
 
 /// Whether decode uses the integer dot products for `dtype` (else de-quantized rows with
-/// f32 activations: Q5_K). A Q8_0 LM head picking the next token goes through
-/// `quant_logits` instead, which keeps its maximum exact.
+/// f32 activations). Q8_0, the format GGUF files give their embedding and LM head, keeps
+/// exact activations here: a head picking the next token goes through `quant_logits`
+/// (integer products, maximum recomputed exactly). The Q8_0 integer kernels for other
+/// matrices exist (`quant_packed_avx2`, bit-equal on stored and packed rows) but stay off:
+/// with them an offloaded Griffin run on the SmolLM2 GGUF went wrong (see issue 14's note).
 fn has_int_dot(dtype: DType) -> bool {
-    matches!(
-        dtype,
-        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K
-    )
+    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K | DType::Q6K)
 }
 
 /// `y = w x` for one token: rows of `w` (`rows x cols` of a quantized `dtype`) split into
