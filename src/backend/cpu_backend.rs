@@ -187,7 +187,7 @@ impl CpuBackend {
     }
 
     /// `m` without decode aids on the scalar tier, which has no kernels for them.
-    fn with_tier_packing(&self, mut m: CpuMatrix) -> CpuMatrix {
+    fn with_aids_for_tier(&self, mut m: CpuMatrix) -> CpuMatrix {
         if self.isa == Isa::Scalar {
             m.aids = None;
         }
@@ -214,7 +214,7 @@ impl Backend for CpuBackend {
     fn matrix(&self, t: &TensorRef) -> Result<CpuMatrix> {
         let (rows, cols) = checks::matrix_shape(t)?;
         let (map, range) = t.mapping();
-        Ok(self.with_tier_packing(CpuMatrix::with_aids(
+        Ok(self.with_aids_for_tier(CpuMatrix::with_aids(
             Storage::Mapped(map, range),
             t.dtype,
             rows,
@@ -444,7 +444,7 @@ impl SparseOps for CpuBackend {
     ) -> Result<CpuMatrix> {
         checks::check_matrix_bytes(bytes.len(), dtype, rows, cols)?;
         let storage = Storage::Owned(Arc::new(huge_page_copy(&bytes)?));
-        Ok(self.with_tier_packing(CpuMatrix::with_aids(storage, dtype, rows, cols)))
+        Ok(self.with_aids_for_tier(CpuMatrix::with_aids(storage, dtype, rows, cols)))
     }
 
     fn gather_ffn(&self, bundles: &CpuMatrix, rows: &[u32]) -> Result<[CpuMatrix; 3]> {
