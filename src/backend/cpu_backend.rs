@@ -267,9 +267,7 @@ impl Backend for CpuBackend {
         n_tokens: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        // Q8_0 decodes with exact activations (only a head's next-token logits take its
-        // packed copy, in `logits_matmul`).
-        if n_tokens == 1 && w.dtype != DType::Q8_0 {
+        if n_tokens == 1 {
             if let Some(p) = w.packed(&self.pool) {
                 let (x, y) = (&x[..w.cols], &mut out[..w.rows]);
                 if kernels::matvec_packed_with_isa(self.isa, &self.pool, p, x, y) {
@@ -291,27 +289,41 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    /// One token's logits from a Q8_0 head: quantized activations, the rows that
-    /// can be the maximum recomputed exactly (see `cpu::logits_q8`); anything else is [`Backend::matmul`].
+    /// One token's logits from a Q8_0 head: for the next token's pick, quantized
+    /// activations and the rows that can be the maximum recomputed exactly (see
+    /// `cpu::logits_q8`); else f32 activations (8-bit ones flip near-tie picks: "Paris"
+    /// becomes "L'Étoile" on SmolLM2's Q4_1 GGUF). Anything else is [`Backend::matmul`].
     fn logits_matmul(
         &self,
         head: &CpuMatrix,
         x: &Vec<f32>,
         n_tokens: usize,
         out: &mut Vec<f32>,
+        only_max: bool,
     ) -> Result<()> {
-        let packed = head
-            .packed(&self.pool)
-            .filter(|_| n_tokens == 1 && head.dtype == DType::Q8_0);
-        if let Some(aids) = packed {
-            let (x, y) = (&x[..head.cols], &mut out[..head.rows]);
+        if n_tokens != 1 || head.dtype != DType::Q8_0 {
+            return self.matmul(head, x, n_tokens, out);
+        }
+        let (x, y) = (&x[..head.cols], &mut out[..head.rows]);
+        if let Some(aids) = only_max.then(|| head.packed(&self.pool)).flatten() {
             let exact = kernels::logits_q8_with_isa(self.isa, &self.pool, head.bytes(), aids, x, y);
             if let Some(exact) = exact {
                 tracing::trace!("logits: {exact} of {} rows recomputed exactly", head.rows);
                 return Ok(());
             }
         }
-        self.matmul(head, x, n_tokens, out)
+        let (rows, cols) = (head.rows, head.cols);
+        kernels::matvec_exact_with_isa(
+            self.isa,
+            &self.pool,
+            head.bytes(),
+            head.dtype,
+            rows,
+            cols,
+            x,
+            y,
+        );
+        Ok(())
     }
 
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, n_tokens: usize) -> Result<()> {

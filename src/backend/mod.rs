@@ -98,16 +98,20 @@ pub trait Backend {
         n_tokens: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// The LM head's product for the next token's pick, `out[t] = head · x[t]`: a backend
-    /// may compute it more cheaply than [`Backend::matmul`] as long as the maximum (greedy
-    /// decoding's pick), its row and value stay exactly what `matmul` gives.
+    /// The LM head's product, `out[t] = head · x[t]`. With `only_max` (the next token's
+    /// pick) a backend may compute it more cheaply as long as the maximum (greedy decoding's
+    /// pick), its row and value stay exact; without, every logit is (trees rank several
+    /// candidates, verification reads probabilities), where [`Backend::matmul`] may quantize
+    /// a decode step's activations.
     fn logits_matmul(
         &self,
         head: &Self::Matrix,
         x: &Self::Buf,
         n_tokens: usize,
         out: &mut Self::Buf,
+        only_max: bool,
     ) -> Result<()> {
+        let _ = only_max;
         self.matmul(head, x, n_tokens, out)
     }
     /// x[t] += bias for the first `n_tokens` rows.

@@ -263,12 +263,9 @@ impl<B: Backend> Llama<B> {
         b.copy_rows(&s.x, first_row, &mut s.picked, 0, rows, c.hidden_size)?;
         b.rmsnorm(&s.picked, &self.final_norm, c.rms_norm_eps, rows, &mut s.xn)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        match logits {
-            // One token's next pick (decode, a chain's draft): only its maximum must be exact.
-            Logits::Last => b.logits_matmul(head, &s.xn, rows, &mut s.logits)?,
-            // Trees rank several candidates, verification reads probabilities: all exact.
-            _ => b.matmul(head, &s.xn, rows, &mut s.logits)?,
-        }
+        // One token's next pick (decode, a chain's draft) needs only its maximum exact.
+        let only_max = matches!(logits, Logits::Last);
+        b.logits_matmul(head, &s.xn, rows, &mut s.logits, only_max)?;
         let mut out = vec![0.0f32; rows * c.vocab_size];
         b.read(&s.logits, 0, &mut out)?;
         Ok(out)

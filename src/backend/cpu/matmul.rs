@@ -82,11 +82,8 @@ pub(super) fn matmul_with(
         return;
     }
     if dtype.is_quantized() && n_tokens == 1 {
-        let by_size = dtype.bytes_for(rows * cols).div_ceil(DECODE_MIN_TASK_BYTES);
-        let n_tasks = (pool.n_threads() * DECODE_TASKS_PER_THREAD)
-            .min(by_size)
-            .max(1);
-        quant::matvec(k, pool, w, dtype, rows, cols, x, y, n_tasks);
+        let n_tasks = decode_tasks(pool, w.len());
+        quant::matvec(k, pool, w, dtype, rows, cols, x, y, n_tasks, false);
         return;
     }
     let m = Operands {
@@ -118,11 +115,44 @@ pub(super) fn matvec_packed_with(
 ) -> bool {
     assert_eq!(y.len(), w.rows(), "matvec_packed: y.len() != rows");
     assert_eq!(x.len(), 32 * w.blocks(), "matvec_packed: x.len() != cols");
-    let by_size = w.byte_len().div_ceil(DECODE_MIN_TASK_BYTES);
-    let n_tasks = (pool.n_threads() * DECODE_TASKS_PER_THREAD)
-        .min(by_size)
-        .max(1);
+    let n_tasks = decode_tasks(pool, w.byte_len());
     quant::matvec_packed(k, pool, w, x, y, None, n_tasks)
+}
+
+/// [`super::matvec_exact()`]: one token through a quantized matrix's de-quantized rows.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matvec_exact_with(
+    k: Kernels,
+    pool: &ThreadPool,
+    w: &[u8],
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    if !dtype.is_quantized() {
+        return matmul_with(k, pool, w, dtype, rows, cols, x, 1, y);
+    }
+    assert_eq!(
+        w.len(),
+        dtype.bytes_for(rows * cols),
+        "matvec_exact: weight bytes"
+    );
+    assert_eq!(
+        (x.len(), y.len()),
+        (cols, rows),
+        "matvec_exact: x or y length"
+    );
+    let n_tasks = decode_tasks(pool, w.len());
+    quant::matvec(k, pool, w, dtype, rows, cols, x, y, n_tasks, true);
+}
+
+/// How many tasks a one-token product over `bytes` of weights is split into.
+fn decode_tasks(pool: &ThreadPool, bytes: usize) -> usize {
+    (pool.n_threads() * DECODE_TASKS_PER_THREAD)
+        .min(bytes.div_ceil(DECODE_MIN_TASK_BYTES))
+        .max(1)
 }
 
 /// The inputs of one [`matmul_with`] call, as its three paths take them.

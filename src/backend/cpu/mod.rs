@@ -93,6 +93,14 @@ tiered! {
     pool: &ThreadPool, w: &PackedRows, x: &[f32], y: &mut [f32], => bool
 }
 
+tiered! {
+    /// `y = w x` for one token with f32 activations whatever `dtype` (a quantized matrix's
+    /// rows de-quantized), where [`matmul()`] would quantize them to 8 bits.
+    matvec_exact, matvec_exact_with_isa => matmul::matvec_exact_with;
+    pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize,
+    x: &[f32], y: &mut [f32],
+}
+
 pub use quant_packed::PackedRows;
 
 tiered! {

@@ -127,17 +127,17 @@ fn tier(k: Kernels) -> Tier {
 }
 
 /// Whether decode uses the integer dot products for `dtype` (else de-quantized rows with
-/// f32 activations). Q8_0, the format GGUF files give their embedding and LM head, keeps
-/// exact activations here: a head picking the next token goes through `quant_logits`
-/// (integer products, maximum recomputed exactly). The Q8_0 integer kernels for other
-/// matrices exist (`quant_packed_avx2`, bit-equal on stored and packed rows) but stay off:
-/// with them an offloaded Griffin run on the SmolLM2 GGUF went wrong (see issue 14's note).
+/// f32 activations: Q5_K). A Q8_0 LM head is the exception the caller asks for (`exact`):
+/// 8-bit activations there flip near-tie picks (see `quant_logits`).
 fn has_int_dot(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q4_1 | DType::Q4K | DType::Q6K)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q4_1 | DType::Q8_0 | DType::Q4K | DType::Q6K
+    )
 }
 
 /// `y = w x` for one token: rows of `w` (`rows x cols` of a quantized `dtype`) split into
-/// `n_tasks` chunks on `pool`.
+/// `n_tasks` chunks on `pool`; with `exact`, de-quantized rows times f32 activations.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matvec(
     k: Kernels,
@@ -149,6 +149,7 @@ pub(super) fn matvec(
     x: &[f32],
     y: &mut [f32],
     n_tasks: usize,
+    exact: bool,
 ) {
     let row_bytes = dtype.bytes_for(cols);
     let t = tier(k);
@@ -174,7 +175,7 @@ pub(super) fn matvec(
             }
         })
     };
-    if has_int_dot(dtype) {
+    if has_int_dot(dtype) && !exact {
         X_Q8.with_borrow_mut(|xq| {
             xq.quantize(x, activation_block(dtype));
             run(Some(xq));
