@@ -364,3 +364,33 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     assert_eq!(b.moved_neurons, 0);
     assert_eq!(b.streamed_bytes, 2 * per_prefill as u64);
 }
+
+/// Qwen2's q/k/v biases stay resident beside the norms (the arena books them there, as the
+/// plan does): offloaded tokens equal the unconstrained ones at a budget that streams
+/// attention too, and the arena's peak equals the plan's resident bytes.
+#[test]
+fn a_model_with_attention_biases_offloads_like_it_runs_unconstrained() {
+    let t = tiny_model(
+        &common::TinySpec {
+            arch: "Qwen2ForCausalLM",
+            qkv_bias: true,
+            ..spec()
+        },
+        12,
+    );
+    let s = sirius(4, 1);
+    let reference = unconstrained(&t, &PROMPT, s);
+    let (fit, minimum) = budgets(&t, s);
+    for budget in [fit, minimum] {
+        let out = offloaded(&t, &PROMPT, s, offload(budget, None)).unwrap();
+        assert_eq!(out.generated_token_ids, reference.generated_token_ids, "budget {budget}");
+        let o = out.offload.expect("offload statistics");
+        assert_eq!(o.resident_bytes, plan_at(&t, s, budget).resident_bytes, "budget {budget} (fit {fit}, minimum {minimum})");
+    }
+    // The biases are in the plan: 6 layers x (q 64 + k 32 + v 32) f32 on top of the norms.
+    let plan = plan_at(&t, s, fit);
+    assert_eq!(
+        plan.sizes.norm_bytes,
+        ((2 * 6 + 1) * 64 + 6 * 128) as u64 * 4
+    );
+}

@@ -390,11 +390,10 @@ fn smollm2_bf16_bytes_are_exact() {
 #[test]
 fn qwen_biases_are_counted_and_dense_keep_streams_nothing() {
     let s = Sizes::new(&input("qwen2.5-7b", WeightFormat::Bf16, 0.5, gib(24)));
-    let (h, q, kv) = (3584u64, 3584u64, 512u64);
-    assert_eq!(
-        s.attention_bytes,
-        (2 * h * q + 2 * h * kv) * 2 + (q + 2 * kv) * 4
-    );
+    let (h, q, kv, l) = (3584u64, 3584u64, 512u64, 28u64);
+    // The matrices stream with the attention; the q/k/v biases stay resident with the norms.
+    assert_eq!(s.attention_bytes, (2 * h * q + 2 * h * kv) * 2);
+    assert_eq!(s.norm_bytes, ((2 * l + 1) * h + l * (q + 2 * kv)) * 4);
     // keep 1 = dense: no complement, so a fitting plan streams nothing after the prefill
     // (which still streams whole FFN layers: no neurons are resident before it).
     let p = plan(&input("smollm2-135m", WeightFormat::Bf16, 1.0, gib(1))).unwrap();

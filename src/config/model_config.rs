@@ -184,17 +184,22 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let attn = h * self.q_dim() + 2 * h * self.kv_dim() + self.q_dim() * h;
-        let mut bias = if self.qkv_bias {
+        let per_layer = attn + self.layer_bias_count() + 3 * h * f + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + head + h + self.num_layers * per_layer
+    }
+
+    /// Bias elements of one layer (Qwen2's q/k/v, `attention_bias`, `mlp_bias`).
+    pub fn layer_bias_count(&self) -> usize {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        let qkv = if self.qkv_bias {
             self.q_dim() + 2 * self.kv_dim()
         } else {
             0
         };
-        bias += if self.o_bias { h } else { 0 };
-        bias += if self.mlp_bias { 2 * f + h } else { 0 };
-        let per_layer = attn + bias + 3 * h * f + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + head + h + self.num_layers * per_layer
+        qkv + if self.o_bias { h } else { 0 } + if self.mlp_bias { 2 * f + h } else { 0 }
     }
+
 }
 
 /// Reads the fields of one config.json (`path`, for error messages).

@@ -124,7 +124,7 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
     };
     push(embedding.into(), s.embedding_bytes, Residence::Host);
     push("LM head".into(), s.head_bytes, resident);
-    push("norms (f32)".into(), s.norm_bytes, resident);
+    push("norms and biases (f32)".into(), s.norm_bytes, resident);
     if att_res > 0 {
         let name = format!("attention, {}", layer_range(0, att_res));
         push(name, att_res as u64 * s.attention_bytes, resident);

@@ -171,10 +171,12 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         shape: &RequestShape,
     ) -> Result<PlanInput> {
         let c = &model.config;
-        if c.mlp_bias || c.qkv_bias || c.o_bias {
+        // Attention biases stay resident with the norms; an FFN's gate and up biases would
+        // have to follow its neurons through every sparse kernel.
+        if c.mlp_bias {
             return Err(Error::InvalidArgument(
-                "offloading does not handle models with biases (Qwen2's q/k/v, mlp_bias) yet: \
-                 run this model without an offloading budget"
+                "offloading does not handle FFN biases (mlp_bias) yet: run this model without \
+                 an offloading budget"
                     .into(),
             ));
         }
@@ -576,8 +578,9 @@ fn reserve_buffers(
     backend_scratch: u64,
     plan: &Plan,
 ) -> Result<()> {
-    let (h, l) = (c.hidden_size, c.num_layers);
-    arena.reserve("norms", ((2 * l + 1) * h * 4) as u64)?;
+    let l = c.num_layers;
+    let vectors = crate::offload::sizes::resident_vector_count(c);
+    arena.reserve("norms and biases", (vectors * 4) as u64)?;
     arena.reserve("KV cache", (2 * l * c.kv_dim() * shape.context * 4) as u64)?;
     arena.reserve("activations", shape.activation_bytes)?;
     if backend_scratch > 0 {

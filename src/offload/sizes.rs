@@ -151,7 +151,7 @@ impl PlanInput {
 pub struct Sizes {
     pub layers: usize,
     pub hidden: usize,
-    /// One layer's attention: wq, wk, wv, wo and their biases (f32).
+    /// One layer's attention: wq, wk, wv, wo (their biases stay resident: `norm_bytes`).
     pub attention_bytes: u64,
     /// One neuron of the sparse set: gate row + up row + down column (3 * hidden weights;
     /// quantized formats: the down column in `sparse_down`), plus its gate/up biases (f32) on
@@ -174,7 +174,7 @@ pub struct Sizes {
     pub head_bytes: u64,
     /// vocab x hidden, on the host.
     pub embedding_bytes: u64,
-    /// Every norm weight (2 per layer + final), plus FFN down biases on `mlp_bias` models; f32.
+    /// The vectors that stay resident whatever the placement ([`resident_vector_count`]), f32.
     pub norm_bytes: u64,
     /// 2 (K and V) * layers * kv_dim * context * kv_bytes.
     pub kv_cache_bytes: u64,
@@ -182,6 +182,16 @@ pub struct Sizes {
     pub kv_layer_bytes: u64,
     /// 4 * period * (5h + 2q + 2kv + 2f + vocab): f32 activations of one verification window.
     pub activation_bytes: u64,
+}
+
+/// Elements of the vectors that stay resident: every norm (2 per layer + final), the
+/// attention biases (q/k/v, o) and an FFN's down bias. Only gate/up biases move, with their
+/// neurons (`Sizes::neuron_bytes`).
+pub fn resident_vector_count(c: &ModelConfig) -> usize {
+    let (h, l) = (c.hidden_size, c.num_layers);
+    let qkv = if c.qkv_bias { c.q_dim() + 2 * c.kv_dim() } else { 0 };
+    let per_layer = qkv + if c.o_bias { h } else { 0 } + if c.mlp_bias { h } else { 0 };
+    (2 * l + 1) * h + l * per_layer
 }
 
 impl Sizes {
@@ -200,14 +210,8 @@ impl Sizes {
         );
         let (q, kv) = (c.q_dim(), c.kv_dim());
         let vec = |len: usize| len as u64 * VECTOR_BYTES;
-        let mut attention_bytes =
+        let attention_bytes =
             format.matrix_bytes(q, h) + 2 * format.matrix_bytes(kv, h) + format.matrix_bytes(h, q);
-        if c.qkv_bias {
-            attention_bytes += vec(q + 2 * kv);
-        }
-        if c.o_bias {
-            attention_bytes += vec(h);
-        }
         let quantized = format.is_quantized();
         let bias = if c.mlp_bias { vec(2) } else { 0 };
         let sparse_down = match quantized {
@@ -231,7 +235,7 @@ impl Sizes {
             true => input.head_format.unwrap_or(format),
             false => format,
         };
-        let norm_count = (2 * l + 1) * h + if c.mlp_bias { l * h } else { 0 };
+        let norm_count = resident_vector_count(c);
         let kv_layer_bytes = 2 * (kv as u64) * input.context as u64 * input.kv_bytes as u64;
         let window = (5 * h + 2 * q + 2 * kv + 2 * f + v) as u64;
         Sizes {
