@@ -203,3 +203,66 @@ fn smollm2_q4_1_gguf_offloaded_gives_the_unconstrained_tokens() {
         assert!(off["overflow_ffn_layers"].as_u64().unwrap() > 0);
     }
 }
+
+/// A GGUF whose layers mix block formats (`tests/fixtures/tiny-mixed.gguf`, written by
+/// `tools/reference/make_mixed_gguf.py`: Q4_0, with the v and down matrices of even layers in
+/// Q8_0, as llama.cpp's *_K_M files widen some layers): the plan sizes every layer in its own
+/// formats, the arena's peak equals it, and every budget gives the unconstrained tokens.
+#[test]
+fn a_gguf_that_mixes_block_formats_per_layer_offloads_exactly() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-mixed.gguf");
+    let load = |o: Option<OffloadConfig>| {
+        let config = EngineConfig {
+            sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
+            offload: o,
+            weights: WeightsChoice::AsStored,
+        };
+        Engine::load(&path, CpuBackend::new(2), &config).unwrap()
+    };
+    let s = sirius(4, 1);
+    let planned = |budget| {
+        load(Some(offload(budget, None)))
+            .offload_plan(&PROMPT, &options(40), &s)
+            .unwrap()
+    };
+    let all = planned(1 << 40);
+    // Q4_0 rows of 64 are 36 bytes, Q8_0 rows 68: the even layers' v [32, 64] and down
+    // [64, 160] are wider.
+    let (q4, q8) = (2 * 18u64, 2 * 34u64);
+    let attention = |v_row| (64 + 32 + 64) * q4 + 32 * v_row;
+    let (even, odd) = (all.sizes.layer(0), all.sizes.layer(1));
+    assert_eq!(
+        (even.attention, odd.attention),
+        (attention(q8), attention(q4))
+    );
+    let down = |block: u64| 64 * 5 * block;
+    assert_eq!(even.ffn - odd.ffn, down(34) - down(18));
+    let reference = generate(&mut load(None), &PROMPT, s);
+    let distinct: std::collections::BTreeSet<_> = reference.generated_token_ids.iter().collect();
+    assert!(
+        distinct.len() > 3,
+        "a degenerate reference: {:?}",
+        reference.generated_token_ids
+    );
+    let mut overflowed = 0;
+    for budget in [
+        all.resident_bytes,
+        (all.resident_bytes + all.minimum_bytes) / 2,
+        all.minimum_bytes,
+    ] {
+        let out = generate(&mut load(Some(offload(budget, None))), &PROMPT, s);
+        assert_eq!(
+            out.generated_token_ids, reference.generated_token_ids,
+            "budget {budget}"
+        );
+        let o = out.offload.expect("offload statistics");
+        assert_eq!(
+            o.resident_bytes,
+            planned(budget).resident_bytes,
+            "budget {budget}"
+        );
+        overflowed += usize::from(o.overflow_ffn_layers > 0);
+    }
+    assert!(overflowed >= 1, "the small budgets must overflow");
+}

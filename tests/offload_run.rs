@@ -383,9 +383,16 @@ fn a_model_with_attention_biases_offloads_like_it_runs_unconstrained() {
     let (fit, minimum) = budgets(&t, s);
     for budget in [fit, minimum] {
         let out = offloaded(&t, &PROMPT, s, offload(budget, None)).unwrap();
-        assert_eq!(out.generated_token_ids, reference.generated_token_ids, "budget {budget}");
+        assert_eq!(
+            out.generated_token_ids, reference.generated_token_ids,
+            "budget {budget}"
+        );
         let o = out.offload.expect("offload statistics");
-        assert_eq!(o.resident_bytes, plan_at(&t, s, budget).resident_bytes, "budget {budget} (fit {fit}, minimum {minimum})");
+        assert_eq!(
+            o.resident_bytes,
+            plan_at(&t, s, budget).resident_bytes,
+            "budget {budget} (fit {fit}, minimum {minimum})"
+        );
     }
     // The biases are in the plan: 6 layers x (q 64 + k 32 + v 32) f32 on top of the norms.
     let plan = plan_at(&t, s, fit);

@@ -5,7 +5,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use sirius_offload::config::{ModelConfig, Preset};
 use sirius_offload::offload::cost::pipeline_seconds;
 use sirius_offload::offload::format::WeightFormat;
-use sirius_offload::offload::placement::{plan, PlanInput, Residence, Sizes};
+use sirius_offload::offload::placement::{plan, LayerFormats, PlanInput, Residence, Sizes};
 use sirius_offload::units::{format_bytes, parse_size};
 use sirius_offload::Error;
 
@@ -24,6 +24,7 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         // Quantized formats: the compact down matrix in q4_0 too, so that every matrix of a
         // q4_0 plan is 4.5 bits per weight.
         sparse_down: Some(WeightFormat::Q4_0),
+        layer_formats: None,
         config: preset(model),
         format,
         keep,
@@ -474,4 +475,77 @@ fn a_quantized_plan_counts_the_compact_down_format() {
         "{:?}",
         cpu.advised_format
     );
+}
+
+/// A Q4_K_M-style file: Q4_K layers whose v and down are Q6_K in some layers. Each layer is
+/// sized in its own formats, the totals are their sums, and inputs that cannot be a model's
+/// are refused by field.
+#[test]
+fn layers_that_mix_block_formats_are_sized_one_by_one() {
+    let base = input("qwen2.5-7b", WeightFormat::Q4K, 0.5, gib(8));
+    let l = base.config.num_layers;
+    let wide = |i: usize| i.is_multiple_of(3);
+    let formats: Vec<LayerFormats> = (0..l)
+        .map(|i| {
+            let mut f = LayerFormats::uniform(WeightFormat::Q4K);
+            if wide(i) {
+                (f.attention[2], f.ffn[2]) = (WeightFormat::Q6K, WeightFormat::Q6K);
+            }
+            f
+        })
+        .collect();
+    let mixed = PlanInput {
+        layer_formats: Some(formats.clone()),
+        ..base.clone()
+    };
+    let (s, uniform) = (Sizes::new(&mixed), Sizes::new(&base));
+    let (h, f, kv) = (3584, 18944, 512);
+    let v_more = WeightFormat::Q6K.matrix_bytes(kv, h) - WeightFormat::Q4K.matrix_bytes(kv, h);
+    let down_more = WeightFormat::Q6K.matrix_bytes(h, f) - WeightFormat::Q4K.matrix_bytes(h, f);
+    for i in 0..l {
+        let (a, b) = (s.layer(i), uniform.layer(i));
+        let extra = u64::from(wide(i));
+        assert_eq!(a.attention, b.attention + extra * v_more, "layer {i}");
+        assert_eq!(a.ffn, b.ffn + extra * down_more, "layer {i}");
+        // The sparse set's down matrix is re-encoded (sparse_down): the same in every layer.
+        assert_eq!(a.sparse_ffn, b.sparse_ffn, "layer {i}");
+        assert_eq!(a.complement, b.complement + extra * down_more, "layer {i}");
+    }
+    let wide_layers = (0..l).filter(|&i| wide(i)).count() as u64;
+    assert_eq!(
+        s.sum(0..l, |u| u.ffn),
+        uniform.sum(0..l, |u| u.ffn) + wide_layers * down_more
+    );
+    assert_eq!(
+        s.ffn_bytes,
+        uniform.ffn_bytes + down_more,
+        "the largest layer's"
+    );
+    let p = plan(&mixed).unwrap();
+    let streamed: u64 = p.layers.iter().map(|q| s.prefill_stream_bytes(q)).sum();
+    assert_eq!(p.streamed_bytes_per_prefill, streamed);
+    // Wrong layer count; float formats mixed into block formats.
+    let short = PlanInput {
+        layer_formats: Some(formats[1..].to_vec()),
+        ..base.clone()
+    };
+    let mut with_float = formats;
+    with_float[3].ffn[2] = WeightFormat::Bf16;
+    let float = PlanInput {
+        layer_formats: Some(with_float),
+        ..base
+    };
+    for bad in [short, float] {
+        let err = plan(&bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::PlanInput {
+                    field: "layer_formats",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
 }

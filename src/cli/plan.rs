@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::ModelFiles;
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
-use crate::offload::placement::{self, Every, Plan, PlanInput, Residence};
+use crate::offload::placement::{self, Every, LayerFormats, Plan, PlanInput, Residence};
 use crate::units::{format_bytes, parse_size};
 
 /// The planner's input fields and the options that set them.
@@ -161,12 +161,13 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
-    let (format, head_format) = formats(args)?;
+    let (format, layer_formats, head_format) = formats(args)?;
     let input = PlanInput {
         config,
         format,
         head_format,
         sparse_down: sparse_down(args)?,
+        layer_formats,
         keep: args.keep,
         budget,
         context: args.context,
@@ -239,24 +240,35 @@ fn sparse_down(args: &PlanArgs) -> Result<Option<WeightFormat>> {
     }
 }
 
-/// `--weights`, else a GGUF file's own format, else bf16; and the LM head's format where the
-/// file stores it in another type (SmolLM2's Q4_1 file: a Q8_0 head).
-fn formats(args: &PlanArgs) -> Result<(WeightFormat, Option<WeightFormat>)> {
+/// `--weights`, else a GGUF file's own format (each layer's where they mix, as Q4_K_M
+/// files do), else bf16; and the LM head's format where the file stores it in another type
+/// (SmolLM2's Q4_1 file: a Q8_0 head).
+fn formats(args: &PlanArgs) -> Result<StoredFormats> {
     let path = Path::new(&args.model);
     let stored = match path.is_file() {
         true => ModelFiles::stored_types(path)?,
         false => None,
     };
-    let stored =
-        stored.and_then(|(ffn, head)| Some((WeightFormat::of(ffn)?, WeightFormat::of(head))));
+    // A file whose formats the planner lacks (f32 matrices) plans as --weights or bf16.
+    let stored = stored.and_then(|(layers, head)| {
+        let (format, layer_formats) = LayerFormats::of_stored(&layers).ok()?;
+        Some((format, layer_formats, WeightFormat::of(head)))
+    });
     let format = (args.weights)
-        .or(stored.map(|(ffn, _)| ffn))
+        .or(stored.as_ref().map(|(ffn, _, _)| *ffn))
         .unwrap_or(WeightFormat::Bf16);
-    let head = stored
-        .filter(|(ffn, _)| *ffn == format)
-        .and_then(|(_, head)| head);
-    Ok((format, head))
+    match stored {
+        Some((ffn, layers, head)) if ffn == format => Ok((format, layers, head)),
+        _ => Ok((format, None, None)),
+    }
 }
+
+/// The format that names the model, each layer's where they mix, the LM head's.
+type StoredFormats = (
+    WeightFormat,
+    Option<Vec<LayerFormats>>,
+    Option<WeightFormat>,
+);
 
 fn model_config(model: &str) -> Result<ModelConfig> {
     if !Path::new(model).exists() {

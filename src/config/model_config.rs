@@ -199,7 +199,6 @@ impl ModelConfig {
         };
         qkv + if self.o_bias { h } else { 0 } + if self.mlp_bias { 2 * f + h } else { 0 }
     }
-
 }
 
 /// Reads the fields of one config.json (`path`, for error messages).

@@ -109,9 +109,9 @@ impl ModelFiles {
         gguf_config(path, &file).map(|(config, _)| config)
     }
 
-    /// A GGUF file's stored types of its FFN matrices (layer 0's gate) and of its LM head
-    /// (the embedding when tied), for `plan`; `None` for a model directory.
-    pub fn stored_types(path: &Path) -> Result<Option<(DType, DType)>> {
+    /// A GGUF file's stored types of every layer's wq, wk, wv, wo, gate, up and down, and of
+    /// its LM head (the embedding when tied), for `plan`; `None` for a model directory.
+    pub fn stored_types(path: &Path) -> Result<Option<StoredTypes>> {
         if !is_gguf(path) {
             return Ok(None);
         }
@@ -126,11 +126,40 @@ impl ModelFiles {
                 ))
             })
         };
-        let ffn = kind(&["blk.0.ffn_gate.weight"])?;
+        let mut layers = Vec::new();
+        // Every layer that has a gate matrix (a file's tensor count bounds the loop).
+        while file
+            .tensor(&format!("blk.{}.ffn_gate.weight", layers.len()))
+            .is_some()
+        {
+            let li = layers.len();
+            let mut dtypes = [DType::F32; 7];
+            for (slot, name) in dtypes.iter_mut().zip(LAYER_MATRICES) {
+                *slot = kind(&[&format!("blk.{li}.{name}.weight")])?;
+            }
+            layers.push(dtypes);
+        }
+        if layers.is_empty() {
+            kind(&["blk.0.ffn_gate.weight"])?;
+        }
         let head = kind(&["output.weight", "token_embd.weight"])?;
-        Ok(Some((ffn, head)))
+        Ok(Some((layers, head)))
     }
 }
+
+/// Every layer's matrix types (wq, wk, wv, wo, gate, up, down), and the LM head's.
+pub type StoredTypes = (Vec<[DType; 7]>, DType);
+
+/// GGUF names of a layer's matrices, in [`StoredTypes`]'s order.
+const LAYER_MATRICES: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
 
 /// A directory's store, converted as `weights` says.
 fn dir_store(path: &Path, weights: WeightsChoice) -> Result<WeightStore> {

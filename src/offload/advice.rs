@@ -21,15 +21,14 @@ pub fn advise(input: &PlanInput, plan: &mut Plan) {
         ));
         return;
     }
-    let l = s.layers as u64;
     let need = s.resident_with(2 * s.layers);
     plan.advice.push(format!(
         "{} cannot hold the sparse set in {budget}: attention {} + sparse FFN (keep {}) {} \
          + head, norms, KV cache and activations {} + stream buffers {} = {}",
         input.format,
-        format_bytes(l * s.attention_bytes),
+        format_bytes(s.sum(0..s.layers, |u| u.attention)),
         input.keep,
-        format_bytes(l * s.sparse_ffn_bytes),
+        format_bytes(s.sum(0..s.layers, |u| u.sparse_ffn)),
         format_bytes(s.fixed_bytes()),
         format_bytes(STREAM_BUFFERS as u64 * s.buffer_bytes(&s.layers_with(2 * s.layers))),
         format_bytes(need),

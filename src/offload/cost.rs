@@ -121,33 +121,32 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
     let kv = s.kv_layer_bytes;
     // The head and the final norm run after the last layer.
     let tail = s.head_bytes + s.hidden as u64 * VECTOR_BYTES;
-    let sparse_read = s.attention_bytes + s.sparse_ffn_bytes + kv;
-    let dense_read = s.attention_bytes + s.ffn_bytes + kv;
+    // What layer `i`'s compute reads: its attention, its sparse or whole FFN, its KV rows.
+    let sparse_read = |i: usize| s.layer(i).attention + s.layer(i).sparse_ffn + kv;
+    let dense_read = |i: usize| s.layer(i).attention + s.layer(i).ffn + kv;
     let pass = |f: &dyn Fn(&LayerPlacement) -> (u64, u64)| Pass {
         layers: layers.iter().map(f).collect(),
         tail_read: tail,
     };
-    let draft = pass(&|p| (s.draft_stream_bytes(p), sparse_read));
-    let verify = pass(&|p| (s.verify_stream_bytes(p), dense_read));
+    let draft = pass(&|p| (s.draft_stream_bytes(p), sparse_read(p.layer)));
+    let verify = pass(&|p| (s.verify_stream_bytes(p), dense_read(p.layer)));
     let sirius_offload = windowed(input, &draft, &verify);
 
-    let uniform = |copy: u64, read: u64| Pass {
-        layers: vec![(copy, read); s.layers],
+    // The paper's code streams every layer's weights on every pass.
+    let everything = |read: &dyn Fn(usize) -> u64| Pass {
+        layers: (0..s.layers).map(|i| (read(i) - kv, read(i))).collect(),
         tail_read: tail,
     };
-    let reference = windowed(
-        input,
-        &uniform(s.attention_bytes + s.sparse_ffn_bytes, sparse_read),
-        &uniform(s.attention_bytes + s.ffn_bytes, dense_read),
-    );
+    let reference = windowed(input, &everything(&sparse_read), &everything(&dense_read));
 
     let dense = Pass {
         layers: full_placement(input, s)
             .iter()
-            .map(|&(att, ffn)| {
-                let copy =
-                    if att { 0 } else { s.attention_bytes } + if ffn { 0 } else { s.ffn_bytes };
-                (copy, dense_read)
+            .enumerate()
+            .map(|(i, &(att, ffn))| {
+                let u = s.layer(i);
+                let copy = if att { 0 } else { u.attention } + if ffn { 0 } else { u.ffn };
+                (copy, dense_read(i))
             })
             .collect(),
         tail_read: tail,
@@ -157,7 +156,7 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
 
     let prompt_kv = kv / input.context as u64 * input.prompt_tokens as u64;
     let prefill = pass(&|p| {
-        let read = s.attention_bytes + s.ffn_bytes + prompt_kv;
+        let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
         (s.prefill_stream_bytes(p), read)
     });
     // Each prefill chunk is one pass that streams every non-resident weight; then the
@@ -167,10 +166,13 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         .unwrap_or(input.prompt_tokens)
         .clamp(1, input.prompt_tokens.max(1));
     let passes = input.prompt_tokens.div_ceil(chunk) as f64;
-    let resident_sparse =
-        layers.iter().filter(|p| p.sparse_ffn_resident).count() as u64 * s.sparse_ffn_bytes;
-    let resident_rest =
-        layers.iter().filter(|p| p.complement_resident).count() as u64 * s.complement_bytes;
+    let resident = |unit: u64, placed: bool| if placed { unit } else { 0 };
+    let resident_sparse: u64 = (layers.iter())
+        .map(|p| resident(s.layer(p.layer).sparse_ffn, p.sparse_ffn_resident))
+        .sum();
+    let resident_rest: u64 = (layers.iter())
+        .map(|p| resident(s.layer(p.layer).complement, p.complement_resident))
+        .sum();
     let copy_in = (resident_sparse + resident_rest) as f64 / (input.link_gbps * 1e9);
     Costs {
         full,
@@ -187,10 +189,12 @@ fn full_placement(input: &PlanInput, s: &Sizes) -> Vec<(bool, bool)> {
     let l = s.layers;
     let layout = |m: usize| -> Vec<(bool, bool)> { (0..l).map(|i| (i < m, l + i < m)).collect() };
     let resident = |m: usize| -> u64 {
-        let placed = m.min(l) as u64 * s.attention_bytes + m.saturating_sub(l) as u64 * s.ffn_bytes;
-        let buffer = layout(m)
-            .iter()
-            .map(|&(a, f)| if a { 0 } else { s.attention_bytes } + if f { 0 } else { s.ffn_bytes })
+        let placed = s.sum(0..m.min(l), |u| u.attention) + s.sum(0..m.saturating_sub(l), |u| u.ffn);
+        let buffer = (layout(m).iter().enumerate())
+            .map(|(i, &(a, f))| {
+                let u = s.layer(i);
+                (if a { 0 } else { u.attention }) + if f { 0 } else { u.ffn }
+            })
             .max()
             .unwrap_or(0);
         s.fixed_bytes() + placed + STREAM_BUFFERS as u64 * buffer

@@ -30,6 +30,9 @@ pub struct HostLayer {
     pub dense_ffn: [HostSlice; 3],
     /// `[f, 3h]` gate|up|down bundles (float FFNs only).
     pub bundles: Option<Arc<Mmap>>,
+    /// The stored types of wq, wk, wv, wo, gate, up and down (block formats may differ
+    /// between matrices and layers: a GGUF Q4_K_M's Q6_K v and down).
+    pub dtypes: [DType; 7],
 }
 
 pub struct HostStore {
@@ -51,27 +54,34 @@ impl HostStore {
         let c = &model.config;
         let (h, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
         let store = model.weights();
-        let slice = |name: String, shape: [usize; 2]| -> Result<HostSlice> {
+        let slice = |name: String, shape: [usize; 2]| -> Result<(HostSlice, DType)> {
             let t = store.get(&name, &shape)?;
             let (map, range) = t.mapping();
-            Ok(HostSlice { map, range })
+            Ok((HostSlice { map, range }, t.dtype))
         };
         let bar = progress_bar(c.num_layers as u64, "host store");
         let mut layers = Vec::with_capacity(c.num_layers);
         for li in 0..c.num_layers {
             let a = format!("model.layers.{li}.self_attn");
             let m = format!("model.layers.{li}.mlp");
-            let attention = [
+            let [(wq, tq), (wk, tk), (wv, tv), (wo, to), (gate, tg), (up, tu), (down, td)] = [
                 slice(format!("{a}.q_proj.weight"), [q, h])?,
                 slice(format!("{a}.k_proj.weight"), [kv, h])?,
                 slice(format!("{a}.v_proj.weight"), [kv, h])?,
                 slice(format!("{a}.o_proj.weight"), [h, q])?,
-            ];
-            let dense_ffn = [
                 slice(format!("{m}.gate_proj.weight"), [f, h])?,
                 slice(format!("{m}.up_proj.weight"), [f, h])?,
                 slice(format!("{m}.down_proj.weight"), [h, f])?,
             ];
+            let dtypes = [tq, tk, tv, to, tg, tu, td];
+            if !quantized && dtypes.iter().any(|&t| t != model.dtype) {
+                return Err(Error::InvalidArgument(format!(
+                    "layer {li} mixes {} with other formats: float FFNs move as bundles of one \
+                     format (convert at load with --weights bf16)",
+                    model.dtype
+                )));
+            }
+            let (attention, dense_ffn) = ([wq, wk, wv, wo], [gate, up, down]);
             let [gate, up, down] = &dense_ffn;
             let bundles = match quantized {
                 true => None,
@@ -88,6 +98,7 @@ impl HostStore {
                 attention,
                 dense_ffn,
                 bundles,
+                dtypes,
             });
             bar.inc(1);
         }
@@ -108,12 +119,19 @@ impl HostStore {
     }
 
     /// Bytes of one neuron's bundle (float FFNs), or of its gate and up rows and its column
-    /// of a gathered compact down matrix (quantized).
-    pub fn bundle_bytes(&self) -> usize {
-        match &self.quantized {
-            Some((down, _)) => 2 * self.dtype.bytes_for(self.hidden) + down.bytes_for(self.hidden),
-            None => self.dtype.bytes_for(3 * self.hidden),
-        }
+    /// of a gathered compact down matrix (quantized), in layer `li`.
+    pub fn bundle_bytes(&self, li: usize) -> Result<usize> {
+        let [.., gate, up, _] = self.layer(li)?.dtypes;
+        let h = self.hidden;
+        Ok(match &self.quantized {
+            Some((down, _)) => gate.bytes_for(h) + up.bytes_for(h) + down.bytes_for(h),
+            None => self.dtype.bytes_for(3 * h),
+        })
+    }
+
+    /// Layer `li`'s matrix types (see [`HostLayer::dtypes`]).
+    pub fn dtypes(&self, li: usize) -> Result<[DType; 7]> {
+        Ok(self.layer(li)?.dtypes)
     }
 
     /// What a full pass over a resident subset streams for layer `li`, `kept` (ascending)
@@ -125,11 +143,13 @@ impl HostStore {
         if !self.is_quantized() {
             return self.neuron_runs(li, &rest);
         }
-        let [gate, up, down] = &self.layer(li)?.dense_ffn;
-        let row = self.dtype.bytes_for(self.hidden);
-        let runs = neuron_byte_runs(&rest, self.neurons, row).map_err(|e| in_layer(li, e))?;
-        let mut pieces = Vec::with_capacity(2 * runs.len() + 1);
-        for m in [gate, up] {
+        let layer = self.layer(li)?;
+        let [gate, up, down] = &layer.dense_ffn;
+        let [.., gate_type, up_type, _] = layer.dtypes;
+        let mut pieces = Vec::new();
+        for (m, dtype) in [(gate, gate_type), (up, up_type)] {
+            let row = dtype.bytes_for(self.hidden);
+            let runs = neuron_byte_runs(&rest, self.neurons, row).map_err(|e| in_layer(li, e))?;
             pieces.extend(runs.iter().map(|r| HostSlice {
                 map: Arc::clone(&m.map),
                 range: m.range.start + r.start..m.range.start + r.end,
@@ -143,7 +163,7 @@ impl HostStore {
     /// merged into one piece: what copying that subset moves (float FFNs only).
     pub fn neuron_runs(&self, li: usize, ids: &[u32]) -> Result<Vec<HostSlice>> {
         let bundles = self.bundles(li)?;
-        let runs = neuron_byte_runs(ids, self.neurons, self.bundle_bytes())
+        let runs = neuron_byte_runs(ids, self.neurons, self.bundle_bytes(li)?)
             .map_err(|e| in_layer(li, e))?;
         Ok(runs
             .into_iter()
@@ -197,13 +217,13 @@ impl HostStore {
             ));
         };
         let (h, f) = (self.hidden, self.neurons);
-        let shape = |rows, cols| (self.dtype, rows, cols);
-        checks::quantized_gather(shape(f, h), shape(f, h), shape(h, f), ids, *down_dtype)?;
+        let [.., tg, tu, td] = layer.dtypes;
+        checks::quantized_gather((tg, f, h), (tu, f, h), (td, h, f), ids, *down_dtype)?;
         let [gate, up, down] = &layer.dense_ffn;
         let w = cpu::QuantizedFfn {
-            gate: (&gate.map[gate.range.clone()], self.dtype),
-            up: (&up.map[up.range.clone()], self.dtype),
-            down: (&down.map[down.range.clone()], self.dtype),
+            gate: (&gate.map[gate.range.clone()], tg),
+            up: (&up.map[up.range.clone()], tu),
+            down: (&down.map[down.range.clone()], td),
             hidden: self.hidden,
             neurons: self.neurons,
         };

@@ -20,8 +20,8 @@ use crate::units::format_bytes;
 pub use crate::offload::cost::{Costs, WayCost};
 pub use crate::offload::plan::{Every, Plan, PlanItem, Residence};
 pub use crate::offload::sizes::{
-    layer_range, LayerPlacement, PlanInput, Sizes, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS,
-    MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
+    layer_range, LayerFormats, LayerPlacement, LayerSizes, PlanInput, Sizes, CPU_MEM_GBPS,
+    GPU_LINK_GBPS, GPU_MEM_GBPS, MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
 };
 
 /// Plans placement, predicts costs and, when the sparse set does not fit, says what would.
@@ -82,7 +82,10 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
 }
 
 fn budget_error(input: &PlanInput, s: &Sizes, minimum: u64) -> Error {
-    let worst = s.attention_bytes + s.ffn_bytes;
+    let worst = (s.per_layer.iter())
+        .map(|u| u.attention + u.ffn)
+        .max()
+        .unwrap_or(0);
     let needs = format!(
         "KV cache {} ({} tokens), head {}, norms {}, activations {}, {} stream buffers of {} \
          (one layer's attention + whole FFN)",
@@ -127,35 +130,35 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
     push("norms and biases (f32)".into(), s.norm_bytes, resident);
     if att_res > 0 {
         let name = format!("attention, {}", layer_range(0, att_res));
-        push(name, att_res as u64 * s.attention_bytes, resident);
+        push(name, s.sum(0..att_res, |u| u.attention), resident);
     }
     if att_res < l {
         let name = format!("attention overflow, {}", layer_range(att_res, l));
-        push(name, (l - att_res) as u64 * s.attention_bytes, every_pass);
+        push(name, s.sum(att_res..l, |u| u.attention), every_pass);
     }
     let keep = format!("{}", input.keep);
     if ffn_res > 0 {
         let name = format!("sparse FFN (keep {keep}), {}", layer_range(0, ffn_res));
-        push(name, ffn_res as u64 * s.sparse_ffn_bytes, resident);
+        push(name, s.sum(0..ffn_res, |u| u.sparse_ffn), resident);
     }
     if ffn_res < l {
         let name = format!(
             "sparse FFN overflow (keep {keep}), {}",
             layer_range(ffn_res, l)
         );
-        push(name, (l - ffn_res) as u64 * s.sparse_ffn_bytes, every_pass);
+        push(name, s.sum(ffn_res..l, |u| u.sparse_ffn), every_pass);
     }
     let rest_res = layers.iter().filter(|p| p.complement_resident).count();
     if s.complement_bytes > 0 && rest_res > 0 {
         let name = format!("FFN complement, {}", layer_range(0, rest_res));
-        push(name, rest_res as u64 * s.complement_bytes, resident);
+        push(name, s.sum(0..rest_res, |u| u.complement), resident);
     }
     if s.complement_bytes > 0 && rest_res < l {
         let name = format!("FFN complement, {}", layer_range(rest_res, l));
         let residence = Residence::Streamed {
             every: Every::Verification,
         };
-        push(name, (l - rest_res) as u64 * s.complement_bytes, residence);
+        push(name, s.sum(rest_res..l, |u| u.complement), residence);
     }
     let kv_name = format!(
         "KV cache ({} tokens, {}-byte elements)",

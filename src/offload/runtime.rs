@@ -180,7 +180,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                     .into(),
             ));
         }
-        let (format, head_format) = stored_formats(model)?;
+        let (format, layer_formats, head_format) = stored_formats(model)?;
         // Only quantized FFNs re-encode their compact down matrices (float ones use bundles).
         let sparse_down = match format.is_quantized() {
             true => Some(WeightFormat::of(cfg.griffin_down).ok_or_else(|| {
@@ -198,6 +198,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             format,
             head_format: Some(head_format),
             sparse_down,
+            layer_formats,
             keep: shape.keep as f64,
             budget: cfg.budget,
             context: shape.context,
@@ -249,6 +250,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 return Err(e);
             }
         };
+        let layers = (0..l)
+            .map(|li| host.dtypes(li))
+            .collect::<Result<Vec<_>>>()?;
         tracing::info!(
             "offloading: {} of {} resident, stream buffers {} x {}",
             format_bytes(arena.used()),
@@ -271,6 +275,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 kv: c.kv_dim(),
                 f: c.intermediate_size,
                 dtype: model.dtype,
+                layers: layers.into(),
                 griffin_down: cfg.griffin_down,
             },
             replaced: Some(replaced),
@@ -509,7 +514,7 @@ impl<B: OffloadBackend> LayerStream<B> for OffloadRuntime<B> {
             return Ok(resident);
         };
         let filled = self.engine.wait(layer)?;
-        let streamed = match job.views::<B>(self.dims, &filled) {
+        let streamed = match job.views::<B>(&self.dims, &filled) {
             Ok(s) => s,
             Err(e) => {
                 // Hand the buffer back so the engine is not left waiting on it.

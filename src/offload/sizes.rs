@@ -12,12 +12,15 @@
 //! it), and a full pass streams the complement's gate and up rows plus the layer's whole down
 //! matrix as stored, so that verification computes exactly the dense model's FFN.
 
+use std::ops::Range;
+
 use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::offload::format::{WeightFormat, VECTOR_BYTES};
 use crate::sparsity::kept_aligned;
+use crate::tensor::DType;
 
 /// Longest context and window the planner accepts: far above any use, low enough that no byte
 /// count can overflow.
@@ -46,6 +49,10 @@ pub struct PlanInput {
     /// Quantized formats: the format of the resident compact down matrix (`--griffin-down`;
     /// `None`: q8_0). Ignored for float formats.
     pub sparse_down: Option<WeightFormat>,
+    /// Each layer's matrix formats where a file mixes them (a GGUF Q4_K_M keeps some layers'
+    /// v and down in Q6_K); `None`: every layer matrix in `format`, which then names the
+    /// gate/up format. Sizes in another format (the advice's alternatives) ignore it.
+    pub layer_formats: Option<Vec<LayerFormats>>,
     /// Griffin FFN keep fraction in (0, 1]; 1 = dense.
     pub keep: f64,
     /// Bytes of fast memory (GPU memory, or `--resident-mem` on CPU).
@@ -133,6 +140,7 @@ impl PlanInput {
                 ),
             );
         }
+        self.validate_layer_formats()?;
         if self.context > self.config.max_position_embeddings {
             return bad(
                 "context",
@@ -144,6 +152,151 @@ impl PlanInput {
         }
         Ok(())
     }
+
+    /// [`PlanInput::layer_formats`] describes this model's layers in formats that can mix.
+    fn validate_layer_formats(&self) -> Result<()> {
+        let bad = |field: &'static str, problem: String| Err(Error::PlanInput { field, problem });
+        let Some(formats) = &self.layer_formats else {
+            return Ok(());
+        };
+        if formats.len() != self.config.num_layers {
+            return bad(
+                "layer_formats",
+                format!(
+                    "{} layers' formats for a {}-layer model",
+                    formats.len(),
+                    self.config.num_layers
+                ),
+            );
+        }
+        // Float FFNs move as bundles of one format; quantized layers may mix block formats.
+        let all = formats
+            .iter()
+            .flat_map(|f| f.attention.iter().chain(&f.ffn));
+        let mixed_float = self.format.is_quantized() && all.clone().any(|f| !f.is_quantized())
+            || !self.format.is_quantized() && all.clone().any(|&f| f != self.format);
+        if mixed_float {
+            return bad(
+                "layer_formats",
+                format!(
+                    "layers mix {} with other formats: only block formats mix",
+                    self.format
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The formats of one layer's matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct LayerFormats {
+    /// wq, wk, wv, wo.
+    pub attention: [WeightFormat; 4],
+    /// gate, up, down.
+    pub ffn: [WeightFormat; 3],
+}
+
+impl LayerFormats {
+    pub fn uniform(format: WeightFormat) -> LayerFormats {
+        LayerFormats {
+            attention: [format; 4],
+            ffn: [format; 3],
+        }
+    }
+
+    /// The planner's view of the stored types of every layer's wq, wk, wv, wo, gate, up and
+    /// down: the format that names the model (layer 0's gate) and, where the layers mix
+    /// formats, each layer's; `Err` names the first matrix in a format the planner lacks.
+    pub fn of_stored(layers: &[[DType; 7]]) -> std::result::Result<StoredFormats, UnplannedMatrix> {
+        let mut out = Vec::with_capacity(layers.len());
+        for (li, dtypes) in layers.iter().enumerate() {
+            let mut f = [WeightFormat::Bf16; 7];
+            for (j, (&dtype, slot)) in dtypes.iter().zip(&mut f).enumerate() {
+                *slot = WeightFormat::of(dtype).ok_or((li, j, dtype))?;
+            }
+            out.push(LayerFormats {
+                attention: [f[0], f[1], f[2], f[3]],
+                ffn: [f[4], f[5], f[6]],
+            });
+        }
+        let format = out.first().map_or(WeightFormat::Bf16, |l| l.ffn[0]);
+        let uniform = out.iter().all(|l| *l == LayerFormats::uniform(format));
+        Ok((format, (!uniform).then_some(out)))
+    }
+
+    /// Names of the matrices in [`LayerFormats::of_stored`]'s order.
+    pub const MATRICES: [&'static str; 7] = ["wq", "wk", "wv", "wo", "gate", "up", "down"];
+}
+
+/// The format that names a model and, where its layers mix formats, each layer's.
+pub type StoredFormats = (WeightFormat, Option<Vec<LayerFormats>>);
+/// A matrix in a format the planner lacks: layer, index in [`LayerFormats::MATRICES`], type.
+pub type UnplannedMatrix = (usize, usize, DType);
+
+/// What sizing one layer needs besides its formats.
+struct Unit {
+    h: usize,
+    f: usize,
+    q: usize,
+    kv: usize,
+    /// Neurons of the sparse set, and the format of its compact down matrix.
+    kept: usize,
+    sparse_down: WeightFormat,
+    /// Bytes of one neuron's gate and up biases.
+    bias: u64,
+}
+
+impl Unit {
+    /// A layer's units in formats `lf`, and one neuron's bytes as the sparse set holds it.
+    fn layer(&self, lf: &LayerFormats) -> (LayerSizes, u64) {
+        let Unit {
+            h,
+            f,
+            q,
+            kv,
+            kept,
+            sparse_down,
+            bias,
+        } = *self;
+        let [wq, wk, wv, wo] = lf.attention;
+        let [gate, up, down] = lf.ffn;
+        let attention = wq.matrix_bytes(q, h)
+            + wk.matrix_bytes(kv, h)
+            + wv.matrix_bytes(kv, h)
+            + wo.matrix_bytes(h, q);
+        // Gate and up rows of `n` neurons (+ biases).
+        let rows = |n: usize| n as u64 * (gate.row_bytes(h) + up.row_bytes(h) + bias);
+        let down_matrix = down.matrix_bytes(h, f);
+        let (sparse_ffn, complement) = match gate.is_quantized() {
+            // The compact down is [h, kept] (whole blocks of `sparse_down` along a row).
+            true => (
+                rows(kept) + sparse_down.matrix_bytes(h, kept),
+                rows(f - kept) + down_matrix,
+            ),
+            // Bundles: gate row, up row and down column of one format.
+            false => {
+                let neuron = rows(1) + down.row_bytes(h);
+                (kept as u64 * neuron, (f - kept) as u64 * neuron)
+            }
+        };
+        let sizes = LayerSizes {
+            attention,
+            sparse_ffn,
+            ffn: rows(f) + down_matrix,
+            complement,
+        };
+        (sizes, rows(1) + sparse_down.row_bytes(h))
+    }
+}
+
+/// One layer's units in bytes (see the fields of [`Sizes`] of the same names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LayerSizes {
+    pub attention: u64,
+    pub sparse_ffn: u64,
+    pub ffn: u64,
+    pub complement: u64,
 }
 
 /// Byte sizes of every unit the planner moves, in the chosen format.
@@ -151,6 +304,9 @@ impl PlanInput {
 pub struct Sizes {
     pub layers: usize,
     pub hidden: usize,
+    /// Each layer's units (they differ where the layers' formats do, see
+    /// [`PlanInput::layer_formats`]); the scalar fields below are the largest layer's.
+    pub per_layer: Vec<LayerSizes>,
     /// One layer's attention: wq, wk, wv, wo (their biases stay resident: `norm_bytes`).
     pub attention_bytes: u64,
     /// One neuron of the sparse set: gate row + up row + down column (3 * hidden weights;
@@ -189,7 +345,11 @@ pub struct Sizes {
 /// neurons (`Sizes::neuron_bytes`).
 pub fn resident_vector_count(c: &ModelConfig) -> usize {
     let (h, l) = (c.hidden_size, c.num_layers);
-    let qkv = if c.qkv_bias { c.q_dim() + 2 * c.kv_dim() } else { 0 };
+    let qkv = if c.qkv_bias {
+        c.q_dim() + 2 * c.kv_dim()
+    } else {
+        0
+    };
     let per_layer = qkv + if c.o_bias { h } else { 0 } + if c.mlp_bias { h } else { 0 };
     (2 * l + 1) * h + l * per_layer
 }
@@ -210,8 +370,6 @@ impl Sizes {
         );
         let (q, kv) = (c.q_dim(), c.kv_dim());
         let vec = |len: usize| len as u64 * VECTOR_BYTES;
-        let attention_bytes =
-            format.matrix_bytes(q, h) + 2 * format.matrix_bytes(kv, h) + format.matrix_bytes(h, q);
         let quantized = format.is_quantized();
         let bias = if c.mlp_bias { vec(2) } else { 0 };
         let sparse_down = match quantized {
@@ -219,18 +377,23 @@ impl Sizes {
             false => format,
         };
         let kept = kept_aligned(keep as f32, f, sparse_down.dtype().block().0);
-        // Gate and up rows of `n` neurons (+ biases).
-        let rows = |n: usize| n as u64 * (2 * format.row_bytes(h) + bias);
-        let neuron_bytes = rows(1) + sparse_down.row_bytes(h);
-        let down_matrix = format.matrix_bytes(h, f);
-        let (sparse_ffn_bytes, complement_bytes) = match quantized {
-            // The compact down is [h, kept] (whole blocks of `sparse_down` along a row).
-            true => (
-                rows(kept) + sparse_down.matrix_bytes(h, kept),
-                rows(f - kept) + down_matrix,
-            ),
-            false => (kept as u64 * neuron_bytes, (f - kept) as u64 * neuron_bytes),
+        let formats = match (&input.layer_formats, format == input.format) {
+            (Some(formats), true) => formats.clone(),
+            _ => vec![LayerFormats::uniform(format); l],
         };
+        let unit = Unit {
+            h,
+            f,
+            q,
+            kv,
+            kept,
+            bias,
+            sparse_down,
+        };
+        let layer = |lf: &LayerFormats| unit.layer(lf);
+        let per_layer: Vec<LayerSizes> = formats.iter().map(|lf| layer(lf).0).collect();
+        let largest = |unit: fn(&LayerSizes) -> u64| per_layer.iter().map(unit).max().unwrap_or(0);
+        let neuron_bytes = formats.iter().map(|lf| layer(lf).1).max().unwrap_or(0);
         let head_format = match format == input.format {
             true => input.head_format.unwrap_or(format),
             false => format,
@@ -241,15 +404,16 @@ impl Sizes {
         Sizes {
             layers: l,
             hidden: h,
-            attention_bytes,
+            attention_bytes: largest(|s| s.attention),
             neuron_bytes,
             quantized,
             sparse_down: quantized.then_some(sparse_down),
             neurons: f,
             kept_neurons: kept,
-            sparse_ffn_bytes,
-            ffn_bytes: rows(f) + down_matrix,
-            complement_bytes,
+            sparse_ffn_bytes: largest(|s| s.sparse_ffn),
+            ffn_bytes: largest(|s| s.ffn),
+            complement_bytes: largest(|s| s.complement),
+            per_layer,
             head_bytes: head_format.matrix_bytes(v, h),
             embedding_bytes: head_format.matrix_bytes(v, h),
             norm_bytes: vec(norm_count),
@@ -268,9 +432,23 @@ impl Sizes {
 
     /// Every weight once (a tied embedding counted once, as the head).
     pub fn total_weight_bytes(&self, tied: bool) -> u64 {
-        let layers = self.layers as u64 * (self.attention_bytes + self.ffn_bytes);
+        let layers = self.sum(0..self.layers, |u| u.attention + u.ffn);
         let embedding = if tied { 0 } else { self.embedding_bytes };
         layers + self.head_bytes + embedding + self.norm_bytes
+    }
+
+    /// Layer `i`'s units.
+    pub fn layer(&self, i: usize) -> LayerSizes {
+        self.per_layer.get(i).copied().unwrap_or_default()
+    }
+
+    /// `unit` summed over layers `range`.
+    pub fn sum(&self, range: Range<usize>, unit: fn(&LayerSizes) -> u64) -> u64 {
+        let end = range.end.min(self.per_layer.len());
+        self.per_layer[range.start.min(end)..end]
+            .iter()
+            .map(unit)
+            .sum()
     }
 
     /// Bytes a draft pass copies into layer `p`'s buffer: whatever of the sparse model overflowed.
@@ -279,32 +457,33 @@ impl Sizes {
             + if p.sparse_ffn_resident {
                 0
             } else {
-                self.sparse_ffn_bytes
+                self.layer(p.layer).sparse_ffn
             }
     }
 
     /// Bytes a verification pass copies for layer `p`: the complement of a resident sparse
     /// subset (or the whole FFN), plus attention if it overflowed.
     pub fn verify_stream_bytes(&self, p: &LayerPlacement) -> u64 {
+        let sizes = self.layer(p.layer);
         self.streamed_attention(p)
             + match (p.sparse_ffn_resident, p.complement_resident) {
                 (true, true) => 0,
-                (true, false) => self.complement_bytes,
-                (false, _) => self.ffn_bytes,
+                (true, false) => sizes.complement,
+                (false, _) => sizes.ffn,
             }
     }
 
     /// Bytes the first prefill copies for layer `p`: no neuron set is chosen yet, so the
     /// whole FFN, plus attention if it overflowed.
     pub fn prefill_stream_bytes(&self, p: &LayerPlacement) -> u64 {
-        self.streamed_attention(p) + self.ffn_bytes
+        self.streamed_attention(p) + self.layer(p.layer).ffn
     }
 
     fn streamed_attention(&self, p: &LayerPlacement) -> u64 {
         if p.attention_resident {
             0
         } else {
-            self.attention_bytes
+            self.layer(p.layer).attention
         }
     }
 
@@ -329,6 +508,7 @@ impl Sizes {
         let l = self.layers;
         (0..l)
             .map(|i| LayerPlacement {
+                layer: i,
                 attention_resident: i < units,
                 sparse_ffn_resident: l + i < units,
                 complement_resident: 2 * l + i < units,
@@ -339,9 +519,9 @@ impl Sizes {
     /// Resident bytes with the first `units` placed, buffers included.
     pub fn resident_with(&self, units: usize) -> u64 {
         let l = self.layers;
-        let att = units.min(l) as u64 * self.attention_bytes;
-        let ffn = units.saturating_sub(l).min(l) as u64 * self.sparse_ffn_bytes;
-        let rest = units.saturating_sub(2 * l).min(l) as u64 * self.complement_bytes;
+        let att = self.sum(0..units.min(l), |s| s.attention);
+        let ffn = self.sum(0..units.saturating_sub(l).min(l), |s| s.sparse_ffn);
+        let rest = self.sum(0..units.saturating_sub(2 * l).min(l), |s| s.complement);
         let buffers = STREAM_BUFFERS as u64 * self.buffer_bytes(&self.layers_with(units));
         self.fixed_bytes() + att + ffn + rest + buffers
     }
@@ -354,6 +534,7 @@ impl Sizes {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LayerPlacement {
+    pub layer: usize,
     pub attention_resident: bool,
     pub sparse_ffn_resident: bool,
     /// The rest of the layer's FFN too (then verification streams nothing for it).

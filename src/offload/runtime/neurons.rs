@@ -129,7 +129,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 ResidentMemory::Host => moved_in(&self.resident_ids[li], ids).len(),
             };
             let m = self.regather(backend, li, ids)?;
-            self.uploaded_bytes += (crossed * self.host.bundle_bytes()) as u64;
+            self.uploaded_bytes += (crossed * self.host.bundle_bytes(li)?) as u64;
             return Ok(m);
         }
         self.copy_in(backend, li, ids, staged)
@@ -139,7 +139,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     /// (quantized: their gate and up rows and the whole down matrix): verification then
     /// streams nothing for the layer. Neurons that were not resident before count as moved.
     fn make_rest_resident(&mut self, backend: &B, li: usize, ids: &[u32]) -> Result<()> {
-        let d = self.dims;
+        let d = self.dims.clone();
         let rest = complement_ids(ids, d.f)?;
         if !self.whole_layer[li] {
             // Before, only the previous request's sparse set (if any) was resident; it is
@@ -150,7 +150,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         if self.host.is_quantized() {
             return self.make_rest_rows_resident(backend, li, ids, rest.len(), &label);
         }
-        let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes());
+        let mut bytes = Vec::with_capacity(rest.len() * self.host.bundle_bytes(li)?);
         for piece in self.host.neuron_runs(li, &rest)? {
             bytes.extend_from_slice(&piece.map[piece.range.clone()]);
         }
@@ -180,7 +180,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         c: usize,
         label: &str,
     ) -> Result<()> {
-        let d = self.dims;
+        let d = self.dims.clone();
         self.resident_rest[li] = None;
         // Gate runs, up runs, the down matrix (just the down matrix when c is 0).
         let pieces = self.host.complement(li, ids)?;
@@ -197,16 +197,17 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         );
         self.arena
             .set(label, (gate.len() + up.len() + down.len()) as u64)?;
+        let [.., tg, tu, td] = d.types(li)?;
         let rest = match c {
             0 => None,
             _ => Some([
-                backend.upload_matrix(gate, d.dtype, c, d.h)?,
-                backend.upload_matrix(up, d.dtype, c, d.h)?,
+                backend.upload_matrix(gate, tg, c, d.h)?,
+                backend.upload_matrix(up, tu, c, d.h)?,
             ]),
         };
         self.resident_rest[li] = Some(Complement::Rows {
             rest,
-            down: backend.upload_matrix(down, d.dtype, d.h, d.f)?,
+            down: backend.upload_matrix(down, td, d.h, d.f)?,
         });
         self.whole_layer[li] = true;
         Ok(())
@@ -228,16 +229,17 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         k: usize,
         (gate, up, down): (Vec<u8>, Vec<u8>, Vec<u8>),
     ) -> Result<[B::Matrix; 3]> {
-        let d = self.dims;
+        let d = self.dims.clone();
         let bytes = (gate.len() + up.len() + down.len()) as u64;
         self.arena.set(&format!("sparse FFN layer {li}"), bytes)?;
         // The old compact FFN's bytes have been used (or are not needed): free it before the
         // upload so the device never holds old and new at once (the arena counts one).
         self.resident_ffn[li] = None;
         let uploaded = (|| {
+            let [.., tg, tu, _] = d.types(li)?;
             Ok([
-                backend.upload_matrix(gate, d.dtype, k, d.h)?,
-                backend.upload_matrix(up, d.dtype, k, d.h)?,
+                backend.upload_matrix(gate, tg, k, d.h)?,
+                backend.upload_matrix(up, tu, k, d.h)?,
                 backend.upload_matrix(down, d.compact_down(), d.h, k)?,
             ])
         })();
@@ -258,7 +260,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         ids: &[u32],
         staged: bool,
     ) -> Result<[B::Matrix; 3]> {
-        let d = self.dims;
+        let d = self.dims.clone();
         let filled = if staged {
             Some(self.engine.wait(li)?)
         } else {
