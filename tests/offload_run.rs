@@ -401,3 +401,62 @@ fn a_model_with_attention_biases_offloads_like_it_runs_unconstrained() {
         ((2 * 6 + 1) * 64 + 6 * 128) as u64 * 4
     );
 }
+
+/// The dense model offloaded (no Sirius, no sparsity): every token is one full pass over the
+/// resident part and the streamed rest, the tokens are the unconstrained dense run's, nothing
+/// drafts, and the arena's peak equals the plan's resident bytes at each budget.
+#[test]
+fn the_dense_model_offloaded_gives_the_dense_tokens() {
+    let t = tiny();
+    let dense_engine = |o: Option<OffloadConfig>| {
+        let config = EngineConfig {
+            offload: o,
+            ..EngineConfig::dense()
+        };
+        Engine::load(&t.path, CpuBackend::new(2), &config).unwrap()
+    };
+    let generate = |e: &mut Engine<CpuBackend>| {
+        e.generate(&PROMPT, &options(40), Decoding::Dense, &mut |_| true)
+            .unwrap()
+    };
+    let reference = generate(&mut dense_engine(None));
+    let window = sirius(1, 1);
+    let planned = |budget| {
+        let e = dense_engine(Some(offload(budget, None)));
+        e.offload_plan(&PROMPT, &options(40), &window).unwrap()
+    };
+    let all = planned(1 << 40);
+    for budget in [
+        all.resident_bytes,
+        (all.resident_bytes + all.minimum_bytes) / 2,
+        all.minimum_bytes,
+    ] {
+        let out = generate(&mut dense_engine(Some(offload(budget, None))));
+        assert_eq!(
+            out.generated_token_ids, reference.generated_token_ids,
+            "budget {budget}"
+        );
+        assert!(out.sirius.is_none(), "reported as the dense model");
+        let o = out.offload.expect("offload statistics");
+        assert_eq!(o.draft_passes, 0);
+        // Two prefill chunks of 16, then one full pass per generated token after the first.
+        assert_eq!(
+            o.full_passes,
+            2 + out.generated_tokens as u64 - 1,
+            "budget {budget}"
+        );
+        assert_eq!(
+            o.resident_bytes,
+            planned(budget).resident_bytes,
+            "budget {budget}"
+        );
+    }
+    // Sampling is refused with what to change.
+    let mut e = dense_engine(Some(offload(all.resident_bytes, None)));
+    let mut sampled = options(8);
+    sampled.sampling.temperature = 0.8;
+    let err = e
+        .generate(&PROMPT, &sampled, Decoding::Dense, &mut |_| true)
+        .unwrap_err();
+    assert!(err.to_string().contains("--temperature 0"), "{err}");
+}

@@ -304,9 +304,19 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
         };
     let budget = parse_size(size)?;
     let s = &args.sparsity;
-    if !args.sirius || s.sparsity != SparsityMode::Griffin || s.cats_thresholds.is_some() {
+    // The dense model offloaded (every token a full pass), or Sirius drafting with Griffin.
+    let dense = !args.sirius && s.sparsity == SparsityMode::None;
+    if !dense
+        && (!args.sirius || s.sparsity != SparsityMode::Griffin || s.cats_thresholds.is_some())
+    {
         return Err(Error::InvalidArgument(format!(
-            "{option} offloads a Sirius run with Griffin sparsity: add --sirius --sparsity griffin --temperature 0"
+            "{option} offloads a Sirius run with Griffin sparsity (add --sirius --sparsity \
+             griffin --temperature 0) or the dense model (no --sirius, no --sparsity)"
+        )));
+    }
+    if args.sampling.temperature != 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "{option}: an offloaded run decodes greedily for now: add --temperature 0"
         )));
     }
     for (name, v) in [("--link-gbps", o.link_gbps), ("--mem-gbps", o.mem_gbps)] {

@@ -89,15 +89,17 @@ pub struct OffloadArgs {
     /// Offloading on CPU: keep only this much memory resident (e.g. 161MB, 1.5G) for weights,
     /// KV cache and buffers, placed as `sirius-offload plan` decides; the rest stays in host
     /// memory and is streamed: the FFN complement when the full model runs (prompt,
-    /// verification), plus whatever of the sparse model did not fit on every pass (needs
-    /// --sirius --sparsity griffin). Emulates a GPU budget to test the schedule; tokens equal
-    /// an unconstrained run's up to rounding (the split FFN sums in another order).
+    /// verification), plus whatever of the sparse model did not fit on every pass (with
+    /// --sirius --sparsity griffin; without both, the dense model runs one full pass per
+    /// token). Greedy only (--temperature 0). Emulates a GPU budget to test the schedule;
+    /// tokens equal an unconstrained run's up to rounding (the split FFN sums in another
+    /// order).
     #[arg(long, value_name = "SIZE")]
     pub resident_mem: Option<String>,
     /// Offloading on a GPU (with --device cuda): keep weights, KV cache and buffers within
     /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
     /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
-    /// (needs --sirius --sparsity griffin).
+    /// (Sirius with --sirius --sparsity griffin, or the dense model without both).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
     /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link.

@@ -14,12 +14,13 @@ use crate::model::Llama;
 use crate::offload::placement::{plan, Plan};
 use crate::offload::runtime::{OffloadRuntime, RequestShape};
 use crate::sirius::SiriusConfig;
-use crate::sparsity::SparseRequest;
+use crate::sparsity::{NeuronCounter, SparseRequest, SparsityMode, SparsityReport};
 
 impl<B: OffloadBackend> Engine<B> {
     /// Generates from `prompt` as `decoding` says, calling `on_text` with each piece of text
     /// as it is complete; `on_text` returns false to stop (`StopReason::Cancelled`). The
-    /// prompt always runs the full model. An offloaded engine runs Sirius only.
+    /// prompt always runs the full model. An offloaded engine runs Sirius, or the dense model
+    /// (greedy) when it was loaded without sparsity.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -27,17 +28,13 @@ impl<B: OffloadBackend> Engine<B> {
         decoding: Decoding,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<GenerationOutput> {
+        let (decoding, dense_offload) = self.offloaded_decoding(decoding, opts)?;
         let capacity = self.request_capacity(prompt, opts, decoding)?;
         let shape = match (decoding, self.offload.is_some()) {
-            (_, false) => None,
             (Decoding::Sirius(config), true) => {
                 Some(self.offload_shape(prompt, capacity, opts, &config)?)
             }
-            (_, true) => {
-                return Err(Error::InvalidArgument(
-                    "an offloaded model decodes with Sirius (--sirius --temperature 0)".into(),
-                ))
-            }
+            _ => None,
         };
         let Engine {
             model,
@@ -75,8 +72,41 @@ impl<B: OffloadBackend> Engine<B> {
                 let runtime = plan_runtime(model, offload, &shape)?;
                 let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
-                run(&mut r, tokenizer, prompt, &limits, on_text)
+                let mut out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
+                if dense_offload {
+                    // Reported as what it is: the dense model, no drafts, no windows.
+                    out.sirius = None;
+                    let layers = NeuronCounter::new(model.config.num_layers);
+                    out.sparsity =
+                        SparsityReport::new(SparsityMode::None, 1.0, &layers, &model.config);
+                }
+                Ok(out)
             }
+        }
+    }
+
+    /// What an offloaded engine runs for `decoding` (unchanged without offloading), and
+    /// whether it is the dense model offloaded: every token one full pass over the resident
+    /// part and the streamed rest, which is a Sirius window of one token (nothing drafts, the
+    /// verification's pick is the full model's greedy one).
+    fn offloaded_decoding(
+        &self,
+        decoding: Decoding,
+        opts: &RequestOptions,
+    ) -> Result<(Decoding, bool)> {
+        match (&self.offload, decoding) {
+            (None, _) => Ok((decoding, false)),
+            (Some(o), Decoding::Dense) if o.dense => {
+                check_greedy_offloaded(opts.sampling.temperature)?;
+                Ok((Decoding::Sirius(DENSE_WINDOW), true))
+            }
+            (Some(o), Decoding::Sirius(_)) if !o.dense => Ok((decoding, false)),
+            (Some(o), _) => Err(Error::InvalidArgument(match o.dense {
+                true => "this engine offloads the dense model: decode without --sirius".into(),
+                false => "an offloaded Griffin model decodes with Sirius (--sirius \
+                          --temperature 0); load it without --sparsity for the dense model"
+                    .into(),
+            })),
         }
     }
 
@@ -164,6 +194,24 @@ fn plan_runtime<'o, B: OffloadBackend>(
         }
     };
     Ok(offload.runtime.insert(runtime))
+}
+
+/// A dense offloaded request's window: one token, verified (computed) by the full model.
+const DENSE_WINDOW: SiriusConfig = SiriusConfig {
+    period: 1,
+    threshold: 0.1,
+    accept_temperature: 0.6,
+    width: 1,
+};
+
+/// An offloaded dense request picks greedily (its passes are Sirius's verifications).
+fn check_greedy_offloaded(temperature: f32) -> Result<()> {
+    if temperature != 0.0 {
+        return Err(Error::InvalidArgument(
+            "an offloaded run decodes greedily for now: add --temperature 0".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Cache rows of a Sirius request whose plain decoding would need `capacity`: a Sirius

@@ -122,10 +122,16 @@ pub struct Engine<B: OffloadBackend> {
     offload: Option<Offload<B>>,
 }
 
+/// The keep of a dense offloaded engine: any positive fraction rounds up to one neuron (one
+/// block of 32 on quantized weights), the smallest sparse set a runtime places.
+const DENSE_OFFLOAD_KEEP: f32 = 1e-6;
+
 /// An engine's offloading: its configuration and, once planned, the runtime.
 struct Offload<B: OffloadBackend> {
     config: OffloadConfig,
     keep: f32,
+    /// Loaded without sparsity: requests run the dense model, the rest streamed every token.
+    dense: bool,
     runtime: Option<OffloadRuntime<B>>,
 }
 
@@ -137,9 +143,11 @@ impl<B: OffloadBackend> Engine<B> {
         let offload = match &config.offload {
             Some(o) => {
                 let s = &config.sparsity;
-                if s.mode != SparsityMode::Griffin || s.cats_thresholds.is_some() {
+                let dense = s.mode == SparsityMode::None;
+                if !(dense || s.mode == SparsityMode::Griffin) || s.cats_thresholds.is_some() {
                     return Err(Error::InvalidArgument(
-                        "offloading runs Sirius with Griffin sparsity: use --sparsity griffin"
+                        "offloading runs Sirius with Griffin sparsity (--sparsity griffin) or \
+                         the dense model (no --sparsity)"
                             .into(),
                     ));
                 }
@@ -149,7 +157,11 @@ impl<B: OffloadBackend> Engine<B> {
                         griffin_down: s.griffin_down,
                         ..o.clone()
                     },
-                    keep: s.keep,
+                    // The dense model resides as the smallest sparse set plus the rest (see
+                    // `generate`): the placement of a full pass, attention first, then whole
+                    // FFN layers.
+                    keep: if dense { DENSE_OFFLOAD_KEEP } else { s.keep },
+                    dense,
                     runtime: None,
                 })
             }
