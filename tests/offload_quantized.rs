@@ -205,8 +205,8 @@ fn smollm2_q4_1_gguf_offloaded_gives_the_unconstrained_tokens() {
 }
 
 /// A GGUF whose layers mix block formats (`tests/fixtures/tiny-mixed.gguf`, written by
-/// `tools/reference/make_mixed_gguf.py`: Q4_0, with the v and down matrices of even layers in
-/// Q8_0, as llama.cpp's *_K_M files widen some layers): the plan sizes every layer in its own
+/// `tools/reference/make_mixed_gguf.py`: Q4_0, with the v and down matrices of even layers and
+/// layer 3's gate in Q8_0, as llama.cpp's *_K_M files widen some layers): the plan sizes every layer in its own
 /// formats, the arena's peak equals it, and every budget gives the unconstrained tokens.
 #[test]
 fn a_gguf_that_mixes_block_formats_per_layer_offloads_exactly() {
@@ -238,6 +238,10 @@ fn a_gguf_that_mixes_block_formats_per_layer_offloads_exactly() {
     );
     let down = |block: u64| 64 * 5 * block;
     assert_eq!(even.ffn - odd.ffn, down(34) - down(18));
+    // Layer 3's gate is Q8_0, its up Q4_0: 160 gate rows wider, the compact set's kept rows too.
+    let (three, kept) = (all.sizes.layer(3), all.sizes.kept_neurons as u64);
+    assert_eq!(three.ffn - odd.ffn, 160 * (q8 - q4));
+    assert_eq!(three.sparse_ffn - odd.sparse_ffn, kept * (q8 - q4));
     let reference = generate(&mut load(None), &PROMPT, s);
     let distinct: std::collections::BTreeSet<_> = reference.generated_token_ids.iter().collect();
     assert!(

@@ -393,6 +393,12 @@ fn a_model_with_attention_biases_offloads_like_it_runs_unconstrained() {
             plan_at(&t, s, budget).resident_bytes,
             "budget {budget} (fit {fit}, minimum {minimum})"
         );
+        if budget == minimum {
+            assert!(
+                o.overflow_attention_layers > 0,
+                "the minimum streams attention"
+            );
+        }
     }
     // The biases are in the plan: 6 layers x (q 64 + k 32 + v 32) f32 on top of the norms.
     let plan = plan_at(&t, s, fit);
@@ -450,6 +456,12 @@ fn the_dense_model_offloaded_gives_the_dense_tokens() {
             planned(budget).resident_bytes,
             "budget {budget}"
         );
+        if budget == all.minimum_bytes {
+            // Whole FFN layers stream on every token, not only during the prompt.
+            assert!(o.overflow_ffn_layers > 0, "budget {budget}");
+            let prompt_only = planned(budget).streamed_bytes_per_prefill * 2;
+            assert!(o.streamed_bytes > prompt_only, "budget {budget}");
+        }
     }
     // Sampling is refused with what to change.
     let mut e = dense_engine(Some(offload(all.resident_bytes, None)));

@@ -521,9 +521,21 @@ fn layers_that_mix_block_formats_are_sized_one_by_one() {
         uniform.ffn_bytes + down_more,
         "the largest layer's"
     );
+    // A prefill streams every layer's whole FFN (and attention that is not resident), each
+    // in its own formats.
     let p = plan(&mixed).unwrap();
-    let streamed: u64 = p.layers.iter().map(|q| s.prefill_stream_bytes(q)).sum();
-    assert_eq!(p.streamed_bytes_per_prefill, streamed);
+    let expected: u64 = (p.layers.iter())
+        .map(|q| {
+            let u = uniform.layer(q.layer);
+            let wide = u64::from(wide(q.layer));
+            let attention = match q.attention_resident {
+                true => 0,
+                false => u.attention + wide * v_more,
+            };
+            attention + u.ffn + wide * down_more
+        })
+        .sum();
+    assert_eq!(p.streamed_bytes_per_prefill, expected);
     // Wrong layer count; float formats mixed into block formats.
     let short = PlanInput {
         layer_formats: Some(formats[1..].to_vec()),

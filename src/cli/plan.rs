@@ -258,7 +258,10 @@ fn formats(args: &PlanArgs) -> Result<StoredFormats> {
         .or(stored.as_ref().map(|(ffn, _, _)| *ffn))
         .unwrap_or(WeightFormat::Bf16);
     match stored {
-        Some((ffn, layers, head)) if ffn == format => Ok((format, layers, head)),
+        // `--weights` re-encodes every matrix (run's `Convert`): the file's mix is gone.
+        Some((ffn, layers, head)) if ffn == format => {
+            Ok((format, layers.filter(|_| args.weights.is_none()), head))
+        }
         _ => Ok((format, None, None)),
     }
 }

@@ -102,7 +102,9 @@ impl<B: OffloadBackend> Engine<B> {
             }
             (Some(o), Decoding::Sirius(_)) if !o.dense => Ok((decoding, false)),
             (Some(o), _) => Err(Error::InvalidArgument(match o.dense {
-                true => "this engine offloads the dense model: decode without --sirius".into(),
+                true => "this engine offloads the dense model: decode without --sirius and \
+                         --sparsity"
+                    .into(),
                 false => "an offloaded Griffin model decodes with Sirius (--sirius \
                           --temperature 0); load it without --sparsity for the dense model"
                     .into(),
@@ -134,6 +136,11 @@ impl<B: OffloadBackend> Engine<B> {
         opts: &RequestOptions,
         sirius: &SiriusConfig,
     ) -> Result<RequestShape> {
+        // A dense offloaded engine runs its own one-token window, whatever the caller's.
+        let sirius = match &self.offload {
+            Some(o) if o.dense => &DENSE_WINDOW,
+            _ => sirius,
+        };
         let capacity = self.request_capacity(prompt, opts, Decoding::Sirius(*sirius))?;
         self.offload_shape(prompt, capacity, opts, sirius)
     }

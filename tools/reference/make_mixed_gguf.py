@@ -4,8 +4,8 @@ formats the way llama.cpp's *_K_M files do (some layers' v and down matrices in 
 
     python3 tools/reference/make_mixed_gguf.py
 
-Q4_0 everywhere except attn_v and ffn_down of even layers (Q8_0); the tied embedding Q8_0,
-norms F32. Hidden 64, 6 layers, 4 heads / 2 KV heads, FFN 160, 96 tokens: every matrix is
+Q4_0 everywhere except attn_v and ffn_down of even layers and layer 3's ffn_gate (Q8_0); the
+tied embedding Q8_0, norms F32. Hidden 64, 6 layers, 4 heads / 2 KV heads, FFN 160, 96 tokens: every matrix is
 whole blocks of 32. The vocabulary is a minimal byte-level BPE (tests feed token ids). Fixed
 numpy seed: the file is reproducible byte for byte with the pinned gguf package
 (tools/requirements.txt).
@@ -65,7 +65,8 @@ def main() -> None:
         matrix(f"blk.{i}.attn_v.weight", KV_HEADS * head_dim, HIDDEN, wide)
         matrix(f"blk.{i}.attn_output.weight", HIDDEN, HEADS * head_dim, Q4)
         norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.ffn_gate.weight", FFN, HIDDEN, Q4)
+        # Layer 3's gate differs from its up: gate and up rows have their own sizes.
+        matrix(f"blk.{i}.ffn_gate.weight", FFN, HIDDEN, Q8 if i == 3 else Q4)
         matrix(f"blk.{i}.ffn_up.weight", FFN, HIDDEN, Q4)
         matrix(f"blk.{i}.ffn_down.weight", HIDDEN, FFN, wide)
     norm("output_norm.weight")

@@ -165,6 +165,12 @@ pub(super) fn matvec(
             let rows_bytes = &w[r0 * row_bytes..(r0 + nr) * row_bytes];
             match xq {
                 Some(xq) => dot_q8_rows(t, dtype, rows_bytes, row_bytes, xq, yt),
+                // The products a head's exact rescoring computes (`quant_logits`), bit for bit.
+                None if dtype == DType::Q8_0 => {
+                    for (out, row) in yt.iter_mut().zip(rows_bytes.chunks_exact(row_bytes)) {
+                        *out = dot_q8_f32_row(k, row, x);
+                    }
+                }
                 None => ROW_F32.with_borrow_mut(|buf| {
                     buf.resize(cols, 0.0);
                     for (out, row) in yt.iter_mut().zip(rows_bytes.chunks_exact(row_bytes)) {
