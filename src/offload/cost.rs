@@ -166,12 +166,11 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         .unwrap_or(input.prompt_tokens)
         .clamp(1, input.prompt_tokens.max(1));
     let passes = input.prompt_tokens.div_ceil(chunk) as f64;
-    let resident = |unit: u64, placed: bool| if placed { unit } else { 0 };
-    let resident_sparse: u64 = (layers.iter())
-        .map(|p| resident(s.layer(p.layer).sparse_ffn, p.sparse_ffn_resident))
+    let resident_sparse: u64 = (layers.iter().filter(|p| p.sparse_ffn_resident))
+        .map(|p| s.layer(p.layer).sparse_ffn)
         .sum();
-    let resident_rest: u64 = (layers.iter())
-        .map(|p| resident(s.layer(p.layer).complement, p.complement_resident))
+    let resident_rest: u64 = (layers.iter().filter(|p| p.complement_resident))
+        .map(|p| s.layer(p.layer).complement)
         .sum();
     let copy_in = (resident_sparse + resident_rest) as f64 / (input.link_gbps * 1e9);
     Costs {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 use crate::backend::{checks, cpu, Backend};
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::progress::progress_bar;
@@ -52,9 +53,9 @@ impl HostStore {
     pub fn build<B: Backend>(model: &Llama<B>, sparse_down: DType) -> Result<Self> {
         let quantized = model.dtype.is_quantized();
         let c = &model.config;
-        let (h, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+        let (h, f) = (c.hidden_size, c.intermediate_size);
         let store = model.weights();
-        let slice = |name: String, shape: [usize; 2]| -> Result<(HostSlice, DType)> {
+        let slice = |(name, shape): (String, [usize; 2])| -> Result<(HostSlice, DType)> {
             let t = store.get(&name, &shape)?;
             let (map, range) = t.mapping();
             Ok((HostSlice { map, range }, t.dtype))
@@ -62,16 +63,15 @@ impl HostStore {
         let bar = progress_bar(c.num_layers as u64, "host store");
         let mut layers = Vec::with_capacity(c.num_layers);
         for li in 0..c.num_layers {
-            let a = format!("model.layers.{li}.self_attn");
-            let m = format!("model.layers.{li}.mlp");
+            let [q_, k_, v_, o_, g_, u_, d_] = layer_matrices(c, li);
             let [(wq, tq), (wk, tk), (wv, tv), (wo, to), (gate, tg), (up, tu), (down, td)] = [
-                slice(format!("{a}.q_proj.weight"), [q, h])?,
-                slice(format!("{a}.k_proj.weight"), [kv, h])?,
-                slice(format!("{a}.v_proj.weight"), [kv, h])?,
-                slice(format!("{a}.o_proj.weight"), [h, q])?,
-                slice(format!("{m}.gate_proj.weight"), [f, h])?,
-                slice(format!("{m}.up_proj.weight"), [f, h])?,
-                slice(format!("{m}.down_proj.weight"), [h, f])?,
+                slice(q_)?,
+                slice(k_)?,
+                slice(v_)?,
+                slice(o_)?,
+                slice(g_)?,
+                slice(u_)?,
+                slice(d_)?,
             ];
             let dtypes = [tq, tk, tv, to, tg, tu, td];
             if !quantized && dtypes.iter().any(|&t| t != model.dtype) {
@@ -235,6 +235,24 @@ impl HostStore {
             Error::InvalidArgument(format!("layer {li}: the model has {}", self.layers.len()))
         })
     }
+}
+
+/// Layer `li`'s wq, wk, wv, wo, gate, up and down: checkpoint names and `[rows, cols]`.
+pub fn layer_matrices(c: &ModelConfig, li: usize) -> [(String, [usize; 2]); 7] {
+    let (h, f, q, kv) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim());
+    let (a, m) = (
+        format!("model.layers.{li}.self_attn"),
+        format!("model.layers.{li}.mlp"),
+    );
+    [
+        (format!("{a}.q_proj.weight"), [q, h]),
+        (format!("{a}.k_proj.weight"), [kv, h]),
+        (format!("{a}.v_proj.weight"), [kv, h]),
+        (format!("{a}.o_proj.weight"), [h, q]),
+        (format!("{m}.gate_proj.weight"), [f, h]),
+        (format!("{m}.up_proj.weight"), [f, h]),
+        (format!("{m}.down_proj.weight"), [h, f]),
+    ]
 }
 
 /// Names the layer in an argument error.

@@ -390,10 +390,10 @@ impl Sizes {
             bias,
             sparse_down,
         };
-        let layer = |lf: &LayerFormats| unit.layer(lf);
-        let per_layer: Vec<LayerSizes> = formats.iter().map(|lf| layer(lf).0).collect();
+        let (per_layer, neurons): (Vec<LayerSizes>, Vec<u64>) =
+            formats.iter().map(|lf| unit.layer(lf)).unzip();
         let largest = |unit: fn(&LayerSizes) -> u64| per_layer.iter().map(unit).max().unwrap_or(0);
-        let neuron_bytes = formats.iter().map(|lf| layer(lf).1).max().unwrap_or(0);
+        let neuron_bytes = neurons.into_iter().max().unwrap_or(0);
         let head_format = match format == input.format {
             true => input.head_format.unwrap_or(format),
             false => format,

@@ -4,6 +4,7 @@ use crate::backend::offload::OffloadBackend;
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::offload::format::WeightFormat;
+use crate::offload::host_store::layer_matrices;
 use crate::offload::placement::LayerFormats;
 
 /// The formats of `model`'s layer matrices: the one that names the model (the FFN's gate)
@@ -13,30 +14,12 @@ pub(super) fn stored_formats<B: OffloadBackend>(
     model: &Llama<B>,
 ) -> Result<(WeightFormat, Option<Vec<LayerFormats>>, WeightFormat)> {
     let c = &model.config;
-    let (h, f, q, kv, v) = (
-        c.hidden_size,
-        c.intermediate_size,
-        c.q_dim(),
-        c.kv_dim(),
-        c.vocab_size,
-    );
+    let (h, v) = (c.hidden_size, c.vocab_size);
     let store = model.weights();
     let mut layers = Vec::with_capacity(c.num_layers);
     for li in 0..c.num_layers {
-        let (a, m) = (
-            format!("model.layers.{li}.self_attn"),
-            format!("model.layers.{li}.mlp"),
-        );
         let mut dtypes = [model.dtype; 7];
-        for (slot, (name, shape)) in dtypes.iter_mut().zip([
-            (format!("{a}.q_proj.weight"), [q, h]),
-            (format!("{a}.k_proj.weight"), [kv, h]),
-            (format!("{a}.v_proj.weight"), [kv, h]),
-            (format!("{a}.o_proj.weight"), [h, q]),
-            (format!("{m}.gate_proj.weight"), [f, h]),
-            (format!("{m}.up_proj.weight"), [f, h]),
-            (format!("{m}.down_proj.weight"), [h, f]),
-        ]) {
+        for (slot, (name, shape)) in dtypes.iter_mut().zip(layer_matrices(c, li)) {
             *slot = store.get(&name, &shape)?.dtype;
         }
         layers.push(dtypes);
