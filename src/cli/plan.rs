@@ -226,8 +226,6 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     }
 }
 
-/// `--model` as shapes: a directory's config.json, else a preset's `[config]`, else the
-/// config.json of a preset's fetched weights.
 /// `--griffin-down` as a planner format: ignored for float `--weights` (the advice tries it
 /// for quantized ones); f32 cannot be offloaded.
 fn sparse_down(args: &PlanArgs) -> Result<Option<WeightFormat>> {
@@ -244,10 +242,11 @@ fn sparse_down(args: &PlanArgs) -> Result<Option<WeightFormat>> {
 /// files do), else bf16; and the LM head's format where the file stores it in another type
 /// (SmolLM2's Q4_1 file: a Q8_0 head).
 fn formats(args: &PlanArgs) -> Result<StoredFormats> {
-    let path = Path::new(&args.model);
-    let stored = match path.is_file() {
-        true => ModelFiles::stored_types(path)?,
-        false => None,
+    // A GGUF file, named or a preset's fetched one.
+    let file = resolve_model_dir(&args.model).ok().filter(|p| p.is_file());
+    let stored = match file {
+        Some(path) => ModelFiles::stored_types(&path)?,
+        None => None,
     };
     // A file whose formats the planner lacks (f32 matrices) plans as --weights or bf16.
     let stored = stored.and_then(|(layers, head)| {
@@ -273,6 +272,8 @@ type StoredFormats = (
     Option<WeightFormat>,
 );
 
+/// `--model` as shapes: a directory's config.json, else a preset's `[config]`, else the
+/// config.json of a preset's fetched weights.
 fn model_config(model: &str) -> Result<ModelConfig> {
     if !Path::new(model).exists() {
         if let Some(config) = Preset::find(model)?

