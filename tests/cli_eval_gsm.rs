@@ -277,6 +277,42 @@ fn json_report_has_one_row_per_mode_and_every_problem() {
     );
 }
 
+/// The few-shot prefix computed once gives every mode the answers of whole-prompt prefills
+/// (the same KV rows, and Griffin scores summed over the same tokens).
+#[test]
+fn a_shared_prefix_computed_once_gives_the_same_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny(tmp.path());
+    let data = tiny_data(tmp.path(), 6);
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval", "-m", &model, "--data", data.to_str().unwrap(), "--sparsity", "griffin",
+            "--keep", "0.5", "--shots", "3", "--max-tokens", "10", "--period", "3",
+            "--format", "json", "-q",
+        ];
+        args.extend(extra);
+        json_of(&run(&args))
+    };
+    let shared = eval(&[]);
+    let whole = eval(&["--no-prefix-cache"]);
+    let prefix = shared["shared_prefix_tokens"].as_u64().unwrap();
+    assert!(prefix >= 16, "three shots share a prefix: {prefix}");
+    assert_eq!(whole["shared_prefix_tokens"], 0);
+    let answers = |r: &serde_json::Value| {
+        let problems = r["problems"].as_array().unwrap().clone();
+        assert_eq!(problems.len(), 3);
+        problems
+            .iter()
+            .flat_map(|p| p["answers"].as_array().unwrap().clone())
+            .map(|a| (a["mode"].clone(), a["text"].clone(), a["generated_tokens"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(answers(&shared), answers(&whole));
+    // Sparse answers depend on Griffin's choice: their density is the same too.
+    let density = |r: &serde_json::Value| r["results"][1]["effective_density"].clone();
+    assert_eq!(density(&shared), density(&whole));
+}
+
 #[test]
 fn faithfulness_with_keep_one_matches_the_full_model_for_every_token() {
     let tmp = tempfile::tempdir().unwrap();

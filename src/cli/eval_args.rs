@@ -136,8 +136,9 @@ impl FromStr for ModeSpec {
 /// Options only `--perplexity` reads.
 pub(crate) const PPL_ONLY: [&str; 4] = ["window", "prefix", "max_windows", "compare"];
 /// Options only `--data` and `--faithfulness` read.
-pub(crate) const GEN_ONLY: [&str; 8] = [
+pub(crate) const GEN_ONLY: [&str; 9] = [
     "mode",
+    "no_prefix_cache",
     "shots",
     "max_problems",
     "max_tokens",
@@ -164,6 +165,10 @@ pub struct GenTaskArgs {
     /// New tokens per answer at most (--faithfulness: exactly this many).
     #[arg(long, default_value_t = 256, value_name = "N")]
     pub max_tokens: usize,
+    /// --data: prefill every prompt whole, in every mode (by default the prompt prefix all
+    /// problems share, the few-shot examples, runs once and every request starts from it).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     #[command(flatten)]
     pub sirius: SiriusArgs,
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::backend::CpuBackend;
 use crate::cli::eval_args::EvalArgs;
 use crate::cli::eval_common::{bar, emit, load, sirius_options, Header, DEFAULT_SHOTS};
 use crate::cli::input::read_text;
@@ -13,6 +14,9 @@ use crate::cli::output::check_output_dir;
 use crate::engine::gsm::{
     evaluate, parse_problems, tokenize_prompts, GsmMode, GsmOptions, ModeResult, ProblemResult,
 };
+use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
+use crate::engine::prefix::common_prefix_len;
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::sparsity::SparsityMode;
 
@@ -22,6 +26,8 @@ struct GsmOut<'a> {
     #[serde(flatten)]
     header: Header,
     modes: Vec<GsmMode>,
+    /// Prompt tokens every problem shares, computed once (0: each prompt prefilled whole).
+    shared_prefix_tokens: usize,
     results: &'a [ModeResult],
     problems: &'a [ProblemResult],
 }
@@ -57,6 +63,10 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
         g.max_tokens,
         context,
     )?;
+    let shared_prefix_tokens = match g.no_prefix_cache {
+        true => 0,
+        false => share_prefix(&mut l.engine, &prompts, args.quiet)?,
+    };
     let bar = bar(args.quiet, problems.len() * modes.len());
     let opts = GsmOptions {
         max_tokens: g.max_tokens,
@@ -75,10 +85,34 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
         task: "gsm",
         header: Header::new(&l, path, shots, g.max_tokens, sirius),
         modes,
+        shared_prefix_tokens,
         results: &report.results,
         problems: &report.problems,
     };
     emit(args, &out, || markdown(&out))
+}
+
+/// Prompts shorter than this prefill whole: a shared prefix saves little there.
+const MIN_SHARED_PREFIX: usize = 16;
+
+/// Computes the token prefix every prompt shares once (at most all but one token of the
+/// shortest: each request's first token needs logits of its own); returns its length.
+fn share_prefix(
+    engine: &mut Engine<CpuBackend>,
+    prompts: &[Vec<u32>],
+    quiet: bool,
+) -> Result<usize> {
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let shared = common_prefix_len(prompts).min(shortest.saturating_sub(1));
+    let Some(first) = prompts.first().filter(|_| shared >= MIN_SHARED_PREFIX) else {
+        return Ok(0);
+    };
+    tracing::info!(
+        tokens = shared,
+        "computing the prompt prefix every problem shares once"
+    );
+    engine.set_prompt_prefix(&first[..shared], DEFAULT_PREFILL_CHUNK, !quiet)?;
+    Ok(shared)
 }
 
 /// The modes to run: the given ones (each once), or the default; sparse and Sirius need a

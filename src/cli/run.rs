@@ -153,7 +153,7 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
         stop_strings: args.sampling.stop.clone(),
         stop_at_eos: true,
         context: args.ctx_size,
-        prefill_chunk: 256,
+        prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
         show_progress: !args.quiet,
     };
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?engine.stop_ids, context = ?opts.context, seed = job.seed, "generating");

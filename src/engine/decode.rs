@@ -119,6 +119,9 @@ pub struct RunLimits<'a> {
     pub stop_strings: &'a [String],
     pub prefill_chunk: usize,
     pub show_progress: bool,
+    /// Leading prompt tokens already in the request's cache (a shared prefix): the prefill
+    /// runs the rest.
+    pub cached_prompt: usize,
 }
 
 /// Runs `request` on `prompt`: prefill, the decode loop, text to `on_text` as it is complete
@@ -131,7 +134,8 @@ pub fn run(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
     let t0 = Instant::now();
-    let prefilled = request.prefill(prompt, limits.prefill_chunk, limits.show_progress)?;
+    let fresh = prompt.get(limits.cached_prompt..).unwrap_or_default();
+    let prefilled = request.prefill(fresh, limits.prefill_chunk, limits.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64() - prefilled.setup_seconds;
     let mut out = TextOutput::new(tokenizer, prompt, limits.stop_strings, on_text);
     let decoded = decode(
@@ -147,11 +151,12 @@ pub fn run(
     Ok(GenerationOutput {
         text: out.text,
         prompt_tokens: prompt.len(),
+        cached_prompt_tokens: limits.cached_prompt,
         generated_tokens: decoded.ids.len(),
         stop_reason: decoded.stop,
         prefill_seconds,
         decode_seconds: seconds,
-        prefill_tokens_per_s: rate(prompt.len(), prefill_seconds),
+        prefill_tokens_per_s: rate(fresh.len(), prefill_seconds),
         decode_tokens_per_s: rate(decoded.step_tokens, seconds),
         generated_token_ids: decoded.ids,
         sparse_setup_seconds: prefilled.setup_seconds,

@@ -7,6 +7,7 @@ use crate::engine::offloaded::request_shape;
 use crate::engine::output::GenerationOutput;
 use crate::engine::plain::PlainRequest;
 use crate::engine::prefill::{cache_rows, effective_context};
+use crate::engine::prefix::PromptPrefix;
 use crate::engine::sirius::{check_greedy, SiriusRequest};
 use crate::engine::{Decoding, Engine, Offload, RequestOptions};
 use crate::error::{Error, Result};
@@ -42,8 +43,11 @@ impl<B: OffloadBackend> Engine<B> {
             stop_ids,
             sparsity,
             offload,
+            prefix,
             ..
         } = self;
+        // Offloaded engines hold no prefix (`set_prompt_prefix`).
+        let prefix = prefix.as_ref().filter(|p| p.continued_by(prompt));
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
         let limits = RunLimits {
             max_tokens: opts.max_tokens,
@@ -51,6 +55,7 @@ impl<B: OffloadBackend> Engine<B> {
             stop_strings: &opts.stop_strings,
             prefill_chunk: opts.prefill_chunk,
             show_progress: opts.show_progress,
+            cached_prompt: prefix.map_or(0, PromptPrefix::len),
         };
         let dims = model.ffn_dims();
         match (decoding, shape.zip(offload.as_mut())) {
@@ -60,10 +65,16 @@ impl<B: OffloadBackend> Engine<B> {
                     _ => SparseRequest::dense(dims),
                 };
                 let mut r = PlainRequest::new(model, sparse, capacity, opts.sampling)?;
+                if let Some(prefix) = prefix {
+                    r.resume(prefix)?;
+                }
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }
             (Decoding::Sirius(config), None) => {
-                let m = LlamaSirius::new(model, sparsity, capacity, &config)?;
+                let mut m = LlamaSirius::new(model, sparsity, capacity, &config)?;
+                if let Some(prefix) = prefix {
+                    m.resume(prefix)?;
+                }
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 run(&mut r, tokenizer, prompt, &limits, on_text)
             }

@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::backend::SparseOps;
 use crate::engine::decode::Prefilled;
 use crate::engine::prefill::{chunk_len, prefill_chunks};
+use crate::engine::prefix::PromptPrefix;
 use crate::error::{Error, Result};
 use crate::model::sampler::argmax;
 use crate::model::{KvCache, LayerStream, Llama, Logits, Pass, Scratch};
@@ -93,6 +94,11 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
             verify_scratch: Scratch::new(model, window)?,
             weights,
         })
+    }
+
+    /// Starts from a prompt prefix computed once (see [`PromptPrefix`]).
+    pub fn resume(&mut self, prefix: &PromptPrefix<B>) -> Result<()> {
+        prefix.seed(&self.model.backend, &mut self.cache, &mut self.request)
     }
 
     /// Runs the prompt through the full model (Griffin scores its neurons there, then they

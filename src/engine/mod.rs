@@ -19,6 +19,7 @@ pub mod output;
 pub mod perplexity;
 pub mod plain;
 pub mod prefill;
+pub mod prefix;
 pub mod sirius;
 mod stop;
 mod text;
@@ -34,6 +35,7 @@ use crate::sirius::SiriusConfig;
 use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
 
 pub use output::{GenerationOutput, SiriusReport, StopReason};
+pub use prefix::PromptPrefix;
 
 /// How an engine is set up around its model.
 #[derive(Clone)]
@@ -95,7 +97,7 @@ impl RequestOptions {
             stop_strings: Vec::new(),
             stop_at_eos: true,
             context: None,
-            prefill_chunk: 256,
+            prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
             show_progress: false,
         }
     }
@@ -120,6 +122,8 @@ pub struct Engine<B: OffloadBackend> {
     chat_template: Option<ChatTemplate>,
     sparsity: Sparsity<B>,
     offload: Option<Offload<B>>,
+    /// A prompt prefix requests share, computed once ([`Engine::set_prompt_prefix`]).
+    prefix: Option<PromptPrefix<B>>,
 }
 
 /// The keep of a dense offloaded engine: any positive fraction rounds up to one neuron (one
@@ -188,7 +192,32 @@ impl<B: OffloadBackend> Engine<B> {
             chat_template: text.chat_template,
             sparsity,
             offload,
+            prefix: None,
         })
+    }
+
+    /// Computes the KV cache (and Griffin's scores) of `tokens` once: later requests whose
+    /// prompts continue them start from a copy and prefill only the rest. Not on an
+    /// offloaded engine, whose full passes stream weights the model does not hold.
+    pub fn set_prompt_prefix(
+        &mut self,
+        tokens: &[u32],
+        chunk: usize,
+        progress: bool,
+    ) -> Result<()> {
+        if self.offload.is_some() {
+            return Err(Error::InvalidArgument(
+                "prompt prefix reuse is not implemented for offloaded engines".into(),
+            ));
+        }
+        self.prefix = None;
+        self.prefix = Some(PromptPrefix::build(&self.model, tokens, chunk, progress)?);
+        Ok(())
+    }
+
+    /// Forgets the shared prompt prefix.
+    pub fn clear_prompt_prefix(&mut self) {
+        self.prefix = None;
     }
 
     /// The sparse FFN requests decode with.

@@ -33,6 +33,8 @@ impl std::fmt::Display for StopReason {
 pub struct GenerationOutput {
     pub text: String,
     pub prompt_tokens: usize,
+    /// Leading prompt tokens taken from a prefix computed once (not prefilled again).
+    pub cached_prompt_tokens: usize,
     pub generated_tokens: usize,
     pub generated_token_ids: Vec<u32>,
     pub stop_reason: StopReason,
@@ -41,6 +43,7 @@ pub struct GenerationOutput {
     /// Seconds of the decode steps (forwards, drafts and verifications; not the time spent
     /// handing text to its consumer).
     pub decode_seconds: f64,
+    /// Prompt tokens prefilled (the cached prefix excluded) per prefill second.
     pub prefill_tokens_per_s: f64,
     /// Tokens the decode steps produced (those after the first, which comes from the prompt
     /// pass, and a stop id that ended the request) per decode second.

@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::backend::{Backend, SparseOps};
 use crate::engine::decode::{Decoded, Decoder, Prefilled, Request, RequestReport};
 use crate::engine::prefill::{chunk_len, prefill_chunks};
+use crate::engine::prefix::PromptPrefix;
 use crate::error::Result;
 use crate::model::{KvCache, Llama, Logits, Pass, Sampler, SamplingParams, Scratch};
 use crate::sparsity::SparseRequest;
@@ -34,6 +35,14 @@ impl<'m, B: Backend> PlainRequest<'m, B> {
             scratch: Scratch::with_logit_rows(model, 1, 1)?,
             sampler: Sampler::new(sampling)?,
         })
+    }
+
+    /// Starts from a prompt prefix computed once (see [`PromptPrefix`]).
+    pub fn resume(&mut self, prefix: &PromptPrefix<B>) -> Result<()>
+    where
+        B: SparseOps,
+    {
+        prefix.seed(&self.model.backend, &mut self.cache, &mut self.sparse)
     }
 }
 

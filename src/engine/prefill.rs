@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 use crate::model::{Llama, Logits};
 use crate::progress::progress_bar;
 
+/// Prompt tokens per prefill forward unless a request says otherwise (bounds scratch
+/// memory; long enough that the weights are read once per chunk, not per token).
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+
 /// The positions the model allows: its position limit, capped by any sliding window
 /// (within the window, windowed attention equals full attention).
 pub fn model_context(c: &ModelConfig) -> usize {

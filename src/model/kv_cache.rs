@@ -52,6 +52,23 @@ impl<B: Backend> KvCache<B> {
         self.len = self.len.min(len);
     }
 
+    /// Fills this empty cache with `src`'s rows (a shared prompt prefix computed once).
+    pub fn seed_from(&mut self, backend: &B, src: &KvCache<B>) -> Result<()> {
+        if self.len != 0 || src.len > self.capacity || src.row_len != self.row_len {
+            return Err(Error::InvalidArgument(format!(
+                "cannot seed a cache of {} rows ({} filled, {} floats each) with {} rows of {} floats",
+                self.capacity, self.len, self.row_len, src.len, src.row_len
+            )));
+        }
+        let pairs =
+            (self.keys.iter_mut().zip(&src.keys)).chain(self.values.iter_mut().zip(&src.values));
+        for (dst, from) in pairs {
+            backend.copy_rows(from, 0, dst, 0, src.len, self.row_len)?;
+        }
+        self.len = src.len;
+        Ok(())
+    }
+
     /// Keeps, of the rows from `start` on, only `rows` (ascending), moved down to
     /// `start..start + rows.len()` in that order: the accepted path of a token tree becomes
     /// plain sequence rows again.

@@ -33,6 +33,20 @@ impl<B: Backend> GriffinScores<B> {
         })
     }
 
+    /// Adds `other`'s sums (scores of other tokens of the same prompt) to these.
+    pub fn add(&mut self, backend: &B, other: &GriffinScores<B>) -> Result<()> {
+        if other.layers.len() != self.layers.len() || other.neurons != self.neurons {
+            return Err(Error::InvalidArgument(
+                "Griffin scores of another model shape".into(),
+            ));
+        }
+        for (acc, add) in self.layers.iter_mut().zip(&other.layers) {
+            backend.add(acc, add, self.neurons)?;
+        }
+        self.tokens += other.tokens;
+        Ok(())
+    }
+
     /// The scores `s_j` per layer, on the host.
     pub fn scores(&self, backend: &B) -> Result<Vec<Vec<f32>>> {
         self.layers

@@ -99,6 +99,15 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         }
     }
 
+    /// Counts a prompt prefix's Griffin scores (computed once for several requests) as this
+    /// request's own; nothing for other modes.
+    pub fn add_prompt_scores(&mut self, backend: &B, prefix: &GriffinScores<B>) -> Result<()> {
+        match &mut self.scores {
+            Some(scores) => scores.add(backend, prefix),
+            None => Ok(()),
+        }
+    }
+
     /// After the prompt, Griffin's choice: the top neurons of every layer (None for other
     /// modes).
     pub fn selection(&self, backend: &B) -> Result<Option<GriffinSelection>> {
