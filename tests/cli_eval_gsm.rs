@@ -286,9 +286,24 @@ fn a_shared_prefix_computed_once_gives_the_same_answers() {
     let data = tiny_data(tmp.path(), 6);
     let eval = |extra: &[&str]| {
         let mut args = vec![
-            "eval", "-m", &model, "--data", data.to_str().unwrap(), "--sparsity", "griffin",
-            "--keep", "0.5", "--shots", "3", "--max-tokens", "10", "--period", "3",
-            "--format", "json", "-q",
+            "eval",
+            "-m",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--sparsity",
+            "griffin",
+            "--keep",
+            "0.5",
+            "--shots",
+            "3",
+            "--max-tokens",
+            "10",
+            "--period",
+            "3",
+            "--format",
+            "json",
+            "-q",
         ];
         args.extend(extra);
         json_of(&run(&args))
@@ -304,7 +319,13 @@ fn a_shared_prefix_computed_once_gives_the_same_answers() {
         problems
             .iter()
             .flat_map(|p| p["answers"].as_array().unwrap().clone())
-            .map(|a| (a["mode"].clone(), a["text"].clone(), a["generated_tokens"].clone()))
+            .map(|a| {
+                (
+                    a["mode"].clone(),
+                    a["text"].clone(),
+                    a["generated_tokens"].clone(),
+                )
+            })
             .collect::<Vec<_>>()
     };
     assert_eq!(answers(&shared), answers(&whole));

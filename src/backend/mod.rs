@@ -11,6 +11,7 @@
 pub(crate) mod checks;
 pub mod cpu;
 mod cpu_backend;
+mod cpu_matrix;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod neurons;

@@ -30,6 +30,7 @@ mod pool;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_avx2;
+mod quant_batch;
 mod quant_gather;
 #[cfg(target_arch = "x86_64")]
 mod quant_k_avx2;
@@ -82,6 +83,15 @@ tiered! {
     /// tokens for long prompts): `n_tokens == 1` (decode) and small batches run at memory
     /// bandwidth, long prompts near FMA peak.
     matmul, matmul_with_isa => matmul::matmul_with;
+    pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize,
+    x: &[f32], n_tokens: usize, y: &mut [f32],
+}
+
+tiered! {
+    /// [`matmul()`] with f32 activations whatever `dtype`: a quantized matrix's rows
+    /// de-quantized, where [`matmul()`] quantizes a few tokens' activations to 8 bits (the
+    /// LM head of a verification, whose probabilities Sirius reads).
+    matmul_exact, matmul_exact_with_isa => matmul::matmul_exact_with;
     pool: &ThreadPool, w: &[u8], dtype: DType, rows: usize, cols: usize,
     x: &[f32], n_tokens: usize, y: &mut [f32],
 }
