@@ -41,6 +41,30 @@ pub struct BenchArgs {
     /// test's tokens (128 if --prompt is 0); pp always runs dense.
     #[command(flatten)]
     pub sparsity: SparsityArgs,
+    /// Measure Sirius instead: decode tokens/s of the full model, the sparse model (Griffin
+    /// unless --sparsity says otherwise) and Sirius at each --period, on one real prompt,
+    /// --gen tokens per run, --reps alternated rounds after a warm-up.
+    #[arg(long)]
+    pub sirius: bool,
+    /// --sirius: windows K to sweep, comma-separated [default: 16].
+    #[arg(long, value_delimiter = ',', value_name = "K,...", requires = "sirius")]
+    pub period: Vec<usize>,
+    /// --sirius: acceptance threshold [default: 0.1].
+    #[arg(long, value_name = "P", requires = "sirius")]
+    pub threshold: Option<f32>,
+    /// --sirius: tree width W (1 = the chain).
+    #[arg(long, default_value_t = 1, value_name = "W", requires = "sirius")]
+    pub width: usize,
+    /// --sirius: the prompt, from this text file [default: a built-in paragraph].
+    #[arg(long, value_name = "FILE", requires = "sirius")]
+    pub prompt_file: Option<PathBuf>,
+    /// --sirius: also write the table as CSV (the commit and machine on every line).
+    #[arg(long, value_name = "OUT.csv", requires = "sirius")]
+    pub csv: Option<PathBuf>,
+    /// --sirius: draw tokens/s, acceptance and the per-token time breakdown against the
+    /// window into this SVG file.
+    #[arg(long, value_name = "OUT.svg", requires = "sirius")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +83,9 @@ struct BenchReport {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     at_least_one("--reps", args.reps)?;
+    if args.sirius {
+        return crate::cli::bench_sirius::bench_sirius(args);
+    }
     if args.prompt == 0 && args.gen == 0 {
         return Err(Error::InvalidArgument(
             "nothing to measure: --prompt and --gen are both 0".into(),

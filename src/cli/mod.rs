@@ -4,6 +4,8 @@
 
 pub mod args;
 pub mod bench;
+pub mod bench_plot;
+pub mod bench_sirius;
 pub mod calibrate;
 pub mod eval;
 pub mod eval_args;

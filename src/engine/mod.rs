@@ -8,6 +8,7 @@
 //! harnesses (`perplexity`, `gsm`, `faithfulness`, `bench`, `calibrate`) live here too.
 
 pub mod bench;
+pub mod bench_sirius;
 pub mod calibrate;
 pub mod decode;
 pub mod faithfulness;
