@@ -162,7 +162,9 @@ impl Backend for CpuBackend {
     /// One token's logits from a Q8_0 head: for the next token's pick, quantized
     /// activations and the rows that can be the maximum recomputed exactly (see
     /// `cpu::logits_q8`); else f32 activations (8-bit ones flip near-tie picks: "Paris"
-    /// becomes "L'Étoile" on SmolLM2's Q4_1 GGUF). Anything else is [`Backend::matmul`].
+    /// becomes "L'Étoile" on SmolLM2's Q4_1 GGUF); several tokens' with f32 activations.
+    /// Anything else is [`Backend::matmul`], whose rows for several tokens are bit for bit
+    /// its rows for each token alone, so a verification picks what plain decoding picks.
     fn logits_matmul(
         &self,
         head: &CpuMatrix,
@@ -171,9 +173,10 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         only_max: bool,
     ) -> Result<()> {
-        if n_tokens > 1 {
-            // Several tokens' logits (a verification, a tree): f32 activations, as before
-            // small quantized batches took 8-bit ones (`kernels::matmul`).
+        if n_tokens > 1 && head.dtype == DType::Q8_0 {
+            // Several tokens' logits (a verification, a tree) computed as a decode step's
+            // pick is: exactly for a Q8_0 head (below); other heads take 8-bit activations
+            // at one token and at several alike (`Backend::matmul`).
             kernels::matmul_exact_with_isa(
                 self.isa,
                 &self.pool,
