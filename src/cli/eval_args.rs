@@ -66,7 +66,7 @@ pub struct EvalArgs {
     pub data: Option<PathBuf>,
     /// Common prefix of sparse and Sirius greedy outputs with the full model's, per prompt of
     /// this file (see below).
-    #[arg(long, value_name = "FILE", conflicts_with_all = PPL_ONLY, conflicts_with = "mode")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = PPL_ONLY, conflicts_with_all = ["mode", "no_prefix_cache"])]
     pub faithfulness: Option<PathBuf>,
     /// Tokens per window (prompt and scored tokens together).
     #[arg(long, default_value_t = 256)]

@@ -28,6 +28,8 @@ struct GsmOut<'a> {
     modes: Vec<GsmMode>,
     /// Prompt tokens every problem shares, computed once (0: each prompt prefilled whole).
     shared_prefix_tokens: usize,
+    /// Seconds of that one prefill (not in any mode's `prefill_seconds`).
+    shared_prefix_seconds: f64,
     results: &'a [ModeResult],
     problems: &'a [ProblemResult],
 }
@@ -63,10 +65,12 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
         g.max_tokens,
         context,
     )?;
+    let t = std::time::Instant::now();
     let shared_prefix_tokens = match g.no_prefix_cache {
         true => 0,
         false => share_prefix(&mut l.engine, &prompts, args.quiet)?,
     };
+    let shared_prefix_seconds = t.elapsed().as_secs_f64();
     let bar = bar(args.quiet, problems.len() * modes.len());
     let opts = GsmOptions {
         max_tokens: g.max_tokens,
@@ -86,6 +90,7 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
         header: Header::new(&l, path, shots, g.max_tokens, sirius),
         modes,
         shared_prefix_tokens,
+        shared_prefix_seconds,
         results: &report.results,
         problems: &report.problems,
     };

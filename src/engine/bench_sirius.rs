@@ -65,10 +65,23 @@ pub fn sweep<B: OffloadBackend>(
         ));
     }
     let mut modes = vec![Decoding::Dense, Decoding::Sparse];
+    let mut extra_rows = 0;
     for &period in &s.periods {
         let config = SiriusConfig { period, ..s.base };
         config.validate()?;
+        extra_rows = extra_rows.max(config.extra_cache_rows());
         modes.push(Decoding::Sirius(config));
+    }
+    // Every run must decode all `gen` tokens: a full cache would end some runs early.
+    let needed = prompt.len() + s.gen - 1 + extra_rows;
+    if needed > engine.context() {
+        return Err(Error::InvalidArgument(format!(
+            "the prompt ({} tokens), --gen {} and Sirius's extra cache rows need {needed} \
+             positions; the model has {}: shorten the prompt or --gen",
+            prompt.len(),
+            s.gen,
+            engine.context()
+        )));
     }
     engine.set_prompt_prefix(&prompt[..prompt.len() - 1], DEFAULT_PREFILL_CHUNK, true)?;
     let mut opts = RequestOptions::greedy(s.gen);

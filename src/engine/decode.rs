@@ -134,7 +134,16 @@ pub fn run(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<GenerationOutput> {
     let t0 = Instant::now();
-    let fresh = prompt.get(limits.cached_prompt..).unwrap_or_default();
+    let fresh = match prompt.get(limits.cached_prompt..) {
+        Some(rest) if !rest.is_empty() => rest,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{} cached prompt tokens leave none of a {}-token prompt to prefill",
+                limits.cached_prompt,
+                prompt.len()
+            )))
+        }
+    };
     let prefilled = request.prefill(fresh, limits.prefill_chunk, limits.show_progress)?;
     let prefill_seconds = t0.elapsed().as_secs_f64() - prefilled.setup_seconds;
     let mut out = TextOutput::new(tokenizer, prompt, limits.stop_strings, on_text);

@@ -46,8 +46,9 @@ impl<B: OffloadBackend> Engine<B> {
             prefix,
             ..
         } = self;
-        // Offloaded engines hold no prefix (`set_prompt_prefix`).
-        let prefix = prefix.as_ref().filter(|p| p.continued_by(prompt));
+        // Only the in-memory requests below start from a prefix (`set_prompt_prefix` refuses
+        // offloaded engines; this keeps an offloaded request from skipping prompt tokens).
+        let prefix = (prefix.as_ref()).filter(|p| offload.is_none() && p.continued_by(prompt));
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
         let limits = RunLimits {
             max_tokens: opts.max_tokens,

@@ -211,6 +211,13 @@ impl<B: OffloadBackend> Engine<B> {
                 "prompt prefix reuse is not implemented for offloaded engines".into(),
             ));
         }
+        // A prefix is never a whole prompt: a request that continues it needs a position more.
+        if tokens.len() >= self.context() {
+            return Err(Error::PromptTooLong {
+                prompt_tokens: tokens.len(),
+                context: self.context(),
+            });
+        }
         self.prefix = None;
         self.prefix = Some(PromptPrefix::build(&self.model, tokens, chunk, progress)?);
         Ok(())

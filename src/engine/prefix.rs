@@ -5,8 +5,10 @@
 //! Griffin scores a request's neurons from every prompt token, the prefix's share of those
 //! scores (a sum over tokens, so the prefix's part adds to the rest of a prompt's). A request
 //! whose prompt continues the prefix starts from a copy of both and runs only the rest of its
-//! prompt: the same cache rows and scores as a prefill of the whole prompt, up to float
-//! rounding where the chunks fall differently.
+//! prompt. The result equals a prefill of the whole prompt up to where the chunks fall: the
+//! sums run in another order, and a chunk of 2-16 tokens of quantized weights takes 8-bit
+//! activations (`backend::cpu` quantized batches) where a longer one takes f32 ones, so a
+//! near-tie may pick another token.
 
 use crate::backend::SparseOps;
 use crate::engine::prefill::{chunk_len, prefill_chunks};

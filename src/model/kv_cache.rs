@@ -54,10 +54,21 @@ impl<B: Backend> KvCache<B> {
 
     /// Fills this empty cache with `src`'s rows (a shared prompt prefix computed once).
     pub fn seed_from(&mut self, backend: &B, src: &KvCache<B>) -> Result<()> {
-        if self.len != 0 || src.len > self.capacity || src.row_len != self.row_len {
+        if self.len != 0
+            || src.len > self.capacity
+            || src.row_len != self.row_len
+            || src.keys.len() != self.keys.len()
+        {
             return Err(Error::InvalidArgument(format!(
-                "cannot seed a cache of {} rows ({} filled, {} floats each) with {} rows of {} floats",
-                self.capacity, self.len, self.row_len, src.len, src.row_len
+                "cannot seed a cache of {} layers x {} rows ({} filled, {} floats each) with {} \
+                 layers x {} rows of {} floats",
+                self.keys.len(),
+                self.capacity,
+                self.len,
+                self.row_len,
+                src.keys.len(),
+                src.len,
+                src.row_len
             )));
         }
         let pairs =

@@ -96,7 +96,8 @@ pub(super) fn matmul_with(
     float_paths(k, pool, w, dtype, rows, cols, x, n_tokens, y);
 }
 
-/// [`super::matmul_exact()`]: f32 activations on every path.
+/// [`super::matmul_exact()`]: f32 activations on every path; a few tokens of a Q8_0 matrix
+/// row by row as its exact one-token product (`quant_batch`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_exact_with(
     k: Kernels,
@@ -111,6 +112,16 @@ pub(super) fn matmul_exact_with(
 ) {
     match n_tokens {
         1 => matvec_exact_with(k, pool, w, dtype, rows, cols, x, y),
+        2..=quant_batch::MAX_TOKENS if dtype == DType::Q8_0 => {
+            assert_eq!(
+                w.len(),
+                dtype.bytes_for(rows * cols),
+                "matmul_exact: weight bytes"
+            );
+            assert_eq!(x.len(), n_tokens * cols, "matmul_exact: x.len()");
+            assert_eq!(y.len(), n_tokens * rows, "matmul_exact: y.len()");
+            quant_batch::matmul_small_exact_q8(k, pool, w, rows, cols, x, n_tokens, y)
+        }
         _ => {
             assert_eq!(x.len(), n_tokens * cols, "matmul_exact: x.len()");
             assert_eq!(y.len(), n_tokens * rows, "matmul_exact: y.len()");
