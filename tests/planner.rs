@@ -58,7 +58,17 @@ fn every_preset_parses_with_its_published_shapes() {
         ("qwen2.5-7b", 3584, 18944, 28, 28, 4, 152064, false, true),
         ("qwen2.5-72b", 8192, 29568, 80, 64, 8, 152064, false, true),
         ("smollm2-135m", 576, 1536, 30, 9, 3, 49152, true, false),
-        ("qwen2.5-coder-1.5b", 1536, 8960, 28, 12, 2, 151936, false, true),
+        (
+            "qwen2.5-coder-1.5b",
+            1536,
+            8960,
+            28,
+            12,
+            2,
+            151936,
+            false,
+            true,
+        ),
     ];
     for name in Preset::builtin_names() {
         assert!(table.iter().any(|t| t.0 == name), "{name} not in the table");

@@ -54,22 +54,16 @@ pub(super) fn matmul_small(
     n_tokens: usize,
     y: &mut [f32],
 ) {
-    let t = tier(k);
+    let (t, row_bytes) = (tier(k), dtype.bytes_for(cols));
     X_Q8.with_borrow_mut(|xq| {
         xq.resize_with(n_tokens, Q8Row::default);
         for (q, xt) in xq.iter_mut().zip(x.chunks_exact(cols)) {
             q.quantize(xt, activation_block(dtype));
         }
         let xq = &xq[..n_tokens];
-        by_row_blocks(
-            pool,
-            w,
-            dtype.bytes_for(cols),
-            rows,
-            n_tokens,
-            y,
-            &|ti, block, yt| dot_q8_rows(t, dtype, block, dtype.bytes_for(cols), &xq[ti], yt),
-        );
+        by_row_blocks(pool, w, row_bytes, rows, n_tokens, y, &|ti, block, yt| {
+            dot_q8_rows(t, dtype, block, row_bytes, &xq[ti], yt)
+        });
     });
 }
 
