@@ -34,6 +34,8 @@ fn run_json(
         "--max-tokens",
         "48",
         "--sirius",
+        "--period",
+        "16",
         "--sparsity",
         "griffin",
         "--keep",

@@ -62,6 +62,22 @@ fn sirius_with_keep_one_prints_plain_greedy_text_and_reports_aal() {
     assert!(s["verifications"].as_u64().unwrap() >= 1);
     // keep 1.0: every draft is accepted, so each full window advances by K.
     assert_eq!(s["rollback_tokens"], 0, "{s}");
+    assert_eq!(s["adaptive"], false, "{s}");
+
+    // Adaptive windows: whatever K each window takes, keep 1.0 is still full greedy.
+    let period = args.iter().position(|a| *a == "5").unwrap();
+    args[period] = "auto:6";
+    let auto = run(&args);
+    assert!(auto.status.success(), "{}", stderr(&auto));
+    assert_eq!(auto.stdout, plain.stdout, "keep 1.0, --period auto");
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(
+        (s["adaptive"].clone(), s["period"].clone()),
+        (true.into(), 6.into())
+    );
+    let mean = s["mean_period"].as_f64().unwrap();
+    assert!((1.0..=6.0).contains(&mean), "{s}");
 }
 
 #[test]

@@ -177,6 +177,8 @@ fn smollm2_q4_1_gguf_offloaded_gives_the_unconstrained_tokens() {
                 "--max-tokens",
                 "48",
                 "--sirius",
+                "--period",
+                "16",
                 "--sparsity",
                 "griffin",
                 "--temperature",

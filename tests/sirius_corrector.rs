@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::sirius::{correct, CorrectorOptions};
+use common::sirius::{correct, correct_adaptive, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
 use sirius_offload::engine::llama_sirius::LlamaSirius;
 use sirius_offload::model::Pass;
@@ -143,6 +143,36 @@ fn max_tokens_reached_mid_window() {
     assert_eq!(stats.verifications, 1);
     // Only as many drafts as the budget needs.
     assert_eq!(m.verified[0].len(), 6);
+}
+
+/// Adaptive windows (`--period auto:K`) vary K between windows, first trying the lengths
+/// K, 1, 2, 4, ...: the mechanics must hold at every length, and where the sparse model agrees
+/// (or never does) the output is still full greedy, whatever K the timing picks.
+#[test]
+fn adaptive_windows_keep_the_mechanics() {
+    for sparse in [next as fn(u32) -> u32, wrong] {
+        let mut m = fake(next, sparse);
+        let (out, stats) = correct_adaptive(&mut m, 1, &[], &opts(8, 60)).unwrap();
+        assert_eq!(out, greedy(next, 1, 60, &[]));
+        assert!(m.cache.iter().all(|&(_, full)| full));
+        // The prompt (3) and every output token but the last (a last window that made one
+        // token more than the budget keeps its cache row).
+        assert!((3 + out.len() - 1..=3 + out.len()).contains(&m.cache.len()));
+        // The first windows are the probes, shortest first: 1, 2, then longer ones while
+        // they look worth it (timing decides which).
+        let lengths: Vec<usize> = m.verified.iter().map(|w| w.len()).collect();
+        assert_eq!(&lengths[..2], &[1, 2]);
+        assert!(lengths.iter().all(|k| (1..=8).contains(k)), "{lengths:?}");
+        // Tokens advanced: every output token but the first (one more if the last window
+        // overshot the budget).
+        assert!((out.len() - 1..=out.len()).contains(&stats.advanced));
+        assert!(
+            (stats.mean_period()
+                - (stats.drafted + stats.verifications) as f64 / stats.verifications as f64)
+                .abs()
+                < 1e-12
+        );
+    }
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::sirius::{correct, correct_tree, CorrectorOptions};
+use common::sirius::{correct, correct_adaptive, correct_tree, CorrectorOptions};
 use sirius_offload::backend::CpuBackend;
 use sirius_offload::engine::llama_sirius::LlamaSirius;
 use sirius_offload::model::Pass;
@@ -128,6 +128,14 @@ struct Run {
     checks: usize,
 }
 
+/// How a run's windows are driven.
+#[derive(Clone, Copy, PartialEq)]
+enum Windows {
+    Chain,
+    Tree,
+    Adaptive,
+}
+
 fn run(
     model: &Llama<CpuBackend>,
     sparsity: &Sparsity<CpuBackend>,
@@ -143,6 +151,20 @@ fn run_on(
     sparsity: &Sparsity<CpuBackend>,
     o: &CorrectorOptions,
     through_tree: bool,
+) -> Run {
+    let windows = match through_tree {
+        true => Windows::Tree,
+        false => Windows::Chain,
+    };
+    run_with(model, prompt, sparsity, o, windows)
+}
+
+fn run_with(
+    model: &Llama<CpuBackend>,
+    prompt: &[u32],
+    sparsity: &Sparsity<CpuBackend>,
+    o: &CorrectorOptions,
+    windows: Windows,
 ) -> Run {
     let n = o.max_tokens;
     // Spare rows for a tree's pruned branches, as generation allocates them.
@@ -164,10 +186,10 @@ fn run_on(
         ),
     };
     let first = m.inner.prefill(prompt, 4, false).unwrap().first;
-    let (out, stats) = if through_tree {
-        correct_tree(&mut m, first, &[], o).unwrap()
-    } else {
-        correct(&mut m, first, &[], o).unwrap()
+    let (out, stats) = match windows {
+        Windows::Tree => correct_tree(&mut m, first, &[], o).unwrap(),
+        Windows::Chain => correct(&mut m, first, &[], o).unwrap(),
+        Windows::Adaptive => correct_adaptive(&mut m, first, &[], o).unwrap(),
     };
     assert_eq!(m.checks, stats.verifications, "{}: checks", m.label);
     Run {
@@ -221,6 +243,30 @@ fn keep_one_or_an_unreachable_threshold_gives_full_greedy() {
             assert_eq!(r.out, want, "{mode} thr 1.5 W {width}");
             assert_eq!(r.stats.aal(), 1.0);
         }
+    }
+}
+
+/// Adaptive windows change K between windows: the cache is still the full model's after
+/// every verification, every token is justified, and an unreachable threshold is full greedy.
+#[test]
+fn adaptive_windows_keep_the_invariants() {
+    let model = tiny();
+    let n = 40;
+    let want = common::full_greedy(&model, &PROMPT, n);
+    for mode in [SparsityMode::Griffin, SparsityMode::Cats] {
+        let sparsity = model.sparsity(&SparsityConfig::new(mode, 0.25)).unwrap();
+        let o = opts(8, 1, 0.1, n);
+        let r = run_with(&model, &PROMPT, &sparsity, &o, Windows::Adaptive);
+        assert!(r.checks >= 5, "{mode}: only {} windows", r.checks);
+        assert_every_token_is_justified(&model, &PROMPT, &r.out, &o);
+        let none = run_with(
+            &model,
+            &PROMPT,
+            &sparsity,
+            &opts(8, 1, 1.5, n),
+            Windows::Adaptive,
+        );
+        assert_eq!(none.out, want, "{mode}: nothing accepted, full greedy");
     }
 }
 
@@ -398,6 +444,8 @@ fn on_smollm2_the_invariants_hold_through_real_corrections() {
         let chain = run_on(&model, &prompt, &sparsity, &o, false);
         let tree = run_on(&model, &prompt, &sparsity, &o, true);
         assert_eq!(chain.out, tree.out, "{mode}: width 1 tree = chain");
+        let adaptive = run_with(&model, &prompt, &sparsity, &o, Windows::Adaptive);
+        assert_every_token_is_justified(&model, &prompt, &adaptive.out, &o);
     }
     assert!(
         corrected >= 2,

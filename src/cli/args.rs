@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::model::WeightsChoice;
-use crate::sirius::SiriusConfig;
+use crate::sirius::{Period, SiriusConfig};
 use crate::sparsity::{validate_keep, SparsityConfig, SparsityMode};
 use crate::tensor::DType;
 
@@ -153,9 +153,13 @@ impl SparsityArgs {
 /// The corrector's settings; the defaults are the paper's ([`SiriusConfig::default`]).
 #[derive(Debug, Clone, Args)]
 pub struct SiriusArgs {
-    /// Sirius window K: K - 1 drafted tokens per verification [default: 16].
-    #[arg(long, value_name = "K")]
-    pub period: Option<usize>,
+    /// Sirius window K: K - 1 drafted tokens per verification; `auto` (or `auto:MAX`)
+    /// chooses each window's K up to 16 (MAX) from the measured acceptance rate and draft and
+    /// verification costs (K = 1, the full model alone, where drafting does not pay), so the
+    /// text can differ between runs: give a number for reproducible output [default: auto
+    /// with --width 1, 16 with a tree].
+    #[arg(long, value_name = "K|auto")]
+    pub period: Option<Period>,
     /// Sirius acceptance threshold on the full model's probability of a drafted token
     /// [default: 0.1].
     #[arg(long, allow_negative_numbers = true, value_name = "P")]
@@ -173,12 +177,16 @@ impl SiriusArgs {
     /// The typed configuration, validated.
     pub fn config(&self) -> Result<SiriusConfig> {
         let d = SiriusConfig::default();
-        let config = SiriusConfig {
-            period: self.period.unwrap_or(d.period),
-            threshold: self.threshold.unwrap_or(d.threshold),
-            accept_temperature: self.accept_temperature.unwrap_or(d.accept_temperature),
-            width: self.width.unwrap_or(d.width),
-        };
+        let width = self.width.unwrap_or(d.width);
+        let config = self
+            .period
+            .unwrap_or(default_period(width))
+            .apply(SiriusConfig {
+                threshold: self.threshold.unwrap_or(d.threshold),
+                accept_temperature: self.accept_temperature.unwrap_or(d.accept_temperature),
+                width,
+                ..d
+            });
         config.validate()?;
         Ok(config)
     }
@@ -194,6 +202,18 @@ impl SiriusArgs {
         .into_iter()
         .find(|(_, given)| *given)
         .map(|(name, _)| name)
+    }
+}
+
+/// The window when `--period` is not given: adaptive windows of at most the paper's K for
+/// the chain (they measure which K pays on this machine: on a CPU whose verification of K
+/// tokens costs nearly K steps, short windows or none; where a verification costs about one
+/// step, long ones; see BENCHMARKS.md, "Adaptive windows"), the paper's K for a tree.
+pub fn default_period(width: usize) -> Period {
+    let paper = SiriusConfig::default().period;
+    match width {
+        0 | 1 => Period::Auto(paper),
+        _ => Period::Fixed(paper),
     }
 }
 

@@ -46,9 +46,10 @@ pub struct BenchArgs {
     /// --gen tokens per run, --reps alternated rounds after a warm-up.
     #[arg(long)]
     pub sirius: bool,
-    /// --sirius: windows K to sweep, comma-separated [default: 16].
+    /// --sirius: windows K to sweep, comma-separated, `auto` (or `auto:MAX`) for adaptive
+    /// windows [default: auto; 16 with --width above 1].
     #[arg(long, value_delimiter = ',', value_name = "K,...", requires = "sirius")]
-    pub period: Vec<usize>,
+    pub period: Vec<crate::sirius::Period>,
     /// --sirius: acceptance threshold [default: 0.1].
     #[arg(long, value_name = "P", requires = "sirius")]
     pub threshold: Option<f32>,

@@ -1,6 +1,7 @@
 //! The SVG of `bench --sirius --plot`: three panels a reader takes in at a glance.
 //! 1. Decode tokens/s against the window K: Sirius as a line, the full and the sparse model
-//!    as flat reference lines (what Sirius must beat, and the most it could reach).
+//!    as flat reference lines (what Sirius must beat, and the most it could reach), and
+//!    adaptive windows (`--period auto`, no one K) as a dashed flat line.
 //! 2. What the window costs in accuracy of the drafts: AAL / K (the share of each window
 //!    kept) and the effective density, both fractions.
 //! 3. Where a token's time goes: milliseconds per token in drafts, verifications and the
@@ -49,19 +50,21 @@ pub fn plot(r: &SweepReport) -> Result<String> {
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
 
-/// The Sirius rows as (K, value) points.
-fn sirius_points(rows: &[SweepRow], f: impl Fn(&SweepRow) -> f64) -> Vec<(f64, f64)> {
+/// The fixed-K Sirius rows.
+fn fixed_rows(rows: &[SweepRow]) -> impl Iterator<Item = (f64, &SweepRow)> {
     rows.iter()
-        .filter_map(|r| r.period.map(|k| (k as f64, f(r))))
-        .collect()
+        .filter(|r| !r.adaptive)
+        .filter_map(|r| r.period.map(|k| (k as f64, r)))
+}
+
+/// The fixed-K Sirius rows as (K, value) points.
+fn sirius_points(rows: &[SweepRow], f: impl Fn(&SweepRow) -> f64) -> Vec<(f64, f64)> {
+    fixed_rows(rows).map(|(k, r)| (k, f(r))).collect()
 }
 
 /// The K axis: the swept windows with half a step of room either side.
 fn k_range(rows: &[SweepRow]) -> std::ops::Range<f64> {
-    let ks: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| r.period.map(|k| k as f64))
-        .collect();
+    let ks: Vec<f64> = fixed_rows(rows).map(|(k, _)| k).collect();
     let lo = ks.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ks.iter().copied().fold(0.0, f64::max);
     match lo.is_finite() {
@@ -104,6 +107,19 @@ fn speed_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
         }
     }
+    for r in rows.iter().filter(|r| r.adaptive) {
+        let (y, k) = (r.median_tokens_per_s, r.mean_period.unwrap_or(0.0));
+        let dashes = dashed(xs.clone(), y);
+        chart
+            .draw_series(
+                dashes
+                    .into_iter()
+                    .map(|d| PathElement::new(d, SIRIUS.stroke_width(2))),
+            )
+            .map_err(plot_error)?
+            .label(format!("sirius auto {y:.1} (mean K {k:.1})"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 8, y)], SIRIUS.stroke_width(2)));
+    }
     let points = sirius_points(rows, |r| r.median_tokens_per_s);
     chart
         .draw_series(LineSeries::new(points.clone(), SIRIUS.stroke_width(3)))
@@ -116,12 +132,8 @@ fn speed_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
         }))
         .map_err(plot_error)?;
     // The spread of the rounds.
-    let spread = rows.iter().filter_map(|r| {
-        r.period.map(|k| {
-            let x = k as f64;
-            PathElement::new([(x, r.min_tokens_per_s), (x, r.max_tokens_per_s)], SIRIUS)
-        })
-    });
+    let spread = fixed_rows(rows)
+        .map(|(x, r)| PathElement::new([(x, r.min_tokens_per_s), (x, r.max_tokens_per_s)], SIRIUS));
     chart.draw_series(spread).map_err(plot_error)?;
     legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
@@ -182,9 +194,10 @@ fn breakdown_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
     let top = rows.iter().map(total).fold(0.0, f64::max) * 1.4;
     let labels: Vec<String> = rows
         .iter()
-        .map(|r| match r.period {
-            Some(k) => format!("K={k}"),
-            None => r.mode.to_string(),
+        .map(|r| match (r.period, r.adaptive) {
+            (Some(_), true) => "auto".to_string(),
+            (Some(k), false) => format!("K={k}"),
+            (None, _) => r.mode.to_string(),
         })
         .collect();
     let n = rows.len();
@@ -232,6 +245,17 @@ fn breakdown_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
     }
     legend(&mut chart, SeriesLabelPosition::UpperLeft)
+}
+
+/// Dashes of a flat line at `y` across `xs` (20 dashes, gaps between).
+fn dashed(xs: std::ops::Range<f64>, y: f64) -> Vec<[(f64, f64); 2]> {
+    let step = (xs.end - xs.start) / 40.0;
+    (0..20)
+        .map(|i| {
+            let x = xs.start + 2.0 * i as f64 * step;
+            [(x, y), (x + step, y)]
+        })
+        .collect()
 }
 
 type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;

@@ -16,7 +16,7 @@ use crate::engine::bench_sirius::{sweep, SiriusSweep, SweepRow};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::progress::progress_bar;
-use crate::sirius::SiriusConfig;
+use crate::sirius::{Period, SiriusConfig};
 use crate::sparsity::SparsityMode;
 
 /// The prompt without `--prompt-file`: plain expository text, which a model continues in
@@ -59,12 +59,12 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         ..SiriusConfig::default()
     };
     let periods = match args.period.is_empty() {
-        true => vec![base.period],
+        true => vec![crate::cli::args::default_period(base.width)],
         false => args.period.clone(),
     };
     // Options checked before the (slow) model load.
-    for &period in &periods {
-        SiriusConfig { period, ..base }.validate()?;
+    for period in &periods {
+        period.apply(base).validate()?;
     }
     if args.gen < 2 {
         return Err(Error::InvalidArgument(
@@ -127,10 +127,18 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
 }
 
 fn mode_label(r: &SweepRow) -> String {
-    match r.period {
+    match period_text(r) {
         Some(k) => format!("sirius K={k}"),
         None => r.mode.to_string(),
     }
+}
+
+/// A Sirius row's window setting as given (`16`, `auto`, `auto:32`).
+fn period_text(r: &SweepRow) -> Option<String> {
+    r.period.map(|k| match r.adaptive {
+        true => Period::Auto(k).to_string(),
+        false => k.to_string(),
+    })
 }
 
 pub fn markdown(r: &SweepReport) -> String {
@@ -153,8 +161,10 @@ pub fn markdown(r: &SweepReport) -> String {
     s += "| mode | tok/s (median) | min | max | vs full | AAL | eff. density | draft ms/tok | verify ms/tok | other ms/tok |\n";
     s += "|---|---|---|---|---|---|---|---|---|---|\n";
     for x in &r.rows {
-        let aal = match (x.aal, x.period) {
-            (Some(a), Some(k)) => format!("{a:.2}/{k}"),
+        // AAL out of the window's K (adaptive windows: out of their mean K).
+        let aal = match (x.aal, x.period, x.mean_period) {
+            (Some(a), Some(_), Some(mean)) if x.adaptive => format!("{a:.2}/{mean:.2}"),
+            (Some(a), Some(k), _) => format!("{a:.2}/{k}"),
             _ => "-".into(),
         };
         let _ = writeln!(
@@ -180,14 +190,14 @@ pub fn csv(r: &SweepReport) -> String {
     let mut s = String::from(
         "model,commit,machine,backend,dtype,sparsity,keep,threshold,width,prompt_tokens,mode,\
          period,tokens,reps,median_tokens_per_s,min_tokens_per_s,max_tokens_per_s,\
-         speedup_vs_full,aal,effective_density,draft_ms_per_token,verify_ms_per_token,\
+         speedup_vs_full,aal,mean_period,effective_density,draft_ms_per_token,verify_ms_per_token,\
          other_ms_per_token\n",
     );
     let quote = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
     for x in &r.rows {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{:.4},{:.3},{:.3},{:.3}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.3},{:.3},{:.3}",
             quote(&r.model),
             quote(&r.commit),
             quote(&r.machine),
@@ -199,7 +209,7 @@ pub fn csv(r: &SweepReport) -> String {
             r.width,
             r.prompt_tokens,
             x.mode,
-            x.period.map_or(String::new(), |k| k.to_string()),
+            period_text(x).unwrap_or_default(),
             x.tokens,
             x.reps,
             x.median_tokens_per_s,
@@ -207,6 +217,7 @@ pub fn csv(r: &SweepReport) -> String {
             x.max_tokens_per_s,
             x.speedup_vs_full,
             x.aal.map_or(String::new(), |a| format!("{a:.4}")),
+            x.mean_period.map_or(String::new(), |k| format!("{k:.4}")),
             x.effective_density,
             x.draft_ms_per_token,
             x.verify_ms_per_token,

@@ -92,6 +92,8 @@ pub(crate) struct Header {
     pub sparsity: SparsityMode,
     pub keep: f32,
     pub period: usize,
+    /// Windows chose their K up to `period` (`--period auto`).
+    pub adaptive: bool,
     pub threshold: f32,
     pub accept_temperature: f32,
     pub width: usize,
@@ -111,9 +113,18 @@ impl Header {
             sparsity: e.sparsity().mode(),
             keep: e.sparsity().keep(),
             period: s.period,
+            adaptive: s.adaptive,
             threshold: s.threshold,
             accept_temperature: s.accept_temperature,
             width: s.width,
+        }
+    }
+
+    /// The window setting as given: `16`, `auto`, `auto:32`.
+    pub fn period_text(&self) -> String {
+        match self.adaptive {
+            true => crate::sirius::Period::Auto(self.period).to_string(),
+            false => self.period.to_string(),
         }
     }
 
@@ -127,7 +138,7 @@ impl Header {
             "{} keep {}; Sirius K {}, threshold {}, T {}, width {}",
             self.sparsity,
             self.keep,
-            self.period,
+            self.period_text(),
             self.threshold,
             self.accept_temperature,
             self.width

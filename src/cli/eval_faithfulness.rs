@@ -156,7 +156,10 @@ fn markdown(o: &FaithOut) -> String {
     let _ = writeln!(
         s,
         "| mean | | | {:.2} | {:.2} | {:.2}/{} |",
-        r.mean_sparse_prefix, r.mean_sirius_prefix, r.sirius_aal, h.period
+        r.mean_sparse_prefix,
+        r.mean_sirius_prefix,
+        r.sirius_aal,
+        h.period_text()
     );
     let _ = writeln!(
         s,

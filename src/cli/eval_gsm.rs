@@ -153,7 +153,7 @@ fn markdown(r: &GsmOut) -> String {
     for x in r.results {
         let aal = x
             .aal
-            .map_or("-".to_string(), |a| format!("{a:.2}/{}", h.period));
+            .map_or("-".to_string(), |a| format!("{a:.2}/{}", h.period_text()));
         let _ = writeln!(
             s,
             "| {} | {} | {:.3} | {} | {:.1} | {aal} | {:.3} | {:.1} | {:.1} |",

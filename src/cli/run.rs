@@ -245,10 +245,18 @@ fn print_summary(backend: &str, output: &GenerationOutput, layers: usize) {
             output.sparsity.keep, output.sparsity.density
         ),
     };
+    let sirius = match &output.sirius {
+        Some(r) if r.adaptive => format!(
+            " | Sirius K auto (<= {}, mean {:.1}) AAL {:.2}",
+            r.period, r.mean_period, r.aal
+        ),
+        Some(r) => format!(" | Sirius K {} AAL {:.2}", r.period, r.aal),
+        None => String::new(),
+    };
     // A closed stderr must not turn into a panic either.
     let _ = writeln!(
         std::io::stderr(),
-        "[{backend}] prompt {} tok, {} | generated {} tok, {}{sparse} | stop: {}",
+        "[{backend}] prompt {} tok, {} | generated {} tok, {}{sparse}{sirius} | stop: {}",
         output.prompt_tokens,
         rate(output.prefill_tokens_per_s, output.prompt_tokens),
         output.generated_tokens,

@@ -12,13 +12,13 @@ use crate::backend::offload::OffloadBackend;
 use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
 use crate::engine::{Decoding, Engine, GenerationOutput, RequestOptions, SiriusReport};
 use crate::error::{Error, Result};
-use crate::sirius::SiriusConfig;
+use crate::sirius::{Period, SiriusConfig};
 
 /// What to sweep.
 #[derive(Debug, Clone)]
 pub struct SiriusSweep {
-    /// Windows K to measure, each a row.
-    pub periods: Vec<usize>,
+    /// Windows to measure (a K, or adaptive windows), each a row.
+    pub periods: Vec<Period>,
     /// Threshold, acceptance temperature and width shared by every row.
     pub base: SiriusConfig,
     /// Tokens decoded per run.
@@ -32,7 +32,12 @@ pub struct SiriusSweep {
 pub struct SweepRow {
     /// "full", "sparse" or "sirius".
     pub mode: &'static str,
+    /// Sirius: K (adaptive: the longest window allowed).
     pub period: Option<usize>,
+    /// Sirius with `--period auto`: each window's K chosen from measured costs.
+    pub adaptive: bool,
+    /// Sirius: mean tokens verified per window (median over rounds).
+    pub mean_period: Option<f64>,
     pub tokens: usize,
     pub reps: usize,
     /// Decode tokens per second (after the prompt's token), median over rounds.
@@ -67,7 +72,7 @@ pub fn sweep<B: OffloadBackend>(
     let mut modes = vec![Decoding::Dense, Decoding::Sparse];
     let mut extra_rows = 0;
     for &period in &s.periods {
-        let config = SiriusConfig { period, ..s.base };
+        let config = period.apply(s.base);
         config.validate()?;
         extra_rows = extra_rows.max(config.extra_cache_rows());
         modes.push(Decoding::Sirius(config));
@@ -127,15 +132,17 @@ fn row(mode: Decoding, outs: &[GenerationOutput]) -> SweepRow {
     };
     let ms = |f: Stat| med(&|o| per_token(o, o.sirius.as_ref().map_or(0.0, f)));
     let rates: Vec<f64> = outs.iter().map(|o| o.decode_tokens_per_s).collect();
-    let (name, period) = match mode {
-        Decoding::Dense => ("full", None),
-        Decoding::Sparse => ("sparse", None),
-        Decoding::Sirius(c) => ("sirius", Some(c.period)),
+    let (name, period, adaptive) = match mode {
+        Decoding::Dense => ("full", None, false),
+        Decoding::Sparse => ("sparse", None, false),
+        Decoding::Sirius(c) => ("sirius", Some(c.period), c.adaptive),
     };
     let is_sirius = period.is_some();
     SweepRow {
         mode: name,
         period,
+        adaptive,
+        mean_period: is_sirius.then(|| sirius(|r| r.mean_period)),
         tokens: outs.first().map_or(0, |o| o.generated_tokens),
         reps: outs.len(),
         median_tokens_per_s: median(&rates),

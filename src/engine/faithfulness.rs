@@ -158,6 +158,8 @@ pub fn faithfulness<B: OffloadBackend>(
     // Per mode: decode tokens and seconds.
     let mut decode = [(0usize, 0.0f64); 3];
     let (mut advanced, mut verifications, mut density) = (0.0, 0usize, 0.0);
+    // Σ tokens verified (mean K x verifications): the effective density's K.
+    let mut verified = 0.0;
     for (line, ids) in prompts {
         let mut run = |mode: GsmMode, slot: usize| -> Result<GenerationOutput> {
             let decoding = mode.decoding(opts.sirius);
@@ -174,6 +176,7 @@ pub fn faithfulness<B: OffloadBackend>(
             .sirius
             .as_ref()
             .map_or((0.0, 0), |s| (s.aal, s.verifications));
+        verified += sirius_out.sirius.as_ref().map_or(0.0, |s| s.mean_period) * v as f64;
         advanced += aal * v as f64;
         verifications += v;
         density += sparse_out.sparsity.density;
@@ -208,7 +211,11 @@ pub fn faithfulness<B: OffloadBackend>(
         prefix_ratio: (mean_sparse > 0.0).then(|| mean_sirius / mean_sparse),
         sirius_aal: aal,
         sparse_density,
-        sirius_effective_density: effective_density(opts.sirius.period, sparse_density, aal),
+        sirius_effective_density: effective_density(
+            pooled_aal(verified, verifications),
+            sparse_density,
+            aal,
+        ),
         full_decode_tokens_per_s: rate(decode[0].0, decode[0].1),
         sparse_decode_tokens_per_s: rate(decode[1].0, decode[1].1),
         sirius_decode_tokens_per_s: rate(decode[2].0, decode[2].1),

@@ -221,6 +221,7 @@ const DENSE_WINDOW: SiriusConfig = SiriusConfig {
     threshold: 0.1,
     accept_temperature: 0.6,
     width: 1,
+    adaptive: false,
 };
 
 /// An offloaded dense request picks greedily (its passes are Sirius's verifications).

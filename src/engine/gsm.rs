@@ -240,6 +240,8 @@ struct Accumulator {
     density_sum: f64,
     verifications: usize,
     advanced: f64,
+    /// Σ tokens verified (mean K x verifications).
+    verified: f64,
 }
 
 impl Accumulator {
@@ -256,6 +258,7 @@ impl Accumulator {
             density_sum: 0.0,
             verifications: 0,
             advanced: 0.0,
+            verified: 0.0,
         }
     }
 
@@ -271,6 +274,7 @@ impl Accumulator {
         if let Some(s) = &out.sirius {
             self.verifications += s.verifications;
             self.advanced += s.aal * s.verifications as f64;
+            self.verified += s.mean_period * s.verifications as f64;
         }
     }
 
@@ -294,7 +298,11 @@ impl Accumulator {
             effective_density: match self.mode {
                 GsmMode::Full => 1.0,
                 GsmMode::Sparse => density,
-                GsmMode::Sirius => effective_density(period, density, aal),
+                // At the mean K: the windows' K, or their mean with --period auto.
+                GsmMode::Sirius => {
+                    let k = pooled_aal(self.verified, self.verifications);
+                    effective_density(k, density, aal)
+                }
             },
             aal: sirius.then_some(aal),
             period: sirius.then_some(period),
@@ -328,6 +336,6 @@ mod tests {
         assert_eq!(pooled_aal(30.0, 2), 15.0);
         assert_eq!(pooled_aal(0.0, 0), 0.0);
         // The Sirius paper (Llama-3-8B, GSM8K): Griffin D 0.65, AAL 15.22/16 -> ED 0.706.
-        assert!((effective_density(16, 0.65, 15.22) - 0.7063).abs() < 1e-3);
+        assert!((effective_density(16.0, 0.65, 15.22) - 0.7063).abs() < 1e-3);
     }
 }

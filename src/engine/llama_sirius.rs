@@ -37,7 +37,13 @@ pub trait Residency<B: SparseOps> {
     /// resident memory).
     fn place_neurons(&mut self, request: &mut SparseRequest<'_, B>, backend: &B) -> Result<()>;
     /// Streaming statistics of the request (offloaded only).
-    fn report(&mut self, _aal: f64, _ms_per_token: f64) -> Result<Option<OffloadReport>> {
+    /// `aal` and `period` (the mean K, with adaptive windows) are the request's windows.
+    fn report(
+        &mut self,
+        _aal: f64,
+        _period: usize,
+        _ms_per_token: f64,
+    ) -> Result<Option<OffloadReport>> {
         Ok(None)
     }
 }
@@ -132,8 +138,13 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
     }
 
     /// Streaming statistics (offloaded only; `aal` and `ms_per_token` measured).
-    pub fn offload_report(&mut self, aal: f64, ms_per_token: f64) -> Result<Option<OffloadReport>> {
-        self.weights.report(aal, ms_per_token)
+    pub fn offload_report(
+        &mut self,
+        aal: f64,
+        period: usize,
+        ms_per_token: f64,
+    ) -> Result<Option<OffloadReport>> {
+        self.weights.report(aal, period, ms_per_token)
     }
 
     /// A draft pass (the sparse FFN; one token, or the newest nodes of a tree).

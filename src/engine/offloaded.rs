@@ -106,8 +106,13 @@ impl<B: OffloadBackend> Residency<B> for Streamed<'_, B> {
         Ok(())
     }
 
-    fn report(&mut self, aal: f64, ms_per_token: f64) -> Result<Option<OffloadReport>> {
-        let mut report = self.runtime.report(aal)?;
+    fn report(
+        &mut self,
+        aal: f64,
+        period: usize,
+        ms_per_token: f64,
+    ) -> Result<Option<OffloadReport>> {
+        let mut report = self.runtime.report(aal, period)?;
         report.measured_ms_per_token = ms_per_token;
         Ok(Some(report))
     }

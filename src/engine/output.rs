@@ -63,13 +63,18 @@ pub struct GenerationOutput {
 /// Correction statistics of a request (AAL, effective density, where the time went).
 #[derive(Debug, Clone, Serialize)]
 pub struct SiriusReport {
+    /// K (with `adaptive`, the longest window allowed).
     pub period: usize,
+    /// Windows chose their K from measured costs (`--period auto`).
+    pub adaptive: bool,
+    /// Mean tokens verified per window.
+    pub mean_period: f64,
     /// Tree width W (1 = the chain).
     pub width: usize,
     pub verifications: usize,
     /// Average advance length per verification (at most `period`).
     pub aal: f64,
-    /// ((K - 1) * density + 1) / AAL.
+    /// ((K - 1) * density + 1) / AAL (adaptive: at the mean K).
     pub effective_density: f64,
     pub rollback_tokens: usize,
     pub draft_seconds: f64,

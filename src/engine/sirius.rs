@@ -46,10 +46,15 @@ impl<B: SparseOps, W: Residency<B>> Request for SiriusRequest<LlamaSirius<'_, B,
         let sparsity = self.model.sparsity_report();
         let report = SiriusReport {
             period: config.period,
+            adaptive: config.adaptive,
+            mean_period: stats.mean_period(),
             width: config.width,
             verifications: stats.verifications,
             aal: stats.aal(),
-            effective_density: stats.effective_density(config.period, sparsity.density),
+            effective_density: match config.adaptive {
+                true => stats.measured_effective_density(sparsity.density),
+                false => stats.effective_density(config.period, sparsity.density),
+            },
             rollback_tokens: stats.rollback_tokens,
             draft_seconds: stats.draft_seconds,
             verify_seconds: stats.verify_seconds,
@@ -62,12 +67,23 @@ impl<B: SparseOps, W: Residency<B>> Request for SiriusRequest<LlamaSirius<'_, B,
             n => 1e3 * decoded.step_seconds / n as f64,
         };
         Ok(RequestReport {
-            offload: self
-                .model
-                .offload_report(report.aal.max(1.0), ms_per_token)?,
+            offload: self.model.offload_report(
+                report.aal.max(1.0),
+                window_period(&report),
+                ms_per_token,
+            )?,
             sparsity,
             sirius: Some(report),
         })
+    }
+}
+
+/// The K a request's windows had: the configured one, or the mean of adaptive windows
+/// (rounded; at least 1).
+fn window_period(report: &SiriusReport) -> usize {
+    match report.adaptive {
+        true => (report.mean_period.round() as usize).clamp(1, report.period.max(1)),
+        false => report.period,
     }
 }
 

@@ -437,18 +437,19 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         Ok(())
     }
 
-    /// Statistics so far, with the planner's prediction for `aal` (measured) where it
-    /// models the run: on CUDA always, on CPU with a link cap (uncapped, the CPU "link" is
-    /// memcpy, which the planner does not model). On CUDA this waits for copies in flight.
-    pub fn report(&mut self, aal: f64) -> Result<OffloadReport> {
+    /// Statistics so far, with the planner's prediction for the measured `aal` and `period`
+    /// (adaptive: mean K) where it models the run: on CUDA always, on CPU with a link cap
+    /// (uncapped, the CPU "link" is memcpy). On CUDA this waits for copies in flight.
+    pub fn report(&mut self, aal: f64, period: usize) -> Result<OffloadReport> {
         let stats = self.engine.stats()?;
-        let predicted = match self.predicts {
-            true => Some(plan(&PlanInput {
-                aal: aal.clamp(1.0, self.input.period as f64),
-                ..self.input.clone()
-            })?),
-            false => None,
+        let period = period.clamp(1, self.input.period);
+        let aal = aal.clamp(1.0, period as f64);
+        let input = PlanInput {
+            aal,
+            period,
+            ..self.input.clone()
         };
+        let predicted = self.predicts.then(|| plan(&input)).transpose()?;
         Ok(OffloadReport {
             resident_budget_bytes: self.arena.budget(),
             resident_bytes: self.arena.peak(),

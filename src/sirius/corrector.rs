@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::sampler::argmax;
+use crate::sirius::adaptive::{PeriodPlanner, WindowOutcome};
 use crate::sirius::config::SiriusConfig;
 use crate::sirius::stats::CorrectionStats;
 use crate::sirius::window::{accepted_prefix, check_rows, SiriusModel, Verdict};
@@ -26,6 +27,8 @@ pub struct Corrector {
     kind: WindowKind,
     /// Ids the tree never drafts (with W > 1, EOS would end a beam's text).
     stop_ids: Vec<u32>,
+    /// Chooses each window's K with `--period auto`.
+    planner: Option<PeriodPlanner>,
     pub stats: CorrectionStats,
 }
 
@@ -41,6 +44,7 @@ impl Corrector {
             config,
             kind,
             stop_ids: stop_ids.to_vec(),
+            planner: config.adaptive.then(|| PeriodPlanner::new(config.period)),
             stats: CorrectionStats::default(),
         })
     }
@@ -83,7 +87,12 @@ impl Corrector {
             // A tree of K - 1 levels of W nodes under x0.
             WindowKind::Tree => (room - 1) / self.config.width + 1,
         };
-        let k = self.config.period.min(fits).min(budget + 1).max(1);
+        let wanted = match &mut self.planner {
+            Some(planner) => planner.next_period(),
+            None => self.config.period,
+        };
+        let k = wanted.min(fits).min(budget + 1).max(1);
+        let before = self.stats.clone();
         let verdict = match self.kind {
             WindowKind::Chain => chain_window(model, x0, k, &self.config, &mut self.stats)?,
             WindowKind::Tree => crate::sirius::tree::tree_window(
@@ -95,6 +104,21 @@ impl Corrector {
                 &mut self.stats,
             )?,
         };
+        if let Some(planner) = &mut self.planner {
+            let outcome = WindowOutcome {
+                period: k,
+                accepted: verdict.accepted.len(),
+                draft_seconds: self.stats.draft_seconds - before.draft_seconds,
+                verify_seconds: self.stats.verify_seconds - before.verify_seconds,
+            };
+            planner.observe(&outcome);
+            tracing::debug!(
+                ?outcome,
+                acceptance = planner.acceptance(),
+                best = planner.best_period(),
+                "adaptive window"
+            );
+        }
         let mut tokens = verdict.accepted;
         tokens.push(verdict.next);
         Ok(tokens)

@@ -15,13 +15,15 @@
 //! cache rollback), so it is tested with scripted fakes; the engine implements it over the
 //! one Llama forward (in memory or offloaded) and drives the windows with its request loop.
 
+pub mod adaptive;
 pub mod config;
 pub mod corrector;
 pub mod stats;
 pub mod tree;
 pub mod window;
 
-pub use config::{SiriusConfig, MAX_PERIOD, MAX_WIDTH};
+pub use adaptive::PeriodPlanner;
+pub use config::{Period, SiriusConfig, MAX_PERIOD, MAX_WIDTH};
 pub use corrector::{Corrector, WindowKind};
 pub use stats::{effective_density, CorrectionStats};
 pub use window::{token_probability, SiriusModel};

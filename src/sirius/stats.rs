@@ -28,15 +28,33 @@ impl CorrectionStats {
 
     /// ((K - 1) * D_sparse + 1) / AAL.
     pub fn effective_density(&self, period: usize, sparse_density: f64) -> f64 {
-        effective_density(period, sparse_density, self.aal())
+        effective_density(period as f64, sparse_density, self.aal())
+    }
+
+    /// Mean tokens verified per chain window (K, or its mean when windows vary).
+    pub fn mean_period(&self) -> f64 {
+        match self.verifications {
+            0 => 0.0,
+            v => (self.drafted + v) as f64 / v as f64,
+        }
+    }
+
+    /// The paper's metric from what the windows did: (drafts x D_sparse + verifications)
+    /// / tokens advanced, which is `effective_density` at the mean K (windows of varying K,
+    /// or shortened at the end of a request).
+    pub fn measured_effective_density(&self, sparse_density: f64) -> f64 {
+        match self.advanced {
+            0 => 1.0,
+            a => (self.drafted as f64 * sparse_density + self.verifications as f64) / a as f64,
+        }
     }
 }
 
 /// ((K - 1) * density + 1) / AAL (the Sirius paper's metric): the fraction of the parameters read
-/// per produced token; 1 without verifications.
-pub fn effective_density(period: usize, density: f64, aal: f64) -> f64 {
+/// per produced token; 1 without verifications. K may be a mean (adaptive windows).
+pub fn effective_density(period: f64, density: f64, aal: f64) -> f64 {
     if aal > 0.0 {
-        ((period as f64 - 1.0) * density + 1.0) / aal
+        ((period - 1.0) * density + 1.0) / aal
     } else {
         1.0
     }

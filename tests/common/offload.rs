@@ -33,6 +33,7 @@ pub fn sirius(period: usize, width: usize) -> SiriusConfig {
         threshold: 0.1,
         accept_temperature: 0.6,
         width,
+        adaptive: false,
     }
 }
 

@@ -21,6 +21,7 @@ impl CorrectorOptions {
             threshold: self.threshold,
             accept_temperature: self.accept_temperature,
             width: self.width,
+            adaptive: false,
         }
     }
 }
@@ -44,4 +45,16 @@ pub fn correct_tree(
 ) -> Result<(Vec<u32>, CorrectionStats)> {
     let corrector = Corrector::new(o.config(), stop)?.with_tree_windows();
     run_windows(m, first, corrector, o.max_tokens)
+}
+
+/// [`correct`] with adaptive windows of at most `o.period` tokens (`--period auto:K`).
+#[allow(dead_code)]
+pub fn correct_adaptive(
+    m: &mut dyn SiriusModel,
+    first: u32,
+    stop: &[u32],
+    o: &CorrectorOptions,
+) -> Result<(Vec<u32>, CorrectionStats)> {
+    let config = sirius_offload::sirius::Period::Auto(o.period).apply(o.config());
+    run_windows(m, first, Corrector::new(config, stop)?, o.max_tokens)
 }
