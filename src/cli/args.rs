@@ -157,7 +157,7 @@ pub struct SiriusArgs {
     /// chooses each window's K up to 16 (MAX) from the measured acceptance rate and draft and
     /// verification costs (K = 1, the full model alone, where drafting does not pay), so the
     /// text can differ between runs: give a number for reproducible output [default: auto
-    /// with --width 1, 16 with a tree].
+    /// with --width 1, 16 with a tree; eval: 16].
     #[arg(long, value_name = "K|auto")]
     pub period: Option<Period>,
     /// Sirius acceptance threshold on the full model's probability of a drafted token
@@ -174,19 +174,24 @@ pub struct SiriusArgs {
 }
 
 impl SiriusArgs {
-    /// The typed configuration, validated.
+    /// The typed configuration, validated; without --period, [`default_period`].
     pub fn config(&self) -> Result<SiriusConfig> {
+        let width = self.width.unwrap_or(SiriusConfig::default().width);
+        self.config_or(default_period(width))
+    }
+
+    /// The typed configuration, validated; without --period, `default`. (`eval` keeps the
+    /// paper's fixed K: its accuracy and faithfulness numbers must not follow timing, and
+    /// adaptive windows on a CPU would mostly measure the full model.)
+    pub fn config_or(&self, default: Period) -> Result<SiriusConfig> {
         let d = SiriusConfig::default();
         let width = self.width.unwrap_or(d.width);
-        let config = self
-            .period
-            .unwrap_or(default_period(width))
-            .apply(SiriusConfig {
-                threshold: self.threshold.unwrap_or(d.threshold),
-                accept_temperature: self.accept_temperature.unwrap_or(d.accept_temperature),
-                width,
-                ..d
-            });
+        let config = self.period.unwrap_or(default).apply(SiriusConfig {
+            threshold: self.threshold.unwrap_or(d.threshold),
+            accept_temperature: self.accept_temperature.unwrap_or(d.accept_temperature),
+            width,
+            ..d
+        });
         config.validate()?;
         Ok(config)
     }

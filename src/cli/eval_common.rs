@@ -13,7 +13,7 @@ use crate::cli::output::{print_stdout, write_json};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::progress::progress_bar;
-use crate::sirius::SiriusConfig;
+use crate::sirius::{Period, SiriusConfig};
 use crate::sparsity::{SparsityConfig, SparsityMode};
 
 /// Few-shot examples when --shots is not given: GSM8K's usual 8-shot chain of thought. With
@@ -24,7 +24,7 @@ pub const DEFAULT_SHOTS: usize = 8;
 pub(crate) fn sirius_options(g: &GenTaskArgs) -> Result<SiriusConfig> {
     at_least_one("--max-tokens", g.max_tokens)?;
     at_least_one("--max-problems", g.max_problems)?;
-    g.sirius.config()
+    g.sirius.config_or(Period::of(&SiriusConfig::default()))
 }
 
 /// A loaded model and what the report says of it.

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::backend::offload::OffloadBackend;
 use crate::engine::gsm::problems::{answer_text, json_object, line_error};
-use crate::engine::gsm::{pooled_aal, GsmMode};
+use crate::engine::gsm::{pooled_aal, pooled_period, GsmMode};
 use crate::engine::output::rate;
 use crate::engine::{Engine, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
@@ -212,7 +212,7 @@ pub fn faithfulness<B: OffloadBackend>(
         sirius_aal: aal,
         sparse_density,
         sirius_effective_density: effective_density(
-            pooled_aal(verified, verifications),
+            pooled_period(&opts.sirius, verified, verifications),
             sparse_density,
             aal,
         ),

@@ -219,10 +219,7 @@ pub fn evaluate<B: OffloadBackend>(
         });
     }
     Ok(GsmReport {
-        results: acc
-            .into_iter()
-            .map(|a| a.finish(opts.sirius.period))
-            .collect(),
+        results: acc.into_iter().map(|a| a.finish(&opts.sirius)).collect(),
         problems: results,
     })
 }
@@ -278,7 +275,8 @@ impl Accumulator {
         }
     }
 
-    fn finish(self, period: usize) -> ModeResult {
+    fn finish(self, config: &SiriusConfig) -> ModeResult {
+        let period = config.period;
         let per = |x: f64| {
             if self.problems == 0 {
                 0.0
@@ -298,9 +296,8 @@ impl Accumulator {
             effective_density: match self.mode {
                 GsmMode::Full => 1.0,
                 GsmMode::Sparse => density,
-                // At the mean K: the windows' K, or their mean with --period auto.
                 GsmMode::Sirius => {
-                    let k = pooled_aal(self.verified, self.verifications);
+                    let k = pooled_period(config, self.verified, self.verifications);
                     effective_density(k, density, aal)
                 }
             },
@@ -312,6 +309,15 @@ impl Accumulator {
             prefill_seconds: self.prefill_seconds,
             seconds: self.seconds,
         }
+    }
+}
+
+/// The K of the effective density over several requests: the configured K, or with
+/// `--period auto` the windows' mean (`verified`: Σ mean K x verifications).
+pub fn pooled_period(config: &SiriusConfig, verified: f64, verifications: usize) -> f64 {
+    match config.adaptive {
+        true => pooled_aal(verified, verifications),
+        false => config.period as f64,
     }
 }
 

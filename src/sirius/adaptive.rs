@@ -123,11 +123,17 @@ impl PeriodPlanner {
         let k = w.period.clamp(1, self.max);
         let drafted = k - 1;
         let accepted = w.accepted.min(drafted);
-        self.accepted = self.accepted * ACCEPTANCE_FADE + accepted as f64;
-        let rejected = if accepted < drafted { 1.0 } else { 0.0 };
-        self.rejected = self.rejected * ACCEPTANCE_FADE + rejected;
+        // A window without drafts says nothing about acceptance: the counts fade only with
+        // windows that drafted.
+        if drafted > 0 {
+            self.accepted = self.accepted * ACCEPTANCE_FADE + accepted as f64;
+            let rejected = if accepted < drafted { 1.0 } else { 0.0 };
+            self.rejected = self.rejected * ACCEPTANCE_FADE + rejected;
+        }
+        // A request's first window pays one-off costs (decode copies built on first use,
+        // caches warming): its seconds are not kept, so its length is measured again.
         let seconds = w.draft_seconds + w.verify_seconds;
-        if seconds.is_finite() && seconds >= 0.0 {
+        if self.windows > 0 && seconds.is_finite() && seconds >= 0.0 {
             let slot = &mut self.window_seconds[k - 1];
             *slot = Some(moving_average(*slot, seconds));
         }
@@ -224,17 +230,18 @@ mod tests {
     #[test]
     fn probes_powers_of_two_up_to_the_maximum_where_long_windows_pay() {
         let mut p = PeriodPlanner::new(16);
-        let ks = drive(&mut p, 5, 0.2, |_| 1.0, true);
-        assert_eq!(ks, vec![1, 2, 4, 8, 16]);
+        let ks = drive(&mut p, 6, 0.2, |_| 1.0, true);
+        // The first window's seconds are not kept: K = 1 is measured again.
+        assert_eq!(ks, vec![1, 1, 2, 4, 8, 16]);
     }
 
     #[test]
     fn stops_probing_where_long_windows_clearly_lose() {
         // Verification ~n steps: after 1 and 2, a window of 4 extrapolates to a loss.
         let mut p = PeriodPlanner::new(16);
-        let ks = drive(&mut p, 6, 0.7, |n| n as f64, true);
-        assert_eq!(&ks[..2], &[1, 2]);
-        assert!(ks[2..].iter().all(|&k| k == 1), "{ks:?}");
+        let ks = drive(&mut p, 7, 0.7, |n| n as f64, true);
+        assert_eq!(&ks[..3], &[1, 1, 2]);
+        assert!(ks[3..].iter().all(|&k| k == 1), "{ks:?}");
     }
 
     #[test]
@@ -298,23 +305,24 @@ mod tests {
     #[test]
     fn reprobes_a_neighbour_every_so_often() {
         let mut p = PeriodPlanner::new(8);
-        let ks = drive(&mut p, 2 + 3 * REPROBE_EVERY, 0.7, |n| n as f64, true);
+        let ks = drive(&mut p, 3 + 3 * REPROBE_EVERY, 0.7, |n| n as f64, true);
         // After probing 1 and 2 it settles on K = 1, re-measuring K = 2 now and then.
-        let late = &ks[2..];
+        let late = &ks[3..];
         let twos = late.iter().filter(|&&k| k == 2).count();
         assert_eq!(twos, 3, "{ks:?}");
         assert_eq!(late.iter().filter(|&&k| k == 1).count(), late.len() - 3);
         // Settled on the maximum, it re-measures half of it.
         let mut p = PeriodPlanner::new(8);
-        let ks = drive(&mut p, 4 + 2 * REPROBE_EVERY, 0.1, |_| 1.0, true);
-        let late = &ks[4..];
+        let ks = drive(&mut p, 5 + 2 * REPROBE_EVERY, 0.1, |_| 1.0, true);
+        let late = &ks[5..];
         assert_eq!(late.iter().filter(|&&k| k == 4).count(), 2, "{ks:?}");
     }
 
     #[test]
     fn interpolates_untried_lengths() {
         let mut p = PeriodPlanner::new(9);
-        for (k, t) in [(1, 1.0), (3, 2.0), (9, 5.0)] {
+        // The first window's seconds are not kept (one-off costs): 100 s is ignored.
+        for (k, t) in [(1, 100.0), (1, 1.0), (3, 2.0), (9, 5.0)] {
             p.observe(&WindowOutcome {
                 period: k,
                 accepted: k - 1,
@@ -325,7 +333,7 @@ mod tests {
         assert_eq!(p.window(6), Some(3.5));
         assert_eq!(p.window(9), Some(5.0));
         let mut q = PeriodPlanner::new(9);
-        for (k, t) in [(1, 1.0), (2, 1.5)] {
+        for (k, t) in [(1, 7.0), (1, 1.0), (2, 1.5)] {
             q.observe(&WindowOutcome {
                 period: k,
                 accepted: k - 1,
@@ -334,6 +342,24 @@ mod tests {
             });
         }
         assert_eq!(q.window(4), Some(2.5), "extrapolated along 1 and 2");
+    }
+
+    #[test]
+    fn windows_without_drafts_leave_the_acceptance_alone() {
+        let mut p = PeriodPlanner::new(4);
+        let outcome = |period, accepted| WindowOutcome {
+            period,
+            accepted,
+            draft_seconds: 0.1,
+            verify_seconds: 1.0,
+        };
+        p.observe(&outcome(4, 1));
+        let a = p.acceptance();
+        for _ in 0..10_000 {
+            p.observe(&outcome(1, 0));
+        }
+        assert_eq!(p.acceptance(), a);
+        assert!(a.is_finite() && a > 0.0 && a < 1.0);
     }
 
     #[test]

@@ -104,6 +104,7 @@ impl Corrector {
                 &mut self.stats,
             )?,
         };
+        self.stats.window_tokens += k;
         if let Some(planner) = &mut self.planner {
             let outcome = WindowOutcome {
                 period: k,

@@ -11,6 +11,8 @@ pub struct CorrectionStats {
     /// Drafted tokens thrown away by rollbacks.
     pub rollback_tokens: usize,
     pub drafted: usize,
+    /// Sum over windows of their K (x0 and the chain's drafts; a tree's depth + 1).
+    pub window_tokens: usize,
     /// Seconds in sparse draft steps and in full verification passes.
     pub draft_seconds: f64,
     pub verify_seconds: f64,
@@ -31,11 +33,11 @@ impl CorrectionStats {
         effective_density(period as f64, sparse_density, self.aal())
     }
 
-    /// Mean tokens verified per chain window (K, or its mean when windows vary).
+    /// Mean K of the windows (K itself unless windows vary or the budget shortened some).
     pub fn mean_period(&self) -> f64 {
         match self.verifications {
             0 => 0.0,
-            v => (self.drafted + v) as f64 / v as f64,
+            v => self.window_tokens as f64 / v as f64,
         }
     }
 
