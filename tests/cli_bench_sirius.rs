@@ -104,6 +104,7 @@ fn a_period_sweep_writes_one_row_per_mode_and_window_everywhere() {
         "ms / token",
         "K=4",
         "sirius auto",
+        "at its mean K",
     ] {
         assert!(svg.contains(label), "the plot names {label}");
     }

@@ -57,6 +57,18 @@ fn fixed_rows(rows: &[SweepRow]) -> impl Iterator<Item = (f64, &SweepRow)> {
         .filter_map(|r| r.period.map(|k| (k as f64, r)))
 }
 
+/// Labels on the K axis: about one per whole K (a short axis would repeat rounded labels).
+fn k_labels(xs: &std::ops::Range<f64>) -> usize {
+    ((xs.end - xs.start).round() as usize + 1).clamp(2, 12)
+}
+
+/// The adaptive Sirius rows, placed at their mean K.
+fn adaptive_rows(rows: &[SweepRow]) -> impl Iterator<Item = (f64, &SweepRow)> {
+    rows.iter()
+        .filter(|r| r.adaptive)
+        .filter_map(|r| r.mean_period.map(|k| (k, r)))
+}
+
 /// The fixed-K Sirius rows as (K, value) points.
 fn sirius_points(rows: &[SweepRow], f: impl Fn(&SweepRow) -> f64) -> Vec<(f64, f64)> {
     fixed_rows(rows).map(|(k, r)| (k, f(r))).collect()
@@ -64,7 +76,8 @@ fn sirius_points(rows: &[SweepRow], f: impl Fn(&SweepRow) -> f64) -> Vec<(f64, f
 
 /// The K axis: the swept windows with half a step of room either side.
 fn k_range(rows: &[SweepRow]) -> std::ops::Range<f64> {
-    let ks: Vec<f64> = fixed_rows(rows).map(|(k, _)| k).collect();
+    let mut ks: Vec<f64> = fixed_rows(rows).map(|(k, _)| k).collect();
+    ks.extend(adaptive_rows(rows).map(|(k, _)| k));
     let lo = ks.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = ks.iter().copied().fold(0.0, f64::max);
     match lo.is_finite() {
@@ -90,6 +103,7 @@ fn speed_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("window K")
+        .x_labels(k_labels(&xs))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("tokens/s")
         .draw()
@@ -149,11 +163,12 @@ fn acceptance_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d(xs, 0.0..highest * 1.4)
+        .build_cartesian_2d(xs.clone(), 0.0..highest * 1.4)
         .map_err(plot_error)?;
     chart
         .configure_mesh()
         .x_desc("window K")
+        .x_labels(k_labels(&xs))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("fraction (1 = a full step)")
         .draw()
@@ -182,6 +197,19 @@ fn acceptance_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
                 Circle::new(c, s, st.filled())
             }))
             .map_err(plot_error)?;
+    }
+    // Adaptive windows have no one K: hollow marks at their mean K, for AAL / mean K and
+    // the effective density.
+    for (k, r) in adaptive_rows(rows) {
+        let kept = r.aal.unwrap_or(0.0) / k.max(1.0);
+        chart
+            .draw_series(
+                [(kept, SIRIUS), (r.effective_density, SPARSE)]
+                    .map(|(y, color)| Circle::new((k, y), 7, color.stroke_width(2))),
+            )
+            .map_err(plot_error)?
+            .label(format!("auto, at its mean K {k:.1} (hollow)"))
+            .legend(|(x, y)| Circle::new((x + 10, y), 5, SIRIUS.stroke_width(2)));
     }
     legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
