@@ -7,7 +7,7 @@ use crate::engine::decode::{decode, Decoded, Decoder, Prefilled, Request, Reques
 use crate::engine::llama_sirius::{LlamaSirius, Residency};
 use crate::engine::output::SiriusReport;
 use crate::error::{Error, Result};
-use crate::sirius::{CorrectionStats, Corrector, SiriusConfig, SiriusModel};
+use crate::sirius::{effective_density, CorrectionStats, Corrector, SiriusConfig, SiriusModel};
 
 /// Greedy Sirius generation: correction windows over `M` (the Llama forward in
 /// [`Engine::generate`](crate::engine::Engine::generate), any [`SiriusModel`] in [`correct`]).
@@ -51,10 +51,11 @@ impl<B: SparseOps, W: Residency<B>> Request for SiriusRequest<LlamaSirius<'_, B,
             width: config.width,
             verifications: stats.verifications,
             aal: stats.aal(),
-            effective_density: match config.adaptive {
-                true => stats.measured_effective_density(sparsity.density),
-                false => stats.effective_density(config.period, sparsity.density),
-            },
+            effective_density: effective_density(
+                stats.density_period(&config),
+                sparsity.density,
+                stats.aal(),
+            ),
             rollback_tokens: stats.rollback_tokens,
             draft_seconds: stats.draft_seconds,
             verify_seconds: stats.verify_seconds,

@@ -92,7 +92,7 @@ impl Corrector {
             None => self.config.period,
         };
         let k = wanted.min(fits).min(budget + 1).max(1);
-        let before = self.stats.clone();
+        let (drafting, verifying) = (self.stats.draft_seconds, self.stats.verify_seconds);
         let verdict = match self.kind {
             WindowKind::Chain => chain_window(model, x0, k, &self.config, &mut self.stats)?,
             WindowKind::Tree => crate::sirius::tree::tree_window(
@@ -109,8 +109,8 @@ impl Corrector {
             let outcome = WindowOutcome {
                 period: k,
                 accepted: verdict.accepted.len(),
-                draft_seconds: self.stats.draft_seconds - before.draft_seconds,
-                verify_seconds: self.stats.verify_seconds - before.verify_seconds,
+                draft_seconds: self.stats.draft_seconds - drafting,
+                verify_seconds: self.stats.verify_seconds - verifying,
             };
             planner.observe(&outcome);
             tracing::debug!(

@@ -41,13 +41,12 @@ impl CorrectionStats {
         }
     }
 
-    /// The paper's metric from what the windows did: (drafts x D_sparse + verifications)
-    /// / tokens advanced, which is `effective_density` at the mean K (windows of varying K,
-    /// or shortened at the end of a request).
-    pub fn measured_effective_density(&self, sparse_density: f64) -> f64 {
-        match self.advanced {
-            0 => 1.0,
-            a => (self.drafted as f64 * sparse_density + self.verifications as f64) / a as f64,
+    /// The K the effective density is taken at: `config`'s, or the windows' mean with
+    /// `--period auto`.
+    pub fn density_period(&self, config: &crate::sirius::SiriusConfig) -> f64 {
+        match config.adaptive {
+            true => self.mean_period(),
+            false => config.period as f64,
         }
     }
 }
