@@ -226,8 +226,8 @@ fn attention_decode_seq512(bencher: Bencher, case: IsaThreads) {
             case.0,
             pool,
             &q,
-            &kc,
-            &vc,
+            cpu::KvSlice::F32(&kc),
+            cpu::KvSlice::F32(&vc),
             nh,
             nkv,
             hd,
@@ -246,14 +246,19 @@ const COLD_ATTN: (usize, usize, usize, usize, usize) = (9, 3, 64, 1600, 30);
 
 /// Times one decode token's attention per call, cycling through the layers' `(keys, values)`
 /// so they come from DRAM. Throughput is cache bytes read per layer.
-fn bench_cold_attention(bencher: Bencher, threads: usize, caches: &[(&[f32], &[f32])]) {
+fn bench_cold_attention(bencher: Bencher, threads: usize, caches: &[(cpu::KvSlice, cpu::KvSlice)]) {
     let (nh, nkv, hd, seq, _) = COLD_ATTN;
     let q: Vec<f32> = (0..nh * hd).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut out = vec![0f32; nh * hd];
     let pool = pool(threads);
     let mut layer = 0;
+    let elem = if matches!(caches[0].0, cpu::KvSlice::F16(_)) {
+        2
+    } else {
+        4
+    };
     bencher
-        .counter(BytesCount::new(2 * seq * nkv * hd * 4))
+        .counter(BytesCount::new(2 * seq * nkv * hd * elem))
         .bench_local(|| {
             let (kc, vc) = caches[layer];
             layer = (layer + 1) % caches.len();
@@ -288,7 +293,30 @@ fn attention_decode_cold_ctx1600(bencher: Bencher, threads: usize) {
     let owned: Vec<(Vec<f32>, Vec<f32>)> = (0..layers)
         .map(|l| (fill(l, 0.11), fill(l, 0.07)))
         .collect();
-    let caches: Vec<(&[f32], &[f32])> = owned.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let caches: Vec<_> = owned
+        .iter()
+        .map(|(k, v)| (cpu::KvSlice::F32(k), cpu::KvSlice::F32(v)))
+        .collect();
+    bench_cold_attention(bencher, threads, &caches);
+}
+
+/// The same over an f16 cache (`--kv-dtype f16`, the default): half the bytes to read, each
+/// row widened once per KV head.
+#[divan::bench(args = [1, 2], max_time = 2)]
+fn attention_decode_cold_ctx1600_f16(bencher: Bencher, threads: usize) {
+    let (_, nkv, hd, seq, layers) = COLD_ATTN;
+    let fill = |l: usize, f: f32| -> Vec<u16> {
+        (0..seq * nkv * hd)
+            .map(|i| half::f16::from_f32(((i + l) as f32 * f).cos()).to_bits())
+            .collect()
+    };
+    let owned: Vec<(Vec<u16>, Vec<u16>)> = (0..layers)
+        .map(|l| (fill(l, 0.11), fill(l, 0.07)))
+        .collect();
+    let caches: Vec<_> = owned
+        .iter()
+        .map(|(k, v)| (cpu::KvSlice::F16(k), cpu::KvSlice::F16(v)))
+        .collect();
     bench_cold_attention(bencher, threads, &caches);
 }
 
@@ -311,9 +339,10 @@ fn attention_decode_cold_ctx1600_huge(bencher: Bencher, threads: usize) {
     for (i, v) in all.iter_mut().enumerate() {
         *v = (i as f32 * 0.11).cos();
     }
-    let caches: Vec<(&[f32], &[f32])> = all
+    let caches: Vec<_> = all
         .chunks_exact(2 * per)
         .map(|kv| kv.split_at(per))
+        .map(|(k, v)| (cpu::KvSlice::F32(k), cpu::KvSlice::F32(v)))
         .collect();
     bench_cold_attention(bencher, threads, &caches);
 }

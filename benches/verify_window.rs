@@ -5,6 +5,7 @@
 //! cargo bench --bench verify_window [-- --threads 2 --ctx 0,1000 --n 1,2,3,4,8,16 --reps 15]
 //! cargo bench --bench verify_window -- --what matmul     # the weight matmuls alone
 //! cargo bench --bench verify_window -- --clock cpu       # CPU time instead of wall time
+//! cargo bench --bench verify_window -- --kv f16,f32      # KV cache element types (f16 default)
 //! ```
 //!
 //! * `forward`: `Llama::forward` of SmolLM2-135M (fetched preset, or `--model DIR`) over n
@@ -27,7 +28,7 @@ use sirius_offload::backend::CpuBackend;
 use sirius_offload::model::Pass;
 use sirius_offload::model::{Llama, Logits, Scratch};
 use sirius_offload::sparsity::Dense;
-use sirius_offload::tensor::DType;
+use sirius_offload::tensor::{DType, KvDType};
 
 struct Opts {
     threads: usize,
@@ -37,6 +38,7 @@ struct Opts {
     what: Vec<String>,
     model: String,
     cpu_clock: bool,
+    kv: Vec<KvDType>,
 }
 
 fn parse_list(s: &str) -> Vec<usize> {
@@ -58,6 +60,7 @@ fn opts() -> Opts {
         what: vec!["forward".into()],
         model: "smollm2-135m".into(),
         cpu_clock: false,
+        kv: vec![KvDType::default()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -70,6 +73,12 @@ fn opts() -> Opts {
             "--what" => o.what = val().split(',').map(String::from).collect(),
             "--model" => o.model = val(),
             "--clock" => o.cpu_clock = val() == "cpu",
+            "--kv" => {
+                o.kv = val()
+                    .split(',')
+                    .map(|v| v.parse().expect("--kv f16,f32"))
+                    .collect()
+            }
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             other => panic!("unknown option {other}"),
@@ -166,7 +175,7 @@ fn forward(o: &Opts) {
             return;
         }
     };
-    let model = Llama::load(&dir, CpuBackend::new(o.threads)).expect("model loads");
+    let mut model = Llama::load(&dir, CpuBackend::new(o.threads)).expect("model loads");
     let vocab = model.config.vocab_size as u32;
     let ids = |n: usize, salt: u32| -> Vec<u32> {
         (0..n as u32)
@@ -174,7 +183,8 @@ fn forward(o: &Opts) {
             .collect()
     };
     let max_n = *o.n.iter().max().expect("some n");
-    for &ctx in &o.ctx {
+    for (&ctx, &kv) in o.ctx.iter().flat_map(|c| o.kv.iter().map(move |k| (c, k))) {
+        model.kv_dtype = kv;
         let mut cache = model.new_cache(ctx + max_n).expect("cache");
         if ctx > 0 {
             let mut s = Scratch::with_logit_rows(&model, ctx, 1).expect("scratch");
@@ -187,7 +197,7 @@ fn forward(o: &Opts) {
                 .expect("prefill");
         }
         let mut scratch = Scratch::new(&model, max_n).expect("scratch");
-        let label = format!("forward ctx {ctx} t{}", o.threads);
+        let label = format!("forward ctx {ctx} kv {kv} t{}", o.threads);
         interleaved(&label, &o.n, o.reps, clock(o), |n| {
             cache.truncate(ctx);
             let logits = model

@@ -16,6 +16,8 @@
 // attention_chunk_f32(q, k_cache, v_cache, mask_bits, out, part_o, part_ml, n_tokens,
 //                     n_heads, n_kv_heads, head_dim, start_pos, chunk_rows, mask_prefix,
 //                     mask_span, mask_words, scale)
+// attention_chunk_f16: the same over an f16 cache (keys and values widened to f32 as read;
+//   everything else, q, scores, softmax and outputs, stays f32)
 //   grid = (ceil(n_tokens * group / warps), n_chunks, n_kv_heads), group = n_heads /
 //   n_kv_heads; blockDim.x = 32 * warps (4 warps suggested, fewer when n_tokens * group is
 //   smaller). One warp per query row (token t, head h of kv head blockIdx.z): the warps of a
@@ -59,10 +61,10 @@ __device__ __forceinline__ bool tree_visible(const TreeBits& m, unsigned t, size
 // Long function: one kernel body, the online softmax over the rows (score, rescale,
 // accumulate) and the write of the row or of the chunk's partials; pieces of it would pass
 // the per-lane q and running-output registers through device-function arguments.
-template <int DPL>
+template <typename KV, int DPL>
 __device__ __forceinline__ void attend(const float* __restrict__ q,
-                                       const float* __restrict__ k_cache,
-                                       const float* __restrict__ v_cache, const TreeBits& mask,
+                                       const KV* __restrict__ k_cache,
+                                       const KV* __restrict__ v_cache, const TreeBits& mask,
                                        float* __restrict__ out, float* __restrict__ part_o,
                                        float* __restrict__ part_ml, unsigned t, unsigned h,
                                        unsigned g, unsigned n_heads, unsigned n_kv_heads,
@@ -70,8 +72,8 @@ __device__ __forceinline__ void attend(const float* __restrict__ q,
     const unsigned lane = threadIdx.x & 31u;
     const size_t kv_dim = (size_t)n_kv_heads * head_dim;
     const float* qrow = q + ((size_t)t * n_heads + h) * head_dim;
-    const float* kbase = k_cache + (size_t)g * head_dim;
-    const float* vbase = v_cache + (size_t)g * head_dim;
+    const KV* kbase = k_cache + (size_t)g * head_dim;
+    const KV* vbase = v_cache + (size_t)g * head_dim;
     float qv[DPL], o[DPL];
 #pragma unroll
     for (int k = 0; k < DPL; ++k) {
@@ -91,12 +93,12 @@ __device__ __forceinline__ void attend(const float* __restrict__ q,
             any = any || vis[u];
             float part = 0.0f;
             if (vis[u]) {
-                const float* kr = kbase + (p + u) * kv_dim;
+                const KV* kr = kbase + (p + u) * kv_dim;
 #pragma unroll
                 for (int k = 0; k < DPL; ++k) {
                     const unsigned d = lane + 32u * k;
                     if (d < head_dim) {
-                        part = fmaf(qv[k], __ldg(kr + d), part);
+                        part = fmaf(qv[k], to_f32(__ldg(kr + d)), part);
                     }
                 }
             }
@@ -129,7 +131,7 @@ __device__ __forceinline__ void attend(const float* __restrict__ q,
 #pragma unroll
                 for (int u = 0; u < ROWS; ++u) {
                     if (vis[u]) {
-                        acc = fmaf(b[u], __ldg(vbase + (p + u) * kv_dim + d), acc);
+                        acc = fmaf(b[u], to_f32(__ldg(vbase + (p + u) * kv_dim + d)), acc);
                     }
                 }
                 o[k] = acc;
@@ -164,9 +166,10 @@ __device__ __forceinline__ void attend(const float* __restrict__ q,
     }
 }
 
-extern "C" __global__ void attention_chunk_f32(
-    const float* __restrict__ q, const float* __restrict__ k_cache,
-    const float* __restrict__ v_cache, const unsigned long long* __restrict__ mask_bits,
+template <typename KV>
+__device__ __forceinline__ void attention_chunk(
+    const float* __restrict__ q, const KV* __restrict__ k_cache,
+    const KV* __restrict__ v_cache, const unsigned long long* __restrict__ mask_bits,
     float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,
     unsigned n_tokens, unsigned n_heads, unsigned n_kv_heads, unsigned head_dim,
     unsigned start_pos, unsigned chunk_rows, unsigned mask_prefix, unsigned mask_span,
@@ -191,16 +194,32 @@ extern "C" __global__ void attention_chunk_f32(
     const TreeBits mask = {mask_bits, mask_prefix, mask_span, mask_words};
     // The per-lane arrays sized to the head: fewer registers and no dead lanes for 64 / 128.
     if (head_dim <= 64) {
-        attend<2>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
+        attend<KV, 2>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
                   n_kv_heads, head_dim, r0, r1, scale);
     } else if (head_dim <= 128) {
-        attend<4>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
+        attend<KV, 4>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
                   n_kv_heads, head_dim, r0, r1, scale);
     } else {
-        attend<8>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
+        attend<KV, 8>(q, k_cache, v_cache, mask, out, part_o, part_ml, t, h, g, n_heads,
                   n_kv_heads, head_dim, r0, r1, scale);
     }
 }
+
+#define ATTENTION_CHUNK(name, KV)                                                          \
+    extern "C" __global__ void name(                                                       \
+        const float* __restrict__ q, const KV* __restrict__ k_cache,                       \
+        const KV* __restrict__ v_cache, const unsigned long long* __restrict__ mask_bits,  \
+        float* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,  \
+        unsigned n_tokens, unsigned n_heads, unsigned n_kv_heads, unsigned head_dim,       \
+        unsigned start_pos, unsigned chunk_rows, unsigned mask_prefix, unsigned mask_span, \
+        unsigned mask_words, float scale) {                                                \
+        attention_chunk<KV>(q, k_cache, v_cache, mask_bits, out, part_o, part_ml, n_tokens, \
+                            n_heads, n_kv_heads, head_dim, start_pos, chunk_rows,           \
+                            mask_prefix, mask_span, mask_words, scale);                     \
+    }
+
+ATTENTION_CHUNK(attention_chunk_f32, float)
+ATTENTION_CHUNK(attention_chunk_f16, __half)
 
 extern "C" __global__ void attention_merge_f32(const float* __restrict__ part_o,
                                                const float* __restrict__ part_ml,

@@ -3,7 +3,7 @@
 //! machine lacks is an error, not a panic.
 
 use sirius_offload::backend::cpu::{self, Isa, ThreadPool};
-use sirius_offload::backend::{AttentionShape, Backend, CpuBackend, Rows, SparseOps};
+use sirius_offload::backend::{AttentionShape, Backend, CpuBackend, CpuKv, Rows, SparseOps};
 use sirius_offload::tensor::DType;
 
 /// Deterministic values in [-1, 1) (xorshift).
@@ -63,11 +63,16 @@ fn pinned_backend_runs_its_tier() {
         let (start, n) = (40, 2);
         let q = values(n * 4 * 24, 5);
         let kv = values((start + n) * 2 * 24, 6);
+        let kv_f16 = CpuKv::F16(
+            kv.iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect(),
+        );
         let mut got = vec![0.0; q.len()];
         b.attention(
             &q,
-            &kv,
-            &kv,
+            &kv_f16,
+            &kv_f16,
             shape,
             Rows::Causal { start, len: n },
             &mut got,
@@ -75,7 +80,18 @@ fn pinned_backend_runs_its_tier() {
         .unwrap();
         let mut want = vec![0.0; q.len()];
         cpu::attention_with_isa(
-            isa, &pool, &q, &kv, &kv, 4, 2, 24, start, n, None, &mut want,
+            isa,
+            &pool,
+            &q,
+            kv_f16.view(),
+            kv_f16.view(),
+            4,
+            2,
+            24,
+            start,
+            n,
+            None,
+            &mut want,
         );
         assert_eq!(bits(&got), bits(&want), "{isa:?} attention");
     }

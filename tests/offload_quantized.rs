@@ -40,6 +40,7 @@ fn engine_at(t: &Tiny, keep: f32, weights: DType, o: Option<OffloadConfig>) -> E
         sparsity: SparsityConfig::new(SparsityMode::Griffin, keep),
         offload: o,
         weights: WeightsChoice::Convert(weights),
+        ..EngineConfig::dense()
     };
     Engine::load(&t.path, CpuBackend::new(2), &config).unwrap()
 }
@@ -219,6 +220,7 @@ fn a_gguf_that_mixes_block_formats_per_layer_offloads_exactly() {
             sparsity: SparsityConfig::new(SparsityMode::Griffin, KEEP),
             offload: o,
             weights: WeightsChoice::AsStored,
+            ..EngineConfig::dense()
         };
         Engine::load(&path, CpuBackend::new(2), &config).unwrap()
     };

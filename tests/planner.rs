@@ -31,6 +31,7 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         budget,
         context: 4096,
         kv_bytes: 2,
+        on_gpu: true,
         link_gbps: 25.0,
         mem_gbps: 1008.0,
         period: 16,
@@ -265,6 +266,7 @@ fn resident_bytes_never_exceed_the_budget() {
         let max_context = inp.config.max_position_embeddings.min(9000);
         inp.context = rng.gen_range(inp.prompt_tokens..=max_context);
         inp.kv_bytes = if rng.gen_bool(0.5) { 2 } else { 4 };
+        inp.on_gpu = rng.gen_bool(0.5);
         match plan(&inp) {
             Ok(p) => {
                 planned += 1;
@@ -471,9 +473,9 @@ fn a_quantized_plan_counts_the_compact_down_format() {
         advice.contains("--griffin-down q4_0") && advice.contains("perplexity"),
         "{advice}"
     );
-    // The CPU runtime (f32 KV cache) is advised only formats `run --weights` makes.
+    // The CPU runtime is advised only formats `run --weights` makes.
     let cpu = plan(&PlanInput {
-        kv_bytes: 4,
+        on_gpu: false,
         context: 512,
         ..input("llama-3-70b", WeightFormat::Bf16, 0.5, gib(30))
     })

@@ -62,21 +62,20 @@ impl Checked<'_, '_> {
             .unwrap();
         let kv = self.model.config.kv_dim();
         for li in 0..self.model.config.num_layers {
-            let (k, v) = self.inner.cache.layer(li).unwrap();
-            let (fk, fv) = fresh.layer(li).unwrap();
-            for (a, b) in [(k, fk), (v, fv)] {
-                let d = a[..len * kv]
-                    .iter()
-                    .zip(&b[..len * kv])
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(
-                    d < 1e-4,
-                    "{}: after verification {}, layer {li} differs by {d}",
-                    self.label,
-                    self.checks
-                );
-            }
+            let d = common::sirius::cache_layer_excess(
+                &self.model.backend,
+                &self.inner.cache,
+                &fresh,
+                li,
+                len,
+                kv,
+            );
+            assert!(
+                d < 1e-4,
+                "{}: after verification {}, layer {li} differs by {d}",
+                self.label,
+                self.checks
+            );
         }
     }
 }
@@ -413,7 +412,12 @@ fn on_smollm2_the_invariants_hold_through_real_corrections() {
     let Some(dir) = common::smollm2_dir("Sirius invariants on SmolLM2") else {
         return;
     };
-    let model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
+    let mut model = Llama::load(&dir, CpuBackend::new(2)).unwrap();
+    // The cache is compared with a fresh run's at float-noise tolerance. In f16, rows
+    // computed in batches of other sizes round apart and the steps compound over 30 layers
+    // (1.9e-4 beyond one step by layer 17): the corrector's bookkeeping is what this test
+    // checks, so it keeps f32 rows (the tiny models above run with the f16 default).
+    model.kv_dtype = sirius_offload::tensor::KvDType::F32;
     let tokenizer =
         sirius_offload::model::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
     let prompt = tokenizer

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::checks;
 use super::cpu::{self as kernels, Isa, ThreadPool};
+use super::cpu_kv::CpuKv;
 pub use super::cpu_matrix::CpuMatrix;
 use super::cpu_matrix::{huge_page_copy, Storage};
 use super::{
@@ -12,8 +13,8 @@ use super::{
     Rows, SparseOps,
 };
 use crate::error::{Error, Result};
-use crate::tensor::DType;
 use crate::tensor::TensorRef;
+use crate::tensor::{DType, KvDType};
 
 pub struct CpuBackend {
     pool: ThreadPool,
@@ -68,6 +69,7 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Matrix = CpuMatrix;
+    type KvBuf = CpuKv;
 
     fn describe(&self) -> String {
         format!(
@@ -237,25 +239,6 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn move_rows(
-        &self,
-        buf: &mut Vec<f32>,
-        src_row: usize,
-        dst_row: usize,
-        n_rows: usize,
-        row_len: usize,
-    ) -> Result<()> {
-        let (s, n) = (src_row * row_len, n_rows * row_len);
-        if dst_row > src_row || s + n > buf.len() {
-            return Err(Error::InvalidArgument(format!(
-                "move of {n_rows} rows of {row_len} from row {src_row} to row {dst_row} in a buffer of {} floats",
-                buf.len()
-            )));
-        }
-        buf.copy_within(s..s + n, dst_row * row_len);
-        Ok(())
-    }
-
     fn copy_rows(
         &self,
         src: &Vec<f32>,
@@ -274,8 +257,8 @@ impl Backend for CpuBackend {
     fn attention(
         &self,
         q: &Vec<f32>,
-        k_cache: &Vec<f32>,
-        v_cache: &Vec<f32>,
+        k_cache: &CpuKv,
+        v_cache: &CpuKv,
         shape: AttentionShape,
         rows: Rows<'_>,
         out: &mut Vec<f32>,
@@ -300,8 +283,8 @@ impl Backend for CpuBackend {
             self.isa,
             &self.pool,
             &q[..n * width],
-            k_cache,
-            v_cache,
+            k_cache.view(),
+            v_cache.view(),
             shape.num_heads,
             shape.num_kv_heads,
             shape.head_dim,
@@ -311,6 +294,46 @@ impl Backend for CpuBackend {
             &mut out[..n * width],
         );
         Ok(())
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDType) -> Result<CpuKv> {
+        Ok(CpuKv::zeroed(len, dtype))
+    }
+
+    fn store_kv(
+        &self,
+        src: &Vec<f32>,
+        dst: &mut CpuKv,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        dst.store(src, dst_row, n_rows, row_len)
+    }
+
+    fn copy_kv_rows(
+        &self,
+        src: &CpuKv,
+        dst: &mut CpuKv,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        dst.copy_from(src, n_rows, row_len)
+    }
+
+    fn read_kv(&self, buf: &CpuKv, offset: usize, out: &mut [f32]) -> Result<()> {
+        buf.read(offset, out)
+    }
+
+    fn move_kv_rows(
+        &self,
+        buf: &mut CpuKv,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        buf.move_rows(src_row, dst_row, n_rows, row_len)
     }
 
     fn silu_mul(&self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) -> Result<()> {

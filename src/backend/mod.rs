@@ -11,6 +11,7 @@
 pub(crate) mod checks;
 pub mod cpu;
 mod cpu_backend;
+mod cpu_kv;
 mod cpu_matrix;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -19,11 +20,12 @@ pub mod offload;
 pub mod rope;
 
 pub use cpu_backend::{CpuBackend, CpuMatrix};
+pub use cpu_kv::CpuKv;
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;
 
 use crate::error::Result;
-use crate::tensor::{DType, TensorRef, TreeMask};
+use crate::tensor::{DType, KvDType, TensorRef, TreeMask};
 
 /// Shape of one attention call: heads, kv heads (GQA) and head width.
 #[derive(Debug, Clone, Copy)]
@@ -64,10 +66,12 @@ impl Rows<'_> {
 /// laid out row-major; a buffer may be larger than what one call uses (scratch is sized for
 /// the longest batch), so every op takes the number of rows it works on.
 pub trait Backend {
-    /// An f32 buffer: activations, KV cache, norm weights, biases.
+    /// An f32 buffer: activations, norm weights, biases.
     type Buf;
     /// A weight matrix `[rows, cols]` kept in its stored dtype.
     type Matrix;
+    /// One layer's keys or values: rows of `n_kv_heads * head_dim` elements of a [`KvDType`].
+    type KvBuf;
 
     /// Short description for logs and stats, e.g. "cpu (avx512, 2 threads)".
     fn describe(&self) -> String;
@@ -130,11 +134,44 @@ pub trait Backend {
     fn attention(
         &self,
         q: &Self::Buf,
-        k_cache: &Self::Buf,
-        v_cache: &Self::Buf,
+        k_cache: &Self::KvBuf,
+        v_cache: &Self::KvBuf,
         shape: AttentionShape,
         rows: Rows<'_>,
         out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// A zeroed KV buffer of `len` elements stored as `dtype`.
+    fn alloc_kv(&self, len: usize, dtype: KvDType) -> Result<Self::KvBuf>;
+    /// Writes rows `0..n_rows` of `src` (f32, `row_len` each) into `dst` from row `dst_row`,
+    /// rounded to `dst`'s dtype (to nearest, ties to even).
+    fn store_kv(
+        &self,
+        src: &Self::Buf,
+        dst: &mut Self::KvBuf,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()>;
+    /// Copies `n_rows` rows of `row_len` elements from `src` (from row 0) into `dst` (from
+    /// row 0), both of one dtype: a shared prompt prefix computed once.
+    fn copy_kv_rows(
+        &self,
+        src: &Self::KvBuf,
+        dst: &mut Self::KvBuf,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()>;
+    /// Reads `out.len()` elements starting at `offset` back to the host as f32.
+    fn read_kv(&self, buf: &Self::KvBuf, offset: usize, out: &mut [f32]) -> Result<()>;
+    /// Moves `n_rows` rows of `row_len` elements within `buf` from row `src_row` to `dst_row`
+    /// (`dst_row <= src_row`; the ranges may overlap): compacts an accepted tree path.
+    fn move_kv_rows(
+        &self,
+        buf: &mut Self::KvBuf,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
     ) -> Result<()>;
     /// gate[i] = silu(gate[i]) * up[i] for i < len.
     fn silu_mul(&self, gate: &mut Self::Buf, up: &Self::Buf, len: usize) -> Result<()>;
@@ -146,16 +183,6 @@ pub trait Backend {
         src: &Self::Buf,
         src_row: usize,
         dst: &mut Self::Buf,
-        dst_row: usize,
-        n_rows: usize,
-        row_len: usize,
-    ) -> Result<()>;
-    /// Moves `n_rows` rows of `row_len` floats within `buf` from row `src_row` to `dst_row`
-    /// (`dst_row <= src_row`; the ranges may overlap): compacts an accepted tree path.
-    fn move_rows(
-        &self,
-        buf: &mut Self::Buf,
-        src_row: usize,
         dst_row: usize,
         n_rows: usize,
         row_len: usize,

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::WeightsChoice;
 use crate::sirius::{Period, SiriusConfig};
 use crate::sparsity::{validate_keep, SparsityConfig, SparsityMode};
-use crate::tensor::DType;
+use crate::tensor::{DType, KvDType};
 
 /// The model a subcommand loads, and the CPU threads it computes with.
 #[derive(Debug, Clone, Args)]
@@ -28,6 +28,10 @@ pub struct ModelArgs {
     /// quantized to q8_0 / q4_0 (any model, e.g. a bf16 checkpoint).
     #[arg(long, default_value = "auto")]
     pub weights: WeightsArg,
+    /// How the KV cache stores keys and values: f16 (half the memory, and half the bytes
+    /// attention reads per token) or f32 (as computed).
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: KvDType,
 }
 
 /// `--weights` of run, bench, eval and calibrate.

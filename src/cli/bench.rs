@@ -97,6 +97,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         sparsity: args.sparsity.config()?,
         offload: None,
         weights: args.model.weights(),
+        kv_dtype: args.model.kv_dtype,
     };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
     let engine = Engine::load(&dir, CpuBackend::new(args.model.threads), &config)?;

@@ -79,6 +79,7 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         sparsity: sparsity.clone(),
         offload: None,
         weights: args.model.weights(),
+        kv_dtype: args.model.kv_dtype,
     };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
     let mut engine = Engine::load(&dir, CpuBackend::new(args.model.threads), &config)?;

@@ -54,6 +54,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     let backend = CpuBackend::new(args.model.threads);
     let config = EngineConfig {
         weights: args.model.weights(),
+        kv_dtype: args.model.kv_dtype,
         ..EngineConfig::dense()
     };
     let engine = Engine::load(&dir, backend, &config)?;

@@ -46,6 +46,7 @@ pub(crate) fn load(args: &EvalArgs, sparse: bool) -> Result<Loaded> {
         sparsity,
         offload: None,
         weights: args.model.weights(),
+        kv_dtype: args.model.kv_dtype,
     };
     let engine = Engine::load(&dir, backend, &config)?;
     Ok(Loaded { engine, threads })

@@ -18,6 +18,7 @@ use crate::model::ModelFiles;
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
 use crate::offload::placement::{self, Every, LayerFormats, Plan, PlanInput, Residence};
+use crate::tensor::KvDType;
 use crate::units::{format_bytes, parse_size};
 
 /// The planner's input fields and the options that set them.
@@ -40,14 +41,14 @@ pub struct PlanArgs {
     /// Preset name (e.g. llama-3-70b; weights not needed) or a model directory with config.json.
     #[arg(long, short = 'm')]
     pub model: String,
-    /// GPU memory budget, e.g. 24G (= 24 GiB), 24GB (= 24e9 bytes), 512M. KV cache in f16.
+    /// GPU memory budget, e.g. 24G (= 24 GiB), 24GB (= 24e9 bytes), 512M.
     #[arg(
         long,
         required_unless_present = "resident_mem",
         conflicts_with = "resident_mem"
     )]
     pub gpu_mem: Option<String>,
-    /// Plan for the CPU runtime instead: resident memory budget (KV cache in f32).
+    /// Plan for the CPU runtime instead: resident memory budget.
     #[arg(long)]
     pub resident_mem: Option<String>,
     /// Weight format of the matrices, with its true bytes per block: bf16, f16, q8_0 (8.5 bits
@@ -79,6 +80,9 @@ pub struct PlanArgs {
     /// KV cache rows to hold.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
+    /// How the KV cache stores keys and values (as `run --kv-dtype`): f16 or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv_dtype: KvDType,
     /// Prompt length for the time to first token.
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
@@ -98,8 +102,8 @@ struct Predicted<T> {
 #[derive(Serialize)]
 struct Report {
     model: String,
-    /// The option the budget came from: `--gpu-mem` (a GPU's memory, f16 KV cache) or
-    /// `--resident-mem` (the CPU runtime's resident set, f32 KV cache).
+    /// The option the budget came from: `--gpu-mem` (a GPU's memory) or `--resident-mem`
+    /// (the CPU runtime's resident set).
     budget_option: &'static str,
     format: WeightFormat,
     keep: f64,
@@ -150,9 +154,9 @@ impl Report {
 use crate::offload::placement::{CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
 
 pub fn plan(args: &PlanArgs) -> Result<()> {
-    let (option, size, kv_bytes) = match (&args.gpu_mem, &args.resident_mem) {
-        (Some(s), _) => ("--gpu-mem", s, 2),
-        (None, Some(s)) => ("--resident-mem", s, 4),
+    let (option, size, on_gpu) = match (&args.gpu_mem, &args.resident_mem) {
+        (Some(s), _) => ("--gpu-mem", s, true),
+        (None, Some(s)) => ("--resident-mem", s, false),
         (None, None) => {
             return Err(Error::InvalidArgument(
                 "give a budget: --gpu-mem SIZE or --resident-mem SIZE".into(),
@@ -171,11 +175,12 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         keep: args.keep,
         budget,
         context: args.context,
-        kv_bytes,
+        kv_bytes: args.kv_dtype.size(),
+        on_gpu,
         link_gbps: args.link_gbps,
-        mem_gbps: args.mem_gbps.unwrap_or(match kv_bytes {
-            4 => CPU_MEM_GBPS,
-            _ => GPU_MEM_GBPS,
+        mem_gbps: args.mem_gbps.unwrap_or(match on_gpu {
+            false => CPU_MEM_GBPS,
+            true => GPU_MEM_GBPS,
         }),
         period: args.period,
         // A window always advances at least one token, hence the floor of 1 for tiny K.
@@ -192,7 +197,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     // For --resident-mem, only formats `run --weights` can make from any checkpoint: an
     // advice `run` could not follow is no advice (K-quants come only as GGUF files).
     let cpu_format = |f: WeightFormat| {
-        kv_bytes != 4
+        on_gpu
             || matches!(
                 f,
                 WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 | WeightFormat::Q4_0

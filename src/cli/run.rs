@@ -134,6 +134,7 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
         sparsity: job.sparsity.clone(),
         offload: job.offload.as_ref().map(|(o, _)| o.clone()),
         weights: args.model.weights(),
+        kv_dtype: args.model.kv_dtype,
     };
     // Checked against the model's config before the (long) load.
     let max_pos = ModelFiles::read_config(&dir)?.max_position_embeddings;

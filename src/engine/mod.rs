@@ -34,6 +34,7 @@ use crate::model::{Llama, ModelFiles, SamplingParams, Tokenizer, WeightsChoice};
 use crate::offload::runtime::{OffloadConfig, OffloadRuntime};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
+use crate::tensor::KvDType;
 
 pub use output::{GenerationOutput, SiriusReport, StopReason};
 pub use prefix::PromptPrefix;
@@ -48,6 +49,8 @@ pub struct EngineConfig {
     pub offload: Option<OffloadConfig>,
     /// How the weight matrices are kept (quantized GGUF blocks as stored by default).
     pub weights: WeightsChoice,
+    /// How KV caches store their rows.
+    pub kv_dtype: KvDType,
 }
 
 impl EngineConfig {
@@ -57,6 +60,7 @@ impl EngineConfig {
             sparsity: SparsityConfig::dense(),
             offload: None,
             weights: WeightsChoice::AsStored,
+            kv_dtype: KvDType::default(),
         }
     }
 }
@@ -177,7 +181,8 @@ impl<B: OffloadBackend> Engine<B> {
             config.offload.is_some() && B::RESIDENT_MEMORY == ResidentMemory::Device;
         let files = ModelFiles::open_with(path, weights_for(config, path, device_offload))?;
         let text = files.text;
-        let model = Llama::from_store(files.config, files.weights, backend)?;
+        let mut model = Llama::from_store(files.config, files.weights, backend)?;
+        model.kv_dtype = config.kv_dtype;
         tracing::info!(model = %path.display(), backend = %model.backend_description(), dtype = %model.dtype,
             weight_bytes = model.weight_bytes(), seconds = loaded.elapsed().as_secs_f64(), "model loaded");
         // Offloading keeps its own host copy of the FFN and places the sparse set itself.

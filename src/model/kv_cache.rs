@@ -1,24 +1,33 @@
-//! The key/value cache: one K and one V buffer per layer, `capacity` rows of kv_dim floats.
+//! The key/value cache: one K and one V buffer per layer, `capacity` rows of kv_dim elements
+//! stored as the cache's [`KvDType`].
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::tensor::KvDType;
 
 pub struct KvCache<B: Backend> {
-    pub(crate) keys: Vec<B::Buf>,
-    pub(crate) values: Vec<B::Buf>,
+    pub(crate) keys: Vec<B::KvBuf>,
+    pub(crate) values: Vec<B::KvBuf>,
     len: usize,
     capacity: usize,
-    /// Floats per row (kv heads * head dim).
+    /// Elements per row (kv heads * head dim).
     row_len: usize,
+    dtype: KvDType,
 }
 
 impl<B: Backend> KvCache<B> {
-    pub fn new(backend: &B, num_layers: usize, kv_dim: usize, capacity: usize) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        num_layers: usize,
+        kv_dim: usize,
+        capacity: usize,
+        dtype: KvDType,
+    ) -> Result<Self> {
         let mut keys = Vec::with_capacity(num_layers);
         let mut values = Vec::with_capacity(num_layers);
         for _ in 0..num_layers {
-            keys.push(backend.alloc(capacity * kv_dim)?);
-            values.push(backend.alloc(capacity * kv_dim)?);
+            keys.push(backend.alloc_kv(capacity * kv_dim, dtype)?);
+            values.push(backend.alloc_kv(capacity * kv_dim, dtype)?);
         }
         Ok(KvCache {
             keys,
@@ -26,7 +35,13 @@ impl<B: Backend> KvCache<B> {
             len: 0,
             capacity,
             row_len: kv_dim,
+            dtype,
         })
+    }
+
+    /// How the rows are stored.
+    pub fn dtype(&self) -> KvDType {
+        self.dtype
     }
 
     /// Positions filled so far.
@@ -43,7 +58,7 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Layer `li`'s key and value buffers (`[capacity, kv_dim]`; rows past `len()` are stale).
-    pub fn layer(&self, li: usize) -> Option<(&B::Buf, &B::Buf)> {
+    pub fn layer(&self, li: usize) -> Option<(&B::KvBuf, &B::KvBuf)> {
         Some((self.keys.get(li)?, self.values.get(li)?))
     }
 
@@ -58,23 +73,26 @@ impl<B: Backend> KvCache<B> {
             || src.len > self.capacity
             || src.row_len != self.row_len
             || src.keys.len() != self.keys.len()
+            || src.dtype != self.dtype
         {
             return Err(Error::InvalidArgument(format!(
-                "cannot seed a cache of {} layers x {} rows ({} filled, {} floats each) with {} \
-                 layers x {} rows of {} floats",
+                "cannot seed a cache of {} layers x {} rows ({} filled, {} {} each) with {} \
+                 layers x {} rows of {} {}",
                 self.keys.len(),
                 self.capacity,
                 self.len,
                 self.row_len,
+                self.dtype,
                 src.keys.len(),
                 src.len,
-                src.row_len
+                src.row_len,
+                src.dtype
             )));
         }
         let pairs =
             (self.keys.iter_mut().zip(&src.keys)).chain(self.values.iter_mut().zip(&src.values));
         for (dst, from) in pairs {
-            backend.copy_rows(from, 0, dst, 0, src.len, self.row_len)?;
+            backend.copy_kv_rows(from, dst, src.len, self.row_len)?;
         }
         self.len = src.len;
         Ok(())
@@ -98,7 +116,7 @@ impl<B: Backend> KvCache<B> {
         for (i, &row) in rows.iter().enumerate() {
             if row != start + i {
                 for buf in self.keys.iter_mut().chain(self.values.iter_mut()) {
-                    backend.move_rows(buf, row, start + i, 1, self.row_len)?;
+                    backend.move_kv_rows(buf, row, start + i, 1, self.row_len)?;
                 }
             }
         }

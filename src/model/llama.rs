@@ -12,7 +12,7 @@ use crate::model::scratch::Scratch;
 use crate::model::streamed::{LayerStream, StreamedAttention, StreamedLayer};
 use crate::model::weights::WeightStore;
 use crate::sparsity::ffn::{FfnDims, FfnStep, FfnStrategy, FfnWeights};
-use crate::tensor::{DType, TreeMask};
+use crate::tensor::{DType, KvDType, TreeMask};
 
 /// Weights of one decoder layer. Shapes are `[rows, cols]` = `[out, in]`; h = hidden,
 /// q = heads*head_dim, kv = kv_heads*head_dim, f = intermediate.
@@ -35,6 +35,8 @@ pub struct Llama<B: Backend> {
     pub backend: B,
     /// Stored dtype of the FFN matrices (of every matrix in a float checkpoint).
     pub dtype: DType,
+    /// How new KV caches store their rows (f16 unless the engine asks otherwise).
+    pub kv_dtype: KvDType,
     pub(super) embed: B::Matrix, // [vocab, h]
     pub(super) layers: Vec<LayerWeights<B>>,
     pub(super) final_norm: B::Buf, // [h]
@@ -114,6 +116,7 @@ impl<B: Backend> Llama<B> {
             self.config.num_layers,
             self.config.kv_dim(),
             capacity,
+            self.kv_dtype,
         )
     }
 
@@ -302,8 +305,8 @@ impl<B: Backend> Llama<B> {
         };
         b.rope(&mut s.q, c.num_heads, rows, &self.rope)?;
         b.rope(&mut s.k, c.num_kv_heads, rows, &self.rope)?;
-        b.copy_rows(&s.k, 0, &mut cache.keys[li], start, n, c.kv_dim())?;
-        b.copy_rows(&s.v, 0, &mut cache.values[li], start, n, c.kv_dim())?;
+        b.store_kv(&s.k, &mut cache.keys[li], start, n, c.kv_dim())?;
+        b.store_kv(&s.v, &mut cache.values[li], start, n, c.kv_dim())?;
         let shape = AttentionShape {
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,

@@ -13,7 +13,7 @@ use crate::model::weights::WeightStore;
 use crate::sparsity::bundles::FfnTensors;
 use crate::sparsity::ffn::FfnWeights;
 use crate::sparsity::{Sparsity, SparsityConfig};
-use crate::tensor::TensorRef;
+use crate::tensor::{KvDType, TensorRef};
 
 impl<B: Backend> Llama<B> {
     /// Loads the model of an HF-layout directory or a GGUF file, weights as stored (the
@@ -61,6 +61,7 @@ impl<B: Backend> Llama<B> {
             config,
             backend,
             dtype,
+            kv_dtype: KvDType::default(),
             embed,
             layers,
             final_norm,

@@ -138,11 +138,11 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
     }
 }
 
-/// Whether the runtime the plan is for can run `w`: a GPU plan (f16 KV cache) any format; the
-/// CPU runtime (f32 KV cache, `run --resident-mem`) the ones `run --weights` makes from any
-/// checkpoint (K-quants and Q4_1 come only as GGUF files).
+/// Whether the runtime the plan is for can run `w`: a GPU plan any format; the CPU runtime
+/// (`run --resident-mem`) the ones `run --weights` makes from any checkpoint (K-quants and
+/// Q4_1 come only as GGUF files).
 fn runnable(input: &PlanInput, w: WeightFormat) -> bool {
-    input.kv_bytes != 4
+    input.on_gpu
         || matches!(
             w,
             WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 | WeightFormat::Q4_0

@@ -202,8 +202,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             keep: shape.keep as f64,
             budget: cfg.budget,
             context: shape.context,
-            // Both backends keep the KV cache in f32.
-            kv_bytes: 4,
+            kv_bytes: model.kv_dtype.size(),
+            on_gpu: B::RESIDENT_MEMORY == ResidentMemory::Device,
             link_gbps: planner_link::<B>(cfg).0,
             mem_gbps: cfg.mem_gbps.unwrap_or(match B::RESIDENT_MEMORY {
                 ResidentMemory::Host => CPU_MEM_GBPS,

@@ -59,8 +59,11 @@ pub struct PlanInput {
     pub budget: u64,
     /// KV cache rows to hold.
     pub context: usize,
-    /// Bytes per KV element: 2 (f16, GPU) or 4 (f32, the CPU backend).
+    /// Bytes per KV element: 2 (f16, the default) or 4 (f32).
     pub kv_bytes: usize,
+    /// A plan for a GPU (any weight format runs there), not for the CPU runtime (which runs
+    /// the formats `run --weights` makes from any checkpoint, and a GGUF's own).
+    pub on_gpu: bool,
     /// Host -> device link, GB/s (10^9 bytes).
     pub link_gbps: f64,
     /// Device memory bandwidth, GB/s.

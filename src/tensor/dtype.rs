@@ -85,3 +85,49 @@ impl fmt::Display for DType {
         })
     }
 }
+
+/// How a KV cache stores its rows. f16 halves the bytes every attention step reads (and the
+/// cache's memory) at a rounding of each key and value to 11 significant bits; f32 keeps
+/// them as computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KvDType {
+    F32,
+    #[default]
+    F16,
+}
+
+impl KvDType {
+    /// Bytes per stored element.
+    pub fn size(self) -> usize {
+        match self {
+            KvDType::F32 => 4,
+            KvDType::F16 => 2,
+        }
+    }
+
+    /// The element type as a tensor dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            KvDType::F32 => DType::F32,
+            KvDType::F16 => DType::F16,
+        }
+    }
+}
+
+impl fmt::Display for KvDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.dtype(), f)
+    }
+}
+
+impl std::str::FromStr for KvDType {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvDType::F16),
+            "f32" => Ok(KvDType::F32),
+            _ => Err(format!("'{s}' is not a KV cache type: use f16 or f32")),
+        }
+    }
+}

@@ -8,6 +8,6 @@ pub mod quantize;
 mod tensor_ref;
 mod tree_mask;
 
-pub use dtype::DType;
+pub use dtype::{DType, KvDType};
 pub use tensor_ref::TensorRef;
 pub use tree_mask::TreeMask;

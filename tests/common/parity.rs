@@ -18,7 +18,7 @@ use sirius_offload::backend::{
 };
 use sirius_offload::config::ModelConfig;
 use sirius_offload::model::rope::rope_frequencies;
-use sirius_offload::tensor::{DType, TreeMask};
+use sirius_offload::tensor::{DType, KvDType, TreeMask};
 
 use super::{Rng, TinySpec};
 
@@ -277,7 +277,7 @@ pub fn elementwise<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
     }
 }
 
-/// `copy_rows` and `move_rows` (overlapping, disjoint, in place, out of bounds), `read` at offsets, `alloc` zeroed.
+/// `copy_rows`, the KV cache's row ops on f32 and f16 buffers, `read` at offsets, `alloc` zeroed.
 pub fn rows<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
     let (g, c) = (p.cand, p.reference);
     let mut rng = Rng::new(4);
@@ -293,16 +293,8 @@ pub fn rows<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
             read_all(b, &d, rows * row_len)
         });
         p.check("copy_rows", &format!("row{row_len}"), &go, &co, EXACT);
-        // Overlapping, disjoint and in-place moves (a tree path compacted in the cache).
-        for (src_row, dst_row, n) in [(3, 1, 5), (9, 0, 3), (4, 4, 2), (1, 0, 11)] {
-            let (go, co) = both!(g, c, |b| {
-                let mut buf = b.upload(&src).unwrap();
-                b.move_rows(&mut buf, src_row, dst_row, n, row_len).unwrap();
-                assert!(b.move_rows(&mut buf, 1, 2, 1, row_len).is_err());
-                read_all(b, &buf, rows * row_len)
-            });
-            let case = format!("row{row_len} {src_row}->{dst_row} x{n}");
-            p.check("move_rows", &case, &go, &co, EXACT);
+        for dtype in [KvDType::F32, KvDType::F16] {
+            kv_rows(p, &src, rows, row_len, dtype);
         }
     }
     // read: offsets, lengths, past the end; alloc is zeroed.
@@ -319,6 +311,76 @@ pub fn rows<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
     }
     let zeros = read_all(g, &g.alloc(4099).unwrap(), 4099);
     p.check("alloc", "4099 zeroed", &zeros, &[0.0; 4099], EXACT);
+}
+
+/// The KV cache's row ops on `dtype` buffers: `store_kv` (rounding), `copy_kv_rows`,
+/// `move_kv_rows` (overlapping, disjoint, in place, out of bounds), `read_kv`.
+fn kv_rows<C: SparseOps, R: SparseOps>(
+    p: &Pair<C, R>,
+    src: &[f32],
+    rows: usize,
+    row_len: usize,
+    dtype: KvDType,
+) {
+    let (g, c) = (p.cand, p.reference);
+    let len = rows * row_len;
+    let (go, co) = both!(g, c, |b| {
+        let s = b.upload(src).unwrap();
+        let mut kv = b.alloc_kv(len, dtype).unwrap();
+        b.store_kv(&s, &mut kv, 2, 7, row_len).unwrap();
+        assert!(b.store_kv(&s, &mut kv, 6, 7, row_len).is_err());
+        let mut copy = b.alloc_kv(len, dtype).unwrap();
+        b.copy_kv_rows(&kv, &mut copy, 9, row_len).unwrap();
+        let mut out = vec![f32::NAN; len];
+        b.read_kv(&copy, 0, &mut out).unwrap();
+        assert!(b.read_kv(&copy, 1, &mut vec![0.0; len]).is_err());
+        out
+    });
+    // Rows 0-1 and 9-11 stay zero; 2-8 hold src rows 0-6, rounded to the dtype.
+    let want: Vec<f32> = (0..len)
+        .map(|i| match i / row_len {
+            2..=8 => round_to(dtype, src[i - 2 * row_len]),
+            _ => 0.0,
+        })
+        .collect();
+    p.check(
+        "store_kv",
+        &format!("{dtype} row{row_len}"),
+        &go,
+        &want,
+        EXACT,
+    );
+    p.check(
+        "copy_kv_rows",
+        &format!("{dtype} row{row_len}"),
+        &co,
+        &want,
+        EXACT,
+    );
+    // Overlapping, disjoint and in-place moves (a tree path compacted in the cache).
+    for (src_row, dst_row, n) in [(3, 1, 5), (9, 0, 3), (4, 4, 2), (1, 0, 11)] {
+        let (go, co) = both!(g, c, |b| {
+            let s = b.upload(src).unwrap();
+            let mut kv = b.alloc_kv(len, dtype).unwrap();
+            b.store_kv(&s, &mut kv, 0, rows, row_len).unwrap();
+            b.move_kv_rows(&mut kv, src_row, dst_row, n, row_len)
+                .unwrap();
+            assert!(b.move_kv_rows(&mut kv, 1, 2, 1, row_len).is_err());
+            let mut out = vec![f32::NAN; len];
+            b.read_kv(&kv, 0, &mut out).unwrap();
+            out
+        });
+        let case = format!("{dtype} row{row_len} {src_row}->{dst_row} x{n}");
+        p.check("move_kv_rows", &case, &go, &co, EXACT);
+    }
+}
+
+/// `x` as a `dtype` KV cache stores it.
+fn round_to(dtype: KvDType, x: f32) -> f32 {
+    match dtype {
+        KvDType::F32 => x,
+        KvDType::F16 => half::f16::from_f32(x).to_f32(),
+    }
 }
 
 /// `rope` at causal positions far into the table (plain and llama3 frequencies) and at tree depths.
@@ -372,9 +434,12 @@ pub fn attention<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
                 let v = random(&mut rng, cap * kvw, 1.0);
                 let q = random(&mut rng, (n + 1) * qw, 1.0);
                 let rows = Rows::Causal { start, len: n };
-                let (go, co) = both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows));
-                let case = format!("{} @{start} n{n}", shape_name(shape));
-                p.check("attention", &case, &go, &co, ATTENTION);
+                for dtype in [KvDType::F32, KvDType::F16] {
+                    let (go, co) =
+                        both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows, dtype));
+                    let case = format!("{} {dtype} @{start} n{n}", shape_name(shape));
+                    p.check("attention", &case, &go, &co, ATTENTION);
+                }
             }
         }
     }
@@ -387,8 +452,22 @@ fn attention_out<B: Backend>(
     qkv: [&[f32]; 3],
     shape: AttentionShape,
     rows: Rows,
+    dtype: KvDType,
 ) -> Vec<f32> {
-    let [q, k, v] = qkv.map(|x| b.upload(x).unwrap());
+    let q = b.upload(qkv[0]).unwrap();
+    let [k, v] = [qkv[1], qkv[2]].map(|x| {
+        let mut kv = b.alloc_kv(x.len(), dtype).unwrap();
+        let row_len = shape.num_kv_heads * shape.head_dim;
+        b.store_kv(
+            &b.upload(x).unwrap(),
+            &mut kv,
+            0,
+            x.len() / row_len,
+            row_len,
+        )
+        .unwrap();
+        kv
+    });
     let len = (rows.len() + 1) * shape.num_heads * shape.head_dim;
     let mut out = poisoned(b, len);
     b.attention(&q, &k, &v, shape, rows, &mut out).unwrap();
@@ -415,7 +494,8 @@ pub fn tree_attention<C: SparseOps, R: SparseOps>(p: &Pair<C, R>) {
                 let v = random(&mut rng, cap * kvw, 1.0);
                 let q = random(&mut rng, (n + 1) * qw, 1.0);
                 let rows = Rows::Tree(&mask);
-                let (go, co) = both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows));
+                let dtype = [KvDType::F32, KvDType::F16][batch_start % 2];
+                let (go, co) = both!(g, c, |b| attention_out(b, [&q, &k, &v], shape, rows, dtype));
                 let case = format!("{} prefix{prefix} from{batch_start}", shape_name(shape));
                 p.check("tree_attention", &case, &go, &co, ATTENTION);
             }

@@ -58,3 +58,36 @@ pub fn correct_adaptive(
     let config = sirius_offload::sirius::Period::Auto(o.period).apply(o.config());
     run_windows(m, first, Corrector::new(config, stop)?, o.max_tokens)
 }
+
+/// How far layer `li` of two caches' first `len` rows differ beyond what storing them
+/// rounds: rows computed apart differ by float noise, and an f16 cache may round the two to
+/// neighbouring values (one f16 step, at most |x| / 1024).
+pub fn cache_layer_excess<B: sirius_offload::backend::Backend>(
+    backend: &B,
+    a: &sirius_offload::model::KvCache<B>,
+    b: &sirius_offload::model::KvCache<B>,
+    li: usize,
+    len: usize,
+    kv_dim: usize,
+) -> f32 {
+    let read = |buf: &B::KvBuf| {
+        let mut out = vec![0.0; len * kv_dim];
+        backend.read_kv(buf, 0, &mut out).unwrap();
+        out
+    };
+    let step = |y: f32| match b.dtype() {
+        sirius_offload::tensor::KvDType::F16 => y.abs() / 1024.0,
+        sirius_offload::tensor::KvDType::F32 => 0.0,
+    };
+    let ((ak, av), (bk, bv)) = (a.layer(li).unwrap(), b.layer(li).unwrap());
+    [(ak, bk), (av, bv)]
+        .into_iter()
+        .flat_map(|(x, y)| {
+            let (x, y) = (read(x), read(y));
+            x.into_iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs() - step(q))
+                .collect::<Vec<_>>()
+        })
+        .fold(0.0f32, f32::max)
+}

@@ -9,10 +9,10 @@
 use std::cell::RefCell;
 
 use super::attention_window::window_attention;
-use super::kernels::{Kernels, StridedRows};
+use super::kernels::{CacheRows, Kernels, KvSlice, StridedRows};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
-use crate::tensor::TreeMask;
+use crate::tensor::{DType, TreeMask};
 
 /// Target number of tasks per thread when splitting positions into chunks.
 const TASKS_PER_THREAD: usize = 4;
@@ -24,6 +24,37 @@ thread_local! {
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The caller's per-chunk partial results (outputs, maxima, sums) before merging.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One KV head's f16 cache rows widened to f32 for the task's products.
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on `rows` as the f32 rows the products read: an f32 cache's rows as they are; an
+/// f16 cache's widened once into a thread-local buffer, so that each of the group's query
+/// heads reads floats instead of converting every row again (and the kernels stay f32).
+pub(super) fn with_f32_rows<R>(k: Kernels, rows: CacheRows, f: impl FnOnce(StridedRows) -> R) -> R {
+    let CacheRows {
+        data,
+        stride,
+        cols,
+        n,
+    } = rows;
+    match data {
+        KvSlice::F32(data) => f(StridedRows {
+            data,
+            stride,
+            cols,
+            n,
+        }),
+        KvSlice::F16(_) => with_scratch(&WIDE, n * cols, |wide| {
+            k.convert_rows(data.bytes(), DType::F16, stride, cols, wide);
+            f(StridedRows {
+                data: wide,
+                stride: cols,
+                cols,
+                n,
+            })
+        }),
+    }
 }
 
 /// Shapes shared by every task of one call.
@@ -55,13 +86,13 @@ impl Dims {
     /// Cache rows `start..start + n` of KV head `g` in a `[positions, kv_dim]` cache.
     pub fn head_rows<'c>(
         &self,
-        cache: &'c [f32],
+        cache: KvSlice<'c>,
         g: usize,
         start: usize,
         n: usize,
-    ) -> StridedRows<'c> {
-        StridedRows {
-            data: &cache[start * self.kv_dim + g * self.head_dim..],
+    ) -> CacheRows<'c> {
+        CacheRows {
+            data: cache.from(start * self.kv_dim + g * self.head_dim),
             stride: self.kv_dim,
             cols: self.head_dim,
             n,
@@ -75,8 +106,8 @@ pub(super) fn attention_with(
     k: Kernels,
     pool: &ThreadPool,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvSlice<'_>,
+    v_cache: KvSlice<'_>,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -112,7 +143,10 @@ pub(super) fn attention_with(
     if n_tokens == 0 || head_dim == 0 {
         return;
     }
-    let (k_cache, v_cache) = (&k_cache[..seen * d.kv_dim], &v_cache[..seen * d.kv_dim]);
+    let (k_cache, v_cache) = (
+        k_cache.slice(0..seen * d.kv_dim),
+        v_cache.slice(0..seen * d.kv_dim),
+    );
     // Windows read the history once per block of tokens instead of once per token.
     if n_tokens > 1 {
         window_attention(
@@ -154,8 +188,8 @@ struct Batch<'a> {
     d: Dims,
     n_kv_heads: usize,
     q: &'a [f32],
-    k_cache: &'a [f32],
-    v_cache: &'a [f32],
+    k_cache: KvSlice<'a>,
+    v_cache: KvSlice<'a>,
     start_pos: usize,
     n_tokens: usize,
     mask: Option<&'a TreeMask>,
@@ -252,8 +286,8 @@ fn group_chunk(
     k: Kernels,
     d: &Dims,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvSlice<'_>,
+    v_cache: KvSlice<'_>,
     t: usize,
     g: usize,
     rows: Rows<'_>,
@@ -274,7 +308,7 @@ fn group_chunk(
     let qg = &q[(t * d.n_heads + g * d.group) * hd..][..d.group * hd];
     let cache = |c| d.head_rows(c, g, range.start, np);
     with_scratch(&SCORES, d.group * np, |s| {
-        k.scores(cache(k_cache), qg, s);
+        with_f32_rows(k, cache(k_cache), |keys| k.scores(keys, qg, s));
         for (h, sh) in s.chunks_exact_mut(np).enumerate() {
             k.scale(sh, d.scale);
             let hidden = |i: usize| {
@@ -306,7 +340,7 @@ fn group_chunk(
                 l[h] = sum;
             }
         }
-        k.weighted_sum(cache(v_cache), s, o);
+        with_f32_rows(k, cache(v_cache), |values| k.weighted_sum(values, s, o));
     });
 }
 
@@ -385,6 +419,22 @@ mod tests {
         out
     }
 
+    fn to_f16(x: &[f32]) -> Vec<u16> {
+        x.iter()
+            .map(|&v| half::f16::from_f32(v).to_bits())
+            .collect()
+    }
+
+    fn from_f16(x: &[u16]) -> Vec<f32> {
+        x.iter()
+            .map(|&b| half::f16::from_bits(b).to_f32())
+            .collect()
+    }
+
+    fn kc_f32(x: KvSlice<'_>) -> Vec<f32> {
+        (0..x.len()).map(|i| x.get(i)).collect()
+    }
+
     #[test]
     fn attention_matches_reference() {
         let mut rng = TestRng::new(9);
@@ -422,17 +472,27 @@ mod tests {
                         .map(|v| v * 3.0)
                         .collect();
                     let vc = rng.vec(capacity * nkv * hd);
-                    let mut out = vec![f32::NAN; n * nh * hd];
-                    attention_with(
-                        k, &pool, &q, &kc, &vc, nh, nkv, hd, start, n, None, &mut out,
-                    );
-                    let want = reference(&q, &kc, &vc, nh, nkv, hd, start, n, None);
-                    for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
-                            "{isa:?} threads={threads} case {:?} i={i}: got {g}, want {w}",
-                            (nh, nkv, hd, start, n)
-                        );
+                    // An f16 cache holds the values rounded to f16: the reference gets those.
+                    let (kh, vh) = (to_f16(&kc), to_f16(&vc));
+                    let (kr, vr) = (from_f16(&kh), from_f16(&vh));
+                    for (kv, kc, vc) in [
+                        ("f32", KvSlice::F32(&kc), KvSlice::F32(&vc)),
+                        ("f16", KvSlice::F16(&kh), KvSlice::F16(&vh)),
+                    ] {
+                        let mut out = vec![f32::NAN; n * nh * hd];
+                        attention_with(k, &pool, &q, kc, vc, nh, nkv, hd, start, n, None, &mut out);
+                        let (kc, vc) = match kv {
+                            "f32" => (&kc_f32(kc), &kc_f32(vc)),
+                            _ => (&kr, &vr),
+                        };
+                        let want = reference(&q, kc, vc, nh, nkv, hd, start, n, None);
+                        for (i, (&g, &w)) in out.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g as f64 - w).abs() <= 2e-5 * (1.0 + w.abs()),
+                                "{isa:?} {kv} threads={threads} case {:?} i={i}: got {g}, want {w}",
+                                (nh, nkv, hd, start, n)
+                            );
+                        }
                     }
                 }
             }
@@ -471,8 +531,8 @@ mod tests {
                         k,
                         &pool,
                         &q,
-                        &kc,
-                        &vc,
+                        KvSlice::F32(&kc),
+                        KvSlice::F32(&vc),
                         nh,
                         nkv,
                         hd,

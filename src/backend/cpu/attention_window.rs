@@ -10,8 +10,8 @@
 
 use std::cell::RefCell;
 
-use super::attention::{merge, Dims};
-use super::kernels::Kernels;
+use super::attention::{merge, with_f32_rows, Dims};
+use super::kernels::{Kernels, KvSlice};
 use super::pool::ThreadPool;
 use super::util::{with_scratch, SharedMut};
 use crate::tensor::TreeMask;
@@ -41,8 +41,8 @@ pub(super) fn window_attention(
     pool: &ThreadPool,
     d: &Dims,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvSlice<'_>,
+    v_cache: KvSlice<'_>,
     start_pos: usize,
     n_tokens: usize,
     mask: Option<&TreeMask>,
@@ -130,8 +130,8 @@ fn block_attention<'s>(
     k: Kernels,
     d: &Dims,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    k_cache: KvSlice<'_>,
+    v_cache: KvSlice<'_>,
     b: &Block<'_>,
     slot: &dyn Fn(usize) -> (&'s mut [f32], &'s mut [f32], &'s mut [f32]),
 ) {
@@ -151,7 +151,7 @@ fn block_attention<'s>(
             let np = rows.len();
             let cache = |c| d.head_rows(c, b.g, rows.start, np);
             with_scratch(&SCORES, nq * np, |s| {
-                k.scores(cache(k_cache), qs, s);
+                with_f32_rows(k, cache(k_cache), |keys| k.scores(keys, qs, s));
                 let parts: Vec<(f32, f32)> = s
                     .chunks_exact_mut(np)
                     .enumerate()
@@ -161,7 +161,7 @@ fn block_attention<'s>(
                     })
                     .collect();
                 with_scratch(&VALUES, nq * hd, |vs| {
-                    k.weighted_sum(cache(v_cache), s, vs);
+                    with_f32_rows(k, cache(v_cache), |values| k.weighted_sum(values, s, vs));
                     for (r, &(m, l)) in parts.iter().enumerate() {
                         let o = &mut values[r * hd..(r + 1) * hd];
                         let part = &vs[r * hd..(r + 1) * hd];

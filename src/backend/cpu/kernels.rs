@@ -49,6 +49,78 @@ pub(super) struct StridedRows<'a> {
     pub n: usize,
 }
 
+/// A KV cache's elements as stored: f32, or f16 (as their bits), which halves what attention
+/// reads per step.
+#[derive(Clone, Copy, Debug)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl<'a> KvSlice<'a> {
+    /// Elements held.
+    pub fn len(self) -> usize {
+        match self {
+            KvSlice::F32(d) => d.len(),
+            KvSlice::F16(d) => d.len(),
+        }
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `range` (within `len()`).
+    pub fn slice(self, range: std::ops::Range<usize>) -> KvSlice<'a> {
+        match self {
+            KvSlice::F32(d) => KvSlice::F32(&d[range]),
+            KvSlice::F16(d) => KvSlice::F16(&d[range]),
+        }
+    }
+
+    /// Elements from `start` on.
+    pub fn from(self, start: usize) -> KvSlice<'a> {
+        self.slice(start..self.len())
+    }
+
+    /// The element type.
+    pub fn dtype(self) -> DType {
+        match self {
+            KvSlice::F32(_) => DType::F32,
+            KvSlice::F16(_) => DType::F16,
+        }
+    }
+
+    /// The elements' bytes (little-endian, as the byte kernels read them).
+    pub fn bytes(self) -> &'a [u8] {
+        // SAFETY: f32s and u16s are plain bytes; the same memory, as initialized bytes.
+        unsafe {
+            match self {
+                KvSlice::F32(d) => std::slice::from_raw_parts(d.as_ptr().cast(), size_of_val(d)),
+                KvSlice::F16(d) => std::slice::from_raw_parts(d.as_ptr().cast(), size_of_val(d)),
+            }
+        }
+    }
+
+    /// Element `i` as f32.
+    pub fn get(self, i: usize) -> f32 {
+        match self {
+            KvSlice::F32(d) => d[i],
+            KvSlice::F16(d) => half::f16::from_bits(d[i]).to_f32(),
+        }
+    }
+}
+
+/// `n` cache rows `stride` elements apart: row p is elements `p * stride..][..cols]` of
+/// `data` (a KV head's slice of the cache).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CacheRows<'a> {
+    pub data: KvSlice<'a>,
+    pub stride: usize,
+    pub cols: usize,
+    pub n: usize,
+}
+
 /// What the callers of the kernels need to know of a tier's data layouts and paths.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct TierLayout {
@@ -176,6 +248,11 @@ entry_points! {
 
     /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`.
     fn convert(src: &[u8], dtype: DType, out: &mut [f32]);
+
+    /// Rows of `cols` elements of `dtype`, `stride` elements apart in `src`, as f32 rows
+    /// packed in `out` (`out.len() / cols` rows): a KV head's f16 cache rows widened once
+    /// for every query head that reads them.
+    fn convert_rows(src: &[u8], dtype: DType, stride: usize, cols: usize, out: &mut [f32]);
 
     /// [`Kernels::matvec`] of strided rows.
     fn matvec_strided(w: &[u8], dtype: DType, stride: usize, cols: usize, x: &[f32], y: &mut [f32]);

@@ -51,6 +51,7 @@ pub use pool::ThreadPool;
 use crate::tensor::DType;
 use crate::tensor::TreeMask;
 use kernels::Kernels;
+pub use kernels::KvSlice;
 
 /// Defines a public kernel `$name` on the process-wide selected ISA tier and its
 /// `$name_isa(isa, ...)` twin on a given tier (panics if this machine cannot run it), both
@@ -179,12 +180,12 @@ tiered! {
     /// over a per-layer KV cache that already holds positions `0..start_pos + n_tokens`.
     ///
     /// `q`, `out`: `[n_tokens, n_heads * head_dim]`; `k_cache`, `v_cache`:
-    /// `[capacity, n_kv_heads * head_dim]` (row = position). Query head `h` uses kv head
+    /// `[capacity, n_kv_heads * head_dim]` (row = position), f32 or f16. Query head `h` uses kv head
     /// `h / (n_heads / n_kv_heads)`; scale `1/sqrt(head_dim)`; query `t` sees positions
     /// `0..=start_pos + t`, of which a tree `mask` (for this batch) hides the rows of other
     /// branches. Parallel over (token, head).
     attention, attention_with_isa => attention::attention_with;
-    pool: &ThreadPool, q: &[f32], k_cache: &[f32], v_cache: &[f32],
+    pool: &ThreadPool, q: &[f32], k_cache: KvSlice<'_>, v_cache: KvSlice<'_>,
     n_heads: usize, n_kv_heads: usize, head_dim: usize,
     start_pos: usize, n_tokens: usize, mask: Option<&TreeMask>, out: &mut [f32],
 }

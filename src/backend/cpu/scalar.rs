@@ -36,6 +36,14 @@ pub(super) fn convert(src: &[u8], dtype: DType, out: &mut [f32]) {
     convert_exact(&src[..dtype.bytes_for(out.len())], dtype, out);
 }
 
+/// Rows of `cols` elements, `stride` elements apart in `src`, converted into `out` packed.
+pub(super) fn convert_rows(src: &[u8], dtype: DType, stride: usize, cols: usize, out: &mut [f32]) {
+    let esz = dtype.size();
+    for (p, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        convert(&src[p * stride * esz..], dtype, row);
+    }
+}
+
 /// [`convert`] of `src.len() == dtype.bytes_for(out.len())` bytes.
 fn convert_exact(src: &[u8], dtype: DType, out: &mut [f32]) {
     debug_assert_eq!(src.len(), dtype.bytes_for(out.len()));

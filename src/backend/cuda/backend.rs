@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{kernels_ptx, Ctx};
 use super::ops_basic::{self as basic, RopeCache};
+use super::ops_kv::{self as kv, CudaKv};
 use super::ops_matmul::{GemmPrecision, Matmul};
 use super::{device, ops_attention as attn, ops_ffn as ffn};
 use crate::backend::checks;
@@ -21,8 +22,8 @@ use crate::backend::{
     Rows, SparseOps,
 };
 use crate::error::Result;
-use crate::tensor::DType;
 use crate::tensor::TensorRef;
+use crate::tensor::{DType, KvDType};
 
 pub struct CudaBackend {
     ctx: Arc<Ctx>,
@@ -111,6 +112,7 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type Matrix = CudaMatrix;
+    type KvBuf = CudaKv;
 
     fn describe(&self) -> String {
         let d = &self.ctx.device;
@@ -187,17 +189,6 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn move_rows(
-        &self,
-        buf: &mut CudaBuf,
-        src_row: usize,
-        dst_row: usize,
-        n_rows: usize,
-        row_len: usize,
-    ) -> Result<()> {
-        basic::move_rows(&self.ctx, buf, src_row, dst_row, n_rows, row_len)
-    }
-
     fn copy_rows(
         &self,
         src: &CudaBuf,
@@ -213,8 +204,8 @@ impl Backend for CudaBackend {
     fn attention(
         &self,
         q: &CudaBuf,
-        k_cache: &CudaBuf,
-        v_cache: &CudaBuf,
+        k_cache: &CudaKv,
+        v_cache: &CudaKv,
         shape: AttentionShape,
         rows: Rows<'_>,
         out: &mut CudaBuf,
@@ -227,6 +218,46 @@ impl Backend for CudaBackend {
                 attn::tree_attention(&self.ctx, q, k_cache, v_cache, shape, mask, out)
             }
         }
+    }
+
+    fn alloc_kv(&self, len: usize, dtype: KvDType) -> Result<CudaKv> {
+        CudaKv::zeroed(&self.ctx, len, dtype)
+    }
+
+    fn store_kv(
+        &self,
+        src: &CudaBuf,
+        dst: &mut CudaKv,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        kv::store(&self.ctx, src, dst, dst_row, n_rows, row_len)
+    }
+
+    fn copy_kv_rows(
+        &self,
+        src: &CudaKv,
+        dst: &mut CudaKv,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        kv::copy(&self.ctx, src, dst, n_rows, row_len)
+    }
+
+    fn read_kv(&self, buf: &CudaKv, offset: usize, out: &mut [f32]) -> Result<()> {
+        buf.read(offset, out)
+    }
+
+    fn move_kv_rows(
+        &self,
+        buf: &mut CudaKv,
+        src_row: usize,
+        dst_row: usize,
+        n_rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        kv::move_rows(&self.ctx, buf, src_row, dst_row, n_rows, row_len)
     }
 
     fn silu_mul(&self, gate: &mut CudaBuf, up: &CudaBuf, len: usize) -> Result<()> {

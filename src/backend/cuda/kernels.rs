@@ -39,7 +39,9 @@ pub const KERNELS: &[KernelSource] = &[
             "add_f32",
             "add_bias_f32",
             "copy_rows_f32",
+            "copy_rows_u16",
             "move_rows_f32",
+            "move_rows_u16",
         ]
     ),
     kernel!("embedding.cu", ["embed_bf16", "embed_f16", "embed_f32"]),
@@ -66,7 +68,11 @@ pub const KERNELS: &[KernelSource] = &[
     ),
     kernel!(
         "attention.cu",
-        ["attention_chunk_f32", "attention_merge_f32"]
+        [
+            "attention_chunk_f32",
+            "attention_chunk_f16",
+            "attention_merge_f32"
+        ]
     ),
     kernel!(
         "matvec.cu",

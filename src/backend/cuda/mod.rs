@@ -16,8 +16,10 @@ mod offload;
 mod ops_attention;
 mod ops_basic;
 mod ops_ffn;
+mod ops_kv;
 mod ops_matmul;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};
+pub use ops_kv::CudaKv;
 pub use ops_matmul::{GemmPrecision, GEMM_ENV};

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use super::buffers::{CudaBuf, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
+use super::ops_kv::CudaKv;
 use crate::backend::AttentionShape;
 use crate::error::{Error, Result};
-use crate::tensor::TreeMask;
+use crate::tensor::{KvDType, TreeMask};
 
 /// attention.cu's MAX_HEAD_DIM.
 const MAX_HEAD_DIM: usize = 256;
@@ -30,8 +31,8 @@ const OP: &str = "attention";
 pub(crate) fn attention(
     ctx: &Arc<Ctx>,
     q: &CudaBuf,
-    k_cache: &CudaBuf,
-    v_cache: &CudaBuf,
+    k_cache: &CudaKv,
+    v_cache: &CudaKv,
     shape: AttentionShape,
     start_pos: usize,
     n_tokens: usize,
@@ -48,8 +49,17 @@ pub(crate) fn attention(
     let seen = start_pos + n_tokens;
     need(OP, "q", q, n_tokens * q_dim)?;
     need(OP, "out", out, n_tokens * q_dim)?;
-    need(OP, "k_cache", k_cache, seen * kv_dim)?;
-    need(OP, "v_cache", v_cache, seen * kv_dim)?;
+    for (what, cache) in [("k_cache", k_cache), ("v_cache", v_cache)] {
+        if cache.len() < seen * kv_dim || cache.dtype() != k_cache.dtype() {
+            return Err(Error::InvalidArgument(format!(
+                "{OP}: {what} holds {} {} elements, {} {} needed",
+                cache.len(),
+                cache.dtype(),
+                seen * kv_dim,
+                k_cache.dtype()
+            )));
+        }
+    }
     if n_tokens == 0 || hd == 0 || nh == 0 {
         return Ok(());
     }
@@ -79,7 +89,11 @@ pub(crate) fn attention(
         .f32(1.0 / (hd as f32).sqrt());
     let grid = (split.blocks, split.n_chunks as u32, nkv as u32);
     let block = (32 * split.warps) as u32;
-    ctx.launch(OP, "attention_chunk_f32", grid, block, args)?;
+    let kernel = match k_cache.dtype() {
+        KvDType::F32 => "attention_chunk_f32",
+        KvDType::F16 => "attention_chunk_f16",
+    };
+    ctx.launch(OP, kernel, grid, block, args)?;
     if split.n_chunks > 1 {
         merge(ctx, &scratch, out, n_tokens, shape, split.n_chunks)?;
     }
@@ -212,8 +226,8 @@ fn merge(
 pub(crate) fn tree_attention(
     ctx: &Arc<Ctx>,
     q: &CudaBuf,
-    k_cache: &CudaBuf,
-    v_cache: &CudaBuf,
+    k_cache: &CudaKv,
+    v_cache: &CudaKv,
     shape: AttentionShape,
     mask: &TreeMask,
     out: &mut CudaBuf,

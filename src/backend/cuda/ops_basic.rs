@@ -273,36 +273,6 @@ pub(crate) fn rope_at(
     })
 }
 
-pub(crate) fn move_rows(
-    ctx: &Ctx,
-    buf: &mut CudaBuf,
-    src_row: usize,
-    dst_row: usize,
-    n_rows: usize,
-    row_len: usize,
-) -> Result<()> {
-    const OP: &str = "move_rows";
-    let (s, n) = (src_row * row_len, n_rows * row_len);
-    if dst_row > src_row || s + n > buf.len() {
-        return Err(Error::InvalidArgument(format!(
-            "move of {n_rows} rows of {row_len} from row {src_row} to row {dst_row} in a buffer of {} floats",
-            buf.len()
-        )));
-    }
-    if dst_row == src_row || n == 0 {
-        return Ok(());
-    }
-    to_u32(OP, "rows x row_len", s + n)?;
-    let args = KArgs::new()
-        .ptr(buf.device_ptr())
-        .u32(src_row as u32)
-        .u32(dst_row as u32)
-        .u32(n_rows as u32)
-        .u32(row_len as u32);
-    // One block exactly: the kernel's overlap guarantee needs a single block (elementwise.cu).
-    ctx.launch(OP, "move_rows_f32", (1, 1, 1), 1024, args)
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn copy_rows(
     ctx: &Ctx,

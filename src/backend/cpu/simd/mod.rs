@@ -16,7 +16,7 @@ pub(super) use attention::{scores, scores_by_rows, weighted_sum};
 pub(super) use down::{accumulate_rows_in, kept_up_down};
 pub(super) use elementwise::{exp_sum, max, scale, silu_mul};
 pub(super) use gemm::gemm_block;
-pub(super) use rows::{convert, matvec_at, matvec_strided};
+pub(super) use rows::{convert, convert_rows, matvec_at, matvec_strided};
 pub(super) use tokens::{matmul_tokens, split_bf16_x};
 
 use super::kernels::TierLayout;

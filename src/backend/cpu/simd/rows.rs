@@ -9,6 +9,23 @@ use crate::backend::cpu::kernels::RowStarts;
 use crate::backend::cpu::tier::Tier;
 use crate::tensor::DType;
 
+/// [`convert`] of `out.len() / cols` rows of `cols` elements, `stride` elements apart in `src`,
+/// packed into `out`.
+#[inline(always)]
+pub(in crate::backend::cpu) fn convert_rows<T: Tier>(
+    t: T,
+    src: &[u8],
+    dtype: DType,
+    stride: usize,
+    cols: usize,
+    out: &mut [f32],
+) {
+    let esz = dtype.size();
+    for (p, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+        convert(t, &src[p * stride * esz..], dtype, row);
+    }
+}
+
 /// `out[i] = src[i]` as f32; `src` holds at least `out.len()` elements of `dtype`, any alignment.
 #[inline(always)]
 pub(in crate::backend::cpu) fn convert<T: Tier>(t: T, src: &[u8], dtype: DType, out: &mut [f32]) {
