@@ -51,7 +51,7 @@ pub(crate) fn float_neurons(dtype: DType, op: &str) -> Result<()> {
     Ok(())
 }
 
-/// `copy_rows`'s float offsets `(src, dst, count)`, checked against both buffers' lengths.
+/// A row copy's element offsets `(src, dst, count)`, checked against both buffers' lengths.
 pub(crate) fn row_copy_range(
     src_len: usize,
     src_row: usize,
@@ -65,7 +65,7 @@ pub(crate) fn row_copy_range(
     let n = n_rows * row_len;
     if s + n > src_len || d + n > dst_len {
         return Err(Error::InvalidArgument(format!(
-            "copy of {n_rows} rows of {row_len} out of bounds (src {src_len} floats from row {src_row}, dst {dst_len} floats from row {dst_row})"
+            "copy of {n_rows} rows of {row_len} out of bounds (src {src_len} elements from row {src_row}, dst {dst_len} elements from row {dst_row})"
         )));
     }
     Ok((s, d, n))

@@ -584,10 +584,10 @@ fn reserve_buffers(
     backend_scratch: u64,
     plan: &Plan,
 ) -> Result<()> {
-    let l = c.num_layers;
     let vectors = crate::offload::sizes::resident_vector_count(c);
     arena.reserve("norms and biases", (vectors * 4) as u64)?;
-    arena.reserve("KV cache", (2 * l * c.kv_dim() * shape.context * 4) as u64)?;
+    // The planner's count, in the cache's element size.
+    arena.reserve("KV cache", plan.sizes.kv_cache_bytes)?;
     arena.reserve("activations", shape.activation_bytes)?;
     if backend_scratch > 0 {
         arena.reserve("backend scratch", backend_scratch)?;

@@ -107,7 +107,7 @@ impl Drop for DevMem {
     }
 }
 
-/// A device buffer of `len` f32 values (activations, KV cache, norm weights, biases).
+/// A device buffer of `len` f32 values (activations, norm weights, biases).
 pub struct CudaBuf {
     pub(crate) mem: DevMem,
     len: usize,
