@@ -136,3 +136,307 @@ fn sweep_options_need_sirius_and_valid_windows() {
     ]);
     assert_clean_failure(&o, "--period auto");
 }
+
+/// A prompt the tiny model's 64 positions hold, as a file.
+fn short_prompt(dir: &std::path::Path) -> String {
+    let path = dir.join("prompt.txt");
+    std::fs::write(&path, "w3 w4 w5 w6 w7 w8 w9 w10").unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The rows of `table` (markdown), header included.
+fn table_rows(table: &str) -> Vec<&str> {
+    table.lines().filter(|l| l.starts_with("| ")).collect()
+}
+
+/// The fields of a CSV line (quoted fields may hold commas; no quotes inside them here).
+fn csv_fields(line: &str) -> Vec<&str> {
+    let mut fields = Vec::new();
+    let mut rest = line;
+    loop {
+        let (field, after) = match rest.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"').unwrap();
+                (&quoted[..end], quoted[end + 1..].strip_prefix(','))
+            }
+            None => match rest.split_once(',') {
+                Some((field, after)) => (field, Some(after)),
+                None => (rest, None),
+            },
+        };
+        fields.push(field);
+        match after {
+            Some(after) => rest = after,
+            None => return fields,
+        }
+    }
+}
+
+/// The values of `column` in `csv`, one per data line.
+fn csv_column<'a>(csv: &'a str, column: &str) -> Vec<&'a str> {
+    let mut lines = csv.lines();
+    let header = csv_fields(lines.next().unwrap());
+    let at = header.iter().position(|c| *c == column).unwrap();
+    lines
+        .map(|l| {
+            let fields = csv_fields(l);
+            assert_eq!(fields.len(), header.len(), "{l}");
+            fields[at]
+        })
+        .collect()
+}
+
+#[test]
+fn a_keep_sweep_runs_every_mode_at_each_keep_and_plots_against_keep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 3);
+    let (csv, svg) = (tmp.path().join("k.csv"), tmp.path().join("k.svg"));
+    let o = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--sirius",
+        "--keep",
+        "0.25,0.75",
+        "--period",
+        "2,3",
+        "--gen",
+        "6",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--prompt-file",
+        &short_prompt(tmp.path()),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    let rows = table_rows(&table);
+    assert_eq!(
+        rows.len(),
+        1 + 2 * 4,
+        "full, sparse, K=2, K=3 per keep: {table}"
+    );
+    assert!(rows[0].starts_with("| keep | mode |"), "{table}");
+    assert!(rows[1].starts_with("| 0.25 | full |"), "{table}");
+    assert!(rows[5].starts_with("| 0.75 | full |"), "{table}");
+    // Each keep's rows are compared with that keep's full model.
+    assert!(rows[5].contains("| 1.00x |"), "{table}");
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    let keeps = csv_column(&csv, "keep");
+    assert_eq!(
+        keeps,
+        ["0.25"; 4]
+            .iter()
+            .chain(&["0.75"; 4])
+            .copied()
+            .collect::<Vec<_>>()
+    );
+    // The sparse model reads fewer weights at the smaller keep.
+    let density = csv_column(&csv, "effective_density");
+    let (low, high): (f64, f64) = (density[1].parse().unwrap(), density[5].parse().unwrap());
+    assert!(low < high && high < 1.0, "sparse densities {low} {high}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    for label in ["keep (fraction of FFN neurons)", "sirius K=3", "0.75 K=2"] {
+        assert!(svg.contains(label), "the plot names {label}");
+    }
+}
+
+#[test]
+fn an_offloaded_sweep_compares_sirius_with_the_dense_model_offloaded_at_each_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 3);
+    let csv = tmp.path().join("o.csv");
+    let o = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--sirius",
+        "--resident-mem",
+        "60K,1M",
+        "--link-gbps",
+        "4",
+        "--period",
+        "2",
+        "--gen",
+        "6",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--prompt-file",
+        &short_prompt(tmp.path()),
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    let rows = table_rows(&table);
+    assert_eq!(rows.len(), 1 + 2 * 2, "full and K=2 per budget: {table}");
+    assert!(rows[0].starts_with("| budget | mode |"), "{table}");
+    assert!(
+        rows[0].contains("| predicted ms/tok | measured ms/tok |"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("| sparse |"),
+        "no sparse row offloaded: {table}"
+    );
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(
+        csv_column(&csv, "budget_bytes"),
+        ["61440", "61440", "1048576", "1048576"]
+    );
+    assert_eq!(
+        csv_column(&csv, "mode"),
+        ["full", "sirius", "full", "sirius"]
+    );
+    // With a link cap the planner predicts every offloaded row; each was measured.
+    for column in [
+        "predicted_ms_per_token",
+        "measured_ms_per_token",
+        "streamed_mb_per_token",
+    ] {
+        for v in csv_column(&csv, column) {
+            assert!(
+                v.parse::<f64>().is_ok_and(|v| v >= 0.0),
+                "{column} {v:?}: {csv}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_thread_sweep_loads_the_model_per_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 3);
+    let json = tmp.path().join("t.json");
+    let o = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--sirius",
+        "--threads",
+        "1,2",
+        "--period",
+        "2",
+        "--gen",
+        "4",
+        "--reps",
+        "1",
+        "--prompt-file",
+        &short_prompt(tmp.path()),
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let threads: Vec<u64> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 1, 1, 2, 2, 2]);
+    assert_eq!(report["threads"], serde_json::json!([1, 2]));
+}
+
+#[test]
+fn sweep_lists_and_budgets_are_checked_before_the_model_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 3);
+    let model = model.to_str().unwrap();
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["bench", "--model", model, "--sirius", "--gen", "4"];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    let plot = tmp.path().join("p.svg");
+    let o = bench(&[
+        "--keep",
+        "0.3,0.5",
+        "--threads",
+        "1,2",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, "--plot draws one swept option");
+    assert_clean_failure(&bench(&["--link-gbps", "4"]), "--resident-mem");
+    assert_clean_failure(&bench(&["--gpu-mem", "1G"]), "--resident-mem");
+    assert_clean_failure(
+        &bench(&["--resident-mem", "1G,lots"]),
+        "--resident-mem lots",
+    );
+    assert_clean_failure(&bench(&["--keep", "0.3,1.5"]), "1.5");
+    assert_clean_failure(&bench(&["--keep", "0.3,0.3"]), "--keep lists 0.3 twice");
+    let o = bench(&["--resident-mem", "1M,1024K"]);
+    assert_clean_failure(&o, "--resident-mem/--gpu-mem lists 1.00 MiB twice");
+    let o = bench(&["--resident-mem", "1G", "--sparsity", "cats"]);
+    assert_clean_failure(&o, "Griffin");
+    // Outside bench --sirius a list is refused, naming the option.
+    let o = run(&[
+        "run",
+        "--model",
+        model,
+        "--prompt",
+        "w1",
+        "--threads",
+        "1,2",
+    ]);
+    assert_clean_failure(&o, "--threads takes one value");
+    let o = run(&[
+        "bench",
+        "--model",
+        model,
+        "--keep",
+        "0.3,0.5",
+        "--sparsity",
+        "griffin",
+    ]);
+    assert_clean_failure(&o, "--keep takes one value");
+}
+
+/// A budget the model cannot run in fails at its point; the rows measured before it are
+/// still printed and written, and the run ends with the planner's error.
+#[test]
+fn a_failing_point_keeps_the_rows_measured_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&tmp.path().join("tiny"), &TinySpec::default(), 3);
+    let csv = tmp.path().join("p.csv");
+    let o = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--sirius",
+        "--resident-mem",
+        "1M,2K",
+        "--period",
+        "2",
+        "--gen",
+        "4",
+        "--reps",
+        "1",
+        "--threads",
+        "1",
+        "--prompt-file",
+        &short_prompt(tmp.path()),
+        "--csv",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success(), "2 KiB cannot hold the model's minimum");
+    let err = stderr(&o);
+    assert!(err.contains("minimum"), "{err}");
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.starts_with("The sweep stopped early"), "{table}");
+    assert_eq!(
+        table_rows(&table).len(),
+        3,
+        "header, full, K=2 at 1 MiB: {table}"
+    );
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv_column(&csv, "budget_bytes"), ["1048576", "1048576"]);
+}

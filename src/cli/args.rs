@@ -20,9 +20,10 @@ pub struct ModelArgs {
     /// Don't fetch a preset's weights automatically when they are missing.
     #[arg(long)]
     pub no_fetch: bool,
-    /// Compute threads (0 = one per core).
-    #[arg(long, short = 't', default_value_t = 0)]
-    pub threads: usize,
+    /// Compute threads (0 = one per core); `bench --sirius` takes a comma-separated list to
+    /// sweep.
+    #[arg(long, short = 't', default_values_t = [0usize], value_delimiter = ',', value_name = "N")]
+    pub threads: Vec<usize>,
     /// How the weight matrices are kept: as stored (a GGUF's quantized blocks computed on
     /// directly; with CATS or offloading, bf16), or converted at load: to a float type, or
     /// quantized to q8_0 / q4_0 (any model, e.g. a bf16 checkpoint).
@@ -48,6 +49,11 @@ pub enum WeightsArg {
 }
 
 impl ModelArgs {
+    /// The one `--threads` count (a list is refused: only `bench --sirius` sweeps one).
+    pub fn threads(&self) -> Result<usize> {
+        single("--threads", &self.threads)
+    }
+
     /// The library's choice for `--weights`.
     pub fn weights(&self) -> WeightsChoice {
         match self.weights {
@@ -67,9 +73,11 @@ pub struct SparsityArgs {
     /// or cats (chosen per token from |SiLU(gate)|). The prompt always runs dense.
     #[arg(long, default_value = "none")]
     pub sparsity: SparsityMode,
-    /// Fraction of FFN neurons kept, in (0, 1].
-    #[arg(long, default_value_t = DEFAULT_KEEP, allow_negative_numbers = true)]
-    pub keep: f32,
+    /// Fraction of FFN neurons kept, in (0, 1]; `bench --sirius` takes a comma-separated
+    /// list to sweep.
+    #[arg(long, default_values_t = [DEFAULT_KEEP], value_delimiter = ',', allow_negative_numbers = true,
+          value_name = "FRACTION")]
+    pub keep: Vec<f32>,
     /// CATS per-layer thresholds from `sirius-offload calibrate`, instead of per-token top-k.
     #[arg(long)]
     pub cats_thresholds: Option<PathBuf>,
@@ -108,10 +116,46 @@ impl GriffinDownArg {
 /// `--keep`'s default (a warning only fires when the user chose another value).
 const DEFAULT_KEEP: f32 = 0.5;
 
+/// A `--link-gbps` / `--mem-gbps` value within the range the planner models.
+pub fn check_gbps(option: &str, value: Option<f64>) -> Result<()> {
+    use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
+    match value.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
+        Some(v) => Err(Error::InvalidArgument(format!(
+            "{option} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The one value of a list option outside the sweeps of `bench --sirius`.
+pub fn single<T: Copy + std::fmt::Display>(option: &str, values: &[T]) -> Result<T> {
+    match values {
+        [one] => Ok(*one),
+        [] => Err(Error::InvalidArgument(format!("{option} needs a value"))),
+        many => Err(Error::InvalidArgument(format!(
+            "{option} takes one value here, got {}: only `bench --sirius` sweeps a list",
+            many.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ))),
+    }
+}
+
 impl SparsityArgs {
+    /// The one `--keep` (a list is refused: only `bench --sirius` sweeps one).
+    pub fn keep(&self) -> Result<f32> {
+        single("--keep", &self.keep)
+    }
+
     /// The typed configuration, checked as far as it can be without a model.
     pub fn config(&self) -> Result<SparsityConfig> {
-        validate_keep(self.keep)?;
+        self.config_at(self.keep()?)
+    }
+
+    /// The typed configuration with `keep` instead of `--keep` (a point of a sweep).
+    pub fn config_at(&self, keep: f32) -> Result<SparsityConfig> {
+        validate_keep(keep)?;
         if let Some(path) = &self.cats_thresholds {
             if self.sparsity != SparsityMode::Cats {
                 return Err(Error::InvalidArgument(
@@ -130,22 +174,22 @@ impl SparsityArgs {
                     path.display()
                 )));
             }
-            if self.keep != DEFAULT_KEEP {
+            if keep != DEFAULT_KEEP {
                 tracing::warn!(
                     "--keep {} ignored for CATS: the thresholds say what is kept (reported per layer)",
-                    self.keep
+                    keep
                 );
             }
         }
-        if self.sparsity == SparsityMode::None && self.keep != DEFAULT_KEEP {
+        if self.sparsity == SparsityMode::None && keep != DEFAULT_KEEP {
             tracing::warn!(
                 "--keep {} has no effect without --sparsity griffin|cats",
-                self.keep
+                keep
             );
         }
         let config = SparsityConfig {
             mode: self.sparsity,
-            keep: self.keep,
+            keep,
             cats_thresholds: self.cats_thresholds.clone(),
             griffin_down: self.griffin_down.dtype(),
         };

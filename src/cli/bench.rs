@@ -3,7 +3,7 @@
 //! single-token forwards starting from an empty cache. Token ids are fixed pseudo-random ids
 //! (speed does not depend on them).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde::Serialize;
@@ -13,6 +13,7 @@ use crate::backend::CpuBackend;
 use crate::cli::args::{at_least_one, ModelArgs, SparsityArgs};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
+use crate::cli::run_args::{parse_device, Device};
 use crate::engine::bench::{bench as measure, BenchResult, BenchSettings};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
@@ -23,6 +24,9 @@ use crate::sparsity::{SparsityMode, SparsityReport};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Compute on: cpu, or cuda / cuda:N (a build with --features cuda).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    pub device: Device,
     /// Prompt tokens of the prefill test (0 = skip).
     #[arg(long, short = 'p', default_value_t = 128)]
     pub prompt: usize,
@@ -56,6 +60,34 @@ pub struct BenchArgs {
     /// --sirius: tree width W (1 = the chain).
     #[arg(long, default_value_t = 1, value_name = "W", requires = "sirius")]
     pub width: usize,
+    /// --sirius: offload as `run --resident-mem` does, keeping this much memory resident
+    /// (a comma-separated list to sweep): the full row is the dense model offloaded, the
+    /// Sirius rows draft with Griffin's offloaded runtime (no sparse row); each row shows the
+    /// planner's predicted ms/token beside the measured one (with --link-gbps).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "SIZE,...",
+        requires = "sirius"
+    )]
+    pub resident_mem: Vec<String>,
+    /// --sirius with --device cuda: offload within this much GPU memory (a list to sweep), as
+    /// `run --gpu-mem`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "SIZE,...",
+        requires = "sirius"
+    )]
+    pub gpu_mem: Vec<String>,
+    /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link;
+    /// with --gpu-mem: the link speed the planner assumes (as `run`).
+    #[arg(long, value_name = "GB/s", requires = "sirius")]
+    pub link_gbps: Option<f64>,
+    /// With --resident-mem / --gpu-mem: the memory bandwidth the planner assumes for compute
+    /// (as `run`).
+    #[arg(long, value_name = "GB/s", requires = "sirius")]
+    pub mem_gbps: Option<f64>,
     /// --sirius: the prompt, from this text file [default: a built-in paragraph].
     #[arg(long, value_name = "FILE", requires = "sirius")]
     pub prompt_file: Option<PathBuf>,
@@ -63,7 +95,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "OUT.csv", requires = "sirius")]
     pub csv: Option<PathBuf>,
     /// --sirius: draw tokens/s, acceptance and the per-token time breakdown against the
-    /// window into this SVG file.
+    /// swept option (the window K, or the one of --keep, --threads, --resident-mem /
+    /// --gpu-mem given as a list) into this SVG file.
     #[arg(long, value_name = "OUT.svg", requires = "sirius")]
     pub plot: Option<PathBuf>,
 }
@@ -99,8 +132,40 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         weights: args.model.weights(),
         kv_dtype: args.model.kv_dtype,
     };
+    let threads = args.model.threads()?;
+    if args.device != Device::Cpu && threads != 0 {
+        return Err(Error::InvalidArgument(
+            "--threads sets CPU compute threads: drop it with --device cuda".into(),
+        ));
+    }
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let engine = Engine::load(&dir, CpuBackend::new(args.model.threads), &config)?;
+    match args.device {
+        Device::Cpu => bench_on(
+            args,
+            Engine::load(&dir, CpuBackend::new(threads), &config)?,
+            &dir,
+        ),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
+            bench_on(args, Engine::load(&dir, backend, &config)?, &dir)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(no_cuda()),
+    }
+}
+
+/// The error of `--device cuda` in a build without CUDA.
+pub fn no_cuda() -> Error {
+    Error::Cuda(
+        "this binary was built without CUDA support: rebuild with `cargo build --release \
+         --features cuda`, or bench with --device cpu"
+            .into(),
+    )
+}
+
+/// pp and tg on a loaded engine.
+fn bench_on<B: OffloadBackend>(args: &BenchArgs, engine: Engine<B>, dir: &Path) -> Result<()> {
     let settings = BenchSettings {
         prompt: args.prompt,
         gen: args.gen,

@@ -1,4 +1,5 @@
-//! The SVG of `bench --sirius --plot`: three panels a reader takes in at a glance.
+//! The SVG of `bench --sirius --plot`: three panels a reader takes in at a glance. Against
+//! the window K here (a sweep of --keep, --threads or --resident-mem: `bench_plot_axis`):
 //! 1. Decode tokens/s against the window K: Sirius as a line, the full and the sparse model
 //!    as flat reference lines (what Sirius must beat, and the most it could reach), and
 //!    adaptive windows (`--period auto`, no one K) as a dashed flat line.
@@ -10,45 +11,131 @@
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::cli::bench_sirius::SweepReport;
+use crate::cli::bench_plot_axis::plot_against;
+use crate::cli::bench_report::SweepReport;
 use crate::engine::bench_sirius::SweepRow;
 use crate::error::{Error, Result};
 
-const FULL: RGBColor = RGBColor(90, 90, 90);
-const SPARSE: RGBColor = RGBColor(230, 140, 20);
-const SIRIUS: RGBColor = RGBColor(30, 100, 200);
+pub(crate) const FULL: RGBColor = RGBColor(90, 90, 90);
+pub(crate) const SPARSE: RGBColor = RGBColor(230, 140, 20);
+pub(crate) const SIRIUS: RGBColor = RGBColor(30, 100, 200);
 const DRAFT: RGBColor = RGBColor(120, 170, 230);
 const VERIFY: RGBColor = RGBColor(30, 100, 200);
 const OTHER: RGBColor = RGBColor(190, 190, 190);
 
-fn plot_error(e: impl std::fmt::Display) -> Error {
+/// What the plot's x axis shows: the window K, or the one other option swept as a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotAxis {
+    Period,
+    Threads,
+    Keep,
+    Budget,
+}
+
+impl PlotAxis {
+    /// The axis of a sweep with these many thread counts, keeps and budgets: the one given
+    /// as a list, else the window; two lists are refused (one plot, one x axis).
+    pub fn choose(threads: usize, keeps: usize, budgets: usize) -> Result<PlotAxis> {
+        let lists: Vec<(&str, PlotAxis)> = [
+            (threads, "--threads", PlotAxis::Threads),
+            (keeps, "--keep", PlotAxis::Keep),
+            (budgets, "--resident-mem/--gpu-mem", PlotAxis::Budget),
+        ]
+        .into_iter()
+        .filter(|(n, _, _)| *n > 1)
+        .map(|(_, option, axis)| (option, axis))
+        .collect();
+        match lists[..] {
+            [] => Ok(PlotAxis::Period),
+            [(_, axis)] => Ok(axis),
+            _ => Err(Error::InvalidArgument(format!(
+                "--plot draws one swept option besides --period, got lists for {}: sweep one \
+                 of them, or drop --plot (the table and --csv hold any sweep)",
+                lists.iter().map(|l| l.0).collect::<Vec<_>>().join(" and ")
+            ))),
+        }
+    }
+}
+
+pub(crate) fn plot_error(e: impl std::fmt::Display) -> Error {
     Error::InvalidArgument(format!("drawing the --plot SVG failed: {e}"))
 }
 
-/// The SVG text of `r`'s plot.
-pub fn plot(r: &SweepReport) -> Result<String> {
+/// The SVG text of `r`'s plot against `axis`.
+pub fn plot(r: &SweepReport, axis: PlotAxis) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (1500, 500)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
+        // A model path is named by its file (the table and CSV keep the whole path).
+        let model = std::path::Path::new(&r.model)
+            .file_name()
+            .map_or(r.model.clone(), |f| f.to_string_lossy().into_owned());
         let title = format!(
-            "Sirius on {} ({}, {} keep {}, threshold {}), {}, commit {}",
-            r.model, r.dtype, r.sparsity, r.keep, r.threshold, r.backend, r.commit
+            "Sirius on {} ({}, {}), {}, commit {}",
+            model,
+            r.dtype,
+            r.fixed_settings(),
+            r.backend,
+            r.commit
         );
         let root = root
             .titled(&title, ("sans-serif", 18))
             .map_err(plot_error)?;
         let panels = root.split_evenly((1, 3));
-        speed_panel(&panels[0], &r.rows)?;
-        acceptance_panel(&panels[1], &r.rows)?;
-        breakdown_panel(&panels[2], &r.rows)?;
+        let labels: Vec<String> = match axis {
+            PlotAxis::Period => r.rows.iter().map(window_label).collect(),
+            _ => {
+                plot_against(&panels[0], &panels[1], &r.rows, axis)?;
+                r.rows
+                    .iter()
+                    .map(|row| format!("{} {}", axis.short(row), window_label(row)))
+                    .collect()
+            }
+        };
+        if axis == PlotAxis::Period {
+            speed_panel(&panels[0], &r.rows)?;
+            acceptance_panel(&panels[1], &r.rows)?;
+        }
+        breakdown_panel(&panels[2], &r.rows, &labels)?;
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
 }
 
-type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+/// A row's short name under its bar: its window, or its mode.
+fn window_label(r: &SweepRow) -> String {
+    match (r.period, r.adaptive) {
+        (Some(_), true) => "auto".to_string(),
+        (Some(k), false) => format!("K={k}"),
+        (None, _) => r.mode.to_string(),
+    }
+}
+
+pub(crate) type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+/// The caption of the tokens/s panels.
+pub(crate) const SPEED_CAPTION: &str = "decode tokens/s (median; bars: min-max)";
+
+/// One panel's chart on `area`: its caption, room for the x labels (`label_height` pixels)
+/// and its ranges.
+pub(crate) fn panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    label_height: u32,
+    xs: std::ops::Range<f64>,
+    ys: std::ops::Range<f64>,
+) -> Result<Chart<'a, 'b>> {
+    ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 15))
+        .margin(12)
+        .x_label_area_size(label_height)
+        .y_label_area_size(50)
+        .build_cartesian_2d(xs, ys)
+        .map_err(plot_error)
+}
 
 /// The fixed-K Sirius rows.
 fn fixed_rows(rows: &[SweepRow]) -> impl Iterator<Item = (f64, &SweepRow)> {
@@ -90,16 +177,7 @@ fn speed_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
     let xs = k_range(rows);
     // Headroom above the fastest row for the legend.
     let top = rows.iter().map(|r| r.max_tokens_per_s).fold(0.0, f64::max) * 1.4;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "decode tokens/s (median; bars: min-max)",
-            ("sans-serif", 15),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(xs.clone(), 0.0..top.max(1e-3))
-        .map_err(plot_error)?;
+    let mut chart = panel(area, SPEED_CAPTION, 40, xs.clone(), 0.0..top.max(1e-3))?;
     chart
         .configure_mesh()
         .x_desc("window K")
@@ -158,13 +236,8 @@ fn acceptance_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
     let highest = sirius_points(rows, |r| r.effective_density.max(1.0))
         .iter()
         .fold(1.0, |m: f64, p| m.max(p.1));
-    let mut chart = ChartBuilder::on(area)
-        .caption("acceptance and weights read", ("sans-serif", 15))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(xs.clone(), 0.0..highest * 1.4)
-        .map_err(plot_error)?;
+    let caption = "acceptance and weights read";
+    let mut chart = panel(area, caption, 40, xs.clone(), 0.0..highest * 1.4)?;
     chart
         .configure_mesh()
         .x_desc("window K")
@@ -217,31 +290,30 @@ fn acceptance_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
 /// One layer of the stacked bars: its label, colour and value per row.
 type StackPart = (&'static str, RGBColor, fn(&SweepRow) -> f64);
 
-fn breakdown_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
+/// Stacked bars of a token's time, one per row, labelled `labels`.
+fn breakdown_panel(area: &Area<'_>, rows: &[SweepRow], labels: &[String]) -> Result<()> {
     let total = |r: &SweepRow| r.draft_ms_per_token + r.verify_ms_per_token + r.other_ms_per_token;
     let top = rows.iter().map(total).fold(0.0, f64::max) * 1.4;
-    let labels: Vec<String> = rows
-        .iter()
-        .map(|r| match (r.period, r.adaptive) {
-            (Some(_), true) => "auto".to_string(),
-            (Some(k), false) => format!("K={k}"),
-            (None, _) => r.mode.to_string(),
-        })
-        .collect();
     let n = rows.len();
-    let mut chart = ChartBuilder::on(area)
-        .caption("milliseconds per token", ("sans-serif", 15))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(-0.5..n as f64 - 0.5, 0.0..top.max(1e-3))
-        .map_err(plot_error)?;
+    // Many bars: labels turned upright (drawn below, anchored at their start: the mesh
+    // centres a label on its tick, which would put half of an upright one in the chart).
+    let upright = n > 6;
+    let longest = labels.iter().map(|l| l.chars().count()).max().unwrap_or(0) as u32;
+    let label_height = if upright { 12 + 7 * longest } else { 40 };
+    let xs = -0.5..n as f64 - 0.5;
+    let mut chart = panel(
+        area,
+        "milliseconds per token",
+        label_height,
+        xs,
+        0.0..top.max(1e-3),
+    )?;
     chart
         .configure_mesh()
         .x_labels(n.max(2))
         .x_label_formatter(&|x| {
             let i = x.round();
-            match (i - x).abs() < 1e-6 && i >= 0.0 {
+            match (i - x).abs() < 1e-6 && i >= 0.0 && !upright {
                 true => labels.get(i as usize).cloned().unwrap_or_default(),
                 false => String::new(),
             }
@@ -250,6 +322,24 @@ fn breakdown_panel(area: &Area<'_>, rows: &[SweepRow]) -> Result<()> {
         .disable_x_mesh()
         .draw()
         .map_err(plot_error)?;
+    if upright {
+        let style = TextStyle::from(
+            ("sans-serif", 12)
+                .into_font()
+                .transform(FontTransform::Rotate90),
+        )
+        .pos(Pos::new(HPos::Left, VPos::Center));
+        let (left, top) = area.get_base_pixel();
+        for (i, label) in labels.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(i as f64, 0.0));
+            area.draw(&Text::new(
+                label.clone(),
+                (x - left, y - top + 9),
+                style.clone(),
+            ))
+            .map_err(plot_error)?;
+        }
+    }
     let parts: [StackPart; 3] = [
         ("draft", DRAFT, |r| r.draft_ms_per_token),
         ("verify", VERIFY, |r| r.verify_ms_per_token),
@@ -286,9 +376,10 @@ fn dashed(xs: std::ops::Range<f64>, y: f64) -> Vec<[(f64, f64); 2]> {
         .collect()
 }
 
-type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+pub(crate) type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-fn legend<'b>(chart: &mut Chart<'b, 'b>, at: SeriesLabelPosition) -> Result<()> {
+pub(crate) fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, at: SeriesLabelPosition) -> Result<()> {
     chart
         .configure_series_labels()
         .position(at)

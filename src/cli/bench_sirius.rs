@@ -1,23 +1,27 @@
-//! `bench --sirius`: the sweep of `engine::bench_sirius` as a markdown table, CSV, JSON (with
-//! the commit and the machine) and an SVG plot.
+//! `bench --sirius`: the sweep of `engine::bench_sirius` over every point of the swept options
+//! (threads, keep, offloading budget; the windows are rows of each point), as a markdown
+//! table, CSV, JSON (with the commit and the machine) and an SVG plot.
 
-use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use serde::Serialize;
-
+use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
+use crate::cli::args::{check_gbps, default_period};
 use crate::cli::bench::BenchArgs;
-use crate::cli::bench_plot::plot;
+use crate::cli::bench_plot::{plot, PlotAxis};
+use crate::cli::bench_report::{commit_id, csv, machine, markdown, SweepReport};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
-use crate::engine::bench_sirius::{sweep, SiriusSweep, SweepRow};
-use crate::engine::{Engine, EngineConfig};
+use crate::cli::run_args::Device;
+use crate::engine::bench_sirius::{sweep, SweepLane, SweepPoint, SweepRow, SweepRuns};
+use crate::engine::{Decoding, Engine, EngineConfig};
 use crate::error::{Error, Result};
+use crate::offload::runtime::OffloadConfig;
 use crate::progress::progress_bar;
 use crate::sirius::{Period, SiriusConfig};
-use crate::sparsity::SparsityMode;
+use crate::sparsity::{SparsityConfig, SparsityMode};
+use crate::units::{format_bytes, parse_size};
 
 /// The prompt without `--prompt-file`: plain expository text, which a model continues in
 /// kind (Sirius's acceptance depends on the text; random ids would measure nothing real).
@@ -28,85 +32,238 @@ droplets grow heavy enough they fall as rain or snow. Some of that water runs of
 that carry it back to the sea, some soaks into the ground and feeds springs and wells, and \
 some is taken up by plants, which release it again through their leaves. Over a year,";
 
-/// What `bench --sirius` reports.
-#[derive(Serialize)]
-pub struct SweepReport {
-    pub model: String,
-    pub commit: String,
-    pub machine: String,
-    pub backend: String,
-    pub dtype: String,
-    pub sparsity: SparsityMode,
-    pub keep: f32,
-    pub threshold: f32,
-    pub width: usize,
-    pub prompt_tokens: usize,
-    pub rows: Vec<SweepRow>,
+/// The options as typed settings, checked before the (slow) model load.
+struct SweepPlan {
+    threads: Vec<usize>,
+    keeps: Vec<f32>,
+    /// Offloading budgets in bytes (empty: the model in memory).
+    budgets: Vec<u64>,
+    /// The offloading settings every budget shares (its `budget` replaced per point).
+    offload: OffloadConfig,
+    /// The drafts' sparsity (its `keep` replaced per point).
+    sparsity: SparsityConfig,
+    periods: Vec<Period>,
+    base: SiriusConfig,
+    runs: SweepRuns,
+    axis: PlotAxis,
+}
+
+impl SweepPlan {
+    fn new(args: &BenchArgs) -> Result<SweepPlan> {
+        for (option, path) in [("--json", &args.json), ("--csv", &args.csv)] {
+            check_output_dir(option, path.as_deref())?;
+        }
+        check_output_dir("--plot", args.plot.as_deref())?;
+        let mut drafts = args.sparsity.clone();
+        if drafts.sparsity == SparsityMode::None {
+            // Sirius drafts with a sparse model: Griffin unless told otherwise.
+            drafts.sparsity = SparsityMode::Griffin;
+        }
+        let keeps = drafts.keep.clone();
+        let first = keeps
+            .first()
+            .ok_or_else(|| Error::InvalidArgument("--keep needs a value".into()))?;
+        let sparsity = drafts.config_at(*first)?;
+        for &keep in &keeps[1..] {
+            drafts.config_at(keep)?;
+        }
+        let base = SiriusConfig {
+            threshold: args.threshold.unwrap_or(SiriusConfig::default().threshold),
+            width: args.width,
+            ..SiriusConfig::default()
+        };
+        let periods = match args.period.is_empty() {
+            true => vec![default_period(base.width)],
+            false => args.period.clone(),
+        };
+        for period in &periods {
+            period.apply(base).validate()?;
+        }
+        if args.gen < 2 {
+            return Err(Error::InvalidArgument(
+                "bench --sirius needs --gen 2 or more (the first token comes from the prompt)"
+                    .into(),
+            ));
+        }
+        let budgets = budgets(args, &sparsity)?;
+        let threads = resolve_threads(args)?;
+        distinct("--keep", &keeps, f32::to_string)?;
+        distinct("--threads", &threads, usize::to_string)?;
+        distinct("--resident-mem/--gpu-mem", &budgets, |b| format_bytes(*b))?;
+        let axis = match args.plot {
+            Some(_) => PlotAxis::choose(threads.len(), keeps.len(), budgets.len())?,
+            None => PlotAxis::Period,
+        };
+        Ok(SweepPlan {
+            offload: OffloadConfig {
+                budget: 0,
+                link_gbps: args.link_gbps,
+                mem_gbps: args.mem_gbps,
+                trace: false,
+                delay: None,
+                griffin_down: sparsity.griffin_down,
+            },
+            threads,
+            keeps,
+            budgets,
+            sparsity,
+            periods,
+            base,
+            runs: SweepRuns {
+                gen: args.gen,
+                reps: args.reps,
+            },
+            axis,
+        })
+    }
+
+    /// Runs of the whole sweep (the warm-up rounds included), for the progress bar.
+    fn run_count(&self) -> usize {
+        let lanes = self.periods.len() + if self.budgets.is_empty() { 2 } else { 1 };
+        let points = self.threads.len() * self.keeps.len() * self.budgets.len().max(1);
+        points * lanes * (self.runs.reps + 1)
+    }
+}
+
+/// The thread counts as the CPU backend will run them (0: one per core); on a GPU none.
+fn resolve_threads(args: &BenchArgs) -> Result<Vec<usize>> {
+    if args.device != Device::Cpu {
+        return match args.model.threads[..] {
+            [0] => Ok(vec![0]),
+            _ => Err(Error::InvalidArgument(
+                "--threads sets CPU compute threads: drop it with --device cuda".into(),
+            )),
+        };
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let resolved = args.model.threads.iter();
+    Ok(resolved.map(|&t| if t == 0 { cores } else { t }).collect())
+}
+
+/// A swept list names each value once (`--threads 0` is one per core: the same as the
+/// core count).
+fn distinct<T: PartialEq>(option: &str, values: &[T], show: impl Fn(&T) -> String) -> Result<()> {
+    for (i, v) in values.iter().enumerate() {
+        if values[..i].contains(v) {
+            return Err(Error::InvalidArgument(format!(
+                "{option} lists {} twice: give each value once{}",
+                show(v),
+                match option {
+                    "--threads" => " (0 is one per core)",
+                    _ => "",
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `--resident-mem` (CPU) or `--gpu-mem` (CUDA) as bytes, and the options only an offloaded
+/// sweep takes.
+fn budgets(args: &BenchArgs, sparsity: &SparsityConfig) -> Result<Vec<u64>> {
+    let (option, sizes) = match (args.device, &args.resident_mem[..], &args.gpu_mem[..]) {
+        (_, [], []) => {
+            for (option, given) in [
+                ("--link-gbps", args.link_gbps),
+                ("--mem-gbps", args.mem_gbps),
+            ] {
+                if given.is_some() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{option} describes an offloaded run: add --resident-mem SIZE (CPU) or \
+                         --gpu-mem SIZE (--device cuda)"
+                    )));
+                }
+            }
+            return Ok(Vec::new());
+        }
+        (_, [_, ..], [_, ..]) => {
+            return Err(Error::InvalidArgument(
+                "give one offloading budget: --resident-mem (CPU) or --gpu-mem (CUDA)".into(),
+            ))
+        }
+        (Device::Cpu, sizes, []) => ("--resident-mem", sizes),
+        (Device::Cuda(_), [], sizes) => ("--gpu-mem", sizes),
+        (Device::Cpu, [], _) => {
+            return Err(Error::InvalidArgument(
+                "--gpu-mem is the GPU memory budget of --device cuda: on the CPU emulate a \
+                 budget with --resident-mem SIZE"
+                    .into(),
+            ))
+        }
+        (Device::Cuda(_), _, []) => {
+            return Err(Error::InvalidArgument(
+                "--resident-mem emulates offloading on the CPU: on --device cuda give the GPU \
+                 memory budget as --gpu-mem SIZE"
+                    .into(),
+            ))
+        }
+    };
+    if sparsity.mode != SparsityMode::Griffin || sparsity.cats_thresholds.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{option}: an offloaded sweep drafts with Griffin (--sparsity griffin, the default)"
+        )));
+    }
+    check_gbps("--link-gbps", args.link_gbps)?;
+    check_gbps("--mem-gbps", args.mem_gbps)?;
+    sizes
+        .iter()
+        .map(|size| {
+            parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option} {size}: {e}")))
+        })
+        .collect()
 }
 
 pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
-    check_output_dir("--json", args.json.as_deref())?;
-    check_output_dir("--csv", args.csv.as_deref())?;
-    check_output_dir("--plot", args.plot.as_deref())?;
-    let mut sparsity = args.sparsity.config()?;
-    if sparsity.mode == SparsityMode::None {
-        // Sirius drafts with a sparse model: Griffin unless told otherwise.
-        sparsity.mode = SparsityMode::Griffin;
-    }
-    let base = SiriusConfig {
-        threshold: args.threshold.unwrap_or(SiriusConfig::default().threshold),
-        width: args.width,
-        ..SiriusConfig::default()
-    };
-    let periods = match args.period.is_empty() {
-        true => vec![crate::cli::args::default_period(base.width)],
-        false => args.period.clone(),
-    };
-    // Options checked before the (slow) model load.
-    for period in &periods {
-        period.apply(base).validate()?;
-    }
-    if args.gen < 2 {
-        return Err(Error::InvalidArgument(
-            "bench --sirius needs --gen 2 or more (the first token comes from the prompt)".into(),
-        ));
-    }
+    let plan = SweepPlan::new(args)?;
     let text = match &args.prompt_file {
         Some(path) => read_text("--prompt-file", path)?,
         None => DEFAULT_PROMPT.to_string(),
     };
-    let config = EngineConfig {
-        sparsity: sparsity.clone(),
-        offload: None,
-        weights: args.model.weights(),
-        kv_dtype: args.model.kv_dtype,
-    };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let mut engine = Engine::load(&dir, CpuBackend::new(args.model.threads), &config)?;
-    let prompt = engine.encode(&text, None)?;
-    let s = SiriusSweep {
-        periods,
-        base,
-        gen: args.gen,
-        reps: args.reps,
+    let (measured, outcome) = match args.device {
+        Device::Cpu => measure(args, &plan, &dir, &text, &|threads, _| {
+            Ok(CpuBackend::new(threads))
+        }),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => measure(args, &plan, &dir, &text, &|_, offloaded| {
+            let backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
+            // Offloaded: only what the plan keeps resident goes to the GPU.
+            Ok(if offloaded {
+                backend.with_host_weights()
+            } else {
+                backend
+            })
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => return Err(crate::cli::bench::no_cuda()),
     };
-    let runs = (s.periods.len() + 2) * (s.reps + 1);
-    let bar = progress_bar(runs as u64, "bench");
-    let rows = sweep(&mut engine, &prompt, &s, &mut || bar.inc(1))?;
-    bar.finish_and_clear();
+    if measured.rows.is_empty() {
+        // Nothing measured: the error alone.
+        return outcome;
+    }
     let report = SweepReport {
         model: args.model.model.clone(),
         commit: commit_id(),
         machine: machine(),
-        backend: engine.model.backend_description(),
-        dtype: engine.model.dtype.to_string(),
-        sparsity: sparsity.mode,
-        keep: sparsity.keep,
-        threshold: base.threshold,
-        width: base.width,
-        prompt_tokens: prompt.len(),
-        rows,
+        backend: measured.backend,
+        dtype: measured.dtype,
+        kv_dtype: args.model.kv_dtype.to_string(),
+        sparsity: plan.sparsity.mode,
+        threads: plan.threads.clone(),
+        keeps: plan.keeps.clone(),
+        budgets: plan.budgets.clone(),
+        link_gbps: plan.offload.link_gbps,
+        mem_gbps: plan.offload.mem_gbps,
+        threshold: plan.base.threshold,
+        width: plan.base.width,
+        prompt_tokens: measured.prompt_tokens,
+        rows: measured.rows,
     };
+    if outcome.is_err() {
+        print_stdout(
+            "The sweep stopped early: the rows below were measured before the error.\n\n",
+        )?;
+    }
     print_stdout(&markdown(&report))?;
     if let Some(path) = &args.json {
         write_json(path, &report)?;
@@ -115,145 +272,195 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         write_file(path, &csv(&report))?;
     }
     if let Some(path) = &args.plot {
-        write_file(path, &plot(&report)?)?;
+        write_file(path, &plot(&report, plan.axis)?)?;
     }
-    Ok(())
+    outcome
 }
 
-fn write_file(path: &Path, text: &str) -> Result<()> {
+/// What the sweep measured, with what the report says of the engines.
+#[derive(Default)]
+struct Measured {
+    rows: Vec<SweepRow>,
+    prompt_tokens: usize,
+    backend: String,
+    dtype: String,
+}
+
+/// A backend with `threads` compute threads (ignored on a GPU), for an offloaded engine or
+/// not.
+type MakeBackend<'a, B> = dyn Fn(usize, bool) -> Result<B> + 'a;
+
+/// Every point of the sweep, one after the other; within a point, the rows alternate. The
+/// rows measured before an error are kept beside it.
+fn measure<B: OffloadBackend>(
+    args: &BenchArgs,
+    plan: &SweepPlan,
+    dir: &Path,
+    text: &str,
+    make: &MakeBackend<'_, B>,
+) -> (Measured, Result<()>) {
+    let bar = progress_bar(plan.run_count() as u64, "bench");
+    let mut measured = Measured::default();
+    let outcome = plan.threads.iter().try_for_each(|&threads| {
+        let mut point = Point {
+            args,
+            plan,
+            dir,
+            text,
+            make,
+            threads,
+            on_run: &mut || bar.inc(1),
+        };
+        match plan.budgets.is_empty() {
+            true => point.in_memory(&mut measured),
+            false => point.offloaded(&mut measured),
+        }
+    });
+    bar.finish_and_clear();
+    (measured, outcome)
+}
+
+/// The sweep at one thread count.
+struct Point<'a, B: OffloadBackend> {
+    args: &'a BenchArgs,
+    plan: &'a SweepPlan,
+    dir: &'a Path,
+    text: &'a str,
+    make: &'a MakeBackend<'a, B>,
+    threads: usize,
+    on_run: &'a mut dyn FnMut(),
+}
+
+impl<B: OffloadBackend> Point<'_, B> {
+    /// Loads an engine with `sparsity`, offloaded within `budget` or in memory.
+    fn load(&self, sparsity: SparsityConfig, budget: Option<u64>) -> Result<Engine<B>> {
+        let backend = (self.make)(self.threads, budget.is_some())?;
+        let config = EngineConfig {
+            sparsity,
+            offload: budget.map(|budget| OffloadConfig {
+                budget,
+                ..self.plan.offload.clone()
+            }),
+            weights: self.args.model.weights(),
+            kv_dtype: self.args.model.kv_dtype,
+        };
+        Engine::load(self.dir, backend, &config)
+    }
+
+    /// The dense model (offloaded: the full row), its compact down format as the drafts'.
+    fn dense(&self) -> SparsityConfig {
+        SparsityConfig {
+            griffin_down: self.plan.sparsity.griffin_down,
+            ..SparsityConfig::dense()
+        }
+    }
+
+    fn sparsity(&self, keep: f32) -> SparsityConfig {
+        SparsityConfig {
+            keep,
+            ..self.plan.sparsity.clone()
+        }
+    }
+
+    fn sirius_lanes(&self, engine: usize) -> Vec<SweepLane> {
+        let base = self.plan.base;
+        let lane = |p: &Period| SweepLane {
+            engine,
+            decoding: Decoding::Sirius(p.apply(base)),
+        };
+        self.plan.periods.iter().map(lane).collect()
+    }
+
+    /// In memory: one engine runs the full model, the sparse model and Sirius at each keep.
+    fn in_memory(&mut self, m: &mut Measured) -> Result<()> {
+        let keeps = &self.plan.keeps;
+        let first = keeps.first().copied().unwrap_or(self.plan.sparsity.keep);
+        let mut engine = self.load(self.sparsity(first), None)?;
+        let prompt = self.describe(&engine, m)?;
+        for (i, &keep) in keeps.iter().enumerate() {
+            if i > 0 {
+                engine.set_sparsity(&self.sparsity(keep))?;
+            }
+            let mut lanes = vec![
+                SweepLane {
+                    engine: 0,
+                    decoding: Decoding::Dense,
+                },
+                SweepLane {
+                    engine: 0,
+                    decoding: Decoding::Sparse,
+                },
+            ];
+            lanes.extend(self.sirius_lanes(0));
+            let engines = std::slice::from_mut(&mut engine);
+            self.sweep(engines, &lanes, &prompt, keep, None, m)?;
+        }
+        Ok(())
+    }
+
+    /// Offloaded: per budget, the dense model offloaded (the full row) beside Sirius drafting
+    /// with Griffin's offloaded runtime at each keep (no sparse row: an offloaded Griffin
+    /// engine decodes with Sirius). The engines take turns with the budget.
+    fn offloaded(&mut self, m: &mut Measured) -> Result<()> {
+        for &budget in &self.plan.budgets {
+            let dense = self.load(self.dense(), Some(budget))?;
+            let prompt = self.describe(&dense, m)?;
+            let mut engines = vec![dense];
+            for &keep in &self.plan.keeps {
+                engines.truncate(1);
+                engines.push(self.load(self.sparsity(keep), Some(budget))?);
+                let mut lanes = vec![SweepLane {
+                    engine: 0,
+                    decoding: Decoding::Dense,
+                }];
+                lanes.extend(self.sirius_lanes(1));
+                self.sweep(&mut engines, &lanes, &prompt, keep, Some(budget), m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One point's rows, added to `m`.
+    fn sweep(
+        &mut self,
+        engines: &mut [Engine<B>],
+        lanes: &[SweepLane],
+        prompt: &[u32],
+        keep: f32,
+        budget_bytes: Option<u64>,
+        m: &mut Measured,
+    ) -> Result<()> {
+        let point = SweepPoint {
+            threads: self.threads,
+            keep,
+            budget_bytes,
+        };
+        let rows = sweep(engines, lanes, prompt, self.plan.runs, point, self.on_run)?;
+        m.rows.extend(rows);
+        Ok(())
+    }
+
+    /// The prompt's ids, and what the report says of the engine (the first one loaded).
+    fn describe(&self, engine: &Engine<B>, m: &mut Measured) -> Result<Vec<u32>> {
+        let prompt = engine.encode(self.text, None)?;
+        if m.backend.is_empty() {
+            m.backend = engine.model.backend_description();
+            if self.plan.threads.len() > 1 {
+                // The first point's count is not the sweep's: the rows say each one.
+                m.backend = m
+                    .backend
+                    .replace(&format!("{} threads", self.threads), "threads swept");
+            }
+            m.dtype = engine.model.dtype.to_string();
+            m.prompt_tokens = prompt.len();
+        }
+        Ok(prompt)
+    }
+}
+
+fn write_file(path: &PathBuf, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|source| Error::Write {
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     })
-}
-
-fn mode_label(r: &SweepRow) -> String {
-    match period_text(r) {
-        Some(k) => format!("sirius K={k}"),
-        None => r.mode.to_string(),
-    }
-}
-
-/// A Sirius row's window setting as given (`16`, `auto`, `auto:32`).
-fn period_text(r: &SweepRow) -> Option<String> {
-    r.period.map(|k| match r.adaptive {
-        true => Period::Auto(k).to_string(),
-        false => k.to_string(),
-    })
-}
-
-pub fn markdown(r: &SweepReport) -> String {
-    let mut s = format!(
-        "Sirius sweep of {} ({}, {}) on {}, commit {}: {} keep {}, threshold {}, width {}; \
-         prompt {} tokens, {} tokens decoded per run, medians of {} alternated rounds\n\n",
-        r.model,
-        r.dtype,
-        r.backend,
-        r.machine,
-        r.commit,
-        r.sparsity,
-        r.keep,
-        r.threshold,
-        r.width,
-        r.prompt_tokens,
-        r.rows.first().map_or(0, |x| x.tokens),
-        r.rows.first().map_or(0, |x| x.reps),
-    );
-    s += "| mode | tok/s (median) | min | max | vs full | AAL | eff. density | draft ms/tok | verify ms/tok | other ms/tok |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|\n";
-    for x in &r.rows {
-        // AAL out of the window's K (adaptive windows: out of their mean K).
-        let aal = match (x.aal, x.period, x.mean_period) {
-            (Some(a), Some(_), Some(mean)) if x.adaptive => format!("{a:.2}/{mean:.2}"),
-            (Some(a), Some(k), _) => format!("{a:.2}/{k}"),
-            _ => "-".into(),
-        };
-        let _ = writeln!(
-            s,
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2}x | {aal} | {:.3} | {:.1} | {:.1} | {:.1} |",
-            mode_label(x),
-            x.median_tokens_per_s,
-            x.min_tokens_per_s,
-            x.max_tokens_per_s,
-            x.speedup_vs_full,
-            x.effective_density,
-            x.draft_ms_per_token,
-            x.verify_ms_per_token,
-            x.other_ms_per_token,
-        );
-    }
-    s
-}
-
-/// One line per row, every column named in the header; the run's settings repeated on each
-/// line so that files of several runs can be concatenated.
-pub fn csv(r: &SweepReport) -> String {
-    let mut s = String::from(
-        "model,commit,machine,backend,dtype,sparsity,keep,threshold,width,prompt_tokens,mode,\
-         period,tokens,reps,median_tokens_per_s,min_tokens_per_s,max_tokens_per_s,\
-         speedup_vs_full,aal,mean_period,effective_density,draft_ms_per_token,verify_ms_per_token,\
-         other_ms_per_token\n",
-    );
-    let quote = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
-    for x in &r.rows {
-        let _ = writeln!(
-            s,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.3},{:.3},{:.3}",
-            quote(&r.model),
-            quote(&r.commit),
-            quote(&r.machine),
-            quote(&r.backend),
-            r.dtype,
-            r.sparsity,
-            r.keep,
-            r.threshold,
-            r.width,
-            r.prompt_tokens,
-            x.mode,
-            period_text(x).unwrap_or_default(),
-            x.tokens,
-            x.reps,
-            x.median_tokens_per_s,
-            x.min_tokens_per_s,
-            x.max_tokens_per_s,
-            x.speedup_vs_full,
-            x.aal.map_or(String::new(), |a| format!("{a:.4}")),
-            x.mean_period.map_or(String::new(), |k| format!("{k:.4}")),
-            x.effective_density,
-            x.draft_ms_per_token,
-            x.verify_ms_per_token,
-            x.other_ms_per_token,
-        );
-    }
-    s
-}
-
-/// The commit of the source tree this binary was built from, read when the bench runs
-/// (`git describe --always --dirty`; "-dirty": edited since), or "unknown" without one.
-fn commit_id() -> String {
-    std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
-}
-
-/// The CPU model and its logical cores.
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    format!("{cpu}, {cores} logical cores")
 }

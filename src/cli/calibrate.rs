@@ -51,7 +51,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     let text = read_text("--text", &args.text)?;
 
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let backend = CpuBackend::new(args.model.threads);
+    let backend = CpuBackend::new(args.model.threads()?);
     let config = EngineConfig {
         weights: args.model.weights(),
         kv_dtype: args.model.kv_dtype,

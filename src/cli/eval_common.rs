@@ -40,7 +40,7 @@ pub(crate) fn load(args: &EvalArgs, sparse: bool) -> Result<Loaded> {
         false => SparsityConfig::dense(),
     };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let backend = CpuBackend::new(args.model.threads);
+    let backend = CpuBackend::new(args.model.threads()?);
     let threads = backend.threads();
     let config = EngineConfig {
         sparsity,

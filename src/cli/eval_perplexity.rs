@@ -115,7 +115,8 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityConfig>> {
     if args.compare.is_empty() {
         return Ok(vec![base.config()?]);
     }
-    validate_keep(base.keep)?;
+    let base_keep = base.keep()?;
+    validate_keep(base_keep)?;
     let thresholds = base.cats_thresholds.as_ref();
     if thresholds.is_some() && !args.compare.iter().any(|s| s.mode == SparsityMode::Cats) {
         return Err(Error::InvalidArgument(
@@ -139,7 +140,7 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityConfig>> {
             }
             SparsityArgs {
                 sparsity: spec.mode,
-                keep: spec.keep.unwrap_or(base.keep),
+                keep: vec![spec.keep.unwrap_or(base_keep)],
                 cats_thresholds: if cats { thresholds.cloned() } else { None },
                 griffin_down: base.griffin_down,
             }

@@ -5,6 +5,8 @@
 pub mod args;
 pub mod bench;
 pub mod bench_plot;
+pub mod bench_plot_axis;
+pub mod bench_report;
 pub mod bench_sirius;
 pub mod calibrate;
 pub mod eval;

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
+use crate::cli::args::check_gbps;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
 use crate::cli::run_args::{Device, PromptArgs, RunArgs};
@@ -14,7 +15,6 @@ use crate::engine::{ChatPrompt, Decoding, Engine, EngineConfig, GenerationOutput
 use crate::error::{Error, Result};
 use crate::model::ModelFiles;
 use crate::model::SamplingParams;
-use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
 use crate::offload::runtime::OffloadConfig;
 use crate::sparsity::{SparsityConfig, SparsityMode};
 use crate::units::parse_size;
@@ -47,7 +47,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let job = RunJob::new(args)?;
     match args.device {
         Device::Cpu => {
-            let backend = CpuBackend::new(args.model.threads);
+            let backend = CpuBackend::new(args.model.threads()?);
             let threads = backend.threads();
             run_on(&job, backend, threads)
         }
@@ -328,13 +328,8 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
             "{option}: an offloaded run decodes greedily for now: add --temperature 0"
         )));
     }
-    for (name, v) in [("--link-gbps", o.link_gbps), ("--mem-gbps", o.mem_gbps)] {
-        if let Some(v) = v.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
-            return Err(Error::InvalidArgument(format!(
-                "{name} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
-            )));
-        }
-    }
+    check_gbps("--link-gbps", o.link_gbps)?;
+    check_gbps("--mem-gbps", o.mem_gbps)?;
     let config = OffloadConfig {
         budget,
         link_gbps: o.link_gbps,

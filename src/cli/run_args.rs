@@ -127,7 +127,7 @@ pub enum Device {
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> std::result::Result<Device, String> {
+pub(crate) fn parse_device(s: &str) -> std::result::Result<Device, String> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),

@@ -4,7 +4,9 @@
 //! median of each row and its ratio to the full model's median of the same run.
 //!
 //! Every generation decodes exactly `gen` tokens (EOS ignored) from the same prompt, whose
-//! KV cache (and Griffin scores) is computed once: each run prefills only its last token.
+//! KV cache (and Griffin scores) is computed once in memory: each run prefills only its last
+//! token. An offloaded engine prefills the whole prompt per run (its full passes stream
+//! weights); decode time is measured alone either way.
 
 use serde::Serialize;
 
@@ -12,15 +14,30 @@ use crate::backend::offload::OffloadBackend;
 use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
 use crate::engine::{Decoding, Engine, GenerationOutput, RequestOptions, SiriusReport};
 use crate::error::{Error, Result};
-use crate::sirius::{Period, SiriusConfig};
 
-/// What to sweep.
-#[derive(Debug, Clone)]
-pub struct SiriusSweep {
-    /// Windows to measure (a K, or adaptive windows), each a row.
-    pub periods: Vec<Period>,
-    /// Threshold, acceptance temperature and width shared by every row.
-    pub base: SiriusConfig,
+/// One row to measure: which of the sweep's engines runs it, and how it decodes. An
+/// offloaded comparison needs two engines: one loaded dense (the full model offloaded) and
+/// one with Griffin (Sirius's drafts); in memory one engine runs every mode.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepLane {
+    pub engine: usize,
+    pub decoding: Decoding,
+}
+
+/// The settings a group of rows shares (a point of the swept options), repeated on its rows.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SweepPoint {
+    /// CPU compute threads (0 on a GPU).
+    pub threads: usize,
+    /// Griffin's kept fraction of FFN neurons (the sparse and Sirius rows).
+    pub keep: f32,
+    /// The offloading budget in bytes (`None`: the whole model in memory).
+    pub budget_bytes: Option<u64>,
+}
+
+/// How long each run is and how often it is repeated.
+#[derive(Debug, Clone, Copy)]
+pub struct SweepRuns {
     /// Tokens decoded per run.
     pub gen: usize,
     /// Timed rounds (after one warm-up round).
@@ -30,6 +47,8 @@ pub struct SiriusSweep {
 /// One row: a mode (and window) over every round.
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepRow {
+    #[serde(flatten)]
+    pub point: SweepPoint,
     /// "full", "sparse" or "sirius".
     pub mode: &'static str,
     /// Sirius: K (adaptive: the longest window allowed).
@@ -44,7 +63,7 @@ pub struct SweepRow {
     pub median_tokens_per_s: f64,
     pub min_tokens_per_s: f64,
     pub max_tokens_per_s: f64,
-    /// Median / the full model's median in the same run.
+    /// Median / the median of the group's full model in the same run.
     pub speedup_vs_full: f64,
     /// Sirius: average advance length per verification (median over rounds).
     pub aal: Option<f64>,
@@ -55,60 +74,48 @@ pub struct SweepRow {
     pub draft_ms_per_token: f64,
     pub verify_ms_per_token: f64,
     pub other_ms_per_token: f64,
+    /// Offloaded rows: the planner's ms per token for the run (its measured AAL), when it
+    /// predicts one (on the CPU: with a link cap), and the measured one (medians).
+    pub predicted_ms_per_token: Option<f64>,
+    pub measured_ms_per_token: Option<f64>,
+    /// Offloaded rows: megabytes streamed per decoded token (the prompt's pass included: the
+    /// run's bytes over its tokens; median).
+    pub streamed_mb_per_token: Option<f64>,
 }
 
-/// Runs the sweep on `prompt`; `on_run` is called after each generation.
+/// Runs every lane on `prompt`, alternated, `runs.reps` rounds after a warm-up; rows in
+/// lane order, each at `point`, the first `Dense` lane the baseline of `speedup_vs_full`.
+/// `on_run` is called after each generation.
 pub fn sweep<B: OffloadBackend>(
-    engine: &mut Engine<B>,
+    engines: &mut [Engine<B>],
+    lanes: &[SweepLane],
     prompt: &[u32],
-    s: &SiriusSweep,
+    runs: SweepRuns,
+    point: SweepPoint,
     on_run: &mut dyn FnMut(),
 ) -> Result<Vec<SweepRow>> {
-    if s.reps == 0 || s.gen < 2 || prompt.len() < 2 {
+    if runs.reps == 0 || runs.gen < 2 || prompt.len() < 2 {
         return Err(Error::InvalidArgument(
             "bench --sirius needs --reps >= 1, --gen >= 2 and a prompt of 2 tokens or more".into(),
         ));
     }
-    let mut modes = vec![Decoding::Dense, Decoding::Sparse];
-    let mut extra_rows = 0;
-    for &period in &s.periods {
-        let config = period.apply(s.base);
-        config.validate()?;
-        extra_rows = extra_rows.max(config.extra_cache_rows());
-        modes.push(Decoding::Sirius(config));
+    check_lanes(engines, lanes, prompt, runs.gen)?;
+    // Whatever happens, no engine keeps the prefix (or a runtime) of this sweep.
+    let samples = measure(engines, lanes, prompt, runs, on_run);
+    for engine in engines.iter_mut() {
+        engine.clear_prompt_prefix();
+        engine.release_offload_runtime();
     }
-    // Every run must decode all `gen` tokens: a full cache would end some runs early.
-    let needed = prompt.len() + s.gen - 1 + extra_rows;
-    if needed > engine.context() {
-        return Err(Error::InvalidArgument(format!(
-            "the prompt ({} tokens), --gen {} and Sirius's extra cache rows need {needed} \
-             positions; the model has {}: shorten the prompt or --gen",
-            prompt.len(),
-            s.gen,
-            engine.context()
-        )));
-    }
-    engine.set_prompt_prefix(&prompt[..prompt.len() - 1], DEFAULT_PREFILL_CHUNK, true)?;
-    let mut opts = RequestOptions::greedy(s.gen);
-    opts.stop_at_eos = false;
-    let mut samples: Vec<Vec<GenerationOutput>> = vec![Vec::new(); modes.len()];
-    // Round 0 warms caches and builds decode copies; it is not kept.
-    for round in 0..=s.reps {
-        for (mode, kept) in modes.iter().zip(samples.iter_mut()) {
-            let out = engine.generate(prompt, &opts, *mode, &mut |_| true)?;
-            on_run();
-            if round > 0 {
-                kept.push(out);
-            }
-        }
-    }
-    engine.clear_prompt_prefix();
-    let mut rows: Vec<SweepRow> = modes
+    let samples = samples?;
+    let mut rows: Vec<SweepRow> = lanes
         .iter()
         .zip(&samples)
-        .map(|(m, o)| row(*m, o))
+        .map(|(lane, o)| row(lane.decoding, o, point))
         .collect();
-    let full = rows[0].median_tokens_per_s;
+    let full = rows
+        .iter()
+        .find(|r| r.mode == "full")
+        .map_or(0.0, |r| r.median_tokens_per_s);
     for r in &mut rows {
         r.speedup_vs_full = if full > 0.0 {
             r.median_tokens_per_s / full
@@ -119,10 +126,76 @@ pub fn sweep<B: OffloadBackend>(
     Ok(rows)
 }
 
+/// Every lane's generations, alternated, after a warm-up round that is not kept.
+fn measure<B: OffloadBackend>(
+    engines: &mut [Engine<B>],
+    lanes: &[SweepLane],
+    prompt: &[u32],
+    runs: SweepRuns,
+    on_run: &mut dyn FnMut(),
+) -> Result<Vec<Vec<GenerationOutput>>> {
+    for engine in engines.iter_mut().filter(|e| !e.is_offloaded()) {
+        engine.set_prompt_prefix(&prompt[..prompt.len() - 1], DEFAULT_PREFILL_CHUNK, true)?;
+    }
+    let mut opts = RequestOptions::greedy(runs.gen);
+    opts.stop_at_eos = false;
+    let mut samples: Vec<Vec<GenerationOutput>> = vec![Vec::new(); lanes.len()];
+    // Round 0 warms caches and builds decode copies; it is not kept.
+    for round in 0..=runs.reps {
+        for (lane, kept) in lanes.iter().zip(samples.iter_mut()) {
+            // One offloading budget at a time: the other engines give theirs back first
+            // (each run plans its runtime outside the timed prefill and decode).
+            for (i, other) in engines.iter_mut().enumerate() {
+                if i != lane.engine {
+                    other.release_offload_runtime();
+                }
+            }
+            let engine = &mut engines[lane.engine];
+            let out = engine.generate(prompt, &opts, lane.decoding, &mut |_| true)?;
+            on_run();
+            if round > 0 {
+                kept.push(out);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// Every lane names an engine, its Sirius settings are valid, and every run can decode all
+/// `gen` tokens (a full cache would end some runs early).
+fn check_lanes<B: OffloadBackend>(
+    engines: &[Engine<B>],
+    lanes: &[SweepLane],
+    prompt: &[u32],
+    gen: usize,
+) -> Result<()> {
+    let mut extra_rows = 0;
+    let mut context = usize::MAX;
+    for lane in lanes {
+        let engine = engines.get(lane.engine).ok_or_else(|| {
+            Error::InvalidArgument(format!("sweep lane names engine {}", lane.engine))
+        })?;
+        context = context.min(engine.context());
+        if let Decoding::Sirius(config) = lane.decoding {
+            config.validate()?;
+            extra_rows = extra_rows.max(config.extra_cache_rows());
+        }
+    }
+    let needed = prompt.len() + gen - 1 + extra_rows;
+    if needed > context {
+        return Err(Error::InvalidArgument(format!(
+            "the prompt ({} tokens), --gen {gen} and Sirius's extra cache rows need {needed} \
+             positions; the model has {context}: shorten the prompt or --gen",
+            prompt.len(),
+        )));
+    }
+    Ok(())
+}
+
 /// A Sirius statistic of one output (0 for plain decoding).
 type Stat = fn(&SiriusReport) -> f64;
 
-fn row(mode: Decoding, outs: &[GenerationOutput]) -> SweepRow {
+fn row(mode: Decoding, outs: &[GenerationOutput], point: SweepPoint) -> SweepRow {
     let med =
         |f: &dyn Fn(&GenerationOutput) -> f64| median(&outs.iter().map(f).collect::<Vec<_>>());
     let sirius = |f: Stat| med(&|o| o.sirius.as_ref().map_or(0.0, f));
@@ -138,7 +211,16 @@ fn row(mode: Decoding, outs: &[GenerationOutput]) -> SweepRow {
         Decoding::Sirius(c) => ("sirius", Some(c.period), c.adaptive),
     };
     let is_sirius = period.is_some();
+    let offload =
+        |f: fn(&crate::offload::runtime::OffloadReport, &GenerationOutput) -> Option<f64>| {
+            let values: Vec<f64> = outs
+                .iter()
+                .filter_map(|o| o.offload.as_ref().and_then(|r| f(r, o)))
+                .collect();
+            (!values.is_empty()).then(|| median(&values))
+        };
     SweepRow {
+        point,
         mode: name,
         period,
         adaptive,
@@ -162,6 +244,11 @@ fn row(mode: Decoding, outs: &[GenerationOutput]) -> SweepRow {
             // Plain decoding: all of a step is "other" (no drafts, no verifications).
             false => med(&|o| per_token(o, o.decode_seconds)),
         },
+        predicted_ms_per_token: offload(|r, _| r.predicted_ms_per_token),
+        measured_ms_per_token: offload(|r, _| Some(r.measured_ms_per_token)),
+        streamed_mb_per_token: offload(|r, o| {
+            Some(r.streamed_bytes as f64 / 1e6 / o.generated_tokens.max(1) as f64)
+        }),
     }
 }
 

@@ -257,6 +257,20 @@ impl<B: OffloadBackend> Engine<B> {
         prefill::model_context(&self.model.config)
     }
 
+    /// Whether requests stream what does not fit in the resident budget.
+    pub fn is_offloaded(&self) -> bool {
+        self.offload.is_some()
+    }
+
+    /// Gives back the offloading runtime's resident memory (its arena and copy engine) and
+    /// the model its checkpoint weights; the next request plans again. Lets several offloaded
+    /// engines take turns within one budget (`bench --sirius --resident-mem`).
+    pub fn release_offload_runtime(&mut self) {
+        if let Some(runtime) = self.offload.as_mut().and_then(|o| o.runtime.take()) {
+            runtime.restore_model(&mut self.model);
+        }
+    }
+
     /// The offloading runtime, once the first offloaded request planned it.
     pub fn offload_runtime(&self) -> Option<&OffloadRuntime<B>> {
         self.offload.as_ref().and_then(|o| o.runtime.as_ref())
