@@ -6,6 +6,7 @@
 //! cargo bench --bench verify_window -- --what matmul     # the weight matmuls alone
 //! cargo bench --bench verify_window -- --clock cpu       # CPU time instead of wall time
 //! cargo bench --bench verify_window -- --kv f16,f32      # KV cache element types (f16 default)
+//! cargo bench --bench verify_window -- --model M --ctx 0 --n 4   # GFLOP/s for --compute-gflops
 //! ```
 //!
 //! * `forward`: `Llama::forward` of SmolLM2-135M (fetched preset, or `--model DIR`) over n
@@ -122,13 +123,16 @@ fn cpu_ns(threads: usize) -> u64 {
 }
 
 /// Runs `f(n)` for every n of `ns`, `reps + 1` times in rotating order (the first round
-/// untimed) and prints one table row per n: median ms, ratio to n = 1, ms per token.
+/// untimed) and prints one table row per n: median ms, ratio to n = 1, ms per token, and
+/// with `flops_per_token` the arithmetic rate (what `--compute-gflops` of `run` and `plan`
+/// asks for).
 /// `cpu_threads`: measure with [`cpu_ns`] over that many threads instead of the wall clock.
 fn interleaved(
     label: &str,
     ns: &[usize],
     reps: usize,
     cpu_threads: Option<usize>,
+    flops_per_token: Option<f64>,
     mut f: impl FnMut(usize),
 ) {
     let mut samples = vec![Vec::new(); ns.len()];
@@ -150,8 +154,10 @@ fn interleaved(
     // Without n = 1 in the list (e.g. for profiling one n), ratios are to the first n.
     let one = meds[ns.iter().position(|&n| n == 1).unwrap_or(0)];
     for (&n, &m) in ns.iter().zip(&meds) {
+        let gflops =
+            flops_per_token.map_or("-".into(), |f| format!("{:.1}", f * n as f64 / m / 1e6));
         println!(
-            "| {label} | {n} | {m:.2} | {:.2} | {:.2} |",
+            "| {label} | {n} | {m:.2} | {:.2} | {:.2} | {gflops} |",
             m / one,
             m / n as f64
         );
@@ -163,8 +169,8 @@ fn clock(o: &Opts) -> Option<usize> {
 }
 
 fn header() {
-    println!("| case | n | median ms | x n=1 | ms / token |");
-    println!("|---|---|---|---|---|");
+    println!("| case | n | median ms | x n=1 | ms / token | GFLOP/s |");
+    println!("|---|---|---|---|---|---|");
 }
 
 fn forward(o: &Opts) {
@@ -198,7 +204,8 @@ fn forward(o: &Opts) {
         }
         let mut scratch = Scratch::new(&model, max_n).expect("scratch");
         let label = format!("forward ctx {ctx} kv {kv} t{}", o.threads);
-        interleaved(&label, &o.n, o.reps, clock(o), |n| {
+        let flops = matmul_flops_per_token(&model.config);
+        interleaved(&label, &o.n, o.reps, clock(o), Some(flops), |n| {
             cache.truncate(ctx);
             let logits = model
                 .forward(
@@ -210,6 +217,14 @@ fn forward(o: &Opts) {
             std::hint::black_box(logits);
         });
     }
+}
+
+/// FLOP of one token's weight products (two per weight: every layer's q, k, v, o, gate, up and
+/// down, and the head), as the planner counts them.
+fn matmul_flops_per_token(c: &sirius_offload::config::ModelConfig) -> f64 {
+    let h = c.hidden_size;
+    let layer = 2 * h * c.q_dim() + 2 * h * c.kv_dim() + 3 * h * c.intermediate_size;
+    2.0 * (c.num_layers * layer + c.vocab_size * h) as f64
 }
 
 /// Deterministic pseudo-random bf16 bytes in about [-1, 1].
@@ -251,37 +266,51 @@ fn matmuls(o: &Opts, hot: bool) {
     let pool = ThreadPool::new(o.threads);
     let heat = if hot { "hot" } else { "cold" };
     let label = format!("matmuls {heat} t{} {}", o.threads, cpu::isa_name());
-    interleaved(&format!("{label} layers"), &o.n, o.reps, clock(o), |n| {
-        for l in 0..layers {
-            for (r, c, w) in &mats[l % distinct] {
-                cpu::matmul(
-                    &pool,
-                    w,
-                    DType::BF16,
-                    *r,
-                    *c,
-                    &x[..n * c],
-                    n,
-                    &mut y[..n * r],
-                );
+    interleaved(
+        &format!("{label} layers"),
+        &o.n,
+        o.reps,
+        clock(o),
+        None,
+        |n| {
+            for l in 0..layers {
+                for (r, c, w) in &mats[l % distinct] {
+                    cpu::matmul(
+                        &pool,
+                        w,
+                        DType::BF16,
+                        *r,
+                        *c,
+                        &x[..n * c],
+                        n,
+                        &mut y[..n * r],
+                    );
+                }
             }
-        }
-    });
+        },
+    );
     if hot {
         return;
     }
-    interleaved(&format!("{label} head"), &o.n, o.reps, clock(o), |n| {
-        cpu::matmul(
-            &pool,
-            &head,
-            DType::BF16,
-            vocab,
-            h,
-            &x[..n * h],
-            n,
-            &mut y[..n * vocab],
-        );
-    });
+    interleaved(
+        &format!("{label} head"),
+        &o.n,
+        o.reps,
+        clock(o),
+        None,
+        |n| {
+            cpu::matmul(
+                &pool,
+                &head,
+                DType::BF16,
+                vocab,
+                h,
+                &x[..n * h],
+                n,
+                &mut y[..n * vocab],
+            );
+        },
+    );
 }
 
 fn main() {

@@ -34,6 +34,7 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         on_gpu: true,
         link_gbps: 25.0,
         mem_gbps: 1008.0,
+        compute_gflops: None,
         period: 16,
         aal: 15.22,
         prompt_tokens: 512,
@@ -573,4 +574,66 @@ fn layers_that_mix_block_formats_are_sized_one_by_one() {
             "{err}"
         );
     }
+}
+
+/// `compute_gflops` bounds each pass by its arithmetic too: a verification of K tokens at a
+/// low rate costs K times the arithmetic of one token (what a CPU shows), a draft one token's,
+/// and a rate high enough leaves every memory-bound figure as it was.
+#[test]
+fn an_arithmetic_rate_makes_verification_windows_cost_their_tokens() {
+    // Llama-3-8B in bf16 in 16 GiB: nothing streams but the complement.
+    let base = PlanInput {
+        on_gpu: false,
+        mem_gbps: 20.0,
+        link_gbps: 4.0,
+        ..input("llama-3-8b", WeightFormat::Bf16, 0.5, gib(16))
+    };
+    let memory_bound = plan(&base).unwrap().costs;
+    let fast = PlanInput {
+        compute_gflops: Some(1e6),
+        ..base.clone()
+    };
+    let c = plan(&fast).unwrap().costs;
+    assert_eq!(
+        c.sirius_offload.verify_ms,
+        memory_bound.sirius_offload.verify_ms
+    );
+    assert_eq!(c.full.ms_per_token, memory_bound.full.ms_per_token);
+
+    // 8B parameters at 20 GFLOP/s: 2 * 8e9 / 20e9 = 0.8 s of arithmetic per token.
+    let slow = |period: usize| {
+        let input = PlanInput {
+            compute_gflops: Some(20.0),
+            period,
+            aal: period as f64,
+            ..base.clone()
+        };
+        plan(&input).unwrap().costs
+    };
+    let (k4, k16) = (slow(4), slow(16));
+    let per_row = |c: &sirius_offload::offload::cost::Costs, k: f64| c.sirius_offload.verify_ms / k;
+    // Arithmetic-bound: the window's cost grows with its tokens (the link hides under it).
+    let (a, b) = (per_row(&k4, 4.0), per_row(&k16, 16.0));
+    assert!((a - b).abs() / b < 0.05, "per verified token {a} vs {b} ms");
+    assert!(b > 700.0 && b < 900.0, "{b} ms per token of arithmetic");
+    assert!(k16.sirius_offload.verify_ms > 10.0 * memory_bound.sirius_offload.verify_ms);
+    // A draft is one token through the sparse FFN: cheaper than a full step.
+    let draft = k16.sirius_offload.draft_ms.unwrap();
+    assert!(
+        draft < k16.full.ms_per_token,
+        "{draft} vs {}",
+        k16.full.ms_per_token
+    );
+    assert!(draft > 0.25 * k16.full.ms_per_token, "{draft}");
+    let bad = PlanInput {
+        compute_gflops: Some(0.0),
+        ..base
+    };
+    assert!(matches!(
+        plan(&bad),
+        Err(Error::PlanInput {
+            field: "compute_gflops",
+            ..
+        })
+    ));
 }

@@ -116,12 +116,17 @@ impl GriffinDownArg {
 /// `--keep`'s default (a warning only fires when the user chose another value).
 const DEFAULT_KEEP: f32 = 0.5;
 
-/// A `--link-gbps` / `--mem-gbps` value within the range the planner models.
+/// A `--link-gbps` / `--mem-gbps` / `--compute-gflops` value within the range the planner
+/// models.
 pub fn check_gbps(option: &str, value: Option<f64>) -> Result<()> {
     use crate::offload::placement::{MAX_GBPS, MIN_GBPS};
+    let unit = match option {
+        "--compute-gflops" => "GFLOP/s",
+        _ => "GB/s",
+    };
     match value.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
         Some(v) => Err(Error::InvalidArgument(format!(
-            "{option} must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"
+            "{option} must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {v}"
         ))),
         None => Ok(()),
     }

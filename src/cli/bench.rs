@@ -88,6 +88,10 @@ pub struct BenchArgs {
     /// (as `run`).
     #[arg(long, value_name = "GB/s", requires = "sirius")]
     pub mem_gbps: Option<f64>,
+    /// With --resident-mem / --gpu-mem: the arithmetic throughput the planner assumes (as
+    /// `run`).
+    #[arg(long, value_name = "GFLOP/s", requires = "sirius")]
+    pub compute_gflops: Option<f64>,
     /// --sirius: the prompt, from this text file [default: a built-in paragraph].
     #[arg(long, value_name = "FILE", requires = "sirius")]
     pub prompt_file: Option<PathBuf>,

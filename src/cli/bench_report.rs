@@ -28,6 +28,8 @@ pub struct SweepReport {
     pub link_gbps: Option<f64>,
     /// The memory bandwidth the planner assumed for offloaded rows' predictions.
     pub mem_gbps: Option<f64>,
+    /// The arithmetic throughput it assumed (`None`: memory-bound passes).
+    pub compute_gflops: Option<f64>,
     pub threshold: f32,
     pub width: usize,
     pub prompt_tokens: usize,
@@ -62,6 +64,9 @@ impl SweepReport {
         }
         if let Some(gbps) = self.mem_gbps.filter(|_| self.offloaded()) {
             parts.push(format!("planner memory bandwidth {gbps} GB/s"));
+        }
+        if let Some(g) = self.compute_gflops.filter(|_| self.offloaded()) {
+            parts.push(format!("planner compute {g} GFLOP/s"));
         }
         parts.join(", ")
     }
@@ -182,7 +187,7 @@ pub fn markdown(r: &SweepReport) -> String {
 pub fn csv(r: &SweepReport) -> String {
     let mut s = String::from(
         "model,commit,machine,backend,dtype,kv_dtype,sparsity,threads,keep,budget_bytes,\
-         link_gbps,mem_gbps,threshold,width,prompt_tokens,mode,period,tokens,reps,median_tokens_per_s,\
+         link_gbps,mem_gbps,compute_gflops,threshold,width,prompt_tokens,mode,period,tokens,reps,median_tokens_per_s,\
          min_tokens_per_s,max_tokens_per_s,speedup_vs_full,aal,mean_period,effective_density,\
          draft_ms_per_token,verify_ms_per_token,other_ms_per_token,predicted_ms_per_token,\
          measured_ms_per_token,streamed_mb_per_token\n",
@@ -211,6 +216,7 @@ pub fn csv(r: &SweepReport) -> String {
                 .map_or(String::new(), |b| b.to_string()),
             offloaded(r.link_gbps),
             offloaded(r.mem_gbps),
+            offloaded(r.compute_gflops),
             r.threshold.to_string(),
             r.width.to_string(),
             r.prompt_tokens.to_string(),

@@ -99,6 +99,7 @@ impl SweepPlan {
                 budget: 0,
                 link_gbps: args.link_gbps,
                 mem_gbps: args.mem_gbps,
+                compute_gflops: args.compute_gflops,
                 trace: false,
                 delay: None,
                 griffin_down: sparsity.griffin_down,
@@ -166,6 +167,7 @@ fn budgets(args: &BenchArgs, sparsity: &SparsityConfig) -> Result<Vec<u64>> {
             for (option, given) in [
                 ("--link-gbps", args.link_gbps),
                 ("--mem-gbps", args.mem_gbps),
+                ("--compute-gflops", args.compute_gflops),
             ] {
                 if given.is_some() {
                     return Err(Error::InvalidArgument(format!(
@@ -205,6 +207,7 @@ fn budgets(args: &BenchArgs, sparsity: &SparsityConfig) -> Result<Vec<u64>> {
     }
     check_gbps("--link-gbps", args.link_gbps)?;
     check_gbps("--mem-gbps", args.mem_gbps)?;
+    check_gbps("--compute-gflops", args.compute_gflops)?;
     sizes
         .iter()
         .map(|size| {
@@ -254,6 +257,7 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         budgets: plan.budgets.clone(),
         link_gbps: plan.offload.link_gbps,
         mem_gbps: plan.offload.mem_gbps,
+        compute_gflops: plan.offload.compute_gflops,
         threshold: plan.base.threshold,
         width: plan.base.width,
         prompt_tokens: measured.prompt_tokens,

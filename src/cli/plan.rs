@@ -27,6 +27,7 @@ const PLAN_FIELDS: &[(&str, &str)] = &[
     ("context", "--context"),
     ("link_gbps", "--link-gbps"),
     ("mem_gbps", "--mem-gbps"),
+    ("compute_gflops", "--compute-gflops"),
     ("period", "--period"),
     ("aal", "--aal"),
     ("prompt_tokens", "--prompt-tokens"),
@@ -77,6 +78,11 @@ pub struct PlanArgs {
     /// --gpu-mem; 20, a few CPU cores, with --resident-mem, as `run` assumes).
     #[arg(long, allow_negative_numbers = true)]
     pub mem_gbps: Option<f64>,
+    /// Arithmetic throughput of compute in GFLOP/s (two per weight per token): a pass takes
+    /// the longer of reading its weights and doing its arithmetic, so a verification window
+    /// of K tokens can cost up to K decode steps (what a CPU shows). Default: ignored.
+    #[arg(long, allow_negative_numbers = true, value_name = "GFLOP/s")]
+    pub compute_gflops: Option<f64>,
     /// KV cache rows to hold.
     #[arg(long, default_value_t = 4096)]
     pub context: usize,
@@ -182,6 +188,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             false => CPU_MEM_GBPS,
             true => GPU_MEM_GBPS,
         }),
+        compute_gflops: args.compute_gflops,
         period: args.period,
         // A window always advances at least one token, hence the floor of 1 for tiny K.
         aal: args
@@ -296,7 +303,7 @@ fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -
     let p = &report.plan;
     let mut out = format!(
         "# Offload plan: {} in {} ({})\n\nK = {}, AAL = {:.2}, link {} GB/s, memory {} GB/s, \
-         context {} tokens, prompt {} tokens. Whole model: {} GB ({}) in {}.\n\n",
+         {}context {} tokens, prompt {} tokens. Whole model: {} GB ({}) in {}.\n\n",
         args.model,
         format_bytes(input.budget),
         option,
@@ -304,6 +311,9 @@ fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -
         input.aal,
         input.link_gbps,
         input.mem_gbps,
+        input
+            .compute_gflops
+            .map_or(String::new(), |g| format!("compute {g} GFLOP/s, ")),
         input.context,
         input.prompt_tokens,
         gigabytes(p.total_weight_bytes),

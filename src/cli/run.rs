@@ -301,6 +301,7 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
                     ("--trace", o.trace.is_some()),
                     ("--link-gbps", o.link_gbps.is_some()),
                     ("--mem-gbps", o.mem_gbps.is_some()),
+                    ("--compute-gflops", o.compute_gflops.is_some()),
                 ];
                 if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {
                     return Err(Error::InvalidArgument(format!(
@@ -330,10 +331,12 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
     }
     check_gbps("--link-gbps", o.link_gbps)?;
     check_gbps("--mem-gbps", o.mem_gbps)?;
+    check_gbps("--compute-gflops", o.compute_gflops)?;
     let config = OffloadConfig {
         budget,
         link_gbps: o.link_gbps,
         mem_gbps: o.mem_gbps,
+        compute_gflops: o.compute_gflops,
         trace: o.trace.is_some(),
         delay: None,
         griffin_down: s.griffin_down.dtype(),

@@ -112,6 +112,12 @@ pub struct OffloadArgs {
     /// membw`; with --gpu-mem, default 1008, an RTX 4090's).
     #[arg(long)]
     pub mem_gbps: Option<f64>,
+    /// Arithmetic throughput (GFLOP/s) the planner assumes for compute when it predicts
+    /// ms/token (as `plan --compute-gflops`; default: passes bound by memory alone). On a
+    /// CPU, where a verification window's arithmetic grows with K, measure it with `cargo
+    /// bench --bench verify_window -- --model M --n 4` (its GFLOP/s column).
+    #[arg(long, value_name = "GFLOP/s")]
+    pub compute_gflops: Option<f64>,
     /// Write a Chrome trace (open in Perfetto) of copy and compute spans per layer
     /// (with --resident-mem or --gpu-mem; on a GPU the spans are host-side: when copies and
     /// kernels were issued).

@@ -10,9 +10,11 @@
 //!   complement plus the overflow.
 //!
 //! A pass is simulated as the runtime executes it ([`pipeline_seconds`]): one copy engine
-//! feeding double buffers, compute bound by memory bandwidth (every weight the layer uses is
-//! read once per pass, plus its KV rows). Arithmetic limits are ignored, which flatters long
-//! prefills on the GPU but not the copy-bound passes that dominate offloading.
+//! feeding double buffers, each layer's compute bound by memory bandwidth (every weight the
+//! layer uses is read once per pass, plus its KV rows) or, given `compute_gflops`, by its
+//! arithmetic (two FLOP per weight per token of the pass), whichever is slower. Without it
+//! arithmetic is ignored, which flatters long prefills on the GPU and, on a CPU, verification
+//! windows, whose K tokens cost up to K decode steps of arithmetic there.
 
 use serde::Serialize;
 
@@ -73,24 +75,42 @@ pub fn pipeline_seconds(copy: &[f64], compute: &[f64], buffers: usize) -> f64 {
     compute_end
 }
 
-/// Per layer: (bytes copied, bytes read by compute). Plus the head read after the last layer.
+/// One layer of a pass: bytes copied in, bytes its compute reads, its arithmetic (FLOP).
+type LayerWork = (u64, u64, f64);
+
+/// Per layer what a pass copies, reads and computes; plus the head after the last layer.
 struct Pass {
-    layers: Vec<(u64, u64)>,
+    layers: Vec<LayerWork>,
     tail_read: u64,
+    tail_flops: f64,
 }
 
 impl Pass {
     fn seconds(&self, input: &PlanInput) -> f64 {
         let link = input.link_gbps * 1e9;
         let mem = input.mem_gbps * 1e9;
+        // The slower of reading the weights and doing the arithmetic.
+        let work = |read: u64, flops: f64| match input.compute_gflops {
+            Some(g) => (read as f64 / mem).max(flops / (g * 1e9)),
+            None => read as f64 / mem,
+        };
         let copy: Vec<f64> = self.layers.iter().map(|l| l.0 as f64 / link).collect();
-        let compute: Vec<f64> = self.layers.iter().map(|l| l.1 as f64 / mem).collect();
-        pipeline_seconds(&copy, &compute, STREAM_BUFFERS) + self.tail_read as f64 / mem
+        let compute: Vec<f64> = self.layers.iter().map(|l| work(l.1, l.2)).collect();
+        pipeline_seconds(&copy, &compute, STREAM_BUFFERS) + work(self.tail_read, self.tail_flops)
     }
 
     fn streamed(&self) -> u64 {
         self.layers.iter().map(|l| l.0).sum()
     }
+}
+
+/// FLOP of one layer for `rows` tokens with `neurons` FFN neurons: two per weight per token
+/// (attention's products over the cache are left out: small next to the weights' here).
+fn layer_flops(input: &PlanInput, neurons: usize, rows: usize) -> f64 {
+    let c = &input.config;
+    let h = c.hidden_size;
+    let attention = 2 * h * c.q_dim() + 2 * h * c.kv_dim();
+    2.0 * (attention + 3 * h * neurons) as f64 * rows as f64
 }
 
 fn way(ms_per_token: f64, draft_ms: Option<f64>, verify_ms: f64, bytes: f64) -> WayCost {
@@ -121,23 +141,42 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
     let kv = s.kv_layer_bytes;
     // The head and the final norm run after the last layer.
     let tail = s.head_bytes + s.hidden as u64 * VECTOR_BYTES;
+    let head_flops = 2.0 * (input.config.vocab_size * s.hidden) as f64;
     // What layer `i`'s compute reads: its attention, its sparse or whole FFN, its KV rows.
     let sparse_read = |i: usize| s.layer(i).attention + s.layer(i).sparse_ffn + kv;
     let dense_read = |i: usize| s.layer(i).attention + s.layer(i).ffn + kv;
-    let pass = |f: &dyn Fn(&LayerPlacement) -> (u64, u64)| Pass {
+    // A draft is one token through the sparse FFN; a verification K tokens (each with its
+    // logits) through the whole one.
+    let (draft_flops, verify_flops) = (
+        layer_flops(input, s.kept_neurons, 1),
+        layer_flops(input, s.neurons, input.period),
+    );
+    let pass = |rows: usize, f: &dyn Fn(&LayerPlacement) -> LayerWork| Pass {
         layers: layers.iter().map(f).collect(),
         tail_read: tail,
+        tail_flops: head_flops * rows as f64,
     };
-    let draft = pass(&|p| (s.draft_stream_bytes(p), sparse_read(p.layer)));
-    let verify = pass(&|p| (s.verify_stream_bytes(p), dense_read(p.layer)));
+    let draft = pass(1, &|p| {
+        (s.draft_stream_bytes(p), sparse_read(p.layer), draft_flops)
+    });
+    let verify = pass(input.period, &|p| {
+        (s.verify_stream_bytes(p), dense_read(p.layer), verify_flops)
+    });
     let sirius_offload = windowed(input, &draft, &verify);
 
     // The paper's code streams every layer's weights on every pass.
-    let everything = |read: &dyn Fn(usize) -> u64| Pass {
-        layers: (0..s.layers).map(|i| (read(i) - kv, read(i))).collect(),
+    let everything = |rows: usize, flops: f64, read: &dyn Fn(usize) -> u64| Pass {
+        layers: (0..s.layers)
+            .map(|i| (read(i) - kv, read(i), flops))
+            .collect(),
         tail_read: tail,
+        tail_flops: head_flops * rows as f64,
     };
-    let reference = windowed(input, &everything(&sparse_read), &everything(&dense_read));
+    let reference = windowed(
+        input,
+        &everything(1, draft_flops, &sparse_read),
+        &everything(input.period, verify_flops, &dense_read),
+    );
 
     let dense = Pass {
         layers: full_placement(input, s)
@@ -146,25 +185,44 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
             .map(|(i, &(att, ffn))| {
                 let u = s.layer(i);
                 let copy = if att { 0 } else { u.attention } + if ffn { 0 } else { u.ffn };
-                (copy, dense_read(i))
+                (copy, dense_read(i), layer_flops(input, s.neurons, 1))
             })
             .collect(),
         tail_read: tail,
+        tail_flops: head_flops,
     };
     let dense_s = dense.seconds(input);
     let full = way(dense_s * 1e3, None, dense_s * 1e3, dense.streamed() as f64);
 
-    let prompt_kv = kv / input.context as u64 * input.prompt_tokens as u64;
-    let prefill = pass(&|p| {
-        let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
-        (s.prefill_stream_bytes(p), read)
-    });
-    // Each prefill chunk is one pass that streams every non-resident weight; then the
-    // request's resident neurons come in over the link.
+    Costs {
+        full,
+        reference,
+        sirius_offload,
+        ttft_ms: ttft_seconds(input, s, layers) * 1e3,
+    }
+}
+
+/// Time to first token: each prefill chunk is one pass that streams every non-resident
+/// weight (the neuron set is not chosen yet); then the request's resident neurons come in
+/// over the link.
+fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 {
+    let prompt_kv = s.kv_layer_bytes / input.context as u64 * input.prompt_tokens as u64;
     let chunk = input
         .prefill_chunk
         .unwrap_or(input.prompt_tokens)
         .clamp(1, input.prompt_tokens.max(1));
+    let chunk_flops = layer_flops(input, s.neurons, chunk);
+    let prefill = Pass {
+        layers: (layers.iter())
+            .map(|p| {
+                let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
+                (s.prefill_stream_bytes(p), read, chunk_flops)
+            })
+            .collect(),
+        tail_read: s.head_bytes + s.hidden as u64 * VECTOR_BYTES,
+        // Only the prompt's last token needs logits.
+        tail_flops: 2.0 * (input.config.vocab_size * s.hidden) as f64,
+    };
     let passes = input.prompt_tokens.div_ceil(chunk) as f64;
     let resident_sparse: u64 = (layers.iter().filter(|p| p.sparse_ffn_resident))
         .map(|p| s.layer(p.layer).sparse_ffn)
@@ -173,12 +231,7 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         .map(|p| s.layer(p.layer).complement)
         .sum();
     let copy_in = (resident_sparse + resident_rest) as f64 / (input.link_gbps * 1e9);
-    Costs {
-        full,
-        reference,
-        sirius_offload,
-        ttft_ms: (passes * prefill.seconds(input) + copy_in) * 1e3,
-    }
+    passes * prefill.seconds(input) + copy_in
 }
 
 /// Dense decoding's placement: (attention resident, whole FFN resident) per layer. Attention of

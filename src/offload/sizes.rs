@@ -68,6 +68,10 @@ pub struct PlanInput {
     pub link_gbps: f64,
     /// Device memory bandwidth, GB/s.
     pub mem_gbps: f64,
+    /// Arithmetic throughput of compute in GFLOP/s (two per weight per token of a pass);
+    /// `None`: every pass is bound by memory alone. On a CPU a verification window of K
+    /// tokens costs up to K decode steps of arithmetic, which only this term predicts.
+    pub compute_gflops: Option<f64>,
     /// Sirius period K.
     pub period: usize,
     /// Assumed average advance length per verification (1 <= AAL <= K).
@@ -110,15 +114,7 @@ impl PlanInput {
                 ),
             );
         }
-        for (field, v) in [("link_gbps", self.link_gbps), ("mem_gbps", self.mem_gbps)] {
-            // Bounded so that every time derived from them is a sane, finite duration.
-            if !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(&v)) {
-                return bad(
-                    field,
-                    format!("must be between {MIN_GBPS} and {MAX_GBPS} GB/s, got {v}"),
-                );
-            }
-        }
+        self.validate_rates()?;
         if self.period == 0 || self.period > MAX_PERIOD {
             return bad(
                 "period",
@@ -152,6 +148,30 @@ impl PlanInput {
                     self.context, self.config.max_position_embeddings
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// Link, memory and arithmetic rates bounded so that every time derived from them is a
+    /// sane, finite duration.
+    fn validate_rates(&self) -> Result<()> {
+        let compute = ("compute_gflops", self.compute_gflops.unwrap_or(1.0));
+        for (field, v) in [
+            ("link_gbps", self.link_gbps),
+            ("mem_gbps", self.mem_gbps),
+            compute,
+        ] {
+            if !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(&v)) {
+                let unit = if field == "compute_gflops" {
+                    "GFLOP/s"
+                } else {
+                    "GB/s"
+                };
+                return Err(Error::PlanInput {
+                    field,
+                    problem: format!("must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {v}"),
+                });
+            }
         }
         Ok(())
     }

@@ -43,6 +43,7 @@ pub fn offload(budget: u64, delay: Option<DelayFn>) -> OffloadConfig {
         budget,
         link_gbps: None,
         mem_gbps: Some(20.0),
+        compute_gflops: None,
         trace: true,
         delay,
         griffin_down: sirius_offload::tensor::DType::Q8_0,
