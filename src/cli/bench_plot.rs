@@ -73,16 +73,13 @@ pub fn plot(r: &SweepReport, axis: PlotAxis) -> Result<String> {
         let model = std::path::Path::new(&r.model)
             .file_name()
             .map_or(r.model.clone(), |f| f.to_string_lossy().into_owned());
+        // Two lines: what ran where, then the settings every row shares.
         let title = format!(
-            "Sirius on {} ({}, {}), {}, commit {}",
-            model,
-            r.dtype,
-            r.fixed_settings(),
-            r.backend,
-            r.commit
+            "Sirius on {model} ({}), {}, commit {}",
+            r.dtype, r.backend, r.commit
         );
-        let root = root
-            .titled(&title, ("sans-serif", 18))
+        let root = (root.titled(&title, ("sans-serif", 18)))
+            .and_then(|area| area.titled(&r.fixed_settings(), ("sans-serif", 14)))
             .map_err(plot_error)?;
         let panels = root.split_evenly((1, 3));
         let labels: Vec<String> = match axis {
