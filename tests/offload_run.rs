@@ -472,3 +472,36 @@ fn the_dense_model_offloaded_gives_the_dense_tokens() {
         .unwrap_err();
     assert!(err.to_string().contains("--temperature 0"), "{err}");
 }
+
+/// An adaptive request starts from the planner's window costs where the planner models the
+/// run (a link cap on the CPU): one per length up to the maximum, growing with the length,
+/// each (K - 1) drafts and a verification; without a cap (memcpy, not modelled) none.
+#[test]
+fn the_runtime_predicts_a_window_per_length_where_it_models_the_link() {
+    let t = tiny();
+    let s = sirius(8, 1);
+    let (fit, _) = budgets(&t, s);
+    let e = engine(&t, KEEP, Some(offload(fit, None))).unwrap();
+    let shape = e.offload_request_shape(&PROMPT, &options(40), &s).unwrap();
+    let capped = OffloadConfig {
+        link_gbps: Some(1.0),
+        ..offload(fit, None)
+    };
+    let mut model = load(&t);
+    let rt = OffloadRuntime::new(&mut model, &capped, shape).unwrap();
+    let windows = rt.predicted_windows(8);
+    assert_eq!(
+        windows.iter().map(|w| w.0).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert!(windows.windows(2).all(|w| w[1].1 > w[0].1), "{windows:?}");
+    assert!(windows.iter().all(|w| w.1.is_finite() && w.1 > 0.0));
+    // Asked for more than the runtime was planned for: up to its period only.
+    assert_eq!(rt.predicted_windows(20).len(), 8);
+    rt.restore_model(&mut model);
+    let rt = OffloadRuntime::new(&mut model, &offload(fit, None), shape).unwrap();
+    assert!(
+        rt.predicted_windows(8).is_empty(),
+        "uncapped CPU copies are not modelled"
+    );
+}

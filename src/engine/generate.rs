@@ -82,8 +82,12 @@ impl<B: OffloadBackend> Engine<B> {
             (Decoding::Sirius(config), Some((shape, offload))) => {
                 // The runtime is planned before anything borrows the model for the request.
                 let runtime = plan_runtime(model, offload, &shape)?;
+                // Adaptive windows start from the planner's costs (probes stream full passes).
+                let adaptive_max = if config.adaptive { config.period } else { 0 };
+                let predicted = runtime.predicted_windows(adaptive_max);
                 let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
+                r.prime_windows(&predicted);
                 let mut out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
                 if dense_offload {
                     // Reported as what it is: the dense model, no drafts, no windows.

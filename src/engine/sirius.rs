@@ -25,6 +25,13 @@ impl<M: SiriusModel> SiriusRequest<M> {
     }
 }
 
+impl<M: SiriusModel> SiriusRequest<M> {
+    /// Adaptive windows start from these predicted seconds per window length.
+    pub fn prime_windows(&mut self, predicted: &[(usize, f64)]) {
+        self.corrector.prime_windows(predicted);
+    }
+}
+
 impl<M: SiriusModel> Decoder for SiriusRequest<M> {
     fn room(&self) -> usize {
         self.model.cache_room()

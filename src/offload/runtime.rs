@@ -33,6 +33,7 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{LayerStream, Llama, ReplacedWeights, StreamedLayer};
 use crate::offload::arena::ResidentArena;
+use crate::offload::cost::predict;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
 use crate::offload::placement::{plan, Plan, PlanInput, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
@@ -398,6 +399,28 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         self.draft_passes = 0;
         self.full_passes = 0;
         Ok(())
+    }
+
+    /// The planner's seconds of one chain window (K - 1 drafts and the verification) of each
+    /// length in `1..=max` on this runtime's placement, where it models the run (as
+    /// [`OffloadRuntime::report`]); empty where it does not, and for `max` 0.
+    pub fn predicted_windows(&self, max: usize) -> Vec<(usize, f64)> {
+        let window = |k: usize| {
+            let input = PlanInput {
+                period: k,
+                aal: 1.0,
+                ..self.input.clone()
+            };
+            let c = predict(&input, &self.plan.sizes, &self.plan.layers).sirius_offload;
+            (
+                k,
+                ((k - 1) as f64 * c.draft_ms.unwrap_or(0.0) + c.verify_ms) / 1e3,
+            )
+        };
+        match self.predicts {
+            true => (1..=max.min(self.input.period)).map(window).collect(),
+            false => Vec::new(),
+        }
     }
 
     /// Statistics so far, with the planner's prediction for the measured `aal` and `period`

@@ -20,6 +20,11 @@
 //! costs that grow with the context and a changing acceptance rate stay current at a small
 //! price (re-measuring far lengths, K = 16 from K = 1, would waste most of a window's work).
 //!
+//! An offloaded run knows more before its first window: the planner's predicted seconds of a
+//! window at each length ([`PeriodPlanner::prime`]). Those stand in for the first probes
+//! (each of which, offloaded, is a pass that streams the FFN complement), and each is
+//! replaced, not averaged, by the first measurement of its length.
+//!
 //! Because K follows measured time, two runs of the same prompt may choose different windows
 //! and (Sirius's output depends on where windows end) differ in their text; a fixed
 //! `--period` is reproducible.
@@ -60,6 +65,8 @@ pub struct PeriodPlanner {
     probes: Vec<usize>,
     /// The first probes are over (all measured, or the rest not worth a window).
     probed: bool,
+    /// Lengths whose seconds are still the planner's prediction ([`PeriodPlanner::prime`]).
+    predicted: Vec<bool>,
     windows: usize,
 }
 
@@ -81,8 +88,23 @@ impl PeriodPlanner {
             window_seconds: vec![None; max],
             probes,
             probed: false,
+            predicted: vec![false; max],
             windows: 0,
         }
+    }
+
+    /// Takes predicted seconds of a window at each given length in `1..=max` (others are
+    /// ignored) in place of the first probes: windows start at the best predicted K, and the
+    /// re-measurements of neighbours go on as usual. A length's first measurement replaces
+    /// its prediction.
+    pub fn prime(&mut self, predicted: &[(usize, f64)]) {
+        for &(k, seconds) in predicted {
+            if (1..=self.max).contains(&k) && seconds.is_finite() && seconds > 0.0 {
+                self.window_seconds[k - 1] = Some(seconds);
+                self.predicted[k - 1] = true;
+            }
+        }
+        self.probed = self.predicted.iter().any(|&p| p);
     }
 
     /// The next window's K: a probe length not measured yet, a re-measurement every
@@ -135,7 +157,11 @@ impl PeriodPlanner {
         let seconds = w.draft_seconds + w.verify_seconds;
         if self.windows > 0 && seconds.is_finite() && seconds >= 0.0 {
             let slot = &mut self.window_seconds[k - 1];
-            *slot = Some(moving_average(*slot, seconds));
+            let old = match std::mem::take(&mut self.predicted[k - 1]) {
+                true => None,
+                false => *slot,
+            };
+            *slot = Some(moving_average(old, seconds));
         }
         self.windows += 1;
     }
@@ -225,6 +251,40 @@ mod tests {
                 k
             })
             .collect()
+    }
+
+    #[test]
+    fn predicted_window_costs_replace_the_first_probes() {
+        // Predicted: a window of k costs 0.05 (k - 1) + 1 (long windows pay); the machine
+        // agrees. Without probes the first window is already the longest.
+        let mut p = PeriodPlanner::new(8);
+        let predicted: Vec<(usize, f64)> =
+            (1..=8).map(|k| (k, 0.05 * (k - 1) as f64 + 1.0)).collect();
+        p.prime(&predicted);
+        let ks = drive(&mut p, 5, 0.05, |_| 1.0, true);
+        assert_eq!(ks, vec![8; 5]);
+        // Out-of-range lengths and bad seconds are ignored; nothing valid: the probes stay.
+        let mut q = PeriodPlanner::new(4);
+        q.prime(&[(0, 1.0), (9, 1.0), (2, f64::NAN), (3, -1.0)]);
+        assert_eq!(drive(&mut q, 2, 0.3, |_| 1.0, true), vec![1, 1]);
+    }
+
+    #[test]
+    fn a_measurement_replaces_a_wrong_prediction_at_once() {
+        // Predicted cheap long windows; the machine verifies n tokens in n steps (a CPU).
+        let mut p = PeriodPlanner::new(8);
+        let predicted: Vec<(usize, f64)> =
+            (1..=8).map(|k| (k, 0.05 * (k - 1) as f64 + 1.0)).collect();
+        p.prime(&predicted);
+        let ks = drive(&mut p, 12, 0.7, |n| n as f64, true);
+        // The first window's seconds are dropped (one-off costs); the second K = 8 window's
+        // replace the prediction, and the planner walks down to the lengths that pay.
+        assert_eq!(&ks[..2], &[8, 8]);
+        assert!(ks[2] < 8, "{ks:?}");
+        assert!(
+            p.window(8).is_some_and(|t| t > 10.0),
+            "measured, not averaged"
+        );
     }
 
     #[test]

@@ -65,6 +65,14 @@ impl Corrector {
         &self.config
     }
 
+    /// With `--period auto`: predicted seconds of a window per length (see
+    /// [`PeriodPlanner::prime`]); nothing for a fixed K.
+    pub fn prime_windows(&mut self, predicted: &[(usize, f64)]) {
+        if let Some(planner) = self.planner.as_mut() {
+            planner.prime(predicted);
+        }
+    }
+
     /// One window after `x0` (produced, not yet in the model's cache): K - 1 drafts (fewer
     /// near the cache's end or the token `budget`), one verification, rollback. Returns the
     /// accepted drafts followed by the full model's next token (at most K tokens); every one
