@@ -332,6 +332,16 @@ fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)
     check_gbps("--link-gbps", o.link_gbps)?;
     check_gbps("--mem-gbps", o.mem_gbps)?;
     check_gbps("--compute-gflops", o.compute_gflops)?;
+    if option == "--resident-mem" && o.link_gbps.is_none() {
+        for (name, given) in [
+            ("--mem-gbps", o.mem_gbps),
+            ("--compute-gflops", o.compute_gflops),
+        ] {
+            if given.is_some() {
+                tracing::warn!("{name} shapes the planner's prediction, which an uncapped CPU run does not make (its copies are memcpy): add --link-gbps G to predict");
+            }
+        }
+    }
     let config = OffloadConfig {
         budget,
         link_gbps: o.link_gbps,

@@ -115,7 +115,9 @@ pub struct OffloadArgs {
     /// Arithmetic throughput (GFLOP/s) the planner assumes for compute when it predicts
     /// ms/token (as `plan --compute-gflops`; default: passes bound by memory alone). On a
     /// CPU, where a verification window's arithmetic grows with K, measure it with `cargo
-    /// bench --bench verify_window -- --model M --n 4` (its GFLOP/s column).
+    /// bench --bench verify_window -- --model M --ctx 128 --n 4,16` (its GFLOP/s column, at
+    /// the larger n: a short pass may still be bound by memory). With --resident-mem it
+    /// needs --link-gbps (uncapped CPU runs make no prediction).
     #[arg(long, value_name = "GFLOP/s")]
     pub compute_gflops: Option<f64>,
     /// Write a Chrome trace (open in Perfetto) of copy and compute spans per layer

@@ -211,19 +211,37 @@ fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 
         .prefill_chunk
         .unwrap_or(input.prompt_tokens)
         .clamp(1, input.prompt_tokens.max(1));
-    let chunk_flops = layer_flops(input, s.neurons, chunk);
-    let prefill = Pass {
-        layers: (layers.iter())
-            .map(|p| {
-                let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
-                (s.prefill_stream_bytes(p), read, chunk_flops)
-            })
-            .collect(),
-        tail_read: s.head_bytes + s.hidden as u64 * VECTOR_BYTES,
-        // Only the prompt's last token needs logits.
-        tail_flops: 2.0 * (input.config.vocab_size * s.hidden) as f64,
+    // A pass over `rows` prompt tokens; only the last one computes the head (logits for the
+    // prompt's last token).
+    let prefill = |rows: usize, last: bool| {
+        let flops = layer_flops(input, s.neurons, rows);
+        Pass {
+            layers: (layers.iter())
+                .map(|p| {
+                    let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
+                    (s.prefill_stream_bytes(p), read, flops)
+                })
+                .collect(),
+            tail_read: if last {
+                s.head_bytes + s.hidden as u64 * VECTOR_BYTES
+            } else {
+                0
+            },
+            tail_flops: if last {
+                2.0 * (input.config.vocab_size * s.hidden) as f64
+            } else {
+                0.0
+            },
+        }
+        .seconds(input)
     };
-    let passes = input.prompt_tokens.div_ceil(chunk) as f64;
+    // Whole chunks, then the last one (a whole chunk or what is left).
+    let rest = input.prompt_tokens - (input.prompt_tokens - 1) / chunk * chunk;
+    let whole = ((input.prompt_tokens - rest) / chunk) as f64;
+    let passes_seconds = match whole > 0.0 {
+        true => whole * prefill(chunk, false),
+        false => 0.0,
+    } + prefill(rest, true);
     let resident_sparse: u64 = (layers.iter().filter(|p| p.sparse_ffn_resident))
         .map(|p| s.layer(p.layer).sparse_ffn)
         .sum();
@@ -231,7 +249,7 @@ fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 
         .map(|p| s.layer(p.layer).complement)
         .sum();
     let copy_in = (resident_sparse + resident_rest) as f64 / (input.link_gbps * 1e9);
-    passes * prefill.seconds(input) + copy_in
+    passes_seconds + copy_in
 }
 
 /// Dense decoding's placement: (attention resident, whole FFN resident) per layer. Attention of
