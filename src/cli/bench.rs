@@ -136,12 +136,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         weights: args.model.weights(),
         kv_dtype: args.model.kv_dtype,
     };
+    check_threads_for_device(args)?;
     let threads = args.model.threads()?;
-    if args.device != Device::Cpu && threads != 0 {
-        return Err(Error::InvalidArgument(
-            "--threads sets CPU compute threads: drop it with --device cuda".into(),
-        ));
-    }
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
     match args.device {
         Device::Cpu => bench_on(
@@ -155,17 +151,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             bench_on(args, Engine::load(&dir, backend, &config)?, &dir)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(no_cuda()),
+        Device::Cuda(_) => Err(crate::cli::run_args::built_without_cuda("bench")),
     }
 }
 
-/// The error of `--device cuda` in a build without CUDA.
-pub fn no_cuda() -> Error {
-    Error::Cuda(
-        "this binary was built without CUDA support: rebuild with `cargo build --release \
-         --features cuda`, or bench with --device cpu"
-            .into(),
-    )
+/// `--threads` only with the CPU: a GPU computes there (0, the default, is no choice).
+pub fn check_threads_for_device(args: &BenchArgs) -> Result<()> {
+    match (args.device, &args.model.threads[..]) {
+        (Device::Cpu, _) | (_, [0]) => Ok(()),
+        _ => Err(Error::InvalidArgument(
+            "--threads sets CPU compute threads: drop it with --device cuda".into(),
+        )),
+    }
 }
 
 /// pp and tg on a loaded engine.

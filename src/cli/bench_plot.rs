@@ -83,7 +83,11 @@ pub fn plot(r: &SweepReport, axis: PlotAxis) -> Result<String> {
             .map_err(plot_error)?;
         let panels = root.split_evenly((1, 3));
         let labels: Vec<String> = match axis {
-            PlotAxis::Period => r.rows.iter().map(window_label).collect(),
+            PlotAxis::Period => {
+                speed_panel(&panels[0], &r.rows)?;
+                acceptance_panel(&panels[1], &r.rows)?;
+                r.rows.iter().map(window_label).collect()
+            }
             _ => {
                 plot_against(&panels[0], &panels[1], &r.rows, axis)?;
                 r.rows
@@ -92,10 +96,6 @@ pub fn plot(r: &SweepReport, axis: PlotAxis) -> Result<String> {
                     .collect()
             }
         };
-        if axis == PlotAxis::Period {
-            speed_panel(&panels[0], &r.rows)?;
-            acceptance_panel(&panels[1], &r.rows)?;
-        }
         breakdown_panel(&panels[2], &r.rows, &labels)?;
         root.present().map_err(plot_error)?;
     }

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
 use crate::cli::args::{check_gbps, default_period};
-use crate::cli::bench::BenchArgs;
+use crate::cli::bench::{check_threads_for_device, BenchArgs};
 use crate::cli::bench_plot::{plot, PlotAxis};
 use crate::cli::bench_report::{commit_id, csv, machine, markdown, SweepReport};
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
-use crate::cli::run_args::Device;
+use crate::cli::run_args::{budget_option, Device};
 use crate::engine::bench_sirius::{sweep, SweepLane, SweepPoint, SweepRow, SweepRuns};
 use crate::engine::{Decoding, Engine, EngineConfig};
 use crate::error::{Error, Result};
@@ -128,13 +128,9 @@ impl SweepPlan {
 
 /// The thread counts as the CPU backend will run them (0: one per core); on a GPU none.
 fn resolve_threads(args: &BenchArgs) -> Result<Vec<usize>> {
+    check_threads_for_device(args)?;
     if args.device != Device::Cpu {
-        return match args.model.threads[..] {
-            [0] => Ok(vec![0]),
-            _ => Err(Error::InvalidArgument(
-                "--threads sets CPU compute threads: drop it with --device cuda".into(),
-            )),
-        };
+        return Ok(vec![0]);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let resolved = args.model.threads.iter();
@@ -162,44 +158,23 @@ fn distinct<T: PartialEq>(option: &str, values: &[T], show: impl Fn(&T) -> Strin
 /// `--resident-mem` (CPU) or `--gpu-mem` (CUDA) as bytes, and the options only an offloaded
 /// sweep takes.
 fn budgets(args: &BenchArgs, sparsity: &SparsityConfig) -> Result<Vec<u64>> {
-    let (option, sizes) = match (args.device, &args.resident_mem[..], &args.gpu_mem[..]) {
-        (_, [], []) => {
-            for (option, given) in [
-                ("--link-gbps", args.link_gbps),
-                ("--mem-gbps", args.mem_gbps),
-                ("--compute-gflops", args.compute_gflops),
-            ] {
-                if given.is_some() {
-                    return Err(Error::InvalidArgument(format!(
-                        "{option} describes an offloaded run: add --resident-mem SIZE (CPU) or \
-                         --gpu-mem SIZE (--device cuda)"
-                    )));
-                }
+    let (resident, gpu) = (&args.resident_mem, &args.gpu_mem);
+    let Some(option) = budget_option(args.device, !resident.is_empty(), !gpu.is_empty())? else {
+        for (option, given) in [
+            ("--link-gbps", args.link_gbps),
+            ("--mem-gbps", args.mem_gbps),
+            ("--compute-gflops", args.compute_gflops),
+        ] {
+            if given.is_some() {
+                return Err(Error::InvalidArgument(format!(
+                    "{option} describes an offloaded run: add --resident-mem SIZE (CPU) or \
+                     --gpu-mem SIZE (--device cuda)"
+                )));
             }
-            return Ok(Vec::new());
         }
-        (_, [_, ..], [_, ..]) => {
-            return Err(Error::InvalidArgument(
-                "give one offloading budget: --resident-mem (CPU) or --gpu-mem (CUDA)".into(),
-            ))
-        }
-        (Device::Cpu, sizes, []) => ("--resident-mem", sizes),
-        (Device::Cuda(_), [], sizes) => ("--gpu-mem", sizes),
-        (Device::Cpu, [], _) => {
-            return Err(Error::InvalidArgument(
-                "--gpu-mem is the GPU memory budget of --device cuda: on the CPU emulate a \
-                 budget with --resident-mem SIZE"
-                    .into(),
-            ))
-        }
-        (Device::Cuda(_), _, []) => {
-            return Err(Error::InvalidArgument(
-                "--resident-mem emulates offloading on the CPU: on --device cuda give the GPU \
-                 memory budget as --gpu-mem SIZE"
-                    .into(),
-            ))
-        }
+        return Ok(Vec::new());
     };
+    let sizes = if resident.is_empty() { gpu } else { resident };
     if sparsity.mode != SparsityMode::Griffin || sparsity.cats_thresholds.is_some() {
         return Err(Error::InvalidArgument(format!(
             "{option}: an offloaded sweep drafts with Griffin (--sparsity griffin, the default)"
@@ -238,7 +213,7 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
             })
         }),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => return Err(crate::cli::bench::no_cuda()),
+        Device::Cuda(_) => return Err(crate::cli::run_args::built_without_cuda("bench")),
     };
     if measured.rows.is_empty() {
         // Nothing measured: the error alone.

@@ -9,7 +9,7 @@ use crate::backend::CpuBackend;
 use crate::cli::args::check_gbps;
 use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, write_json};
-use crate::cli::run_args::{Device, PromptArgs, RunArgs};
+use crate::cli::run_args::{budget_option, Device, PromptArgs, RunArgs};
 use crate::cli::wording::word_offload_error;
 use crate::engine::{ChatPrompt, Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
@@ -64,11 +64,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             run_on(&job, backend, 0)
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(Error::Cuda(
-            "this binary was built without CUDA support: rebuild with `cargo build --release \
-             --features cuda`, or run with --device cpu"
-                .into(),
-        )),
+        Device::Cuda(_) => Err(crate::cli::run_args::built_without_cuda("run")),
     }
 }
 
@@ -277,41 +273,23 @@ fn print_summary(backend: &str, output: &GenerationOutput, layers: usize) {
 /// something for an offloaded run are refused without one.
 fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)>> {
     let o = &args.offload;
-    let (option, size) =
-        match (&o.resident_mem, &o.gpu_mem, args.device) {
-            (Some(_), Some(_), _) => {
-                return Err(Error::InvalidArgument(
-                    "give one offloading budget: --resident-mem (CPU) or --gpu-mem (CUDA)".into(),
-                ))
-            }
-            (Some(_), None, Device::Cuda(_)) => return Err(Error::InvalidArgument(
-                "--resident-mem emulates offloading on the CPU and runs with --device cpu only: \
-                 on --device cuda give the GPU memory budget as --gpu-mem SIZE"
-                    .into(),
-            )),
-            (None, Some(_), Device::Cpu) => return Err(Error::InvalidArgument(
-                "--gpu-mem is the GPU memory budget of an offloaded run on --device cuda: on the \
-                 CPU emulate a budget with --resident-mem SIZE"
-                    .into(),
-            )),
-            (Some(size), None, Device::Cpu) => ("--resident-mem", size),
-            (None, Some(size), Device::Cuda(_)) => ("--gpu-mem", size),
-            (None, None, _) => {
-                let needs = [
-                    ("--trace", o.trace.is_some()),
-                    ("--link-gbps", o.link_gbps.is_some()),
-                    ("--mem-gbps", o.mem_gbps.is_some()),
-                    ("--compute-gflops", o.compute_gflops.is_some()),
-                ];
-                if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {
-                    return Err(Error::InvalidArgument(format!(
-                        "{name} describes an offloaded run: add --resident-mem SIZE (CPU) or \
-                     --gpu-mem SIZE (--device cuda), with --sirius --sparsity griffin"
-                    )));
-                }
-                return Ok(None);
-            }
-        };
+    let option = budget_option(args.device, o.resident_mem.is_some(), o.gpu_mem.is_some())?;
+    let (Some(option), Some(size)) = (option, o.resident_mem.as_ref().or(o.gpu_mem.as_ref()))
+    else {
+        let needs = [
+            ("--trace", o.trace.is_some()),
+            ("--link-gbps", o.link_gbps.is_some()),
+            ("--mem-gbps", o.mem_gbps.is_some()),
+            ("--compute-gflops", o.compute_gflops.is_some()),
+        ];
+        if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {
+            return Err(Error::InvalidArgument(format!(
+                "{name} describes an offloaded run: add --resident-mem SIZE (CPU) or \
+                 --gpu-mem SIZE (--device cuda), with --sirius --sparsity griffin"
+            )));
+        }
+        return Ok(None);
+    };
     let budget = parse_size(size)?;
     let s = &args.sparsity;
     // The dense model offloaded (every token a full pass), or Sirius drafting with Griffin.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::args::{ModelArgs, SiriusArgs, SparsityArgs};
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
@@ -125,6 +126,38 @@ pub struct OffloadArgs {
     /// kernels were issued).
     #[arg(long, value_name = "PATH")]
     pub trace: Option<PathBuf>,
+}
+
+/// The offloading budget option given for `device`: `--resident-mem` on the CPU,
+/// `--gpu-mem` on CUDA, `None` without either; both, or one on the other device, is refused
+/// with the option to use instead.
+pub fn budget_option(device: Device, resident: bool, gpu: bool) -> Result<Option<&'static str>> {
+    let refuse = |why: &str| Err(Error::InvalidArgument(why.into()));
+    match (resident, gpu, device) {
+        (true, true, _) => {
+            refuse("give one offloading budget: --resident-mem (CPU) or --gpu-mem (CUDA)")
+        }
+        (true, false, Device::Cuda(_)) => refuse(
+            "--resident-mem emulates offloading on the CPU and runs with --device cpu only: on \
+             --device cuda give the GPU memory budget as --gpu-mem SIZE",
+        ),
+        (false, true, Device::Cpu) => refuse(
+            "--gpu-mem is the GPU memory budget of an offloaded run on --device cuda: on the \
+             CPU emulate a budget with --resident-mem SIZE",
+        ),
+        (true, false, Device::Cpu) => Ok(Some("--resident-mem")),
+        (false, true, Device::Cuda(_)) => Ok(Some("--gpu-mem")),
+        (false, false, _) => Ok(None),
+    }
+}
+
+/// The error of `--device cuda` in a build without CUDA, for `command` (run, bench).
+#[cfg(not(feature = "cuda"))]
+pub fn built_without_cuda(command: &str) -> Error {
+    Error::Cuda(format!(
+        "this binary was built without CUDA support: rebuild with `cargo build --release \
+         --features cuda`, or {command} with --device cpu"
+    ))
 }
 
 /// What `--device` selects.

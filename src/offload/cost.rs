@@ -104,6 +104,13 @@ impl Pass {
     }
 }
 
+/// What runs after the last layer for one row of logits: the bytes the final norm and the
+/// head read, and the head's FLOP.
+fn head_work(input: &PlanInput, s: &Sizes) -> (u64, f64) {
+    let read = s.head_bytes + s.hidden as u64 * VECTOR_BYTES;
+    (read, 2.0 * (input.config.vocab_size * s.hidden) as f64)
+}
+
 /// FLOP of one layer for `rows` tokens with `neurons` FFN neurons: two per weight per token
 /// (attention's products over the cache are left out: small next to the weights' here).
 fn layer_flops(input: &PlanInput, neurons: usize, rows: usize) -> f64 {
@@ -140,8 +147,7 @@ fn windowed(input: &PlanInput, draft: &Pass, verify: &Pass) -> WayCost {
 pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs {
     let kv = s.kv_layer_bytes;
     // The head and the final norm run after the last layer.
-    let tail = s.head_bytes + s.hidden as u64 * VECTOR_BYTES;
-    let head_flops = 2.0 * (input.config.vocab_size * s.hidden) as f64;
+    let (tail, head_flops) = head_work(input, s);
     // What layer `i`'s compute reads: its attention, its sparse or whole FFN, its KV rows.
     let sparse_read = |i: usize| s.layer(i).attention + s.layer(i).sparse_ffn + kv;
     let dense_read = |i: usize| s.layer(i).attention + s.layer(i).ffn + kv;
@@ -213,6 +219,7 @@ fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 
         .clamp(1, input.prompt_tokens.max(1));
     // A pass over `rows` prompt tokens; only the last one computes the head (logits for the
     // prompt's last token).
+    let head = head_work(input, s);
     let prefill = |rows: usize, last: bool| {
         let flops = layer_flops(input, s.neurons, rows);
         Pass {
@@ -222,16 +229,8 @@ fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 
                     (s.prefill_stream_bytes(p), read, flops)
                 })
                 .collect(),
-            tail_read: if last {
-                s.head_bytes + s.hidden as u64 * VECTOR_BYTES
-            } else {
-                0
-            },
-            tail_flops: if last {
-                2.0 * (input.config.vocab_size * s.hidden) as f64
-            } else {
-                0.0
-            },
+            tail_read: if last { head.0 } else { 0 },
+            tail_flops: if last { head.1 } else { 0.0 },
         }
         .seconds(input)
     };
