@@ -150,6 +150,10 @@ pub enum Error {
     #[error("copy engine: {0}")]
     CopyEngine(String),
 
+    /// The HTTP server could not start or stopped (`serve`).
+    #[error("server: {0}")]
+    Serve(String),
+
     /// A CUDA library, header or kernel compilation failed (the message says what to do).
     #[error("CUDA: {0}")]
     Cuda(String),

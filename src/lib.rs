@@ -9,6 +9,7 @@ pub mod error;
 pub mod model;
 pub mod offload;
 pub mod progress;
+pub mod serve;
 pub mod sirius;
 pub mod sparsity;
 pub mod tensor;

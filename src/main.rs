@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sirius_offload::cli::{self, BenchArgs, CalibrateArgs, EvalArgs, PlanArgs, RunArgs};
+use sirius_offload::cli::{self, BenchArgs, CalibrateArgs, EvalArgs, PlanArgs, RunArgs, ServeArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
     name = "sirius-offload",
     version,
     about = "Serve big Llama-family models on one GPU or CPU: contextual sparsity, Sirius correction, offloading",
-    after_help = "Without a subcommand, the options are those of `run`: sirius-offload --model M --prompt P ...",
+    after_help = "Without a subcommand, the options are those of `run`: sirius-offload --model M [--prompt P] ...",
     arg_required_else_help = true
 )]
 struct Cli {
@@ -26,8 +26,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate text from a prompt, streamed to stdout.
+    /// Generate text from a prompt, streamed to stdout (no prompt on a terminal: a chat).
     Run(RunArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions,
+    /// streamed or whole), with /health and Prometheus /metrics.
+    Serve(ServeArgs),
     /// Measure prefill and decode tokens/s (llama-bench style: pp and tg tests, medians).
     Bench(BenchArgs),
     /// Calibrate per-layer CATS thresholds on sample text (for `run --cats-thresholds`).
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
 
     let result: anyhow::Result<()> = match &cli.command {
         Command::Run(args) => cli::run::run(args).map_err(Into::into),
+        Command::Serve(args) => cli::serve::serve(args).map_err(Into::into),
         Command::Bench(args) => cli::bench::bench(args).map_err(Into::into),
         Command::Calibrate(args) => cli::calibrate::calibrate(args).map_err(Into::into),
         Command::Eval(args) => cli::eval::eval(args).map_err(Into::into),

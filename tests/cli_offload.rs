@@ -143,9 +143,10 @@ fn offloading_option_errors_are_one_line() {
     let sirius = ["--sirius", "--sparsity", "griffin"];
     let out = with(&[&sirius[..], &["--resident-mem", "50M"]].concat());
     assert_one_line_failure(&out, "minimum");
-    // Griffin alone does not offload (Sirius corrects its drafts); the dense model does.
-    let out = with(&["--resident-mem", "200M", "--sparsity", "griffin"]);
-    assert_one_line_failure(&out, "--sirius --sparsity griffin");
+    // CATS does not offload (Griffin's set is fixed per request); Griffin and the dense
+    // model do.
+    let out = with(&["--resident-mem", "200M", "--sparsity", "cats"]);
+    assert_one_line_failure(&out, "offloads Sirius with Griffin sparsity");
     let out = with(&[&sirius[..], &["--resident-mem", "lots"]].concat());
     assert_one_line_failure(&out, "size");
     let out = with(&[&sirius[..], &["--resident-mem", "200M", "--link-gbps", "0"]].concat());
@@ -175,13 +176,9 @@ fn budget_options_name_the_one_for_the_device() {
         a.extend_from_slice(extra);
         run_bin(&a)
     };
+    // --gpu-mem alone implies --device cuda; without CUDA the error names the CPU's way.
     let out = with(&["--gpu-mem", "1G"]);
-    assert_one_line_failure(&out, "--resident-mem");
-    assert!(
-        stderr_of(&out).contains("--device cuda"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_one_line_failure(&out, "--resident-mem 1G in place of --gpu-mem 1G");
     let out = with(&["--device", "cpu", "--gpu-mem", "1G"]);
     assert_one_line_failure(&out, "--resident-mem");
     let out = with(&["--device", "cuda", "--resident-mem", "1G"]);
@@ -211,7 +208,8 @@ fn budget_options_name_the_one_for_the_device() {
         !err.contains("--link-gbps") && !err.contains("required"),
         "{err}"
     );
-    // --gpu-mem also needs the offloaded configuration (checked before the device opens).
+    // --gpu-mem also needs the offloaded configuration (checked before the device opens):
+    // greedy (its default), so a temperature is refused.
     let out = run_bin(&[
         "run",
         "-m",
@@ -219,10 +217,10 @@ fn budget_options_name_the_one_for_the_device() {
         "--no-fetch",
         "-p",
         "Hi",
-        "--device",
-        "cuda",
         "--gpu-mem",
         "1G",
+        "--temperature",
+        "0.7",
     ]);
     assert_one_line_failure(&out, "--gpu-mem: an offloaded run decodes greedily");
     let out = with(&["--device", "cuda", "--gpu-mem", "lots"]);

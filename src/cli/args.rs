@@ -70,9 +70,10 @@ impl ModelArgs {
 #[derive(Debug, Clone, Args)]
 pub struct SparsityArgs {
     /// FFN sparsity of the decode steps: none, griffin (neurons chosen once from the prompt)
-    /// or cats (chosen per token from |SiLU(gate)|). The prompt always runs dense.
-    #[arg(long, default_value = "none")]
-    pub sparsity: SparsityMode,
+    /// or cats (chosen per token from |SiLU(gate)|). The prompt always runs dense [default:
+    /// none; griffin for an offloaded run (--resident-mem, --gpu-mem)].
+    #[arg(long)]
+    pub sparsity: Option<SparsityMode>,
     /// Fraction of FFN neurons kept, in (0, 1]; `bench --sirius` takes a comma-separated
     /// list to sweep.
     #[arg(long, default_values_t = [DEFAULT_KEEP], value_delimiter = ',', allow_negative_numbers = true,
@@ -148,6 +149,11 @@ pub fn single<T: Copy + std::fmt::Display>(option: &str, values: &[T]) -> Result
 }
 
 impl SparsityArgs {
+    /// `--sparsity`, none when not given.
+    pub fn mode(&self) -> SparsityMode {
+        self.sparsity.unwrap_or(SparsityMode::None)
+    }
+
     /// The one `--keep` (a list is refused: only `bench --sirius` sweeps one).
     pub fn keep(&self) -> Result<f32> {
         single("--keep", &self.keep)
@@ -160,9 +166,14 @@ impl SparsityArgs {
 
     /// The typed configuration with `keep` instead of `--keep` (a point of a sweep).
     pub fn config_at(&self, keep: f32) -> Result<SparsityConfig> {
+        self.config_as(self.mode(), keep)
+    }
+
+    /// The typed configuration of `mode` (a default the caller resolved) at `keep`.
+    pub fn config_as(&self, mode: SparsityMode, keep: f32) -> Result<SparsityConfig> {
         validate_keep(keep)?;
         if let Some(path) = &self.cats_thresholds {
-            if self.sparsity != SparsityMode::Cats {
+            if mode != SparsityMode::Cats {
                 return Err(Error::InvalidArgument(
                     "--cats-thresholds needs --sparsity cats".into(),
                 ));
@@ -186,14 +197,14 @@ impl SparsityArgs {
                 );
             }
         }
-        if self.sparsity == SparsityMode::None && keep != DEFAULT_KEEP {
+        if mode == SparsityMode::None && keep != DEFAULT_KEEP {
             tracing::warn!(
                 "--keep {} has no effect without --sparsity griffin|cats",
                 keep
             );
         }
         let config = SparsityConfig {
-            mode: self.sparsity,
+            mode,
             keep,
             cats_thresholds: self.cats_thresholds.clone(),
             griffin_down: self.griffin_down.dtype(),

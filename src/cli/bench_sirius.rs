@@ -55,9 +55,9 @@ impl SweepPlan {
         }
         check_output_dir("--plot", args.plot.as_deref())?;
         let mut drafts = args.sparsity.clone();
-        if drafts.sparsity == SparsityMode::None {
+        if drafts.mode() == SparsityMode::None {
             // Sirius drafts with a sparse model: Griffin unless told otherwise.
-            drafts.sparsity = SparsityMode::Griffin;
+            drafts.sparsity = Some(SparsityMode::Griffin);
         }
         let keeps = drafts.keep.clone();
         let first = keeps

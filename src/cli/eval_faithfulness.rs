@@ -31,7 +31,7 @@ pub fn eval_faithfulness(args: &EvalArgs, path: &Path) -> Result<()> {
     let g = &args.gen;
     let sirius = sirius_options(g)?;
     check_output_dir("--json", args.json.as_deref())?;
-    if args.sparsity.sparsity == SparsityMode::None {
+    if args.sparsity.mode() == SparsityMode::None {
         return Err(Error::InvalidArgument(
             "--faithfulness compares the sparse model and Sirius with the full model: add --sparsity griffin|cats (and --keep F)".into(),
         ));

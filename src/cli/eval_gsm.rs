@@ -39,7 +39,7 @@ pub fn eval_data(args: &EvalArgs, path: &Path) -> Result<()> {
     let g = &args.gen;
     let sirius = sirius_options(g)?;
     check_output_dir("--json", args.json.as_deref())?;
-    let modes = modes(&g.mode, args.sparsity.sparsity)?;
+    let modes = modes(&g.mode, args.sparsity.mode())?;
     if modes != [GsmMode::Full] {
         args.sparsity.config()?;
     }

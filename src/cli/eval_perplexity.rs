@@ -139,7 +139,7 @@ fn sparsity_specs(args: &EvalArgs) -> Result<Vec<SparsityConfig>> {
                 ));
             }
             SparsityArgs {
-                sparsity: spec.mode,
+                sparsity: Some(spec.mode),
                 keep: vec![spec.keep.unwrap_or(base_keep)],
                 cats_thresholds: if cats { thresholds.cloned() } else { None },
                 griffin_down: base.griffin_down,

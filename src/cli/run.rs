@@ -5,19 +5,14 @@ use std::io::Write;
 use serde::Serialize;
 
 use crate::backend::offload::OffloadBackend;
-use crate::backend::CpuBackend;
-use crate::cli::args::check_gbps;
-use crate::cli::fetch::model_dir_or_fetch;
+use crate::cli::engine_setup::{EngineSetup, OnDevice};
 use crate::cli::output::{check_output_dir, write_json};
-use crate::cli::run_args::{budget_option, Device, PromptArgs, RunArgs};
+use crate::cli::run_args::{PromptArgs, RunArgs};
 use crate::cli::wording::word_offload_error;
-use crate::engine::{ChatPrompt, Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
+use crate::engine::{ChatPrompt, Engine, GenerationOutput, RequestOptions};
 use crate::error::{Error, Result};
-use crate::model::ModelFiles;
 use crate::model::SamplingParams;
-use crate::offload::runtime::OffloadConfig;
-use crate::sparsity::{SparsityConfig, SparsityMode};
-use crate::units::parse_size;
+use crate::sparsity::SparsityMode;
 
 /// What `--stats-json` writes: the generation output plus what produced it.
 #[derive(Serialize)]
@@ -32,44 +27,29 @@ struct RunStats<'a> {
 
 /// What `run` checked and computed before a backend exists: the options as typed
 /// configurations.
-struct RunJob<'a> {
-    args: &'a RunArgs,
-    sampling: SamplingParams,
-    sparsity: SparsityConfig,
-    decoding: Decoding,
-    /// The offloading budget (--resident-mem on CPU, --gpu-mem on CUDA) and its option.
-    offload: Option<(OffloadConfig, &'static str)>,
+pub(crate) struct RunJob<'a> {
+    pub args: &'a RunArgs,
+    pub setup: EngineSetup<'a>,
+    pub sampling: SamplingParams,
     seed: u64,
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
     // Option errors first: they should not wait for a model load.
     let job = RunJob::new(args)?;
-    match args.device {
-        Device::Cpu => {
-            let backend = CpuBackend::new(args.model.threads()?);
-            let threads = backend.threads();
-            run_on(&job, backend, threads)
-        }
-        // The device comes first (before the prompt and the model): a machine without a
-        // usable GPU fails at once with the probe's one-line reason.
-        #[cfg(feature = "cuda")]
-        Device::Cuda(ordinal) => {
-            let mut backend = crate::backend::cuda::CudaBackend::new(ordinal)?;
-            if job.offload.is_some() {
-                // Only what the plan keeps resident goes to the GPU.
-                backend = backend.with_host_weights();
-            }
-            // No CPU compute threads: every op runs on the GPU.
-            run_on(&job, backend, 0)
-        }
-        #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(crate::cli::run_args::built_without_cuda("run")),
+    job.setup.on_device(&job)
+}
+
+impl OnDevice for &RunJob<'_> {
+    type Output = ();
+    fn run<B: OffloadBackend>(self, backend: B, threads: usize) -> Result<()> {
+        run_on(self, backend, threads)
     }
 }
 
 impl<'a> RunJob<'a> {
     fn new(args: &'a RunArgs) -> Result<Self> {
+        let setup = EngineSetup::new(&args.engine, args.sampling.temperature)?;
         let s = &args.sampling;
         let seed = s.seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
@@ -78,33 +58,14 @@ impl<'a> RunJob<'a> {
                 .unwrap_or(0)
         });
         let sampling = SamplingParams {
-            temperature: s.temperature,
+            temperature: setup.temperature,
             top_k: s.top_k,
             top_p: s.top_p,
             seed,
         };
         sampling.validate()?;
-        if args.ctx_size == Some(0) {
-            return Err(Error::InvalidArgument("--ctx-size must be positive".into()));
-        }
         check_output_dir("--stats-json", args.stats_json.as_deref())?;
-        let sparsity = args.sparsity.config()?;
-        let decoding = match (args.sirius, args.corrector.first_given()) {
-            (true, _) => {
-                let config = args.corrector.config()?;
-                crate::engine::sirius::check_greedy(s.temperature)?;
-                Decoding::Sirius(config)
-            }
-            (false, Some(option)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{option} sets up Sirius correction: add --sirius"
-                )))
-            }
-            (false, None) if sparsity.mode == SparsityMode::None => Decoding::Dense,
-            (false, None) => Decoding::Sparse,
-        };
-        let offload = offload_config(args)?;
-        check_output_dir("--trace", args.offload.trace.as_deref())?;
+        check_output_dir("--trace", args.engine.offload.trace.as_deref())?;
         if s.stop.iter().any(String::is_empty) {
             return Err(Error::InvalidArgument(
                 "--stop needs a non-empty text".into(),
@@ -112,47 +73,43 @@ impl<'a> RunJob<'a> {
         }
         Ok(RunJob {
             args,
+            setup,
             sampling,
-            sparsity,
-            decoding,
-            offload,
             seed,
         })
     }
+
+    /// The options of one request of this run.
+    pub fn request_options(&self) -> RequestOptions {
+        RequestOptions {
+            max_tokens: self.args.sampling.max_tokens,
+            sampling: self.sampling,
+            stop_strings: self.args.sampling.stop.clone(),
+            stop_at_eos: true,
+            context: self.args.engine.ctx_size,
+            prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
+            show_progress: !self.args.quiet,
+        }
+    }
 }
 
-/// Loads the model on `backend` and generates (`threads`: CPU compute threads, for stats).
+/// Loads the model on `backend` and generates (`threads`: CPU compute threads, for stats):
+/// from the prompt given, or read from a pipe, or in a chat on a terminal.
 fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Result<()> {
     let args = job.args;
-    let prompt = read_prompt(&args.prompt)?;
-    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let config = EngineConfig {
-        sparsity: job.sparsity.clone(),
-        offload: job.offload.as_ref().map(|(o, _)| o.clone()),
-        weights: args.model.weights(),
-        kv_dtype: args.model.kv_dtype,
+    let prompt = match read_prompt(&args.prompt)? {
+        Some(prompt) => prompt,
+        None => {
+            let engine = job.setup.load(backend)?;
+            return crate::cli::chat::chat(engine, job);
+        }
     };
-    // Checked against the model's config before the (long) load.
-    let max_pos = ModelFiles::read_config(&dir)?.max_position_embeddings;
-    if let Some(ctx) = args.ctx_size.filter(|&c| c > max_pos) {
-        return Err(Error::InvalidArgument(format!(
-            "--ctx-size {ctx} is larger than the model's max_position_embeddings ({max_pos})"
-        )));
-    }
-    let mut engine = Engine::load(&dir, backend, &config)?;
+    let mut engine = job.setup.load(backend)?;
     let chat = (args.prompt.chat).then(|| ChatPrompt {
         system: args.prompt.system.clone(),
     });
     let prompt_ids = engine.encode(&prompt, chat.as_ref())?;
-    let opts = RequestOptions {
-        max_tokens: args.sampling.max_tokens,
-        sampling: job.sampling,
-        stop_strings: args.sampling.stop.clone(),
-        stop_at_eos: true,
-        context: args.ctx_size,
-        prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
-        show_progress: !args.quiet,
-    };
+    let opts = job.request_options();
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?engine.stop_ids, context = ?opts.context, seed = job.seed, "generating");
     let Some(output) = generate_to_stdout(&mut engine, &prompt_ids, &opts, job)? else {
         // The reader went away (`| head`): nothing more to say.
@@ -164,7 +121,7 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
     }
     if let Some(path) = &args.stats_json {
         let stats = RunStats {
-            model: dir.display().to_string(),
+            model: engine.path.display().to_string(),
             backend,
             dtype: engine.model.dtype.to_string(),
             threads,
@@ -199,12 +156,12 @@ fn generate_to_stdout<B: OffloadBackend>(
             }
         }
     };
-    let budget_option = job.offload.as_ref().map(|(_, option)| *option);
+    let budget_option = job.setup.offload.as_ref().map(|(_, option)| *option);
     let output = engine
-        .generate(prompt_ids, opts, job.decoding, &mut write_piece)
+        .generate(prompt_ids, opts, job.setup.decoding, &mut write_piece)
         .map_err(|e| word_offload_error(e, budget_option))?;
     if let (Some(path), Some(trace)) = (
-        &job.args.offload.trace,
+        &job.args.engine.offload.trace,
         engine.offload_runtime().and_then(|r| r.trace()),
     ) {
         trace.write_chrome_json(path)?;
@@ -268,83 +225,33 @@ fn print_summary(backend: &str, output: &GenerationOutput, layers: usize) {
     }
 }
 
-/// The offloading configuration: `--resident-mem` on the CPU, `--gpu-mem` on CUDA, each
-/// refused on the other device with the option to use instead; options that only mean
-/// something for an offloaded run are refused without one.
-fn offload_config(args: &RunArgs) -> Result<Option<(OffloadConfig, &'static str)>> {
-    let o = &args.offload;
-    let option = budget_option(args.device, o.resident_mem.is_some(), o.gpu_mem.is_some())?;
-    let (Some(option), Some(size)) = (option, o.resident_mem.as_ref().or(o.gpu_mem.as_ref()))
-    else {
-        let needs = [
-            ("--trace", o.trace.is_some()),
-            ("--link-gbps", o.link_gbps.is_some()),
-            ("--mem-gbps", o.mem_gbps.is_some()),
-            ("--compute-gflops", o.compute_gflops.is_some()),
-        ];
-        if let Some((name, _)) = needs.iter().find(|(_, given)| *given) {
-            return Err(Error::InvalidArgument(format!(
-                "{name} describes an offloaded run: add --resident-mem SIZE (CPU) or \
-                 --gpu-mem SIZE (--device cuda), with --sirius --sparsity griffin"
-            )));
-        }
-        return Ok(None);
-    };
-    let budget = parse_size(size)?;
-    let s = &args.sparsity;
-    // The dense model offloaded (every token a full pass), or Sirius drafting with Griffin.
-    let dense = !args.sirius && s.sparsity == SparsityMode::None;
-    if !dense
-        && (!args.sirius || s.sparsity != SparsityMode::Griffin || s.cats_thresholds.is_some())
-    {
-        return Err(Error::InvalidArgument(format!(
-            "{option} offloads a Sirius run with Griffin sparsity (add --sirius --sparsity \
-             griffin --temperature 0) or the dense model (no --sirius, no --sparsity)"
-        )));
-    }
-    if args.sampling.temperature != 0.0 {
-        return Err(Error::InvalidArgument(format!(
-            "{option}: an offloaded run decodes greedily for now: add --temperature 0"
-        )));
-    }
-    check_gbps("--link-gbps", o.link_gbps)?;
-    check_gbps("--mem-gbps", o.mem_gbps)?;
-    check_gbps("--compute-gflops", o.compute_gflops)?;
-    if option == "--resident-mem" && o.link_gbps.is_none() {
-        for (name, given) in [
-            ("--mem-gbps", o.mem_gbps),
-            ("--compute-gflops", o.compute_gflops),
-        ] {
-            if given.is_some() {
-                tracing::warn!("{name} shapes the planner's prediction, which an uncapped CPU run does not make (its copies are memcpy): add --link-gbps G to predict");
+/// The prompt from --prompt or --prompt-file ("-" = standard input), or from standard input
+/// when it is not a terminal; `None` on a terminal without either (a chat).
+fn read_prompt(args: &PromptArgs) -> Result<Option<String>> {
+    let piped = !std::io::IsTerminal::is_terminal(&std::io::stdin());
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(Some(p.clone())),
+        (None, Some(path)) if path.as_os_str() == "-" => read_stdin().map(Some),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(Some)
+            .map_err(|e| Error::io(path, e)),
+        (None, None) if piped => {
+            let text = read_stdin()?;
+            if text.trim().is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the prompt read from standard input is empty: give --prompt, or pipe text in"
+                        .into(),
+                ));
             }
+            Ok(Some(text))
         }
+        (None, None) => Ok(None),
     }
-    let config = OffloadConfig {
-        budget,
-        link_gbps: o.link_gbps,
-        mem_gbps: o.mem_gbps,
-        compute_gflops: o.compute_gflops,
-        trace: o.trace.is_some(),
-        delay: None,
-        griffin_down: s.griffin_down.dtype(),
-    };
-    Ok(Some((config, option)))
 }
 
-/// The prompt from --prompt or --prompt-file ("-" = standard input).
-fn read_prompt(args: &PromptArgs) -> Result<String> {
-    match (&args.prompt, &args.prompt_file) {
-        (Some(p), _) => Ok(p.clone()),
-        (None, Some(path)) if path.as_os_str() == "-" => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
-                .map_err(|e| Error::io("standard input", e))?;
-            Ok(text)
-        }
-        (None, Some(path)) => std::fs::read_to_string(path).map_err(|e| Error::io(path, e)),
-        (None, None) => Err(Error::InvalidArgument(
-            "give --prompt or --prompt-file".into(),
-        )),
-    }
+fn read_stdin() -> Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .map_err(|e| Error::io("standard input", e))?;
+    Ok(text)
 }

@@ -10,29 +10,11 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub engine: EngineArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
-    /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
-    /// cuda`; weights, KV cache and activations then live in GPU memory, or within --gpu-mem;
-    /// not yet verified on a GPU, see README "GPU").
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    pub device: Device,
-    /// Context length cap in tokens (default: the model's max_position_embeddings).
-    #[arg(long)]
-    pub ctx_size: Option<usize>,
-    #[command(flatten)]
-    pub sparsity: SparsityArgs,
-    /// Sirius correction: the sparse model drafts, the full model verifies every --period
-    /// tokens in one pass and corrects the first unlikely token (greedy: needs --temperature 0).
-    #[arg(long)]
-    pub sirius: bool,
-    #[command(flatten)]
-    pub corrector: SiriusArgs,
-    #[command(flatten)]
-    pub offload: OffloadArgs,
     /// Write run statistics as one JSON object to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -41,14 +23,42 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
+/// What an engine is loaded with (`run` and `serve`): the model, where it computes, its
+/// sparsity, Sirius, and an offloading budget.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Where to compute: cpu, or cuda / cuda:N for GPU N (needs a build with `--features
+    /// cuda`; weights, KV cache and activations then live in GPU memory, or within --gpu-mem;
+    /// not yet verified on a GPU, see README "GPU") [default: cpu; cuda with --gpu-mem].
+    #[arg(long, value_parser = parse_device)]
+    pub device: Option<Device>,
+    /// Context length cap in tokens (default: the model's max_position_embeddings).
+    #[arg(long)]
+    pub ctx_size: Option<usize>,
+    #[command(flatten)]
+    pub sparsity: SparsityArgs,
+    /// Sirius correction: the sparse model drafts, the full model verifies every --period
+    /// tokens in one pass and corrects the first unlikely token (greedy). On by default for
+    /// an offloaded run with Griffin (--resident-mem / --gpu-mem without --sparsity none).
+    #[arg(long)]
+    pub sirius: bool,
+    #[command(flatten)]
+    pub corrector: SiriusArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct PromptArgs {
     /// Prompt text, taken raw: special tokens written in it (<|im_start|>) are recognised.
+    /// Without --prompt or --prompt-file: on a terminal, an interactive chat; otherwise the
+    /// prompt is read from standard input.
     #[arg(
         long,
         short = 'p',
         allow_hyphen_values = true,
-        required_unless_present = "prompt_file",
         conflicts_with = "prompt_file"
     )]
     pub prompt: Option<String>,
@@ -68,9 +78,10 @@ pub struct SamplingArgs {
     /// Maximum number of tokens to generate.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
-    pub temperature: f32,
+    /// Sampling temperature; 0 = greedy [default: 0.7; 0 with Sirius or offloading, which
+    /// decode greedily].
+    #[arg(long, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
     /// Keep only the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
@@ -97,7 +108,7 @@ pub struct OffloadArgs {
     /// order).
     #[arg(long, value_name = "SIZE")]
     pub resident_mem: Option<String>,
-    /// Offloading on a GPU (with --device cuda): keep weights, KV cache and buffers within
+    /// Offloading on a GPU (implies --device cuda): keep weights, KV cache and buffers within
     /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
     /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
     /// (Sirius with --sirius --sparsity griffin, or the dense model without both).

@@ -15,7 +15,7 @@ use crate::model::Llama;
 use crate::offload::placement::{plan, Plan};
 use crate::offload::runtime::{OffloadRuntime, RequestShape};
 use crate::sirius::SiriusConfig;
-use crate::sparsity::{NeuronCounter, SparseRequest, SparsityMode, SparsityReport};
+use crate::sparsity::{NeuronCounter, SparseRequest, Sparsity, SparsityMode, SparsityReport};
 
 impl<B: OffloadBackend> Engine<B> {
     /// Generates from `prompt` as `decoding` says, calling `on_text` with each piece of text
@@ -43,33 +43,29 @@ impl<B: OffloadBackend> Engine<B> {
             stop_ids,
             sparsity,
             offload,
-            prefix,
+            prefix: prefix_slot,
+            remember_prompts,
             ..
         } = self;
         // Only the in-memory requests below start from a prefix (`set_prompt_prefix` refuses
         // offloaded engines; this keeps an offloaded request from skipping prompt tokens).
-        let prefix = (prefix.as_ref()).filter(|p| offload.is_none() && p.continued_by(prompt));
+        let griffin = matches!(sparsity, Sparsity::Griffin { .. });
+        let prefix =
+            (prefix_slot.as_ref()).filter(|p| offload.is_none() && p.serves(prompt, griffin));
+        // A remembered prompt is kept for the next request (in memory only: see above).
+        let keep_prompt = *remember_prompts && offload.is_none();
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
-        let limits = RunLimits {
-            max_tokens: opts.max_tokens,
-            stop_ids,
-            stop_strings: &opts.stop_strings,
-            prefill_chunk: opts.prefill_chunk,
-            show_progress: opts.show_progress,
-            cached_prompt: prefix.map_or(0, PromptPrefix::len),
-        };
-        let dims = model.ffn_dims();
+        let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len));
         match (decoding, shape.zip(offload.as_mut())) {
             (Decoding::Dense | Decoding::Sparse, _) => {
-                let sparse = match decoding {
-                    Decoding::Sparse => SparseRequest::new(sparsity, &model.backend, dims)?,
-                    _ => SparseRequest::dense(dims),
-                };
-                let mut r = PlainRequest::new(model, sparse, capacity, opts.sampling)?;
-                if let Some(prefix) = prefix {
-                    r.resume(prefix)?;
+                let sparse = decoding == Decoding::Sparse;
+                let mut r = plain_request(model, sparsity, sparse, capacity, opts, prefix)?;
+                let out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
+                if keep_prompt {
+                    *prefix_slot = None;
+                    *prefix_slot = kept(r.into_prompt_prefix(prompt));
                 }
-                run(&mut r, tokenizer, prompt, &limits, on_text)
+                Ok(out)
             }
             (Decoding::Sirius(config), None) => {
                 let mut m = LlamaSirius::new(model, sparsity, capacity, &config)?;
@@ -77,7 +73,12 @@ impl<B: OffloadBackend> Engine<B> {
                     m.resume(prefix)?;
                 }
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
-                run(&mut r, tokenizer, prompt, &limits, on_text)
+                let out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
+                if keep_prompt {
+                    *prefix_slot = None;
+                    *prefix_slot = kept(r.model.into_prompt_prefix(prompt));
+                }
+                Ok(out)
             }
             (Decoding::Sirius(config), Some((shape, offload))) => {
                 // The runtime is planned before anything borrows the model for the request.
@@ -92,9 +93,7 @@ impl<B: OffloadBackend> Engine<B> {
                 if dense_offload {
                     // Reported as what it is: the dense model, no drafts, no windows.
                     out.sirius = None;
-                    let layers = NeuronCounter::new(model.config.num_layers);
-                    out.sparsity =
-                        SparsityReport::new(SparsityMode::None, 1.0, &layers, &model.config);
+                    out.sparsity = dense_report(&model.config);
                 }
                 Ok(out)
             }
@@ -217,6 +216,53 @@ fn plan_runtime<'o, B: OffloadBackend>(
         }
     };
     Ok(offload.runtime.insert(runtime))
+}
+
+/// How `run` feeds and stops a request of `opts` (`cached`: prompt tokens from a prefix).
+fn run_limits<'a>(opts: &'a RequestOptions, stop_ids: &'a [u32], cached: usize) -> RunLimits<'a> {
+    RunLimits {
+        max_tokens: opts.max_tokens,
+        stop_ids,
+        stop_strings: &opts.stop_strings,
+        prefill_chunk: opts.prefill_chunk,
+        show_progress: opts.show_progress,
+        cached_prompt: cached,
+    }
+}
+
+/// A plain request (through the engine's sparse FFN when `sparse`), started from `prefix`.
+fn plain_request<'m, B: OffloadBackend>(
+    model: &'m Llama<B>,
+    sparsity: &'m Sparsity<B>,
+    sparse: bool,
+    capacity: usize,
+    opts: &RequestOptions,
+    prefix: Option<&PromptPrefix<B>>,
+) -> Result<PlainRequest<'m, B>> {
+    let dims = model.ffn_dims();
+    let ffn = match sparse {
+        true => SparseRequest::new(sparsity, &model.backend, dims)?,
+        false => SparseRequest::dense(dims),
+    };
+    let mut r = PlainRequest::new(model, ffn, capacity, opts.sampling)?;
+    if let Some(prefix) = prefix {
+        r.resume(prefix)?;
+    }
+    Ok(r)
+}
+
+/// The sparsity report of the dense model.
+fn dense_report(config: &crate::config::ModelConfig) -> SparsityReport {
+    let layers = NeuronCounter::new(config.num_layers);
+    SparsityReport::new(SparsityMode::None, 1.0, &layers, config)
+}
+
+/// A request's kept prompt; a failure to keep it (memory) costs the next request its reuse,
+/// not this request its answer.
+fn kept<B: OffloadBackend>(prefix: Result<PromptPrefix<B>>) -> Option<PromptPrefix<B>> {
+    prefix
+        .inspect_err(|e| tracing::warn!("the prompt is not kept for the next request: {e}"))
+        .ok()
 }
 
 /// A dense offloaded request's window: one token, verified (computed) by the full model.

@@ -107,6 +107,13 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
         prefix.seed(&self.model.backend, &mut self.cache, &mut self.request)
     }
 
+    /// The finished request's `prompt`, kept for a request that continues it (its rows are
+    /// the prefill's: drafts and verifications write only after them).
+    pub fn into_prompt_prefix(mut self, prompt: &[u32]) -> Result<PromptPrefix<B>> {
+        let scores = self.request.take_scores();
+        PromptPrefix::kept(self.model, prompt, self.cache, scores)
+    }
+
     /// Runs the prompt through the full model (Griffin scores its neurons there, then they
     /// are placed) and returns the full model's first token.
     pub fn prefill(&mut self, prompt: &[u32], chunk: usize, progress: bool) -> Result<Prefilled> {

@@ -127,8 +127,10 @@ pub struct Engine<B: OffloadBackend> {
     chat_template: Option<ChatTemplate>,
     sparsity: Sparsity<B>,
     offload: Option<Offload<B>>,
-    /// A prompt prefix requests share, computed once ([`Engine::set_prompt_prefix`]).
+    /// A prompt prefix requests share, computed once ([`Engine::set_prompt_prefix`]), or
+    /// the last request's prompt ([`Engine::remember_prompts`]).
     prefix: Option<PromptPrefix<B>>,
+    remember_prompts: bool,
 }
 
 /// The keep of a dense offloaded engine: any positive fraction rounds up to one neuron (one
@@ -199,6 +201,7 @@ impl<B: OffloadBackend> Engine<B> {
             sparsity,
             offload,
             prefix: None,
+            remember_prompts: false,
         })
     }
 
@@ -283,17 +286,6 @@ impl<B: OffloadBackend> Engine<B> {
         let Some(chat) = chat else {
             return self.tokenizer.encode(text, true);
         };
-        let Some(template) = self.chat_template.as_ref() else {
-            // A directory without tokenizer_config.json: say which file is missing.
-            let file = self.path.join("tokenizer_config.json");
-            if self.path.is_dir() {
-                ChatTemplate::from_tokenizer_config(&file)?;
-            }
-            return Err(Error::config(
-                &self.path,
-                "the model has no chat_template: run without --chat",
-            ));
-        };
         let mut messages = Vec::new();
         if let Some(system) = &chat.system {
             messages.push(ChatMessage {
@@ -305,10 +297,41 @@ impl<B: OffloadBackend> Engine<B> {
             role: "user".into(),
             content: text.to_string(),
         });
-        let rendered = template.render(&messages)?;
+        self.encode_chat(&messages)
+    }
+
+    /// The token ids of a conversation as the model's chat template renders it, the
+    /// assistant's turn opened.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let Some(template) = self.chat_template.as_ref() else {
+            // A directory without tokenizer_config.json: say which file is missing.
+            let file = self.path.join("tokenizer_config.json");
+            if self.path.is_dir() {
+                ChatTemplate::from_tokenizer_config(&file)?;
+            }
+            return Err(Error::config(
+                &self.path,
+                "the model has no chat_template: give the prompt as plain text (run without \
+                 --chat; on a server, /v1/completions)",
+            ));
+        };
+        let rendered = template.render(messages)?;
         tracing::debug!(%rendered, "rendered chat prompt");
         // The template writes any BOS itself.
         self.tokenizer.encode(&rendered, false)
+    }
+
+    /// Whether the model has a chat template (chat requests need one).
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Keeps each in-memory request's prompt KV cache (and Griffin's scores of it) after the
+    /// request, so that a next prompt that continues it (the next turn of a conversation)
+    /// prefills only its new tokens. The kept prompt replaces any prefix set before. Off by
+    /// default: evaluations set one shared prefix for all their requests.
+    pub fn remember_prompts(&mut self, on: bool) {
+        self.remember_prompts = on;
     }
 }
 

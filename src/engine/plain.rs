@@ -44,6 +44,15 @@ impl<'m, B: Backend> PlainRequest<'m, B> {
     {
         prefix.seed(&self.model.backend, &mut self.cache, &mut self.sparse)
     }
+
+    /// The finished request's `prompt`, kept for a request that continues it.
+    pub fn into_prompt_prefix(mut self, prompt: &[u32]) -> Result<PromptPrefix<B>>
+    where
+        B: SparseOps,
+    {
+        let scores = self.sparse.take_scores();
+        PromptPrefix::kept(self.model, prompt, self.cache, scores)
+    }
 }
 
 impl<B: SparseOps> Decoder for PlainRequest<'_, B> {

@@ -19,7 +19,8 @@ use crate::sparsity::{GriffinScores, SparseRequest};
 pub struct PromptPrefix<B: SparseOps> {
     tokens: Vec<u32>,
     cache: KvCache<B>,
-    scores: GriffinScores<B>,
+    /// The prefix's Griffin scores (None: a kept prompt of a request that did not score).
+    scores: Option<GriffinScores<B>>,
 }
 
 impl<B: SparseOps> PromptPrefix<B> {
@@ -43,8 +44,42 @@ impl<B: SparseOps> PromptPrefix<B> {
         Ok(PromptPrefix {
             tokens: tokens.to_vec(),
             cache,
+            scores: Some(scores),
+        })
+    }
+
+    /// The prompt of a finished request, kept: the first `prompt.len()` rows of its `cache`
+    /// (rows a request writes after its prompt are its generated tokens, which the sparse
+    /// model may have computed), copied into a cache of just that size, and its Griffin
+    /// scores, if it scored.
+    pub fn kept(
+        model: &Llama<B>,
+        prompt: &[u32],
+        mut cache: KvCache<B>,
+        scores: Option<GriffinScores<B>>,
+    ) -> Result<Self> {
+        if prompt.is_empty() || cache.len() < prompt.len() {
+            return Err(Error::InvalidArgument(format!(
+                "a kept prompt of {} tokens needs as many cache rows, the cache has {}",
+                prompt.len(),
+                cache.len()
+            )));
+        }
+        cache.truncate(prompt.len());
+        // The request's cache has room for its whole generation: keep only the prompt's.
+        let mut kept = model.new_cache(prompt.len())?;
+        kept.seed_from(&model.backend, &cache)?;
+        Ok(PromptPrefix {
+            tokens: prompt.to_vec(),
+            cache: kept,
             scores,
         })
+    }
+
+    /// Whether a request of an engine whose requests score Griffin neurons (`griffin`) can
+    /// start from this prefix: it needs the prefix's scores.
+    pub fn serves(&self, prompt: &[u32], griffin: bool) -> bool {
+        self.continued_by(prompt) && (self.scores.is_some() || !griffin)
     }
 
     /// Prefix tokens.
@@ -71,7 +106,10 @@ impl<B: SparseOps> PromptPrefix<B> {
         request: &mut SparseRequest<'_, B>,
     ) -> Result<()> {
         cache.seed_from(backend, &self.cache)?;
-        request.add_prompt_scores(backend, &self.scores)
+        match &self.scores {
+            Some(scores) => request.add_prompt_scores(backend, scores),
+            None => Ok(()),
+        }
     }
 }
 

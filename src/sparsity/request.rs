@@ -108,6 +108,12 @@ impl<'s, B: SparseOps> SparseRequest<'s, B> {
         }
     }
 
+    /// Griffin's scores of the prompt (None for other modes), taken out: a kept prompt
+    /// prefix carries them to the next request that continues it.
+    pub fn take_scores(&mut self) -> Option<GriffinScores<B>> {
+        self.scores.take()
+    }
+
     /// After the prompt, Griffin's choice: the top neurons of every layer (None for other
     /// modes).
     pub fn selection(&self, backend: &B) -> Result<Option<GriffinSelection>> {

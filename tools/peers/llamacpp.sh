@@ -111,20 +111,21 @@ LLAMA_COMMIT="${LLAMA_COMMIT:-unknown}"
 # AVX512_BF16, ...), which is what we compare against. Our own runtime stays portable
 # and picks SIMD paths at run time. CPU backend only: no CUDA/Metal/Vulkan, no curl or
 # OpenSSL (llama-bench reads local files only), shared libs so system_info can be read.
+# llama-server is the peer of `sirius-offload serve` (tools/serve-load.py drives both).
 CMAKE_FLAGS=(
   -DCMAKE_BUILD_TYPE=Release
   -DBUILD_SHARED_LIBS=ON
   -DGGML_NATIVE=ON
   -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_OPENCL=OFF -DGGML_RPC=OFF
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON
   "-DLLAMA_BUILD_COMMIT=$LLAMA_COMMIT"
 )
-TARGETS=(llama-bench llama-simple)
+TARGETS=(llama-bench llama-simple llama-server)
 STAMP="$BUILD/.sirius-build-stamp"
 WANT_STAMP="$(printf '%s\n' "$LLAMA_CPP_PYTHON_VERSION" "${CMAKE_FLAGS[@]}" "${TARGETS[@]}")"
-if [[ -f "$STAMP" && -x "$BUILD/bin/llama-bench" && -x "$BUILD/bin/llama-simple" ]] \
+if [[ -f "$STAMP" && -x "$BUILD/bin/llama-bench" && -x "$BUILD/bin/llama-simple" && -x "$BUILD/bin/llama-server" ]] \
     && [[ "$(sed '$d' "$STAMP")" == "$WANT_STAMP" ]]; then
   log "llama.cpp $LLAMA_COMMIT (llama-cpp-python $LLAMA_CPP_PYTHON_VERSION) already built in $BUILD ($(tail -n1 "$STAMP"))"
 else
