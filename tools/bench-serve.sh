@@ -94,7 +94,8 @@ def med(name, i, key):
 head = "| clients | " + " | ".join(f"{n} TTFT p50 (s) | {n} TTFT p99 (s) | {n} tok/s" for n in names)
 if len(names) == 2:
     head += " | tok/s ours/theirs (median of rounds) | TTFT p50 ours/theirs"
-print(head + " |")
+head += " |"
+print(head)
 print("|---:" * (head.count("|") - 1) + "|")
 for i, c in enumerate(clients):
     cells = [f"{c}"]

@@ -160,6 +160,8 @@ async def report(args):
                "ttft_p99_s": percentile(ttft, 99), "tokens_per_s": tokens / wall,
                "generated_tokens": tokens, "failed": len(results) - len(ok)}
         rows.append(row)
+        for _, _, _, e in [r for r in results if r[3] is not None][:2]:
+            print(f"failed at {n} clients: {e}", file=sys.stderr)
         print(f"| {n} | {row['requests']} | {row['ttft_p50_s']:.3f} | {row['ttft_p99_s']:.3f} "
               f"| {row['tokens_per_s']:.1f} | {row['failed']} |", flush=True)
     if args.json:

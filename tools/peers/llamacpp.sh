@@ -79,7 +79,7 @@ command -v tar >/dev/null || die "tar not found"
 SDIST="$DOWNLOADS/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
 if [[ ! -f "$SDIST" ]]; then
   log "downloading llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist (pip prepares its metadata: ~1 min)"
-  "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
+  "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" \
       -d "$DOWNLOADS" >&2 || die "pip could not download the llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION sdist"
   [[ -f "$SDIST" ]] || die "pip finished but $SDIST is missing (sdist named differently?)"
 fi
