@@ -366,7 +366,11 @@ fn sweep_lists_and_budgets_are_checked_before_the_model_loads() {
     ]);
     assert_clean_failure(&o, "--plot draws one swept option");
     assert_clean_failure(&bench(&["--link-gbps", "4"]), "--resident-mem");
-    assert_clean_failure(&bench(&["--gpu-mem", "1G"]), "--resident-mem");
+    // --gpu-mem implies --device cuda (as in `run`); on the CPU it is refused by name.
+    assert_clean_failure(
+        &bench(&["--device", "cpu", "--gpu-mem", "1G"]),
+        "--resident-mem",
+    );
     assert_clean_failure(
         &bench(&["--resident-mem", "1G,lots"]),
         "--resident-mem lots",

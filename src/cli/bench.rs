@@ -24,9 +24,10 @@ use crate::sparsity::{SparsityMode, SparsityReport};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Compute on: cpu, or cuda / cuda:N (a build with --features cuda).
-    #[arg(long, default_value = "cpu", value_parser = parse_device)]
-    pub device: Device,
+    /// Compute on: cpu, or cuda / cuda:N (a build with --features cuda) [default: cpu; cuda
+    /// with --gpu-mem].
+    #[arg(long = "device", value_parser = parse_device)]
+    pub device_arg: Option<Device>,
     /// Prompt tokens of the prefill test (0 = skip).
     #[arg(long, short = 'p', default_value_t = 128)]
     pub prompt: usize,
@@ -71,7 +72,7 @@ pub struct BenchArgs {
         requires = "sirius"
     )]
     pub resident_mem: Vec<String>,
-    /// --sirius with --device cuda: offload within this much GPU memory (a list to sweep), as
+    /// --sirius on a GPU (implies --device cuda): offload within this much GPU memory (a list to sweep), as
     /// `run --gpu-mem`.
     #[arg(
         long,
@@ -139,7 +140,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     check_threads_for_device(args)?;
     let threads = args.model.threads()?;
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    match args.device {
+    match args.device() {
         Device::Cpu => bench_on(
             args,
             Engine::load(&dir, CpuBackend::new(threads), &config)?,
@@ -156,8 +157,18 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
 }
 
 /// `--threads` only with the CPU: a GPU computes there (0, the default, is no choice).
+impl BenchArgs {
+    /// `--device`, or CUDA when `--gpu-mem` is given without it (as `run` does).
+    pub fn device(&self) -> Device {
+        self.device_arg.unwrap_or(match self.gpu_mem.is_empty() {
+            true => Device::Cpu,
+            false => Device::Cuda(0),
+        })
+    }
+}
+
 pub fn check_threads_for_device(args: &BenchArgs) -> Result<()> {
-    match (args.device, &args.model.threads[..]) {
+    match (args.device(), &args.model.threads[..]) {
         (Device::Cpu, _) | (_, [0]) => Ok(()),
         _ => Err(Error::InvalidArgument(
             "--threads sets CPU compute threads: drop it with --device cuda".into(),

@@ -129,7 +129,7 @@ impl SweepPlan {
 /// The thread counts as the CPU backend will run them (0: one per core); on a GPU none.
 fn resolve_threads(args: &BenchArgs) -> Result<Vec<usize>> {
     check_threads_for_device(args)?;
-    if args.device != Device::Cpu {
+    if args.device() != Device::Cpu {
         return Ok(vec![0]);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -159,7 +159,7 @@ fn distinct<T: PartialEq>(option: &str, values: &[T], show: impl Fn(&T) -> Strin
 /// sweep takes.
 fn budgets(args: &BenchArgs, sparsity: &SparsityConfig) -> Result<Vec<u64>> {
     let (resident, gpu) = (&args.resident_mem, &args.gpu_mem);
-    let Some(option) = budget_option(args.device, !resident.is_empty(), !gpu.is_empty())? else {
+    let Some(option) = budget_option(args.device(), !resident.is_empty(), !gpu.is_empty())? else {
         for (option, given) in [
             ("--link-gbps", args.link_gbps),
             ("--mem-gbps", args.mem_gbps),
@@ -198,7 +198,7 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         None => DEFAULT_PROMPT.to_string(),
     };
     let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
-    let (measured, outcome) = match args.device {
+    let (measured, outcome) = match args.device() {
         Device::Cpu => measure(args, &plan, &dir, &text, &|threads, _| {
             Ok(CpuBackend::new(threads))
         }),
