@@ -475,20 +475,11 @@ fn gpu_mem_alone_means_cuda_and_says_how_to_run_on_the_cpu() {
     }
 }
 
-/// A model that fails to load after the server listens: the server answers what was queued,
-/// exits non-zero and prints the load error (no hang, no exit 0).
-#[test]
-fn an_engine_that_fails_to_load_ends_the_server_with_its_error() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = common::write_model(&root.path().join("tiny"), &common::TinySpec::default(), 3);
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+/// `serve` on `dir` with `extra`, expected to stop by itself: its exit status and stderr.
+fn serve_until_it_stops(dir: &Path, extra: &[&str]) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sirius-offload"))
         .args(["serve", "-m", dir.to_str().unwrap(), "--port", "0"])
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -510,6 +501,28 @@ fn an_engine_that_fails_to_load_ends_the_server_with_its_error() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
+    (status, err)
+}
+
+/// A model that fails to load after the server listens: the server answers what was queued,
+/// exits non-zero and prints the load error (no hang, no exit 0).
+#[test]
+fn an_engine_that_fails_to_load_ends_the_server_with_its_error() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = common::write_model(&root.path().join("tiny"), &common::TinySpec::default(), 3);
+    let (status, err) = serve_until_it_stops(&dir, &["--resident-mem", "1K"]);
+    assert!(
+        !status.success() && err.contains("minimum"),
+        "a budget no request fits: {err}"
+    );
+    assert!(!err.contains("ready:"), "{err}");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let (status, err) = serve_until_it_stops(&dir, &[]);
     assert!(!status.success(), "{err}");
     assert!(
         err.contains("error:") && err.contains("safetensors"),
@@ -529,6 +542,7 @@ fn serve_option_errors_come_before_any_load() {
         (vec!["--host", "no such host!"], "--host"),
         (vec!["--sirius", "--temperature", "0.5"], "--temperature 0"),
         (vec!["--max-tokens", "0"], "--max-tokens"),
+        (vec!["--temperature", "7"], "between 0 and 2"),
         (
             vec!["--max-queue", "1000000000"],
             "--max-queue must be between",
@@ -551,7 +565,7 @@ fn serve_option_errors_come_before_any_load() {
         );
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(
-            !err.contains("serving"),
+            !err.contains("listening"),
             "{args:?} should fail before listening: {err}"
         );
     }

@@ -14,6 +14,9 @@ use crate::engine::{Engine, GenerationOutput, StopReason};
 use crate::error::{Error, Result};
 use crate::model::chat::ChatMessage;
 
+/// The commands, as `/help` (or any unknown `/word`) lists them.
+const HELP: &str = "commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops an answer";
+
 /// Ctrl-C's two meanings: stop the answer while one is written, else quit.
 #[derive(Default)]
 struct Interrupt {
@@ -50,7 +53,7 @@ pub(crate) fn chat<B: OffloadBackend>(mut engine: Engine<B>, job: &RunJob<'_>) -
     let kept = history.len();
     let _ = writeln!(
         std::io::stderr(),
-        "chatting with {} [{}]: /exit or Ctrl-D quits, /reset starts over, Ctrl-C stops an answer",
+        "chatting with {} [{}]; {HELP}",
         engine.path.display(),
         engine.model.backend_description()
     );
@@ -72,6 +75,12 @@ pub(crate) fn chat<B: OffloadBackend>(mut engine: Engine<B>, job: &RunJob<'_>) -
             "/exit" | "/quit" => break,
             "/reset" => {
                 history.truncate(kept);
+                let _ = writeln!(std::io::stderr(), "(the conversation is forgotten)");
+                continue;
+            }
+            // A single word after a slash is a command; anything longer is a message.
+            command if command.starts_with('/') && !command.contains(char::is_whitespace) => {
+                let _ = writeln!(std::io::stderr(), "{HELP}");
                 continue;
             }
             _ => {}

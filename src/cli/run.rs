@@ -236,7 +236,14 @@ fn read_prompt(args: &PromptArgs) -> Result<Option<String>> {
             .map(Some)
             .map_err(|e| Error::io(path, e)),
         (None, None) if piped => {
-            let text = read_stdin()?;
+            let mut text = read_stdin()?;
+            // `echo text |` ends the prompt with a newline the user did not mean to prompt.
+            if text.ends_with('\n') {
+                text.pop();
+                if text.ends_with('\r') {
+                    text.pop();
+                }
+            }
             if text.trim().is_empty() {
                 return Err(Error::InvalidArgument(
                     "the prompt read from standard input is empty: give --prompt, or pipe text in"

@@ -68,7 +68,7 @@ pub struct PromptArgs {
     /// Wrap the prompt as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
-    /// System message (with --chat).
+    /// System message (with --chat, and in the interactive chat).
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
 }
@@ -101,9 +101,9 @@ pub struct OffloadArgs {
     /// Offloading on CPU: keep only this much memory resident (e.g. 161MB, 1.5G) for weights,
     /// KV cache and buffers, placed as `sirius-offload plan` decides; the rest stays in host
     /// memory and is streamed: the FFN complement when the full model runs (prompt,
-    /// verification), plus whatever of the sparse model did not fit on every pass (with
-    /// --sirius --sparsity griffin; without both, the dense model runs one full pass per
-    /// token). Greedy only (--temperature 0). Emulates a GPU budget to test the schedule;
+    /// verification), plus whatever of the sparse model did not fit on every pass. Runs
+    /// Sirius with Griffin by default (--sparsity none: the dense model, one full pass per
+    /// token). Greedy only (temperature 0, the default here). Emulates a GPU budget to test the schedule;
     /// tokens equal an unconstrained run's up to rounding (the split FFN sums in another
     /// order).
     #[arg(long, value_name = "SIZE")]
@@ -111,7 +111,7 @@ pub struct OffloadArgs {
     /// Offloading on a GPU (implies --device cuda): keep weights, KV cache and buffers within
     /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
     /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
-    /// (Sirius with --sirius --sparsity griffin, or the dense model without both).
+    /// (Sirius with Griffin by default, the dense model with --sparsity none).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
     /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link.

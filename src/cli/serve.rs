@@ -62,6 +62,15 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
             "--trace records one run: use it with `run`, not `serve`".into(),
         ));
     }
+    if !(0.0..=2.0).contains(&setup.temperature) {
+        return Err(Error::InvalidArgument(format!(
+            "--temperature must be between 0 and 2 (the API's range), got {}",
+            setup.temperature
+        )));
+    }
+    if args.api_key.as_deref() == Some("") {
+        tracing::warn!("--api-key is empty: requests are not checked for a key");
+    }
     SamplingParams {
         temperature: setup.temperature,
         top_k: args.top_k,

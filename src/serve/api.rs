@@ -255,9 +255,13 @@ pub fn parse_completion(
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the request body is not valid JSON for this endpoint: {e}"
-        ))
+        use serde_json::error::Category;
+        ApiError::bad_request(match e.classify() {
+            Category::Data => {
+                format!("a field of the request body has the wrong type or value: {e}")
+            }
+            _ => format!("the request body is not valid JSON: {e}"),
+        })
     })
 }
 

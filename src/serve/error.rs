@@ -88,7 +88,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            let headers = response.headers_mut();
+            headers.insert(axum::http::header::RETRY_AFTER, 1.into());
+        }
+        response
     }
 }
 
@@ -97,7 +102,11 @@ impl IntoResponse for ApiError {
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
-            Error::PromptTooLong { .. } | Error::ContextFull { .. } => {
+            // An offloaded engine whose budget cannot hold this request's KV cache: the
+            // client can shorten it.
+            Error::PromptTooLong { .. }
+            | Error::ContextFull { .. }
+            | Error::BudgetBelowMinimum { .. } => {
                 ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
                     .with_code("context_length_exceeded")
             }

@@ -104,7 +104,7 @@ where
         .map_err(|e| Error::Serve(format!("cannot read the listening address: {e}")))?;
     let _ = writeln!(
         std::io::stderr(),
-        "serving {:?} on http://{local} (OpenAI API under /v1; GET /health answers 200 once the model is loaded)",
+        "listening on http://{local} for {:?} (OpenAI API under /v1); loading the model: GET /health answers 200 once it is ready",
         config.model_id
     );
     // The engine's failure (a load error, a panic) ends the server with that error.

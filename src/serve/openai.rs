@@ -71,7 +71,7 @@ impl ResponseIds {
     }
 
     /// A stream chunk: the assistant role first (chat), then text, then the finish reason
-    /// (with the usage, which clients that ask for none ignore).
+    /// (with the usage, unless a usage-only chunk follows: `Piece::Finish(f, false)`).
     pub fn chunk(&self, piece: Piece<'_>) -> Value {
         let (delta, finish, usage_value) = match piece {
             Piece::Role => (
@@ -80,7 +80,11 @@ impl ResponseIds {
                 None,
             ),
             Piece::Text(t) => (json!({"content": t}), Value::Null, None),
-            Piece::Finish(f) => (json!({}), finish_reason(f.reason).into(), Some(usage(f))),
+            Piece::Finish(f, with_usage) => (
+                json!({}),
+                finish_reason(f.reason).into(),
+                with_usage.then(|| usage(f)),
+            ),
         };
         let choice = match (self.endpoint, &piece) {
             (Endpoint::Chat, _) => {
@@ -123,7 +127,8 @@ impl ResponseIds {
 pub enum Piece<'a> {
     Role,
     Text(&'a str),
-    Finish(&'a Finish),
+    /// The finish reason, and whether this chunk carries the usage.
+    Finish(&'a Finish, bool),
 }
 
 fn finish_reason(reason: StopReason) -> &'static str {

@@ -42,12 +42,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route_layer(middleware::from_fn_with_state(state.clone(), check_key));
+    // Also for the open routes below: a wrong method gets an error object, not an empty 405.
     // Health and metrics stay open: load balancers and scrapers carry no API key.
     Router::new()
         .merge(api)
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
 }
 
@@ -57,7 +59,9 @@ async fn check_key(State(s): State<AppState>, request: Request, next: Next) -> R
     };
     let given = (request.headers().get(header::AUTHORIZATION))
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     match given {
         Some(g) if same_secret(g.as_bytes(), key.as_bytes()) => next.run(request).await,
         _ => ApiError::new(
@@ -186,7 +190,8 @@ fn event_stream(
             Phase::Text => match next_event(&mut rx).await {
                 Some(Event::Text(t)) => (data(ids.chunk(Piece::Text(&t))), Phase::Text),
                 Some(Event::Done(f)) => {
-                    let event = data(ids.chunk(Piece::Finish(&f)));
+                    // Usage once: here, or in the usage-only chunk that follows.
+                    let event = data(ids.chunk(Piece::Finish(&f, !usage)));
                     (
                         event,
                         if usage {
@@ -253,6 +258,15 @@ async fn health(State(s): State<AppState>) -> Response {
 async fn metrics(State(s): State<AppState>) -> Response {
     let content_type = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
     (content_type, s.metrics.render()).into_response()
+}
+
+async fn wrong_method(request: Request) -> Response {
+    let message = format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    );
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, message).into_response()
 }
 
 async fn not_found(request: Request) -> Response {

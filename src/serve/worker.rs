@@ -64,7 +64,8 @@ impl Queue {
                     TrySendError::Full(_) => ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         format!(
-                            "the server is busy: {} requests are already waiting; retry later",
+                            "the server is busy: its queue of {} waiting request(s) is full; \
+                             retry later",
                             self.sender.capacity().unwrap_or(0)
                         ),
                     )
@@ -101,8 +102,12 @@ impl EngineSlot {
     /// ends the server.
     pub fn work<B: OffloadBackend>(self, mut engine: Engine<B>) -> Result<()> {
         engine.remember_prompts(self.keep_prompts);
+        self.check_budget(&engine)?;
         self.metrics.ready.set(1);
-        tracing::info!("engine ready");
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("ready: {}\n", engine.model.backend_description()).as_bytes(),
+        );
         while let Ok(job) = self.jobs.recv() {
             self.metrics.queue_depth.dec();
             let endpoint = endpoint_label(job.spec.endpoint);
@@ -133,6 +138,23 @@ impl EngineSlot {
             self.metrics.count(endpoint, outcome);
         }
         Ok(())
+    }
+
+    /// An offloaded engine's budget must hold the smallest request (one prompt token, one
+    /// generated), or every request would fail: refused before the server says it is ready.
+    fn check_budget<B: OffloadBackend>(&self, engine: &Engine<B>) -> Result<()> {
+        if !engine.is_offloaded() {
+            return Ok(());
+        }
+        let sirius = match self.decoding {
+            Decoding::Sirius(config) => config,
+            _ => crate::sirius::SiriusConfig::default(),
+        };
+        let opts = RequestOptions {
+            context: self.context,
+            ..RequestOptions::greedy(1)
+        };
+        engine.offload_plan(&[0], &opts, &sirius).map(|_| ())
     }
 
     /// Runs one job, streaming its events.

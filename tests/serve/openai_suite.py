@@ -147,6 +147,10 @@ def check_plain(c, args):
     assert status == 200 and body["status"] == "ok", (status, body)
     status, text = raw(base.removesuffix("/v1"), "/metrics")
     assert status == 200 and 'sirius_requests_total{endpoint="chat",outcome="ok"}' in text, text[:400]
+    status, body = raw(base, "/chat/completions", key=args.api_key, method="GET")
+    assert status == 405 and "not allowed" in body["error"]["message"], (status, body)
+    status, body = raw(base, "/chat/completions", b'{"messages": "hi"}', key=args.api_key)
+    assert status == 400 and "wrong type" in body["error"]["message"], (status, body)
     status, body = raw(base, "/no/such/route", key=args.api_key)
     assert status == 404 and "no route" in body["error"]["message"], (status, body)
 
@@ -226,6 +230,7 @@ def check_queue(c, args):
     refused_in = time.perf_counter() - t0
     assert refused_in < 1.0, f"a full queue took {refused_in:.2f} s to answer"
     assert e.body["code"] == "queue_full", e.body
+    assert e.response.headers.get("retry-after") == "1", dict(e.response.headers)
     stop.set()
     for t in threads:
         t.join(120)
