@@ -389,46 +389,30 @@ fn a_budget_alone_runs_sirius_with_griffin_greedily() {
     let stats = tempfile::NamedTempFile::new().unwrap();
     let s = stats.path().to_str().unwrap();
     let m = dir.to_str().unwrap();
-    let out = run_bin(&[
-        "-m",
-        m,
-        "--resident-mem",
-        "161MB",
-        "-p",
-        "Hi",
-        "--max-tokens",
-        "4",
-        "-q",
-        "--stats-json",
-        s,
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s).unwrap()).unwrap();
+    // The stats of `run -m M --resident-mem 161MB -p Hi` with `extra` options.
+    let stats_of = |extra: &[&str]| -> serde_json::Value {
+        let base = [
+            "-m",
+            m,
+            "--resident-mem",
+            "161MB",
+            "-p",
+            "Hi",
+            "--max-tokens",
+            "4",
+        ];
+        let out = run_bin(&[&base[..], extra, &["-q", "--stats-json", s]].concat());
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        serde_json::from_str(&std::fs::read_to_string(s).unwrap()).unwrap()
+    };
+    let json = stats_of(&[]);
     assert_eq!(json["sparsity"], "griffin", "{json}");
     assert!(
         json["aal"].is_number() && json["streamed_bytes"].as_u64() > Some(0),
         "{json}"
     );
     // --sparsity none: the dense model offloaded (no Sirius report).
-    let out = run_bin(&[
-        "-m",
-        m,
-        "--resident-mem",
-        "161MB",
-        "--sparsity",
-        "none",
-        "-p",
-        "Hi",
-        "--max-tokens",
-        "4",
-        "-q",
-        "--stats-json",
-        s,
-    ]);
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s).unwrap()).unwrap();
+    let json = stats_of(&["--sparsity", "none"]);
     assert!(
         json["aal"].is_null() && json["sparsity"] == "none",
         "{json}"

@@ -212,12 +212,7 @@ impl<'a> EngineSetup<'a> {
                  model (--sparsity none, without --sirius)"
             )));
         }
-        if self.temperature != 0.0 {
-            return Err(Error::InvalidArgument(format!(
-                "{option}: an offloaded run decodes greedily for now: leave out --temperature \
-                 or give 0"
-            )));
-        }
+        // A temperature other than 0 was refused in `new`, before the decoding was chosen.
         check_gbps("--link-gbps", o.link_gbps)?;
         check_gbps("--mem-gbps", o.mem_gbps)?;
         check_gbps("--compute-gflops", o.compute_gflops)?;
