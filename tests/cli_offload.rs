@@ -151,6 +151,9 @@ fn offloading_option_errors_are_one_line() {
     assert_one_line_failure(&out, "size");
     let out = with(&[&sirius[..], &["--resident-mem", "200M", "--link-gbps", "0"]].concat());
     assert_one_line_failure(&out, "--link-gbps");
+    // An automatic budget reads a GPU's free memory: on the CPU it names the way out.
+    let out = with(&["--resident-mem", "auto"]);
+    assert_one_line_failure(&out, "--gpu-mem auto");
 }
 
 /// The budget options belong to their devices: `--gpu-mem` with the CPU and `--resident-mem`
@@ -225,4 +228,53 @@ fn budget_options_name_the_one_for_the_device() {
     assert_one_line_failure(&out, "--gpu-mem: an offloaded run decodes greedily");
     let out = with(&["--device", "cuda", "--gpu-mem", "lots"]);
     assert_one_line_failure(&out, "size");
+}
+
+/// `plan` and `run` book the same budget, line for line: the plan for the run's request
+/// (its context, prompt length, period and keep) lists, summed by line, exactly the bytes the
+/// run's arena holds once the request chose its neurons.
+#[test]
+fn plan_and_run_agree_on_every_budget_line() {
+    let Some(dir) = common::smollm2_dir("plan vs run budget lines") else {
+        return;
+    };
+    let model = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for budget in [SIXTY_PERCENT, "300MB"] {
+        let extra = ["--resident-mem", budget];
+        let run = run_json(model, PROMPTS[1], &extra, tmp.path(), "run.json");
+        let prompt_tokens = run["prompt_tokens"]
+            .as_u64()
+            .expect("prompt_tokens")
+            .to_string();
+        let context = run["kv_cache_rows"]
+            .as_u64()
+            .expect("kv_cache_rows")
+            .to_string();
+        let out = run_bin(&[
+            "plan",
+            "--model",
+            model,
+            "--resident-mem",
+            budget,
+            "--context",
+            &context,
+            "--prompt-tokens",
+            &prompt_tokens,
+            "--period",
+            "16",
+            "--keep",
+            "0.5",
+            "--format",
+            "json",
+        ]);
+        assert!(out.status.success(), "plan failed: {}", stderr_of(&out));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let planned = &plan["plan"]["budget_lines"];
+        assert!(
+            planned.as_array().is_some_and(|l| l.len() >= 6),
+            "plan lines: {planned}"
+        );
+        assert_eq!(&run["budget_lines"], planned, "budget {budget}");
+    }
 }

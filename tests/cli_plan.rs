@@ -15,14 +15,17 @@ fn llama_3_70b_in_24g_explains_bf16_and_shows_a_q4_plan() {
     assert!(o.status.success(), "{}", stderr(&o));
     let md = stdout(&o);
     assert!(md.contains("bf16 cannot hold the sparse set"), "{md}");
-    // q4_k holds the sparse set with its compact down matrices in 4 bits too (q8_0 ones do
-    // not fit), and the advice says what that costs.
+    // With the driver's context and the allocator margin inside the 24 GiB, no format holds
+    // keep 0.5; q4_k holds the largest keep (0.46), with its compact down matrices in 4 bits
+    // too, and the advice says what that costs.
     assert!(
-        md.contains("# Alternative: q4_k at keep 0.5, compact down in q4_0"),
+        md.contains(
+            "# Alternative: q4_k at keep 0.46, compact down in q4_0 (no format holds keep 0.5"
+        ),
         "{md}"
     );
     assert!(
-        md.contains("## q4_k at keep 0.5 (compact down in q4_0): the sparse set fits"),
+        md.contains("## q4_k at keep 0.46 (compact down in q4_0): the sparse set fits"),
         "{md}"
     );
     assert!(md.contains("--griffin-down q4_0"), "{md}");
@@ -159,5 +162,68 @@ fn a_gguf_file_plans_in_its_own_formats() {
     assert_eq!(
         json["plan"]["sizes"]["head_bytes"],
         49152u64 * 576 / 32 * 34
+    );
+}
+
+/// Issue 17's budget truth: `plan --gpu-mem 24G` for Llama-3-70B in 4 bits keeps the driver's
+/// context, the allocator margin and the CUDA backend's scratch inside the 24 GiB, as lines
+/// `run --gpu-mem` books in its arena under the same names.
+#[test]
+fn llama_3_70b_q4_in_24g_keeps_the_driver_and_margins_inside_the_budget() {
+    let budget = 24u64 << 30;
+    for weights in ["q4_k", "q4_0"] {
+        let o = run(&[
+            "plan",
+            "--model",
+            "llama-3-70b",
+            "--gpu-mem",
+            "24G",
+            "--weights",
+            weights,
+            "--format",
+            "json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        for plan in [&report["plan"], &report["alternative"]["plan"]] {
+            if plan.is_null() {
+                continue;
+            }
+            let lines = plan["budget_lines"].as_array().unwrap();
+            let line = |what: &str| {
+                lines
+                    .iter()
+                    .find(|l| l["what"] == what)
+                    .and_then(|l| l["bytes"].as_u64())
+                    .unwrap_or_else(|| panic!("{weights}: no {what} line in {lines:?}"))
+            };
+            assert_eq!(line("driver context"), 512 << 20);
+            // 256 MiB and 4 MiB per layer.
+            assert_eq!(line("allocator margin"), (256 + 80 * 4) << 20);
+            // cuBLAS's 32 MiB workspace, the rope table, the bf16 GEMM input copy.
+            assert!(line("backend scratch") > 32 << 20);
+            let total: u64 = lines.iter().map(|l| l["bytes"].as_u64().unwrap()).sum();
+            assert_eq!(total, plan["resident_bytes"].as_u64().unwrap(), "{weights}");
+            assert!(total <= budget, "{weights}: {total} > {budget}");
+        }
+    }
+    // On the CPU there is no driver or allocator line.
+    let o = run(&[
+        "plan",
+        "--model",
+        "llama-3-8b",
+        "--resident-mem",
+        "8G",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let lines = report["plan"]["budget_lines"].as_array().unwrap();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["what"] != "driver context" && l["what"] != "allocator margin"),
+        "{lines:?}"
     );
 }

@@ -3,6 +3,7 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use sirius_offload::config::{ModelConfig, Preset};
+use sirius_offload::offload::budget;
 use sirius_offload::offload::cost::pipeline_seconds;
 use sirius_offload::offload::format::WeightFormat;
 use sirius_offload::offload::placement::{plan, LayerFormats, PlanInput, Residence, Sizes};
@@ -39,12 +40,20 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         aal: 15.22,
         prompt_tokens: 512,
         activation_bytes: None,
+        backend_scratch: 0,
         prefill_chunk: None,
     }
 }
 
 fn gib(n: u64) -> u64 {
     n << 30
+}
+
+/// `bytes` for the plan's items beside what a GPU budget reserves for a `layers`-layer model
+/// (the driver's context and the allocator margin): the hand computations below are about
+/// the items.
+fn beside_reserves(bytes: u64, layers: usize) -> u64 {
+    bytes + budget::DRIVER_CONTEXT_BYTES + budget::allocator_margin(layers)
 }
 
 #[test]
@@ -192,6 +201,13 @@ fn llama_3_70b_in_24g_needs_q4() {
     assert!(advice.contains("q4"), "{advice}");
     assert!(p.streamed_bytes_per_draft > 0);
 
+    // With the driver's context and the allocator margin inside the 24 GiB, q4 holds keep
+    // 0.45; with 24 GiB beside them, keep 0.5.
+    let q4 = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.45, budget)).unwrap();
+    assert!(q4.fits && q4.resident_bytes <= budget);
+    let at_half = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, budget)).unwrap();
+    assert!(!at_half.fits);
+    let budget = beside_reserves(budget, 80);
     let q4 = plan(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, budget)).unwrap();
     assert!(q4.fits && q4.resident_bytes <= budget);
     assert!(q4
@@ -208,8 +224,9 @@ fn llama_3_70b_in_24g_needs_q4() {
         .iter()
         .all(|l| l.complement_resident));
     let extra = rest * q4.sizes.complement_bytes;
+    let reserves = q4.sizes.reserves.total();
     assert!(
-        ((q4.resident_bytes - extra) as f64 / 1e9 - 25.4).abs() < 0.1,
+        ((q4.resident_bytes - extra - reserves) as f64 / 1e9 - 25.4).abs() < 0.1,
         "{} with {rest} complements",
         q4.resident_bytes
     );
@@ -372,7 +389,12 @@ fn pipeline_matches_hand_worked_cases() {
 
 #[test]
 fn smollm2_bf16_bytes_are_exact() {
-    let inp = input("smollm2-135m", WeightFormat::Bf16, 0.5, gib(1));
+    let inp = input(
+        "smollm2-135m",
+        WeightFormat::Bf16,
+        0.5,
+        beside_reserves(gib(1), 30),
+    );
     let s = Sizes::new(&inp);
     assert_eq!(s.attention_bytes, (576 * 576 * 2 + 576 * 192 * 2) * 2);
     assert_eq!(s.neuron_bytes, 3 * 576 * 2);
@@ -411,7 +433,13 @@ fn qwen_biases_are_counted_and_dense_keep_streams_nothing() {
     assert_eq!(s.norm_bytes, ((2 * l + 1) * h + l * (q + 2 * kv)) * 4);
     // keep 1 = dense: no complement, so a fitting plan streams nothing after the prefill
     // (which still streams whole FFN layers: no neurons are resident before it).
-    let p = plan(&input("smollm2-135m", WeightFormat::Bf16, 1.0, gib(1))).unwrap();
+    let p = plan(&input(
+        "smollm2-135m",
+        WeightFormat::Bf16,
+        1.0,
+        beside_reserves(gib(1), 30),
+    ))
+    .unwrap();
     assert!(p.fits);
     assert_eq!(
         (p.stream_buffer_bytes, p.streamed_bytes_per_verification),
@@ -461,7 +489,12 @@ fn a_quantized_plan_counts_the_compact_down_format() {
     // in the same format, and says it costs quality.
     let p = plan(&PlanInput {
         sparse_down: None,
-        ..input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(24))
+        ..input(
+            "llama-3-70b",
+            WeightFormat::Q4_0,
+            0.5,
+            beside_reserves(gib(24), 80),
+        )
     })
     .unwrap();
     assert!(!p.fits);

@@ -49,6 +49,16 @@ pub trait OffloadBackend: SparseOps<Matrix: Clone> + Sized {
     /// before anything is uploaded or the host store is built.
     fn check_offloadable(&self, budget: u64) -> Result<()>;
 
+    /// The budget `--gpu-mem auto` stands for on this backend (a GPU: its free memory now
+    /// plus the driver context the budget counts); backends in host memory have none.
+    fn auto_budget(&self) -> Result<u64> {
+        Err(crate::error::Error::InvalidArgument(
+            "an automatic budget reads a GPU's free memory: on the CPU give --resident-mem a \
+             size (e.g. 4G)"
+                .into(),
+        ))
+    }
+
     /// Scratch the backend allocates for itself during an offloaded request of `shape`:
     /// reserved in the budget as "backend scratch" (the CPU's is counted in the
     /// activations: 0).

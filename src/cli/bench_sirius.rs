@@ -97,6 +97,7 @@ impl SweepPlan {
         Ok(SweepPlan {
             offload: OffloadConfig {
                 budget: 0,
+                auto_budget: false,
                 link_gbps: args.link_gbps,
                 mem_gbps: args.mem_gbps,
                 compute_gflops: args.compute_gflops,

@@ -200,7 +200,18 @@ impl<'a> EngineSetup<'a> {
             }
             return Ok(None);
         };
-        let budget = parse_size(size)?;
+        // `--gpu-mem auto`: the device's free memory, read once the backend exists.
+        let auto_budget = size.eq_ignore_ascii_case("auto");
+        let budget = match (auto_budget, option) {
+            (true, "--gpu-mem") => 0,
+            (true, _) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{option} auto: an automatic budget reads a GPU's free memory (--gpu-mem \
+                     auto); give {option} a size, e.g. 4G"
+                )))
+            }
+            (false, _) => parse_size(size)?,
+        };
         let s = &self.sparsity;
         // Sirius drafting with Griffin (the default), or the dense model (every token a full
         // pass).
@@ -228,6 +239,7 @@ impl<'a> EngineSetup<'a> {
         }
         let config = OffloadConfig {
             budget,
+            auto_budget,
             link_gbps: o.link_gbps,
             mem_gbps: o.mem_gbps,
             compute_gflops: o.compute_gflops,

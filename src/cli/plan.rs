@@ -13,11 +13,16 @@ use crate::cli::eval_args::ReportFormat;
 use crate::cli::output::print_stdout;
 use crate::cli::wording::word_plan_error;
 use crate::config::{resolve_model_dir, ModelConfig, Preset};
+use crate::engine::offloaded::request_shape_for;
+use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
 use crate::error::{Error, Result};
 use crate::model::ModelFiles;
+use crate::offload::budget::gpu_scratch_bytes;
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
 use crate::offload::placement::{self, Every, LayerFormats, Plan, PlanInput, Residence};
+use crate::offload::runtime::{request_plan_input, scratch_shape, OffloadConfig, PlanTarget};
+use crate::sirius::SiriusConfig;
 use crate::tensor::KvDType;
 use crate::units::{format_bytes, parse_size};
 
@@ -155,9 +160,61 @@ impl Report {
     }
 }
 
-// Default memory bandwidths (GB/s): an RTX 4090's, and what `run --resident-mem` assumes for
-// a few CPU cores (its `--mem-gbps` default); `run --gpu-mem` plans with the GPU's.
-use crate::offload::placement::{CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
+// The default link: PCIe 4.0 x16, as `run --gpu-mem` assumes.
+use crate::offload::placement::GPU_LINK_GBPS;
+
+/// The planner's input `run` would build for this request (`run_plan_input`'s shapes: the
+/// same activations, prefill chunks and backend scratch), with the paper's AAL unless given.
+fn run_plan_input(
+    args: &PlanArgs,
+    config: ModelConfig,
+    budget: u64,
+    on_gpu: bool,
+) -> Result<PlanInput> {
+    let (format, layer_formats, head_format) = formats(args)?;
+    // The default prompt (512) shrinks to a shorter --context rather than failing.
+    let prompt_tokens = args.prompt_tokens.min(args.context.max(1));
+    let sirius = SiriusConfig {
+        period: args.period,
+        ..SiriusConfig::default()
+    };
+    // The keep is checked by the planner (an f32 rounding of a bad one would hide it).
+    let keep = args.keep as f32;
+    let shape = request_shape_for(
+        &config,
+        format.is_quantized(),
+        prompt_tokens,
+        args.context,
+        DEFAULT_PREFILL_CHUNK,
+        keep,
+        &sirius,
+    );
+    let backend_scratch = match on_gpu {
+        // cuBLAS's bf16 GEMM, the CUDA backend's default.
+        true => gpu_scratch_bytes(&scratch_shape(&config, &shape), true),
+        false => 0,
+    };
+    let cfg = OffloadConfig {
+        mem_gbps: args.mem_gbps,
+        compute_gflops: args.compute_gflops,
+        ..OffloadConfig::new(budget)
+    };
+    let target = PlanTarget {
+        on_gpu,
+        link_gbps: args.link_gbps,
+        backend_scratch,
+        kv_bytes: args.kv_dtype.size(),
+    };
+    let formats = (format, layer_formats, head_format, sparse_down(args)?);
+    Ok(PlanInput {
+        keep: args.keep,
+        // A window always advances at least one token, hence the floor of 1 for tiny K.
+        aal: args
+            .aal
+            .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
+        ..request_plan_input(&config, formats, &cfg, &shape, &target)
+    })
+}
 
 pub fn plan(args: &PlanArgs) -> Result<()> {
     let (option, size, on_gpu) = match (&args.gpu_mem, &args.resident_mem) {
@@ -171,34 +228,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
-    let (format, layer_formats, head_format) = formats(args)?;
-    let input = PlanInput {
-        config,
-        format,
-        head_format,
-        sparse_down: sparse_down(args)?,
-        layer_formats,
-        keep: args.keep,
-        budget,
-        context: args.context,
-        kv_bytes: args.kv_dtype.size(),
-        on_gpu,
-        link_gbps: args.link_gbps,
-        mem_gbps: args.mem_gbps.unwrap_or(match on_gpu {
-            false => CPU_MEM_GBPS,
-            true => GPU_MEM_GBPS,
-        }),
-        compute_gflops: args.compute_gflops,
-        period: args.period,
-        // A window always advances at least one token, hence the floor of 1 for tiny K.
-        aal: args
-            .aal
-            .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
-        // The default prompt (512) shrinks to a shorter --context rather than failing.
-        prompt_tokens: args.prompt_tokens.min(args.context.max(1)),
-        activation_bytes: None,
-        prefill_chunk: None,
-    };
+    let input = run_plan_input(args, config, budget, on_gpu)?;
     let word = |e: Error| word_plan_error(e, option, PLAN_FIELDS);
     let first = placement::plan(&input).map_err(word)?;
     // For --resident-mem, only formats `run --weights` can make from any checkpoint: an
@@ -215,6 +245,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         (false, Some(format), _) if cpu_format(format) => Some(PlanInput {
             format,
             sparse_down: first.advised_sparse_down.or(input.sparse_down),
+            keep: first.advised_format_keep.unwrap_or(input.keep),
             ..input.clone()
         }),
         (false, _, Some(keep)) => Some(PlanInput {
@@ -327,7 +358,12 @@ fn markdown(args: &PlanArgs, option: &str, input: &PlanInput, report: &Report) -
     }
     plan_section(&mut out, p);
     if let Some(alt) = &report.alternative {
-        let why = if alt.plan.format != p.format {
+        let why = if alt.plan.format != p.format && alt.plan.keep != p.keep {
+            format!(
+                "no format holds keep {}; the largest keep any format holds",
+                p.keep
+            )
+        } else if alt.plan.format != p.format {
             format!("the largest format that holds keep {}", p.keep)
         } else if alt.plan.sizes.sparse_down != p.sizes.sparse_down {
             format!("a smaller compact down matrix holds keep {}", p.keep)

@@ -111,8 +111,10 @@ pub struct OffloadArgs {
     /// Offloading on a GPU (implies --device cuda): keep weights, KV cache and buffers within
     /// this much GPU memory (e.g. 24G), placed as `sirius-offload plan --gpu-mem` decides;
     /// the rest stays in host memory and is streamed over PCIe as with --resident-mem
-    /// (Sirius with Griffin by default, the dense model with --sparsity none).
-    #[arg(long, value_name = "SIZE")]
+    /// (Sirius with Griffin by default, the dense model with --sparsity none). The budget
+    /// holds everything the run uses on the GPU, the driver's context included; `auto`
+    /// takes the GPU's free memory.
+    #[arg(long, value_name = "SIZE|auto")]
     pub gpu_mem: Option<String>,
     /// With --resident-mem: cap the copy engine at this many GB/s, emulating a PCIe link.
     /// With --gpu-mem: the host-to-GPU GB/s the planner assumes (not a cap: copies use the

@@ -137,6 +137,20 @@ pub struct Engine<B: OffloadBackend> {
 /// block of 32 on quantized weights), the smallest sparse set a runtime places.
 const DENSE_OFFLOAD_KEEP: f32 = 1e-6;
 
+/// `config` with an automatic offloading budget (`--gpu-mem auto`) read from `backend`.
+fn with_budget<B: OffloadBackend>(config: &EngineConfig, backend: &B) -> Result<EngineConfig> {
+    let mut config = config.clone();
+    if let Some(o) = config.offload.as_mut().filter(|o| o.auto_budget) {
+        o.budget = backend.auto_budget()?;
+        o.auto_budget = false;
+        tracing::info!(
+            "--gpu-mem auto: {} (free device memory and the driver context)",
+            crate::units::format_bytes(o.budget)
+        );
+    }
+    Ok(config)
+}
+
 /// An engine's offloading: its configuration and, once planned, the runtime.
 struct Offload<B: OffloadBackend> {
     config: OffloadConfig,
@@ -151,6 +165,7 @@ impl<B: OffloadBackend> Engine<B> {
     /// ids the model cannot embed) and EOS ids, and builds the sparse FFN.
     pub fn load(path: &Path, backend: B, config: &EngineConfig) -> Result<Self> {
         config.sparsity.validate()?;
+        let config = &with_budget(config, &backend)?;
         let offload = match &config.offload {
             Some(o) => {
                 let s = &config.sparsity;

@@ -5,10 +5,11 @@
 //! such a request needs resident, once, for the planner and the runtime.
 
 use crate::backend::offload::OffloadBackend;
+use crate::config::ModelConfig;
 use crate::engine::llama_sirius::{LlamaSirius, Residency};
 use crate::engine::prefill::chunk_len;
 use crate::error::{Error, Result};
-use crate::model::{LayerStream, Llama, Scratch};
+use crate::model::{scratch_byte_size, LayerStream, Llama};
 use crate::offload::runtime::{OffloadReport, OffloadRuntime, PassKind, RequestShape};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::SparseRequest;
@@ -25,14 +26,38 @@ pub fn request_shape<B: OffloadBackend>(
     keep: f32,
     sirius: &SiriusConfig,
 ) -> RequestShape {
-    let c = &model.config;
+    let quantized = model.dtype.is_quantized();
     let chunk = chunk_len(prompt, prefill_chunk);
+    request_shape_for(
+        &model.config,
+        quantized,
+        prompt.len(),
+        capacity,
+        chunk,
+        keep,
+        sirius,
+    )
+}
+
+/// [`request_shape`] from the model's config and whether its weights are quantized, for a
+/// prompt of `prompt_tokens` prefilled in chunks of `chunk` (what `plan` books for the same
+/// request, without a model).
+pub fn request_shape_for(
+    c: &ModelConfig,
+    quantized: bool,
+    prompt_tokens: usize,
+    capacity: usize,
+    chunk: usize,
+    keep: f32,
+    sirius: &SiriusConfig,
+) -> RequestShape {
+    let chunk = chunk.clamp(1, prompt_tokens.max(1));
     let (draft_rows, window) = sirius.batch_rows(capacity);
-    let activation_bytes = Scratch::<B>::byte_size(c, draft_rows, draft_rows)
-        + Scratch::<B>::byte_size(c, window, window)
-        + Scratch::<B>::byte_size(c, chunk, 1)
+    let activation_bytes = scratch_byte_size(c, draft_rows, draft_rows)
+        + scratch_byte_size(c, window, window)
+        + scratch_byte_size(c, chunk, 1)
         + (4 * c.num_layers * c.intermediate_size) as u64
-        + match model.dtype.is_quantized() {
+        + match quantized {
             true => (4 * window * c.intermediate_size) as u64,
             false => 0,
         };
@@ -42,7 +67,7 @@ pub fn request_shape<B: OffloadBackend>(
         context: capacity,
         activation_bytes,
         gemm_rows: chunk.max(draft_rows).max(window),
-        prompt_tokens: prompt.len(),
+        prompt_tokens,
         prefill_chunk: chunk,
     }
 }

@@ -18,7 +18,7 @@ pub mod weights;
 pub use kv_cache::KvCache;
 pub use llama::{Llama, Logits, Pass, ReplacedWeights};
 pub use sampler::{Sampler, SamplingParams};
-pub use scratch::Scratch;
+pub use scratch::{scratch_byte_size, Scratch};
 pub use source::{ModelFiles, TextFiles, WeightsChoice};
 pub use streamed::{LayerStream, StreamedAttention, StreamedLayer};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -63,10 +63,14 @@ impl<B: Backend> Scratch<B> {
     /// Bytes of the f32 buffers [`Scratch::with_logit_rows`] allocates (an offloading
     /// runtime reserves them in its budget before allocating).
     pub fn byte_size(c: &ModelConfig, max_tokens: usize, max_logit_rows: usize) -> u64 {
-        let n = max_tokens.max(1);
-        let r = max_logit_rows.clamp(1, n);
-        let per_token =
-            5 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size;
-        (4 * (n * per_token + r * (c.hidden_size + c.vocab_size))) as u64
+        scratch_byte_size(c, max_tokens, max_logit_rows)
     }
+}
+
+/// [`Scratch::byte_size`] without naming a backend (the buffers are f32 on every one).
+pub fn scratch_byte_size(c: &ModelConfig, max_tokens: usize, max_logit_rows: usize) -> u64 {
+    let n = max_tokens.max(1);
+    let r = max_logit_rows.clamp(1, n);
+    let per_token = 5 * c.hidden_size + 2 * c.q_dim() + 2 * c.kv_dim() + 2 * c.intermediate_size;
+    (4 * (n * per_token + r * (c.hidden_size + c.vocab_size))) as u64
 }

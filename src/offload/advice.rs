@@ -24,7 +24,7 @@ pub fn advise(input: &PlanInput, plan: &mut Plan) {
     let need = s.resident_with(2 * s.layers);
     plan.advice.push(format!(
         "{} cannot hold the sparse set in {budget}: attention {} + sparse FFN (keep {}) {} \
-         + head, norms, KV cache and activations {} + stream buffers {} = {}",
+         + head, norms, KV cache, activations and reserves {} + stream buffers {} = {}",
         input.format,
         format_bytes(s.sum(0..s.layers, |u| u.attention)),
         input.keep,
@@ -87,16 +87,7 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
     let default_down = input.sparse_down.unwrap_or(WeightFormat::Q8_0);
     let same = (input.format.is_quantized() && default_down != WeightFormat::Q4_0)
         .then_some((input.format, WeightFormat::Q4_0));
-    let smaller = (WeightFormat::ALL.into_iter())
-        .filter(|w| w.bits_per_weight() < bits && runnable(input, *w))
-        .flat_map(|w| {
-            let downs = match w.is_quantized() {
-                true => vec![default_down, WeightFormat::Q4_0],
-                false => vec![default_down],
-            };
-            downs.into_iter().map(move |d| (w, d))
-        });
-    let found = (same.into_iter().chain(smaller))
+    let found = (same.into_iter().chain(smaller_formats(input)))
         .map(|(w, d)| {
             let with_down = PlanInput {
                 sparse_down: Some(d),
@@ -132,10 +123,69 @@ fn advise_alternatives(input: &PlanInput, plan: &mut Plan) {
             plan.advice.push(format!(
                 "no smaller weight format holds keep {}",
                 input.keep
-            ))
+            ));
+            if plan.advised_keep.is_none() {
+                advise_format_and_keep(input, plan, same.into_iter().chain(smaller_formats(input)));
+            }
         }
         None => {}
     }
+}
+
+/// Where neither a smaller keep in this format nor a smaller format at this keep fits: the
+/// (format, compact down) of `candidates` that holds the largest keep, the larger format on a
+/// tie (`plan.advised_format` with `plan.advised_format_keep`).
+fn advise_format_and_keep(
+    input: &PlanInput,
+    plan: &mut Plan,
+    candidates: impl Iterator<Item = (WeightFormat, WeightFormat)>,
+) {
+    let start = (input.keep * 100.0).floor() as u32;
+    let mut best: Option<(WeightFormat, WeightFormat, u32)> = None;
+    for (w, d) in candidates {
+        let with_down = PlanInput {
+            sparse_down: Some(d),
+            ..input.clone()
+        };
+        let floor = best.map_or(0, |(_, _, k)| k);
+        let keep = ((floor + 1)..=start)
+            .rev()
+            .find(|&k| Sizes::with(&with_down, w, k as f64 / 100.0).fits(input.budget));
+        if let Some(k) = keep {
+            best = Some((w, d, k));
+        }
+    }
+    let Some((w, d, k)) = best else { return };
+    let keep = k as f64 / 100.0;
+    let default_down = input.sparse_down.unwrap_or(WeightFormat::Q8_0);
+    plan.advised_format = Some(w);
+    plan.advised_format_keep = Some(keep);
+    plan.advised_sparse_down = (w.is_quantized() && d != default_down).then_some(d);
+    plan.advice.push(format!(
+        "{w} ({} bits per weight) holds keep {keep:.2}{}",
+        w.bits_per_weight(),
+        match plan.advised_sparse_down {
+            Some(d) => format!(" with Griffin's compact down matrices in {d} (--griffin-down {d})"),
+            None => String::new(),
+        }
+    ));
+}
+
+/// Each format smaller than the requested one that the runtime can use, with its compact down
+/// formats: the requested one first, then q4_0 (which costs perplexity: it re-quantizes the
+/// down columns a second time at 4 bits).
+fn smaller_formats(input: &PlanInput) -> impl Iterator<Item = (WeightFormat, WeightFormat)> + '_ {
+    let bits = input.format.bits_per_weight();
+    let default_down = input.sparse_down.unwrap_or(WeightFormat::Q8_0);
+    (WeightFormat::ALL.into_iter())
+        .filter(move |w| w.bits_per_weight() < bits && runnable(input, *w))
+        .flat_map(move |w| {
+            let downs = match w.is_quantized() {
+                true => vec![default_down, WeightFormat::Q4_0],
+                false => vec![default_down],
+            };
+            downs.into_iter().map(move |d| (w, d))
+        })
 }
 
 /// Whether the runtime the plan is for can run `w`: a GPU plan any format; the CPU runtime

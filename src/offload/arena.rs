@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::offload::budget::{budget_line_of_label, budget_lines, BudgetLine};
 
 /// Bytes of fast memory (GPU memory; on CPU the --resident-mem budget) handed out by label.
 #[derive(Debug, Clone)]
@@ -118,6 +119,15 @@ impl ResidentArena {
     }
 
     /// Budget, use and peak for stats JSON.
+    /// What is reserved now, summed by budget line (as the plan's `budget_lines`).
+    pub fn budget_lines(&self) -> Vec<BudgetLine> {
+        budget_lines(
+            self.items
+                .iter()
+                .map(|(label, bytes)| (budget_line_of_label(label), *bytes)),
+        )
+    }
+
     pub fn summary(&self) -> ArenaSummary {
         ArenaSummary {
             budget: self.budget,

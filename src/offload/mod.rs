@@ -8,6 +8,7 @@
 
 pub mod advice;
 pub mod arena;
+pub mod budget;
 pub mod cost;
 pub mod format;
 pub mod host_store;

@@ -14,11 +14,12 @@
 
 use crate::error::{Error, Result};
 use crate::offload::advice::advise;
+use crate::offload::budget;
 use crate::offload::cost;
 use crate::units::format_bytes;
 
 pub use crate::offload::cost::{Costs, WayCost};
-pub use crate::offload::plan::{Every, Plan, PlanItem, Residence};
+pub use crate::offload::plan::{budget_lines_of, Every, Plan, PlanItem, Residence};
 pub use crate::offload::sizes::{
     layer_range, LayerFormats, LayerPlacement, LayerSizes, PlanInput, Sizes, CPU_MEM_GBPS,
     GPU_LINK_GBPS, GPU_MEM_GBPS, MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
@@ -73,6 +74,8 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         advised_keep: None,
         advised_format: None,
         advised_sparse_down: None,
+        advised_format_keep: None,
+        budget_lines: budget_lines_of(&items),
         sizes,
         items,
         layers,
@@ -87,13 +90,17 @@ fn budget_error(input: &PlanInput, s: &Sizes, minimum: u64) -> Error {
         .max()
         .unwrap_or(0);
     let needs = format!(
-        "KV cache {} ({} tokens), head {}, norms {}, activations {}, {} stream buffers of {} \
+        "KV cache {} ({} tokens), head {}, norms {}, activations {}, {}{} stream buffers of {} \
          (one layer's attention + whole FFN)",
         format_bytes(s.kv_cache_bytes),
         input.context,
         format_bytes(s.head_bytes),
         format_bytes(s.norm_bytes),
         format_bytes(s.activation_bytes),
+        match s.reserves.total() {
+            0 => String::new(),
+            r => format!("reserves {} (scratch, driver, margin), ", format_bytes(r)),
+        },
         STREAM_BUFFERS,
         format_bytes(worst),
     );
@@ -165,12 +172,31 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
         input.context, input.kv_bytes
     );
     push(kv_name, s.kv_cache_bytes, resident);
-    let act = format!("activations ({}-token window, f32)", input.period);
+    let act = match input.prefill_chunk {
+        Some(chunk) => format!(
+            "activations (prefill chunks of {chunk}, {}-token window, f32)",
+            input.period
+        ),
+        None => format!("activations ({}-token window, f32)", input.period),
+    };
     push(act, s.activation_bytes, resident);
     let bufs = format!(
         "stream buffers ({STREAM_BUFFERS} x {})",
         format_bytes(buffer)
     );
     push(bufs, STREAM_BUFFERS as u64 * buffer, resident);
+    for (line, bytes) in s.reserves.lines() {
+        push(reserve_item(line), bytes, resident);
+    }
     out
+}
+
+/// The plan's name of a reserve line (its budget line first, then what it holds).
+fn reserve_item(line: &str) -> String {
+    let holds = match line {
+        budget::BACKEND_SCRATCH => "GEMM input copy, cuBLAS workspace, rope table",
+        budget::DRIVER_CONTEXT => "the CUDA context and its modules, assumed",
+        _ => "allocation rounding, pools, per-op temporaries, assumed",
+    };
+    format!("{line} ({holds})")
 }

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use crate::offload::budget::{budget_line_of_item, budget_lines, BudgetLine};
 use crate::offload::cost::Costs;
 use crate::offload::format::WeightFormat;
 use crate::offload::sizes::{LayerPlacement, Sizes};
@@ -68,4 +69,20 @@ pub struct Plan {
     /// The compact down format that advice needs (a quantized `advised_format` that fits
     /// only with its compact down matrices in q4_0).
     pub advised_sparse_down: Option<WeightFormat>,
+    /// The keep `advised_format` holds where it cannot hold the requested one (neither a
+    /// smaller keep in the requested format nor a smaller format alone fits).
+    pub advised_format_keep: Option<f64>,
+    /// The resident items summed by budget line (`offload::budget`): what `run` books in its
+    /// arena for the same request, line for line.
+    pub budget_lines: Vec<BudgetLine>,
+}
+
+/// The resident items of `items` summed by budget line.
+pub fn budget_lines_of(items: &[PlanItem]) -> Vec<BudgetLine> {
+    budget_lines(
+        items
+            .iter()
+            .filter(|i| i.residence == Residence::Resident)
+            .map(|i| (budget_line_of_item(&i.name), i.bytes)),
+    )
 }

@@ -28,7 +28,7 @@
 
 use std::time::Instant;
 
-use crate::backend::offload::{FilledOf, OffloadBackend, ResidentMemory, ScratchShape};
+use crate::backend::offload::{FilledOf, OffloadBackend, ResidentMemory};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{LayerStream, Llama, ReplacedWeights, StreamedLayer};
@@ -36,7 +36,7 @@ use crate::offload::arena::ResidentArena;
 use crate::offload::cost::predict;
 use crate::offload::format::WeightFormat;
 use crate::offload::host_store::HostStore;
-use crate::offload::placement::{plan, Plan, PlanInput, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS};
+use crate::offload::placement::{plan, Plan, PlanInput};
 use crate::sparsity::ffn::Complement;
 use crate::transfer::trace::{Trace, Track};
 use crate::transfer::{CopyEngine, CopyEngineOptions, CopyJob, HostSlice};
@@ -46,11 +46,14 @@ mod config;
 mod formats;
 mod layout;
 mod neurons;
+mod planning;
 mod report;
 
 pub use config::OffloadConfig;
 use formats::stored_formats;
 use layout::{Dims, FfnPiece, LayerJob};
+use planning::planner_link;
+pub use planning::{request_plan_input, scratch_shape, PlanFormats, PlanTarget};
 pub use report::OffloadReport;
 
 pub use crate::transfer::CopyStats;
@@ -73,10 +76,6 @@ pub struct RequestShape {
     /// Prompt tokens per prefill pass.
     pub prefill_chunk: usize,
 }
-
-/// The planner needs a link speed; uncapped host copies run at memory speed, far above any
-/// PCIe link, so this stands for "not the bottleneck".
-const UNCAPPED_LINK_GBPS: f64 = 1000.0;
 
 /// A pass either drafts with the sparse model or runs the full one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,9 +124,8 @@ pub struct OffloadRuntime<B: OffloadBackend> {
 }
 
 impl<B: OffloadBackend> OffloadRuntime<B> {
-    /// The planner's input for requests of `shape` on `model` under `cfg`. The activations
-    /// it reserves also hold the backend's own scratch (`OffloadBackend::scratch_bytes`),
-    /// which the runtime books as a separate line.
+    /// The planner's input for requests of `shape` on `model` under `cfg` (the backend's own
+    /// scratch is a line of its own, `OffloadBackend::scratch_bytes`).
     pub fn plan_input(
         model: &Llama<B>,
         cfg: &OffloadConfig,
@@ -156,29 +154,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             false => None,
         };
         let scratch = model.backend.scratch_bytes(&scratch_shape(c, shape));
-        Ok(PlanInput {
-            config: c.clone(),
-            format,
-            head_format: Some(head_format),
-            sparse_down,
-            layer_formats,
-            keep: shape.keep as f64,
-            budget: cfg.budget,
-            context: shape.context,
-            kv_bytes: model.kv_dtype.size(),
+        let formats = (format, layer_formats, Some(head_format), sparse_down);
+        let target = PlanTarget {
             on_gpu: B::RESIDENT_MEMORY == ResidentMemory::Device,
             link_gbps: planner_link::<B>(cfg).0,
-            mem_gbps: cfg.mem_gbps.unwrap_or(match B::RESIDENT_MEMORY {
-                ResidentMemory::Host => CPU_MEM_GBPS,
-                ResidentMemory::Device => GPU_MEM_GBPS,
-            }),
-            compute_gflops: cfg.compute_gflops,
-            period: shape.period,
-            aal: shape.period as f64,
-            prompt_tokens: shape.prompt_tokens.max(1),
-            activation_bytes: Some(shape.activation_bytes + scratch),
-            prefill_chunk: Some(shape.prefill_chunk),
-        })
+            backend_scratch: scratch,
+            kv_bytes: model.kv_dtype.size(),
+        };
+        Ok(request_plan_input(c, formats, cfg, shape, &target))
     }
 
     /// Plans `model` for requests of `shape` under `cfg`, moves the resident attention and
@@ -191,10 +174,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         model.backend.check_offloadable(cfg.budget)?;
         let c = model.config.clone();
         let scratch_shape = scratch_shape(&c, &shape);
-        let scratch = model.backend.scratch_bytes(&scratch_shape);
         let plan = plan(&input)?;
         let mut arena = ResidentArena::new(cfg.budget);
-        reserve_buffers(&mut arena, &c, &shape, scratch, &plan)?;
+        reserve_buffers(&mut arena, &c, &shape, &plan)?;
         model.backend.reserve_scratch(&scratch_shape)?;
         let (h, l) = (c.hidden_size, c.num_layers);
         let attention: Vec<bool> = plan.layers.iter().map(|l| l.attention_resident).collect();
@@ -466,6 +448,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 .map(|p| p.costs.sirius_offload.ms_per_token),
             measured_ms_per_token: 0.0,
             predicted_ttft_ms: predicted.as_ref().map(|p| p.costs.ttft_ms),
+            budget_lines: self.arena.budget_lines(),
+            kv_cache_rows: self.shape.context,
         })
     }
 
@@ -537,37 +521,13 @@ impl<B: OffloadBackend> LayerStream<B> for OffloadRuntime<B> {
     }
 }
 
-/// The host-to-resident GB/s the planner assumes for `cfg` on backend `B`, and whether its
-/// predictions describe the run: on host memory the emulated cap (uncapped copies are
-/// memcpy, which the planner does not model: no prediction); on a device the assumed speed
-/// of the real link.
-fn planner_link<B: OffloadBackend>(cfg: &OffloadConfig) -> (f64, bool) {
-    match B::RESIDENT_MEMORY {
-        ResidentMemory::Host => (
-            cfg.link_gbps.unwrap_or(UNCAPPED_LINK_GBPS),
-            cfg.link_gbps.is_some(),
-        ),
-        ResidentMemory::Device => (cfg.link_gbps.unwrap_or(GPU_LINK_GBPS), true),
-    }
-}
-
-/// The shapes the backend's own scratch depends on, for requests of `shape`.
-fn scratch_shape(c: &ModelConfig, shape: &RequestShape) -> ScratchShape {
-    ScratchShape {
-        widest_cols: c.hidden_size.max(c.intermediate_size).max(c.q_dim()),
-        gemm_rows: shape.gemm_rows,
-        head_dim: c.head_dim,
-        context: shape.context,
-    }
-}
-
 /// Reserves in `arena` what every request allocates besides weights: norms, KV cache,
-/// activations, the backend's own scratch and the staging buffers.
+/// activations, the staging buffers and the reserves (backend scratch; on a GPU the driver's
+/// context and the allocator margin), at the plan's sizes and under its labels.
 fn reserve_buffers(
     arena: &mut ResidentArena,
     c: &ModelConfig,
     shape: &RequestShape,
-    backend_scratch: u64,
     plan: &Plan,
 ) -> Result<()> {
     let vectors = crate::offload::sizes::resident_vector_count(c);
@@ -575,8 +535,8 @@ fn reserve_buffers(
     // The planner's count, in the cache's element size.
     arena.reserve("KV cache", plan.sizes.kv_cache_bytes)?;
     arena.reserve("activations", shape.activation_bytes)?;
-    if backend_scratch > 0 {
-        arena.reserve("backend scratch", backend_scratch)?;
+    for (line, bytes) in plan.sizes.reserves.lines() {
+        arena.reserve(line, bytes)?;
     }
     arena.reserve(
         "stream buffers",

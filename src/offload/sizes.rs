@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::offload::budget::Reserves;
 use crate::offload::format::{WeightFormat, VECTOR_BYTES};
 use crate::sparsity::kept_aligned;
 use crate::tensor::DType;
@@ -81,6 +82,10 @@ pub struct PlanInput {
     /// Bytes of the activation buffers a runtime really allocates (prefill chunk, draft and
     /// verification scratch); `None` estimates one verification window.
     pub activation_bytes: Option<u64>,
+    /// Bytes the backend allocates for itself (`offload::budget::gpu_scratch_bytes` on a
+    /// GPU; 0 on the CPU, whose scratch is in the activations). With `on_gpu`, the driver's
+    /// context and the allocator margin are budget lines too (`offload::budget::Reserves`).
+    pub backend_scratch: u64,
     /// Prompt tokens per prefill pass (each pass streams every non-resident weight once);
     /// `None` runs the whole prompt in one pass.
     pub prefill_chunk: Option<usize>,
@@ -361,6 +366,8 @@ pub struct Sizes {
     pub kv_layer_bytes: u64,
     /// 4 * period * (5h + 2q + 2kv + 2f + vocab): f32 activations of one verification window.
     pub activation_bytes: u64,
+    /// Backend scratch and, on a GPU, the driver's context and the allocator margin.
+    pub reserves: Reserves,
 }
 
 /// Elements of the vectors that stay resident: every norm (2 per layer + final), the
@@ -445,12 +452,17 @@ impl Sizes {
             activation_bytes: input
                 .activation_bytes
                 .unwrap_or(VECTOR_BYTES * input.period as u64 * window),
+            reserves: Reserves::new(input.on_gpu, l, input.backend_scratch),
         }
     }
 
-    /// Resident whatever the placement: norms, head, KV cache, activations.
+    /// Resident whatever the placement: norms, head, KV cache, activations and the reserves.
     pub fn fixed_bytes(&self) -> u64 {
-        self.norm_bytes + self.head_bytes + self.kv_cache_bytes + self.activation_bytes
+        self.norm_bytes
+            + self.head_bytes
+            + self.kv_cache_bytes
+            + self.activation_bytes
+            + self.reserves.total()
     }
 
     /// Every weight once (a tied embedding counted once, as the head).

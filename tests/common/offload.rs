@@ -41,6 +41,7 @@ pub fn sirius(period: usize, width: usize) -> SiriusConfig {
 pub fn offload(budget: u64, delay: Option<DelayFn>) -> OffloadConfig {
     OffloadConfig {
         budget,
+        auto_budget: false,
         link_gbps: None,
         mem_gbps: Some(20.0),
         compute_gflops: None,

@@ -16,6 +16,7 @@ use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
 use crate::error::{Error, Result};
+use crate::offload::budget::DRIVER_CONTEXT_BYTES;
 use crate::units::format_bytes;
 
 /// Oldest driver the kernels and cudarc's `cuda-13000` bindings support (CUDA 13.0, as
@@ -294,11 +295,19 @@ impl CudaDevice {
         Ok((free as u64, total as u64))
     }
 
-    /// Refuses a `--gpu-mem` budget of `bytes` that the device cannot give now with a margin
-    /// to spare (5% of free memory, at least 256 MiB) for what the budget does not count.
+    /// Refuses a `--gpu-mem` budget of `bytes` that the device cannot give now. The budget
+    /// holds the driver's context (`offload::budget`), which exists by now: free memory must
+    /// cover the rest of it.
     pub fn check_budget(&self, bytes: u64) -> Result<()> {
         let (free, total) = self.memory_info()?;
         budget_error(&self.describe(), bytes, free, total).map_or(Ok(()), Err)
+    }
+
+    /// `--gpu-mem auto`: the free device memory now plus the driver's context the budget
+    /// counts (already made), so that the budget's other lines fill what is free.
+    pub fn auto_budget(&self) -> Result<u64> {
+        let (free, _) = self.memory_info()?;
+        Ok(free + DRIVER_CONTEXT_BYTES)
     }
 
     /// "CUDA device 0 (NVIDIA H200, 139.8 GiB)".
@@ -320,34 +329,30 @@ impl CudaDevice {
     }
 }
 
-/// Why a budget of `bytes` does not fit a device with `free` of `total` bytes, if it doesn't.
+/// Why a budget of `bytes` does not fit a device with `free` of `total` bytes, if it doesn't
+/// (the budget's driver-context line is already spent: the context exists).
 fn budget_error(device: &str, bytes: u64, free: u64, total: u64) -> Option<Error> {
     if bytes > total {
         return Some(Error::Cuda(format!(
-            "--gpu-mem {} is more than {device} has: give at most {}",
+            "--gpu-mem {} is more than {device} has: give at most {}, or --gpu-mem auto",
             format_bytes(bytes),
             format_bytes(total)
         )));
     }
-    // What the budget does not count (the driver's context, allocation granularity, the
-    // scratch `backend::cuda::memory` lists) needs room next to it.
-    let margin = (free / 20).max(BUDGET_MARGIN_MIN);
-    if bytes > free.saturating_sub(margin) {
+    let most = free + DRIVER_CONTEXT_BYTES;
+    if bytes > most {
         return Some(Error::Cuda(format!(
-            "--gpu-mem {} leaves less than {} of the {} free on {device} for what the budget \
-             does not count (other processes hold the rest, see nvidia-smi): lower --gpu-mem \
-             to at most {} or free the memory",
+            "--gpu-mem {} is more than {device} can give now: {} free plus the {} driver \
+             context the budget counts (other processes hold the rest, see nvidia-smi): lower \
+             --gpu-mem to at most {}, use --gpu-mem auto, or free the memory",
             format_bytes(bytes),
-            format_bytes(margin),
             format_bytes(free),
-            format_bytes(free.saturating_sub(margin))
+            format_bytes(DRIVER_CONTEXT_BYTES),
+            format_bytes(most)
         )));
     }
     None
 }
-
-/// The least free device memory `check_budget` leaves beside the budget (else 5% of free).
-const BUDGET_MARGIN_MIN: u64 = 256 << 20;
 
 impl Drop for CudaDevice {
     fn drop(&mut self) {
@@ -380,14 +385,15 @@ mod tests {
     fn budgets_beyond_free_or_total_memory_are_refused() {
         let gib = 1u64 << 30;
         assert!(budget_error("dev", 8 * gib, 20 * gib, 24 * gib).is_none());
-        // Within free memory but not its 5% margin.
-        assert!(budget_error("dev", 19 * gib + gib / 2, 20 * gib, 24 * gib).is_some());
-        assert!(budget_error("dev", 19 * gib - gib / 2, 20 * gib, 24 * gib).is_none());
+        // Free memory plus the driver context the budget counts, and not a byte more.
+        let most = 20 * gib + DRIVER_CONTEXT_BYTES;
+        assert!(budget_error("dev", most, 20 * gib, 24 * gib).is_none());
+        assert!(budget_error("dev", most + 1, 20 * gib, 24 * gib).is_some());
         let msg = budget_error("dev", 22 * gib, 20 * gib, 24 * gib)
             .unwrap()
             .to_string();
         assert!(
-            msg.contains("free") && msg.contains("lower --gpu-mem"),
+            msg.contains("free") && msg.contains("lower --gpu-mem") && msg.contains("auto"),
             "{msg}"
         );
         let msg = budget_error("dev", 30 * gib, 20 * gib, 24 * gib)

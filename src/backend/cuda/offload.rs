@@ -10,18 +10,9 @@ use super::copy_engine::{DeviceCopyEngine, DeviceFilled};
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::offload::{OffloadBackend, ResidentMemory, ScratchShape};
 use crate::error::{Error, Result};
+use crate::offload::budget::gpu_scratch_bytes;
 use crate::tensor::DType;
 use crate::transfer::CopyEngineOptions;
-
-/// What cuBLAS allocates for its own workspace, as the budget assumes it (its default on
-/// recent GPUs is up to 32 MiB; the library does not report it).
-const CUBLAS_WORKSPACE_BYTES: usize = 32 << 20;
-
-/// The device rope table for `context` positions: f32 cos/sin rows of `head_dim`, grown by
-/// doubling from 1024 positions (so at most twice the positions needed).
-fn rope_bytes(shape: &ScratchShape) -> usize {
-    2 * shape.context.max(1024) * shape.head_dim * 4
-}
 
 impl OffloadBackend for CudaBackend {
     type Engine = DeviceCopyEngine;
@@ -43,12 +34,11 @@ impl OffloadBackend for CudaBackend {
     }
 
     /// The bf16 GEMM's activation copy for `gemm_rows` rows through the widest matrix,
-    /// cuBLAS's workspace and the rope table (see `CUBLAS_WORKSPACE_BYTES`, `rope_bytes`).
+    /// cuBLAS's workspace and the rope table: `offload::budget::gpu_scratch_bytes`, which
+    /// `plan --gpu-mem` books too.
     fn scratch_bytes(&self, shape: &ScratchShape) -> u64 {
-        let act16 = self
-            .matmul_state()
-            .act16_bytes(shape.gemm_rows, shape.widest_cols);
-        (act16 + CUBLAS_WORKSPACE_BYTES + rope_bytes(shape)) as u64
+        let act16 = self.matmul_state().act16_bytes(1, 1) > 0;
+        gpu_scratch_bytes(shape, act16)
     }
 
     fn reserve_scratch(&self, shape: &ScratchShape) -> Result<()> {
@@ -56,6 +46,10 @@ impl OffloadBackend for CudaBackend {
             .matmul_state()
             .act16_bytes(shape.gemm_rows, shape.widest_cols);
         self.matmul_state().presize_act16(self.ctx(), bytes)
+    }
+
+    fn auto_budget(&self) -> Result<u64> {
+        self.device().auto_budget()
     }
 
     fn copy_engine(&self, opts: CopyEngineOptions) -> Result<DeviceCopyEngine> {

@@ -9,6 +9,9 @@ use crate::tensor::DType;
 pub struct OffloadConfig {
     /// The resident budget (bytes).
     pub budget: u64,
+    /// `--gpu-mem auto`: `budget` is set from the device's free memory when the engine
+    /// loads (`OffloadBackend::auto_budget`).
+    pub auto_budget: bool,
     /// The host-to-resident link in GB/s: on a backend whose resident memory is host RAM
     /// (the CPU) a cap that emulates a PCIe link (`None`: copies at memory speed); on a
     /// device backend (CUDA) the speed the planner assumes of the real link (`None`:
@@ -35,6 +38,7 @@ impl OffloadConfig {
     pub fn new(budget: u64) -> Self {
         OffloadConfig {
             budget,
+            auto_budget: false,
             link_gbps: None,
             mem_gbps: None,
             compute_gflops: None,

@@ -41,6 +41,11 @@ pub struct OffloadReport {
     pub measured_ms_per_token: f64,
     /// The planner's predicted time to first token (when `predicted_ms_per_token` is).
     pub predicted_ttft_ms: Option<f64>,
+    /// What the arena holds, summed by budget line: `plan`'s `budget_lines` for the same
+    /// request, byte for byte.
+    pub budget_lines: Vec<crate::offload::budget::BudgetLine>,
+    /// KV cache rows the runtime was planned for (`plan --context` for the same request).
+    pub kv_cache_rows: usize,
 }
 
 impl OffloadReport {
