@@ -217,6 +217,171 @@ __device__ __forceinline__ void row_dot(const T* __restrict__ row, const float* 
     }
 }
 
+// ---- Token windows: each weight read once for up to 64 tokens ----
+//
+// A verification window (K tokens) or a tree (up to 64 rows) multiplies the same weights by
+// every token. window_dot() reads each weight of a row once per window: a lane loads its 8
+// weights of a 256-column tile into registers and applies them to all TOK tokens before the
+// next tile. The block stages the activations of 16 tokens x 256 columns (16 KiB) in shared
+// memory (one XTile; a 64-token window stages four per column tile), so the block's warps,
+// one weight row each, share one read of x.
+//
+// Lanes and columns of a tile (c0 = the tile's first column):
+//   16-bit weights (SWIZZLE): lane L owns columns c0 + 8L .. + 8 (one 16-byte load);
+//   f32 weights and quantized rows: lane L owns c0 + 4L .. + 4 and c0 + 128 + 4L .. + 4
+//   (f32: two 16-byte loads), or c0 + L + 32e, e < 8 (quantized, element by element).
+// Either way a lane sums its columns in the order matvec.cu's row_dot and quant.cu's
+// matvec visit them, so each output is rounded as those kernels round it.
+#define XTILE_TOKENS 16u
+#define XTILE_COLS 256u
+
+// Float4 slot s of an XTile: token s / 64, slot s % 64 of that token's 64 float4s.
+typedef float4 XTile[XTILE_TOKENS * XTILE_COLS / 4];
+
+// The slot of a token's float4 holding tile columns 4n .. 4n + 4. SWIZZLE puts column 8L +
+// 4q at slot 32q + L, so lane L's two float4s (q = 0, 1) are 32 slots apart and a warp's
+// shared loads hit consecutive 16-byte words (no bank conflicts).
+template <bool SWIZZLE>
+__device__ __forceinline__ unsigned xtile_slot(unsigned n) {
+    return SWIZZLE ? (n & 1u) * 32u + (n >> 1) : n;
+}
+
+// Whether x rows of `cols` floats can be staged with 16-byte loads.
+__device__ __forceinline__ bool x_vec_ok(const float* x, unsigned cols) {
+    return cols % 4 == 0 && aligned16(x);
+}
+
+// The whole block stages x[t0 + j, c0 .. c0 + 256] for j < nt (<= 16) into xs (zeros past
+// cols; tokens past nt are left as they are: nobody reads them). Global reads are
+// coalesced: consecutive threads, consecutive float4s.
+template <bool SWIZZLE>
+__device__ __forceinline__ void stage_x(XTile& xs, const float* __restrict__ x, unsigned cols,
+                                        unsigned t0, unsigned nt, unsigned c0, bool vec) {
+    for (unsigned s = threadIdx.x; s < nt * 64u; s += blockDim.x) {
+        const unsigned j = s >> 6, c = c0 + 4u * (s & 63u);
+        float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (c < cols) {
+            const float* p = x + (size_t)(t0 + j) * cols + c;
+            if (vec) {
+                v = __ldg(reinterpret_cast<const float4*>(p));
+            } else {
+                v.x = __ldg(p);
+                v.y = c + 1 < cols ? __ldg(p + 1) : 0.0f;
+                v.z = c + 2 < cols ? __ldg(p + 2) : 0.0f;
+                v.w = c + 3 < cols ? __ldg(p + 3) : 0.0f;
+            }
+        }
+        xs[(s & ~63u) + xtile_slot<SWIZZLE>(s & 63u)] = v;
+    }
+}
+
+// A row of bf16 / f16 / f32 weights for window_dot (row == nullptr: a warp without a row,
+// which only helps stage x and reads zeros). `wide`: wide_ok() of the weights and x.
+template <typename T>
+struct FloatRow {
+    static constexpr bool SWIZZLE = Wide<T>::N == 8;
+    const T* row;
+    unsigned cols;
+    bool wide;
+
+    __device__ __forceinline__ void load(unsigned c0, unsigned lane, float (&w)[8]) const {
+#pragma unroll
+        for (unsigned q = 0; q < 2; ++q) {
+            // This lane's q-th group of 4 columns (see the lane layout above).
+            const unsigned c = c0 + (SWIZZLE ? 8u * lane + 4u * q : 128u * q + 4u * lane);
+            if (row != nullptr && wide && c < cols) {
+                if constexpr (SWIZZLE) {
+                    // One 16-byte load holds both groups.
+                    if (q == 0) {
+                        Wide<T>::load(row + c, w);
+                    }
+                } else {
+                    Wide<T>::load(row + c, w + 4 * q);
+                }
+            } else {
+#pragma unroll
+                for (unsigned e = 0; e < 4; ++e) {
+                    w[4 * q + e] =
+                        row != nullptr && c + e < cols ? to_f32(row[c + e]) : 0.0f;
+                }
+            }
+        }
+    }
+
+    __device__ __forceinline__ float dot(const float (&w)[8], const float4* xj, unsigned lane,
+                                         float acc) const {
+#pragma unroll
+        for (unsigned q = 0; q < 2; ++q) {
+            const float4 v = xj[32 * q + lane];
+            acc = fmaf(w[4 * q], v.x, acc);
+            acc = fmaf(w[4 * q + 1], v.y, acc);
+            acc = fmaf(w[4 * q + 2], v.z, acc);
+            acc = fmaf(w[4 * q + 3], v.w, acc);
+        }
+        return acc;
+    }
+};
+
+// acc[j] = this lane's partial dot product of `row` with x[t0 + j] for j < nt (<= TOK, a
+// multiple of 16); the caller sums acc over the warp. Every thread of the block must call it
+// with the same x, cols, t0, nt and vec (x_vec_ok): it stages x between barriers.
+template <typename Row, int TOK>
+__device__ __forceinline__ void window_dot(const Row& row, const float* __restrict__ x,
+                                           unsigned cols, unsigned t0, unsigned nt, bool vec,
+                                           XTile& xs, float (&acc)[TOK]) {
+    const unsigned lane = threadIdx.x & 31u;
+#pragma unroll
+    for (int j = 0; j < TOK; ++j) {
+        acc[j] = 0.0f;
+    }
+    for (unsigned c0 = 0; c0 < cols; c0 += XTILE_COLS) {
+        float w[8];
+        row.load(c0, lane, w);
+#pragma unroll
+        for (int s0 = 0; s0 < TOK; s0 += (int)XTILE_TOKENS) {
+            if ((unsigned)s0 < nt) {
+                // The previous tile's readers are done before it is overwritten.
+                __syncthreads();
+                stage_x<Row::SWIZZLE>(xs, x, cols, t0 + s0, min(XTILE_TOKENS, nt - s0), c0,
+                                      vec);
+                __syncthreads();
+#pragma unroll
+                for (int j = 0; j < (int)XTILE_TOKENS; ++j) {
+                    if ((unsigned)(s0 + j) < nt) {
+                        acc[s0 + j] = row.dot(w, xs + j * 64, lane, acc[s0 + j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The rows of a window product (matvec.cu, quant.cu): out[t, r] = row r . x[t] for
+// t < n_tokens, one warp per row r (row.row == nullptr past `rows`: that warp only stages),
+// TOK tokens per pass over the row.
+template <typename Row, int TOK>
+__device__ __forceinline__ void matmul_window(const Row& row, size_t r,
+                                              const float* __restrict__ x,
+                                              float* __restrict__ out, unsigned rows,
+                                              unsigned cols, unsigned n_tokens, XTile& xs) {
+    const unsigned lane = threadIdx.x & 31u;
+    const bool vec = x_vec_ok(x, cols);
+    for (unsigned t0 = 0; t0 < n_tokens; t0 += TOK) {
+        const unsigned nt = min((unsigned)TOK, n_tokens - t0);
+        float acc[TOK];
+        window_dot<Row, TOK>(row, x, cols, t0, nt, vec, xs, acc);
+#pragma unroll
+        for (int j = 0; j < TOK; ++j) {
+            if ((unsigned)j < nt) {
+                const float s = warp_sum(acc[j]);
+                if (lane == 0 && r < rows) {
+                    out[(size_t)(t0 + j) * rows + r] = s;
+                }
+            }
+        }
+    }
+}
+
 // SiLU as the CPU computes it: v / (1 + e^-v).
 __device__ __forceinline__ float silu(float v) { return v / (1.0f + expf(-v)); }
 

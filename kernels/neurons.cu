@@ -1,4 +1,8 @@
 // The FFN over neuron bundles (Backend::bundle_ffn: Griffin / CATS contextual sparsity).
+// The kernels here read a bundle once per (token, listed neuron): one token (decode), or
+// CATS lists that differ between tokens. Several tokens sharing one list (a dense pass of a
+// verification window or tree, the tree beam's CATS list) take bundle_window.cu's kernels,
+// which read each bundle once per window of tokens.
 //
 // bundles: [neurons, parts * hidden] of the stored dtype, one row per FFN neuron i:
 //   parts = 3: gate row | up row | down column (BundleLayout::GateUpDown)

@@ -11,12 +11,15 @@
 // Every product and sum of the de-quantization is rounded as the CPU reference rounds it
 // (__fmul_rn / __fadd_rn: no FMA contraction), so converted weights are bit-equal to it.
 //
-// matvec_<fmt>(w, x, out, rows, cols, n_tokens)        one token per pass over w
-// matmul_small_<fmt>(w, x, out, rows, cols, n_tokens)  8 tokens per pass over w
+// matvec_<fmt>(w, x, out, rows, cols, n_tokens)      one token per pass over w
+// matmul_t16_<fmt>(w, x, out, rows, cols, n_tokens)  16 tokens per pass over w
+// matmul_t64_<fmt>(w, x, out, rows, cols, n_tokens)  64 tokens per pass over w
 //   out[t, r] = sum_c w[r, c] * x[t, c]; w: [rows, cols] blocks (cols a multiple of the
 //   block length, rows back to back); x: [n_tokens, cols] f32; out: [n_tokens, rows] f32.
-//   One warp per row, its lanes over the row's elements; f32 sums, warp shuffle reduction
-//   (as matvec.cu). grid = (ceil(rows / warps)), blockDim.x = 32 * warps (256 suggested).
+//   One warp per row, lane L over the row's elements L, L + 32, ...; f32 sums in that order,
+//   warp shuffle reduction (as matvec.cu). The t16 / t64 kernels de-quantize each weight
+//   once per window and stage x in shared memory (window_dot in common.cuh; 16 KiB static).
+//   grid = (ceil(rows / warps)), blockDim.x = 32 * warps (256 suggested).
 // embed_<fmt>(table, tokens, out, n_tokens, vocab, cols)
 //   out[t, :] = table[tokens[t], :] as f32; grid = (n_tokens), one block per token; an id
 //   past vocab gives a row of NaN (the host checks ids first, as embedding.cu).
@@ -124,6 +127,45 @@ __device__ __forceinline__ void matmul_q(const unsigned char* __restrict__ w,
     }
 }
 
+// A row of quantized weights for window_dot (row == nullptr: a warp without a row). Lane L
+// takes the tile's columns c0 + L + 32e, the order matmul_q visits them.
+template <int F>
+struct QuantRow {
+    static constexpr bool SWIZZLE = false;
+    const unsigned char* row;
+    unsigned cols;
+
+    __device__ __forceinline__ void load(unsigned c0, unsigned lane, float (&w)[8]) const {
+#pragma unroll
+        for (unsigned e = 0; e < 8; ++e) {
+            const unsigned c = c0 + lane + 32u * e;
+            w[e] = row != nullptr && c < cols ? row_element<F>(row, c) : 0.0f;
+        }
+    }
+
+    __device__ __forceinline__ float dot(const float (&w)[8], const float4* xj, unsigned lane,
+                                         float acc) const {
+        const float* xf = reinterpret_cast<const float*>(xj);
+#pragma unroll
+        for (unsigned e = 0; e < 8; ++e) {
+            acc = fmaf(w[e], xf[lane + 32u * e], acc);
+        }
+        return acc;
+    }
+};
+
+template <int F, int TOK>
+__device__ __forceinline__ void matmul_q_tiled(const unsigned char* __restrict__ w,
+                                               const float* __restrict__ x,
+                                               float* __restrict__ out, unsigned rows,
+                                               unsigned cols, unsigned n_tokens, XTile& xs) {
+    const size_t r = (size_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const size_t row_bytes = (size_t)(cols / Block<F>::elems) * Block<F>::bytes;
+    // Warps past `rows` hold no row but still help stage x (barriers).
+    const QuantRow<F> row{r < rows ? w + r * row_bytes : nullptr, cols};
+    matmul_window<QuantRow<F>, TOK>(row, r, x, out, rows, cols, n_tokens, xs);
+}
+
 template <int F>
 __device__ __forceinline__ void embed_q(const unsigned char* __restrict__ table,
                                         const unsigned* __restrict__ tokens,
@@ -143,11 +185,19 @@ __device__ __forceinline__ void embed_q(const unsigned char* __restrict__ table,
                                                unsigned cols, unsigned n_tokens) {            \
         matmul_q<F, 1>(w, x, out, rows, cols, n_tokens);                                      \
     }                                                                                         \
-    extern "C" __global__ void matmul_small_##SUFFIX(const unsigned char* __restrict__ w,     \
-                                                     const float* __restrict__ x,             \
-                                                     float* __restrict__ out, unsigned rows,  \
-                                                     unsigned cols, unsigned n_tokens) {      \
-        matmul_q<F, 8>(w, x, out, rows, cols, n_tokens);                                      \
+    extern "C" __global__ void matmul_t16_##SUFFIX(const unsigned char* __restrict__ w,       \
+                                                   const float* __restrict__ x,               \
+                                                   float* __restrict__ out, unsigned rows,    \
+                                                   unsigned cols, unsigned n_tokens) {        \
+        __shared__ XTile xs;                                                                  \
+        matmul_q_tiled<F, 16>(w, x, out, rows, cols, n_tokens, xs);                           \
+    }                                                                                         \
+    extern "C" __global__ void matmul_t64_##SUFFIX(const unsigned char* __restrict__ w,       \
+                                                   const float* __restrict__ x,               \
+                                                   float* __restrict__ out, unsigned rows,    \
+                                                   unsigned cols, unsigned n_tokens) {        \
+        __shared__ XTile xs;                                                                  \
+        matmul_q_tiled<F, 64>(w, x, out, rows, cols, n_tokens, xs);                           \
     }                                                                                         \
     extern "C" __global__ void embed_##SUFFIX(const unsigned char* __restrict__ table,        \
                                               const unsigned* __restrict__ tokens,            \

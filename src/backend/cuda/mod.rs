@@ -18,6 +18,7 @@ mod ops_basic;
 mod ops_ffn;
 mod ops_kv;
 mod ops_matmul;
+mod windows;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};

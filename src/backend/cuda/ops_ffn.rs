@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
+use super::windows::{bundle_kernels, shared_list, TokenWindow};
 use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
@@ -20,9 +21,11 @@ use crate::error::{Error, Result};
 use crate::tensor::DType;
 
 const THREADS: u32 = 256;
-/// Warps per block of bundle_act (THREADS / 32): one warp per (token, neuron).
+/// Warps per block of bundle_act (THREADS / 32): one warp per (token, neuron), or per
+/// listed neuron in the window kernels.
 const ACT_WARPS: usize = 8;
-/// bundle_down: threads per block, each owning 8 output columns.
+/// bundle_down: threads per block, each owning 8 output columns (4 or 1 in the window
+/// kernels, [`TokenWindow::down_cols`]).
 const DOWN_THREADS: usize = 128;
 /// bundle_down splits a token's list into at most this many parts ...
 const MAX_SPLITS: usize = 64;
@@ -109,9 +112,12 @@ pub(crate) fn bundle_ffn(
 /// What a [`BundleSelection`] gives the bundle kernels: device pointers (0 for none) and
 /// neuron counts.
 struct Selected {
-    /// The uploaded id and offset lists (per-token selection), kept alive until the kernels
-    /// that read them are queued.
-    _lists: Option<(DevMem, DevMem)>,
+    /// Some when every token shares one list (`count` neurons, no offsets) and there are
+    /// several tokens: bundle_window.cu's kernels read each bundle once per window.
+    window: Option<TokenWindow>,
+    /// The uploaded id and offset lists (per-token selection; the shared list alone), kept
+    /// alive until the kernels that read them are queued.
+    _lists: Vec<DevMem>,
     ids: u64,
     offsets: u64,
     coeff: u64,
@@ -133,9 +139,10 @@ impl Selected {
         // checks::bundle_call has refused a dense pass without gate rows.
         match sel {
             BundleSelection::All { gate_bias, up_bias } => Ok(Selected {
+                window: TokenWindow::for_shared_list(n_tokens),
                 gate_bias: check_bias("gate bias", gate_bias, neurons)?,
                 up_bias: check_bias("up bias", up_bias, neurons)?,
-                _lists: None,
+                _lists: Vec::new(),
                 ids: 0,
                 offsets: 0,
                 coeff: 0,
@@ -162,6 +169,23 @@ impl Selected {
         // checks::bundle_call has checked the lists against the tokens and the bundles.
         need(BUNDLE_FFN, "coeff", coeff, n_tokens * neurons)?;
         let up_bias = check_bias("up bias", up_bias, neurons)?;
+        if let (Some(w), Some(list)) = (
+            TokenWindow::for_shared_list(n_tokens),
+            shared_list(kept, n_tokens),
+        ) {
+            let ids = DevMem::upload(ctx, BUNDLE_FFN, list)?;
+            return Ok(Selected {
+                window: Some(w),
+                ids: ids.ptr(),
+                offsets: 0,
+                coeff: coeff.device_ptr(),
+                gate_bias: 0,
+                up_bias,
+                count: list.len(),
+                total: n_tokens * list.len(),
+                _lists: vec![ids],
+            });
+        }
         let total = kept.offsets[n_tokens];
         let offs: Vec<u32> = kept.offsets[..=n_tokens]
             .iter()
@@ -170,6 +194,7 @@ impl Selected {
         let ids = DevMem::upload(ctx, BUNDLE_FFN, &kept.ids[..total])?;
         let offsets = DevMem::upload(ctx, BUNDLE_FFN, &offs)?;
         Ok(Selected {
+            window: None,
             ids: ids.ptr(),
             offsets: offsets.ptr(),
             coeff: coeff.device_ptr(),
@@ -177,7 +202,7 @@ impl Selected {
             up_bias,
             count: 0,
             total,
-            _lists: Some((ids, offsets)),
+            _lists: vec![ids, offsets],
         })
     }
 }
@@ -229,39 +254,56 @@ impl<'a> BundleCall<'a> {
         self.sizes.iter().fold(args, |args, &v| args.u32(v))
     }
 
-    /// bundle_act: every selected (token, neuron)'s activation, one warp each, into a new
-    /// buffer.
+    /// The sizes the window kernels take: tokens, count, neurons, hidden, parts (no total).
+    fn window_sizes(&self, args: KArgs) -> KArgs {
+        let s = &self.sizes;
+        [s[0], s[1], s[3], s[4], s[5]]
+            .iter()
+            .fold(args, |args, &v| args.u32(v))
+    }
+
+    /// bundle_act: every selected (token, neuron)'s activation into a new buffer; one warp
+    /// per (token, neuron), or with a shared list one warp per listed neuron and window of
+    /// tokens (grid = ceil(count / 8)).
     fn launch_act(&self, ctx: &Arc<Ctx>, x: &CudaBuf) -> Result<DevMem> {
         let sel = &self.sel;
         let act = DevMem::new(ctx, BUNDLE_FFN, sel.total.max(1) * 4)?;
+        let (kernel, _) = bundle_kernels(self.bundles.dtype, sel.window)?;
         let args = KArgs::new()
             .ptr(self.bundles.device_ptr())
             .ptr(x.device_ptr())
-            .ptr(sel.ids)
-            .ptr(sel.offsets)
+            .ptr(sel.ids);
+        let (args, items) = match sel.window {
+            Some(_) => (args, sel.count),
+            None => (args.ptr(sel.offsets), sel.total),
+        };
+        let args = args
             .ptr(sel.coeff)
             .ptr(sel.gate_bias)
             .ptr(sel.up_bias)
             .ptr(act.ptr());
-        let grid = to_u32(BUNDLE_FFN, "blocks", sel.total.div_ceil(ACT_WARPS))?;
-        let kernel = act_kernel(self.bundles.dtype);
-        ctx.launch(
-            BUNDLE_FFN,
-            kernel,
-            (grid, 1, 1),
-            THREADS,
-            self.with_sizes(args),
-        )?;
+        let args = match sel.window {
+            Some(_) => self.window_sizes(args),
+            None => self.with_sizes(args),
+        };
+        let grid = to_u32(BUNDLE_FFN, "blocks", items.div_ceil(ACT_WARPS))?;
+        ctx.launch(BUNDLE_FFN, kernel, (grid, 1, 1), THREADS, args)?;
         Ok(act)
     }
 
     /// bundle_down: `out[t] = sum of act * down row` over token t's neurons, each token's
     /// list split over several blocks (partial sums, then reduce_splits) when tokens x
-    /// columns alone leave SMs idle.
+    /// columns alone leave SMs idle. grid = (column blocks, splits, tokens), or with a
+    /// shared list (column blocks, splits, windows): [`TokenWindow::down_grid`].
     fn launch_down(&self, ctx: &Arc<Ctx>, act: &DevMem, out: &mut CudaBuf) -> Result<()> {
         let (n_tokens, hidden) = (self.n_tokens, self.hidden);
-        let col_blocks = hidden.div_ceil(8 * DOWN_THREADS);
-        let splits = down_splits(ctx, col_blocks * n_tokens, self.sel.total / n_tokens);
+        // (column blocks, token blocks): a token per block, or a window of them.
+        let (col_blocks, token_blocks) = match self.sel.window {
+            Some(w) => w.down_grid(hidden, n_tokens, DOWN_THREADS),
+            None => (hidden.div_ceil(8 * DOWN_THREADS), n_tokens),
+        };
+        let per_token = self.sel.total / n_tokens;
+        let splits = down_splits(ctx, col_blocks * token_blocks, per_token);
         let len = n_tokens * hidden;
         let partials = if splits > 1 {
             Some(DevMem::new(ctx, BUNDLE_FFN, splits * len * 4)?)
@@ -269,16 +311,21 @@ impl<'a> BundleCall<'a> {
             None
         };
         let dst = partials.as_ref().map_or(out.device_ptr(), |p| p.ptr());
+        let (_, kernel) = bundle_kernels(self.bundles.dtype, self.sel.window)?;
         let args = KArgs::new()
             .ptr(self.bundles.device_ptr())
             .ptr(act.ptr())
-            .ptr(self.sel.ids)
-            .ptr(self.sel.offsets)
-            .ptr(dst);
-        let grid = (col_blocks as u32, splits as u32, self.sizes[0]);
-        let kernel = down_kernel(self.bundles.dtype);
-        let block = DOWN_THREADS as u32;
-        ctx.launch(BUNDLE_FFN, kernel, grid, block, self.with_sizes(args))?;
+            .ptr(self.sel.ids);
+        let args = match self.sel.window {
+            Some(_) => self.window_sizes(args.ptr(dst)),
+            None => self.with_sizes(args.ptr(self.sel.offsets).ptr(dst)),
+        };
+        let grid = (
+            to_u32(BUNDLE_FFN, "column blocks", col_blocks)?,
+            splits as u32,
+            token_blocks as u32,
+        );
+        ctx.launch(BUNDLE_FFN, kernel, grid, DOWN_THREADS as u32, args)?;
         match &partials {
             Some(p) => reduce_splits(ctx, p, out, splits, len),
             None => Ok(()),
@@ -316,24 +363,6 @@ fn reduce_splits(
         .u32(to_u32(BUNDLE_FFN, "output floats", len)?);
     let grid = to_u32(BUNDLE_FFN, "blocks", len.div_ceil(THREADS as usize))?;
     ctx.launch(BUNDLE_FFN, "reduce_splits_f32", (grid, 1, 1), THREADS, args)
-}
-
-fn act_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bundle_act_bf16",
-        DType::F16 => "bundle_act_f16",
-        DType::F32 => "bundle_act_f32",
-        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
-    }
-}
-
-fn down_kernel(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bundle_down_bf16",
-        DType::F16 => "bundle_down_f16",
-        DType::F32 => "bundle_down_f32",
-        q => unreachable!("{q}: CUDA matrices are float (buffers::check_len)"),
-    }
 }
 
 pub(crate) fn accumulate_neuron_scores(

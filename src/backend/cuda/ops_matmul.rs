@@ -1,16 +1,17 @@
 //! Weight x activation products (Backend::matmul).
 //!
 //! Up to 16 tokens (decode, verification windows): the matvec.cu kernels ([`small_batch`]),
-//! which stream each weight row once per call (per 8 tokens) with 16-byte loads: f32
-//! activations times the stored weights, summed in f32, like the CPU.
+//! which stream each weight row once per call (once per window of 16 tokens) with 16-byte
+//! loads: f32 activations times the stored weights, summed in f32, like the CPU.
 //!
 //! Quantized weights (GGUF block formats) take quant.cu's kernels of the same shape for any
-//! batch, de-quantizing each weight in registers (f32 activations, as the CPU's batches).
+//! batch, de-quantizing each weight in registers once per window of 16 or 64 tokens (f32
+//! activations, as the CPU's batches).
 //!
 //! Longer float batches (prefill chunks, wide trees) go to cuBLAS ([`gemm`]: SGEMM for f32
 //! weights, one of the two paths [`GemmPrecision`] picks for bf16/f16 weights), through the
-//! backend's handle ([`cublas`]). Without libcublas the small-batch kernel handles any batch
-//! (it loops over 8-token blocks).
+//! backend's handle ([`cublas`]). Without libcublas the window kernels handle any batch
+//! (once per 64 tokens).
 
 mod cublas;
 mod gemm;
@@ -22,8 +23,8 @@ use self::cublas::{Cublas, GemmDims};
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
+use super::windows::matmul_kernel;
 use crate::error::Result;
-use crate::tensor::DType;
 
 pub use precision::{GemmPrecision, GEMM_ENV};
 
@@ -150,28 +151,13 @@ impl Product<'_> {
     }
 }
 
-/// The matvec.cu kernels: any batch, built for n <= 16.
+/// The matvec.cu / quant.cu kernels: any batch, built for n <= 16 (floats) or any n
+/// (quantized); each weight is read once per window of 16 or 64 tokens
+/// ([`matmul_kernel`]). One warp per weight row: grid = ceil(rows / 8) blocks of 256
+/// threads, 16 KiB of static shared memory for the window kernels' staged activations.
 fn small_batch(ctx: &Arc<Ctx>, p: &Product) -> Result<()> {
     let (w, n_tokens) = (p.w, p.n);
-    let name = match (n_tokens == 1, w.dtype) {
-        (true, DType::BF16) => "matvec_bf16",
-        (true, DType::F16) => "matvec_f16",
-        (true, DType::F32) => "matvec_f32",
-        (false, DType::BF16) => "matmul_small_bf16",
-        (false, DType::F16) => "matmul_small_f16",
-        (false, DType::F32) => "matmul_small_f32",
-        (true, DType::Q4_0) => "matvec_q4_0",
-        (true, DType::Q4_1) => "matvec_q4_1",
-        (true, DType::Q8_0) => "matvec_q8_0",
-        (true, DType::Q4K) => "matvec_q4_k",
-        (true, DType::Q6K) => "matvec_q6_k",
-        (false, DType::Q4_0) => "matmul_small_q4_0",
-        (false, DType::Q4_1) => "matmul_small_q4_1",
-        (false, DType::Q8_0) => "matmul_small_q8_0",
-        (false, DType::Q4K) => "matmul_small_q4_k",
-        (false, DType::Q6K) => "matmul_small_q6_k",
-        (_, q) => unreachable!("{q}: no CUDA matrix holds it (buffers::cuda_dtype)"),
-    };
+    let name = matmul_kernel(w.dtype, n_tokens)?;
     let args = KArgs::new()
         .ptr(w.device_ptr())
         .ptr(p.x.device_ptr())
