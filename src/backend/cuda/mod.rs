@@ -6,6 +6,7 @@
 
 mod backend;
 mod buffers;
+pub mod compat;
 mod context;
 pub mod copy_engine;
 pub mod device;
