@@ -16,7 +16,7 @@ use super::context::{kernel_code, Ctx};
 use super::ops_basic::{self as basic, RopeCache};
 use super::ops_kv::{self as kv, CudaKv};
 use super::ops_matmul::{GemmPrecision, Matmul};
-use super::{device, ops_attention as attn, ops_ffn as ffn};
+use super::{device, ops_attention as attn, ops_ffn as ffn, ops_sampling};
 use crate::backend::checks;
 use crate::backend::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
@@ -271,6 +271,11 @@ impl Backend for CudaBackend {
 
     fn read(&self, buf: &CudaBuf, offset: usize, out: &mut [f32]) -> Result<()> {
         basic::read(&self.ctx, buf, offset, out)
+    }
+
+    /// On the device (kernels/sampling.cu): `rows` ids come back, not `rows * cols` logits.
+    fn argmax_rows(&self, x: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        ops_sampling::argmax_rows(&self.ctx, x, rows, cols)
     }
 }
 

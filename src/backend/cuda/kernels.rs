@@ -100,4 +100,5 @@ pub const KERNELS: &[KernelSource] = &[
             "select_threshold_f32",
         ]
     ),
+    kernel!("sampling.cu", ["argmax_f32"]),
 ];

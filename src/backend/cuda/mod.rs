@@ -19,6 +19,7 @@ mod ops_basic;
 mod ops_ffn;
 mod ops_kv;
 mod ops_matmul;
+mod ops_sampling;
 
 pub use backend::CudaBackend;
 pub use buffers::{CudaBuf, CudaMatrix};
