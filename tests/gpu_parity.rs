@@ -84,6 +84,45 @@ fn matmul_matches_on_both_paths() {
     }
 }
 
+/// The device argmax the greedy path uses (`Backend::argmax_rows`) picks exactly what
+/// `model::sampler::argmax` picks: ties (the lower index), NaN (never), rows of -inf or NaN
+/// only (0), over vocabularies up to Llama 3's, a poisoned row past the batch left unread.
+#[test]
+fn argmax_rows_match() {
+    use sirius_offload::model::sampler::argmax;
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng::new(17);
+    for (vocab, n) in [(1, 1), (100, 5), (49_152, 16), (128_256, 2)] {
+        let mut logits = random(&mut rng, n * vocab, 12.0);
+        if n >= 5 {
+            // Row 0: a tie for the maximum at both ends of the block's strides and a NaN.
+            (logits[5], logits[vocab - 1], logits[7]) = (1e3, 1e3, f32::NAN);
+            // Rows 1 and 2: nothing above -inf (argmax 0).
+            logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+            logits[2 * vocab..3 * vocab].fill(f32::NAN);
+            // Row 3: +inf twice; row 4: one finite value among -inf.
+            (logits[3 * vocab + 9], logits[3 * vocab + 2]) = (f32::INFINITY, f32::INFINITY);
+            logits[4 * vocab..5 * vocab].fill(f32::NEG_INFINITY);
+            logits[5 * vocab - 3] = -1e30;
+        }
+        let mut padded = logits.clone();
+        padded.extend(std::iter::repeat_n(f32::NAN, vocab));
+        let want: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
+        let got = g
+            .argmax_rows(&g.upload(&padded).unwrap(), n, vocab)
+            .unwrap();
+        assert_eq!(got, want, "cuda argmax_rows vocab {vocab} n {n}");
+        let host = c
+            .argmax_rows(&c.upload(&padded).unwrap(), n, vocab)
+            .unwrap();
+        assert_eq!(host, want, "cpu argmax_rows vocab {vocab} n {n}");
+        say(&format!("PARITY argmax_rows v{vocab} n{n} err=0 tol=0"));
+    }
+    let buf = g.upload(&[0.0; 8]).unwrap();
+    assert!(g.argmax_rows(&buf, 3, 4).is_err(), "rows past the buffer");
+}
+
 #[test]
 fn host_to_device_bandwidth() {
     let Some(g) = gpu() else { return };

@@ -1,5 +1,5 @@
 //! NVRTC compiles every CUDA kernel (kernels/*.cu) for the architectures the CUDA backend
-//! targets. Needs libnvrtc and the CUDA headers, no GPU. Where either is missing the tests
+//! targets, to PTX and (the path of a driver older than NVRTC) to CUBINs. Needs libnvrtc and the CUDA headers, no GPU. Where either is missing the tests
 //! print `SKIPPED (nvrtc kernels): <why>` and pass, unless `SIRIUS_REQUIRE_NVRTC=1` (CI),
 //! which makes that a failure.
 #![cfg(feature = "cuda")]
@@ -13,6 +13,8 @@ use sirius_offload::Error;
 
 /// Ampere (A100, RTX 30xx), Ada (RTX 40xx), Hopper.
 const ARCHS: [&str; 4] = ["sm_80", "sm_86", "sm_89", "sm_90"];
+/// Exact architectures of the CUBIN path (Ampere, Hopper).
+const CUBIN_ARCHS: [&str; 2] = ["sm_80", "sm_90"];
 const REQUIRE_ENV: &str = "SIRIUS_REQUIRE_NVRTC";
 
 /// The include directories to compile with, or None (after saying why) when NVRTC cannot
@@ -91,6 +93,60 @@ fn every_kernel_compiles_cleanly_for_every_arch() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// The CUBIN path (NVRTC a newer minor version than the driver, see `compat`): every kernel
+/// file compiles to machine code for the exact architecture, and its image names every
+/// kernel the backend looks up.
+#[test]
+fn every_kernel_compiles_to_a_cubin() {
+    let Some(dirs) = nvrtc_or_skip() else {
+        return;
+    };
+    let start = Instant::now();
+    let mut failures = Vec::new();
+    for kernel in KERNELS {
+        for arch in CUBIN_ARCHS {
+            let cubin = match nvrtc::compile_cubin(kernel, arch, &dirs) {
+                Ok(c) => c,
+                Err(e) => {
+                    failures.push(format!("{} for {arch}: {e}", kernel.file));
+                    continue;
+                }
+            };
+            if cubin.arch != arch || !cubin.cubin.starts_with(b"\x7fELF") {
+                failures.push(format!(
+                    "{} for {arch}: not an ELF image for {arch} (arch {})",
+                    kernel.file, cubin.arch
+                ));
+            }
+            let missing: Vec<&str> = kernel
+                .functions
+                .iter()
+                .copied()
+                .filter(|f| !cubin.has_entry(f))
+                .collect();
+            if !missing.is_empty() || cubin.has_entry("no_such_kernel") {
+                failures.push(format!(
+                    "{} for {arch}: the CUBIN lacks {missing:?}",
+                    kernel.file
+                ));
+            }
+            if !cubin.log.trim().is_empty() {
+                failures.push(format!(
+                    "{} for {arch}: NVRTC warnings:\n{}",
+                    kernel.file, cubin.log
+                ));
+            }
+        }
+    }
+    eprintln!(
+        "{} kernel files x {} CUBIN architectures in {:.1} s",
+        KERNELS.len(),
+        CUBIN_ARCHS.len(),
+        start.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 #[test]
 fn a_kernel_that_does_not_compile_returns_the_nvrtc_log() {
     let Some(dirs) = nvrtc_or_skip() else {
@@ -149,7 +205,10 @@ fn architectures_are_named_as_nvrtc_wants() {
     assert_eq!(nvrtc::virtual_arch("sm_80").unwrap(), "compute_80");
     assert_eq!(nvrtc::virtual_arch("89").unwrap(), "compute_89");
     assert_eq!(nvrtc::virtual_arch("compute_90a").unwrap(), "compute_90a");
+    assert_eq!(nvrtc::exact_arch("compute_80").unwrap(), "sm_80");
+    assert_eq!(nvrtc::exact_arch("90a").unwrap(), "sm_90a");
     for bad in ["", "sm_", "sm_8", "gfx90a", "sm_80x"] {
         assert!(nvrtc::virtual_arch(bad).is_err(), "{bad:?}");
+        assert!(nvrtc::exact_arch(bad).is_err(), "{bad:?}");
     }
 }

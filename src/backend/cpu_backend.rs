@@ -94,6 +94,11 @@ impl Backend for CpuBackend {
         )))
     }
 
+    /// On the host already: picked in place, without the default's copy.
+    fn argmax_rows(&self, x: &Vec<f32>, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        super::argmax::argmax_of_rows(x, rows, cols)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }

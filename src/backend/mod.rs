@@ -8,6 +8,7 @@
 //! them wherever its compute happens (host memory, device memory). Backends know tensors
 //! only: no model, config, request or placement.
 
+pub mod argmax;
 pub(crate) mod checks;
 pub mod cpu;
 mod cpu_backend;
@@ -19,6 +20,7 @@ pub mod neurons;
 pub mod offload;
 pub mod rope;
 
+pub use argmax::argmax;
 pub use cpu_backend::{CpuBackend, CpuMatrix};
 pub use cpu_kv::CpuKv;
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
@@ -81,6 +83,20 @@ pub trait Backend {
     fn upload(&self, data: &[f32]) -> Result<Self::Buf>;
     /// Reads `out.len()` floats starting at `offset` back to the host.
     fn read(&self, buf: &Self::Buf, offset: usize, out: &mut [f32]) -> Result<()>;
+    /// The greedy token of each of the first `rows` rows of `cols` logits in `x`, by the one
+    /// rule of [`argmax()`] (first maximum, NaN never wins, 0 with nothing above -inf). A
+    /// backend whose buffers are on a device picks them there, so only `rows` ids come back
+    /// instead of `rows * cols` floats; this default reads the rows back and picks on the host.
+    fn argmax_rows(&self, x: &Self::Buf, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        let len = rows.checked_mul(cols).ok_or_else(|| {
+            crate::error::Error::InvalidArgument(format!(
+                "argmax_rows: {rows} rows of {cols} values overflow"
+            ))
+        })?;
+        let mut host = vec![0.0f32; len];
+        self.read(x, 0, &mut host)?;
+        argmax::argmax_of_rows(&host, rows, cols)
+    }
     /// Makes a 2-D checkpoint tensor usable as a matrix.
     fn matrix(&self, tensor: &TensorRef) -> Result<Self::Matrix>;
 

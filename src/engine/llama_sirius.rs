@@ -128,7 +128,15 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
         let logits = prefill_chunks(prompt, chunk, progress, &mut |piece, want| {
             let ffn = request.prefill_ffn();
             let batch = Batch::new(PassKind::Full, piece, None, want);
-            run_pass(model, &mut *weights, cache, &mut scratch, batch, ffn)
+            run_pass(
+                model,
+                &mut *weights,
+                cache,
+                &mut scratch,
+                batch,
+                ffn,
+                Llama::forward,
+            )
         })?;
         let t = Instant::now();
         self.weights
@@ -154,23 +162,39 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
         self.weights.report(aal, period, ms_per_token)
     }
 
-    /// A draft pass (the sparse FFN; one token, or the newest nodes of a tree).
-    fn draft_pass(
+    /// A draft pass (the sparse FFN; one token, or the newest nodes of a tree), its output
+    /// what `forward` makes of it (logits, or their argmax).
+    fn draft_pass<T: Default>(
         &mut self,
         tokens: &[u32],
         tree: Option<&TreeMask>,
         logits: Logits,
-    ) -> Result<Vec<f32>> {
+        forward: impl Forward<B, T>,
+    ) -> Result<T> {
         let ffn = self.request.batch_ffn(tree.is_some())?;
         let batch = Batch::new(PassKind::Draft, tokens, tree, logits);
         let (model, cache, scratch) = (self.model, &mut self.cache, &mut self.draft_scratch);
-        let out = run_pass(model, &mut self.weights, cache, scratch, batch, ffn)?;
+        let out = run_pass(
+            model,
+            &mut self.weights,
+            cache,
+            scratch,
+            batch,
+            ffn,
+            forward,
+        )?;
         self.request.count_decode(tokens.len());
         Ok(out)
     }
 
-    /// A full pass over a window or tree (the dense FFN, or resident + streamed neurons).
-    fn full_pass(&mut self, tokens: &[u32], tree: Option<&TreeMask>) -> Result<Vec<Vec<f32>>> {
+    /// A full pass over a window or tree (the dense FFN, or resident + streamed neurons),
+    /// every row's logits asked for, its output what `forward` makes of them.
+    fn full_pass<T: Default>(
+        &mut self,
+        tokens: &[u32],
+        tree: Option<&TreeMask>,
+        forward: impl Forward<B, T>,
+    ) -> Result<T> {
         let mut dense = Dense;
         let mut split;
         let ffn: &mut dyn FfnStrategy<B> = match W::SPLIT_FULL_PASSES {
@@ -187,10 +211,34 @@ impl<'m, B: SparseOps, W: Residency<B>> LlamaSirius<'m, B, W> {
         };
         let batch = Batch::new(PassKind::Full, tokens, tree, Logits::All);
         let (model, cache, scratch) = (self.model, &mut self.cache, &mut self.verify_scratch);
-        let all = run_pass(model, &mut self.weights, cache, scratch, batch, ffn)?;
-        let vocab = self.model.config.vocab_size;
-        Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        run_pass(
+            model,
+            &mut self.weights,
+            cache,
+            scratch,
+            batch,
+            ffn,
+            forward,
+        )
     }
+
+    /// `[rows, vocab]` logits as one vector per row.
+    fn split_rows(&self, all: Vec<f32>) -> Vec<Vec<f32>> {
+        let vocab = self.model.config.vocab_size.max(1);
+        all.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+    }
+}
+
+/// What a pass returns, made from the forward: `Llama::forward` (the logits) or
+/// `Llama::forward_argmax` (each row's greedy token, picked by the backend).
+trait Forward<B: SparseOps, T>:
+    FnOnce(&Llama<B>, Pass<'_, B>, &mut KvCache<B>, &mut Scratch<B>) -> Result<T>
+{
+}
+
+impl<B: SparseOps, T, F> Forward<B, T> for F where
+    F: FnOnce(&Llama<B>, Pass<'_, B>, &mut KvCache<B>, &mut Scratch<B>) -> Result<T>
+{
 }
 
 /// What one pass runs over.
@@ -214,16 +262,17 @@ impl<'a> Batch<'a> {
 
 /// One forward of `batch` through `ffn`, streaming through `weights` where they say so; a
 /// pass that fails midway leaves nothing queued.
-fn run_pass<B: SparseOps, W: Residency<B>>(
+fn run_pass<B: SparseOps, W: Residency<B>, T: Default>(
     model: &Llama<B>,
     weights: &mut W,
     cache: &mut KvCache<B>,
     scratch: &mut Scratch<B>,
     batch: Batch<'_>,
     ffn: &mut dyn FfnStrategy<B>,
-) -> Result<Vec<f32>> {
+    forward: impl Forward<B, T>,
+) -> Result<T> {
     if batch.tokens.is_empty() {
-        return Ok(Vec::new());
+        return Ok(T::default());
     }
     weights.begin_pass(batch.kind)?;
     let mut pass = Pass::new(batch.tokens, batch.logits, ffn);
@@ -233,7 +282,7 @@ fn run_pass<B: SparseOps, W: Residency<B>>(
     if let Some(stream) = weights.stream() {
         pass = pass.streamed(stream);
     }
-    let out = model.forward(pass, cache, scratch);
+    let out = forward(model, pass, cache, scratch);
     if out.is_err() {
         weights.abandon();
     }
@@ -255,21 +304,39 @@ impl<B: SparseOps, W: Residency<B>> SiriusModel for LlamaSirius<'_, B, W> {
     }
 
     fn draft(&mut self, token: u32) -> Result<Vec<f32>> {
-        self.draft_pass(std::slice::from_ref(&token), None, Logits::Last)
+        self.draft_pass(
+            std::slice::from_ref(&token),
+            None,
+            Logits::Last,
+            Llama::forward,
+        )
     }
 
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        self.full_pass(tokens, None)
+        let all = self.full_pass(tokens, None, Llama::forward)?;
+        Ok(self.split_rows(all))
+    }
+
+    fn draft_argmax(&mut self, token: u32) -> Result<u32> {
+        let one = std::slice::from_ref(&token);
+        let ids = self.draft_pass(one, None, Logits::Last, Llama::forward_argmax)?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| Error::InvalidArgument("a draft pass returned no token".into()))
+    }
+
+    fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
+        self.full_pass(tokens, None, Llama::forward_argmax)
     }
 
     fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
-        let all = self.draft_pass(tokens, Some(mask), Logits::All)?;
-        let vocab = self.model.config.vocab_size;
-        Ok(all.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        let all = self.draft_pass(tokens, Some(mask), Logits::All, Llama::forward)?;
+        Ok(self.split_rows(all))
     }
 
     fn verify_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
-        self.full_pass(tokens, Some(mask))
+        let all = self.full_pass(tokens, Some(mask), Llama::forward)?;
+        Ok(self.split_rows(all))
     }
 
     fn keep_rows(&mut self, start: usize, rows: &[usize]) -> Result<()> {

@@ -7,7 +7,7 @@ use crate::backend::{Backend, SparseOps};
 use crate::engine::decode::{Decoded, Decoder, Prefilled, Request, RequestReport};
 use crate::engine::prefill::{chunk_len, prefill_chunks};
 use crate::engine::prefix::PromptPrefix;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{KvCache, Llama, Logits, Pass, Sampler, SamplingParams, Scratch};
 use crate::sparsity::SparseRequest;
 
@@ -66,11 +66,20 @@ impl<B: SparseOps> Decoder for PlainRequest<'_, B> {
             Logits::Last,
             self.sparse.decode_ffn()?,
         );
-        let logits = self
-            .model
-            .forward(pass, &mut self.cache, &mut self.scratch)?;
+        // Greedy: the backend picks the token where the logits are (no vocab-row readback).
+        let token = if self.sampler.is_greedy() {
+            let ids = self
+                .model
+                .forward_argmax(pass, &mut self.cache, &mut self.scratch)?;
+            ids.first().copied().ok_or_else(no_logits)?
+        } else {
+            let logits = self
+                .model
+                .forward(pass, &mut self.cache, &mut self.scratch)?;
+            self.sampler.sample(&logits)
+        };
         self.sparse.count_decode(1);
-        Ok(vec![self.sampler.sample(&logits)])
+        Ok(vec![token])
     }
 }
 
@@ -98,4 +107,8 @@ impl<B: SparseOps> Request for PlainRequest<'_, B> {
             offload: None,
         })
     }
+}
+
+fn no_logits() -> Error {
+    Error::InvalidArgument("a decode step's forward returned no logits".into())
 }

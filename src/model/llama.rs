@@ -215,6 +215,37 @@ impl<B: Backend> Llama<B> {
         cache: &mut KvCache<B>,
         s: &mut Scratch<B>,
     ) -> Result<Vec<f32>> {
+        let rows = self.forward_to_logits(pass, cache, s)?;
+        let mut out = vec![0.0f32; rows * self.config.vocab_size];
+        self.backend.read(&s.logits, 0, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Llama::forward`], but returns the greedy token (the argmax) of each requested
+    /// row, picked by the backend where the logits are: a GPU sends back one id per row
+    /// instead of `vocab` floats. The same tokens as `argmax` over `forward`'s rows.
+    pub fn forward_argmax(
+        &self,
+        pass: Pass<'_, B>,
+        cache: &mut KvCache<B>,
+        s: &mut Scratch<B>,
+    ) -> Result<Vec<u32>> {
+        let rows = self.forward_to_logits(pass, cache, s)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.backend
+            .argmax_rows(&s.logits, rows, self.config.vocab_size)
+    }
+
+    /// The forward itself: leaves the requested rows' logits in `s.logits` (rows 0..) and
+    /// returns how many rows that is (0 for none).
+    fn forward_to_logits(
+        &self,
+        pass: Pass<'_, B>,
+        cache: &mut KvCache<B>,
+        s: &mut Scratch<B>,
+    ) -> Result<usize> {
         let Pass {
             tokens,
             tree,
@@ -224,7 +255,7 @@ impl<B: Backend> Llama<B> {
         } = pass;
         let n = tokens.len();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         if n > s.max_tokens {
             return Err(Error::InvalidArgument(format!(
@@ -253,7 +284,7 @@ impl<B: Backend> Llama<B> {
         }
         cache.advance(n);
         let (first_row, rows) = match logits {
-            Logits::None => return Ok(Vec::new()),
+            Logits::None => return Ok(0),
             Logits::Last => (n - 1, 1),
             Logits::All => (0, n),
         };
@@ -269,9 +300,7 @@ impl<B: Backend> Llama<B> {
         // One token's next pick (decode, a chain's draft) needs only its maximum exact.
         let only_max = matches!(logits, Logits::Last);
         b.logits_matmul(head, &s.xn, rows, &mut s.logits, only_max)?;
-        let mut out = vec![0.0f32; rows * c.vocab_size];
-        b.read(&s.logits, 0, &mut out)?;
-        Ok(out)
+        Ok(rows)
     }
 
     /// x += Wo · attention(rope(Wq·norm(x)), cache ∪ rope(Wk·norm(x)), cache ∪ Wv·norm(x))

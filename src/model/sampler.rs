@@ -3,6 +3,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// The greedy rule lives with the backends, which pick greedy tokens where the logits are
+/// (`Backend::argmax_rows`); this is the same function.
+pub use crate::backend::argmax::argmax;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
@@ -60,10 +63,17 @@ impl Sampler {
         })
     }
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Whether every pick is the argmax of the logits (temperature 0, or a top-k of 1): the
+    /// caller may then ask the backend for the argmax instead of reading the logits.
+    pub fn is_greedy(&self) -> bool {
         let p = self.params;
         // Below ~1e-6 dividing by T overflows to inf; such a temperature means greedy anyway.
-        if p.temperature < 1e-6 || p.top_k == 1 {
+        p.temperature < 1e-6 || p.top_k == 1
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = self.params;
+        if self.is_greedy() {
             return argmax(logits);
         }
         let max = logits
@@ -124,19 +134,6 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit (first one on ties); NaN never wins.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_value {
-            best = i;
-            best_value = l;
-        }
-    }
-    best as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,7 +150,11 @@ mod tests {
     #[test]
     fn greedy_takes_argmax() {
         let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert!(s.is_greedy());
         assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9]), 1);
+        assert!(Sampler::new(params(1e-7, 0, 1.0, 0)).unwrap().is_greedy());
+        assert!(Sampler::new(params(0.8, 1, 1.0, 0)).unwrap().is_greedy());
+        assert!(!Sampler::new(params(0.8, 0, 1.0, 0)).unwrap().is_greedy());
     }
 
     #[test]
@@ -230,5 +231,48 @@ mod tests {
             ..SamplingParams::greedy()
         })
         .is_err());
+    }
+
+    /// Rows of logits with ties, NaN, -inf and all-NaN / all -inf rows (`[rows, vocab]`).
+    fn awkward_rows(vocab: usize) -> Vec<f32> {
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let ramp = |i: usize| ((i * 37) % 101) as f32 * 0.25 - 9.0;
+        let mut tie = (0..vocab).map(ramp).collect::<Vec<_>>();
+        (tie[3], tie[vocab - 2]) = (1e3, 1e3);
+        rows.push(tie);
+        let mut nan = (0..vocab).map(ramp).collect::<Vec<_>>();
+        (nan[0], nan[7], nan[vocab - 1]) = (f32::NAN, f32::NAN, 2e3);
+        rows.push(nan);
+        rows.push(vec![f32::NEG_INFINITY; vocab]);
+        rows.push(vec![f32::NAN; vocab]);
+        let mut one = vec![f32::NEG_INFINITY; vocab];
+        one[vocab / 2] = -1e30;
+        rows.push(one);
+        let mut inf = (0..vocab).map(ramp).collect::<Vec<_>>();
+        (inf[5], inf[9]) = (f32::INFINITY, f32::INFINITY);
+        rows.push(inf);
+        rows.concat()
+    }
+
+    /// The backend's greedy pick (what the engine's greedy path uses) is the sampler's.
+    #[test]
+    fn backend_argmax_rows_equal_the_samplers_argmax() {
+        use crate::backend::{Backend, CpuBackend};
+        let b = CpuBackend::new(1);
+        let vocab = 50;
+        let x = awkward_rows(vocab);
+        let rows = x.len() / vocab;
+        let want: Vec<u32> = x.chunks_exact(vocab).map(argmax).collect();
+        assert_eq!(want, vec![3, 49, 0, 0, 25, 5]);
+        // A buffer larger than the rows asked for (scratch is): the rest is not read.
+        let mut buf = x.clone();
+        buf.extend([f32::NAN; 50]);
+        assert_eq!(b.argmax_rows(&buf, rows, vocab).unwrap(), want);
+        let mut greedy = Sampler::new(SamplingParams::greedy()).unwrap();
+        for (row, &id) in x.chunks_exact(vocab).zip(&want) {
+            assert_eq!(greedy.sample(row), id);
+        }
+        assert!(b.argmax_rows(&x, rows + 2, vocab).is_err());
+        assert_eq!(b.argmax_rows(&x, 0, vocab).unwrap(), Vec::<u32>::new());
     }
 }

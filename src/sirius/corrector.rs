@@ -147,25 +147,48 @@ fn chain_window(
     let mut window = vec![x0];
     let t = Instant::now();
     for _ in 1..k {
-        let logits = model.draft(*window.last().unwrap_or(&x0))?;
-        window.push(argmax(&logits));
+        // A greedy draft needs only the argmax (picked where the logits are).
+        let next = model.draft_argmax(*window.last().unwrap_or(&x0))?;
+        window.push(next);
     }
     stats.draft_seconds += t.elapsed().as_secs_f64();
     stats.drafted += k - 1;
     // Verify: the full model rewrites the window's K/V entries.
     model.truncate(start)?;
     let t = Instant::now();
-    let z = model.verify(&window)?;
+    let (n, next) = verify_chain(model, &window, opts)?;
     stats.verify_seconds += t.elapsed().as_secs_f64();
-    check_rows(&z, window.len())?;
     stats.verifications += 1;
-    let n = accepted_prefix(&window, |i| &z[i], opts);
     // Keep x0, d1..dn; the full model's token after them starts the next window.
     model.truncate(start + n + 1)?;
     stats.rollback_tokens += k - 1 - n;
     stats.advanced += n + 1;
     Ok(Verdict {
         accepted: window[1..=n].to_vec(),
-        next: argmax(&z[n]),
+        next,
     })
+}
+
+/// The full pass over a chain window: how many drafts it accepts and its token after them.
+/// Without drafts (K = 1) that token is all it decides, so only the argmax is asked for;
+/// acceptance needs probabilities, hence the logits.
+fn verify_chain(
+    model: &mut dyn SiriusModel,
+    window: &[u32],
+    opts: &SiriusConfig,
+) -> Result<(usize, u32)> {
+    if window.len() == 1 {
+        let ids = model.verify_argmax(window)?;
+        if ids.len() != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "verify returned {} rows for 1 token",
+                ids.len()
+            )));
+        }
+        return Ok((0, ids[0]));
+    }
+    let z = model.verify(window)?;
+    check_rows(&z, window.len())?;
+    let n = accepted_prefix(window, |i| &z[i], opts);
+    Ok((n, argmax(&z[n])))
 }

@@ -2,6 +2,7 @@
 //! acceptance rule, and what a verification decides.
 
 use crate::error::{Error, Result};
+use crate::model::sampler::argmax;
 use crate::sirius::config::SiriusConfig;
 use crate::tensor::TreeMask;
 
@@ -19,6 +20,19 @@ pub trait SiriusModel {
     /// Full model: appends `tokens` to the cache in one pass (writing its own K/V), returns
     /// the logits after each of them.
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+
+    // ---- Greedy picks: where a decision needs only the argmax, a model may pick it where
+    // its logits are (on a GPU) instead of reading them back. Each must equal `argmax` of
+    // the logits the call above would return. ----
+
+    /// As [`SiriusModel::draft`], returning the argmax of the logits.
+    fn draft_argmax(&mut self, token: u32) -> Result<u32> {
+        Ok(argmax(&self.draft(token)?))
+    }
+    /// As [`SiriusModel::verify`], returning the argmax of each row.
+    fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
+        Ok(self.verify(tokens)?.iter().map(|z| argmax(z)).collect())
+    }
 
     // ---- Trees (width > 1); a model without them refuses --width > 1. ----
 
@@ -58,6 +72,12 @@ impl<M: SiriusModel + ?Sized> SiriusModel for &mut M {
     }
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         (**self).verify(tokens)
+    }
+    fn draft_argmax(&mut self, token: u32) -> Result<u32> {
+        (**self).draft_argmax(token)
+    }
+    fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
+        (**self).verify_argmax(tokens)
     }
     fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
         (**self).draft_tree(tokens, mask)

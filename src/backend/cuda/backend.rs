@@ -2,7 +2,8 @@
 //! (so they run in call order without host waits; `read` waits). Weights live in device
 //! memory in their checkpoint dtype; activations are f32 device buffers. The kernels come
 //! from kernels/*.cu, compiled by NVRTC for the device's architecture on first use (once
-//! per process) and loaded into the device's context per backend.
+//! per process; PTX, or a CUBIN where NVRTC is newer than the driver, see `compat`) and
+//! loaded into the device's context per backend.
 //!
 //! Unverified: written on a machine without a GPU; it compiles against cudarc 0.19 and
 //! follows each kernel's launch contract (the comment at the top of its file). The GPU
@@ -11,11 +12,11 @@
 use std::sync::{Arc, Mutex};
 
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
-use super::context::{kernels_ptx, Ctx};
+use super::context::{kernel_code, Ctx};
 use super::ops_basic::{self as basic, RopeCache};
 use super::ops_kv::{self as kv, CudaKv};
 use super::ops_matmul::{GemmPrecision, Matmul};
-use super::{device, ops_attention as attn, ops_ffn as ffn};
+use super::{device, ops_attention as attn, ops_ffn as ffn, ops_sampling};
 use crate::backend::checks;
 use crate::backend::{
     AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
@@ -50,8 +51,8 @@ impl CudaBackend {
     /// As [`CudaBackend::new`] with an explicit GEMM precision (no environment read).
     pub fn with_gemm(ordinal: usize, precision: GemmPrecision) -> Result<CudaBackend> {
         let device = Arc::new(device::open(ordinal)?);
-        let ptx = kernels_ptx(&device.arch())?;
-        let ctx = Arc::new(Ctx::new(device, &ptx)?);
+        let code = kernel_code(&device)?;
+        let ctx = Arc::new(Ctx::new(device, &code)?);
         let matmul = Matmul::new(&ctx, precision);
         Ok(CudaBackend {
             ctx,
@@ -270,6 +271,11 @@ impl Backend for CudaBackend {
 
     fn read(&self, buf: &CudaBuf, offset: usize, out: &mut [f32]) -> Result<()> {
         basic::read(&self.ctx, buf, offset, out)
+    }
+
+    /// On the device (kernels/sampling.cu): `rows` ids come back, not `rows * cols` logits.
+    fn argmax_rows(&self, x: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
+        ops_sampling::argmax_rows(&self.ctx, x, rows, cols)
     }
 }
 

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
+use super::compat;
 use super::device::{panic_message, CudaDevice};
 use super::kernels::KERNELS;
 use super::memory::Stream;
-use super::nvrtc::{self, Ptx};
+use super::nvrtc::{self, Compiled};
 use crate::error::{Error, Result};
 
 /// An error of a CUDA library as cudarc returns it: the library's name (for a cudarc panic)
@@ -65,38 +66,45 @@ pub(crate) fn to_u32(op: &str, what: &str, v: usize) -> Result<u32> {
     })
 }
 
-/// PTX of every kernel file, per virtual architecture, compiled once per process (NVRTC
-/// takes seconds; loading PTX into a context is cheap and is done per backend, since
-/// modules belong to a context).
-static PTX_CACHE: Mutex<Vec<(String, Arc<Vec<Ptx>>)>> = Mutex::new(Vec::new());
+/// Every kernel file compiled, per target architecture ("compute_90" for PTX, "sm_90" for a
+/// CUBIN), once per process (NVRTC takes seconds; loading code into a context is cheap and
+/// is done per backend, since modules belong to a context).
+static CODE_CACHE: Mutex<Vec<(String, Arc<Vec<Compiled>>)>> = Mutex::new(Vec::new());
 
-/// The compiled kernels for `arch` ("compute_90"), from the cache or NVRTC.
-pub(crate) fn kernels_ptx(arch: &str) -> Result<Arc<Vec<Ptx>>> {
-    // Held across the compile, so concurrent first users compile once.
-    let mut cache = PTX_CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, ptx)) = cache.iter().find(|(a, _)| a == arch) {
-        return Ok(ptx.clone());
-    }
-    let dirs = nvrtc::cuda_include_dirs();
-    let why = |e: Error| match e {
-        Error::Cuda(msg) => Error::Cuda(format!("compiling the CUDA kernels for {arch}: {msg}")),
+/// The compiled kernels for `device`, from the cache or NVRTC: PTX, or a CUBIN where NVRTC is
+/// a newer minor version than the driver ([`compat::code_kind`], which also refuses an NVRTC
+/// of a newer major).
+pub(crate) fn kernel_code(device: &CudaDevice) -> Result<Arc<Vec<Compiled>>> {
+    let why = |what: &str, e: Error| match e {
+        Error::Cuda(msg) => Error::Cuda(format!("compiling the CUDA kernels for {what}: {msg}")),
         other => other,
     };
-    nvrtc::ensure_nvrtc().map_err(why)?;
-    nvrtc::check_headers(&dirs).map_err(why)?;
+    let (major, minor) = nvrtc::version().map_err(|e| why(&device.name, e))?;
+    let nvrtc_version = (major.max(0) as u32, minor.max(0) as u32);
+    let kind = compat::code_kind(nvrtc_version, device.driver_version)
+        .map_err(|e| why(&device.name, e))?;
+    let arch = compat::target_arch(kind, device.compute_capability);
+    // Held across the compile, so concurrent first users compile once.
+    let mut cache = CODE_CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, code)) = cache.iter().find(|(a, _)| *a == arch) {
+        return Ok(code.clone());
+    }
+    let dirs = nvrtc::cuda_include_dirs();
+    nvrtc::check_headers(&dirs).map_err(|e| why(&arch, e))?;
     let mut all = Vec::with_capacity(KERNELS.len());
     for k in KERNELS {
-        let ptx = nvrtc::compile(k, arch, &dirs).map_err(why)?;
-        if let Some(missing) = k.functions.iter().find(|f| !ptx.has_entry(f)) {
+        let code = nvrtc::compile_for(k, kind, device.compute_capability, &dirs)
+            .map_err(|e| why(&arch, e))?;
+        if let Some(missing) = k.functions.iter().find(|f| !code.has_entry(f)) {
             return Err(Error::Cuda(format!(
                 "compiling the CUDA kernels for {arch}: {} has no kernel `{missing}`",
                 k.file
             )));
         }
-        all.push(ptx);
+        all.push(code);
     }
     let all = Arc::new(all);
-    cache.push((arch.to_string(), all.clone()));
+    cache.push((arch, all.clone()));
     Ok(all)
 }
 
@@ -151,9 +159,9 @@ unsafe impl Send for Ctx {}
 unsafe impl Sync for Ctx {}
 
 impl Ctx {
-    /// A context on `device` with its own non-blocking compute stream, the modules of `ptx`
-    /// loaded.
-    pub fn new(device: Arc<CudaDevice>, ptx: &[Ptx]) -> Result<Ctx> {
+    /// A context on `device` with its own non-blocking compute stream, the modules of `code`
+    /// (PTX or CUBINs, see [`kernel_code`]) loaded.
+    pub fn new(device: Arc<CudaDevice>, code: &[Compiled]) -> Result<Ctx> {
         const OP: &str = "CUDA backend";
         device.bind()?;
         let stream = Stream::new(&device)?;
@@ -181,11 +189,10 @@ impl Ctx {
             sms,
         };
         // Loaded into `ctx` one by one, so that its Drop unloads them should a later one fail.
-        for (src, p) in KERNELS.iter().zip(ptx) {
-            let image = CString::new(p.ptx.as_str()).map_err(|_| {
-                Error::Cuda(format!("{OP}: the PTX of {} contains a NUL byte", src.file))
-            })?;
-            // SAFETY: `image` is a NUL-terminated PTX string alive for the call.
+        for (src, c) in KERNELS.iter().zip(code) {
+            let image = c.image()?;
+            // SAFETY: `image` is a NUL-terminated PTX string or a whole CUBIN, alive for the
+            // call.
             let module = call(OP, &format!("cuModuleLoadData({})", src.file), || unsafe {
                 result::module::load_data(image.as_ptr() as *const c_void)
             })?;

@@ -1,6 +1,10 @@
 //! Opening a CUDA device: driver checks, device properties, the primary context, and the
 //! memory checks a `--gpu-mem` budget needs.
 //!
+//! Supported drivers: CUDA 12.4 and newer, 12.x and 13.x ([`MIN_DRIVER_VERSION`]). The kernels
+//! need an NVRTC no newer in major version than the driver (`compat`): NVRTC 12 for a 12.x
+//! driver, 12 or 13 for a 13.x one.
+//!
 //! cudarc loads libcuda with dlopen on first use and panics when the library or one of its
 //! symbols is missing (`sys::culib`, `sys::load`). So [`open`] first checks that the library
 //! loads, then asks its version through the one symbol every driver has (`cuDriverGetVersion`,
@@ -11,6 +15,7 @@
 
 use std::ffi::{c_char, c_int, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
 
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
@@ -19,16 +24,21 @@ use crate::error::{Error, Result};
 use crate::offload::budget::DRIVER_CONTEXT_BYTES;
 use crate::units::format_bytes;
 
-/// Oldest driver the kernels and cudarc's `cuda-13000` bindings support (CUDA 13.0, as
-/// `cuDriverGetVersion` reports it: 1000 * major + 10 * minor).
-pub const MIN_DRIVER_VERSION: i32 = 13000;
+/// Oldest driver this build supports: CUDA 12.4, as `cuDriverGetVersion` reports it
+/// (1000 * major + 10 * minor). Every driver call made (see REQUIRED_SYMBOLS) exists from
+/// CUDA 12.4 on with the signature cudarc's `cuda-13000` bindings declare; the one whose
+/// name those bindings moved to a newer form is called by hand ([`event_elapsed_ms`]). The
+/// bindings are `cuda-13000` rather than `cuda-12040` because cudarc only tries the
+/// `libnvrtc.so.N`/`libcublas.so.N` of its own major N and of 12 and below: a 13.x build
+/// finds the libraries of CUDA 12 and 13, a 12.x build those of 12 only.
+pub const MIN_DRIVER_VERSION: i32 = 12040;
 
 /// What `open` says on a machine without the driver library.
 pub const NO_DRIVER: &str =
     "no NVIDIA driver found (libcuda.so): this machine has no usable GPU; run with --device cpu";
 
-/// Driver symbols this module and `memory` call (cudarc's names, `_v2` included). Checked up
-/// front because cudarc panics on the first call of a missing one.
+/// Driver symbols this module and `memory` call (cudarc's names, `_v2` included; `a|b`: either
+/// will do). Checked up front because cudarc panics on the first call of a missing one.
 const REQUIRED_SYMBOLS: &[&str] = &[
     "cuInit",
     "cuDeviceGetCount",
@@ -53,7 +63,8 @@ const REQUIRED_SYMBOLS: &[&str] = &[
     "cuEventRecord",
     "cuEventSynchronize",
     "cuEventQuery",
-    "cuEventElapsedTime_v2",
+    // Either form (see `event_elapsed_ms`).
+    "cuEventElapsedTime_v2|cuEventElapsedTime",
     "cuEventDestroy_v2",
 ];
 
@@ -67,7 +78,7 @@ pub struct CudaDevice {
     pub total_memory: u64,
     /// Bytes free when the device was opened (other processes use the rest).
     pub free_memory: u64,
-    /// CUDA version the driver supports, e.g. (13, 0).
+    /// CUDA version the driver supports, e.g. (12, 4) or (13, 0).
     pub driver_version: (u32, u32),
     pub(crate) device: sys::CUdevice,
     pub(crate) context: sys::CUcontext,
@@ -134,7 +145,7 @@ fn split_version(v: c_int) -> (u32, u32) {
     (v / 1000, (v % 1000) / 10)
 }
 
-/// The one-line refusal of a driver older than CUDA 13.0, if `version` is one.
+/// The one-line refusal of a driver older than CUDA 12.4, if `version` is one.
 fn check_driver_version(version: (u32, u32)) -> Result<()> {
     let min = split_version(MIN_DRIVER_VERSION);
     if version >= min {
@@ -142,9 +153,45 @@ fn check_driver_version(version: (u32, u32)) -> Result<()> {
     }
     Err(Error::Cuda(format!(
         "the NVIDIA driver supports CUDA {}.{}, but this build needs CUDA {}.{} or newer: update \
-         the driver (R580 or newer) or run with --device cpu",
+         the driver (R550 or newer) or run with --device cpu",
         version.0, version.1, min.0, min.1
     )))
+}
+
+/// cuEventElapsedTime's signature, the same in its first form (every driver) and its `_v2`
+/// (CUDA 12.8 on).
+type ElapsedFn = unsafe extern "C" fn(*mut f32, sys::CUevent, sys::CUevent) -> sys::CUresult;
+
+/// Milliseconds between two recorded events. cudarc's `cuda-13000` bindings call only
+/// cuEventElapsedTime_v2, which drivers before 12.8 lack, so the symbol is looked up here:
+/// `_v2` where the driver has it, else the first form.
+///
+/// # Safety
+/// Both events must be live, made in the current context.
+pub(crate) unsafe fn event_elapsed_ms(
+    start: sys::CUevent,
+    end: sys::CUevent,
+) -> std::result::Result<f32, DriverError> {
+    static ELAPSED: OnceLock<Option<ElapsedFn>> = OnceLock::new();
+    let f = ELAPSED.get_or_init(|| {
+        // SAFETY: a device is open, so libcuda loads (`culib` does not panic); `get` only
+        // looks names up, and both names have the signature of ElapsedFn.
+        let lib = unsafe { sys::culib() };
+        ["cuEventElapsedTime_v2", "cuEventElapsedTime"]
+            .iter()
+            .find_map(|name| {
+                unsafe { lib.get::<ElapsedFn>(name.as_bytes()) }
+                    .ok()
+                    .map(|s| *s)
+            })
+    });
+    let Some(f) = f else {
+        return Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_FOUND));
+    };
+    let mut ms = 0.0f32;
+    // SAFETY: the caller's contract; `ms` is valid for a write.
+    unsafe { f(&mut ms, start, end) }.result()?;
+    Ok(ms)
 }
 
 /// Checks every symbol in REQUIRED_SYMBOLS before the first call that would load it.
@@ -155,13 +202,17 @@ fn check_symbols() -> Result<()> {
     let missing: Vec<&str> = REQUIRED_SYMBOLS
         .iter()
         .copied()
-        .filter(|name| unsafe { lib.get::<*const ()>(name.as_bytes()) }.is_err())
+        .filter(|names| {
+            !names
+                .split('|')
+                .any(|name| unsafe { lib.get::<*const ()>(name.as_bytes()) }.is_ok())
+        })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     Err(Error::Cuda(format!(
-        "the NVIDIA driver library lacks {}: update the driver (R580 or newer) or run with \
+        "the NVIDIA driver library lacks {}: update the driver (R550 or newer) or run with \
          --device cpu",
         missing.join(", ")
     )))
@@ -372,13 +423,18 @@ mod tests {
     fn versions_split_and_old_drivers_are_refused() {
         assert_eq!(split_version(13000), (13, 0));
         assert_eq!(split_version(12040), (12, 4));
-        assert!(check_driver_version((13, 0)).is_ok());
-        assert!(check_driver_version((13, 1)).is_ok());
-        let msg = check_driver_version((12, 8)).unwrap_err().to_string();
-        assert!(
-            msg.contains("CUDA 12.8") && msg.contains("--device cpu"),
-            "{msg}"
-        );
+        for ok in [(12, 4), (12, 8), (13, 0), (13, 1)] {
+            assert!(check_driver_version(ok).is_ok(), "{ok:?}");
+        }
+        for old in [(12, 3), (12, 0), (11, 8)] {
+            let msg = check_driver_version(old).unwrap_err().to_string();
+            let found = format!("supports CUDA {}.{},", old.0, old.1);
+            assert!(
+                msg.contains(&found) && msg.contains("CUDA 12.4 or newer"),
+                "{msg}"
+            );
+            assert!(msg.contains("--device cpu"), "{msg}");
+        }
     }
 
     #[test]

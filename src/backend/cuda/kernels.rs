@@ -125,4 +125,5 @@ pub const KERNELS: &[KernelSource] = &[
             "select_threshold_f32",
         ]
     ),
+    kernel!("sampling.cu", ["argmax_f32"]),
 ];

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
-use super::device::{driver_call, driver_error, guarded, CudaDevice};
+use super::device::{driver_call, driver_error, event_elapsed_ms, guarded, CudaDevice};
 use crate::error::{Error, Result};
 use crate::units::format_bytes;
 
@@ -253,7 +253,7 @@ impl Event {
     pub fn elapsed_ms(start: &Event, end: &Event) -> Result<f32> {
         // SAFETY: both events live until their drop.
         bound(&start.device, "cuEventElapsedTime", || unsafe {
-            result::event::elapsed(start.raw, end.raw)
+            event_elapsed_ms(start.raw, end.raw)
         })
     }
 

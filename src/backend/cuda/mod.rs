@@ -6,6 +6,7 @@
 
 mod backend;
 mod buffers;
+pub mod compat;
 mod context;
 pub mod copy_engine;
 pub mod device;
@@ -18,6 +19,7 @@ mod ops_basic;
 mod ops_ffn;
 mod ops_kv;
 mod ops_matmul;
+mod ops_sampling;
 mod windows;
 
 pub use backend::CudaBackend;

@@ -1,5 +1,12 @@
-//! Run-time compilation of the kernels with NVRTC, to PTX for a virtual architecture
-//! (`compute_XX`) that the driver then JIT-compiles for the device it loads the module on.
+//! Run-time compilation of the kernels with NVRTC: to PTX for a virtual architecture
+//! (`compute_XX`) that the driver then JIT-compiles for the device it loads the module on, or,
+//! when NVRTC is a newer minor version of the driver's CUDA major (whose PTX the driver cannot
+//! JIT), to a CUBIN for the device's exact `sm_XX` ([`super::compat`] decides; an NVRTC of a
+//! newer major than the driver is refused with what to install).
+//!
+//! cudarc (built with its `cuda-13000` bindings) tries libnvrtc.so, libnvrtc.so.13, then
+//! libnvrtc.so.12: NVRTC 12 and 13 both load. With both on the library path the 13 one wins,
+//! which a CUDA 12 driver cannot use (the error says so).
 //!
 //! cudarc loads libnvrtc with dlopen on first use and panics when it is missing, so every
 //! entry point here checks for the library first and returns [`Error::Cuda`] with what to
@@ -11,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use cudarc::nvrtc::{result, sys};
 
+use super::compat::{target_arch, CodeKind};
 use super::kernels::{KernelSource, COMMON_HEADER, COMMON_HEADER_NAME};
 use crate::error::{Error, Result};
 
@@ -19,10 +27,13 @@ use crate::error::{Error, Result};
 pub const INCLUDE_DIR_ENV: &str = "CUDA_INCLUDE_DIR";
 /// The header whose presence marks a usable include directory.
 const MARKER_HEADER: &str = "cuda_bf16.h";
-const NVRTC_HINT: &str =
-    "install nvidia-cuda-nvrtc==13.0.88 (pip) and put its lib dir on LD_LIBRARY_PATH";
-const HEADER_HINT: &str = "install nvidia-cuda-runtime==13.0.96 (pip) and set CUDA_INCLUDE_DIR \
-     to its include dir (site-packages/nvidia/cu13/include), or point it at a CUDA toolkit's";
+const NVRTC_HINT: &str = "install the NVRTC of your driver's CUDA major version (pip: \
+     nvidia-cuda-nvrtc==13.0.88 for a CUDA 13 driver, nvidia-cuda-nvrtc-cu12 for a CUDA 12 \
+     one) and put its lib dir on LD_LIBRARY_PATH";
+const HEADER_HINT: &str = "install the CUDA headers of NVRTC's version (pip: \
+     nvidia-cuda-runtime==13.0.96, include dir site-packages/nvidia/cu13/include; for CUDA 12 \
+     nvidia-cuda-runtime-cu12, site-packages/nvidia/cuda_runtime/include) and set \
+     CUDA_INCLUDE_DIR to it, or point it at a CUDA toolkit's";
 
 /// PTX of one kernel file for one architecture.
 #[derive(Debug, Clone)]
@@ -52,6 +63,63 @@ impl Ptx {
     /// The PTX in the form cudarc's module loader takes.
     pub fn to_cudarc(&self) -> cudarc::nvrtc::Ptx {
         cudarc::nvrtc::Ptx::from_src(self.ptx.clone())
+    }
+}
+
+/// A CUBIN of one kernel file for one exact architecture.
+#[derive(Debug, Clone)]
+pub struct Cubin {
+    pub file: &'static str,
+    /// The architecture compiled for, e.g. "sm_80".
+    pub arch: String,
+    /// The ELF image the driver loads.
+    pub cubin: Vec<u8>,
+    /// NVRTC's messages (warnings); empty for a clean compile.
+    pub log: String,
+}
+
+impl Cubin {
+    /// Whether the image names the kernel `name`: its ELF string table holds each kernel's
+    /// symbol as a NUL-delimited string (a check of the compile, not a full ELF parse).
+    pub fn has_entry(&self, name: &str) -> bool {
+        let mut needle = Vec::with_capacity(name.len() + 2);
+        needle.push(0);
+        needle.extend_from_slice(name.as_bytes());
+        needle.push(0);
+        self.cubin.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+/// One kernel file compiled for one device: PTX or a CUBIN, as [`super::compat`] decides.
+#[derive(Debug, Clone)]
+pub enum Compiled {
+    Ptx(Ptx),
+    Cubin(Cubin),
+}
+
+impl Compiled {
+    pub fn file(&self) -> &'static str {
+        match self {
+            Compiled::Ptx(p) => p.file,
+            Compiled::Cubin(c) => c.file,
+        }
+    }
+
+    pub fn has_entry(&self, name: &str) -> bool {
+        match self {
+            Compiled::Ptx(p) => p.has_entry(name),
+            Compiled::Cubin(c) => c.has_entry(name),
+        }
+    }
+
+    /// The image as cuModuleLoadData takes it: PTX NUL-terminated, a CUBIN as is.
+    pub fn image(&self) -> Result<Vec<u8>> {
+        match self {
+            Compiled::Ptx(p) => CString::new(p.ptx.as_str())
+                .map(CString::into_bytes_with_nul)
+                .map_err(|_| Error::Cuda(format!("the PTX of {} contains a NUL byte", p.file))),
+            Compiled::Cubin(c) => Ok(c.cubin.clone()),
+        }
     }
 }
 
@@ -143,6 +211,16 @@ pub fn check_headers(include_dirs: &[PathBuf]) -> Result<()> {
 /// The virtual architecture for `arch` given as "sm_80", "compute_80" or "80" (suffixes
 /// such as "90a" kept).
 pub fn virtual_arch(arch: &str) -> Result<String> {
+    Ok(format!("compute_{}", arch_digits(arch)?))
+}
+
+/// The exact (real) architecture for `arch` given as "sm_80", "compute_80" or "80": "sm_80".
+pub fn exact_arch(arch: &str) -> Result<String> {
+    Ok(format!("sm_{}", arch_digits(arch)?))
+}
+
+/// "80" (or "90a") from "sm_80", "compute_80" or "80".
+fn arch_digits(arch: &str) -> Result<&str> {
     let digits = arch
         .strip_prefix("sm_")
         .or_else(|| arch.strip_prefix("compute_"))
@@ -154,7 +232,7 @@ pub fn virtual_arch(arch: &str) -> Result<String> {
             "GPU architecture {arch:?}: expected sm_XY, compute_XY or XY (e.g. sm_80)"
         )));
     }
-    Ok(format!("compute_{digits}"))
+    Ok(digits)
 }
 
 /// Checks that NVRTC can compile here at all: the library, the headers, and NVRTC's own
@@ -186,6 +264,57 @@ pub fn probe(include_dirs: &[PathBuf]) -> Result<(i32, i32)> {
 /// [`Error::Cuda`] carrying NVRTC's log.
 pub fn compile(src: &KernelSource, arch: &str, include_dirs: &[PathBuf]) -> Result<Ptx> {
     let arch = virtual_arch(arch)?;
+    let (program, log) = compile_program(src, &arch, include_dirs)?;
+    // SAFETY: `program` is live and compiled.
+    let ptx = unsafe { result::get_ptx(program.0) }
+        .map_err(|e| Error::Cuda(format!("nvrtcGetPTX({}): {e:?}", src.file)))?;
+    Ok(Ptx {
+        file: src.file,
+        arch,
+        ptx: c_chars_to_string(&ptx),
+        log,
+    })
+}
+
+/// Compiles one kernel file to a CUBIN for the exact architecture of `arch` ("sm_80",
+/// "compute_80" or "80" all give sm_80): what a driver older than NVRTC (same major) loads,
+/// see [`super::compat`]. Errors as [`compile`].
+pub fn compile_cubin(src: &KernelSource, arch: &str, include_dirs: &[PathBuf]) -> Result<Cubin> {
+    let arch = exact_arch(arch)?;
+    let (program, log) = compile_program(src, &arch, include_dirs)?;
+    let cubin = program
+        .cubin()
+        .map_err(|e| Error::Cuda(format!("nvrtcGetCUBIN({}): {e:?}", src.file)))?;
+    Ok(Cubin {
+        file: src.file,
+        arch,
+        cubin,
+        log,
+    })
+}
+
+/// Compiles one kernel file to the code `kind` asks for, for a device of compute capability
+/// `cc` (see [`super::compat::code_kind`]).
+pub fn compile_for(
+    src: &KernelSource,
+    kind: CodeKind,
+    cc: (u32, u32),
+    include_dirs: &[PathBuf],
+) -> Result<Compiled> {
+    let arch = target_arch(kind, cc);
+    Ok(match kind {
+        CodeKind::Ptx => Compiled::Ptx(compile(src, &arch, include_dirs)?),
+        CodeKind::Cubin => Compiled::Cubin(compile_cubin(src, &arch, include_dirs)?),
+    })
+}
+
+/// Runs NVRTC on `src` for `arch` (as NVRTC names it: "compute_80" gives PTX, "sm_80" a
+/// CUBIN too); returns the compiled program and its log.
+fn compile_program(
+    src: &KernelSource,
+    arch: &str,
+    include_dirs: &[PathBuf],
+) -> Result<(Program, String)> {
     ensure_nvrtc()?;
     check_headers(include_dirs)?;
     let cstr = |what: &str, s: &str| {
@@ -222,17 +351,9 @@ pub fn compile(src: &KernelSource, arch: &str, include_dirs: &[PathBuf]) -> Resu
     let status = unsafe { sys::nvrtcCompileProgram(program.0, n_options, option_ptrs.as_ptr()) };
     let log = program.log();
     if let Err(e) = status.result() {
-        return Err(Error::Cuda(compile_failure(src.file, &arch, e, &log)));
+        return Err(Error::Cuda(compile_failure(src.file, arch, e, &log)));
     }
-    // SAFETY: `program` is live and compiled.
-    let ptx = unsafe { result::get_ptx(program.0) }
-        .map_err(|e| Error::Cuda(format!("nvrtcGetPTX({}): {e:?}", src.file)))?;
-    Ok(Ptx {
-        file: src.file,
-        arch,
-        ptx: c_chars_to_string(&ptx),
-        log,
-    })
+    Ok((program, log))
 }
 
 /// The error message of a failed compile, with the fix for NVRTC's installation problems.
@@ -276,6 +397,17 @@ impl Program {
         }
         .result()?;
         Ok(Program(prog))
+    }
+
+    /// The CUBIN of a program compiled for an exact architecture (`sm_XX`).
+    fn cubin(&self) -> std::result::Result<Vec<u8>, result::NvrtcError> {
+        let mut size = 0usize;
+        // SAFETY: the program is live; `size` is valid for a write.
+        unsafe { sys::nvrtcGetCUBINSize(self.0, &mut size) }.result()?;
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` holds the `size` bytes NVRTC said it writes.
+        unsafe { sys::nvrtcGetCUBIN(self.0, cubin.as_mut_ptr() as *mut c_char) }.result()?;
+        Ok(cubin)
     }
 
     /// The compiler's log ("" if it cannot be read).

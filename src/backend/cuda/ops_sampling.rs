@@ -1,0 +1,44 @@
+//! Greedy token choice on the device (kernels/sampling.cu): the argmax of rows of logits, so
+//! a greedy step reads back one u32 per row instead of a row of `vocab` logits (49152 floats
+//! for SmolLM2, 128256 for Llama 3). It decides exactly as `backend::argmax` (the lowest
+//! index among equal maxima, NaN never wins, 0 for a row with nothing above -inf):
+//! tests/gpu_parity.rs, `argmax_rows_match`.
+
+use std::sync::Arc;
+
+use super::buffers::{CudaBuf, DevMem};
+use super::context::{to_u32, Ctx, KArgs};
+use super::ops_basic::need;
+use crate::error::{Error, Result};
+
+/// One block per row; 32 warps each stride over the row (the kernel's suggested size).
+const THREADS: u32 = 1024;
+
+/// The index of the largest of each of the first `n_rows` rows of `logits` (`[n_rows, vocab]`).
+pub(crate) fn argmax_rows(
+    ctx: &Arc<Ctx>,
+    logits: &CudaBuf,
+    n_rows: usize,
+    vocab: usize,
+) -> Result<Vec<u32>> {
+    const OP: &str = "argmax_rows";
+    if n_rows == 0 {
+        return Ok(Vec::new());
+    }
+    let len = n_rows.checked_mul(vocab).ok_or_else(|| {
+        Error::InvalidArgument(format!("{OP}: {n_rows} rows of {vocab} logits overflow"))
+    })?;
+    need(OP, "logits", logits, len)?;
+    let (rows32, vocab32) = (to_u32(OP, "rows", n_rows)?, to_u32(OP, "vocab", vocab)?);
+    let out = DevMem::new(ctx, OP, n_rows * 4)?;
+    let args = KArgs::new()
+        .ptr(logits.device_ptr())
+        .ptr(out.ptr())
+        .u32(rows32)
+        .u32(vocab32);
+    ctx.launch(OP, "argmax_f32", (rows32, 1, 1), THREADS, args)?;
+    let mut ids = vec![0u32; n_rows];
+    // dtoh waits for the kernel (stream order) and for the copy before `out` is freed.
+    ctx.dtoh(OP, &mut ids, out.ptr())?;
+    Ok(ids)
+}
