@@ -205,6 +205,14 @@ fn llama_3_70b_q4_in_24g_keeps_the_driver_and_margins_inside_the_budget() {
             let total: u64 = lines.iter().map(|l| l["bytes"].as_u64().unwrap()).sum();
             assert_eq!(total, plan["resident_bytes"].as_u64().unwrap(), "{weights}");
             assert!(total <= budget, "{weights}: {total} > {budget}");
+            // The host holds the 4-bit checkpoint once, pinned for DMA, within a 64 GB host.
+            let host = &plan["host"];
+            assert_eq!(host["bundle_cache_bytes"], 0, "{weights}");
+            let pinned = host["pinned_bytes"].as_u64().unwrap();
+            assert!(
+                pinned < 64_000_000_000 && pinned > 30_000_000_000,
+                "{weights}: {pinned}"
+            );
         }
     }
     // On the CPU there is no driver or allocator line.

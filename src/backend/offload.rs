@@ -36,6 +36,31 @@ pub struct ScratchShape {
     pub context: usize,
 }
 
+/// What a CUDA context with this project's kernels and cuBLAS loaded holds on the device
+/// (modules load lazily since CUDA 11.7; contexts measure 300-500 MiB on recent GPUs).
+pub const DRIVER_CONTEXT_BYTES: u64 = 512 << 20;
+
+/// cuBLAS's workspace as the budget assumes it (its default on recent GPUs is up to 32 MiB;
+/// the library does not report it).
+pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
+
+/// The CUDA backend's scratch for requests of `shape`: with the bf16 GEMM (`act16`, the
+/// default with cuBLAS) the activations converted to bf16 for `gemm_rows` rows of the widest
+/// matrix input (rounded up to a power of two: the buffer grows by doubling), cuBLAS's
+/// workspace, and the rope table (f32 cos/sin rows of `head_dim` for at least 1024
+/// positions, grown by doubling). The backend books exactly this.
+pub fn gpu_scratch_bytes(shape: &ScratchShape, act16: bool) -> u64 {
+    let act16_bytes = match act16 {
+        true => {
+            let bytes = (shape.gemm_rows as u64).saturating_mul(shape.widest_cols as u64 * 2);
+            bytes.checked_next_power_of_two().unwrap_or(bytes)
+        }
+        false => 0,
+    };
+    let rope = 2 * shape.context.max(1024) as u64 * shape.head_dim as u64 * 4;
+    act16_bytes + CUBLAS_WORKSPACE_BYTES + rope
+}
+
 /// A backend the offloading runtime can drive. Matrices must be cheap to clone (shared
 /// bytes): the runtime hands the same resident matrices to every request's Griffin FFN.
 pub trait OffloadBackend: SparseOps<Matrix: Clone> + Sized {

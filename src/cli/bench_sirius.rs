@@ -104,6 +104,7 @@ impl SweepPlan {
                 trace: false,
                 delay: None,
                 griffin_down: sparsity.griffin_down,
+                bundle_cache: None,
             },
             threads,
             keeps,

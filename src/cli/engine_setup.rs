@@ -246,6 +246,7 @@ impl<'a> EngineSetup<'a> {
             trace: o.trace.is_some(),
             delay: None,
             griffin_down: s.griffin_down,
+            bundle_cache: None,
         };
         Ok(Some((config, option)))
     }

@@ -20,7 +20,9 @@ use crate::model::ModelFiles;
 use crate::offload::budget::gpu_scratch_bytes;
 use crate::offload::cost::WayCost;
 use crate::offload::format::WeightFormat;
-use crate::offload::placement::{self, Every, LayerFormats, Plan, PlanInput, Residence};
+use crate::offload::placement::{
+    self, Every, HostFootprint, LayerFormats, Plan, PlanInput, Residence,
+};
 use crate::offload::runtime::{request_plan_input, scratch_shape, OffloadConfig, PlanTarget};
 use crate::sirius::SiriusConfig;
 use crate::tensor::KvDType;
@@ -214,6 +216,25 @@ fn run_plan_input(
             .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
         ..request_plan_input(&config, formats, &cfg, &shape, &target)
     })
+}
+
+/// The host's share: the mapped checkpoint, the bundle cache, what a GPU run pins.
+fn host_line(h: &HostFootprint) -> String {
+    let cache = match h.bundle_cache_bytes {
+        0 => String::new(),
+        b => format!(
+            " + FFN bundle cache {} (a file beside the model)",
+            format_bytes(b)
+        ),
+    };
+    let pinned = match h.pinned_bytes {
+        0 => "nothing pinned (the CPU reads the mappings in place)".to_string(),
+        b => format!("{} pinned for DMA, which must stay in RAM", format_bytes(b)),
+    };
+    format!(
+        "Host memory: checkpoint {} (memory-mapped){cache}; {pinned}.",
+        format_bytes(h.checkpoint_bytes)
+    )
 }
 
 pub fn plan(args: &PlanArgs) -> Result<()> {
@@ -432,6 +453,7 @@ fn plan_section(out: &mut String, p: &Plan) {
         format_bytes(p.streamed_bytes_per_verification),
         format_bytes(p.streamed_bytes_per_prefill),
     );
+    let _ = writeln!(out, "{}\n", host_line(&p.host));
     out.push_str(
         "| way | ms/token | tokens/s | streamed/token | draft pass ms | full pass ms |\n\
          |---|---:|---:|---:|---:|---:|\n",

@@ -181,6 +181,8 @@ impl<B: OffloadBackend> Engine<B> {
                     // One format for the compact down matrices, however the caller set it.
                     config: OffloadConfig {
                         griffin_down: s.griffin_down,
+                        // Float FFN bundles are cached beside the model, built once.
+                        bundle_cache: o.bundle_cache.clone().or(Some(path.to_path_buf())),
                         ..o.clone()
                     },
                     // The dense model resides as the smallest sparse set plus the rest (see

@@ -11,11 +11,9 @@
 
 use serde::Serialize;
 
-use crate::backend::offload::ScratchShape;
-
-/// What a CUDA context with this project's kernels and cuBLAS loaded holds on the device
-/// (modules load lazily since CUDA 11.7; contexts measure 300-500 MiB on recent GPUs).
-pub const DRIVER_CONTEXT_BYTES: u64 = 512 << 20;
+pub use crate::backend::offload::{
+    gpu_scratch_bytes, CUBLAS_WORKSPACE_BYTES, DRIVER_CONTEXT_BYTES,
+};
 
 /// The allocator margin's fixed part: per-op temporaries, what stream-ordered pools keep,
 /// cuBLAS's handles.
@@ -25,10 +23,6 @@ pub const ALLOCATOR_MARGIN_BASE: u64 = 256 << 20;
 /// allocations, each rounded up to whole 2 MiB pages (half a page lost on average; about 8
 /// allocations per layer: attention, compact FFN, complement, KV cache).
 pub const ALLOCATOR_MARGIN_PER_LAYER: u64 = 4 << 20;
-
-/// cuBLAS's workspace as the budget assumes it (its default on recent GPUs is up to 32 MiB;
-/// the library does not report it).
-pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
 
 /// The allocator margin of a device budget for a model of `layers` layers (576 MiB for
 /// Llama-3-70B's 80): fixed, not a share of the budget, so that a plan's minimum budget is
@@ -79,23 +73,6 @@ impl Reserves {
 pub const BACKEND_SCRATCH: &str = "backend scratch";
 pub const DRIVER_CONTEXT: &str = "driver context";
 pub const ALLOCATOR_MARGIN: &str = "allocator margin";
-
-/// The CUDA backend's scratch for requests of `shape`: with the bf16 GEMM (`act16`, the
-/// default with cuBLAS) the activations converted to bf16 for `gemm_rows` rows of the widest
-/// matrix input (rounded up to a power of two: the buffer grows by doubling), cuBLAS's
-/// workspace, and the rope table (f32 cos/sin rows of `head_dim` for at least 1024
-/// positions, grown by doubling). The backend books exactly this.
-pub fn gpu_scratch_bytes(shape: &ScratchShape, act16: bool) -> u64 {
-    let act16_bytes = match act16 {
-        true => {
-            let bytes = (shape.gemm_rows as u64).saturating_mul(shape.widest_cols as u64 * 2);
-            bytes.checked_next_power_of_two().unwrap_or(bytes)
-        }
-        false => 0,
-    };
-    let rope = 2 * shape.context.max(1024) as u64 * shape.head_dim as u64 * 4;
-    act16_bytes + CUBLAS_WORKSPACE_BYTES + rope
-}
 
 /// The category of one of the runtime arena's labels ("layer 3 wq", "sparse FFN layer 3",
 /// "KV cache", ...): the line of the budget it belongs to, as [`budget_line_of_item`] names
@@ -179,6 +156,7 @@ pub struct BudgetLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::offload::ScratchShape;
 
     #[test]
     fn gpu_reserves_hold_the_driver_and_a_margin_and_host_ones_do_not() {

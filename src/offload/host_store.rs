@@ -10,6 +10,7 @@
 //! (spread over the blocks of every down row) is only ever read as part of the whole down
 //! matrix or re-encoded in a gathered compact FFN (see `crate::offload::sizes`).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use memmap2::Mmap;
@@ -18,6 +19,7 @@ use crate::backend::{checks, cpu, Backend};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::Llama;
+use crate::offload::bundle_cache::{cache_paths, open_or_build, CacheKey, HEADER_BYTES};
 use crate::progress::progress_bar;
 use crate::sparsity::bundles::{complement_ids, interleave, neuron_byte_runs};
 use crate::tensor::DType;
@@ -29,8 +31,9 @@ pub struct HostLayer {
     pub attention: [HostSlice; 4],
     /// gate `[f, h]`, up `[f, h]`, down `[h, f]` (checkpoint mapping).
     pub dense_ffn: [HostSlice; 3],
-    /// `[f, 3h]` gate|up|down bundles (float FFNs only).
-    pub bundles: Option<Arc<Mmap>>,
+    /// `[f, 3h]` gate|up|down bundles (float FFNs only): a range of the bundle cache file's
+    /// mapping (`offload::bundle_cache`), or of anonymous memory without one.
+    pub bundles: Option<HostSlice>,
     /// The stored types of wq, wk, wv, wo, gate, up and down (block formats may differ
     /// between matrices and layers: a GGUF Q4_K_M's Q6_K v and down).
     pub dtypes: [DType; 7],
@@ -47,62 +50,31 @@ pub struct HostStore {
 }
 
 impl HostStore {
-    /// Maps every layer's tensors and, for a float FFN, builds its bundles (a progress bar:
-    /// this copies the whole FFN once). A quantized FFN's compact down matrices are gathered
-    /// in `sparse_down`.
-    pub fn build<B: Backend>(model: &Llama<B>, sparse_down: DType) -> Result<Self> {
+    /// Maps every layer's tensors and, for a float FFN, its bundles: from the cache file
+    /// beside `model_path` (`offload::bundle_cache`; built on first use, a progress bar),
+    /// or, without a path, built in anonymous memory. A quantized FFN's compact down
+    /// matrices are gathered in `sparse_down`.
+    pub fn build<B: Backend>(
+        model: &Llama<B>,
+        sparse_down: DType,
+        model_path: Option<&Path>,
+    ) -> Result<Self> {
         let quantized = model.dtype.is_quantized();
         let c = &model.config;
         let (h, f) = (c.hidden_size, c.intermediate_size);
-        let store = model.weights();
-        let slice = |(name, shape): (String, [usize; 2])| -> Result<(HostSlice, DType)> {
-            let t = store.get(&name, &shape)?;
-            let (map, range) = t.mapping();
-            Ok((HostSlice { map, range }, t.dtype))
-        };
-        let bar = progress_bar(c.num_layers as u64, "host store");
         let mut layers = Vec::with_capacity(c.num_layers);
         for li in 0..c.num_layers {
-            let [q_, k_, v_, o_, g_, u_, d_] = layer_matrices(c, li);
-            let [(wq, tq), (wk, tk), (wv, tv), (wo, to), (gate, tg), (up, tu), (down, td)] = [
-                slice(q_)?,
-                slice(k_)?,
-                slice(v_)?,
-                slice(o_)?,
-                slice(g_)?,
-                slice(u_)?,
-                slice(d_)?,
-            ];
-            let dtypes = [tq, tk, tv, to, tg, tu, td];
-            if !quantized && dtypes.iter().any(|&t| t != model.dtype) {
-                return Err(Error::InvalidArgument(format!(
-                    "layer {li} mixes {} with other formats: float FFNs move as bundles of one \
-                     format (convert at load with --weights bf16)",
-                    model.dtype
-                )));
-            }
-            let (attention, dense_ffn) = ([wq, wk, wv, wo], [gate, up, down]);
-            let [gate, up, down] = &dense_ffn;
-            let bundles = match quantized {
-                true => None,
-                false => Some(host_mapping(&interleave(
-                    Some(&gate.map[gate.range.clone()]),
-                    &up.map[up.range.clone()],
-                    &down.map[down.range.clone()],
-                    h,
-                    f,
-                    model.dtype.size(),
-                ))?),
-            };
-            layers.push(HostLayer {
-                attention,
-                dense_ffn,
-                bundles,
-                dtypes,
-            });
-            bar.inc(1);
+            layers.push(map_layer(model, li)?);
         }
-        bar.finish_and_clear();
+        if !quantized {
+            let bundles = match model_path {
+                Some(path) => cached_bundles(&layers, model.dtype, [h, f], path)?,
+                None => anonymous_bundles(&layers, model.dtype, [h, f])?,
+            };
+            for (layer, b) in layers.iter_mut().zip(bundles) {
+                layer.bundles = Some(b);
+            }
+        }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(HostStore {
             layers,
@@ -165,16 +137,17 @@ impl HostStore {
         let bundles = self.bundles(li)?;
         let runs = neuron_byte_runs(ids, self.neurons, self.bundle_bytes(li)?)
             .map_err(|e| in_layer(li, e))?;
+        let at = bundles.range.start;
         Ok(runs
             .into_iter()
-            .map(|range| HostSlice {
-                map: Arc::clone(bundles),
-                range,
+            .map(|r| HostSlice {
+                map: Arc::clone(&bundles.map),
+                range: at + r.start..at + r.end,
             })
             .collect())
     }
 
-    fn bundles(&self, li: usize) -> Result<&Arc<Mmap>> {
+    fn bundles(&self, li: usize) -> Result<&HostSlice> {
         self.layer(li)?.bundles.as_ref().ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "layer {li}: a quantized FFN has no neuron bundles (its neurons move as rows)"
@@ -209,8 +182,9 @@ impl HostStore {
             )));
         }
         let Some((down_dtype, pool)) = &self.quantized else {
+            let b = self.bundles(li)?;
             return Ok(cpu::gather_ffn(
-                self.bundles(li)?,
+                &b.map[b.range.clone()],
                 self.dtype,
                 self.hidden,
                 ids,
@@ -235,6 +209,102 @@ impl HostStore {
             Error::InvalidArgument(format!("layer {li}: the model has {}", self.layers.len()))
         })
     }
+}
+
+/// Layer `li`'s matrices as ranges of the checkpoint mapping (bundles come later).
+fn map_layer<B: Backend>(model: &Llama<B>, li: usize) -> Result<HostLayer> {
+    let store = model.weights();
+    let slice = |(name, shape): (String, [usize; 2])| -> Result<(HostSlice, DType)> {
+        let t = store.get(&name, &shape)?;
+        let (map, range) = t.mapping();
+        Ok((HostSlice { map, range }, t.dtype))
+    };
+    let [q_, k_, v_, o_, g_, u_, d_] = layer_matrices(&model.config, li);
+    let [(wq, tq), (wk, tk), (wv, tv), (wo, to), (gate, tg), (up, tu), (down, td)] = [
+        slice(q_)?,
+        slice(k_)?,
+        slice(v_)?,
+        slice(o_)?,
+        slice(g_)?,
+        slice(u_)?,
+        slice(d_)?,
+    ];
+    let dtypes = [tq, tk, tv, to, tg, tu, td];
+    if !model.dtype.is_quantized() && dtypes.iter().any(|&t| t != model.dtype) {
+        return Err(Error::InvalidArgument(format!(
+            "layer {li} mixes {} with other formats: float FFNs move as bundles of one format \
+             (convert at load with --weights bf16)",
+            model.dtype
+        )));
+    }
+    Ok(HostLayer {
+        attention: [wq, wk, wv, wo],
+        dense_ffn: [gate, up, down],
+        bundles: None,
+        dtypes,
+    })
+}
+
+/// Layer `layer`'s FFN interleaved into bundles (`[f, 3h]`, see `sparsity::bundles`).
+fn layer_bundles(layer: &HostLayer, dtype: DType, [h, f]: [usize; 2]) -> Vec<u8> {
+    let [gate, up, down] = &layer.dense_ffn;
+    interleave(
+        Some(&gate.map[gate.range.clone()]),
+        &up.map[up.range.clone()],
+        &down.map[down.range.clone()],
+        h,
+        f,
+        dtype.size(),
+    )
+}
+
+/// Every layer's bundles from the cache file beside `model_path` (built if missing).
+fn cached_bundles(
+    layers: &[HostLayer],
+    dtype: DType,
+    [h, f]: [usize; 2],
+    model_path: &Path,
+) -> Result<Vec<HostSlice>> {
+    let layer_bytes = f * dtype.bytes_for(3 * h);
+    let shape = [layers.len(), h, f, layer_bytes];
+    let key = CacheKey::of_model(model_path, &dtype.to_string(), shape)?;
+    let paths = cache_paths(model_path, &dtype.to_string());
+    let mut build = |li: usize| -> Result<Vec<u8>> {
+        let layer = layers.get(li).ok_or_else(|| {
+            Error::InvalidArgument(format!("layer {li}: the model has {}", layers.len()))
+        })?;
+        Ok(layer_bundles(layer, dtype, [h, f]))
+    };
+    let (map, path, reused) = open_or_build(&paths, &key, &mut build)?;
+    tracing::info!(
+        path = %path.display(),
+        bytes = map.len(),
+        reused,
+        "FFN bundles mapped from their cache file"
+    );
+    Ok((0..layers.len())
+        .map(|li| HostSlice {
+            map: Arc::clone(&map),
+            range: HEADER_BYTES + li * layer_bytes..HEADER_BYTES + (li + 1) * layer_bytes,
+        })
+        .collect())
+}
+
+/// Every layer's bundles in anonymous memory (no cache file: the FFN is held twice).
+fn anonymous_bundles(layers: &[HostLayer], dtype: DType, hf: [usize; 2]) -> Result<Vec<HostSlice>> {
+    let bar = progress_bar(layers.len() as u64, "FFN bundles");
+    let mut out = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let bytes = layer_bundles(layer, dtype, hf);
+        let len = bytes.len();
+        out.push(HostSlice {
+            map: host_mapping(&bytes)?,
+            range: 0..len,
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(out)
 }
 
 /// Layer `li`'s wq, wk, wv, wo, gate, up and down: checkpoint names and `[rows, cols]`.

@@ -9,6 +9,7 @@
 pub mod advice;
 pub mod arena;
 pub mod budget;
+pub mod bundle_cache;
 pub mod cost;
 pub mod format;
 pub mod host_store;

@@ -72,9 +72,39 @@ pub struct Plan {
     /// The keep `advised_format` holds where it cannot hold the requested one (neither a
     /// smaller keep in the requested format nor a smaller format alone fits).
     pub advised_format_keep: Option<f64>,
+    /// What the host holds for the run (`offload::host_store`).
+    pub host: HostFootprint,
     /// The resident items summed by budget line (`offload::budget`): what `run` books in its
     /// arena for the same request, line for line.
     pub budget_lines: Vec<BudgetLine>,
+}
+
+/// What the host holds for an offloaded run: the checkpoint, memory-mapped (its pages are
+/// read as used and can be dropped again), and for float FFNs the neuron bundles, written
+/// once to a cache file beside the model and mapped the same way. On a GPU the copy engine
+/// registers (pins) both mappings for DMA, so `pinned_bytes` must stay in RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HostFootprint {
+    pub checkpoint_bytes: u64,
+    pub bundle_cache_bytes: u64,
+    pub pinned_bytes: u64,
+}
+
+impl HostFootprint {
+    /// The footprint of a model of `total_weight_bytes` whose float FFN bundles take
+    /// `bundle_bytes` (0 for quantized FFNs, which stream as stored), planned for a GPU
+    /// (`on_gpu`) or the CPU.
+    pub fn new(total_weight_bytes: u64, bundle_bytes: u64, on_gpu: bool) -> HostFootprint {
+        HostFootprint {
+            checkpoint_bytes: total_weight_bytes,
+            bundle_cache_bytes: bundle_bytes,
+            pinned_bytes: if on_gpu {
+                total_weight_bytes + bundle_bytes
+            } else {
+                0
+            },
+        }
+    }
 }
 
 /// The resident items of `items` summed by budget line.

@@ -251,7 +251,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         link_cap: Option<f64>,
         trace: &Option<Trace>,
     ) -> Result<(HostStore, B::Engine)> {
-        let host = HostStore::build(model, cfg.griffin_down)?;
+        let host = HostStore::build(model, cfg.griffin_down, cfg.bundle_cache.as_deref())?;
         let engine = model.backend.copy_engine(CopyEngineOptions {
             buffers: plan.stream_buffers,
             buffer_bytes: plan.stream_buffer_bytes as usize,

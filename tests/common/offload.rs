@@ -48,6 +48,7 @@ pub fn offload(budget: u64, delay: Option<DelayFn>) -> OffloadConfig {
         trace: true,
         delay,
         griffin_down: sirius_offload::tensor::DType::Q8_0,
+        bundle_cache: None,
     }
 }
 

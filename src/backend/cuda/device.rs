@@ -20,8 +20,8 @@ use std::sync::OnceLock;
 use cudarc::driver::result::DriverError;
 use cudarc::driver::{result, sys};
 
+use crate::backend::offload::DRIVER_CONTEXT_BYTES;
 use crate::error::{Error, Result};
-use crate::offload::budget::DRIVER_CONTEXT_BYTES;
 use crate::units::format_bytes;
 
 /// Oldest driver this build supports: CUDA 12.4, as `cuDriverGetVersion` reports it

@@ -8,9 +8,9 @@ use std::ops::Range;
 
 use super::copy_engine::{DeviceCopyEngine, DeviceFilled};
 use super::{CudaBackend, CudaMatrix};
+use crate::backend::offload::gpu_scratch_bytes;
 use crate::backend::offload::{OffloadBackend, ResidentMemory, ScratchShape};
 use crate::error::{Error, Result};
-use crate::offload::budget::gpu_scratch_bytes;
 use crate::tensor::DType;
 use crate::transfer::CopyEngineOptions;
 

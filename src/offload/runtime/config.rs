@@ -28,6 +28,10 @@ pub struct OffloadConfig {
     /// Extra delay per copy job (tests: random delays must never change the output; the
     /// CUDA engine sleeps on the host before issuing the copy).
     pub delay: Option<crate::transfer::DelayFn>,
+    /// The model's path (folder or GGUF file) its float FFN's bundle cache lives beside
+    /// (`offload::bundle_cache`; the engine sets it); `None` builds the bundles in anonymous
+    /// memory, holding the FFN twice on the host.
+    pub bundle_cache: Option<std::path::PathBuf>,
     /// Quantized weights: the format of the resident compact down matrices
     /// (`--griffin-down`; q8_0 by default).
     pub griffin_down: DType,
@@ -45,6 +49,7 @@ impl OffloadConfig {
             trace: false,
             delay: None,
             griffin_down: DType::Q8_0,
+            bundle_cache: None,
         }
     }
 }
