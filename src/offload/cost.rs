@@ -15,6 +15,12 @@
 //! arithmetic (two FLOP per weight per token of the pass), whichever is slower. Without it
 //! arithmetic is ignored, which flatters long prefills on the GPU and, on a CPU, verification
 //! windows, whose K tokens cost up to K decode steps of arithmetic there.
+//!
+//! A copy costs its bytes over the link and nothing else: the CUDA copy engine DMAs straight
+//! from registered host memory (or, for jobs of many short runs, a gather kernel reads them
+//! over the bus), with no host-side gather stage to add. Only its fallback for mappings the
+//! driver would not register gathers on the host first; that time (`host_gather_s` in the
+//! run's report) is not modelled.
 
 use serde::Serialize;
 

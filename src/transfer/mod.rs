@@ -147,9 +147,11 @@ pub struct CopyStats {
     /// bytes / busy_s / 1e9 (0 when nothing was copied).
     pub achieved_gbps: f64,
     /// Seconds the compute thread spent gathering jobs' pieces into pinned staging memory
-    /// (CUDA: it runs on the thread that calls submit/release, so the GPU may sit idle
-    /// meanwhile, counted neither as copy time nor as a stall; host-timed). 0 on the CPU,
-    /// whose copy thread gathers as part of `busy_s`.
+    /// (CUDA: only pieces of host mappings the driver would not register, which the engine
+    /// cannot DMA straight from; it runs on the thread that calls submit/release, so the GPU
+    /// may sit idle meanwhile, counted neither as copy time nor as a stall; host-timed; 0
+    /// when everything is DMA'd). 0 on the CPU, whose copy thread gathers as part of
+    /// `busy_s`.
     pub host_gather_s: f64,
 }
 

@@ -228,6 +228,20 @@ impl Ctx {
         block: u32,
         args: KArgs,
     ) -> Result<()> {
+        self.launch_on(&self.stream, op, name, grid, block, args)
+    }
+
+    /// [`Ctx::launch`] on another stream of this context (the copy engine's gather kernel
+    /// runs on the copy stream).
+    pub fn launch_on(
+        &self,
+        stream: &Stream,
+        op: &str,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: KArgs,
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
@@ -247,10 +261,13 @@ impl Ctx {
                 Arg::F32(v) => v as *mut f32 as *mut c_void,
             })
             .collect();
-        // SAFETY: `f` comes from a module loaded in this context; the arguments match the
-        // kernel's parameter list (each op builds them from the kernel's header comment),
-        // and the device pointers are live allocations checked against the sizes passed.
-        self.on_stream(op, name, |stream| unsafe {
+        let stream = stream.raw();
+        self.bind()?;
+        // SAFETY: `f` comes from a module loaded in this context (`stream` belongs to it);
+        // the arguments match the kernel's parameter list (each op builds them from the
+        // kernel's header comment), and the device pointers are live allocations checked
+        // against the sizes passed.
+        call(op, name, || unsafe {
             result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params)
         })
     }

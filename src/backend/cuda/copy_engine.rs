@@ -1,56 +1,86 @@
 //! [`DeviceCopyEngine`]: the CUDA twin of `backend::cpu::copy_engine::CpuCopyEngine`, with the
 //! same submit / wait / release / cancel contract over [`CopyJob`]s (`crate::transfer`).
 //!
-//! Per job: the host pieces are gathered into a pinned (write-combined) staging buffer, copied
-//! to the device on the engine's copy stream, and an event (`copied`) is recorded. `wait`
-//! makes the compute stream (the backend's own, on which every kernel runs) wait on that
-//! event: the host does not block. `release` records `consumed` on the compute stream; the
-//! next copy into that device buffer waits on it on the copy stream, and the host waits on
-//! `copied` before overwriting the pinned buffer. So a buffer is reused only after its
-//! previous user is done, and copies run ahead by the number of buffers.
+//! Per job, its pieces land packed back to back, in job order, in one device staging buffer
+//! (`DeviceFilled::pieces`), moved on the engine's copy stream by one of three paths
+//! (`plan::plan_job` decides, per job, from where each piece's mapping stands):
 //!
-//! Statistics come from timed events (`timing`): copy time on the copy stream, and the time
-//! the compute stream stood waiting for a copy (the stall; the host never waits here, so the
-//! CPU engine's host-side wait time has no meaning on a GPU). Trace spans are host-side: the
-//! gather into pinned memory and the issue of the copy, not the DMA itself.
+//! - **DMA.** Every host mapping a job reads (the checkpoint's, an FFN's bundles) is
+//!   registered with the driver the first time (`registry`: page-locked and device-mapped,
+//!   whole and page-aligned, until the engine drops). Pieces of registered mappings, merged
+//!   where contiguous, are one cuMemcpyHtoDAsync each straight from the mapping, when a job
+//!   has at most `plan::MAX_DMA_COPIES` of them. No host gather, no host wait.
+//! - **Gather kernel.** More runs than that (a Griffin complement: thousands of short runs of
+//!   bundles) would cost microseconds of CPU per DMA call, so a kernel on the copy stream
+//!   (`kernels/gather.cu`) reads them through their device-mapped addresses and writes them
+//!   packed. Its table (source address, destination offset, length per run, long runs split)
+//!   is written by the host into the slot's pinned table and uploaded just before the launch.
+//!   It runs on a few blocks, so compute keeps the rest of the GPU.
+//! - **Staged (fallback).** Pieces of a mapping the driver would not register (unsupported,
+//!   out of lockable memory; the first failure is logged as a warning; `SIRIUS_COPY_STAGED=1`
+//!   forces it) are gathered by the host into the slot's pinned staging at the offsets they
+//!   land at, then uploaded, adjacent ones in one copy. This still runs on the thread that
+//!   calls submit/release (release -> pump -> issue), so the GPU may idle meanwhile: neither
+//!   copy time nor a stall, it is reported apart, host-timed, as `CopyStats::host_gather_s`
+//!   (0 when nothing is staged). Not done: a copy thread to take it off that thread.
 //!
-//! Unverified without a GPU (see the parent module). The gather into pinned memory runs on the
-//! thread that calls submit/release (release -> pump -> gather), so the GPU may idle while
-//! it runs, which is neither copy time nor a stall: it is reported apart, host-timed, as
-//! `CopyStats::host_gather_s`. A copy thread (as the CPU engine has) or registered host
-//! memory would take it off the compute thread.
+//! Ordering, per slot (a device buffer, its pinned staging and table, events `copied`,
+//! `consumed`, `table_sent`):
+//! 1. host: before rewriting pinned memory the host waits for its last upload: `copied` for
+//!    staging (staged jobs only), `table_sent` for the table (gather jobs only). DMA-only jobs
+//!    never block the host; registered mappings are read-only and never rewritten.
+//! 2. copy stream: waits `consumed` (compute's release of the buffer's previous job), then
+//!    queues the staged uploads, the DMAs, the table upload (+ `table_sent`) and the kernel,
+//!    then records `copied`. The device table is only touched on the copy stream, in order.
+//! 3. `wait`: the compute stream waits on `copied` (the host does not block).
+//! 4. `release`: records `consumed` on the compute stream, after the kernels that read it.
+//!
+//! So a buffer is reused only after its previous user is done, and copies run ahead by the
+//! number of buffers. Drop synchronizes both streams before the registrations go.
+//!
+//! Statistics come from timed events (`timing`): copy time on the copy stream (DMAs and the
+//! gather kernel), and the time the compute stream stood waiting for a copy (the stall; the
+//! host never waits here, so the CPU engine's host-side wait time has no meaning on a GPU).
+//! Trace spans are host-side: planning, any host gather and the issue, not the DMA itself.
+//!
+//! Unverified without a GPU (see the parent module): registration of file-backed and
+//! anonymous read-only mappings, the gather kernel's reads of mapped host memory and its
+//! speed against per-piece DMAs have not run.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
-
-use cudarc::driver::result;
-use serde_json::json;
 
 use super::buffers::DevMem;
 use super::context::Ctx;
-use super::device::{driver_error, guarded};
 use super::memory::{Event, HostAccess, PinnedBuffer, Stream};
 use super::CudaBackend;
 use crate::error::{Error, Result};
-use crate::transfer::trace::{Trace, Track};
+use crate::transfer::trace::Trace;
 use crate::transfer::{
     check_next, validate_jobs, CopyEngine, CopyEngineOptions, CopyJob, CopyStats, DelayFn,
     StagedJob,
 };
 use crate::units::format_bytes;
 
+mod issue;
+mod plan;
+mod registry;
 mod timing;
 
+use registry::Registry;
 use timing::{Span, Timings};
+
+pub use registry::STAGED_ENV;
 
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
-/// One staging pair: pinned host bytes and the device buffer they are copied to.
+/// One staging slot: the device buffer a job lands in, with what moving it there needs.
 struct Slot {
-    host: PinnedBuffer,
+    /// Pinned staging for pieces of unregistered mappings (the fallback path), made the
+    /// first time one is staged (at `new` when registration is off).
+    host: Option<PinnedBuffer>,
     /// Shared with the `DeviceFilled` handed out and the matrices viewing it: a view keeps
     /// the memory allocated even if the engine goes first.
     device: Arc<DevMem>,
@@ -58,7 +88,19 @@ struct Slot {
     copied: Event,
     /// Recorded on the compute stream when compute releases the buffer.
     consumed: Event,
+    /// Recorded on the copy stream after the gather table's upload; the host waits on it
+    /// before rewriting the pinned table.
+    table_sent: Event,
+    table: Option<GatherTable>,
     held: bool,
+}
+
+/// A slot's gather-kernel table: written by the host into pinned memory, uploaded before
+/// each launch (`rows` rows of three u64 fit in both).
+struct GatherTable {
+    host: PinnedBuffer,
+    device: DevMem,
+    rows: usize,
 }
 
 /// A job submitted and not yet issued, with its sequence number (for `delay`).
@@ -121,6 +163,8 @@ pub struct DeviceCopyEngine {
     trace: Option<Trace>,
     /// Why the engine stopped (a driver call failed mid-job), once it has.
     broken: Option<String>,
+    /// The host mappings jobs read, registered for DMA (dropped after the streams sync).
+    registry: Registry,
 }
 
 impl DeviceCopyEngine {
@@ -143,14 +187,26 @@ impl DeviceCopyEngine {
         let ctx = backend.ctx().clone();
         let device = ctx.device.clone();
         let copy = Stream::new(&device)?;
+        let registry = Registry::new(&device);
         let mut slots = Vec::with_capacity(buffers);
         for _ in 0..buffers {
+            let host = match registry.enabled() {
+                true => None,
+                false => Some(PinnedBuffer::new(
+                    &device,
+                    buffer_bytes,
+                    HostAccess::Upload,
+                )?),
+            };
             slots.push(Slot {
-                host: PinnedBuffer::new(&device, buffer_bytes, HostAccess::Upload)?,
+                host,
                 device: Arc::new(DevMem::new(&ctx, "copy engine staging", buffer_bytes)?),
-                // The host waits on `copied` before refilling the pinned buffer.
+                // The host waits on `copied` and `table_sent` before refilling the pinned
+                // staging and table.
                 copied: Event::blocking(&device)?,
                 consumed: Event::new(&device)?,
+                table_sent: Event::blocking(&device)?,
+                table: None,
                 held: false,
             });
         }
@@ -158,8 +214,12 @@ impl DeviceCopyEngine {
         // touch them only once they exist.
         ctx.synchronize("copy engine staging")?;
         tracing::debug!(
-            "CUDA copy engine: {buffers} staging buffers of {} (device + pinned host)",
-            format_bytes(buffer_bytes as u64)
+            "CUDA copy engine: {buffers} staging buffers of {} ({})",
+            format_bytes(buffer_bytes as u64),
+            match registry.enabled() {
+                true => "copies straight from registered host memory",
+                false => "host gather into pinned staging",
+            }
         );
         Ok(DeviceCopyEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
@@ -178,6 +238,7 @@ impl DeviceCopyEngine {
             delay: opts.delay,
             trace: opts.trace,
             broken: None,
+            registry,
         })
     }
 
@@ -213,71 +274,6 @@ impl DeviceCopyEngine {
             ))),
             None => Ok(()),
         }
-    }
-
-    /// Issues pending jobs into free buffers, in order.
-    fn issue_pending(&mut self) -> Result<()> {
-        while !self.pending.is_empty() {
-            let in_use = |i: usize| self.slots[i].held || self.issued.iter().any(|j| j.slot == i);
-            let Some(slot) = (0..self.slots.len()).find(|&i| !in_use(i)) else {
-                return Ok(());
-            };
-            let Some(Pending { seq, job }) = self.pending.pop_front() else {
-                return Ok(());
-            };
-            if let Some(delay) = &self.delay {
-                std::thread::sleep(delay(seq));
-            }
-            let t0 = Instant::now();
-            let s = &mut self.slots[slot];
-            // The host buffer's previous upload must be done before it is overwritten.
-            s.copied.synchronize()?;
-            let gather_start = Instant::now();
-            let host = s.host.as_mut_slice();
-            let mut pieces = Vec::with_capacity(job.pieces.len());
-            let mut at = 0;
-            for p in &job.pieces {
-                let src = p.map.get(p.range.clone()).ok_or_else(|| {
-                    Error::CopyEngine(format!("job `{}`: piece outside its mapping", job.label))
-                })?;
-                let dst = host.get_mut(at..at + src.len()).ok_or_else(|| {
-                    Error::CopyEngine(format!("job `{}` overflows its buffer", job.label))
-                })?;
-                dst.copy_from_slice(src);
-                pieces.push(at..at + src.len());
-                at += src.len();
-            }
-            self.gather_s += gather_start.elapsed().as_secs_f64();
-            // The device buffer's previous user (compute) must be done before it is overwritten.
-            self.copy.wait(&s.consumed)?;
-            if at > 0 {
-                let start = self.timings.start(&self.copy)?;
-                self.copy.device.bind()?;
-                let (dst, src, stream) = (s.device.ptr(), &s.host.as_slice()[..at], self.copy.raw);
-                // SAFETY: `dst` holds buffer_bytes >= at bytes; `src` is pinned memory that
-                // lives in the slot and is not written again before `copied` completes (the
-                // engine's Drop waits for the copy stream before the slot is freed).
-                guarded("cuMemcpyHtoDAsync", || unsafe {
-                    result::memcpy_htod_async(dst, src, stream)
-                })?
-                .map_err(|e| driver_error("cuMemcpyHtoDAsync", e))?;
-                self.timings.stop(Span::Copy, start, &self.copy)?;
-            }
-            s.copied.record(&self.copy)?;
-            self.bytes += at as u64;
-            self.jobs += 1;
-            if let Some(trace) = &self.trace {
-                let args = json!({"layer": job.layer, "bytes": at, "seq": seq, "host_side": true});
-                trace.span(Track::Copy, job.label.as_str(), t0, Instant::now(), args);
-            }
-            self.issued.push_back(Issued {
-                layer: job.layer,
-                label: job.label,
-                slot,
-                pieces,
-            });
-        }
-        Ok(())
     }
 
     /// Hands out the next job, which must be for `layer`; the compute stream waits for its
@@ -426,8 +422,9 @@ impl DeviceCopyEngine {
 
 impl Drop for DeviceCopyEngine {
     fn drop(&mut self) {
-        // Pinned memory must not be freed while a copy still reads it, nor a staging buffer
-        // while a copy writes it (its free is ordered on the compute stream only).
+        // Pinned memory must not be freed (nor host mappings unregistered, when `registry`
+        // drops after this) while a copy still reads it, nor a staging buffer while a copy
+        // or the gather kernel writes it (its free is ordered on the compute stream only).
         let _ = self.copy.synchronize();
         let _ = self.ctx.stream.synchronize();
     }

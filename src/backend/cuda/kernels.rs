@@ -126,4 +126,5 @@ pub const KERNELS: &[KernelSource] = &[
         ]
     ),
     kernel!("sampling.cu", ["argmax_f32"]),
+    kernel!("gather.cu", ["gather_pieces"]),
 ];

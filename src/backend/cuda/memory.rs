@@ -20,10 +20,15 @@
 //! scratch (row ids and converted weight blocks, `GEMM=f32` only), small per-op
 //! temporaries and the driver's context.
 //!
+//! Also outside the budget: the copy engine's gather tables (24 bytes per run per staging
+//! slot, grown on demand). Host memory the copy engine registers (cuMemHostRegister of whole
+//! checkpoint and bundle mappings, see `copy_engine::registry`) is page-locked for the
+//! engine's life; pinned staging is only allocated for mappings that could not be registered.
+//!
 //! Unverified: no GPU was available when this was written, so none of this has run; it
 //! compiles against cudarc 0.19 and follows the driver API's documented semantics. Not done
-//! yet: copying straight from registered host memory instead of through the pinned staging
-//! buffers, and a copy thread to take the gather into pinned memory off the compute thread.
+//! yet: a copy thread to take the fallback path's host gather (mappings that could not be
+//! registered) off the compute thread.
 
 use std::sync::Arc;
 

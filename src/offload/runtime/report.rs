@@ -23,8 +23,9 @@ pub struct OffloadReport {
     pub copy_wait_s: f64,
     pub link_gbps_cap: Option<f64>,
     /// Seconds compute's thread spent gathering copy jobs into pinned memory (CUDA, host
-    /// timed; the GPU may idle meanwhile, counted neither in `link_busy_s` nor in
-    /// `copy_wait_s`). 0 on the CPU, whose copy thread gathers within `link_busy_s`.
+    /// timed, only for host mappings that could not be registered for DMA, else 0; the GPU
+    /// may idle meanwhile, counted neither in `link_busy_s` nor in `copy_wait_s`). 0 on the
+    /// CPU, whose copy thread gathers within `link_busy_s`.
     pub host_gather_s: f64,
     /// Neurons copied in when the request chose its sparse set.
     pub moved_neurons: u64,

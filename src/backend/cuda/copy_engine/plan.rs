@@ -1,0 +1,389 @@
+//! The copy engine's pure decisions, testable without a GPU: where each piece of a job lands
+//! (packed back to back, in job order, as callers expect), which path moves it (a DMA from
+//! registered host memory, the gather kernel, or a host gather into pinned staging), the
+//! gather kernel's table, and the page-aligned ranges host mappings are registered over.
+
+use std::ops::Range;
+
+/// Jobs with at most this many direct copies (after merging contiguous pieces) issue one
+/// cuMemcpyHtoDAsync each; more go through the gather kernel, since each DMA call costs
+/// microseconds of CPU on the launching thread and a Griffin complement has thousands.
+pub(super) const MAX_DMA_COPIES: usize = 32;
+
+/// Rows of the gather table are at most this long (a multiple of 16, so a split keeps each
+/// part's 16-byte alignment): the kernel gives a block one row at a time, and even rows keep
+/// the blocks evenly loaded when a job mixes short and long runs.
+pub(super) const GATHER_ROW_BYTES: usize = 256 << 10;
+
+/// Threads per block of the gather kernel.
+pub(super) const GATHER_BLOCK: u32 = 256;
+
+/// Where a piece's bytes come from, as the engine's registry sees its mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Source {
+    /// The mapping could not be registered: the host gathers it into pinned staging.
+    Staged,
+    /// The mapping is registered (page-locked): `host` is the piece's first byte, `device`
+    /// its address for kernels when the mapping is also device-mapped, `region` names the
+    /// registration (pieces merge only within one).
+    Registered {
+        region: usize,
+        host: usize,
+        device: Option<u64>,
+    },
+}
+
+/// One piece as the planner takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct PieceIn {
+    pub source: Source,
+    pub len: usize,
+}
+
+/// A DMA straight from registered host memory: `len` bytes from host address `host` to byte
+/// `dst` of the device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DirectCopy {
+    pub host: usize,
+    pub dst: usize,
+    pub len: usize,
+}
+
+/// One row of the gather kernel's table (`kernels/gather.cu`): `len` bytes from device
+/// address `src` (device-mapped host memory) to byte `dst` of the staging buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct GatherRow {
+    pub src: u64,
+    pub dst: u64,
+    pub len: u64,
+}
+
+/// How one job is moved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct JobPlan {
+    /// Where each piece lands in the device buffer (packed back to back, in job order).
+    pub landed: Vec<Range<usize>>,
+    /// Pieces (by index) the host copies into pinned staging at their landed offsets.
+    pub staged: Vec<usize>,
+    /// Byte ranges then copied from staging to the same offsets of the device buffer
+    /// (adjacent staged pieces merged).
+    pub staged_runs: Vec<Range<usize>>,
+    /// DMAs from registered memory.
+    pub direct: Vec<DirectCopy>,
+    /// Rows for the gather kernel (empty: no launch).
+    pub gather: Vec<GatherRow>,
+    /// Bytes the job moves.
+    pub bytes: usize,
+}
+
+/// The path a job takes, for traces.
+impl JobPlan {
+    pub fn path(&self) -> &'static str {
+        match (
+            self.staged.is_empty(),
+            self.gather.is_empty(),
+            self.direct.is_empty(),
+        ) {
+            (true, true, true) => "empty",
+            (true, true, false) => "dma",
+            (true, false, _) => "gather kernel",
+            (false, true, true) => "staged",
+            (false, _, _) => "mixed",
+        }
+    }
+}
+
+/// A registered run before the path is chosen.
+struct Run {
+    region: usize,
+    host: usize,
+    device: Option<u64>,
+    dst: usize,
+    len: usize,
+}
+
+/// Plans a job: pieces land packed in order; pieces of unregistered mappings are staged;
+/// registered ones, contiguous runs merged, are DMA'd one call each if there are at most
+/// `max_dma` runs, else read by the gather kernel (runs without a device address stay DMAs).
+pub(super) fn plan_job(pieces: &[PieceIn], max_dma: usize) -> JobPlan {
+    let mut plan = JobPlan {
+        landed: Vec::with_capacity(pieces.len()),
+        ..JobPlan::default()
+    };
+    let mut runs: Vec<Run> = Vec::new();
+    let mut at = 0;
+    for (i, p) in pieces.iter().enumerate() {
+        plan.landed.push(at..at + p.len);
+        if p.len > 0 {
+            match p.source {
+                Source::Staged => {
+                    plan.staged.push(i);
+                    match plan.staged_runs.last_mut() {
+                        Some(r) if r.end == at => r.end += p.len,
+                        _ => plan.staged_runs.push(at..at + p.len),
+                    }
+                }
+                Source::Registered {
+                    region,
+                    host,
+                    device,
+                } => push_run(&mut runs, region, host, device, at, p.len),
+            }
+        }
+        at += p.len;
+    }
+    plan.bytes = at;
+    let use_kernel = runs.len() > max_dma;
+    for r in runs {
+        match (use_kernel, r.device) {
+            (true, Some(src)) => split_row(&mut plan.gather, src, r.dst, r.len),
+            _ => plan.direct.push(DirectCopy {
+                host: r.host,
+                dst: r.dst,
+                len: r.len,
+            }),
+        }
+    }
+    plan
+}
+
+/// Appends a registered piece, merged into the last run when it continues it on both sides
+/// (same registration, next host byte, next device byte).
+fn push_run(
+    runs: &mut Vec<Run>,
+    region: usize,
+    host: usize,
+    device: Option<u64>,
+    dst: usize,
+    len: usize,
+) {
+    if let Some(r) = runs.last_mut() {
+        let device_follows = match (r.device, device) {
+            (Some(a), Some(b)) => a + r.len as u64 == b,
+            (None, None) => true,
+            _ => false,
+        };
+        if r.region == region && r.host + r.len == host && r.dst + r.len == dst && device_follows {
+            r.len += len;
+            return;
+        }
+    }
+    runs.push(Run {
+        region,
+        host,
+        device,
+        dst,
+        len,
+    });
+}
+
+/// Appends rows for `len` bytes from `src` to `dst`, each at most [`GATHER_ROW_BYTES`].
+fn split_row(rows: &mut Vec<GatherRow>, src: u64, dst: usize, len: usize) {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(GATHER_ROW_BYTES);
+        rows.push(GatherRow {
+            src: src + done as u64,
+            dst: (dst + done) as u64,
+            len: n as u64,
+        });
+        done += n;
+    }
+}
+
+/// The table as the kernel reads it: three u64 per row.
+pub(super) fn table_words(rows: &[GatherRow]) -> Vec<u64> {
+    rows.iter().flat_map(|r| [r.src, r.dst, r.len]).collect()
+}
+
+/// Blocks for a gather of `rows` rows on a device of `sms` multiprocessors: about a quarter
+/// of the SMs (4 to 32 blocks; the bus, not the SMs, bounds the speed, and compute keeps the
+/// rest), never more than the rows.
+pub(super) fn gather_grid(rows: usize, sms: u32) -> u32 {
+    let cap = (sms / 4).clamp(4, 32) as usize;
+    rows.min(cap) as u32
+}
+
+/// The page-aligned range `[start, end)` covering `len` bytes at `addr` (pages of `page`
+/// bytes, a power of two), which the driver page-locks; None for an empty range.
+pub(super) fn page_span(addr: usize, len: usize, page: usize) -> Option<Range<usize>> {
+    if len == 0 || page == 0 || !page.is_power_of_two() {
+        return None;
+    }
+    let end = addr.checked_add(len)?.checked_add(page - 1)? & !(page - 1);
+    Some(addr & !(page - 1)..end)
+}
+
+/// Table capacity (rows) to allocate for a job of `rows` rows when `have` are allocated:
+/// unchanged if enough, else the next power of two (at least 4096, a Griffin complement's
+/// order) so growth is rare.
+pub(super) fn table_capacity(rows: usize, have: usize) -> usize {
+    if rows <= have {
+        return have;
+    }
+    rows.next_power_of_two().max(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(region: usize, host: usize, len: usize) -> PieceIn {
+        PieceIn {
+            source: Source::Registered {
+                region,
+                host,
+                device: Some(host as u64 + 0x1000_0000),
+            },
+            len,
+        }
+    }
+
+    fn staged(len: usize) -> PieceIn {
+        PieceIn {
+            source: Source::Staged,
+            len,
+        }
+    }
+
+    #[test]
+    fn pieces_land_packed_in_job_order_whatever_the_path() {
+        let pieces = [reg(1, 1000, 10), staged(5), staged(0), reg(2, 50, 7)];
+        for max in [0, MAX_DMA_COPIES] {
+            let plan = plan_job(&pieces, max);
+            assert_eq!(plan.landed, vec![0..10, 10..15, 15..15, 15..22]);
+            assert_eq!(plan.bytes, 22);
+            assert_eq!(plan.staged, vec![1]);
+            assert_eq!(plan.staged_runs, vec![10..15]);
+        }
+    }
+
+    #[test]
+    fn few_registered_pieces_are_one_dma_each() {
+        let plan = plan_job(&[reg(1, 1000, 10), reg(1, 5000, 20)], MAX_DMA_COPIES);
+        assert_eq!(plan.path(), "dma");
+        assert!(plan.gather.is_empty() && plan.staged.is_empty());
+        let want = vec![
+            DirectCopy {
+                host: 1000,
+                dst: 0,
+                len: 10,
+            },
+            DirectCopy {
+                host: 5000,
+                dst: 10,
+                len: 20,
+            },
+        ];
+        assert_eq!(plan.direct, want);
+    }
+
+    #[test]
+    fn contiguous_pieces_of_one_registration_merge() {
+        let plan = plan_job(&[reg(1, 100, 10), reg(1, 110, 6), reg(2, 116, 4)], 8);
+        let got: Vec<_> = plan.direct.iter().map(|d| (d.host, d.dst, d.len)).collect();
+        // The third follows in memory but is another registration: not merged.
+        assert_eq!(got, vec![(100, 0, 16), (116, 16, 4)]);
+    }
+
+    #[test]
+    fn many_pieces_go_to_the_gather_kernel_with_device_addresses() {
+        let pieces: Vec<_> = (0..40).map(|i| reg(1, i * 100, 16)).collect();
+        let plan = plan_job(&pieces, MAX_DMA_COPIES);
+        assert_eq!(plan.path(), "gather kernel");
+        assert!(plan.direct.is_empty());
+        assert_eq!(plan.gather.len(), 40);
+        assert_eq!(
+            plan.gather[3],
+            GatherRow {
+                src: 300 + 0x1000_0000,
+                dst: 48,
+                len: 16
+            }
+        );
+        // Exactly at the threshold: still DMAs.
+        let plan = plan_job(&pieces[..MAX_DMA_COPIES], MAX_DMA_COPIES);
+        assert_eq!((plan.direct.len(), plan.gather.len()), (MAX_DMA_COPIES, 0));
+    }
+
+    #[test]
+    fn unmapped_registered_pieces_stay_dmas_on_the_kernel_path() {
+        let mut pieces: Vec<_> = (0..4).map(|i| reg(1, i * 100, 8)).collect();
+        pieces.push(PieceIn {
+            source: Source::Registered {
+                region: 9,
+                host: 7000,
+                device: None,
+            },
+            len: 3,
+        });
+        let plan = plan_job(&pieces, 2);
+        assert_eq!(plan.gather.len(), 4);
+        assert_eq!(
+            plan.direct,
+            vec![DirectCopy {
+                host: 7000,
+                dst: 32,
+                len: 3
+            }]
+        );
+        assert_eq!(plan.path(), "gather kernel");
+    }
+
+    #[test]
+    fn adjacent_staged_pieces_are_one_upload() {
+        let plan = plan_job(&[staged(4), staged(6), reg(1, 0, 2), staged(1)], 8);
+        assert_eq!(plan.staged, vec![0, 1, 3]);
+        assert_eq!(plan.staged_runs, vec![0..10, 12..13]);
+        assert_eq!(plan.path(), "mixed");
+        assert_eq!(plan_job(&[staged(4)], 8).path(), "staged");
+        assert_eq!(plan_job(&[staged(0)], 8).path(), "empty");
+    }
+
+    #[test]
+    fn long_runs_split_into_even_rows_keeping_alignment() {
+        let len = 2 * GATHER_ROW_BYTES + 48;
+        let pieces: Vec<_> = [reg(1, 0, len), reg(1, len + 64, 16)].to_vec();
+        let plan = plan_job(&pieces, 1);
+        let rows: Vec<_> = plan.gather.iter().map(|r| (r.dst, r.len)).collect();
+        let g = GATHER_ROW_BYTES as u64;
+        assert_eq!(rows, vec![(0, g), (g, g), (2 * g, 48), (len as u64, 16)]);
+        assert_eq!(plan.gather[1].src, 0x1000_0000 + g);
+        assert!(plan
+            .gather
+            .iter()
+            .all(|r| r.src % 16 == 0 && r.dst % 16 == 0));
+        assert_eq!(
+            table_words(&plan.gather[..1]),
+            vec![0x1000_0000, 0, GATHER_ROW_BYTES as u64]
+        );
+    }
+
+    #[test]
+    fn the_gather_grid_is_a_few_blocks() {
+        assert_eq!(gather_grid(5000, 132), 32);
+        assert_eq!(gather_grid(5000, 46), 11);
+        assert_eq!(gather_grid(5000, 8), 4);
+        assert_eq!(gather_grid(2, 132), 2);
+        assert_eq!(gather_grid(0, 132), 0);
+    }
+
+    #[test]
+    fn registration_ranges_are_whole_pages() {
+        assert_eq!(page_span(8192, 100, 4096), Some(8192..12288));
+        assert_eq!(page_span(8200, 4096, 4096), Some(8192..16384));
+        assert_eq!(page_span(8192, 4096, 4096), Some(8192..12288));
+        assert_eq!(page_span(70_000, 1, 65536), Some(65536..131072));
+        assert_eq!(page_span(4096, 0, 4096), None);
+        assert_eq!(page_span(4096, 10, 3000), None);
+        assert_eq!(page_span(usize::MAX - 10, 100, 4096), None);
+    }
+
+    #[test]
+    fn table_capacity_grows_rarely() {
+        assert_eq!(table_capacity(10, 0), 4096);
+        assert_eq!(table_capacity(4096, 4096), 4096);
+        assert_eq!(table_capacity(5000, 4096), 8192);
+        assert_eq!(table_capacity(0, 0), 0);
+    }
+}
