@@ -10,6 +10,7 @@
 
 pub mod argmax;
 pub(crate) mod checks;
+pub mod compact;
 pub mod cpu;
 mod cpu_backend;
 mod cpu_kv;

@@ -116,8 +116,8 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
-    /// Bytes of compact FFNs uploaded outside the copy engine for this request (device
-    /// backends, see `choose_neurons`): reported as streamed.
+    /// Bytes uploaded outside the copy engine for this request (device backends, see
+    /// `choose_neurons`): reported as streamed.
     uploaded_bytes: u64,
     draft_passes: u64,
     full_passes: u64,

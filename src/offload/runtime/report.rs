@@ -8,9 +8,10 @@ pub struct OffloadReport {
     pub resident_budget_bytes: u64,
     /// Peak bytes the resident arena handed out.
     pub resident_bytes: u64,
-    /// Bytes the copy engine moved, plus (CUDA) the compact FFNs uploaded when the request
-    /// chose its neurons (gathered on the host, uploaded once; the CPU stages the same
-    /// neurons' bundles through the engine instead).
+    /// Bytes the copy engine moved (the new neurons' bundles of float FFNs included), plus
+    /// (CUDA) what was uploaded outside it when the request chose its neurons: quantized
+    /// compact FFNs (regathered on the host), the FFN complements kept resident, and the new
+    /// splits of layers whose every neuron is resident.
     pub streamed_bytes: u64,
     /// Seconds the copy engine spent on jobs (CPU: pacing included; CUDA: the copies' time
     /// on the copy stream, from events).
