@@ -152,6 +152,12 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
         let c = cpu.offload.as_ref().unwrap();
         assert_eq!(o.streamed_bytes, c.streamed_bytes, "{label}");
         assert_eq!(o.moved_neurons, c.moved_neurons, "{label}");
+        // CUDA counts its launches; the CPU has none to count.
+        assert!(
+            o.launches_per_token.is_some_and(|l| l > 0.0),
+            "{label}: {o:?}"
+        );
+        assert!(c.launches_per_token.is_none(), "{label}: {c:?}");
         let trace: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
         let spans = trace["traceEvents"].as_array().unwrap().len();

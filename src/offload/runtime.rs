@@ -447,6 +447,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 .as_ref()
                 .map(|p| p.costs.sirius_offload.ms_per_token),
             measured_ms_per_token: 0.0,
+            launches_per_token: None,
             predicted_ttft_ms: predicted.as_ref().map(|p| p.costs.ttft_ms),
             budget_lines: self.arena.budget_lines(),
             kv_cache_rows: self.shape.context,

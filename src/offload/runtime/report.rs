@@ -40,6 +40,9 @@ pub struct OffloadReport {
     pub predicted_ms_per_token: Option<f64>,
     /// Measured decode ms per produced token (the first token, from the prefill, excluded).
     pub measured_ms_per_token: f64,
+    /// Kernel launches (cuBLAS calls included) per produced token, as
+    /// `measured_ms_per_token` counts tokens (CUDA; None on the CPU).
+    pub launches_per_token: Option<f64>,
     /// The planner's predicted time to first token (when `predicted_ms_per_token` is).
     pub predicted_ttft_ms: Option<f64>,
     /// What the arena holds, summed by budget line: `plan`'s `budget_lines` for the same
@@ -60,8 +63,12 @@ impl OffloadReport {
             ),
             None => String::new(),
         };
+        let launches = match self.launches_per_token {
+            Some(l) => format!(", {l:.0} launches/token"),
+            None => String::new(),
+        };
         format!(
-            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}",
+            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}{launches}",
             format_bytes(self.resident_bytes),
             format_bytes(self.resident_budget_bytes),
             self.overflow_attention_layers,
