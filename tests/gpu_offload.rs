@@ -146,11 +146,18 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
         assert!(o.predicted_ms_per_token.is_some(), "{label}: {o:?}");
         let verifications = gpu.sirius.as_ref().unwrap().verifications as u64;
         assert_eq!(o.full_passes, verifications + 2, "{label}");
-        // Same schedule as the CPU runtime: the same bytes cross the link. On a first request
-        // the CPU stages every chosen neuron's bundle through the engine and CUDA uploads the
-        // compact FFN gathered on the host: the same bytes either way.
+        // Same schedule as the CPU runtime: the same bytes cross the link (on both, the
+        // chosen neurons' bundles come through the copy engine and the compact FFN is built
+        // from them in resident memory).
         let c = cpu.offload.as_ref().unwrap();
         assert_eq!(o.streamed_bytes, c.streamed_bytes, "{label}");
+        assert_eq!(o.moved_neurons, c.moved_neurons, "{label}");
+        // CUDA counts its launches; the CPU has none to count.
+        assert!(
+            o.launches_per_token.is_some_and(|l| l > 0.0),
+            "{label}: {o:?}"
+        );
+        assert!(c.launches_per_token.is_none(), "{label}: {c:?}");
         let trace: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
         let spans = trace["traceEvents"].as_array().unwrap().len();
@@ -176,8 +183,9 @@ fn cuda_offloading_refuses_a_model_already_on_the_gpu() {
 }
 
 /// Prefill chunks of 48 rows (cuBLAS GemmEx on the staged views: batches above 16 rows)
-/// and a second request on the same runtime (only new neurons move in; the old compact FFN
-/// is freed before the new one is uploaded): the tokens of the CPU's offloaded runs.
+/// and a second request on the same runtime (only new neurons move in, through the copy
+/// engine, and `kernels/assemble.cu` builds the new compact FFN from the old one and them):
+/// the tokens and link bytes of the CPU's offloaded runs.
 #[test]
 fn cuda_offload_with_wide_prefill_chunks_and_a_second_request() {
     let Some(g) = gpu() else { return };
@@ -209,6 +217,9 @@ fn cuda_offload_with_wide_prefill_chunks_and_a_second_request() {
             "request {i}: offloaded CUDA tokens differ from the offloaded CPU run"
         );
         assert!(o.resident_bytes <= budget, "request {i}: {o:?}");
+        let co = c.offload.as_ref().expect("offload statistics");
+        assert_eq!(o.moved_neurons, co.moved_neurons, "request {i}");
+        assert_eq!(o.streamed_bytes, co.streamed_bytes, "request {i}");
     }
     let (a, b) = (
         gpu[0].offload.as_ref().unwrap(),

@@ -12,13 +12,21 @@
 #      (`run --device cuda --gpu-mem SIZE --sirius --sparsity griffin`, 60% then 80% of the
 #      weights), and tests/gpu_offload (its tokens vs the unconstrained and CPU runs) when
 #      the pack has it
+#   7. Llama-3-8B's shape, offloaded: a random-weights model of its shape (hidden 4096, 32
+#      heads / 8 kv heads, FFN 14336, vocab 128256, untied, bf16; LLAMA8B_LAYERS of its 32
+#      layers, default 8, so that writing it fits the time: 5.6 GB instead of 16 GB) is
+#      written here in the background while steps 2-6 run, then run with --gpu-mem at 60% of
+#      its weights plus the reserves `plan` books; the report compares predicted and measured
+#      ms/token, shows overlap, link GB/s, launches per token and host gather time, and checks
+#      that `plan` for the same request books the run's budget lines exactly
 # Each step has a timeout and the whole check stops starting steps after 7.5 minutes.
 #
 # Usage: gpu-check.sh [MODEL_DIR]
 #   MODEL_DIR: a HF model directory (config.json, *.safetensors, tokenizer.json) to time and
 #   to compare greedy tokens on; without it a random-weights model of SmolLM2-135M's shape
 #   (hidden 576, 30 layers, 9/3 heads, FFN 1536, vocab 49152, tied, bf16) is generated here.
-# Environment: REPORT (default ./gpu-check-report.md), WORK (scratch, default a temp dir).
+# Environment: REPORT (default ./gpu-check-report.md), WORK (scratch, default a temp dir),
+# LLAMA8B_LAYERS (layers of the Llama-3-8B-shaped model, 1..32, default 8; 0 skips step 7).
 # Exit status: 0 when every step that ran passed, 1 when a check failed, 2 without a GPU.
 set -uo pipefail
 
@@ -137,6 +145,40 @@ export LD_LIBRARY_PATH=${extra_lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 say "- CUDA headers: ${CUDA_INCLUDE_DIR:-searched by the backend (CUDA_HOME, /usr/local/cuda/include, ...)}"
 say "- CPU: $(nproc) cores; $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //')"
 
+# ---- 7, started now: the Llama-3-8B-shaped model is written in the background (one CPU
+# core and the disk) while steps 2-6 use the GPU; step 7 waits for it.
+LLAMA8B_LAYERS=${LLAMA8B_LAYERS:-8}
+LLAMA8B=$WORK/model-llama3-8b-shape
+llama8b_pid=""
+llama8b_why=""
+llama8b_bytes() { # bf16 bytes of $1 of Llama-3-8B's layers plus its embedding and head
+    echo $(($1 * 2 * (2 * 4096 * 4096 + 2 * 1024 * 4096 + 3 * 4096 * 14336) + 4 * 128256 * 4096))
+}
+if ! [[ $LLAMA8B_LAYERS =~ ^[0-9]+$ ]] || [ "$LLAMA8B_LAYERS" -gt 32 ]; then
+    llama8b_why="LLAMA8B_LAYERS=$LLAMA8B_LAYERS is not a layer count of 0..32"
+elif [ "$LLAMA8B_LAYERS" -eq 0 ]; then
+    llama8b_why="skipped (LLAMA8B_LAYERS=0)"
+elif [ ! -x "$PACK/bin/random_model" ]; then
+    llama8b_why="the pack has no bin/random_model"
+else
+    need=$(llama8b_bytes "$LLAMA8B_LAYERS")
+    disk=$(df -B1 --output=avail "$WORK" 2>/dev/null | tail -1 | tr -d ' ')
+    ram=$(awk '/^MemAvailable:/ { printf "%.0f", $2 * 1024 }' /proc/meminfo 2>/dev/null)
+    say "- for step 7: $((${disk:-0} / 1000000000)) GB free on $WORK, $((${ram:-0} / 1000000000)) GB of RAM available"
+    if [ -n "$disk" ] && [ "$disk" -lt $((need + 2000000000)) ]; then
+        llama8b_why="$((disk / 1000000000)) GB free on $WORK, $((need / 1000000000 + 2)) GB needed"
+    elif [ -n "$ram" ] && [ "$ram" -lt $((2 * need + 4000000000)) ]; then
+        # The file in the page cache plus the runtime's host copy of the FFN.
+        llama8b_why="$((ram / 1000000000)) GB of RAM available, $((2 * need / 1000000000 + 4)) GB needed"
+    else
+        llama8b_start=$SECONDS
+        timeout --kill-after=5 "$(budget 400)" "$PACK/bin/random_model" "$LLAMA8B" \
+            hidden=4096 layers="$LLAMA8B_LAYERS" heads=32 kv_heads=8 ffn=14336 vocab=128256 \
+            tied=0 dtype=bf16 >"$WORK/llama8b_model.log" 2>&1 &
+        llama8b_pid=$!
+    fi
+fi
+
 # ---- 2. NVRTC
 log "NVRTC compiles every kernel"
 SIRIUS_REQUIRE_NVRTC=1 step nvrtc 120 "$PACK/tests/nvrtc_kernels" --test-threads 2
@@ -231,6 +273,10 @@ decode_row() { # label, tokens, then run options
         local aal
         aal=$(json_num "$WORK/$name.json" aal)
         [ -n "$aal" ] && extra="AAL $aal"
+        # Kernel launches per decoded token (CUDA runs count them).
+        local launches
+        launches=$(json_num "$WORK/$name.json" decode_launches_per_token)
+        [ -n "$launches" ] && extra="${extra:+$extra, }$launches launches/token"
         say "| $label | $(json_num "$WORK/$name.json" decode_tokens_per_s) | $(json_num "$WORK/$name.json" prefill_tokens_per_s) | $(json_num "$WORK/$name.json" generated_tokens) | $extra |"
     else
         local why
@@ -316,6 +362,150 @@ if [ -n "$MODEL" ]; then
         fi
     fi
 fi
+
+# ---- 7. Llama-3-8B's shape, offloaded
+# The raw value of a number field of a JSON file (json_num rounds).
+json_raw() { grep -o "\"$2\": *[-0-9.eE+]*" "$1" 2>/dev/null | head -1 | sed 's/.*: *//'; }
+# The first "budget_lines" array of a pretty JSON file, one `what bytes` line per entry
+# (run's stats and plan's report print it alike, so equal budgets give equal text).
+budget_lines_of() {
+    awk '/"budget_lines": *\[/ { on = 1 }
+        on { line = $0; gsub(/^[ \t]+|[ \t]+$/, "", line); gsub(/": /, "\":", line); all = all line
+             depth += gsub(/\[/, "[", line) - gsub(/\]/, "]", line); if (depth == 0) { print all; exit } }' \
+        "$1" 2>/dev/null | grep -o '"what":"[^"]*","bytes":[0-9]*' | sed 's/"what":"\([^"]*\)","bytes":/\1\t/'
+}
+llama8b_wait() { # waits for the background writer, leaving the run 40 s of the budget
+    while kill -0 "$llama8b_pid" 2>/dev/null && [ $((DEADLINE - SECONDS)) -gt 40 ]; do
+        sleep 1
+    done
+    if kill -0 "$llama8b_pid" 2>/dev/null; then
+        kill "$llama8b_pid" 2>/dev/null
+        wait "$llama8b_pid" 2>/dev/null
+        say "Not run: writing the model did not finish within the check's budget (set"
+        say "LLAMA8B_LAYERS lower): not measured."
+        fence "$WORK/llama8b_model.log" 5
+        return 0
+    fi
+    wait "$llama8b_pid"
+    local rc=$?
+    if [ $rc -ne 0 ]; then
+        say "The model could not be written: $(status_word $rc)"
+        fence "$WORK/llama8b_model.log" 10
+        return 1
+    fi
+    say "Written in the background in $((SECONDS - llama8b_start))s or less: $(tail -1 "$WORK/llama8b_model.log")."
+    say ""
+}
+llama8b_plan() { # plan for a request: context, prompt tokens, budget, format, output file
+    "$BIN" plan --model "$LLAMA8B" --gpu-mem "$3" --context "$1" --prompt-tokens "$2" \
+        --period 8 --keep 0.5 --format "$4" >"$5" 2>>"$WORK/llama8b_plan.log"
+}
+llama8b() {
+    if [ -n "$llama8b_why" ]; then
+        say "Not run: $llama8b_why."
+        return 0
+    fi
+    if ! "$BIN" run --help 2>/dev/null | grep -q -- '--gpu-mem'; then
+        kill "$llama8b_pid" 2>/dev/null
+        say "Not run: this build's \`run\` has no \`--gpu-mem\` option."
+        return 0
+    fi
+    llama8b_wait || return 1
+    local weights reserves mem j=$WORK/llama8b_run.json
+    weights=$(du -cb "$LLAMA8B"/*.safetensors 2>/dev/null | tail -1 | cut -f1)
+    # The reserves plan books on a GPU (backend scratch, driver context, allocator margin),
+    # from a plan with room for everything.
+    llama8b_plan 128 16 1000GB json "$WORK/llama8b_reserves.json"
+    reserves=$(budget_lines_of "$WORK/llama8b_reserves.json" |
+        awk -F'\t' '$1 ~ /^(backend scratch|driver context|allocator margin)$/ { s += $2 } END { printf "%.0f", s }')
+    mem=$((weights * 60 / 100 + reserves))
+    say "--gpu-mem $mem bytes: 60% of $((weights / 1000000)) MB of weights plus $((reserves / 1000000)) MB"
+    say "of reserves (plan's backend scratch, driver context and allocator margin); Sirius K=8,"
+    say "Griffin 0.5, 64 tokens."
+    # Few layers leave the head and two whole-layer stream buffers above 60%: then the
+    # plan's minimum, 5% over.
+    local least
+    if ! llama8b_plan 128 16 "$mem" json /dev/null; then
+        least=$(grep -o 'give at least [0-9]*' "$WORK/llama8b_plan.log" | tail -1 | grep -o '[0-9]*$')
+        if [ -n "$least" ] && [ "$least" -lt "$weights" ]; then
+            mem=$((least + least / 20))
+            say "That is below the plan's minimum ($least bytes): --gpu-mem $mem instead."
+        fi
+    fi
+    say ""
+    step llama8b_run 180 "$BIN" run -m "$LLAMA8B" -p "$PROMPT8B" --max-tokens 64 \
+        --temperature 0 --no-fetch --device cuda --sparsity griffin --keep 0.5 --sirius \
+        --period 8 --gpu-mem "$mem" --stats-json "$j"
+    local rc=$?
+    if [ $rc -eq 125 ]; then
+        say "The offloaded run: $(status_word $rc): not measured."
+        return 0
+    fi
+    if [ $rc -ne 0 ] || [ ! -f "$j" ]; then
+        say "The offloaded run: $(status_word $rc)"
+        fence "$WORK/llama8b_run.log" 10
+        return 1
+    fi
+    local pred meas ratio goal
+    pred=$(json_raw "$j" predicted_ms_per_token)
+    meas=$(json_raw "$j" measured_ms_per_token)
+    ratio=$(awk -v p="$pred" -v m="$meas" 'BEGIN { if (p > 0 && m > 0) printf "%.2f", p / m }')
+    goal=$(awk -v r="$ratio" 'BEGIN { if (r == "") print "no prediction";
+        else if (r >= 0.85 && r <= 1.15) print "within 15%"; else print "OUTSIDE 15%" }')
+    say "| predicted ms/token | measured ms/token | predicted / measured | overlap | achieved link GB/s | launches/token | host gather s | decode tok/s | AAL |"
+    say "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    local row="" field v
+    for field in predicted_ms_per_token measured_ms_per_token ratio overlap achieved_link_gbps \
+        launches_per_token host_gather_s decode_tokens_per_s aal; do
+        case $field in
+        ratio) v="${ratio:-n/a} ($goal)" ;;
+        *) v=$(json_num "$j" "$field") ;;
+        esac
+        row="$row| ${v:-n/a} "
+    done
+    say "$row|"
+    say ""
+    local summary
+    summary=$(grep -o '\[offload\].*' "$WORK/llama8b_run.log" | tail -1)
+    [ -n "$summary" ] && say "\`$summary\`" && say ""
+    # The plan for the same request: the run's context and prompt length.
+    local ctx ptoks
+    ctx=$(json_raw "$j" kv_cache_rows)
+    ptoks=$(json_raw "$j" prompt_tokens)
+    if ! llama8b_plan "$ctx" "$ptoks" "$mem" json "$WORK/llama8b_plan.json"; then
+        say "\`plan\` for the same request failed:"
+        fence "$WORK/llama8b_plan.log" 5
+        return 1
+    fi
+    budget_lines_of "$WORK/llama8b_plan.json" >"$WORK/llama8b_plan.lines"
+    budget_lines_of "$j" >"$WORK/llama8b_run.lines"
+    local same=FAIL
+    [ -s "$WORK/llama8b_run.lines" ] && cmp -s "$WORK/llama8b_plan.lines" "$WORK/llama8b_run.lines" && same=pass
+    say "Budget lines, \`plan --gpu-mem $mem --context $ctx --prompt-tokens $ptoks --period 8"
+    say "--keep 0.5\` vs the run's arena: **$same** (they must be equal, byte for byte)."
+    say ""
+    say "| line | plan bytes | run bytes |"
+    say "| --- | --- | --- |"
+    # In the plan's order, then any line only the run has.
+    awk -F'\t' 'NR == FNR { run[$1] = $2; next }
+        { printf "| %s | %s | %s |\n", $1, $2, ($1 in run) ? run[$1] : "-"; seen[$1] = 1 }
+        END { for (k in run) if (!(k in seen)) printf "| %s | - | %s |\n", k, run[k] }' \
+        "$WORK/llama8b_run.lines" "$WORK/llama8b_plan.lines" >>"$REPORT"
+    say ""
+    llama8b_plan "$ctx" "$ptoks" "$mem" md "$WORK/llama8b_plan.md"
+    say "The plan (\`plan --format md\`) for the same request:"
+    say ""
+    say '```'
+    head -n 70 "$WORK/llama8b_plan.md" >>"$REPORT"
+    say '```'
+    [ $same = pass ]
+}
+PROMPT8B="w17 w230 w4096 w99 w1234 w777 w31337 w12 w555 w8080 w42 w64 w2048 w300 w9 w10"
+say ""
+say "## Llama-3-8B's shape, offloaded (random bf16 weights, $LLAMA8B_LAYERS of its 32 layers)"
+say ""
+log "Llama-3-8B's shape, offloaded"
+llama8b || failed=1
 
 say ""
 say "Finished in ${SECONDS}s. Logs: $WORK"

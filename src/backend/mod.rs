@@ -10,6 +10,7 @@
 
 pub mod argmax;
 pub(crate) mod checks;
+pub mod compact;
 pub mod cpu;
 mod cpu_backend;
 mod cpu_kv;
@@ -77,6 +78,11 @@ pub trait Backend {
 
     /// Short description for logs and stats, e.g. "cpu (avx512, 2 threads)".
     fn describe(&self) -> String;
+    /// Kernels (and library calls such as GEMMs) queued so far, where launches cost
+    /// something of their own (a GPU); None for a backend that computes in place (the CPU).
+    fn launches(&self) -> Option<u64> {
+        None
+    }
     /// A zeroed buffer of `len` floats.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// A buffer holding `data` (norm weights, biases).

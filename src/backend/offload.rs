@@ -121,6 +121,28 @@ pub trait OffloadBackend: SparseOps<Matrix: Clone> + Sized {
 
     /// Bytes `m` holds.
     fn matrix_byte_len(m: &Self::Matrix) -> usize;
+
+    /// A layer's new compact FFN (gate `[k, h]`, up `[k, h]`, down `[h, k]` of a float
+    /// dtype) in resident memory: the neurons the old one holds copied within resident
+    /// memory, the others from their staged bundles; byte for byte a fresh gather of the new
+    /// set (see [`crate::backend::compact`]). The caller has reserved the new bytes.
+    fn assemble_compact(&self, update: CompactUpdate<'_, Self>) -> Result<[Self::Matrix; 3]>;
+}
+
+/// What [`OffloadBackend::assemble_compact`] builds a layer's new compact FFN from.
+pub struct CompactUpdate<'a, B: OffloadBackend> {
+    /// The resident compact FFN (its neuron ids ascending; gate, up, down), or None when
+    /// the layer holds none: handed over, so that each old matrix can be freed as soon as
+    /// its replacement is built (device memory never holds two whole FFNs of the layer).
+    pub old: Option<(&'a [u32], [B::Matrix; 3])>,
+    /// The bundles (gate row | up row | down column) of the neurons of `new_ids` that `old`
+    /// lacks, back to back in ascending id order: bytes `range` of a filled staging buffer.
+    pub staged: Option<(&'a FilledOf<B>, Range<usize>)>,
+    /// The new set, ascending.
+    pub new_ids: &'a [u32],
+    /// Hidden size and the FFN's (float) dtype.
+    pub hidden: usize,
+    pub dtype: DType,
 }
 
 /// The engine's filled job type of backend `B`.

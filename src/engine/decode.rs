@@ -20,6 +20,10 @@ pub trait Decoder {
     /// The tokens after `last` (produced, not yet in the cache), at least one and at most
     /// `budget + 1` of them; all but the last are in the cache afterwards.
     fn step(&mut self, last: u32, budget: usize) -> Result<Vec<u32>>;
+    /// Kernel launches of the backend so far, where it counts them (a GPU).
+    fn launches(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What [`decode`] produced.
@@ -32,6 +36,22 @@ pub struct Decoded {
     /// Tokens the steps produced that the loop used: the generated ones after the first
     /// (which the prefill made) and a stop id that ended the request (its step ran too).
     pub step_tokens: usize,
+    /// Kernel launches the steps queued (None where the backend does not count them).
+    pub step_launches: Option<u64>,
+}
+
+impl Decoded {
+    /// The steps' launches per token: per step token (`per_produced` false, as
+    /// `decode_tokens_per_s`) or per produced token after the first (as an offloaded run's
+    /// ms per token).
+    pub fn launches_per_token(&self, per_produced: bool) -> Option<f64> {
+        let tokens = match per_produced {
+            true => self.ids.len().saturating_sub(1),
+            false => self.step_tokens,
+        };
+        let launches = self.step_launches?;
+        (tokens > 0).then(|| launches as f64 / tokens as f64)
+    }
 }
 
 /// Generates from `first` (the prefill's token) until `max_tokens` tokens, a stop id (not
@@ -49,6 +69,7 @@ pub fn decode(
     let mut pending = vec![first];
     let mut step_seconds = 0.0;
     let mut step_tokens = 0;
+    let mut step_launches = dec.launches().map(|_| 0u64);
     let mut from_step = false;
     let stop = 'decode: loop {
         for token in pending {
@@ -72,8 +93,14 @@ pub fn decode(
         }
         let last = *ids.last().unwrap_or(&first);
         let t = Instant::now();
+        let launched = dec.launches();
         pending = dec.step(last, max_tokens - ids.len())?;
         step_seconds += t.elapsed().as_secs_f64();
+        if let (Some(total), Some(before), Some(after)) =
+            (step_launches.as_mut(), launched, dec.launches())
+        {
+            *total += after.saturating_sub(before);
+        }
         if pending.is_empty() {
             return Err(Error::InvalidArgument(
                 "a decode step produced no token".into(),
@@ -86,6 +113,7 @@ pub fn decode(
         stop,
         step_seconds,
         step_tokens,
+        step_launches,
     })
 }
 
@@ -167,6 +195,7 @@ pub fn run(
         decode_seconds: seconds,
         prefill_tokens_per_s: rate(fresh.len(), prefill_seconds),
         decode_tokens_per_s: rate(decoded.step_tokens, seconds),
+        decode_launches_per_token: decoded.launches_per_token(false),
         generated_token_ids: decoded.ids,
         sparse_setup_seconds: prefilled.setup_seconds,
         sparsity: report.sparsity,

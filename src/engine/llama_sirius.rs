@@ -303,6 +303,10 @@ impl<B: SparseOps, W: Residency<B>> SiriusModel for LlamaSirius<'_, B, W> {
         Ok(())
     }
 
+    fn launches(&self) -> Option<u64> {
+        self.model.backend.launches()
+    }
+
     fn draft(&mut self, token: u32) -> Result<Vec<f32>> {
         self.draft_pass(
             std::slice::from_ref(&token),

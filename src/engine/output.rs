@@ -48,6 +48,10 @@ pub struct GenerationOutput {
     /// Tokens the decode steps produced (those after the first, which comes from the prompt
     /// pass, and a stop id that ended the request) per decode second.
     pub decode_tokens_per_s: f64,
+    /// Kernel launches (cuBLAS calls included) the decode steps queued per token counted
+    /// in `decode_tokens_per_s` (CUDA; absent on the CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_launches_per_token: Option<f64>,
     /// Seconds spent picking and placing Griffin's neurons after the prompt (0 otherwise).
     pub sparse_setup_seconds: f64,
     #[serde(flatten)]

@@ -60,6 +60,10 @@ impl<B: SparseOps> Decoder for PlainRequest<'_, B> {
         self.cache.capacity() - self.cache.len()
     }
 
+    fn launches(&self) -> Option<u64> {
+        self.model.backend.launches()
+    }
+
     fn step(&mut self, last: u32, _budget: usize) -> Result<Vec<u32>> {
         let pass = Pass::new(
             std::slice::from_ref(&last),

@@ -37,6 +37,10 @@ impl<M: SiriusModel> Decoder for SiriusRequest<M> {
         self.model.cache_room()
     }
 
+    fn launches(&self) -> Option<u64> {
+        self.model.launches()
+    }
+
     fn step(&mut self, last: u32, budget: usize) -> Result<Vec<u32>> {
         self.corrector.window(&mut self.model, last, budget)
     }
@@ -74,12 +78,14 @@ impl<B: SparseOps, W: Residency<B>> Request for SiriusRequest<LlamaSirius<'_, B,
             0 => 0.0,
             n => 1e3 * decoded.step_seconds / n as f64,
         };
+        let mut offload =
+            self.model
+                .offload_report(report.aal.max(1.0), window_period(&report), ms_per_token)?;
+        if let Some(o) = offload.as_mut() {
+            o.launches_per_token = decoded.launches_per_token(true);
+        }
         Ok(RequestReport {
-            offload: self.model.offload_report(
-                report.aal.max(1.0),
-                window_period(&report),
-                ms_per_token,
-            )?,
+            offload,
             sparsity,
             sirius: Some(report),
         })

@@ -1,8 +1,8 @@
 //! Offloading: plan what stays resident within a memory budget, and stream only the rest.
 //!
 //! Policy apart from mechanism: `placement` and `cost` are pure functions of shapes, formats,
-//! budget and link/memory numbers (the planner: no backend, no flags); `arena`, `host_store`,
-//! `resident_set` and `runtime` execute a plan and never decide one. The runtime drives the
+//! budget and link/memory numbers (the planner: no backend, no flags); `arena`, `host_store`
+//! and `runtime` execute a plan and never decide one. The runtime drives the
 //! backend's copy engine (`crate::transfer`) and hands each layer's streamed weights to the
 //! forward pass through `model::LayerStream`; the engine drives the runtime.
 
@@ -15,6 +15,5 @@ pub mod format;
 pub mod host_store;
 pub mod placement;
 pub mod plan;
-pub mod resident_set;
 pub mod runtime;
 pub mod sizes;

@@ -116,8 +116,8 @@ pub struct OffloadRuntime<B: OffloadBackend> {
     /// Layers whose every neuron is resident (sparse set + rest).
     whole_layer: Vec<bool>,
     moved_neurons: u64,
-    /// Bytes of compact FFNs uploaded outside the copy engine for this request (device
-    /// backends, see `choose_neurons`): reported as streamed.
+    /// Bytes uploaded outside the copy engine for this request (device backends, see
+    /// `choose_neurons`): reported as streamed.
     uploaded_bytes: u64,
     draft_passes: u64,
     full_passes: u64,
@@ -447,6 +447,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 .as_ref()
                 .map(|p| p.costs.sirius_offload.ms_per_token),
             measured_ms_per_token: 0.0,
+            launches_per_token: None,
             predicted_ttft_ms: predicted.as_ref().map(|p| p.costs.ttft_ms),
             budget_lines: self.arena.budget_lines(),
             kv_cache_rows: self.shape.context,

@@ -21,6 +21,11 @@ pub trait SiriusModel {
     /// the logits after each of them.
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
 
+    /// Kernel launches of the model's backend so far, where it counts them (a GPU).
+    fn launches(&self) -> Option<u64> {
+        None
+    }
+
     // ---- Greedy picks: where a decision needs only the argmax, a model may pick it where
     // its logits are (on a GPU) instead of reading them back. Each must equal `argmax` of
     // the logits the call above would return. ----
@@ -72,6 +77,9 @@ impl<M: SiriusModel + ?Sized> SiriusModel for &mut M {
     }
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         (**self).verify(tokens)
+    }
+    fn launches(&self) -> Option<u64> {
+        (**self).launches()
     }
     fn draft_argmax(&mut self, token: u32) -> Result<u32> {
         (**self).draft_argmax(token)

@@ -6,8 +6,9 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::copy_engine::{CpuCopyEngine, Filled};
-use crate::backend::offload::{OffloadBackend, ResidentMemory};
-use crate::backend::{CpuBackend, CpuMatrix};
+use crate::backend::compact::{assemble, CompactFfn};
+use crate::backend::offload::{CompactUpdate, OffloadBackend, ResidentMemory};
+use crate::backend::{CpuBackend, CpuMatrix, SparseOps};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use crate::transfer::CopyEngineOptions;
@@ -56,5 +57,30 @@ impl OffloadBackend for CpuBackend {
 
     fn matrix_byte_len(m: &CpuMatrix) -> usize {
         m.byte_len()
+    }
+
+    /// Assembled in host memory from the staging buffer in place (a memcpy), then copied
+    /// into resident matrices.
+    fn assemble_compact(&self, u: CompactUpdate<'_, Self>) -> Result<[CpuMatrix; 3]> {
+        let staged = match &u.staged {
+            Some((filled, range)) => Self::staged_bytes(filled, range.clone())?,
+            None => Cow::Borrowed(&[][..]),
+        };
+        let old = u.old.as_ref().map(|(ids, [g, up, dn])| CompactFfn {
+            ids,
+            gate: g.bytes(),
+            up: up.bytes(),
+            down: dn.bytes(),
+        });
+        let (gate, up, down) =
+            assemble(old.as_ref(), &staged, u.new_ids, u.hidden, u.dtype.size())?;
+        // The old matrices are not needed any more: free them before the copies.
+        drop(u.old);
+        let (k, h) = (u.new_ids.len(), u.hidden);
+        Ok([
+            self.upload_matrix(gate, u.dtype, k, h)?,
+            self.upload_matrix(up, u.dtype, k, h)?,
+            self.upload_matrix(down, u.dtype, h, k)?,
+        ])
     }
 }

@@ -123,6 +123,10 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn launches(&self) -> Option<u64> {
+        Some(self.ctx.launches())
+    }
+
     fn alloc(&self, len: usize) -> Result<CudaBuf> {
         let mem = DevMem::zeroed(&self.ctx, "alloc", len * 4)?;
         Ok(CudaBuf::from_mem(mem, len))

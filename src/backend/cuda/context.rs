@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result::DriverError;
@@ -150,6 +151,9 @@ pub(crate) struct Ctx {
     pub async_alloc: bool,
     /// Streaming multiprocessors: sizes the grid splits (attention chunks, FFN splits).
     pub sms: u32,
+    /// Kernels queued on the compute stream so far (cuBLAS calls count as one each): the
+    /// launch overhead a decoded token pays, reported per token in the stats.
+    launches: AtomicU64,
 }
 
 // SAFETY: the raw handles (stream, modules, functions) are process-wide driver objects that
@@ -187,6 +191,7 @@ impl Ctx {
             functions: HashMap::new(),
             async_alloc,
             sms,
+            launches: AtomicU64::new(0),
         };
         // Loaded into `ctx` one by one, so that its Drop unloads them should a later one fail.
         for (src, c) in KERNELS.iter().zip(code) {
@@ -216,6 +221,17 @@ impl Ctx {
 
     pub fn raw_stream(&self) -> sys::CUstream {
         self.stream.raw()
+    }
+
+    /// Counts one launch queued outside [`Ctx::launch`] (a cuBLAS call).
+    pub fn count_launch(&self) {
+        // A statistic, ordered with nothing.
+        self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Launches queued on this context so far.
+    pub fn launches(&self) -> u64 {
+        self.launches.load(Ordering::Relaxed)
     }
 
     /// Queues kernel `name` on the compute stream. A grid with a zero dimension launches
@@ -269,7 +285,9 @@ impl Ctx {
         // against the sizes passed.
         call(op, name, || unsafe {
             result::launch_kernel(f, grid, (block, 1, 1), 0, stream, &mut params)
-        })
+        })?;
+        self.count_launch();
+        Ok(())
     }
 
     /// Runs driver call `what` for `op` with the context bound, given the compute stream.

@@ -127,4 +127,8 @@ pub const KERNELS: &[KernelSource] = &[
     ),
     kernel!("sampling.cu", ["argmax_f32"]),
     kernel!("gather.cu", ["gather_pieces"]),
+    kernel!(
+        "assemble.cu",
+        ["assemble_compact_u16", "assemble_compact_u32"]
+    ),
 ];

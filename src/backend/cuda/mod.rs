@@ -4,6 +4,7 @@
 //! `offload` plugs both into the offloading runtime), and [`CudaBackend`], the `Backend` and
 //! `SparseOps` ops on a GPU (`ops_*`).
 
+mod assemble;
 mod backend;
 mod buffers;
 pub mod compat;

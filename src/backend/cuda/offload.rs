@@ -9,7 +9,7 @@ use std::ops::Range;
 use super::copy_engine::{DeviceCopyEngine, DeviceFilled};
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::offload::gpu_scratch_bytes;
-use crate::backend::offload::{OffloadBackend, ResidentMemory, ScratchShape};
+use crate::backend::offload::{CompactUpdate, OffloadBackend, ResidentMemory, ScratchShape};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 use crate::transfer::CopyEngineOptions;
@@ -114,5 +114,11 @@ impl OffloadBackend for CudaBackend {
 
     fn matrix_byte_len(m: &CudaMatrix) -> usize {
         m.byte_len()
+    }
+
+    /// On the device from the staged bundles and the old matrices (`kernels/assemble.cu`):
+    /// nothing but the new neurons and a 4-byte-a-neuron table crosses the link.
+    fn assemble_compact(&self, u: CompactUpdate<'_, Self>) -> Result<[CudaMatrix; 3]> {
+        super::assemble::assemble_compact(self, u)
     }
 }

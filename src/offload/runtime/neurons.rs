@@ -2,12 +2,10 @@
 //! already hold and copy in only new ones; layers whose sparse set does not fit keep a host
 //! copy that every draft pass streams.
 
-use std::borrow::Cow;
-
 use super::OffloadRuntime;
-use crate::backend::offload::{OffloadBackend, ResidentMemory};
+use crate::backend::compact::moved_in;
+use crate::backend::offload::{CompactUpdate, OffloadBackend, ResidentMemory};
 use crate::error::{Error, Result};
-use crate::offload::resident_set::{assemble, moved_in, CompactFfn};
 use crate::sparsity::bundles::complement_ids;
 use crate::sparsity::ffn::{Complement, FfnMatrices};
 use crate::sparsity::griffin::GriffinLayer;
@@ -18,8 +16,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     /// Makes `selection` the request's sparse set. Resident layers keep the neurons they
     /// already hold (from an earlier request on this runtime) and copy in only the others
     /// through the copy engine, as bundles; their compact FFN is reassembled in resident
-    /// memory, in the arena. Layers whose sparse set does not fit get a host copy that every
-    /// draft pass streams.
+    /// memory (on a GPU by a kernel), in the arena. Layers whose sparse set does not fit
+    /// get a host copy that every draft pass streams.
     pub fn choose_neurons(
         &mut self,
         backend: &B,
@@ -76,7 +74,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         Ok(GriffinFfn { layers, selection })
     }
 
-    /// Per layer, the neurons of `selection` a resident layer lacks; on host memory their
+    /// Per layer, the neurons of `selection` a resident layer lacks; for float weights their
     /// bundles are queued on the copy engine now, one job per layer, all at once, so the
     /// copies of later layers overlap the assembly of earlier ones.
     fn queue_moved_neurons(&mut self, selection: &GriffinSelection) -> Result<Vec<Vec<u32>>> {
@@ -88,7 +86,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 continue;
             }
             moved[li] = moved_in(&self.resident_ids[li], ids);
-            if self.assembles_in_place() && !moved[li].is_empty() {
+            if self.assembles_from_staging() && !moved[li].is_empty() {
                 jobs.push(CopyJob {
                     layer: li,
                     label: format!("L{li} neurons in"),
@@ -117,12 +115,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         }
         if self.whole_layer[li] {
             // Every neuron is resident: the new split is a move within resident memory
-            // (here: regathered from the host copy, nothing counted as moved).
+            // (here: regathered from the host copy, nothing counted as moved; on a device
+            // the upload crosses the link and counts as streamed).
+            self.count_upload(ids.len() * self.host.bundle_bytes(li)?);
             return self.regather(backend, li, ids);
         }
-        if !self.assembles_in_place() {
-            // Gathered on the host and uploaded once: on a device that upload is what crossed
-            // the link; in host memory (a quantized FFN regathered) only the neurons that were
+        if !self.assembles_from_staging() {
+            // A quantized FFN, gathered on the host and uploaded once: on a device that
+            // upload is what crossed the link; in host memory only the neurons that were
             // not resident before count as moved over it.
             let crossed = match B::RESIDENT_MEMORY {
                 ResidentMemory::Device => ids.len(),
@@ -133,6 +133,14 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             return Ok(m);
         }
         self.copy_in(backend, li, ids, staged)
+    }
+
+    /// Counts `bytes` uploaded outside the copy engine as streamed where they cross a link
+    /// (device memory; in host memory they are a memcpy).
+    fn count_upload(&mut self, bytes: usize) {
+        if B::RESIDENT_MEMORY == ResidentMemory::Device {
+            self.uploaded_bytes += bytes as u64;
+        }
     }
 
     /// Keeps the neurons of layer `li` not in `ids` resident too, as bundles `[f - k, 3h]`
@@ -155,6 +163,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             bytes.extend_from_slice(&piece.map[piece.range.clone()]);
         }
         self.arena.set(&label, bytes.len() as u64)?;
+        self.count_upload(bytes.len());
         // Free the old rest before uploading the new one (see `upload_compact`).
         self.resident_rest[li] = None;
         self.resident_rest[li] = match rest.len() {
@@ -195,8 +204,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             bytes(&pieces[runs..2 * runs]),
             bytes(&pieces[2 * runs..]),
         );
-        self.arena
-            .set(label, (gate.len() + up.len() + down.len()) as u64)?;
+        let total = gate.len() + up.len() + down.len();
+        self.arena.set(label, total as u64)?;
+        self.count_upload(total);
         let [.., tg, tu, td] = d.types(li)?;
         let rest = match c {
             0 => None,
@@ -252,7 +262,9 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     }
 
     /// Layer `li`'s new compact FFN of `ids`: the resident neurons it keeps plus the staged
-    /// bundles of the moved ones (when `staged`, waited for here), in the arena.
+    /// bundles of the moved ones (when `staged`, waited for here), built by the backend in
+    /// resident memory (the CPU: a memcpy from the staging buffer; a GPU: a kernel), in the
+    /// arena.
     fn copy_in(
         &mut self,
         backend: &B,
@@ -266,45 +278,45 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         } else {
             None
         };
-        // The bundles of the moved neurons landed back to back; only backends that assemble
-        // from staging come here (the CPU: the staging buffer is host memory).
-        let assembled = (|| {
-            let staged_bytes = match &filled {
-                Some(f) => match (f.pieces().first(), f.pieces().last()) {
-                    (Some(a), Some(b)) => B::staged_bytes(f, a.start..b.end)?,
-                    _ => Cow::Borrowed(&[][..]),
-                },
-                None => Cow::Borrowed(&[][..]),
-            };
-            let old_bytes = match &self.resident_ffn[li] {
-                Some([g, u, dn]) => Some([
-                    B::matrix_bytes(g)?,
-                    B::matrix_bytes(u)?,
-                    B::matrix_bytes(dn)?,
-                ]),
-                None => None,
-            };
-            let old = old_bytes.as_ref().map(|[g, u, dn]| CompactFfn {
-                ids: &self.resident_ids[li],
-                gate: g,
-                up: u,
-                down: dn,
+        // The bundles of the moved neurons landed back to back.
+        let range = filled
+            .as_ref()
+            .and_then(|f| Some(f.pieces().first()?.start..f.pieces().last()?.end));
+        let bytes = (3 * ids.len() * d.h * d.dtype.size()) as u64;
+        let built = self
+            .arena
+            .set(&format!("sparse FFN layer {li}"), bytes)
+            .and_then(|()| {
+                // Handed over: the backend frees each old matrix once its replacement is
+                // built, so old and new are never whole side by side (the arena counts one).
+                let old = self.resident_ffn[li].take();
+                backend.assemble_compact(CompactUpdate {
+                    old: old.map(|m| (&self.resident_ids[li][..], m)),
+                    staged: filled.as_ref().zip(range),
+                    new_ids: ids,
+                    hidden: d.h,
+                    dtype: d.dtype,
+                })
             });
-            assemble(old.as_ref(), &staged_bytes, ids, d.h, d.dtype.size())
-        })();
-        if let Some(f) = filled {
-            self.engine.release(f)?;
+        // After the assembly is queued: the engine reuses the buffer only after it.
+        let released = filled.map_or(Ok(()), |f| self.engine.release(f));
+        let out = built.and_then(|m| released.map(|()| m));
+        if out.is_err() {
+            // Nothing of the layer's sparse set is resident any more: the next request
+            // copies in all of it.
+            self.resident_ffn[li] = None;
+            self.resident_ids[li].clear();
         }
-        self.upload_compact(backend, li, ids.len(), assembled?)
+        out
     }
 }
 
 impl<B: OffloadBackend> OffloadRuntime<B> {
-    /// Whether a layer's new compact FFN is assembled from the staging buffer in place: on
-    /// host memory (the CPU) it is a memcpy; a device would read the staging buffer back over
-    /// the link, so it gathers on the host and uploads instead. A quantized FFN is always
-    /// regathered (its compact down matrix is re-encoded from the stored one).
-    fn assembles_in_place(&self) -> bool {
-        B::RESIDENT_MEMORY == ResidentMemory::Host && !self.host.is_quantized()
+    /// Whether a layer's new compact FFN is built from the old one and the moved neurons'
+    /// bundles, staged by the copy engine (float weights, on every backend: only the new
+    /// neurons cross the link). A quantized FFN is regathered on the host instead (its
+    /// compact down matrix is re-encoded from the stored one).
+    fn assembles_from_staging(&self) -> bool {
+        !self.host.is_quantized()
     }
 }

@@ -8,9 +8,10 @@ pub struct OffloadReport {
     pub resident_budget_bytes: u64,
     /// Peak bytes the resident arena handed out.
     pub resident_bytes: u64,
-    /// Bytes the copy engine moved, plus (CUDA) the compact FFNs uploaded when the request
-    /// chose its neurons (gathered on the host, uploaded once; the CPU stages the same
-    /// neurons' bundles through the engine instead).
+    /// Bytes the copy engine moved (the new neurons' bundles of float FFNs included), plus
+    /// (CUDA) what was uploaded outside it when the request chose its neurons: quantized
+    /// compact FFNs (regathered on the host), the FFN complements kept resident, and the new
+    /// splits of layers whose every neuron is resident.
     pub streamed_bytes: u64,
     /// Seconds the copy engine spent on jobs (CPU: pacing included; CUDA: the copies' time
     /// on the copy stream, from events).
@@ -40,6 +41,9 @@ pub struct OffloadReport {
     pub predicted_ms_per_token: Option<f64>,
     /// Measured decode ms per produced token (the first token, from the prefill, excluded).
     pub measured_ms_per_token: f64,
+    /// Kernel launches (cuBLAS calls included) per produced token, as
+    /// `measured_ms_per_token` counts tokens (CUDA; None on the CPU).
+    pub launches_per_token: Option<f64>,
     /// The planner's predicted time to first token (when `predicted_ms_per_token` is).
     pub predicted_ttft_ms: Option<f64>,
     /// What the arena holds, summed by budget line: `plan`'s `budget_lines` for the same
@@ -60,8 +64,12 @@ impl OffloadReport {
             ),
             None => String::new(),
         };
+        let launches = match self.launches_per_token {
+            Some(l) => format!(", {l:.0} launches/token"),
+            None => String::new(),
+        };
         format!(
-            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}",
+            "[offload] resident {} of {} | not resident: attention {}/{layers} layers, sparse FFN {}/{layers} | streamed {} ({:.2} GB/s, overlap {:.2}) | moved in {} neurons{predicted}{launches}",
             format_bytes(self.resident_bytes),
             format_bytes(self.resident_budget_bytes),
             self.overflow_attention_layers,

@@ -151,7 +151,10 @@ impl Cublas {
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
-        })
+        })?;
+        // One GEMM, counted as one launch (cuBLAS may queue more than one kernel for it).
+        self.ctx.count_launch();
+        Ok(())
     }
 }
 

@@ -2,7 +2,9 @@
 //! neurons already resident stay where they are (copied within resident memory), and only
 //! the others come over the link, as bundles. The compact FFN is then assembled in
 //! ascending neuron order, byte for byte what a fresh gather of the new set would give, so
-//! the sparse model does not depend on which request came before.
+//! the sparse model does not depend on which request came before. [`assemble`] does it on
+//! the host (the CPU backend); [`compact_sources`] is the table a device kernel does it from
+//! (`OffloadBackend::assemble_compact`).
 
 use crate::error::{Error, Result};
 
@@ -21,6 +23,31 @@ pub fn moved_in(old: &[u32], new: &[u32]) -> Vec<u32> {
         .copied()
         .filter(|i| old.binary_search(i).is_err())
         .collect()
+}
+
+/// Where each neuron of `new_ids` (ascending) comes from when a compact FFN of `old_ids`
+/// (ascending) is rebuilt for it: `i < old_ids.len()` is old neuron `i`, `old_ids.len() + s`
+/// is staged bundle `s` (the bundles of `moved_in(old_ids, new_ids)`, in that order). Also
+/// the number of staged bundles.
+pub fn compact_sources(old_ids: &[u32], new_ids: &[u32]) -> Result<(Vec<u32>, usize)> {
+    let ko = old_ids.len();
+    let mut staged = 0usize;
+    let mut out = Vec::with_capacity(new_ids.len());
+    for id in new_ids {
+        let src = match old_ids.binary_search(id) {
+            Ok(i) => i,
+            Err(_) => {
+                staged += 1;
+                ko + staged - 1
+            }
+        };
+        out.push(
+            u32::try_from(src).map_err(|_| {
+                Error::InvalidArgument(format!("neuron source {src} is past 32 bits"))
+            })?,
+        );
+    }
+    Ok((out, staged))
 }
 
 /// The compact FFN of `new_ids` from the resident `old` one and `staged`: the gate|up|down
@@ -132,5 +159,17 @@ mod tests {
         assert_eq!(got, gather_ffn(&all, DType::BF16, h, &new_ids));
         // Too few staged bytes is an error, not a panic.
         assert!(assemble(Some(&old), &stage(&all, &moved[1..], h), &new_ids, h, 2).is_err());
+    }
+
+    #[test]
+    fn the_source_table_says_what_assemble_copies() {
+        let old_ids: Vec<u32> = vec![1, 3, 4, 8];
+        let new_ids: Vec<u32> = vec![0, 3, 8, 9];
+        let (src, staged) = compact_sources(&old_ids, &new_ids).unwrap();
+        // 0: staged 0; 3: old 1; 8: old 3; 9: staged 1 (old ids count 4).
+        assert_eq!(src, vec![4, 1, 3, 5]);
+        assert_eq!(staged, moved_in(&old_ids, &new_ids).len());
+        let (src, staged) = compact_sources(&[], &new_ids).unwrap();
+        assert_eq!((src, staged), (vec![0, 1, 2, 3], 4));
     }
 }
