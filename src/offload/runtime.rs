@@ -372,9 +372,11 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
     /// Starts a request: forgets the previous request's neuron choice (its neurons stay
     /// resident, so the next choice copies in only new ones) and its statistics.
     pub fn begin_request(&mut self) -> Result<()> {
-        self.cancel()?;
+        // The last request's overflow copies go first, so that cancelling lets the copy
+        // engine unpin them (CUDA registers every mapping it copies from).
         self.kept = None;
         self.overflow.iter_mut().for_each(|o| *o = None);
+        self.cancel()?;
         self.engine.reset_stats()?;
         self.moved_neurons = 0;
         self.uploaded_bytes = 0;

@@ -186,7 +186,7 @@ impl DeviceCopyEngine {
         // runtime uploads anything (the real link is used).
         let ctx = backend.ctx().clone();
         let device = ctx.device.clone();
-        let copy = Stream::new(&device)?;
+        let copy = Stream::high_priority(&device)?;
         let registry = Registry::new(&device);
         let mut slots = Vec::with_capacity(buffers);
         for _ in 0..buffers {
@@ -385,6 +385,11 @@ impl DeviceCopyEngine {
             // As in `new`: the copy stream may use the new buffer once it exists.
             self.ctx.synchronize("copy engine staging")?;
         }
+        // Mappings only this engine's registrations still hold (a finished request's overflow
+        // copies) are unregistered, once no copy reads them: else every request would pin
+        // more host memory for the engine's life.
+        self.copy.synchronize()?;
+        self.registry.forget_unused();
         self.generation += 1;
         Ok(())
     }

@@ -161,6 +161,22 @@ impl Stream {
         })
     }
 
+    /// A stream at the device's greatest priority: the copy engine's, so that its gather
+    /// kernel's blocks are scheduled ahead of compute kernels waiting for free SMs (else the
+    /// gather would run only between compute kernels and hide little behind them).
+    pub fn high_priority(device: &Arc<CudaDevice>) -> Result<Self> {
+        let (_, greatest) = bound(device, "cuCtxGetStreamPriorityRange", || {
+            result::stream::get_priority_range()
+        })?;
+        let raw = bound(device, "cuStreamCreateWithPriority", || {
+            result::stream::create_with_priority(result::stream::StreamKind::NonBlocking, greatest)
+        })?;
+        Ok(Stream {
+            device: device.clone(),
+            raw,
+        })
+    }
+
     /// The raw handle, for kernel launches and cuBLAS.
     pub fn raw(&self) -> sys::CUstream {
         self.raw

@@ -117,6 +117,17 @@ impl Registry {
         }
     }
 
+    /// Forgets the mappings nothing but their registration holds any more (their pages are
+    /// unregistered when no other engine shares them), and the mappings that were staged (a
+    /// new mapping may reuse a freed one's address, and may register). The caller has
+    /// synchronized its copy stream: no transfer of this engine reads them.
+    pub fn forget_unused(&mut self) {
+        self.known.retain(|_, known| match known {
+            Known::Registered { reg, .. } => Arc::strong_count(&reg._map) > 1,
+            Known::Staged => false,
+        });
+    }
+
     /// Whether mappings are registered at all (else every job is staged).
     pub fn enabled(&self) -> bool {
         self.flags.is_ok()
