@@ -46,16 +46,28 @@ extern "C" __global__ void gather_pieces(const unsigned long long* __restrict__ 
         const unsigned long long len = table[3ull * e + 2];
         const unsigned char* s = (const unsigned char*)src;
         unsigned char* d = dst + off;
-        const unsigned long long at = src | (unsigned long long)d;
-        // The widest word both ends are aligned to; the bytes past the last whole word are
-        // copied one by one below.
+        // Where both ends sit at the same offset within a 16-byte (else 4-byte) word, the
+        // bytes up to the first whole word go one by one, then whole words; the bytes past
+        // the last whole word are copied one by one below. Ends at different offsets copy
+        // byte by byte throughout.
+        const unsigned long long mis = src ^ (unsigned long long)d;
         unsigned long long body = 0;
-        if ((at & 15ull) == 0) {
-            body = len / 16 * 16;
-            copy_words((const uint4*)s, (uint4*)d, len / 16);
-        } else if ((at & 3ull) == 0) {
-            body = len / 4 * 4;
-            copy_words((const unsigned*)s, (unsigned*)d, len / 4);
+        if ((mis & 15ull) == 0) {
+            const unsigned long long head = min(len, (16ull - (src & 15ull)) & 15ull);
+            for (unsigned long long i = threadIdx.x; i < head; i += blockDim.x) {
+                d[i] = s[i];
+            }
+            const unsigned long long words = (len - head) / 16;
+            copy_words((const uint4*)(s + head), (uint4*)(d + head), words);
+            body = head + words * 16;
+        } else if ((mis & 3ull) == 0) {
+            const unsigned long long head = min(len, (4ull - (src & 3ull)) & 3ull);
+            for (unsigned long long i = threadIdx.x; i < head; i += blockDim.x) {
+                d[i] = s[i];
+            }
+            const unsigned long long words = (len - head) / 4;
+            copy_words((const unsigned*)(s + head), (unsigned*)(d + head), words);
+            body = head + words * 4;
         }
         for (unsigned long long i = body + threadIdx.x; i < len; i += blockDim.x) {
             d[i] = s[i];

@@ -40,6 +40,10 @@ pub struct ScratchShape {
 /// (modules load lazily since CUDA 11.7; contexts measure 300-500 MiB on recent GPUs).
 pub const DRIVER_CONTEXT_BYTES: u64 = 512 << 20;
 
+/// The allocator margin's fixed part: per-op temporaries, what the stream-ordered pool keeps
+/// (its release threshold, see `cuda::context`), cuBLAS's handles.
+pub const ALLOCATOR_MARGIN_BASE: u64 = 256 << 20;
+
 /// cuBLAS's workspace as the budget assumes it (its default on recent GPUs is up to 32 MiB;
 /// the library does not report it).
 pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;

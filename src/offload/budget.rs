@@ -12,12 +12,8 @@
 use serde::Serialize;
 
 pub use crate::backend::offload::{
-    gpu_scratch_bytes, CUBLAS_WORKSPACE_BYTES, DRIVER_CONTEXT_BYTES,
+    gpu_scratch_bytes, ALLOCATOR_MARGIN_BASE, CUBLAS_WORKSPACE_BYTES, DRIVER_CONTEXT_BYTES,
 };
-
-/// The allocator margin's fixed part: per-op temporaries, what stream-ordered pools keep,
-/// cuBLAS's handles.
-pub const ALLOCATOR_MARGIN_BASE: u64 = 256 << 20;
 
 /// The allocator margin's part per layer: a layer's resident matrices are separate device
 /// allocations, each rounded up to whole 2 MiB pages (half a page lost on average; about 8

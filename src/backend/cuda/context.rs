@@ -21,6 +21,7 @@ use super::device::{panic_message, CudaDevice};
 use super::kernels::KERNELS;
 use super::memory::Stream;
 use super::nvrtc::{self, Compiled};
+use crate::backend::offload::ALLOCATOR_MARGIN_BASE;
 use crate::error::{Error, Result};
 
 /// An error of a CUDA library as cudarc returns it: the library's name (for a cudarc panic)
@@ -363,16 +364,18 @@ impl Drop for Ctx {
     }
 }
 
-/// Lets the device's default memory pool keep freed memory instead of returning it to the
-/// system at every synchronisation (its default): the ops' per-call temporaries are then
-/// reused without a trip through the driver each token. Best effort: a failure only costs
-/// speed.
+/// Lets the device's default memory pool keep up to the allocator margin's fixed part
+/// (`ALLOCATOR_MARGIN_BASE`, inside every `--gpu-mem` budget) of freed memory instead of
+/// returning it to the system at every synchronisation (its default): the ops' per-call
+/// temporaries are then reused without a trip through the driver each token, and what the
+/// pool keeps stays within the budget (an unbounded threshold would keep every freed
+/// resident matrix too). Best effort: a failure only costs speed.
 fn keep_pool_memory(device: &CudaDevice) {
     let _ = call("CUDA backend", "cuMemPoolSetAttribute", || {
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: `pool` is valid for the write; `device.device` came from cuDeviceGet.
         unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, device.device) }.result()?;
-        let mut threshold = u64::MAX;
+        let mut threshold = ALLOCATOR_MARGIN_BASE;
         // SAFETY: the attribute takes a cuuint64_t, which `threshold` is, alive for the call.
         unsafe {
             sys::cuMemPoolSetAttribute(
