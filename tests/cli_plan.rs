@@ -215,6 +215,9 @@ fn llama_3_70b_q4_in_24g_keeps_the_driver_and_margins_inside_the_budget() {
             );
         }
     }
+    // `auto` is for `run`, which reads the GPU's free memory.
+    let o = run(&["plan", "--model", "llama-3-8b", "--gpu-mem", "auto"]);
+    assert_one_line_failure(&o, "needs a size");
     // On the CPU there is no driver or allocator line.
     let o = run(&[
         "plan",

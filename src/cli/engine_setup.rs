@@ -174,8 +174,12 @@ impl<'a> EngineSetup<'a> {
     /// How to run an offloaded GPU run on the CPU instead.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn cpu_alternative(&self) -> String {
-        let size = self.args.offload.gpu_mem.as_deref().unwrap_or("SIZE");
-        format!("run the same offloaded on the CPU with --resident-mem {size} in place of --gpu-mem {size}")
+        // `auto` reads a GPU's free memory: the CPU needs a size.
+        let size = (self.args.offload.gpu_mem.as_deref())
+            .filter(|s| !s.eq_ignore_ascii_case("auto"))
+            .unwrap_or("SIZE");
+        let given = self.args.offload.gpu_mem.as_deref().unwrap_or(size);
+        format!("run the same offloaded on the CPU with --resident-mem {size} in place of --gpu-mem {given}")
     }
 
     /// The offloading configuration: `--resident-mem` on the CPU, `--gpu-mem` on CUDA, each

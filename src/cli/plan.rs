@@ -247,6 +247,12 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             ))
         }
     };
+    if size.eq_ignore_ascii_case("auto") {
+        return Err(Error::InvalidArgument(format!(
+            "{option} auto reads a GPU's free memory when `run` starts; plan needs a size \
+             (e.g. {option} 24G; nvidia-smi shows the GPU's free memory)"
+        )));
+    }
     let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
     let input = run_plan_input(args, config, budget, on_gpu)?;
