@@ -38,6 +38,23 @@ __device__ __forceinline__ void copy_words(const W* __restrict__ s, W* __restric
     }
 }
 
+// Copies the bytes of s before its first W-aligned address one by one, then whole words of W
+// (s and d share their offset within a W), and returns how many bytes that covered.
+template <typename W>
+__device__ __forceinline__ unsigned long long copy_aligned(const unsigned char* s,
+                                                           unsigned char* d,
+                                                           unsigned long long len) {
+    const unsigned long long size = sizeof(W);
+    const unsigned long long head =
+        min(len, (size - ((unsigned long long)s & (size - 1))) & (size - 1));
+    for (unsigned long long i = threadIdx.x; i < head; i += blockDim.x) {
+        d[i] = s[i];
+    }
+    const unsigned long long words = (len - head) / size;
+    copy_words((const W*)(s + head), (W*)(d + head), words);
+    return head + words * size;
+}
+
 extern "C" __global__ void gather_pieces(const unsigned long long* __restrict__ table,
                                          unsigned entries, unsigned char* __restrict__ dst) {
     for (unsigned e = blockIdx.x; e < entries; e += gridDim.x) {
@@ -53,21 +70,9 @@ extern "C" __global__ void gather_pieces(const unsigned long long* __restrict__ 
         const unsigned long long mis = src ^ (unsigned long long)d;
         unsigned long long body = 0;
         if ((mis & 15ull) == 0) {
-            const unsigned long long head = min(len, (16ull - (src & 15ull)) & 15ull);
-            for (unsigned long long i = threadIdx.x; i < head; i += blockDim.x) {
-                d[i] = s[i];
-            }
-            const unsigned long long words = (len - head) / 16;
-            copy_words((const uint4*)(s + head), (uint4*)(d + head), words);
-            body = head + words * 16;
+            body = copy_aligned<uint4>(s, d, len);
         } else if ((mis & 3ull) == 0) {
-            const unsigned long long head = min(len, (4ull - (src & 3ull)) & 3ull);
-            for (unsigned long long i = threadIdx.x; i < head; i += blockDim.x) {
-                d[i] = s[i];
-            }
-            const unsigned long long words = (len - head) / 4;
-            copy_words((const unsigned*)(s + head), (unsigned*)(d + head), words);
-            body = head + words * 4;
+            body = copy_aligned<unsigned>(s, d, len);
         }
         for (unsigned long long i = body + threadIdx.x; i < len; i += blockDim.x) {
             d[i] = s[i];

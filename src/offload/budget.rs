@@ -75,9 +75,7 @@ pub const ALLOCATOR_MARGIN: &str = "allocator margin";
 /// the plan's items.
 pub fn budget_line_of_label(label: &str) -> &'static str {
     let is_attention = label.starts_with("layer ")
-        && ["wq", "wk", "wv", "wo"]
-            .iter()
-            .any(|m| label.ends_with(&format!(" {m}")));
+        && matches!(label.rsplit(' ').next(), Some("wq" | "wk" | "wv" | "wo"));
     budget_line(label, is_attention)
 }
 
@@ -88,53 +86,44 @@ pub fn budget_line_of_item(name: &str) -> &'static str {
 }
 
 fn budget_line(name: &str, is_attention: bool) -> &'static str {
-    const PREFIXES: [&str; 10] = [
-        "LM head",
-        "norms and biases",
-        "sparse FFN",
-        "FFN complement",
-        "KV cache",
-        "activations",
-        "stream buffers",
-        BACKEND_SCRATCH,
-        DRIVER_CONTEXT,
-        ALLOCATOR_MARGIN,
-    ];
     if is_attention {
         return "attention";
     }
-    PREFIXES
+    // Attention is told by the caller (its arena labels name matrices, not the line).
+    LINES
         .into_iter()
-        .find(|p| name.starts_with(p))
+        .find(|&line| line != "attention" && name.starts_with(line))
         .unwrap_or("other")
 }
+
+/// Every budget line, in the order both reports list them.
+const LINES: [&str; 12] = [
+    "LM head",
+    "norms and biases",
+    "attention",
+    "sparse FFN",
+    "FFN complement",
+    "KV cache",
+    "activations",
+    "stream buffers",
+    BACKEND_SCRATCH,
+    DRIVER_CONTEXT,
+    ALLOCATOR_MARGIN,
+    "other",
+];
 
 /// The budget's lines in one order: each category's bytes summed, categories with no bytes
 /// left out. What `plan` and `run` both print (`budget_lines` in their JSON).
 pub fn budget_lines<'a>(
     entries: impl IntoIterator<Item = (&'static str, u64)> + 'a,
 ) -> Vec<BudgetLine> {
-    const ORDER: [&str; 12] = [
-        "LM head",
-        "norms and biases",
-        "attention",
-        "sparse FFN",
-        "FFN complement",
-        "KV cache",
-        "activations",
-        "stream buffers",
-        BACKEND_SCRATCH,
-        DRIVER_CONTEXT,
-        ALLOCATOR_MARGIN,
-        "other",
-    ];
-    let mut sums = [0u64; ORDER.len()];
+    let mut sums = [0u64; LINES.len()];
     for (what, bytes) in entries {
-        if let Some(i) = ORDER.iter().position(|&o| o == what) {
+        if let Some(i) = LINES.iter().position(|&o| o == what) {
             sums[i] += bytes;
         }
     }
-    ORDER
+    LINES
         .iter()
         .zip(sums)
         .filter(|&(_, bytes)| bytes > 0)
