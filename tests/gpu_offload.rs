@@ -158,6 +158,10 @@ fn offloaded_sirius_on_cuda_below_the_model_size_gives_the_unconstrained_tokens(
             "{label}: {o:?}"
         );
         assert!(c.launches_per_token.is_none(), "{label}: {c:?}");
+        // The per-op temporaries' region is sized before the request from the budgeted
+        // bound: the decode steps allocate nothing on the device.
+        assert_eq!(gpu.decode_device_allocations, Some(0), "{label}");
+        assert_eq!(cpu.decode_device_allocations, None, "{label}");
         let trace: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
         let spans = trace["traceEvents"].as_array().unwrap().len();

@@ -277,6 +277,10 @@ decode_row() { # label, tokens, then run options
         local launches
         launches=$(json_num "$WORK/$name.json" decode_launches_per_token)
         [ -n "$launches" ] && extra="${extra:+$extra, }$launches launches/token"
+        # Device allocations of the decode steps: 0 once the temporaries' region is warm.
+        local allocs
+        allocs=$(json_num "$WORK/$name.json" decode_device_allocations)
+        [ -n "$allocs" ] && extra="${extra:+$extra, }$allocs decode allocations"
         say "| $label | $(json_num "$WORK/$name.json" decode_tokens_per_s) | $(json_num "$WORK/$name.json" prefill_tokens_per_s) | $(json_num "$WORK/$name.json" generated_tokens) | $extra |"
     else
         local why
@@ -452,11 +456,11 @@ llama8b() {
     ratio=$(awk -v p="$pred" -v m="$meas" 'BEGIN { if (p > 0 && m > 0) printf "%.2f", p / m }')
     goal=$(awk -v r="$ratio" 'BEGIN { if (r == "") print "no prediction";
         else if (r >= 0.85 && r <= 1.15) print "within 15%"; else print "OUTSIDE 15%" }')
-    say "| predicted ms/token | measured ms/token | predicted / measured | overlap | achieved link GB/s | launches/token | host gather s | decode tok/s | AAL |"
-    say "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    say "| predicted ms/token | measured ms/token | predicted / measured | overlap | achieved link GB/s | launches/token | decode allocations | host gather s | decode tok/s | AAL |"
+    say "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     local row="" field v
     for field in predicted_ms_per_token measured_ms_per_token ratio overlap achieved_link_gbps \
-        launches_per_token host_gather_s decode_tokens_per_s aal; do
+        launches_per_token decode_device_allocations host_gather_s decode_tokens_per_s aal; do
         case $field in
         ratio) v="${ratio:-n/a} ($goal)" ;;
         *) v=$(json_num "$j" "$field") ;;

@@ -20,6 +20,7 @@ pub mod cuda;
 pub mod neurons;
 pub mod offload;
 pub mod rope;
+pub mod temp_stack;
 
 pub use argmax::argmax;
 pub use cpu_backend::{CpuBackend, CpuMatrix};
@@ -29,6 +30,30 @@ pub use rope::RopeTable;
 
 use crate::error::Result;
 use crate::tensor::{DType, KvDType, TensorRef, TreeMask};
+
+/// What a device backend counts of its own work so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceCounts {
+    /// Kernels queued (a cuBLAS call counts as one).
+    pub launches: u64,
+    /// Device allocations made (each a trip through the driver or its pool).
+    pub allocations: u64,
+}
+
+impl DeviceCounts {
+    /// The work done since `before` was read.
+    pub fn since(self, before: DeviceCounts) -> DeviceCounts {
+        DeviceCounts {
+            launches: self.launches.saturating_sub(before.launches),
+            allocations: self.allocations.saturating_sub(before.allocations),
+        }
+    }
+
+    pub fn add(&mut self, other: DeviceCounts) {
+        self.launches += other.launches;
+        self.allocations += other.allocations;
+    }
+}
 
 /// Shape of one attention call: heads, kv heads (GQA) and head width.
 #[derive(Debug, Clone, Copy)]
@@ -78,9 +103,10 @@ pub trait Backend {
 
     /// Short description for logs and stats, e.g. "cpu (avx512, 2 threads)".
     fn describe(&self) -> String;
-    /// Kernels (and library calls such as GEMMs) queued so far, where launches cost
-    /// something of their own (a GPU); None for a backend that computes in place (the CPU).
-    fn launches(&self) -> Option<u64> {
+    /// Kernels (and library calls such as GEMMs) queued and device allocations made so far,
+    /// where each costs something of its own (a GPU); None for a backend that computes in
+    /// place (the CPU).
+    fn device_counts(&self) -> Option<DeviceCounts> {
         None
     }
     /// A zeroed buffer of `len` floats.

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use crate::backend::temp_stack::TEMP_ALIGN;
 use crate::backend::SparseOps;
 use crate::error::Result;
 use crate::tensor::DType;
@@ -34,25 +35,68 @@ pub struct ScratchShape {
     /// Rotary head width and the positions the request reaches.
     pub head_dim: usize,
     pub context: usize,
+    /// Query heads, the model width and the FFN's neurons: what the per-op temporaries
+    /// (attention chunks, neuron lists, partial sums) scale with.
+    pub num_heads: usize,
+    pub hidden: usize,
+    pub ffn_neurons: usize,
 }
 
 /// What a CUDA context with this project's kernels and cuBLAS loaded holds on the device
 /// (modules load lazily since CUDA 11.7; contexts measure 300-500 MiB on recent GPUs).
 pub const DRIVER_CONTEXT_BYTES: u64 = 512 << 20;
 
-/// The allocator margin's fixed part: per-op temporaries, what the stream-ordered pool keeps
-/// (its release threshold, see `cuda::context`), cuBLAS's handles.
+/// The allocator margin's fixed part: what the stream-ordered pool keeps (its release
+/// threshold, see `cuda::context`), cuBLAS's handles, temporaries past their region (the
+/// region itself is booked with the backend scratch, see [`gpu_temporaries_bytes`]).
 pub const ALLOCATOR_MARGIN_BASE: u64 = 256 << 20;
 
 /// cuBLAS's workspace as the budget assumes it (its default on recent GPUs is up to 32 MiB;
 /// the library does not report it).
 pub const CUBLAS_WORKSPACE_BYTES: u64 = 32 << 20;
 
+/// The most streaming multiprocessors the temporaries' bound assumes (GPUs today have at
+/// most 192): attention splits a few query rows into chunks until every SM has two blocks,
+/// so its partial results scale with the SMs, not with the context.
+pub const TEMPORARIES_SM_BOUND: usize = 256;
+
+/// The most bytes of partial sums a sparse FFN's down projection keeps (the CUDA op caps its
+/// splits to fit): splits only pay when few tokens leave SMs idle, so few rows need them.
+pub const DOWN_PARTIALS_MAX_BYTES: usize = 8 << 20;
+
+/// f32 elements of the weight block the f32 GEMM path converts at a time (`GEMM=f32` only).
+pub const GEMM_F32_BLOCK_FLOATS: usize = 16 << 20;
+
+/// The CUDA backend's per-op temporaries for requests of `shape`, at most: each op's
+/// temporaries are taken from one region as a stack and given back when the op returns
+/// (`temp_stack`), so the region holds the largest op's, each rounded up to `TEMP_ALIGN`:
+/// a sparse FFN's neuron lists, activations and partial sums (`gemm_rows` rows of
+/// `ffn_neurons`), attention's tree mask and chunk partials, the f32 GEMM's weight block.
+pub fn gpu_temporaries_bytes(shape: &ScratchShape, act16: bool) -> u64 {
+    let align = TEMP_ALIGN as u64;
+    let t = shape.gemm_rows.max(1) as u64;
+    let neurons = t * shape.ffn_neurons as u64 * 4;
+    // Neuron ids per row (or selected per row) and the rows' offsets or counts.
+    let lists = neurons + (t + 1) * 4 + 2 * align;
+    let sparse_ffn = lists + neurons + DOWN_PARTIALS_MAX_BYTES as u64 + align;
+    let mask = t * (shape.context as u64).div_ceil(64) * 8;
+    let slots = 8 * TEMPORARIES_SM_BOUND as u64 + t * shape.num_heads as u64;
+    let attention = mask + slots * (shape.head_dim as u64 * 4 + 8) + 3 * align;
+    let gemm_f32 = match act16 {
+        true => 0,
+        false => GEMM_F32_BLOCK_FLOATS as u64 * 4 + align,
+    };
+    // Token ids, positions, argmax results, inverse norms: a few words a row.
+    let rows = t * 8 + align;
+    sparse_ffn.max(attention).max(gemm_f32).max(rows)
+}
+
 /// The CUDA backend's scratch for requests of `shape`: with the bf16 GEMM (`act16`, the
 /// default with cuBLAS) the activations converted to bf16 for `gemm_rows` rows of the widest
 /// matrix input (rounded up to a power of two: the buffer grows by doubling), cuBLAS's
-/// workspace, and the rope table (f32 cos/sin rows of `head_dim` for at least 1024
-/// positions, grown by doubling). The backend books exactly this.
+/// workspace, the rope table (f32 cos/sin rows of `head_dim` for at least 1024 positions,
+/// grown by doubling) and the per-op temporaries ([`gpu_temporaries_bytes`]). The backend
+/// books exactly this.
 pub fn gpu_scratch_bytes(shape: &ScratchShape, act16: bool) -> u64 {
     let act16_bytes = match act16 {
         true => {
@@ -62,7 +106,7 @@ pub fn gpu_scratch_bytes(shape: &ScratchShape, act16: bool) -> u64 {
         false => 0,
     };
     let rope = 2 * shape.context.max(1024) as u64 * shape.head_dim as u64 * 4;
-    act16_bytes + CUBLAS_WORKSPACE_BYTES + rope
+    act16_bytes + CUBLAS_WORKSPACE_BYTES + rope + gpu_temporaries_bytes(shape, act16)
 }
 
 /// A backend the offloading runtime can drive. Matrices must be cheap to clone (shared

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::engine::output::{rate, GenerationOutput, SiriusReport, StopReason};
 use crate::engine::text::TextOutput;
 use crate::error::{Error, Result};
-use crate::model::Tokenizer;
+use crate::model::{DeviceCounts, Tokenizer};
 use crate::offload::runtime::OffloadReport;
 use crate::sparsity::SparsityReport;
 
@@ -20,8 +20,8 @@ pub trait Decoder {
     /// The tokens after `last` (produced, not yet in the cache), at least one and at most
     /// `budget + 1` of them; all but the last are in the cache afterwards.
     fn step(&mut self, last: u32, budget: usize) -> Result<Vec<u32>>;
-    /// Kernel launches of the backend so far, where it counts them (a GPU).
-    fn launches(&self) -> Option<u64> {
+    /// Launches and allocations of the backend so far, where it counts them (a GPU).
+    fn device_counts(&self) -> Option<DeviceCounts> {
         None
     }
 }
@@ -36,8 +36,9 @@ pub struct Decoded {
     /// Tokens the steps produced that the loop used: the generated ones after the first
     /// (which the prefill made) and a stop id that ended the request (its step ran too).
     pub step_tokens: usize,
-    /// Kernel launches the steps queued (None where the backend does not count them).
-    pub step_launches: Option<u64>,
+    /// Kernel launches and device allocations of the steps (None where the backend does not
+    /// count them).
+    pub step_counts: Option<DeviceCounts>,
 }
 
 impl Decoded {
@@ -49,7 +50,7 @@ impl Decoded {
             true => self.ids.len().saturating_sub(1),
             false => self.step_tokens,
         };
-        let launches = self.step_launches?;
+        let launches = self.step_counts?.launches;
         (tokens > 0).then(|| launches as f64 / tokens as f64)
     }
 }
@@ -69,7 +70,7 @@ pub fn decode(
     let mut pending = vec![first];
     let mut step_seconds = 0.0;
     let mut step_tokens = 0;
-    let mut step_launches = dec.launches().map(|_| 0u64);
+    let mut step_counts = dec.device_counts().map(|_| DeviceCounts::default());
     let mut from_step = false;
     let stop = 'decode: loop {
         for token in pending {
@@ -93,13 +94,13 @@ pub fn decode(
         }
         let last = *ids.last().unwrap_or(&first);
         let t = Instant::now();
-        let launched = dec.launches();
+        let before = dec.device_counts();
         pending = dec.step(last, max_tokens - ids.len())?;
         step_seconds += t.elapsed().as_secs_f64();
         if let (Some(total), Some(before), Some(after)) =
-            (step_launches.as_mut(), launched, dec.launches())
+            (step_counts.as_mut(), before, dec.device_counts())
         {
-            *total += after.saturating_sub(before);
+            total.add(after.since(before));
         }
         if pending.is_empty() {
             return Err(Error::InvalidArgument(
@@ -113,7 +114,7 @@ pub fn decode(
         stop,
         step_seconds,
         step_tokens,
-        step_launches,
+        step_counts,
     })
 }
 
@@ -196,6 +197,7 @@ pub fn run(
         prefill_tokens_per_s: rate(fresh.len(), prefill_seconds),
         decode_tokens_per_s: rate(decoded.step_tokens, seconds),
         decode_launches_per_token: decoded.launches_per_token(false),
+        decode_device_allocations: decoded.step_counts.map(|c| c.allocations),
         generated_token_ids: decoded.ids,
         sparse_setup_seconds: prefilled.setup_seconds,
         sparsity: report.sparsity,

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::backend::SparseOps;
+use crate::backend::{DeviceCounts, SparseOps};
 use crate::engine::decode::Prefilled;
 use crate::engine::prefill::{chunk_len, prefill_chunks};
 use crate::engine::prefix::PromptPrefix;
@@ -303,8 +303,8 @@ impl<B: SparseOps, W: Residency<B>> SiriusModel for LlamaSirius<'_, B, W> {
         Ok(())
     }
 
-    fn launches(&self) -> Option<u64> {
-        self.model.backend.launches()
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        self.model.backend.device_counts()
     }
 
     fn draft(&mut self, token: u32) -> Result<Vec<f32>> {

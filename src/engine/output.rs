@@ -52,6 +52,10 @@ pub struct GenerationOutput {
     /// in `decode_tokens_per_s` (CUDA; absent on the CPU).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decode_launches_per_token: Option<f64>,
+    /// Device allocations the decode steps made (CUDA; absent on the CPU): 0 once the
+    /// per-op temporaries' region holds what the steps need.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_device_allocations: Option<u64>,
     /// Seconds spent picking and placing Griffin's neurons after the prompt (0 otherwise).
     pub sparse_setup_seconds: f64,
     #[serde(flatten)]

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use crate::backend::{Backend, SparseOps};
+use crate::backend::{Backend, DeviceCounts, SparseOps};
 use crate::engine::decode::{Decoded, Decoder, Prefilled, Request, RequestReport};
 use crate::engine::prefill::{chunk_len, prefill_chunks};
 use crate::engine::prefix::PromptPrefix;
@@ -60,8 +60,8 @@ impl<B: SparseOps> Decoder for PlainRequest<'_, B> {
         self.cache.capacity() - self.cache.len()
     }
 
-    fn launches(&self) -> Option<u64> {
-        self.model.backend.launches()
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        self.model.backend.device_counts()
     }
 
     fn step(&mut self, last: u32, _budget: usize) -> Result<Vec<u32>> {

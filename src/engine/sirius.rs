@@ -2,7 +2,7 @@
 //! Llama forward ([`LlamaSirius`]: in memory, or offloaded), and [`correct`], the same loop
 //! over any [`SiriusModel`].
 
-use crate::backend::SparseOps;
+use crate::backend::{DeviceCounts, SparseOps};
 use crate::engine::decode::{decode, Decoded, Decoder, Prefilled, Request, RequestReport};
 use crate::engine::llama_sirius::{LlamaSirius, Residency};
 use crate::engine::output::SiriusReport;
@@ -37,8 +37,8 @@ impl<M: SiriusModel> Decoder for SiriusRequest<M> {
         self.model.cache_room()
     }
 
-    fn launches(&self) -> Option<u64> {
-        self.model.launches()
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        self.model.device_counts()
     }
 
     fn step(&mut self, last: u32, budget: usize) -> Result<Vec<u32>> {

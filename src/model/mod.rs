@@ -15,6 +15,9 @@ pub mod streamed;
 pub mod tokenizer;
 pub mod weights;
 
+/// What a device backend counts of its work (re-exported: the corrector sees backends only
+/// through the model).
+pub use crate::backend::DeviceCounts;
 pub use kv_cache::KvCache;
 pub use llama::{Llama, Logits, Pass, ReplacedWeights};
 pub use sampler::{Sampler, SamplingParams};

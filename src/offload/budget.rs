@@ -141,7 +141,9 @@ pub struct BudgetLine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::offload::ScratchShape;
+    use crate::backend::offload::{
+        gpu_temporaries_bytes, ScratchShape, DOWN_PARTIALS_MAX_BYTES, GEMM_F32_BLOCK_FLOATS,
+    };
 
     #[test]
     fn gpu_reserves_hold_the_driver_and_a_margin_and_host_ones_do_not() {
@@ -218,16 +220,48 @@ mod tests {
             gemm_rows: 256,
             head_dim: 128,
             context: 4096,
+            num_heads: 32,
+            hidden: 4096,
+            ffn_neurons: 14336,
         };
         let act = (256u64 * 14336 * 2).next_power_of_two();
         let rope = 2 * 4096 * 128 * 4;
+        let temps = |act16| gpu_temporaries_bytes(&shape, act16);
         assert_eq!(
             gpu_scratch_bytes(&shape, true),
-            act + CUBLAS_WORKSPACE_BYTES + rope
+            act + CUBLAS_WORKSPACE_BYTES + rope + temps(true)
         );
         assert_eq!(
             gpu_scratch_bytes(&shape, false),
-            CUBLAS_WORKSPACE_BYTES + rope
+            CUBLAS_WORKSPACE_BYTES + rope + temps(false)
+        );
+    }
+
+    #[test]
+    fn temporaries_hold_the_largest_op() {
+        let mut shape = ScratchShape {
+            widest_cols: 14336,
+            gemm_rows: 16,
+            head_dim: 128,
+            context: 8192,
+            num_heads: 32,
+            hidden: 4096,
+            ffn_neurons: 14336,
+        };
+        let window = gpu_temporaries_bytes(&shape, true);
+        // A K=16 window's sparse FFN: ids and activations of 16 x 14336 neurons, partials.
+        let ffn = 2 * 16 * 14336 * 4 + DOWN_PARTIALS_MAX_BYTES as u64;
+        assert!(window >= ffn && window < ffn + (1 << 20), "{window}");
+        // The f32 GEMM's block dwarfs a window's lists.
+        let f32_path = gpu_temporaries_bytes(&shape, false);
+        assert!(f32_path >= GEMM_F32_BLOCK_FLOATS as u64 * 4);
+        // Rows scale the lists and activations; the partial sums' cap does not.
+        shape.gemm_rows = 256;
+        let chunk = gpu_temporaries_bytes(&shape, true);
+        let more_rows = 2 * (256 - 16) * 14336 * 4;
+        assert!(
+            chunk.abs_diff(window + more_rows) < 4096,
+            "{chunk} vs {window}"
         );
     }
 }

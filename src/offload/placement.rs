@@ -202,9 +202,11 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
 /// The plan's name of a reserve line (its budget line first, then what it holds).
 fn reserve_item(line: &str) -> String {
     let holds = match line {
-        budget::BACKEND_SCRATCH => "GEMM input copy, cuBLAS workspace, rope table",
+        budget::BACKEND_SCRATCH => {
+            "GEMM input copy, cuBLAS workspace, rope table, per-op temporaries"
+        }
         budget::DRIVER_CONTEXT => "the CUDA context and its modules, assumed",
-        _ => "allocation rounding, pools, per-op temporaries, assumed",
+        _ => "allocation rounding, pools, assumed",
     };
     format!("{line} ({holds})")
 }

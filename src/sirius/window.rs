@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::sampler::argmax;
+use crate::model::DeviceCounts;
 use crate::sirius::config::SiriusConfig;
 use crate::tensor::TreeMask;
 
@@ -21,8 +22,8 @@ pub trait SiriusModel {
     /// the logits after each of them.
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
 
-    /// Kernel launches of the model's backend so far, where it counts them (a GPU).
-    fn launches(&self) -> Option<u64> {
+    /// Launches and allocations of the model's backend so far, where it counts them (a GPU).
+    fn device_counts(&self) -> Option<DeviceCounts> {
         None
     }
 
@@ -78,8 +79,8 @@ impl<M: SiriusModel + ?Sized> SiriusModel for &mut M {
     fn verify(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         (**self).verify(tokens)
     }
-    fn launches(&self) -> Option<u64> {
-        (**self).launches()
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        (**self).device_counts()
     }
     fn draft_argmax(&mut self, token: u32) -> Result<u32> {
         (**self).draft_argmax(token)

@@ -6,6 +6,7 @@
 use super::buffers::DevMem;
 use super::context::{to_u32, KArgs};
 use super::ops_basic::launch_grid_stride;
+use super::temps::Temp;
 use super::{CudaBackend, CudaMatrix};
 use crate::backend::compact::compact_sources;
 use crate::backend::offload::{CompactUpdate, OffloadBackend};
@@ -63,7 +64,7 @@ pub(crate) fn assemble_compact(
         h,
     };
     shape.check_old(&old, u.dtype)?;
-    let table = DevMem::upload(ctx, OP, &src)?;
+    let table = Temp::upload(ctx, OP, &src)?;
     let mut build = |part: usize| -> Result<CudaMatrix> {
         let (rows, cols) = if part < 2 { (k, h) } else { (h, k) };
         let out = DevMem::new(ctx, OP, u.dtype.bytes_for(k * h))?;

@@ -19,8 +19,8 @@ use super::ops_matmul::{GemmPrecision, Matmul};
 use super::{device, ops_attention as attn, ops_ffn as ffn, ops_sampling};
 use crate::backend::checks;
 use crate::backend::{
-    AttentionShape, Backend, BundleLayout, BundleSelection, NeuronLists, NeuronRule, RopeTable,
-    Rows, SparseOps,
+    AttentionShape, Backend, BundleLayout, BundleSelection, DeviceCounts, NeuronLists, NeuronRule,
+    RopeTable, Rows, SparseOps,
 };
 use crate::error::Result;
 use crate::tensor::TensorRef;
@@ -123,8 +123,11 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn launches(&self) -> Option<u64> {
-        Some(self.ctx.launches())
+    fn device_counts(&self) -> Option<DeviceCounts> {
+        Some(DeviceCounts {
+            launches: self.ctx.launches(),
+            allocations: self.ctx.allocations(),
+        })
     }
 
     fn alloc(&self, len: usize) -> Result<CudaBuf> {

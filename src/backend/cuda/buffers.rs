@@ -5,10 +5,9 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::result;
 use memmap2::Mmap;
 
-use super::context::{call, Ctx};
+use super::context::Ctx;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
@@ -33,26 +32,7 @@ impl DevMem {
         if bytes == 0 {
             return Ok(mem);
         }
-        ctx.bind()?;
-        let out_of_memory = |e: Error| match e {
-            Error::Cuda(msg) => Error::Cuda(format!(
-                "{msg} (allocating {bytes} bytes of device memory: the GPU is full; use a \
-                 smaller model, context or batch, or, when offloading, a lower --gpu-mem)"
-            )),
-            other => other,
-        };
-        mem.ptr = if ctx.async_alloc {
-            let stream = ctx.raw_stream();
-            // SAFETY: the stream is live; the memory is used only in stream order.
-            call(op, "cuMemAllocAsync", || unsafe {
-                result::malloc_async(stream, bytes)
-            })
-            .map_err(out_of_memory)?
-        } else {
-            // SAFETY: the context is current; the memory is written before it is read.
-            call(op, "cuMemAlloc", || unsafe { result::malloc_sync(bytes) })
-                .map_err(out_of_memory)?
-        };
+        mem.ptr = ctx.alloc_raw(op, bytes)?;
         Ok(mem)
     }
 
@@ -87,23 +67,7 @@ impl DevMem {
 
 impl Drop for DevMem {
     fn drop(&mut self) {
-        if self.ptr == 0 || self.ctx.bind().is_err() {
-            return;
-        }
-        let ptr = self.ptr;
-        // Errors cannot be reported from drop; the context frees everything at exit anyway.
-        if self.ctx.async_alloc {
-            let stream = self.ctx.raw_stream();
-            // SAFETY: allocated on this stream by cuMemAllocAsync, freed once.
-            let _ = call("free", "cuMemFreeAsync", || unsafe {
-                result::free_async(ptr, stream)
-            });
-        } else {
-            // Kernels queued on the memory must finish before a synchronous free.
-            let _ = self.ctx.synchronize("free");
-            // SAFETY: allocated by cuMemAlloc, freed once.
-            let _ = call("free", "cuMemFree", || unsafe { result::free_sync(ptr) });
-        }
+        self.ctx.free_raw(self.ptr);
     }
 }
 

@@ -21,6 +21,7 @@ use super::device::{panic_message, CudaDevice};
 use super::kernels::KERNELS;
 use super::memory::Stream;
 use super::nvrtc::{self, Compiled};
+use super::temps::TempArena;
 use crate::backend::offload::ALLOCATOR_MARGIN_BASE;
 use crate::error::{Error, Result};
 
@@ -155,6 +156,11 @@ pub(crate) struct Ctx {
     /// Kernels queued on the compute stream so far (cuBLAS calls count as one each): the
     /// launch overhead a decoded token pays, reported per token in the stats.
     launches: AtomicU64,
+    /// Device allocations made so far (each a trip through the driver or its pool): the
+    /// decode steps should make none once warm, which the stats report.
+    allocations: AtomicU64,
+    /// The per-op temporaries' region (`temps`).
+    pub(crate) temps: Mutex<TempArena>,
 }
 
 // SAFETY: the raw handles (stream, modules, functions) are process-wide driver objects that
@@ -193,6 +199,8 @@ impl Ctx {
             async_alloc,
             sms,
             launches: AtomicU64::new(0),
+            allocations: AtomicU64::new(0),
+            temps: Mutex::new(TempArena::default()),
         };
         // Loaded into `ctx` one by one, so that its Drop unloads them should a later one fail.
         for (src, c) in KERNELS.iter().zip(code) {
@@ -233,6 +241,60 @@ impl Ctx {
     /// Launches queued on this context so far.
     pub fn launches(&self) -> u64 {
         self.launches.load(Ordering::Relaxed)
+    }
+
+    /// Device allocations made on this context so far.
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// `bytes` (> 0) bytes of uninitialised device memory, in stream order where the device
+    /// has pools; counted. [`Ctx::free_raw`] gives it back.
+    pub(crate) fn alloc_raw(&self, op: &str, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let out_of_memory = |e: Error| match e {
+            Error::Cuda(msg) => Error::Cuda(format!(
+                "{msg} (allocating {bytes} bytes of device memory: the GPU is full; use a \
+                 smaller model, context or batch, or, when offloading, a lower --gpu-mem)"
+            )),
+            other => other,
+        };
+        let ptr = if self.async_alloc {
+            let stream = self.raw_stream();
+            // SAFETY: the stream is live; the memory is used only in stream order.
+            call(op, "cuMemAllocAsync", || unsafe {
+                result::malloc_async(stream, bytes)
+            })
+            .map_err(out_of_memory)?
+        } else {
+            // SAFETY: the context is current; the memory is written before it is read.
+            call(op, "cuMemAlloc", || unsafe { result::malloc_sync(bytes) })
+                .map_err(out_of_memory)?
+        };
+        // A statistic, ordered with nothing.
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        Ok(ptr)
+    }
+
+    /// Frees memory from [`Ctx::alloc_raw`] after every kernel queued before (stream-ordered,
+    /// or by draining the stream first). Errors cannot be reported (drops call this); the
+    /// context frees everything at exit anyway.
+    pub(crate) fn free_raw(&self, ptr: u64) {
+        if ptr == 0 || self.bind().is_err() {
+            return;
+        }
+        if self.async_alloc {
+            let stream = self.raw_stream();
+            // SAFETY: allocated on this stream by cuMemAllocAsync, freed once.
+            let _ = call("free", "cuMemFreeAsync", || unsafe {
+                result::free_async(ptr, stream)
+            });
+        } else {
+            // Kernels queued on the memory must finish before a synchronous free.
+            let _ = self.synchronize("free");
+            // SAFETY: allocated by cuMemAlloc, freed once.
+            let _ = call("free", "cuMemFree", || unsafe { result::free_sync(ptr) });
+        }
     }
 
     /// Queues kernel `name` on the compute stream. A grid with a zero dimension launches
@@ -353,7 +415,9 @@ impl Drop for Ctx {
         if self.device.bind().is_err() {
             return;
         }
-        // Kernels still queued may use the modules.
+        let temps = self.temps.get_mut().map_or(0, |t| t.take_region());
+        self.free_raw(temps);
+        // Kernels still queued may use the modules (and the temporaries' region).
         let _ = self.synchronize("CUDA backend drop");
         for m in self.modules.drain(..) {
             // SAFETY: loaded in `new`, unloaded once; errors cannot be reported from drop.
@@ -366,9 +430,9 @@ impl Drop for Ctx {
 
 /// Lets the device's default memory pool keep up to the allocator margin's fixed part
 /// (`ALLOCATOR_MARGIN_BASE`, inside every `--gpu-mem` budget) of freed memory instead of
-/// returning it to the system at every synchronisation (its default): the ops' per-call
-/// temporaries are then reused without a trip through the driver each token, and what the
-/// pool keeps stays within the budget (an unbounded threshold would keep every freed
+/// returning it to the system at every synchronisation (its default): what is freed and
+/// allocated again (a replaced staging buffer, a temporary past its region) is then reused
+/// without a trip through the driver, and what the pool keeps stays within the budget (an unbounded threshold would keep every freed
 /// resident matrix too). Best effort: a failure only costs speed.
 fn keep_pool_memory(device: &CudaDevice) {
     let _ = call("CUDA backend", "cuMemPoolSetAttribute", || {

@@ -11,14 +11,16 @@
 //! allocation the runtime makes (resident weights, KV cache, activations, these staging
 //! buffers) is reserved there first, and so is the backend's own scratch ("backend scratch":
 //! the bf16 GEMM's activation copy, pre-sized so it never grows past it, cuBLAS's workspace
-//! at an assumed 32 MiB, the rope table); `CudaDevice::check_budget` checks the budget
-//! against the device's free memory once, leaving a margin (5% of free, at least 256 MiB).
+//! at an assumed 32 MiB, the rope table, and the per-op temporaries' region, pre-sized to
+//! the request's bound: see `temps`); `CudaDevice::check_budget` checks the budget against
+//! the device's free memory once.
 //!
-//! Outside the budget, covered only by that margin: the allocator's granularity (every
-//! allocation is rounded up; pools keep freed memory), the fresh staging buffer `cancel`
-//! makes while a view still holds the old one (one buffer, briefly), the f32-GEMM path's
-//! scratch (row ids and converted weight blocks, `GEMM=f32` only), small per-op
-//! temporaries and the driver's context.
+//! Covered by the budget's allocator margin rather than a line of their own: the
+//! allocator's granularity (every allocation is rounded up; pools keep freed memory), the
+//! fresh staging buffer `cancel` makes while a view still holds the old one (one buffer,
+//! briefly), the f32-GEMM path's row ids (`GEMM=f32` only) and any temporary past the
+//! region (counted as an allocation in the stats). The driver's context has a line of its
+//! own.
 //!
 //! Also outside the budget: the copy engine's gather tables (24 bytes per run per staging
 //! slot, grown on demand). Host memory the copy engine registers (cuMemHostRegister of whole

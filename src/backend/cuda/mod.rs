@@ -21,6 +21,7 @@ mod ops_ffn;
 mod ops_kv;
 mod ops_matmul;
 mod ops_sampling;
+mod temps;
 mod windows;
 
 pub use backend::CudaBackend;

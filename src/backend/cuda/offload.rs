@@ -7,8 +7,9 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::copy_engine::{DeviceCopyEngine, DeviceFilled};
+use super::temps::reserve_temporaries;
 use super::{CudaBackend, CudaMatrix};
-use crate::backend::offload::gpu_scratch_bytes;
+use crate::backend::offload::{gpu_scratch_bytes, gpu_temporaries_bytes};
 use crate::backend::offload::{CompactUpdate, OffloadBackend, ResidentMemory, ScratchShape};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -45,7 +46,10 @@ impl OffloadBackend for CudaBackend {
         let bytes = self
             .matmul_state()
             .act16_bytes(shape.gemm_rows, shape.widest_cols);
-        self.matmul_state().presize_act16(self.ctx(), bytes)
+        self.matmul_state().presize_act16(self.ctx(), bytes)?;
+        let act16 = bytes > 0;
+        let temps = usize::try_from(gpu_temporaries_bytes(shape, act16)).unwrap_or(usize::MAX);
+        reserve_temporaries(self.ctx(), temps)
     }
 
     fn auto_budget(&self) -> Result<u64> {

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
-use super::buffers::{CudaBuf, DevMem};
+use super::buffers::CudaBuf;
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
 use super::ops_kv::CudaKv;
+use super::temps::Temp;
 use crate::backend::AttentionShape;
 use crate::error::{Error, Result};
 use crate::tensor::{KvDType, TreeMask};
@@ -161,9 +162,9 @@ impl Split {
 /// The device buffers of one call: the tree mask's bits, and the chunks' partial results
 /// when the cache rows are split (see attention.cu).
 struct Scratch {
-    bits: Option<DevMem>,
-    part_o: Option<DevMem>,
-    part_ml: Option<DevMem>,
+    bits: Option<Temp>,
+    part_o: Option<Temp>,
+    part_ml: Option<Temp>,
 }
 
 impl Scratch {
@@ -176,14 +177,14 @@ impl Scratch {
         hd: usize,
     ) -> Result<Scratch> {
         let bits = match mask {
-            Some(m) => Some(DevMem::upload(ctx, OP, m.bits())?),
+            Some(m) => Some(Temp::upload(ctx, OP, m.bits())?),
             None => None,
         };
         let slots = rows * split.n_chunks;
         let (part_o, part_ml) = if split.n_chunks > 1 {
             (
-                Some(DevMem::new(ctx, OP, slots * hd * 4)?),
-                Some(DevMem::new(ctx, OP, slots * 2 * 4)?),
+                Some(Temp::new(ctx, OP, slots * hd * 4)?),
+                Some(Temp::new(ctx, OP, slots * 2 * 4)?),
             )
         } else {
             (None, None)
@@ -196,7 +197,7 @@ impl Scratch {
     }
 
     /// The device address of `m`, 0 (null) without it.
-    fn ptr(m: &Option<DevMem>) -> u64 {
+    fn ptr(m: &Option<Temp>) -> u64 {
         m.as_ref().map_or(0, |m| m.ptr())
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
+use super::temps::Temp;
 use crate::backend::checks;
 use crate::backend::cpu as host;
 use crate::backend::RopeTable;
@@ -76,7 +77,7 @@ pub(crate) fn embed(
         }
         return ctx.htod(OP, out.device_ptr(), &rows);
     }
-    let ids = DevMem::upload(ctx, OP, tokens)?;
+    let ids = Temp::upload(ctx, OP, tokens)?;
     let name = match table.dtype {
         DType::BF16 => "embed_bf16",
         DType::F16 => "embed_f16",
@@ -255,7 +256,7 @@ pub(crate) fn rope_at(
         .iter()
         .map(|&p| to_u32(OP, "position", p))
         .collect::<Result<_>>()?;
-    let pos = DevMem::upload(ctx, OP, &pos)?;
+    let pos = Temp::upload(ctx, OP, &pos)?;
     with_rope_table(ctx, cache, table, last + 1, |cos_sin, table_positions| {
         for t0 in (0..n).step_by(MAX_GRID_Y) {
             let rows = (n - t0).min(MAX_GRID_Y);

@@ -13,9 +13,11 @@ use std::sync::Arc;
 use super::buffers::{CudaBuf, CudaMatrix, DevMem};
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
+use super::temps::Temp;
 use super::windows::{bundle_kernels, shared_list, TokenWindow};
 use crate::backend::checks;
 use crate::backend::cpu as host;
+use crate::backend::offload::DOWN_PARTIALS_MAX_BYTES;
 use crate::backend::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -117,7 +119,7 @@ struct Selected {
     window: Option<TokenWindow>,
     /// The uploaded id and offset lists (per-token selection; the shared list alone), kept
     /// alive until the kernels that read them are queued.
-    _lists: Vec<DevMem>,
+    _lists: Vec<Temp>,
     ids: u64,
     offsets: u64,
     coeff: u64,
@@ -173,7 +175,7 @@ impl Selected {
             TokenWindow::for_shared_list(n_tokens),
             shared_list(kept, n_tokens),
         ) {
-            let ids = DevMem::upload(ctx, BUNDLE_FFN, list)?;
+            let ids = Temp::upload(ctx, BUNDLE_FFN, list)?;
             return Ok(Selected {
                 window: Some(w),
                 ids: ids.ptr(),
@@ -191,8 +193,8 @@ impl Selected {
             .iter()
             .map(|&o| to_u32(BUNDLE_FFN, "list offset", o))
             .collect::<Result<_>>()?;
-        let ids = DevMem::upload(ctx, BUNDLE_FFN, &kept.ids[..total])?;
-        let offsets = DevMem::upload(ctx, BUNDLE_FFN, &offs)?;
+        let ids = Temp::upload(ctx, BUNDLE_FFN, &kept.ids[..total])?;
+        let offsets = Temp::upload(ctx, BUNDLE_FFN, &offs)?;
         Ok(Selected {
             window: None,
             ids: ids.ptr(),
@@ -265,9 +267,9 @@ impl<'a> BundleCall<'a> {
     /// bundle_act: every selected (token, neuron)'s activation into a new buffer; one warp
     /// per (token, neuron), or with a shared list one warp per listed neuron and window of
     /// tokens (grid = ceil(count / 8)).
-    fn launch_act(&self, ctx: &Arc<Ctx>, x: &CudaBuf) -> Result<DevMem> {
+    fn launch_act(&self, ctx: &Arc<Ctx>, x: &CudaBuf) -> Result<Temp> {
         let sel = &self.sel;
-        let act = DevMem::new(ctx, BUNDLE_FFN, sel.total.max(1) * 4)?;
+        let act = Temp::new(ctx, BUNDLE_FFN, sel.total.max(1) * 4)?;
         let (kernel, _) = bundle_kernels(self.bundles.dtype, sel.window)?;
         let args = KArgs::new()
             .ptr(self.bundles.device_ptr())
@@ -295,7 +297,7 @@ impl<'a> BundleCall<'a> {
     /// list split over several blocks (partial sums, then reduce_splits) when tokens x
     /// columns alone leave SMs idle. grid = (column blocks, splits, tokens), or with a
     /// shared list (column blocks, splits, windows): [`TokenWindow::down_grid`].
-    fn launch_down(&self, ctx: &Arc<Ctx>, act: &DevMem, out: &mut CudaBuf) -> Result<()> {
+    fn launch_down(&self, ctx: &Arc<Ctx>, act: &Temp, out: &mut CudaBuf) -> Result<()> {
         let (n_tokens, hidden) = (self.n_tokens, self.hidden);
         // (column blocks, token blocks): a token per block, or a window of them.
         let (col_blocks, token_blocks) = match self.sel.window {
@@ -303,10 +305,12 @@ impl<'a> BundleCall<'a> {
             None => (hidden.div_ceil(8 * DOWN_THREADS), n_tokens),
         };
         let per_token = self.sel.total / n_tokens;
-        let splits = down_splits(ctx, col_blocks * token_blocks, per_token);
         let len = n_tokens * hidden;
+        // Partial sums stay within what the budget's temporaries bound allows for them.
+        let room = (DOWN_PARTIALS_MAX_BYTES / (len * 4).max(1)).max(1);
+        let splits = down_splits(ctx, col_blocks * token_blocks, per_token).min(room);
         let partials = if splits > 1 {
-            Some(DevMem::new(ctx, BUNDLE_FFN, splits * len * 4)?)
+            Some(Temp::new(ctx, BUNDLE_FFN, splits * len * 4)?)
         } else {
             None
         };
@@ -351,7 +355,7 @@ fn down_splits(ctx: &Ctx, blocks: usize, per_token: usize) -> usize {
 /// reduce_splits: `out` = the sum of the `splits` partial outputs of `len` floats.
 fn reduce_splits(
     ctx: &Ctx,
-    partials: &DevMem,
+    partials: &Temp,
     out: &mut CudaBuf,
     splits: usize,
     len: usize,
@@ -380,7 +384,7 @@ pub(crate) fn accumulate_neuron_scores(
     }
     let (n32, w32) = (to_u32(OP, "rows", n_tokens)?, to_u32(OP, "width", width)?);
     to_u32(OP, "z floats", n_tokens * width)?;
-    let inv = DevMem::new(ctx, OP, n_tokens * 8)?;
+    let inv = Temp::new(ctx, OP, n_tokens * 8)?;
     let args = KArgs::new()
         .ptr(z.device_ptr())
         .ptr(inv.ptr())
@@ -465,8 +469,8 @@ fn select_threshold(
     const OP: &str = "select_neurons";
     let (n32, w32) = (to_u32(OP, "rows", n_tokens)?, to_u32(OP, "width", width)?);
     to_u32(OP, "act floats", n_tokens * width)?;
-    let ids = DevMem::new(ctx, OP, n_tokens * width * 4)?;
-    let counts = DevMem::new(ctx, OP, n_tokens * 4)?;
+    let ids = Temp::new(ctx, OP, n_tokens * width * 4)?;
+    let counts = Temp::new(ctx, OP, n_tokens * 4)?;
     let args = KArgs::new()
         .ptr(act.device_ptr())
         .ptr(ids.ptr())

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
-use super::buffers::{CudaBuf, DevMem};
+use super::buffers::CudaBuf;
 use super::context::{to_u32, Ctx, KArgs};
 use super::ops_basic::need;
+use super::temps::Temp;
 use crate::error::{Error, Result};
 
 /// One block per row; 32 warps each stride over the row (the kernel's suggested size).
@@ -30,7 +31,7 @@ pub(crate) fn argmax_rows(
     })?;
     need(OP, "logits", logits, len)?;
     let (rows32, vocab32) = (to_u32(OP, "rows", n_rows)?, to_u32(OP, "vocab", vocab)?);
-    let out = DevMem::new(ctx, OP, n_rows * 4)?;
+    let out = Temp::new(ctx, OP, n_rows * 4)?;
     let args = KArgs::new()
         .ptr(logits.device_ptr())
         .ptr(out.ptr())

@@ -92,5 +92,8 @@ pub fn scratch_shape(c: &ModelConfig, shape: &RequestShape) -> ScratchShape {
         gemm_rows: shape.gemm_rows,
         head_dim: c.head_dim,
         context: shape.context,
+        num_heads: c.num_heads,
+        hidden: c.hidden_size,
+        ffn_neurons: c.intermediate_size,
     }
 }

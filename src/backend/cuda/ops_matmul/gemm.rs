@@ -38,11 +38,13 @@ use super::{GemmPrecision, Matmul, Product, OP, THREADS};
 use crate::backend::cuda::buffers::DevMem;
 use crate::backend::cuda::context::{to_u32, Ctx, KArgs};
 use crate::backend::cuda::ops_basic::launch_grid_stride;
+use crate::backend::cuda::temps::Temp;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
 
-/// f32 elements of the weight conversion scratch of one GEMM block (64 MiB; `f32` path).
-const GEMM_SCRATCH_FLOATS: usize = 16 << 20;
+/// f32 elements of the weight conversion scratch of one GEMM block (64 MiB; `f32` path):
+/// a per-op temporary, which the budget's bound knows.
+const GEMM_SCRATCH_FLOATS: usize = crate::backend::offload::GEMM_F32_BLOCK_FLOATS;
 
 impl Matmul {
     /// The cuBLAS paths (see the module doc).
@@ -87,7 +89,7 @@ impl Matmul {
         // are queued (a replacement would be freed in stream order anyway).
         let ids = row_ids(ctx, &self.row_ids, rows)?;
         let ids_ptr = held_ptr(&ids, "row-id buffer")?;
-        let scratch = DevMem::new(ctx, OP, block * cols * 4)?;
+        let scratch = Temp::new(ctx, OP, block * cols * 4)?;
         for r0 in (0..rows).step_by(block) {
             let m = block.min(rows - r0);
             let args = KArgs::new()
