@@ -65,3 +65,95 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits,
         }
     }
 }
+
+// row_verdict_f32(logits, next, n_next, out_ids, out_prob, n_rows, vocab, temperature)
+//   What Sirius's acceptance test reads of each row: out_ids[r] = the argmax (argmax_f32's
+//   rule), and for r < n_next out_prob[r] = softmax(logits[r, :] / temperature)[next[r]] in
+//   f64 (backend::argmax::token_probability's rule: NaN logits left out; 0 when the row's
+//   largest value is not finite, or next[r] is past the row or on a NaN). A verification
+//   window then reads back a few numbers per row instead of a row of vocab floats.
+//   grid = (n_rows), blockDim.x = 32 * warps (1024 suggested); one block per row.
+__device__ __forceinline__ double warp_sum_f64(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(FULL_MASK, v, o);
+    }
+    return v;
+}
+
+extern "C" __global__ void row_verdict_f32(const float* __restrict__ logits,
+                                           const unsigned* __restrict__ next, unsigned n_next,
+                                           unsigned* __restrict__ out_ids,
+                                           double* __restrict__ out_prob, unsigned n_rows,
+                                           unsigned vocab, float temperature) {
+    __shared__ float warp_v[32];
+    __shared__ unsigned warp_i[32];
+    __shared__ double warp_s[32];
+    __shared__ float row_max;
+    const unsigned row = blockIdx.x;
+    if (row >= n_rows) {
+        return;
+    }
+    const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const float* z = logits + (size_t)row * vocab;
+    // The argmax and the row's largest value: the same reduction (NaN never taken).
+    float bv = neg_inf();
+    unsigned bi = NO_INDEX;
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = z[i];
+        if (v > bv) {
+            bv = v;
+            bi = i;
+        }
+    }
+    warp_argmax(&bv, &bi);
+    if (lane == 0) {
+        warp_v[warp] = bv;
+        warp_i[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        const bool has = lane < warps;
+        bv = has ? warp_v[lane] : neg_inf();
+        bi = has ? warp_i[lane] : NO_INDEX;
+        warp_argmax(&bv, &bi);
+        if (lane == 0) {
+            out_ids[row] = bi == NO_INDEX ? 0u : bi;
+            row_max = bv;
+        }
+    }
+    __syncthreads();
+    if (row >= n_next) {
+        return;
+    }
+    const float mx = row_max;
+    // Not finite: nothing above -inf, or +inf (isfinite without <cmath>: x - x is 0 only
+    // for finite x).
+    if (!(mx - mx == 0.0f)) {
+        if (threadIdx.x == 0) {
+            out_prob[row] = 0.0;
+        }
+        return;
+    }
+    const double m = (double)mx, t = (double)temperature;
+    double sum = 0.0;
+    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float v = z[i];
+        if (v == v) {
+            sum += exp(((double)v - m) / t);
+        }
+    }
+    sum = warp_sum_f64(sum);
+    if (lane == 0) {
+        warp_s[warp] = sum;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        sum = warp_sum_f64(lane < warps ? warp_s[lane] : 0.0);
+        if (lane == 0) {
+            const unsigned tok = next[row];
+            const float v = tok < vocab ? z[tok] : quiet_nan();
+            out_prob[row] = v == v ? exp(((double)v - m) / t) / sum : 0.0;
+        }
+    }
+}

@@ -124,6 +124,61 @@ fn argmax_rows_match() {
 }
 
 #[test]
+fn row_verdicts_match() {
+    let Some(g) = gpu() else { return };
+    let c = cpu();
+    let mut rng = Rng::new(29);
+    for (vocab, n, temperature) in [
+        (1, 1, 1.0),
+        (100, 6, 0.6),
+        (49_152, 16, 0.6),
+        (128_256, 3, 1.0),
+    ] {
+        let mut logits = random(&mut rng, n * vocab, 12.0);
+        if n >= 6 {
+            // Rows 1-3: nothing above -inf, all NaN, +inf (probability 0 for each).
+            logits[vocab..2 * vocab].fill(f32::NEG_INFINITY);
+            logits[2 * vocab..3 * vocab].fill(f32::NAN);
+            logits[3 * vocab + 4] = f32::INFINITY;
+            // Row 4: a NaN on the asked token; row 5: one dominant logit.
+            logits[4 * vocab + 2] = f32::NAN;
+            logits[5 * vocab + 7] = 40.0;
+        }
+        // The token after each row (the last row has none); one past the vocab in row 0.
+        let mut next: Vec<u32> = (0..n.saturating_sub(1))
+            .map(|i| (7 * i as u32 + 2) % vocab as u32)
+            .collect();
+        if let Some(first) = next.first_mut() {
+            *first = vocab as u32;
+        }
+        if n >= 6 {
+            next[4] = 2;
+        }
+        let host = c
+            .row_verdicts(&c.upload(&logits).unwrap(), n, vocab, &next, temperature)
+            .unwrap();
+        let got = g
+            .row_verdicts(&g.upload(&logits).unwrap(), n, vocab, &next, temperature)
+            .unwrap();
+        let mut worst = 0f64;
+        for (r, (h, d)) in host.iter().zip(&got).enumerate() {
+            assert_eq!(h.argmax, d.argmax, "argmax row {r} vocab {vocab}");
+            match (h.probability, d.probability) {
+                (Some(a), Some(b)) => worst = worst.max((a - b).abs()),
+                (a, b) => assert_eq!(a, b, "row {r} vocab {vocab}"),
+            }
+        }
+        assert!(
+            worst < 1e-9,
+            "vocab {vocab}: probabilities differ by {worst}"
+        );
+        say(&format!(
+            "PARITY row_verdicts v{vocab} n{n} err={worst:.1e} tol=1e-9"
+        ));
+    }
+}
+
+#[test]
 fn host_to_device_bandwidth() {
     let Some(g) = gpu() else { return };
     use sirius_offload::backend::cuda::memory::{HostAccess, PinnedBuffer, Stream};

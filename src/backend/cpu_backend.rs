@@ -99,6 +99,17 @@ impl Backend for CpuBackend {
         super::argmax::argmax_of_rows(x, rows, cols)
     }
 
+    fn row_verdicts(
+        &self,
+        x: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        next: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<super::argmax::RowVerdict>> {
+        super::argmax::row_verdicts_of(x, rows, cols, next, temperature)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<Vec<f32>> {
         Ok(data.to_vec())
     }

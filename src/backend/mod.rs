@@ -129,6 +129,27 @@ pub trait Backend {
         self.read(x, 0, &mut host)?;
         argmax::argmax_of_rows(&host, rows, cols)
     }
+    /// Each of the first `rows` rows' argmax and the probability (softmax at `temperature`)
+    /// of `next[i]` under row `i` (`next` may be shorter: the rows after it get none), by
+    /// the rules of [`argmax::row_verdicts_of`]: what Sirius's acceptance test reads. A
+    /// device backend computes them where the logits are; this default reads the rows back.
+    fn row_verdicts(
+        &self,
+        x: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        next: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<argmax::RowVerdict>> {
+        let len = rows.checked_mul(cols).ok_or_else(|| {
+            crate::error::Error::InvalidArgument(format!(
+                "row_verdicts: {rows} rows of {cols} values overflow"
+            ))
+        })?;
+        let mut host = vec![0.0f32; len];
+        self.read(x, 0, &mut host)?;
+        argmax::row_verdicts_of(&host, rows, cols, next, temperature)
+    }
     /// Makes a 2-D checkpoint tensor usable as a matrix.
     fn matrix(&self, tensor: &TensorRef) -> Result<Self::Matrix>;
 

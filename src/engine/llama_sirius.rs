@@ -10,7 +10,7 @@ use crate::engine::decode::Prefilled;
 use crate::engine::prefill::{chunk_len, prefill_chunks};
 use crate::engine::prefix::PromptPrefix;
 use crate::error::{Error, Result};
-use crate::model::sampler::argmax;
+use crate::model::sampler::{argmax, RowVerdict};
 use crate::model::{KvCache, LayerStream, Llama, Logits, Pass, Scratch};
 use crate::offload::runtime::{OffloadReport, PassKind};
 use crate::sirius::{SiriusConfig, SiriusModel};
@@ -331,6 +331,13 @@ impl<B: SparseOps, W: Residency<B>> SiriusModel for LlamaSirius<'_, B, W> {
 
     fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
         self.full_pass(tokens, None, Llama::forward_argmax)
+    }
+
+    fn verify_verdicts(&mut self, tokens: &[u32], temperature: f32) -> Result<Vec<RowVerdict>> {
+        let next = tokens.get(1..).unwrap_or(&[]);
+        self.full_pass(tokens, None, |m: &Llama<B>, pass, cache, scratch| {
+            m.forward_verdicts(pass, cache, scratch, next, temperature)
+        })
     }
 
     fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {

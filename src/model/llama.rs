@@ -4,6 +4,7 @@
 //! offloading hands in the weights it streamed for the layer ([`LayerStream`]). Sparsity and
 //! offloading plug in here; they never copy it.
 
+use crate::backend::argmax::RowVerdict;
 use crate::backend::{AttentionShape, Backend, RopeTable, Rows};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -236,6 +237,25 @@ impl<B: Backend> Llama<B> {
         }
         self.backend
             .argmax_rows(&s.logits, rows, self.config.vocab_size)
+    }
+
+    /// As [`Llama::forward`], but returns each requested row's [`RowVerdict`]: its argmax
+    /// and the probability of `next[i]` under row `i` at `temperature` (Sirius's acceptance
+    /// test), computed by the backend where the logits are.
+    pub fn forward_verdicts(
+        &self,
+        pass: Pass<'_, B>,
+        cache: &mut KvCache<B>,
+        s: &mut Scratch<B>,
+        next: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<RowVerdict>> {
+        let rows = self.forward_to_logits(pass, cache, s)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        self.backend
+            .row_verdicts(&s.logits, rows, self.config.vocab_size, next, temperature)
     }
 
     /// The forward itself: leaves the requested rows' logits in `s.logits` (rows 0..) and

@@ -6,6 +6,9 @@ use rand::{Rng, SeedableRng};
 /// The greedy rule lives with the backends, which pick greedy tokens where the logits are
 /// (`Backend::argmax_rows`); this is the same function.
 pub use crate::backend::argmax::argmax;
+/// Acceptance's probability rule and per-row verdicts, which a backend may compute where
+/// the logits are (`Backend::row_verdicts`).
+pub use crate::backend::argmax::{token_probability, RowVerdict};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]

@@ -8,11 +8,10 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::sampler::argmax;
 use crate::sirius::adaptive::{PeriodPlanner, WindowOutcome};
 use crate::sirius::config::SiriusConfig;
 use crate::sirius::stats::CorrectionStats;
-use crate::sirius::window::{accepted_prefix, check_rows, SiriusModel, Verdict};
+use crate::sirius::window::{SiriusModel, Verdict};
 
 /// How a window is drafted and verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +170,8 @@ fn chain_window(
 
 /// The full pass over a chain window: how many drafts it accepts and its token after them.
 /// Without drafts (K = 1) that token is all it decides, so only the argmax is asked for;
-/// acceptance needs probabilities, hence the logits.
+/// acceptance needs each row's argmax and the probability of the draft after it (the
+/// model computes both where its logits are: a GPU sends back a few numbers per row).
 fn verify_chain(
     model: &mut dyn SiriusModel,
     window: &[u32],
@@ -187,8 +187,19 @@ fn verify_chain(
         }
         return Ok((0, ids[0]));
     }
-    let z = model.verify(window)?;
-    check_rows(&z, window.len())?;
-    let n = accepted_prefix(window, |i| &z[i], opts);
-    Ok((n, argmax(&z[n])))
+    let verdicts = model.verify_verdicts(window, opts.accept_temperature)?;
+    if verdicts.len() != window.len() {
+        return Err(Error::InvalidArgument(format!(
+            "verify returned {} rows for {} tokens",
+            verdicts.len(),
+            window.len()
+        )));
+    }
+    let threshold = opts.threshold as f64;
+    // Row i judges draft i + 1 (path[0] is x0), as `accepted_prefix` does over logits.
+    let n = verdicts
+        .iter()
+        .take_while(|v| v.probability.is_some_and(|p| p >= threshold))
+        .count();
+    Ok((n, verdicts[n].argmax))
 }

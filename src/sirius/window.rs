@@ -2,9 +2,8 @@
 //! acceptance rule, and what a verification decides.
 
 use crate::error::{Error, Result};
-use crate::model::sampler::argmax;
+use crate::model::sampler::{argmax, RowVerdict};
 use crate::model::DeviceCounts;
-use crate::sirius::config::SiriusConfig;
 use crate::tensor::TreeMask;
 
 /// What the corrector needs from a model: one KV cache shared by a sparse (draft) and a full
@@ -38,6 +37,22 @@ pub trait SiriusModel {
     /// As [`SiriusModel::verify`], returning the argmax of each row.
     fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
         Ok(self.verify(tokens)?.iter().map(|z| argmax(z)).collect())
+    }
+    /// As [`SiriusModel::verify`], returning what a chain's acceptance test reads of each
+    /// row: its argmax, and under row `i < tokens.len() - 1` the probability of
+    /// `tokens[i + 1]` at `temperature`.
+    fn verify_verdicts(&mut self, tokens: &[u32], temperature: f32) -> Result<Vec<RowVerdict>> {
+        let z = self.verify(tokens)?;
+        check_rows(&z, tokens.len())?;
+        Ok(z.iter()
+            .enumerate()
+            .map(|(i, row)| RowVerdict {
+                argmax: argmax(row),
+                probability: tokens
+                    .get(i + 1)
+                    .map(|&t| token_probability(row, temperature, t)),
+            })
+            .collect())
     }
 
     // ---- Trees (width > 1); a model without them refuses --width > 1. ----
@@ -88,6 +103,9 @@ impl<M: SiriusModel + ?Sized> SiriusModel for &mut M {
     fn verify_argmax(&mut self, tokens: &[u32]) -> Result<Vec<u32>> {
         (**self).verify_argmax(tokens)
     }
+    fn verify_verdicts(&mut self, tokens: &[u32], temperature: f32) -> Result<Vec<RowVerdict>> {
+        (**self).verify_verdicts(tokens, temperature)
+    }
     fn draft_tree(&mut self, tokens: &[u32], mask: &TreeMask) -> Result<Vec<Vec<f32>>> {
         (**self).draft_tree(tokens, mask)
     }
@@ -109,44 +127,9 @@ pub(crate) struct Verdict {
     pub next: u32,
 }
 
-/// `softmax(z / t)[token]`, computed stably in f64.
-pub fn token_probability(z: &[f32], t: f32, token: u32) -> f64 {
-    let max = z
-        .iter()
-        .copied()
-        .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max) as f64;
-    if !max.is_finite() {
-        return 0.0;
-    }
-    let t = t as f64;
-    let sum: f64 = z
-        .iter()
-        .filter(|v| !v.is_nan())
-        .map(|&v| ((v as f64 - max) / t).exp())
-        .sum();
-    match z.get(token as usize) {
-        Some(&v) if !v.is_nan() => ((v as f64 - max) / t).exp() / sum,
-        _ => 0.0,
-    }
-}
-
-/// n: how many drafts of `path` (`path[0]` is x0) the full model accepts in a row, where
-/// `logits(i)` is its prediction after `path[i]`.
-pub(crate) fn accepted_prefix<'z>(
-    path: &[u32],
-    logits: impl Fn(usize) -> &'z [f32],
-    opts: &SiriusConfig,
-) -> usize {
-    let mut n = 0;
-    while n + 1 < path.len()
-        && token_probability(logits(n), opts.accept_temperature, path[n + 1])
-            >= opts.threshold as f64
-    {
-        n += 1;
-    }
-    n
-}
+/// `softmax(z / t)[token]`, computed stably in f64 (the backends' rule, see
+/// `backend::argmax`).
+pub use crate::model::sampler::token_probability;
 
 pub(crate) fn check_rows(z: &[Vec<f32>], tokens: usize) -> Result<()> {
     if z.len() != tokens {

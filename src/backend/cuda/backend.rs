@@ -284,6 +284,17 @@ impl Backend for CudaBackend {
     fn argmax_rows(&self, x: &CudaBuf, rows: usize, cols: usize) -> Result<Vec<u32>> {
         ops_sampling::argmax_rows(&self.ctx, x, rows, cols)
     }
+
+    fn row_verdicts(
+        &self,
+        x: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        next: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<crate::backend::argmax::RowVerdict>> {
+        ops_sampling::row_verdicts(&self.ctx, x, rows, cols, next, temperature)
+    }
 }
 
 impl SparseOps for CudaBackend {

@@ -125,7 +125,7 @@ pub const KERNELS: &[KernelSource] = &[
             "select_threshold_f32",
         ]
     ),
-    kernel!("sampling.cu", ["argmax_f32"]),
+    kernel!("sampling.cu", ["argmax_f32", "row_verdict_f32"]),
     kernel!("gather.cu", ["gather_pieces"]),
     kernel!(
         "assemble.cu",
