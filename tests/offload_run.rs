@@ -505,3 +505,39 @@ fn the_runtime_predicts_a_window_per_length_where_it_models_the_link() {
         "uncapped CPU copies are not modelled"
     );
 }
+
+#[test]
+fn the_runtime_pins_the_ranges_plan_counts() {
+    use sirius_offload::offload::placement::pinned_host_bytes;
+    use sirius_offload::sparsity::GriffinSelection;
+    let t = tiny();
+    let s = sirius(4, 1);
+    let (fit, minimum) = budgets(&t, s);
+    for budget in [minimum, (fit + minimum) / 2, fit] {
+        let (model, mut rt) = runtime(&t, s, budget);
+        let sizes = rt.plan.sizes.clone();
+        let kept = sizes.kept_neurons as u32;
+        let f = model.config.intermediate_size as u32;
+        let layers = (0..6)
+            .map(|l| {
+                (0..f)
+                    .filter(|i| (i + l) % 2 == 0)
+                    .take(kept as usize)
+                    .collect()
+            })
+            .collect();
+        rt.choose_neurons(&model.backend, GriffinSelection { layers })
+            .unwrap();
+        let bytes = |r: Vec<sirius_offload::transfer::HostSlice>| -> u64 {
+            r.iter().map(|s| s.len() as u64).sum()
+        };
+        let want = pinned_host_bytes(&sizes, &rt.plan.layers);
+        assert_eq!(bytes(rt.pinned_host_ranges()), want, "budget {budget}");
+        // Less than everything the host holds, and more than nothing, except where nothing
+        // streams in decode steps.
+        let everything = sizes.sum(0..6, |u| u.attention + 2 * u.ffn);
+        assert!(want < everything, "budget {budget}: {want}");
+        let overflow = rt.plan.layers.iter().any(|l| !l.sparse_ffn_resident);
+        assert_eq!(bytes(rt.planned_host_ranges()) < want, overflow);
+    }
+}

@@ -42,6 +42,7 @@ fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput
         activation_bytes: None,
         backend_scratch: 0,
         prefill_chunk: None,
+        host_gather: None,
     }
 }
 
@@ -669,4 +670,79 @@ fn an_arithmetic_rate_makes_verification_windows_cost_their_tokens() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_gpu_plan_pins_what_decode_steps_stream_and_gathers_the_prefill_rest() {
+    use sirius_offload::offload::cost::HostGather;
+    use sirius_offload::offload::placement::PinnedUnits;
+    for (format, budgets) in [
+        (WeightFormat::Bf16, [gib(24), gib(60), gib(100), gib(400)]),
+        (WeightFormat::Q4_0, [gib(24), gib(30), gib(40), gib(400)]),
+    ] {
+        for budget in budgets {
+            let p = plan(&input("llama-3-70b", format, 0.5, budget)).unwrap();
+            let (s, quantized) = (&p.sizes, format.is_quantized());
+            let mut want = 0;
+            for l in &p.layers {
+                let (u, b) = (PinnedUnits::of(l, quantized), s.layer(l.layer));
+                // Whatever a draft or a verification streams is pinned.
+                assert!(l.attention_resident || u.attention);
+                assert!(l.sparse_ffn_resident || (u.dense_ffn && u.overflow));
+                let complement_streams = l.sparse_ffn_resident && !l.complement_resident;
+                assert!(!complement_streams || u.bundles || (quantized && u.dense_ffn));
+                // A float layer's FFN is never pinned twice.
+                assert!(!(u.bundles && u.dense_ffn));
+                want += [
+                    (u.attention, b.attention),
+                    (u.dense_ffn, b.ffn),
+                    (u.bundles, b.ffn),
+                    (u.overflow, b.sparse_ffn),
+                ]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, bytes)| bytes)
+                .sum::<u64>();
+            }
+            assert_eq!(p.host.pinned_bytes, want, "{format} {budget}");
+            let everything = p.host.checkpoint_bytes + p.host.bundle_cache_bytes;
+            assert!(p.host.pinned_bytes < everything, "{format} {budget}");
+            // The CPU pins nothing.
+            let cpu = PlanInput {
+                on_gpu: false,
+                host_gather: None,
+                ..input("llama-3-70b", format, 0.5, budget)
+            };
+            assert_eq!(plan(&cpu).unwrap().host.pinned_bytes, 0);
+        }
+    }
+    // With the sparse set resident a float model pins its bundle rows, not its checkpoint
+    // FFN: the prefill gathers that on the host, which the time to first token counts.
+    let gpu = PlanInput {
+        host_gather: Some(HostGather::default()),
+        ..input("llama-3-70b", WeightFormat::Bf16, 0.5, gib(100))
+    };
+    let p = plan(&gpu).unwrap();
+    assert!(p.layers.iter().all(|l| l.sparse_ffn_resident));
+    assert!(p.host.pinned_bytes < p.host.bundle_cache_bytes);
+    let dma_only = plan(&PlanInput {
+        host_gather: None,
+        ..gpu.clone()
+    })
+    .unwrap();
+    assert!(p.costs.ttft_ms > dma_only.costs.ttft_ms);
+    assert_eq!(
+        p.costs.sirius_offload.ms_per_token,
+        dma_only.costs.sirius_offload.ms_per_token
+    );
+    // Nothing registered (SIRIUS_COPY_STAGED=1): every copy is gathered first.
+    let staged = plan(&PlanInput {
+        host_gather: Some(HostGather {
+            gbps: 6.0,
+            unpinned_share: 1.0,
+        }),
+        ..gpu
+    })
+    .unwrap();
+    assert!(staged.costs.sirius_offload.ms_per_token > p.costs.sirius_offload.ms_per_token);
 }

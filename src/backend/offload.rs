@@ -42,6 +42,10 @@ pub struct ScratchShape {
     pub ffn_neurons: usize,
 }
 
+/// Set to 1 to register no host memory on CUDA: every job is gathered on the host into
+/// pinned staging (the copy engine's fallback path), to compare the two on one machine.
+pub const STAGED_ENV: &str = "SIRIUS_COPY_STAGED";
+
 /// What a CUDA context with this project's kernels and cuBLAS loaded holds on the device
 /// (modules load lazily since CUDA 11.7; contexts measure 300-500 MiB on recent GPUs).
 pub const DRIVER_CONTEXT_BYTES: u64 = 512 << 20;

@@ -229,7 +229,10 @@ fn host_line(h: &HostFootprint) -> String {
     };
     let pinned = match h.pinned_bytes {
         0 => "nothing pinned (the CPU reads the mappings in place)".to_string(),
-        b => format!("{} pinned for DMA, which must stay in RAM", format_bytes(b)),
+        b => format!(
+            "{} pinned for DMA (what decode steps stream), which must stay in RAM",
+            format_bytes(b)
+        ),
     };
     format!(
         "Host memory: checkpoint {} (memory-mapped){cache}; {pinned}.",

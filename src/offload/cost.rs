@@ -16,16 +16,50 @@
 //! arithmetic is ignored, which flatters long prefills on the GPU and, on a CPU, verification
 //! windows, whose K tokens cost up to K decode steps of arithmetic there.
 //!
-//! A copy costs its bytes over the link and nothing else: the CUDA copy engine DMAs straight
-//! from registered host memory (or, for jobs of many short runs, a gather kernel reads them
-//! over the bus), with no host-side gather stage to add. Only its fallback for mappings the
-//! driver would not register gathers on the host first; that time (`host_gather_s` in the
-//! run's report) is not modelled.
+//! A copy costs its bytes over the link: the CUDA copy engine DMAs straight from registered
+//! host memory (or, for jobs of many short runs, a gather kernel reads them over the bus).
+//! Only bytes outside the registered ranges take a host-gather stage first ([`HostGather`]:
+//! the copy thread gathers them into pinned staging, pipelined with the link and compute,
+//! see [`pipeline_seconds_gathered`]): on a GPU what only the prefill reads
+//! (`plan::unpinned_prefill_bytes`, a float model's dense FFN), and whatever the driver
+//! refused to register (all of it with `SIRIUS_COPY_STAGED=1`; the runtime sets the share
+//! once it has registered its plan). The CPU has no such stage (its copy thread's memcpy is
+//! the link). The run's report measures it as `host_gather_s`.
 
 use serde::Serialize;
 
 use crate::offload::format::VECTOR_BYTES;
-use crate::offload::sizes::{LayerPlacement, PlanInput, Sizes, STREAM_BUFFERS};
+use crate::offload::plan::unpinned_prefill_bytes;
+use crate::offload::sizes::{LayerPlacement, PlanInput, Sizes, MIN_GBPS, STREAM_BUFFERS};
+
+/// GB/s of the copy thread's host gather: one core's memcpy from mapped (page-cache) memory
+/// into write-combined pinned memory, assumed (gpu-check measures `host_gather_s`).
+pub const HOST_GATHER_GBPS: f64 = 6.0;
+
+/// The GPU copy engine's host-gather stage: its speed, and the share of the bytes meant to be
+/// DMA'd that it gathers anyway (0: everything the plan pins is registered; 1: nothing is).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HostGather {
+    pub gbps: f64,
+    pub unpinned_share: f64,
+}
+
+impl Default for HostGather {
+    fn default() -> Self {
+        HostGather {
+            gbps: HOST_GATHER_GBPS,
+            unpinned_share: 0.0,
+        }
+    }
+}
+
+impl HostGather {
+    /// Bytes of a copy of `pinned` bytes meant for DMA and `unpinned` that are not that
+    /// the host gathers.
+    fn bytes(&self, pinned: u64, unpinned: u64) -> u64 {
+        (pinned as f64 * self.unpinned_share.clamp(0.0, 1.0)).round() as u64 + unpinned
+    }
+}
 
 /// Predicted cost of one way of decoding.
 #[derive(Debug, Clone, Serialize)]
@@ -59,19 +93,35 @@ pub struct Costs {
 /// Layers with nothing to copy do not wait for the link. Missing entries count as 0; `buffers`
 /// below 1 counts as 1.
 pub fn pipeline_seconds(copy: &[f64], compute: &[f64], buffers: usize) -> f64 {
+    pipeline_seconds_gathered(copy, &[], compute, buffers)
+}
+
+/// [`pipeline_seconds`] with a host-gather stage before the copies: a streamed layer's
+/// `gather[l]` seconds run on the copy thread, one job after another, each once its staging
+/// buffer's previous upload has finished; its copy starts when its gather has too. Missing
+/// entries count as 0 (with no gather it is [`pipeline_seconds`]).
+pub fn pipeline_seconds_gathered(
+    copy: &[f64],
+    gather: &[f64],
+    compute: &[f64],
+    buffers: usize,
+) -> f64 {
     let buffers = buffers.max(1);
     let mut released = vec![0.0f64; buffers];
-    let mut copy_free = 0.0f64;
-    let mut compute_end = 0.0f64;
+    let mut uploaded = vec![0.0f64; buffers];
+    let (mut copy_free, mut gather_free, mut compute_end) = (0.0f64, 0.0f64, 0.0f64);
     let mut streamed = 0usize;
+    let at = |v: &[f64], l: usize| v.get(l).copied().unwrap_or(0.0).max(0.0);
     for l in 0..copy.len().max(compute.len()) {
-        let c = copy.get(l).copied().unwrap_or(0.0).max(0.0);
-        let work = compute.get(l).copied().unwrap_or(0.0).max(0.0);
+        let (c, g, work) = (at(copy, l), at(gather, l), at(compute, l));
         if c > 0.0 {
             let slot = streamed % buffers;
             streamed += 1;
-            let landed = copy_free.max(released[slot]) + c;
+            let gathered = gather_free.max(uploaded[slot]) + g;
+            gather_free = gathered;
+            let landed = copy_free.max(released[slot]).max(gathered) + c;
             copy_free = landed;
+            uploaded[slot] = landed;
             compute_end = compute_end.max(landed) + work;
             released[slot] = compute_end;
         } else {
@@ -84,9 +134,22 @@ pub fn pipeline_seconds(copy: &[f64], compute: &[f64], buffers: usize) -> f64 {
 /// One layer of a pass: bytes copied in, bytes its compute reads, its arithmetic (FLOP).
 type LayerWork = (u64, u64, f64);
 
+/// Per layer the bytes the host gathers of copies of (pinned, unpinned) bytes; none without
+/// a gather stage.
+fn gathered(input: &PlanInput, copies: impl Iterator<Item = (u64, u64)>) -> Vec<u64> {
+    match &input.host_gather {
+        Some(g) => copies
+            .map(|(pinned, unpinned)| g.bytes(pinned, unpinned))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// Per layer what a pass copies, reads and computes; plus the head after the last layer.
 struct Pass {
     layers: Vec<LayerWork>,
+    /// Per layer the bytes of its copy gathered on the host first (empty: none).
+    gathered: Vec<u64>,
     tail_read: u64,
     tail_flops: f64,
 }
@@ -102,7 +165,13 @@ impl Pass {
         };
         let copy: Vec<f64> = self.layers.iter().map(|l| l.0 as f64 / link).collect();
         let compute: Vec<f64> = self.layers.iter().map(|l| work(l.1, l.2)).collect();
-        pipeline_seconds(&copy, &compute, STREAM_BUFFERS) + work(self.tail_read, self.tail_flops)
+        // Without a stage nothing is gathered (`gathered` is empty).
+        let gbps = input.host_gather.map_or(1.0, |g| g.gbps.max(MIN_GBPS));
+        let gather: Vec<f64> = (self.gathered.iter())
+            .map(|&b| b as f64 / (gbps * 1e9))
+            .collect();
+        pipeline_seconds_gathered(&copy, &gather, &compute, STREAM_BUFFERS)
+            + work(self.tail_read, self.tail_flops)
     }
 
     fn streamed(&self) -> u64 {
@@ -163,10 +232,15 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         layer_flops(input, s.kept_neurons, 1),
         layer_flops(input, s.neurons, input.period),
     );
-    let pass = |rows: usize, f: &dyn Fn(&LayerPlacement) -> LayerWork| Pass {
-        layers: layers.iter().map(f).collect(),
-        tail_read: tail,
-        tail_flops: head_flops * rows as f64,
+    // Decode steps stream only pinned ranges: gathered only where the driver refused them.
+    let pass = |rows: usize, f: &dyn Fn(&LayerPlacement) -> LayerWork| {
+        let layers: Vec<LayerWork> = layers.iter().map(f).collect();
+        Pass {
+            gathered: gathered(input, layers.iter().map(|l| (l.0, 0))),
+            layers,
+            tail_read: tail,
+            tail_flops: head_flops * rows as f64,
+        }
     };
     let draft = pass(1, &|p| {
         (s.draft_stream_bytes(p), sparse_read(p.layer), draft_flops)
@@ -181,6 +255,7 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
         layers: (0..s.layers)
             .map(|i| (read(i) - kv, read(i), flops))
             .collect(),
+        gathered: Vec::new(),
         tail_read: tail,
         tail_flops: head_flops * rows as f64,
     };
@@ -200,6 +275,7 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
                 (copy, dense_read(i), layer_flops(input, s.neurons, 1))
             })
             .collect(),
+        gathered: Vec::new(),
         tail_read: tail,
         tail_flops: head_flops,
     };
@@ -228,7 +304,15 @@ fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 
     let head = head_work(input, s);
     let prefill = |rows: usize, last: bool| {
         let flops = layer_flops(input, s.neurons, rows);
+        let unpinned = |p: &LayerPlacement| unpinned_prefill_bytes(s, p);
+        let copied = |p: &LayerPlacement| s.prefill_stream_bytes(p);
         Pass {
+            gathered: gathered(
+                input,
+                layers
+                    .iter()
+                    .map(|p| (copied(p) - unpinned(p), unpinned(p))),
+            ),
             layers: (layers.iter())
                 .map(|p| {
                     let read = s.layer(p.layer).attention + s.layer(p.layer).ffn + prompt_kv;
@@ -279,4 +363,45 @@ fn full_placement(input: &PlanInput, s: &Sizes) -> Vec<(bool, bool)> {
         .find(|&m| resident(m) <= input.budget)
         .unwrap_or(0);
     layout(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_gather_stage_pipelines_ahead_of_the_link() {
+        let (copy, compute) = ([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]);
+        let plain = pipeline_seconds(&copy, &compute, 2);
+        assert_eq!(plain, 1.0 + 3.0 * 2.0);
+        // No gather: the same pipeline.
+        assert_eq!(
+            pipeline_seconds_gathered(&copy, &[0.0; 3], &compute, 2),
+            plain
+        );
+        // A short gather only delays the first copy: the rest hide behind compute.
+        assert_eq!(
+            pipeline_seconds_gathered(&copy, &[0.5; 3], &compute, 2),
+            plain + 0.5
+        );
+        // A gather slower than compute bounds the pass: 3 s each, one after another.
+        let slow = pipeline_seconds_gathered(&copy, &[3.0; 3], &compute, 2);
+        assert_eq!(slow, 3.0 * 3.0 + 1.0 + 2.0);
+        // Layers with nothing to copy gather nothing.
+        assert_eq!(
+            pipeline_seconds_gathered(&[0.0, 1.0], &[5.0, 0.0], &[1.0, 1.0], 2),
+            pipeline_seconds(&[0.0, 1.0], &[1.0, 1.0], 2)
+        );
+    }
+
+    #[test]
+    fn the_gathered_share_takes_refused_bytes_and_all_unpinned_ones() {
+        let g = HostGather {
+            gbps: 6.0,
+            unpinned_share: 0.25,
+        };
+        assert_eq!(g.bytes(400, 0), 100);
+        assert_eq!(g.bytes(400, 30), 130);
+        assert_eq!(HostGather::default().bytes(400, 30), 30);
+    }
 }

@@ -19,7 +19,10 @@ use crate::offload::cost;
 use crate::units::format_bytes;
 
 pub use crate::offload::cost::{Costs, WayCost};
-pub use crate::offload::plan::{budget_lines_of, Every, HostFootprint, Plan, PlanItem, Residence};
+pub use crate::offload::plan::{
+    budget_lines_of, pinned_host_bytes, unpinned_prefill_bytes, Every, HostFootprint, PinnedUnits,
+    Plan, PlanItem, Residence,
+};
 pub use crate::offload::sizes::{
     layer_range, LayerFormats, LayerPlacement, LayerSizes, PlanInput, Sizes, CPU_MEM_GBPS,
     GPU_LINK_GBPS, GPU_MEM_GBPS, MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
@@ -76,14 +79,17 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
         advised_sparse_down: None,
         advised_format_keep: None,
         budget_lines: budget_lines_of(&items),
-        host: HostFootprint::new(
-            sizes.total_weight_bytes(input.config.tie_word_embeddings),
-            match sizes.quantized {
+        host: HostFootprint {
+            checkpoint_bytes: sizes.total_weight_bytes(input.config.tie_word_embeddings),
+            bundle_cache_bytes: match sizes.quantized {
                 true => 0,
                 false => sizes.sum(0..sizes.layers, |u| u.ffn),
             },
-            input.on_gpu,
-        ),
+            pinned_bytes: match input.on_gpu {
+                true => pinned_host_bytes(&sizes, &layers),
+                false => 0,
+            },
+        },
         sizes,
         items,
         layers,

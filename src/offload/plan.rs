@@ -82,7 +82,8 @@ pub struct Plan {
 /// What the host holds for an offloaded run: the checkpoint, memory-mapped (its pages are
 /// read as used and can be dropped again), and for float FFNs the neuron bundles, written
 /// once to a cache file beside the model and mapped the same way. On a GPU the copy engine
-/// registers (pins) both mappings for DMA, so `pinned_bytes` must stay in RAM.
+/// registers (pins) for DMA only what decode steps stream ([`PinnedUnits`], summed by
+/// [`pinned_host_bytes`]), so `pinned_bytes` must stay in RAM; the rest is read as needed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct HostFootprint {
     pub checkpoint_bytes: u64,
@@ -90,20 +91,59 @@ pub struct HostFootprint {
     pub pinned_bytes: u64,
 }
 
-impl HostFootprint {
-    /// The footprint of a model of `total_weight_bytes` whose float FFN bundles take
-    /// `bundle_bytes` (0 for quantized FFNs, which stream as stored), planned for a GPU
-    /// (`on_gpu`) or the CPU.
-    pub fn new(total_weight_bytes: u64, bundle_bytes: u64, on_gpu: bool) -> HostFootprint {
-        HostFootprint {
-            checkpoint_bytes: total_weight_bytes,
-            bundle_cache_bytes: bundle_bytes,
-            pinned_bytes: if on_gpu {
-                total_weight_bytes + bundle_bytes
-            } else {
-                0
-            },
+/// Which of a layer's host copies a GPU run registers for DMA (the copy engine's `pin`):
+/// what a draft, a verification or a new request's moved neurons read. What only a
+/// request's prefill reads (the whole FFN of a layer whose sparse set is resident, float
+/// weights) or the first request's set-up (bundles of a layer kept whole) is gathered on
+/// the host by the copy thread instead, so that a float model is not pinned twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct PinnedUnits {
+    /// Attention that overflowed: every pass streams it.
+    pub attention: bool,
+    /// The checkpoint's gate, up and down matrices: verification streams an overflowed
+    /// layer's whole FFN, and a quantized complement's rows and down matrix as stored.
+    pub dense_ffn: bool,
+    /// The bundle cache's rows of the layer (float): its complement at every verification
+    /// and a new request's moved neurons.
+    pub bundles: bool,
+    /// The request's compact FFN of an overflowed layer (a host copy made per request,
+    /// registered when the request chooses its neurons): every draft streams it.
+    pub overflow: bool,
+}
+
+impl PinnedUnits {
+    pub fn of(p: &LayerPlacement, quantized: bool) -> PinnedUnits {
+        let complement_streams = p.sparse_ffn_resident && !p.complement_resident;
+        PinnedUnits {
+            attention: !p.attention_resident,
+            dense_ffn: !p.sparse_ffn_resident || (quantized && complement_streams),
+            bundles: !quantized && complement_streams,
+            overflow: !p.sparse_ffn_resident,
         }
+    }
+}
+
+/// Bytes a GPU run registers for `layers` (before page rounding, which adds at most a page
+/// at each end of each merged range): the runtime pins exactly the ranges these units name.
+pub fn pinned_host_bytes(sizes: &Sizes, layers: &[LayerPlacement]) -> u64 {
+    let unit = |on: bool, bytes: u64| if on { bytes } else { 0 };
+    (layers.iter())
+        .map(|p| {
+            let (u, s) = (PinnedUnits::of(p, sizes.quantized), sizes.layer(p.layer));
+            // A float layer's bundles are its FFN's bytes, rearranged.
+            unit(u.attention, s.attention)
+                + unit(u.dense_ffn, s.ffn)
+                + unit(u.bundles, s.ffn)
+                + unit(u.overflow, s.sparse_ffn)
+        })
+        .sum()
+}
+
+/// Bytes of layer `p`'s prefill that the copy thread gathers on the host (not pinned).
+pub fn unpinned_prefill_bytes(sizes: &Sizes, p: &LayerPlacement) -> u64 {
+    match PinnedUnits::of(p, sizes.quantized).dense_ffn {
+        true => 0,
+        false => sizes.layer(p.layer).ffn,
     }
 }
 

@@ -46,12 +46,14 @@ mod config;
 mod formats;
 mod layout;
 mod neurons;
+mod pinning;
 mod planning;
 mod report;
 
 pub use config::OffloadConfig;
 use formats::stored_formats;
 use layout::{Dims, FfnPiece, LayerJob};
+pub use pinning::max_job_pieces;
 use planning::planner_link;
 pub use planning::{request_plan_input, scratch_shape, PlanFormats, PlanTarget};
 pub use report::OffloadReport;
@@ -206,7 +208,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             plan.stream_buffers,
             format_bytes(plan.stream_buffer_bytes)
         );
-        Ok(OffloadRuntime {
+        let runtime = OffloadRuntime {
             predicts: planner_link::<B>(cfg).1,
             shape,
             input,
@@ -240,7 +242,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             draft_passes: 0,
             full_passes: 0,
             plan,
-        })
+        };
+        runtime.with_plan_pinned(model)
     }
 
     /// The host copy of what is streamed, and the copy engine that streams it.
@@ -252,9 +255,11 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
         trace: &Option<Trace>,
     ) -> Result<(HostStore, B::Engine)> {
         let host = HostStore::build(model, cfg.griffin_down, cfg.bundle_cache.as_deref())?;
+        let s = &plan.sizes;
         let engine = model.backend.copy_engine(CopyEngineOptions {
             buffers: plan.stream_buffers,
             buffer_bytes: plan.stream_buffer_bytes as usize,
+            max_pieces: max_job_pieces(s.neurons, s.kept_neurons, s.quantized),
             link_gbps: link_cap,
             delay: cfg.delay.clone(),
             trace: trace.clone(),

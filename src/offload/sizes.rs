@@ -89,6 +89,8 @@ pub struct PlanInput {
     /// Prompt tokens per prefill pass (each pass streams every non-resident weight once);
     /// `None` runs the whole prompt in one pass.
     pub prefill_chunk: Option<usize>,
+    /// The GPU copy engine's host-gather stage (`cost::HostGather`); `None`: no such stage.
+    pub host_gather: Option<crate::offload::cost::HostGather>,
 }
 
 impl PlanInput {

@@ -91,10 +91,51 @@ pub trait CopyEngine {
     fn wait(&mut self, layer: usize) -> Result<Self::Filled>;
     fn release(&mut self, filled: Self::Filled) -> Result<()>;
     fn cancel(&mut self) -> Result<()>;
+    /// Makes host `ranges` ready for jobs to read, before the passes that read them (CUDA:
+    /// page-locks their pages for DMA, which takes seconds for many GB; jobs may still read
+    /// other host bytes, more slowly). `scope` says how long. The CPU engine reads host
+    /// memory in place: nothing to do.
+    fn pin(&mut self, ranges: &[HostSlice], scope: PinFor) -> Result<PinReport> {
+        let _ = (ranges, scope);
+        Ok(PinReport::default())
+    }
     /// What the engine did since it was made or `reset_stats` (`&mut`: the CUDA engine
     /// collects its event timings here, waiting for the copies still in flight).
     fn stats(&mut self) -> Result<CopyStats>;
     fn reset_stats(&mut self) -> Result<()>;
+}
+
+/// How long [`CopyEngine::pin`] keeps host ranges ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinFor {
+    /// The engine's life (the ranges an installed plan streams).
+    Engine,
+    /// Until the next `cancel` (a request's own copies; a new request cancels first).
+    Request,
+}
+
+/// What [`CopyEngine::pin`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PinReport {
+    /// Bytes of the ranges asked for.
+    pub streamed_bytes: u64,
+    /// Bytes the engine holds registered now (whole pages, every call so far).
+    pub registered_bytes: u64,
+    /// Bytes the driver would not register: jobs reading them are gathered on the host.
+    pub refused_bytes: u64,
+    /// Seconds it took.
+    pub seconds: f64,
+}
+
+impl PinReport {
+    /// Nothing registered: all of `bytes` refused.
+    pub fn refused(bytes: u64) -> PinReport {
+        PinReport {
+            streamed_bytes: bytes,
+            refused_bytes: bytes,
+            ..PinReport::default()
+        }
+    }
 }
 
 /// Extra delay per job, given the job's sequence number (tests use it to shake timing).
@@ -107,6 +148,9 @@ pub struct CopyEngineOptions {
     pub buffers: usize,
     /// Capacity of each staging buffer; no job may be larger.
     pub buffer_bytes: usize,
+    /// The most pieces one job will have (0: unknown). The CUDA engine sizes its gather
+    /// tables for it when it is made, so that no pass allocates.
+    pub max_pieces: usize,
     /// Emulate a link of this many GB/s (10^9 bytes): a job of b bytes takes at least
     /// b / (link * 1e9) seconds, paced in ~1 MiB chunks so the rate is smooth.
     pub link_gbps: Option<f64>,
@@ -123,6 +167,7 @@ impl CopyEngineOptions {
         CopyEngineOptions {
             buffers,
             buffer_bytes,
+            max_pieces: 0,
             link_gbps: None,
             delay: None,
             trace: None,
@@ -146,12 +191,10 @@ pub struct CopyStats {
     pub overlap: f64,
     /// bytes / busy_s / 1e9 (0 when nothing was copied).
     pub achieved_gbps: f64,
-    /// Seconds the compute thread spent gathering jobs' pieces into pinned staging memory
-    /// (CUDA: only pieces of host mappings the driver would not register, which the engine
-    /// cannot DMA straight from; it runs on the thread that calls submit/release, so the GPU
-    /// may sit idle meanwhile, counted neither as copy time nor as a stall; host-timed; 0
-    /// when everything is DMA'd). 0 on the CPU, whose copy thread gathers as part of
-    /// `busy_s`.
+    /// Seconds the CUDA engine's copy thread spent gathering jobs' bytes into pinned staging
+    /// memory (only bytes outside the registered ranges, which the engine cannot DMA straight
+    /// from; pipelined with compute, and its uploads count in `busy_s`; host-timed; 0 when
+    /// everything is DMA'd). 0 on the CPU, whose copy thread gathers as part of `busy_s`.
     pub host_gather_s: f64,
 }
 

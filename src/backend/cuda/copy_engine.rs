@@ -2,46 +2,53 @@
 //! same submit / wait / release / cancel contract over [`CopyJob`]s (`crate::transfer`).
 //!
 //! Per job, its pieces land packed back to back, in job order, in one device staging buffer
-//! (`DeviceFilled::pieces`), moved on the engine's copy stream by one of three paths
-//! (`plan::plan_job` decides, per job, from where each piece's mapping stands):
+//! (`DeviceFilled::pieces`), moved by one of three paths (`plan::plan_job` decides, per
+//! segment, from where its bytes stand):
 //!
-//! - **DMA.** Every host mapping a job reads (the checkpoint's, an FFN's bundles) is
-//!   registered with the driver the first time (`registry`: page-locked and device-mapped,
-//!   whole and page-aligned, until the engine drops). Pieces of registered mappings, merged
-//!   where contiguous, are one cuMemcpyHtoDAsync each straight from the mapping, when a job
-//!   has at most `plan::MAX_DMA_COPIES` of them. No host gather, no host wait.
+//! - **DMA.** The host ranges an installed plan streams (and a request's overflow copies)
+//!   are registered with the driver before any pass (`pin`, `registry`: page-locked and
+//!   device-mapped, the page-aligned ranges merged). Registered bytes, merged where
+//!   contiguous, are one cuMemcpyHtoDAsync each straight from the mapping, when a job has at
+//!   most `plan::MAX_DMA_COPIES` of them. No host gather, no host wait.
 //! - **Gather kernel.** More runs than that (a Griffin complement: thousands of short runs of
 //!   bundles) would cost microseconds of CPU per DMA call, so a kernel on the copy stream
 //!   (`kernels/gather.cu`) reads them through their device-mapped addresses and writes them
 //!   packed. Its table (source address, destination offset, length per run, long runs split)
-//!   is written by the host into the slot's pinned table and uploaded just before the launch.
-//!   It runs on a few blocks, so compute keeps the rest of the GPU.
-//! - **Staged (fallback).** Pieces of a mapping the driver would not register (unsupported,
-//!   out of lockable memory; the first failure is logged as a warning; `SIRIUS_COPY_STAGED=1`
-//!   forces it) are gathered by the host into the slot's pinned staging at the offsets they
-//!   land at, then uploaded, adjacent ones in one copy. This still runs on the thread that
-//!   calls submit/release (release -> pump -> issue), so the GPU may idle meanwhile: neither
-//!   copy time nor a stall, it is reported apart, host-timed, as `CopyStats::host_gather_s`
-//!   (0 when nothing is staged). Not done: a copy thread to take it off that thread.
+//!   is written by the host into the slot's pinned table and uploaded just before the launch;
+//!   tables are sized for the plan's largest job when the engine is made
+//!   (`CopyEngineOptions::max_pieces`), so no pass allocates. It runs on a few blocks, so
+//!   compute keeps the rest of the GPU.
+//! - **Staged (fallback).** Bytes outside the registered ranges (what only a prefill reads,
+//!   pages the driver refused; `SIRIUS_COPY_STAGED=1` stages everything) are gathered by the
+//!   copy thread (`stager`) into the slot's pinned staging at the offsets they land at and
+//!   uploaded on the thread's own stream, adjacent ones in one copy, pipelined with compute.
+//!   The gather is host-timed as `CopyStats::host_gather_s`; its uploads count as copy time.
 //!
-//! Ordering, per slot (a device buffer, its pinned staging and table, events `copied`,
-//! `consumed`, `table_sent`):
-//! 1. host: before rewriting pinned memory the host waits for its last upload: `copied` for
-//!    staging (staged jobs only), `table_sent` for the table (gather jobs only). DMA-only jobs
-//!    never block the host; registered mappings are read-only and never rewritten.
-//! 2. copy stream: waits `consumed` (compute's release of the buffer's previous job), then
-//!    queues the staged uploads, the DMAs, the table upload (+ `table_sent`) and the kernel,
-//!    then records `copied`. The device table is only touched on the copy stream, in order.
-//! 3. `wait`: the compute stream waits on `copied` (the host does not block).
+//! Ordering, per slot (a device buffer with events `copied`, `consumed`, `table_sent`,
+//! `staged`; the pinned table; the copy thread's pinned staging):
+//! 1. compute thread, issue: waits on the host for `table_sent` before rewriting the pinned
+//!    table (gather jobs only); queues on the copy stream: wait `consumed` (compute's release
+//!    of the buffer's previous job), the DMAs, the table upload (+ `table_sent`), the kernel,
+//!    then records `copied`; then, if the job has staged bytes, sends the copy thread a task.
+//! 2. copy thread, per task in order: waits on the host for `staged` (its own last upload
+//!    from that staging buffer), gathers, makes its stream wait `consumed` (recorded by the
+//!    compute thread before the task was sent), uploads, records `staged`, answers.
+//! 3. compute thread, `wait`: for a job with staged bytes takes the copy thread's answer
+//!    (blocking only while the gather runs; answers come in task order, and jobs are waited
+//!    in issue order), then the compute stream waits on `staged`, which was recorded before
+//!    the answer was sent; for every job it waits on `copied`.
 //! 4. `release`: records `consumed` on the compute stream, after the kernels that read it.
 //!
-//! So a buffer is reused only after its previous user is done, and copies run ahead by the
-//! number of buffers. Drop synchronizes both streams before the registrations go.
+//! So a buffer is reused only after its previous user is done, staging and tables are
+//! rewritten only after their last upload, and copies run ahead by the number of buffers.
+//! `cancel` takes every answer still owed first. Drop stops the copy thread (which
+//! synchronizes its stream) and synchronizes both streams before the registrations go.
 //!
-//! Statistics come from timed events (`timing`): copy time on the copy stream (DMAs and the
-//! gather kernel), and the time the compute stream stood waiting for a copy (the stall; the
-//! host never waits here, so the CPU engine's host-side wait time has no meaning on a GPU).
-//! Trace spans are host-side: planning, any host gather and the issue, not the DMA itself.
+//! Statistics come from timed events (`timing`): copy time on the copy stream and the copy
+//! thread's stream (DMAs, the gather kernel, staged uploads), and the time the compute stream
+//! stood waiting for a copy (the stall; the host never waits here, so the CPU engine's
+//! host-side wait time has no meaning on a GPU). Trace spans are host-side: planning and the
+//! issue, not the DMA itself.
 //!
 //! Unverified without a GPU (see the parent module): registration of file-backed and
 //! anonymous read-only mappings, the gather kernel's reads of mapped host memory and its
@@ -60,16 +67,20 @@ use crate::error::{Error, Result};
 use crate::transfer::trace::Trace;
 use crate::transfer::{
     check_next, validate_jobs, CopyEngine, CopyEngineOptions, CopyJob, CopyStats, DelayFn,
-    StagedJob,
+    HostSlice, PinFor, PinReport, StagedJob,
 };
 use crate::units::format_bytes;
 
 mod issue;
+mod pins;
 mod plan;
 mod registry;
+mod stager;
 mod timing;
 
+use plan::{table_rows, Segment};
 use registry::Registry;
+use stager::{StageDone, Stager};
 use timing::{Span, Timings};
 
 pub use registry::STAGED_ENV;
@@ -78,16 +89,16 @@ static NEXT_ENGINE: AtomicU64 = AtomicU64::new(1);
 
 /// One staging slot: the device buffer a job lands in, with what moving it there needs.
 struct Slot {
-    /// Pinned staging for pieces of unregistered mappings (the fallback path), made the
-    /// first time one is staged (at `new` when registration is off).
-    host: Option<PinnedBuffer>,
     /// Shared with the `DeviceFilled` handed out and the matrices viewing it: a view keeps
     /// the memory allocated even if the engine goes first.
     device: Arc<DevMem>,
     /// Recorded on the copy stream after the host-to-device copy.
     copied: Event,
-    /// Recorded on the compute stream when compute releases the buffer.
-    consumed: Event,
+    /// Recorded on the compute stream when compute releases the buffer (the copy thread's
+    /// stream waits on it too).
+    consumed: Arc<Event>,
+    /// Recorded by the copy thread after a job's staged upload.
+    staged: Arc<Event>,
     /// Recorded on the copy stream after the gather table's upload; the host waits on it
     /// before rewriting the pinned table.
     table_sent: Event,
@@ -103,6 +114,19 @@ struct GatherTable {
     rows: usize,
 }
 
+impl GatherTable {
+    /// A table of `rows` rows (the caller synchronizes the compute stream, where the device
+    /// half is allocated, before the copy stream uses it).
+    fn new(ctx: &Arc<Ctx>, rows: usize) -> Result<GatherTable> {
+        let bytes = rows.max(1) * 3 * 8;
+        Ok(GatherTable {
+            host: PinnedBuffer::new(&ctx.device, bytes, HostAccess::Upload)?,
+            device: DevMem::new(ctx, "copy engine gather table", bytes)?,
+            rows: rows.max(1),
+        })
+    }
+}
+
 /// A job submitted and not yet issued, with its sequence number (for `delay`).
 struct Pending {
     seq: u64,
@@ -115,6 +139,8 @@ struct Issued {
     label: String,
     slot: usize,
     pieces: Vec<Range<usize>>,
+    /// Part of it goes through the copy thread.
+    staged: bool,
 }
 
 /// A device staging buffer holding one job's pieces; compute reads it on the compute stream
@@ -156,14 +182,19 @@ pub struct DeviceCopyEngine {
     issued: VecDeque<Issued>,
     bytes: u64,
     jobs: u64,
-    /// Host seconds spent gathering pieces into pinned memory (`CopyStats::host_gather_s`).
+    /// Host seconds the copy thread spent gathering into pinned memory
+    /// (`CopyStats::host_gather_s`).
     gather_s: f64,
+    /// The copy thread of the fallback path.
+    stager: Stager,
+    /// The job being issued, cut into segments (kept to reuse its allocation).
+    segments: Vec<Segment>,
     timings: Timings,
     delay: Option<DelayFn>,
     trace: Option<Trace>,
     /// Why the engine stopped (a driver call failed mid-job), once it has.
     broken: Option<String>,
-    /// The host mappings jobs read, registered for DMA (dropped after the streams sync).
+    /// The host memory registered for DMA (dropped after the streams sync).
     registry: Registry,
 }
 
@@ -188,34 +219,32 @@ impl DeviceCopyEngine {
         let device = ctx.device.clone();
         let copy = Stream::high_priority(&device)?;
         let registry = Registry::new(&device);
+        // Sized now for the plan's largest job, so that no pass allocates a table (none
+        // when nothing is registered: every job is staged).
+        let rows = match (registry.enabled(), opts.max_pieces) {
+            (true, n) if n > 0 => Some(table_rows(n, buffer_bytes)),
+            _ => None,
+        };
         let mut slots = Vec::with_capacity(buffers);
         for _ in 0..buffers {
-            let host = match registry.enabled() {
-                true => None,
-                false => Some(PinnedBuffer::new(
-                    &device,
-                    buffer_bytes,
-                    HostAccess::Upload,
-                )?),
-            };
             slots.push(Slot {
-                host,
                 device: Arc::new(DevMem::new(&ctx, "copy engine staging", buffer_bytes)?),
-                // The host waits on `copied` and `table_sent` before refilling the pinned
-                // staging and table.
+                // The host waits on `copied`, `table_sent` and `staged`.
                 copied: Event::blocking(&device)?,
-                consumed: Event::new(&device)?,
+                consumed: Arc::new(Event::new(&device)?),
+                staged: Arc::new(Event::blocking(&device)?),
                 table_sent: Event::blocking(&device)?,
-                table: None,
+                table: rows.map(|r| GatherTable::new(&ctx, r)).transpose()?,
                 held: false,
             });
         }
-        // Stream-ordered allocations are made on the compute stream; the copy stream may
+        // Stream-ordered allocations are made on the compute stream; the copy streams may
         // touch them only once they exist.
         ctx.synchronize("copy engine staging")?;
         tracing::debug!(
-            "CUDA copy engine: {buffers} staging buffers of {} ({})",
+            "CUDA copy engine: {buffers} staging buffers of {}, gather tables of {} rows ({})",
             format_bytes(buffer_bytes as u64),
+            rows.unwrap_or(0),
             match registry.enabled() {
                 true => "copies straight from registered host memory",
                 false => "host gather into pinned staging",
@@ -224,6 +253,8 @@ impl DeviceCopyEngine {
         Ok(DeviceCopyEngine {
             id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
             timings: Timings::new(&device),
+            stager: Stager::new(&device, buffers, buffer_bytes)?,
+            segments: Vec::new(),
             ctx,
             copy,
             slots,
@@ -240,6 +271,13 @@ impl DeviceCopyEngine {
             broken: None,
             registry,
         })
+    }
+
+    /// Registers the pages of host `ranges` for DMA now, before the passes that read them
+    /// (see `registry`); `scope` says until when.
+    pub fn pin(&mut self, ranges: &[HostSlice], scope: PinFor) -> Result<PinReport> {
+        self.check_alive()?;
+        self.registry.pin(ranges, scope)
     }
 
     /// Queues jobs and issues as many copies as there are free buffers. Nothing is queued
@@ -291,7 +329,7 @@ impl DeviceCopyEngine {
                 self.slots.len()
             )));
         };
-        if let Err(e) = self.order_after_copy(job.slot) {
+        if let Err(e) = self.order_after_copy(job.slot, job.staged) {
             self.broken = Some(e.to_string());
             return Err(e);
         }
@@ -307,14 +345,35 @@ impl DeviceCopyEngine {
         })
     }
 
-    /// Makes the compute stream wait for the copy into `slot`, timing the wait.
-    fn order_after_copy(&mut self, slot: usize) -> Result<()> {
+    /// Makes the compute stream wait for the copy into `slot` (and, when `staged`, for the
+    /// copy thread's upload, whose answer it takes first), timing the wait.
+    fn order_after_copy(&mut self, slot: usize, staged: bool) -> Result<()> {
         // Measurements of earlier passes that have finished by now (no blocking).
         self.timings.collect()?;
-        let compute = &self.ctx.stream;
+        let ctx = self.ctx.clone();
+        let compute = &ctx.stream;
+        // Started before any host wait: GPU time lost while the copy thread gathers counts
+        // as a stall.
         let start = self.timings.start(compute)?;
+        if staged {
+            let done = self.stager.receive()?;
+            if done.slot != slot {
+                return Err(Error::CopyEngine(format!(
+                    "the copy thread answered for staging slot {}, expected {slot}",
+                    done.slot
+                )));
+            }
+            self.took(done);
+            compute.wait(&self.slots[slot].staged)?;
+        }
         compute.wait(&self.slots[slot].copied)?;
         self.timings.stop(Span::Stall, start, compute)
+    }
+
+    /// Counts a copy thread's answer: its gather time and its upload's measurement.
+    fn took(&mut self, done: StageDone) {
+        self.gather_s += done.gather_s;
+        self.timings.push(Span::Copy, done.timing);
     }
 
     /// Gives a buffer back once the kernels queued on the compute stream so far have read it,
@@ -363,6 +422,10 @@ impl DeviceCopyEngine {
     }
 
     fn cancel_now(&mut self) -> Result<()> {
+        // The copy thread's tasks for issued jobs finish first: they write staging buffers.
+        for done in self.stager.drain()? {
+            self.took(done);
+        }
         self.pending.clear();
         self.issued.clear();
         let mut replaced = false;
@@ -385,11 +448,10 @@ impl DeviceCopyEngine {
             // As in `new`: the copy stream may use the new buffer once it exists.
             self.ctx.synchronize("copy engine staging")?;
         }
-        // Mappings only this engine's registrations still hold (a finished request's overflow
-        // copies) are unregistered, once no copy reads them: else every request would pin
-        // more host memory for the engine's life.
+        // The last request's registrations (its overflow copies) go, once no copy reads
+        // them: else every request would pin more host memory for the engine's life.
         self.copy.synchronize()?;
-        self.registry.forget_unused();
+        self.registry.forget_request();
         self.generation += 1;
         Ok(())
     }
@@ -430,6 +492,8 @@ impl Drop for DeviceCopyEngine {
         // Pinned memory must not be freed (nor host mappings unregistered, when `registry`
         // drops after this) while a copy still reads it, nor a staging buffer while a copy
         // or the gather kernel writes it (its free is ordered on the compute stream only).
+        // The copy thread first: it synchronizes its stream before it ends.
+        self.stager.stop();
         let _ = self.copy.synchronize();
         let _ = self.ctx.stream.synchronize();
     }
@@ -462,6 +526,10 @@ impl CopyEngine for DeviceCopyEngine {
 
     fn cancel(&mut self) -> Result<()> {
         DeviceCopyEngine::cancel(self)
+    }
+
+    fn pin(&mut self, ranges: &[HostSlice], scope: PinFor) -> Result<PinReport> {
+        DeviceCopyEngine::pin(self, ranges, scope)
     }
 
     fn stats(&mut self) -> Result<CopyStats> {

@@ -22,15 +22,16 @@
 //! region (counted as an allocation in the stats). The driver's context has a line of its
 //! own.
 //!
-//! Also outside the budget: the copy engine's gather tables (24 bytes per run per staging
-//! slot, grown on demand). Host memory the copy engine registers (cuMemHostRegister of whole
-//! checkpoint and bundle mappings, see `copy_engine::registry`) is page-locked for the
-//! engine's life; pinned staging is only allocated for mappings that could not be registered.
+//! Also outside the budget: the copy engine's gather tables (24 bytes per run of the plan's
+//! largest job, per staging slot, made with the engine). Host memory the copy engine
+//! registers (cuMemHostRegister of the page-aligned ranges the installed plan streams, and
+//! of a request's overflow copies, see `copy_engine::registry`) is page-locked from when the
+//! plan is installed, or the request chooses its neurons, until the engine drops, or the
+//! next request; the copy thread's pinned staging (one buffer per slot) holds what a job
+//! reads outside those ranges.
 //!
 //! Unverified: no GPU was available when this was written, so none of this has run; it
-//! compiles against cudarc 0.19 and follows the driver API's documented semantics. Not done
-//! yet: a copy thread to take the fallback path's host gather (mappings that could not be
-//! registered) off the compute thread.
+//! compiles against cudarc 0.19 and follows the driver API's documented semantics.
 
 use std::sync::Arc;
 
@@ -192,6 +193,23 @@ impl Stream {
         })
     }
 
+    /// Queues a copy of `len` bytes from host `src` to device `dst` (cuMemcpyHtoDAsync).
+    ///
+    /// # Safety
+    /// `src` must be page-locked host memory (pinned or registered) holding `len` bytes that
+    /// stay valid and unchanged until the copy completes, and `dst` must have room for them
+    /// for as long.
+    pub unsafe fn copy_to_device(&self, dst: u64, src: *const u8, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let stream = self.raw;
+        // SAFETY: the caller's contract above.
+        bound(&self.device, "cuMemcpyHtoDAsync", || unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src as *const std::ffi::c_void, len, stream).result()
+        })
+    }
+
     /// Work queued on this stream after this call waits for the event's last recording
     /// (the host does not block; an event never recorded is no wait at all).
     pub fn wait(&self, event: &Event) -> Result<()> {
@@ -224,6 +242,11 @@ pub struct Event {
 
 // SAFETY: event handles may be used from any thread with the context bound.
 unsafe impl Send for Event {}
+// SAFETY: every method is one driver call on the handle (binding the context first), and
+// the driver API is thread-safe; which recording a wait sees is the callers' ordering (the
+// copy engine's threads hand events over through channels), not a data race. The handle
+// is destroyed only in Drop, which needs the last owner.
+unsafe impl Sync for Event {}
 
 impl Event {
     pub fn new(device: &Arc<CudaDevice>) -> Result<Self> {

@@ -71,6 +71,8 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             self.resident_ids[li] = ids.clone();
         }
         self.kept = Some(selection.layers.clone());
+        // The overflow copies are streamed by every draft: registered now, before them.
+        self.pin_overflow()?;
         Ok(GriffinFfn { layers, selection })
     }
 

@@ -4,6 +4,7 @@
 use super::{OffloadConfig, RequestShape};
 use crate::backend::offload::{OffloadBackend, ResidentMemory, ScratchShape};
 use crate::config::ModelConfig;
+use crate::offload::cost::HostGather;
 use crate::offload::format::WeightFormat;
 use crate::offload::placement::{
     LayerFormats, PlanInput, CPU_MEM_GBPS, GPU_LINK_GBPS, GPU_MEM_GBPS,
@@ -68,6 +69,8 @@ pub fn request_plan_input(
         activation_bytes: Some(shape.activation_bytes),
         backend_scratch: target.backend_scratch,
         prefill_chunk: Some(shape.prefill_chunk),
+        // On a GPU what is not pinned is gathered on the host (`plan::PinnedUnits`).
+        host_gather: on_gpu.then(HostGather::default),
     }
 }
 

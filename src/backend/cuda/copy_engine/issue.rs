@@ -1,26 +1,22 @@
-//! Issuing one job into a free slot: plan its pieces ([`super::plan`]), gather the staged
-//! ones on the host, write the gather table, then queue the transfers on the copy stream
-//! (after compute's release of the slot) and record `copied`.
+//! Issuing one job into a free slot: plan its bytes ([`super::plan`]), write the gather
+//! table, queue the DMAs and the gather kernel on the copy stream (after compute's release
+//! of the slot) and record `copied`; bytes outside the registered ranges go to the copy
+//! thread (`stager`).
 
 use std::ffi::c_void;
 use std::time::Instant;
 
-use cudarc::driver::sys;
 use serde_json::json;
 
 use super::plan::{
-    gather_grid, plan_job, table_capacity, table_words, JobPlan, PieceIn, GATHER_BLOCK,
-    MAX_DMA_COPIES,
+    gather_grid, plan_job, table_capacity, table_words, JobPlan, GATHER_BLOCK, MAX_DMA_COPIES,
 };
+use super::stager::StageTask;
 use super::timing::Span;
 use super::{DeviceCopyEngine, GatherTable, Issued, Pending};
-use crate::backend::cuda::buffers::DevMem;
 use crate::backend::cuda::context::{to_u32, KArgs};
-use crate::backend::cuda::device::{driver_error, guarded};
-use crate::backend::cuda::memory::{HostAccess, PinnedBuffer};
 use crate::error::{Error, Result};
 use crate::transfer::trace::Track;
-use crate::transfer::CopyJob;
 
 const OP: &str = "copy engine";
 
@@ -45,25 +41,38 @@ impl DeviceCopyEngine {
             std::thread::sleep(delay(seq));
         }
         let t0 = Instant::now();
-        let mut pieces = Vec::with_capacity(job.pieces.len());
-        for p in &job.pieces {
-            let source = self.registry.source(p)?;
-            pieces.push(PieceIn {
-                source,
-                len: p.len(),
-            });
+        let lens: Vec<usize> = job.pieces.iter().map(|p| p.len()).collect();
+        self.segments.clear();
+        for p in job.pieces.iter().filter(|p| !p.is_empty()) {
+            let addr = p.map.as_ptr() as usize + p.range.start;
+            self.registry.segments(addr, p.len(), &mut self.segments);
         }
-        let plan = plan_job(&pieces, MAX_DMA_COPIES);
-        self.stage(slot, &job, &plan)?;
+        let plan = plan_job(&lens, &self.segments, MAX_DMA_COPIES);
         self.write_table(slot, &plan)?;
         // The device buffer's previous user (compute) must be done before it is overwritten.
         self.copy.wait(&self.slots[slot].consumed)?;
-        if plan.bytes > 0 {
+        let on_stream = plan.bytes - plan.staged_runs.iter().map(|r| r.len()).sum::<usize>();
+        if on_stream > 0 {
             let start = self.timings.start(&self.copy)?;
             self.transfer(slot, &plan)?;
             self.timings.stop(Span::Copy, start, &self.copy)?;
         }
         self.slots[slot].copied.record(&self.copy)?;
+        let staged = !plan.staged.is_empty();
+        if staged {
+            let s = &self.slots[slot];
+            let task = StageTask {
+                slot,
+                copies: plan.staged.clone(),
+                runs: plan.staged_runs.clone(),
+                _keep: job.pieces,
+                device: s.device.clone(),
+                consumed: s.consumed.clone(),
+                staged: s.staged.clone(),
+                timing: self.timings.pair()?,
+            };
+            self.stager.send(task)?;
+        }
         self.bytes += plan.bytes as u64;
         self.jobs += 1;
         if let Some(trace) = &self.trace {
@@ -76,41 +85,8 @@ impl DeviceCopyEngine {
             label: job.label,
             slot,
             pieces: plan.landed,
+            staged,
         });
-        Ok(())
-    }
-
-    /// The fallback path: copies the pieces of unregistered mappings into the slot's pinned
-    /// staging, at the offsets they land at (host-timed as `host_gather_s`).
-    fn stage(&mut self, slot: usize, job: &CopyJob, plan: &JobPlan) -> Result<()> {
-        if plan.staged.is_empty() {
-            return Ok(());
-        }
-        let s = &mut self.slots[slot];
-        // The staging buffer's previous upload must be done before it is overwritten.
-        s.copied.synchronize()?;
-        let start = Instant::now();
-        let host = match &mut s.host {
-            Some(h) => h,
-            None => s.host.insert(PinnedBuffer::new(
-                &self.ctx.device,
-                self.buffer_bytes,
-                HostAccess::Upload,
-            )?),
-        };
-        let host = host.as_mut_slice();
-        for &i in &plan.staged {
-            let bad = || Error::CopyEngine(format!("job `{}`: piece {i} out of range", job.label));
-            let (p, at) = (
-                job.pieces.get(i).ok_or_else(bad)?,
-                plan.landed.get(i).ok_or_else(bad)?,
-            );
-            let src = p.map.get(p.range.clone()).ok_or_else(bad)?;
-            host.get_mut(at.clone())
-                .ok_or_else(bad)?
-                .copy_from_slice(src);
-        }
-        self.gather_s += start.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -124,14 +100,15 @@ impl DeviceCopyEngine {
         let have = self.slots[slot].table.as_ref().map_or(0, |t| t.rows);
         let want = table_capacity(rows, have);
         if want != have {
+            // Tables are sized for the plan's largest job when the engine is made; a job
+            // beyond it (a plan that did not say) grows the table here, mid-pass.
+            tracing::debug!(
+                "CUDA copy engine: a job of {rows} gather rows outgrew its slot's table of \
+                 {have}; allocating {want}"
+            );
             // The old table may still be read by a queued upload or kernel (copy stream).
             self.copy.synchronize()?;
-            let bytes = want * 3 * 8;
-            self.slots[slot].table = Some(GatherTable {
-                host: PinnedBuffer::new(&self.ctx.device, bytes, HostAccess::Upload)?,
-                device: DevMem::new(&self.ctx, "copy engine gather table", bytes)?,
-                rows: want,
-            });
+            self.slots[slot].table = Some(GatherTable::new(&self.ctx, want)?);
             // Stream-ordered allocations are made on the compute stream (see `new`).
             self.ctx.synchronize("copy engine gather table")?;
         }
@@ -148,25 +125,11 @@ impl DeviceCopyEngine {
         Ok(())
     }
 
-    /// Queues the job's transfers on the copy stream: staged runs, DMAs from registered
-    /// memory, then the table's upload and the gather kernel.
+    /// Queues the job's transfers on the copy stream: DMAs from registered memory, then the
+    /// table's upload and the gather kernel (staged bytes are the copy thread's).
     fn transfer(&mut self, slot: usize, plan: &JobPlan) -> Result<()> {
         let s = &self.slots[slot];
         let base = s.device.ptr();
-        if let Some(host) = &s.host {
-            for run in &plan.staged_runs {
-                let src = host.as_slice().get(run.clone()).ok_or_else(|| {
-                    Error::CopyEngine("copy engine: a staged run past the buffer".into())
-                })?;
-                // SAFETY: `src` lies in the slot's pinned staging, not written again before
-                // `copied` completes (`stage` waits for it; Drop syncs the copy stream).
-                self.htod(
-                    base + run.start as u64,
-                    src.as_ptr() as *const c_void,
-                    src.len(),
-                )?;
-            }
-        }
         for d in &plan.direct {
             // SAFETY: `d.host` .. + `d.len` lies in a mapping the registry keeps mapped and
             // registered (page-locked) until the engine, its copy stream synchronized, drops.
@@ -204,15 +167,7 @@ impl DeviceCopyEngine {
     /// Callers guarantee `src` is page-locked host memory that stays valid and unchanged
     /// until the copy completes, and `dst` has room for `len` bytes (the slot's buffer).
     fn htod(&self, dst: u64, src: *const c_void, len: usize) -> Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        self.copy.device.bind()?;
-        let stream = self.copy.raw;
         // SAFETY: see the callers: `src` and `dst` hold `len` bytes for the copy's duration.
-        guarded("cuMemcpyHtoDAsync", || unsafe {
-            sys::cuMemcpyHtoDAsync_v2(dst, src, len, stream).result()
-        })?
-        .map_err(|e| driver_error("cuMemcpyHtoDAsync", e))
+        unsafe { self.copy.copy_to_device(dst, src as *const u8, len) }
     }
 }

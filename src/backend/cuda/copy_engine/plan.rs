@@ -18,14 +18,15 @@ pub(super) const GATHER_ROW_BYTES: usize = 256 << 10;
 /// Threads per block of the gather kernel.
 pub(super) const GATHER_BLOCK: u32 = 256;
 
-/// Where a piece's bytes come from, as the engine's registry sees its mapping.
+/// Where a piece's bytes come from, as the engine's registry sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Source {
-    /// The mapping could not be registered: the host gathers it into pinned staging.
-    Staged,
-    /// The mapping is registered (page-locked): `host` is the piece's first byte, `device`
-    /// its address for kernels when the mapping is also device-mapped, `region` names the
-    /// registration (pieces merge only within one).
+    /// Not in a registered span: the copy thread gathers them from host address `host` into
+    /// pinned staging.
+    Staged { host: usize },
+    /// In a registered (page-locked) span: `host` is the first byte, `device` its address for
+    /// kernels when the span is also device-mapped, `region` names the registration (bytes
+    /// merge only within one).
     Registered {
         region: usize,
         host: usize,
@@ -33,9 +34,11 @@ pub(super) enum Source {
     },
 }
 
-/// One piece as the planner takes it.
+/// A part of a job's bytes with one source: a job's pieces, back to back, are cut into
+/// segments where their source changes (a piece may cross from one registration into the
+/// next, or out of the registered spans).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct PieceIn {
+pub(super) struct Segment {
     pub source: Source,
     pub len: usize,
 }
@@ -63,10 +66,11 @@ pub(super) struct GatherRow {
 pub(super) struct JobPlan {
     /// Where each piece lands in the device buffer (packed back to back, in job order).
     pub landed: Vec<Range<usize>>,
-    /// Pieces (by index) the host copies into pinned staging at their landed offsets.
-    pub staged: Vec<usize>,
-    /// Byte ranges then copied from staging to the same offsets of the device buffer
-    /// (adjacent staged pieces merged).
+    /// Host bytes the copy thread copies into pinned staging at the offsets they land at
+    /// (contiguous ones merged; `host` is an address, `dst` the offset).
+    pub staged: Vec<DirectCopy>,
+    /// Byte ranges then uploaded from staging to the same offsets of the device buffer
+    /// (adjacent staged bytes merged).
     pub staged_runs: Vec<Range<usize>>,
     /// DMAs from registered memory.
     pub direct: Vec<DirectCopy>,
@@ -102,37 +106,47 @@ struct Run {
     len: usize,
 }
 
-/// Plans a job: pieces land packed in order; pieces of unregistered mappings are staged;
-/// registered ones, contiguous runs merged, are DMA'd one call each if there are at most
-/// `max_dma` runs, else read by the gather kernel (runs without a device address stay DMAs).
-pub(super) fn plan_job(pieces: &[PieceIn], max_dma: usize) -> JobPlan {
+/// Plans a job of pieces of `lens` bytes whose bytes, back to back, are `segments`: pieces
+/// land packed in order; staged segments go through the copy thread; registered ones,
+/// contiguous runs merged, are DMA'd one call each if there are at most `max_dma` runs,
+/// else read by the gather kernel (runs without a device address stay DMAs).
+pub(super) fn plan_job(lens: &[usize], segments: &[Segment], max_dma: usize) -> JobPlan {
     let mut plan = JobPlan {
-        landed: Vec::with_capacity(pieces.len()),
+        landed: Vec::with_capacity(lens.len()),
         ..JobPlan::default()
     };
-    let mut runs: Vec<Run> = Vec::new();
     let mut at = 0;
-    for (i, p) in pieces.iter().enumerate() {
-        plan.landed.push(at..at + p.len);
-        if p.len > 0 {
-            match p.source {
-                Source::Staged => {
-                    plan.staged.push(i);
-                    match plan.staged_runs.last_mut() {
-                        Some(r) if r.end == at => r.end += p.len,
-                        _ => plan.staged_runs.push(at..at + p.len),
-                    }
-                }
-                Source::Registered {
-                    region,
-                    host,
-                    device,
-                } => push_run(&mut runs, region, host, device, at, p.len),
-            }
-        }
-        at += p.len;
+    for len in lens {
+        plan.landed.push(at..at + len);
+        at += len;
     }
     plan.bytes = at;
+    let mut runs: Vec<Run> = Vec::new();
+    let mut at = 0;
+    for s in segments.iter().filter(|s| s.len > 0) {
+        match s.source {
+            Source::Staged { host } => {
+                match plan.staged.last_mut() {
+                    Some(c) if c.dst + c.len == at && c.host + c.len == host => c.len += s.len,
+                    _ => plan.staged.push(DirectCopy {
+                        host,
+                        dst: at,
+                        len: s.len,
+                    }),
+                }
+                match plan.staged_runs.last_mut() {
+                    Some(r) if r.end == at => r.end += s.len,
+                    _ => plan.staged_runs.push(at..at + s.len),
+                }
+            }
+            Source::Registered {
+                region,
+                host,
+                device,
+            } => push_run(&mut runs, region, host, device, at, s.len),
+        }
+        at += s.len;
+    }
     let use_kernel = runs.len() > max_dma;
     for r in runs {
         match (use_kernel, r.device) {
@@ -214,6 +228,35 @@ pub(super) fn page_span(addr: usize, len: usize, page: usize) -> Option<Range<us
     Some(addr & !(page - 1)..end)
 }
 
+/// The page-aligned spans that registering `ranges` (mapping, address, length) locks: each
+/// range rounded out to whole pages, then spans of one mapping that overlap or touch
+/// merged into one. Sorted by mapping, then address; empty ranges are left out.
+pub(super) fn merge_spans(
+    ranges: &[(usize, usize, usize)],
+    page: usize,
+) -> Vec<(usize, Range<usize>)> {
+    let mut spans: Vec<(usize, Range<usize>)> = (ranges.iter())
+        .filter_map(|&(map, addr, len)| Some((map, page_span(addr, len, page)?)))
+        .collect();
+    spans.sort_by_key(|(map, s)| (*map, s.start));
+    let mut out: Vec<(usize, Range<usize>)> = Vec::with_capacity(spans.len());
+    for (map, s) in spans {
+        match out.last_mut() {
+            Some((m, last)) if *m == map && s.start <= last.end => last.end = last.end.max(s.end),
+            _ => out.push((map, s)),
+        }
+    }
+    out
+}
+
+/// Rows of gather table a slot needs for jobs of at most `pieces` pieces in a buffer of
+/// `buffer_bytes`: a row per piece, one more per [`GATHER_ROW_BYTES`] a long run is split
+/// at, and a few for pieces cut where one registration ends and the next begins.
+pub(super) fn table_rows(pieces: usize, buffer_bytes: usize) -> usize {
+    const CUT_PIECES: usize = 64;
+    pieces + buffer_bytes / GATHER_ROW_BYTES + 1 + CUT_PIECES
+}
+
 /// Table capacity (rows) to allocate for a job of `rows` rows when `have` are allocated:
 /// unchanged if enough, else the next power of two (at least 4096, a Griffin complement's
 /// order) so growth is rare.
@@ -228,8 +271,8 @@ pub(super) fn table_capacity(rows: usize, have: usize) -> usize {
 mod tests {
     use super::*;
 
-    fn reg(region: usize, host: usize, len: usize) -> PieceIn {
-        PieceIn {
+    fn reg(region: usize, host: usize, len: usize) -> Segment {
+        Segment {
             source: Source::Registered {
                 region,
                 host,
@@ -239,28 +282,53 @@ mod tests {
         }
     }
 
-    fn staged(len: usize) -> PieceIn {
-        PieceIn {
-            source: Source::Staged,
+    fn staged(host: usize, len: usize) -> Segment {
+        Segment {
+            source: Source::Staged { host },
             len,
         }
     }
 
+    /// Plans segments that are one piece each.
+    fn plan(segments: &[Segment], max: usize) -> JobPlan {
+        let lens: Vec<_> = segments.iter().map(|s| s.len).collect();
+        plan_job(&lens, segments, max)
+    }
+
     #[test]
     fn pieces_land_packed_in_job_order_whatever_the_path() {
-        let pieces = [reg(1, 1000, 10), staged(5), staged(0), reg(2, 50, 7)];
+        let segments = [reg(1, 1000, 10), staged(77, 5), staged(0, 0), reg(2, 50, 7)];
         for max in [0, MAX_DMA_COPIES] {
-            let plan = plan_job(&pieces, max);
+            let plan = plan(&segments, max);
             assert_eq!(plan.landed, vec![0..10, 10..15, 15..15, 15..22]);
             assert_eq!(plan.bytes, 22);
-            assert_eq!(plan.staged, vec![1]);
+            let want = DirectCopy {
+                host: 77,
+                dst: 10,
+                len: 5,
+            };
+            assert_eq!(plan.staged, vec![want]);
             assert_eq!(plan.staged_runs, vec![10..15]);
         }
     }
 
     #[test]
+    fn a_piece_cut_into_segments_lands_whole() {
+        // One piece of 30 bytes: 10 in one registration, 12 in the next, 8 not registered.
+        let segments = [reg(1, 100, 10), reg(2, 110, 12), staged(122, 8)];
+        let plan = plan_job(&[30, 4], &[&segments[..], &[staged(500, 4)]].concat(), 8);
+        assert_eq!(plan.landed, vec![0..30, 30..34]);
+        let direct: Vec<_> = plan.direct.iter().map(|d| (d.host, d.dst, d.len)).collect();
+        assert_eq!(direct, vec![(100, 0, 10), (110, 10, 12)]);
+        let staged: Vec<_> = plan.staged.iter().map(|d| (d.host, d.dst, d.len)).collect();
+        // Contiguous on the device but not on the host: two host copies, one upload.
+        assert_eq!(staged, vec![(122, 22, 8), (500, 30, 4)]);
+        assert_eq!(plan.staged_runs, vec![22..34]);
+    }
+
+    #[test]
     fn few_registered_pieces_are_one_dma_each() {
-        let plan = plan_job(&[reg(1, 1000, 10), reg(1, 5000, 20)], MAX_DMA_COPIES);
+        let plan = plan(&[reg(1, 1000, 10), reg(1, 5000, 20)], MAX_DMA_COPIES);
         assert_eq!(plan.path(), "dma");
         assert!(plan.gather.is_empty() && plan.staged.is_empty());
         let want = vec![
@@ -280,7 +348,7 @@ mod tests {
 
     #[test]
     fn contiguous_pieces_of_one_registration_merge() {
-        let plan = plan_job(&[reg(1, 100, 10), reg(1, 110, 6), reg(2, 116, 4)], 8);
+        let plan = plan(&[reg(1, 100, 10), reg(1, 110, 6), reg(2, 116, 4)], 8);
         let got: Vec<_> = plan.direct.iter().map(|d| (d.host, d.dst, d.len)).collect();
         // The third follows in memory but is another registration: not merged.
         assert_eq!(got, vec![(100, 0, 16), (116, 16, 4)]);
@@ -289,12 +357,12 @@ mod tests {
     #[test]
     fn many_pieces_go_to_the_gather_kernel_with_device_addresses() {
         let pieces: Vec<_> = (0..40).map(|i| reg(1, i * 100, 16)).collect();
-        let plan = plan_job(&pieces, MAX_DMA_COPIES);
-        assert_eq!(plan.path(), "gather kernel");
-        assert!(plan.direct.is_empty());
-        assert_eq!(plan.gather.len(), 40);
+        let p = plan(&pieces, MAX_DMA_COPIES);
+        assert_eq!(p.path(), "gather kernel");
+        assert!(p.direct.is_empty());
+        assert_eq!(p.gather.len(), 40);
         assert_eq!(
-            plan.gather[3],
+            p.gather[3],
             GatherRow {
                 src: 300 + 0x1000_0000,
                 dst: 48,
@@ -302,14 +370,14 @@ mod tests {
             }
         );
         // Exactly at the threshold: still DMAs.
-        let plan = plan_job(&pieces[..MAX_DMA_COPIES], MAX_DMA_COPIES);
-        assert_eq!((plan.direct.len(), plan.gather.len()), (MAX_DMA_COPIES, 0));
+        let p = plan(&pieces[..MAX_DMA_COPIES], MAX_DMA_COPIES);
+        assert_eq!((p.direct.len(), p.gather.len()), (MAX_DMA_COPIES, 0));
     }
 
     #[test]
     fn unmapped_registered_pieces_stay_dmas_on_the_kernel_path() {
         let mut pieces: Vec<_> = (0..4).map(|i| reg(1, i * 100, 8)).collect();
-        pieces.push(PieceIn {
+        pieces.push(Segment {
             source: Source::Registered {
                 region: 9,
                 host: 7000,
@@ -317,34 +385,63 @@ mod tests {
             },
             len: 3,
         });
-        let plan = plan_job(&pieces, 2);
-        assert_eq!(plan.gather.len(), 4);
+        let p = plan(&pieces, 2);
+        assert_eq!(p.gather.len(), 4);
         assert_eq!(
-            plan.direct,
+            p.direct,
             vec![DirectCopy {
                 host: 7000,
                 dst: 32,
                 len: 3
             }]
         );
-        assert_eq!(plan.path(), "gather kernel");
+        assert_eq!(p.path(), "gather kernel");
     }
 
     #[test]
     fn adjacent_staged_pieces_are_one_upload() {
-        let plan = plan_job(&[staged(4), staged(6), reg(1, 0, 2), staged(1)], 8);
-        assert_eq!(plan.staged, vec![0, 1, 3]);
-        assert_eq!(plan.staged_runs, vec![0..10, 12..13]);
-        assert_eq!(plan.path(), "mixed");
-        assert_eq!(plan_job(&[staged(4)], 8).path(), "staged");
-        assert_eq!(plan_job(&[staged(0)], 8).path(), "empty");
+        let p = plan(
+            &[staged(0, 4), staged(4, 6), reg(1, 0, 2), staged(50, 1)],
+            8,
+        );
+        let staged_: Vec<_> = p.staged.iter().map(|d| (d.host, d.dst, d.len)).collect();
+        assert_eq!(staged_, vec![(0, 0, 10), (50, 12, 1)]);
+        assert_eq!(p.staged_runs, vec![0..10, 12..13]);
+        assert_eq!(p.path(), "mixed");
+        assert_eq!(plan(&[staged(0, 4)], 8).path(), "staged");
+        assert_eq!(plan(&[staged(0, 0)], 8).path(), "empty");
+    }
+
+    #[test]
+    fn registered_spans_are_whole_pages_merged_per_mapping() {
+        let ranges = [
+            (1, 8192 + 100, 50),
+            (1, 4096, 10),
+            (1, 8192 + 4000, 200), // reaches the next page: merged with the first
+            (2, 16384, 1),         // touches mapping 1's last page: another mapping
+            (1, 40960, 0),         // empty
+            (1, 20480, 4096),
+        ];
+        let spans = merge_spans(&ranges, 4096);
+        // 4096..8192 touches 8192..16384: one span.
+        let want = vec![(1, 4096..16384), (1, 20480..24576), (2, 16384..20480)];
+        assert_eq!(spans, want);
+        let touching = merge_spans(&[(1, 0, 4096), (1, 4096, 1)], 4096);
+        assert_eq!(touching, vec![(1, 0..8192)]);
+    }
+
+    #[test]
+    fn the_table_holds_the_largest_job_without_growing() {
+        let rows = table_rows(5000, 3 * GATHER_ROW_BYTES + 7);
+        assert!(rows > 5000 + 3);
+        assert_eq!(table_capacity(5000 + 3, rows), rows);
     }
 
     #[test]
     fn long_runs_split_into_even_rows_keeping_alignment() {
         let len = 2 * GATHER_ROW_BYTES + 48;
         let pieces: Vec<_> = [reg(1, 0, len), reg(1, len + 64, 16)].to_vec();
-        let plan = plan_job(&pieces, 1);
+        let plan = plan(&pieces, 1);
         let rows: Vec<_> = plan.gather.iter().map(|r| (r.dst, r.len)).collect();
         let g = GATHER_ROW_BYTES as u64;
         assert_eq!(rows, vec![(0, g), (g, g), (2 * g, 48), (len as u64, 16)]);

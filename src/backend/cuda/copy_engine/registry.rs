@@ -1,85 +1,103 @@
-//! Host mappings registered with the driver (cuMemHostRegister): page-locked, so copies from
-//! them are DMAs straight from the mapping, and device-mapped, so the gather kernel reads
-//! them. Each mapping a job reads is registered once, whole (page-aligned), the first time a
-//! job names it, and stays registered until the last engine using it is dropped.
+//! Host memory registered with the driver (cuMemHostRegister): page-locked, so copies from
+//! it are DMAs straight from the mapping, and device-mapped, so the gather kernel reads it.
 //!
-//! Registrations are shared process-wide by mapping address: the driver refuses to register
-//! a page twice, and two engines may stream the same mapping (a runtime making a new engine
-//! while the old one lives). A registration holds the mapping's `Arc<Mmap>`, so its pages
-//! stay mapped while registered; it unregisters in Drop, which runs when the last engine's
-//! reference goes, after that engine (like every other that held it) has synchronized its
-//! copy stream, the only one reading host memory.
+//! Only what jobs can read is registered, and before any pass: the runtime hands the engine
+//! the host ranges its plan streams when it installs the plan, and a request's own copies
+//! (the overflow's compact FFNs) when the request chooses its neurons ([`Registry::pin`]).
+//! The ranges are rounded out to whole pages and merged per mapping (`plan::merge_spans`),
+//! then registered through the process-wide table of `pins`, which shares pages between
+//! engines (two engines may stream the same mapping: a server replacing its engine) and
+//! never locks a page twice nor unlocks one another engine still reads. A lease holds each
+//! registration for the engine: for its life (the plan's ranges) or until the next `cancel`
+//! (a request's). The engine's Drop synchronizes its streams before its leases go.
+//!
+//! A job's bytes outside this engine's leases (a range the plan does not stream every pass,
+//! such as a float FFN's checkpoint matrices that only a prefill reads, or pages the driver
+//! refused) are gathered on the host into pinned staging by the copy thread (`stager`), the
+//! fallback path; the first refusal is logged as a warning. Nothing is registered during a
+//! pass.
 //!
 //! Flags: PORTABLE (any context), DEVICEMAP where the device can map host memory (the gather
 //! kernel's reads), READ_ONLY where the device supports it: every mapping here is read-only
 //! (`memmap2::Mmap`), and without PAGEABLE_MEMORY_ACCESS_USES_HOST_PAGE_TABLES the driver
 //! needs READ_ONLY to page-lock read-only memory (cuMemHostRegister, CUDA 11.1+; all of this
-//! is in the CUDA 12.4 driver API). A mapping that cannot be registered is gathered on the
-//! host into pinned staging (the fallback path); the first failure is logged as a warning.
+//! is in the CUDA 12.4 driver API). The device address of a registration is read in the
+//! context of the engine that made it; engines of one device share it.
 
-use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, Weak};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{result, sys};
 use memmap2::Mmap;
 
-use super::plan::{page_span, Source};
+use super::pins::{acquire, process_pins, Lease, Pinner, SharedPins};
+use super::plan::{merge_spans, Segment, Source};
 use crate::backend::cuda::device::{guarded, CudaDevice};
 use crate::error::Result;
-use crate::transfer::HostSlice;
+use crate::progress::progress_bar;
+use crate::transfer::{HostSlice, PinFor, PinReport};
 use crate::units::format_bytes;
 
-/// Set to 1 to skip registration: every job is gathered on the host into pinned staging (the
-/// fallback path), to compare the two on one machine.
-pub const STAGED_ENV: &str = "SIRIUS_COPY_STAGED";
+pub use crate::backend::offload::STAGED_ENV;
 
-/// Registrations alive in the process, by mapping address.
-static SHARED: Mutex<Vec<(usize, Weak<Registration>)>> = Mutex::new(Vec::new());
-
-/// One registered mapping; unregistered when dropped.
-struct Registration {
+/// The driver's side of [`Pinner`]: cuMemHostRegister with the device's flags.
+struct DriverPinner {
     device: Arc<CudaDevice>,
-    /// Held so the pages stay mapped while the driver has them locked.
-    _map: Arc<Mmap>,
-    /// The registered (page-aligned) start and length.
-    base: usize,
-    len: usize,
+    flags: u32,
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
+impl Pinner for DriverPinner {
+    fn register(&self, span: &Range<usize>) -> Result<std::result::Result<Option<u64>, String>> {
+        self.device.bind()?;
+        let len = span.end - span.start;
+        // SAFETY: `span` is whole pages of a live mapping (`merge_spans` rounds a mapping's
+        // ranges out to its own pages, all mapped since mappings are whole pages); the table
+        // entry made from it holds the mapping's `Arc<Mmap>` until it unregisters them.
+        let got = guarded("cuMemHostRegister", || unsafe {
+            sys::cuMemHostRegister_v2(span.start as *mut c_void, len, self.flags).result()
+        })?;
+        if let Err(e) = got {
+            return Ok(Err(format!(
+                "cuMemHostRegister of {} failed: {:?}",
+                format_bytes(len as u64),
+                e.0
+            )));
+        }
+        Ok(Ok(match self.flags & sys::CU_MEMHOSTREGISTER_DEVICEMAP {
+            0 => None,
+            _ => device_address(&self.device, span.start)?,
+        }))
+    }
+
+    fn unregister(&self, start: usize) {
         if self.device.bind().is_err() {
             return;
         }
-        // SAFETY: `base` was registered by cuMemHostRegister and is unregistered once; every
-        // engine that copied from it synchronized its copy stream before dropping its
-        // reference (the engine's Drop), so no transfer reads it any more.
+        // SAFETY: `start` was registered by `register` and is unregistered once (the table
+        // removes its entry under its lock); every engine that copied from it synchronized
+        // its streams before dropping its lease, so no transfer reads it any more.
         let _ = guarded("cuMemHostUnregister", || unsafe {
-            sys::cuMemHostUnregister(self.base as *mut c_void).result()
+            sys::cuMemHostUnregister(start as *mut c_void).result()
         });
     }
 }
 
-/// What an engine knows of one mapping.
-enum Known {
-    /// Registered: DMA'd from `host`'s pages; `device` is the device address of the
-    /// registered start, for the gather kernel (None when the device cannot map host memory).
-    Registered {
-        reg: Arc<Registration>,
-        device: Option<u64>,
-    },
-    /// Could not be registered: staged.
-    Staged,
+/// A lease of this engine, and whether it lasts until the next `cancel` only.
+struct Held {
+    lease: Lease,
+    request: bool,
 }
 
-/// One engine's view of the host mappings its jobs read.
+/// One engine's registered host memory.
 pub(super) struct Registry {
-    device: Arc<CudaDevice>,
-    /// cuMemHostRegister flags, or why registration is off for this device.
-    flags: std::result::Result<u32, String>,
+    table: SharedPins,
+    /// The driver's side, or why registration is off for this device.
+    pinner: std::result::Result<Arc<dyn Pinner>, String>,
     page: usize,
-    known: HashMap<usize, Known>,
+    /// Sorted by start, never overlapping.
+    held: Vec<Held>,
     warned: bool,
 }
 
@@ -94,157 +112,148 @@ impl Registry {
             matches!(got, Ok(Ok(v)) if v != 0)
         };
         use sys::CUdevice_attribute as A;
-        let flags = if std::env::var(STAGED_ENV).is_ok_and(|v| v == "1") {
+        let pinner = if std::env::var(STAGED_ENV).is_ok_and(|v| v == "1") {
             Err(format!("{STAGED_ENV}=1"))
         } else if !attr(A::CU_DEVICE_ATTRIBUTE_HOST_REGISTER_SUPPORTED) {
             Err("the device does not support registering host memory".into())
         } else {
-            let mut f = sys::CU_MEMHOSTREGISTER_PORTABLE;
+            let mut flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
             if attr(A::CU_DEVICE_ATTRIBUTE_CAN_MAP_HOST_MEMORY) {
-                f |= sys::CU_MEMHOSTREGISTER_DEVICEMAP;
+                flags |= sys::CU_MEMHOSTREGISTER_DEVICEMAP;
             }
             if attr(A::CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED) {
-                f |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
+                flags |= sys::CU_MEMHOSTREGISTER_READ_ONLY;
             }
-            Ok(f)
+            let device = device.clone();
+            Ok(Arc::new(DriverPinner { device, flags }) as Arc<dyn Pinner>)
         };
         Registry {
-            device: device.clone(),
-            flags,
+            table: process_pins(),
+            pinner,
             page: page_size(),
-            known: HashMap::new(),
+            held: Vec::new(),
             warned: false,
         }
     }
 
-    /// Forgets the mappings nothing but their registration holds any more (their pages are
-    /// unregistered when no other engine shares them), and the mappings that were staged (a
-    /// new mapping may reuse a freed one's address, and may register). The caller has
-    /// synchronized its copy stream: no transfer of this engine reads them.
-    pub fn forget_unused(&mut self) {
-        self.known.retain(|_, known| match known {
-            Known::Registered { reg, .. } => Arc::strong_count(&reg._map) > 1,
-            Known::Staged => false,
-        });
-    }
-
-    /// Whether mappings are registered at all (else every job is staged).
+    /// Whether host memory is registered at all (else every job is staged).
     pub fn enabled(&self) -> bool {
-        self.flags.is_ok()
+        self.pinner.is_ok()
     }
 
-    /// Where `slice`'s bytes come from, registering its mapping the first time it is seen.
-    /// Registration failures are not errors: the mapping is staged instead.
-    pub fn source(&mut self, slice: &HostSlice) -> Result<Source> {
-        if slice.is_empty() {
-            return Ok(Source::Staged);
-        }
-        let key = slice.map.as_ptr() as usize;
-        if !self.known.contains_key(&key) {
-            let known = self.register(&slice.map)?;
-            self.known.insert(key, known);
-        }
-        Ok(match self.known.get(&key) {
-            Some(Known::Registered { reg, device }) => {
-                let host = key + slice.range.start;
-                Source::Registered {
-                    region: reg.base,
-                    host,
-                    device: device.map(|d| d + (host - reg.base) as u64),
-                }
-            }
-            _ => Source::Staged,
-        })
-    }
-
-    fn register(&mut self, map: &Arc<Mmap>) -> Result<Known> {
-        let key = map.as_ptr() as usize;
-        let flags = match &self.flags {
-            Ok(f) => *f,
+    /// Registers the pages of `ranges` (progress bar, then one line: bytes and time).
+    /// Refusals are not errors: those pages are staged.
+    pub fn pin(&mut self, ranges: &[HostSlice], scope: PinFor) -> Result<PinReport> {
+        let start = Instant::now();
+        let streamed: u64 = ranges.iter().map(|r| r.len() as u64).sum();
+        let pinner = match &self.pinner {
+            Ok(p) => p.clone(),
             Err(why) => {
                 let why = why.clone();
-                self.fall_back(map.len(), key, &why);
-                return Ok(Known::Staged);
+                self.fall_back(streamed, &why);
+                return Ok(PinReport::refused(streamed));
             }
         };
-        let reg = match shared_registration(&self.device, map, flags, self.page)? {
-            Ok(reg) => reg,
-            Err(why) => {
-                self.fall_back(map.len(), key, &why);
-                return Ok(Known::Staged);
+        let mut maps: Vec<&Arc<Mmap>> = Vec::new();
+        let mut keyed = Vec::with_capacity(ranges.len());
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            let key = match maps.iter().position(|m| Arc::ptr_eq(m, &r.map)) {
+                Some(k) => k,
+                None => {
+                    maps.push(&r.map);
+                    maps.len() - 1
+                }
+            };
+            keyed.push((key, r.map.as_ptr() as usize + r.range.start, r.len()));
+        }
+        let spans = merge_spans(&keyed, self.page);
+        let total: u64 = spans.iter().map(|(_, s)| s.len() as u64).sum();
+        let bar = progress_bar(total, "pinning");
+        let mut report = PinReport::default();
+        for (key, span) in spans {
+            let len = span.len() as u64;
+            let held = |at: usize| self.held.iter().any(|h| h.lease.span.start == at);
+            let got = acquire(&self.table, span, maps[key], &pinner, &held)?;
+            for (gap, why) in &got.refused {
+                report.refused_bytes += gap.len() as u64;
+                self.fall_back(gap.len() as u64, why);
             }
-        };
-        let device = match flags & sys::CU_MEMHOSTREGISTER_DEVICEMAP {
-            0 => None,
-            _ => device_address(&self.device, reg.base)?,
-        };
-        Ok(Known::Registered { reg, device })
+            let request = scope == PinFor::Request;
+            (self.held).extend(got.leases.into_iter().map(|lease| Held { lease, request }));
+            bar.inc(len);
+        }
+        bar.finish_and_clear();
+        self.held.sort_by_key(|h| h.lease.span.start);
+        report.registered_bytes = self.held.iter().map(|h| h.lease.span.len() as u64).sum();
+        report.streamed_bytes = streamed;
+        report.seconds = start.elapsed().as_secs_f64();
+        tracing::info!(
+            "CUDA copy engine: {} of host memory registered for DMA ({} of ranges jobs read) \
+             in {:.2} s{}",
+            format_bytes(report.registered_bytes),
+            format_bytes(streamed),
+            report.seconds,
+            match report.refused_bytes {
+                0 => String::new(),
+                b => format!(", {} refused (staged)", format_bytes(b)),
+            }
+        );
+        Ok(report)
     }
 
-    fn fall_back(&mut self, len: usize, addr: usize, why: &str) {
+    /// Drops the leases of the last request (`PinFor::Request`); their pages are unlocked
+    /// unless another engine shares them. The caller has synchronized its streams.
+    pub fn forget_request(&mut self) {
+        self.held.retain(|h| !h.request);
+    }
+
+    /// Appends the segments of `len` bytes at host address `addr`: registered where a lease
+    /// of this engine covers them (cut where one lease ends), staged elsewhere.
+    pub fn segments(&self, addr: usize, len: usize, out: &mut Vec<Segment>) {
+        let end = addr + len;
+        let mut at = addr;
+        let mut i = self.held.partition_point(|h| h.lease.span.end <= addr);
+        while at < end {
+            let lease = self.held.get(i).map(|h| &h.lease);
+            match lease {
+                Some(l) if l.span.start <= at => {
+                    let stop = end.min(l.span.end);
+                    out.push(Segment {
+                        source: Source::Registered {
+                            region: l.span.start,
+                            host: at,
+                            device: l.device.map(|d| d + (at - l.span.start) as u64),
+                        },
+                        len: stop - at,
+                    });
+                    at = stop;
+                    i += 1;
+                }
+                _ => {
+                    let stop = lease.map_or(end, |l| end.min(l.span.start));
+                    out.push(Segment {
+                        source: Source::Staged { host: at },
+                        len: stop - at,
+                    });
+                    at = stop;
+                }
+            }
+        }
+    }
+
+    fn fall_back(&mut self, bytes: u64, why: &str) {
         if !self.warned {
             self.warned = true;
             tracing::warn!(
-                "CUDA copy engine: not copying the {} host mapping at {addr:#x} straight from \
-                 host memory ({why}): it, and any other mapping that fails, is gathered on \
-                 the host into pinned staging (slower, on the compute thread)",
-                format_bytes(len as u64)
+                "CUDA copy engine: {} of host memory not registered for DMA ({why}): jobs \
+                 reading it are gathered on the host into pinned staging by the copy thread \
+                 (slower)",
+                format_bytes(bytes)
             );
         } else {
-            tracing::debug!("CUDA copy engine: mapping at {addr:#x} staged ({why})");
+            tracing::debug!("CUDA copy engine: {} staged ({why})", format_bytes(bytes));
         }
     }
-}
-
-/// The process's registration of `map`, made now if there is none; the inner error says why
-/// the driver refused (the mapping is then staged).
-fn shared_registration(
-    device: &Arc<CudaDevice>,
-    map: &Arc<Mmap>,
-    flags: u32,
-    page: usize,
-) -> Result<std::result::Result<Arc<Registration>, String>> {
-    let key = map.as_ptr() as usize;
-    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-    shared.retain(|(_, w)| w.strong_count() > 0);
-    if let Some(reg) = (shared.iter())
-        .find(|(k, _)| *k == key)
-        .and_then(|(_, w)| w.upgrade())
-    {
-        return Ok(Ok(reg));
-    }
-    let Some(span) = page_span(key, map.len(), page) else {
-        return Ok(Err("an empty mapping or an unknown page size".into()));
-    };
-    device.bind()?;
-    let len = span.end - span.start;
-    // SAFETY: `span` covers whole pages of `map`'s mapping (it starts at or before the
-    // mapping's first byte on its page and ends at the end of the page holding its last, all
-    // mapped since mappings are whole pages); the `Arc<Mmap>` kept in the registration keeps
-    // them mapped until it unregisters them.
-    let got = guarded("cuMemHostRegister", || unsafe {
-        sys::cuMemHostRegister_v2(span.start as *mut c_void, len, flags).result()
-    })?;
-    if let Err(e) = got {
-        return Ok(Err(format!(
-            "cuMemHostRegister of {} failed: {:?}",
-            format_bytes(len as u64),
-            e.0
-        )));
-    }
-    let reg = Arc::new(Registration {
-        device: device.clone(),
-        _map: map.clone(),
-        base: span.start,
-        len,
-    });
-    tracing::debug!(
-        "CUDA copy engine: registered {} of host memory at {:#x}",
-        format_bytes(reg.len as u64),
-        reg.base
-    );
-    shared.push((key, Arc::downgrade(&reg)));
-    Ok(Ok(reg))
 }
 
 /// The device address of registered host memory at `base`, in this device's context (None,

@@ -63,6 +63,21 @@ impl Timings {
         Ok(())
     }
 
+    /// Two timed events for a measurement another thread records (the copy thread's uploads),
+    /// handed back with [`Timings::push`].
+    pub fn pair(&mut self) -> Result<(Event, Event)> {
+        let mut take = || match self.free.pop() {
+            Some(e) => Ok(e),
+            None => Event::timed(&self.device),
+        };
+        Ok((take()?, take()?))
+    }
+
+    /// A measurement recorded elsewhere (both events recorded on one stream, start first).
+    pub fn push(&mut self, span: Span, (start, end): (Event, Event)) {
+        self.open.push_back((span, start, end));
+    }
+
     /// Adds up the measurements that have completed, oldest first, without blocking.
     pub fn collect(&mut self) -> Result<()> {
         while let Some((_, _, end)) = self.open.front() {
