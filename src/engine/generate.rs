@@ -13,6 +13,7 @@ use crate::engine::{Decoding, Engine, Offload, RequestOptions};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::offload::placement::{plan, Plan};
+use crate::offload::prefill::prefill_chunk;
 use crate::offload::runtime::{OffloadRuntime, RequestShape};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{NeuronCounter, SparseRequest, Sparsity, SparsityMode, SparsityReport};
@@ -89,6 +90,10 @@ impl<B: OffloadBackend> Engine<B> {
                 let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 r.prime_windows(&predicted);
+                let limits = RunLimits {
+                    prefill_chunk: shape.prefill_chunk,
+                    ..limits
+                };
                 let mut out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
                 if dense_offload {
                     // Reported as what it is: the dense model, no drafts, no windows.
@@ -187,14 +192,13 @@ impl<B: OffloadBackend> Engine<B> {
         sirius: &SiriusConfig,
     ) -> Result<RequestShape> {
         let keep = self.offload.as_ref().map_or(1.0, |o| o.keep);
-        Ok(request_shape(
-            &self.model,
-            prompt,
-            capacity,
-            opts.prefill_chunk,
-            keep,
-            sirius,
-        ))
+        let cfg = self.offload_config()?;
+        let shape_for = |chunk| request_shape(&self.model, prompt, capacity, chunk, keep, sirius);
+        // As `plan` picks it for the same request: the longest the spare budget pays for.
+        let chunk = prefill_chunk(opts.prefill_chunk, prompt.len(), &mut |chunk| {
+            OffloadRuntime::plan_input(&self.model, cfg, &shape_for(chunk))
+        })?;
+        Ok(shape_for(chunk))
     }
 }
 

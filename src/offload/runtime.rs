@@ -73,7 +73,8 @@ pub struct RequestShape {
     /// The most rows one matmul multiplies (the backend's GEMM scratch is sized for it).
     pub gemm_rows: usize,
     pub prompt_tokens: usize,
-    /// Prompt tokens per prefill pass.
+    /// Prompt tokens per prefill pass (the longest the spare budget pays for, see
+    /// `offload::prefill`).
     pub prefill_chunk: usize,
 }
 
