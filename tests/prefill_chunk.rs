@@ -220,7 +220,10 @@ fn the_chunk_never_takes_bytes_from_the_decode_set() {
             let (chunk, p) = r.chosen();
             let what = format!("{model} budget {budget} prompt {prompt}: chunk {chunk}");
             assert!(chunk >= BASE.min(prompt) && chunk <= prompt, "{what}");
-            assert!(chunk.is_multiple_of(PREFILL_CHUNK_STEP) || chunk == prompt, "{what}");
+            assert!(
+                chunk.is_multiple_of(PREFILL_CHUNK_STEP) || chunk == prompt,
+                "{what}"
+            );
             assert_eq!(p.keep, base.keep, "{what}");
             assert_eq!(decode_set(&p), decode_set(&base), "{what}");
             assert_eq!(p.sizes.kept_neurons, base.sizes.kept_neurons, "{what}");
