@@ -56,7 +56,9 @@ impl<B: OffloadBackend> Engine<B> {
         // A remembered prompt is kept for the next request (in memory only: see above).
         let keep_prompt = *remember_prompts && offload.is_none();
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
-        let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len));
+        // An offloaded request prefills in the chunk its runtime is planned for.
+        let chunk = shape.map_or(opts.prefill_chunk, |s| s.prefill_chunk);
+        let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len), chunk);
         match (decoding, shape.zip(offload.as_mut())) {
             (Decoding::Dense | Decoding::Sparse, _) => {
                 let sparse = decoding == Decoding::Sparse;
@@ -90,10 +92,6 @@ impl<B: OffloadBackend> Engine<B> {
                 let m = LlamaSirius::offloaded(model, runtime, &shape, &config)?;
                 let mut r = SiriusRequest::new(m, config, stop_ids)?;
                 r.prime_windows(&predicted);
-                let limits = RunLimits {
-                    prefill_chunk: shape.prefill_chunk,
-                    ..limits
-                };
                 let mut out = run(&mut r, tokenizer, prompt, &limits, on_text)?;
                 if dense_offload {
                     // Reported as what it is: the dense model, no drafts, no windows.
@@ -222,13 +220,19 @@ fn plan_runtime<'o, B: OffloadBackend>(
     Ok(offload.runtime.insert(runtime))
 }
 
-/// How `run` feeds and stops a request of `opts` (`cached`: prompt tokens from a prefix).
-fn run_limits<'a>(opts: &'a RequestOptions, stop_ids: &'a [u32], cached: usize) -> RunLimits<'a> {
+/// How `run` feeds and stops a request of `opts` (`cached`: prompt tokens from a prefix)
+/// prefilled in chunks of `chunk`.
+fn run_limits<'a>(
+    opts: &'a RequestOptions,
+    stop_ids: &'a [u32],
+    cached: usize,
+    chunk: usize,
+) -> RunLimits<'a> {
     RunLimits {
         max_tokens: opts.max_tokens,
         stop_ids,
         stop_strings: &opts.stop_strings,
-        prefill_chunk: opts.prefill_chunk,
+        prefill_chunk: chunk,
         show_progress: opts.show_progress,
         cached_prompt: cached,
     }
