@@ -278,3 +278,85 @@ fn plan_and_run_agree_on_every_budget_line() {
         assert_eq!(&run["budget_lines"], planned, "budget {budget}");
     }
 }
+
+/// A prompt of about 700 tokens: numbered lines, then a question about them.
+fn long_prompt() -> String {
+    let lines: Vec<String> = (1..=40)
+        .map(|i| {
+            format!(
+                "Item {i}: a crate of {} apples was shipped to store {}.",
+                i * 7 % 31,
+                i * 13 % 17
+            )
+        })
+        .collect();
+    format!(
+        "{}\nQuestion: how many apples went to store 5?\nAnswer:",
+        lines.join(" ")
+    )
+}
+
+/// `run --resident-mem` prefills a long prompt in the chunk `plan` picks for the same
+/// request: longer than 256 tokens where the budget has bytes to spare, the old 256 where
+/// it has none. Either way the tokens are those of the unconstrained run, whose prefill runs
+/// in chunks of 256: the chunking does not change the greedy output.
+#[test]
+fn a_long_prompt_prefills_in_the_planned_chunk_with_the_same_tokens() {
+    let Some(dir) = common::smollm2_dir("long-prompt prefill chunks") else {
+        return;
+    };
+    let model = dir.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = long_prompt();
+    let plain = run_json(model, &prompt, &[], tmp.path(), "plain.json");
+    let prompt_tokens = plain["prompt_tokens"].as_u64().expect("prompt_tokens");
+    assert!(prompt_tokens > 600, "{prompt_tokens} prompt tokens");
+    assert_eq!(plain["prefill_chunk"], 256);
+    let mut chunks = Vec::new();
+    for budget in [SIXTY_PERCENT, "300MB"] {
+        let extra = ["--resident-mem", budget];
+        let run = run_json(model, &prompt, &extra, tmp.path(), "run.json");
+        assert_eq!(
+            run["generated_token_ids"], plain["generated_token_ids"],
+            "budget {budget}: the offloaded tokens differ"
+        );
+        let context = run["kv_cache_rows"].as_u64().expect("kv_cache_rows");
+        let out = run_bin(&[
+            "plan",
+            "--model",
+            model,
+            "--resident-mem",
+            budget,
+            "--context",
+            &context.to_string(),
+            "--prompt-tokens",
+            &prompt_tokens.to_string(),
+            "--period",
+            "16",
+            "--keep",
+            "0.5",
+            "--format",
+            "json",
+        ]);
+        assert!(out.status.success(), "plan failed: {}", stderr_of(&out));
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let chunk = run["prefill_chunk"].as_u64().expect("prefill_chunk");
+        assert_eq!(plan["prefill_chunk"], chunk, "budget {budget}");
+        assert_eq!(
+            plan["prefill_passes"],
+            prompt_tokens.div_ceil(chunk),
+            "budget {budget}"
+        );
+        assert_eq!(
+            run["budget_lines"], plan["plan"]["budget_lines"],
+            "budget {budget}"
+        );
+        chunks.push(chunk);
+    }
+    // 300 MB holds the whole model with room for the whole prompt's activations.
+    assert_eq!(chunks[1], prompt_tokens, "chunks {chunks:?}");
+    assert!(
+        chunks[0] >= 256 && chunks[0] <= chunks[1],
+        "chunks {chunks:?}"
+    );
+}

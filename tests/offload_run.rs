@@ -11,6 +11,7 @@ use sirius_offload::backend::CpuBackend;
 use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput};
 use sirius_offload::model::Llama;
 use sirius_offload::offload::placement::Plan;
+use sirius_offload::offload::prefill::prefill_passes;
 use sirius_offload::offload::runtime::{OffloadConfig, OffloadRuntime};
 use sirius_offload::sirius::SiriusConfig;
 use sirius_offload::sparsity::{SparsityConfig, SparsityMode};
@@ -77,6 +78,11 @@ fn unconstrained(t: &Tiny, prompt: &[u32], s: SiriusConfig) -> GenerationOutput 
     sirius_on(&mut engine(t, KEEP, None).unwrap(), prompt, s).unwrap()
 }
 
+/// The prefill passes `out` took: its prompt in its chunks.
+fn prompt_passes(out: &GenerationOutput) -> u64 {
+    prefill_passes(out.prompt_tokens, out.prefill_chunk) as u64
+}
+
 /// One request of 40 tokens on `e` (offloaded), whose tokens must equal the unconstrained
 /// run's.
 fn request_on(
@@ -139,7 +145,7 @@ fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
                 out.generated_token_ids, reference.generated_token_ids,
                 "budget {budget}, K={period} W={width}"
             );
-            let o = out.offload.expect("offload statistics");
+            let o = out.offload.as_ref().expect("offload statistics");
             // The arena's peak is exactly what the plan said would be resident.
             assert_eq!(
                 o.resident_bytes,
@@ -152,9 +158,13 @@ fn offloaded_tokens_equal_unconstrained_tokens_at_every_budget() {
                 o.resident_bytes
             );
             assert!(o.streamed_bytes > 0);
-            // Two prefill chunks of 16 tokens, then one full pass per verification.
+            // The prefill's chunks (16 tokens, or the whole prompt where the spare budget
+            // pays for it), then one full pass per verification.
             let verifications = out.sirius.as_ref().unwrap().verifications as u64;
-            assert_eq!(o.full_passes, verifications + 2);
+            assert_eq!(o.full_passes, verifications + prompt_passes(&out));
+            if budget > fit {
+                assert_eq!(out.prefill_chunk, PROMPT.len(), "budget {budget}: one pass");
+            }
             seen_overflow += usize::from(o.overflow_ffn_layers > 0);
         }
         assert!(seen_overflow >= 2, "the small budgets must overflow");
@@ -186,15 +196,24 @@ fn random_copy_delays_never_change_the_output() {
 #[test]
 fn a_budget_below_the_minimum_names_the_minimum() {
     let t = tiny();
-    let (_, minimum) = budgets(&t, sirius(4, 1));
-    let Err(err) = offloaded(&t, &PROMPT, sirius(4, 1), offload(minimum / 2, None)) else {
+    let s = sirius(4, 1);
+    // The minimum of the plan with every byte to spare (its prefill in one chunk): at least
+    // the request's own, which prefills in the shortest chunk when nothing is to spare.
+    let (_, minimum) = budgets(&t, s);
+    let Err(err) = offloaded(&t, &PROMPT, s, offload(minimum / 2, None)) else {
         panic!("a budget below the minimum must fail");
     };
     let msg = err.to_string();
     assert!(msg.contains("minimum"), "{msg}");
-    assert!(
-        matches!(err, Error::BudgetBelowMinimum { minimum: m, .. } if m == minimum),
-        "{msg}"
+    let Error::BudgetBelowMinimum { minimum: named, .. } = err else {
+        panic!("not a minimum-budget error: {msg}");
+    };
+    assert!(named <= minimum && named > minimum / 2, "{msg}");
+    // The minimum it names is enough.
+    let out = offloaded(&t, &PROMPT, s, offload(named, None)).unwrap();
+    assert_eq!(
+        out.generated_token_ids,
+        unconstrained(&t, &PROMPT, s).generated_token_ids
     );
 }
 
@@ -298,7 +317,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     // Same length, different tokens: the request fits the runtime's plan.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
     let second = request_on(&mut e, &t, &second_prompt, s);
-    let (a, b) = (first.offload.unwrap(), second.offload.unwrap());
+    let (a, b) = (first.offload.unwrap(), second.offload.as_ref().unwrap());
     assert!(a.moved_neurons > 0);
     assert!(
         b.moved_neurons < a.moved_neurons,
@@ -308,7 +327,7 @@ fn a_second_request_on_the_same_runtime_reuses_resident_neurons() {
     );
     // Statistics are per request.
     let verifications = second.sirius.as_ref().unwrap().verifications as u64;
-    assert_eq!(b.full_passes, verifications + 2);
+    assert_eq!(b.full_passes, verifications + prompt_passes(&second));
     // A request longer than a runtime was planned for is refused by it, not run over budget;
     // the engine plans a new runtime for it instead.
     let long: Vec<u32> = (0..60).map(|i| (i * 5 % 90) as u32 + 3).collect();
@@ -332,13 +351,15 @@ fn keep_one_resident_streams_nothing_at_verification() {
     let mut e = engine(&t, 1.0, Some(offload(1 << 30, None))).unwrap();
     let out = sirius_on(&mut e, &PROMPT, s).unwrap();
     assert_eq!(out.generated_token_ids, reference.generated_token_ids);
+    // The spare budget takes the whole prompt in one pass.
+    assert_eq!(out.prefill_chunk, PROMPT.len());
     let stats = out.offload.unwrap();
-    // Only the two prefill chunks streamed (whole FFN layers), then the chosen neurons came
-    // in; verification found every neuron resident.
+    // Only the prefill streamed (whole FFN layers), then the chosen neurons came in;
+    // verification found every neuron resident.
     let per_prefill = 6 * 3 * 64 * 160 * 2;
     assert_eq!(
         stats.streamed_bytes,
-        2 * per_prefill as u64 + stats.moved_neurons * 3 * 64 * 2
+        per_prefill as u64 + stats.moved_neurons * 3 * 64 * 2
     );
 }
 
@@ -351,18 +372,19 @@ fn a_budget_that_holds_every_layer_whole_streams_only_the_prompt() {
     let first = request_on(&mut e, &t, &PROMPT, s);
     let plan = &e.offload_runtime().unwrap().plan;
     assert!(plan.layers.iter().all(|l| l.complement_resident));
+    let passes = prompt_passes(&first);
     let a = first.offload.unwrap();
-    // Two prefill chunks stream whole FFN layers; after that nothing crosses the link but
+    // Each prefill pass streams whole FFN layers; after that nothing crosses the link but
     // the first copy-in (every neuron of every layer, through the copy engine or not).
-    let per_prefill = 6 * 3 * 64 * 160 * 2;
+    let per_prefill = 6 * 3 * 64 * 160 * 2 * passes;
     assert_eq!(a.moved_neurons, 6 * 160);
-    assert!(a.streamed_bytes <= 2 * per_prefill as u64 + a.moved_neurons * 3 * 64 * 2);
+    assert!(a.streamed_bytes <= per_prefill + a.moved_neurons * 3 * 64 * 2);
     // A second request finds every neuron resident: nothing moves.
     let second_prompt: Vec<u32> = PROMPT.iter().map(|&x| (x * 7 + 3) % 96).collect();
     let second = request_on(&mut e, &t, &second_prompt, s);
     let b = second.offload.unwrap();
     assert_eq!(b.moved_neurons, 0);
-    assert_eq!(b.streamed_bytes, 2 * per_prefill as u64);
+    assert_eq!(b.streamed_bytes, per_prefill);
 }
 
 /// Qwen2's q/k/v biases stay resident beside the norms (the arena books them there, as the
@@ -443,12 +465,13 @@ fn the_dense_model_offloaded_gives_the_dense_tokens() {
             "budget {budget}"
         );
         assert!(out.sirius.is_none(), "reported as the dense model");
-        let o = out.offload.expect("offload statistics");
+        let o = out.offload.as_ref().expect("offload statistics");
         assert_eq!(o.draft_passes, 0);
-        // Two prefill chunks of 16, then one full pass per generated token after the first.
+        // The prefill's passes, then one full pass per generated token after the first.
+        let passes = prompt_passes(&out);
         assert_eq!(
             o.full_passes,
-            2 + out.generated_tokens as u64 - 1,
+            passes + out.generated_tokens as u64 - 1,
             "budget {budget}"
         );
         assert_eq!(
@@ -459,7 +482,7 @@ fn the_dense_model_offloaded_gives_the_dense_tokens() {
         if budget == all.minimum_bytes {
             // Whole FFN layers stream on every token, not only during the prompt.
             assert!(o.overflow_ffn_layers > 0, "budget {budget}");
-            let prompt_only = planned(budget).streamed_bytes_per_prefill * 2;
+            let prompt_only = planned(budget).streamed_bytes_per_prefill * passes;
             assert!(o.streamed_bytes > prompt_only, "budget {budget}");
         }
     }

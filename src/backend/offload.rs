@@ -32,6 +32,8 @@ pub struct ScratchShape {
     pub widest_cols: usize,
     /// The most rows one matmul multiplies.
     pub gemm_rows: usize,
+    /// The most rows a sparse FFN call takes (drafts and verification windows).
+    pub sparse_rows: usize,
     /// Rotary head width and the positions the request reaches.
     pub head_dim: usize,
     pub context: usize,
@@ -74,14 +76,16 @@ pub const GEMM_F32_BLOCK_FLOATS: usize = 16 << 20;
 /// The CUDA backend's per-op temporaries for requests of `shape`, at most: each op's
 /// temporaries are taken from one region as a stack and given back when the op returns
 /// (`temp_stack`), so the region holds the largest op's, each rounded up to `TEMP_ALIGN`:
-/// a sparse FFN's neuron lists, activations and partial sums (`gemm_rows` rows of
-/// `ffn_neurons`), attention's tree mask and chunk partials, the f32 GEMM's weight block.
+/// a sparse FFN's neuron lists, activations and partial sums (`sparse_rows` rows of
+/// `ffn_neurons`), attention's tree mask and chunk partials (`gemm_rows` rows), the f32
+/// GEMM's weight block.
 pub fn gpu_temporaries_bytes(shape: &ScratchShape, act16: bool) -> u64 {
     let align = TEMP_ALIGN as u64;
     let t = shape.gemm_rows.max(1) as u64;
-    let neurons = t * shape.ffn_neurons as u64 * 4;
+    let sparse = shape.sparse_rows.clamp(1, shape.gemm_rows.max(1)) as u64;
+    let neurons = sparse * shape.ffn_neurons as u64 * 4;
     // Neuron ids per row (or selected per row) and the rows' offsets or counts.
-    let lists = neurons + (t + 1) * 4 + 2 * align;
+    let lists = neurons + (sparse + 1) * 4 + 2 * align;
     let sparse_ffn = lists + neurons + DOWN_PARTIALS_MAX_BYTES as u64 + align;
     let mask = t * (shape.context as u64).div_ceil(64) * 8;
     let slots = 8 * TEMPORARIES_SM_BOUND as u64 + t * shape.num_heads as u64;

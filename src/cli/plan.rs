@@ -23,7 +23,10 @@ use crate::offload::format::WeightFormat;
 use crate::offload::placement::{
     self, Every, HostFootprint, LayerFormats, Plan, PlanInput, Residence,
 };
-use crate::offload::runtime::{request_plan_input, scratch_shape, OffloadConfig, PlanTarget};
+use crate::offload::prefill::prefill_chunk;
+use crate::offload::runtime::{
+    request_plan_input, scratch_shape, OffloadConfig, PlanFormats, PlanTarget,
+};
 use crate::sirius::SiriusConfig;
 use crate::tensor::KvDType;
 use crate::units::{format_bytes, parse_size};
@@ -96,7 +99,7 @@ pub struct PlanArgs {
     /// How the KV cache stores keys and values (as `run --kv-dtype`): f16 or f32.
     #[arg(long, default_value = "f16")]
     pub kv_dtype: KvDType,
-    /// Prompt length for the time to first token.
+    /// Prompt length for the time to first token (and the prefill chunk the budget gives it).
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
     /// Output: a markdown report or one JSON object.
@@ -127,6 +130,10 @@ struct Report {
     predicted_ms_per_token: Predicted<f64>,
     predicted_tokens_per_s: Predicted<f64>,
     ttft_ms: f64,
+    /// Prompt tokens per prefill pass (the last may be shorter) and the passes for
+    /// `--prompt-tokens`: what `ttft_ms` follows.
+    prefill_chunk: usize,
+    prefill_passes: usize,
     plan: Plan,
     /// When the requested plan does not fit: the largest format that holds the sparse set,
     /// or else the largest keep that fits in the requested format.
@@ -156,6 +163,8 @@ impl Report {
                 sirius_offload: c.sirius_offload.tokens_per_s,
             },
             ttft_ms: c.ttft_ms,
+            prefill_chunk: c.prefill_chunk,
+            prefill_passes: c.prefill_passes,
             plan,
             alternative: None,
         }
@@ -165,16 +174,58 @@ impl Report {
 // The default link: PCIe 4.0 x16, as `run --gpu-mem` assumes.
 use crate::offload::placement::GPU_LINK_GBPS;
 
-/// The planner's input `run` would build for this request (`run_plan_input`'s shapes: the
-/// same activations, prefill chunks and backend scratch), with the paper's AAL unless given.
+/// The planner's input `run` would build for this request: the same activations, prefill
+/// chunks (the longest the budget's spare bytes pay for, as `run` picks them) and backend
+/// scratch, with the paper's AAL unless given; `change` says what an alternative plan
+/// changes (its chunk is picked for it).
 fn run_plan_input(
     args: &PlanArgs,
-    config: ModelConfig,
+    config: &ModelConfig,
     budget: u64,
     on_gpu: bool,
+    change: Change,
 ) -> Result<PlanInput> {
-    let (format, layer_formats, head_format) = formats(args)?;
     // The default prompt (512) shrinks to a shorter --context rather than failing.
+    let prompt_tokens = args.prompt_tokens.min(args.context.max(1));
+    let (format, layer_formats, head_format) = formats(args)?;
+    let formats = (format, layer_formats, head_format, sparse_down(args)?);
+    let mut input_for = |chunk| {
+        let input = chunked_plan_input(args, config, &formats, budget, on_gpu, chunk);
+        Ok(change.apply(input))
+    };
+    let chunk = prefill_chunk(DEFAULT_PREFILL_CHUNK, prompt_tokens, &mut input_for)?;
+    input_for(chunk)
+}
+
+/// What an alternative plan changes in the requested one's input (nothing: the request).
+#[derive(Debug, Clone, Copy, Default)]
+struct Change {
+    format: Option<WeightFormat>,
+    sparse_down: Option<WeightFormat>,
+    keep: Option<f64>,
+}
+
+impl Change {
+    fn apply(&self, input: PlanInput) -> PlanInput {
+        PlanInput {
+            format: self.format.unwrap_or(input.format),
+            sparse_down: self.sparse_down.or(input.sparse_down),
+            keep: self.keep.unwrap_or(input.keep),
+            ..input
+        }
+    }
+}
+
+/// [`run_plan_input`] for prefill chunks of `chunk` tokens.
+fn chunked_plan_input(
+    args: &PlanArgs,
+    config: &ModelConfig,
+    formats: &PlanFormats,
+    budget: u64,
+    on_gpu: bool,
+    chunk: usize,
+) -> PlanInput {
+    let format = formats.0;
     let prompt_tokens = args.prompt_tokens.min(args.context.max(1));
     let sirius = SiriusConfig {
         period: args.period,
@@ -183,17 +234,17 @@ fn run_plan_input(
     // The keep is checked by the planner (an f32 rounding of a bad one would hide it).
     let keep = args.keep as f32;
     let shape = request_shape_for(
-        &config,
+        config,
         format.is_quantized(),
         prompt_tokens,
         args.context,
-        DEFAULT_PREFILL_CHUNK,
+        chunk,
         keep,
         &sirius,
     );
     let backend_scratch = match on_gpu {
         // cuBLAS's bf16 GEMM, the CUDA backend's default.
-        true => gpu_scratch_bytes(&scratch_shape(&config, &shape), true),
+        true => gpu_scratch_bytes(&scratch_shape(config, &shape), true),
         false => 0,
     };
     let cfg = OffloadConfig {
@@ -207,15 +258,14 @@ fn run_plan_input(
         backend_scratch,
         kv_bytes: args.kv_dtype.size(),
     };
-    let formats = (format, layer_formats, head_format, sparse_down(args)?);
-    Ok(PlanInput {
+    PlanInput {
         keep: args.keep,
         // A window always advances at least one token, hence the floor of 1 for tiny K.
         aal: args
             .aal
             .unwrap_or_else(|| (PAPER_AAL_FRACTION * args.period as f64).max(1.0)),
-        ..request_plan_input(&config, formats, &cfg, &shape, &target)
-    })
+        ..request_plan_input(config, formats.clone(), &cfg, &shape, &target)
+    }
 }
 
 /// The host's share: the mapped checkpoint, the bundle cache, what a GPU run pins.
@@ -258,7 +308,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     }
     let budget = parse_size(size).map_err(|e| Error::InvalidArgument(format!("{option}: {e}")))?;
     let config = model_config(&args.model)?;
-    let input = run_plan_input(args, config, budget, on_gpu)?;
+    let input = run_plan_input(args, &config, budget, on_gpu, Change::default())?;
     let word = |e: Error| word_plan_error(e, option, PLAN_FIELDS);
     let first = placement::plan(&input).map_err(word)?;
     // For --resident-mem, only formats `run --weights` can make from any checkpoint: an
@@ -272,20 +322,20 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     };
     let alternative = match (first.fits, first.advised_format, first.advised_keep) {
         (true, _, _) => None,
-        (false, Some(format), _) if cpu_format(format) => Some(PlanInput {
-            format,
-            sparse_down: first.advised_sparse_down.or(input.sparse_down),
-            keep: first.advised_format_keep.unwrap_or(input.keep),
-            ..input.clone()
+        (false, Some(format), _) if cpu_format(format) => Some(Change {
+            format: Some(format),
+            sparse_down: first.advised_sparse_down,
+            keep: first.advised_format_keep,
         }),
-        (false, _, Some(keep)) => Some(PlanInput {
-            keep,
-            ..input.clone()
+        (false, _, Some(keep)) => Some(Change {
+            keep: Some(keep),
+            ..Change::default()
         }),
         (false, _, None) => None,
     };
     let mut report = Report::new(&args.model, option, first);
-    if let Some(alt) = alternative {
+    if let Some(change) = alternative {
+        let alt = run_plan_input(args, &config, budget, on_gpu, change)?;
         let alt = placement::plan(&alt).map_err(word)?;
         report.alternative = Some(Box::new(Report::new(&args.model, option, alt)));
     }
@@ -478,7 +528,15 @@ fn plan_section(out: &mut String, p: &Plan) {
     ] {
         way_row(out, name, way);
     }
-    let _ = writeln!(out, "\nTime to first token: {:.0} ms.\n", c.ttft_ms);
+    let passes = match c.prefill_passes {
+        1 => "one prefill pass".to_string(),
+        n => format!("{n} prefill passes of up to {} tokens", c.prefill_chunk),
+    };
+    let _ = writeln!(
+        out,
+        "\nTime to first token: {:.0} ms ({passes}, each streaming every weight not resident).\n",
+        c.ttft_ms
+    );
     for line in &p.advice {
         let _ = writeln!(out, "- {line}");
     }

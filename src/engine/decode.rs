@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use crate::engine::output::{rate, GenerationOutput, SiriusReport, StopReason};
+use crate::engine::prefill::chunk_len;
 use crate::engine::text::TextOutput;
 use crate::error::{Error, Result};
 use crate::model::{DeviceCounts, Tokenizer};
@@ -192,6 +193,7 @@ pub fn run(
         cached_prompt_tokens: limits.cached_prompt,
         generated_tokens: decoded.ids.len(),
         stop_reason: decoded.stop,
+        prefill_chunk: chunk_len(fresh, limits.prefill_chunk),
         prefill_seconds,
         decode_seconds: seconds,
         prefill_tokens_per_s: rate(fresh.len(), prefill_seconds),

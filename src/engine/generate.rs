@@ -13,6 +13,7 @@ use crate::engine::{Decoding, Engine, Offload, RequestOptions};
 use crate::error::{Error, Result};
 use crate::model::Llama;
 use crate::offload::placement::{plan, Plan};
+use crate::offload::prefill::prefill_chunk;
 use crate::offload::runtime::{OffloadRuntime, RequestShape};
 use crate::sirius::SiriusConfig;
 use crate::sparsity::{NeuronCounter, SparseRequest, Sparsity, SparsityMode, SparsityReport};
@@ -55,7 +56,9 @@ impl<B: OffloadBackend> Engine<B> {
         // A remembered prompt is kept for the next request (in memory only: see above).
         let keep_prompt = *remember_prompts && offload.is_none();
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
-        let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len));
+        // An offloaded request prefills in the chunk its runtime is planned for.
+        let chunk = shape.map_or(opts.prefill_chunk, |s| s.prefill_chunk);
+        let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len), chunk);
         match (decoding, shape.zip(offload.as_mut())) {
             (Decoding::Dense | Decoding::Sparse, _) => {
                 let sparse = decoding == Decoding::Sparse;
@@ -187,14 +190,13 @@ impl<B: OffloadBackend> Engine<B> {
         sirius: &SiriusConfig,
     ) -> Result<RequestShape> {
         let keep = self.offload.as_ref().map_or(1.0, |o| o.keep);
-        Ok(request_shape(
-            &self.model,
-            prompt,
-            capacity,
-            opts.prefill_chunk,
-            keep,
-            sirius,
-        ))
+        let cfg = self.offload_config()?;
+        let shape_for = |chunk| request_shape(&self.model, prompt, capacity, chunk, keep, sirius);
+        // As `plan` picks it for the same request: the longest the spare budget pays for.
+        let chunk = prefill_chunk(opts.prefill_chunk, prompt.len(), &mut |chunk| {
+            OffloadRuntime::plan_input(&self.model, cfg, &shape_for(chunk))
+        })?;
+        Ok(shape_for(chunk))
     }
 }
 
@@ -218,13 +220,19 @@ fn plan_runtime<'o, B: OffloadBackend>(
     Ok(offload.runtime.insert(runtime))
 }
 
-/// How `run` feeds and stops a request of `opts` (`cached`: prompt tokens from a prefix).
-fn run_limits<'a>(opts: &'a RequestOptions, stop_ids: &'a [u32], cached: usize) -> RunLimits<'a> {
+/// How `run` feeds and stops a request of `opts` (`cached`: prompt tokens from a prefix)
+/// prefilled in chunks of `chunk`.
+fn run_limits<'a>(
+    opts: &'a RequestOptions,
+    stop_ids: &'a [u32],
+    cached: usize,
+    chunk: usize,
+) -> RunLimits<'a> {
     RunLimits {
         max_tokens: opts.max_tokens,
         stop_ids,
         stop_strings: &opts.stop_strings,
-        prefill_chunk: opts.prefill_chunk,
+        prefill_chunk: chunk,
         show_progress: opts.show_progress,
         cached_prompt: cached,
     }

@@ -87,7 +87,8 @@ pub struct RequestOptions {
     pub stop_at_eos: bool,
     /// Context cap in tokens (`None`: the model's own limit).
     pub context: Option<usize>,
-    /// Prompt tokens per prefill forward (bounds scratch memory).
+    /// Prompt tokens per prefill forward (bounds scratch memory); an offloaded request's
+    /// shortest, as its budget allows longer ones (`offload::prefill`).
     pub prefill_chunk: usize,
     /// A progress bar for long prefills (on a terminal).
     pub show_progress: bool,

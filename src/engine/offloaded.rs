@@ -67,6 +67,7 @@ pub fn request_shape_for(
         context: capacity,
         activation_bytes,
         gemm_rows: chunk.max(draft_rows).max(window),
+        sparse_rows: draft_rows.max(window),
         prompt_tokens,
         prefill_chunk: chunk,
     }

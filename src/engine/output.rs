@@ -38,6 +38,9 @@ pub struct GenerationOutput {
     pub generated_tokens: usize,
     pub generated_token_ids: Vec<u32>,
     pub stop_reason: StopReason,
+    /// Prompt tokens per prefill pass (the last pass may be shorter): the request's chunk, or
+    /// in an offloaded run the longest the budget's spare bytes pay for (as `plan` says).
+    pub prefill_chunk: usize,
     /// Seconds of the prompt's forward passes (the sparse setup excluded).
     pub prefill_seconds: f64,
     /// Seconds of the decode steps (forwards, drafts and verifications; not the time spent

@@ -8,7 +8,9 @@ use crate::model::{Llama, Logits};
 use crate::progress::progress_bar;
 
 /// Prompt tokens per prefill forward unless a request says otherwise (bounds scratch
-/// memory; long enough that the weights are read once per chunk, not per token).
+/// memory; long enough that the weights are read once per chunk, not per token). An
+/// offloaded request takes longer chunks where its budget has bytes to spare
+/// (`offload::prefill`), never shorter ones.
 pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 /// The positions the model allows: its position limit, capped by any sliding window

@@ -218,6 +218,7 @@ mod tests {
         let shape = ScratchShape {
             widest_cols: 14336,
             gemm_rows: 256,
+            sparse_rows: 16,
             head_dim: 128,
             context: 4096,
             num_heads: 32,
@@ -242,6 +243,7 @@ mod tests {
         let mut shape = ScratchShape {
             widest_cols: 14336,
             gemm_rows: 16,
+            sparse_rows: 16,
             head_dim: 128,
             context: 8192,
             num_heads: 32,
@@ -255,13 +257,17 @@ mod tests {
         // The f32 GEMM's block dwarfs a window's lists.
         let f32_path = gpu_temporaries_bytes(&shape, false);
         assert!(f32_path >= GEMM_F32_BLOCK_FLOATS as u64 * 4);
-        // Rows scale the lists and activations; the partial sums' cap does not.
+        // A 256-token prefill chunk runs the dense FFN: its rows grow attention's share only.
         shape.gemm_rows = 256;
         let chunk = gpu_temporaries_bytes(&shape, true);
-        let more_rows = 2 * (256 - 16) * 14336 * 4;
+        assert_eq!(chunk, window);
+        // Sparse rows scale the lists and activations; the partial sums' cap does not.
+        shape.sparse_rows = 64;
+        let tree = gpu_temporaries_bytes(&shape, true);
+        let more_rows = 2 * (64 - 16) * 14336 * 4;
         assert!(
-            chunk.abs_diff(window + more_rows) < 4096,
-            "{chunk} vs {window}"
+            tree.abs_diff(window + more_rows) < 4096,
+            "{tree} vs {window}"
         );
     }
 }

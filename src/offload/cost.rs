@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::offload::format::VECTOR_BYTES;
 use crate::offload::plan::unpinned_prefill_bytes;
+use crate::offload::prefill::prefill_passes;
 use crate::offload::sizes::{LayerPlacement, PlanInput, Sizes, MIN_GBPS, STREAM_BUFFERS};
 
 /// GB/s of the copy thread's host gather: one core's memcpy from mapped (page-cache) memory
@@ -78,9 +79,13 @@ pub struct Costs {
     pub full: WayCost,
     pub reference: WayCost,
     pub sirius_offload: WayCost,
-    /// One prefill pass over `prompt_tokens` with the plan's residency; the neuron set is not
-    /// chosen yet, so every layer's whole FFN (plus any overflow) is streamed.
+    /// The prefill of `prompt_tokens` with the plan's residency, one pass per chunk: the
+    /// neuron set is not chosen yet, so each pass streams every layer's whole FFN (plus any
+    /// overflow); then the request's resident neurons come in.
     pub ttft_ms: f64,
+    /// Prompt tokens per prefill pass (the last pass may be shorter) and the passes.
+    pub prefill_chunk: usize,
+    pub prefill_passes: usize,
 }
 
 /// Wall time of one pass through the layers, given each layer's copy and compute seconds.
@@ -282,12 +287,23 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
     let dense_s = dense.seconds(input);
     let full = way(dense_s * 1e3, None, dense_s * 1e3, dense.streamed() as f64);
 
+    let chunk = prefill_chunk_of(input);
     Costs {
         full,
         reference,
         sirius_offload,
         ttft_ms: ttft_seconds(input, s, layers) * 1e3,
+        prefill_chunk: chunk,
+        prefill_passes: prefill_passes(input.prompt_tokens, chunk),
     }
+}
+
+/// The prefill's chunk: the input's (the whole prompt without one), within the prompt.
+fn prefill_chunk_of(input: &PlanInput) -> usize {
+    input
+        .prefill_chunk
+        .unwrap_or(input.prompt_tokens)
+        .clamp(1, input.prompt_tokens.max(1))
 }
 
 /// Time to first token: each prefill chunk is one pass that streams every non-resident
@@ -295,10 +311,7 @@ pub fn predict(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> Costs
 /// over the link.
 fn ttft_seconds(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement]) -> f64 {
     let prompt_kv = s.kv_layer_bytes / input.context as u64 * input.prompt_tokens as u64;
-    let chunk = input
-        .prefill_chunk
-        .unwrap_or(input.prompt_tokens)
-        .clamp(1, input.prompt_tokens.max(1));
+    let chunk = prefill_chunk_of(input);
     // A pass over `rows` prompt tokens; only the last one computes the head (logits for the
     // prompt's last token).
     let head = head_work(input, s);

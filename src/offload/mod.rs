@@ -15,5 +15,6 @@ pub mod format;
 pub mod host_store;
 pub mod placement;
 pub mod plan;
+pub mod prefill;
 pub mod runtime;
 pub mod sizes;

@@ -43,10 +43,7 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     if input.budget < minimum {
         return Err(budget_error(input, &sizes, minimum));
     }
-    let placed = (0..=units)
-        .rev()
-        .find(|&m| sizes.resident_with(m) <= input.budget)
-        .unwrap_or(0);
+    let placed = placed_units(&sizes, input.budget).unwrap_or(0);
     let layers = sizes.layers_with(placed);
     let buffer = sizes.buffer_bytes(&layers);
     let items = items(input, &sizes, &layers, buffer);
@@ -96,6 +93,14 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
     };
     advise(input, &mut plan);
     Ok(plan)
+}
+
+/// The most units (in [`Sizes::layers_with`]'s order) whose placement fits in `budget`;
+/// `None` when not even the smallest does.
+pub fn placed_units(sizes: &Sizes, budget: u64) -> Option<usize> {
+    (0..=3 * sizes.layers)
+        .rev()
+        .find(|&m| sizes.resident_with(m) <= budget)
 }
 
 fn budget_error(input: &PlanInput, s: &Sizes, minimum: u64) -> Error {

@@ -74,8 +74,13 @@ pub struct RequestShape {
     pub activation_bytes: u64,
     /// The most rows one matmul multiplies (the backend's GEMM scratch is sized for it).
     pub gemm_rows: usize,
+    /// The most rows a sparse FFN call takes (a draft or a verification window; prefill
+    /// chunks run the dense FFN): what the neuron lists in the backend's temporaries scale
+    /// with.
+    pub sparse_rows: usize,
     pub prompt_tokens: usize,
-    /// Prompt tokens per prefill pass.
+    /// Prompt tokens per prefill pass (the longest the spare budget pays for, see
+    /// `offload::prefill`).
     pub prefill_chunk: usize,
 }
 
@@ -294,7 +299,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
                 format_bytes(shape.activation_bytes),
                 format_bytes(s.activation_bytes)
             ))
-        } else if shape.gemm_rows > s.gemm_rows {
+        } else if shape.gemm_rows > s.gemm_rows || shape.sparse_rows > s.sparse_rows {
             Some(format!(
                 "{} rows per pass, planned for {}",
                 shape.gemm_rows, s.gemm_rows

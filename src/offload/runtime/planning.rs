@@ -93,6 +93,7 @@ pub fn scratch_shape(c: &ModelConfig, shape: &RequestShape) -> ScratchShape {
     ScratchShape {
         widest_cols: c.hidden_size.max(c.intermediate_size).max(c.q_dim()),
         gemm_rows: shape.gemm_rows,
+        sparse_rows: shape.sparse_rows,
         head_dim: c.head_dim,
         context: shape.context,
         num_heads: c.num_heads,

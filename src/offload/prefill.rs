@@ -1,0 +1,120 @@
+//! How many prompt tokens one prefill pass takes in an offloaded run.
+//!
+//! Every prefill pass streams every weight that is not resident (no neurons are chosen yet,
+//! so each layer's whole FFN crosses the link), so a prompt in `n` chunks streams the model
+//! `n` times. A longer chunk costs only activations (and, on a GPU, the backend's GEMM
+//! scratch, which follows the rows of a pass). Those bytes come first from what the
+//! placement leaves unused, then, where it pays, from the resident FFN complements (read
+//! only at verification, once per window): the chunk is the one whose request streams the
+//! fewest bytes in all, its prefill passes plus the decode's windows until the cache is
+//! full. Attention and the sparse set never pay for it: they are what every drafted token
+//! reads, and the keep is the request's. In bytes, not seconds, so that the choice does not
+//! depend on the link and compute speeds `plan` and `run` may assume differently.
+//!
+//! Pure: the caller says what a request prefilled in chunks of `c` books
+//! (`input_for(c)`), this module says which `c`.
+
+use crate::error::Result;
+use crate::offload::placement::placed_units;
+use crate::offload::sizes::{LayerPlacement, PlanInput, Sizes};
+
+/// Chunks grow in steps of this many tokens (whole GEMM tiles; a few sizes, so that a
+/// runtime planned for one prompt often holds the next).
+pub const PREFILL_CHUNK_STEP: usize = 64;
+
+/// What a request prefilled in chunks of the given length books: its planner input.
+pub type InputFor<'a> = dyn FnMut(usize) -> Result<PlanInput> + 'a;
+
+/// The prefill chunk for a prompt of `prompt_tokens`: of the chunks that keep the
+/// placement's attention and sparse set (each the shortest of its number of passes: a
+/// multiple of [`PREFILL_CHUNK_STEP`], or the whole prompt, never below `base`, the
+/// request's own chunk), the one whose request streams the fewest bytes ([`request_bytes`]);
+/// the shorter on a tie. Where the budget does not hold the request at `base`, `base`: the
+/// planner then says why.
+pub fn prefill_chunk(
+    base: usize,
+    prompt_tokens: usize,
+    input_for: &mut InputFor<'_>,
+) -> Result<usize> {
+    let prompt = prompt_tokens.max(1);
+    let base = base.clamp(1, prompt);
+    let first = input_for(base)?;
+    let sizes = Sizes::new(&first);
+    let Some(placed) = placed_units(&sizes, first.budget) else {
+        return Ok(base);
+    };
+    // Units past attention and the sparse set are complements: only those may go.
+    let floor = placed.min(2 * sizes.layers);
+    let mut best = (request_bytes(&first, &sizes, placed, base), base);
+    // Fewer passes, longer chunks: once one no longer holds the floor, none longer does.
+    for passes in (1..prefill_passes(prompt, base)).rev() {
+        let chunk = chunk_of_passes(base, prompt, passes);
+        let input = input_for(chunk)?;
+        let sizes = Sizes::new(&input);
+        let Some(placed) = placed_units(&sizes, input.budget).filter(|&m| m >= floor) else {
+            break;
+        };
+        let bytes = request_bytes(&input, &sizes, placed, chunk);
+        if bytes < best.0 {
+            best = (bytes, chunk);
+        }
+    }
+    Ok(best.1)
+}
+
+/// The shortest chunk that prefills `prompt` tokens in `passes` passes or fewer, a multiple
+/// of the step (or the prompt), at least `base`.
+fn chunk_of_passes(base: usize, prompt: usize, passes: usize) -> usize {
+    (prompt.div_ceil(passes.max(1)))
+        .next_multiple_of(PREFILL_CHUNK_STEP)
+        .clamp(base, prompt)
+}
+
+/// Bytes a request of `input` with the first `placed` units resident streams: its prefill
+/// in chunks of `chunk`, then one window per `period` tokens (K - 1 drafts, one
+/// verification) until its cache is full. Windows that accept fewer than K tokens, or an
+/// early stop, change both sides alike.
+pub fn request_bytes(input: &PlanInput, sizes: &Sizes, placed: usize, chunk: usize) -> u64 {
+    let layers = sizes.layers_with(placed);
+    let sum = |bytes: fn(&Sizes, &LayerPlacement) -> u64| -> u64 {
+        layers.iter().map(|p| bytes(sizes, p)).sum()
+    };
+    let period = input.period.max(1) as u64;
+    let decoded = input.context.saturating_sub(input.prompt_tokens) as u64;
+    let window = sum(Sizes::verify_stream_bytes)
+        .saturating_add((period - 1).saturating_mul(sum(Sizes::draft_stream_bytes)));
+    let prefill = prefill_passes(input.prompt_tokens, chunk) as u64;
+    prefill
+        .saturating_mul(sum(Sizes::prefill_stream_bytes))
+        .saturating_add(decoded.div_ceil(period).saturating_mul(window))
+}
+
+/// Prefill passes a prompt of `prompt_tokens` takes in chunks of `chunk`.
+pub fn prefill_passes(prompt_tokens: usize, chunk: usize) -> usize {
+    prompt_tokens.max(1).div_ceil(chunk.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_number_of_passes_takes_its_shortest_chunk() {
+        // 1000 tokens in two passes: 500 each, rounded up to 512.
+        assert_eq!(chunk_of_passes(256, 1000, 2), 512);
+        // The whole prompt in one pass is the prompt, not a step multiple above it.
+        assert_eq!(chunk_of_passes(256, 1000, 1), 1000);
+        // Two passes of 150 would go below the floor.
+        assert_eq!(chunk_of_passes(256, 300, 2), 256);
+        // A floor off the step: the prompt in one pass.
+        assert_eq!(chunk_of_passes(16, 20, 1), 20);
+        for (prompt, passes) in [(1000, 2), (5000, 4), (4097, 2), (700, 3), (4096, 16)] {
+            let chunk = chunk_of_passes(256, prompt, passes);
+            assert!(prefill_passes(prompt, chunk) <= passes, "{prompt} {passes}");
+            assert!(chunk.is_multiple_of(PREFILL_CHUNK_STEP) || chunk == prompt);
+        }
+        assert_eq!(prefill_passes(1000, 256), 4);
+        assert_eq!(prefill_passes(1024, 256), 4);
+        assert_eq!(prefill_passes(0, 256), 1);
+    }
+}
