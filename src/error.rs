@@ -167,6 +167,35 @@ impl Error {
         }
     }
 
+    /// A GGUF file's error. The message quotes names and keys read from the file, which a
+    /// corrupt file fills with control bytes or whole kilobytes: they are escaped and the
+    /// message shortened (its start and its end, the reason, kept) so it stays one line.
+    pub(crate) fn gguf(path: impl Into<PathBuf>, msg: impl AsRef<str>) -> Error {
+        const MAX_CHARS: usize = 400;
+        let escaped: Vec<char> = msg
+            .as_ref()
+            .chars()
+            .flat_map(|c| {
+                let plain = !c.is_control();
+                plain
+                    .then_some(c)
+                    .into_iter()
+                    .chain((!plain).then(|| c.escape_default()).into_iter().flatten())
+            })
+            .collect();
+        let msg = if escaped.len() > MAX_CHARS {
+            let head: String = escaped[..MAX_CHARS / 2].iter().collect();
+            let tail: String = escaped[escaped.len() - MAX_CHARS / 2..].iter().collect();
+            format!("{head} [...] {tail}")
+        } else {
+            escaped.into_iter().collect()
+        };
+        Error::Gguf {
+            path: path.into(),
+            msg,
+        }
+    }
+
     pub(crate) fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
         Error::Config {
             path: path.into(),
