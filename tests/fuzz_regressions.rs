@@ -123,3 +123,16 @@ fn a_gguf_error_quoting_a_corrupt_key_stays_one_short_line() {
         "{err}"
     );
 }
+
+/// gguf loop: a vocabulary whose merge names a token holding a newline; the tokenizers
+/// crate's error quoted the token raw, over two lines.
+#[test]
+fn a_tokenizer_error_quoting_a_newline_token_stays_one_line() {
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "added_tokens": [], "normalizer": null, "pre_tokenizer": null,
+        "post_processor": null, "decoder": null,
+        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "\n"]]}
+    });
+    let result = Tokenizer::from_json(&tokenizer.to_string(), Path::new("tokenizer.json"));
+    one_line_error(result, &["tokenizer.json", "\\n"]);
+}

@@ -71,10 +71,7 @@ impl Tokenizer {
             path: path.to_path_buf(),
             source,
         })?;
-        let fail = |msg: String| Error::Tokenizer {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let fail = |msg: String| Error::tokenizer(path, msg);
         pre.model
             .as_ref()
             .map_or(Ok(()), check_merges)
@@ -115,10 +112,7 @@ impl Tokenizer {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Tokenizer {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        }
+        Error::tokenizer(&self.path, e.to_string())
     }
 }
 
