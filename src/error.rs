@@ -167,10 +167,49 @@ impl Error {
         }
     }
 
+    /// A GGUF file's error (its message made one line: [`one_line`]).
+    pub(crate) fn gguf(path: impl Into<PathBuf>, msg: impl AsRef<str>) -> Error {
+        Error::Gguf {
+            path: path.into(),
+            msg: one_line(msg.as_ref()),
+        }
+    }
+
+    /// A tokenizer's error (its message made one line: [`one_line`]).
+    pub(crate) fn tokenizer(path: impl Into<PathBuf>, msg: impl AsRef<str>) -> Error {
+        Error::Tokenizer {
+            path: path.into(),
+            msg: one_line(msg.as_ref()),
+        }
+    }
+
     pub(crate) fn config(path: impl Into<PathBuf>, msg: impl Into<String>) -> Error {
         Error::Config {
             path: path.into(),
             msg: msg.into(),
         }
     }
+}
+
+/// A message that quotes names, keys or tokens read from a file, which a corrupt file fills
+/// with control bytes (newlines) or whole kilobytes: control characters escaped, and a long
+/// message shortened to its start and its end (the reason), so it stays one line.
+fn one_line(msg: &str) -> String {
+    const MAX_CHARS: usize = 400;
+    let escaped: Vec<char> = msg
+        .chars()
+        .flat_map(|c| {
+            let plain = !c.is_control();
+            plain
+                .then_some(c)
+                .into_iter()
+                .chain((!plain).then(|| c.escape_default()).into_iter().flatten())
+        })
+        .collect();
+    if escaped.len() <= MAX_CHARS {
+        return escaped.into_iter().collect();
+    }
+    let head: String = escaped[..MAX_CHARS / 2].iter().collect();
+    let tail: String = escaped[escaped.len() - MAX_CHARS / 2..].iter().collect();
+    format!("{head} [...] {tail}")
 }

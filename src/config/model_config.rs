@@ -155,8 +155,8 @@ impl ModelConfig {
             head_dim,
             vocab_size: f.bounded(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096).max(1),
-            rms_norm_eps: rms_norm_eps as f32,
-            rope_theta: rope_theta as f32,
+            rms_norm_eps,
+            rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
@@ -245,16 +245,14 @@ impl Fields<'_> {
         }
     }
 
-    /// A finite positive number `key`.
-    fn positive(&self, v: f64, key: &str) -> Result<f64> {
-        if v > 0.0 && v.is_finite() {
-            Ok(v)
-        } else {
-            Err(Error::config(
+    /// A positive number `key`, as the f32 the forward pass computes with.
+    fn positive(&self, v: f64, key: &str) -> Result<f32> {
+        positive_f32(v).ok_or_else(|| {
+            Error::config(
                 self.path,
-                format!("{key} must be positive, got {v}"),
-            ))
-        }
+                format!("{key} must be a positive number within f32 range (about 1e-38 to 3e38), got {v}"),
+            )
+        })
     }
 
     /// Attention heads, KV heads (a divisor of the heads) and the head width (even, for
@@ -299,6 +297,13 @@ impl Fields<'_> {
     }
 }
 
+/// `v` as an f32 when it stays finite and positive there (1e-300 would become 0, 1e300
+/// infinity).
+fn positive_f32(v: f64) -> Option<f32> {
+    let as_f32 = v as f32;
+    (v > 0.0 && as_f32 > 0.0 && as_f32.is_finite()).then_some(as_f32)
+}
+
 fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling> {
     let kind = v
         .get("rope_type")
@@ -315,39 +320,41 @@ fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling>
     };
     match kind {
         "llama3" => {
-            let scaling = RopeScaling::Llama3 {
-                factor: num("factor")? as f32,
-                low_freq_factor: num("low_freq_factor")? as f32,
-                high_freq_factor: num("high_freq_factor")? as f32,
-                original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-            };
-            if let RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                ..
-            } = scaling
-            {
-                if factor <= 0.0 || high_freq_factor <= low_freq_factor {
-                    return Err(Error::config(
-                        path,
-                        "rope_scaling llama3 needs factor > 0 and high_freq_factor > low_freq_factor",
-                    ));
-                }
+            let (factor, low, high) = (
+                num("factor")?,
+                num("low_freq_factor")?,
+                num("high_freq_factor")?,
+            );
+            let original = num("original_max_position_embeddings")?;
+            let usable = |v: f64| positive_f32(v).is_some();
+            if !(usable(factor) && usable(low) && usable(high) && high > low) {
+                return Err(Error::config(
+                    path,
+                    format!("rope_scaling llama3 needs finite factor > 0 and 0 < low_freq_factor < high_freq_factor, got factor {factor}, low_freq_factor {low}, high_freq_factor {high}"),
+                ));
             }
-            Ok(scaling)
+            if !(original >= 1.0 && original.fract() == 0.0 && original <= usize::MAX as f64) {
+                return Err(Error::config(
+                    path,
+                    format!("rope_scaling llama3 needs original_max_position_embeddings, a positive whole number of positions, got {original}"),
+                ));
+            }
+            Ok(RopeScaling::Llama3 {
+                factor: factor as f32,
+                low_freq_factor: low as f32,
+                high_freq_factor: high as f32,
+                original_max_position_embeddings: original as usize,
+            })
         }
         "linear" => {
             let factor = num("factor")?;
-            if !(factor > 0.0 && factor.is_finite()) {
+            let Some(factor) = positive_f32(factor) else {
                 return Err(Error::config(
                     path,
-                    format!("rope_scaling linear needs factor > 0, got {factor}"),
+                    format!("rope_scaling linear needs a finite factor > 0, got {factor}"),
                 ));
-            }
-            Ok(RopeScaling::Linear {
-                factor: factor as f32,
-            })
+            };
+            Ok(RopeScaling::Linear { factor })
         }
         "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
         other => Err(Error::config(

@@ -194,10 +194,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
 }
 
 fn gguf_error(path: &Path) -> impl Fn(String) -> Error + '_ {
-    move |msg| Error::Gguf {
-        path: path.to_path_buf(),
-        msg,
-    }
+    move |msg| Error::gguf(path, msg)
 }
 
 /// The config a GGUF stands for, checked by the same parser as a config.json.

@@ -4,6 +4,47 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// What [`Tokenizer::from_json`] parses itself before the tokenizers crate sees the text:
+/// the parts that crate panics on instead of returning an error.
+#[derive(serde::Deserialize)]
+struct TokenizerFile {
+    #[serde(rename = "decoder")]
+    _decoder: Option<serde_json::Value>,
+    model: Option<TokenizerModel>,
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizerModel {
+    continuing_subword_prefix: Option<String>,
+    merges: Option<serde_json::Value>,
+}
+
+/// A BPE merge's second token is cut after the `continuing_subword_prefix` (panicking when
+/// it is shorter or the cut splits a character), so each must start with the prefix.
+fn check_merges(model: &TokenizerModel) -> std::result::Result<(), String> {
+    let Some(prefix) = model
+        .continuing_subword_prefix
+        .as_deref()
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(());
+    };
+    let merges = model.merges.as_ref().and_then(|m| m.as_array());
+    for merge in merges.into_iter().flatten() {
+        let second = match merge {
+            serde_json::Value::String(s) => s.split_once(' ').map(|(_, b)| b),
+            serde_json::Value::Array(pair) => pair.get(1).and_then(|b| b.as_str()),
+            _ => None,
+        };
+        if let Some(b) = second.filter(|b| !b.starts_with(prefix)) {
+            return Err(format!(
+                "merge {merge} joins `{b}`, which does not start with the continuing_subword_prefix `{prefix}`"
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -17,24 +58,28 @@ impl Tokenizer {
                 msg: "file not found".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
-        Ok(Tokenizer {
-            inner,
-            path: path.to_path_buf(),
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
     }
 
     /// A tokenizer from `tokenizer.json` text (`path` names its source in errors).
     pub fn from_json(text: &str, path: &Path) -> Result<Tokenizer> {
-        let inner = text
-            .parse::<tokenizers::Tokenizer>()
-            .map_err(|e| Error::Tokenizer {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            })?;
+        // The tokenizers crate panics (`expect("Helper")`) when the `decoder` object does not
+        // parse as JSON (cut short, a number out of range): the whole text's syntax and the
+        // decoder's values are checked here first.
+        let pre: TokenizerFile = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let fail = |msg: String| Error::tokenizer(path, msg);
+        pre.model
+            .as_ref()
+            .map_or(Ok(()), check_merges)
+            .map_err(fail)?;
+        // Any other panic of the tokenizers crate on a malformed file is an error too.
+        let parsed = std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+            .map_err(|_| fail("the tokenizers library failed on this file (it panicked): the file is malformed".into()))?;
+        let inner = parsed.map_err(|e| fail(e.to_string()))?;
         Ok(Tokenizer {
             inner,
             path: path.to_path_buf(),
@@ -67,10 +112,7 @@ impl Tokenizer {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> Error {
-        Error::Tokenizer {
-            path: self.path.clone(),
-            msg: e.to_string(),
-        }
+        Error::tokenizer(&self.path, e.to_string())
     }
 }
 

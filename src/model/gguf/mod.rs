@@ -66,10 +66,7 @@ impl GgufFile {
     /// Parses the header, metadata and tensor descriptions of `bytes` (the whole file; `path`
     /// only names it in errors) and checks every tensor's data lies inside the file.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<GgufFile> {
-        let fail = |msg: String| Error::Gguf {
-            path: path.to_path_buf(),
-            msg,
-        };
+        let fail = |msg: String| Error::gguf(path, msg);
         let mut r = Reader::new(bytes);
         let (version, n_tensors, n_kv) = header(&mut r).map_err(fail)?;
         let mut metadata = BTreeMap::new();

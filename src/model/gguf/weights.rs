@@ -70,10 +70,7 @@ pub fn weight_store(
     heads: (usize, usize),
     mode: GgufWeights,
 ) -> Result<WeightStore> {
-    let fail = |msg: String| Error::Gguf {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let fail = |msg: String| Error::gguf(path, msg);
     let mut jobs = Vec::new();
     let mut entries = Vec::new();
     for t in &file.tensors {
