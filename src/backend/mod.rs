@@ -22,7 +22,7 @@ pub mod offload;
 pub mod rope;
 
 pub use argmax::argmax;
-pub use cpu_backend::{CpuBackend, CpuMatrix};
+pub use cpu_backend::{max_threads, CpuBackend, CpuMatrix, MAX_THREADS_PER_CORE};
 pub use cpu_kv::CpuKv;
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;

@@ -48,10 +48,11 @@ impl SiriusConfig {
                 self.period
             )));
         }
-        if !self.threshold.is_finite() || self.threshold < 0.0 {
+        // A probability: above 1 no draft could ever be accepted.
+        if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::InvalidArgument(format!(
-                "--threshold must be finite and >= 0, got {}",
-                self.threshold
+                "--threshold is a probability, between 0 and 1, got {}",
+                crate::units::format_number(self.threshold)
             )));
         }
         if !(1..=MAX_WIDTH).contains(&self.width) {
@@ -70,7 +71,7 @@ impl SiriusConfig {
         if !(self.accept_temperature.is_finite() && self.accept_temperature > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "--accept-temperature must be positive, got {}",
-                self.accept_temperature
+                crate::units::format_number(self.accept_temperature)
             )));
         }
         Ok(())
