@@ -48,10 +48,11 @@ impl SiriusConfig {
                 self.period
             )));
         }
-        // A probability: above 1 no draft could ever be accepted.
-        if !(0.0..=1.0).contains(&self.threshold) {
+        // Above 1 no draft is ever accepted: the full model alone, which tests and
+        // comparisons use.
+        if !self.threshold.is_finite() || self.threshold < 0.0 {
             return Err(Error::InvalidArgument(format!(
-                "--threshold is a probability, between 0 and 1, got {}",
+                "--threshold must be finite and >= 0, got {}",
                 crate::units::format_number(self.threshold)
             )));
         }
