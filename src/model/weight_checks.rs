@@ -12,10 +12,10 @@ use crate::progress::progress_bar;
 use crate::tensor::TensorRef;
 
 /// Tensors a checkpoint may carry that no config asks for: a tied model's separate head
-/// (some exporters write it anyway) and RoPE tables older exporters saved.
+/// (some exporters write it anyway) and the RoPE module's buffers older exporters saved
+/// (`rotary_emb.inv_freq`, `model.rotary_emb.step`).
 fn harmless(name: &str, config: &ModelConfig) -> bool {
-    (name == "lm_head.weight" && config.tie_word_embeddings)
-        || name.ends_with(".rotary_emb.inv_freq")
+    (name == "lm_head.weight" && config.tie_word_embeddings) || name.contains("rotary_emb.")
 }
 
 /// `Err` naming the first tensor of `store` that loading did not read (`used`), and why the
