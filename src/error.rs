@@ -59,7 +59,10 @@ pub enum Error {
     #[error("tensor `{name}` is missing (looked in {searched})")]
     MissingTensor { name: String, searched: String },
 
-    #[error("{path}: tensor `{name}` has shape {actual:?}, expected {expected:?}")]
+    #[error(
+        "{path}: tensor `{name}` has shape {actual:?}, expected {expected:?} from the model's \
+         config: the config and the weights disagree"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,
@@ -81,6 +84,27 @@ pub enum Error {
         /// The tensor's dtype and the model's, as written (`bf16`, `f32`, ...).
         actual: String,
         expected: String,
+    },
+
+    /// A NaN or infinity in a weight: every output computed from it would be garbage.
+    #[error(
+        "{path}: tensor `{name}` holds {value} at element {index}: the checkpoint is corrupt; \
+         download or convert it again"
+    )]
+    NonFiniteWeight {
+        path: PathBuf,
+        name: String,
+        index: usize,
+        value: f32,
+    },
+
+    /// A tensor of the checkpoint that the model's config has no use for: the config and the
+    /// weights disagree, and running would silently compute another model.
+    #[error("{path}: tensor `{name}` is not used by the model: {why}")]
+    UnusedTensor {
+        path: PathBuf,
+        name: String,
+        why: String,
     },
 
     #[error("tokenizer {path}: {msg}")]

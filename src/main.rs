@@ -73,8 +73,63 @@ fn is_verbosity(arg: &OsString) -> bool {
     })
 }
 
+/// A clap error on one line, like every other error: its message and tips joined, the usage
+/// summary and the pointer to --help left out (the message names the option at fault).
+fn one_line(error: &str) -> String {
+    let parts: Vec<&str> = (error.lines())
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect();
+    let mut line = String::new();
+    for part in parts {
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
+    format!("{line} (see --help)")
+}
+
+/// clap reads `--threads -1` as an unknown option `-1`: say which option got a negative
+/// number instead.
+fn negative_value(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(value)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // clap may name only the start of the argument (`-1` of `-1e-38`).
+    let args: Vec<String> = std::env::args().collect();
+    let at =
+        (args.iter()).position(|a| a.starts_with(value.as_str()) && a.parse::<f64>().is_ok())?;
+    let value = &args[at];
+    let option = args
+        .get(at.checked_sub(1)?)
+        .filter(|o| o.starts_with("--"))?;
+    Some(format!(
+        "error: {option} {value}: a negative number is not a valid value here (see --help)"
+    ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse_from(arguments());
+    let cli = match Cli::try_parse_from(arguments()) {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap writes them.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            let message = negative_value(&e).unwrap_or_else(|| one_line(&e.to_string()));
+            let _ = writeln!(std::io::stderr(), "{message}");
+            return ExitCode::from(2);
+        }
+    };
     let default_level = match cli.verbose {
         0 => "warn",
         1 => "info",

@@ -10,8 +10,24 @@ pub enum SizeError {
         "cannot read {0:?} as a size: write a number and a unit, e.g. 24G, 24GiB, 512M or 1.5GB"
     )]
     Unreadable(String),
-    #[error("size {0:?} is out of range: give at least one byte")]
-    OutOfRange(String),
+    #[error("size {0:?} is below one byte: give a size of at least 1 byte, e.g. 512M")]
+    TooSmall(String),
+    #[error("size {0:?} is too large: sizes go up to 8 EiB, e.g. 24G")]
+    TooLarge(String),
+}
+
+/// A number for a message: as written when ordinary (`0.5`, `25`), in exponent notation when
+/// tiny or huge (`1e-300`, not three hundred digits).
+pub fn format_number<T>(v: T) -> String
+where
+    T: Copy + Into<f64> + std::fmt::Display + std::fmt::LowerExp,
+{
+    let x: f64 = v.into();
+    if x == 0.0 || !x.is_finite() || (1e-4..1e9).contains(&x.abs()) {
+        format!("{v}")
+    } else {
+        format!("{v:e}")
+    }
 }
 
 /// Parses a byte size: a number (fractions allowed) and an optional unit among
@@ -37,8 +53,11 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
         _ => return Err(bad()),
     };
     let bytes = value * mult;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 / 2.0 {
-        return Err(SizeError::OutOfRange(text.to_string()));
+    if !bytes.is_finite() || bytes > u64::MAX as f64 / 2.0 {
+        return Err(SizeError::TooLarge(text.to_string()));
+    }
+    if bytes < 1.0 {
+        return Err(SizeError::TooSmall(text.to_string()));
     }
     Ok(bytes.round() as u64)
 }
@@ -81,6 +100,26 @@ mod tests {
         for bad in ["", "G", "24X", "-1G", "0", "1..2G", "abc", "0.1"] {
             assert!(parse_size(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn out_of_range_sizes_say_which_end() {
+        let too_large = parse_size("99999999999999999999999").unwrap_err();
+        assert!(matches!(too_large, SizeError::TooLarge(_)), "{too_large}");
+        assert!(too_large.to_string().contains("too large"), "{too_large}");
+        let too_small = parse_size("0.1").unwrap_err();
+        assert!(matches!(too_small, SizeError::TooSmall(_)), "{too_small}");
+    }
+
+    #[test]
+    fn numbers_are_short_at_any_magnitude() {
+        assert_eq!(format_number(1e-300), "1e-300");
+        assert_eq!(format_number(2.5e40), "2.5e40");
+        assert_eq!(format_number(0.5), "0.5");
+        assert_eq!(format_number(25.0), "25");
+        assert_eq!(format_number(f64::NAN), "NaN");
+        assert_eq!(format_number(1e-38f32), "1e-38");
+        assert_eq!(format_number(0.95f32), "0.95");
     }
 
     #[test]

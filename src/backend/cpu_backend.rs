@@ -16,6 +16,18 @@ use crate::error::{Error, Result};
 use crate::tensor::TensorRef;
 use crate::tensor::{DType, KvDType};
 
+/// Compute threads per available core that a CPU backend accepts. The workers spin while
+/// they wait, so more than one per core already slows every op; a few per core still leave
+/// room for machines whose reported parallelism is below what they can run (a CPU quota).
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The most compute threads a CPU backend runs on this machine:
+/// [`MAX_THREADS_PER_CORE`] per available core.
+pub fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_mul(MAX_THREADS_PER_CORE)
+}
+
 pub struct CpuBackend {
     pool: ThreadPool,
     /// The SIMD tier every op runs on.
@@ -23,12 +35,20 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// A backend with `threads` compute threads (0 = one per available core).
+    /// A backend with `threads` compute threads (0 = one per available core), at most
+    /// [`max_threads`] (more are clamped: each is a spinning worker with its own stack).
     pub fn new(threads: usize) -> CpuBackend {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
         let n = if threads == 0 { cores } else { threads };
+        if n > max_threads() {
+            tracing::warn!(
+                "{n} threads asked for, {} used: more than {MAX_THREADS_PER_CORE} per core only contend",
+                max_threads()
+            );
+        }
+        let n = n.min(max_threads());
         if n > cores {
             tracing::warn!("{n} threads on {cores} cores: the spinning workers will contend; expect a slowdown");
         }

@@ -23,7 +23,7 @@ pub mod rope;
 pub mod temp_stack;
 
 pub use argmax::argmax;
-pub use cpu_backend::{CpuBackend, CpuMatrix};
+pub use cpu_backend::{max_threads, CpuBackend, CpuMatrix, MAX_THREADS_PER_CORE};
 pub use cpu_kv::CpuKv;
 pub use neurons::{BundleLayout, BundleSelection, NeuronLists, NeuronRule};
 pub use rope::RopeTable;

@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// attention reads per token) or f32 (as computed).
     #[arg(long, default_value = "f16")]
     pub kv_dtype: KvDType,
+    /// Read every weight before loading and refuse a NaN or infinity, naming the tensor (norms
+    /// and biases are always checked; this scans the large matrices too: seconds per GB).
+    #[arg(long)]
+    pub check_weights: bool,
 }
 
 /// `--weights` of run, bench, eval and calibrate.
@@ -51,7 +55,34 @@ pub enum WeightsArg {
 impl ModelArgs {
     /// The one `--threads` count (a list is refused: only `bench --sirius` sweeps one).
     pub fn threads(&self) -> Result<usize> {
+        self.check_threads()?;
         single("--threads", &self.threads)
+    }
+
+    /// Every `--threads` value within what this machine can run (each thread is a spinning
+    /// worker with its own stack: tens of thousands exhaust memory before any work).
+    pub fn check_threads(&self) -> Result<()> {
+        use crate::backend::{max_threads, MAX_THREADS_PER_CORE};
+        match self.threads.iter().find(|&&t| t > max_threads()) {
+            Some(t) => Err(Error::InvalidArgument(format!(
+                "--threads {t} is more than this machine can use: give at most {} \
+                 ({MAX_THREADS_PER_CORE} per core), or 0 for one per core",
+                max_threads()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// The model's directory or GGUF file (a missing preset fetched unless --no-fetch), its
+    /// weights scanned first with --check-weights.
+    pub fn path(&self) -> Result<PathBuf> {
+        let path = crate::cli::fetch::model_dir_or_fetch(&self.model, !self.no_fetch)?;
+        if self.check_weights {
+            let (_, store) = crate::model::ModelFiles::open_model(&path, WeightsChoice::AsStored)?;
+            let show = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            crate::model::weight_checks::scan_finite(&store, show)?;
+        }
+        Ok(path)
     }
 
     /// The library's choice for `--weights`.
@@ -127,7 +158,8 @@ pub fn check_gbps(option: &str, value: Option<f64>) -> Result<()> {
     };
     match value.filter(|v| !(v.is_finite() && (MIN_GBPS..=MAX_GBPS).contains(v))) {
         Some(v) => Err(Error::InvalidArgument(format!(
-            "{option} must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {v}"
+            "{option} must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {}",
+            crate::units::format_number(v)
         ))),
         None => Ok(()),
     }

@@ -11,7 +11,6 @@ use serde::Serialize;
 use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
 use crate::cli::args::{at_least_one, ModelArgs, SparsityArgs};
-use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
 use crate::cli::run_args::{parse_device, Device};
 use crate::engine::bench::{bench as measure, BenchResult, BenchSettings};
@@ -139,7 +138,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     };
     check_threads_for_device(args)?;
     let threads = args.model.threads()?;
-    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let dir = args.model.path()?;
     match args.device() {
         Device::Cpu => bench_on(
             args,

@@ -10,7 +10,6 @@ use crate::cli::args::{check_gbps, default_period};
 use crate::cli::bench::{check_threads_for_device, BenchArgs};
 use crate::cli::bench_plot::{plot, PlotAxis};
 use crate::cli::bench_report::{commit_id, csv, machine, markdown, SweepReport};
-use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout, write_json};
 use crate::cli::run_args::{budget_option, Device};
@@ -131,6 +130,7 @@ impl SweepPlan {
 /// The thread counts as the CPU backend will run them (0: one per core); on a GPU none.
 fn resolve_threads(args: &BenchArgs) -> Result<Vec<usize>> {
     check_threads_for_device(args)?;
+    args.model.check_threads()?;
     if args.device() != Device::Cpu {
         return Ok(vec![0]);
     }
@@ -199,7 +199,7 @@ pub fn bench_sirius(args: &BenchArgs) -> Result<()> {
         Some(path) => read_text("--prompt-file", path)?,
         None => DEFAULT_PROMPT.to_string(),
     };
-    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let dir = args.model.path()?;
     let (measured, outcome) = match args.device() {
         Device::Cpu => measure(args, &plan, &dir, &text, &|threads, _| {
             Ok(CpuBackend::new(threads))

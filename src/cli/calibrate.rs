@@ -9,7 +9,6 @@ use clap::Args;
 
 use crate::backend::CpuBackend;
 use crate::cli::args::{at_least_one, ModelArgs};
-use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::input::read_text;
 use crate::cli::output::{check_output_dir, print_stdout};
 use crate::engine::calibrate::calibrate as calibrate_thresholds;
@@ -50,7 +49,7 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<()> {
     check_output_dir("--out", Some(&args.out))?;
     let text = read_text("--text", &args.text)?;
 
-    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let dir = args.model.path()?;
     let backend = CpuBackend::new(args.model.threads()?);
     let config = EngineConfig {
         weights: args.model.weights(),

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use crate::backend::offload::OffloadBackend;
 use crate::backend::CpuBackend;
 use crate::cli::args::check_gbps;
-use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::run_args::{budget_option, Device, EngineArgs};
 use crate::engine::{Decoding, Engine, EngineConfig};
 use crate::error::{Error, Result};
@@ -123,7 +122,7 @@ impl<'a> EngineSetup<'a> {
     /// checked against --ctx-size before the (long) load.
     pub fn model_dir(&self) -> Result<PathBuf> {
         let args = self.args;
-        let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+        let dir = args.model.path()?;
         let max_pos = ModelFiles::read_config(&dir)?.max_position_embeddings;
         if let Some(ctx) = args.ctx_size.filter(|&c| c > max_pos) {
             return Err(Error::InvalidArgument(format!(
@@ -214,7 +213,8 @@ impl<'a> EngineSetup<'a> {
                      auto); give {option} a size, e.g. 4G"
                 )))
             }
-            (false, _) => parse_size(size)?,
+            (false, _) => parse_size(size)
+                .map_err(|e| Error::InvalidArgument(format!("{option} {size}: {e}")))?,
         };
         let s = &self.sparsity;
         // Sirius drafting with Griffin (the default), or the dense model (every token a full

@@ -8,7 +8,6 @@ use serde::Serialize;
 use crate::backend::CpuBackend;
 use crate::cli::args::at_least_one;
 use crate::cli::eval_args::{EvalArgs, GenTaskArgs, ReportFormat};
-use crate::cli::fetch::model_dir_or_fetch;
 use crate::cli::output::{print_stdout, write_json};
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
@@ -39,7 +38,7 @@ pub(crate) fn load(args: &EvalArgs, sparse: bool) -> Result<Loaded> {
         true => args.sparsity.config()?,
         false => SparsityConfig::dense(),
     };
-    let dir = model_dir_or_fetch(&args.model.model, !args.model.no_fetch)?;
+    let dir = args.model.path()?;
     let backend = CpuBackend::new(args.model.threads()?);
     let threads = backend.threads();
     let config = EngineConfig {

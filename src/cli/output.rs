@@ -7,20 +7,42 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
-/// Fails early, before minutes of work, when the report's directory does not exist.
+/// Fails early, before minutes of work, when the report cannot be written where `flag` says:
+/// its directory is missing, it names a directory, or it cannot be opened for writing (an
+/// existing file is left as it was; a file created to try is removed again).
 pub fn check_output_dir(flag: &str, path: Option<&Path>) -> Result<()> {
-    if let Some(parent) = path
-        .and_then(Path::parent)
-        .filter(|p| !p.as_os_str().is_empty())
-    {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    let fail = |why: String| {
+        Err(Error::InvalidArgument(format!(
+            "{flag} {}: {why}",
+            path.display()
+        )))
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.is_dir() {
-            return Err(Error::InvalidArgument(format!(
-                "{flag}: directory {} does not exist",
-                parent.display()
-            )));
+            return fail(format!("directory {} does not exist", parent.display()));
         }
     }
-    Ok(())
+    if path.is_dir() {
+        return fail("is a directory: give a file name".into());
+    }
+    let existed = path.exists();
+    let opened = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path);
+    match opened {
+        Ok(_) if !existed => {
+            let _ = std::fs::remove_file(path);
+            Ok(())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => fail(format!(
+            "cannot be written ({e}): give a path in a directory you can write to"
+        )),
+    }
 }
 
 /// Writes `value` as pretty JSON followed by a newline.

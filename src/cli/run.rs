@@ -1,6 +1,8 @@
 //! `sirius-offload run`: generate text from a prompt and stream it to stdout.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -111,10 +113,17 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
     let prompt_ids = engine.encode(&prompt, chat.as_ref())?;
     let opts = job.request_options();
     tracing::info!(prompt_tokens = prompt_ids.len(), stop_ids = ?engine.stop_ids, context = ?opts.context, seed = job.seed, "generating");
-    let Some(output) = generate_to_stdout(&mut engine, &prompt_ids, &opts, job)? else {
-        // The reader went away (`| head`): nothing more to say.
-        return Ok(());
-    };
+    let interrupted = stop_on_ctrl_c();
+    let (output, write_error) =
+        generate_to_stdout(&mut engine, &prompt_ids, &opts, job, &interrupted)?;
+    // The trace and the stats are written however the text stopped: a closed pipe, Ctrl-C
+    // and the token budget alike.
+    if let (Some(path), Some(trace)) = (
+        &args.engine.offload.trace,
+        engine.offload_runtime().and_then(|r| r.trace()),
+    ) {
+        trace.write_chrome_json(path)?;
+    }
     let backend = engine.model.backend_description();
     if !args.quiet {
         print_summary(&backend, &output, engine.model.config.num_layers);
@@ -129,20 +138,51 @@ fn run_on<B: OffloadBackend>(job: &RunJob<'_>, backend: B, threads: usize) -> Re
         };
         write_json(path, &stats)?;
     }
-    Ok(())
+    match write_error {
+        // The reader went away (`| head`): the user stopped reading, no error.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Some(e) => Err(Error::Write {
+            path: "standard output".into(),
+            source: e,
+        }),
+        // The shell's code for a program ended by Ctrl-C.
+        None if interrupted.load(Ordering::SeqCst) => std::process::exit(130),
+        None => Ok(()),
+    }
 }
 
-/// Generates, streaming the text to stdout; writes the trace of an offloaded run. `None`
-/// when stdout's reader went away (a broken pipe is no error: the user stopped reading).
+/// A flag Ctrl-C raises: generation stops at the next token, and the run ends as usual (its
+/// stats written). A second Ctrl-C ends the program at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let raised = Arc::clone(&flag);
+    let set = ctrlc::set_handler(move || {
+        if raised.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    if let Err(e) = set {
+        tracing::warn!("Ctrl-C will end the run without its stats: {e}");
+    }
+    flag
+}
+
+/// Generates, streaming the text to stdout, until the request ends or the text cannot be
+/// delivered: the output, and the error that stopped the writing (a reader that went away,
+/// a full disk), if one did.
 fn generate_to_stdout<B: OffloadBackend>(
     engine: &mut Engine<B>,
     prompt_ids: &[u32],
     opts: &RequestOptions,
     job: &RunJob<'_>,
-) -> Result<Option<GenerationOutput>> {
+    interrupted: &AtomicBool,
+) -> Result<(GenerationOutput, Option<std::io::Error>)> {
     let mut stdout = std::io::stdout().lock();
     let mut write_error: Option<std::io::Error> = None;
     let mut write_piece = |piece: &str| {
+        if interrupted.load(Ordering::SeqCst) {
+            return false;
+        }
         // A reader that went away or a full disk stops generation: no point computing text
         // nobody receives.
         match stdout
@@ -160,27 +200,11 @@ fn generate_to_stdout<B: OffloadBackend>(
     let output = engine
         .generate(prompt_ids, opts, job.setup.decoding, &mut write_piece)
         .map_err(|e| word_offload_error(e, budget_option))?;
-    if let (Some(path), Some(trace)) = (
-        &job.args.engine.offload.trace,
-        engine.offload_runtime().and_then(|r| r.trace()),
-    ) {
-        trace.write_chrome_json(path)?;
-    }
-    match write_error {
-        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(None),
-        Some(e) => {
-            return Err(Error::Write {
-                path: "standard output".into(),
-                source: e,
-            })
-        }
-        None => {}
-    }
-    if !output.text.is_empty() {
+    if write_error.is_none() && !output.text.is_empty() {
         let _ = writeln!(stdout);
         let _ = stdout.flush();
     }
-    Ok(Some(output))
+    Ok((output, write_error))
 }
 
 /// The one-line timing summary on stderr (and the offloading line of an offloaded run).

@@ -57,6 +57,8 @@ pub struct ServeArgs {
 
 pub fn serve(args: &ServeArgs) -> Result<()> {
     let setup = EngineSetup::new(&args.engine, args.temperature)?;
+    // Before the address is bound and announced.
+    args.engine.model.check_threads()?;
     if args.engine.offload.trace.is_some() {
         return Err(Error::InvalidArgument(
             "--trace records one run: use it with `run`, not `serve`".into(),
@@ -65,7 +67,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
     if !(0.0..=2.0).contains(&setup.temperature) {
         return Err(Error::InvalidArgument(format!(
             "--temperature must be between 0 and 2 (the API's range), got {}",
-            setup.temperature
+            crate::units::format_number(setup.temperature)
         )));
     }
     if args.api_key.as_deref() == Some("") {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::config::model_config::OneOrMany;
+use crate::config::model_config::token_ids;
 use crate::error::{Error, Result};
 
 /// Every EOS id from config.json and generation_config.json (absent file = none extra).
@@ -16,14 +16,8 @@ pub fn stop_token_ids(dir: &Path, config_eos: &[u32]) -> Result<Vec<u32>> {
                 path: path.clone(),
                 source,
             })?;
-        if let Some(value) = json.get("eos_token_id").filter(|v| !v.is_null()) {
-            let eos: OneOrMany = serde_json::from_value(value.clone()).map_err(|e| {
-                Error::config(
-                    &path,
-                    format!("eos_token_id must be a token id or a list of them: {e}"),
-                )
-            })?;
-            ids.extend(eos.into_vec());
+        if let Some(value) = json.get("eos_token_id") {
+            ids.extend(token_ids(value, &path, None)?);
         }
     }
     ids.sort_unstable();

@@ -4,6 +4,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use crate::config::rope_scaling::RopeScaling;
+use crate::config::rope_scaling::{parse_rope_scaling, short};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,21 +13,6 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
-}
-
-/// How RoPE frequencies are rescaled for long context.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// Llama 3.1/3.2 "llama3" scaling: low frequencies divided by `factor`, high ones kept,
-    /// a smooth blend between.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_max_position_embeddings: usize,
-    },
-    /// Positions divided by `factor` (all frequencies scaled alike).
-    Linear { factor: f32 },
 }
 
 /// The validated shape and numerics of a model.
@@ -63,21 +50,38 @@ const MAX_LAYERS: usize = 1024;
 const MAX_HEADS: usize = 1024;
 const MAX_HEAD_DIM: usize = 1024;
 const MAX_VOCAB: usize = 1 << 23;
+const MAX_POSITIONS: usize = 1 << 26;
 
-/// `eos_token_id` is an integer in some configs and a list in others.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub(crate) enum OneOrMany {
-    One(u32),
-    Many(Vec<u32>),
-}
-
-impl OneOrMany {
-    pub(crate) fn into_vec(self) -> Vec<u32> {
-        match self {
-            OneOrMany::One(id) => vec![id],
-            OneOrMany::Many(ids) => ids,
+/// `eos_token_id` (of config.json or generation_config.json at `path`): a token id, a list of
+/// them, or null; ids must be below `vocab` when it is known.
+pub(crate) fn token_ids(
+    value: &serde_json::Value,
+    path: &Path,
+    vocab: Option<usize>,
+) -> Result<Vec<u32>> {
+    use serde_json::Value;
+    let one = |v: &Value| -> Result<u32> {
+        let id = v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
+            Error::config(
+                path,
+                format!(
+                    "`eos_token_id` must be a token id (a whole number from 0) or a list of them, found {}",
+                    short(v)
+                ),
+            )
+        })?;
+        match vocab {
+            Some(vocab) if id as usize >= vocab => Err(Error::config(
+                path,
+                format!("`eos_token_id` {id} is not in the vocabulary (vocab_size {vocab})"),
+            )),
+            _ => Ok(id),
         }
+    };
+    match value {
+        Value::Null => Ok(Vec::new()),
+        Value::Array(ids) => ids.iter().map(one).collect(),
+        v => one(v).map(|id| vec![id]),
     }
 }
 
@@ -102,7 +106,7 @@ struct RawConfig {
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
     hidden_act: Option<String>,
-    eos_token_id: Option<OneOrMany>,
+    eos_token_id: Option<serde_json::Value>,
 }
 
 impl ModelConfig {
@@ -114,10 +118,7 @@ impl ModelConfig {
 
     /// Parses config.json text; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<ModelConfig> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let raw = parse_raw(text, path)?;
         let f = Fields { path };
         let architecture = f.architecture(&raw)?;
         let hidden_size = f.bounded(raw.hidden_size, "hidden_size", MAX_WIDTH)?;
@@ -137,6 +138,16 @@ impl ModelConfig {
             Some(v) => Some(parse_rope_scaling(v, path)?),
         };
         let rms_norm_eps = f.positive(raw.rms_norm_eps.unwrap_or(1e-6), "rms_norm_eps")?;
+        // An epsilon is a guard against dividing by zero: one near 1 swamps the activations.
+        if rms_norm_eps > 0.1 {
+            return Err(Error::config(
+                path,
+                format!(
+                    "rms_norm_eps must be small (real models use 1e-5 or 1e-6), got {}",
+                    crate::units::format_number(rms_norm_eps)
+                ),
+            ));
+        }
         let rope_theta = f.positive(raw.rope_theta.unwrap_or(10_000.0), "rope_theta")?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let sliding_window = match architecture {
@@ -154,19 +165,23 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: f.bounded(raw.vocab_size, "vocab_size", MAX_VOCAB)?,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096).max(1),
-            rms_norm_eps,
-            rope_theta,
+            max_position_embeddings: f.bounded(
+                raw.max_position_embeddings.or(Some(4096)),
+                "max_position_embeddings",
+                MAX_POSITIONS,
+            )?,
+            rms_norm_eps: rms_norm_eps as f32,
+            rope_theta: rope_theta as f32,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture != Architecture::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
-            eos_token_ids: raw
-                .eos_token_id
-                .map(OneOrMany::into_vec)
-                .unwrap_or_default(),
+            eos_token_ids: match &raw.eos_token_id {
+                Some(v) => token_ids(v, path, raw.vocab_size)?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -199,6 +214,24 @@ impl ModelConfig {
         };
         qkv + if self.o_bias { h } else { 0 } + if self.mlp_bias { 2 * f + h } else { 0 }
     }
+}
+
+/// The raw fields; a field of the wrong type is named (serde alone names only the type).
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig> {
+    let json = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(json).map_err(|e| {
+        let field = e.path().to_string();
+        let source = e.into_inner();
+        match source.classify() {
+            serde_json::error::Category::Data if field != "." => {
+                Error::config(path, format!("field `{field}`: {source}"))
+            }
+            _ => Error::Json {
+                path: path.to_path_buf(),
+                source,
+            },
+        }
+    })
 }
 
 /// Reads the fields of one config.json (`path`, for error messages).
@@ -245,14 +278,20 @@ impl Fields<'_> {
         }
     }
 
-    /// A positive number `key`, as the f32 the forward pass computes with.
-    fn positive(&self, v: f64, key: &str) -> Result<f32> {
-        positive_f32(v).ok_or_else(|| {
-            Error::config(
+    /// A number `key` that is positive and stays so as the f32 the forward pass computes
+    /// with (1e-300 would become 0, 1e300 infinity).
+    fn positive(&self, v: f64, key: &str) -> Result<f64> {
+        match positive_f32(v) {
+            Some(_) => Ok(v),
+            None => Err(Error::config(
                 self.path,
-                format!("{key} must be a positive number within f32 range (about 1e-38 to 3e38), got {v}"),
-            )
-        })
+                format!(
+                    "{key} must be a positive number within f32 range (about 1e-38 to 3e38), \
+                     got {}",
+                    crate::units::format_number(v)
+                ),
+            )),
+        }
     }
 
     /// Attention heads, KV heads (a divisor of the heads) and the head width (even, for
@@ -302,66 +341,6 @@ impl Fields<'_> {
 fn positive_f32(v: f64) -> Option<f32> {
     let as_f32 = v as f32;
     (v > 0.0 && as_f32 > 0.0 && as_f32.is_finite()).then_some(as_f32)
-}
-
-fn parse_rope_scaling(v: &serde_json::Value, path: &Path) -> Result<RopeScaling> {
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(|k| k.as_str())
-        .unwrap_or("");
-    let num = |key: &str| -> Result<f64> {
-        v.get(key).and_then(|x| x.as_f64()).ok_or_else(|| {
-            Error::config(
-                path,
-                format!("rope_scaling of type {kind:?} needs a numeric `{key}`"),
-            )
-        })
-    };
-    match kind {
-        "llama3" => {
-            let (factor, low, high) = (
-                num("factor")?,
-                num("low_freq_factor")?,
-                num("high_freq_factor")?,
-            );
-            let original = num("original_max_position_embeddings")?;
-            let usable = |v: f64| positive_f32(v).is_some();
-            if !(usable(factor) && usable(low) && usable(high) && high > low) {
-                return Err(Error::config(
-                    path,
-                    format!("rope_scaling llama3 needs finite factor > 0 and 0 < low_freq_factor < high_freq_factor, got factor {factor}, low_freq_factor {low}, high_freq_factor {high}"),
-                ));
-            }
-            if !(original >= 1.0 && original.fract() == 0.0 && original <= usize::MAX as f64) {
-                return Err(Error::config(
-                    path,
-                    format!("rope_scaling llama3 needs original_max_position_embeddings, a positive whole number of positions, got {original}"),
-                ));
-            }
-            Ok(RopeScaling::Llama3 {
-                factor: factor as f32,
-                low_freq_factor: low as f32,
-                high_freq_factor: high as f32,
-                original_max_position_embeddings: original as usize,
-            })
-        }
-        "linear" => {
-            let factor = num("factor")?;
-            let Some(factor) = positive_f32(factor) else {
-                return Err(Error::config(
-                    path,
-                    format!("rope_scaling linear needs a finite factor > 0, got {factor}"),
-                ));
-            };
-            Ok(RopeScaling::Linear { factor })
-        }
-        "default" => Ok(RopeScaling::Linear { factor: 1.0 }),
-        other => Err(Error::config(
-            path,
-            format!("rope_scaling type {other:?} is not supported (supported: llama3, linear)"),
-        )),
-    }
 }
 
 #[cfg(test)]

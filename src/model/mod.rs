@@ -8,11 +8,13 @@ pub mod kv_cache;
 pub mod llama;
 mod load;
 pub mod rope;
+mod safetensors_header;
 pub mod sampler;
 mod scratch;
 pub mod source;
 pub mod streamed;
 pub mod tokenizer;
+pub mod weight_checks;
 pub mod weights;
 
 /// What a device backend counts of its work (re-exported: the corrector sees backends only

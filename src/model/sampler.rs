@@ -36,13 +36,13 @@ impl SamplingParams {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return Err(Error::InvalidArgument(format!(
                 "--temperature must be >= 0, got {}",
-                self.temperature
+                crate::units::format_number(self.temperature)
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::InvalidArgument(format!(
                 "--top-p must be in (0, 1], got {}",
-                self.top_p
+                crate::units::format_number(self.top_p)
             )));
         }
         Ok(())

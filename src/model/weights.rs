@@ -84,7 +84,8 @@ impl WeightStore {
         let (header_len, metadata) =
             SafeTensors::read_metadata(&map).map_err(|e| Error::Safetensors {
                 path: path.to_path_buf(),
-                msg: describe_safetensors_error(&e, map.len()),
+                msg: crate::model::safetensors_header::diagnose(&map)
+                    .unwrap_or_else(|| describe_safetensors_error(&e, map.len())),
             })?;
         let data_start = 8 + header_len;
         let shard = self.shards.len();
@@ -219,7 +220,7 @@ impl WeightStore {
     /// Fetches a tensor and checks its shape.
     pub fn get(&self, name: &str, expected_shape: &[usize]) -> Result<TensorRef> {
         let entry = self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
-            name: name.to_string(),
+            name: self.error_name(name),
             searched: self.describe_files(),
         })?;
         let (path, map) = &self.shards[entry.shard];
@@ -234,7 +235,7 @@ impl WeightStore {
         if entry.shape != expected_shape {
             return Err(Error::ShapeMismatch {
                 path: path.clone(),
-                name: name.to_string(),
+                name: self.error_name(name),
                 actual: entry.shape.clone(),
                 expected: expected_shape.to_vec(),
             });
@@ -247,6 +248,36 @@ impl WeightStore {
             Arc::clone(map),
             entry.start..entry.end,
         ))
+    }
+
+    /// Every tensor, sorted by name (`Err` for one whose dtype cannot be read).
+    pub fn all(&self) -> Result<Vec<TensorRef>> {
+        (self.shapes().into_iter())
+            .map(|(name, shape)| self.get(name, shape))
+            .collect()
+    }
+
+    /// The file that holds tensor `name`.
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        let entry = self.tensors.get(name)?;
+        Some(self.shards.get(entry.shard)?.0.as_path())
+    }
+
+    /// The dtype most of the checkpoint's float matrices share (what a matrix of another
+    /// float type is told it differs from); `None` without float matrices.
+    pub fn common_float_dtype(&self) -> Option<DType> {
+        let mut counts: Vec<(DType, usize)> = Vec::new();
+        let floats = (self.tensors.values())
+            .filter(|t| t.shape.len() == 2)
+            .filter_map(|t| t.dtype.clone().ok())
+            .filter(|d| !d.is_quantized());
+        for dtype in floats {
+            match counts.iter_mut().find(|(d, _)| *d == dtype) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((dtype, 1)),
+            }
+        }
+        counts.into_iter().max_by_key(|&(_, n)| n).map(|(d, _)| d)
     }
 
     /// Every tensor's name and shape, sorted by name.
@@ -263,6 +294,19 @@ impl WeightStore {
     /// Total bytes of all tensors.
     pub fn total_bytes(&self) -> usize {
         self.tensors.values().map(|t| t.end - t.start).sum()
+    }
+
+    /// `name` as an error shows it: with its name in the file when that is a GGUF, whose
+    /// tensors are named otherwise (`blk.0.ffn_gate.weight`).
+    fn error_name(&self, name: &str) -> String {
+        let gguf = self
+            .shards
+            .first()
+            .is_some_and(|(p, _)| crate::config::is_gguf(p));
+        match crate::model::gguf::weights::gguf_name(name).filter(|_| gguf) {
+            Some(stored) => format!("{name}` / `{stored}"),
+            None => name.to_string(),
+        }
     }
 
     fn describe_files(&self) -> String {
@@ -332,6 +376,13 @@ fn describe_safetensors_error(e: &SafeTensorError, file_len: usize) -> String {
         SafeTensorError::HeaderTooLarge => {
             "the header claims to be larger than safetensors allows (100 MB): corrupt or not a safetensors file".to_string()
         }
-        other => format!("{other:?}"),
+        SafeTensorError::InvalidOffset(_)
+        | SafeTensorError::TensorInvalidInfo
+        | SafeTensorError::ValidationOverflow => {
+            "a tensor's offsets, shape and dtype disagree: the header is corrupt; download or \
+             convert the file again"
+                .to_string()
+        }
+        other => format!("{other}: the file is corrupt; download or convert it again"),
     }
 }

@@ -100,7 +100,10 @@ impl PlanInput {
         if !(self.keep.is_finite() && self.keep > 0.0 && self.keep <= 1.0) {
             return bad(
                 "keep",
-                format!("must be a fraction in (0, 1], got {}", self.keep),
+                format!(
+                    "must be a fraction in (0, 1], got {}",
+                    crate::units::format_number(self.keep)
+                ),
             );
         }
         if self.budget == 0 {
@@ -176,7 +179,10 @@ impl PlanInput {
                 };
                 return Err(Error::PlanInput {
                     field,
-                    problem: format!("must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {v}"),
+                    problem: format!(
+                        "must be between {MIN_GBPS} and {MAX_GBPS} {unit}, got {}",
+                        crate::units::format_number(v)
+                    ),
                 });
             }
         }

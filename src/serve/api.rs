@@ -6,6 +6,7 @@ use serde::Deserialize;
 
 use crate::model::chat::ChatMessage;
 use crate::model::SamplingParams;
+use crate::serve::body::{object, read};
 use crate::serve::error::ApiError;
 
 /// Which endpoint a request came through (its response objects differ).
@@ -157,13 +158,6 @@ impl Common {
 }
 
 #[derive(Deserialize)]
-struct ChatBody {
-    messages: Vec<Message>,
-    #[serde(flatten)]
-    common: Common,
-}
-
-#[derive(Deserialize)]
 struct Message {
     role: String,
     #[serde(default)]
@@ -184,35 +178,36 @@ struct Part {
     text: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct CompletionBody {
-    prompt: OneOrMany,
-    #[serde(flatten)]
-    common: Common,
-}
-
 /// A `/v1/chat/completions` body.
 pub fn parse_chat(
     body: &[u8],
     defaults: &RequestDefaults,
     model_id: &str,
 ) -> Result<JobSpec, ApiError> {
-    let b: ChatBody = parse_json(body)?;
-    if b.messages.is_empty() {
+    let body = object(body)?;
+    let common: Common = read(&body, "")?;
+    let messages: Vec<Message> =
+        match body.get("messages") {
+            Some(m) => read(m, "messages")?,
+            None => return Err(ApiError::invalid(
+                "messages",
+                "the request has no `messages`: give a list of {\"role\", \"content\"} messages",
+            )),
+        };
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
             "messages must hold at least one message",
         ));
     }
-    let messages = b
-        .messages
+    let messages = messages
         .into_iter()
         .map(message)
         .collect::<Result<_, _>>()?;
     finish(
         Endpoint::Chat,
         Input::Chat(messages),
-        b.common,
+        common,
         defaults,
         model_id,
     )
@@ -224,8 +219,18 @@ pub fn parse_completion(
     defaults: &RequestDefaults,
     model_id: &str,
 ) -> Result<JobSpec, ApiError> {
-    let b: CompletionBody = parse_json(body)?;
-    let prompt = match b.prompt {
+    let body = object(body)?;
+    let common: Common = read(&body, "")?;
+    let prompt: OneOrMany = match body.get("prompt") {
+        Some(p) => read(p, "prompt")?,
+        None => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "the request has no `prompt`: give the text to continue",
+            ))
+        }
+    };
+    let prompt = match prompt {
         OneOrMany::One(p) => p,
         OneOrMany::Many(mut list) if list.len() == 1 => list.remove(0),
         OneOrMany::Many(_) => {
@@ -235,10 +240,10 @@ pub fn parse_completion(
             ))
         }
     };
-    if b.common.echo == Some(true) {
+    if common.echo == Some(true) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
-    if b.common.suffix.is_some() {
+    if common.suffix.is_some() {
         return Err(ApiError::invalid(
             "suffix",
             "suffix (insertion) is not supported",
@@ -247,22 +252,10 @@ pub fn parse_completion(
     finish(
         Endpoint::Completion,
         Input::Text(prompt),
-        b.common,
+        common,
         defaults,
         model_id,
     )
-}
-
-fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        ApiError::bad_request(match e.classify() {
-            Category::Data => {
-                format!("a field of the request body has the wrong type or value: {e}")
-            }
-            _ => format!("the request body is not valid JSON: {e}"),
-        })
-    })
 }
 
 fn message(m: Message) -> Result<ChatMessage, ApiError> {
@@ -361,7 +354,10 @@ fn sampling(c: &Common, d: &RequestDefaults) -> Result<SamplingParams, ApiError>
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
             "temperature",
-            format!("temperature must be between 0 and 2, got {temperature}"),
+            format!(
+                "temperature must be between 0 and 2, got {}",
+                crate::units::format_number(temperature)
+            ),
         ));
     }
     if let (Some(why), true) = (d.greedy_only, temperature > 0.0) {
@@ -374,7 +370,10 @@ fn sampling(c: &Common, d: &RequestDefaults) -> Result<SamplingParams, ApiError>
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(
             "top_p",
-            format!("top_p must be in (0, 1], got {top_p}"),
+            format!(
+                "top_p must be in (0, 1], got {}",
+                crate::units::format_number(top_p)
+            ),
         ));
     }
     Ok(SamplingParams {

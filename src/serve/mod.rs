@@ -13,6 +13,7 @@
 //! request's prompt, so a conversation's next turn prefills only its new tokens.
 
 pub mod api;
+mod body;
 pub mod error;
 pub mod metrics;
 pub mod openai;

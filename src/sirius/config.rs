@@ -48,10 +48,12 @@ impl SiriusConfig {
                 self.period
             )));
         }
+        // Above 1 no draft is ever accepted: the full model alone, which tests and
+        // comparisons use.
         if !self.threshold.is_finite() || self.threshold < 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "--threshold must be finite and >= 0, got {}",
-                self.threshold
+                crate::units::format_number(self.threshold)
             )));
         }
         if !(1..=MAX_WIDTH).contains(&self.width) {
@@ -70,7 +72,7 @@ impl SiriusConfig {
         if !(self.accept_temperature.is_finite() && self.accept_temperature > 0.0) {
             return Err(Error::InvalidArgument(format!(
                 "--accept-temperature must be positive, got {}",
-                self.accept_temperature
+                crate::units::format_number(self.accept_temperature)
             )));
         }
         Ok(())

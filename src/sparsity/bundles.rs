@@ -23,6 +23,8 @@ pub struct FfnTensors {
     pub down: TensorRef,              // [h, f]
     pub gate_bias: Option<TensorRef>, // [f] (mlp_bias)
     pub up_bias: Option<TensorRef>,   // [f]
+    /// The RMS norm's weight in front of the FFN (`post_attention_layernorm`), `[h]`.
+    pub norm: TensorRef,
 }
 
 /// One layer's FFN in bundle form.

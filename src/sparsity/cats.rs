@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, BundleSelection, NeuronRule, SparseOps};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::sparsity::bundles::NeuronBundles;
+use crate::sparsity::bundles::{FfnTensors, NeuronBundles};
 use crate::sparsity::ffn::{FfnStep, FfnStrategy};
 use crate::sparsity::NeuronCounter;
+use crate::tensor::TensorRef;
 
 /// How a CATS model picks each token's neurons.
 #[derive(Debug, Clone)]
@@ -155,7 +156,13 @@ impl CatsThresholds {
             ));
         }
         crate::sparsity::validate_keep(t.keep).map_err(|_| {
-            Error::config(path, format!("`keep` must be in (0, 1], found {}", t.keep))
+            Error::config(
+                path,
+                format!(
+                    "`keep` must be in (0, 1], found {}",
+                    crate::units::format_number(t.keep)
+                ),
+            )
         })?;
         if t.thresholds.len() != config.num_layers {
             return Err(Error::config(
@@ -183,6 +190,26 @@ impl CatsThresholds {
         Ok(t)
     }
 
+    /// `Err` when a layer's threshold is at or above the largest |SiLU(gate)| that layer can
+    /// produce for any input (`bounds`, from [`activation_bound`]): it would keep no neuron,
+    /// and decoding would run without its FFN while reporting a density.
+    pub fn check_reachable(&self, path: &Path, bounds: &[f32]) -> Result<()> {
+        let unreachable =
+            (self.thresholds.iter().zip(bounds).enumerate()).find(|(_, (&t, &bound))| t >= bound);
+        match unreachable {
+            Some((layer, (&t, &bound))) => Err(Error::config(
+                path,
+                format!(
+                    "the threshold of layer {layer} is {}, but no input can make that layer's \
+                     |SiLU(gate)| exceed {bound:.3}: it would keep no neuron; run `sirius-offload \
+                     calibrate` again",
+                    crate::units::format_number(t)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
             path: path.to_path_buf(),
@@ -193,4 +220,36 @@ impl CatsThresholds {
             source: e,
         })
     }
+}
+
+/// An upper bound on |SiLU(gate)| of one FFN layer over every input: the FFN reads
+/// `norm * x / rms(x)`, whose 2-norm is at most `sqrt(h) * |norm|` element-wise, so
+/// |gate_j| <= sqrt(h) * ||w_j * norm|| + |b_j| (Cauchy-Schwarz); SiLU(z) < z above zero
+/// and |SiLU(z)| < 0.279 below it. Reads the gate matrix a row at a time.
+pub fn activation_bound(ffn: &FfnTensors) -> f32 {
+    /// The largest |SiLU(z)| of a negative z (at z = -1.278).
+    const SILU_NEGATIVE_MAX: f32 = 0.279;
+    let norm = ffn.norm.to_f32();
+    let bias = ffn.gate_bias.as_ref().map(TensorRef::to_f32);
+    let h = norm.len();
+    let row_bytes = ffn.gate.dtype.bytes_for(h);
+    let mut row = vec![0.0f32; h];
+    let mut bound = SILU_NEGATIVE_MAX;
+    for (j, bytes) in ffn.gate.bytes().chunks_exact(row_bytes.max(1)).enumerate() {
+        if !crate::tensor::quant::dequantize(ffn.gate.dtype, bytes, &mut row) {
+            // Unreadable rows bound nothing: keep every threshold reachable.
+            return f32::INFINITY;
+        }
+        let scaled: f64 = (row.iter().zip(&norm))
+            .map(|(w, g)| f64::from(w * g).powi(2))
+            .sum();
+        let b = bias
+            .as_ref()
+            .and_then(|b| b.get(j))
+            .map_or(0.0, |b| b.abs());
+        let z = ((scaled * h as f64).sqrt() as f32) + b;
+        bound = bound.max(z);
+    }
+    // Rounding in the kernels' sums: a hair of margin.
+    bound * 1.001
 }

@@ -86,7 +86,8 @@ pub fn validate_keep(keep: f32) -> Result<f32> {
         Ok(keep)
     } else {
         Err(Error::InvalidArgument(format!(
-            "--keep must be a fraction in (0, 1], got {keep}"
+            "--keep must be a fraction in (0, 1], got {}",
+            crate::units::format_number(keep)
         )))
     }
 }
@@ -180,7 +181,12 @@ impl<B: SparseOps> Sparsity<B> {
     ) -> Result<Self> {
         cfg.validate()?;
         let thresholds = (cfg.cats_thresholds.as_deref())
-            .map(|p| CatsThresholds::load(p, config))
+            .map(|p| {
+                let t = CatsThresholds::load(p, config)?;
+                let bounds: Vec<f32> = ffn.iter().map(cats::activation_bound).collect();
+                t.check_reachable(p, &bounds)?;
+                Ok::<_, Error>(t)
+            })
             .transpose()?;
         Ok(match cfg.mode {
             SparsityMode::None => Sparsity::None,

@@ -70,6 +70,30 @@ impl TensorRef {
         }
     }
 
+    /// The first value that is NaN or infinite, as (element index, value), reading the
+    /// tensor in pieces (a quantized one de-quantized a run of blocks at a time), or `None`.
+    /// `on_bytes` is told how many bytes each piece held (a progress bar).
+    pub fn first_non_finite(&self, mut on_bytes: impl FnMut(u64)) -> Option<(usize, f32)> {
+        const PIECE_BLOCKS: usize = 1 << 14;
+        let (block_elems, block_bytes) = self.dtype.block();
+        let mut out = vec![0.0f32; PIECE_BLOCKS * block_elems];
+        let mut at = 0;
+        for piece in self.bytes().chunks(PIECE_BLOCKS * block_bytes) {
+            let n = piece.len() / block_bytes * block_elems;
+            let values = &mut out[..n];
+            // A piece of partial blocks cannot be read: the store checked whole tensors.
+            if !super::quant::dequantize(self.dtype, piece, values) {
+                return None;
+            }
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Some((at + i, values[i]));
+            }
+            at += n;
+            on_bytes(piece.len() as u64);
+        }
+        None
+    }
+
     /// The shared mapping and byte range, for backends that keep the weight in place.
     pub fn mapping(&self) -> (Arc<Mmap>, Range<usize>) {
         (Arc::clone(&self.map), self.range.clone())

@@ -50,6 +50,18 @@ fn hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
+/// The GGUF name of Hugging Face tensor `hf` (`model.norm.weight` -> `output_norm.weight`),
+/// for errors about a GGUF file.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, suffix) = rest.split_once('.')?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == suffix)?;
+    Some(format!("blk.{layer}.{g}"))
+}
+
 /// How matrices are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgufWeights {
