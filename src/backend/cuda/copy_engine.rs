@@ -41,7 +41,8 @@
 //!
 //! So a buffer is reused only after its previous user is done, staging and tables are
 //! rewritten only after their last upload, and copies run ahead by the number of buffers.
-//! `cancel` takes every answer still owed first. Drop stops the copy thread (which
+//! `cancel` takes every answer still owed first (an answer means the upload is queued, not
+//! done: the next job into that slot waits on `staged` as well as `consumed`). Drop stops the copy thread (which
 //! synchronizes its stream) and synchronizes both streams before the registrations go.
 //!
 //! Statistics come from timed events (`timing`): copy time on the copy stream and the copy

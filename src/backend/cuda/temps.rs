@@ -22,6 +22,10 @@ pub(crate) struct TempArena {
     /// Device address of the region (0: none yet).
     base: u64,
     stack: TempStack,
+    /// Sized by a budget (`reserve_temporaries`): never grown past it, so a temporary
+    /// beyond the bound stays an allocation of its own (counted) rather than a larger
+    /// region kept outside `--gpu-mem` for good.
+    budgeted: bool,
 }
 
 impl TempArena {
@@ -66,7 +70,7 @@ impl Temp {
     pub fn new(ctx: &Arc<Ctx>, op: &str, bytes: usize) -> Result<Temp> {
         let granted = {
             let mut arena = ctx.temps.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(want) = arena.stack.wanted_growth() {
+            if let Some(want) = arena.stack.wanted_growth().filter(|_| !arena.budgeted) {
                 // Best effort: if the bigger region cannot be had, the request below falls
                 // back to an allocation of its own (which reports a full GPU itself).
                 let _ = arena.replace(ctx, "per-op temporaries", want);
@@ -114,5 +118,6 @@ impl Drop for Temp {
 /// budgeted size), so the request's temporaries allocate nothing.
 pub(crate) fn reserve_temporaries(ctx: &Ctx, bytes: usize) -> Result<()> {
     let mut arena = ctx.temps.lock().unwrap_or_else(|e| e.into_inner());
+    arena.budgeted = true;
     arena.replace(ctx, "per-op temporaries", bytes)
 }

@@ -49,8 +49,13 @@ impl DeviceCopyEngine {
         }
         let plan = plan_job(&lens, &self.segments, MAX_DMA_COPIES);
         self.write_table(slot, &plan)?;
-        // The device buffer's previous user (compute) must be done before it is overwritten.
+        // The device buffer's previous user (compute) must be done before it is overwritten,
+        // and so must the copy thread's last upload into it: after a cancel that upload may
+        // still run (its answer only says it was queued), and this job's copies could land
+        // under it. Nothing records `staged` for a free slot meanwhile (its last task was
+        // answered), so this waits on that upload and no later one.
         self.copy.wait(&self.slots[slot].consumed)?;
+        self.copy.wait(&self.slots[slot].staged)?;
         let on_stream = plan.bytes - plan.staged_runs.iter().map(|r| r.len()).sum::<usize>();
         if on_stream > 0 {
             let start = self.timings.start(&self.copy)?;

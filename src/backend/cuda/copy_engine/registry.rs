@@ -65,10 +65,18 @@ impl Pinner for DriverPinner {
                 e.0
             )));
         }
-        Ok(Ok(match self.flags & sys::CU_MEMHOSTREGISTER_DEVICEMAP {
-            0 => None,
-            _ => device_address(&self.device, span.start)?,
-        }))
+        match self.flags & sys::CU_MEMHOSTREGISTER_DEVICEMAP {
+            0 => Ok(Ok(None)),
+            _ => match device_address(&self.device, span.start) {
+                Ok(ptr) => Ok(Ok(ptr)),
+                Err(e) => {
+                    // Not in the table: it would stay registered, and refused again, for
+                    // good. Undone here; the span is then staged.
+                    self.unregister(span.start);
+                    Ok(Err(format!("the device address of a registration: {e}")))
+                }
+            },
+        }
     }
 
     fn unregister(&self, start: usize) {
