@@ -75,11 +75,11 @@ fn config_numbers_that_f32_cannot_hold_are_refused() {
         (r#","rope_theta":1e300"#, "rope_theta"),
         (
             r#","rope_scaling":{"type":"linear","factor":1e-300}"#,
-            "linear",
+            "factor",
         ),
         (
             r#","rope_scaling":{"type":"linear","factor":1e39}"#,
-            "linear",
+            "factor",
         ),
         (
             r#","rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":1,"high_freq_factor":4,"original_max_position_embeddings":0}"#,
