@@ -150,7 +150,9 @@ def check_plain(c, args):
     status, body = raw(base, "/chat/completions", key=args.api_key, method="GET")
     assert status == 405 and "not allowed" in body["error"]["message"], (status, body)
     status, body = raw(base, "/chat/completions", b'{"messages": "hi"}', key=args.api_key)
-    assert status == 400 and "wrong type" in body["error"]["message"], (status, body)
+    # The field of the wrong type is named with what it must be.
+    assert status == 400 and body["error"]["param"] == "messages", (status, body)
+    assert "must be a list" in body["error"]["message"], (status, body)
     status, body = raw(base, "/no/such/route", key=args.api_key)
     assert status == 404 and "no route" in body["error"]["message"], (status, body)
 
