@@ -27,26 +27,23 @@ __device__ __forceinline__ void warp_argmax(float* bv, unsigned* bi) {
     }
 }
 
-extern "C" __global__ void argmax_f32(const float* __restrict__ logits,
-                                      unsigned* __restrict__ out, unsigned n_rows,
-                                      unsigned vocab) {
+// The block's argmax of z[0, vocab) by argmax_f32's rule: in lane 0 of warp 0, *v = the
+// largest value (-inf when nothing beats it) and *i = its first index (NO_INDEX then); other
+// threads' results are partial. Every thread of the block must call it.
+__device__ __forceinline__ void block_argmax(const float* z, unsigned vocab, float* v,
+                                             unsigned* i) {
     __shared__ float warp_v[32];
     __shared__ unsigned warp_i[32];
-    const unsigned row = blockIdx.x;
-    if (row >= n_rows) {
-        return;
-    }
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const float* z = logits + (size_t)row * vocab;
     float bv = neg_inf();
     unsigned bi = NO_INDEX;
     // Ascending within a thread, strictly greater to replace: the first of equal values stays,
     // and NaN (never greater) and -inf (never greater than the start) are never taken.
-    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = z[i];
-        if (v > bv) {
-            bv = v;
-            bi = i;
+    for (unsigned k = threadIdx.x; k < vocab; k += blockDim.x) {
+        const float x = z[k];
+        if (x > bv) {
+            bv = x;
+            bi = k;
         }
     }
     warp_argmax(&bv, &bi);
@@ -60,9 +57,23 @@ extern "C" __global__ void argmax_f32(const float* __restrict__ logits,
         bv = has ? warp_v[lane] : neg_inf();
         bi = has ? warp_i[lane] : NO_INDEX;
         warp_argmax(&bv, &bi);
-        if (lane == 0) {
-            out[row] = bi == NO_INDEX ? 0u : bi;
-        }
+    }
+    *v = bv;
+    *i = bi;
+}
+
+extern "C" __global__ void argmax_f32(const float* __restrict__ logits,
+                                      unsigned* __restrict__ out, unsigned n_rows,
+                                      unsigned vocab) {
+    const unsigned row = blockIdx.x;
+    if (row >= n_rows) {
+        return;
+    }
+    float bv;
+    unsigned bi;
+    block_argmax(logits + (size_t)row * vocab, vocab, &bv, &bi);
+    if (threadIdx.x == 0) {
+        out[row] = bi == NO_INDEX ? 0u : bi;
     }
 }
 
@@ -86,8 +97,6 @@ extern "C" __global__ void row_verdict_f32(const float* __restrict__ logits,
                                            unsigned* __restrict__ out_ids,
                                            double* __restrict__ out_prob, unsigned n_rows,
                                            unsigned vocab, float temperature) {
-    __shared__ float warp_v[32];
-    __shared__ unsigned warp_i[32];
     __shared__ double warp_s[32];
     __shared__ float row_max;
     const unsigned row = blockIdx.x;
@@ -97,30 +106,12 @@ extern "C" __global__ void row_verdict_f32(const float* __restrict__ logits,
     const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const float* z = logits + (size_t)row * vocab;
     // The argmax and the row's largest value: the same reduction (NaN never taken).
-    float bv = neg_inf();
-    unsigned bi = NO_INDEX;
-    for (unsigned i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float v = z[i];
-        if (v > bv) {
-            bv = v;
-            bi = i;
-        }
-    }
-    warp_argmax(&bv, &bi);
-    if (lane == 0) {
-        warp_v[warp] = bv;
-        warp_i[warp] = bi;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        const bool has = lane < warps;
-        bv = has ? warp_v[lane] : neg_inf();
-        bi = has ? warp_i[lane] : NO_INDEX;
-        warp_argmax(&bv, &bi);
-        if (lane == 0) {
-            out_ids[row] = bi == NO_INDEX ? 0u : bi;
-            row_max = bv;
-        }
+    float bv;
+    unsigned bi;
+    block_argmax(z, vocab, &bv, &bi);
+    if (threadIdx.x == 0) {
+        out_ids[row] = bi == NO_INDEX ? 0u : bi;
+        row_max = bv;
     }
     __syncthreads();
     if (row >= n_next) {

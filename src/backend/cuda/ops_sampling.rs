@@ -17,6 +17,15 @@ use crate::error::{Error, Result};
 /// One block per row; 32 warps each stride over the row (the kernel's suggested size).
 const THREADS: u32 = 1024;
 
+/// `n_rows` rows of `vocab` logits as the kernels' u32 sizes, checked against `logits`.
+fn checked_rows(op: &str, logits: &CudaBuf, n_rows: usize, vocab: usize) -> Result<(u32, u32)> {
+    let len = n_rows.checked_mul(vocab).ok_or_else(|| {
+        Error::InvalidArgument(format!("{op}: {n_rows} rows of {vocab} logits overflow"))
+    })?;
+    need(op, "logits", logits, len)?;
+    Ok((to_u32(op, "rows", n_rows)?, to_u32(op, "vocab", vocab)?))
+}
+
 /// The index of the largest of each of the first `n_rows` rows of `logits` (`[n_rows, vocab]`).
 pub(crate) fn argmax_rows(
     ctx: &Arc<Ctx>,
@@ -28,11 +37,7 @@ pub(crate) fn argmax_rows(
     if n_rows == 0 {
         return Ok(Vec::new());
     }
-    let len = n_rows.checked_mul(vocab).ok_or_else(|| {
-        Error::InvalidArgument(format!("{OP}: {n_rows} rows of {vocab} logits overflow"))
-    })?;
-    need(OP, "logits", logits, len)?;
-    let (rows32, vocab32) = (to_u32(OP, "rows", n_rows)?, to_u32(OP, "vocab", vocab)?);
+    let (rows32, vocab32) = checked_rows(OP, logits, n_rows, vocab)?;
     let out = Temp::new(ctx, OP, n_rows * 4)?;
     let args = KArgs::new()
         .ptr(logits.device_ptr())
@@ -67,11 +72,7 @@ pub(crate) fn row_verdicts(
     if n_rows == 0 {
         return Ok(Vec::new());
     }
-    let len = n_rows.checked_mul(vocab).ok_or_else(|| {
-        Error::InvalidArgument(format!("{OP}: {n_rows} rows of {vocab} logits overflow"))
-    })?;
-    need(OP, "logits", logits, len)?;
-    let (rows32, vocab32) = (to_u32(OP, "rows", n_rows)?, to_u32(OP, "vocab", vocab)?);
+    let (rows32, vocab32) = checked_rows(OP, logits, n_rows, vocab)?;
     let next_dev = Temp::upload(ctx, OP, next)?;
     let ids = Temp::new(ctx, OP, n_rows * 4)?;
     let probs = Temp::new(ctx, OP, n_rows * 8)?;
