@@ -2,6 +2,9 @@
 //! placement within the budget, the minimum-budget error and the pipeline model.
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
+mod common;
+
+use common::preset_config as preset;
 use sirius_offload::config::{ModelConfig, Preset};
 use sirius_offload::offload::budget;
 use sirius_offload::offload::cost::pipeline_seconds;
@@ -9,15 +12,6 @@ use sirius_offload::offload::format::WeightFormat;
 use sirius_offload::offload::placement::{plan, LayerFormats, PlanInput, Residence, Sizes};
 use sirius_offload::units::{format_bytes, parse_size};
 use sirius_offload::Error;
-
-fn preset(name: &str) -> ModelConfig {
-    Preset::find(name)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no preset {name}"))
-        .model_config()
-        .unwrap()
-        .unwrap_or_else(|| panic!("preset {name} has no [config]"))
-}
 
 fn input(model: &str, format: WeightFormat, keep: f64, budget: u64) -> PlanInput {
     PlanInput {

@@ -3,7 +3,10 @@
 //! fewer prefill passes (each streams every weight not resident); attention and the sparse
 //! set never pay for them.
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use sirius_offload::config::{ModelConfig, Preset};
+mod common;
+
+use common::preset_config as preset;
+use sirius_offload::config::ModelConfig;
 use sirius_offload::engine::offloaded::request_shape_for;
 use sirius_offload::offload::budget::gpu_scratch_bytes;
 use sirius_offload::offload::format::WeightFormat;
@@ -19,15 +22,6 @@ use sirius_offload::sirius::SiriusConfig;
 /// The old fixed chunk, and now the floor.
 const BASE: usize = 256;
 const CONTEXT: usize = 4096;
-
-fn preset(name: &str) -> ModelConfig {
-    Preset::find(name)
-        .unwrap()
-        .unwrap_or_else(|| panic!("no preset {name}"))
-        .model_config()
-        .unwrap()
-        .unwrap_or_else(|| panic!("preset {name} has no [config]"))
-}
 
 /// What `plan --gpu-mem` (or `--resident-mem` when `!on_gpu`) books for a request of
 /// `prompt` tokens prefilled in chunks of `chunk`: the shapes `run` books.

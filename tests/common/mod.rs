@@ -452,3 +452,13 @@ pub fn greedy_with_prompt_logits<B: sirius_offload::backend::Backend>(
     }
     (out, first)
 }
+
+/// The model config of preset `name` (configs/), for planner tests that need no weights.
+pub fn preset_config(name: &str) -> sirius_offload::config::ModelConfig {
+    sirius_offload::config::Preset::find(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no preset {name}"))
+        .model_config()
+        .unwrap()
+        .unwrap_or_else(|| panic!("preset {name} has no [config]"))
+}
