@@ -8,7 +8,9 @@ mod common;
 
 use sirius_offload::backend::offload::OffloadBackend;
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
+use sirius_offload::engine::{
+    Decoding, Engine, EngineConfig, GenerationOutput, PrefillChunk, RequestOptions,
+};
 use sirius_offload::model::Llama;
 use sirius_offload::offload::prefill::prefill_passes;
 use sirius_offload::offload::runtime::{OffloadConfig, OffloadRuntime};
@@ -201,7 +203,7 @@ fn cuda_offload_with_wide_prefill_chunks_and_a_second_request() {
     let second: Vec<u32> = first.iter().map(|&x| (x * 7 + 5) % 120 + 3).collect();
     // As `budget_below_the_model`, for these prompts and chunks (larger activations).
     let wide = RequestOptions {
-        prefill_chunk: 48,
+        prefill_chunk: PrefillChunk::Grow(48),
         ..options(40)
     };
     let budget = budget_third(&t, s, &first, &wide);

@@ -6,7 +6,9 @@
 mod common;
 
 use sirius_offload::backend::CpuBackend;
-use sirius_offload::engine::{Decoding, Engine, EngineConfig, GenerationOutput, RequestOptions};
+use sirius_offload::engine::{
+    Decoding, Engine, EngineConfig, GenerationOutput, PrefillChunk, RequestOptions,
+};
 use sirius_offload::model::WeightsChoice;
 use sirius_offload::offload::placement::Plan;
 use sirius_offload::offload::runtime::OffloadConfig;
@@ -50,7 +52,7 @@ fn engine_at(t: &Tiny, keep: f32, weights: DType, o: Option<OffloadConfig>) -> E
 /// would follow the chunking, which the budget sets for an offloaded run.
 fn opts() -> RequestOptions {
     RequestOptions {
-        prefill_chunk: PROMPT.len(),
+        prefill_chunk: PrefillChunk::Grow(PROMPT.len()),
         ..options(40)
     }
 }

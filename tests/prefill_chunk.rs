@@ -12,7 +12,7 @@ use sirius_offload::offload::budget::gpu_scratch_bytes;
 use sirius_offload::offload::format::WeightFormat;
 use sirius_offload::offload::placement::{placed_units, plan, Plan, PlanInput, Sizes};
 use sirius_offload::offload::prefill::{
-    prefill_chunk, prefill_passes, request_bytes, PREFILL_CHUNK_STEP,
+    prefill_chunk, prefill_passes, request_bytes, PrefillChunk, PREFILL_CHUNK_STEP,
 };
 use sirius_offload::offload::runtime::{
     request_plan_input, scratch_shape, OffloadConfig, PlanTarget,
@@ -68,7 +68,10 @@ impl Request {
 
     /// The chunk the policy picks.
     fn chosen_chunk(&self) -> usize {
-        prefill_chunk(BASE, self.prompt, &mut |c| Ok(self.input(c))).unwrap()
+        prefill_chunk(PrefillChunk::Grow(BASE), self.prompt, &mut |c| {
+            Ok(self.input(c))
+        })
+        .unwrap()
     }
 
     /// The chunk the policy picks and the plan with it.
@@ -237,4 +240,24 @@ fn the_chunk_never_takes_bytes_from_the_decode_set() {
             }
         }
     }
+}
+
+/// `--prefill-chunk N` is taken as asked where the budget would grow it (no plan is
+/// consulted), and a chunk longer than the prompt is the prompt.
+#[test]
+fn a_fixed_chunk_is_taken_as_asked() {
+    let r = request("llama-3-8b", WeightFormat::Bf16, 1.0, 1 << 50, 2048);
+    assert!(r.chosen_chunk() > BASE, "a roomy budget grows the chunk");
+    let mut asked = 0;
+    let mut fixed = |n| {
+        prefill_chunk(PrefillChunk::Fixed(n), 2048, &mut |c| {
+            asked += 1;
+            Ok(r.input(c))
+        })
+        .unwrap()
+    };
+    assert_eq!(fixed(128), 128);
+    assert_eq!(fixed(5000), 2048);
+    assert_eq!(fixed(0), 1);
+    assert_eq!(asked, 0);
 }

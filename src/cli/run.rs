@@ -89,7 +89,7 @@ impl<'a> RunJob<'a> {
             stop_strings: self.args.sampling.stop.clone(),
             stop_at_eos: true,
             context: self.args.engine.ctx_size,
-            prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
+            prefill_chunk: self.args.engine.prefill_chunk,
             show_progress: !self.args.quiet,
         }
     }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::cli::args::{ModelArgs, SiriusArgs, SparsityArgs};
+use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
+use crate::engine::PrefillChunk;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Args)]
@@ -37,6 +39,11 @@ pub struct EngineArgs {
     /// Context length cap in tokens (default: the model's max_position_embeddings).
     #[arg(long)]
     pub ctx_size: Option<usize>,
+    /// Prompt tokens per prefill pass: a number, or auto (256; an offloaded run takes
+    /// longer passes where its budget pays for them in fewer streamed bytes, as `plan`
+    /// shows). Longer passes use more activation memory.
+    #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_prefill_chunk)]
+    pub prefill_chunk: PrefillChunk,
     #[command(flatten)]
     pub sparsity: SparsityArgs,
     /// Sirius correction: the sparse model drafts, the full model verifies every --period
@@ -179,6 +186,17 @@ pub enum Device {
     Cpu,
     /// A GPU by ordinal (`cuda` = `cuda:0`).
     Cuda(usize),
+}
+
+/// `auto` (the default 256, grown by an offloaded run's budget) or a positive count.
+pub(crate) fn parse_prefill_chunk(s: &str) -> std::result::Result<PrefillChunk, String> {
+    match s {
+        "auto" => Ok(PrefillChunk::Grow(DEFAULT_PREFILL_CHUNK)),
+        _ => match s.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(PrefillChunk::Fixed(n)),
+            _ => Err(format!("expected auto or a token count above 0, got {s:?}")),
+        },
+    }
 }
 
 pub(crate) fn parse_device(s: &str) -> std::result::Result<Device, String> {

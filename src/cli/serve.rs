@@ -109,6 +109,7 @@ pub fn serve(args: &ServeArgs) -> Result<()> {
         },
         decoding: setup.decoding,
         context: args.engine.ctx_size,
+        prefill_chunk: args.engine.prefill_chunk,
         keep_prompts: !args.no_prompt_cache,
     };
     if config.api_key.is_none() && !addr.ip().is_loopback() {

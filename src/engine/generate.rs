@@ -57,7 +57,7 @@ impl<B: OffloadBackend> Engine<B> {
         let keep_prompt = *remember_prompts && offload.is_none();
         let stop_ids: &[u32] = if opts.stop_at_eos { stop_ids } else { &[] };
         // An offloaded request prefills in the chunk its runtime is planned for.
-        let chunk = shape.map_or(opts.prefill_chunk, |s| s.prefill_chunk);
+        let chunk = shape.map_or(opts.prefill_chunk.tokens(), |s| s.prefill_chunk);
         let limits = run_limits(opts, stop_ids, prefix.map_or(0, PromptPrefix::len), chunk);
         match (decoding, shape.zip(offload.as_mut())) {
             (Decoding::Dense | Decoding::Sparse, _) => {
@@ -192,7 +192,7 @@ impl<B: OffloadBackend> Engine<B> {
         let keep = self.offload.as_ref().map_or(1.0, |o| o.keep);
         let cfg = self.offload_config()?;
         let shape_for = |chunk| request_shape(&self.model, prompt, capacity, chunk, keep, sirius);
-        // As `plan` picks it for the same request: the longest the spare budget pays for.
+        // As `plan` picks it for the same request: as asked, or the one the budget pays for.
         let chunk = prefill_chunk(opts.prefill_chunk, prompt.len(), &mut |chunk| {
             OffloadRuntime::plan_input(&self.model, cfg, &shape_for(chunk))
         })?;

@@ -36,6 +36,7 @@ use crate::sirius::SiriusConfig;
 use crate::sparsity::{Sparsity, SparsityConfig, SparsityMode};
 use crate::tensor::KvDType;
 
+pub use crate::offload::prefill::PrefillChunk;
 pub use output::{GenerationOutput, SiriusReport, StopReason};
 pub use prefix::PromptPrefix;
 
@@ -87,9 +88,9 @@ pub struct RequestOptions {
     pub stop_at_eos: bool,
     /// Context cap in tokens (`None`: the model's own limit).
     pub context: Option<usize>,
-    /// Prompt tokens per prefill forward (bounds scratch memory); an offloaded request's
-    /// shortest, as its budget allows longer ones (`offload::prefill`).
-    pub prefill_chunk: usize,
+    /// Prompt tokens per prefill forward (bounds scratch memory): fixed, or growing where
+    /// an offloaded request's budget pays for longer ones (`offload::prefill`).
+    pub prefill_chunk: PrefillChunk,
     /// A progress bar for long prefills (on a terminal).
     pub show_progress: bool,
 }
@@ -103,7 +104,7 @@ impl RequestOptions {
             stop_strings: Vec::new(),
             stop_at_eos: true,
             context: None,
-            prefill_chunk: crate::engine::prefill::DEFAULT_PREFILL_CHUNK,
+            prefill_chunk: PrefillChunk::Grow(crate::engine::prefill::DEFAULT_PREFILL_CHUNK),
             show_progress: false,
         }
     }

@@ -25,19 +25,42 @@ pub const PREFILL_CHUNK_STEP: usize = 64;
 /// What a request prefilled in chunks of the given length books: its planner input.
 pub type InputFor<'a> = dyn FnMut(usize) -> Result<PlanInput> + 'a;
 
-/// The prefill chunk for a prompt of `prompt_tokens`: of the chunks that keep the
-/// placement's attention and sparse set (each the shortest of its number of passes: a
-/// multiple of [`PREFILL_CHUNK_STEP`], or the whole prompt, never below `base`, the
-/// request's own chunk), the one whose request streams the fewest bytes ([`request_bytes`]);
-/// the shorter on a tie. Where the budget does not hold the request at `base`, `base`: the
-/// planner then says why.
+/// Prompt tokens per prefill pass, as a request asks for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillChunk {
+    /// This many in memory; offloaded, at least this many, longer where the budget pays
+    /// for it ([`prefill_chunk`]).
+    Grow(usize),
+    /// Exactly this many (the last pass may be shorter), offloaded or not.
+    Fixed(usize),
+}
+
+impl PrefillChunk {
+    /// The tokens asked for: a fixed chunk, or the shortest a growing one takes.
+    pub fn tokens(self) -> usize {
+        match self {
+            PrefillChunk::Grow(n) | PrefillChunk::Fixed(n) => n,
+        }
+    }
+}
+
+/// The prefill chunk for a prompt of `prompt_tokens`. A fixed one is taken as asked (the
+/// planner says so if the budget does not hold it). A growing one from `base`: of the
+/// chunks that keep the placement's attention and sparse set (each the shortest of its
+/// number of passes: a multiple of [`PREFILL_CHUNK_STEP`], or the whole prompt, never below
+/// `base`), the one whose request streams the fewest bytes ([`request_bytes`]); the shorter
+/// on a tie. Where the budget does not hold the request at `base`, `base`: the planner then
+/// says why.
 pub fn prefill_chunk(
-    base: usize,
+    asked: PrefillChunk,
     prompt_tokens: usize,
     input_for: &mut InputFor<'_>,
 ) -> Result<usize> {
     let prompt = prompt_tokens.max(1);
-    let base = base.clamp(1, prompt);
+    let base = match asked {
+        PrefillChunk::Fixed(n) => return Ok(n.clamp(1, prompt)),
+        PrefillChunk::Grow(n) => n.clamp(1, prompt),
+    };
     let first = input_for(base)?;
     let sizes = Sizes::new(&first);
     let Some(placed) = placed_units(&sizes, first.budget) else {

@@ -24,7 +24,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::engine::Decoding;
+use crate::engine::{Decoding, PrefillChunk};
 use crate::error::{Error, Result};
 use api::RequestDefaults;
 use metrics::Metrics;
@@ -44,6 +44,8 @@ pub struct ServeConfig {
     pub decoding: Decoding,
     /// Context cap in tokens (`None`: the model's own).
     pub context: Option<usize>,
+    /// Prompt tokens per prefill pass (`--prefill-chunk`).
+    pub prefill_chunk: PrefillChunk,
     /// Keep each request's prompt for a next one that continues it (a conversation's turns).
     pub keep_prompts: bool,
 }
@@ -71,6 +73,7 @@ where
         metrics: metrics.clone(),
         decoding: config.decoding,
         context: config.context,
+        prefill_chunk: config.prefill_chunk,
         keep_prompts: config.keep_prompts,
     };
     let state = Arc::new(routes::Shared {

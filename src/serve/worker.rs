@@ -11,7 +11,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::offload::OffloadBackend;
-use crate::engine::{Decoding, Engine, GenerationOutput, RequestOptions, StopReason};
+use crate::engine::{Decoding, Engine, GenerationOutput, PrefillChunk, RequestOptions, StopReason};
 use crate::error::{Error, Result};
 use crate::serve::api::{Endpoint, Input, JobSpec};
 use crate::serve::error::ApiError;
@@ -93,6 +93,7 @@ pub struct EngineSlot {
     pub(crate) decoding: Decoding,
     /// Context cap in tokens (`None`: the model's own).
     pub(crate) context: Option<usize>,
+    pub(crate) prefill_chunk: PrefillChunk,
     pub(crate) keep_prompts: bool,
 }
 
@@ -152,6 +153,7 @@ impl EngineSlot {
         };
         let opts = RequestOptions {
             context: self.context,
+            prefill_chunk: self.prefill_chunk,
             ..RequestOptions::greedy(1)
         };
         engine.offload_plan(&[0], &opts, &sirius).map(|_| ())
@@ -189,6 +191,7 @@ impl EngineSlot {
             sampling: spec.sampling,
             stop_strings: spec.stop.clone(),
             context: self.context,
+            prefill_chunk: self.prefill_chunk,
             ..RequestOptions::greedy(spec.max_tokens)
         };
         let mut last_piece: Option<Instant> = None;

@@ -45,6 +45,16 @@ fn run_cases(m: &Path, tmp: &Path) -> Vec<Case> {
         r("--threads a list", &["--threads", "1,2"], &["--threads"]),
         r("--threads negative", &["--threads", "-1"], &["--threads"]),
         r(
+            "--prefill-chunk 0",
+            &["--prefill-chunk", "0"],
+            &["--prefill-chunk", "above 0"],
+        ),
+        r(
+            "--prefill-chunk a word",
+            &["--prefill-chunk", "big"],
+            &["--prefill-chunk", "auto"],
+        ),
+        r(
             "--max-tokens negative",
             &["--max-tokens", "-5"],
             &["--max-tokens"],
@@ -456,6 +466,12 @@ fn other_cases(m: &Path, tmp: &Path) -> Vec<Case> {
             m,
             &["--gpu-mem", "99999999999999999999999"],
             &["--gpu-mem", "too large"],
+        ),
+        plan(
+            "plan --prefill-chunk -1",
+            m,
+            &["--resident-mem", "1G", "--prefill-chunk", "-1"],
+            &["--prefill-chunk"],
         ),
         plan(
             "plan --keep 0",

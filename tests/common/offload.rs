@@ -2,7 +2,7 @@
 //! tests/gpu_offload.rs on CUDA): generation, Sirius and offload options, the prompt and a
 //! tiny model written to a temp dir. Each suite keeps its own model spec.
 
-use sirius_offload::engine::RequestOptions;
+use sirius_offload::engine::{PrefillChunk, RequestOptions};
 use sirius_offload::model::Tokenizer;
 use sirius_offload::offload::runtime::OffloadConfig;
 use sirius_offload::sirius::SiriusConfig;
@@ -22,7 +22,7 @@ pub fn options(max_tokens: usize) -> RequestOptions {
     RequestOptions {
         stop_at_eos: false,
         context: Some(256),
-        prefill_chunk: 16,
+        prefill_chunk: PrefillChunk::Grow(16),
         ..RequestOptions::greedy(max_tokens)
     }
 }

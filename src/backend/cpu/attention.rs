@@ -458,6 +458,10 @@ mod tests {
             (4, 2, 32, 0, 70),
             (8, 2, 128, 1000, 17),
             (3, 3, 8, 255, 2),
+            // A long prompt chunk: token blocks whose causal end falls inside, before and
+            // after each 256-row step (the rows past a block's last token are skipped).
+            (4, 2, 16, 0, 600),
+            (3, 1, 8, 10, 530),
         ];
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);

@@ -146,8 +146,12 @@ fn block_attention<'s>(
             let src = &q[(t * d.n_heads + b.g * d.group) * hd..][..d.group * hd];
             qs[i * d.group * hd..][..d.group * hd].copy_from_slice(src);
         }
-        for sub in b.rows.clone().step_by(ROWS_PER_TASK) {
-            let rows = sub..(sub + ROWS_PER_TASK).min(b.rows.end);
+        // Rows past the last token's own are hidden from every token of the block: a prompt
+        // chunk's causal upper triangle is skipped, not scored and masked (which doubled a
+        // one-pass prefill's attention).
+        let visible_end = b.rows.end.min(b.start_pos + b.tokens.end);
+        for sub in (b.rows.start..visible_end).step_by(ROWS_PER_TASK) {
+            let rows = sub..(sub + ROWS_PER_TASK).min(visible_end);
             let np = rows.len();
             let cache = |c| d.head_rows(c, b.g, rows.start, np);
             with_scratch(&SCORES, nq * np, |s| {
