@@ -740,3 +740,23 @@ fn a_gpu_plan_pins_what_decode_steps_stream_and_gathers_the_prefill_rest() {
     .unwrap();
     assert!(staged.costs.sirius_offload.ms_per_token > p.costs.sirius_offload.ms_per_token);
 }
+
+/// A GPU budget books the copy engine's gather tables with the backend scratch: one table
+/// per stream buffer, a 24-byte row per piece of the largest job (a quantized complement:
+/// two runs per streamed neuron) and per 256 KiB of the largest buffer, 65 rows spare.
+#[test]
+fn a_gpu_budget_books_the_copy_engines_gather_tables() {
+    let gpu = Sizes::new(&input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(24)));
+    let largest = gpu.buffer_bytes(&gpu.layers_with(0));
+    assert!(largest >= gpu.ffn_bytes + gpu.attention_bytes, "{largest}");
+    let pieces = 4 + 2 * (14336 + 1) + 1;
+    let rows = pieces + largest / (256 << 10) + 1 + 64;
+    assert_eq!(gpu.reserves.backend_scratch, 2 * 24 * rows);
+    // About 2.9 MiB for Llama-3-70B: rows for the pieces, not the bytes, dominate.
+    assert!(gpu.reserves.backend_scratch < 4 << 20);
+    let cpu = Sizes::new(&PlanInput {
+        on_gpu: false,
+        ..input("llama-3-70b", WeightFormat::Q4_0, 0.5, gib(24))
+    });
+    assert_eq!(cpu.reserves.backend_scratch, 0);
+}

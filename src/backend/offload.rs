@@ -73,6 +73,43 @@ pub const DOWN_PARTIALS_MAX_BYTES: usize = 8 << 20;
 /// f32 elements of the weight block the f32 GEMM path converts at a time (`GEMM=f32` only).
 pub const GEMM_F32_BLOCK_FLOATS: usize = 16 << 20;
 
+/// Rows of the copy engine's gather table are at most this long (a multiple of 16, so a
+/// split keeps each part's 16-byte alignment): the kernel gives a block one row at a time,
+/// and even rows keep the blocks evenly loaded when a job mixes short and long runs.
+pub const GATHER_ROW_BYTES: usize = 256 << 10;
+
+/// One gather table row: source address, destination offset and length, three u64 words.
+pub const GATHER_TABLE_ROW_BYTES: u64 = 24;
+
+/// The most pieces one copy job of a runtime can have, for a model of `f` neurons of which a
+/// request keeps `kept`: overflowed attention (4), then a complement's runs (at most one per
+/// kept neuron and one more; quantized: as many runs of the up rows, then the down matrix)
+/// or a new request's moved neurons (fewer runs than that).
+pub fn max_job_pieces(f: usize, kept: usize, quantized: bool) -> usize {
+    let runs = (kept + 1).min(f);
+    4 + match quantized {
+        true => 2 * runs + 1,
+        false => runs,
+    }
+}
+
+/// Rows of gather table a copy slot needs for jobs of at most `pieces` pieces in a buffer
+/// of `buffer_bytes`: a row per piece, one more per [`GATHER_ROW_BYTES`] a long run is split
+/// at, and a few for pieces cut where one registration ends and the next begins.
+pub fn gather_table_rows(pieces: usize, buffer_bytes: usize) -> usize {
+    const CUT_PIECES: usize = 64;
+    pieces + buffer_bytes / GATHER_ROW_BYTES + 1 + CUT_PIECES
+}
+
+/// Device bytes of a GPU copy engine's gather tables: one table per stream buffer, sized
+/// for the runtime's largest job ([`max_job_pieces`]) in buffers of at most
+/// `max_buffer_bytes`. Booked with the backend scratch.
+pub fn gather_tables_bytes(buffers: usize, pieces: usize, max_buffer_bytes: u64) -> u64 {
+    let buffer = usize::try_from(max_buffer_bytes).unwrap_or(usize::MAX);
+    let rows = gather_table_rows(pieces, buffer) as u64;
+    buffers as u64 * rows * GATHER_TABLE_ROW_BYTES
+}
+
 /// The CUDA backend's per-op temporaries for requests of `shape`, at most: each op's
 /// temporaries are taken from one region as a stack and given back when the op returns
 /// (`temp_stack`), so the region holds the largest op's, each rounded up to `TEMP_ALIGN`:

@@ -11,10 +11,11 @@ use serde::Serialize;
 use crate::cli::args::GriffinDownArg;
 use crate::cli::eval_args::ReportFormat;
 use crate::cli::output::print_stdout;
+use crate::cli::run_args::parse_prefill_chunk;
 use crate::cli::wording::word_plan_error;
 use crate::config::{resolve_model_dir, ModelConfig, Preset};
 use crate::engine::offloaded::request_shape_for;
-use crate::engine::prefill::DEFAULT_PREFILL_CHUNK;
+use crate::engine::PrefillChunk;
 use crate::error::{Error, Result};
 use crate::model::ModelFiles;
 use crate::offload::budget::gpu_scratch_bytes;
@@ -102,6 +103,10 @@ pub struct PlanArgs {
     /// Prompt length for the time to first token (and the prefill chunk the budget gives it).
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
+    /// Prompt tokens per prefill pass, as `run --prefill-chunk`: a number, or auto (the
+    /// one the budget pays for).
+    #[arg(long, value_name = "N|auto", default_value = "auto", value_parser = parse_prefill_chunk)]
+    pub prefill_chunk: PrefillChunk,
     /// Output: a markdown report or one JSON object.
     #[arg(long, default_value = "md")]
     pub format: ReportFormat,
@@ -193,7 +198,7 @@ fn run_plan_input(
         let input = chunked_plan_input(args, config, &formats, budget, on_gpu, chunk);
         Ok(change.apply(input))
     };
-    let chunk = prefill_chunk(DEFAULT_PREFILL_CHUNK, prompt_tokens, &mut input_for)?;
+    let chunk = prefill_chunk(args.prefill_chunk, prompt_tokens, &mut input_for)?;
     input_for(chunk)
 }
 
@@ -280,8 +285,10 @@ fn host_line(h: &HostFootprint) -> String {
     let pinned = match h.pinned_bytes {
         0 => "nothing pinned (the CPU reads the mappings in place)".to_string(),
         b => format!(
-            "{} pinned for DMA (what decode steps stream), which must stay in RAM",
-            format_bytes(b)
+            "{} pinned for DMA (what decode steps stream) and {} of pinned staging, which \
+             must stay in RAM",
+            format_bytes(b),
+            format_bytes(h.staging_bytes)
         ),
     };
     format!(

@@ -4,7 +4,7 @@
 use crate::offload::cost::predict;
 use crate::offload::format::WeightFormat;
 use crate::offload::plan::Plan;
-use crate::offload::sizes::{layer_range, PlanInput, Sizes, STREAM_BUFFERS};
+use crate::offload::sizes::{PlanInput, Sizes, STREAM_BUFFERS};
 use crate::units::format_bytes;
 
 /// Fills `plan.advice` (and the advised keep and format) when the sparse set does not fit:
@@ -197,4 +197,13 @@ fn runnable(input: &PlanInput, w: WeightFormat) -> bool {
             w,
             WeightFormat::Bf16 | WeightFormat::F16 | WeightFormat::Q8_0 | WeightFormat::Q4_0
         )
+}
+
+/// "layers 3-9", "layer 3".
+pub fn layer_range(first: usize, end: usize) -> String {
+    if end == first + 1 {
+        format!("layer {first}")
+    } else {
+        format!("layers {first}-{}", end - 1)
+    }
 }

@@ -12,7 +12,8 @@
 use serde::Serialize;
 
 pub use crate::backend::offload::{
-    gpu_scratch_bytes, ALLOCATOR_MARGIN_BASE, CUBLAS_WORKSPACE_BYTES, DRIVER_CONTEXT_BYTES,
+    gather_tables_bytes, gpu_scratch_bytes, max_job_pieces, ALLOCATOR_MARGIN_BASE,
+    CUBLAS_WORKSPACE_BYTES, DRIVER_CONTEXT_BYTES,
 };
 
 /// The allocator margin's part per layer: a layer's resident matrices are separate device
@@ -31,7 +32,8 @@ pub fn allocator_margin(layers: usize) -> u64 {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Reserves {
     /// What the backend allocates for itself (CUDA: the bf16 GEMM's activation copy,
-    /// cuBLAS's workspace, the rope table; the CPU's scratch is in the activations).
+    /// cuBLAS's workspace, the rope table, the per-op temporaries, the copy engine's gather
+    /// tables; the CPU's scratch is in the activations).
     pub backend_scratch: u64,
     /// The device driver's context (GPU budgets only).
     pub driver_context: u64,

@@ -14,6 +14,7 @@
 
 use crate::error::{Error, Result};
 use crate::offload::advice::advise;
+pub use crate::offload::advice::layer_range;
 use crate::offload::budget;
 use crate::offload::cost;
 use crate::units::format_bytes;
@@ -24,8 +25,8 @@ pub use crate::offload::plan::{
     Plan, PlanItem, Residence,
 };
 pub use crate::offload::sizes::{
-    layer_range, LayerFormats, LayerPlacement, LayerSizes, PlanInput, Sizes, CPU_MEM_GBPS,
-    GPU_LINK_GBPS, GPU_MEM_GBPS, MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
+    LayerFormats, LayerPlacement, LayerSizes, PlanInput, Sizes, CPU_MEM_GBPS, GPU_LINK_GBPS,
+    GPU_MEM_GBPS, MAX_GBPS, MIN_GBPS, STREAM_BUFFERS,
 };
 
 /// Plans placement, predicts costs and, when the sparse set does not fit, says what would.
@@ -84,6 +85,11 @@ pub fn plan(input: &PlanInput) -> Result<Plan> {
             },
             pinned_bytes: match input.on_gpu {
                 true => pinned_host_bytes(&sizes, &layers),
+                false => 0,
+            },
+            // As `DeviceCopyEngine::new` allocates it: a host twin of each stream buffer.
+            staging_bytes: match input.on_gpu {
+                true => STREAM_BUFFERS as u64 * buffer,
                 false => 0,
             },
         },
@@ -214,7 +220,7 @@ fn items(input: &PlanInput, s: &Sizes, layers: &[LayerPlacement], buffer: u64) -
 fn reserve_item(line: &str) -> String {
     let holds = match line {
         budget::BACKEND_SCRATCH => {
-            "GEMM input copy, cuBLAS workspace, rope table, per-op temporaries"
+            "GEMM input copy, cuBLAS workspace, rope table, per-op temporaries, copy tables"
         }
         budget::DRIVER_CONTEXT => "the CUDA context and its modules, assumed",
         _ => "allocation rounding, pools, assumed",

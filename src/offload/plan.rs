@@ -84,11 +84,14 @@ pub struct Plan {
 /// once to a cache file beside the model and mapped the same way. On a GPU the copy engine
 /// registers (pins) for DMA only what decode steps stream ([`PinnedUnits`], summed by
 /// [`pinned_host_bytes`]), so `pinned_bytes` must stay in RAM; the rest is read as needed.
+/// The copy thread's pinned staging (one host buffer per device stream buffer, where it
+/// gathers what is not registered) is allocated besides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct HostFootprint {
     pub checkpoint_bytes: u64,
     pub bundle_cache_bytes: u64,
     pub pinned_bytes: u64,
+    pub staging_bytes: u64,
 }
 
 /// Which of a layer's host copies a GPU run registers for DMA (the copy engine's `pin`):

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::offload::budget::Reserves;
+use crate::offload::budget::{gather_tables_bytes, max_job_pieces, Reserves};
 use crate::offload::format::{WeightFormat, VECTOR_BYTES};
 use crate::sparsity::kept_aligned;
 use crate::tensor::DType;
@@ -439,7 +439,7 @@ impl Sizes {
         let norm_count = resident_vector_count(c);
         let kv_layer_bytes = 2 * (kv as u64) * input.context as u64 * input.kv_bytes as u64;
         let window = (5 * h + 2 * q + 2 * kv + 2 * f + v) as u64;
-        Sizes {
+        let mut sizes = Sizes {
             layers: l,
             hidden: h,
             attention_bytes: largest(|s| s.attention),
@@ -461,7 +461,15 @@ impl Sizes {
                 .activation_bytes
                 .unwrap_or(VECTOR_BYTES * input.period as u64 * window),
             reserves: Reserves::new(input.on_gpu, l, input.backend_scratch),
+        };
+        // A GPU copy engine's gather tables are the backend's too: for the largest job in
+        // the largest buffer of any placement (nothing resident).
+        if input.on_gpu {
+            let largest = sizes.buffer_bytes(&sizes.layers_with(0));
+            let pieces = max_job_pieces(f, kept, quantized);
+            sizes.reserves.backend_scratch += gather_tables_bytes(STREAM_BUFFERS, pieces, largest);
         }
+        sizes
     }
 
     /// Resident whatever the placement: norms, head, KV cache, activations and the reserves.
@@ -582,13 +590,4 @@ pub struct LayerPlacement {
     pub sparse_ffn_resident: bool,
     /// The rest of the layer's FFN too (then verification streams nothing for it).
     pub complement_resident: bool,
-}
-
-/// "layers 3-9", "layer 3".
-pub fn layer_range(first: usize, end: usize) -> String {
-    if end == first + 1 {
-        format!("layer {first}")
-    } else {
-        format!("layers {first}-{}", end - 1)
-    }
 }

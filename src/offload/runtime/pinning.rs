@@ -4,6 +4,8 @@
 //! come from `plan::PinnedUnits`, the same the planner sums for `plan`'s host line, so plan
 //! and run agree on what is pinned.
 
+pub use crate::offload::budget::max_job_pieces;
+
 use super::OffloadRuntime;
 use crate::backend::offload::{OffloadBackend, ResidentMemory};
 use crate::error::Result;
@@ -81,18 +83,6 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
             .host_gather
             .get_or_insert_with(HostGather::default);
         gather.unpinned_share = gather.unpinned_share.max(share);
-    }
-}
-
-/// The most pieces one copy job of a runtime can have, for a model of `f` neurons of which a
-/// request keeps `kept`: overflowed attention (4), then a complement's runs (at most one per
-/// kept neuron and one more; quantized: as many runs of the up rows, then the down matrix)
-/// or a new request's moved neurons (fewer runs than that).
-pub fn max_job_pieces(f: usize, kept: usize, quantized: bool) -> usize {
-    let runs = (kept + 1).min(f);
-    4 + match quantized {
-        true => 2 * runs + 1,
-        false => runs,
     }
 }
 

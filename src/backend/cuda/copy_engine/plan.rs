@@ -5,15 +5,12 @@
 
 use std::ops::Range;
 
+pub(super) use crate::backend::offload::{gather_table_rows as table_rows, GATHER_ROW_BYTES};
+
 /// Jobs with at most this many direct copies (after merging contiguous pieces) issue one
 /// cuMemcpyHtoDAsync each; more go through the gather kernel, since each DMA call costs
 /// microseconds of CPU on the launching thread and a Griffin complement has thousands.
 pub(super) const MAX_DMA_COPIES: usize = 32;
-
-/// Rows of the gather table are at most this long (a multiple of 16, so a split keeps each
-/// part's 16-byte alignment): the kernel gives a block one row at a time, and even rows keep
-/// the blocks evenly loaded when a job mixes short and long runs.
-pub(super) const GATHER_ROW_BYTES: usize = 256 << 10;
 
 /// Threads per block of the gather kernel.
 pub(super) const GATHER_BLOCK: u32 = 256;
@@ -247,14 +244,6 @@ pub(super) fn merge_spans(
         }
     }
     out
-}
-
-/// Rows of gather table a slot needs for jobs of at most `pieces` pieces in a buffer of
-/// `buffer_bytes`: a row per piece, one more per [`GATHER_ROW_BYTES`] a long run is split
-/// at, and a few for pieces cut where one registration ends and the next begins.
-pub(super) fn table_rows(pieces: usize, buffer_bytes: usize) -> usize {
-    const CUT_PIECES: usize = 64;
-    pieces + buffer_bytes / GATHER_ROW_BYTES + 1 + CUT_PIECES
 }
 
 /// Table capacity (rows) to allocate for a job of `rows` rows when `have` are allocated:

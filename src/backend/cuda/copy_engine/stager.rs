@@ -2,8 +2,8 @@
 //! host memory are gathered on the host into the slot's pinned staging and uploaded from
 //! there, off the compute thread and pipelined with it.
 //!
-//! The thread owns the pinned staging buffers (one per slot, made when it starts) and a
-//! stream of its own. Per task (one job's staged bytes):
+//! The thread owns the pinned staging buffers (one per slot, made when it starts, before
+//! the engine is ready) and a stream of its own. Per task (one job's staged bytes):
 //! 1. it waits on the host for the slot's `staged` event, its own last upload from that
 //!    staging buffer, before rewriting the buffer;
 //! 2. gathers the bytes (host-timed: `host_gather_s`);
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{unbounded, Receiver, Sender};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 
 use super::plan::DirectCopy;
 use crate::backend::cuda::buffers::DevMem;
@@ -61,11 +61,13 @@ pub(super) struct Stager {
 }
 
 impl Stager {
-    /// Starts the thread, which makes `slots` pinned buffers of `buffer_bytes` first.
+    /// Starts the thread, which makes `slots` pinned buffers of `buffer_bytes` first, and
+    /// waits for them: a host that cannot pin them fails here, not at the first staged job.
     pub fn new(device: &Arc<CudaDevice>, slots: usize, buffer_bytes: usize) -> Result<Stager> {
         let stream = Stream::new(device)?;
         let (tasks, task_rx) = unbounded::<StageTask>();
         let (done_tx, done) = unbounded();
+        let (ready_tx, ready) = bounded::<Result<()>>(1);
         let device = device.clone();
         let thread = std::thread::Builder::new()
             .name("copy-engine-stager".into())
@@ -73,6 +75,16 @@ impl Stager {
                 let staging = (0..slots)
                     .map(|_| PinnedBuffer::new(&device, buffer_bytes, HostAccess::Upload))
                     .collect::<Result<Vec<_>>>();
+                let staging = match staging {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if ready_tx.send(Ok(())).is_err() {
+                    return;
+                }
                 let mut worker = Worker { stream, staging };
                 for task in task_rx {
                     if done_tx.send(worker.run(task)).is_err() {
@@ -83,6 +95,11 @@ impl Stager {
                 let _ = worker.stream.synchronize();
             })
             .map_err(|e| Error::CopyEngine(format!("cannot start the copy thread: {e}")))?;
+        let started = ready.recv().unwrap_or_else(|_| Err(gone()));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
         Ok(Stager {
             tasks: Some(tasks),
             done,
@@ -150,16 +167,13 @@ fn gone() -> Error {
 
 struct Worker {
     stream: Stream,
-    staging: Result<Vec<PinnedBuffer>>,
+    staging: Vec<PinnedBuffer>,
 }
 
 impl Worker {
     fn run(&mut self, task: StageTask) -> Result<StageDone> {
         let bad = |what: &str| Error::CopyEngine(format!("copy thread: {what}"));
-        let staging = match &mut self.staging {
-            Ok(s) => s.get_mut(task.slot).ok_or_else(|| bad("no such slot"))?,
-            Err(e) => return Err(Error::CopyEngine(format!("copy thread: {e}"))),
-        };
+        let staging = (self.staging.get_mut(task.slot)).ok_or_else(|| bad("no such slot"))?;
         // The buffer's previous upload (recorded by this thread) must be done first.
         task.staged.synchronize()?;
         let start = Instant::now();
