@@ -242,22 +242,33 @@ fn the_chunk_never_takes_bytes_from_the_decode_set() {
     }
 }
 
-/// `--prefill-chunk N` is taken as asked where the budget would grow it (no plan is
-/// consulted), and a chunk longer than the prompt is the prompt.
+/// `--prefill-chunk N` is taken as asked where the budget would grow it, and a chunk longer
+/// than the prompt is the prompt.
 #[test]
 fn a_fixed_chunk_is_taken_as_asked() {
     let r = request("llama-3-8b", WeightFormat::Bf16, 1.0, 1 << 50, 2048);
     assert!(r.chosen_chunk() > BASE, "a roomy budget grows the chunk");
-    let mut asked = 0;
-    let mut fixed = |n| {
-        prefill_chunk(PrefillChunk::Fixed(n), 2048, &mut |c| {
-            asked += 1;
-            Ok(r.input(c))
-        })
-        .unwrap()
-    };
-    assert_eq!(fixed(128), 128);
-    assert_eq!(fixed(5000), 2048);
-    assert_eq!(fixed(0), 1);
-    assert_eq!(asked, 0);
+    let fixed = |n| prefill_chunk(PrefillChunk::Fixed(n), 2048, &mut |c| Ok(r.input(c)));
+    assert_eq!(fixed(128).unwrap(), 128);
+    assert_eq!(fixed(5000).unwrap(), 2048);
+    assert_eq!(fixed(0).unwrap(), 1);
+}
+
+/// A fixed chunk whose activations the budget cannot hold is refused naming the option and
+/// the longest chunk that fits, which is then accepted (one token more is not).
+#[test]
+fn a_fixed_chunk_the_budget_cannot_hold_names_the_longest_that_fits() {
+    let mut r = request("llama-3-8b", WeightFormat::Bf16, 1.0, 1 << 50, 2048);
+    r.budget = plan(&r.input(BASE)).unwrap().minimum_bytes;
+    let fixed = |n| prefill_chunk(PrefillChunk::Fixed(n), 2048, &mut |c| Ok(r.input(c)));
+    assert_eq!(fixed(BASE).unwrap(), BASE);
+    let e = fixed(2048).unwrap_err().to_string();
+    assert!(e.contains("--prefill-chunk 2048"), "{e}");
+    let longest: usize = (e.split("at most ").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no longest chunk in: {e}"));
+    assert!((BASE..2048).contains(&longest), "{e}");
+    assert_eq!(fixed(longest).unwrap(), longest);
+    assert!(fixed(longest + 1).is_err());
 }

@@ -282,13 +282,17 @@ fn host_line(h: &HostFootprint) -> String {
             format_bytes(b)
         ),
     };
-    let pinned = match h.pinned_bytes {
-        0 => "nothing pinned (the CPU reads the mappings in place)".to_string(),
-        b => format!(
+    let pinned = match (h.pinned_bytes, h.staging_bytes) {
+        (0, 0) => "nothing pinned (the CPU reads the mappings in place)".to_string(),
+        (0, s) => format!(
+            "nothing pinned for DMA (every layer resident), {} of pinned staging",
+            format_bytes(s)
+        ),
+        (b, s) => format!(
             "{} pinned for DMA (what decode steps stream) and {} of pinned staging, which \
              must stay in RAM",
             format_bytes(b),
-            format_bytes(h.staging_bytes)
+            format_bytes(s)
         ),
     };
     format!(

@@ -7,11 +7,7 @@ use crate::error::{Error, Result};
 use crate::model::{Llama, Logits};
 use crate::progress::progress_bar;
 
-/// Prompt tokens per prefill forward unless a request says otherwise (bounds scratch
-/// memory; long enough that the weights are read once per chunk, not per token). An
-/// offloaded request takes longer chunks where its budget has bytes to spare
-/// (`offload::prefill`), never shorter ones.
-pub const DEFAULT_PREFILL_CHUNK: usize = 256;
+pub use crate::offload::prefill::DEFAULT_PREFILL_CHUNK;
 
 /// The positions the model allows: its position limit, capped by any sliding window
 /// (within the window, windowed attention equals full attention).

@@ -37,7 +37,7 @@ pub struct Reserves {
     pub backend_scratch: u64,
     /// The device driver's context (GPU budgets only).
     pub driver_context: u64,
-    /// Allocation granularity, pools and per-op temporaries (GPU budgets only).
+    /// Allocation granularity, pools and temporaries past their region (GPU budgets only).
     pub allocator_margin: u64,
 }
 

@@ -85,7 +85,8 @@ pub struct Plan {
 /// registers (pins) for DMA only what decode steps stream ([`PinnedUnits`], summed by
 /// [`pinned_host_bytes`]), so `pinned_bytes` must stay in RAM; the rest is read as needed.
 /// The copy thread's pinned staging (one host buffer per device stream buffer, where it
-/// gathers what is not registered) is allocated besides.
+/// gathers what is not registered) is allocated besides (`staging_bytes`; the gather
+/// tables' host halves, a few MiB, are not counted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct HostFootprint {
     pub checkpoint_bytes: u64,

@@ -14,9 +14,14 @@
 //! Pure: the caller says what a request prefilled in chunks of `c` books
 //! (`input_for(c)`), this module says which `c`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::offload::placement::placed_units;
 use crate::offload::sizes::{LayerPlacement, PlanInput, Sizes};
+
+/// Prompt tokens per prefill pass unless a request says otherwise (bounds scratch memory;
+/// long enough that the weights are read once per chunk, not per token). An offloaded
+/// request takes longer chunks where its budget has bytes to spare, never shorter ones.
+pub const DEFAULT_PREFILL_CHUNK: usize = 256;
 
 /// Chunks grow in steps of this many tokens (whole GEMM tiles; a few sizes, so that a
 /// runtime planned for one prompt often holds the next).
@@ -44,8 +49,10 @@ impl PrefillChunk {
     }
 }
 
-/// The prefill chunk for a prompt of `prompt_tokens`. A fixed one is taken as asked (the
-/// planner says so if the budget does not hold it). A growing one from `base`: of the
+/// The prefill chunk for a prompt of `prompt_tokens`. A fixed one is taken as asked, or
+/// refused naming `--prefill-chunk` and the longest that fits where the budget cannot hold
+/// its activations (with a warning where it pushes attention or the sparse set out of the
+/// budget that a default chunk keeps). A growing one from `base`: of the
 /// chunks that keep the placement's attention and sparse set (each the shortest of its
 /// number of passes: a multiple of [`PREFILL_CHUNK_STEP`], or the whole prompt, never below
 /// `base`), the one whose request streams the fewest bytes ([`request_bytes`]); the shorter
@@ -58,7 +65,7 @@ pub fn prefill_chunk(
 ) -> Result<usize> {
     let prompt = prompt_tokens.max(1);
     let base = match asked {
-        PrefillChunk::Fixed(n) => return Ok(n.clamp(1, prompt)),
+        PrefillChunk::Fixed(n) => return fixed_chunk(n, prompt, input_for),
         PrefillChunk::Grow(n) => n.clamp(1, prompt),
     };
     let first = input_for(base)?;
@@ -83,6 +90,47 @@ pub fn prefill_chunk(
         }
     }
     Ok(best.1)
+}
+
+/// `--prefill-chunk n` for a prompt of `prompt` tokens (see [`prefill_chunk`]).
+fn fixed_chunk(n: usize, prompt: usize, input_for: &mut InputFor<'_>) -> Result<usize> {
+    let chunk = n.clamp(1, prompt);
+    let layers = Sizes::new(&input_for(chunk)?).layers;
+    let mut placed = |c: usize| -> Result<Option<usize>> {
+        let input = input_for(c)?;
+        Ok(placed_units(&Sizes::new(&input), input.budget))
+    };
+    let Some(at_chunk) = placed(chunk)? else {
+        // The longest that fits (more tokens, more activations: one search); where not even
+        // one token does, the planner's own error says what the budget lacks.
+        let (mut lo, mut hi) = (0, chunk);
+        while lo + 1 < hi {
+            let mid = lo + (hi - lo) / 2;
+            match placed(mid)? {
+                Some(_) => lo = mid,
+                None => hi = mid,
+            }
+        }
+        if lo == 0 {
+            return Ok(chunk);
+        }
+        return Err(Error::InvalidArgument(format!(
+            "--prefill-chunk {n}: the activations of a {chunk}-token pass do not fit in the \
+             budget beside what must stay resident; at most {lo} tokens per pass fit (or give \
+             auto)"
+        )));
+    };
+    let reference = chunk.min(DEFAULT_PREFILL_CHUNK);
+    if let Some(kept) = placed(reference)? {
+        if at_chunk < kept.min(2 * layers) {
+            tracing::warn!(
+                "--prefill-chunk {n} takes resident bytes from attention or the sparse FFN \
+                 (a {reference}-token pass keeps them): every decoded token streams more; auto \
+                 picks the chunk the budget pays for"
+            );
+        }
+    }
+    Ok(chunk)
 }
 
 /// The shortest chunk that prefills `prompt` tokens in `passes` passes or fewer, a multiple

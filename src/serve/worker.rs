@@ -143,6 +143,8 @@ impl EngineSlot {
 
     /// An offloaded engine's budget must hold the smallest request (one prompt token, one
     /// generated), or every request would fail: refused before the server says it is ready.
+    /// With `--prefill-chunk N` a prompt of N tokens too, so that a chunk the budget cannot
+    /// hold is the server's error at start, not every long request's.
     fn check_budget<B: OffloadBackend>(&self, engine: &Engine<B>) -> Result<()> {
         if !engine.is_offloaded() {
             return Ok(());
@@ -156,7 +158,13 @@ impl EngineSlot {
             prefill_chunk: self.prefill_chunk,
             ..RequestOptions::greedy(1)
         };
-        engine.offload_plan(&[0], &opts, &sirius).map(|_| ())
+        engine.offload_plan(&[0], &opts, &sirius)?;
+        if let PrefillChunk::Fixed(n) = self.prefill_chunk {
+            let context = (self.context).map_or(engine.context(), |c| c.min(engine.context()));
+            let longest = n.min(context.saturating_sub(1)).max(1);
+            engine.offload_plan(&vec![0; longest], &opts, &sirius)?;
+        }
+        Ok(())
     }
 
     /// Runs one job, streaming its events.

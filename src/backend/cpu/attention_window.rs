@@ -147,8 +147,8 @@ fn block_attention<'s>(
             qs[i * d.group * hd..][..d.group * hd].copy_from_slice(src);
         }
         // Rows past the last token's own are hidden from every token of the block: a prompt
-        // chunk's causal upper triangle is skipped, not scored and masked (which doubled a
-        // one-pass prefill's attention).
+        // chunk's causal upper triangle is skipped, not scored and masked (which made a
+        // one-pass prefill's attention up to twice the work: 1.65x measured at 1619 tokens).
         let visible_end = b.rows.end.min(b.start_pos + b.tokens.end);
         for sub in (b.rows.start..visible_end).step_by(ROWS_PER_TASK) {
             let rows = sub..(sub + ROWS_PER_TASK).min(visible_end);

@@ -64,6 +64,7 @@ use super::buffers::DevMem;
 use super::context::Ctx;
 use super::memory::{Event, HostAccess, PinnedBuffer, Stream};
 use super::CudaBackend;
+use crate::backend::offload::GATHER_TABLE_ROW_BYTES;
 use crate::error::{Error, Result};
 use crate::transfer::trace::Trace;
 use crate::transfer::{
@@ -119,7 +120,7 @@ impl GatherTable {
     /// A table of `rows` rows (the caller synchronizes the compute stream, where the device
     /// half is allocated, before the copy stream uses it).
     fn new(ctx: &Arc<Ctx>, rows: usize) -> Result<GatherTable> {
-        let bytes = rows.max(1) * 3 * 8;
+        let bytes = rows.max(1) * GATHER_TABLE_ROW_BYTES as usize;
         Ok(GatherTable {
             host: PinnedBuffer::new(&ctx.device, bytes, HostAccess::Upload)?,
             device: DevMem::new(ctx, "copy engine gather table", bytes)?,

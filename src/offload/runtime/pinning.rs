@@ -4,8 +4,6 @@
 //! come from `plan::PinnedUnits`, the same the planner sums for `plan`'s host line, so plan
 //! and run agree on what is pinned.
 
-pub use crate::offload::budget::max_job_pieces;
-
 use super::OffloadRuntime;
 use crate::backend::offload::{OffloadBackend, ResidentMemory};
 use crate::error::Result;
@@ -88,7 +86,7 @@ impl<B: OffloadBackend> OffloadRuntime<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::offload::budget::max_job_pieces;
     use crate::sparsity::bundles::{complement_ids, neuron_byte_runs};
 
     #[test]

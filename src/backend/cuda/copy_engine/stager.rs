@@ -95,7 +95,11 @@ impl Stager {
                 let _ = worker.stream.synchronize();
             })
             .map_err(|e| Error::CopyEngine(format!("cannot start the copy thread: {e}")))?;
-        let started = ready.recv().unwrap_or_else(|_| Err(gone()));
+        let started = ready.recv().unwrap_or_else(|_| {
+            Err(Error::CopyEngine(
+                "the copy thread stopped while pinning its staging buffers".into(),
+            ))
+        });
         if let Err(e) = started {
             let _ = thread.join();
             return Err(e);
