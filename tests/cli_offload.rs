@@ -251,25 +251,7 @@ fn plan_and_run_agree_on_every_budget_line() {
             .as_u64()
             .expect("kv_cache_rows")
             .to_string();
-        let out = run_bin(&[
-            "plan",
-            "--model",
-            model,
-            "--resident-mem",
-            budget,
-            "--context",
-            &context,
-            "--prompt-tokens",
-            &prompt_tokens,
-            "--period",
-            "16",
-            "--keep",
-            "0.5",
-            "--format",
-            "json",
-        ]);
-        assert!(out.status.success(), "plan failed: {}", stderr_of(&out));
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let plan = plan_json(model, budget, &context, &prompt_tokens);
         let planned = &plan["plan"]["budget_lines"];
         assert!(
             planned.as_array().is_some_and(|l| l.len() >= 6),
@@ -277,6 +259,30 @@ fn plan_and_run_agree_on_every_budget_line() {
         );
         assert_eq!(&run["budget_lines"], planned, "budget {budget}");
     }
+}
+
+/// `plan --format json` for a `run` of SmolLM2 at `budget` (K = 16, keep 0.5, as the runs
+/// here), with the run's context and prompt length.
+fn plan_json(model: &str, budget: &str, context: &str, prompt_tokens: &str) -> serde_json::Value {
+    let out = run_bin(&[
+        "plan",
+        "--model",
+        model,
+        "--resident-mem",
+        budget,
+        "--context",
+        context,
+        "--prompt-tokens",
+        prompt_tokens,
+        "--period",
+        "16",
+        "--keep",
+        "0.5",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "plan failed: {}", stderr_of(&out));
+    serde_json::from_slice(&out.stdout).expect("plan prints JSON")
 }
 
 /// A prompt of about 700 tokens: numbered lines, then a question about them.
@@ -321,25 +327,12 @@ fn a_long_prompt_prefills_in_the_planned_chunk_with_the_same_tokens() {
             "budget {budget}: the offloaded tokens differ"
         );
         let context = run["kv_cache_rows"].as_u64().expect("kv_cache_rows");
-        let out = run_bin(&[
-            "plan",
-            "--model",
+        let plan = plan_json(
             model,
-            "--resident-mem",
             budget,
-            "--context",
             &context.to_string(),
-            "--prompt-tokens",
             &prompt_tokens.to_string(),
-            "--period",
-            "16",
-            "--keep",
-            "0.5",
-            "--format",
-            "json",
-        ]);
-        assert!(out.status.success(), "plan failed: {}", stderr_of(&out));
-        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        );
         let chunk = run["prefill_chunk"].as_u64().expect("prefill_chunk");
         assert_eq!(plan["prefill_chunk"], chunk, "budget {budget}");
         assert_eq!(

@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use common::serve::{http_request, spawn_serve};
 use common::{run_bin, smollm2_dir, stderr_of};
 
 /// One server at a time: each test's timings (and the load test's minute) assume the CPU.
@@ -59,37 +59,7 @@ impl Server {
     /// Starts `serve` on a free loopback port with `extra` options and waits until /health
     /// answers 200.
     fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sirius-offload"))
-            .args([
-                "serve",
-                "-m",
-                model.to_str().unwrap(),
-                "--no-fetch",
-                "--port",
-                "0",
-            ])
-            .args(extra)
-            .env_remove("SIRIUS_LOG")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the server starts");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("server: {line}");
-                let _ = tx.send(line);
-            }
-        });
-        let port = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .expect("the server prints its address");
-            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                break digits.parse().unwrap();
-            }
-        };
+        let (child, port, _stderr) = spawn_serve(model, extra, true, Duration::from_secs(120));
         let server = Server { child, port };
         let deadline = Instant::now() + Duration::from_secs(120);
         while server.get("/health").0 != 200 {
@@ -105,24 +75,7 @@ impl Server {
 
     /// (status, body) of a raw HTTP/1.1 request (0 when the connection fails).
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return (0, String::new());
-        };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let mut text = String::new();
-        if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut text).is_err() {
-            return (0, text);
-        }
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (status, body)
+        http_request(self.port, method, path, body, None)
     }
 
     fn get(&self, path: &str) -> (u16, String) {

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use crate::common::{config_json, random_tensors, write_model, RawTensor, TinySpec};
+use crate::common::{
+    config_json, random_tensors, safetensors_header_and_data, write_model, RawTensor, TinySpec,
+};
 use crate::harness::{check_all, run_args, Case};
 
 /// Writes corrupt copies of the tiny model under one temporary directory.
@@ -93,16 +95,7 @@ fn write(path: &Path, bytes: &[u8]) {
 
 /// The safetensors file of `tensors`, its JSON header changed by `edit` first.
 fn safetensors_with(tensors: &Tensors, edit: impl FnOnce(&mut Map<String, Value>)) -> Vec<u8> {
-    let mut header = Map::new();
-    let mut data = Vec::new();
-    for (name, t) in tensors {
-        let start = data.len();
-        data.extend_from_slice(&t.data);
-        header.insert(
-            name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
-        );
-    }
+    let (mut header, data) = safetensors_header_and_data(tensors);
     edit(&mut header);
     let header = Value::Object(header).to_string().into_bytes();
     let mut out = (header.len() as u64).to_le_bytes().to_vec();

@@ -48,32 +48,29 @@ fn smollm2_with_a_one_layer_config_is_refused() {
     let dir = linked_copy(&model, &tmp.path().join("one-layer"), |c| {
         c["num_hidden_layers"] = 1.into();
     });
-    let d = dir.to_string_lossy();
-    let args = [
-        "run",
-        "-m",
-        &d,
-        "--prompt",
-        "Hi",
-        "--max-tokens",
-        "2",
-        "--temperature",
-        "0",
-    ];
-    must_fail(
+    must_run_fail(
         "one layer of thirty",
-        &args,
+        &dir,
         &["30 layers", "num_hidden_layers is 1"],
     );
     let dir = linked_copy(&model, &tmp.path().join("rope"), |c| {
         c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 0});
     });
-    let d = dir.to_string_lossy();
+    must_run_fail(
+        "rope original context 0",
+        &dir,
+        &["original_max_position_embeddings"],
+    );
+}
+
+/// `run -m model` on a short prompt must fail as `must_fail` says.
+fn must_run_fail(what: &str, model: &Path, needles: &[&str]) {
+    let m = model.to_string_lossy();
     let args = [
         "run",
         "-m",
-        &d,
+        &m,
         "--prompt",
         "Hi",
         "--max-tokens",
@@ -81,11 +78,7 @@ fn smollm2_with_a_one_layer_config_is_refused() {
         "--temperature",
         "0",
     ];
-    must_fail(
-        "rope original context 0",
-        &args,
-        &["original_max_position_embeddings"],
-    );
+    must_fail(what, &args, needles);
 }
 
 /// The GGUF with its `llama.<key>` u32 metadata set to `value`.
@@ -128,19 +121,7 @@ fn a_gguf_whose_metadata_disagrees_with_its_tensors_is_refused() {
         ("llama.embedding_length", 504, &["head dimension 56"][..]),
     ] {
         let path = patched_gguf(&gguf, &tmp.path().join("m.gguf"), key, value);
-        let p = path.to_string_lossy();
-        let args = [
-            "run",
-            "-m",
-            &p,
-            "--prompt",
-            "Hi",
-            "--max-tokens",
-            "2",
-            "--temperature",
-            "0",
-        ];
-        must_fail(key, &args, needles);
+        must_run_fail(key, &path, needles);
     }
 }
 

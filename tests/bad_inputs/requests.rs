@@ -2,12 +2,12 @@
 //! each a 4xx whose error message is one line naming the field at fault, and the server
 //! still healthy afterwards.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::Child;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::common::serve::{http_request, spawn_serve};
 use crate::common::{write_model, TinySpec};
 use crate::harness::clean_message;
 
@@ -19,37 +19,8 @@ struct Server {
 
 impl Server {
     fn start(model: &std::path::Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sirius-offload"))
-            .args([
-                "serve",
-                "-m",
-                &model.to_string_lossy(),
-                "--no-fetch",
-                "--port",
-                "0",
-            ])
-            .args(["--max-tokens", "2", "--temperature", "0"])
-            .env_remove("SIRIUS_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the server starts");
-        let (tx, rx) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let port = loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(60))
-                .expect("the server prints its address");
-            if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                break digits.parse().expect("a port");
-            }
-        };
+        let extra = ["--max-tokens", "2", "--temperature", "0"];
+        let (child, port, rx) = spawn_serve(model, &extra, false, Duration::from_secs(60));
         let server = Server {
             child,
             port,
@@ -65,23 +36,7 @@ impl Server {
 
     /// (status, body) of one HTTP/1.1 request (0 when the connection fails).
     fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return (0, String::new());
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let mut text = String::new();
-        if s.write_all(req.as_bytes()).is_err() || s.read_to_string(&mut text).is_err() {
-            return (0, text);
-        }
-        let status = (text.split(' ').nth(1))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (status, body)
+        http_request(self.port, method, path, body, Some(Duration::from_secs(60)))
     }
 }
 

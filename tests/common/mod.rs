@@ -13,6 +13,7 @@ use sirius_offload::sparsity::Dense;
 pub mod gpu;
 pub mod offload;
 pub mod parity;
+pub mod serve;
 pub mod sirius;
 
 /// One tensor to write: name, safetensors dtype string, shape, raw little-endian bytes.
@@ -211,8 +212,11 @@ pub fn random_tensors(spec: &TinySpec, seed: u64) -> BTreeMap<String, RawTensor>
     out
 }
 
-/// Serialises tensors in the safetensors format (8-byte header length, JSON header, data).
-pub fn safetensors_bytes(tensors: &BTreeMap<String, RawTensor>) -> Vec<u8> {
+/// The safetensors JSON header of `tensors` (each entry's data offsets as laid out back to
+/// back, in order) and their data.
+pub fn safetensors_header_and_data<'a>(
+    tensors: impl IntoIterator<Item = (&'a String, &'a RawTensor)>,
+) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
     let mut header = serde_json::Map::new();
     let mut data = Vec::new();
     for (name, t) in tensors {
@@ -223,6 +227,12 @@ pub fn safetensors_bytes(tensors: &BTreeMap<String, RawTensor>) -> Vec<u8> {
             serde_json::json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
         );
     }
+    (header, data)
+}
+
+/// Serialises tensors in the safetensors format (8-byte header length, JSON header, data).
+pub fn safetensors_bytes(tensors: &BTreeMap<String, RawTensor>) -> Vec<u8> {
+    let (header, data) = safetensors_header_and_data(tensors);
     let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
     while !header.len().is_multiple_of(8) {
         header.push(b' ');

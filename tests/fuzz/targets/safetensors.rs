@@ -12,7 +12,9 @@ use sirius_offload::model::weights::WeightStore;
 use sirius_offload::model::Llama;
 use sirius_offload::tensor::DType;
 
-use crate::common::{config_json, random_tensors, RawTensor, TinySpec};
+use crate::common::{
+    config_json, random_tensors, safetensors_header_and_data, RawTensor, TinySpec,
+};
 use crate::fuzz::bytes::{self, Field};
 use crate::fuzz::{json as fjson, one_line, Case, Rng, Target, Verdict};
 
@@ -65,17 +67,8 @@ impl Safetensors {
 fn header_and_data<'a>(
     tensors: impl Iterator<Item = (&'a String, &'a RawTensor)>,
 ) -> (Value, Vec<u8>) {
-    let mut header = serde_json::Map::new();
+    let (mut header, data) = safetensors_header_and_data(tensors);
     header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut data = Vec::new();
-    for (name, t) in tensors {
-        let start = data.len();
-        data.extend_from_slice(&t.data);
-        header.insert(
-            name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
-        );
-    }
     (Value::Object(header), data)
 }
 
